@@ -1,0 +1,57 @@
+"""The one place where column names, event types and table schemas live.
+
+Every table that crosses a module boundary uses these names. Recommendation tables are always
+``user_id, item_id, score, rank`` (rank starts at 1), sorted by user then rank.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+
+class Columns:
+    User = "user_id"
+    Item = "item_id"
+    Timestamp = "timestamp"
+    Event = "event"
+    Weight = "weight"
+    # Dense integer indices assigned by ``recsys.data.idmap.IdMap``; models only see these.
+    UserIdx = "user_idx"
+    ItemIdx = "item_idx"
+    Score = "score"
+    Rank = "rank"
+    Source = "source"
+    Text = "text"
+    Clicked = "clicked"
+
+
+class Events:
+    """Event types an interaction may carry. Purchases weigh more than clicks (config decides)."""
+
+    Click = "click"
+    Purchase = "purchase"
+    ALL = (Click, Purchase)
+
+
+# Required columns and the dtypes they are cast to on load. Extra columns are kept.
+INTERACTION_SCHEMA: dict[str, pl.DataType] = {
+    Columns.User: pl.String(),
+    Columns.Item: pl.String(),
+    Columns.Timestamp: pl.Int64(),
+    Columns.Event: pl.String(),
+}
+ITEM_SCHEMA: dict[str, pl.DataType] = {Columns.Item: pl.String()}
+# Optional: items shown to a user, clicked or not (news feeds, search result pages).
+IMPRESSION_SCHEMA: dict[str, pl.DataType] = {
+    Columns.User: pl.String(),
+    Columns.Item: pl.String(),
+    Columns.Timestamp: pl.Int64(),
+    Columns.Clicked: pl.Boolean(),
+}
+RECOMMENDATION_SCHEMA: dict[str, pl.DataType] = {
+    Columns.User: pl.String(),
+    Columns.Item: pl.String(),
+    Columns.Score: pl.Float64(),
+    Columns.Rank: pl.Int32(),
+    Columns.Source: pl.String(),
+}

@@ -1,0 +1,86 @@
+"""Train / validation / test splits that never let a model see the events it is judged on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+from recsys.columns import Columns
+from recsys.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Split:
+    """Three disjoint parts of the interactions, each sorted by user_idx, timestamp."""
+
+    train: pl.DataFrame
+    val: pl.DataFrame
+    test: pl.DataFrame
+
+    def describe(self) -> dict[str, int]:
+        return {
+            f"{name}_{what}": n
+            for name, df in (("train", self.train), ("val", self.val), ("test", self.test))
+            for what, n in (("events", df.height), ("users", df[Columns.UserIdx].n_unique()))
+        }
+
+
+class LeaveLastOutSplit:
+    """Per user, by time: the last ``n_test`` events -> test, the ``n_val`` before -> validation.
+
+    Users with fewer than ``n_val + n_test + min_train`` events keep everything in train (they
+    still teach the models, but are not evaluated). Ties in time keep file order.
+
+    >>> import polars as pl
+    >>> df = pl.DataFrame({"user_idx": [0, 0, 0, 1], "item_idx": [1, 2, 3, 1], "timestamp": [1, 2, 3, 1]})
+    >>> s = LeaveLastOutSplit().split(df)
+    >>> s.test["item_idx"].to_list(), s.val["item_idx"].to_list(), s.train["item_idx"].to_list()
+    ([3], [2], [1, 1])
+    """
+
+    def __init__(self, n_val: int = 1, n_test: int = 1, min_train: int = 1) -> None:
+        if n_val < 0 or n_test < 1 or min_train < 1:
+            raise ConfigError(f"split: need n_val >= 0, n_test >= 1, min_train >= 1; got {n_val}, {n_test}, {min_train}")
+        self.n_val, self.n_test, self.min_train = n_val, n_test, min_train
+
+    def split(self, interactions: pl.DataFrame) -> Split:
+        # Position counted from the end of each user's time line: 0 = last event.
+        df = interactions.sort(Columns.UserIdx, Columns.Timestamp, maintain_order=True).with_columns(
+            (pl.len().over(Columns.UserIdx) - 1 - pl.int_range(pl.len()).over(Columns.UserIdx)).alias("_from_end"),
+            pl.len().over(Columns.UserIdx).alias("_n"),
+        )
+        eligible = pl.col("_n") >= self.n_val + self.n_test + self.min_train
+        is_test = eligible & (pl.col("_from_end") < self.n_test)
+        is_val = eligible & ~is_test & (pl.col("_from_end") < self.n_test + self.n_val)
+        drop = ["_from_end", "_n"]
+        return Split(
+            train=df.filter(~is_test & ~is_val).drop(drop),
+            val=df.filter(is_val).drop(drop),
+            test=df.filter(is_test).drop(drop),
+        )
+
+
+class GlobalTimeSplit:
+    """One time line for everybody: events before ``val_quantile`` -> train, then val, then test.
+
+    Cut points are quantiles of the timestamps. Validation and test events of users with no
+    earlier history are kept (they count as misses for every model, honestly).
+    """
+
+    def __init__(self, val_quantile: float = 0.8, test_quantile: float = 0.9) -> None:
+        if not 0.0 < val_quantile < test_quantile < 1.0:
+            raise ConfigError(f"split: need 0 < val_quantile < test_quantile < 1, got {val_quantile}, {test_quantile}")
+        self.val_quantile, self.test_quantile = val_quantile, test_quantile
+
+    def split(self, interactions: pl.DataFrame) -> Split:
+        df = interactions.sort(Columns.UserIdx, Columns.Timestamp, maintain_order=True)
+        ts = df[Columns.Timestamp]
+        t_val = ts.quantile(self.val_quantile, "lower")
+        t_test = ts.quantile(self.test_quantile, "lower")
+        t = pl.col(Columns.Timestamp)
+        return Split(
+            train=df.filter(t < t_val),
+            val=df.filter((t >= t_val) & (t < t_test)),
+            test=df.filter(t >= t_test),
+        )

@@ -1,0 +1,117 @@
+"""Checks that stop a run before training, with the file, the column and an example row."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import polars as pl
+
+from recsys.errors import InputError
+
+ROW = "_row"  # 1-based data row number in the source file (header not counted)
+
+
+def read_table(path: str) -> pl.DataFrame:
+    """Read a CSV, TSV or parquet file into a frame with a ``_row`` column; never a traceback."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.exists():
+        raise InputError("file not found (check the data path in the config)", file=path)
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            df = pl.read_parquet(p)
+        elif suffix in (".csv", ".tsv", ".txt"):
+            df = pl.read_csv(
+                p,
+                separator="\t" if suffix == ".tsv" else ",",
+                infer_schema=False,  # everything as text; we cast ourselves and report failures
+                encoding="utf8",
+            )
+        else:
+            raise InputError(f"unsupported file type '{suffix}' (use .csv, .tsv or .parquet)", file=path)
+    except InputError:
+        raise
+    except Exception as e:  # polars raises several types for unreadable files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"cannot be read: {first}", file=path) from e
+    if df.height == 0:
+        raise InputError("the table is empty (no data rows)", file=path)
+    return df.with_row_index(ROW, offset=1)
+
+
+def example(df: pl.DataFrame, mask: pl.Series | pl.Expr) -> tuple[int, dict]:
+    """Row number and content of the first row where ``mask`` holds."""
+    bad = df.filter(mask).head(1)
+    row = bad.row(0, named=True)
+    n = row.pop(ROW, None)
+    return n, row
+
+
+def require_columns(df: pl.DataFrame, columns: Iterable[str], file: str) -> None:
+    for col in columns:
+        if col not in df.columns:
+            present = [c for c in df.columns if c != ROW]
+            raise InputError(f"required column is missing; columns present: {present}", file=file, column=col)
+
+
+def require_non_null(df: pl.DataFrame, column: str, file: str) -> None:
+    expr = pl.col(column).is_null()
+    if df[column].dtype == pl.String:
+        expr = expr | (pl.col(column).str.strip_chars() == "")
+    n_bad = df.select(expr.sum()).item()
+    if n_bad:
+        row, ex = example(df, expr)
+        raise InputError(f"{n_bad} row(s) have an empty value", file=file, column=column, row=row, example=ex)
+
+
+def cast_column(df: pl.DataFrame, column: str, dtype: pl.DataType, file: str) -> pl.DataFrame:
+    """Cast ``column`` to ``dtype``; an unparsable value is reported with its row."""
+    if df[column].dtype == dtype:
+        return df
+    casted = df[column].cast(dtype, strict=False)
+    bad = casted.is_null() & df[column].is_not_null()
+    if bad.any():
+        row, ex = example(df, bad)
+        raise InputError(
+            f"{int(bad.sum())} value(s) cannot be read as {dtype}", file=file, column=column, row=row, example=ex
+        )
+    return df.with_columns(casted.alias(column))
+
+
+def require_in(df: pl.DataFrame, column: str, allowed: Iterable[str], file: str) -> None:
+    allowed = list(allowed)
+    mask = ~pl.col(column).is_in(allowed)
+    n_bad = df.select(mask.sum()).item()
+    if n_bad:
+        row, ex = example(df, mask)
+        raise InputError(
+            f"{n_bad} row(s) have a value outside {allowed} (set data.event_weights to add event types)",
+            file=file,
+            column=column,
+            row=row,
+            example=ex,
+        )
+
+
+def require_unique(df: pl.DataFrame, column: str, file: str) -> None:
+    dup = pl.col(column).is_duplicated()
+    n_bad = df.select(dup.sum()).item()
+    if n_bad:
+        row, ex = example(df, dup)
+        raise InputError(f"{n_bad} row(s) share an id with another row", file=file, column=column, row=row, example=ex)
+
+
+def require_known(df: pl.DataFrame, column: str, known: pl.Series, file: str, known_file: str) -> None:
+    mask = ~pl.col(column).is_in(known.implode())
+    n_bad = df.select(mask.sum()).item()
+    if n_bad:
+        row, ex = example(df, mask)
+        raise InputError(
+            f"{n_bad} row(s) refer to an id that has no row in {known_file}",
+            file=file,
+            column=column,
+            row=row,
+            example=ex,
+        )

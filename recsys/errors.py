@@ -1,0 +1,41 @@
+"""User-facing errors. Entry points print these as one message (no traceback) and exit 2."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+class InputError(Exception):
+    """Bad input found before any long work starts.
+
+    The message always names the file, and where it applies the column and an example row, so
+    a user can find the problem without reading our code.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        column: str | None = None,
+        row: int | None = None,
+        example: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.file, self.column, self.row, self.example = file, column, row, example
+        parts = []
+        if file is not None:
+            parts.append(f"file {file}")
+        if column is not None:
+            parts.append(f"column '{column}'")
+        if row is not None:
+            parts.append(f"row {row}")
+        where = ", ".join(parts)
+        text = f"{where}: {message}" if where else message
+        if example is not None:
+            text += f"\n  example: {dict(example)}"
+        super().__init__(text)
+
+
+class ConfigError(InputError):
+    """A configuration value that cannot work (missing path, K larger than the catalogue ...)."""

@@ -1,0 +1,185 @@
+"""The hybrid recommender, stage by stage, with no stage seeing the events it is judged on.
+
+Two stages share one protocol:
+
+* **validation stage** -- history = train. CF models are fitted on it, the text tower is
+  fine-tuned on it (and early-stopped on the validation events), and the ranker learns to
+  order each user's candidates so that the validation item comes first.
+* **test stage** -- history = train + validation. CF models are refitted on it, the text tower
+  reads the longer histories (its weights stay as trained), the ranker trained above orders
+  the candidates, and every model is scored on the test events, which nothing has seen.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+
+from recsys.columns import Columns
+from recsys.data.dataset import Dataset
+from recsys.data.split import Split
+from recsys.errors import ConfigError, InputError
+from recsys.evaluation.metrics import metric_table, ranking_metrics
+from recsys.rank.candidates import generate_candidates
+from recsys.rank.features import build_features, feature_columns
+from recsys.rank.ranker import LambdaMARTRanker
+from recsys.recommender import History, Recommender, top_k
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageResult:
+    users: np.ndarray
+    recommended: dict[str, np.ndarray]  # model -> [n_users, K] item indices
+    scores: dict[str, np.ndarray]
+    sources: np.ndarray  # fused: which candidate source found each item
+    metrics: dict[str, dict[str, np.ndarray]]
+    table: pl.DataFrame
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def relevance_matrix(targets: pl.DataFrame, users: np.ndarray, n_items: int) -> sp.csr_matrix:
+    """Row j = the held-out items of ``users[j]``."""
+    pos = {int(u): j for j, u in enumerate(users)}
+    rows = np.array([pos[int(u)] for u in targets[Columns.UserIdx].to_numpy()], dtype=np.int64)
+    m = sp.csr_matrix(
+        (np.ones(len(rows), dtype=np.float32), (rows, targets[Columns.ItemIdx].to_numpy())),
+        shape=(len(users), n_items),
+    )
+    m.sum_duplicates()
+    return m
+
+
+class FusionStage:
+    """Candidates from several recommenders, features, and the LambdaMART ranker.
+
+    Args:
+        n_candidates: per source, how many of its top items enter the candidate set.
+        ranker: the fusion ranker (trained in ``fit``).
+    """
+
+    def __init__(self, n_candidates: Mapping[str, int], ranker: LambdaMARTRanker) -> None:
+        self.n_candidates = dict(n_candidates)
+        self.ranker = ranker
+
+    def frame(self, users: np.ndarray, models: Mapping[str, Recommender], history: History) -> pl.DataFrame:
+        unknown = set(self.n_candidates) - set(models)
+        if unknown:
+            raise ConfigError(f"rank.n_candidates names unknown sources {sorted(unknown)}; known: {sorted(models)}")
+        cands = generate_candidates(users, models, self.n_candidates, exclude=history.matrix)
+        return build_features(cands, history, models, list(self.n_candidates))
+
+    def fit(self, users: np.ndarray, models: Mapping[str, Recommender], history: History, targets: pl.DataFrame):
+        df = self.frame(users, models, history)
+        labels = targets.select(
+            pl.col(Columns.UserIdx).cast(pl.Int32), pl.col(Columns.ItemIdx).cast(pl.Int32), pl.lit(1).alias("label")
+        ).unique()
+        df = df.join(labels, on=[Columns.UserIdx, Columns.ItemIdx], how="left").with_columns(
+            pl.col("label").fill_null(0)
+        )
+        recall = df.group_by(Columns.UserIdx).agg(pl.col("label").max())["label"].mean()
+        log.info("ranker training: %d candidate rows, candidate recall of the targets %.3f", df.height, recall)
+        self.candidate_recall_val = float(recall)
+        self.ranker.fit(df, feature_columns(df.drop("label")))
+        return self
+
+    def recommend(
+        self, users: np.ndarray, models: Mapping[str, Recommender], history: History, k: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        df = self.frame(users, models, history)
+        df = df.with_columns(pl.Series(Columns.Score, self.ranker.predict(df)))
+        df = df.sort([Columns.UserIdx, Columns.Score, Columns.ItemIdx], descending=[False, True, False]).with_columns(
+            pl.int_range(pl.len()).over(Columns.UserIdx).alias("_pos")
+        )
+        df = df.filter(pl.col("_pos") < k)
+        pos = {int(u): j for j, u in enumerate(users)}
+        row = np.array([pos[int(u)] for u in df[Columns.UserIdx].to_numpy()])
+        col = df["_pos"].to_numpy()
+        items = np.full((len(users), k), -1, dtype=np.int64)
+        scores = np.full((len(users), k), -np.inf, dtype=np.float32)
+        sources = np.full((len(users), k), "", dtype=object)
+        items[row, col] = df[Columns.ItemIdx].to_numpy()
+        scores[row, col] = df[Columns.Score].to_numpy()
+        sources[row, col] = df[Columns.Source].to_numpy()
+        return items, scores, sources
+
+
+class HybridPipeline:
+    """Fit CF, fine-tune the text tower, learn the fusion, evaluate on test.
+
+    Args:
+        cf: unfitted CF / popularity recommenders by name; each is copied and fitted per stage.
+        fusion: candidate sources, features and the ranker.
+        ks: cut-offs reported (the table shows Recall/NDCG at each, HitRate at the first).
+        max_k: length of every evaluated list (MRR is computed over it).
+    """
+
+    def __init__(
+        self,
+        cf: Mapping[str, Recommender],
+        fusion: FusionStage,
+        ks: Sequence[int] = (10, 20),
+        max_k: int = 100,
+    ) -> None:
+        self.cf = dict(cf)
+        self.fusion = fusion
+        self.ks = list(ks)
+        self.max_k = max_k
+
+    def fit_cf(self, history: History) -> dict[str, Recommender]:
+        fitted = {}
+        for name, model in self.cf.items():
+            t0 = time.perf_counter()
+            fitted[name] = copy.deepcopy(model).fit(history)
+            log.info("fitted %s in %.1fs", name, time.perf_counter() - t0)
+        return fitted
+
+    def table_columns(self) -> list[str]:
+        cols = [f"{m}_at_{k}" for k in self.ks for m in ("recall", "ndcg")]
+        return [*cols, "mrr", f"hitrate_at_{self.ks[0]}"]
+
+    def evaluate(
+        self,
+        users: np.ndarray,
+        targets: pl.DataFrame,
+        n_items: int,
+        singles: Mapping[str, Recommender],
+        history: History,
+        fused: tuple[np.ndarray, np.ndarray, np.ndarray],
+    ) -> StageResult:
+        relevant = relevance_matrix(targets, users, n_items)
+        recommended, scores, metrics = {}, {}, {}
+        for name, model in singles.items():
+            items, sc = model.recommend(users, self.max_k, exclude=history.matrix)
+            items = np.where(np.isfinite(sc), items, -1)
+            recommended[name], scores[name] = items, sc
+            metrics[name] = ranking_metrics(items, relevant, self.ks)
+        items, sc, sources = fused
+        recommended["fused"], scores["fused"] = items, sc
+        metrics["fused"] = ranking_metrics(items, relevant, self.ks)
+        table = metric_table(metrics, self.table_columns())
+        return StageResult(users, recommended, scores, sources, metrics, table)
+
+
+def stage_users(targets: pl.DataFrame, what: str) -> np.ndarray:
+    if targets.height == 0:
+        raise InputError(
+            f"the {what} split is empty: no user has enough events for the chosen split "
+            "(check split settings or the data)"
+        )
+    return targets[Columns.UserIdx].unique().sort().to_numpy()
+
+
+def check_split(data: Dataset, split: Split) -> tuple[np.ndarray, np.ndarray]:
+    return stage_users(split.val, "validation"), stage_users(split.test, "test")
+
+
+__all__ = ["FusionStage", "HybridPipeline", "StageResult", "check_split", "relevance_matrix", "top_k"]

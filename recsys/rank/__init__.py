@@ -1,0 +1,1 @@
+"""Fusion: candidate union from several recommenders, features, a learned LambdaMART ranker."""

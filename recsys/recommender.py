@@ -1,0 +1,118 @@
+"""The one interface every scorer implements (CF models, popularity, the text tower).
+
+A recommender is fitted on a ``History`` (the events it may see) and then scores users against
+the whole catalogue. ``recommend`` and ``score_pairs`` are derived from ``score_users`` so each
+model writes one method; ``tests/test_recommenders.py`` runs every implementation through the
+same known-answer checks.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+
+from recsys.columns import Columns
+
+
+@dataclass
+class History:
+    """The events a model may learn from: one stage's train part, never its targets."""
+
+    interactions: pl.DataFrame  # sorted by user_idx, timestamp
+    n_users: int
+    n_items: int
+
+    @cached_property
+    def matrix(self) -> sp.csr_matrix:
+        """User x item, summed event weights (a purchase counts more than a click)."""
+        df = self.interactions
+        m = sp.csr_matrix(
+            (
+                df[Columns.Weight].to_numpy().astype(np.float32),
+                (df[Columns.UserIdx].to_numpy(), df[Columns.ItemIdx].to_numpy()),
+            ),
+            shape=(self.n_users, self.n_items),
+        )
+        m.sum_duplicates()
+        return m
+
+    @cached_property
+    def sequences(self) -> list[np.ndarray]:
+        """Per user, item indices in time order (empty for users without history)."""
+        df = self.interactions
+        users = df[Columns.UserIdx].to_numpy()
+        items = df[Columns.ItemIdx].to_numpy().astype(np.int64)
+        bounds = np.searchsorted(users, np.arange(self.n_users + 1))
+        return [items[bounds[u] : bounds[u + 1]] for u in range(self.n_users)]
+
+    @cached_property
+    def item_counts(self) -> np.ndarray:
+        return np.bincount(self.interactions[Columns.ItemIdx].to_numpy(), minlength=self.n_items)
+
+    def extend(self, more: pl.DataFrame) -> History:
+        """This history plus ``more`` events (e.g. train + validation for the test stage)."""
+        df = pl.concat([self.interactions, more]).sort(Columns.UserIdx, Columns.Timestamp, maintain_order=True)
+        return History(df, self.n_users, self.n_items)
+
+
+class Recommender(ABC):
+    """Fit on a history, score users against every item."""
+
+    name: str = "recommender"
+
+    @abstractmethod
+    def fit(self, history: History) -> Recommender: ...
+
+    @abstractmethod
+    def score_users(self, users: np.ndarray) -> np.ndarray:
+        """Scores of shape ``[len(users), n_items]`` (float32); higher is better."""
+
+    def score_pairs(self, users: np.ndarray, items: np.ndarray, chunk: int = 2048) -> np.ndarray:
+        """Score of each ``(users[j], items[j])`` pair."""
+        out = np.empty(len(users), dtype=np.float32)
+        uniq, inverse = np.unique(users, return_inverse=True)
+        for start in range(0, len(uniq), chunk):
+            block = uniq[start : start + chunk]
+            scores = self.score_users(block)
+            sel = (inverse >= start) & (inverse < start + len(block))
+            out[sel] = scores[inverse[sel] - start, items[sel]]
+        return out
+
+    def recommend(
+        self,
+        users: np.ndarray,
+        k: int,
+        exclude: sp.csr_matrix | None = None,
+        chunk: int = 2048,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` items per user, best first, skipping items set in ``exclude`` rows."""
+        users = np.asarray(users, dtype=np.int64)
+        all_items, all_scores = [], []
+        for start in range(0, len(users), chunk):
+            block = users[start : start + chunk]
+            scores = self.score_users(block).astype(np.float32, copy=True)
+            if exclude is not None:
+                rows = exclude[block]
+                scores[np.repeat(np.arange(len(block)), np.diff(rows.indptr)), rows.indices] = -np.inf
+            items, top = top_k(scores, k)
+            all_items.append(items)
+            all_scores.append(top)
+        if not all_items:
+            return np.zeros((0, k), dtype=np.int64), np.zeros((0, k), dtype=np.float32)
+        return np.concatenate(all_items), np.concatenate(all_scores)
+
+
+def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise top-k (indices, values), best first; ties broken by lower item index."""
+    k = min(k, scores.shape[1])
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    vals = np.take_along_axis(scores, part, 1)
+    # lexsort: primary key -score, secondary item index, so ties are deterministic.
+    order = np.lexsort((part, -vals), axis=1)
+    idx = np.take_along_axis(part, order, 1)
+    return idx, np.take_along_axis(scores, idx, 1)

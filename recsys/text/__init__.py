@@ -1,0 +1,1 @@
+"""The text tower: BERT item encoder, user encoder, Lightning training loop, scorer."""

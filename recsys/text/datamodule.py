@@ -1,0 +1,143 @@
+"""Tokenisation and batching for fine-tuning the text tower on next-item prediction.
+
+Items are tokenised once for the whole catalogue (padded to ``max_length`` in memory); each
+batch encodes every *unique* item it needs once, trimmed to the longest one in the batch.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import polars as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+from recsys.columns import Columns
+from recsys.recommender import History
+from recsys.text.encoder import pad_histories
+
+
+class NextItemExamples(Dataset):
+    """Every (history prefix -> next event) pair of the training history."""
+
+    def __init__(self, history: History, max_history: int) -> None:
+        df = history.interactions
+        self.items = df[Columns.ItemIdx].to_numpy().astype(np.int64)
+        self.weights = df[Columns.Weight].to_numpy().astype(np.float32)
+        users = df[Columns.UserIdx].to_numpy()
+        starts = np.searchsorted(users, users, side="left")
+        # A target needs at least one earlier event of the same user.
+        self.positions = np.flatnonzero(np.arange(len(users)) > starts)
+        self.starts = starts
+        self.max_history = max_history
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, j: int) -> tuple[np.ndarray, int, float]:
+        p = self.positions[j]
+        lo = max(self.starts[p], p - self.max_history)
+        return self.items[lo:p], int(self.items[p]), float(self.weights[p])
+
+
+class TextDataModule(L.LightningDataModule):
+    """Train batches of next-item pairs, validation batches of (train history -> val target).
+
+    Args:
+        item_ids, item_lengths: the tokenised catalogue (``ItemEncoder.tokenize``).
+        train: the history the tower learns from.
+        val: validation targets (one stage's held-out events), scored against the full catalogue.
+        batch_size: next-item pairs per step; the other targets in the batch are the negatives.
+        steps_per_epoch: pairs drawn per epoch = steps_per_epoch * batch_size (without
+            replacement within an epoch), so an epoch costs the same whatever the data size.
+        max_history: most recent history items the user tower reads.
+        encode_history: also back-propagate through the history items' encoder (slower, about
+            as many encoder passes per step as unique history items); otherwise history items
+            use embeddings refreshed at every validation.
+        val_users: at most this many validation users (a seeded sample) per validation.
+    """
+
+    def __init__(
+        self,
+        item_ids: torch.Tensor,
+        item_lengths: torch.Tensor,
+        train: History,
+        val: pl.DataFrame,
+        batch_size: int = 64,
+        steps_per_epoch: int = 30,
+        max_history: int = 20,
+        encode_history: bool = False,
+        val_users: int = 1000,
+        val_batch_size: int = 256,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.item_ids, self.item_lengths = item_ids, item_lengths
+        self.train, self.val = train, val
+        self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
+        self.max_history, self.encode_history = max_history, encode_history
+        self.val_users, self.val_batch_size, self.seed = val_users, val_batch_size, seed
+        self.examples = NextItemExamples(train, max_history)
+
+    def _gather_items(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Unique items with dynamically padded tokens, and each input's position among them."""
+        uniq, inverse = torch.unique(items, return_inverse=True)
+        lengths = self.item_lengths[uniq]
+        width = int(lengths.max())
+        ids = self.item_ids[uniq, :width].long()
+        mask = (torch.arange(width) < lengths[:, None]).long()
+        return ids, mask, inverse
+
+    def collate(self, rows: list[tuple[np.ndarray, int, float]]) -> dict[str, torch.Tensor]:
+        hist, hmask = pad_histories([r[0] for r in rows], self.max_history)
+        targets = torch.tensor([r[1] for r in rows], dtype=torch.long)
+        batch = {
+            "history": hist,
+            "history_mask": hmask,
+            "targets": targets,
+            "weights": torch.tensor([r[2] for r in rows], dtype=torch.float32),
+        }
+        if self.encode_history:
+            items = torch.cat([targets, hist[hmask]])
+            ids, mask, inverse = self._gather_items(items)
+            batch["target_pos"] = inverse[: len(targets)]
+            hpos = torch.full_like(hist, -1)
+            hpos[hmask] = inverse[len(targets) :]
+            batch["history_pos"] = hpos
+            # Negatives are the batch's targets only, not its history items.
+            batch["negatives"] = torch.unique(batch["target_pos"])
+        else:
+            ids, mask, inverse = self._gather_items(targets)
+            batch["target_pos"] = inverse
+        batch["item_input_ids"], batch["item_attention_mask"] = ids, mask
+        return batch
+
+    def train_dataloader(self) -> DataLoader:
+        n = min(len(self.examples), self.steps_per_epoch * self.batch_size)
+        sampler = RandomSampler(self.examples, num_samples=n, generator=torch.Generator().manual_seed(self.seed))
+        return DataLoader(self.examples, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate)
+
+    def val_dataloader(self) -> DataLoader:
+        df = self.val
+        users = df[Columns.UserIdx].unique().sort().to_numpy()
+        if len(users) > self.val_users:
+            users = np.sort(np.random.default_rng(self.seed).choice(users, self.val_users, replace=False))
+        targets = df.filter(pl.col(Columns.UserIdx).is_in(users)).sort(Columns.UserIdx, Columns.Timestamp)
+        rows = [
+            (self.train.sequences[u], int(i))
+            for u, i in zip(targets[Columns.UserIdx].to_numpy(), targets[Columns.ItemIdx].to_numpy(), strict=True)
+        ]
+        return DataLoader(rows, batch_size=self.val_batch_size, shuffle=False, collate_fn=self._collate_val)
+
+    def _collate_val(self, rows: list[tuple[np.ndarray, int]]) -> dict[str, torch.Tensor]:
+        hist, hmask = pad_histories([r[0] for r in rows], self.max_history)
+        width = max(1, max(len(r[0]) for r in rows))
+        seen = torch.full((len(rows), width), -1, dtype=torch.long)
+        for j, (h, _) in enumerate(rows):
+            seen[j, : len(h)] = torch.from_numpy(np.asarray(h, dtype=np.int64))
+        return {
+            "history": hist,
+            "history_mask": hmask,
+            "seen": seen,
+            "targets": torch.tensor([r[1] for r in rows], dtype=torch.long),
+        }

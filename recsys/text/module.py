@@ -1,0 +1,114 @@
+"""The LightningModule that fine-tunes the BERT item encoder on click/purchase sequences.
+
+Objective: given a user's history, predict the next item; the other targets in the batch are
+the negatives (sampled softmax with in-batch negatives). Targets are de-duplicated before
+encoding, so a popular item that is the target of several rows is encoded once and is never
+its own negative. Each row's loss is weighted by its event (a purchase counts more than a click).
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from recsys.text.encoder import TwoTower
+
+
+class TextTowerModule(L.LightningModule):
+    """Args:
+    net: the two-tower network (its BERT weights are trained, not frozen).
+    lr_encoder: learning rate of the BERT weights; lr_head: of the user tower.
+    warmup_steps: linear warm-up of both learning rates.
+    freeze_embeddings: keep BERT's word embeddings fixed (about 20 % faster on CPU).
+    """
+
+    def __init__(
+        self,
+        net: TwoTower,
+        lr_encoder: float = 5e-5,
+        lr_head: float = 1e-3,
+        weight_decay: float = 0.01,
+        warmup_steps: int = 10,
+        freeze_embeddings: bool = False,
+        encode_batch_size: int = 128,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.lr_encoder, self.lr_head, self.weight_decay = lr_encoder, lr_head, weight_decay
+        self.warmup_steps, self.encode_batch_size = warmup_steps, encode_batch_size
+        if freeze_embeddings:
+            self.net.item_encoder.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+        self.item_cache: torch.Tensor | None = None
+        self._val_ndcg: list[torch.Tensor] = []
+        self._val_hit: list[torch.Tensor] = []
+
+    # -- item embeddings of the whole catalogue, for history items and validation -------------
+    def refresh_cache(self) -> None:
+        dm = self.trainer.datamodule
+        self.item_cache = self.net.item_encoder.encode_tokens(dm.item_ids, dm.item_lengths, self.encode_batch_size).to(
+            self.device
+        )
+
+    def on_fit_start(self) -> None:
+        self.refresh_cache()
+
+    def on_validation_epoch_start(self) -> None:
+        self.refresh_cache()
+
+    # -- training ------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        items = self.net.item_encoder(batch["item_input_ids"], batch["item_attention_mask"])
+        if "history_pos" in batch:
+            pos = batch["history_pos"]
+            hist = items[pos.clamp(min=0)]
+            negatives = batch["negatives"]
+        else:
+            hist = self.item_cache[batch["history"].clamp(min=0)]
+            negatives = None
+        users = self.net.user_encoder(hist, batch["history_mask"])
+        candidates = items if negatives is None else items[negatives]
+        logits = users @ candidates.T * np.exp(self.net.log_inv_temperature)
+        labels = batch["target_pos"]
+        if negatives is not None:
+            labels = torch.searchsorted(negatives, labels)
+        loss_rows = F.cross_entropy(logits, labels, reduction="none")
+        w = batch["weights"]
+        loss = (loss_rows * w).sum() / w.sum()
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(w))
+        return loss
+
+    # -- validation: full ranking over the catalogue, seen items removed ----------------------
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        hist = self.item_cache[batch["history"].clamp(min=0)]
+        users = self.net.user_encoder(hist, batch["history_mask"])
+        scores = users @ self.item_cache.T
+        seen = batch["seen"]
+        rows = torch.arange(len(seen), device=seen.device)[:, None].expand_as(seen)
+        scores[rows[seen >= 0], seen[seen >= 0]] = -torch.inf
+        target = scores.gather(1, batch["targets"][:, None])
+        rank = (scores > target).sum(1)  # 0-based rank of the target
+        hit = (rank < 10) & torch.isfinite(target.squeeze(1))
+        self._val_ndcg.append(torch.where(hit, 1.0 / torch.log2(rank.float() + 2.0), 0.0))
+        self._val_hit.append(hit.float())
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_ndcg:
+            return
+        ndcg = torch.cat(self._val_ndcg).mean()
+        hit = torch.cat(self._val_hit).mean()
+        self._val_ndcg, self._val_hit = [], []
+        self.log("val/ndcg_at_10", ndcg, prog_bar=True)
+        self.log("val/recall_at_10", hit)
+
+    def configure_optimizers(self):
+        encoder = [p for p in self.net.item_encoder.parameters() if p.requires_grad]
+        head = list(self.net.user_encoder.parameters())
+        opt = torch.optim.AdamW(
+            [{"params": encoder, "lr": self.lr_encoder}, {"params": head, "lr": self.lr_head}],
+            weight_decay=self.weight_decay,
+        )
+        warm = max(1, self.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

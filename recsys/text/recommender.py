@@ -1,0 +1,45 @@
+"""The fine-tuned text tower as a ``Recommender``: catalogue encoded once, users from history."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from recsys.recommender import History, Recommender
+from recsys.text.encoder import TwoTower
+
+
+class TextRecommender(Recommender):
+    """Scores = user vector (from the history) . item vector (from the item's text).
+
+    Items without any interaction are scored like any other: this is how cold-start items
+    get recommended.
+    """
+
+    name = "text"
+
+    def __init__(self, net: TwoTower, item_embeddings: torch.Tensor, user_chunk: int = 4096) -> None:
+        self.net = net
+        self.item_embeddings = item_embeddings.float()
+        self.user_chunk = user_chunk
+
+    @classmethod
+    def from_tokens(
+        cls, net: TwoTower, item_ids: torch.Tensor, item_lengths: torch.Tensor, batch_size: int = 128
+    ) -> TextRecommender:
+        return cls(net, net.item_encoder.encode_tokens(item_ids, item_lengths, batch_size, progress=True))
+
+    @torch.no_grad()
+    def fit(self, history: History) -> TextRecommender:
+        self.net.eval()
+        seqs = history.sequences
+        parts = [
+            self.net.user_embeddings(self.item_embeddings, seqs[s : s + self.user_chunk])
+            for s in range(0, len(seqs), self.user_chunk)
+        ]
+        self.user_embeddings = torch.cat(parts).numpy() if parts else np.zeros((0, self.item_embeddings.shape[1]))
+        self._items = self.item_embeddings.numpy()
+        return self
+
+    def score_users(self, users: np.ndarray) -> np.ndarray:
+        return self.user_embeddings[users] @ self._items.T

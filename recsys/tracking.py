@@ -1,0 +1,96 @@
+"""MLflow: where runs live, what every run logs.
+
+The backend is a sqlite database plus an artifact folder inside ``mlruns/``: MLflow 3.17
+refuses the plain folder store. Paths are absolute, built from the configured folder, so the
+launch directory does not matter.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+SECRET = re.compile(r"password|passwd|token|secret|api_key|apikey", re.IGNORECASE)
+
+
+def tracking_uri(mlruns_dir: str | Path) -> str:
+    return f"sqlite:///{Path(mlruns_dir).resolve() / 'mlflow.db'}"
+
+
+def artifact_root(mlruns_dir: str | Path) -> str:
+    return (Path(mlruns_dir).resolve() / "artifacts").as_uri()
+
+
+def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config -> ``{"a.b.c": value}``; values of secret-looking keys are masked."""
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        elif SECRET.search(str(key)):
+            out[name] = "***"
+        else:
+            out[name] = value
+    return out
+
+
+class Tracker:
+    """One MLflow run per training job.
+
+    Args:
+        mlruns_dir: folder holding ``mlflow.db`` and ``artifacts/``.
+        experiment: MLflow experiment name.
+        run_name: shown in the UI; defaults to MLflow's generated name.
+    """
+
+    def __init__(self, mlruns_dir: str, experiment: str = "recsys", run_name: str | None = None) -> None:
+        self.mlruns_dir = Path(mlruns_dir)
+        self.experiment = experiment
+        self.run_name = run_name
+        self.uri = tracking_uri(self.mlruns_dir)
+
+    @contextmanager
+    def start(self) -> Iterator[str]:
+        """Start (and end) the run; yields its id."""
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        import mlflow
+
+        self.mlruns_dir.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(self.uri)
+        exp = mlflow.get_experiment_by_name(self.experiment)
+        exp_id = (
+            exp.experiment_id
+            if exp is not None
+            else mlflow.create_experiment(self.experiment, artifact_location=artifact_root(self.mlruns_dir))
+        )
+        with mlflow.start_run(experiment_id=exp_id, run_name=self.run_name) as run:
+            self.run_id = run.info.run_id
+            yield run.info.run_id
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        import mlflow
+
+        flat = {k: str(v)[:6000] for k, v in flatten(params).items()}
+        items = list(flat.items())
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 params per call
+            mlflow.log_params(dict(items[start : start + 100]))
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        import mlflow
+
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        import mlflow
+
+        mlflow.log_artifact(str(path), artifact_path=folder)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        import mlflow
+
+        mlflow.set_tags(dict(tags))

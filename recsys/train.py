@@ -1,0 +1,163 @@
+"""``python -m recsys.train +experiment=bert_ranker``: the whole hybrid recommender, one MLflow run.
+
+data -> split -> CF (implicit) -> fine-tuned BERT text tower -> fused LambdaMART ranker ->
+evaluation on test -> exported recommendations, all logged to MLflow under ``mlruns/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+import recsys.config  # noqa: E402,F401  (registers resolvers)
+from recsys.errors import InputError  # noqa: E402
+
+log = logging.getLogger("recsys.train")
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Run the job described by ``cfg``; returns the test metrics logged to MLflow."""
+    import lightning as L
+    import polars as pl
+    import torch
+    from hydra.utils import instantiate
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    from recsys.export.writer import recommendations_frame, write_parquet_atomic
+    from recsys.pipeline import FusionStage, HybridPipeline, check_split
+    from recsys.recommender import History
+    from recsys.text.encoder import TwoTower
+    from recsys.text.fit import fine_tune, zero_shot_copy
+    from recsys.text.recommender import TextRecommender
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    L.seed_everything(cfg.seed, workers=True)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # --- everything that can fail on bad input fails here, before any training -------------
+    t0 = time.perf_counter()
+    data = instantiate(cfg.data).load()
+    split = instantiate(cfg.split).split(data.interactions)
+    val_users, test_users = check_split(data, split)
+    encoder = instantiate(cfg.encoder)
+    cf = {name: instantiate(node) for name, node in cfg.cf.items()}
+    fusion = FusionStage(dict(cfg.rank.n_candidates), instantiate(cfg.ranker))
+    pipeline = HybridPipeline(cf, fusion, ks=list(cfg.eval.ks), max_k=cfg.eval.max_k)
+    tracker = instantiate(cfg.logger)
+    timings["load"] = time.perf_counter() - t0
+    log.info(
+        "data %s: %d users, %d items, %d events; %s",
+        data.name,
+        data.n_users,
+        data.n_items,
+        data.interactions.height,
+        split.describe(),
+    )
+
+    with tracker.start() as run_id:
+        tracker.log_params(OmegaConf.to_container(cfg, resolve=True))
+        tracker.set_tags({"dataset": data.name, "dataset_hash": data.fingerprint()})
+        tracker.log_metrics({f"data/{k}": v for k, v in split.describe().items()})
+        config_path = out_dir / "config.yaml"
+        config_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        tracker.log_artifact(config_path)
+
+        # --- validation stage: fit on train -------------------------------------------------
+        hist_val = History(split.train, data.n_users, data.n_items)
+        t0 = time.perf_counter()
+        cf_val = pipeline.fit_cf(hist_val)
+        timings["cf_fit_val"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        item_ids, item_lengths = encoder.tokenize(data.texts)
+        net = TwoTower(encoder, max_history=cfg.text.max_history, temperature=cfg.text.temperature)
+        zero_net = zero_shot_copy(net) if cfg.eval.zeroshot else None
+        datamodule = instantiate(cfg.text.data)(
+            item_ids=item_ids, item_lengths=item_lengths, train=hist_val, val=split.val
+        )
+        callbacks = [instantiate(c) for c in cfg.text.callbacks.values()]
+        logger = MLFlowLogger(experiment_name=tracker.experiment, tracking_uri=tracker.uri, run_id=run_id)
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+        net, text_val = fine_tune(net, datamodule, instantiate(cfg.text.module), trainer)
+        tracker.log_metrics(text_val)
+        timings["text_finetune"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        text = TextRecommender.from_tokens(net, item_ids, item_lengths)
+        models_val = {**cf_val, "text": text.fit(hist_val)}
+        fusion.fit(val_users, models_val, hist_val, split.val)
+        timings["ranker_fit"] = time.perf_counter() - t0
+
+        # --- test stage: refit CF on train + val, score the untouched test events ------------
+        t0 = time.perf_counter()
+        hist_test = hist_val.extend(split.val)
+        cf_test = pipeline.fit_cf(hist_test)
+        text.fit(hist_test)
+        models_test = {**cf_test, "text": text}
+        fused = fusion.recommend(test_users, models_test, hist_test, cfg.eval.max_k)
+        singles = dict(models_test)
+        if zero_net is not None:
+            singles["text_zeroshot"] = TextRecommender.from_tokens(zero_net, item_ids, item_lengths).fit(hist_test)
+        result = pipeline.evaluate(test_users, split.test, data.n_items, singles, hist_test, fused)
+        timings["test_stage"] = time.perf_counter() - t0
+
+        table = result.table
+        metrics = {f"test/{row['model']}/{c}": row[c] for row in table.iter_rows(named=True) for c in table.columns[1:]}
+        metrics["rank/candidate_recall_val"] = fusion.candidate_recall_val
+        metrics["rank/best_iteration"] = fusion.ranker.best_iteration
+        tracker.log_metrics(metrics)
+        table_path = out_dir / "metrics.csv"
+        table.write_csv(table_path)
+        tracker.log_artifact(table_path)
+        imp_path = out_dir / "feature_importance.csv"
+        fusion.ranker.feature_importance().write_csv(imp_path)
+        tracker.log_artifact(imp_path)
+
+        # --- export: fused top-K for every test user, seen items removed ---------------------
+        k = cfg.export.k
+        recs = recommendations_frame(
+            data, test_users, result.recommended["fused"][:, :k], result.scores["fused"][:, :k], result.sources[:, :k]
+        )
+        rec_path = write_parquet_atomic(recs, out_dir / "recommendations.parquet")
+        tracker.log_artifact(rec_path)
+        timings["total"] = time.perf_counter() - t_start
+        tracker.log_metrics({f"time/{k}_s": v for k, v in timings.items()})
+
+        with pl.Config(tbl_rows=20, tbl_cols=20, float_precision=4, tbl_hide_dataframe_shape=True):
+            print(f"\nTest metrics ({data.name}, {len(test_users)} users, full ranking, seen items removed):")
+            print(table)
+        print(f"MLflow run {run_id}; recommendations: {rec_path}; total {timings['total']:.0f}s")
+    return metrics
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except Exception as e:
+        # A data or config problem: one clear message, no traceback, non-zero exit. Hydra's
+        # instantiate wraps constructor errors, so look down the cause chain.
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, InputError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
