@@ -23,6 +23,24 @@ class Columns:
     Source = "source"
     Text = "text"
     Clicked = "clicked"
+    # Optional item column: when the item was first listed (Unix seconds; null = always). An
+    # item is never a candidate for a moment before it existed.
+    AvailableFrom = "available_from"
+    # Which part of a data set's own fixed split an event belongs to (``SplitParts``).
+    Split = "split"
+    # Groups the candidates shown together in one impression (one page view of a news feed).
+    Impression = "impression_id"
+    # 0-based place of a candidate in its impression's list, as shown.
+    Position = "position"
+
+
+class SplitParts:
+    """Values of ``Columns.Split``: a data set's own train / validation / test assignment."""
+
+    Train = "train"
+    Val = "val"
+    Test = "test"
+    ALL = (Train, Val, Test)
 
 
 class Events:

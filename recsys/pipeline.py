@@ -58,6 +58,32 @@ def relevance_matrix(targets: pl.DataFrame, users: np.ndarray, n_items: int) -> 
     return m
 
 
+def stage_exclusion(history: History, items: pl.DataFrame, targets: pl.DataFrame) -> sp.csr_matrix:
+    """Items no model may propose to a user at this stage: those in the user's history, and
+    those not yet listed (``available_from``) when the user's first held-out event happened.
+
+    Knowing *when* a user comes back is not knowing *what* they pick: a live system recommends
+    from the catalogue of that moment too.
+    """
+    seen = history.matrix.copy()
+    seen.data[:] = 1.0
+    if Columns.AvailableFrom not in items.columns or items[Columns.AvailableFrom].null_count() == items.height:
+        return seen
+    listed = items.sort(Columns.ItemIdx)[Columns.AvailableFrom].to_numpy().astype(np.float64)
+    listed = np.nan_to_num(listed, nan=-np.inf)
+    order = np.argsort(listed, kind="stable")
+    at = targets.group_by(Columns.UserIdx).agg(pl.col(Columns.Timestamp).min()).sort(Columns.UserIdx)
+    users, times = at[Columns.UserIdx].to_numpy(), at[Columns.Timestamp].to_numpy()
+    start = np.searchsorted(listed[order], times, side="right")  # items after this are in the future
+    n_future = len(listed) - start
+    rows = np.repeat(users, n_future)
+    cols = np.concatenate([order[s:] for s in start]) if len(start) else np.zeros(0, dtype=np.int64)
+    future = sp.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=seen.shape)
+    out = (seen + future).tocsr()
+    out.data[:] = 1.0
+    return out
+
+
 class FusionStage:
     """Candidates from several recommenders, features, and the LambdaMART ranker.
 
@@ -70,15 +96,31 @@ class FusionStage:
         self.n_candidates = dict(n_candidates)
         self.ranker = ranker
 
-    def frame(self, users: np.ndarray, models: Mapping[str, Recommender], history: History) -> pl.DataFrame:
+    def frame(
+        self,
+        users: np.ndarray,
+        models: Mapping[str, Recommender],
+        history: History,
+        exclude: sp.csr_matrix | None = None,
+    ) -> pl.DataFrame:
+        """Candidates and features; ``exclude`` defaults to the history (seen items)."""
         unknown = set(self.n_candidates) - set(models)
         if unknown:
             raise ConfigError(f"rank.n_candidates names unknown sources {sorted(unknown)}; known: {sorted(models)}")
-        cands = generate_candidates(users, models, self.n_candidates, exclude=history.matrix)
-        return build_features(cands, history, models, list(self.n_candidates))
+        exclude = history.matrix if exclude is None else exclude
+        cands = generate_candidates(users, models, self.n_candidates, exclude=exclude)
+        scorers = {name: m for name, m in models.items() if m.is_feature}
+        return build_features(cands, history, scorers, list(self.n_candidates))
 
-    def fit(self, users: np.ndarray, models: Mapping[str, Recommender], history: History, targets: pl.DataFrame):
-        df = self.frame(users, models, history)
+    def fit(
+        self,
+        users: np.ndarray,
+        models: Mapping[str, Recommender],
+        history: History,
+        targets: pl.DataFrame,
+        exclude: sp.csr_matrix | None = None,
+    ) -> FusionStage:
+        df = self.frame(users, models, history, exclude)
         labels = targets.select(
             pl.col(Columns.UserIdx).cast(pl.Int32), pl.col(Columns.ItemIdx).cast(pl.Int32), pl.lit(1).alias("label")
         ).unique()
@@ -92,9 +134,14 @@ class FusionStage:
         return self
 
     def recommend(
-        self, users: np.ndarray, models: Mapping[str, Recommender], history: History, k: int
+        self,
+        users: np.ndarray,
+        models: Mapping[str, Recommender],
+        history: History,
+        k: int,
+        exclude: sp.csr_matrix | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        df = self.frame(users, models, history)
+        df = self.frame(users, models, history, exclude)
         df = df.with_columns(pl.Series(Columns.Score, self.ranker.predict(df)))
         df = df.sort([Columns.UserIdx, Columns.Score, Columns.ItemIdx], descending=[False, True, False]).with_columns(
             pl.int_range(pl.len()).over(Columns.UserIdx).alias("_pos")
@@ -154,11 +201,23 @@ class HybridPipeline:
         singles: Mapping[str, Recommender],
         history: History,
         fused: tuple[np.ndarray, np.ndarray, np.ndarray],
+        exclude_seen: bool = True,
+        exclude: sp.csr_matrix | None = None,
     ) -> StageResult:
+        """Score each model's top-``max_k`` lists on ``targets``.
+
+        ``exclude_seen=False`` is the *published* protocol of sequential-recommendation papers:
+        the evaluator does not remove history items from single models' rankings. The fused
+        ranker never proposes history items itself, so its lists are the same under both.
+        ``exclude`` (default: the history) is what the practical protocol removes.
+        """
         relevant = relevance_matrix(targets, users, n_items)
         recommended, scores, metrics = {}, {}, {}
         for name, model in singles.items():
-            items, sc = model.recommend(users, self.max_k, exclude=history.matrix)
+            if exclude_seen:
+                items, sc = model.recommend(users, self.max_k, exclude=history.matrix if exclude is None else exclude)
+            else:
+                items, sc = model.recommend(users, self.max_k)
             items = np.where(np.isfinite(sc), items, -1)
             recommended[name], scores[name] = items, sc
             metrics[name] = ranking_metrics(items, relevant, self.ks)

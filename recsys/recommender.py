@@ -64,6 +64,8 @@ class Recommender(ABC):
     """Fit on a history, score users against every item."""
 
     name: str = "recommender"
+    #: whether the fusion ranker gets this model's score as a feature (all but pure candidate sources)
+    is_feature: bool = True
 
     @abstractmethod
     def fit(self, history: History) -> Recommender: ...
@@ -108,11 +110,12 @@ class Recommender(ABC):
 
 
 def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row-wise top-k (indices, values), best first; ties broken by lower item index."""
+    """Row-wise top-k (indices, values), best first; ties broken by lower item index.
+
+    A stable argsort on ``-scores`` gives exactly that order (``argpartition`` would pick an
+    arbitrary subset of the items tied at the k-th score: popularity counts and the zero scores of
+    cold items tie often).
+    """
     k = min(k, scores.shape[1])
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    vals = np.take_along_axis(scores, part, 1)
-    # lexsort: primary key -score, secondary item index, so ties are deterministic.
-    order = np.lexsort((part, -vals), axis=1)
-    idx = np.take_along_axis(part, order, 1)
+    idx = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return idx, np.take_along_axis(scores, idx, 1)

@@ -14,7 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-SECRET = re.compile(r"password|passwd|token|secret|api_key|apikey", re.IGNORECASE)
+# Whole key segments only: ``tokenizer`` (a model path) is not a secret, ``hf_token`` is.
+SECRET = re.compile(r"(^|[_.-])(password|passwd|token|secret|api_?key|access_?key)($|[_.-])", re.IGNORECASE)
 
 
 def tracking_uri(mlruns_dir: str | Path) -> str:

@@ -33,12 +33,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
     from hydra.utils import instantiate
     from lightning.pytorch.loggers import MLFlowLogger
 
+    from recsys.export.pyfunc import log_trained_pipeline
     from recsys.export.writer import recommendations_frame, write_parquet_atomic
-    from recsys.pipeline import FusionStage, HybridPipeline, check_split
+    from recsys.pipeline import FusionStage, HybridPipeline, check_split, stage_exclusion
     from recsys.recommender import History
     from recsys.text.encoder import TwoTower
     from recsys.text.fit import fine_tune, zero_shot_copy
-    from recsys.text.recommender import TextRecommender
+    from recsys.text.recommender import NewItemText, TextRecommender
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -97,8 +98,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
         t0 = time.perf_counter()
         text = TextRecommender.from_tokens(net, item_ids, item_lengths)
-        models_val = {**cf_val, "text": text.fit(hist_val)}
-        fusion.fit(val_users, models_val, hist_val, split.val)
+        models_val = {**cf_val, "text": text.fit(hist_val), "text_new": NewItemText(text).fit(hist_val)}
+        fusion.fit(val_users, models_val, hist_val, split.val, stage_exclusion(hist_val, data.items, split.val))
         timings["ranker_fit"] = time.perf_counter() - t0
 
         # --- test stage: refit CF on train + val, score the untouched test events ------------
@@ -106,21 +107,31 @@ def run(cfg: DictConfig) -> dict[str, float]:
         hist_test = hist_val.extend(split.val)
         cf_test = pipeline.fit_cf(hist_test)
         text.fit(hist_test)
-        models_test = {**cf_test, "text": text}
-        fused = fusion.recommend(test_users, models_test, hist_test, cfg.eval.max_k)
-        singles = dict(models_test)
+        models_test = {**cf_test, "text": text, "text_new": NewItemText(text).fit(hist_test)}
+        exclude_test = stage_exclusion(hist_test, data.items, split.test)
+        fused = fusion.recommend(test_users, models_test, hist_test, cfg.eval.max_k, exclude_test)
+        singles = {name: m for name, m in models_test.items() if m.is_feature}
         if zero_net is not None:
             singles["text_zeroshot"] = TextRecommender.from_tokens(zero_net, item_ids, item_lengths).fit(hist_test)
-        result = pipeline.evaluate(test_users, split.test, data.n_items, singles, hist_test, fused)
+        result = pipeline.evaluate(test_users, split.test, data.n_items, singles, hist_test, fused, True, exclude_test)
+        tables = {"test": result.table}
+        if cfg.eval.published:
+            published = pipeline.evaluate(test_users, split.test, data.n_items, singles, hist_test, fused, False)
+            tables["test_published"] = published.table
         timings["test_stage"] = time.perf_counter() - t0
 
         table = result.table
-        metrics = {f"test/{row['model']}/{c}": row[c] for row in table.iter_rows(named=True) for c in table.columns[1:]}
+        metrics = {
+            f"{prefix}/{row['model']}/{c}": row[c]
+            for prefix, tab in tables.items()
+            for row in tab.iter_rows(named=True)
+            for c in tab.columns[1:]
+        }
         metrics["rank/candidate_recall_val"] = fusion.candidate_recall_val
         metrics["rank/best_iteration"] = fusion.ranker.best_iteration
         tracker.log_metrics(metrics)
         table_path = out_dir / "metrics.csv"
-        table.write_csv(table_path)
+        pl.concat([tab.with_columns(pl.lit(p).alias("protocol")) for p, tab in tables.items()]).write_csv(table_path)
         tracker.log_artifact(table_path)
         imp_path = out_dir / "feature_importance.csv"
         fusion.ranker.feature_importance().write_csv(imp_path)
@@ -133,13 +144,18 @@ def run(cfg: DictConfig) -> dict[str, float]:
         )
         rec_path = write_parquet_atomic(recs, out_dir / "recommendations.parquet")
         tracker.log_artifact(rec_path)
+        model_uri = log_trained_pipeline(cfg, data, hist_test, models_test, fusion, out_dir)
         timings["total"] = time.perf_counter() - t_start
+        metrics.update({f"time/{k}_s": v for k, v in timings.items()})
         tracker.log_metrics({f"time/{k}_s": v for k, v in timings.items()})
 
         with pl.Config(tbl_rows=20, tbl_cols=20, float_precision=4, tbl_hide_dataframe_shape=True):
             print(f"\nTest metrics ({data.name}, {len(test_users)} users, full ranking, seen items removed):")
             print(table)
-        print(f"MLflow run {run_id}; recommendations: {rec_path}; total {timings['total']:.0f}s")
+            if "test_published" in tables:
+                print("Published protocol (full ranking, history items NOT removed by the evaluator):")
+                print(tables["test_published"])
+        print(f"MLflow run {run_id}; model {model_uri}; recommendations: {rec_path}; total {timings['total']:.0f}s")
     return metrics
 
 

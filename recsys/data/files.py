@@ -17,7 +17,8 @@ class FileDataSource:
 
     Args:
         interactions: path of the interaction table (``user_id, item_id, timestamp, event``).
-        items: path of the item table (``item_id`` plus text fields).
+        items: path of the item table (``item_id`` plus text fields; optionally
+            ``available_from``, when the item was first listed, as for ``timestamp``).
         text_fields: item columns joined, in this order, into the text the encoder reads;
             empty fields are skipped.
         event_weights: weight of each event type; an event type not listed is an error.
@@ -61,11 +62,14 @@ class FileDataSource:
         v.require_non_null(df, Columns.Item, path)
         v.require_unique(df, Columns.Item, path)
         text = pl.concat_str(
-            [pl.col(f).cast(pl.String).str.strip_chars() for f in self.text_fields],
+            # Blank fields count as missing, so they neither add a stray separator nor pass as text.
+            [pl.col(f).cast(pl.String).str.strip_chars().replace("", None) for f in self.text_fields],
             separator=self.text_separator,
             ignore_nulls=True,
         ).str.strip_chars()
         df = df.with_columns(text.fill_null("").alias(Columns.Text))
+        if Columns.AvailableFrom in df.columns:
+            df = v.parse_timestamp(df, Columns.AvailableFrom, path)
         empty = pl.col(Columns.Text) == ""
         if df.select(empty.any()).item():
             row, ex = v.example(df, empty)
@@ -86,7 +90,7 @@ class FileDataSource:
             df = df.with_columns(pl.col(col).cast(pl.String))
             v.require_non_null(df, col, path)
         v.require_non_null(df, Columns.Timestamp, path)
-        df = v.cast_column(df, Columns.Timestamp, pl.Int64(), path)
+        df = v.parse_timestamp(df, Columns.Timestamp, path)
         v.require_in(df, Columns.Event, self.event_weights, path)
         v.require_known(df, Columns.Item, item_ids, path, self.items_path)
         weights = pl.col(Columns.Event).replace_strict(self.event_weights, return_dtype=pl.Float32)

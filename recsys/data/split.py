@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from recsys.columns import Columns
-from recsys.errors import ConfigError
+from recsys.columns import Columns, SplitParts
+from recsys.data import validation as v
+from recsys.errors import ConfigError, InputError
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,9 @@ class LeaveLastOutSplit:
 
     def __init__(self, n_val: int = 1, n_test: int = 1, min_train: int = 1) -> None:
         if n_val < 0 or n_test < 1 or min_train < 1:
-            raise ConfigError(f"split: need n_val >= 0, n_test >= 1, min_train >= 1; got {n_val}, {n_test}, {min_train}")
+            raise ConfigError(
+                f"split: need n_val >= 0, n_test >= 1, min_train >= 1; got {n_val}, {n_test}, {min_train}"
+            )
         self.n_val, self.n_test, self.min_train = n_val, n_test, min_train
 
     def split(self, interactions: pl.DataFrame) -> Split:
@@ -83,4 +86,83 @@ class GlobalTimeSplit:
             train=df.filter(t < t_val),
             val=df.filter((t >= t_val) & (t < t_test)),
             test=df.filter(t >= t_test),
+        )
+
+
+class FixedSplit:
+    """The data set's own split: a column says, for every event, ``train``, ``val`` or ``test``.
+
+    Use it where a data set ships a fixed split (Amazon-Scientific's ``train/valid/test.inter``)
+    so results are comparable with published ones. Users without a ``val`` or ``test`` event are
+    simply not evaluated at that stage.
+
+    >>> import polars as pl
+    >>> df = pl.DataFrame({"user_idx": [0, 0, 0], "timestamp": [0, 1, 2], "split": ["train", "val", "test"]})
+    >>> s = FixedSplit().split(df)
+    >>> s.train.height, s.val.height, s.test.height
+    (1, 1, 1)
+    """
+
+    def __init__(self, column: str = Columns.Split) -> None:
+        self.column = column
+
+    def split(self, interactions: pl.DataFrame) -> Split:
+        col = self.column
+        if col not in interactions.columns:
+            raise ConfigError(
+                f"split=fixed needs a '{col}' column marking each event {list(SplitParts.ALL)}, and this data set "
+                "has none (only data sets that ship their own split have it, e.g. data=scientific); "
+                "use split=leave_last_out or split=global_time"
+            )
+        bad = pl.col(col).is_null() | ~pl.col(col).is_in(list(SplitParts.ALL))
+        if interactions.select(bad.any()).item():
+            # No file name here: the loader has already turned the source files into this frame.
+            _, ex = v.example(interactions, bad)
+            raise InputError(
+                f"{interactions.select(bad.sum()).item()} event(s) have a split value outside {list(SplitParts.ALL)}",
+                column=col,
+                example=ex,
+            )
+        df = interactions.sort(Columns.UserIdx, Columns.Timestamp, maintain_order=True)
+        part = pl.col(col)
+        return Split(
+            train=df.filter(part == SplitParts.Train),
+            val=df.filter(part == SplitParts.Val),
+            test=df.filter(part == SplitParts.Test),
+        )
+
+
+class RandomSplit:
+    """Per user, a seeded random share of the events -> validation and test (RecBole's ``RS`` with
+    ``order: RO, group_by: user``), the protocol of RecBole's published MovieLens-100k results.
+
+    Time is ignored, so this split leaks the future into training by design: use it only to
+    compare with results published under it, never to judge a model for production.
+    """
+
+    def __init__(self, val_ratio: float = 0.1, test_ratio: float = 0.1, seed: int = 0) -> None:
+        if not (0.0 <= val_ratio and 0.0 < test_ratio and val_ratio + test_ratio < 1.0):
+            raise ConfigError(f"split: need 0 <= val_ratio, 0 < test_ratio, sum < 1; got {val_ratio}, {test_ratio}")
+        self.val_ratio, self.test_ratio, self.seed = val_ratio, test_ratio, seed
+
+    def split(self, interactions: pl.DataFrame) -> Split:
+        import numpy as np
+
+        df = interactions.sort(Columns.UserIdx, Columns.Timestamp, maintain_order=True)
+        rng = np.random.default_rng(self.seed)
+        df = df.with_columns(pl.Series("_r", rng.random(df.height)))
+        # Rank within user by the random key; RecBole rounds the split points per user the same way.
+        df = df.with_columns(
+            (pl.col("_r").rank("ordinal").over(Columns.UserIdx) - 1).alias("_pos"),
+            pl.len().over(Columns.UserIdx).alias("_n"),
+        )
+        n = pl.col("_n").cast(pl.Float64)
+        n_train = (n * (1 - self.val_ratio - self.test_ratio)).floor()
+        n_val = (n * self.val_ratio).floor()
+        pos = pl.col("_pos")
+        drop = ["_r", "_pos", "_n"]
+        return Split(
+            train=df.filter(pos < n_train).drop(drop),
+            val=df.filter((pos >= n_train) & (pos < n_train + n_val)).drop(drop),
+            test=df.filter(pos >= n_train + n_val).drop(drop),
         )

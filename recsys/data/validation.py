@@ -115,3 +115,35 @@ def require_known(df: pl.DataFrame, column: str, known: pl.Series, file: str, kn
             row=row,
             example=ex,
         )
+
+
+def parse_timestamp(df: pl.DataFrame, column: str, file: str) -> pl.DataFrame:
+    """Timestamps as integer Unix seconds: integers are kept, datetimes/dates (parquet) and ISO
+    8601 strings (CSV) are converted; anything else is reported with its row."""
+    dtype = df[column].dtype
+    if dtype == pl.Int64:
+        return df
+    if dtype.is_integer():
+        return df.with_columns(pl.col(column).cast(pl.Int64))
+    if isinstance(dtype, pl.Datetime | pl.Date):
+        return df.with_columns(pl.col(column).cast(pl.Datetime("us")).dt.epoch("s").alias(column))
+    text = df[column].cast(pl.String).str.strip_chars()
+    as_int = text.cast(pl.Int64, strict=False)
+    parsed = as_int
+    if as_int.null_count() > text.null_count():
+        try:  # polars infers the date format from the values; none at all fits -> all are bad
+            as_date = text.str.to_datetime(strict=False, time_unit="us").dt.epoch("s")
+            parsed = as_int.fill_null(as_date)
+        except pl.exceptions.ComputeError:
+            pass
+    bad = parsed.is_null() & df[column].is_not_null()
+    if bad.any():
+        row, ex = example(df, bad)
+        raise InputError(
+            f"{int(bad.sum())} value(s) are neither integer Unix times nor ISO 8601 dates",
+            file=file,
+            column=column,
+            row=row,
+            example=ex,
+        )
+    return df.with_columns(parsed.alias(column))

@@ -24,7 +24,7 @@ class LambdaMARTRanker:
         n_estimators: int = 400,
         learning_rate: float = 0.05,
         num_leaves: int = 31,
-        min_child_samples: int = 20,
+        min_child_samples: int = 100,
         feature_fraction: float = 0.9,
         early_stopping_rounds: int = 40,
         early_stopping_fraction: float = 0.2,

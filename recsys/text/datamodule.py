@@ -78,15 +78,19 @@ class TextDataModule(L.LightningDataModule):
         self.max_history, self.encode_history = max_history, encode_history
         self.val_users, self.val_batch_size, self.seed = val_users, val_batch_size, seed
         self.examples = NextItemExamples(train, max_history)
+        # log of each item's share of training targets: in-batch negatives are drawn with this
+        # probability, which the module subtracts (logQ correction, Yi et al., RecSys 2019).
+        counts = np.bincount(self.examples.items[self.examples.positions], minlength=len(item_ids))
+        self.log_q = torch.from_numpy(np.log((counts + 1.0) / (counts.sum() + len(counts)))).float()
 
-    def _gather_items(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Unique items with dynamically padded tokens, and each input's position among them."""
+    def _gather_items(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Unique items, their dynamically padded tokens, and each input's position among them."""
         uniq, inverse = torch.unique(items, return_inverse=True)
         lengths = self.item_lengths[uniq]
         width = int(lengths.max())
         ids = self.item_ids[uniq, :width].long()
         mask = (torch.arange(width) < lengths[:, None]).long()
-        return ids, mask, inverse
+        return uniq, ids, mask, inverse
 
     def collate(self, rows: list[tuple[np.ndarray, int, float]]) -> dict[str, torch.Tensor]:
         hist, hmask = pad_histories([r[0] for r in rows], self.max_history)
@@ -99,16 +103,18 @@ class TextDataModule(L.LightningDataModule):
         }
         if self.encode_history:
             items = torch.cat([targets, hist[hmask]])
-            ids, mask, inverse = self._gather_items(items)
+            uniq, ids, mask, inverse = self._gather_items(items)
             batch["target_pos"] = inverse[: len(targets)]
             hpos = torch.full_like(hist, -1)
             hpos[hmask] = inverse[len(targets) :]
             batch["history_pos"] = hpos
             # Negatives are the batch's targets only, not its history items.
             batch["negatives"] = torch.unique(batch["target_pos"])
+            candidates = uniq[batch["negatives"]]
         else:
-            ids, mask, inverse = self._gather_items(targets)
+            candidates, ids, mask, inverse = self._gather_items(targets)
             batch["target_pos"] = inverse
+        batch["candidate_logq"] = self.log_q[candidates]
         batch["item_input_ids"], batch["item_attention_mask"] = ids, mask
         return batch
 

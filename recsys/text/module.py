@@ -22,6 +22,9 @@ class TextTowerModule(L.LightningModule):
     lr_encoder: learning rate of the BERT weights; lr_head: of the user tower.
     warmup_steps: linear warm-up of both learning rates.
     freeze_embeddings: keep BERT's word embeddings fixed (about 20 % faster on CPU).
+    logq_correction: weight of the sampling correction: in-batch negatives are drawn in
+        proportion to popularity, so without it the tower learns to push popular items down
+        (1.0 = full correction, 0.0 = plain in-batch softmax).
     """
 
     def __init__(
@@ -33,11 +36,13 @@ class TextTowerModule(L.LightningModule):
         warmup_steps: int = 10,
         freeze_embeddings: bool = False,
         encode_batch_size: int = 128,
+        logq_correction: float = 1.0,
     ) -> None:
         super().__init__()
         self.net = net
         self.lr_encoder, self.lr_head, self.weight_decay = lr_encoder, lr_head, weight_decay
         self.warmup_steps, self.encode_batch_size = warmup_steps, encode_batch_size
+        self.logq_correction = logq_correction
         if freeze_embeddings:
             self.net.item_encoder.bert.embeddings.word_embeddings.weight.requires_grad_(False)
         self.item_cache: torch.Tensor | None = None
@@ -70,6 +75,7 @@ class TextTowerModule(L.LightningModule):
         users = self.net.user_encoder(hist, batch["history_mask"])
         candidates = items if negatives is None else items[negatives]
         logits = users @ candidates.T * np.exp(self.net.log_inv_temperature)
+        logits = logits - self.logq_correction * batch["candidate_logq"][None, :]
         labels = batch["target_pos"]
         if negatives is not None:
             labels = torch.searchsorted(negatives, labels)

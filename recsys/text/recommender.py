@@ -43,3 +43,30 @@ class TextRecommender(Recommender):
 
     def score_users(self, users: np.ndarray) -> np.ndarray:
         return self.user_embeddings[users] @ self._items.T
+
+
+class NewItemText(Recommender):
+    """The text tower restricted to items with at most ``max_events`` events in the history.
+
+    A candidate source for cold start: new items compete with hundreds of warm items of the same
+    topic in the plain text ranking and rarely reach its top-N; here they compete only with each
+    other, and the ranker decides how many of them deserve a slot. Not a ranker feature (its
+    scores are the text tower's, already there), hence ``is_feature = False``.
+    """
+
+    name = "text_new"
+    is_feature = False
+
+    def __init__(self, text: Recommender, max_events: int = 0) -> None:
+        self.text = text
+        self.max_events = max_events
+
+    def fit(self, history: History) -> NewItemText:
+        """``text`` must already be fitted on the same history."""
+        self.warm = history.item_counts > self.max_events
+        return self
+
+    def score_users(self, users: np.ndarray) -> np.ndarray:
+        scores = np.array(self.text.score_users(users), dtype=np.float32, copy=True)
+        scores[:, self.warm] = -np.inf
+        return scores

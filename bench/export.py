@@ -1,0 +1,263 @@
+"""Export throughput and memory: the fused pipeline vs a per-user loop vs a bare matrix top-k.
+
+    python bench/export.py                      # 100k users, 5k items, top-100 (several minutes)
+    python bench/export.py --users 20000        # quicker
+
+One run builds a pipeline on a generated catalogue (5k items with text, ``--users`` users, ~10
+events each: ALS, BPR, item-kNN, popularity, a text tower with a 384-wide one-layer random BERT --
+the export cost depends on the embedding width, not on the encoder depth -- and a LambdaMART
+ranker trained on the users' last events), saves it, and then, in the same process:
+
+* exports every user with the fused pipeline (candidates, features, ranker, rules, explanations,
+  parquet), and single-stage ALS and text exports, through ``recsys.export.batch``;
+* runs the same fused pipeline user by user on a sample (the naive loop);
+* times a bare ``torch.topk`` over ``U @ V.T`` with seen items masked (the floor);
+
+and then, in two fresh processes, exports 10k and all users from the saved pipeline, reading
+each one's peak RSS. All figures are ratios taken on one machine in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import polars as pl  # noqa: E402
+
+from recsys.columns import Columns  # noqa: E402
+
+
+def generate(n_users: int, n_items: int, events: int, seed: int = 0):
+    """Users with one favourite topic, items with topic text and log-normal popularity."""
+    from recsys.data.synthetic import GENERIC, TOPICS
+
+    rng = np.random.default_rng(seed)
+    topics = list(TOPICS)
+    item_topic = rng.integers(0, len(topics), n_items)
+    words = [rng.choice(TOPICS[topics[t]], 3) for t in item_topic]
+    texts = [f"{rng.choice(GENERIC)} {w[0]} {w[1]} {w[2]}" for w in words]
+    items = pl.DataFrame(
+        {
+            Columns.Item: [f"I{i:06d}" for i in range(n_items)],
+            Columns.ItemIdx: np.arange(n_items, dtype=np.int32),
+            Columns.Text: texts,
+            "category": [topics[t] for t in item_topic],
+        }
+    )
+    pop = rng.lognormal(0, 1, n_items)
+    by_topic = [np.flatnonzero(item_topic == t) for t in range(len(topics))]
+    probs = [pop[ix] / pop[ix].sum() for ix in by_topic]
+    user_topic = rng.integers(0, len(topics), n_users)
+    n_ev = rng.integers(max(3, events // 2), events * 3 // 2 + 1, n_users)
+    users = np.repeat(np.arange(n_users), n_ev)
+    noise = rng.random(len(users)) < 0.2
+    topic = np.where(noise, rng.integers(0, len(topics), len(users)), user_topic[users])
+    item = np.empty(len(users), dtype=np.int64)
+    for t in range(len(topics)):
+        sel = np.flatnonzero(topic == t)
+        item[sel] = rng.choice(by_topic[t], len(sel), p=probs[t])
+    ts = 1_700_000_000 + np.concatenate([np.sort(rng.integers(0, 10**7, n)) for n in n_ev])
+    df = pl.DataFrame(
+        {
+            Columns.UserIdx: users.astype(np.int32),
+            Columns.ItemIdx: item.astype(np.int32),
+            Columns.Timestamp: ts,
+            Columns.Weight: np.where(rng.random(len(users)) < 0.2, 4.0, 1.0).astype(np.float32),
+        }
+    ).sort(Columns.UserIdx, Columns.Timestamp, maintain_order=True)
+    return items, df
+
+
+def build(folder: Path, n_users: int, n_items: int, events: int) -> dict:
+    import torch
+
+    from recsys.cf.models import ALS, BPR, ItemKNN, Popularity
+    from recsys.config import minilm_path
+    from recsys.data.dataset import IdMap
+    from recsys.export.pipeline_model import TrainedPipeline
+    from recsys.pipeline import FusionStage
+    from recsys.rank.ranker import LambdaMARTRanker
+    from recsys.recommender import History
+    from recsys.text.encoder import ItemEncoder, TwoTower
+    from recsys.text.recommender import TextRecommender
+
+    t0 = time.perf_counter()
+    items, df = generate(n_users, n_items, events)
+    last = df.group_by(Columns.UserIdx).agg(pl.all().last()).sort(Columns.UserIdx)
+    train = df.join(
+        last.select(Columns.UserIdx, Columns.Timestamp, Columns.ItemIdx),
+        on=list(last.columns[:1]) + [Columns.Timestamp, Columns.ItemIdx],
+        how="anti",
+    )
+    train = train.sort(Columns.UserIdx, Columns.Timestamp, maintain_order=True)
+    hist = History(train, n_users, n_items)
+    torch.set_num_threads(2)
+    enc = ItemEncoder.random(
+        minilm_path(), hidden_size=384, num_hidden_layers=1, num_attention_heads=12, intermediate_size=512
+    )
+    net = TwoTower(enc, max_history=20).eval()
+    models = {
+        "als": ALS(factors=64, iterations=8).fit(hist),
+        "bpr": BPR(factors=64, iterations=20).fit(hist),
+        "itemknn": ItemKNN(neighbours=100).fit(hist),
+        "popularity": Popularity().fit(hist),
+        "text": TextRecommender(net, enc.encode(items[Columns.Text].to_list(), batch_size=256)).fit(hist),
+    }
+    n_cand = {"als": 50, "text": 50, "itemknn": 30, "popularity": 20}
+    fusion = FusionStage(n_cand, LambdaMARTRanker(n_estimators=100, early_stopping_rounds=20))
+    val_users = np.arange(min(3000, n_users))
+    targets = last.filter(pl.col(Columns.UserIdx).is_in(val_users.tolist()))
+    fusion.fit(val_users, models, hist, targets)
+    users = IdMap(np.asarray([f"U{u:07d}" for u in range(n_users)], dtype=object))
+    pipe = TrainedPipeline.from_training(
+        items, users, hist, models, n_cand, fusion.ranker, {"click": 1.0, "purchase": 4.0}
+    )
+    pipe.save(folder)
+    return {"build_s": time.perf_counter() - t0, "events": train.height, "best_iteration": fusion.ranker.best_iteration}
+
+
+def make_engine(folder: Path, k: int, scorer: str, explain: bool = True):
+    from recsys.export.engine import Engine, ExplainOptions
+    from recsys.export.pipeline_model import TrainedPipeline
+    from recsys.export.rules import BusinessRules
+
+    p = TrainedPipeline.load(folder)
+    rules = BusinessRules(max_per_category=40).compile(p.items, p.now)  # seen filtering + a category cap
+    opts = ExplainOptions() if explain else ExplainOptions(enabled=False, top_features=0)
+    return Engine(p, rules, k, scorer, opts)
+
+
+def timed_export(folder: Path, out: Path, k: int, scorer: str, n_users: int | None, chunk: int, explain=True):
+    from recsys.export.batch import export_recommendations
+
+    engine = make_engine(folder, k, scorer, explain)
+    users = list(engine.p.users.ids[: n_users or len(engine.p.users)])
+    t0 = time.perf_counter()
+    res = export_recommendations(engine, users, out, chunk_size=chunk, progress=False)
+    dt = time.perf_counter() - t0
+    return {
+        "users": len(users),
+        "seconds": dt,
+        "users_per_s": len(users) / dt,
+        "rows": res.manifest["rows"],
+        "stages_s": {k: round(v, 2) for k, v in engine.timings.most_common()},
+    }
+
+
+def naive_loop(folder: Path, k: int, n: int) -> dict:
+    """The same fused pipeline called one user at a time (what a per-user service loop does)."""
+    engine = make_engine(folder, k, "fused")
+    users = list(engine.p.users.ids[:n])
+    t0 = time.perf_counter()
+    for u in users:
+        engine.recommend(engine.p.histories([u]))
+    dt = time.perf_counter() - t0
+    return {"users": n, "seconds": dt, "users_per_s": n / dt}
+
+
+def bare_topk(folder: Path, k: int, chunk: int) -> dict:
+    """Floor: torch.topk over U @ V.T with seen items masked, no ids, no output."""
+    import torch
+
+    from recsys.export.pipeline_model import TrainedPipeline
+    from recsys.recommender import History
+
+    p = TrainedPipeline.load(folder)
+    seen = History(p.history, len(p.users), p.n_items).matrix
+    out = {}
+    spaces = {"als": (p.factor_models["als"]["user_factors"], p.factor_models["als"]["item_factors"])}
+    ph = p.histories(list(p.users.ids))
+    spaces["text"] = (p.scorers(ph)["text"].user_embeddings, p.item_embeddings)
+    for name, (u, v) in spaces.items():
+        vt = torch.from_numpy(np.ascontiguousarray(v.T))
+        t0 = time.perf_counter()
+        for s in range(0, len(u), chunk):
+            sc = torch.from_numpy(u[s : s + chunk]) @ vt
+            rows = seen[s : s + chunk]
+            r = torch.from_numpy(np.repeat(np.arange(rows.shape[0]), np.diff(rows.indptr)))
+            sc[r, torch.from_numpy(rows.indices.astype(np.int64))] = -torch.inf
+            torch.topk(sc, k, dim=1)
+        dt = time.perf_counter() - t0
+        out[name] = {"users_per_s": len(u) / dt, "seconds": dt}
+    return out
+
+
+def rss_child(folder: str, out: str, k: int, n_users: int, chunk: int) -> None:
+    r = timed_export(Path(folder), Path(out), k, "fused", n_users, chunk)
+    r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(r))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--users", type=int, default=100_000)
+    ap.add_argument("--items", type=int, default=5_000)
+    ap.add_argument("--events", type=int, default=10)
+    ap.add_argument("--k", type=int, default=100)
+    ap.add_argument("--chunk", type=int, default=4096)
+    ap.add_argument("--naive-users", type=int, default=300)
+    ap.add_argument("--small", type=int, default=10_000, help="users of the smaller RSS run")
+    ap.add_argument("--rss-child", nargs=3, metavar=("FOLDER", "OUT", "N"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.rss_child:
+        rss_child(a.rss_child[0], a.rss_child[1], a.k, int(a.rss_child[2]), a.chunk)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "pipeline"
+        res = {"config": vars(a), "build": build(folder, a.users, a.items, a.events)}
+        print("built", res["build"], flush=True)
+        res["fused"] = timed_export(folder, Path(tmp) / "fused.parquet", a.k, "fused", None, a.chunk)
+        print("fused", res["fused"], flush=True)
+        res["fused_no_explain"] = timed_export(folder, Path(tmp) / "fne.parquet", a.k, "fused", None, a.chunk, False)
+        print("fused, no explanations", res["fused_no_explain"], flush=True)
+        for s in ("als", "text"):
+            res[s] = timed_export(folder, Path(tmp) / f"{s}.parquet", a.k, s, None, a.chunk)
+            print(s, res[s], flush=True)
+            res[f"{s}_no_explain"] = timed_export(folder, Path(tmp) / f"{s}n.parquet", a.k, s, None, a.chunk, False)
+            print(s, "no explanations", res[f"{s}_no_explain"], flush=True)
+        res["naive_loop"] = naive_loop(folder, a.k, a.naive_users)
+        print("naive loop", res["naive_loop"], flush=True)
+        res["bare_topk"] = bare_topk(folder, a.k, a.chunk)
+        print("bare top-k", res["bare_topk"], flush=True)
+        for n in (a.small, a.users):
+            cmd = [
+                sys.executable,
+                __file__,
+                "--k",
+                str(a.k),
+                "--chunk",
+                str(a.chunk),
+                "--rss-child",
+                str(folder),
+                f"{tmp}/rss{n}.parquet",
+                str(n),
+            ]
+            child = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            res[f"rss_{n}"] = child
+            print(
+                f"fresh process, {n} users: peak RSS {child['peak_rss_mb']:.0f} MB, {child['users_per_s']:.0f} users/s",
+                flush=True,
+            )
+        f = res["fused"]["users_per_s"]
+        print(
+            f"\nfused {f:.0f} users/s = {f / res['naive_loop']['users_per_s']:.0f}x the per-user loop; "
+            f"ALS export {res['als']['users_per_s']:.0f} users/s "
+            f"vs bare top-k {res['bare_topk']['als']['users_per_s']:.0f}; "
+            f"text export {res['text']['users_per_s']:.0f} vs bare {res['bare_topk']['text']['users_per_s']:.0f}"
+        )
+        print(json.dumps(res, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,499 @@
+"""The trained pipeline as one folder: save after training, load for export and serving.
+
+What is stored (no pickle anywhere; see docs/export.md):
+
+```
+pipeline/
+  meta.json            versions, sources, fusion settings, ranker features, event weights, "now"
+  config.yaml          the resolved training config (for the record; nothing reads it back)
+  items.parquet        item_id, item_idx, text and the other item columns (category, windows ...)
+  users.parquet        user_id, user_idx of the users known at training time
+  history.parquet      user_idx, item_idx, timestamp, weight: the test-stage history (train + val)
+  cf/<name>.npz        factors / similarity / counts of each CF model (numpy, allow_pickle=False)
+  text/encoder/        BERT weights (safetensors) + config + tokenizer files (save_pretrained)
+  text/user_encoder.safetensors, text/item_embeddings.npy
+  ranker/lightgbm.txt  the LightGBM model as text
+```
+
+At serving time every user-side quantity is derived from the history passed in (or the stored
+one): ALS/BPR user factors are the trained ones for known users with their stored history and a
+least-squares fold-in for anybody else; item-kNN and the text tower read the history directly.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+import torch
+
+from recsys.cf.models import ALS, BPR, ItemKNN, Popularity
+from recsys.columns import Columns
+from recsys.data.dataset import IdMap
+from recsys.errors import ConfigError, InputError
+from recsys.rank.ranker import LambdaMARTRanker
+from recsys.recommender import History, Recommender
+from recsys.text.encoder import ItemEncoder, TwoTower
+from recsys.text.recommender import NewItemText, TextRecommender
+
+FORMAT_VERSION = 1
+HISTORY_COLUMNS = [Columns.UserIdx, Columns.ItemIdx, Columns.Timestamp, Columns.Weight]
+
+
+# --- chunk-local scorers: the same scores as the trained models, for any set of users -------------
+
+
+class FactorScorer(Recommender):
+    """``user_factors @ item_factors.T`` for a block of users (ALS, BPR)."""
+
+    def __init__(self, name: str, user_factors: np.ndarray, item_factors: np.ndarray) -> None:
+        self.name, self.user_factors, self.item_factors = name, user_factors, item_factors
+
+    def fit(self, history: History) -> FactorScorer:  # pragma: no cover - never refitted
+        return self
+
+    def score_users(self, users: np.ndarray) -> np.ndarray:
+        return self.user_factors[users] @ self.item_factors.T
+
+
+class KNNScorer(Recommender):
+    """Item-kNN: the user's (binary) history row times the item-item similarity."""
+
+    def __init__(self, name: str, user_items: sp.csr_matrix, similarity: sp.csr_matrix) -> None:
+        self.name, self.user_items, self.similarity = name, user_items, similarity
+
+    def fit(self, history: History) -> KNNScorer:  # pragma: no cover
+        return self
+
+    def score_users(self, users: np.ndarray) -> np.ndarray:
+        return (self.user_items[users] @ self.similarity).toarray()
+
+
+class ConstantScorer(Recommender):
+    """The same score row for everybody (popularity)."""
+
+    def __init__(self, name: str, counts: np.ndarray) -> None:
+        self.name, self.counts = name, counts
+
+    def fit(self, history: History) -> ConstantScorer:  # pragma: no cover
+        return self
+
+    def score_users(self, users: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(self.counts, (len(users), len(self.counts)))
+
+
+class MaskedScorer(Recommender):
+    """Another scorer restricted to some items (the text tower among cold items: ``text_new``)."""
+
+    is_feature = False
+
+    def __init__(self, name: str, inner: Recommender, forbidden: np.ndarray) -> None:
+        self.name, self.inner, self.forbidden = name, inner, forbidden
+
+    def fit(self, history: History) -> MaskedScorer:  # pragma: no cover
+        return self
+
+    def score_users(self, users: np.ndarray) -> np.ndarray:
+        s = np.array(self.inner.score_users(users), dtype=np.float32, copy=True)
+        s[:, self.forbidden] = -np.inf
+        return s
+
+
+class EmbeddingScorer(Recommender):
+    """Text tower: user vectors (from history) . item vectors (from text)."""
+
+    def __init__(self, name: str, user_embeddings: np.ndarray, item_embeddings: np.ndarray) -> None:
+        self.name, self.user_embeddings, self.item_embeddings = name, user_embeddings, item_embeddings
+
+    def fit(self, history: History) -> EmbeddingScorer:  # pragma: no cover
+        return self
+
+    def score_users(self, users: np.ndarray) -> np.ndarray:
+        return self.user_embeddings[users] @ self.item_embeddings.T
+
+
+def fold_in(item_factors: np.ndarray, user_items: sp.csr_matrix, regularization: float, alpha: float) -> np.ndarray:
+    """ALS user factors for histories nobody trained on: one exact least-squares solve per user.
+
+    The same solve implicit's ALS makes for every user in its last half-iteration (confidence
+    ``alpha * weight``), so a known user's folded-in vector is close to its trained one.
+    """
+    from implicit.cpu import _als
+    from threadpoolctl import threadpool_limits
+
+    y = np.ascontiguousarray(item_factors, dtype=np.float32)
+    ui = sp.csr_matrix(user_items, dtype=np.float32)
+    ui.sort_indices()
+    out = np.zeros((ui.shape[0], y.shape[1]), dtype=np.float32)
+    if ui.shape[0] == 0:
+        return out
+    data = (alpha * ui.data).astype(np.float32)
+    with threadpool_limits(1, "blas"):
+        yty = (y.T @ y).astype(np.float32)
+        _als._least_squares(yty, ui.indptr, ui.indices, data, out, y, float(regularization), num_threads=1)
+    return out
+
+
+# --- the pipeline --------------------------------------------------------------------------------
+
+
+@dataclass
+class PipelineHistories:
+    """The users of one request/chunk, renumbered 0..n-1, with the history each one has."""
+
+    user_ids: list[str]
+    known: np.ndarray  # global user index for users served from their stored history, else -1
+    history: History  # chunk-local user indices
+
+
+@dataclass
+class TrainedPipeline:
+    """Everything the test stage used to rank, in a form that can be saved and served."""
+
+    items: pl.DataFrame  # item_id, item_idx, text, ... sorted by item_idx
+    users: IdMap
+    history: pl.DataFrame  # HISTORY_COLUMNS, sorted by user_idx, timestamp
+    factor_models: dict[str, dict[str, Any]]  # name -> {user_factors, item_factors, regularization, alpha, kind}
+    knn_models: dict[str, sp.csr_matrix]  # name -> item-item similarity
+    constant_models: dict[str, np.ndarray]  # name -> score row
+    net: TwoTower | None
+    item_embeddings: np.ndarray | None  # [n_items, d] float32, from the fine-tuned item tower
+    text_name: str | None
+    ranker: LambdaMARTRanker | None
+    n_candidates: dict[str, int]
+    event_weights: dict[str, float]
+    now: int  # reference time: end of the stored history (user/item idle days are relative to it)
+    meta: dict[str, Any] = field(default_factory=dict)
+    source_order: list[str] = field(default_factory=list)  # every model, in training order
+    new_item_models: dict[str, int] = field(default_factory=dict)  # name -> max_events (NewItemText)
+
+    # ---- construction from a training run --------------------------------------------------------
+
+    @classmethod
+    def from_training(
+        cls,
+        items: pl.DataFrame,
+        users: IdMap,
+        history: History,
+        models: Mapping[str, Recommender],
+        n_candidates: Mapping[str, int],
+        ranker: LambdaMARTRanker | None,
+        event_weights: Mapping[str, float],
+        meta: Mapping[str, Any] | None = None,
+    ) -> TrainedPipeline:
+        factor, knn, const, new_items = {}, {}, {}, {}
+        net, emb, text_name = None, None, None
+        for name, m in models.items():
+            if isinstance(m, NewItemText):
+                new_items[name] = int(m.max_events)
+            elif isinstance(m, ALS | BPR):
+                factor[name] = {
+                    "user_factors": np.asarray(m.user_factors, dtype=np.float32),
+                    "item_factors": np.asarray(m.item_factors, dtype=np.float32),
+                    "regularization": float(m.regularization),
+                    "alpha": float(getattr(m, "alpha", 1.0)),
+                    "kind": type(m).__name__,
+                }
+            elif isinstance(m, ItemKNN):
+                knn[name] = sp.csr_matrix(m.similarity, dtype=np.float32)
+            elif isinstance(m, Popularity):
+                const[name] = np.asarray(m.counts, dtype=np.float32)
+            elif isinstance(m, TextRecommender):
+                if net is not None:
+                    raise ConfigError("only one text tower can be saved in a pipeline")
+                net, emb, text_name = m.net, m.item_embeddings.numpy().astype(np.float32), name
+            else:
+                raise ConfigError(f"cannot save model '{name}' of type {type(m).__name__} in a pipeline")
+        df = history.interactions
+        hist = df.select(
+            pl.col(Columns.UserIdx).cast(pl.Int32),
+            pl.col(Columns.ItemIdx).cast(pl.Int32),
+            pl.col(Columns.Timestamp).cast(pl.Int64),
+            pl.col(Columns.Weight).cast(pl.Float32),
+        )
+        now = int(df[Columns.Timestamp].max()) if df.height else 0
+        return cls(
+            items=items.sort(Columns.ItemIdx),
+            users=users,
+            history=hist,
+            factor_models=factor,
+            knn_models=knn,
+            constant_models=const,
+            net=net,
+            item_embeddings=emb,
+            text_name=text_name,
+            ranker=ranker,
+            n_candidates=dict(n_candidates),
+            event_weights={k: float(v) for k, v in event_weights.items()},
+            now=now,
+            meta=dict(meta or {}),
+            source_order=list(models),
+            new_item_models=new_items,
+        )
+
+    @property
+    def n_items(self) -> int:
+        return self.items.height
+
+    @property
+    def item_ids(self) -> np.ndarray:
+        return np.asarray(self.items[Columns.Item].to_list(), dtype=object)
+
+    @property
+    def model_names(self) -> list[str]:
+        return list(self.source_order)
+
+    # ---- save / load -------------------------------------------------------------------------------
+
+    def save(self, path: str | Path, config_yaml: str | None = None) -> Path:
+        """Write the folder (see the module docstring). ``path`` must not exist or be empty."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        if path.exists() and any(path.iterdir()):
+            raise ConfigError(f"pipeline folder {path} exists and is not empty")
+        (path / "cf").mkdir(parents=True, exist_ok=True)
+        self.items.write_parquet(path / "items.parquet")
+        self.users.to_frame(Columns.User, Columns.UserIdx).write_parquet(path / "users.parquet")
+        self.history.write_parquet(path / "history.parquet")
+        for name, f in self.factor_models.items():
+            np.savez(
+                path / "cf" / f"{name}.npz",
+                user_factors=f["user_factors"],
+                item_factors=f["item_factors"],
+                regularization=np.float64(f["regularization"]),
+                alpha=np.float64(f["alpha"]),
+            )
+        for name, s in self.knn_models.items():
+            np.savez(path / "cf" / f"{name}.npz", data=s.data, indices=s.indices, indptr=s.indptr, shape=s.shape)
+        for name, c in self.constant_models.items():
+            np.savez(path / "cf" / f"{name}.npz", counts=c)
+        text_meta = None
+        if self.net is not None:
+            enc = self.net.item_encoder
+            (path / "text").mkdir()
+            enc.bert.save_pretrained(path / "text" / "encoder", safe_serialization=True)
+            enc.tokenizer.save_pretrained(path / "text" / "encoder")
+            state = {k: v.detach().contiguous().cpu() for k, v in self.net.user_encoder.state_dict().items()}
+            save_file(state, str(path / "text" / "user_encoder.safetensors"))
+            np.save(path / "text" / "item_embeddings.npy", self.item_embeddings, allow_pickle=False)
+            text_meta = {
+                "name": self.text_name,
+                "max_length": enc.max_length,
+                "max_history": self.net.user_encoder.max_history,
+                "temperature": float(np.exp(-self.net.log_inv_temperature)),
+            }
+        ranker_meta = None
+        if self.ranker is not None:
+            (path / "ranker").mkdir()
+            self.ranker.booster.save_model(str(path / "ranker" / "lightgbm.txt"), num_iteration=-1)
+            ranker_meta = {"features": self.ranker.features, "best_iteration": self.ranker.best_iteration}
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "models": {
+                **{n: {"kind": f["kind"]} for n, f in self.factor_models.items()},
+                **{n: {"kind": "ItemKNN"} for n in self.knn_models},
+                **{n: {"kind": "Popularity"} for n in self.constant_models},
+                **({self.text_name: {"kind": "TextRecommender"}} if self.text_name else {}),
+                **{n: {"kind": "NewItemText", "max_events": e} for n, e in self.new_item_models.items()},
+            },
+            "source_order": self.source_order,
+            "n_candidates": self.n_candidates,
+            "event_weights": self.event_weights,
+            "now": self.now,
+            "text": text_meta,
+            "ranker": ranker_meta,
+            "python": platform.python_version(),
+            "info": self.meta,
+        }
+        (path / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+        if config_yaml is not None:
+            (path / "config.yaml").write_text(config_yaml)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainedPipeline:
+        """Read a folder written by ``save``. Reads no pickle (numpy with ``allow_pickle=False``)."""
+        path = Path(path)
+        meta_path = path / "meta.json"
+        if not meta_path.is_file():
+            raise InputError("not a saved pipeline (no meta.json)", file=str(path))
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise InputError(f"pipeline format {meta.get('format_version')} != {FORMAT_VERSION}", file=str(meta_path))
+        items = pl.read_parquet(path / "items.parquet")
+        users_df = pl.read_parquet(path / "users.parquet").sort(Columns.UserIdx)
+        users = IdMap(np.asarray(users_df[Columns.User].to_list(), dtype=object))
+        history = pl.read_parquet(path / "history.parquet")
+        factor, knn, const = {}, {}, {}
+        net, emb, text_name = None, None, None
+        new_items = {}
+        for name, info in meta["models"].items():
+            kind = info["kind"]
+            if kind == "NewItemText":
+                new_items[name] = int(info["max_events"])
+                continue
+            if kind == "TextRecommender":
+                continue
+            with np.load(path / "cf" / f"{name}.npz", allow_pickle=False) as z:
+                if kind in ("ALS", "BPR"):
+                    factor[name] = {
+                        "user_factors": z["user_factors"],
+                        "item_factors": z["item_factors"],
+                        "regularization": float(z["regularization"]),
+                        "alpha": float(z["alpha"]),
+                        "kind": kind,
+                    }
+                elif kind == "ItemKNN":
+                    knn[name] = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))
+                elif kind == "Popularity":
+                    const[name] = z["counts"]
+                else:
+                    raise InputError(f"unknown model kind {kind}", file=str(meta_path))
+        if meta.get("text"):
+            tm = meta["text"]
+            net = load_text_tower(path / "text", tm["max_length"], tm["max_history"], tm["temperature"])
+            emb = np.load(path / "text" / "item_embeddings.npy", allow_pickle=False)
+            text_name = tm["name"]
+        ranker = None
+        if meta.get("ranker"):
+            import lightgbm as lgb
+
+            ranker = LambdaMARTRanker()
+            ranker.booster = lgb.Booster(model_file=str(path / "ranker" / "lightgbm.txt"))
+            ranker.features = list(meta["ranker"]["features"])
+            ranker.best_iteration = int(meta["ranker"]["best_iteration"])
+        return cls(
+            items=items,
+            users=users,
+            history=history,
+            factor_models=factor,
+            knn_models=knn,
+            constant_models=const,
+            net=net,
+            item_embeddings=emb,
+            text_name=text_name,
+            ranker=ranker,
+            n_candidates=dict(meta["n_candidates"]),
+            event_weights=dict(meta["event_weights"]),
+            now=int(meta["now"]),
+            meta=dict(meta.get("info", {})),
+            source_order=list(meta["source_order"]),
+            new_item_models=new_items,
+        )
+
+    # ---- serving ---------------------------------------------------------------------------------
+
+    def histories(self, user_ids: list[str], given: pl.DataFrame | None = None) -> PipelineHistories:
+        """Users to serve, each with the history passed in ``given`` (which replaces the stored
+        one) or else the stored one (users unknown and without history get an empty one).
+
+        ``given``: ``user_id, item_id`` and optionally ``timestamp`` (default: row order) and
+        ``event`` (default: the lightest event type) or ``weight``.
+        """
+        gidx = self.users.index(user_ids)
+        n = len(user_ids)
+        frames = []
+        supplied = np.zeros(n, dtype=bool)
+        if given is not None and given.height:
+            g = normalise_history(given, self.event_weights)
+            pos = pl.DataFrame(
+                {Columns.User: list(user_ids), Columns.UserIdx: np.arange(n, dtype=np.int32)},
+                schema={Columns.User: pl.String, Columns.UserIdx: pl.Int32},
+            )
+            item_map = self.items.select(Columns.Item, pl.col(Columns.ItemIdx).cast(pl.Int32))
+            g = g.join(pos, on=Columns.User, how="inner").join(item_map, on=Columns.Item, how="inner")
+            supplied[g[Columns.UserIdx].unique().to_numpy()] = True
+            frames.append(g.select(HISTORY_COLUMNS))
+        stored = np.flatnonzero((gidx >= 0) & ~supplied)
+        if len(stored):
+            remap = np.full(len(self.users), -1, dtype=np.int32)
+            remap[gidx[stored]] = stored
+            h = self.history.filter(pl.col(Columns.UserIdx).is_in(gidx[stored].tolist()))
+            h = h.with_columns(pl.Series(Columns.UserIdx, remap[h[Columns.UserIdx].to_numpy()]))
+            frames.append(h.select(HISTORY_COLUMNS))
+        df = pl.concat(frames) if frames else self.history.head(0)
+        df = df.sort(Columns.UserIdx, Columns.Timestamp, maintain_order=True)
+        known = np.where(supplied, -1, gidx)
+        return PipelineHistories(list(user_ids), known, History(df, n, self.n_items))
+
+    @torch.no_grad()
+    def scorers(self, ph: PipelineHistories) -> dict[str, Recommender]:
+        """Every model, able to score the users of ``ph`` (chunk-local indices)."""
+        h = ph.history
+        out: dict[str, Recommender] = {}
+        matrix = h.matrix
+        for name in self.source_order:
+            if name in self.factor_models:
+                f = self.factor_models[name]
+                uf = np.zeros((h.n_users, f["item_factors"].shape[1]), dtype=np.float32)
+                known = ph.known >= 0
+                uf[known] = f["user_factors"][ph.known[known]]
+                new = np.flatnonzero(~known)
+                if len(new):
+                    uf[new] = fold_in(f["item_factors"], matrix[new], f["regularization"], f["alpha"])
+                out[name] = FactorScorer(name, uf, f["item_factors"])
+            elif name in self.knn_models:
+                binary = matrix.copy()
+                binary.data[:] = 1.0
+                out[name] = KNNScorer(name, binary.astype(np.float32), self.knn_models[name])
+            elif name in self.constant_models:
+                out[name] = ConstantScorer(name, self.constant_models[name])
+            elif name == self.text_name:
+                self.net.eval()
+                emb = torch.from_numpy(self.item_embeddings)
+                seqs = h.sequences
+                ue = self.net.user_embeddings(emb, seqs).numpy() if seqs else np.zeros((0, emb.shape[1]))
+                out[name] = EmbeddingScorer(name, ue.astype(np.float32), self.item_embeddings)
+            elif name in self.new_item_models:
+                if self.text_name not in out:
+                    raise ConfigError(f"'{name}' needs the text tower '{self.text_name}' before it")
+                counts = np.bincount(self.history[Columns.ItemIdx].to_numpy(), minlength=self.n_items)
+                out[name] = MaskedScorer(name, out[self.text_name], counts > self.new_item_models[name])
+        return out
+
+
+def load_text_tower(folder: Path, max_length: int, max_history: int, temperature: float) -> TwoTower:
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+
+    enc_dir = folder / "encoder"
+    bert = AutoModel.from_pretrained(str(enc_dir), add_pooling_layer=False, use_safetensors=True)
+    tok = AutoTokenizer.from_pretrained(str(enc_dir))
+    net = TwoTower(ItemEncoder(bert, tok, max_length), max_history=max_history, temperature=temperature)
+    net.user_encoder.load_state_dict(load_file(str(folder / "user_encoder.safetensors")))
+    return net.eval()
+
+
+def normalise_history(df: pl.DataFrame, event_weights: Mapping[str, float]) -> pl.DataFrame:
+    """``user_id, item_id, timestamp, weight`` from a user-supplied history table."""
+    for col in (Columns.User, Columns.Item):
+        if col not in df.columns:
+            raise InputError(f"history table has no '{col}' column (columns: {df.columns})", column=col)
+    out = df.with_columns(pl.col(Columns.User).cast(pl.String), pl.col(Columns.Item).cast(pl.String))
+    if Columns.Timestamp not in out.columns:
+        out = out.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias(Columns.Timestamp))
+    if Columns.Weight not in out.columns:
+        if Columns.Event in out.columns:
+            unknown = out.filter(~pl.col(Columns.Event).is_in(list(event_weights)))
+            if unknown.height:
+                raise InputError(
+                    f"event outside {sorted(event_weights)}", column=Columns.Event, example=unknown.row(0, named=True)
+                )
+            weights = pl.col(Columns.Event).replace_strict(event_weights, return_dtype=pl.Float32)
+        else:
+            weights = pl.lit(min(event_weights.values()), dtype=pl.Float32)
+        out = out.with_columns(weights.alias(Columns.Weight))
+    return out.select(
+        Columns.User,
+        Columns.Item,
+        pl.col(Columns.Timestamp).cast(pl.Int64),
+        pl.col(Columns.Weight).cast(pl.Float32),
+    )

@@ -1,0 +1,241 @@
+"""The trained pipeline as one MLflow pyfunc model, logged and registered by the training run.
+
+The model is a ``loader_module`` pyfunc: MLflow stores the pipeline folder
+(``recsys.export.pipeline_model``) as the model's data and a copy of the ``recsys`` package as
+its code, and calls ``_load_pyfunc(data_path)`` to load it. Nothing is pickled -- not even the
+Python model object (a ``python_model=`` pyfunc would be cloudpickled).
+
+``mlflow.pyfunc.load_model(uri).predict(df)`` takes a table of users and, optionally, their
+histories, and returns the same rows ``python -m recsys.recommend`` writes for those users:
+
+* ``user_id`` only (or ``item_id`` null): the stored history of a known user;
+* ``user_id, item_id[, timestamp, event]`` rows: that history replaces the stored one (a new
+  user gets recommendations through ALS fold-in and the text tower).
+
+``params``: ``k`` and ``scorer`` (``fused`` or one model name); the business rules are the ones
+saved with the model (``serving.json``, by default seen filtering only).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from recsys.columns import Columns
+from recsys.export.engine import FUSED, Engine, ExplainOptions, empty_output
+from recsys.export.pipeline_model import TrainedPipeline
+from recsys.export.rules import BusinessRules
+
+log = logging.getLogger(__name__)
+
+SERVING_FILE = "serving.json"
+# What serving imports (recsys itself travels as code_paths). Pinned to the versions installed
+# where the model was logged: inferring them costs ~13 s and guesses (STACK.md gotcha 3).
+SERVING_PACKAGES = (
+    "torch",
+    "transformers",
+    "tokenizers",
+    "safetensors",
+    "polars",
+    "pyarrow",
+    "pandas",
+    "numpy",
+    "scipy",
+    "implicit",
+    "threadpoolctl",
+    "lightgbm",
+    "tqdm",
+    "mlflow",
+)
+
+
+def pip_requirements() -> list[str]:
+    return [f"{name}=={importlib.metadata.version(name)}" for name in SERVING_PACKAGES]
+
+
+def serving_defaults(
+    k: int = 20,
+    scorer: str = FUSED,
+    rules: Mapping[str, Any] | None = None,
+    explain: Mapping[str, Any] | None = None,
+    chunk_size: int = 4096,
+) -> dict[str, Any]:
+    return {
+        "k": int(k),
+        "scorer": scorer,
+        "rules": dict(rules or {}),
+        "explain": dict(explain or {}),
+        "chunk_size": chunk_size,
+    }
+
+
+class PipelineModel:
+    """What ``mlflow.pyfunc.load_model`` wraps: ``predict(frame, params) -> recommendations``."""
+
+    def __init__(self, pipeline: TrainedPipeline, serving: Mapping[str, Any]) -> None:
+        self.pipeline = pipeline
+        self.serving = dict(serving)
+        self._engines: dict[tuple[int, str], Engine] = {}
+
+    def engine(self, k: int, scorer: str) -> Engine:
+        key = (int(k), scorer)
+        if key not in self._engines:
+            rules = BusinessRules(**self.serving.get("rules", {})).compile(self.pipeline.items, self.pipeline.now)
+            explain = ExplainOptions(**self.serving.get("explain", {}))
+            self._engines[key] = Engine(self.pipeline, rules, k, scorer, explain)
+        return self._engines[key]
+
+    def predict(self, model_input, params: Mapping[str, Any] | None = None):
+        """``model_input``: pandas/polars frame with ``user_id`` (+ optional history columns)."""
+        params = dict(params or {})
+        k = int(params.get("k") or self.serving["k"])
+        scorer = str(params.get("scorer") or self.serving["scorer"])
+        df = model_input if isinstance(model_input, pl.DataFrame) else pl.from_pandas(model_input)
+        out = recommend_frame(self.engine(k, scorer), df, int(self.serving.get("chunk_size", 4096)))
+        return out if isinstance(model_input, pl.DataFrame) else out.to_pandas()
+
+
+def split_input(df: pl.DataFrame) -> tuple[list[str], pl.DataFrame | None]:
+    """Users (sorted) and the history rows (``None`` if the frame holds no items)."""
+    if Columns.User not in df.columns:
+        from recsys.errors import InputError
+
+        raise InputError(f"input has no '{Columns.User}' column (columns: {df.columns})", column=Columns.User)
+    df = df.with_columns(pl.col(Columns.User).cast(pl.String))
+    users = sorted(df[Columns.User].drop_nulls().unique().to_list())
+    if Columns.Item not in df.columns:
+        return users, None
+    hist = df.filter(pl.col(Columns.Item).is_not_null())
+    drop = [c for c in hist.columns if hist[c].dtype == pl.Null]
+    return users, (hist.drop(drop) if hist.height else None)
+
+
+def recommend_frame(engine: Engine, df: pl.DataFrame, chunk_size: int = 4096) -> pl.DataFrame:
+    users, hist = split_input(df)
+    frames = []
+    for start in range(0, len(users), chunk_size):
+        block = users[start : start + chunk_size]
+        given = hist.filter(pl.col(Columns.User).is_in(block)) if hist is not None else None
+        frames.append(engine.recommend(engine.p.histories(block, given)))
+    return pl.concat(frames) if frames else empty_output()
+
+
+def _load_pyfunc(data_path: str) -> PipelineModel:
+    """MLflow's entry point for a ``loader_module`` pyfunc."""
+    path = Path(data_path)
+    serving = json.loads((path / SERVING_FILE).read_text()) if (path / SERVING_FILE).is_file() else serving_defaults()
+    return PipelineModel(TrainedPipeline.load(path), serving)
+
+
+def signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    inputs = Schema(
+        [
+            ColSpec("string", Columns.User),
+            ColSpec("string", Columns.Item, required=False),
+            # double, not long: pandas turns an integer column with missing values into floats.
+            ColSpec("double", Columns.Timestamp, required=False),
+            ColSpec("string", Columns.Event, required=False),
+        ]
+    )
+    outputs = Schema(
+        [
+            ColSpec("string", Columns.User),
+            ColSpec("string", Columns.Item),
+            ColSpec("double", Columns.Score),
+            ColSpec("integer", Columns.Rank),
+            ColSpec("string", Columns.Source),
+            ColSpec("string", "explain_item", required=False),
+            ColSpec("float", "explain_similarity", required=False),
+            ColSpec("string", "explain_features", required=False),
+        ]
+    )
+    params = ParamSchema([ParamSpec("k", "long", 0), ParamSpec("scorer", "string", "")])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
+
+
+def log_pipeline(
+    pipeline: TrainedPipeline,
+    folder: str | Path,
+    serving: Mapping[str, Any],
+    config_yaml: str | None = None,
+    register_name: str | None = None,
+    alias: str | None = None,
+    name: str = "model",
+) -> str:
+    """Save ``pipeline`` under ``folder``, log it to the active MLflow run as one pyfunc model,
+    register it (if ``register_name``) and point ``alias`` at the new version. Returns its URI."""
+    import mlflow
+
+    folder = Path(folder)
+    pipeline.save(folder, config_yaml=config_yaml)
+    (folder / SERVING_FILE).write_text(json.dumps(dict(serving), indent=2, sort_keys=True))
+    with warnings.catch_warnings():
+        # Without an input example MLflow warns; an example would make it load and run the model.
+        warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+        info = _log(mlflow, folder, name, register_name)
+    uri = info.model_uri
+    if register_name:
+        version = info.registered_model_version
+        if alias:
+            mlflow.MlflowClient().set_registered_model_alias(register_name, alias, str(version))
+        uri = f"models:/{register_name}/{version}"
+        log.info("registered %s version %s%s", register_name, version, f" as @{alias}" if alias else "")
+    return uri
+
+
+def _log(mlflow, folder: Path, name: str = "model", register_name: str | None = None):
+    from recsys.config import PACKAGE_DIR
+
+    return mlflow.pyfunc.log_model(
+        name=name,
+        loader_module="recsys.export.pyfunc",
+        data_path=str(folder),
+        code_paths=[str(PACKAGE_DIR)],
+        pip_requirements=pip_requirements(),
+        signature=signature(),
+        registered_model_name=register_name or None,
+    )
+
+
+def log_trained_pipeline(cfg, data, history, models, fusion, out_dir: str | Path) -> str:
+    """The one call ``recsys.train`` makes: the test-stage pipeline as an MLflow model."""
+    from omegaconf import OmegaConf
+
+    node = cfg.get("model") or {}
+    run = __import__("mlflow").active_run()
+    event_weights = (cfg.data.get("event_weights") if "data" in cfg else None) or {"click": 1.0, "purchase": 4.0}
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    import hashlib
+
+    meta = {
+        "run_id": run.info.run_id if run else None,
+        "dataset": data.name,
+        "dataset_hash": data.fingerprint(),
+        "config_hash": hashlib.sha256(config_yaml.encode()).hexdigest()[:16],
+    }
+    pipeline = TrainedPipeline.from_training(
+        data.items, data.users, history, models, fusion.n_candidates, fusion.ranker, dict(event_weights), meta
+    )
+    serving = serving_defaults(
+        k=node.get("k", cfg.export.k),
+        scorer=node.get("scorer", FUSED),
+        rules=OmegaConf.to_container(node.rules, resolve=True) if node.get("rules") else None,
+    )
+    return log_pipeline(
+        pipeline,
+        Path(out_dir) / "pipeline",
+        serving,
+        config_yaml=config_yaml,
+        register_name=node.get("register_name"),
+        alias=node.get("alias"),
+    )

@@ -1,0 +1,140 @@
+"""``python -m recsys.recommend model_uri=models:/recsys@champion``: batch top-K to parquet.
+
+Loads the trained pipeline logged by ``recsys.train`` (an MLflow model URI, or a saved pipeline
+folder), applies the business rules in ``conf/rules/``, and writes ``recommendations.parquet``
+(``user_id, item_id, score, rank, source, explain_item, explain_similarity, explain_features``,
+sorted by user then rank) plus ``recommendations.manifest.json``. Users are processed in chunks
+written as parts; a killed run, rerun with the same arguments, resumes from the finished parts.
+See docs/export.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+import recsys.config  # noqa: E402,F401  (registers resolvers)
+from recsys.errors import InputError  # noqa: E402
+
+log = logging.getLogger("recsys.recommend")
+
+
+def resolve_model(model_uri: str, tracking: str | None) -> tuple[Path, dict]:
+    """Local pipeline folder and what the manifest records about where it came from."""
+    local = Path(model_uri)
+    if (local / "meta.json").is_file():
+        return local, {"model_uri": str(local.resolve()), "run_id": None}
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(tracking)
+    try:
+        info = mlflow.models.get_model_info(model_uri)
+        root = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    except (MlflowException, OSError) as e:
+        raise InputError(f"cannot load model '{model_uri}' from {tracking}: {str(e).splitlines()[0]}") from e
+    flavor = info.flavors.get("python_function", {})
+    if flavor.get("loader_module") != "recsys.export.pyfunc":
+        raise InputError(f"'{model_uri}' is not a recsys pipeline model (loader {flavor.get('loader_module')})")
+    return root / flavor["data"], {"model_uri": model_uri, "run_id": info.run_id, "model_id": info.model_id}
+
+
+def read_user_list(path: str) -> list[str]:
+    import polars as pl
+
+    from recsys.columns import Columns
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError("users file not found", file=path)
+    if p.suffix in (".parquet", ".csv", ".tsv"):
+        df = (
+            pl.read_parquet(p)
+            if p.suffix == ".parquet"
+            else pl.read_csv(p, separator="\t" if p.suffix == ".tsv" else ",", infer_schema=False)
+        )
+        if Columns.User not in df.columns:
+            raise InputError(f"no '{Columns.User}' column (columns: {df.columns})", file=path, column=Columns.User)
+        return df[Columns.User].cast(pl.String).drop_nulls().to_list()
+    return [line.strip() for line in p.read_text().splitlines() if line.strip()]
+
+
+def read_histories(path: str):
+    from recsys.data.validation import read_table
+
+    if not Path(path).is_file():
+        raise InputError("histories file not found", file=path)
+    return read_table(path)
+
+
+def run(cfg: DictConfig):
+    """Export as configured; returns the ``ExportResult``."""
+    from hydra.utils import instantiate
+
+    from recsys.columns import Columns
+    from recsys.export.batch import export_recommendations
+    from recsys.export.engine import Engine, ExplainOptions
+    from recsys.export.pipeline_model import TrainedPipeline, normalise_history
+    from recsys.tracking import tracking_uri
+
+    tracking = cfg.tracking_uri or tracking_uri(cfg.paths.mlruns_dir)
+    folder, source = resolve_model(str(cfg.model_uri), tracking)
+    pipeline = TrainedPipeline.load(folder)
+    rules = instantiate(cfg.rules).compile(pipeline.items, pipeline.now)
+    explain = ExplainOptions(**OmegaConf.to_container(cfg.explain, resolve=True))
+    engine = Engine(pipeline, rules, int(cfg.k), str(cfg.scorer), explain)
+
+    histories = None
+    if cfg.histories:
+        histories = normalise_history(read_histories(str(cfg.histories)), pipeline.event_weights)
+    if cfg.users:
+        users = read_user_list(str(cfg.users))
+    else:
+        users = list(pipeline.users.ids)
+        if histories is not None:
+            users += histories[Columns.User].unique().to_list()
+    info = {**source, **{k: pipeline.meta.get(k) for k in ("run_id", "dataset", "dataset_hash", "config_hash")}}
+    info["run_id"] = source.get("run_id") or info.get("run_id")
+    result = export_recommendations(
+        engine,
+        users,
+        cfg.output,
+        histories=histories,
+        chunk_size=int(cfg.chunk_size),
+        info=info,
+        progress=bool(cfg.progress),
+    )
+    m = result.manifest
+    print(
+        f"{m['rows']} recommendations for {m['users']} users -> {result.path} "
+        f"(manifest {result.manifest_path.name}; {m['users'] / max(m['seconds'], 1e-9):.0f} users/s)"
+    )
+    return result
+
+
+@hydra.main(config_path="../conf", config_name="recommend", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except Exception as e:
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, InputError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        print(f"error: {cause}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""Batch export: business rules, the fast block path vs recsys.rank, chunking, kill-and-resume,
+new users and cold items."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import polars as pl
+import pytest
+import scipy.sparse as sp
+from export_support import trained_run
+
+from recsys.columns import Columns
+from recsys.export.batch import export_recommendations
+from recsys.export.engine import Engine, ExplainOptions
+from recsys.export.pipeline_model import TrainedPipeline
+from recsys.export.rules import BusinessRules, apply_rules
+
+# --- rules on a tiny known case ---------------------------------------------------------------
+
+
+@pytest.fixture
+def catalogue() -> pl.DataFrame:
+    # Six items in two categories; i4 only from t=30, i5 only until t=50 (both available at 40).
+    return pl.DataFrame(
+        {
+            Columns.Item: [f"i{i}" for i in range(6)],
+            Columns.ItemIdx: np.arange(6, dtype=np.int32),
+            "category": ["a", "a", "a", "b", "b", "b"],
+            "available_from": [None, None, None, None, 30, None],
+            "available_until": [None, None, None, None, None, 50],
+        }
+    )
+
+
+def candidates() -> pl.DataFrame:
+    # User 0 scores items 0..5 as 6,5,4,3,2,1; user 1 the other way round.
+    return pl.DataFrame(
+        {
+            Columns.UserIdx: np.repeat([0, 1], 6).astype(np.int32),
+            Columns.ItemIdx: np.tile(np.arange(6), 2).astype(np.int32),
+            Columns.Score: np.concatenate([np.arange(6, 0, -1), np.arange(1, 7)]).astype(np.float32),
+        }
+    )
+
+
+def lists(df: pl.DataFrame) -> dict[int, list[int]]:
+    return {u: g.sort(Columns.Rank)[Columns.ItemIdx].to_list() for (u,), g in df.group_by(Columns.UserIdx)}
+
+
+@pytest.mark.parametrize(
+    ("rules", "expected", "removed"),
+    [
+        (BusinessRules(), {0: [0, 1, 2, 3, 4, 5], 1: [5, 4, 3, 2, 1, 0]}, {}),
+        (BusinessRules(blocklist=["i0", "i5"]), {0: [1, 2, 3, 4], 1: [4, 3, 2, 1]}, {"item_rules_late": 4}),
+        (BusinessRules(allowlist=["i1", "i3"]), {0: [1, 3], 1: [3, 1]}, {"item_rules_late": 8}),
+        (BusinessRules(min_score=4.5), {0: [0, 1], 1: [5, 4]}, {"min_score": 8}),
+        (BusinessRules(max_per_category=1), {0: [0, 3], 1: [5, 2]}, {"category_cap": 8}),
+        (BusinessRules(at=75), {0: [0, 1, 2, 3, 4], 1: [4, 3, 2, 1, 0]}, {"item_rules_late": 2}),  # i5 expired
+        (BusinessRules(at=10), {0: [0, 1, 2, 3, 5], 1: [5, 3, 2, 1, 0]}, {"item_rules_late": 2}),  # i4 not yet
+        (
+            BusinessRules(blocklist=["i0"], max_per_category=2, min_score=2.5, at=200),
+            {0: [1, 2, 3], 1: [4, 3, 2]},
+            {"item_rules_late": 4, "min_score": 2},
+        ),
+    ],
+)
+def test_each_rule_and_combined(catalogue, rules, expected, removed):
+    compiled = rules.compile(catalogue, now=40)
+    out = apply_rules(candidates(), compiled, k=10)
+    assert lists(out) == expected
+    assert {k: v for k, v in compiled.removed.items() if k in removed} == removed
+    assert out[Columns.Rank].to_list() == [r for u in sorted(expected) for r in range(1, len(expected[u]) + 1)]
+
+
+def test_k_cuts_after_the_rules(catalogue):
+    out = apply_rules(candidates(), BusinessRules(max_per_category=1).compile(catalogue, 40), k=1)
+    assert lists(out) == {0: [0], 1: [5]}
+
+
+def test_masks_remove_seen_and_forbidden_items_before_top_n(catalogue):
+    compiled = BusinessRules(blocklist=["i1"]).compile(catalogue, now=40)
+    seen = sp.csr_matrix(([1.0], ([0], [0])), shape=(2, 6))
+    scores = compiled.mask_scores(np.ones((2, 6), dtype=np.float32), seen)
+    assert np.isneginf(scores[0, [0, 1]]).all() and np.isfinite(scores[0, 2:]).all()
+    assert np.isneginf(scores[1, 1]) and np.isfinite(scores[1, [0, 2, 3, 4, 5]]).all()
+    compiled.count_masked(2, seen)
+    assert compiled.removed == {"blocklist": 2, "seen": 1}
+    off = BusinessRules(filter_seen=False).compile(catalogue, now=40)
+    assert np.isfinite(off.mask_scores(np.ones((2, 6), dtype=np.float32), seen)).all()
+
+
+def test_unknown_category_column_is_a_config_error(catalogue):
+    from recsys.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no 'genre' column"):
+        BusinessRules(max_per_category=2, category_column="genre").compile(catalogue, 0)
+
+
+# --- the trained pipeline ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipeline() -> TrainedPipeline:
+    return TrainedPipeline.load(trained_run().pipeline_dir)
+
+
+def engine(p: TrainedPipeline, k: int = 10, scorer: str = "fused", rules: BusinessRules | None = None) -> Engine:
+    return Engine(p, (rules or BusinessRules()).compile(p.items, p.now), k, scorer, ExplainOptions())
+
+
+def test_block_path_matches_rank_module(pipeline):
+    """The export's candidates and features equal recsys.rank's on the training users
+    (regression guard: the ranker must see the features it was trained on)."""
+    from recsys.export.engine import DenseScores, block_candidates, block_features
+    from recsys.rank.candidates import generate_candidates
+    from recsys.rank.features import build_features, item_statistics
+    from recsys.recommender import History
+
+    p = pipeline
+    ph = p.histories(list(p.users.ids))
+    scorers = p.scorers(ph)
+    users = np.arange(len(p.users))
+    hist = History(p.history, len(p.users), p.n_items)
+    ref_c = generate_candidates(users, scorers, p.n_candidates, exclude=hist.matrix)
+    features = {n: m for n, m in scorers.items() if m.is_feature}
+    ref = build_features(ref_c, hist, features, list(p.n_candidates))
+    dense = {n: DenseScores(m, users) for n, m in scorers.items()}
+    got_c = block_candidates(users, dense, p.n_candidates, ph.history.matrix, None)
+    # Same candidates, except where tied scores straddle a source's cut (recsys.recommender.top_k
+    # picks among ties arbitrarily; the export takes the lower item index, whatever the chunking).
+    keys = [Columns.UserIdx, Columns.ItemIdx]
+    assert got_c.join(ref_c, on=keys, how="inner").height >= 0.97 * ref_c.height
+    dense_f = {n: d for n, d in dense.items() if n in features}
+    got = block_features(ref_c, ph.history, dense_f, list(p.n_candidates), item_statistics(hist), p.now)
+    assert got.columns == ref.columns
+    for c in ref.columns:
+        if ref[c].dtype.is_float():
+            np.testing.assert_allclose(got[c].to_numpy(), ref[c].to_numpy(), rtol=1e-4, atol=1e-5, err_msg=c)
+        else:
+            assert got[c].equals(ref[c]), c
+
+
+def test_output_schema_order_and_no_seen_items(pipeline, tmp_path):
+    p = pipeline
+    res = export_recommendations(engine(p), list(p.users.ids), tmp_path / "r.parquet", chunk_size=64, progress=False)
+    df = pl.read_parquet(res.path)
+    assert df.columns[:5] == [Columns.User, Columns.Item, Columns.Score, Columns.Rank, Columns.Source]
+    assert df.equals(df.sort(Columns.User, Columns.Rank))
+    assert df.group_by(Columns.User).agg(pl.col(Columns.Rank).max())[Columns.Rank].max() == 10
+    seen = p.history.join(p.users.to_frame(Columns.User, Columns.UserIdx), on=Columns.UserIdx).join(
+        p.items.select(Columns.Item, pl.col(Columns.ItemIdx).cast(pl.Int32)), on=Columns.ItemIdx
+    )
+    assert df.join(seen, on=[Columns.User, Columns.Item], how="inner").height == 0
+    assert df["explain_item"].null_count() < df.height  # most rows name a history item
+    assert df.filter(pl.col(Columns.Rank) <= 3)["explain_features"].null_count() == 0  # feature_ranks=3
+    m = json.loads(res.manifest_path.read_text())
+    assert m["rows"] == df.height and m["users"] == len(p.users) and m["k"] == 10
+    assert m["removed_by_rule"]["seen"] > 0
+    assert not list(tmp_path.glob(".r.parquet*")), "temporary parts left behind"
+
+
+def test_chunking_gives_the_same_output(pipeline, tmp_path):
+    p = pipeline
+    rules = BusinessRules(max_per_category=3, blocklist=list(p.item_ids[:5]))
+    users = list(p.users.ids[:90])
+    one = export_recommendations(
+        engine(p, rules=rules), users, tmp_path / "one.parquet", chunk_size=1000, progress=False
+    )
+    many = export_recommendations(
+        engine(p, rules=rules), users, tmp_path / "many.parquet", chunk_size=7, progress=False
+    )
+    assert pl.read_parquet(one.path).equals(pl.read_parquet(many.path))
+    assert many.manifest["parts"] == 13
+    assert one.manifest["removed_by_rule"] == many.manifest["removed_by_rule"]
+
+
+KILL_SCRIPT = """
+import glob, os, signal, sys
+from recsys.export.batch import export_recommendations
+from recsys.export.engine import Engine, ExplainOptions
+from recsys.export.pipeline_model import TrainedPipeline
+from recsys.export.rules import BusinessRules
+p = TrainedPipeline.load(sys.argv[1])
+e = Engine(p, BusinessRules().compile(p.items, p.now), 10, "fused", ExplainOptions())
+kill_at = int(sys.argv[3])
+def after(i):
+    if i == kill_at:
+        work = glob.glob(os.path.join(os.path.dirname(sys.argv[2]), ".recs.parquet.parts-*"))[0]
+        with open(os.path.join(work, "part-00003.parquet.tmp"), "wb") as f:
+            f.write(b"half a part")  # as if killed while writing the next part
+        os.kill(os.getpid(), signal.SIGKILL)
+export_recommendations(e, list(p.users.ids), sys.argv[2], chunk_size=40, progress=False, after_part=after)
+"""
+
+
+def test_kill_and_resume_gives_identical_bytes(pipeline, tmp_path):
+    out = tmp_path / "recs.parquet"
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, str(trained_run().pipeline_dir), str(out), "2"], env=env
+    )
+    assert killed.returncode == -9
+    assert not out.exists(), "a killed export must not publish anything"
+    parts = sorted(tmp_path.glob(".recs.parquet.parts-*/part-*.parquet"))
+    assert len(parts) == 3
+    # Resume in this process (same arguments), then compare with an uninterrupted run.
+    resumed = export_recommendations(engine(pipeline), list(pipeline.users.ids), out, chunk_size=40, progress=False)
+    assert resumed.manifest["parts_resumed"] == 3
+    fresh = export_recommendations(
+        engine(pipeline), list(pipeline.users.ids), tmp_path / "fresh" / "recs.parquet", chunk_size=40, progress=False
+    )
+    assert out.read_bytes() == fresh.path.read_bytes()
+    assert resumed.manifest["removed_by_rule"] == fresh.manifest["removed_by_rule"]
+    assert not list(tmp_path.glob(".recs.parquet.parts-*"))
+
+
+# --- new users and cold items, on the block world (conftest) -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def block_pipeline(block_world, block_towers, tmp_path_factory) -> tuple[TrainedPipeline, int]:
+    """ALS + item-kNN + popularity + the fine-tuned tiny text tower on the block world, with
+    item 0 (block 0) made cold: none of its events are in the history."""
+    from recsys.cf.models import ALS, ItemKNN, Popularity
+    from recsys.data.dataset import IdMap
+    from recsys.recommender import History
+    from recsys.text.recommender import TextRecommender
+
+    _, trained, ids, lengths = block_towers
+    w = block_world
+    cold = 0
+    hist = History(w.history.interactions.filter(pl.col(Columns.ItemIdx) != cold), w.n_users, w.n_items)
+    models = {
+        "als": ALS(factors=8, iterations=10).fit(hist),
+        "itemknn": ItemKNN(neighbours=20).fit(hist),
+        "popularity": Popularity().fit(hist),
+        "text": TextRecommender.from_tokens(trained, ids, lengths).fit(hist),
+    }
+    items = pl.DataFrame(
+        {
+            Columns.Item: [f"item{i:03d}" for i in range(w.n_items)],
+            Columns.ItemIdx: np.arange(w.n_items, dtype=np.int32),
+            Columns.Text: w.texts,
+            "category": [f"b{b}" for b in w.block_of_item],
+        }
+    )
+    users = IdMap(np.asarray([f"user{u:03d}" for u in range(w.n_users)], dtype=object))
+    p = TrainedPipeline.from_training(items, users, hist, models, {}, None, {"click": 1.0})
+    folder = p.save(tmp_path_factory.mktemp("block") / "pipeline")
+    assert not [f for f in folder.rglob("*") if f.suffix in (".pkl", ".pickle", ".pt", ".bin")]
+    return TrainedPipeline.load(folder), cold
+
+
+def test_cold_item_reaches_users_whose_history_matches_its_text(block_pipeline, block_world, tmp_path):
+    p, cold = block_pipeline
+    assert p.history.filter(pl.col(Columns.ItemIdx) == cold).height == 0
+    out = export_recommendations(
+        engine(p, k=10, scorer="text"), list(p.users.ids), tmp_path / "text.parquet", progress=False
+    ).path
+    df = pl.read_parquet(out).with_columns(pl.col(Columns.User).str.slice(4).cast(pl.Int64).alias("u"))
+    got = set(df.filter(pl.col(Columns.Item) == f"item{cold:03d}")["u"].to_list())
+    block = block_world.block_of_user
+    own = np.flatnonzero(block == block_world.block_of_item[cold])
+    assert len(got & set(own)) >= 0.5 * len(own), "the cold item should reach most users of its topic"
+    assert len(got - set(own)) <= 0.1 * (len(block) - len(own))
+    # ALS cannot know the cold item: it never recommends it.
+    als = engine(p, k=10, scorer="als").recommend(p.histories(list(p.users.ids)))
+    assert f"item{cold:03d}" not in set(als[Columns.Item].to_list())
+
+
+@pytest.mark.parametrize("scorer", ["text", "als", "itemknn"])
+def test_new_user_with_a_history_gets_its_topic(block_pipeline, block_world, scorer):
+    p, _ = block_pipeline
+    block = 2
+    hist_items = np.flatnonzero(block_world.block_of_item == block)[:5]
+    given = pl.DataFrame({Columns.User: ["newcomer"] * 5, Columns.Item: [f"item{i:03d}" for i in hist_items]})
+    out = engine(p, k=10, scorer=scorer).recommend(p.histories(["newcomer"], given))
+    rec = out[Columns.Item].str.slice(4).cast(pl.Int64).to_numpy()
+    assert len(rec) == 10 and not set(rec) & set(hist_items)
+    assert (block_world.block_of_item[rec] == block).mean() >= 0.8

@@ -1,0 +1,91 @@
+"""The README's MLflow UI command serves this project's runs: params, metrics, artifacts, model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from export_support import MODEL_NAME, trained_run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(base: str, path: str, **query) -> dict:
+    url = f"{base}{path}?{urllib.parse.urlencode(query)}" if query else f"{base}{path}"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def post(base: str, path: str, body: dict) -> dict:
+    req = urllib.request.Request(
+        f"{base}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def test_mlflow_ui_shows_the_run_and_the_registered_model():
+    run = trained_run()
+    port = free_port()
+    mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
+    # The README command, on a free port and this run's backend.
+    cmd = [
+        mlflow_bin, "ui", "--backend-store-uri", run.tracking_uri,
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "mlflow ui did not answer within 60 s"
+            time.sleep(0.5)
+
+        exp = get(base, "/api/2.0/mlflow/experiments/get-by-name", experiment_name="smoke")["experiment"]
+        runs = post(base, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+        r = next(x for x in runs if x["info"]["run_id"] == run.run_id)
+        params = {p["key"]: p["value"] for p in r["data"]["params"]}
+        metrics = {m["key"]: m["value"] for m in r["data"]["metrics"]}
+        assert params["model.register_name"] == MODEL_NAME and "seed" in params
+        assert "test/fused/ndcg_at_10" in metrics and 0 <= metrics["test/fused/ndcg_at_10"] <= 1
+        files = {f["path"] for f in get(base, "/api/2.0/mlflow/artifacts/list", run_id=run.run_id).get("files", [])}
+        assert {"config.yaml", "metrics.csv", "recommendations.parquet"} <= files
+        model = get(base, "/api/2.0/mlflow/registered-models/get", name=MODEL_NAME)["registered_model"]
+        assert any(a["alias"] == "champion" for a in model.get("aliases", []))
+        version = get(base, "/api/2.0/mlflow/registered-models/alias", name=MODEL_NAME, alias="champion")
+        assert version["model_version"]["run_id"] == run.run_id
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    # The whole group is gone (uvicorn/gunicorn workers included).
+    time.sleep(0.5)
+    try:
+        os.killpg(proc.pid, 0)
+        alive = True
+    except ProcessLookupError:
+        alive = False
+    assert not alive, "mlflow ui left processes behind"

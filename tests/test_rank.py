@@ -1,0 +1,183 @@
+"""Fusion: candidate union, features, and a LambdaMART ranker that learns a planted signal."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+import scipy.sparse as sp
+
+from recsys.cf import ItemKNN, Popularity
+from recsys.columns import Columns
+from recsys.data import LeaveLastOutSplit
+from recsys.rank.candidates import generate_candidates, rank_column
+from recsys.rank.features import build_features, feature_columns, item_statistics
+from recsys.rank.ranker import LambdaMARTRanker
+from recsys.recommender import History, Recommender
+
+
+class FixedScores(Recommender):
+    """A recommender whose scores are given: the answer of every candidate test is known."""
+
+    def __init__(self, scores: np.ndarray, name: str = "fixed") -> None:
+        self.scores, self.name = np.asarray(scores, dtype=np.float32), name
+
+    def fit(self, history: History) -> FixedScores:
+        return self
+
+    def score_users(self, users: np.ndarray) -> np.ndarray:
+        return self.scores[users]
+
+
+# 2 users x 6 items. "a" likes low items, "b" likes high items.
+A = FixedScores([[6, 5, 4, 3, 2, 1], [1, 6, 5, 4, 3, 2]], "a")
+B = FixedScores([[1, 2, 3, 4, 5, 6], [6, 1, 2, 3, 4, 5]], "b")
+
+
+def test_candidates_union_ranks_and_source():
+    seen = sp.csr_matrix(np.array([[0, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=np.float32))
+    users = np.array([0, 1])
+    cands = generate_candidates(users, {"a": A, "b": B}, {"a": 2, "b": 3}, exclude=seen)
+    assert cands.columns[:2] == [Columns.UserIdx, Columns.ItemIdx]
+    assert set(cands.columns) == {Columns.UserIdx, Columns.ItemIdx, "rank_a", "rank_b", Columns.Source}
+    got = {(r[Columns.UserIdx], r[Columns.ItemIdx]): r for r in cands.iter_rows(named=True)}
+    # user 0: a's top 2 unseen = 0, 2 (1 is seen); b's top 3 = 5, 4, 3.
+    # user 1: a's top 2 = 1, 2; b's top 3 = 0, 5, 4.
+    assert set(got) == {(0, 0), (0, 2), (0, 5), (0, 4), (0, 3), (1, 1), (1, 2), (1, 0), (1, 5), (1, 4)}
+    assert got[(0, 0)]["rank_a"] == 1 and got[(0, 0)]["rank_b"] is None and got[(0, 0)]["source"] == "a"
+    assert got[(0, 2)]["rank_a"] == 2
+    assert got[(0, 3)]["rank_b"] == 3 and got[(0, 3)]["rank_a"] is None and got[(0, 3)]["source"] == "b"
+    assert got[(1, 0)]["rank_b"] == 1
+    # No seen item, no duplicate pair, sorted by user then item.
+    assert (0, 1) not in got
+    assert cands.height == len(got)
+    assert cands.equals(cands.sort(Columns.UserIdx, Columns.ItemIdx))
+
+
+def test_candidates_source_is_the_first_source_in_config_order():
+    users = np.array([0])
+    both = generate_candidates(users, {"a": A, "b": A}, {"a": 3, "b": 3}, exclude=None)
+    assert both[Columns.Source].to_list() == ["a"] * 3
+    assert both["rank_a"].to_list() == both["rank_b"].to_list() == [1, 2, 3]
+    reversed_ = generate_candidates(users, {"a": A, "b": A}, {"b": 3, "a": 3}, exclude=None)
+    assert reversed_[Columns.Source].to_list() == ["b"] * 3
+
+
+def test_candidates_skip_padding_when_few_items_are_unseen():
+    seen = sp.csr_matrix(np.array([[1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=np.float32))
+    cands = generate_candidates(np.array([0, 1]), {"a": A}, {"a": 4}, exclude=seen)
+    assert cands.filter(pl.col(Columns.UserIdx) == 0)[Columns.ItemIdx].to_list() == [4, 5]
+    assert cands.filter(pl.col(Columns.UserIdx) == 1).height == 4
+
+
+@pytest.fixture
+def stage(tiny_dataset):
+    data = tiny_dataset
+    split = LeaveLastOutSplit().split(data.interactions)
+    hist = History(split.train, data.n_users, data.n_items)
+    models = {"popularity": Popularity().fit(hist), "itemknn": ItemKNN(neighbours=10).fit(hist)}
+    users = split.val[Columns.UserIdx].unique().sort().to_numpy()
+    return users, hist, models
+
+
+def test_build_features_one_row_per_candidate(stage):
+    users, hist, models = stage
+    n_cands = {"itemknn": 10, "popularity": 5}
+    cands = generate_candidates(users, models, n_cands, exclude=hist.matrix)
+    df = build_features(cands, hist, models, list(n_cands))
+    assert df.height == cands.height
+    assert df.select(Columns.UserIdx, Columns.ItemIdx).is_duplicated().sum() == 0
+    assert df.select(Columns.UserIdx, Columns.ItemIdx).equals(cands.select(Columns.UserIdx, Columns.ItemIdx))
+    for name, model in models.items():
+        col = f"score_{name}"
+        assert df[col].null_count() == 0 and not df[col].is_nan().any()
+        # Every model scores every candidate, also those it did not propose.
+        expected = model.score_pairs(df[Columns.UserIdx].to_numpy(), df[Columns.ItemIdx].to_numpy())
+        np.testing.assert_allclose(df[col].to_numpy(), expected, rtol=1e-6)
+    assert df["n_sources"].to_list() == [
+        int(a is not None) + int(b is not None)
+        for a, b in zip(df[rank_column("itemknn")], df[rank_column("popularity")], strict=True)
+    ]
+    feats = feature_columns(df)
+    assert Columns.UserIdx not in feats and Columns.ItemIdx not in feats and Columns.Source not in feats
+    assert {"score_itemknn", "score_popularity", "rank_itemknn", "item_events"} <= set(feats)
+
+
+def test_item_statistics_come_from_the_history():
+    df = pl.DataFrame(
+        {
+            Columns.UserIdx: [0, 1, 1],
+            Columns.ItemIdx: [0, 0, 2],
+            Columns.Timestamp: [0, 86400 * 20, 86400 * 30],
+            Columns.Weight: [1.0, 4.0, 1.0],
+        }
+    )
+    stats = item_statistics(History(df, 2, 4))
+    assert stats[Columns.ItemIdx].to_list() == [0, 1, 2, 3]
+    assert stats["item_events"].to_list() == [2.0, 0.0, 1.0, 0.0]
+    assert stats["item_weight"].to_list() == [5.0, 0.0, 1.0, 0.0]
+    assert stats["item_events_14d"].to_list() == [1.0, 0.0, 1.0, 0.0]  # days 20 and 30 of 30
+    assert stats["item_age_days"].to_list() == [30.0, None, 0.0, None]
+
+
+# --- the ranker learns a planted signal ------------------------------------------------------------
+
+
+def planted(n_users: int, n_cands: int = 20, seed: int = 0) -> pl.DataFrame:
+    """One relevant item per user; ``signal`` = label + noise, the other features pure noise."""
+    rng = np.random.default_rng(seed)
+    users = np.repeat(np.arange(n_users), n_cands)
+    label = np.zeros(n_users * n_cands, dtype=np.int32)
+    label[np.arange(n_users) * n_cands + rng.integers(0, n_cands, n_users)] = 1
+    return pl.DataFrame(
+        {
+            Columns.UserIdx: users.astype(np.int32),
+            Columns.ItemIdx: np.tile(np.arange(n_cands), n_users).astype(np.int32),
+            "noise_a": rng.normal(size=len(users)),
+            "signal": label + rng.normal(scale=0.2, size=len(users)),
+            "noise_b": rng.random(len(users)),
+            "label": label,
+        }
+    )
+
+
+def test_ranker_learns_a_planted_signal():
+    train, test = planted(300, seed=0), planted(100, seed=1)
+    features = ["noise_a", "signal", "noise_b"]
+    ranker = LambdaMARTRanker(n_estimators=60, min_child_samples=5, early_stopping_rounds=10, seed=0)
+    ranker.fit(train, features)
+    scores = ranker.predict(test)
+    assert scores.shape == (test.height,) and np.isfinite(scores).all()
+    ranked = test.with_columns(pl.Series("score", scores)).sort(Columns.UserIdx, "score", descending=[False, True])
+    top1 = ranked.group_by(Columns.UserIdx, maintain_order=True).first()["label"].mean()
+    # Sorting by the planted feature itself is the best possible; chance is 1/20.
+    oracle = (
+        test.sort(Columns.UserIdx, "signal", descending=[False, True])
+        .group_by(Columns.UserIdx, maintain_order=True)
+        .first()["label"]
+        .mean()
+    )
+    assert top1 >= 0.9 and top1 >= oracle - 0.05, (top1, oracle)
+    # The planted feature is the one that matters, by a wide margin.
+    imp = ranker.feature_importance()
+    assert imp["feature"][0] == "signal"
+    assert imp["gain"][0] > 5 * imp["gain"][1:].sum()
+    assert 1 <= ranker.best_iteration <= 60
+
+
+def test_ranker_ignores_users_without_a_positive_and_fails_when_none_has_one():
+    frame = planted(50)
+    extra = frame.filter(pl.col(Columns.UserIdx) < 5).with_columns(
+        pl.col(Columns.UserIdx) + 1000, pl.lit(0).cast(pl.Int32).alias("label")
+    )
+    ranker = LambdaMARTRanker(n_estimators=5, min_child_samples=5, seed=0)
+    ranker.fit(pl.concat([frame, extra]), ["signal"])  # users with no positive do not break the groups
+    with pytest.raises(Exception, match="nothing to learn"):
+        LambdaMARTRanker(n_estimators=5).fit(extra, ["signal"])
+
+
+def test_ranker_is_deterministic():
+    frame = planted(100)
+    a = LambdaMARTRanker(n_estimators=20, min_child_samples=5, seed=3).fit(frame, ["noise_a", "signal"])
+    b = LambdaMARTRanker(n_estimators=20, min_child_samples=5, seed=3).fit(frame, ["noise_a", "signal"])
+    np.testing.assert_array_equal(a.predict(frame), b.predict(frame))

@@ -1,0 +1,195 @@
+"""One shared test for every ``Recommender`` (in the spirit of implicit's recommender_base_test).
+
+Each implementation is fitted on the block world of ``conftest.py``: 4 blocks of 25 items, 20
+users per block, each user consumed 8 items of its own block. The answer is known: a CF model
+(or a fine-tuned text tower, whose item texts carry the block's topic words) must recommend a
+user's own block first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from recsys.cf import ALS, BPR, ItemKNN, Popularity
+from recsys.columns import Columns
+from recsys.recommender import History, Recommender, top_k
+from recsys.text.recommender import TextRecommender
+
+
+def fit_text(request, trained: bool) -> Recommender:
+    world = request.getfixturevalue("block_world")
+    untrained_net, trained_net, ids, lengths = request.getfixturevalue("block_towers")
+    net = trained_net if trained else untrained_net
+    return TextRecommender.from_tokens(net, ids, lengths).fit(world.history)
+
+
+MODELS = {
+    "als": lambda h, r: ALS(factors=4, iterations=15, seed=0).fit(h),
+    "bpr": lambda h, r: BPR(factors=8, iterations=100, seed=0).fit(h),
+    "itemknn": lambda h, r: ItemKNN(neighbours=50).fit(h),
+    "popularity": lambda h, r: Popularity().fit(h),
+    "text": lambda h, r: fit_text(r, trained=True),
+    "text_untrained": lambda h, r: fit_text(r, trained=False),
+}
+# Models that must find the blocks (popularity and an untrained tower cannot).
+KNOWS_BLOCKS = {"als", "bpr", "itemknn", "text"}
+
+
+@pytest.fixture(params=list(MODELS))
+def fitted(request, block_world) -> tuple[str, Recommender]:
+    name = request.param
+    return name, MODELS[name](block_world.history, request)
+
+
+@pytest.fixture(params=sorted(KNOWS_BLOCKS))
+def block_model(request, block_world) -> tuple[str, Recommender]:
+    name = request.param
+    return name, MODELS[name](block_world.history, request)
+
+
+def brute_force_top(scores: np.ndarray, seen: np.ndarray | None, k: int) -> np.ndarray:
+    """Top-k score values per row by a plain sort, seen items removed."""
+    s = scores.astype(np.float64).copy()
+    if seen is not None:
+        s[seen] = -np.inf
+    return -np.sort(-s, axis=1)[:, :k]
+
+
+def test_recommend_is_best_first_with_k_columns(fitted, block_world):
+    name, model = fitted
+    users = np.arange(block_world.n_users)
+    k = 7
+    items, scores = model.recommend(users, k)
+    assert items.shape == scores.shape == (len(users), k)
+    assert np.all(np.diff(scores, axis=1) <= 0), "not best first"
+    full = model.score_users(users)
+    assert full.shape == (len(users), block_world.n_items)
+    np.testing.assert_allclose(scores, np.take_along_axis(full, items, 1), rtol=1e-6)
+    np.testing.assert_allclose(scores, brute_force_top(full, None, k), rtol=1e-5, atol=1e-6)
+    assert all(len(set(row)) == k for row in items.tolist())
+
+
+def test_recommend_excludes_seen(fitted, block_world):
+    name, model = fitted
+    h = block_world.history
+    users = np.arange(h.n_users)
+    k = 10
+    items, scores = model.recommend(users, k, exclude=h.matrix)
+    seen = h.matrix.toarray() > 0
+    assert not np.take_along_axis(seen[users], items, 1).any(), "a seen item was recommended"
+    assert np.isfinite(scores).all()  # every user has >= k unseen items
+    full = model.score_users(users)
+    np.testing.assert_allclose(scores, brute_force_top(full, seen, k), rtol=1e-5, atol=1e-6)
+    # Chunking changes nothing.
+    items_c, scores_c = model.recommend(users, k, exclude=h.matrix, chunk=7)
+    np.testing.assert_allclose(scores_c, scores, rtol=1e-6)  # BLAS may round another block size differently
+    assert not np.take_along_axis(seen[users], items_c, 1).any()
+
+
+def test_score_pairs_agrees_with_score_users(fitted, block_world):
+    name, model = fitted
+    rng = np.random.default_rng(0)
+    users = rng.integers(0, block_world.n_users, 500)
+    items = rng.integers(0, block_world.n_items, 500)
+    full = model.score_users(np.arange(block_world.n_users))
+    expected = full[users, items]
+    np.testing.assert_allclose(model.score_pairs(users, items), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.score_pairs(users, items, chunk=3), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_subset_of_users_scores_like_the_full_set(fitted, block_world):
+    name, model = fitted
+    full = model.score_users(np.arange(block_world.n_users))
+    some = np.array([5, 0, 5, 17])
+    np.testing.assert_allclose(model.score_users(some), full[some], rtol=1e-5, atol=1e-6)
+
+
+def test_users_get_their_own_block_first(block_model, block_world):
+    name, model = block_model
+    h = block_world.history
+    users = np.arange(h.n_users)
+    items, _ = model.recommend(users, 10, exclude=h.matrix)
+    same = block_world.block_of_item[items] == block_world.block_of_user[:, None]
+    # Every user's top 5 is entirely from its own block; top 10 nearly so (chance: 1/4).
+    assert same[:, :5].all(), f"{name}: users with a foreign item in their top 5: {np.flatnonzero(~same[:, :5].all(1))}"
+    assert same.mean() >= 0.9, f"{name}: own-block share of the top 10 {same.mean():.2f}"
+
+
+def test_untrained_text_tower_does_not_know_the_blocks(request, block_world):
+    # The control for the known-answer test above: the right answer comes from training.
+    model = fit_text(request, trained=False)
+    h = block_world.history
+    items, _ = model.recommend(np.arange(h.n_users), 10, exclude=h.matrix)
+    same = block_world.block_of_item[items] == block_world.block_of_user[:, None]
+    assert same.mean() < 0.5
+
+
+def test_popularity_counts_weighted_events(block_world):
+    h = block_world.history
+    df = h.interactions.with_columns(
+        pl.when(pl.col(Columns.ItemIdx) == 3).then(4.0).otherwise(pl.col(Columns.Weight)).alias(Columns.Weight)
+    )
+    model = Popularity().fit(History(df, h.n_users, h.n_items))
+    expected = np.zeros(h.n_items)
+    np.add.at(expected, df[Columns.ItemIdx].to_numpy(), df[Columns.Weight].to_numpy())
+    np.testing.assert_allclose(model.score_users(np.array([0]))[0], expected)
+    # A user who saw the most popular item gets the next ones.
+    best = int(np.argmax(expected))
+    user = int(df.filter(pl.col(Columns.ItemIdx) == best)[Columns.UserIdx][0])
+    items, _ = model.recommend(np.array([user]), 3, exclude=h.matrix)
+    assert best not in items[0]
+
+
+def test_popularity_window_counts_recent_events_only():
+    df = pl.DataFrame(
+        {
+            Columns.UserIdx: [0, 1, 2, 0],
+            Columns.ItemIdx: [0, 0, 0, 1],
+            Columns.Timestamp: [0, 0, 0, 30 * 86400],
+            Columns.Weight: [1.0, 1.0, 1.0, 1.0],
+        }
+    )
+    h = History(df, 3, 2)
+    assert Popularity().fit(h).counts.tolist() == [3.0, 1.0]
+    assert Popularity(window_days=7).fit(h).counts.tolist() == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("model", [ALS(factors=4, iterations=5, seed=0), BPR(factors=4, iterations=5, seed=0)])
+def test_items_without_events_get_zero_factor_scores(block_world, model):
+    h = block_world.history
+    wider = History(h.interactions, h.n_users, h.n_items + 3)  # 3 items nobody touched
+    model.fit(wider)
+    scores = model.score_users(np.arange(h.n_users))
+    assert np.all(scores[:, h.n_items :] == 0.0)
+    assert np.any(scores[:, : h.n_items] != 0.0)
+
+
+# --- top_k ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("n_items", "k"), [(50, 1), (50, 10), (50, 50), (7, 20)])
+def test_top_k_matches_a_full_sort(n_items, k):
+    rng = np.random.default_rng(n_items + k)
+    scores = rng.normal(size=(13, n_items)).astype(np.float32)
+    idx, vals = top_k(scores, k)
+    kk = min(k, n_items)
+    expected = np.argsort(-scores, axis=1, kind="stable")[:, :kk]
+    np.testing.assert_array_equal(idx, expected)
+    np.testing.assert_array_equal(vals, np.take_along_axis(scores, expected, 1))
+
+
+def test_top_k_ties_inside_the_top_are_ordered_by_item():
+    scores = np.array([[1.0, 3.0, 3.0, 0.0, 3.0]], dtype=np.float32)
+    idx, vals = top_k(scores, 4)
+    assert idx.tolist() == [[1, 2, 4, 0]]
+    assert vals.tolist() == [[3.0, 3.0, 3.0, 1.0]]
+
+
+def test_top_k_ties_at_the_cutoff_keep_the_lowest_items():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 3, size=(50, 30)).astype(np.float32)  # many ties
+    idx, _ = top_k(scores, 10)
+    expected = np.argsort(-scores, axis=1, kind="stable")[:, :10]  # stable: lower index first among ties
+    np.testing.assert_array_equal(idx, expected)

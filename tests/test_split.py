@@ -1,0 +1,215 @@
+"""Splits: disjoint, complete, in time order, and no stage ever sees the events it is judged on."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from recsys.cf import ItemKNN, Popularity
+from recsys.columns import Columns
+from recsys.data import GlobalTimeSplit, LeaveLastOutSplit
+from recsys.data.split import Split
+from recsys.errors import ConfigError
+from recsys.pipeline import FusionStage, check_split
+from recsys.rank.ranker import LambdaMARTRanker
+from recsys.recommender import History
+
+
+def with_ids(df: pl.DataFrame) -> pl.DataFrame:
+    return df.with_row_index("_event_id")
+
+
+def event_ids(df: pl.DataFrame) -> set[int]:
+    return set(df["_event_id"].to_list())
+
+
+def check_partition(interactions: pl.DataFrame, split: Split) -> None:
+    train, val, test = event_ids(split.train), event_ids(split.val), event_ids(split.test)
+    assert not train & val and not train & test and not val & test
+    assert train | val | test == event_ids(interactions)
+    assert split.train.height + split.val.height + split.test.height == interactions.height
+    for part in (split.train, split.val, split.test):
+        assert part.equals(part.sort(Columns.UserIdx, Columns.Timestamp, maintain_order=True))
+
+
+@pytest.fixture
+def events(tiny_dataset) -> pl.DataFrame:
+    return with_ids(tiny_dataset.interactions)
+
+
+def test_leave_last_out_parts(events):
+    split = LeaveLastOutSplit(n_val=1, n_test=1, min_train=1).split(events)
+    check_partition(events, split)
+    # Brute force, user by user: test = last event by time, val = the one before.
+    for (u,), user_events in events.group_by(Columns.UserIdx):
+        ordered = user_events.sort(Columns.Timestamp, "_event_id")["_event_id"].to_list()
+        test = split.test.filter(pl.col(Columns.UserIdx) == u)["_event_id"].to_list()
+        val = split.val.filter(pl.col(Columns.UserIdx) == u)["_event_id"].to_list()
+        if len(ordered) >= 3:
+            assert test == ordered[-1:] and val == ordered[-2:-1]
+        else:
+            assert test == [] and val == []
+
+
+def test_leave_last_out_several_and_short_users():
+    df = with_ids(
+        pl.DataFrame(
+            {
+                Columns.UserIdx: [0] * 6 + [1] * 4 + [2] * 1,
+                Columns.ItemIdx: [10, 11, 12, 13, 14, 15, 20, 21, 22, 23, 30],
+                Columns.Timestamp: [6, 1, 2, 3, 4, 5, 1, 2, 3, 4, 1],
+            }
+        )
+    )
+    split = LeaveLastOutSplit(n_val=2, n_test=2, min_train=1).split(df)
+    check_partition(df, split)
+    assert split.test[Columns.ItemIdx].to_list() == [15, 10]  # the two latest events of user 0, by time
+    assert split.val[Columns.ItemIdx].to_list() == [13, 14]
+    # Users 1 (4 events < 2 + 2 + 1) and 2 keep everything in train.
+    assert split.train[Columns.ItemIdx].to_list() == [11, 12, 20, 21, 22, 23, 30]
+    assert split.describe()["test_users"] == 1
+
+
+def test_leave_last_out_ties_keep_file_order(tmp_path):
+    from recsys.data import FileDataSource
+
+    (tmp_path / "e.csv").write_text(
+        "user_id,item_id,timestamp,event\nu,C,5,click\nu,A,5,click\nu,B,5,click\nu,D,1,click\n"
+    )
+    (tmp_path / "i.csv").write_text("item_id,title,description\nA,a,x\nB,b,y\nC,c,z\nD,d,w\n")
+    data = FileDataSource(str(tmp_path / "e.csv"), str(tmp_path / "i.csv")).load()
+    split = LeaveLastOutSplit().split(data.interactions)
+    # Three events at t=5 in file order C, A, B: B is "last", A the one before.
+    assert split.test[Columns.Item].to_list() == ["B"]
+    assert split.val[Columns.Item].to_list() == ["A"]
+    assert split.train[Columns.Item].to_list() == ["D", "C"]
+
+
+def test_global_time_split(events):
+    s = GlobalTimeSplit(val_quantile=0.7, test_quantile=0.85)
+    split = s.split(events)
+    check_partition(events, split)
+    assert split.train[Columns.Timestamp].max() < split.val[Columns.Timestamp].min()
+    assert split.val[Columns.Timestamp].max() < split.test[Columns.Timestamp].min()
+    n = events.height
+    assert 0.6 * n < split.train.height < 0.8 * n
+    assert 0.05 * n < split.test.height < 0.25 * n
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: LeaveLastOutSplit(n_val=-1),
+        lambda: LeaveLastOutSplit(n_test=0),
+        lambda: GlobalTimeSplit(0.9, 0.8),
+        lambda: GlobalTimeSplit(0.0, 0.5),
+    ],
+)
+def test_bad_split_settings(make):
+    with pytest.raises(ConfigError):
+        make()
+
+
+# --- leakage: built exactly as recsys/train.py builds each stage ----------------------------------
+
+
+class SpyRanker(LambdaMARTRanker):
+    """Records the frame the fusion ranker is trained on."""
+
+    def fit(self, frame, features, label="label"):
+        self.seen_frame = frame
+        return super().fit(frame, features, label)
+
+
+def pairs(df: pl.DataFrame) -> set[tuple[int, int]]:
+    return set(zip(df[Columns.UserIdx].to_list(), df[Columns.ItemIdx].to_list(), strict=True))
+
+
+@pytest.mark.parametrize("splitter", [LeaveLastOutSplit(), GlobalTimeSplit(0.7, 0.85)], ids=["leave_last_out", "time"])
+def test_no_stage_sees_its_targets(tiny_dataset, splitter):
+    data = tiny_dataset
+    events = with_ids(data.interactions)
+    split = splitter.split(events)
+    val_users, test_users = check_split(data, split)
+
+    hist_val = History(split.train, data.n_users, data.n_items)
+    hist_test = hist_val.extend(split.val)
+    test_ids, val_ids = event_ids(split.test), event_ids(split.val)
+    assert not event_ids(hist_val.interactions) & (test_ids | val_ids)
+    assert not event_ids(hist_test.interactions) & test_ids
+    assert event_ids(hist_test.interactions) == event_ids(split.train) | val_ids
+    # The matrices the models are fitted on (and that remove seen items) hold no test pair.
+    test_pairs = pairs(split.test) - pairs(split.train) - pairs(split.val)
+    for hist in (hist_val, hist_test):
+        m = hist.matrix
+        assert all(m[u, i] == 0 for u, i in test_pairs)
+    assert all(hist_val.matrix[u, i] == 0 for u, i in pairs(split.val) - pairs(split.train))
+
+    # The fusion ranker learns from the validation stage only: labels = split.val, never test.
+    models = {"popularity": Popularity().fit(hist_val), "itemknn": ItemKNN(neighbours=20).fit(hist_val)}
+    ranker = SpyRanker(n_estimators=5, min_child_samples=1, early_stopping_fraction=0.0)
+    FusionStage({"itemknn": 20, "popularity": 20}, ranker).fit(val_users, models, hist_val, split.val)
+    frame = ranker.seen_frame
+    labelled = pairs(frame.filter(pl.col("label") == 1))
+    assert labelled, "no validation target among the candidates: the check below would be vacuous"
+    assert labelled <= pairs(split.val)
+    assert not labelled & test_pairs
+    assert set(frame[Columns.UserIdx].to_list()) <= set(val_users.tolist())
+    # Candidates never include what the validation-stage history has seen.
+    assert not pairs(frame) & pairs(split.train)
+    assert len(test_users) > 0
+
+
+def test_text_tower_trains_on_train_and_validates_on_val(tiny_dataset):
+    import torch
+
+    from recsys.text.datamodule import TextDataModule
+
+    data = tiny_dataset
+    split = LeaveLastOutSplit().split(data.interactions)
+    hist_val = History(split.train, data.n_users, data.n_items)
+    n = data.n_items
+    dm = TextDataModule(
+        item_ids=torch.zeros((n, 4), dtype=torch.int32),
+        item_lengths=torch.full((n,), 2, dtype=torch.int32),
+        train=hist_val,
+        val=split.val,
+        batch_size=1000,
+        steps_per_epoch=1,
+    )
+    train_pairs = pairs(split.train)
+    # Every next-item example (history -> target) comes from the training events.
+    ex = dm.examples
+    example_pairs = set()
+    for j in range(len(ex)):
+        p = ex.positions[j]
+        hist, target, _ = ex[j]
+        u = int(split.train[Columns.UserIdx][int(p)])
+        example_pairs.add((u, target))
+        assert {(u, int(i)) for i in hist} <= train_pairs
+    assert example_pairs <= train_pairs
+    # Validation batches score exactly the validation targets, with the full train history as "seen".
+    val_rows = split.val.sort(Columns.UserIdx, Columns.Timestamp)
+    j = 0
+    for batch in dm.val_dataloader():
+        for seen, target in zip(batch["seen"], batch["targets"], strict=True):
+            u, item = val_rows[Columns.UserIdx][j], val_rows[Columns.ItemIdx][j]
+            assert int(target) == item
+            assert seen[seen >= 0].tolist() == hist_val.sequences[u].tolist()
+            j += 1
+    assert j == split.val.height
+
+
+def test_history_extend_keeps_time_order(tiny_dataset):
+    data = tiny_dataset
+    split = LeaveLastOutSplit().split(data.interactions)
+    hist = History(split.train, data.n_users, data.n_items).extend(split.val)
+    df = hist.interactions
+    assert df.equals(df.sort(Columns.UserIdx, Columns.Timestamp, maintain_order=True))
+    # sequences: per user, items in time order; the validation item is each evaluated user's last.
+    last = {int(u): int(i) for u, i in zip(split.val[Columns.UserIdx], split.val[Columns.ItemIdx], strict=True)}
+    for u, item in last.items():
+        assert int(hist.sequences[u][-1]) == item
+    assert sum(len(s) for s in hist.sequences) == df.height
+    assert np.array_equal(hist.item_counts, np.bincount(df[Columns.ItemIdx].to_numpy(), minlength=data.n_items))
