@@ -199,6 +199,16 @@ def rss_child(folder: str, out: str, k: int, n_users: int, chunk: int) -> None:
     print(json.dumps(r))
 
 
+def rss_run(folder: Path, tmp: str, a, n: int) -> dict:
+    """Export ``n`` users from the saved pipeline in a fresh process; its peak RSS."""
+    cmd = [sys.executable, __file__, "--k", str(a.k), "--chunk", str(a.chunk)]
+    cmd += ["--rss-child", str(folder), f"{tmp}/rss{n}.parquet", str(n)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    child = json.loads(out.splitlines()[-1])
+    print(f"fresh process, {n} users: peak RSS {child['peak_rss_mb']:.0f} MB, {child['users_per_s']:.0f} users/s")
+    return child
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--users", type=int, default=100_000)
@@ -208,6 +218,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=4096)
     ap.add_argument("--naive-users", type=int, default=300)
     ap.add_argument("--small", type=int, default=10_000, help="users of the smaller RSS run")
+    ap.add_argument("--only-rss", action="store_true", help="build, then only the two peak-RSS runs")
     ap.add_argument("--rss-child", nargs=3, metavar=("FOLDER", "OUT", "N"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.rss_child:
@@ -217,6 +228,10 @@ def main() -> None:
         folder = Path(tmp) / "pipeline"
         res = {"config": vars(a), "build": build(folder, a.users, a.items, a.events)}
         print("built", res["build"], flush=True)
+        if a.only_rss:
+            for n in (a.small, a.users):
+                res[f"rss_{n}"] = rss_run(folder, tmp, a, n)
+            return
         res["fused"] = timed_export(folder, Path(tmp) / "fused.parquet", a.k, "fused", None, a.chunk)
         print("fused", res["fused"], flush=True)
         res["fused_no_explain"] = timed_export(folder, Path(tmp) / "fne.parquet", a.k, "fused", None, a.chunk, False)
@@ -231,24 +246,7 @@ def main() -> None:
         res["bare_topk"] = bare_topk(folder, a.k, a.chunk)
         print("bare top-k", res["bare_topk"], flush=True)
         for n in (a.small, a.users):
-            cmd = [
-                sys.executable,
-                __file__,
-                "--k",
-                str(a.k),
-                "--chunk",
-                str(a.chunk),
-                "--rss-child",
-                str(folder),
-                f"{tmp}/rss{n}.parquet",
-                str(n),
-            ]
-            child = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-            res[f"rss_{n}"] = child
-            print(
-                f"fresh process, {n} users: peak RSS {child['peak_rss_mb']:.0f} MB, {child['users_per_s']:.0f} users/s",
-                flush=True,
-            )
+            res[f"rss_{n}"] = rss_run(folder, tmp, a, n)
         f = res["fused"]["users_per_s"]
         print(
             f"\nfused {f:.0f} users/s = {f / res['naive_loop']['users_per_s']:.0f}x the per-user loop; "

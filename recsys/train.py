@@ -38,7 +38,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     from recsys.pipeline import FusionStage, HybridPipeline, check_split, stage_exclusion
     from recsys.recommender import History
     from recsys.text.encoder import TwoTower
-    from recsys.text.fit import fine_tune, zero_shot_copy
+    from recsys.text.fit import fine_tune, open_resume_dir, zero_shot_copy
     from recsys.text.recommender import NewItemText, TextRecommender
 
     t_start = time.perf_counter()
@@ -89,10 +89,20 @@ def run(cfg: DictConfig) -> dict[str, float]:
         datamodule = instantiate(cfg.text.data)(
             item_ids=item_ids, item_lengths=item_lengths, train=hist_val, val=split.val
         )
-        callbacks = [instantiate(c) for c in cfg.text.callbacks.values()]
+        # Checkpoints live in a folder named by the config and data, so the same command resumes.
+        resume = open_resume_dir(
+            cfg.text.resume_root if cfg.text.get("resume", False) else None,
+            OmegaConf.to_container(cfg, resolve=True),
+            [cfg.paths.output_dir, cfg.paths.mlruns_dir],
+            data.fingerprint(),
+        )
+        ckpt_dir = str(resume.path or out_dir / "checkpoints")
+        callbacks = [
+            instantiate(c, **({"dirpath": ckpt_dir} if "dirpath" in c else {})) for c in cfg.text.callbacks.values()
+        ]
         logger = MLFlowLogger(experiment_name=tracker.experiment, tracking_uri=tracker.uri, run_id=run_id)
         trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
-        net, text_val = fine_tune(net, datamodule, instantiate(cfg.text.module), trainer)
+        net, text_val = fine_tune(net, datamodule, instantiate(cfg.text.module), trainer, resume.path)
         tracker.log_metrics(text_val)
         timings["text_finetune"] = time.perf_counter() - t0
 
@@ -156,6 +166,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
                 print("Published protocol (full ranking, history items NOT removed by the evaluator):")
                 print(tables["test_published"])
         print(f"MLflow run {run_id}; model {model_uri}; recommendations: {rec_path}; total {timings['total']:.0f}s")
+        resume.finish(keep_best_in=out_dir / "checkpoints")  # done: a rerun of this command starts afresh
     return metrics
 
 

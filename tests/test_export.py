@@ -260,13 +260,15 @@ def test_cold_item_reaches_users_whose_history_matches_its_text(block_pipeline, 
     p, cold = block_pipeline
     assert p.history.filter(pl.col(Columns.ItemIdx) == cold).height == 0
     out = export_recommendations(
-        engine(p, k=10, scorer="text"), list(p.users.ids), tmp_path / "text.parquet", progress=False
+        engine(p, k=20, scorer="text"), list(p.users.ids), tmp_path / "text.parquet", progress=False
     ).path
     df = pl.read_parquet(out).with_columns(pl.col(Columns.User).str.slice(4).cast(pl.Int64).alias("u"))
     got = set(df.filter(pl.col(Columns.Item) == f"item{cold:03d}")["u"].to_list())
     block = block_world.block_of_user
     own = np.flatnonzero(block == block_world.block_of_item[cold])
-    assert len(got & set(own)) >= 0.5 * len(own), "the cold item should reach most users of its topic"
+    # A user has 17 unseen items of its own topic plus the cold one: top-20 holds them all when the
+    # text tower separates topics, and holds the cold item only when its text is scored like theirs.
+    assert len(got & set(own)) >= 0.8 * len(own), "the cold item should reach the users of its topic"
     assert len(got - set(own)) <= 0.1 * (len(block) - len(own))
     # ALS cannot know the cold item: it never recommends it.
     als = engine(p, k=10, scorer="als").recommend(p.histories(list(p.users.ids)))

@@ -10,8 +10,8 @@ import mlflow
 import pandas as pd
 import polars as pl
 import pytest
-from polars.testing import assert_frame_equal
 from export_support import MODEL_NAME, REPO, trained_run
+from polars.testing import assert_frame_equal
 
 from recsys.columns import Columns
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Mapping, Sequence
 
 import polars as pl
@@ -9,7 +11,14 @@ import polars as pl
 from recsys.columns import INTERACTION_SCHEMA, Columns
 from recsys.data import validation as v
 from recsys.data.dataset import Dataset, IdMap
+from recsys.data.raw import check_policy, handle_duplicates
 from recsys.errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
+
+DUPLICATE_POLICIES = ("drop", "error", "keep")
+FUTURE_POLICIES = ("error", "keep", "drop")
+FUTURE_SLACK_S = 86_400  # clocks differ; a day ahead of this machine's clock is not "the future" yet
 
 
 class FileDataSource:
@@ -25,6 +34,17 @@ class FileDataSource:
         column_map: our column name -> the name in your files, e.g. ``{user_id: customer}``.
         text_separator: put between text fields.
         name: shown in logs and reports.
+        duplicates: interaction rows repeating an earlier row in every column, and item rows
+            repeating an earlier item row: ``drop`` (counted in ``report`` and logged), ``error``,
+            or ``keep`` (interactions only: repeated events count twice). Item rows that share an
+            id but differ in any column are always an error.
+        future_timestamps: interactions more than a day after this machine's clock (often
+            milliseconds read as seconds): ``error``, ``keep`` (logged and counted) or ``drop``
+            (counted).
+        now: the reference time for ``future_timestamps`` (Unix seconds; default: the clock).
+
+    Columns other than the ones named here are kept as they are (``Dataset.interactions`` and
+    ``Dataset.items`` carry them), so features added later can read them.
     """
 
     def __init__(
@@ -36,6 +56,9 @@ class FileDataSource:
         column_map: Mapping[str, str] | None = None,
         text_separator: str = ". ",
         name: str = "files",
+        duplicates: str = "drop",
+        future_timestamps: str = "error",
+        now: int | None = None,
     ) -> None:
         self.interactions_path = str(interactions)
         self.items_path = str(items)
@@ -44,6 +67,11 @@ class FileDataSource:
         self.column_map = dict(column_map or {})
         self.text_separator = text_separator
         self.name = name
+        self.duplicates = check_policy("duplicates", duplicates, DUPLICATE_POLICIES)
+        self.future_timestamps = check_policy("future_timestamps", future_timestamps, FUTURE_POLICIES)
+        self.now = now
+        # Rows touched by a repair policy, and facts worth knowing, by what; filled by load().
+        self.report: dict[str, int] = {}
         if not self.text_fields:
             raise ConfigError("data.text_fields is empty: name at least one item column to encode")
         for event, w in self.event_weights.items():
@@ -58,7 +86,10 @@ class FileDataSource:
         path = self.items_path
         df = self._rename(v.read_table(path))
         v.require_columns(df, [Columns.Item, *self.text_fields], path)
+        v.require_id_dtype(df, Columns.Item, path)
         df = df.with_columns(pl.col(Columns.Item).cast(pl.String))
+        policy = "drop" if self.duplicates == "keep" else self.duplicates
+        df = handle_duplicates(df, [c for c in df.columns if c != v.ROW], policy, path, self.report)
         v.require_non_null(df, Columns.Item, path)
         v.require_unique(df, Columns.Item, path)
         text = pl.concat_str(
@@ -86,6 +117,8 @@ class FileDataSource:
         path = self.interactions_path
         df = self._rename(v.read_table(path))
         v.require_columns(df, INTERACTION_SCHEMA, path)
+        for col in (Columns.User, Columns.Item):
+            v.require_id_dtype(df, col, path)
         for col in (Columns.User, Columns.Item, Columns.Event):
             df = df.with_columns(pl.col(col).cast(pl.String))
             v.require_non_null(df, col, path)
@@ -93,10 +126,35 @@ class FileDataSource:
         df = v.parse_timestamp(df, Columns.Timestamp, path)
         v.require_in(df, Columns.Event, self.event_weights, path)
         v.require_known(df, Columns.Item, item_ids, path, self.items_path)
+        df = self._future(df, path)
+        if self.duplicates != "keep":
+            df = handle_duplicates(df, [c for c in df.columns if c != v.ROW], self.duplicates, path, self.report)
         weights = pl.col(Columns.Event).replace_strict(self.event_weights, return_dtype=pl.Float32)
         return df.with_columns(weights.alias(Columns.Weight))
 
+    def _future(self, df: pl.DataFrame, path: str) -> pl.DataFrame:
+        now = int(time.time()) if self.now is None else int(self.now)
+        future = pl.col(Columns.Timestamp) > now + FUTURE_SLACK_S
+        n = df.select(future.sum()).item()
+        if n == 0:
+            return df
+        if self.future_timestamps == "error":
+            row, ex = v.example(df, future)
+            raise InputError(
+                f"{n} row(s) are after the current time ({now} Unix seconds); timestamps in milliseconds do this "
+                "(divide by 1000), or set data.future_timestamps=keep or drop",
+                file=path,
+                column=Columns.Timestamp,
+                row=row,
+                example=ex,
+            )
+        verb = "dropped" if self.future_timestamps == "drop" else "kept"
+        log.warning("%s: %s %d row(s) with a timestamp after the current time", path, verb, n)
+        self.report[f"future_timestamps_{verb}"] = n
+        return df.filter(~future) if self.future_timestamps == "drop" else df
+
     def load(self) -> Dataset:
+        self.report = {}
         items = self.load_items()
         inter = self.load_interactions(items[Columns.Item])
         users = IdMap.from_values(inter[Columns.User])
@@ -108,6 +166,14 @@ class FileDataSource:
             .sort(Columns.UserIdx, Columns.Timestamp, v.ROW)
         )
         items = items.join(item_ids.to_frame(Columns.Item, Columns.ItemIdx), on=Columns.Item).sort(Columns.ItemIdx)
+        per_user = inter.group_by(Columns.UserIdx).agg(
+            pl.len().alias("n"), pl.col(Columns.Timestamp).n_unique().alias("times")
+        )
+        n_tied = per_user.filter((pl.col("n") > 1) & (pl.col("times") == 1)).height
+        if n_tied:
+            # Not an error: their order (and so which event is held out) is the file's row order.
+            log.info("%s: %d user(s) have all their events at one time; file order decides", self.name, n_tied)
+            self.report["users_with_all_events_at_one_time"] = n_tied
         return Dataset(
             interactions=inter.drop(v.ROW),
             items=items.drop(v.ROW),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 import polars as pl
 
@@ -13,8 +14,6 @@ ROW = "_row"  # 1-based data row number in the source file (header not counted)
 
 def read_table(path: str) -> pl.DataFrame:
     """Read a CSV, TSV or parquet file into a frame with a ``_row`` column; never a traceback."""
-    from pathlib import Path
-
     p = Path(path)
     if not p.exists():
         raise InputError("file not found (check the data path in the config)", file=path)
@@ -34,11 +33,52 @@ def read_table(path: str) -> pl.DataFrame:
     except InputError:
         raise
     except Exception as e:  # polars raises several types for unreadable files
+        if suffix != ".parquet":
+            require_utf8(p, "\t" if suffix == ".tsv" else ",")
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"cannot be read: {first}", file=path) from e
     if df.height == 0:
         raise InputError("the table is empty (no data rows)", file=path)
     return df.with_row_index(ROW, offset=1)
+
+
+def require_utf8(path: Path, separator: str) -> None:
+    """Name the line, column and bytes of the first sequence that is not UTF-8 (polars says only
+    "invalid utf-8")."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        start = data.rfind(b"\n", 0, e.start) + 1
+        header = data[: data.find(b"\n")].decode("utf-8", "replace").split(separator)
+        field = data[start : e.start].count(separator.encode())
+        raise InputError(
+            f"line {line}: bytes {data[e.start : e.end]!r} are not valid UTF-8; re-save the file as UTF-8",
+            file=str(path),
+            column=header[field].strip() if line > 1 and field < len(header) else None,
+            row=line - 1,  # the header line is not a data row
+            example={"line": data[start : data.find(b"\n", e.start)].decode("utf-8", "replace")},
+        ) from e
+
+
+def require_id_dtype(df: pl.DataFrame, column: str, file: str) -> None:
+    """Ids must be text or integers: a float column (often an integer column with a missing value,
+    written by pandas) would turn ``12`` into ``"12.0"`` and a missing id into ``"NaN"``."""
+    dtype = df[column].dtype
+    if dtype == pl.String or dtype.is_integer():
+        return
+    mask = (pl.col(column).is_nan() | pl.col(column).is_null()) if dtype.is_float() else pl.lit(True)
+    if not df.select(mask.any()).item():
+        mask = pl.lit(True)
+    row, ex = example(df, mask)
+    raise InputError(
+        f"ids must be text or integers, not {dtype} (a float id column usually means missing ids)",
+        file=file,
+        column=column,
+        row=row,
+        example=ex,
+    )
 
 
 def example(df: pl.DataFrame, mask: pl.Series | pl.Expr) -> tuple[int, dict]:

@@ -49,6 +49,27 @@ HISTORY_COLUMNS = [Columns.UserIdx, Columns.ItemIdx, Columns.Timestamp, Columns.
 
 # --- chunk-local scorers: the same scores as the trained models, for any set of users -------------
 
+# BLAS and torch pick kernels by the number of rows, and different kernels round differently in
+# the last bit, which can swap two near-tied items. Every user-side product is therefore computed
+# in blocks of exactly this many rows (zero-padded), so a user's scores do not depend on which
+# chunk, or how large a chunk, it was exported in.
+ROW_BLOCK = 256
+
+
+def fixed_block_matmul(u: np.ndarray, vt: np.ndarray) -> np.ndarray:
+    """``u @ vt`` computed ``ROW_BLOCK`` rows at a time, the last block zero-padded."""
+    out = np.empty((len(u), vt.shape[1]), dtype=np.float32)
+    pad = np.zeros((ROW_BLOCK, u.shape[1]), dtype=np.float32)
+    for s in range(0, len(u), ROW_BLOCK):
+        block = u[s : s + ROW_BLOCK]
+        if len(block) < ROW_BLOCK:
+            pad[:] = 0.0
+            pad[: len(block)] = block
+            out[s : s + len(block)] = (pad @ vt)[: len(block)]
+        else:
+            out[s : s + ROW_BLOCK] = block @ vt
+    return out
+
 
 class FactorScorer(Recommender):
     """``user_factors @ item_factors.T`` for a block of users (ALS, BPR)."""
@@ -60,7 +81,7 @@ class FactorScorer(Recommender):
         return self
 
     def score_users(self, users: np.ndarray) -> np.ndarray:
-        return self.user_factors[users] @ self.item_factors.T
+        return fixed_block_matmul(self.user_factors[users], self.item_factors.T)
 
 
 class KNNScorer(Recommender):
@@ -116,7 +137,7 @@ class EmbeddingScorer(Recommender):
         return self
 
     def score_users(self, users: np.ndarray) -> np.ndarray:
-        return self.user_embeddings[users] @ self.item_embeddings.T
+        return fixed_block_matmul(self.user_embeddings[users], self.item_embeddings.T)
 
 
 def fold_in(item_factors: np.ndarray, user_items: sp.csr_matrix, regularization: float, alpha: float) -> np.ndarray:
@@ -449,8 +470,13 @@ class TrainedPipeline:
             elif name == self.text_name:
                 self.net.eval()
                 emb = torch.from_numpy(self.item_embeddings)
-                seqs = h.sequences
-                ue = self.net.user_embeddings(emb, seqs).numpy() if seqs else np.zeros((0, emb.shape[1]))
+                seqs = list(h.sequences)
+                ue = np.zeros((len(seqs), emb.shape[1]), dtype=np.float32)
+                empty = np.zeros(0, dtype=np.int64)
+                for s in range(0, len(seqs), ROW_BLOCK):  # fixed batch size: see ROW_BLOCK
+                    block = seqs[s : s + ROW_BLOCK]
+                    padded = block + [empty] * (ROW_BLOCK - len(block))
+                    ue[s : s + len(block)] = self.net.user_embeddings(emb, padded).numpy()[: len(block)]
                 out[name] = EmbeddingScorer(name, ue.astype(np.float32), self.item_embeddings)
             elif name in self.new_item_models:
                 if self.text_name not in out:

@@ -10,7 +10,7 @@ import lightning as L
 import numpy as np
 import polars as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from recsys.columns import Columns
 from recsys.recommender import History
@@ -38,6 +38,36 @@ class NextItemExamples(Dataset):
         p = self.positions[j]
         lo = max(self.starts[p], p - self.max_history)
         return self.items[lo:p], int(self.items[p]), float(self.weights[p])
+
+
+def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
+    """A 63-bit seed that depends only on ``(seed, epoch, stream)``."""
+    state = np.random.SeedSequence([abs(int(seed)), int(epoch), int(stream)]).generate_state(1, np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+class EpochSampler(Sampler[int]):
+    """``num_samples`` distinct random indices per epoch, a function of ``(seed, epoch)`` only.
+
+    Lightning calls ``set_epoch`` before every training epoch (also after resuming from a
+    checkpoint), so epoch 3 draws the same examples in the same order whether the run got there in
+    one go or was killed and resumed. A sampler holding one generator that advances from epoch to
+    epoch would restart at epoch 0's order after a resume.
+    """
+
+    def __init__(self, n: int, num_samples: int, seed: int = 0) -> None:
+        self.n, self.num_samples, self.seed = n, min(num_samples, n), seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        return iter(torch.randperm(self.n, generator=g)[: self.num_samples].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
 
 
 class TextDataModule(L.LightningDataModule):
@@ -119,8 +149,7 @@ class TextDataModule(L.LightningDataModule):
         return batch
 
     def train_dataloader(self) -> DataLoader:
-        n = min(len(self.examples), self.steps_per_epoch * self.batch_size)
-        sampler = RandomSampler(self.examples, num_samples=n, generator=torch.Generator().manual_seed(self.seed))
+        sampler = EpochSampler(len(self.examples), self.steps_per_epoch * self.batch_size, self.seed)
         return DataLoader(self.examples, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate)
 
     def val_dataloader(self) -> DataLoader:

@@ -1,19 +1,129 @@
-"""Fine-tune the text tower with a Lightning Trainer and return the best weights."""
+"""Fine-tune the text tower with a Lightning Trainer and return the best weights.
+
+Crash safety: with a ``resume_dir`` the trainer's checkpoints live in a folder named by a hash
+of the run's configuration and data (``ResumeDir``), not in the timestamped run folder. A run
+killed during training, started again with the same command, finds ``last.ckpt`` there and
+continues from it (weights, optimiser, scheduler, loop counters, early-stopping and best-checkpoint
+state). Each epoch's sample order (``EpochSampler``) and each step's dropout (``SeedEachStep``)
+depend only on (seed, epoch / step), so the resumed run ends with the same weights as an
+uninterrupted one.
+See docs/reliability.md.
+"""
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
-from collections.abc import Callable
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 
-from recsys.text.datamodule import TextDataModule
+from recsys.text.datamodule import TextDataModule, epoch_seed
 from recsys.text.encoder import TwoTower
 from recsys.text.module import TextTowerModule
 
 log = logging.getLogger(__name__)
+
+LAST = "last.ckpt"
+DONE = "done.json"  # written when training finished: a rerun reuses the result instead of training again
+
+
+class SeedEachStep(L.Callback):
+    """Reseed torch's global generator (dropout) before every training step from ``(seed, step)``.
+
+    Lightning checkpoints do not hold the random state, and how many numbers are drawn between an
+    epoch's start and its first step differs after a resume (the data loader's iterator draws one
+    when it is created). Reseeding per step makes each step's dropout masks the same whether the
+    run got there in one go or resumed from a checkpoint.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        torch.manual_seed(epoch_seed(self.seed, trainer.global_step, stream=1))
+
+
+def config_key(config: Mapping[str, Any], volatile: list[str], *extra: str) -> str:
+    """Hash of a resolved config, with any string under a ``volatile`` path (the run folder, the
+    MLflow folder) replaced by a placeholder, so that the same command maps to the same key."""
+    prefixes = [str(Path(p)) for p in volatile if p]
+
+    def scrub(x: Any) -> Any:
+        if isinstance(x, Mapping):
+            return {str(k): scrub(v) for k, v in x.items() if k != "hydra"}
+        if isinstance(x, list | tuple):
+            return [scrub(v) for v in x]
+        if isinstance(x, str) and any(x == p or x.startswith(p + os.sep) for p in prefixes):
+            return "<volatile>"
+        return x
+
+    payload = json.dumps([scrub(config), *extra], sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class ResumeDir:
+    """The checkpoint folder of one configuration, held under an exclusive lock while training.
+
+    Two runs of the same configuration at once would overwrite each other's ``last.ckpt``: the
+    second one gets ``path = None`` (it trains without resume support, in its run folder) instead.
+    The lock is an ``flock`` on ``.lock``; the kernel drops it when the process dies, even by
+    ``kill -9``.
+    """
+
+    def __init__(self, root: str | Path | None, key: str) -> None:
+        self.path: Path | None = Path(root) / key if root is not None else None
+        self._lock = None
+
+    def acquire(self) -> ResumeDir:
+        import fcntl
+
+        assert self.path is not None
+        self.path.mkdir(parents=True, exist_ok=True)
+        f = open(self.path / ".lock", "a")  # noqa: SIM115 (held open for the run's lifetime)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            log.warning("another run with the same configuration holds %s; this run cannot be resumed", self.path)
+            self.path = None
+            return self
+        self._lock = f
+        return self
+
+    def finish(self, keep_best_in: Path | None = None) -> None:
+        """The whole run succeeded: keep ``best.ckpt`` in the run folder, drop the resume state."""
+        if self.path is None:
+            return
+        best = self.path / "best.ckpt"
+        if keep_best_in is not None and best.is_file():
+            keep_best_in.mkdir(parents=True, exist_ok=True)
+            shutil.move(best, keep_best_in / "best.ckpt")
+        shutil.rmtree(self.path, ignore_errors=True)
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+
+def _readable_checkpoint(path: Path) -> dict | None:
+    """The checkpoint's loop counters, or None (with a warning) if it cannot be read."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return {"epoch": int(ckpt["epoch"]), "global_step": int(ckpt["global_step"])}
+    except Exception as e:  # a file cut short by a crash outside Lightning's atomic save
+        bad = path.with_suffix(".unreadable")
+        os.replace(path, bad)
+        log.warning("cannot read %s (%s); moved it to %s and training from the start", path, e, bad.name)
+        return None
 
 
 def fine_tune(
@@ -21,29 +131,74 @@ def fine_tune(
     datamodule: TextDataModule,
     module_factory: Callable[..., TextTowerModule],
     trainer: L.Trainer,
+    resume_dir: Path | None = None,
 ) -> tuple[TwoTower, dict[str, float]]:
     """Train ``net`` in place; restore the checkpoint with the best validation NDCG@10.
+
+    With ``resume_dir`` (the folder the trainer's checkpoint callbacks write to), a ``last.ckpt``
+    left there by a killed run is resumed, and a finished training (``done.json``) is reused.
 
     Returns the network and the validation metrics of the untouched (zero-shot) and the best
     fine-tuned weights, so a run shows what fine-tuning earned.
     """
     module = module_factory(net=net)
     zero = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
-    trainer.fit(module, datamodule=datamodule)
-    ckpt = trainer.checkpoint_callback
-    best_path = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
+    ckpt = _monitor_checkpoint(trainer)
+    done = resume_dir / DONE if resume_dir is not None else None
+    if done is not None and done.is_file():
+        info = json.loads(done.read_text())
+        best_path, best_score = info["best_path"], info["best_score"]
+        log.info("training of this configuration already finished in an earlier run; reusing %s", resume_dir)
+        if not best_path:
+            best_path = str(resume_dir / LAST)
+    else:
+        ckpt_path = None
+        last = resume_dir / LAST if resume_dir is not None else None
+        if last is not None and last.is_file():
+            state = _readable_checkpoint(last)
+            if state is not None:
+                ckpt_path = str(last)
+                log.info(
+                    "resuming from %s (epoch %d of %s done, step %d)",
+                    last,
+                    state["epoch"] + 1,
+                    trainer.max_epochs,
+                    state["global_step"],
+                )
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        best_path = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
+        best_score = float(ckpt.best_model_score) if best_path else float(trainer.callback_metrics["val/ndcg_at_10"])
+        if done is not None:
+            tmp = done.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"best_path": best_path, "best_score": best_score}))
+            os.replace(tmp, done)
     if best_path:
+        # weights_only=True: a checkpoint is never unpickled as arbitrary Python objects.
         state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
-        log.info("restored best text-tower checkpoint %s (val ndcg@10 %.4f)", best_path, float(ckpt.best_model_score))
-    best = float(ckpt.best_model_score) if best_path else float(trainer.callback_metrics["val/ndcg_at_10"])
+        log.info("restored best text-tower checkpoint %s (val ndcg@10 %.4f)", best_path, best_score)
     net.eval()
     return net, {
         "text/val_ndcg_at_10_zeroshot": float(zero["val/ndcg_at_10"]),
-        "text/val_ndcg_at_10_finetuned": best,
+        "text/val_ndcg_at_10_finetuned": float(best_score),
     }
+
+
+def _monitor_checkpoint(trainer: L.Trainer):
+    """The checkpoint callback that keeps the best validation score (not the resume one)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    found = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor is not None]
+    return found[0] if found else trainer.checkpoint_callback
 
 
 def zero_shot_copy(net: TwoTower) -> TwoTower:
     """A frozen copy of the untrained network: the zero-shot baseline the report compares to."""
     return copy.deepcopy(net).eval()
+
+
+def open_resume_dir(root: str | Path | None, config: Mapping[str, Any], volatile: list[str], *extra: str) -> ResumeDir:
+    """The locked resume folder of this configuration (``root=None``: resuming is off)."""
+    if root is None:
+        return ResumeDir(None, "")
+    return ResumeDir(root, config_key(config, volatile, *extra)).acquire()

@@ -1,0 +1,83 @@
+"""The real CLI in a subprocess, and one uninterrupted reference run shared by the crash-safety,
+determinism and secret-masking tests (run once per session: a ``functools.cache``, as in
+``export_support.py``)."""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+SECRET = "s3cr3t-value-0451"
+# Small and quick, with three epochs so that a kill can land after the first checkpoint.
+SMOKE = (
+    "+experiment=smoke",
+    "trainer.max_epochs=3",
+    "data.n_users=200",
+    "data.n_items=120",
+    "eval.zeroshot=false",
+    "model.register_name=null",
+    f"+service.api_token={SECRET}",  # must never reach MLflow params
+)
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def command(root: Path, out: str, *overrides: str) -> list[str]:
+    """``python -m recsys.train`` with every path under ``root`` (the run folder is ``root/out``)."""
+    return [
+        sys.executable,
+        "-m",
+        "recsys.train",
+        f"paths.root_dir={root}",
+        f"paths.mlruns_dir={root / 'mlruns'}",
+        f"paths.data_dir={root / 'data'}",
+        f"paths.output_dir={root / out}",
+        *overrides,
+    ]
+
+
+def run_cli(root: Path, out: str, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    cwd = root / "cwd"
+    cwd.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(
+        command(root, out, *overrides), cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def checked(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    return proc
+
+
+@dataclass(frozen=True)
+class Run:
+    root: Path
+    out: Path
+    proc: subprocess.CompletedProcess
+
+    @property
+    def log(self) -> str:
+        return self.proc.stdout + self.proc.stderr
+
+
+@functools.cache
+def session_root() -> Path:
+    root = Path(tempfile.mkdtemp(prefix="recsys-reliability-"))
+    atexit.register(shutil.rmtree, root, True)
+    return root
+
+
+@functools.cache
+def reference_run() -> Run:
+    """The smoke job, uninterrupted, with ``SMOKE`` overrides."""
+    root = session_root()
+    return Run(root, root / "reference", checked(run_cli(root, "reference", *SMOKE)))
