@@ -342,14 +342,6 @@ def test_cli_config_pointing_at_a_missing_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_future_timestamps_stop_before_training(tmp_path):
-    events, items = files(tmp_path, FUTURE.replace("1700000000123", "1700000000123000"))
-    proc = run_cli(tmp_path, "out", "data=files", f"data.interactions={events}", f"data.items={items}")
-    assert_clean_failure(proc, events, "'timestamp'", "row 2", "1700000000123000", "data.future_timestamps")
-    assert not (tmp_path / "out" / "checkpoints").exists()
-
-
-@pytest.mark.slow
 def test_secrets_are_masked_in_logged_params():
     import mlflow
 
