@@ -65,8 +65,15 @@ def read_user_list(path: str) -> list[str]:
         )
         if Columns.User not in df.columns:
             raise InputError(f"no '{Columns.User}' column (columns: {df.columns})", file=path, column=Columns.User)
-        return df[Columns.User].cast(pl.String).drop_nulls().to_list()
-    return [line.strip() for line in p.read_text().splitlines() if line.strip()]
+        users = df[Columns.User].cast(pl.String).drop_nulls().to_list()
+    else:
+        users = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    if not users:
+        # An empty list is almost always a broken upstream job; an empty export would hide it.
+        raise InputError(
+            "the user list is empty (no user ids): nothing to recommend for", file=path, column=Columns.User
+        )
+    return users
 
 
 def read_histories(path: str):

@@ -40,6 +40,16 @@ def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def mask_secrets(cfg: Any) -> Any:
+    """A copy of a nested config with the values of secret-looking keys replaced by ``***``:
+    what is written to run folders, artifacts and saved models."""
+    if isinstance(cfg, Mapping):
+        return {k: "***" if SECRET.search(str(k)) else mask_secrets(v) for k, v in cfg.items()}
+    if isinstance(cfg, list | tuple):
+        return [mask_secrets(v) for v in cfg]
+    return cfg
+
+
 class Tracker:
     """One MLflow run per training job.
 

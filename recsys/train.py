@@ -34,12 +34,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
     from lightning.pytorch.loggers import MLFlowLogger
 
     from recsys.export.pyfunc import log_trained_pipeline
-    from recsys.export.writer import recommendations_frame, write_parquet_atomic
+    from recsys.export.writer import recommendations_frame, write_parquet_atomic, write_text_atomic
     from recsys.pipeline import FusionStage, HybridPipeline, check_split, stage_exclusion
     from recsys.recommender import History
     from recsys.text.encoder import TwoTower
     from recsys.text.fit import fine_tune, open_resume_dir, zero_shot_copy
     from recsys.text.recommender import NewItemText, TextRecommender
+    from recsys.tracking import mask_secrets
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -59,6 +60,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     pipeline = HybridPipeline(cf, fusion, ks=list(cfg.eval.ks), max_k=cfg.eval.max_k)
     tracker = instantiate(cfg.logger)
     timings["load"] = time.perf_counter() - t0
+    for name, k in (("export.k", cfg.export.k), ("eval.max_k", cfg.eval.max_k)):
+        if k > data.n_items:
+            log.warning("%s=%d is larger than the catalogue (%d items): lists will be shorter", name, k, data.n_items)
     log.info(
         "data %s: %d users, %d items, %d events; %s",
         data.name,
@@ -72,8 +76,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         tracker.log_params(OmegaConf.to_container(cfg, resolve=True))
         tracker.set_tags({"dataset": data.name, "dataset_hash": data.fingerprint()})
         tracker.log_metrics({f"data/{k}": v for k, v in split.describe().items()})
-        config_path = out_dir / "config.yaml"
-        config_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        # Secrets are masked in every copy of the config: params, this file, the saved model.
+        config_yaml = OmegaConf.to_yaml(OmegaConf.create(mask_secrets(OmegaConf.to_container(cfg, resolve=True))))
+        config_path = write_text_atomic(config_yaml, out_dir / "config.yaml")
         tracker.log_artifact(config_path)
 
         # --- validation stage: fit on train -------------------------------------------------
@@ -84,7 +89,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
         t0 = time.perf_counter()
         item_ids, item_lengths = encoder.tokenize(data.texts)
-        net = TwoTower(encoder, max_history=cfg.text.max_history, temperature=cfg.text.temperature)
+        net = TwoTower(
+            encoder,
+            cfg.text.max_history,
+            temperature=cfg.text.temperature,
+            learn_temperature=cfg.text.learn_temperature,
+            frozen_history=cfg.text.frozen_history,
+        )
         zero_net = zero_shot_copy(net) if cfg.eval.zeroshot else None
         datamodule = instantiate(cfg.text.data)(
             item_ids=item_ids, item_lengths=item_lengths, train=hist_val, val=split.val
@@ -141,10 +152,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
         metrics["rank/best_iteration"] = fusion.ranker.best_iteration
         tracker.log_metrics(metrics)
         table_path = out_dir / "metrics.csv"
-        pl.concat([tab.with_columns(pl.lit(p).alias("protocol")) for p, tab in tables.items()]).write_csv(table_path)
+        table_all = pl.concat([tab.with_columns(pl.lit(p).alias("protocol")) for p, tab in tables.items()])
+        write_text_atomic(table_all.write_csv(), table_path)
         tracker.log_artifact(table_path)
         imp_path = out_dir / "feature_importance.csv"
-        fusion.ranker.feature_importance().write_csv(imp_path)
+        write_text_atomic(fusion.ranker.feature_importance().write_csv(), imp_path)
         tracker.log_artifact(imp_path)
 
         # --- export: fused top-K for every test user, seen items removed ---------------------
@@ -177,12 +189,20 @@ def main(cfg: DictConfig) -> None:
     except Exception as e:
         # A data or config problem: one clear message, no traceback, non-zero exit. Hydra's
         # instantiate wraps constructor errors, so look down the cause chain.
+        from omegaconf.errors import MissingMandatoryValue
+
         cause: BaseException | None = e
-        while cause is not None and not isinstance(cause, InputError):
-            cause = cause.__cause__
+        while cause is not None and not isinstance(cause, InputError | MissingMandatoryValue):
+            cause = cause.__cause__ or cause.__context__
         if cause is None:
             raise
-        print(f"error: {cause}", file=sys.stderr)
+        if isinstance(cause, MissingMandatoryValue):
+            key = getattr(cause, "full_key", "") or str(cause).splitlines()[0]
+            print(
+                f"error: the config value '{key}' is required (set it on the command line: {key}=...)", file=sys.stderr
+            )
+        else:
+            print(f"error: {cause}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -309,7 +309,6 @@ def test_k_larger_than_the_catalogue_gives_shorter_lists(tiny_dataset):
     assert all(r == list(range(1, len(r) + 1)) for r in ranks)
 
 
-@pytest.mark.xfail(strict=True, reason="recsys.recommend accepts an empty user list and writes an empty file")
 @pytest.mark.parametrize("content", ["", "user_id\n"])
 def test_an_empty_user_list_for_export_is_an_error(tmp_path, content):
     from recsys.recommend import read_user_list

@@ -257,12 +257,51 @@ def test_fine_tune_restores_the_best_checkpoint(block_world, tiny_encoder, tmp_p
     out, metrics = fine_tune(net, dm, factory, t)
 
     assert out is net and not net.training
-    assert set(metrics) == {"text/val_ndcg_at_10_zeroshot", "text/val_ndcg_at_10_finetuned"}
+    assert set(metrics) == {"text/val_ndcg_at_10_zeroshot", "text/val_ndcg_at_10_finetuned", "text/kept_zeroshot"}
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
     assert metrics["text/val_ndcg_at_10_finetuned"] == pytest.approx(float(ckpt.best_model_score))
+    # This tiny world is learnable: fine-tuning beats the random start, so the best checkpoint wins.
+    assert metrics["text/kept_zeroshot"] == 0.0
     state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
     for key, value in net.state_dict().items():
         torch.testing.assert_close(value, state[f"net.{key}"], atol=0, rtol=0)
+
+
+def test_fine_tune_keeps_the_zero_shot_weights_when_no_epoch_beats_them(block_world, tiny_encoder, tmp_path):
+    """Step 0 competes: a fine-tuning that only hurts (lr far too high) must not replace it."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from recsys.text.fit import fine_tune
+
+    L.seed_everything(0, verbose=False)
+    h = block_world.history
+    split = LeaveLastOutSplit(n_val=1, n_test=1).split(h.interactions)
+    train = History(split.train, h.n_users, h.n_items)
+    ids, lengths = tiny_encoder.tokenize(block_world.texts)
+    net = TwoTower(tiny_encoder, max_history=10)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    dm = TextDataModule(
+        item_ids=ids, item_lengths=lengths, train=train, val=split.val, batch_size=16, steps_per_epoch=3, max_history=10
+    )
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="best", monitor="val/ndcg_at_10", mode="max")
+    t = trainer(max_epochs=1, limit_val_batches=None, enable_checkpointing=True, callbacks=[ckpt])
+
+    class NeverBetter(TextTowerModule):
+        """Validation during fit reports 0: no epoch beats the zero-shot pass run before fit."""
+
+        def on_validation_epoch_end(self) -> None:
+            if self.trainer.state.fn == "fit":
+                self._val_ndcg, self._val_hit = [], []
+                self.log("val/ndcg_at_10", 0.0)
+            else:
+                super().on_validation_epoch_end()
+
+    factory = lambda net: NeverBetter(net=net, lr_encoder=1e-3, lr_head=1e-2, warmup_steps=1)  # noqa: E731
+    _, metrics = fine_tune(net, dm, factory, t)
+    assert metrics["text/kept_zeroshot"] == 1.0
+    assert metrics["text/val_ndcg_at_10_finetuned"] <= metrics["text/val_ndcg_at_10_zeroshot"]
+    for key, value in net.state_dict().items():
+        torch.testing.assert_close(value, before[key], atol=0, rtol=0)
 
 
 # --- known answer: one-topic users get their topic after fine-tuning ------------------------------
@@ -299,3 +338,31 @@ def test_text_recommender_scores_cold_items(block_world, block_towers):
     for item in cold:
         own = block_world.block_of_user == block_world.block_of_item[item]
         assert scores[own, item].mean() > scores[~own, item].mean() + 0.1
+
+
+def test_frozen_history_side_keeps_the_starting_catalogue_vectors(block_world, tiny_encoder):
+    """With ``frozen_history`` the user side reads the catalogue as encoded before fine-tuning,
+    in training and at inference alike, while the item side (the BERT weights) does change."""
+    L.seed_everything(0, verbose=False)
+    h = block_world.history
+    split = LeaveLastOutSplit(n_val=1, n_test=1).split(h.interactions)
+    train = History(split.train, h.n_users, h.n_items)
+    ids, lengths = tiny_encoder.tokenize(block_world.texts)
+    net = TwoTower(tiny_encoder, max_history=10, frozen_history=True)
+    start = tiny_encoder.encode_tokens(ids, lengths)
+    dm = TextDataModule(
+        item_ids=ids, item_lengths=lengths, train=train, val=split.val, batch_size=16, steps_per_epoch=5, max_history=10
+    )
+    module = TextTowerModule(net=net, lr_encoder=1e-3, lr_head=1e-2, warmup_steps=1)
+    trainer(max_epochs=1, limit_val_batches=None).fit(module, datamodule=dm)
+    torch.testing.assert_close(net.history_embeddings, start)
+    after = tiny_encoder.encode_tokens(ids, lengths)
+    assert (after - start).abs().max() > 1e-3  # the item side was trained
+    rec = TextRecommender(net.eval(), after).fit(train)
+    expected = net.user_encoder(*_history_vectors(start, train, 10))
+    np.testing.assert_allclose(rec.user_embeddings, expected.detach().numpy(), atol=1e-6)
+
+
+def _history_vectors(table: torch.Tensor, history: History, max_history: int):
+    hist, mask = pad_histories(history.sequences, max_history)
+    return table[hist.clamp(min=0)], mask

@@ -305,11 +305,14 @@ class TrainedPipeline:
             state = {k: v.detach().contiguous().cpu() for k, v in self.net.user_encoder.state_dict().items()}
             save_file(state, str(path / "text" / "user_encoder.safetensors"))
             np.save(path / "text" / "item_embeddings.npy", self.item_embeddings, allow_pickle=False)
+            if self.net.history_embeddings is not None:  # the frozen history side (TwoTower)
+                hist = self.net.history_embeddings.numpy().astype(np.float32)
+                np.save(path / "text" / "history_embeddings.npy", hist, allow_pickle=False)
             text_meta = {
                 "name": self.text_name,
                 "max_length": enc.max_length,
                 "max_history": self.net.user_encoder.max_history,
-                "temperature": float(np.exp(-self.net.log_inv_temperature)),
+                "temperature": self.net.temperature,
             }
         ranker_meta = None
         if self.ranker is not None:
@@ -495,6 +498,8 @@ def load_text_tower(folder: Path, max_length: int, max_history: int, temperature
     tok = AutoTokenizer.from_pretrained(str(enc_dir))
     net = TwoTower(ItemEncoder(bert, tok, max_length), max_history=max_history, temperature=temperature)
     net.user_encoder.load_state_dict(load_file(str(folder / "user_encoder.safetensors")))
+    if (folder / "history_embeddings.npy").is_file():
+        net.history_embeddings = torch.from_numpy(np.load(folder / "history_embeddings.npy", allow_pickle=False))
     return net.eval()
 
 

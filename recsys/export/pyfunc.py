@@ -211,10 +211,12 @@ def log_trained_pipeline(cfg, data, history, models, fusion, out_dir: str | Path
     """The one call ``recsys.train`` makes: the test-stage pipeline as an MLflow model."""
     from omegaconf import OmegaConf
 
+    from recsys.tracking import mask_secrets
+
     node = cfg.get("model") or {}
     run = __import__("mlflow").active_run()
     event_weights = (cfg.data.get("event_weights") if "data" in cfg else None) or {"click": 1.0, "purchase": 4.0}
-    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    config_yaml = OmegaConf.to_yaml(OmegaConf.create(mask_secrets(OmegaConf.to_container(cfg, resolve=True))))
     import hashlib
 
     meta = {

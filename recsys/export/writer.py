@@ -43,3 +43,16 @@ def write_parquet_atomic(df: pl.DataFrame, path: str | Path) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def write_text_atomic(text: str, path: str | Path) -> Path:
+    """``path.write_text`` through a temporary name, so a killed run leaves no half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -163,14 +163,43 @@ class UserEncoder(nn.Module):
 class TwoTower(nn.Module):
     """Item and user towers sharing one embedding space; score = cosine / temperature."""
 
-    def __init__(self, item_encoder: ItemEncoder, max_history: int = 20, temperature: float = 0.05) -> None:
+    def __init__(
+        self,
+        item_encoder: ItemEncoder,
+        max_history: int = 20,
+        temperature: float = 0.1,
+        learn_temperature: bool = True,
+        frozen_history: bool = False,
+    ) -> None:
         super().__init__()
         self.item_encoder = item_encoder
         self.user_encoder = UserEncoder(item_encoder.dim, max_history)
-        self.log_inv_temperature = math.log(1.0 / temperature)
+        # frozen_history: the user side reads the catalogue as the encoder saw it before
+        # fine-tuning (``history_embeddings``, set once), the item side is fine-tuned to that space.
+        # Training and inference then see the same history vectors; with a shared, moving encoder
+        # the history vectors used in training (cached, refreshed once an epoch) lag the ones
+        # used at inference, and that gap cost more than fine-tuning gained (docs/design.md).
+        # Only sound from a pretrained encoder: a random one has nothing worth freezing.
+        self.frozen_history = frozen_history
+        self.history_embeddings: torch.Tensor | None = None
+        # Learned (as in CLIP): a fixed sharp temperature makes the zero-shot start over-confident,
+        # and the first gradients then tear up its geometry instead of refining it.
+        self.log_inv_temperature = nn.Parameter(
+            torch.tensor(math.log(1.0 / temperature)), requires_grad=learn_temperature
+        )
+
+    @property
+    def temperature(self) -> float:
+        return float(torch.exp(-self.log_inv_temperature.detach()))
 
     def user_embeddings(self, item_embeddings: torch.Tensor, histories: Sequence[np.ndarray]) -> torch.Tensor:
-        """User vectors from each user's history (item indices, oldest first)."""
+        """User vectors from each user's history (item indices, oldest first).
+
+        History items are looked up in ``history_embeddings`` when the history side is frozen,
+        else in ``item_embeddings`` (the catalogue as the current encoder sees it).
+        """
+        if self.history_embeddings is not None:
+            item_embeddings = self.history_embeddings.to(item_embeddings.device)
         hist, mask = pad_histories(histories, self.user_encoder.max_history)
         dev = item_embeddings.device
         hist, mask = hist.to(dev), mask.to(dev)

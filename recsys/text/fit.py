@@ -139,10 +139,13 @@ def fine_tune(
     left there by a killed run is resumed, and a finished training (``done.json``) is reused.
 
     Returns the network and the validation metrics of the untouched (zero-shot) and the best
-    fine-tuned weights, so a run shows what fine-tuning earned.
+    fine-tuned weights, so a run shows what fine-tuning earned. When no epoch beats the zero-shot
+    weights on validation, those are kept (``text/kept_zeroshot`` = 1).
     """
     module = module_factory(net=net)
     zero = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    # Step 0 competes too: if no epoch beats the zero-shot weights on validation, keep those.
+    initial = copy.deepcopy(net.state_dict())
     ckpt = _monitor_checkpoint(trainer)
     done = resume_dir / DONE if resume_dir is not None else None
     if done is not None and done.is_file():
@@ -177,10 +180,21 @@ def fine_tune(
         state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
         log.info("restored best text-tower checkpoint %s (val ndcg@10 %.4f)", best_path, best_score)
+    zero_score = float(zero["val/ndcg_at_10"])
+    kept_zero_shot = best_score <= zero_score
+    if kept_zero_shot:
+        net.load_state_dict(initial)
+        log.warning(
+            "fine-tuning did not beat the zero-shot encoder on validation (ndcg@10 %.4f <= %.4f): keeping the "
+            "zero-shot weights (try a lower text.module.lr_encoder or more text.data.steps_per_epoch)",
+            best_score,
+            zero_score,
+        )
     net.eval()
     return net, {
-        "text/val_ndcg_at_10_zeroshot": float(zero["val/ndcg_at_10"]),
+        "text/val_ndcg_at_10_zeroshot": zero_score,
         "text/val_ndcg_at_10_finetuned": float(best_score),
+        "text/kept_zeroshot": float(kept_zero_shot),
     }
 
 

@@ -8,8 +8,9 @@ its own negative. Each row's loss is weighted by its event (a purchase counts mo
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -55,12 +56,31 @@ class TextTowerModule(L.LightningModule):
         self.item_cache = self.net.item_encoder.encode_tokens(dm.item_ids, dm.item_lengths, self.encode_batch_size).to(
             self.device
         )
+        if self.net.frozen_history and self.net.history_embeddings is None:
+            # The first pass (zero-shot validation or fit start) fixes the history side for good.
+            self.net.history_embeddings = self.item_cache.detach().cpu().clone()
+
+    @property
+    def history_cache(self) -> torch.Tensor:
+        if self.net.history_embeddings is not None:
+            return self.net.history_embeddings.to(self.device)
+        return self.item_cache
 
     def on_fit_start(self) -> None:
         self.refresh_cache()
 
     def on_validation_epoch_start(self) -> None:
         self.refresh_cache()
+
+    # The frozen history side is data, not a parameter: it travels in the checkpoint so a
+    # resumed run reads the same history vectors as the run it continues.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.net.history_embeddings is not None:
+            checkpoint["history_embeddings"] = self.net.history_embeddings
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "history_embeddings" in checkpoint:
+            self.net.history_embeddings = checkpoint["history_embeddings"]
 
     # -- training ------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -70,11 +90,12 @@ class TextTowerModule(L.LightningModule):
             hist = items[pos.clamp(min=0)]
             negatives = batch["negatives"]
         else:
-            hist = self.item_cache[batch["history"].clamp(min=0)]
+            hist = self.history_cache[batch["history"].clamp(min=0)]
             negatives = None
         users = self.net.user_encoder(hist, batch["history_mask"])
         candidates = items if negatives is None else items[negatives]
-        logits = users @ candidates.T * np.exp(self.net.log_inv_temperature)
+        scale = self.net.log_inv_temperature.clamp(max=math.log(100.0)).exp()
+        logits = users @ candidates.T * scale
         logits = logits - self.logq_correction * batch["candidate_logq"][None, :]
         labels = batch["target_pos"]
         if negatives is not None:
@@ -87,7 +108,7 @@ class TextTowerModule(L.LightningModule):
 
     # -- validation: full ranking over the catalogue, seen items removed ----------------------
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        hist = self.item_cache[batch["history"].clamp(min=0)]
+        hist = self.history_cache[batch["history"].clamp(min=0)]
         users = self.net.user_encoder(hist, batch["history_mask"])
         scores = users @ self.item_cache.T
         seen = batch["seen"]
@@ -110,7 +131,8 @@ class TextTowerModule(L.LightningModule):
 
     def configure_optimizers(self):
         encoder = [p for p in self.net.item_encoder.parameters() if p.requires_grad]
-        head = list(self.net.user_encoder.parameters())
+        head = [*self.net.user_encoder.parameters(), self.net.log_inv_temperature]
+        head = [p for p in head if p.requires_grad]
         opt = torch.optim.AdamW(
             [{"params": encoder, "lr": self.lr_encoder}, {"params": head, "lr": self.lr_head}],
             weight_decay=self.weight_decay,
