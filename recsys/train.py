@@ -33,6 +33,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     from hydra.utils import instantiate
     from lightning.pytorch.loggers import MLFlowLogger
 
+    from recsys.columns import Columns
     from recsys.export.pyfunc import log_trained_pipeline
     from recsys.export.writer import recommendations_frame, write_parquet_atomic, write_text_atomic
     from recsys.pipeline import FusionStage, HybridPipeline, check_split, stage_exclusion
@@ -97,8 +98,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
             frozen_history=cfg.text.frozen_history,
         )
         zero_net = zero_shot_copy(net) if cfg.eval.zeroshot else None
+        listed = (
+            data.items[Columns.AvailableFrom].cast(pl.Float64).fill_null(float("nan")).to_numpy()
+            if Columns.AvailableFrom in data.items.columns
+            else None
+        )
         datamodule = instantiate(cfg.text.data)(
-            item_ids=item_ids, item_lengths=item_lengths, train=hist_val, val=split.val
+            item_ids=item_ids, item_lengths=item_lengths, train=hist_val, val=split.val, available_from=listed
         )
         # Checkpoints live in a folder named by the config and data, so the same command resumes.
         resume = open_resume_dir(

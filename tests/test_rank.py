@@ -181,3 +181,40 @@ def test_ranker_is_deterministic():
     a = LambdaMARTRanker(n_estimators=20, min_child_samples=5, seed=3).fit(frame, ["noise_a", "signal"])
     b = LambdaMARTRanker(n_estimators=20, min_child_samples=5, seed=3).fit(frame, ["noise_a", "signal"])
     np.testing.assert_array_equal(a.predict(frame), b.predict(frame))
+
+
+def test_stage_exclusion_removes_seen_and_not_yet_listed_items():
+    from recsys.pipeline import stage_exclusion
+
+    # user 0 saw item 0; item 2 is listed at t=50, item 3 at t=500; item 1 always existed.
+    history = History(
+        pl.DataFrame(
+            {Columns.UserIdx: [0], Columns.ItemIdx: [0], Columns.Timestamp: [1], Columns.Weight: [1.0]},
+            schema={
+                Columns.UserIdx: pl.Int32,
+                Columns.ItemIdx: pl.Int32,
+                Columns.Timestamp: pl.Int64,
+                Columns.Weight: pl.Float32,
+            },
+        ),
+        n_users=2,
+        n_items=4,
+    )
+    items = pl.DataFrame({Columns.ItemIdx: [0, 1, 2, 3], Columns.AvailableFrom: [None, None, 50, 500]})
+    targets = pl.DataFrame({Columns.UserIdx: [0, 1], Columns.Timestamp: [100, 1000]})
+    ex = stage_exclusion(history, items, targets).toarray().astype(bool)
+    assert ex[0].tolist() == [True, False, False, True]  # seen item 0; item 3 not listed yet at t=100
+    assert ex[1].tolist() == [False, False, False, False]  # everything exists at t=1000
+    # Without the column only seen items are excluded.
+    plain = stage_exclusion(history, items.drop(Columns.AvailableFrom), targets).toarray().astype(bool)
+    assert plain[0].tolist() == [True, False, False, False]
+
+
+def test_generated_items_are_listed_before_their_first_event(tmp_path):
+    from recsys.data import GeneratedDataSource
+
+    data = GeneratedDataSource(str(tmp_path), n_users=200, n_items=150, seed=3).load()
+    listed = data.items.select(Columns.ItemIdx, Columns.AvailableFrom)
+    joined = data.interactions.join(listed, on=Columns.ItemIdx)
+    assert data.items[Columns.AvailableFrom].is_not_null().sum() > 0  # some items are released late
+    assert (joined[Columns.Timestamp] >= joined[Columns.AvailableFrom]).all()

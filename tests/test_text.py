@@ -366,3 +366,18 @@ def test_frozen_history_side_keeps_the_starting_catalogue_vectors(block_world, t
 def _history_vectors(table: torch.Tensor, history: History, max_history: int):
     hist, mask = pad_histories(history.sequences, max_history)
     return table[hist.clamp(min=0)], mask
+
+
+def test_validation_never_ranks_items_listed_after_the_event(block_world, tiny_encoder):
+    """Like the test evaluation: an item listed after the user's validation event is no candidate."""
+    h = block_world.history
+    split = LeaveLastOutSplit(n_val=1, n_test=1).split(h.interactions)
+    train = History(split.train, h.n_users, h.n_items)
+    ids, lengths = tiny_encoder.tokenize(block_world.texts)
+    listed = np.full(h.n_items, np.nan)
+    listed[:5] = split.val["timestamp"].max() + 1  # items 0-4 appear after every validation event
+    listed[5] = split.val["timestamp"].min() - 1  # item 5 was there all along
+    dm = TextDataModule(item_ids=ids, item_lengths=lengths, train=train, val=split.val, available_from=listed)
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["unavailable"][:, :5].all()
+    assert not batch["unavailable"][:, 5:].any()

@@ -100,9 +100,15 @@ class TextDataModule(L.LightningDataModule):
         val_users: int = 1000,
         val_batch_size: int = 256,
         seed: int = 0,
+        available_from: np.ndarray | None = None,
     ) -> None:
         super().__init__()
         self.item_ids, self.item_lengths = item_ids, item_lengths
+        # When each item was first listed (NaN = always): validation, like the test evaluation,
+        # never ranks an item for a moment before it existed.
+        self.available_from = (
+            None if available_from is None else torch.from_numpy(np.asarray(available_from, dtype=np.float64))
+        )
         self.train, self.val = train, val
         self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
         self.max_history, self.encode_history = max_history, encode_history
@@ -159,20 +165,29 @@ class TextDataModule(L.LightningDataModule):
             users = np.sort(np.random.default_rng(self.seed).choice(users, self.val_users, replace=False))
         targets = df.filter(pl.col(Columns.UserIdx).is_in(users)).sort(Columns.UserIdx, Columns.Timestamp)
         rows = [
-            (self.train.sequences[u], int(i))
-            for u, i in zip(targets[Columns.UserIdx].to_numpy(), targets[Columns.ItemIdx].to_numpy(), strict=True)
+            (self.train.sequences[u], int(i), int(t))
+            for u, i, t in zip(
+                targets[Columns.UserIdx].to_numpy(),
+                targets[Columns.ItemIdx].to_numpy(),
+                targets[Columns.Timestamp].to_numpy(),
+                strict=True,
+            )
         ]
         return DataLoader(rows, batch_size=self.val_batch_size, shuffle=False, collate_fn=self._collate_val)
 
-    def _collate_val(self, rows: list[tuple[np.ndarray, int]]) -> dict[str, torch.Tensor]:
+    def _collate_val(self, rows: list[tuple[np.ndarray, int, int]]) -> dict[str, torch.Tensor]:
         hist, hmask = pad_histories([r[0] for r in rows], self.max_history)
         width = max(1, max(len(r[0]) for r in rows))
         seen = torch.full((len(rows), width), -1, dtype=torch.long)
-        for j, (h, _) in enumerate(rows):
+        for j, (h, _, _) in enumerate(rows):
             seen[j, : len(h)] = torch.from_numpy(np.asarray(h, dtype=np.int64))
-        return {
+        batch = {
             "history": hist,
             "history_mask": hmask,
             "seen": seen,
             "targets": torch.tensor([r[1] for r in rows], dtype=torch.long),
         }
+        if self.available_from is not None:
+            times = torch.tensor([r[2] for r in rows], dtype=torch.float64)
+            batch["unavailable"] = self.available_from[None, :] > times[:, None]  # NaN compares False
+        return batch

@@ -114,6 +114,8 @@ class TextTowerModule(L.LightningModule):
         seen = batch["seen"]
         rows = torch.arange(len(seen), device=seen.device)[:, None].expand_as(seen)
         scores[rows[seen >= 0], seen[seen >= 0]] = -torch.inf
+        if "unavailable" in batch:
+            scores = scores.masked_fill(batch["unavailable"].to(scores.device), -torch.inf)
         target = scores.gather(1, batch["targets"][:, None])
         rank = (scores > target).sum(1)  # 0-based rank of the target
         hit = (rank < 10) & torch.isfinite(target.squeeze(1))
