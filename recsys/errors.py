@@ -39,3 +39,20 @@ class InputError(Exception):
 
 class ConfigError(InputError):
     """A configuration value that cannot work (missing path, K larger than the catalogue ...)."""
+
+
+def user_message(error: BaseException) -> str | None:
+    """The one-line message an entry point prints for a data or config problem, else None.
+
+    Hydra's ``instantiate`` wraps constructor errors, so the cause chain is searched; a missing
+    mandatory config value (``???``) counts as a config problem too.
+    """
+    from omegaconf.errors import MissingMandatoryValue
+
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, InputError | MissingMandatoryValue):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, MissingMandatoryValue):
+        key = getattr(cause, "full_key", "") or str(cause).splitlines()[0]
+        return f"the config value '{key}' is required (set it on the command line: {key}=...)"
+    return None if cause is None else str(cause)

@@ -24,7 +24,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import recsys.config  # noqa: E402,F401  (registers resolvers)
-from recsys.errors import InputError  # noqa: E402
+from recsys.errors import InputError, user_message  # noqa: E402
 
 log = logging.getLogger("recsys.recommend")
 
@@ -134,12 +134,11 @@ def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except Exception as e:
-        cause: BaseException | None = e
-        while cause is not None and not isinstance(cause, InputError):
-            cause = cause.__cause__
-        if cause is None:
+        # A data or config problem: one clear message, no traceback, exit code 2.
+        message = user_message(e)
+        if message is None:
             raise
-        print(f"error: {cause}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -20,7 +20,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import recsys.config  # noqa: E402,F401  (registers resolvers)
-from recsys.errors import InputError  # noqa: E402
+from recsys.errors import user_message  # noqa: E402
 
 log = logging.getLogger("recsys.train")
 
@@ -193,22 +193,11 @@ def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except Exception as e:
-        # A data or config problem: one clear message, no traceback, non-zero exit. Hydra's
-        # instantiate wraps constructor errors, so look down the cause chain.
-        from omegaconf.errors import MissingMandatoryValue
-
-        cause: BaseException | None = e
-        while cause is not None and not isinstance(cause, InputError | MissingMandatoryValue):
-            cause = cause.__cause__ or cause.__context__
-        if cause is None:
+        # A data or config problem: one clear message, no traceback, exit code 2.
+        message = user_message(e)
+        if message is None:
             raise
-        if isinstance(cause, MissingMandatoryValue):
-            key = getattr(cause, "full_key", "") or str(cause).splitlines()[0]
-            print(
-                f"error: the config value '{key}' is required (set it on the command line: {key}=...)", file=sys.stderr
-            )
-        else:
-            print(f"error: {cause}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -29,7 +29,7 @@ from recsys.export.pipeline_model import (
 )
 from recsys.export.rules import CompiledRules, apply_rules
 from recsys.rank.candidates import rank_column
-from recsys.rank.features import DAY, item_statistics
+from recsys.rank.features import item_statistics, user_statistics
 from recsys.recommender import History, Recommender
 from recsys.text.encoder import pad_histories
 
@@ -160,18 +160,6 @@ def fast_top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return idx, np.take_along_axis(scores, idx, 1)
 
 
-def user_statistics_at(history: History, now: int) -> pl.DataFrame:
-    """``recsys.rank.features.user_statistics`` with a fixed reference time (the model's)."""
-    return (
-        history.interactions.group_by(Columns.UserIdx)
-        .agg(
-            pl.len().cast(pl.Float32).alias("user_events"),
-            ((now - pl.col(Columns.Timestamp).max()) / DAY).alias("user_idle_days"),
-        )
-        .with_columns(pl.col(Columns.UserIdx).cast(pl.Int32))
-    )
-
-
 def block_features(
     candidates: pl.DataFrame,
     history: History,
@@ -196,7 +184,7 @@ def block_features(
     n_sources = pl.sum_horizontal([pl.col(rank_column(s)).is_not_null().cast(pl.Int8) for s in sources])
     df = df.with_columns(*z, n_sources.alias("n_sources"))
     df = df.join(item_stats, on=Columns.ItemIdx, how="left")
-    df = df.join(user_statistics_at(history, now), on=Columns.UserIdx, how="left")
+    df = df.join(user_statistics(history, now), on=Columns.UserIdx, how="left")
     return df.sort(Columns.UserIdx, Columns.ItemIdx)
 
 

@@ -39,9 +39,11 @@ def item_statistics(history: History) -> pl.DataFrame:
     ).sort(Columns.ItemIdx)
 
 
-def user_statistics(history: History) -> pl.DataFrame:
+def user_statistics(history: History, now: int | None = None) -> pl.DataFrame:
+    """Per user: event count and days since the last event, as of ``now`` (default: the history's end)."""
     df = history.interactions
-    now = df[Columns.Timestamp].max() if df.height else 0
+    if now is None:
+        now = df[Columns.Timestamp].max() if df.height else 0
     return (
         df.group_by(Columns.UserIdx)
         .agg(
