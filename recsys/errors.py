@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from typing import Any
 
 
@@ -56,3 +57,15 @@ def user_message(error: BaseException) -> str | None:
         key = getattr(cause, "full_key", "") or str(cause).splitlines()[0]
         return f"the config value '{key}' is required (set it on the command line: {key}=...)"
     return None if cause is None else str(cause)
+
+
+def exit_on_user_error(run: Callable[[], object]) -> None:
+    """Run an entry point's job; a data or config problem becomes one line on stderr and exit 2."""
+    try:
+        run()
+    except Exception as e:
+        message = user_message(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,7 +23,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import recsys.config  # noqa: E402,F401  (registers resolvers)
-from recsys.errors import InputError, user_message  # noqa: E402
+from recsys.errors import InputError, exit_on_user_error  # noqa: E402
 
 log = logging.getLogger("recsys.recommend")
 
@@ -131,15 +130,7 @@ def run(cfg: DictConfig):
 
 @hydra.main(config_path="../conf", config_name="recommend", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except Exception as e:
-        # A data or config problem: one clear message, no traceback, exit code 2.
-        message = user_message(e)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_user_error(lambda: run(cfg))
 
 
 if __name__ == "__main__":

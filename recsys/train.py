@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import recsys.config  # noqa: E402,F401  (registers resolvers)
-from recsys.errors import user_message  # noqa: E402
+from recsys.errors import exit_on_user_error  # noqa: E402
 
 log = logging.getLogger("recsys.train")
 
@@ -190,15 +189,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except Exception as e:
-        # A data or config problem: one clear message, no traceback, exit code 2.
-        message = user_message(e)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_user_error(lambda: run(cfg))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,27 +33,23 @@ def recommendations_frame(
     return df.sort(Columns.User, Columns.Rank)
 
 
-def write_parquet_atomic(df: pl.DataFrame, path: str | Path) -> Path:
-    """Write to a temporary name in the same folder, then rename (atomic on one file system)."""
+def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp)`` on a temporary name in the same folder, then rename it to ``path``
+    (atomic on one file system): a reader never sees a half-written file, even after kill -9."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        df.write_parquet(tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def write_parquet_atomic(df: pl.DataFrame, path: str | Path) -> Path:
+    return write_atomic(path, df.write_parquet)
 
 
 def write_text_atomic(text: str, path: str | Path) -> Path:
-    """``path.write_text`` through a temporary name, so a killed run leaves no half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomic(path, lambda tmp: tmp.write_text(text))
