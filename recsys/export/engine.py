@@ -29,7 +29,7 @@ from recsys.export.pipeline_model import (
 )
 from recsys.export.rules import CompiledRules, apply_rules
 from recsys.rank.candidates import rank_column
-from recsys.rank.features import item_statistics, user_statistics
+from recsys.rank.features import build_features, item_statistics
 from recsys.recommender import History, Recommender
 from recsys.text.encoder import pad_histories
 
@@ -168,24 +168,10 @@ def block_features(
     item_stats: pl.DataFrame,
     now: int,
 ) -> pl.DataFrame:
-    """The ranker's features, as ``recsys.rank.features.build_features`` computes them, but with
-    item statistics and the reference time of the whole training history rather than the block's.
+    """The ranker's features for a block of users: ``build_features`` with the item statistics and
+    reference time of the whole training history rather than the block's.
     ``tests/test_export.py`` checks both agree on the training users."""
-    users = candidates[Columns.UserIdx].to_numpy().astype(np.int64)
-    items = candidates[Columns.ItemIdx].to_numpy().astype(np.int64)
-    scores = {f"score_{name}": pair_scores(model, users, items) for name, model in scorers.items()}
-    df = candidates.with_columns(pl.Series(k, v) for k, v in scores.items())
-    z = [
-        ((pl.col(c) - pl.col(c).mean().over(Columns.UserIdx)) / (pl.col(c).std().over(Columns.UserIdx) + 1e-6)).alias(
-            f"{c}_z"
-        )
-        for c in scores
-    ]
-    n_sources = pl.sum_horizontal([pl.col(rank_column(s)).is_not_null().cast(pl.Int8) for s in sources])
-    df = df.with_columns(*z, n_sources.alias("n_sources"))
-    df = df.join(item_stats, on=Columns.ItemIdx, how="left")
-    df = df.join(user_statistics(history, now), on=Columns.UserIdx, how="left")
-    return df.sort(Columns.UserIdx, Columns.ItemIdx)
+    return build_features(candidates, history, scorers, sources, item_stats, now, pair_scores)
 
 
 class Engine:

@@ -6,7 +6,7 @@ text tower against CF item by item. Item statistics come from the stage's histor
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import polars as pl
@@ -59,11 +59,19 @@ def build_features(
     history: History,
     scorers: Mapping[str, Recommender],
     sources: Sequence[str],
+    item_stats: pl.DataFrame | None = None,
+    now: int | None = None,
+    pair_scores: Callable[[Recommender, np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> pl.DataFrame:
-    """Candidates + model scores, per-user standardised scores, ranks, item and user statistics."""
+    """Candidates + model scores, per-user standardised scores, ranks, item and user statistics.
+
+    Export passes ``item_stats`` and ``now`` of the whole training history (it works on blocks of
+    users) and a cheaper per-pair scorer; training and export then compute the same features.
+    """
     users = candidates[Columns.UserIdx].to_numpy().astype(np.int64)
     items = candidates[Columns.ItemIdx].to_numpy().astype(np.int64)
-    scores = {f"score_{name}": model.score_pairs(users, items) for name, model in scorers.items()}
+    score = pair_scores or (lambda model, u, i: model.score_pairs(u, i))
+    scores = {f"score_{name}": score(model, users, items) for name, model in scorers.items()}
     df = candidates.with_columns(pl.Series(k, v) for k, v in scores.items())
     z = [
         ((pl.col(c) - pl.col(c).mean().over(Columns.UserIdx)) / (pl.col(c).std().over(Columns.UserIdx) + 1e-6)).alias(
@@ -73,8 +81,9 @@ def build_features(
     ]
     n_sources = pl.sum_horizontal([pl.col(rank_column(s)).is_not_null().cast(pl.Int8) for s in sources])
     df = df.with_columns(*z, n_sources.alias("n_sources"))
-    df = df.join(item_statistics(history), on=Columns.ItemIdx, how="left")
-    df = df.join(user_statistics(history), on=Columns.UserIdx, how="left")
+    stats = item_statistics(history) if item_stats is None else item_stats
+    df = df.join(stats, on=Columns.ItemIdx, how="left")
+    df = df.join(user_statistics(history, now), on=Columns.UserIdx, how="left")
     return df.sort(Columns.UserIdx, Columns.ItemIdx)
 
 
