@@ -98,7 +98,7 @@ def run(cfg: DictConfig):
     pipeline = TrainedPipeline.load(folder)
     rules = instantiate(cfg.rules).compile(pipeline.items, pipeline.now)
     explain = ExplainOptions(**OmegaConf.to_container(cfg.explain, resolve=True))
-    engine = Engine(pipeline, rules, int(cfg.k), str(cfg.scorer), explain)
+    engine = Engine(pipeline, rules, int(cfg.k), str(cfg.scorer), explain, threads=int(cfg.get("threads", 1)))
 
     histories = None
     if cfg.histories:

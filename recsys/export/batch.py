@@ -132,7 +132,10 @@ def export_recommendations(
             stats = {"rows": df.height, "users": len(block), "removed": dict(engine.rules.removed)}
             (work / f"part-{i:05d}.json").write_text(json.dumps(stats, sort_keys=True))
             tmp = parts[i].with_suffix(".parquet.tmp")
-            df.write_parquet(tmp, statistics=False)
+            # Parts are temporary and read back once, by the publish step, which compresses the
+            # output: a zstd part cost 0.67 CPU-s to write and read back per 400k rows, an
+            # uncompressed one 0.13 s.
+            df.write_parquet(tmp, statistics=False, compression="uncompressed")
             os.replace(tmp, parts[i])
             engine.timings["write_part"] += time.perf_counter() - t1
             if after_part is not None:

@@ -24,16 +24,24 @@ from recsys.export.pipeline_model import (
     ConstantScorer,
     EmbeddingScorer,
     FactorScorer,
+    MaskedScorer,
     PipelineHistories,
     TrainedPipeline,
 )
-from recsys.export.rules import CompiledRules, apply_rules
+from recsys.export.rules import CompiledRules, apply_rules_dense
 from recsys.rank.candidates import rank_column
 from recsys.rank.features import build_features, item_statistics
 from recsys.recommender import History, Recommender
 from recsys.text.encoder import pad_histories
 
 FUSED = "fused"
+# History explanations need, per row, the cosine of the recommended item with ~20 history items.
+# In wide spaces (the text tower) a cached item x item cosine matrix makes that one lookup per
+# pair, 2-3x cheaper than gathering the item vectors for a batched product (measured at widths 64
+# and 384); in narrow ones (ALS/BPR factors) the product is cheaper than the scattered lookups.
+# The cache costs n_items^2 float32 per space (100 MB at 5,000 items), hence the item limit.
+CACHE_MIN_WIDTH = 128
+CACHE_MAX_ITEMS = 6000
 EXPLAIN_COLUMNS = {"explain_item": pl.String, "explain_similarity": pl.Float32, "explain_features": pl.String}
 
 
@@ -79,6 +87,17 @@ class DenseScores(Recommender):
     def __init__(self, model: Recommender, users: np.ndarray) -> None:
         self.name = model.name
         self.scores = np.asarray(model.score_users(users), dtype=np.float32)
+        # One score row shared by every user (popularity): its top-N needs no dense block.
+        self.constant = np.asarray(model.counts, dtype=np.float32) if isinstance(model, ConstantScorer) else None
+
+    @classmethod
+    def masked(cls, base: DenseScores, name: str, forbidden: np.ndarray) -> DenseScores:
+        """``MaskedScorer``'s scores from its inner model's block, without scoring again."""
+        out = cls.__new__(cls)
+        out.name, out.constant = name, None
+        out.scores = base.scores.copy()
+        out.scores[:, forbidden] = -np.inf
+        return out
 
     def fit(self, history: History) -> DenseScores:  # pragma: no cover
         return self
@@ -96,9 +115,15 @@ def block_candidates(
     n_per_source: Mapping[str, int],
     seen: sp.csr_matrix | None,
     allowed: np.ndarray | None,
+    in_place: bool = False,
 ) -> pl.DataFrame:
     """``recsys.rank.candidates.generate_candidates`` on precomputed scores, without joins:
-    same columns, same rows (``tests/test_export.py`` checks), several times faster."""
+    same columns, same rows (``tests/test_export.py`` checks), several times faster.
+
+    ``in_place``: mask seen and forbidden items in the dense blocks themselves instead of a copy
+    (``users`` must then be every row of them). The features only read candidate pairs, which
+    never include those items, so they see the same values.
+    """
     n_items = next(iter(dense.values())).scores.shape[1]
     seen_rows = seen_cols = None
     if seen is not None:
@@ -107,12 +132,20 @@ def block_candidates(
     keys, ranks, srcs = [], [], []
     names = list(n_per_source)
     for s_id, name in enumerate(names):
-        sc = np.array(dense[name].scores[users], dtype=np.float32, copy=True)
-        if allowed is not None:
-            sc[:, ~allowed] = -np.inf
-        if seen_rows is not None:
-            sc[seen_rows, seen_cols] = -np.inf
-        items, top = fast_top_k(sc, n_per_source[name])
+        d = dense[name]
+        if d.constant is not None:
+            items, top = constant_top_k(
+                d.constant, seen[users] if seen is not None else None, len(users), n_per_source[name], allowed
+            )
+        else:
+            sc = d.scores
+            if not (in_place and sc.flags.writeable and sc.flags.c_contiguous and len(users) == len(sc)):
+                sc = np.ascontiguousarray(sc[users], dtype=np.float32)  # fancy indexing: a fresh copy
+            if allowed is not None:
+                sc[:, ~allowed] = -np.inf
+            if seen_rows is not None:
+                sc[seen_rows, seen_cols] = -np.inf
+            items, top = fast_top_k(sc, n_per_source[name])
         k = items.shape[1]
         ok = np.isfinite(top).ravel()
         keys.append((np.repeat(users, k) * n_items + items.ravel())[ok])
@@ -125,39 +158,111 @@ def block_candidates(
         Columns.UserIdx: pl.Series(Columns.UserIdx, (uniq // n_items).astype(np.int32)),
         Columns.ItemIdx: pl.Series(Columns.ItemIdx, (uniq % n_items).astype(np.int32)),
     }
-    start = 0
+    bounds = np.cumsum([0] + [len(x) for x in keys])
     for s_id, name in enumerate(names):
-        n = len(keys[s_id])
-        pos = inv[start : start + n]
-        start += n
+        pos = inv[bounds[s_id] : bounds[s_id + 1]]
         r = np.zeros(len(uniq), dtype=np.int32)
         r[pos] = ranks[s_id]
         present = np.zeros(len(uniq), dtype=bool)
         present[pos] = True
-        np.minimum.at(first, pos, s_id)
         cols[rank_column(name)] = pl.Series(rank_column(name), r).set(~pl.Series(present), None)
+    # A source proposes an item at most once per user, so plain assignment in reverse source order
+    # leaves the first source at each row (np.minimum.at did the same, many times slower).
+    for s_id in reversed(range(len(names))):
+        first[inv[bounds[s_id] : bounds[s_id + 1]]] = s_id
     src_names = np.asarray([*names, None], dtype=object)
     cols[Columns.Source] = pl.Series(Columns.Source, src_names[first].tolist(), dtype=pl.String)
     return pl.DataFrame(list(cols.values()))
 
 
 def fast_top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``recsys.recommender.top_k`` (same result, ties to the lower item index) about 3x faster:
-    ``torch.topk`` finds each row's k-th value, then only the items at or above it are sorted."""
+    """``recsys.recommender.top_k`` (same result: best first, ties to the lower item index) at
+    about the cost of one ``torch.topk``.
+
+    ``torch.topk`` of k + 1 items tells which rows have a tie straddling the cut (the k-th and the
+    (k+1)-th values are equal); elsewhere its first k items are the right set, whatever order it
+    left ties in. Straddling rows are repaired: the slots holding the cut value get that value's
+    lowest-index items. The k items of each row are then ordered by (score desc, item asc) -- a
+    sort of k items per row, never of the catalogue.
+    """
     n_rows, n_items = scores.shape
     k = min(k, n_items)
     if n_rows == 0 or k == 0:
         return np.zeros((n_rows, k), dtype=np.int64), np.zeros((n_rows, k), dtype=np.float32)
-    kth = torch.topk(torch.from_numpy(np.ascontiguousarray(scores)), k, dim=1, sorted=False).values.min(dim=1).values
-    r, c = np.nonzero(scores >= kth.numpy()[:, None])
-    v = scores[r, c]
-    order = np.lexsort((c, -v, r))
-    r, c = r[order], c[order]
+    scores = np.ascontiguousarray(scores)
+    vals, idx = torch.topk(torch.from_numpy(scores), min(k + 1, n_items), dim=1, sorted=True)
+    vals, idx = vals.numpy(), idx.numpy()
+    if k < n_items:
+        kth = vals[:, k - 1]
+        straddle = np.flatnonzero(vals[:, k] == kth)
+        idx = idx[:, :k]
+        if len(straddle):
+            cut = kth[straddle, None]
+            r, c = np.nonzero(scores[straddle] == cut)  # row-major: each row's tied items by index
+            slot_r, slot_c = np.nonzero(vals[straddle, :k] == cut)  # the slots they may take
+            need = np.bincount(slot_r, minlength=len(straddle))
+            pos = np.arange(len(r)) - np.searchsorted(r, np.arange(len(straddle)))[r]
+            fixed = idx[straddle]
+            fixed[slot_r, slot_c] = c[pos < need[r]]
+            idx[straddle] = fixed
+    idx = np.sort(idx, axis=1)
+    top = np.take_along_axis(scores, idx, 1)
+    order = np.argsort(-top, axis=1, kind="stable")
+    return np.take_along_axis(idx, order, 1), np.take_along_axis(top, order, 1)
+
+
+def ranked_rows(users: np.ndarray, scores: np.ndarray, n_users: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each user's candidate rows as one padded row of a ``[n_users, most candidates]`` block,
+    ordered by (score desc, row asc): the order ``apply_rules`` sorts a long frame into when
+    the rows of a user are in item order. ``users`` must be sorted (candidate frames are).
+
+    Returns the frame row of every cell and its score (-inf in padding cells, which every rule
+    drops); ``apply_rules_dense`` then runs on ``items[rows]``.
+    """
+    counts = np.bincount(users, minlength=n_users)
+    width = int(counts.max(initial=0))
+    col = np.arange(len(users)) - np.repeat(np.cumsum(counts) - counts, counts)
+    score = np.full((n_users, width), -np.inf, dtype=np.float32)
+    rows = np.zeros((n_users, width), dtype=np.int64)
+    score[users, col] = scores
+    rows[users, col] = np.arange(len(users))
+    order = np.argsort(-score, axis=1, kind="stable")
+    return np.take_along_axis(rows, order, 1), np.take_along_axis(score, order, 1)
+
+
+def constant_top_k(
+    row: np.ndarray, seen: sp.csr_matrix | None, n_rows: int, k: int, allowed: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``fast_top_k`` of ``row`` repeated ``n_rows`` times with seen (``seen`` rows) and forbidden
+    items at -inf -- the same items and order for every finite cell -- without the dense block.
+
+    The items are put in one order (score desc, item asc) once; a user's list is then the first k
+    of that order it has not seen, found in a window of k + (most items any of these users has
+    seen). Cells beyond a user's valid items hold item 0 and -inf (``fast_top_k`` puts other
+    -inf items there; every caller drops non-finite cells).
+    """
+    k = min(k, len(row))
+    order = np.argsort(-row, kind="stable")
+    if allowed is not None:
+        order = order[allowed[order]]
+    order = order[np.isfinite(row[order])]
+    most_seen = int(np.diff(seen.indptr).max(initial=0)) if seen is not None else 0
+    window = order[: k + most_seen]
+    blocked = np.zeros((n_rows, len(window)), dtype=bool)
+    if seen is not None and seen.nnz:
+        where = np.full(len(row), -1, dtype=np.int64)
+        where[window] = np.arange(len(window))
+        r = np.repeat(np.arange(n_rows), np.diff(seen.indptr))
+        p = where[seen.indices]
+        blocked[r[p >= 0], p[p >= 0]] = True
+    take = ~blocked & (np.cumsum(~blocked, axis=1) <= k)
+    r, c = np.nonzero(take)  # row-major: each row's items in the shared order
     pos = np.arange(len(r)) - np.searchsorted(r, np.arange(n_rows))[r]
-    keep = pos < k
     idx = np.zeros((n_rows, k), dtype=np.int64)
-    idx[r[keep], pos[keep]] = c[keep]
-    return idx, np.take_along_axis(scores, idx, 1)
+    top = np.full((n_rows, k), -np.inf, dtype=np.float32)
+    idx[r, pos] = window[c]
+    top[r, pos] = row[window[c]]
+    return idx, top
 
 
 def block_features(
@@ -184,6 +289,11 @@ class Engine:
         scorer: ``fused`` (candidates + features + ranker) or the name of one model (single stage).
         explain: explanation options.
         overfetch: single-stage lists are cut at ``overfetch * k`` before the list rules run.
+        threads: torch, BLAS and OpenMP threads while recommending (restored after each block).
+            The work is many mid-sized products and small ops, where extra threads mostly spin:
+            on the shared 2-core machine, 2 threads instead of 1 made the text user tower 12x
+            and the 256-row score products 3x slower in wall time (docs/benchmarks.md). For
+            more cores, run several exports over disjoint user lists rather than raising it.
     """
 
     def __init__(
@@ -194,8 +304,10 @@ class Engine:
         scorer: str = FUSED,
         explain: ExplainOptions | None = None,
         overfetch: int = 3,
+        threads: int = 1,
     ) -> None:
         self.p, self.rules, self.k, self.scorer = pipeline, rules, int(k), scorer
+        self.threads = int(threads)
         self.explain = explain or ExplainOptions()
         self.overfetch = overfetch
         self.timings: Counter = Counter()  # seconds per stage, summed over blocks (bench/export.py)
@@ -210,12 +322,22 @@ class Engine:
         self.item_stats = item_statistics(History(pipeline.history, n_users, pipeline.n_items))
         self.allowed = rules.allowed_items
         self.item_ids = pipeline.item_ids
+        self._item_series = pl.Series(self.item_ids.tolist(), dtype=pl.String)
         self._unit = {}
+        self._similarity: dict[str, np.ndarray] = {}
         for name, f in pipeline.factor_models.items():
             v = f["item_factors"]
             self._unit[name] = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
         if pipeline.item_embeddings is not None:
             self._unit[pipeline.text_name] = pipeline.item_embeddings
+
+    def _item_similarity(self, name: str) -> np.ndarray:
+        """Cosine of every item pair in ``name``'s space, computed once per engine: explaining a
+        row is then one lookup per history item instead of a product in the embedding width."""
+        if name not in self._similarity:
+            unit = np.ascontiguousarray(self._unit[name], dtype=np.float32)
+            self._similarity[name] = unit @ unit.T
+        return self._similarity[name]
 
     @contextmanager
     def _timed(self, stage: str) -> Iterator[None]:
@@ -227,8 +349,14 @@ class Engine:
 
     def recommend(self, ph: PipelineHistories) -> pl.DataFrame:
         """Rows ``user_id, item_id, score, rank, source, explain_*`` sorted by user_id, rank."""
+        from threadpoolctl import threadpool_limits
+
+        with _torch_threads(self.threads), threadpool_limits(self.threads):
+            return self._recommend(ph)
+
+    def _recommend(self, ph: PipelineHistories) -> pl.DataFrame:
         with self._timed("user_state"):
-            scorers = self.p.scorers(ph)
+            scorers = self.p.scorers(ph, None if self.scorer == FUSED else [self.scorer])
         seen = ph.history.matrix if self.rules.rules.filter_seen else None
         self.rules.count_masked(len(ph.user_ids), ph.history.matrix)
         users = np.arange(len(ph.user_ids), dtype=np.int64)
@@ -241,9 +369,14 @@ class Engine:
     def _fused(self, users, ph, scorers, seen) -> pl.DataFrame:
         p = self.p
         with self._timed("score"):
-            dense = {n: DenseScores(m, users) for n, m in scorers.items()}
+            dense: dict[str, DenseScores] = {}
+            for n, m in scorers.items():
+                if isinstance(m, MaskedScorer) and m.inner.name in dense:  # text_new: text's block, masked
+                    dense[n] = DenseScores.masked(dense[m.inner.name], n, m.forbidden)
+                else:
+                    dense[n] = DenseScores(m, users)
         with self._timed("candidates"):
-            cands = block_candidates(users, dense, p.n_candidates, seen, self.allowed)
+            cands = block_candidates(users, dense, p.n_candidates, seen, self.allowed, in_place=True)
         with self._timed("features"):
             features = {n: d for n, d in dense.items() if getattr(scorers[n], "is_feature", True)}
             feats = block_features(cands, ph.history, features, list(p.n_candidates), self.item_stats, p.now)
@@ -251,46 +384,55 @@ class Engine:
             x = feats.select(p.ranker.features).to_numpy()
             pred = p.ranker.booster.predict(x, num_iteration=p.ranker.best_iteration).astype(np.float32)
         with self._timed("rules"):
-            out = apply_rules(feats.with_columns(pl.Series(Columns.Score, pred)), self.rules, self.k)
+            rows, score = ranked_rows(feats[Columns.UserIdx].to_numpy(), pred, len(users))
+            keep = apply_rules_dense(feats[Columns.ItemIdx].to_numpy()[rows], score, self.rules, self.k)
+            r, c = np.nonzero(keep)
+            rows = rows[r, c]
+            out = feats.select(Columns.UserIdx, Columns.ItemIdx)[rows].with_columns(
+                pl.Series(Columns.Score, score[r, c]),
+                pl.Series(Columns.Rank, keep[r, c]),
+                feats[Columns.Source].gather(rows),
+            )
         if self.explain.top_features > 0:
             with self._timed("explain_features"):
-                out = self._feature_explanations(out)
-        return out.select(
-            Columns.UserIdx,
-            Columns.ItemIdx,
-            Columns.Score,
-            Columns.Rank,
-            Columns.Source,
-            *(["explain_features"] if "explain_features" in out.columns else []),
-        )
+                out = self._feature_explanations(out, x[rows])
+        return out
 
     def _single(self, users, model: Recommender, seen) -> pl.DataFrame:
         list_rules = self.rules.rules.min_score is not None or self.rules.category is not None
         n = min(self.p.n_items, self.k * self.overfetch if list_rules else self.k)
         with self._timed("score_topk"):
-            scores = self.rules.mask_scores(model.score_users(users), seen)
-            items, top = fast_top_k(scores, n)
-        ok = np.isfinite(top).ravel()
-        frame = pl.DataFrame(
-            {
-                Columns.UserIdx: np.repeat(users, items.shape[1])[ok].astype(np.int32),
-                Columns.ItemIdx: items.ravel()[ok].astype(np.int32),
-                Columns.Score: top.ravel()[ok].astype(np.float32),
-            }
-        )
+            if isinstance(model, ConstantScorer):
+                items, top = constant_top_k(model.counts.astype(np.float32), seen, len(users), n, self.allowed)
+            else:
+                # A fresh block is masked in place; a shared or read-only one is copied first.
+                raw = model.score_users(users)
+                fresh = isinstance(raw, np.ndarray) and raw.flags.owndata
+                scores = self.rules.mask_scores(raw, seen, copy=not fresh)
+                items, top = fast_top_k(scores, n)
         with self._timed("rules"):
-            out = apply_rules(frame, self.rules, self.k)
+            rank = apply_rules_dense(items, top, self.rules, self.k)
+            r, c = np.nonzero(rank)
+            out = pl.DataFrame(
+                {
+                    Columns.UserIdx: users[r].astype(np.int32),
+                    Columns.ItemIdx: items[r, c].astype(np.int32),
+                    Columns.Score: top[r, c],
+                    Columns.Rank: rank[r, c],
+                }
+            )
         return out.with_columns(pl.lit(self.scorer).alias(Columns.Source))
 
     # ---- explanations ----------------------------------------------------------------------------
 
-    def _feature_explanations(self, df: pl.DataFrame) -> pl.DataFrame:
+    def _feature_explanations(self, df: pl.DataFrame, x: np.ndarray) -> pl.DataFrame:
+        """``x``: the ranker's feature rows of ``df``."""
         p, opt = self.p, self.explain
         sel = df[Columns.Rank].to_numpy() <= (opt.feature_ranks or np.iinfo(np.int32).max)
         names = np.asarray(p.ranker.features, dtype=object)
         text = np.full(df.height, None, dtype=object)
         if sel.any():
-            x = df.filter(pl.Series(sel)).select(p.ranker.features).to_numpy()
+            x = x[sel]
             contrib = p.ranker.booster.predict(x, num_iteration=p.ranker.best_iteration, pred_contrib=True)[:, :-1]
             n_top = min(opt.top_features, contrib.shape[1])
             order = np.argsort(-np.abs(contrib), axis=1, kind="stable")[:, :n_top]
@@ -320,46 +462,63 @@ class Engine:
             with self._timed("explain_history"):
                 item, sim = self._history_explanations(df, ph)
         else:
-            item, sim = np.full(df.height, None, dtype=object), np.full(df.height, np.nan, dtype=np.float32)
+            item, sim = np.full(df.height, -1, dtype=np.int64), np.full(df.height, np.nan, dtype=np.float32)
         if "explain_features" not in df.columns:
             df = df.with_columns(pl.lit(None, dtype=pl.String).alias("explain_features"))
         t0 = time.perf_counter()
-        uid = np.asarray(ph.user_ids, dtype=object)
+        # Ids by gathering from string Series: no Python object per row.
+        uidx = df[Columns.UserIdx].cast(pl.Int64)
+        user_ids = pl.Series(ph.user_ids, dtype=pl.String)
         out = pl.DataFrame(
             {
-                Columns.User: uid[df[Columns.UserIdx].to_numpy()].tolist(),
-                Columns.Item: self.item_ids[df[Columns.ItemIdx].to_numpy()].tolist(),
+                Columns.User: user_ids.gather(uidx),
+                Columns.Item: self._item_series.gather(df[Columns.ItemIdx].cast(pl.Int64)),
                 Columns.Score: df[Columns.Score].cast(pl.Float64),
                 Columns.Rank: df[Columns.Rank].cast(pl.Int32),
                 Columns.Source: df[Columns.Source].cast(pl.String),
-                "explain_item": pl.Series(item.tolist(), dtype=pl.String),
+                "explain_item": self._item_series.gather(pl.Series(item).set(pl.Series(item < 0), None)),
                 "explain_similarity": pl.Series(sim, dtype=pl.Float32).fill_nan(None),
                 "explain_features": df["explain_features"],
             },
             schema=OUTPUT_SCHEMA,
         )
-        out = out.sort(Columns.User, Columns.Rank)
+        # Rows come ordered by (user_idx, rank); sorting by the users' id order on integers gives
+        # the (user_id, rank) order without comparing strings.
+        order = np.empty(len(ph.user_ids), dtype=np.int64)
+        order[np.argsort(np.asarray(ph.user_ids, dtype=object), kind="stable")] = np.arange(len(ph.user_ids))
+        key = pl.Series("_key", order).gather(uidx)
+        out = out.with_columns(key).sort("_key", Columns.Rank, maintain_order=True).drop("_key")
         self.timings["output_frame"] += time.perf_counter() - t0
         return out
 
     def _history_explanations(self, df: pl.DataFrame, ph: PipelineHistories) -> tuple[np.ndarray, np.ndarray]:
-        """Per row, the history item closest to the recommended item in its source's space."""
+        """Per row, the history item closest to the recommended item in its source's space
+        (item index, -1 for none) and that similarity."""
         n = df.height
         best_item = np.full(n, -1, dtype=np.int64)
         best_sim = np.full(n, np.nan, dtype=np.float32)
         if n == 0:
-            return np.full(0, None, dtype=object), best_sim
+            return best_item, best_sim
         hist, mask = pad_histories(ph.history.sequences, self.explain.history_items)
         hist, mask = hist.numpy(), mask.numpy()
         rows_u = df[Columns.UserIdx].to_numpy().astype(np.int64)
         rows_i = df[Columns.ItemIdx].to_numpy().astype(np.int64)
         col = df[Columns.Rank].to_numpy().astype(np.int64) - 1
-        src = df[Columns.Source].to_numpy()
-        grid = np.zeros((len(hist), int(col.max()) + 1), dtype=np.int64)
-        grid[rows_u, col] = rows_i
-        for name in np.unique(src.astype(str)):
-            sel = np.flatnonzero(src == name)
-            if name in self._unit:
+        src = df[Columns.Source]
+        for name in src.unique().drop_nulls().sort().to_list():
+            sel = np.flatnonzero((src == name).fill_null(False).to_numpy())
+            if (
+                name in self._unit
+                and self._unit[name].shape[1] >= CACHE_MIN_WIDTH
+                and self.p.n_items <= CACHE_MAX_ITEMS
+            ):
+                sims = self._item_similarity(name)[rows_i[sel, None], np.maximum(hist[rows_u[sel]], 0)]
+                sims[~mask[rows_u[sel]]] = -np.inf
+                arg = np.argmax(sims, axis=1)
+                val = sims[np.arange(len(sel)), arg]
+            elif name in self._unit:
+                grid = np.zeros((len(hist), int(col.max()) + 1), dtype=np.int64)
+                grid[rows_u[sel], col[sel]] = rows_i[sel]
                 arg, val = _nearest_history(self._unit[name], hist, mask, grid)
                 arg, val = arg[rows_u[sel], col[sel]], val[rows_u[sel], col[sel]]
             elif name in self.p.knn_models:
@@ -374,10 +533,17 @@ class Engine:
             ok = np.isfinite(val)
             best_item[sel[ok]] = hist[rows_u[sel[ok]], arg[ok]]
             best_sim[sel[ok]] = val[ok]
-        names = np.full(n, None, dtype=object)
-        has = best_item >= 0
-        names[has] = self.item_ids[best_item[has]]
-        return names, best_sim
+        return best_item, best_sim
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _nearest_history(

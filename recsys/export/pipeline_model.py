@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import platform
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,7 +67,7 @@ def fixed_block_matmul(u: np.ndarray, vt: np.ndarray) -> np.ndarray:
             pad[: len(block)] = block
             out[s : s + len(block)] = (pad @ vt)[: len(block)]
         else:
-            out[s : s + ROW_BLOCK] = block @ vt
+            np.matmul(block, vt, out=out[s : s + ROW_BLOCK])  # same GEMM, no temporary
     return out
 
 
@@ -449,12 +449,19 @@ class TrainedPipeline:
         return PipelineHistories(list(user_ids), known, History(df, n, self.n_items))
 
     @torch.no_grad()
-    def scorers(self, ph: PipelineHistories) -> dict[str, Recommender]:
-        """Every model, able to score the users of ``ph`` (chunk-local indices)."""
+    def scorers(self, ph: PipelineHistories, only: Collection[str] | None = None) -> dict[str, Recommender]:
+        """Every model (or those in ``only``, plus what they need), able to score the users of
+        ``ph`` (chunk-local indices). A single-stage export asks for one model and skips the
+        others' user-side work (the text tower over every history, ALS fold-ins)."""
         h = ph.history
         out: dict[str, Recommender] = {}
         matrix = h.matrix
+        wanted = set(self.source_order if only is None else only)
+        if wanted & set(self.new_item_models) and self.text_name:
+            wanted.add(self.text_name)
         for name in self.source_order:
+            if name not in wanted:
+                continue
             if name in self.factor_models:
                 f = self.factor_models[name]
                 uf = np.zeros((h.n_users, f["item_factors"].shape[1]), dtype=np.float32)

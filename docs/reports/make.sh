@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Make a linked report of docs/evaluation.md, from the repository root:
+#   docs/reports/make.sh default|scientific [run id]
+# Without a run id it trains the experiment first (default: +experiment=bert_ranker, a few minutes;
+# scientific: +experiment=scientific, needs ../shared/data/scientific), then renders the report of
+# that run into docs/reports/<name>/ and logs it to the run in MLflow as report/.
+set -euo pipefail
+name=${1:?usage: docs/reports/make.sh default|scientific [run id]}
+case "$name" in
+  default) experiment=bert_ranker ;;
+  scientific) experiment=scientific ;;
+  *) echo "unknown report '$name' (default or scientific)" >&2; exit 2 ;;
+esac
+cd "$(dirname "$0")/../.."
+if [ $# -ge 2 ]; then
+  source=(run_id="$2")
+else
+  # The run id from the job's last line ("MLflow run <id>; ..."), not "the latest run of the
+  # experiment": someone else may have started one since.
+  log=$(mktemp)
+  python -m recsys.train +experiment="$experiment" | tee "$log"
+  run_id=$(sed -n 's/^MLflow run \([0-9a-f]*\);.*/\1/p' "$log")
+  rm -f "$log"
+  [ -n "$run_id" ] || { echo "no run id in the training output" >&2; exit 1; }
+  source=(run_id="$run_id")
+fi
+rm -rf "docs/reports/$name"
+python -m recsys.evaluate "${source[@]}" output_dir="docs/reports/$name"
+# The ablation table over every report in docs/reports/ (every run, every data set).
+python -m recsys.evaluation.ablation docs/reports/*/metrics.json > docs/reports/.ablation.md.tmp
+mv docs/reports/.ablation.md.tmp docs/reports/ablation.md

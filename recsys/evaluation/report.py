@@ -1,0 +1,504 @@
+"""The offline evaluation report of one run, computed from its evaluation bundle.
+
+Sections: headline (fused vs the best single component and vs popularity, paired bootstrap
+CIs), accuracy at every K, impression metrics (where the data has impressions), beyond accuracy,
+ablation, segments, ranker insight, protocol card, score distributions. ``Reporter.write``
+produces ``report.html`` (self-contained), ``report.md`` (+ ``plots/*.png``) and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from recsys.errors import ConfigError
+from recsys.evaluation import plots
+from recsys.evaluation.beyond import beyond_accuracy
+from recsys.evaluation.bootstrap import Interval, PairedBootstrap
+from recsys.evaluation.bundle import Bundle
+from recsys.evaluation.metrics import curves, hits_matrix, metrics_from_hits
+from recsys.evaluation.render import Document, Figure, Section, Table, Text, figures, to_html, to_markdown
+from recsys.evaluation.segments import build_segments
+from recsys.export.writer import write_atomic, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+FUSED = "fused"
+# Models whose scores the fused ranker reads: the candidates for "best single component".
+COMPONENTS = ("als", "bpr", "itemknn", "text", "popularity")
+ORDER = ("popularity", "als", "bpr", "itemknn", "text_zeroshot", "text", FUSED)
+DISPLAY = {
+    "popularity": "popularity",
+    "als": "ALS",
+    "bpr": "BPR",
+    "itemknn": "item-kNN",
+    "text_zeroshot": "text (zero-shot)",
+    "text": "text",
+    FUSED: "fused",
+}
+METRICS = ("recall", "ndcg", "mrr", "hitrate", "precision", "map")
+METRIC_LABEL = {
+    "recall": "Recall",
+    "ndcg": "NDCG",
+    "mrr": "MRR",
+    "hitrate": "HitRate",
+    "precision": "Precision",
+    "map": "MAP",
+}
+BEYOND = {
+    "coverage": "catalogue coverage",
+    "novelty": "novelty (bits)",
+    "diversity": "intra-list diversity",
+    "popularity_percentile": "popularity percentile",
+    "gini": "Gini of exposure",
+}
+
+
+def label(metric: str) -> str:
+    """``ndcg_at_10`` -> ``NDCG@10``."""
+    name, _, k = metric.partition("_at_")
+    return f"{METRIC_LABEL.get(name, name)}@{k}" if k else METRIC_LABEL.get(name, name)
+
+
+def display(model: str) -> str:
+    return DISPLAY.get(model, model)
+
+
+def ordered(models: Sequence[str]) -> list[str]:
+    known = [m for m in ORDER if m in models]
+    return known + sorted(m for m in models if m not in ORDER)
+
+
+def verdict(a: str, b: str, metric: str, ci: Interval) -> str:
+    """One line a reader can quote: who wins, by how much, and how sure we are."""
+    what = f"{ci.mean:+.4f} (95% CI {ci.low:+.4f}..{ci.high:+.4f})"
+    if ci.low > 0:
+        return f"{display(a)} beats {display(b)} on {label(metric)} by {what}"
+    if ci.high < 0:
+        return f"{display(a)} loses to {display(b)} on {label(metric)} by {what}"
+    return f"{display(a)} and {display(b)} do not differ significantly on {label(metric)}: {what}"
+
+
+@dataclass
+class Evaluation:
+    """Per-user metrics of every model of one bundle (rows in ``bundle.user_index`` order)."""
+
+    bundle: Bundle
+    relevant: list[np.ndarray]
+    n_relevant: np.ndarray
+    lists: dict[str, np.ndarray]
+    scores: dict[str, np.ndarray]
+    hits: dict[str, np.ndarray]
+    per_user: dict[str, dict[str, np.ndarray]]
+    curves: dict[str, dict[str, np.ndarray]]
+
+    @property
+    def models(self) -> list[str]:
+        return ordered(list(self.per_user))
+
+    def mean(self, model: str, metric: str) -> float:
+        return float(self.per_user[model][metric].mean())
+
+
+class Reporter:
+    """Builds and writes the report of a run (or the comparison of two).
+
+    Args:
+        ks: cut-offs of the accuracy tables.
+        headline_metric: the metric of the verdict lines, ablation and segments (e.g. ``ndcg_at_10``).
+        beyond_k: list length for coverage, novelty, diversity and popularity bias.
+        n_bootstrap: paired bootstrap resamples of the users for every interval.
+        seed: seed of the resamples (same seed, same bundle -> same report numbers).
+    """
+
+    def __init__(
+        self,
+        ks: Sequence[int] = (5, 10, 20, 50),
+        headline_metric: str = "ndcg_at_10",
+        beyond_k: int = 10,
+        n_bootstrap: int = 1000,
+        seed: int = 0,
+    ) -> None:
+        self.ks = sorted({int(k) for k in ks})
+        if not self.ks or self.ks[0] < 1:
+            raise ConfigError(f"reporter.ks must be positive cut-offs, got {list(ks)}")
+        known = {f"{m}_at_{k}" for m in METRICS for k in self.ks}
+        if headline_metric not in known:
+            raise ConfigError(
+                f"reporter.headline_metric '{headline_metric}' is not one of the reported metrics "
+                f"(metric_at_K with metric in {list(METRICS)} and K in {self.ks})"
+            )
+        if n_bootstrap < 1:
+            raise ConfigError(f"reporter.n_bootstrap must be at least 1, got {n_bootstrap}")
+        self.headline_metric = headline_metric
+        self.headline_k = int(headline_metric.rsplit("_", 1)[1])
+        self.beyond_k = int(beyond_k)
+        self.n_bootstrap = int(n_bootstrap)
+        self.seed = int(seed)
+
+    # --- numbers ----------------------------------------------------------------------------
+
+    def evaluate(self, bundle: Bundle) -> Evaluation:
+        p = bundle.protocol
+        longest = max(self.ks[-1], self.beyond_k)
+        if longest > p.max_k:
+            raise ConfigError(
+                f"run {p.run_id}: its lists hold {p.max_k} items, the report asks for K={longest} "
+                "(lower reporter.ks / reporter.beyond_k, or retrain with a larger eval.max_k)"
+            )
+        relevant = bundle.relevant_items()
+        n_rel = np.array([len(r) for r in relevant])
+        rows = np.repeat(np.arange(len(relevant)), n_rel)
+        cols = np.concatenate(relevant) if len(relevant) else np.zeros(0, dtype=np.int64)
+        matrix = sp.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=(len(relevant), p.n_items))
+        matrix.sum_duplicates()
+        n_rel = np.diff(matrix.indptr)
+        ev = Evaluation(bundle, relevant, n_rel, {}, {}, {}, {}, {})
+        for model in ordered(bundle.models):
+            items, scores = bundle.lists(model)
+            hits = hits_matrix(items, matrix)
+            ev.lists[model], ev.scores[model], ev.hits[model] = items, scores, hits
+            ev.per_user[model] = metrics_from_hits(hits, n_rel, self.ks)
+            ev.curves[model] = curves(hits, n_rel)
+        return ev
+
+    def bootstrap(self, n: int) -> PairedBootstrap:
+        return PairedBootstrap(n, self.n_bootstrap, self.seed)
+
+    def metric_names(self) -> list[str]:
+        return [f"{m}_at_{k}" for k in self.ks for m in METRICS]
+
+    def intervals(self, ev: Evaluation, a: str, b: str, boot: PairedBootstrap) -> dict[str, Interval]:
+        names = self.metric_names()
+        mat_a = np.column_stack([ev.per_user[a][n] for n in names])
+        mat_b = np.column_stack([ev.per_user[b][n] for n in names])
+        return dict(zip(names, boot.intervals(mat_a, mat_b)))
+
+    def best_component(self, ev: Evaluation) -> str | None:
+        present = [m for m in COMPONENTS if m in ev.per_user]
+        if not present:
+            return None
+        return max(present, key=lambda m: (ev.mean(m, self.headline_metric), -COMPONENTS.index(m)))
+
+    # --- the document ------------------------------------------------------------------------
+
+    def document(self, bundle: Bundle) -> tuple[Document, dict[str, Any]]:
+        """The report and its numbers (``metrics.json``)."""
+        ev = self.evaluate(bundle)
+        p = bundle.protocol
+        boot = self.bootstrap(len(ev.n_relevant))
+        numbers: dict[str, Any] = {
+            "protocol": asdict(p),
+            "report": {
+                "ks": self.ks,
+                "headline_metric": self.headline_metric,
+                "beyond_k": self.beyond_k,
+                "n_bootstrap": self.n_bootstrap,
+                "seed": self.seed,
+            },
+            "models": {m: {n: ev.mean(m, n) for n in self.metric_names()} for m in ev.models},
+        }
+        sections = [
+            self._headline(ev, boot, numbers),
+            self._accuracy(ev),
+            self._impressions(),
+            self._beyond(ev, numbers),
+            self._ablation(ev, boot, numbers),
+            self._segments(ev, numbers),
+            self._ranker(bundle, numbers),
+            self._protocol(bundle),
+            self._scores(ev),
+        ]
+        doc = Document(
+            title=f"Offline evaluation: {p.data_name} ({p.experiment})",
+            subtitle=(
+                f"run {p.run_id} · {p.n_test_users:,} test users · {p.candidates} · "
+                f"seen items {'removed' if p.seen_filtering else 'kept'} · code {p.git_sha[:10]}"
+                f"{' (uncommitted changes)' if p.git_dirty else ''}"
+            ),
+            sections=sections,
+        )
+        return doc, numbers
+
+    def _headline(self, ev: Evaluation, boot: PairedBootstrap, numbers: dict[str, Any]) -> Section:
+        s = Section("headline", "Headline")
+        if FUSED not in ev.per_user:
+            s.blocks.append(Text("This run has no fused model: no headline comparison."))
+            return s
+        best = self.best_component(ev)
+        rivals = [m for m in dict.fromkeys([best, "popularity"]) if m is not None and m in ev.per_user]
+        cis = {r: self.intervals(ev, FUSED, r, boot) for r in rivals}
+        numbers["headline"] = {
+            "best_component": best,
+            "comparisons": {r: {n: asdict(ci) for n, ci in c.items()} for r, c in cis.items()},
+            "verdicts": [verdict(FUSED, r, self.headline_metric, cis[r][self.headline_metric]) for r in rivals],
+        }
+        for line in numbers["headline"]["verdicts"]:
+            s.blocks.append(Text(line, emphasis=True))
+        s.blocks.append(
+            Text(
+                f"Best single component by {label(self.headline_metric)}: {display(best)}. Differences are "
+                f"fused minus the other model, averaged over the {len(ev.n_relevant):,} test users; intervals "
+                f"are 95 % paired bootstrap intervals ({self.n_bootstrap} resamples of the users, seed {self.seed})."
+            )
+        )
+        cols = ["metric", "fused"]
+        for r in rivals:
+            cols += [display(r), f"Δ vs {display(r)}", "95% CI"]
+        rows = []
+        for n in self.metric_names():
+            row: list[Any] = [label(n), ev.mean(FUSED, n)]
+            for r in rivals:
+                ci = cis[r][n]
+                row += [ev.mean(r, n), f"{ci.mean:+.4f}", f"{ci.low:+.4f}..{ci.high:+.4f}"]
+            rows.append(row)
+        s.blocks.append(Table(cols, rows, "Fused vs the best single component and vs popularity"))
+        return s
+
+    def _accuracy(self, ev: Evaluation) -> Section:
+        s = Section("accuracy", "Accuracy at K")
+        s.blocks.append(
+            Text(
+                "Binary relevance against the held-out test events; full-catalogue rankings. MRR@K counts the "
+                "first hit within the top K; MAP@K divides by min(#relevant, K)."
+            )
+        )
+        for k in self.ks:
+            cols = ["model", *[METRIC_LABEL[m] + f"@{k}" for m in METRICS]]
+            rows = [[display(m), *[ev.mean(m, f"{x}_at_{k}") for x in METRICS]] for m in ev.models]
+            s.blocks.append(Table(cols, rows, f"K = {k}"))
+        s.blocks.append(
+            Figure(
+                "curves",
+                plots.metric_curves(ev.curves, self.ks, max_k=min(self.ks[-1], ev.bundle.protocol.max_k)),
+                "NDCG@K and Recall@K for K = 1..max(ks), one line per model (dotted: the K of the tables)",
+            )
+        )
+        return s
+
+    def _impressions(self) -> Section:
+        s = Section("impressions", "Impression metrics")
+        s.blocks.append(
+            Text(
+                "Omitted: this run's evaluation bundle holds no impression-level scores. AUC, MRR and nDCG@5/10 "
+                "per impression (the MIND protocol, recsys.evaluation.impressions) apply to data sets with "
+                "impressions; the training job does not score impressions yet."
+            )
+        )
+        return s
+
+    def _beyond(self, ev: Evaluation, numbers: dict[str, Any]) -> Section:
+        k = self.beyond_k
+        s = Section("beyond", f"Beyond accuracy (top {k})")
+        emb = ev.bundle.item_embeddings
+        counts = ev.bundle.items["train_count"].to_numpy()
+        values = {m: beyond_accuracy(ev.lists[m][:, :k], counts, emb) for m in ev.models}
+        numbers["beyond"] = {"k": k, **values}
+        s.blocks.append(
+            Text(
+                "Coverage: share of the catalogue recommended to anyone. Novelty: mean -log2 of the item's "
+                "(smoothed) share of training events. Diversity: 1 - mean cosine between the text-tower "
+                "embeddings of the items of a list. Popularity percentile: mean training-popularity percentile "
+                "of recommended items (50 = median item). Gini: inequality of exposure over the catalogue."
+                + ("" if emb is not None else " This run saved no item embeddings: diversity is not available.")
+            )
+        )
+        rows = [[display(m), *[values[m][key] for key in BEYOND]] for m in ev.models]
+        s.blocks.append(Table(["model", *BEYOND.values()], rows))
+        return s
+
+    def _ablation(self, ev: Evaluation, boot: PairedBootstrap, numbers: dict[str, Any]) -> Section:
+        k, h = self.headline_k, self.headline_metric
+        s = Section("ablation", "Ablation")
+        s.blocks.append(
+            Text(
+                f"Every model of this run at K = {k}; the last columns: each model minus fused on {label(h)} with "
+                "its paired 95 % interval. The same table for other runs and data sets is in their reports."
+            )
+        )
+        rows, table = [], {}
+        for m in ev.models:
+            ci = boot.interval(ev.per_user[m][h], ev.per_user[FUSED][h]) if FUSED in ev.per_user else None
+            means = [ev.mean(m, f"{x}_at_{k}") for x in METRICS]
+            rows.append(
+                [display(m), *means, "–" if ci is None or m == FUSED else f"{ci.mean:+.4f}",
+                 "–" if ci is None or m == FUSED else f"{ci.low:+.4f}..{ci.high:+.4f}"]
+            )  # fmt: skip
+            table[m] = {"means": dict(zip(METRICS, means)), "vs_fused": None if ci is None else asdict(ci)}
+        numbers["ablation"] = table
+        cols = ["model", *[f"{METRIC_LABEL[x]}@{k}" for x in METRICS], f"Δ {label(h)} vs fused", "95% CI"]
+        s.blocks.append(Table(cols, rows))
+        return s
+
+    def _segments(self, ev: Evaluation, numbers: dict[str, Any]) -> Section:
+        h, k = self.headline_metric, self.headline_k
+        s = Section("segments", "Segments")
+        s.blocks.append(
+            Text(
+                "User segments (history length = events before the test stage) split the test users. Item "
+                "segments split the catalogue, and so the test events: a segment scores each user who has a "
+                "target in it, counting only those targets as relevant. Cold = the item had no event in the "
+                "training history. Popularity deciles are over the warm items, ties sharing a decile. "
+                f"Δ = fused minus ALS on {label(h)}, paired 95 % bootstrap interval within the segment."
+            )
+        )
+        b = ev.bundle
+        segs = build_segments(b.users["history_length"].to_numpy(), b.items["train_count"].to_numpy(), ev.relevant)
+        models = ev.models
+        out, panels = [], {}
+        for kind in dict.fromkeys(sg.kind for sg in segs):
+            rows = []
+            for sg in (x for x in segs if x.kind == kind):
+                if sg.item_mask is None:
+                    n_rel = ev.n_relevant[sg.users]
+                else:
+                    n_rel = np.array([int(sg.item_mask[r].sum()) for r, u in zip(ev.relevant, sg.users) if u])
+                n_events, vals = int(n_rel.sum()), {}
+                for m in models:
+                    hits = ev.hits[m][sg.users]
+                    if sg.item_mask is not None:
+                        items = ev.lists[m][sg.users]
+                        hits = hits & sg.item_mask[np.where(items >= 0, items, 0)] & (items >= 0)
+                    vals[m] = metrics_from_hits(hits, n_rel, [k])[h]
+                ci = None
+                if FUSED in vals and "als" in vals:
+                    ci = PairedBootstrap(int(sg.users.sum()), self.n_bootstrap, self.seed).interval(
+                        vals[FUSED], vals["als"]
+                    )
+                means = {m: float(v.mean()) for m, v in vals.items()}
+                rows.append(
+                    [sg.label, int(sg.users.sum()), n_events, sg.n_items if sg.n_items is not None else "–",
+                     *[means[m] for m in models],
+                     "–" if ci is None else f"{ci.mean:+.4f}", "–" if ci is None else f"{ci.low:+.4f}..{ci.high:+.4f}"]
+                )  # fmt: skip
+                out.append(
+                    {
+                        "kind": kind,
+                        "segment": sg.label,
+                        "users": int(sg.users.sum()),
+                        "target_events": n_events,
+                        "items": sg.n_items,
+                        h: means,
+                        "fused_minus_als": None if ci is None else asdict(ci),
+                    }
+                )
+                panels.setdefault(kind, []).append((sg.label, means, int(sg.users.sum())))
+            cols = [
+                "segment",
+                "users",
+                "target events",
+                "items",
+                *[display(m) for m in models],
+                "Δ fused−ALS",
+                "95% CI",
+            ]
+            s.blocks.append(Table(cols, rows, f"{kind}: {label(h)}"))
+        numbers["segments"] = out
+        shown = [m for m in ("popularity", "als", "text", FUSED) if m in models]
+        fig_panels = [
+            (kind, [x[0] for x in v], {m: [x[1][m] for x in v] for m in shown}, [x[2] for x in v])
+            for kind, v in panels.items()
+        ]
+        s.blocks.append(
+            Figure("segments", plots.segment_bars(fig_panels, label(h)), f"{label(h)} per segment (n = users)")
+        )
+        return s
+
+    def _ranker(self, bundle: Bundle, numbers: dict[str, Any]) -> Section:
+        s = Section("ranker", "Ranker insight")
+        imp = bundle.feature_importance
+        if imp is None or imp.height == 0:
+            s.blocks.append(Text("This run saved no feature importances."))
+            return s
+        imp = imp.sort("gain", "feature", descending=[True, False])
+        total = float(imp["gain"].sum()) or 1.0
+        share = (imp["gain"] / total).to_list()
+        numbers["feature_importance"] = [
+            {"feature": f, "gain": g, "share": sh} for f, g, sh in zip(imp["feature"], imp["gain"], share)
+        ]
+        s.blocks.append(
+            Text("Total split gain per feature of the fused LambdaMART ranker (up to its early-stopped iteration).")
+        )
+        s.blocks.append(
+            Figure("feature_importance", plots.feature_importance(imp["feature"].to_list(), share), "Gain share")
+        )
+        rows = [[f, f"{g:,.1f}", f"{sh * 100:.1f} %"] for f, g, sh in zip(imp["feature"], imp["gain"], share)]
+        s.blocks.append(Table(["feature", "gain", "share"], rows))
+        return s
+
+    def _protocol(self, bundle: Bundle) -> Section:
+        s = Section("protocol", "Protocol card")
+        s.blocks.append(Text("Two reports are comparable when the rows marked * agree (compare mode checks them)."))
+        s.blocks.append(Table(["field", "value"], protocol_rows(bundle)))
+        return s
+
+    def _scores(self, ev: Evaluation) -> Section:
+        k = self.beyond_k
+        s = Section("scores", "Score distributions")
+        data = {}
+        for m in ev.models:
+            sc, hit = ev.scores[m][:, :k], ev.hits[m][:, :k]
+            valid = ev.lists[m][:, :k] >= 0
+            data[m] = (sc[hit & valid].astype(np.float64), sc[~hit & valid].astype(np.float64))
+        s.blocks.append(
+            Text(
+                "Scores are on each model's own scale (popularity: counts; CF and text: dot products; fused: "
+                "ranker output). A model whose hits sit at the top of its score range is well calibrated for ranking."
+            )
+        )
+        s.blocks.append(Figure("scores", plots.score_distributions(data, k), f"Scores of the top-{k} items"))
+        return s
+
+    # --- files -------------------------------------------------------------------------------
+
+    def write(self, bundle: Bundle, folder: str | Path) -> list[Path]:
+        """``report.html``, ``report.md``, ``plots/*.png`` and ``metrics.json`` in ``folder``."""
+        doc, numbers = self.document(bundle)
+        return write_document(doc, numbers, folder)
+
+
+def protocol_rows(bundle: Bundle) -> list[list[Any]]:
+    from recsys.evaluation.bundle import MUST_MATCH
+
+    d = asdict(bundle.protocol)
+    return [[f"{k} *" if k in MUST_MATCH else k, _value(v)] for k, v in sorted(d.items())]
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={x}" for k, x in v.items()) or "–"
+    if isinstance(v, list):
+        return ", ".join(str(x) for x in v)
+    return str(v)
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, np.generic):
+        return _json_safe(x.item())
+    return x
+
+
+def write_document(doc: Document, numbers: dict[str, Any], folder: str | Path) -> list[Path]:
+    """Write the HTML, markdown, PNGs and JSON of ``doc`` atomically; returns the files."""
+    folder = Path(folder)
+    out = []
+    for fig in figures(doc):
+        out.append(write_atomic(folder / "plots" / f"{fig.name}.png", lambda tmp, b=fig.png: tmp.write_bytes(b)))
+    out.append(write_text_atomic(to_markdown(doc, "plots"), folder / "report.md"))
+    out.append(write_text_atomic(json.dumps(_json_safe(numbers), indent=2, sort_keys=True), folder / "metrics.json"))
+    out.append(write_text_atomic(to_html(doc), folder / "report.html"))
+    return out

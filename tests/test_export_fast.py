@@ -1,0 +1,200 @@
+"""The export's fast paths against the plain ones they replace, on tiny cases: same items, same
+order, same rule counts, scores within float tolerance (issue #5, export speed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+import scipy.sparse as sp
+import torch
+from export_support import trained_run
+
+from recsys.columns import Columns
+from recsys.export import engine as engine_module
+from recsys.export import rules as rules_module
+from recsys.export.engine import (
+    DenseScores,
+    Engine,
+    ExplainOptions,
+    block_candidates,
+    constant_top_k,
+    fast_top_k,
+)
+from recsys.export.pipeline_model import TrainedPipeline
+from recsys.export.rules import BusinessRules, apply_rules, apply_rules_dense
+from recsys.recommender import top_k
+
+
+def tie_heavy(rng: np.random.Generator, kind: int, n: int, m: int) -> np.ndarray:
+    """Score blocks where ties straddle the cut often: few distinct values, many zeros, -inf."""
+    if kind == 0:
+        s = rng.random((n, m))
+    elif kind == 1:
+        s = rng.integers(0, 4, (n, m))
+    elif kind == 2:
+        s = np.where(rng.random((n, m)) < 0.7, 0.0, rng.random((n, m)))
+    else:
+        s = rng.integers(0, 3, (n, m)).astype(np.float64)
+        s[rng.random((n, m)) < 0.5] = -np.inf
+    return s.astype(np.float32)
+
+
+def test_fast_top_k_equals_stable_argsort_on_ties():
+    rng = np.random.default_rng(0)
+    for trial in range(400):
+        n, m = int(rng.integers(1, 25)), int(rng.integers(1, 50))
+        scores = tie_heavy(rng, trial % 4, n, m)
+        k = int(rng.integers(1, m + 5))
+        got_i, got_v = fast_top_k(scores, k)
+        ref_i, ref_v = top_k(scores, k)
+        np.testing.assert_array_equal(got_i, ref_i, err_msg=f"trial {trial}, k={k}")
+        np.testing.assert_array_equal(got_v, ref_v)
+
+
+def random_seen(rng: np.random.Generator, n: int, m: int, density: float) -> sp.csr_matrix:
+    return sp.csr_matrix((rng.random((n, m)) < density).astype(np.float32))
+
+
+def test_constant_top_k_equals_the_masked_dense_block():
+    rng = np.random.default_rng(1)
+    for trial in range(200):
+        n, m = int(rng.integers(1, 20)), int(rng.integers(1, 40))
+        row = rng.integers(0, 5, m).astype(np.float32)  # popularity counts: ties everywhere
+        seen = random_seen(rng, n, m, float(rng.choice([0.0, 0.2, 0.6])))
+        allowed = rng.random(m) < 0.8 if trial % 2 else None
+        k = int(rng.integers(1, m + 3))
+        dense = np.array(np.broadcast_to(row, (n, m)), dtype=np.float32)
+        if allowed is not None:
+            dense[:, ~allowed] = -np.inf
+        dense[seen.nonzero()] = -np.inf
+        ref_i, ref_v = fast_top_k(dense, k)
+        got_i, got_v = constant_top_k(row, seen, n, k, allowed)
+        np.testing.assert_array_equal(np.isfinite(got_v), np.isfinite(ref_v), err_msg=f"trial {trial}")
+        fin = np.isfinite(ref_v)
+        np.testing.assert_array_equal(got_i[fin], ref_i[fin], err_msg=f"trial {trial}")
+        np.testing.assert_array_equal(got_v[fin], ref_v[fin])
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        BusinessRules(),
+        BusinessRules(max_per_category=2),
+        BusinessRules(min_score=0.4, max_per_category=1),
+        BusinessRules(blocklist=["i1", "i7"], max_per_category=3, min_score=0.2),
+    ],
+)
+@pytest.mark.parametrize("count_cells", [1 << 24, 0], ids=["running-count", "sorted"])
+def test_dense_rules_equal_the_frame_rules(rules, count_cells, monkeypatch):
+    """The export applies the list rules on [users, n] blocks; the long-frame ``apply_rules``
+    (the evaluation hook) must give the same lists and counts, with either category-cap method."""
+    monkeypatch.setattr(rules_module, "CAP_COUNT_CELLS", count_cells)
+    rng = np.random.default_rng(2)
+    n_items, n_users, k = 12, 30, 5
+    items_df = pl.DataFrame(
+        {
+            Columns.Item: [f"i{i}" for i in range(n_items)],
+            Columns.ItemIdx: np.arange(n_items, dtype=np.int32),
+            "category": [f"c{i % 3}" for i in range(n_items)],
+        }
+    )
+    scores = np.round(rng.random((n_users, n_items)), 1).astype(np.float32)  # ties
+    scores[rng.random(scores.shape) < 0.2] = -np.inf  # seen
+    items, top = fast_top_k(scores, 9)
+    dense_rules, frame_rules = rules.compile(items_df, 0), rules.compile(items_df, 0)
+    rank = apply_rules_dense(items, top, dense_rules, k)
+    r, c = np.nonzero(rank)
+    got = pl.DataFrame(
+        {Columns.UserIdx: r.astype(np.int32), Columns.ItemIdx: items[r, c].astype(np.int32), Columns.Rank: rank[r, c]}
+    )
+    ok = np.isfinite(top).ravel()
+    frame = pl.DataFrame(
+        {
+            Columns.UserIdx: np.repeat(np.arange(n_users), items.shape[1])[ok].astype(np.int32),
+            Columns.ItemIdx: items.ravel()[ok].astype(np.int32),
+            Columns.Score: top.ravel()[ok],
+        }
+    )
+    ref = apply_rules(frame, frame_rules, k).select(Columns.UserIdx, Columns.ItemIdx, Columns.Rank)
+    assert got.equals(ref)
+    assert dense_rules.removed == frame_rules.removed
+    if rules.max_per_category is not None:
+        assert dense_rules.removed["category_cap"] > 0  # the case exercises the cap
+
+
+# --- on the trained test pipeline --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipeline() -> TrainedPipeline:
+    return TrainedPipeline.load(trained_run().pipeline_dir)
+
+
+def test_in_place_candidates_equal_copied_ones(pipeline):
+    p = pipeline
+    ph = p.histories(list(p.users.ids))
+    scorers = p.scorers(ph)
+    users = np.arange(len(p.users))
+    seen = ph.history.matrix
+    fresh = {n: DenseScores(m, users) for n, m in scorers.items()}
+    ref = block_candidates(users, fresh, p.n_candidates, seen, None)
+    masked = {n: DenseScores(m, users) for n, m in scorers.items()}
+    got = block_candidates(users, masked, p.n_candidates, seen, None, in_place=True)
+    assert got.equals(ref)
+    # The features read candidate pairs only: masking in place left those untouched.
+    u, i = ref[Columns.UserIdx].to_numpy(), ref[Columns.ItemIdx].to_numpy()
+    for name in fresh:
+        np.testing.assert_array_equal(masked[name].score_pairs(u, i), fresh[name].score_pairs(u, i))
+
+
+@pytest.mark.parametrize("scorer", ["als", "popularity", "itemknn"])
+def test_single_stage_equals_a_per_user_reference(pipeline, scorer):
+    """The single-stage block path (masked scores, fast top-k, dense rules) against the plain
+    one: full-catalogue stable sort per user, then the frame rules."""
+    p = pipeline
+    rules = BusinessRules(max_per_category=2, blocklist=list(p.item_ids[:3]))
+    e = Engine(p, rules.compile(p.items, p.now), 10, scorer, ExplainOptions(enabled=False, top_features=0))
+    users = list(p.users.ids[:40])
+    ph = p.histories(users)
+    got = e.recommend(ph)
+    model = p.scorers(ph)[scorer]
+    ref_rules = rules.compile(p.items, p.now)
+    rows = []
+    for u in range(len(users)):
+        s = ref_rules.mask_scores(model.score_users(np.array([u])), ph.history.matrix[u])
+        order = np.argsort(-s[0], kind="stable")[: 10 * e.overfetch]  # the documented overfetch cut
+        rows += [(u, int(i), float(s[0, i])) for i in order if np.isfinite(s[0, i])]
+    frame = pl.DataFrame(rows, schema=[Columns.UserIdx, Columns.ItemIdx, Columns.Score], orient="row")
+    ref = apply_rules(frame.with_columns(pl.col(Columns.Score).cast(pl.Float32)), ref_rules, 10)
+    ids = np.asarray(users, dtype=object)
+    assert got[Columns.User].to_list() == ids[ref[Columns.UserIdx].to_numpy()].tolist()
+    assert got[Columns.Item].to_list() == p.item_ids[ref[Columns.ItemIdx].to_numpy()].tolist()
+    assert got[Columns.Rank].to_list() == ref[Columns.Rank].to_list()
+    np.testing.assert_allclose(got[Columns.Score].to_numpy(), ref[Columns.Score].to_numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_cached_similarity_explanations_equal_the_batched_product(pipeline, monkeypatch):
+    p = pipeline
+    users = list(p.users.ids[:60])
+
+    def run() -> pl.DataFrame:
+        e = Engine(p, BusinessRules().compile(p.items, p.now), 10, "fused", ExplainOptions(top_features=0))
+        return e.recommend(p.histories(users))
+
+    monkeypatch.setattr(engine_module, "CACHE_MIN_WIDTH", 10**9)  # never cached: batched product
+    ref = run()
+    monkeypatch.setattr(engine_module, "CACHE_MIN_WIDTH", 0)  # always cached
+    got = run()
+    assert got.drop("explain_similarity").equals(ref.drop("explain_similarity"))
+    assert ref["explain_item"].null_count() < ref.height
+    np.testing.assert_allclose(
+        got["explain_similarity"].to_numpy(), ref["explain_similarity"].to_numpy(), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_recommend_restores_the_callers_thread_settings(pipeline):
+    before = torch.get_num_threads()
+    e = Engine(pipeline, BusinessRules().compile(pipeline.items, pipeline.now), 5, "als", threads=1)
+    e.recommend(pipeline.histories(list(pipeline.users.ids[:5])))
+    assert torch.get_num_threads() == before

@@ -1,0 +1,172 @@
+"""The report's building blocks against independent references: metrics (torchmetrics.retrieval
+and brute force), beyond-accuracy measures (brute force), segments (exact partitions), rendering."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from torchmetrics.functional import retrieval as tm
+
+from recsys.evaluation.beyond import beyond_accuracy, gini, intra_list_diversity
+from recsys.evaluation.metrics import accuracy_metrics, curves, hits_matrix, ranking_metrics
+from recsys.evaluation.render import Document, Figure, Section, Table, Text, to_html, to_markdown
+from recsys.evaluation.segments import build_segments, history_bucket_labels, popularity_deciles
+
+KS = (5, 10, 20, 50)
+
+
+def random_case(n_users: int = 40, n_items: int = 120, max_rel: int = 4, seed: int = 0):
+    """Random positive scores over the whole catalogue (no ties) and 1..max_rel relevant items."""
+    rng = np.random.default_rng(seed)
+    scores = rng.random((n_users, n_items)) + 0.01  # torchmetrics' AP ignores targets with score <= 0
+    rel = np.zeros((n_users, n_items), dtype=bool)
+    for u in range(n_users):
+        rel[u, rng.choice(n_items, rng.integers(1, max_rel + 1), replace=False)] = True
+    ranked = np.argsort(-scores, axis=1, kind="stable")
+    return scores, rel, ranked
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_metrics_match_torchmetrics_retrieval(seed):
+    scores, rel, ranked = random_case(seed=seed)
+    ours = accuracy_metrics(ranked[:, :60], sp.csr_matrix(rel.astype(np.float32)), KS)
+    for u in range(len(scores)):
+        p, t = torch.tensor(scores[u]), torch.tensor(rel[u])
+        for k in KS:
+            ref = {
+                "recall": tm.retrieval_recall(p, t, top_k=k),
+                "ndcg": tm.retrieval_normalized_dcg(p, t, top_k=k),
+                "mrr": tm.retrieval_reciprocal_rank(p, t, top_k=k),
+                "hitrate": tm.retrieval_hit_rate(p, t, top_k=k),
+                "precision": tm.retrieval_precision(p, t, top_k=k),
+            }
+            for name, value in ref.items():
+                assert ours[f"{name}_at_{k}"][u] == pytest.approx(float(value), abs=1e-6), (name, k, u)
+
+
+def brute_force_map(ranked_row: np.ndarray, relevant: set[int], k: int) -> float:
+    hits, total = 0, 0.0
+    for i, item in enumerate(ranked_row[:k], start=1):
+        if item in relevant:
+            hits += 1
+            total += hits / i
+    return total / min(len(relevant), k)
+
+
+def test_map_matches_brute_force_and_torchmetrics_with_one_target():
+    scores, rel, ranked = random_case(max_rel=5, seed=3)
+    ours = accuracy_metrics(ranked[:, :60], sp.csr_matrix(rel.astype(np.float32)), KS)
+    for u in range(len(scores)):
+        for k in KS:
+            assert ours[f"map_at_{k}"][u] == pytest.approx(brute_force_map(ranked[u], set(np.flatnonzero(rel[u])), k))
+    # With one relevant item per user (leave-one-out) MAP@K is torchmetrics' AP@K.
+    scores, rel, ranked = random_case(max_rel=1, seed=4)
+    ours = accuracy_metrics(ranked[:, :60], sp.csr_matrix(rel.astype(np.float32)), KS)
+    for u in range(len(scores)):
+        ref = tm.retrieval_average_precision(torch.tensor(scores[u]), torch.tensor(rel[u]), top_k=20)
+        assert ours["map_at_20"][u] == pytest.approx(float(ref))
+
+
+def test_extended_metrics_agree_with_the_training_table_and_curves():
+    _, rel, ranked = random_case(seed=5)
+    relevant = sp.csr_matrix(rel.astype(np.float32))
+    lists = ranked[:, :50].copy()
+    lists[::7, 30:] = -1  # padded lists: shorter than K
+    old, new = ranking_metrics(lists, relevant, (10, 20)), accuracy_metrics(lists, relevant, (10, 20, 50))
+    for name in ("recall_at_10", "ndcg_at_20", "hitrate_at_10", "precision_at_20"):
+        np.testing.assert_allclose(new[name], old[name])
+    np.testing.assert_allclose(new["mrr_at_50"], old["mrr"])
+    c = curves(hits_matrix(lists, relevant), np.diff(relevant.indptr))
+    assert c["ndcg"][9] == pytest.approx(new["ndcg_at_10"].mean())
+    assert c["recall"][49] == pytest.approx(new["recall_at_50"].mean())
+
+
+def test_beyond_accuracy_against_brute_force():
+    rng = np.random.default_rng(0)
+    n_items, k = 30, 5
+    lists = np.array([rng.choice(n_items, k, replace=False) for _ in range(12)])
+    lists[0, 3:] = -1
+    emb = rng.normal(size=(n_items, 8))
+    counts = rng.integers(0, 20, n_items)
+    got = beyond_accuracy(lists, counts, emb)
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    ild = []
+    for row in lists:
+        items = row[row >= 0]
+        cos = [unit[i] @ unit[j] for a, i in enumerate(items) for b, j in enumerate(items) if a != b]
+        ild.append(1 - np.mean(cos))
+    assert got["diversity"] == pytest.approx(np.mean(ild), rel=1e-5)
+    items = lists[lists >= 0]
+    assert got["coverage"] == pytest.approx(len(set(items.tolist())) / n_items)
+    p = (counts + 1) / (counts.sum() + n_items)
+    assert got["novelty"] == pytest.approx(np.mean([-np.log2(p[i]) for i in items]))
+    pct = [100 * (np.sum(counts < counts[i]) + (np.sum(counts == counts[i]) - 1) / 2) / (n_items - 1) for i in items]
+    assert got["popularity_percentile"] == pytest.approx(np.mean(pct))
+    exposure = np.bincount(items, minlength=n_items)
+    mean_abs_diff = np.abs(exposure[:, None] - exposure[None, :]).sum() / (2 * n_items**2 * exposure.mean())
+    assert got["gini"] == pytest.approx(mean_abs_diff)
+
+
+def test_gini_and_diversity_extremes():
+    assert gini(np.ones(10)) == 0.0
+    assert gini(np.r_[np.zeros(9), 5.0]) == pytest.approx(0.9)
+    same = np.tile([[1.0, 0.0]], (4, 1))
+    assert intra_list_diversity(np.array([[0, 1, 2, 3]]), same) == pytest.approx(0.0)
+
+
+def test_segments_partition_users_items_and_target_events():
+    rng = np.random.default_rng(2)
+    n_users, n_items = 300, 80
+    history = rng.integers(0, 70, n_users)
+    counts = np.where(rng.random(n_items) < 0.2, 0, rng.integers(1, 50, n_items))
+    relevant = [rng.choice(n_items, rng.integers(1, 4), replace=False) for _ in range(n_users)]
+    segs = build_segments(history, counts, relevant)
+    kinds = {s.kind for s in segs}
+    assert kinds == {"user history length", "target item", "target item popularity"}
+    users = [s for s in segs if s.kind == "user history length"]
+    np.testing.assert_array_equal(np.sum([s.users for s in users], axis=0), np.ones(n_users))
+    n_targets = sum(len(r) for r in relevant)
+    for kind in ("target item", "target item popularity"):
+        item_segs = [s for s in segs if s.kind == kind]
+        cover = np.sum([s.item_mask for s in item_segs], axis=0)
+        # Every item whose segment has a target is in exactly one segment; no item twice.
+        assert cover.max() == 1
+        targeted = np.zeros(n_items, bool)
+        targeted[np.concatenate(relevant)] = True
+        assert cover[targeted].min() == 1
+        events = sum(int(s.item_mask[r].sum()) for s in item_segs for r, u in zip(relevant, s.users) if u)
+        assert events == n_targets
+    deciles = popularity_deciles(counts)
+    assert set(deciles[counts == 0]) == {"cold"}
+    warm = counts > 0
+    # Deciles are monotone in popularity.
+    order = np.argsort(counts[warm])
+    dec = np.array([int(d[1:]) for d in deciles[warm]])[order]
+    assert np.all(np.diff(dec) >= 0)
+
+
+def test_history_buckets_cover_every_length():
+    lengths = np.arange(0, 200)
+    labels = history_bucket_labels(lengths)
+    assert labels[0] == "0" and labels[1] == "1-2" and labels[5] == "3-5" and labels[199] == "51+"
+    assert len(set(labels.tolist())) == 7
+
+
+def test_render_escapes_and_embeds():
+    png = b"\x89PNG\r\n\x1a\nfake"
+    doc = Document(
+        "T <x>",
+        "sub",
+        [
+            Section(
+                "a", "A & B", [Text("fused beats ALS", True), Table(["m", "v"], [["<b>", 0.5]]), Figure("f", png, "c")]
+            )
+        ],
+    )
+    html = to_html(doc)
+    assert "&lt;b&gt;" in html and "<b>" not in html.replace("<body>", "")
+    assert "data:image/png;base64,iVBORw0KGgpmYWtl" in html
+    md = to_markdown(doc)
+    assert "![c](plots/f.png)" in md and "| <b> | 0.5000 |" in md and "**fused beats ALS**" in md
