@@ -1,28 +1,41 @@
 """Text-tower speed: model FLOP utilisation (MFU) of fine-tuning and encoding, on real tokens.
 
-    python bench/text_tower.py                       # MiniLM, the default experiment's batch size
-    python bench/text_tower.py --steps 20 --batch-size 32 --encoder tiny
+    python bench/text_tower.py                                  # the default step vs the old one
+    python bench/text_tower.py --variants default,freeze_emb,freeze3,layers3,len24 --rounds 3
+    python bench/text_tower.py --int8                           # + dynamic int8 encoding, cosine to fp32
+    python bench/text_tower.py --encoder tiny --steps 2 --rounds 1
 
 In one run it measures (1) this machine's fp32 GEMM ceiling at the encoder's shapes, (2) the
 real training step of ``TextTowerModule`` (forward, loss, backward, AdamW step) on batches from
-``TextDataModule`` over the generated data, (3) catalogue encoding with ``encode_tokens``.
+``TextDataModule`` over the generated data, once per *variant* (module / encoder options),
+(3) catalogue encoding with ``encode_tokens``. The machine is shared, so the phases are
+interleaved: every round measures the ceiling, then ``--steps`` steps of each variant on the
+same batches, then one catalogue pass; MFU is each variant's FLOP rate over the mean ceiling.
+
 FLOPs are counted on real (non-pad) tokens from the model config: per token and layer,
-``8 d^2 + 4 d d_ff`` for the dense layers and ``4 T d`` for attention; training = 3x forward.
-The ratio (MFU) is the figure that counts: absolute speeds vary +-30 % on shared machines.
+``8 d^2 + 4 d d_ff`` for the dense layers and ``4 T d`` for attention; a trained layer costs
+3x its forward, a frozen one 1x (no backward). Padding is reported as its share of the
+positions actually computed.
+
+Accuracy of the options: ``bench/text_tower.py quality --help`` (trains and evaluates only the
+text tower, on the generated data or on Amazon-Scientific).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import sys
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 
 import recsys.config  # noqa: F401
-from recsys.columns import Columns
 from recsys.config import minilm_path
-from recsys.data.synthetic import generate
 
 
 def gemm_ceiling(d: int, d_ff: int, rows: int = 2048, seconds: float = 2.0) -> float:
@@ -40,113 +53,388 @@ def gemm_ceiling(d: int, d_ff: int, rows: int = 2048, seconds: float = 2.0) -> f
     return best
 
 
+def layer_flops(config, seq_len: float) -> float:
+    """Forward FLOPs of one transformer layer per token."""
+    d, d_ff = config.hidden_size, config.intermediate_size
+    return 8 * d * d + 4 * d * d_ff + 4 * seq_len * d
+
+
 def flops_per_token(config, seq_len: float) -> float:
-    d, d_ff, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    return layers * (8 * d * d + 4 * d * d_ff + 4 * seq_len * d)
+    return config.num_hidden_layers * layer_flops(config, seq_len)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--encoder", choices=["minilm", "tiny"], default="minilm")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--max-length", type=int, default=32)
-    ap.add_argument("--encode-history", action="store_true")
-    ap.add_argument("--freeze-embeddings", action="store_true")
-    args = ap.parse_args()
-    torch.manual_seed(0)
+# Named variants: TextTowerModule arguments and ItemEncoder options. "old" is the step before
+# issue #6 (one chunk padded to the batch's longest item, for-loop AdamW).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "old": {"module": {"fused_optimizer": False}},
+    "default": {},
+    "buckets4": {"module": {"length_buckets": 4}},
+    "buckets2": {"module": {"length_buckets": 2}},
+    "buckets8": {"module": {"length_buckets": 8}},
+    "freeze_emb": {"module": {"freeze_embeddings": True}},
+    "freeze2": {"module": {"freeze_layers": 2}},
+    "freeze3": {"module": {"freeze_layers": 3}},
+    "layers4": {"num_layers": 4},
+    "layers3": {"num_layers": 3},
+    "len24": {"max_length": 24},
+    "len16": {"max_length": 16},
+    "nodropout": {"dropout": 0.0},
+}
 
-    from recsys.data import Dataset, FileDataSource  # noqa: F401
+
+@dataclass
+class Meter:
+    seconds: float = 0.0
+    steps: int = 0
+    seqs: int = 0
+    tokens: int = 0
+    computed: int = 0  # positions computed, pad included
+    flops: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def load_generated(n_users: int = 2000, n_items: int = 1500, seed: int = 7):
+    """The generated data as (texts, History)."""
+    import polars as pl
+
+    from recsys.columns import Columns
+    from recsys.data.synthetic import generate
     from recsys.recommender import History
-    from recsys.text.datamodule import TextDataModule
-    from recsys.text.encoder import ItemEncoder, TwoTower
-    from recsys.text.module import TextTowerModule
 
-    if args.encoder == "minilm":
-        enc = ItemEncoder.from_pretrained(minilm_path(), max_length=args.max_length)
-    else:
-        enc = ItemEncoder.random(minilm_path(), max_length=args.max_length)
-    cfg = enc.bert.config
-    inter, items = generate(n_users=2000, n_items=1500, seed=7)
+    inter, items = generate(n_users=n_users, n_items=n_items, seed=seed)
     texts = (items["title"] + ". " + items["category"] + ". " + items["description"]).to_list()
     item_index = {v: i for i, v in enumerate(items[Columns.Item].to_list())}
     users = {v: i for i, v in enumerate(sorted(set(inter[Columns.User].to_list())))}
-    import polars as pl
-
     df = inter.with_columns(
         pl.col(Columns.User).replace_strict(users).alias(Columns.UserIdx),
         pl.col(Columns.Item).replace_strict(item_index).alias(Columns.ItemIdx),
         pl.lit(1.0).alias(Columns.Weight),
     ).sort(Columns.UserIdx, Columns.Timestamp)
-    history = History(df, len(users), len(texts))
-    ids, lengths = enc.tokenize(texts)
+    return texts, History(df, len(users), len(texts))
 
-    ceiling = gemm_ceiling(cfg.hidden_size, cfg.intermediate_size)
 
-    net = TwoTower(enc)
-    dm = TextDataModule(
-        ids, lengths, history, df.head(0), batch_size=args.batch_size, encode_history=args.encode_history
-    )
-    module = TextTowerModule(net, freeze_embeddings=args.freeze_embeddings)
-    module.item_cache = enc.encode_tokens(ids, lengths)
-    opt = module.configure_optimizers()["optimizer"]
-    loader = iter(dm.train_dataloader())
-    net.train()
+def make_encoder(kind: str, max_length: int, num_layers: int | None = None, dropout: float | None = None):
+    from recsys.text.encoder import ItemEncoder
 
-    def step(batch):
-        loss = module.training_step(batch, 0)
+    if kind == "minilm":
+        enc = ItemEncoder.from_pretrained(minilm_path(), max_length=max_length, num_layers=num_layers)
+    else:
+        enc = ItemEncoder.random(minilm_path(), max_length=max_length)
+    if dropout is not None:
+        for m in enc.bert.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = dropout
+        enc.bert.config.attention_probs_dropout_prob = dropout
+        for layer in enc.bert.encoder.layer:
+            layer.attention.self.dropout.p = dropout
+    return enc
+
+
+def computed_positions(mask: torch.Tensor, buckets: int) -> int:
+    """Positions the encoder computes for this batch when split as ``forward_bucketed`` does."""
+    lengths = mask.sum(1)
+    if buckets <= 1 or len(lengths) < 2 * buckets:
+        return mask.numel()
+    order = torch.argsort(lengths, descending=True, stable=True)
+    return sum(len(sel) * int(lengths[sel].max()) for sel in torch.tensor_split(order, buckets))
+
+
+def speed(args: argparse.Namespace) -> dict:
+    from recsys.text.datamodule import TextDataModule
+    from recsys.text.encoder import TwoTower
+    from recsys.text.module import TextTowerModule
+
+    torch.manual_seed(0)
+    texts, history = load_generated()
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        sys.exit(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
+
+    runs = {}
+    for name in names:
+        spec = VARIANTS[name]
+        enc = make_encoder(
+            args.encoder, spec.get("max_length", args.max_length), spec.get("num_layers"), spec.get("dropout")
+        )
+        ids, lengths = enc.tokenize(texts)
+        net = TwoTower(enc)
+        dm = TextDataModule(ids, lengths, history, history.interactions.head(0), batch_size=args.batch_size)
+        module = TextTowerModule(net, **spec.get("module", {}))
+        module.item_cache = torch.nn.functional.normalize(torch.randn(len(texts), enc.dim), dim=-1)
+        opt = module.configure_optimizers()["optimizer"]
+        # Every variant trains on the same examples (the sampler is seeded): a fair comparison.
+        loader = iter(dm.train_dataloader())
+        batches = [next(loader) for _ in range(args.steps + 1)]
+        net.train()
+        frozen = sum(1 for layer in enc.bert.encoder.layer if not any(p.requires_grad for p in layer.parameters()))
+        runs[name] = dict(module=module, opt=opt, batches=batches, enc=enc, ids=ids, lengths=lengths, frozen=frozen)
+
+    def step(run: dict, batch: dict) -> None:
+        loss = run["module"].training_step(batch, 0)
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        run["opt"].step()
+        run["opt"].zero_grad(set_to_none=True)
 
-    step(next(loader))  # warm-up (allocator, first-call overheads)
-    tokens = seqs = 0
-    pad_tokens = 0
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        try:
-            batch = next(loader)
-        except StopIteration:
-            loader = iter(dm.train_dataloader())
-            batch = next(loader)
-        mask = batch["item_attention_mask"]
-        tokens += int(mask.sum())
-        pad_tokens += mask.numel()
-        seqs += mask.shape[0]
-        step(batch)
-    train_s = time.perf_counter() - t0
-    mean_len = tokens / seqs
-    train_flops = 3 * flops_per_token(cfg, mean_len) * tokens
-    train_mfu = train_flops / train_s / 1e9 / ceiling
+    for run in runs.values():
+        step(run, run["batches"][0])  # warm-up (allocator, first-call overheads)
 
-    t0 = time.perf_counter()
-    enc.encode_tokens(ids, lengths, batch_size=128)
-    enc_s = time.perf_counter() - t0
-    enc_tokens = int(lengths.sum())
-    enc_flops = flops_per_token(cfg, float(lengths.float().mean())) * enc_tokens
-    enc_mfu = enc_flops / enc_s / 1e9 / ceiling
+    cfg0 = runs[names[0]]["enc"].bert.config
+    ceilings: list[float] = []
+    meters = {name: Meter() for name in names}
+    enc_meter = Meter()
+    for _ in range(args.rounds):
+        ceilings.append(gemm_ceiling(cfg0.hidden_size, cfg0.intermediate_size, seconds=1.0))
+        for name, run in runs.items():
+            m, cfg = meters[name], run["enc"].bert.config
+            buckets = run["module"].length_buckets
+            for batch in run["batches"][1:]:
+                mask = batch["item_attention_mask"]
+                t0 = time.perf_counter()
+                step(run, batch)
+                m.seconds += time.perf_counter() - t0
+                lengths = mask.sum(1).float()
+                n_tok = int(lengths.sum())
+                mean_len = float((lengths * lengths).sum() / lengths.sum())  # attention width a token sees
+                layers, frozen = cfg.num_hidden_layers, run["frozen"]
+                m.flops += n_tok * layer_flops(cfg, mean_len) * (3 * (layers - frozen) + frozen)
+                m.steps += 1
+                m.seqs += len(lengths)
+                m.tokens += n_tok
+                m.computed += computed_positions(mask, buckets)
+        progress = {n: round(m.seconds / max(1, m.steps), 2) for n, m in meters.items()}
+        print(
+            f"round {len(ceilings)}: ceiling {ceilings[-1]:.1f} GFLOP/s, s/step {progress}", file=sys.stderr, flush=True
+        )
+        base = runs[names[0]]
+        t0 = time.perf_counter()
+        base["enc"]._encode_tokens(base["ids"], base["lengths"], batch_size=128)
+        enc_meter.seconds += time.perf_counter() - t0
+        lengths = base["lengths"].float()
+        enc_meter.tokens += int(lengths.sum())
+        enc_meter.seqs += len(lengths)
+        enc_meter.flops += sum(flops_per_token(cfg0, float(n)) * float(n) for n in lengths.tolist())
 
-    out = {
+    ceiling = sum(ceilings) / len(ceilings)
+    out: dict[str, Any] = {
         "encoder": args.encoder,
         "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
         "gemm_ceiling_gflops": round(ceiling, 1),
-        "train": {
-            "batch_size": args.batch_size,
-            "encoder_seqs_per_s": round(seqs / train_s, 1),
-            "examples_per_s": round(args.steps * args.batch_size / train_s, 1),
-            "real_tokens_per_s": round(tokens / train_s, 1),
-            "pad_share": round(1 - tokens / pad_tokens, 3),
-            "gflops": round(train_flops / train_s / 1e9, 1),
-            "mfu": round(train_mfu, 3),
-        },
-        "encode": {
-            "seqs_per_s": round(len(texts) / enc_s, 1),
-            "real_tokens_per_s": round(enc_tokens / enc_s, 1),
-            "gflops": round(enc_flops / enc_s / 1e9, 1),
-            "mfu": round(enc_mfu, 3),
-        },
+        "gemm_ceiling_per_round": [round(c, 1) for c in ceilings],
+        "train": {},
     }
-    print(json.dumps(out, indent=2))
+    for name, m in meters.items():
+        out["train"][name] = {
+            "batch_size": args.batch_size,
+            "encoder_seqs_per_s": round(m.seqs / m.seconds, 1),
+            "examples_per_s": round(m.steps * args.batch_size / m.seconds, 1),
+            "real_tokens_per_s": round(m.tokens / m.seconds, 1),
+            "pad_share": round(1 - m.tokens / m.computed, 3),
+            "gflops": round(m.flops / m.seconds / 1e9, 1),
+            "mfu": round(m.flops / m.seconds / 1e9 / ceiling, 3),
+            "step_s": round(m.seconds / m.steps, 3),
+        }
+    out["encode"] = {
+        "seqs_per_s": round(enc_meter.seqs / enc_meter.seconds, 1),
+        "real_tokens_per_s": round(enc_meter.tokens / enc_meter.seconds, 1),
+        "gflops": round(enc_meter.flops / enc_meter.seconds / 1e9, 1),
+        "mfu": round(enc_meter.flops / enc_meter.seconds / 1e9 / ceiling, 3),
+    }
+    if args.int8:
+        base = runs[names[0]]
+        n = args.int8_items
+        out["int8"] = int8_check(base["enc"], base["ids"][:n], base["lengths"][:n])
+    return out
+
+
+def int8_check(enc, ids: torch.Tensor, lengths: torch.Tensor) -> dict:
+    """Dynamic int8 (``quantize_dynamic`` on every Linear, or on the FFN only): speed and cosine."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    from torch.ao.quantization import quantize_dynamic
+
+    enc.eval()
+    t0 = time.perf_counter()
+    ref = enc._encode_tokens(ids, lengths)
+    fp32_s = time.perf_counter() - t0
+    out = {"fp32_seqs_per_s": round(len(ids) / fp32_s, 1)}
+    for label, only_ffn in (("all_linear", False), ("ffn_only", True)):
+        q = copy.deepcopy(enc)
+        if only_ffn:
+            for layer in q.bert.encoder.layer:
+                layer.intermediate = quantize_dynamic(layer.intermediate, {torch.nn.Linear}, dtype=torch.qint8)
+                layer.output.dense = quantize_dynamic(
+                    torch.nn.Sequential(layer.output.dense), {torch.nn.Linear}, dtype=torch.qint8
+                )[0]
+        else:
+            q.bert = quantize_dynamic(q.bert, {torch.nn.Linear}, dtype=torch.qint8)
+        t0 = time.perf_counter()
+        got = q._encode_tokens(ids, lengths)
+        s = time.perf_counter() - t0
+        cos = (got * ref).sum(1)
+        out[label] = {
+            "seqs_per_s": round(len(ids) / s, 1),
+            "speedup": round(fp32_s / s, 2),
+            "cosine_mean": round(float(cos.mean()), 4),
+            "cosine_min": round(float(cos.min()), 4),
+            "cosine_p01": round(float(cos.quantile(0.01)), 4),
+        }
+    return out
+
+
+# Speed/accuracy options as Hydra overrides of the job's config, for the quality mode.
+OPTIONS: dict[str, list[str]] = {
+    "default": [],
+    "old": ["text.module.fused_optimizer=false"],
+    "buckets4": ["text.module.length_buckets=4"],
+    "freeze_emb": ["text.module.freeze_embeddings=true"],
+    "freeze2": ["text.module.freeze_layers=2"],
+    "freeze3": ["text.module.freeze_layers=3"],
+    "layers4": ["encoder.num_layers=4"],
+    "layers3": ["encoder.num_layers=3"],
+    "len24": ["encoder.max_length=24"],
+    "len16": ["encoder.max_length=16"],
+    "auto95": ["encoder.max_length=auto", "encoder.max_length_percentile=95"],
+}
+
+
+def quality(argv: list[str]) -> None:
+    """Fine-tune and evaluate only the text tower, once per option: speed and NDCG@10 together.
+
+    python bench/text_tower.py quality --experiment bert_ranker --options default,freeze3,layers3
+    python bench/text_tower.py quality --experiment scientific --options default,freeze3
+
+    The same data, split, encoder, text-tower and trainer config as ``recsys.train
+    +experiment=NAME`` (no CF, no ranker, no MLflow): validation NDCG@10 of the zero-shot and
+    the chosen weights (the job keeps the zero-shot weights when no epoch beats them), test
+    NDCG@10 / Recall@10 of the text tower on the practical protocol, the fine-tuning time and
+    the training-step time. Ratios between options of one run are what to compare.
+    """
+    import tempfile
+
+    import lightning as L
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    from recsys.evaluation import ranking_metrics
+    from recsys.pipeline import check_split, relevance_matrix, stage_exclusion
+    from recsys.recommender import History
+    from recsys.text.encoder import TwoTower
+    from recsys.text.fit import SeedEachStep, fine_tune
+    from recsys.text.recommender import TextRecommender
+
+    ap = argparse.ArgumentParser(prog="text_tower.py quality", description=quality.__doc__.splitlines()[0])
+    ap.add_argument("--experiment", default="bert_ranker")
+    ap.add_argument("--options", default="default,freeze3,layers3", help=f"comma list of {sorted(OPTIONS)}")
+    ap.add_argument("--zeroshot-only", action="store_true", help="evaluate each option's start, no fine-tuning")
+    ap.add_argument("overrides", nargs="*", help="extra Hydra overrides for every option")
+    args = ap.parse_args(argv)
+    root = Path(__file__).resolve().parents[1]
+
+    class StepTimer(L.Callback):
+        def __init__(self) -> None:
+            self.seconds, self.steps, self._t = 0.0, 0, 0.0
+
+        def on_train_batch_start(self, *a) -> None:
+            self._t = time.perf_counter()
+
+        def on_train_batch_end(self, *a) -> None:
+            self.seconds += time.perf_counter() - self._t
+            self.steps += 1
+
+    rows = []
+    for name in args.options.split(","):
+        tmp = tempfile.mkdtemp(prefix="text_quality_")
+        overrides = [f"+experiment={args.experiment}", f"paths.output_dir={tmp}", *OPTIONS[name], *args.overrides]
+        with initialize_config_dir(str(root / "conf"), version_base="1.3"):
+            cfg = compose("config", overrides=overrides)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        data = instantiate(cfg.data).load()
+        split = instantiate(cfg.split).split(data.interactions)
+        _, test_users = check_split(data, split)
+        encoder = instantiate(cfg.encoder)
+        ids, lengths = encoder.tokenize(data.texts)
+        net = TwoTower(
+            encoder,
+            cfg.text.max_history,
+            temperature=cfg.text.temperature,
+            learn_temperature=cfg.text.learn_temperature,
+            frozen_history=cfg.text.frozen_history,
+        )
+        hist_val = History(split.train, data.n_users, data.n_items)
+        listed = None
+        if "available_from" in data.items.columns:
+            import polars as pl
+
+            listed = data.items["available_from"].cast(pl.Float64).fill_null(float("nan")).to_numpy()
+        dm = instantiate(cfg.text.data)(
+            item_ids=ids, item_lengths=lengths, train=hist_val, val=split.val, available_from=listed
+        )
+        timer = StepTimer()
+        callbacks = [
+            ModelCheckpoint(dirpath=tmp, filename="best", monitor="val/ndcg_at_10", mode="max", save_weights_only=True),
+            EarlyStopping(monitor="val/ndcg_at_10", mode="max", patience=cfg.text.callbacks.early_stopping.patience),
+            SeedEachStep(cfg.seed),
+            timer,
+        ]
+        trainer = instantiate(
+            cfg.trainer, callbacks=callbacks, logger=False, enable_progress_bar=False, enable_checkpointing=True
+        )
+        t0 = time.perf_counter()
+        if args.zeroshot_only:  # the option's starting point only (e.g. fewer layers), no training
+            zero = trainer.validate(instantiate(cfg.text.module)(net=net), datamodule=dm, verbose=False)[0]
+            score = float(zero["val/ndcg_at_10"])
+            val = {
+                "text/val_ndcg_at_10_zeroshot": score,
+                "text/val_ndcg_at_10_finetuned": score,
+                "text/kept_zeroshot": 1,
+            }
+            net.eval()
+        else:
+            net, val = fine_tune(net, dm, instantiate(cfg.text.module), trainer)
+        fit_s = time.perf_counter() - t0
+        hist_test = hist_val.extend(split.val)
+        rec = TextRecommender.from_tokens(net, ids, lengths).fit(hist_test)
+        exclude = stage_exclusion(hist_test, data.items, split.test)
+        items, _ = rec.recommend(test_users, 10, exclude=exclude)
+        m = ranking_metrics(items, relevance_matrix(split.test, test_users, data.n_items), ks=(10,))
+        row = {
+            "option": name,
+            "finetune_s": round(fit_s, 1),
+            "train_step_s": round(timer.seconds / max(1, timer.steps), 3),
+            "steps": timer.steps,
+            "val_ndcg10_zeroshot": round(val["text/val_ndcg_at_10_zeroshot"], 4),
+            "val_ndcg10_finetuned": round(val["text/val_ndcg_at_10_finetuned"], 4),
+            "kept_zeroshot": bool(val["text/kept_zeroshot"]),
+            "test_ndcg10": round(float(m["ndcg_at_10"].mean()), 4),
+            "test_recall10": round(float(m["recall_at_10"].mean()), 4),
+            "max_length": encoder.max_length,
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(json.dumps({"experiment": args.experiment, "overrides": args.overrides, "rows": rows}, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["quality"]:
+        quality(argv[1:])
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--encoder", choices=["minilm", "tiny"], default="minilm")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=4, help="steps of each variant per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--max-length", type=int, default=32)
+    ap.add_argument("--variants", default="old,default", help=f"comma list of {sorted(VARIANTS)}")
+    ap.add_argument("--int8", action="store_true", help="also measure dynamic int8 encoding and its cosine to fp32")
+    ap.add_argument("--int8-items", type=int, default=1500, help="catalogue items the int8 check encodes")
+    args = ap.parse_args(argv)
+    print(json.dumps(speed(args), indent=2))
 
 
 if __name__ == "__main__":

@@ -95,6 +95,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
             temperature=cfg.text.temperature,
             learn_temperature=cfg.text.learn_temperature,
             frozen_history=cfg.text.frozen_history,
+            recency_decay=cfg.text.recency_decay,
         )
         zero_net = zero_shot_copy(net) if cfg.eval.zeroshot else None
         listed = (
@@ -163,6 +164,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         imp_path = out_dir / "feature_importance.csv"
         write_text_atomic(fusion.ranker.feature_importance().write_csv(), imp_path)
         tracker.log_artifact(imp_path)
+        t0 = time.perf_counter()
+        save_evaluation(cfg, data, split, run_id, tracker, result, hist_test, text, fusion, out_dir)
+        timings["evaluation_report"] = time.perf_counter() - t0
 
         # --- export: fused top-K for every test user, seen items removed ---------------------
         k = cfg.export.k
@@ -185,6 +189,57 @@ def run(cfg: DictConfig) -> dict[str, float]:
         print(f"MLflow run {run_id}; model {model_uri}; recommendations: {rec_path}; total {timings['total']:.0f}s")
         resume.finish(keep_best_in=out_dir / "checkpoints")  # done: a rerun of this command starts afresh
     return metrics
+
+
+def save_evaluation(cfg, data, split, run_id, tracker, result, hist_test, text, fusion, out_dir: Path) -> None:
+    """The evaluation bundle (``evaluation/``) and, with ``eval.report``, the report (``report/``),
+    both logged to the run; ``python -m recsys.evaluate`` rebuilds the report from the bundle alone."""
+    from hydra.utils import instantiate
+
+    from recsys.columns import Columns
+    from recsys.evaluation.bundle import BUNDLE_DIR, make_protocol, read_bundle, write_bundle
+
+    protocol = make_protocol(
+        run_id=run_id,
+        experiment=tracker.experiment,
+        data_name=data.name,
+        data_hash=data.fingerprint(),
+        n_users=data.n_users,
+        n_items=data.n_items,
+        split=OmegaConf.to_container(cfg.split, resolve=True),
+        split_counts=split.describe(),
+        seen_filtering=True,
+        availability_filtering=Columns.AvailableFrom in data.items.columns
+        and data.items[Columns.AvailableFrom].null_count() < data.items.height,
+        ks=list(cfg.eval.ks),
+        max_k=cfg.eval.max_k,
+        seed=cfg.seed,
+        targets=split.test,
+        models=list(result.recommended),
+        root=cfg.paths.root_dir,
+    )
+    folder = out_dir / BUNDLE_DIR
+    files = write_bundle(
+        folder,
+        protocol=protocol,
+        users=result.users,
+        recommended=result.recommended,
+        scores=result.scores,
+        sources=result.sources,
+        targets=split.test,
+        history=hist_test.interactions,
+        n_items=data.n_items,
+        item_embeddings=text.item_embeddings.numpy(),
+        feature_importance=fusion.ranker.feature_importance(),
+    )
+    for f in files:
+        tracker.log_artifact(f, BUNDLE_DIR)
+    if cfg.eval.report:
+        # Read back from disk: the report at the end of training is exactly the one the CLI makes.
+        report_dir = out_dir / "report"
+        for f in instantiate(cfg.eval.reporter).write(read_bundle(folder, run_id), report_dir):
+            tracker.log_artifact(f, str(Path("report") / f.parent.relative_to(report_dir)))
+        log.info("evaluation report: %s", out_dir / "report" / "report.html")
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

@@ -162,7 +162,20 @@ def test_ranker_learns_a_planted_signal():
     imp = ranker.feature_importance()
     assert imp["feature"][0] == "signal"
     assert imp["gain"][0] > 5 * imp["gain"][1:].sum()
-    assert 1 <= ranker.best_iteration <= 60
+    assert 1 <= ranker.best_iteration <= round(60 / 0.8)  # refit_full scales the trees to all users
+
+
+def test_refit_full_retrains_on_all_users_with_the_early_stopped_tree_count_scaled():
+    frame, features = planted(300, seed=0), ["noise_a", "signal", "noise_b"]
+    kw = dict(n_estimators=60, min_child_samples=5, early_stopping_rounds=10, early_stopping_fraction=0.25, seed=0)
+    held = LambdaMARTRanker(refit_full=False, **kw).fit(frame, features)
+    full = LambdaMARTRanker(refit_full=True, **kw).fit(frame, features)
+    # Same early-stopping run, then a model on every user with 1/(1 - 0.25) times the trees.
+    assert full.best_iteration == max(1, round(held.best_iteration / 0.75))
+    assert full.booster.num_trees() == full.best_iteration
+    # It learned from rows the held-back model never saw: different scores, the signal still leads.
+    assert not np.allclose(full.predict(frame), held.predict(frame))
+    assert full.feature_importance()["feature"][0] == "signal"
 
 
 def test_ranker_ignores_users_without_a_positive_and_fails_when_none_has_one():

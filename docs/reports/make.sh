@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Make a linked report of docs/evaluation.md, from the repository root:
-#   docs/reports/make.sh default|scientific [run id]
+#   docs/reports/make.sh default|scientific|ml100k [run id]
 # Without a run id it trains the experiment first (default: +experiment=bert_ranker, a few minutes;
 # scientific: +experiment=scientific, needs ../shared/data/scientific), then renders the report of
 # that run into docs/reports/<name>/ and logs it to the run in MLflow as report/.
 set -euo pipefail
-name=${1:?usage: docs/reports/make.sh default|scientific [run id]}
+name=${1:?usage: docs/reports/make.sh default|scientific|ml100k [run id]}
 case "$name" in
   default) experiment=bert_ranker ;;
   scientific) experiment=scientific ;;
-  *) echo "unknown report '$name' (default or scientific)" >&2; exit 2 ;;
+  ml100k) experiment=ml100k ;;
+  *) echo "unknown report '$name' (default, scientific or ml100k)" >&2; exit 2 ;;
 esac
 cd "$(dirname "$0")/../.."
 if [ $# -ge 2 ]; then

@@ -11,10 +11,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +25,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from recsys.errors import ConfigError
+
+if TYPE_CHECKING:
+    from recsys.text.cache import ItemEmbeddingCache
+
+log = logging.getLogger(__name__)
+
+# Compute dtype per device type: bf16 autocast pays on GPUs; on these CPUs (no AVX-512 bf16) it is
+# 7-18x slower than fp32 (STACK.md), so CPU stays fp32.
+DEFAULT_PRECISION: dict[str, str] = {"cpu": "fp32", "cuda": "bf16"}
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def compute_dtype(device: torch.device | str, precision: Mapping[str, str] | None = None) -> torch.dtype:
+    """``precision[device type]`` as a dtype (fp32 for devices not listed)."""
+    kind = torch.device(device).type
+    name = (precision if precision is not None else DEFAULT_PRECISION).get(kind, "fp32")
+    if name not in _DTYPES:
+        raise ConfigError(f"precision for {kind} must be one of {sorted(_DTYPES)}, got '{name}'")
+    return _DTYPES[name]
+
+
+def autocast_for(device: torch.device | str, precision: Mapping[str, str] | None = None):
+    """The autocast context of ``precision[device type]`` (a no-op for fp32)."""
+    dtype = compute_dtype(device, precision)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 def _check_path(name_or_path: str) -> None:
@@ -41,16 +71,53 @@ def load_tokenizer(name_or_path: str):
 
 
 class ItemEncoder(nn.Module):
-    """BERT + masked mean pooling + L2 norm. Holds its tokenizer (not a module) for convenience."""
+    """BERT + masked mean pooling + L2 norm. Holds its tokenizer (not a module) for convenience.
 
-    def __init__(self, bert: nn.Module, tokenizer, max_length: int = 32) -> None:
+    Args:
+        max_length: tokens per item, or ``"auto"``: the ``max_length_percentile`` of the
+            catalogue's token lengths, fixed (and logged) by the first ``tokenize`` call.
+        num_layers: keep only the first N transformer layers (a speed/accuracy option).
+        precision: compute dtype per device type (``{"cpu": "fp32", "cuda": "bf16"}``).
+        embedding_cache: item vectors keyed by text and weights (``ItemEmbeddingCache``), so
+            repeated catalogue passes encode only items whose text or encoder changed.
+    """
+
+    def __init__(
+        self,
+        bert: nn.Module,
+        tokenizer,
+        max_length: int | str = 32,
+        max_length_percentile: float = 99.0,
+        num_layers: int | None = None,
+        precision: Mapping[str, str] | None = None,
+        embedding_cache: ItemEmbeddingCache | None = None,
+    ) -> None:
         super().__init__()
         self.bert = bert
         self.tokenizer = tokenizer
-        self.max_length = max_length
+        if max_length != "auto" and not (isinstance(max_length, int) and max_length > 0):
+            raise ConfigError(f"encoder.max_length must be a positive integer or 'auto', got {max_length!r}")
+        self.max_length: int | str = max_length
+        self.max_length_percentile = max_length_percentile
+        if num_layers is not None:
+            layers = bert.encoder.layer
+            if not 1 <= num_layers <= len(layers):
+                raise ConfigError(f"encoder.num_layers must be in 1..{len(layers)}, got {num_layers}")
+            bert.encoder.layer = nn.ModuleList(list(layers)[:num_layers])
+            bert.config.num_hidden_layers = num_layers
+        self.precision = dict(precision) if precision is not None else dict(DEFAULT_PRECISION)
+        self.embedding_cache = embedding_cache
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, max_length: int = 32) -> ItemEncoder:
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        max_length: int | str = 32,
+        max_length_percentile: float = 99.0,
+        num_layers: int | None = None,
+        precision: Mapping[str, str] | None = None,
+        embedding_cache: ItemEmbeddingCache | None = None,
+    ) -> ItemEncoder:
         """A local folder (or, with internet, a hub name) holding a BERT-style model."""
         from transformers import AutoModel
 
@@ -63,7 +130,7 @@ class ItemEncoder(nn.Module):
             raise ConfigError(f"'{name_or_path}' is not a BERT-style encoder ({type(bert).__name__})")
         # from_pretrained returns eval mode; switch back so dropout is on while fine-tuning.
         bert.train()
-        return cls(bert, tokenizer, max_length)
+        return cls(bert, tokenizer, max_length, max_length_percentile, num_layers, precision, embedding_cache)
 
     @classmethod
     def random(
@@ -73,8 +140,10 @@ class ItemEncoder(nn.Module):
         num_hidden_layers: int = 2,
         num_attention_heads: int = 2,
         intermediate_size: int = 64,
-        max_length: int = 32,
+        max_length: int | str = 32,
         seed: int = 0,
+        precision: Mapping[str, str] | None = None,
+        embedding_cache: ItemEmbeddingCache | None = None,
     ) -> ItemEncoder:
         """A tiny randomly initialised BERT (tests, smoke runs) with a real tokenizer."""
         from transformers import BertConfig, BertModel
@@ -86,35 +155,103 @@ class ItemEncoder(nn.Module):
             num_hidden_layers=num_hidden_layers,
             num_attention_heads=num_attention_heads,
             intermediate_size=intermediate_size,
-            max_position_embeddings=max(64, max_length),
+            max_position_embeddings=max(64, max_length) if isinstance(max_length, int) else 512,
         )
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             bert = BertModel(config, add_pooling_layer=False)
-        return cls(bert, tok, max_length)
+        return cls(bert, tok, max_length, precision=precision, embedding_cache=embedding_cache)
 
     @property
     def dim(self) -> int:
         return int(self.bert.config.hidden_size)
 
+    def resolve_max_length(self, texts: Sequence[str]) -> int:
+        """Fix ``max_length="auto"`` from the token lengths of ``texts`` (a percentile, logged).
+
+        Every padded position costs as much as a real token in the dense layers, so the longest
+        texts should not set the width of every batch; truncating the top 1 % cuts a few tokens
+        from a few items.
+        """
+        if self.max_length != "auto":
+            return int(self.max_length)
+        limit = int(getattr(self.bert.config, "max_position_embeddings", 512))
+        lengths = np.array([len(x) for x in self.tokenizer(list(texts), truncation=False)["input_ids"]])
+        chosen = int(min(limit, max(8, np.ceil(np.percentile(lengths, self.max_length_percentile)))))
+        log.info(
+            "encoder max_length auto: %d tokens (p%g of %d texts; median %d, max %d; %.1f%% truncated)",
+            chosen,
+            self.max_length_percentile,
+            len(lengths),
+            int(np.median(lengths)),
+            int(lengths.max()),
+            100.0 * float((lengths > chosen).mean()),
+        )
+        self.max_length = chosen
+        return chosen
+
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids padded to ``max_length`` and the real lengths, for the whole list at once."""
+        max_length = self.resolve_max_length(texts)
         enc = self.tokenizer(
-            list(texts), max_length=self.max_length, truncation=True, padding="max_length", return_tensors="pt"
+            list(texts), max_length=max_length, truncation=True, padding="max_length", return_tensors="pt"
         )
         return enc["input_ids"].to(torch.int32), enc["attention_mask"].sum(1).to(torch.int32)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        with autocast_for(input_ids.device, self.precision):
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = hidden.float()
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         return F.normalize(pooled, dim=-1)
+
+    def forward_bucketed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, buckets: int = 4) -> torch.Tensor:
+        """``forward`` on length-sorted chunks, each padded only to its own longest item.
+
+        A training batch keeps its random composition (its targets are each other's negatives,
+        so grouping them by length would also group the negatives by length); the padding goes
+        instead by splitting the batch's unique items into ``buckets`` chunks of similar length.
+        Same vectors as ``forward`` up to float rounding, in the input order.
+        """
+        lengths = attention_mask.sum(1)
+        if buckets <= 1 or len(lengths) < 2 * buckets:
+            return self(input_ids, attention_mask)
+        order = torch.argsort(lengths, descending=True, stable=True)
+        parts = []
+        for sel in torch.tensor_split(order, buckets):
+            width = int(lengths[sel].max())
+            parts.append(self(input_ids[sel, :width], attention_mask[sel, :width]))
+        return torch.cat(parts)[torch.argsort(order)]
+
+    def weights_fingerprint(self) -> str:
+        """A hash of the encoder's weights (and of anything else that changes its output)."""
+        import hashlib
+
+        h = hashlib.blake2b(digest_size=16)
+        h.update(repr((type(self.bert).__name__, self.bert.config.num_hidden_layers)).encode())
+        for name, t in self.bert.state_dict().items():
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        return h.hexdigest()
 
     @torch.no_grad()
     def encode_tokens(
         self, ids: torch.Tensor, lengths: torch.Tensor, batch_size: int = 128, progress: bool = False
     ) -> torch.Tensor:
-        """Embeddings of pre-tokenised texts, in length order so each batch pads to little."""
+        """Embeddings of pre-tokenised texts, in length order so each batch pads to little.
+
+        With an ``embedding_cache``, only items whose tokens are not yet cached under the current
+        weights are encoded.
+        """
+        if self.embedding_cache is not None:
+            return self.embedding_cache.encode(self, ids, lengths, batch_size, progress)
+        return self._encode_tokens(ids, lengths, batch_size, progress)
+
+    @torch.no_grad()
+    def _encode_tokens(
+        self, ids: torch.Tensor, lengths: torch.Tensor, batch_size: int = 128, progress: bool = False
+    ) -> torch.Tensor:
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
@@ -170,10 +307,13 @@ class TwoTower(nn.Module):
         temperature: float = 0.1,
         learn_temperature: bool = True,
         frozen_history: bool = False,
+        recency_decay: float = 0.15,
     ) -> None:
         super().__init__()
         self.item_encoder = item_encoder
-        self.user_encoder = UserEncoder(item_encoder.dim, max_history)
+        # recency_decay sets the zero-shot user vector (a recency-weighted mean of the history);
+        # how fast interest decays is a property of the data: chosen per data set on validation.
+        self.user_encoder = UserEncoder(item_encoder.dim, max_history, recency_decay)
         # frozen_history: the user side reads the catalogue as the encoder saw it before
         # fine-tuning (``history_embeddings``, set once), the item side is fine-tuned to that space.
         # Training and inference then see the same history vectors; with a shared, moving encoder

@@ -23,6 +23,12 @@ class TextTowerModule(L.LightningModule):
     lr_encoder: learning rate of the BERT weights; lr_head: of the user tower.
     warmup_steps: linear warm-up of both learning rates.
     freeze_embeddings: keep BERT's word embeddings fixed (about 20 % faster on CPU).
+    freeze_layers: also keep the embedding layer and the lowest N transformer layers fixed: no
+        backward pass and no optimiser state for them (a speed/accuracy option).
+    length_buckets: encode each step's unique items in this many length-sorted chunks, each
+        padded to its own longest item (1 = one chunk padded to the batch's longest).
+    fused_optimizer: AdamW's fused kernel (one pass over each tensor; the default for-loop
+        implementation on CPU spent ~14 % of a MiniLM step in ~10 small kernels per parameter).
     logq_correction: weight of the sampling correction: in-batch negatives are drawn in
         proportion to popularity, so without it the tower learns to push popular items down
         (1.0 = full correction, 0.0 = plain in-batch softmax).
@@ -38,14 +44,25 @@ class TextTowerModule(L.LightningModule):
         freeze_embeddings: bool = False,
         encode_batch_size: int = 128,
         logq_correction: float = 1.0,
+        freeze_layers: int = 0,
+        length_buckets: int = 1,
+        fused_optimizer: bool = True,
     ) -> None:
         super().__init__()
         self.net = net
         self.lr_encoder, self.lr_head, self.weight_decay = lr_encoder, lr_head, weight_decay
         self.warmup_steps, self.encode_batch_size = warmup_steps, encode_batch_size
         self.logq_correction = logq_correction
+        self.length_buckets, self.fused_optimizer = length_buckets, fused_optimizer
+        bert = self.net.item_encoder.bert
         if freeze_embeddings:
-            self.net.item_encoder.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+            bert.embeddings.word_embeddings.weight.requires_grad_(False)
+        if freeze_layers:
+            if not 0 < freeze_layers <= len(bert.encoder.layer):
+                raise ValueError(f"freeze_layers must be in 0..{len(bert.encoder.layer)}, got {freeze_layers}")
+            # Nothing below the first trained layer needs a gradient, so autograd skips their backward.
+            for m in (bert.embeddings, *bert.encoder.layer[:freeze_layers]):
+                m.requires_grad_(False)
         self.item_cache: torch.Tensor | None = None
         self._val_ndcg: list[torch.Tensor] = []
         self._val_hit: list[torch.Tensor] = []
@@ -84,7 +101,9 @@ class TextTowerModule(L.LightningModule):
 
     # -- training ------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        items = self.net.item_encoder(batch["item_input_ids"], batch["item_attention_mask"])
+        items = self.net.item_encoder.forward_bucketed(
+            batch["item_input_ids"], batch["item_attention_mask"], self.length_buckets
+        )
         if "history_pos" in batch:
             pos = batch["history_pos"]
             hist = items[pos.clamp(min=0)]
@@ -135,9 +154,12 @@ class TextTowerModule(L.LightningModule):
         encoder = [p for p in self.net.item_encoder.parameters() if p.requires_grad]
         head = [*self.net.user_encoder.parameters(), self.net.log_inv_temperature]
         head = [p for p in head if p.requires_grad]
+        params = [*encoder, *head]
+        fused = self.fused_optimizer and all(p.device.type in ("cpu", "cuda") for p in params)
         opt = torch.optim.AdamW(
             [{"params": encoder, "lr": self.lr_encoder}, {"params": head, "lr": self.lr_head}],
             weight_decay=self.weight_decay,
+            fused=fused or None,
         )
         warm = max(1, self.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
