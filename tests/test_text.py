@@ -381,3 +381,17 @@ def test_validation_never_ranks_items_listed_after_the_event(block_world, tiny_e
     batch = next(iter(dm.val_dataloader()))
     assert batch["unavailable"][:, :5].all()
     assert not batch["unavailable"][:, 5:].any()
+
+
+@pytest.mark.parametrize("decay", [0.15, 0.5])
+def test_zero_shot_user_vector_is_the_recency_weighted_mean_of_its_history(tiny_encoder, decay):
+    net = TwoTower(tiny_encoder, max_history=4, recency_decay=decay).eval()
+    items = torch.nn.functional.normalize(
+        torch.randn(6, tiny_encoder.dim, generator=torch.Generator().manual_seed(0)), dim=-1
+    )
+    history = np.array([5, 1, 2, 3, 4])  # oldest first; the tower reads the last 4, newest weighted most
+    got = net.user_embeddings(items, [history])[0]
+    recent = torch.tensor([4, 3, 2, 1])
+    weights = torch.exp(-decay * torch.arange(4.0))
+    want = torch.nn.functional.normalize((weights[:, None] * items[recent]).sum(0), dim=0)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)

@@ -2,7 +2,7 @@
 # Make a linked report of docs/evaluation.md, from the repository root:
 #   docs/reports/make.sh default|scientific|ml100k [run id]
 # Without a run id it trains the experiment first (default: +experiment=bert_ranker, a few minutes;
-# scientific: +experiment=scientific, needs ../shared/data/scientific), then renders the report of
+# scientific: +experiment=scientific, needs ../shared/data/amazon-scientific), then renders the report of
 # that run into docs/reports/<name>/ and logs it to the run in MLflow as report/.
 set -euo pipefail
 name=${1:?usage: docs/reports/make.sh default|scientific|ml100k [run id]}
