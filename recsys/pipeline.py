@@ -133,6 +133,30 @@ class FusionStage:
         self.ranker.fit(df, feature_columns(df.drop("label")))
         return self
 
+    def score_pairs(
+        self,
+        pairs: pl.DataFrame,
+        models: Mapping[str, Recommender],
+        history: History,
+        exclude: sp.csr_matrix | None = None,
+    ) -> np.ndarray:
+        """The ranker's score of given ``(user_idx, item_idx)`` pairs (e.g. an impression's candidates).
+
+        The pairs join each user's candidate set (so ``rank_<source>`` is set where a source proposed
+        the item, null elsewhere, as in training), and the features are built on that union: a pair
+        inside the candidate set gets exactly the score ``recommend`` gives it.
+        """
+        keys = [Columns.UserIdx, Columns.ItemIdx]
+        pairs = pairs.select(pl.col(k).cast(pl.Int32) for k in keys)
+        users = pairs[Columns.UserIdx].unique().sort().to_numpy()
+        exclude = history.matrix if exclude is None else exclude
+        cands = generate_candidates(users, models, self.n_candidates, exclude=exclude)
+        union = cands.join(pairs.unique(), on=keys, how="full", coalesce=True)
+        scorers = {name: m for name, m in models.items() if m.is_feature}
+        df = build_features(union, history, scorers, list(self.n_candidates))
+        df = df.select(*keys, pl.Series(Columns.Score, self.ranker.predict(df)))
+        return pairs.join(df, on=keys, how="left", maintain_order="left")[Columns.Score].to_numpy()
+
     def recommend(
         self,
         users: np.ndarray,
@@ -228,6 +252,29 @@ class HybridPipeline:
         return StageResult(users, recommended, scores, sources, metrics, table)
 
 
+def impression_scores(
+    impressions: pl.DataFrame,
+    singles: Mapping[str, Recommender],
+    fusion: FusionStage,
+    models: Mapping[str, Recommender],
+    history: History,
+    exclude: sp.csr_matrix | None = None,
+) -> pl.DataFrame:
+    """Every model's score of every impression candidate: ``impression_id, clicked, model, score``.
+
+    Single models score the pairs directly; the fused ranker scores them through ``score_pairs``
+    (features built with each user's candidate set, as in training).
+    """
+    users = impressions[Columns.UserIdx].to_numpy().astype(np.int64)
+    items = impressions[Columns.ItemIdx].to_numpy().astype(np.int64)
+    scores = {name: np.asarray(m.score_pairs(users, items), dtype=np.float64) for name, m in singles.items()}
+    scores["fused"] = fusion.score_pairs(impressions, models, history, exclude).astype(np.float64)
+    base = impressions.select(Columns.Impression, Columns.Clicked)
+    return pl.concat(
+        base.with_columns(pl.lit(name).alias("model"), pl.Series(Columns.Score, s)) for name, s in scores.items()
+    )
+
+
 def stage_users(targets: pl.DataFrame, what: str) -> np.ndarray:
     if targets.height == 0:
         raise InputError(
@@ -241,4 +288,12 @@ def check_split(data: Dataset, split: Split) -> tuple[np.ndarray, np.ndarray]:
     return stage_users(split.val, "validation"), stage_users(split.test, "test")
 
 
-__all__ = ["FusionStage", "HybridPipeline", "StageResult", "check_split", "relevance_matrix", "top_k"]
+__all__ = [
+    "FusionStage",
+    "HybridPipeline",
+    "StageResult",
+    "check_split",
+    "impression_scores",
+    "relevance_matrix",
+    "top_k",
+]

@@ -145,6 +145,19 @@ def run(cfg: DictConfig) -> dict[str, float]:
         if cfg.eval.published:
             published = pipeline.evaluate(test_users, split.test, data.n_items, singles, hist_test, fused, False)
             tables["test_published"] = published.table
+        imp_scores = None
+        if data.impressions is not None:
+            from recsys.evaluation.impressions import impression_metrics, stage_impressions, summarize
+            from recsys.pipeline import impression_scores
+
+            imps, imp_counts = stage_impressions(data.impressions, split.test, hist_test.interactions)
+            log.info("test-stage impressions: %s", imp_counts)
+            tracker.log_metrics({f"data/impressions_{k}": v for k, v in imp_counts.items()})
+            if imps.height:
+                imp_scores = impression_scores(imps, singles, fusion, models_test, hist_test, exclude_test)
+                for name, part in imp_scores.partition_by("model", as_dict=True).items():
+                    summary = summarize(impression_metrics(part, ks=(5, 10)))
+                    tracker.log_metrics({f"test_impressions/{name[0]}/{k}": v for k, v in summary.items()})
         timings["test_stage"] = time.perf_counter() - t0
 
         table = result.table
@@ -165,7 +178,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         write_text_atomic(fusion.ranker.feature_importance().write_csv(), imp_path)
         tracker.log_artifact(imp_path)
         t0 = time.perf_counter()
-        save_evaluation(cfg, data, split, run_id, tracker, result, hist_test, text, fusion, out_dir)
+        save_evaluation(cfg, data, split, run_id, tracker, result, hist_test, text, fusion, out_dir, imp_scores)
         timings["evaluation_report"] = time.perf_counter() - t0
 
         # --- export: fused top-K for every test user, seen items removed ---------------------
@@ -191,7 +204,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def save_evaluation(cfg, data, split, run_id, tracker, result, hist_test, text, fusion, out_dir: Path) -> None:
+def save_evaluation(
+    cfg, data, split, run_id, tracker, result, hist_test, text, fusion, out_dir: Path, impression_scores=None
+) -> None:
     """The evaluation bundle (``evaluation/``) and, with ``eval.report``, the report (``report/``),
     both logged to the run; ``python -m recsys.evaluate`` rebuilds the report from the bundle alone."""
     from hydra.utils import instantiate
@@ -231,6 +246,7 @@ def save_evaluation(cfg, data, split, run_id, tracker, result, hist_test, text, 
         n_items=data.n_items,
         item_embeddings=text.item_embeddings.numpy(),
         feature_importance=fusion.ranker.feature_importance(),
+        impression_scores=impression_scores,
     )
     for f in files:
         tracker.log_artifact(f, BUNDLE_DIR)

@@ -307,3 +307,36 @@ def test_item_segments_agree_with_per_user_metrics_under_leave_one_out(tiny_run)
             assert seg["ndcg_at_10"][model] == pytest.approx(expected), (seg["segment"], model)
             checked += 1
     assert checked >= 4
+
+
+def test_impression_section_reports_each_models_impression_metrics(tiny_run):
+    """A bundle with impression scores gets the MIND-protocol table; one without says it is omitted."""
+    import dataclasses
+
+    import polars as pl
+
+    from recsys.evaluation.bundle import read_bundle
+    from recsys.evaluation.impressions import impression_metrics, summarize
+    from recsys.evaluation.report import Reporter
+
+    root, run_id = tiny_run
+    bundle = read_bundle(root / "out" / "evaluation", run_id)
+    doc, numbers = Reporter(n_bootstrap=50).document(bundle)
+    section = next(s for s in doc.sections if s.key == "impressions")
+    assert "Omitted" in section.blocks[0].text and "impressions" not in numbers
+    rng = np.random.default_rng(0)
+    base = pl.DataFrame(
+        {"impression_id": np.repeat(np.arange(30), 4), "clicked": np.tile([True, False, False, False], 30)}
+    )
+    scores = pl.concat(
+        base.with_columns(
+            pl.lit(m).alias("model"), pl.Series("score", rng.normal(size=120) + (i * base["clicked"].cast(float)))
+        )
+        for i, m in enumerate(["als", "fused"])
+    )
+    doc, numbers = Reporter(n_bootstrap=50).document(dataclasses.replace(bundle, impression_scores=scores))
+    table = next(s for s in doc.sections if s.key == "impressions").blocks[-1]
+    assert [row[0] for row in table.rows] == ["ALS", "fused"]
+    want = summarize(impression_metrics(scores.filter(pl.col("model") == "fused"), ks=(5, 10)))
+    assert numbers["impressions"]["fused"] == want
+    assert numbers["impressions"]["fused"]["auc"] > numbers["impressions"]["als"]["auc"]  # the planted click signal

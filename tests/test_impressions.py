@@ -147,3 +147,31 @@ def test_on_the_real_mind_sample_with_popularity_scores():
     assert s["n_impressions_clicked"] == 166 and s["n_impressions_auc"] == 119
     for m in ("auc", "mrr", "ndcg_at_5", "ndcg_at_10"):
         assert 0.0 <= s[m] <= 1.0
+
+
+def test_stage_impressions_keep_later_impressions_of_held_out_users_and_drop_seen_candidates():
+    from recsys.evaluation.impressions import stage_impressions
+
+    imps = pl.DataFrame(
+        {
+            Columns.Impression: [1, 1, 2, 2, 2, 3],
+            Columns.UserIdx: [0, 0, 0, 0, 0, 1],
+            Columns.ItemIdx: [5, 6, 5, 7, 8, 5],
+            Columns.Timestamp: [10, 10, 30, 30, 30, 30],
+            Columns.Clicked: [True, False, True, False, False, True],
+        }
+    )
+    targets = pl.DataFrame({Columns.UserIdx: [0], Columns.ItemIdx: [5], Columns.Timestamp: [30]})
+    history = pl.DataFrame({Columns.UserIdx: [0, 0], Columns.ItemIdx: [6, 8]})
+    kept, counts = stage_impressions(imps, targets, history)
+    # Impression 1 is before user 0's held-out event, impression 3 belongs to a user without one,
+    # and item 8 of impression 2 is already in user 0's history.
+    assert kept[Columns.Impression].to_list() == [2, 2] and kept[Columns.ItemIdx].to_list() == [5, 7]
+    assert counts == {
+        "rows": 6,
+        "rows_of_held_out_users": 5,
+        "rows_before_held_out": 2,
+        "rows_already_in_history": 1,
+        "rows_kept": 2,
+        "impressions_kept": 1,
+    }

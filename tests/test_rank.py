@@ -231,3 +231,23 @@ def test_generated_items_are_listed_before_their_first_event(tmp_path):
     joined = data.interactions.join(listed, on=Columns.ItemIdx)
     assert data.items[Columns.AvailableFrom].is_not_null().sum() > 0  # some items are released late
     assert (joined[Columns.Timestamp] >= joined[Columns.AvailableFrom]).all()
+
+
+def test_fused_pair_scores_equal_the_ranked_lists_and_cover_pairs_outside_the_candidates(stage, tiny_dataset):
+    from recsys.pipeline import FusionStage
+
+    users, hist, models = stage
+    split = LeaveLastOutSplit().split(tiny_dataset.interactions)
+    ranker = LambdaMARTRanker(n_estimators=20, min_child_samples=5, seed=0)
+    fusion = FusionStage({"itemknn": 8, "popularity": 4}, ranker).fit(users, models, hist, split.val)
+    items, scores, _ = fusion.recommend(users, models, hist, 5)
+    ok = items >= 0
+    pairs = pl.DataFrame({Columns.UserIdx: np.repeat(users, 5)[ok.ravel()], Columns.ItemIdx: items[ok]})
+    # Inside the candidate set: exactly the scores the ranked lists carry, in the pairs' order.
+    np.testing.assert_allclose(fusion.score_pairs(pairs, models, hist), scores[ok], rtol=1e-6)
+    # Items no source proposed (here: every item for one user) still get a finite score.
+    outside = pl.DataFrame(
+        {Columns.UserIdx: np.full(tiny_dataset.n_items, users[0]), Columns.ItemIdx: np.arange(tiny_dataset.n_items)}
+    )
+    got = fusion.score_pairs(outside, models, hist, exclude=None)
+    assert got.shape == (tiny_dataset.n_items,) and np.isfinite(got).all()

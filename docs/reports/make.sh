@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Make a linked report of docs/evaluation.md, from the repository root:
-#   docs/reports/make.sh default|scientific|ml100k [run id]
+#   docs/reports/make.sh default|scientific|ml100k|mind [run id]
 # Without a run id it trains the experiment first (default: +experiment=bert_ranker, a few minutes;
 # scientific: +experiment=scientific, needs ../shared/data/amazon-scientific), then renders the report of
 # that run into docs/reports/<name>/ and logs it to the run in MLflow as report/.
 set -euo pipefail
-name=${1:?usage: docs/reports/make.sh default|scientific|ml100k [run id]}
+name=${1:?usage: docs/reports/make.sh default|scientific|ml100k|mind [run id]}
 case "$name" in
   default) experiment=bert_ranker ;;
   scientific) experiment=scientific ;;
   ml100k) experiment=ml100k ;;
-  *) echo "unknown report '$name' (default, scientific or ml100k)" >&2; exit 2 ;;
+  mind) experiment=mind ;;
+  *) echo "unknown report '$name' (default, scientific, ml100k or mind)" >&2; exit 2 ;;
 esac
 cd "$(dirname "$0")/../.."
 if [ $# -ge 2 ]; then

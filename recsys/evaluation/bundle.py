@@ -41,6 +41,7 @@ from recsys.export.writer import write_atomic, write_parquet_atomic, write_text_
 BUNDLE_DIR = "evaluation"
 FILES = ("recommendations.parquet", "targets.parquet", "items.parquet", "users.parquet", "protocol.json")
 MODEL = "model"
+IMPRESSIONS = "impressions.parquet"
 HISTORY_LENGTH = "history_length"
 TRAIN_COUNT = "train_count"
 
@@ -168,6 +169,7 @@ def write_bundle(
     n_items: int,
     item_embeddings: np.ndarray | None = None,
     feature_importance: pl.DataFrame | None = None,
+    impression_scores: pl.DataFrame | None = None,
 ) -> list[Path]:
     """Write the bundle into ``folder`` (each file atomically); returns the files written.
 
@@ -207,6 +209,8 @@ def write_bundle(
         out.append(write_atomic(folder / "item_embeddings.npy", lambda tmp: _save_npy(tmp, emb)))
     if feature_importance is not None:
         out.append(write_text_atomic(feature_importance.write_csv(), folder / "feature_importance.csv"))
+    if impression_scores is not None:  # data with impressions: every model's score of every candidate
+        out.append(write_parquet_atomic(impression_scores, folder / IMPRESSIONS))
     # Last: readers take protocol.json as the sign that the bundle is complete (files are logged
     # to MLflow in this order, and a report may be asked for while a run is still logging).
     out.append(write_text_atomic(protocol.to_json(), folder / FILES[4]))
@@ -229,6 +233,7 @@ class Bundle:
     users: pl.DataFrame
     item_embeddings: np.ndarray | None
     feature_importance: pl.DataFrame | None
+    impression_scores: pl.DataFrame | None = None  # impression_id, clicked, model, score
 
     @property
     def models(self) -> list[str]:
@@ -281,6 +286,7 @@ def read_bundle(folder: str | Path, run_id: str = "?") -> Bundle:
         users=pl.read_parquet(folder / FILES[3]).sort(Columns.UserIdx),
         item_embeddings=np.load(emb_path) if emb_path.is_file() else None,
         feature_importance=pl.read_csv(imp_path) if imp_path.is_file() else None,
+        impression_scores=pl.read_parquet(folder / IMPRESSIONS) if (folder / IMPRESSIONS).is_file() else None,
     )
 
 

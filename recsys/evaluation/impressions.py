@@ -127,3 +127,33 @@ def summarize(per_impression: pl.DataFrame) -> dict[str, float]:
     out["n_impressions_auc"] = int(per_impression["auc"].is_not_null().sum())
     out["n_impressions_clicked"] = int((per_impression["n_clicked"] > 0).sum())
     return out
+
+
+def stage_impressions(
+    impressions: pl.DataFrame, targets: pl.DataFrame, history: pl.DataFrame
+) -> tuple[pl.DataFrame, dict[str, int]]:
+    """The impressions a stage is judged on, and how many rows each rule removed.
+
+    Kept: impressions of users with a held-out event, shown at or after that user's first held-out
+    event (earlier ones are the past the models learned from). Dropped: candidates already in the
+    user's ``history`` -- with per-event splits another click of the same impression can be in the
+    history, and a model would be scored on recalling it, not on predicting it.
+    """
+    keys = [Columns.UserIdx, Columns.ItemIdx]
+    first = targets.group_by(Columns.UserIdx).agg(pl.col(Columns.Timestamp).min().alias("_held_out_from"))
+    first = first.with_columns(pl.col(Columns.UserIdx).cast(pl.Int64))
+    imps = impressions.with_columns(pl.col(k).cast(pl.Int64) for k in keys)
+    shown = imps.join(first, on=Columns.UserIdx, how="inner")
+    later = shown.filter(pl.col(Columns.Timestamp) >= pl.col("_held_out_from")).drop("_held_out_from")
+    seen = history.select(pl.col(k).cast(pl.Int64) for k in keys).unique().with_columns(pl.lit(True).alias("_seen"))
+    marked = later.join(seen, on=keys, how="left", maintain_order="left")
+    kept = marked.filter(pl.col("_seen").is_null()).drop("_seen")
+    counts = {
+        "rows": impressions.height,
+        "rows_of_held_out_users": shown.height,
+        "rows_before_held_out": shown.height - later.height,
+        "rows_already_in_history": later.height - kept.height,
+        "rows_kept": kept.height,
+        "impressions_kept": kept[Columns.Impression].n_unique(),
+    }
+    return kept, counts

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 import scipy.sparse as sp
 
 from recsys.errors import ConfigError
@@ -24,6 +25,7 @@ from recsys.evaluation import plots
 from recsys.evaluation.beyond import beyond_accuracy
 from recsys.evaluation.bootstrap import Interval, PairedBootstrap
 from recsys.evaluation.bundle import Bundle
+from recsys.evaluation.impressions import impression_metrics, summarize
 from recsys.evaluation.metrics import curves, hits_matrix, metrics_from_hits
 from recsys.evaluation.render import Document, Figure, Section, Table, Text, figures, to_html, to_markdown
 from recsys.evaluation.segments import build_segments
@@ -209,7 +211,7 @@ class Reporter:
         sections = [
             self._headline(ev, boot, numbers),
             self._accuracy(ev),
-            self._impressions(),
+            self._impressions(bundle, numbers),
             self._beyond(ev, numbers),
             self._ablation(ev, boot, numbers),
             self._segments(ev, numbers),
@@ -284,15 +286,44 @@ class Reporter:
         )
         return s
 
-    def _impressions(self) -> Section:
+    def _impressions(self, bundle: Bundle, numbers: dict[str, Any]) -> Section:
         s = Section("impressions", "Impression metrics")
+        scores = bundle.impression_scores
+        if scores is None or scores.height == 0:
+            s.blocks.append(
+                Text(
+                    "Omitted: this run's data has no impressions (lists of items shown, clicked or not). "
+                    "AUC, MRR and nDCG@5/10 per impression (the MIND protocol) are reported for data that has them."
+                )
+            )
+            return s
         s.blocks.append(
             Text(
-                "Omitted: this run's evaluation bundle holds no impression-level scores. AUC, MRR and nDCG@5/10 "
-                "per impression (the MIND protocol, recsys.evaluation.impressions) apply to data sets with "
-                "impressions; the training job does not score impressions yet."
+                "Per impression of the test users (shown at or after their first held-out event; candidates already "
+                "in their history dropped), every model scores the candidates shown; AUC, MRR and nDCG@5/10 per "
+                "impression, averaged over the impressions where each is defined (AUC needs a click and a non-click)."
             )
         )
+        present = ordered(scores["model"].unique().to_list())
+        table: dict[str, dict[str, float]] = {}
+        for m in present:
+            per = impression_metrics(scores.filter(pl.col("model") == m), ks=(5, 10))
+            table[m] = summarize(per)
+        numbers["impressions"] = table
+        cols = ["model", "AUC", "MRR", "nDCG@5", "nDCG@10", "impressions", "with AUC"]
+        rows = [
+            [
+                display(m),
+                t["auc"],
+                t["mrr"],
+                t["ndcg_at_5"],
+                t["ndcg_at_10"],
+                t["n_impressions"],
+                t["n_impressions_auc"],
+            ]
+            for m, t in table.items()
+        ]
+        s.blocks.append(Table(cols, rows))
         return s
 
     def _beyond(self, ev: Evaluation, numbers: dict[str, Any]) -> Section:
