@@ -433,7 +433,9 @@ class Reporter:
             ]
             s.blocks.append(Table(cols, rows, f"{kind}: {label(h)}"))
         numbers["segments"] = out
-        shown = [m for m in ("popularity", "als", "text", FUSED) if m in models]
+        # The bars the headline talks about: popularity, ALS, the best single component, text, fused.
+        best = self.best_component(ev)
+        shown = [m for m in dict.fromkeys(("popularity", "als", best, "text", FUSED)) if m in models]
         fig_panels = [
             (kind, [x[0] for x in v], {m: [x[1][m] for x in v] for m in shown}, [x[2] for x in v])
             for kind, v in panels.items()
