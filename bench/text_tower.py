@@ -364,6 +364,7 @@ def quality(argv: list[str]) -> None:
             temperature=cfg.text.temperature,
             learn_temperature=cfg.text.learn_temperature,
             frozen_history=cfg.text.frozen_history,
+            recency_decay=cfg.text.recency_decay,
         )
         hist_val = History(split.train, data.n_users, data.n_items)
         listed = None
