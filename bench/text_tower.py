@@ -322,7 +322,6 @@ def quality(argv: list[str]) -> None:
     from recsys.evaluation import ranking_metrics
     from recsys.pipeline import check_split, relevance_matrix, stage_exclusion
     from recsys.recommender import History
-    from recsys.text.encoder import TwoTower
     from recsys.text.fit import SeedEachStep, fine_tune
     from recsys.text.recommender import TextRecommender
 
@@ -358,14 +357,7 @@ def quality(argv: list[str]) -> None:
         _, test_users = check_split(data, split)
         encoder = instantiate(cfg.encoder)
         ids, lengths = encoder.tokenize(data.texts)
-        net = TwoTower(
-            encoder,
-            cfg.text.max_history,
-            temperature=cfg.text.temperature,
-            learn_temperature=cfg.text.learn_temperature,
-            frozen_history=cfg.text.frozen_history,
-            recency_decay=cfg.text.recency_decay,
-        )
+        net = instantiate(cfg.text.net)(encoder)
         hist_val = History(split.train, data.n_users, data.n_items)
         listed = None
         if "available_from" in data.items.columns:

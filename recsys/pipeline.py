@@ -102,13 +102,20 @@ class FusionStage:
         models: Mapping[str, Recommender],
         history: History,
         exclude: sp.csr_matrix | None = None,
+        include: pl.DataFrame | None = None,
     ) -> pl.DataFrame:
-        """Candidates and features; ``exclude`` defaults to the history (seen items)."""
+        """Candidates and features; ``exclude`` defaults to the history (seen items).
+
+        ``include``: extra ``(user_idx, item_idx)`` pairs (Int32) added to the candidate set, with
+        null ``rank_<source>`` where no source proposed them.
+        """
         unknown = set(self.n_candidates) - set(models)
         if unknown:
             raise ConfigError(f"rank.n_candidates names unknown sources {sorted(unknown)}; known: {sorted(models)}")
         exclude = history.matrix if exclude is None else exclude
         cands = generate_candidates(users, models, self.n_candidates, exclude=exclude)
+        if include is not None:
+            cands = cands.join(include.unique(), on=[Columns.UserIdx, Columns.ItemIdx], how="full", coalesce=True)
         scorers = {name: m for name, m in models.items() if m.is_feature}
         return build_features(cands, history, scorers, list(self.n_candidates))
 
@@ -149,11 +156,7 @@ class FusionStage:
         keys = [Columns.UserIdx, Columns.ItemIdx]
         pairs = pairs.select(pl.col(k).cast(pl.Int32) for k in keys)
         users = pairs[Columns.UserIdx].unique().sort().to_numpy()
-        exclude = history.matrix if exclude is None else exclude
-        cands = generate_candidates(users, models, self.n_candidates, exclude=exclude)
-        union = cands.join(pairs.unique(), on=keys, how="full", coalesce=True)
-        scorers = {name: m for name, m in models.items() if m.is_feature}
-        df = build_features(union, history, scorers, list(self.n_candidates))
+        df = self.frame(users, models, history, exclude, include=pairs)
         df = df.select(*keys, pl.Series(Columns.Score, self.ranker.predict(df)))
         return pairs.join(df, on=keys, how="left", maintain_order="left")[Columns.Score].to_numpy()
 

@@ -37,7 +37,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
     from recsys.export.writer import recommendations_frame, write_parquet_atomic, write_text_atomic
     from recsys.pipeline import FusionStage, HybridPipeline, check_split, stage_exclusion
     from recsys.recommender import History
-    from recsys.text.encoder import TwoTower
     from recsys.text.fit import fine_tune, open_resume_dir, zero_shot_copy
     from recsys.text.recommender import NewItemText, TextRecommender
     from recsys.tracking import mask_secrets
@@ -89,14 +88,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
         t0 = time.perf_counter()
         item_ids, item_lengths = encoder.tokenize(data.texts)
-        net = TwoTower(
-            encoder,
-            cfg.text.max_history,
-            temperature=cfg.text.temperature,
-            learn_temperature=cfg.text.learn_temperature,
-            frozen_history=cfg.text.frozen_history,
-            recency_decay=cfg.text.recency_decay,
-        )
+        net = instantiate(cfg.text.net)(encoder)
         zero_net = zero_shot_copy(net) if cfg.eval.zeroshot else None
         listed = (
             data.items[Columns.AvailableFrom].cast(pl.Float64).fill_null(float("nan")).to_numpy()
