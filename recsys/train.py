@@ -89,7 +89,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         t0 = time.perf_counter()
         item_ids, item_lengths = encoder.tokenize(data.texts)
         net = instantiate(cfg.text.net)(encoder)
-        zero_net = zero_shot_copy(net) if cfg.eval.zeroshot else None
+        # rank.text_zeroshot_feature: the untouched tower is a ranker feature too, beside the tuned one.
+        zs_feature = bool(cfg.rank.get("text_zeroshot_feature", False))
+        zero_net = zero_shot_copy(net) if cfg.eval.zeroshot or zs_feature else None
         listed = (
             data.items[Columns.AvailableFrom].cast(pl.Float64).fill_null(float("nan")).to_numpy()
             if Columns.AvailableFrom in data.items.columns
@@ -118,6 +120,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         t0 = time.perf_counter()
         text = TextRecommender.from_tokens(net, item_ids, item_lengths)
         models_val = {**cf_val, "text": text.fit(hist_val), "text_new": NewItemText(text).fit(hist_val)}
+        zero_text = TextRecommender.from_tokens(zero_net, item_ids, item_lengths) if zero_net is not None else None
+        if zs_feature:
+            models_val["text_zeroshot"] = zero_text.fit(hist_val)
         fusion.fit(val_users, models_val, hist_val, split.val, stage_exclusion(hist_val, data.items, split.val))
         timings["ranker_fit"] = time.perf_counter() - t0
 
@@ -127,11 +132,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
         cf_test = pipeline.fit_cf(hist_test)
         text.fit(hist_test)
         models_test = {**cf_test, "text": text, "text_new": NewItemText(text).fit(hist_test)}
+        if zero_text is not None:
+            zero_text.fit(hist_test)
+            if zs_feature:
+                models_test["text_zeroshot"] = zero_text
         exclude_test = stage_exclusion(hist_test, data.items, split.test)
         fused = fusion.recommend(test_users, models_test, hist_test, cfg.eval.max_k, exclude_test)
         singles = {name: m for name, m in models_test.items() if m.is_feature}
-        if zero_net is not None:
-            singles["text_zeroshot"] = TextRecommender.from_tokens(zero_net, item_ids, item_lengths).fit(hist_test)
+        if zero_text is not None:
+            singles["text_zeroshot"] = zero_text
         result = pipeline.evaluate(test_users, split.test, data.n_items, singles, hist_test, fused, True, exclude_test)
         tables = {"test": result.table}
         if cfg.eval.published:

@@ -29,6 +29,11 @@ class TrainedRun:
     def pipeline_dir(self) -> Path:
         return self.output / "pipeline"
 
+    @property
+    def train_scores(self) -> Path:
+        """``name -> [n_users, n_items]`` scores of each test-stage model, taken as training logged them."""
+        return self.root / "train_scores.npz"
+
 
 @functools.cache
 def trained_run() -> TrainedRun:
@@ -50,12 +55,30 @@ def trained_run() -> TrainedRun:
         "data.n_items=120",
         "trainer.max_epochs=1",
         "eval.zeroshot=false",
+        "rank.text_zeroshot_feature=true",  # a second text tower in the saved pipeline
+        "text.recency_decay=0.3",  # not the UserEncoder default: loading must restore it
         f"model.register_name={MODEL_NAME}",
         "model.alias=champion",
     ]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
-    run(cfg)
+    import numpy as np
+
+    import recsys.export.pyfunc as pyfunc
+
+    logged = pyfunc.log_trained_pipeline
+
+    def keep_scores(cfg, data, history, models, fusion, out_dir):
+        # What every test-stage model scored, so tests can check that save/load loses nothing.
+        users = np.arange(history.n_users)
+        np.savez(root / "train_scores.npz", **{n: np.asarray(m.score_users(users)) for n, m in models.items()})
+        return logged(cfg, data, history, models, fusion, out_dir)
+
+    pyfunc.log_trained_pipeline = keep_scores
+    try:
+        run(cfg)
+    finally:
+        pyfunc.log_trained_pipeline = logged
     uri = tracking_uri(root / "mlruns")
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["smoke"], output_format="list")

@@ -145,6 +145,20 @@ def test_block_path_matches_rank_module(pipeline):
             assert got[c].equals(ref[c]), c
 
 
+def test_saved_pipeline_scores_as_the_trained_models(pipeline):
+    """Save/load loses nothing any model scores with (the second text tower included): the loaded
+    pipeline, over the stored histories, gives every training model's scores."""
+    p = pipeline
+    assert "text_zeroshot" in p.history_towers and "score_text_zeroshot" in p.ranker.features
+    scorers = p.scorers(p.histories(list(p.users.ids)))
+    users = np.arange(len(p.users))
+    with np.load(trained_run().train_scores) as trained:
+        assert sorted(trained.files) == sorted(scorers)
+        for name in trained.files:
+            got = np.asarray(scorers[name].score_users(users))
+            np.testing.assert_allclose(got, trained[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_output_schema_order_and_no_seen_items(pipeline, tmp_path):
     p = pipeline
     res = export_recommendations(engine(p), list(p.users.ids), tmp_path / "r.parquet", chunk_size=64, progress=False)

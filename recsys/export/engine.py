@@ -330,6 +330,8 @@ class Engine:
             self._unit[name] = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
         if pipeline.item_embeddings is not None:
             self._unit[pipeline.text_name] = pipeline.item_embeddings
+        for name, tower in pipeline.history_towers.items():
+            self._unit[name] = tower.item_embeddings
 
     def _item_similarity(self, name: str) -> np.ndarray:
         """Cosine of every item pair in ``name``'s space, computed once per engine: explaining a

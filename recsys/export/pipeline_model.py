@@ -12,6 +12,8 @@ pipeline/
   cf/<name>.npz        factors / similarity / counts of each CF model (numpy, allow_pickle=False)
   text/encoder/        BERT weights (safetensors) + config + tokenizer files (save_pretrained)
   text/user_encoder.safetensors, text/item_embeddings.npy
+  text_extra/<name>/   a second text feature (e.g. the zero-shot tower): its user side and item
+                       vectors only -- the catalogue is encoded at training time, so no BERT
   ranker/lightgbm.txt  the LightGBM model as text
 ```
 
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import json
 import platform
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,7 @@ from recsys.data.dataset import IdMap
 from recsys.errors import ConfigError, InputError
 from recsys.rank.ranker import LambdaMARTRanker
 from recsys.recommender import History, Recommender
-from recsys.text.encoder import ItemEncoder, TwoTower
+from recsys.text.encoder import ItemEncoder, TwoTower, UserEncoder, pad_histories
 from recsys.text.recommender import NewItemText, TextRecommender
 
 FORMAT_VERSION = 1
@@ -162,6 +164,68 @@ def fold_in(item_factors: np.ndarray, user_items: sp.csr_matrix, regularization:
     return out
 
 
+def user_vectors(embed: Any, seqs: Sequence[np.ndarray], dim: int) -> np.ndarray:
+    """``embed(histories) -> [n, dim]`` over ``seqs`` in fixed blocks of ``ROW_BLOCK`` (see there)."""
+    out = np.zeros((len(seqs), dim), dtype=np.float32)
+    empty = np.zeros(0, dtype=np.int64)
+    for s in range(0, len(seqs), ROW_BLOCK):
+        block = list(seqs[s : s + ROW_BLOCK])
+        out[s : s + len(block)] = embed(block + [empty] * (ROW_BLOCK - len(block))).numpy()[: len(block)]
+    return out
+
+
+@dataclass
+class HistoryTower:
+    """A second text feature (e.g. the zero-shot tower): its user side and the catalogue's vectors,
+    without the BERT that made them. Users come from histories, items are fixed at training time."""
+
+    user_encoder: UserEncoder
+    item_embeddings: np.ndarray  # [n_items, d] float32
+    history_embeddings: np.ndarray | None = None  # the frozen history side, when the tower has one
+
+    @classmethod
+    def from_recommender(cls, m: TextRecommender) -> HistoryTower:
+        hist = m.net.history_embeddings
+        return cls(
+            m.net.user_encoder,
+            m.item_embeddings.numpy().astype(np.float32),
+            None if hist is None else hist.numpy().astype(np.float32),
+        )
+
+    @torch.no_grad()
+    def user_embeddings(self, seqs: Sequence[np.ndarray]) -> np.ndarray:
+        self.user_encoder.eval()
+        side = torch.from_numpy(self.item_embeddings if self.history_embeddings is None else self.history_embeddings)
+
+        def embed(block: list[np.ndarray]) -> torch.Tensor:
+            hist, mask = pad_histories(block, self.user_encoder.max_history)
+            return self.user_encoder(side[hist.clamp(min=0)], mask)
+
+        return user_vectors(embed, seqs, self.item_embeddings.shape[1])
+
+    def save(self, folder: Path) -> dict[str, Any]:
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.user_encoder.state_dict().items()}
+        save_file(state, str(folder / "user_encoder.safetensors"))
+        np.save(folder / "item_embeddings.npy", self.item_embeddings, allow_pickle=False)
+        if self.history_embeddings is not None:
+            np.save(folder / "history_embeddings.npy", self.history_embeddings, allow_pickle=False)
+        return {"kind": "HistoryTower", "max_history": self.user_encoder.max_history}
+
+    @classmethod
+    def load(cls, folder: Path, max_history: int) -> HistoryTower:
+        from safetensors.torch import load_file
+
+        emb = np.load(folder / "item_embeddings.npy", allow_pickle=False)
+        enc = UserEncoder(emb.shape[1], max_history)
+        enc.load_state_dict(load_file(str(folder / "user_encoder.safetensors")))
+        hist_path = folder / "history_embeddings.npy"
+        hist = np.load(hist_path, allow_pickle=False) if hist_path.is_file() else None
+        return cls(enc.eval(), emb, hist)
+
+
 # --- the pipeline --------------------------------------------------------------------------------
 
 
@@ -194,6 +258,7 @@ class TrainedPipeline:
     meta: dict[str, Any] = field(default_factory=dict)
     source_order: list[str] = field(default_factory=list)  # every model, in training order
     new_item_models: dict[str, int] = field(default_factory=dict)  # name -> max_events (NewItemText)
+    history_towers: dict[str, HistoryTower] = field(default_factory=dict)  # further text features
 
     # ---- construction from a training run --------------------------------------------------------
 
@@ -209,7 +274,7 @@ class TrainedPipeline:
         event_weights: Mapping[str, float],
         meta: Mapping[str, Any] | None = None,
     ) -> TrainedPipeline:
-        factor, knn, const, new_items = {}, {}, {}, {}
+        factor, knn, const, new_items, towers = {}, {}, {}, {}, {}
         net, emb, text_name = None, None, None
         for name, m in models.items():
             if isinstance(m, NewItemText):
@@ -227,9 +292,10 @@ class TrainedPipeline:
             elif isinstance(m, Popularity):
                 const[name] = np.asarray(m.counts, dtype=np.float32)
             elif isinstance(m, TextRecommender):
-                if net is not None:
-                    raise ConfigError("only one text tower can be saved in a pipeline")
-                net, emb, text_name = m.net, m.item_embeddings.numpy().astype(np.float32), name
+                if net is not None:  # the first is the tower (text_new, explanations); others are features
+                    towers[name] = HistoryTower.from_recommender(m)
+                else:
+                    net, emb, text_name = m.net, m.item_embeddings.numpy().astype(np.float32), name
             else:
                 raise ConfigError(f"cannot save model '{name}' of type {type(m).__name__} in a pipeline")
         df = history.interactions
@@ -257,6 +323,7 @@ class TrainedPipeline:
             meta=dict(meta or {}),
             source_order=list(models),
             new_item_models=new_items,
+            history_towers=towers,
         )
 
     @property
@@ -314,6 +381,7 @@ class TrainedPipeline:
                 "max_history": self.net.user_encoder.max_history,
                 "temperature": self.net.temperature,
             }
+        towers_meta = {name: t.save(path / "text_extra" / name) for name, t in self.history_towers.items()}
         ranker_meta = None
         if self.ranker is not None:
             (path / "ranker").mkdir()
@@ -327,6 +395,7 @@ class TrainedPipeline:
                 **{n: {"kind": "Popularity"} for n in self.constant_models},
                 **({self.text_name: {"kind": "TextRecommender"}} if self.text_name else {}),
                 **{n: {"kind": "NewItemText", "max_events": e} for n, e in self.new_item_models.items()},
+                **towers_meta,
             },
             "source_order": self.source_order,
             "n_candidates": self.n_candidates,
@@ -358,11 +427,14 @@ class TrainedPipeline:
         history = pl.read_parquet(path / "history.parquet")
         factor, knn, const = {}, {}, {}
         net, emb, text_name = None, None, None
-        new_items = {}
+        new_items, towers = {}, {}
         for name, info in meta["models"].items():
             kind = info["kind"]
             if kind == "NewItemText":
                 new_items[name] = int(info["max_events"])
+                continue
+            if kind == "HistoryTower":
+                towers[name] = HistoryTower.load(path / "text_extra" / name, int(info["max_history"]))
                 continue
             if kind == "TextRecommender":
                 continue
@@ -411,6 +483,7 @@ class TrainedPipeline:
             meta=dict(meta.get("info", {})),
             source_order=list(meta["source_order"]),
             new_item_models=new_items,
+            history_towers=towers,
         )
 
     # ---- serving ---------------------------------------------------------------------------------
@@ -480,14 +553,11 @@ class TrainedPipeline:
             elif name == self.text_name:
                 self.net.eval()
                 emb = torch.from_numpy(self.item_embeddings)
-                seqs = list(h.sequences)
-                ue = np.zeros((len(seqs), emb.shape[1]), dtype=np.float32)
-                empty = np.zeros(0, dtype=np.int64)
-                for s in range(0, len(seqs), ROW_BLOCK):  # fixed batch size: see ROW_BLOCK
-                    block = seqs[s : s + ROW_BLOCK]
-                    padded = block + [empty] * (ROW_BLOCK - len(block))
-                    ue[s : s + len(block)] = self.net.user_embeddings(emb, padded).numpy()[: len(block)]
-                out[name] = EmbeddingScorer(name, ue.astype(np.float32), self.item_embeddings)
+                ue = user_vectors(lambda b, e=emb: self.net.user_embeddings(e, b), h.sequences, emb.shape[1])
+                out[name] = EmbeddingScorer(name, ue, self.item_embeddings)
+            elif name in self.history_towers:
+                tower = self.history_towers[name]
+                out[name] = EmbeddingScorer(name, tower.user_embeddings(h.sequences), tower.item_embeddings)
             elif name in self.new_item_models:
                 if self.text_name not in out:
                     raise ConfigError(f"'{name}' needs the text tower '{self.text_name}' before it")
