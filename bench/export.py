@@ -2,6 +2,7 @@
 
     python bench/export.py                      # 100k users, 5k items, top-100 (several minutes)
     python bench/export.py --users 20000        # quicker
+    python bench/export.py --workers 1          # one process (default 2, as conf/recommend.yaml)
 
 One run builds a pipeline on a generated catalogue (5k items with text, ``--users`` users, ~10
 events each: ALS, BPR, item-kNN, popularity, a text tower with a 384-wide one-layer random BERT --
@@ -14,12 +15,14 @@ ranker trained on the users' last events), saves it, and then, in the same proce
 * times a bare ``torch.topk`` over ``U @ V.T`` with seen items masked (the floor);
 
 and then, in two fresh processes, exports 10k and all users from the saved pipeline, reading
-each one's peak RSS. All figures are ratios taken on one machine in one run.
+the peak RSS (and PSS) of each one's process tree -- the export process and its workers. All
+figures are ratios taken on one machine in one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -129,29 +132,37 @@ def build(folder: Path, n_users: int, n_items: int, events: int) -> dict:
 
 def make_engine(folder: Path, k: int, scorer: str, explain: bool = True):
     from recsys.export.engine import Engine, ExplainOptions
-    from recsys.export.pipeline_model import TrainedPipeline
     from recsys.export.rules import BusinessRules
 
-    p = TrainedPipeline.load(folder)
-    rules = BusinessRules(max_per_category=40).compile(p.items, p.now)  # seen filtering + a category cap
     opts = ExplainOptions() if explain else ExplainOptions(enabled=False, top_features=0)
-    return Engine(p, rules, k, scorer, opts)
+    return Engine.load(folder, BusinessRules(max_per_category=40), k, scorer, opts)  # seen filtering + a cap
 
 
-def timed_export(folder: Path, out: Path, k: int, scorer: str, n_users: int | None, chunk: int, explain=True):
+def children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def timed_export(
+    folder: Path, out: Path, k: int, scorer: str, n_users: int | None, chunk: int, explain=True, workers: int = 1
+):
     from recsys.export.batch import export_recommendations
 
     engine = make_engine(folder, k, scorer, explain)
     users = list(engine.p.users.ids[: n_users or len(engine.p.users)])
-    t0, c0 = time.perf_counter(), time.process_time()
-    res = export_recommendations(engine, users, out, chunk_size=chunk, progress=False)
+    t0, c0, cc0 = time.perf_counter(), time.process_time(), children_cpu()
+    res = export_recommendations(engine, users, out, chunk_size=chunk, progress=False, workers=workers)
     dt = time.perf_counter() - t0
     return {
         "users": len(users),
+        "workers": workers,
         "seconds": dt,
-        "cpu_s": time.process_time() - c0,  # this process's CPU time: less noisy under contention
+        # CPU time of this process and of its workers: less noisy under contention
+        "cpu_s": time.process_time() - c0 + children_cpu() - cc0,
         "users_per_s": len(users) / dt,
         "rows": res.manifest["rows"],
+        "parts_by_process": res.manifest["parts_by_process"],
+        # summed over the processes (CPU-like seconds when workers > 1)
         "stages_s": {k: round(v, 2) for k, v in engine.timings.most_common()},
     }
 
@@ -201,19 +212,71 @@ def bare_topk(folder: Path, k: int, chunk: int) -> dict:
     return out
 
 
-def rss_child(folder: str, out: str, k: int, n_users: int, chunk: int) -> None:
-    r = timed_export(Path(folder), Path(out), k, "fused", n_users, chunk)
-    r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+class TreeMemory:
+    """Peak memory of this process and its children (the export's workers), sampled every
+    0.1 s from /proc: the sum of their RSS (shared pages counted once per process) and of
+    their PSS (shared pages split between the processes sharing them)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak_rss = self.peak_pss = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _tree() -> list[int]:
+        pids, todo = [], [os.getpid()]
+        while todo:
+            pid = todo.pop()
+            pids.append(pid)
+            for task in Path(f"/proc/{pid}/task").glob("*/children"):
+                with contextlib.suppress(OSError):
+                    todo += [int(c) for c in task.read_text().split()]
+        return pids
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss = pss = 0.0
+            for pid in self._tree():
+                try:
+                    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                        if line.startswith("Rss:"):
+                            rss += int(line.split()[1]) / 1024
+                        elif line.startswith("Pss:"):
+                            pss += int(line.split()[1]) / 1024
+                except OSError:
+                    pass
+            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+            self._stop.wait(0.1)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        return {"peak_rss_tree_mb": self.peak_rss, "peak_pss_tree_mb": self.peak_pss}
+
+
+def rss_child(folder: str, out: str, k: int, n_users: int, chunk: int, workers: int) -> None:
+    mem = TreeMemory()
+    r = timed_export(Path(folder), Path(out), k, "fused", n_users, chunk, workers=workers)
+    r.update(mem.stop())
+    r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process alone
+    r["peak_rss_largest_worker_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(json.dumps(r))
 
 
 def rss_run(folder: Path, tmp: str, a, n: int) -> dict:
     """Export ``n`` users from the saved pipeline in a fresh process; its peak RSS."""
-    cmd = [sys.executable, __file__, "--k", str(a.k), "--chunk", str(a.chunk)]
+    cmd = [sys.executable, __file__, "--k", str(a.k), "--chunk", str(a.chunk), "--workers", str(a.workers)]
     cmd += ["--rss-child", str(folder), f"{tmp}/rss{n}.parquet", str(n)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     child = json.loads(out.splitlines()[-1])
-    print(f"fresh process, {n} users: peak RSS {child['peak_rss_mb']:.0f} MB, {child['users_per_s']:.0f} users/s")
+    print(
+        f"fresh process, {n} users, {a.workers} workers: peak RSS of the process tree "
+        f"{child['peak_rss_tree_mb']:.0f} MB (PSS {child['peak_pss_tree_mb']:.0f} MB; the parent alone "
+        f"{child['peak_rss_mb']:.0f} MB), {child['users_per_s']:.0f} users/s"
+    )
     return child
 
 
@@ -224,34 +287,49 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=10)
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--chunk", type=int, default=4096)
+    ap.add_argument("--workers", type=int, default=2, help="export processes (the default of recommend.yaml)")
     ap.add_argument("--naive-users", type=int, default=300)
     ap.add_argument("--small", type=int, default=10_000, help="users of the smaller RSS run")
     ap.add_argument("--only-rss", action="store_true", help="build, then only the two peak-RSS runs")
     ap.add_argument("--rss-child", nargs=3, metavar=("FOLDER", "OUT", "N"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.rss_child:
-        rss_child(a.rss_child[0], a.rss_child[1], a.k, int(a.rss_child[2]), a.chunk)
+        rss_child(a.rss_child[0], a.rss_child[1], a.k, int(a.rss_child[2]), a.chunk, a.workers)
         return
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "pipeline"
-        res = {"config": vars(a), "build": build(folder, a.users, a.items, a.events)}
+        print("load average at the start", os.getloadavg(), flush=True)
+        res = {"config": vars(a), "loadavg_start": os.getloadavg(), "build": build(folder, a.users, a.items, a.events)}
         print("built", res["build"], flush=True)
         if a.only_rss:
             for n in (a.small, a.users):
                 res[f"rss_{n}"] = rss_run(folder, tmp, a, n)
             return
-        res["fused"] = timed_export(folder, Path(tmp) / "fused.parquet", a.k, "fused", None, a.chunk)
+        w = a.workers
+        res["fused"] = timed_export(folder, Path(tmp) / "fused.parquet", a.k, "fused", None, a.chunk, workers=w)
         print("fused", res["fused"], flush=True)
-        res["fused_no_explain"] = timed_export(folder, Path(tmp) / "fne.parquet", a.k, "fused", None, a.chunk, False)
+        if w != 1:
+            one = timed_export(folder, Path(tmp) / "fused1.parquet", a.k, "fused", None, a.chunk, workers=1)
+            res["fused_1_worker"] = one
+            print("fused, 1 worker", one, flush=True)
+            same = (Path(tmp) / "fused1.parquet").read_bytes() == (Path(tmp) / "fused.parquet").read_bytes()
+            res["fused_same_bytes_1_vs_n_workers"] = same
+            print("same bytes with 1 and", w, "workers:", same, flush=True)
+        res["fused_no_explain"] = timed_export(
+            folder, Path(tmp) / "fne.parquet", a.k, "fused", None, a.chunk, False, workers=w
+        )
         print("fused, no explanations", res["fused_no_explain"], flush=True)
         for s in ("als", "text"):
-            res[s] = timed_export(folder, Path(tmp) / f"{s}.parquet", a.k, s, None, a.chunk)
+            res[s] = timed_export(folder, Path(tmp) / f"{s}.parquet", a.k, s, None, a.chunk, workers=w)
             print(s, res[s], flush=True)
-            res[f"{s}_no_explain"] = timed_export(folder, Path(tmp) / f"{s}n.parquet", a.k, s, None, a.chunk, False)
+            res[f"{s}_no_explain"] = timed_export(
+                folder, Path(tmp) / f"{s}n.parquet", a.k, s, None, a.chunk, False, workers=w
+            )
             print(s, "no explanations", res[f"{s}_no_explain"], flush=True)
         res["naive_loop"] = naive_loop(folder, a.k, a.naive_users)
         print("naive loop", res["naive_loop"], flush=True)
         res["bare_topk"] = bare_topk(folder, a.k, a.chunk)
+        res["loadavg_end"] = os.getloadavg()
         print("bare top-k", res["bare_topk"], flush=True)
         for n in (a.small, a.users):
             res[f"rss_{n}"] = rss_run(folder, tmp, a, n)

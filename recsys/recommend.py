@@ -90,15 +90,17 @@ def run(cfg: DictConfig):
     from recsys.columns import Columns
     from recsys.export.batch import export_recommendations
     from recsys.export.engine import Engine, ExplainOptions
-    from recsys.export.pipeline_model import TrainedPipeline, normalise_history
+    from recsys.export.pipeline_model import normalise_history
     from recsys.tracking import tracking_uri
 
     tracking = cfg.tracking_uri or tracking_uri(cfg.paths.mlruns_dir)
     folder, source = resolve_model(str(cfg.model_uri), tracking)
-    pipeline = TrainedPipeline.load(folder)
-    rules = instantiate(cfg.rules).compile(pipeline.items, pipeline.now)
     explain = ExplainOptions(**OmegaConf.to_container(cfg.explain, resolve=True))
-    engine = Engine(pipeline, rules, int(cfg.k), str(cfg.scorer), explain, threads=int(cfg.get("threads", 1)))
+    # Engine.load, not Engine(TrainedPipeline.load(...)): worker processes rebuild it from the folder.
+    engine = Engine.load(
+        folder, instantiate(cfg.rules), int(cfg.k), str(cfg.scorer), explain, threads=int(cfg.get("threads", 1))
+    )
+    pipeline = engine.p
 
     histories = None
     if cfg.histories:
@@ -119,6 +121,7 @@ def run(cfg: DictConfig):
         chunk_size=int(cfg.chunk_size),
         info=info,
         progress=bool(cfg.progress),
+        workers=int(cfg.get("workers", 1)),
     )
     m = result.manifest
     print(

@@ -3,10 +3,12 @@ new users and cold items."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import polars as pl
@@ -227,6 +229,125 @@ def test_kill_and_resume_gives_identical_bytes(pipeline, tmp_path):
     assert resumed.manifest["parts_resumed"] == 3
     fresh = export_recommendations(
         engine(pipeline), list(pipeline.users.ids), tmp_path / "fresh" / "recs.parquet", chunk_size=40, progress=False
+    )
+    assert out.read_bytes() == fresh.path.read_bytes()
+    assert resumed.manifest["removed_by_rule"] == fresh.manifest["removed_by_rule"]
+    assert not list(tmp_path.glob(".recs.parquet.parts-*"))
+
+
+# --- worker processes ---------------------------------------------------------------------------
+
+
+def loaded_engine(k: int = 10, scorer: str = "fused", rules: BusinessRules | None = None) -> Engine:
+    return Engine.load(trained_run().pipeline_dir, rules or BusinessRules(), k, scorer, ExplainOptions())
+
+
+@pytest.mark.parametrize("scorer", ["fused", "als"])
+def test_workers_give_the_same_bytes(tmp_path, scorer):
+    users = list(TrainedPipeline.load(trained_run().pipeline_dir).users.ids)
+    rules = BusinessRules(max_per_category=3)
+    one = export_recommendations(
+        loaded_engine(scorer=scorer, rules=rules), users, tmp_path / "w1" / "r.parquet", chunk_size=15, progress=False
+    )
+    seen: list[int] = []
+
+    def slow_parent(i: int) -> None:
+        seen.append(i)
+        if len(seen) == 1:  # wait for the worker (it loads the pipeline first) to write a part too
+            deadline = time.monotonic() + 120
+            while len(list((tmp_path / "w2").glob(".r.parquet.parts-*/part-*.parquet"))) < 2:
+                assert time.monotonic() < deadline, "the worker wrote no part"
+                time.sleep(0.05)
+
+    two = export_recommendations(
+        loaded_engine(scorer=scorer, rules=rules),
+        users,
+        tmp_path / "w2" / "r.parquet",
+        chunk_size=15,
+        progress=False,
+        workers=2,
+        after_part=slow_parent,
+    )
+    assert two.manifest["workers"] == 2 and one.manifest["workers"] == 1
+    assert min(two.manifest["parts_by_process"]) > 0, two.manifest["parts_by_process"]
+    assert sorted(seen) == list(range(two.manifest["parts"]))  # every part reported once
+    assert one.path.read_bytes() == two.path.read_bytes()
+    assert one.manifest["removed_by_rule"] == two.manifest["removed_by_rule"]
+    assert one.manifest["rows"] == two.manifest["rows"] > 0
+
+
+def test_workers_need_an_engine_that_can_be_rebuilt(pipeline, tmp_path):
+    from recsys.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="Engine.load"):
+        export_recommendations(
+            engine(pipeline), list(pipeline.users.ids), tmp_path / "r.parquet", chunk_size=50, workers=2
+        )
+
+
+def test_a_failing_worker_fails_the_export(tmp_path):
+    e = loaded_engine()
+    e.recipe = dataclasses.replace(e.recipe, folder=str(tmp_path / "no-such-pipeline"))  # workers cannot load it
+
+    def wait_for_the_worker(i: int) -> None:  # keep the export running until the worker has failed
+        import multiprocessing
+
+        deadline = time.monotonic() + 120
+        while multiprocessing.active_children() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    with pytest.raises(RuntimeError, match="export worker failed"):
+        export_recommendations(
+            e,
+            list(e.p.users.ids),
+            tmp_path / "r.parquet",
+            chunk_size=20,
+            progress=False,
+            workers=2,
+            after_part=wait_for_the_worker,
+        )
+    assert not (tmp_path / "r.parquet").exists()
+
+
+KILL_WORKERS_SCRIPT = """
+import multiprocessing, os, signal, sys
+from recsys.export.batch import export_recommendations
+from recsys.export.engine import Engine, ExplainOptions
+from recsys.export.rules import BusinessRules
+e = Engine.load(sys.argv[1], BusinessRules(), 10, "fused", ExplainOptions())
+written = []
+def after(i):
+    written.append(i)
+    if len(written) == 4:
+        with open(sys.argv[3], "w") as f:
+            f.write(" ".join(str(p.pid) for p in multiprocessing.active_children()))
+        os.kill(os.getpid(), signal.SIGKILL)
+export_recommendations(e, list(e.p.users.ids), sys.argv[2], chunk_size=20, progress=False, after_part=after, workers=2)
+"""
+
+
+def test_kill_and_resume_with_workers_gives_identical_bytes(pipeline, tmp_path):
+    out = tmp_path / "recs.parquet"
+    pids = tmp_path / "workers.txt"
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_WORKERS_SCRIPT, str(trained_run().pipeline_dir), str(out), str(pids)]
+    )
+    assert killed.returncode == -9
+    assert not out.exists(), "a killed export must not publish anything"
+    workers = [int(x) for x in pids.read_text().split()]
+    assert len(workers) == 1
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{workers[0]}"):
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{workers[0]}"), "the worker outlived the killed export"
+    parts = sorted(tmp_path.glob(".recs.parquet.parts-*/part-*.parquet"))
+    assert 4 <= len(parts) < 10
+    resumed = export_recommendations(
+        loaded_engine(), list(pipeline.users.ids), out, chunk_size=20, progress=False, workers=2
+    )
+    assert resumed.manifest["parts_resumed"] == len(parts)
+    fresh = export_recommendations(
+        engine(pipeline), list(pipeline.users.ids), tmp_path / "fresh" / "recs.parquet", chunk_size=20, progress=False
     )
     assert out.read_bytes() == fresh.path.read_bytes()
     assert resumed.manifest["removed_by_rule"] == fresh.manifest["removed_by_rule"]

@@ -198,3 +198,60 @@ def test_recommend_restores_the_callers_thread_settings(pipeline):
     e = Engine(pipeline, BusinessRules().compile(pipeline.items, pipeline.now), 5, "als", threads=1)
     e.recommend(pipeline.histories(list(pipeline.users.ids[:5])))
     assert torch.get_num_threads() == before
+
+
+# --- feature explanations: TreeSHAP per decision pattern ------------------------------------------
+
+
+@pytest.mark.parametrize("zero_as_missing", [False, True])
+def test_pattern_tree_shap_equals_pred_contrib(zero_as_missing):
+    """Same contributions as LightGBM's own ``pred_contrib`` on rows with NaN, zeros, values
+    below LightGBM's zero threshold, values equal to split thresholds and repeated patterns."""
+    import lightgbm as lgb
+
+    from recsys.export.engine import PatternTreeShap
+
+    rng = np.random.default_rng(5)
+    n, f = 3000, 6
+    x = rng.normal(size=(n, f))
+    x[:, 1] = np.round(x[:, 1], 1)  # few distinct values: many rows share a pattern
+    x[rng.random((n, f)) < 0.15] = np.nan
+    x[rng.random((n, f)) < 0.1] = 0.0
+    y = np.nan_to_num(x[:, 0]) + (x[:, 1] > 0) + np.isnan(x[:, 2]) + rng.normal(scale=0.1, size=n)
+    params = {"objective": "regression", "num_leaves": 15, "verbose": -1, "zero_as_missing": zero_as_missing}
+    booster = lgb.train(params, lgb.Dataset(x, y), num_boost_round=25)
+    shap = PatternTreeShap(booster, 20)
+    assert shap.trees is not None and len(shap.trees) == 20
+    kinds = {m for t in shap.trees for m in t["missing"]}
+    assert ("Zero" if zero_as_missing else "NaN") in kinds  # the missing-value branches are exercised
+    rows = x[:800].copy()
+    rows[:50, 3] = 1e-40  # LightGBM reads it as 0
+    thresholds = np.concatenate([t["threshold"][t["feature"] == 0] for t in shap.trees])
+    rows[50 : 50 + len(thresholds[:50]), 0] = thresholds[:50]  # exactly on a split
+    ref = booster.predict(rows, num_iteration=20, pred_contrib=True)[:, :-1]
+    got = shap(rows)
+    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
+    assert not np.allclose(got, booster.predict(rows, num_iteration=25, pred_contrib=True)[:, :-1])
+
+
+def test_pattern_explanations_equal_the_plain_pred_contrib(pipeline, monkeypatch):
+    """The export's ``explain_features`` strings are the same with the per-pattern TreeSHAP as
+    with one ``pred_contrib`` call."""
+    p = pipeline
+    users = list(p.users.ids)
+
+    def run() -> pl.DataFrame:
+        opts = ExplainOptions(enabled=False, top_features=3, feature_ranks=None)
+        return Engine(p, BusinessRules().compile(p.items, p.now), 10, "fused", opts).recommend(p.histories(users))
+
+    got = run()
+    plain = engine_module.PatternTreeShap.__init__
+
+    def no_patterns(self, booster, num_iteration):
+        plain(self, booster, num_iteration)
+        self.trees = None  # the fallback: one plain pred_contrib call
+
+    monkeypatch.setattr(engine_module.PatternTreeShap, "__init__", no_patterns)
+    ref = run()
+    assert got.equals(ref)
+    assert got["explain_features"].null_count() == 0

@@ -18,11 +18,14 @@ to an uninterrupted run because each part depends only on its users and the mode
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -34,6 +37,7 @@ from typing import Any
 import polars as pl
 
 from recsys.columns import Columns
+from recsys.errors import ConfigError
 from recsys.export.engine import OUTPUT_SCHEMA, Engine
 
 log = logging.getLogger(__name__)
@@ -70,6 +74,7 @@ def export_recommendations(
     info: dict[str, Any] | None = None,
     progress: bool = True,
     after_part: Callable[[int], None] | None = None,
+    workers: int = 1,
 ) -> ExportResult:
     """Write top-K for ``user_ids`` (exported in sorted order) to ``out_path`` plus a manifest.
 
@@ -80,10 +85,18 @@ def export_recommendations(
         histories: ``user_id, item_id[, timestamp, event]`` rows.
         chunk_size: users per part (memory grows with it, not with the number of users).
         info: recorded in the manifest and the fingerprint (model URI, run id, config hash ...).
-        after_part: called with the part number after each part is written (tests use it).
+        after_part: called (in this process) with the part number after each part is written,
+            whichever process wrote it (tests use it).
+        workers: processes computing parts: this one plus ``workers - 1`` started with
+            ``spawn``, each loading the pipeline from ``engine.recipe`` (``Engine.load``) and
+            taking the next part not yet taken. The output does not depend on it (each part
+            depends only on its users and the model); memory is about one more pipeline and
+            chunk per worker.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     users = sorted(set(map(str, user_ids)))
@@ -108,52 +121,73 @@ def export_recommendations(
 
     starts = list(range(0, len(users), chunk_size))
     parts = [work / f"part-{i:05d}.parquet" for i in range(len(starts))]
-    resumed = sum(p.exists() for p in parts)
+    done = [p.exists() for p in parts]
+    resumed = sum(done)
     if resumed:
         log.info("resuming %s: %d of %d parts already written", out_path, resumed, len(parts))
+    todo = [i for i in range(len(parts)) if not done[i]]
+    n_workers = min(workers, len(todo))
+    if n_workers > 1 and engine.recipe is None:
+        raise ConfigError("workers > 1 needs an engine made by Engine.load (workers load the pipeline from its folder)")
     bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(users), unit="user", desc="export", smoothing=0.1)
     t0 = time.perf_counter()
-    for i, start in enumerate(starts):
-        block = users[start : start + chunk_size]
-        if not parts[i].exists():
-            engine.rules.removed.clear()
-            given = None
-            if histories is not None:
-                given = histories.filter(pl.col(Columns.User).is_in(block))
-            t1 = time.perf_counter()
-            ph = engine.p.histories(block, given)
-            engine.timings["history"] += time.perf_counter() - t1
-            df = engine.recommend(ph)
-            t1 = time.perf_counter()
-            stats = {"rows": df.height, "users": len(block), "removed": dict(engine.rules.removed)}
-            (work / f"part-{i:05d}.json").write_text(json.dumps(stats, sort_keys=True))
-            tmp = parts[i].with_suffix(".parquet.tmp")
-            # Parts are temporary and read back once, by the publish step, which compresses the
-            # output: a zstd part cost 0.67 CPU-s to write and read back per 400k rows, an
-            # uncompressed one 0.13 s.
-            df.write_parquet(tmp, statistics=False, compression="uncompressed")
-            os.replace(tmp, parts[i])
-            engine.timings["write_part"] += time.perf_counter() - t1
+    job = _Job(users, histories, work, chunk_size, todo)
+    by_process = [0] * max(n_workers, 1)  # parts computed by this process, then by each worker
+    pool = _Workers(engine, job, n_workers - 1) if n_workers > 1 else None
+    publisher = _Publisher(parts, work)
+    try:
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(users), unit="user", desc="export", smoothing=0.1)
+            bar.update(sum(len(users[starts[i] : starts[i] + chunk_size]) for i in range(len(parts)) if done[i]))
+
+        def finished(i: int, who: int = 0) -> None:
+            done[i] = True
+            by_process[who] += 1
+            if bar is not None:
+                bar.update(len(users[starts[i] : starts[i] + chunk_size]))
             if after_part is not None:
                 after_part(i)
+
+        counter = pool.counter if pool is not None else _LocalCounter()
+        while (j := _claim(counter, len(todo))) is not None:
+            job.compute(engine, todo[j])
+            finished(todo[j])
+            if pool is not None:
+                pool.poll(finished, block=False)
+            # Append the finished parts, in order, to the output while the workers compute.
+            t1 = time.perf_counter()
+            publisher.advance(done)
+            engine.timings["publish"] += time.perf_counter() - t1
+        if pool is not None:
+            pool.poll(finished, block=False)
+            pool.drop_idle()
+            while pool.running():
+                pool.poll(finished, block=True)
+            engine.timings.update(pool.timings)
+        if not all(done):
+            missing = [i for i in range(len(parts)) if not done[i]]
+            raise RuntimeError(f"export parts {missing[:5]} were not written")
+        elapsed_compute = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        publisher.advance(done)
+        publisher.close(out_path)
+        engine.timings["publish"] += time.perf_counter() - t1
+    finally:
+        if pool is not None:
+            pool.stop()
+        publisher.abort()
         if bar is not None:
-            bar.update(len(block))
-    if bar is not None:
-        bar.close()
+            bar.close()
     elapsed = time.perf_counter() - t0
+    log.debug("computed in %.1f s, published in %.1f s", elapsed_compute, elapsed - elapsed_compute)
 
     rows, removed = 0, Counter()
     for i in range(len(parts)):
         stats = json.loads((work / f"part-{i:05d}.json").read_text())
         rows += stats["rows"]
         removed.update(stats["removed"])
-    t1 = time.perf_counter()
-    _concat_parts(parts, out_path)
-    engine.timings["publish"] += time.perf_counter() - t1
     manifest = {
         **info,
         "output": str(out_path.resolve()),
@@ -167,6 +201,8 @@ def export_recommendations(
         "chunk_size": chunk_size,
         "parts": len(parts),
         "parts_resumed": resumed,
+        "workers": max(n_workers, 1),
+        "parts_by_process": by_process,
         "fingerprint": fingerprint,
         "columns": list(OUTPUT_SCHEMA),
         "seconds": round(elapsed, 3),
@@ -178,21 +214,243 @@ def export_recommendations(
     return ExportResult(out_path, manifest_path, manifest)
 
 
-def _concat_parts(parts: Sequence[Path], out_path: Path) -> None:
-    """Append the parts, in order, into one parquet file, then rename it into place."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+@dataclass
+class _Job:
+    """What every process needs to compute part ``i`` (picklable: sent to the workers)."""
 
-    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
-    schema = pl.DataFrame(schema=OUTPUT_SCHEMA).to_arrow().schema
+    users: list[str]
+    histories: pl.DataFrame | None
+    work: Path
+    chunk_size: int
+    todo: list[int]
+
+    def compute(self, engine: Engine, i: int) -> None:
+        block = self.users[i * self.chunk_size : (i + 1) * self.chunk_size]
+        engine.rules.removed.clear()
+        given = None
+        if self.histories is not None:
+            given = self.histories.filter(pl.col(Columns.User).is_in(block))
+        t1 = time.perf_counter()
+        ph = engine.p.histories(block, given)
+        engine.timings["history"] += time.perf_counter() - t1
+        df = engine.recommend(ph)
+        t1 = time.perf_counter()
+        stats = {"rows": df.height, "users": len(block), "removed": dict(engine.rules.removed)}
+        (self.work / f"part-{i:05d}.json").write_text(json.dumps(stats, sort_keys=True))
+        part = self.work / f"part-{i:05d}.parquet"
+        tmp = part.with_name(f"{part.name}.tmp{os.getpid()}")
+        # Parts are temporary and read back once, by the publish step, which compresses the
+        # output: a zstd part cost 0.67 CPU-s to write and read back per 400k rows, an
+        # uncompressed one 0.13 s.
+        df.write_parquet(tmp, statistics=False, compression="uncompressed")
+        os.replace(tmp, part)  # a part that exists is whole
+        engine.timings["write_part"] += time.perf_counter() - t1
+
+
+class _LocalCounter:
+    """``multiprocessing.Value``'s interface for a process working alone."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def get_lock(self) -> contextlib.nullcontext:
+        return contextlib.nullcontext()
+
+
+def _claim(counter: Any, n: int) -> int | None:
+    """The next index below ``n`` that no process has taken (``counter``: shared by them)."""
+    with counter.get_lock():
+        j = counter.value
+        counter.value = j + 1
+    return j if j < n else None
+
+
+class _Workers:
+    """``n`` worker processes taking parts from a shared counter; each reports the parts it
+    wrote, then its stage timings, through a pipe."""
+
+    def __init__(self, engine: Engine, job: _Job, n: int) -> None:
+        import multiprocessing as mp
+
+        # spawn, not fork: polars' and OpenMP's thread pools do not survive a fork (a child can
+        # hang on a pool whose threads stayed in the parent).
+        ctx = mp.get_context("spawn")
+        self.counter = ctx.Value("q", 0)
+        self.timings: Counter = Counter()
+        self.procs, self.conns, self.errors = [], [], []
+        self.ids = {}  # pipe -> worker number
+        self.ready = set()  # pipes of the workers that have loaded the pipeline
+        for w in range(n):
+            recv, send = ctx.Pipe(duplex=False)
+            job_recv, job_send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(
+                target=_worker_main,
+                args=(job_recv, self.counter, send, os.getpid()),
+                name=f"recsys-export-{w + 1}",
+                daemon=True,
+            )
+            _start_without_main(proc)
+            send.close()
+            job_recv.close()
+            # The job (user list, histories, rules) goes through a pipe of our own, from a thread:
+            # the worker reads it only after its imports, and if it dies first the send fails
+            # instead of blocking (the start() of a large process object can block for ever).
+            threading.Thread(target=_send_job, args=(job_send, (engine.recipe, job)), daemon=True).start()
+            self.procs.append(proc)
+            self.conns.append(recv)
+            self.ids[recv] = w
+
+    def running(self) -> bool:
+        return bool(self.conns)
+
+    def drop_idle(self) -> None:
+        """Stop the workers still loading the pipeline: once every part is taken, they would
+        find none left (a small export can end before a worker is ready)."""
+        for conn in [c for c in self.conns if c not in self.ready]:
+            proc = self.procs[self.conns.index(conn)]
+            proc.kill()
+            proc.join()
+            self.procs.remove(proc)
+            self.conns.remove(conn)
+            conn.close()
+
+    def poll(self, finished: Callable[[int, int], None], block: bool) -> None:
+        from multiprocessing.connection import wait
+
+        for conn in wait(self.conns, timeout=None if block else 0):
+            while conn in self.conns and conn.poll(0):  # every message waiting on this pipe
+                self._receive(conn, finished)
+
+    def _receive(self, conn: Any, finished: Callable[[int, int], None]) -> None:
+        try:
+            msg = conn.recv()
+        except EOFError:  # the worker is gone
+            proc = self.procs[self.conns.index(conn)]
+            self.procs.remove(proc)
+            self.conns.remove(conn)
+            conn.close()
+            proc.join(timeout=30)
+            if self.errors or proc.exitcode != 0:
+                detail = "\n".join(self.errors) or f"{proc.name} exited with code {proc.exitcode}"
+                raise RuntimeError(f"an export worker failed:\n{detail}") from None
+            return
+        kind = msg[0]
+        if kind == "part":
+            finished(msg[1], 1 + self.ids[conn])
+        elif kind == "ready":
+            self.ready.add(conn)
+        elif kind == "timings":
+            self.timings.update(msg[1])
+        elif kind == "error":
+            self.errors.append(msg[1])
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.kill()
+            proc.join()
+        for conn in self.conns:
+            conn.close()
+
+
+def _start_without_main(proc: Any) -> None:
+    """``proc.start()`` without the caller's ``__main__`` module: ``spawn`` would re-run the
+    caller's script in the worker (and fail on scripts without an ``if __name__ ==
+    "__main__"`` guard); the worker needs only ``recsys`` and what it is sent."""
+    import types
+
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
     try:
-        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-            for p in parts:
-                table = pq.read_table(p)
-                if table.num_rows:
-                    writer.write_table(table.cast(schema))
-            if not parts:
-                writer.write_table(pa.Table.from_pylist([], schema=schema))
-        os.replace(tmp, out_path)
+        proc.start()
     finally:
-        tmp.unlink(missing_ok=True)
+        sys.modules["__main__"] = main
+
+
+def _send_job(conn: Any, job: Any) -> None:
+    try:
+        conn.send(job)
+    except OSError:  # the worker is gone: the parent learns it from the worker's pipe
+        pass
+    finally:
+        conn.close()
+
+
+def _worker_main(job_conn: Any, counter: Any, conn: Any, parent: int) -> None:
+    """A worker process: build the engine, then compute parts until none is left."""
+    _die_with_parent(parent)
+    try:
+        t0 = time.perf_counter()
+        recipe, job = job_conn.recv()
+        job_conn.close()
+        engine = recipe.build()
+        engine.timings["worker_start"] += time.perf_counter() - t0
+        conn.send(("ready",))
+        while (j := _claim(counter, len(job.todo))) is not None:
+            job.compute(engine, job.todo[j])
+            conn.send(("part", job.todo[j]))
+            if os.getppid() != parent:
+                return
+        conn.send(("timings", dict(engine.timings)))
+    except BaseException:
+        import traceback
+
+        conn.send(("error", traceback.format_exc()))
+        raise
+    finally:
+        conn.close()
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel kill this process when its parent dies (a killed export must not leave
+    workers writing parts behind)."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the workers check their parent between parts
+        pass
+    if os.getppid() != parent:  # the parent died before prctl
+        os._exit(1)
+
+
+class _Publisher:
+    """Appends the parts, in order, into one zstd parquet file (in the parts folder), as soon as
+    each and every part before it is written; ``close`` renames it into place. The same parts
+    give the same bytes whenever they are appended, so a resumed run is byte-identical."""
+
+    def __init__(self, parts: Sequence[Path], work: Path) -> None:
+        self.parts, self.next, self.writer = parts, 0, None
+        self.tmp = work / f"publish.parquet.tmp{os.getpid()}"
+        self.schema = pl.DataFrame(schema=OUTPUT_SCHEMA).to_arrow().schema
+
+    def advance(self, done: Sequence[bool]) -> None:
+        import pyarrow.parquet as pq
+
+        while self.next < len(self.parts) and done[self.next]:
+            if self.writer is None:
+                self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
+            table = pq.read_table(self.parts[self.next])
+            if table.num_rows:
+                self.writer.write_table(table.cast(self.schema))
+            self.next += 1
+
+    def close(self, out_path: Path) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
+        if not self.parts:
+            self.writer.write_table(pa.Table.from_pylist([], schema=self.schema))
+        self.writer.close()
+        self.writer = None
+        os.replace(self.tmp, out_path)
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        self.tmp.unlink(missing_ok=True)
