@@ -66,8 +66,9 @@ class ExplainOptions:
     history_items: int = 20
 
 
-# LightGBM treats |x| <= this as 0 (it passes only larger values to the trees) -- kZeroThreshold.
-_LGB_ZERO = 1e-35
+# LightGBM treats |x| <= this as 0 (it passes only larger values to the trees): its kZeroThreshold,
+# the float 1e-35 read as a double.
+_LGB_ZERO = float(np.float32(1e-35))
 
 
 class PatternTreeShap:
@@ -262,8 +263,9 @@ def fast_top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     ``torch.topk`` of k + 1 items tells which rows have a tie straddling the cut (the k-th and the
     (k+1)-th values are equal); elsewhere its first k items are the right set, whatever order it
     left ties in. Straddling rows are repaired: the slots holding the cut value get that value's
-    lowest-index items. The k items of each row are then ordered by (score desc, item asc) -- a
-    sort of k items per row, never of the catalogue.
+    lowest-index items. Rows whose k values are all different keep ``torch.topk``'s order; the
+    others (ties, -inf, repaired rows) are ordered by (score desc, item asc) -- a sort of k items
+    per row, never of the catalogue.
     """
     n_rows, n_items = scores.shape
     k = min(k, n_items)
@@ -285,10 +287,21 @@ def fast_top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
             fixed = idx[straddle]
             fixed[slot_r, slot_c] = c[pos < need[r]]
             idx[straddle] = fixed
-    idx = np.sort(idx, axis=1)
-    top = np.take_along_axis(scores, idx, 1)
-    order = np.argsort(-top, axis=1, kind="stable")
-    return np.take_along_axis(idx, order, 1), np.take_along_axis(top, order, 1)
+    idx = np.ascontiguousarray(idx[:, :k])
+    top = np.ascontiguousarray(vals[:, :k])
+    # torch.topk's order is already (score desc, item asc) in rows whose k values are finite and
+    # all different and that were not repaired: only the other rows are ordered again.
+    again = ~(np.isfinite(top).all(axis=1) & (top[:, 1:] < top[:, :-1]).all(axis=1))
+    if k < n_items and len(straddle):
+        again[straddle] = True
+    rows = np.flatnonzero(again)
+    if len(rows):
+        sub = np.sort(idx[rows], axis=1)
+        sub_top = np.take_along_axis(scores[rows], sub, 1)
+        order = np.argsort(-sub_top, axis=1, kind="stable")
+        idx[rows] = np.take_along_axis(sub, order, 1)
+        top[rows] = np.take_along_axis(sub_top, order, 1)
+    return idx, top
 
 
 def ranked_rows(users: np.ndarray, scores: np.ndarray, n_users: int) -> tuple[np.ndarray, np.ndarray]:
@@ -395,7 +408,7 @@ class Engine:
             The work is many mid-sized products and small ops, where extra threads mostly spin:
             on the shared 2-core machine, 2 threads instead of 1 made the text user tower 12x
             and the 256-row score products 3x slower in wall time (docs/benchmarks.md). For
-            more cores, run several exports over disjoint user lists rather than raising it.
+            more cores, use the batch export's worker processes (``workers``) rather than raising it.
     """
 
     def __init__(
