@@ -36,6 +36,7 @@ import torch
 
 import recsys.config  # noqa: F401
 from recsys.config import minilm_path
+from recsys.text.encoder import ENCODE_BATCH
 
 
 def gemm_ceiling(d: int, d_ff: int, rows: int = 2048, seconds: float = 2.0) -> float:
@@ -79,6 +80,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "len24": {"max_length": 24},
     "len16": {"max_length": 16},
     "nodropout": {"dropout": 0.0},
+    "nodropout_b2": {"dropout": 0.0, "module": {"length_buckets": 2}},
+    "nodropout_b4": {"dropout": 0.0, "module": {"length_buckets": 4}},
 }
 
 
@@ -117,17 +120,8 @@ def make_encoder(kind: str, max_length: int, num_layers: int | None = None, drop
     from recsys.text.encoder import ItemEncoder
 
     if kind == "minilm":
-        enc = ItemEncoder.from_pretrained(minilm_path(), max_length=max_length, num_layers=num_layers)
-    else:
-        enc = ItemEncoder.random(minilm_path(), max_length=max_length)
-    if dropout is not None:
-        for m in enc.bert.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = dropout
-        enc.bert.config.attention_probs_dropout_prob = dropout
-        for layer in enc.bert.encoder.layer:
-            layer.attention.self.dropout.p = dropout
-    return enc
+        return ItemEncoder.from_pretrained(minilm_path(), max_length=max_length, num_layers=num_layers, dropout=dropout)
+    return ItemEncoder.random(minilm_path(), max_length=max_length, dropout=dropout)
 
 
 def computed_positions(mask: torch.Tensor, buckets: int) -> int:
@@ -208,7 +202,7 @@ def speed(args: argparse.Namespace) -> dict:
         )
         base = runs[names[0]]
         t0 = time.perf_counter()
-        base["enc"]._encode_tokens(base["ids"], base["lengths"], batch_size=128)
+        base["enc"]._encode_tokens(base["ids"], base["lengths"], batch_size=args.encode_batch_size)
         enc_meter.seconds += time.perf_counter() - t0
         lengths = base["lengths"].float()
         enc_meter.tokens += int(lengths.sum())
@@ -236,6 +230,7 @@ def speed(args: argparse.Namespace) -> dict:
             "step_s": round(m.seconds / m.steps, 3),
         }
     out["encode"] = {
+        "batch_size": args.encode_batch_size,
         "seqs_per_s": round(enc_meter.seqs / enc_meter.seconds, 1),
         "real_tokens_per_s": round(enc_meter.tokens / enc_meter.seconds, 1),
         "gflops": round(enc_meter.flops / enc_meter.seconds / 1e9, 1),
@@ -297,6 +292,7 @@ OPTIONS: dict[str, list[str]] = {
     "len24": ["encoder.max_length=24"],
     "len16": ["encoder.max_length=16"],
     "auto95": ["encoder.max_length=auto", "encoder.max_length_percentile=95"],
+    "nodropout": ["encoder.dropout=0.0"],
 }
 
 
@@ -418,6 +414,7 @@ def main(argv: list[str] | None = None) -> None:
         quality(argv[1:])
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--encode-batch-size", type=int, default=ENCODE_BATCH, help="items per catalogue batch")
     ap.add_argument("--encoder", choices=["minilm", "tiny"], default="minilm")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=4, help="steps of each variant per round")

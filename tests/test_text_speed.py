@@ -325,3 +325,17 @@ def test_a_fine_tuning_run_encodes_the_catalogue_once_per_new_weights(block_worl
     TextRecommender.from_tokens(zero, ids, lengths)
     assert cache.encoded_items == h.n_items * (1 + epochs)
     assert cache.hits == h.n_items * 3  # fit start, the restored weights, the zero-shot report
+
+
+def test_dropout_option_sets_every_dropout_and_zero_makes_training_deterministic(tokenizer_path):
+    enc = ItemEncoder.random(tokenizer=tokenizer_path, seed=0, dropout=0.0)
+    assert all(m.p == 0.0 for m in enc.bert.modules() if isinstance(m, torch.nn.Dropout))
+    ids, lengths = enc.tokenize(TEXTS)
+    mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
+    enc.train()
+    first, second = enc(ids.long(), mask), enc(ids.long(), mask)
+    torch.testing.assert_close(first, second)  # nothing dropped, so no randomness left
+    noisy = ItemEncoder.random(tokenizer=tokenizer_path, seed=0, dropout=0.5).train()
+    assert not torch.allclose(noisy(ids.long(), mask), noisy(ids.long(), mask))
+    with pytest.raises(ConfigError, match="dropout"):
+        ItemEncoder.random(tokenizer=tokenizer_path, dropout=1.5)

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from recsys.text.encoder import ENCODE_BATCH
+
 if TYPE_CHECKING:
     from recsys.text.encoder import ItemEncoder
 
@@ -96,7 +98,7 @@ class ItemEmbeddingCache:
         encoder: ItemEncoder,
         ids: torch.Tensor,
         lengths: torch.Tensor,
-        batch_size: int = 128,
+        batch_size: int = ENCODE_BATCH,
         progress: bool = False,
     ) -> torch.Tensor:
         """``encoder.encode_tokens(ids, lengths)``, encoding only the items not cached yet."""

@@ -14,7 +14,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from recsys.text.encoder import TwoTower
+from recsys.text.encoder import ENCODE_BATCH, TwoTower
 
 
 class TextTowerModule(L.LightningModule):
@@ -42,7 +42,7 @@ class TextTowerModule(L.LightningModule):
         weight_decay: float = 0.01,
         warmup_steps: int = 10,
         freeze_embeddings: bool = False,
-        encode_batch_size: int = 128,
+        encode_batch_size: int = ENCODE_BATCH,
         logq_correction: float = 1.0,
         freeze_layers: int = 0,
         length_buckets: int = 1,

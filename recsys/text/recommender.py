@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from recsys.recommender import History, Recommender
-from recsys.text.encoder import TwoTower
+from recsys.text.encoder import ENCODE_BATCH, TwoTower
 
 
 class TextRecommender(Recommender):
@@ -25,7 +25,7 @@ class TextRecommender(Recommender):
 
     @classmethod
     def from_tokens(
-        cls, net: TwoTower, item_ids: torch.Tensor, item_lengths: torch.Tensor, batch_size: int = 128
+        cls, net: TwoTower, item_ids: torch.Tensor, item_lengths: torch.Tensor, batch_size: int = ENCODE_BATCH
     ) -> TextRecommender:
         return cls(net, net.item_encoder.encode_tokens(item_ids, item_lengths, batch_size, progress=True))
 
