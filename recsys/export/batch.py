@@ -133,9 +133,11 @@ def export_recommendations(
     t0 = time.perf_counter()
     job = _Job(users, histories, work, chunk_size, todo)
     by_process = [0] * max(n_workers, 1)  # parts computed by this process, then by each worker
-    pool = _Workers(engine, job, n_workers - 1) if n_workers > 1 else None
+    pool = None
     publisher = _Publisher(parts, work)
     try:
+        if n_workers > 1:
+            pool = _Workers(engine, job, n_workers - 1)
         if progress:
             from tqdm.auto import tqdm
 
@@ -165,6 +167,9 @@ def export_recommendations(
             pool.drop_idle()
             while pool.running():
                 pool.poll(finished, block=True)
+                t1 = time.perf_counter()
+                publisher.advance(done)
+                engine.timings["publish"] += time.perf_counter() - t1
             engine.timings.update(pool.timings)
         if not all(done):
             missing = [i for i in range(len(parts)) if not done[i]]
