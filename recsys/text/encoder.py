@@ -35,11 +35,11 @@ log = logging.getLogger(__name__)
 # 7-18x slower than fp32 (STACK.md), so CPU stays fp32.
 DEFAULT_PRECISION: dict[str, str] = {"cpu": "fp32", "cuda": "bf16"}
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Catalogue passes go in length-sorted batches of this many items. Larger batches mean larger GEMMs
-# and fewer OpenMP barriers: on 2 CPU cores 512 encoded the generated catalogue 1.45x faster than
-# 128 and 2.3x faster than 64 in the same process (docs/benchmarks.md); sorting keeps the padding
-# small at any size, and memory is a few MB.
-ENCODE_BATCH = 512
+# Catalogue passes go in length-sorted batches of this many items (sorting keeps the padding small
+# at any size). Measured on 2 cores, same process (docs/benchmarks.md): on a quiet machine 128 took
+# 3.4 s for the generated catalogue, 512 took 4.3 s (its activations leave the cache); under heavy
+# load 512 was the faster one (fewer OpenMP barriers to wait at). The quiet machine decides.
+ENCODE_BATCH = 128
 
 
 def compute_dtype(device: torch.device | str, precision: Mapping[str, str] | None = None) -> torch.dtype:
