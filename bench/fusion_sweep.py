@@ -25,10 +25,10 @@ from hydra.utils import instantiate
 
 import recsys.config  # noqa: F401  (resolvers)
 from recsys.columns import Columns
-from recsys.export.pipeline_model import EmbeddingScorer, TrainedPipeline, user_vectors
+from recsys.export.pipeline_model import PipelineHistories, TrainedPipeline
 from recsys.pipeline import FusionStage, HybridPipeline, stage_exclusion
 from recsys.rank.features import feature_columns
-from recsys.recommender import History
+from recsys.recommender import History, Recommender
 from recsys.text.recommender import NewItemText
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -50,18 +50,11 @@ VARIANTS: dict[str, tuple[dict, dict, bool]] = {
 }
 
 
-def text_models(pipeline: TrainedPipeline, history: History) -> dict[str, EmbeddingScorer]:
-    import torch
-
-    seqs = history.sequences
-    emb = torch.from_numpy(pipeline.item_embeddings)
-    net = pipeline.net.eval()
-    with torch.no_grad():
-        ue = user_vectors(lambda b: net.user_embeddings(emb, b), seqs, emb.shape[1])
-    out = {pipeline.text_name: EmbeddingScorer(pipeline.text_name, ue, pipeline.item_embeddings)}
-    for name, tower in pipeline.history_towers.items():
-        out[name] = EmbeddingScorer(name, tower.user_embeddings(seqs), tower.item_embeddings)
-    return out
+def text_models(pipeline: TrainedPipeline, history: History) -> dict[str, Recommender]:
+    """The run's text towers (fine-tuned, and the further ones), scoring every user of ``history``."""
+    n = history.n_users
+    everyone = PipelineHistories([""] * n, np.full(n, -1), history)  # ids unused by text scorers
+    return pipeline.scorers(everyone, only=[pipeline.text_name, *pipeline.history_towers])
 
 
 def ndcg_recall(scored: pl.DataFrame, targets: pl.DataFrame, users: np.ndarray) -> tuple[float, float]:

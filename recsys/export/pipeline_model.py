@@ -42,7 +42,7 @@ from recsys.data.dataset import IdMap
 from recsys.errors import ConfigError, InputError
 from recsys.rank.ranker import LambdaMARTRanker
 from recsys.recommender import History, Recommender
-from recsys.text.encoder import ItemEncoder, TwoTower, UserEncoder, pad_histories
+from recsys.text.encoder import ItemEncoder, TwoTower, UserEncoder
 from recsys.text.recommender import NewItemText, TextRecommender
 
 FORMAT_VERSION = 1
@@ -196,12 +196,7 @@ class HistoryTower:
     def user_embeddings(self, seqs: Sequence[np.ndarray]) -> np.ndarray:
         self.user_encoder.eval()
         side = torch.from_numpy(self.item_embeddings if self.history_embeddings is None else self.history_embeddings)
-
-        def embed(block: list[np.ndarray]) -> torch.Tensor:
-            hist, mask = pad_histories(block, self.user_encoder.max_history)
-            return self.user_encoder(side[hist.clamp(min=0)], mask)
-
-        return user_vectors(embed, seqs, self.item_embeddings.shape[1])
+        return user_vectors(lambda b: self.user_encoder.embed_histories(side, b), seqs, side.shape[1])
 
     def save(self, folder: Path) -> dict[str, Any]:
         from safetensors.torch import save_file

@@ -313,6 +313,12 @@ class UserEncoder(nn.Module):
         pooled = pooled * mask.any(1, keepdim=True)  # users without history get the zero vector
         return F.normalize(pooled + self.residual(pooled), dim=-1)
 
+    def embed_histories(self, item_embeddings: torch.Tensor, histories: Sequence[np.ndarray]) -> torch.Tensor:
+        """User vectors from histories (item indices, oldest first), looked up in ``item_embeddings``."""
+        hist, mask = pad_histories(histories, self.max_history)
+        dev = item_embeddings.device
+        return self(item_embeddings[hist.to(dev).clamp(min=0)], mask.to(dev))
+
 
 class TwoTower(nn.Module):
     """Item and user towers sharing one embedding space; score = cosine / temperature."""
@@ -357,10 +363,7 @@ class TwoTower(nn.Module):
         """
         if self.history_embeddings is not None:
             item_embeddings = self.history_embeddings.to(item_embeddings.device)
-        hist, mask = pad_histories(histories, self.user_encoder.max_history)
-        dev = item_embeddings.device
-        hist, mask = hist.to(dev), mask.to(dev)
-        return self.user_encoder(item_embeddings[hist.clamp(min=0)], mask)
+        return self.user_encoder.embed_histories(item_embeddings, histories)
 
 
 def pad_histories(histories: Sequence[np.ndarray], max_history: int) -> tuple[torch.Tensor, torch.Tensor]:
