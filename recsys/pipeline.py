@@ -26,7 +26,7 @@ from recsys.columns import Columns
 from recsys.data.dataset import Dataset
 from recsys.data.split import Split
 from recsys.errors import ConfigError, InputError
-from recsys.evaluation.metrics import metric_table, ranking_metrics
+from recsys.evaluation.metrics import metric_table, ranking_metrics, relevance_matrix
 from recsys.rank.candidates import generate_candidates
 from recsys.rank.features import build_features, feature_columns
 from recsys.rank.ranker import LambdaMARTRanker
@@ -44,18 +44,6 @@ class StageResult:
     metrics: dict[str, dict[str, np.ndarray]]
     table: pl.DataFrame
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def relevance_matrix(targets: pl.DataFrame, users: np.ndarray, n_items: int) -> sp.csr_matrix:
-    """Row j = the held-out items of ``users[j]``."""
-    pos = {int(u): j for j, u in enumerate(users)}
-    rows = np.array([pos[int(u)] for u in targets[Columns.UserIdx].to_numpy()], dtype=np.int64)
-    m = sp.csr_matrix(
-        (np.ones(len(rows), dtype=np.float32), (rows, targets[Columns.ItemIdx].to_numpy())),
-        shape=(len(users), n_items),
-    )
-    m.sum_duplicates()
-    return m
 
 
 def stage_exclusion(history: History, items: pl.DataFrame, targets: pl.DataFrame) -> sp.csr_matrix:
@@ -127,18 +115,30 @@ class FusionStage:
         targets: pl.DataFrame,
         exclude: sp.csr_matrix | None = None,
     ) -> FusionStage:
-        df = self.frame(users, models, history, exclude)
+        df = self.labelled_frame(users, models, history, targets, exclude)
+        recall = candidate_recall(df)
+        log.info("ranker training: %d candidate rows, candidate recall of the targets %.3f", df.height, recall)
+        self.candidate_recall_val = recall
+        self.ranker.fit(df, feature_columns(df.drop("label")))
+        return self
+
+    def labelled_frame(
+        self,
+        users: np.ndarray,
+        models: Mapping[str, Recommender],
+        history: History,
+        targets: pl.DataFrame,
+        exclude: sp.csr_matrix | None = None,
+    ) -> pl.DataFrame:
+        """``frame`` plus ``label`` (1 where the candidate is one of the user's ``targets``): what the
+        ranker learns from."""
         labels = targets.select(
             pl.col(Columns.UserIdx).cast(pl.Int32), pl.col(Columns.ItemIdx).cast(pl.Int32), pl.lit(1).alias("label")
         ).unique()
-        df = df.join(labels, on=[Columns.UserIdx, Columns.ItemIdx], how="left").with_columns(
+        df = self.frame(users, models, history, exclude)
+        return df.join(labels, on=[Columns.UserIdx, Columns.ItemIdx], how="left").with_columns(
             pl.col("label").fill_null(0)
         )
-        recall = df.group_by(Columns.UserIdx).agg(pl.col("label").max())["label"].mean()
-        log.info("ranker training: %d candidate rows, candidate recall of the targets %.3f", df.height, recall)
-        self.candidate_recall_val = float(recall)
-        self.ranker.fit(df, feature_columns(df.drop("label")))
-        return self
 
     def score_pairs(
         self,
@@ -169,21 +169,31 @@ class FusionStage:
         exclude: sp.csr_matrix | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         df = self.frame(users, models, history, exclude)
-        df = df.with_columns(pl.Series(Columns.Score, self.ranker.predict(df)))
-        df = df.sort([Columns.UserIdx, Columns.Score, Columns.ItemIdx], descending=[False, True, False]).with_columns(
-            pl.int_range(pl.len()).over(Columns.UserIdx).alias("_pos")
-        )
-        df = df.filter(pl.col("_pos") < k)
-        pos = {int(u): j for j, u in enumerate(users)}
-        row = np.array([pos[int(u)] for u in df[Columns.UserIdx].to_numpy()])
-        col = df["_pos"].to_numpy()
-        items = np.full((len(users), k), -1, dtype=np.int64)
-        scores = np.full((len(users), k), -np.inf, dtype=np.float32)
-        sources = np.full((len(users), k), "", dtype=object)
-        items[row, col] = df[Columns.ItemIdx].to_numpy()
-        scores[row, col] = df[Columns.Score].to_numpy()
-        sources[row, col] = df[Columns.Source].to_numpy()
-        return items, scores, sources
+        return ranked_lists(df.with_columns(pl.Series(Columns.Score, self.ranker.predict(df))), users, k)
+
+
+def candidate_recall(labelled: pl.DataFrame) -> float:
+    """Share of the users of a ``labelled_frame`` with a target among their candidates."""
+    return float(labelled.group_by(Columns.UserIdx).agg(pl.col("label").max())["label"].mean())
+
+
+def ranked_lists(scored: pl.DataFrame, users: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each user's top-``k`` candidates by ``score`` (ties by item index) as ``[len(users), k]`` items
+    (-1 = none), scores and sources; row ``j`` is ``users[j]``."""
+    df = scored.sort([Columns.UserIdx, Columns.Score, Columns.ItemIdx], descending=[False, True, False]).with_columns(
+        pl.int_range(pl.len()).over(Columns.UserIdx).alias("_pos")
+    )
+    df = df.filter(pl.col("_pos") < k)
+    pos = {int(u): j for j, u in enumerate(users)}
+    row = np.array([pos[int(u)] for u in df[Columns.UserIdx].to_numpy()])
+    col = df["_pos"].to_numpy()
+    items = np.full((len(users), k), -1, dtype=np.int64)
+    scores = np.full((len(users), k), -np.inf, dtype=np.float32)
+    sources = np.full((len(users), k), "", dtype=object)
+    items[row, col] = df[Columns.ItemIdx].to_numpy()
+    scores[row, col] = df[Columns.Score].to_numpy()
+    sources[row, col] = df[Columns.Source].to_numpy()
+    return items, scores, sources
 
 
 class HybridPipeline:

@@ -97,9 +97,7 @@ def run(cfg: DictConfig):
     folder, source = resolve_model(str(cfg.model_uri), tracking)
     explain = ExplainOptions(**OmegaConf.to_container(cfg.explain, resolve=True))
     # Engine.load, not Engine(TrainedPipeline.load(...)): worker processes rebuild it from the folder.
-    engine = Engine.load(
-        folder, instantiate(cfg.rules), int(cfg.k), str(cfg.scorer), explain, threads=int(cfg.get("threads", 1))
-    )
+    engine = Engine.load(folder, instantiate(cfg.rules), int(cfg.k), str(cfg.scorer), explain, threads=int(cfg.threads))
     pipeline = engine.p
 
     histories = None
@@ -121,7 +119,7 @@ def run(cfg: DictConfig):
         chunk_size=int(cfg.chunk_size),
         info=info,
         progress=bool(cfg.progress),
-        workers=int(cfg.get("workers", 1)),
+        workers=int(cfg.workers),
     )
     m = result.manifest
     print(

@@ -14,6 +14,20 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
+from recsys.columns import Columns
+
+
+def relevance_matrix(targets: pl.DataFrame, users: np.ndarray, n_items: int) -> sp.csr_matrix:
+    """Row j = the held-out items of ``users[j]``."""
+    pos = {int(u): j for j, u in enumerate(users)}
+    rows = np.array([pos[int(u)] for u in targets[Columns.UserIdx].to_numpy()], dtype=np.int64)
+    m = sp.csr_matrix(
+        (np.ones(len(rows), dtype=np.float32), (rows, targets[Columns.ItemIdx].to_numpy())),
+        shape=(len(users), n_items),
+    )
+    m.sum_duplicates()
+    return m
+
 
 def hits_matrix(recommended: np.ndarray, relevant: sp.csr_matrix) -> np.ndarray:
     """Boolean ``[n_users, K]``: is the item at that position relevant for that user."""

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-import scipy.sparse as sp
 
 from recsys.errors import ConfigError
 from recsys.evaluation import plots
@@ -26,7 +25,7 @@ from recsys.evaluation.beyond import beyond_accuracy
 from recsys.evaluation.bootstrap import Interval, PairedBootstrap
 from recsys.evaluation.bundle import Bundle
 from recsys.evaluation.impressions import impression_metrics, summarize
-from recsys.evaluation.metrics import curves, hits_matrix, metrics_from_hits
+from recsys.evaluation.metrics import curves, hits_matrix, metrics_from_hits, relevance_matrix
 from recsys.evaluation.render import Document, Figure, Section, Table, Text, figures, to_html, to_markdown
 from recsys.evaluation.segments import build_segments
 from recsys.export.writer import write_atomic, write_text_atomic
@@ -81,7 +80,7 @@ def ordered(models: Sequence[str]) -> list[str]:
 
 def verdict(a: str, b: str, metric: str, ci: Interval) -> str:
     """One line a reader can quote: who wins, by how much, and how sure we are."""
-    what = f"{ci.mean:+.4f} (95% CI {ci.low:+.4f}..{ci.high:+.4f})"
+    what = str(ci)
     if ci.low > 0:
         return f"{display(a)} beats {display(b)} on {label(metric)} by {what}"
     if ci.high < 0:
@@ -157,11 +156,7 @@ class Reporter:
                 "(lower reporter.ks / reporter.beyond_k, or retrain with a larger eval.max_k)"
             )
         relevant = bundle.relevant_items()
-        n_rel = np.array([len(r) for r in relevant])
-        rows = np.repeat(np.arange(len(relevant)), n_rel)
-        cols = np.concatenate(relevant) if len(relevant) else np.zeros(0, dtype=np.int64)
-        matrix = sp.csr_matrix((np.ones(len(rows), dtype=np.float32), (rows, cols)), shape=(len(relevant), p.n_items))
-        matrix.sum_duplicates()
+        matrix = relevance_matrix(bundle.targets, bundle.user_index, p.n_items)
         n_rel = np.diff(matrix.indptr)
         ev = Evaluation(bundle, relevant, n_rel, {}, {}, {}, {}, {})
         for model in ordered(bundle.models):
