@@ -14,7 +14,6 @@ the mean over all validation users. Every variant is scored on the same users an
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 from pathlib import Path
 
@@ -25,8 +24,16 @@ from hydra.utils import instantiate
 
 import recsys.config  # noqa: F401  (resolvers)
 from recsys.columns import Columns
+from recsys.evaluation.metrics import ranking_metrics
 from recsys.export.pipeline_model import PipelineHistories, TrainedPipeline
-from recsys.pipeline import FusionStage, HybridPipeline, stage_exclusion
+from recsys.pipeline import (
+    FusionStage,
+    HybridPipeline,
+    candidate_recall,
+    ranked_lists,
+    relevance_matrix,
+    stage_exclusion,
+)
 from recsys.rank.features import feature_columns
 from recsys.recommender import History, Recommender
 from recsys.text.recommender import NewItemText
@@ -57,19 +64,12 @@ def text_models(pipeline: TrainedPipeline, history: History) -> dict[str, Recomm
     return pipeline.scorers(everyone, only=[pipeline.text_name, *pipeline.history_towers])
 
 
-def ndcg_recall(scored: pl.DataFrame, targets: pl.DataFrame, users: np.ndarray) -> tuple[float, float]:
-    """Full-ranking NDCG@10 / Recall@10 of one held-out item per user from ranked candidates."""
-    top = (
-        scored.sort([Columns.UserIdx, Columns.Score, Columns.ItemIdx], descending=[False, True, False])
-        .with_columns(pl.int_range(pl.len()).over(Columns.UserIdx).alias("pos"))
-        .filter(pl.col("pos") < 10)
-    )
-    hit = top.join(
-        targets.select(pl.col(Columns.UserIdx).cast(pl.Int32), pl.col(Columns.ItemIdx).cast(pl.Int32)),
-        on=[Columns.UserIdx, Columns.ItemIdx],
-    )
-    gain = (1.0 / np.log2(hit["pos"].to_numpy() + 2.0)).sum()
-    return float(gain / len(users)), float(hit[Columns.UserIdx].n_unique() / len(users))
+def stage_models(cfg, pipeline: TrainedPipeline, history: History) -> dict[str, Recommender]:
+    """The models of a labelled stage, as the job's validation stage has them: CF fitted on
+    ``history``, the run's text towers reading it."""
+    cf = HybridPipeline({n: instantiate(node) for n, node in cfg.cf.items()}, None).fit_cf(history)
+    texts = text_models(pipeline, history)
+    return {**cf, **texts, "text_new": NewItemText(texts[pipeline.text_name]).fit(history)}
 
 
 def main() -> None:
@@ -94,59 +94,41 @@ def main() -> None:
     pipeline = TrainedPipeline.load(Path(args.run) / "pipeline")
     if not pipeline.history_towers:
         raise SystemExit("the run has no zero-shot tower: train it with rank.text_zeroshot_feature=true")
-    cf = HybridPipeline({n: instantiate(node) for n, node in cfg.cf.items()}, None).fit_cf(history)
-    texts = text_models(pipeline, history)
-    text = texts[pipeline.text_name]
-    models = {**cf, "text": text, "text_new": NewItemText(text).fit(history), **texts}
-    exclude = stage_exclusion(history, data.items, split.val)
     users = split.val[Columns.UserIdx].unique().sort().to_numpy()
     rng = np.random.default_rng(cfg.seed)
     fold = rng.permutation(len(users)) % 2
     halves = [users[fold == 0], users[fold == 1]]
-    labels = split.val.select(
-        pl.col(Columns.UserIdx).cast(pl.Int32), pl.col(Columns.ItemIdx).cast(pl.Int32), pl.lit(1).alias("label")
-    ).unique()
-    extra: dict[tuple, pl.DataFrame] = {}
+    # (history, targets, models, exclusion) of each labelled stage
+    stages = [(history, split.val, stage_models(cfg, pipeline, history))]
     if args.extra_stage:
-        train = split.train.with_columns(pl.int_range(pl.len()).reverse().over(Columns.UserIdx).alias("_back"))
-        earlier = train.filter(pl.col("_back") > 0).drop("_back")
-        last = train.filter((pl.col("_back") == 0) & (pl.len().over(Columns.UserIdx) > 1)).drop("_back")
-        h2 = History(earlier, data.n_users, data.n_items)
-        cf2 = HybridPipeline({n: instantiate(node) for n, node in cfg.cf.items()}, None).fit_cf(h2)
-        texts2 = text_models(pipeline, h2)
-        models2 = {**cf2, "text": texts2["text"], "text_new": NewItemText(texts2["text"]).fit(h2), **texts2}
-        users2 = last[Columns.UserIdx].unique().sort().to_numpy()
-        labels2 = last.select(
-            pl.col(Columns.UserIdx).cast(pl.Int32), pl.col(Columns.ItemIdx).cast(pl.Int32), pl.lit(1).alias("label")
-        ).unique()
-        stage2 = (models2, h2, stage_exclusion(h2, data.items, last), users2, labels2)
+        back = pl.int_range(pl.len()).reverse().over(Columns.UserIdx)
+        earlier = History(split.train.filter(back > 0), data.n_users, data.n_items)
+        last = split.train.filter((back == 0) & (pl.len().over(Columns.UserIdx) > 1))
+        stages.append((earlier, last, stage_models(cfg, pipeline, earlier)))
+    stages = [(h, t, m, stage_exclusion(h, data.items, t)) for h, t, m in stages]
     print(f"setup {time.perf_counter() - t0:.0f} s; {len(users)} validation users in two halves\n")
     print("| variant | val NDCG@10 | val Recall@10 | candidate recall | ranker fit s |\n|---|---|---|---|---|")
     frames: dict[tuple, pl.DataFrame] = {}
+    extra: dict[tuple, pl.DataFrame] = {}
     for name in args.variants.split(","):
         ranker_over, extra_sources, drop_zs = VARIANTS[name]
         n_cand = {**cfg.rank.n_candidates, **extra_sources}
         key = tuple(sorted(n_cand.items()))
         if key not in frames:
-            frames[key] = FusionStage(n_cand, None).frame(users, models, history, exclude)
-            frames[key] = (
-                frames[key]
-                .join(labels, on=[Columns.UserIdx, Columns.ItemIdx], how="left")
-                .with_columns(pl.col("label").fill_null(0))
-            )
+            fusion = FusionStage(n_cand, None)
+            labelled = [
+                fusion.labelled_frame(t[Columns.UserIdx].unique().sort().to_numpy(), m, h, t, ex)
+                for h, t, m, ex in stages
+            ]
+            frames[key] = labelled[0]
+            if args.extra_stage:
+                # Its own query ids: the same user is another ranking problem in this stage.
+                extra[key] = labelled[1].with_columns((pl.col(Columns.UserIdx) + data.n_users).cast(pl.Int32))
         df = frames[key]
-        if args.extra_stage and key not in extra:
-            m2, h2, ex2, u2, l2 = stage2
-            f2 = FusionStage(n_cand, None).frame(u2, m2, h2, ex2)
-            f2 = f2.join(l2, on=[Columns.UserIdx, Columns.ItemIdx], how="left").with_columns(
-                pl.col("label").fill_null(0)
-            )
-            # Its own query ids: the same user is another ranking problem in this stage.
-            extra[key] = f2.with_columns((pl.col(Columns.UserIdx) + data.n_users).cast(pl.Int32))
         feats = [c for c in feature_columns(df) if not (drop_zs and c.startswith("score_text_zeroshot"))]
-        gains, hits, fit_s = [], [], 0.0
+        ndcg, recall, fit_s = [], [], 0.0
         for a, b in ((0, 1), (1, 0)):
-            ranker = copy.deepcopy(instantiate(cfg.ranker, **ranker_over))
+            ranker = instantiate(cfg.ranker, **ranker_over)
             part = df.filter(pl.col(Columns.UserIdx).is_in(halves[a].tolist()))
             if args.extra_stage:
                 part = pl.concat([part, extra[key].select(part.columns)])
@@ -154,13 +136,14 @@ def main() -> None:
             ranker.fit(part, feats)
             fit_s += time.perf_counter() - t1
             held = df.filter(pl.col(Columns.UserIdx).is_in(halves[b].tolist()))
-            scored = held.select(Columns.UserIdx, Columns.ItemIdx, pl.Series(Columns.Score, ranker.predict(held)))
-            g, h = ndcg_recall(scored, split.val, halves[b])
-            gains.append(g * len(halves[b]))
-            hits.append(h * len(halves[b]))
-        recall = df.group_by(Columns.UserIdx).agg(pl.col("label").max())["label"].mean()
+            items, _, _ = ranked_lists(held.with_columns(pl.Series(Columns.Score, ranker.predict(held))), halves[b], 10)
+            targets = split.val.filter(pl.col(Columns.UserIdx).is_in(halves[b].tolist()))
+            m = ranking_metrics(items, relevance_matrix(targets, halves[b], data.n_items), (10,))
+            ndcg.append(m["ndcg_at_10"])
+            recall.append(m["recall_at_10"])
         print(
-            f"| {name} | {sum(gains) / len(users):.4f} | {sum(hits) / len(users):.4f} | {recall:.3f} | {fit_s:.0f} |",
+            f"| {name} | {np.concatenate(ndcg).mean():.4f} | {np.concatenate(recall).mean():.4f} "
+            f"| {candidate_recall(df):.3f} | {fit_s:.0f} |",
             flush=True,
         )
 

@@ -26,7 +26,8 @@ from hydra.utils import instantiate
 import recsys.config  # noqa: F401  (resolvers)
 from recsys.columns import Columns
 from recsys.evaluation.metrics import ranking_metrics
-from recsys.pipeline import FusionStage, relevance_matrix, stage_exclusion
+from recsys.pipeline import FusionStage, HybridPipeline, relevance_matrix, stage_exclusion
+from recsys.rank.features import feature_columns
 from recsys.recommender import History
 from recsys.text.encoder import TwoTower
 from recsys.text.recommender import NewItemText, TextRecommender
@@ -68,8 +69,10 @@ def main() -> None:
         print(f"| {decay} | {ndcg[decay]:.4f} | {m['recall_at_10'].mean():.4f} |")
     best = max(ndcg, key=ndcg.get)
 
-    cf = {name: instantiate(node).fit(history) for name, node in cfg.cf.items()}
+    cf = HybridPipeline({name: instantiate(node) for name, node in cfg.cf.items()}, None).fit_cf(history)
     models = {**cf, "text": texts[best], "text_new": NewItemText(texts[best]).fit(history)}
+    # One candidate frame for every tree setting: only the ranker changes.
+    frame = FusionStage(dict(cfg.rank.n_candidates), None).labelled_frame(users, models, history, split.val, exclude)
     print(
         f"\nRanker on the validation candidates (text.recency_decay={best}; score = NDCG@10 of the "
         "users held back for early stopping):\n"
@@ -77,7 +80,7 @@ def main() -> None:
     print("| num_leaves | min_child_samples | held-out val NDCG@10 | trees |\n|---|---|---|---|")
     for leaves, min_child in TREES:
         ranker = instantiate(cfg.ranker, num_leaves=leaves, min_child_samples=min_child, refit_full=False)
-        FusionStage(dict(cfg.rank.n_candidates), ranker).fit(users, models, history, split.val, exclude)
+        ranker.fit(frame, feature_columns(frame))
         score = float(ranker.booster.best_score["valid_0"]["ndcg@10"])
         print(f"| {leaves} | {min_child} | {score:.4f} | {ranker.best_iteration} |")
     print(f"\nwall {time.perf_counter() - t0:.0f} s")
