@@ -161,6 +161,20 @@ def test_saved_pipeline_scores_as_the_trained_models(pipeline):
             np.testing.assert_allclose(got, trained[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+def test_loaded_pipeline_serves_without_its_bert_and_saves_it_again(pipeline, tmp_path):
+    """Serving reads only the text tower's user side and item vectors; saving again still writes
+    the BERT (read from the loaded folder then) and gives the same scores back."""
+    assert pipeline.net is None and pipeline.text_tower is not None
+    folder = pipeline.save(tmp_path / "again")
+    assert (folder / "text" / "encoder" / "model.safetensors").is_file()
+    again = TrainedPipeline.load(folder)
+    users = list(pipeline.users.ids[:50])
+    a, b = pipeline.scorers(pipeline.histories(users)), again.scorers(again.histories(users))
+    rows = np.arange(len(users))
+    for name in a:
+        np.testing.assert_array_equal(np.asarray(a[name].score_users(rows)), np.asarray(b[name].score_users(rows)))
+
+
 def test_output_schema_order_and_no_seen_items(pipeline, tmp_path):
     p = pipeline
     res = export_recommendations(engine(p), list(p.users.ids), tmp_path / "r.parquet", chunk_size=64, progress=False)

@@ -254,6 +254,11 @@ class TrainedPipeline:
     source_order: list[str] = field(default_factory=list)  # every model, in training order
     new_item_models: dict[str, int] = field(default_factory=dict)  # name -> max_events (NewItemText)
     history_towers: dict[str, HistoryTower] = field(default_factory=dict)  # further text features
+    # The text tower's serving side (user encoder + item vectors): all that scoring needs. A loaded
+    # pipeline leaves ``net`` (the BERT) on disk in ``text_folder`` until it is saved again, so an
+    # export process and each of its workers skip importing and reading a model they never run.
+    text_tower: HistoryTower | None = None
+    text_folder: Path | None = None
 
     # ---- construction from a training run --------------------------------------------------------
 
@@ -270,7 +275,7 @@ class TrainedPipeline:
         meta: Mapping[str, Any] | None = None,
     ) -> TrainedPipeline:
         factor, knn, const, new_items, towers = {}, {}, {}, {}, {}
-        net, emb, text_name = None, None, None
+        net, text_name, text_tower = None, None, None
         for name, m in models.items():
             if isinstance(m, NewItemText):
                 new_items[name] = int(m.max_events)
@@ -290,7 +295,7 @@ class TrainedPipeline:
                 if net is not None:  # the first is the tower (text_new, explanations); others are features
                     towers[name] = HistoryTower.from_recommender(m)
                 else:
-                    net, emb, text_name = m.net, m.item_embeddings.numpy().astype(np.float32), name
+                    net, text_name, text_tower = m.net, name, HistoryTower.from_recommender(m)
             else:
                 raise ConfigError(f"cannot save model '{name}' of type {type(m).__name__} in a pipeline")
         df = history.interactions
@@ -309,7 +314,7 @@ class TrainedPipeline:
             knn_models=knn,
             constant_models=const,
             net=net,
-            item_embeddings=emb,
+            item_embeddings=None if text_tower is None else text_tower.item_embeddings,
             text_name=text_name,
             ranker=ranker,
             n_candidates=dict(n_candidates),
@@ -319,6 +324,7 @@ class TrainedPipeline:
             source_order=list(models),
             new_item_models=new_items,
             history_towers=towers,
+            text_tower=text_tower,
         )
 
     @property
@@ -359,22 +365,26 @@ class TrainedPipeline:
         for name, c in self.constant_models.items():
             np.savez(path / "cf" / f"{name}.npz", counts=c)
         text_meta = None
-        if self.net is not None:
-            enc = self.net.item_encoder
+        net = self.net
+        if net is None and self.text_folder is not None:  # a loaded pipeline: read its BERT now
+            tm = json.loads((self.text_folder.parent / "meta.json").read_text())["text"]
+            net = load_text_tower(self.text_folder, tm["max_length"], tm["max_history"], tm["temperature"])
+        if net is not None:
+            enc = net.item_encoder
             (path / "text").mkdir()
             enc.bert.save_pretrained(path / "text" / "encoder", safe_serialization=True)
             enc.tokenizer.save_pretrained(path / "text" / "encoder")
-            state = {k: v.detach().contiguous().cpu() for k, v in self.net.user_encoder.state_dict().items()}
+            state = {k: v.detach().contiguous().cpu() for k, v in net.user_encoder.state_dict().items()}
             save_file(state, str(path / "text" / "user_encoder.safetensors"))
             np.save(path / "text" / "item_embeddings.npy", self.item_embeddings, allow_pickle=False)
-            if self.net.history_embeddings is not None:  # the frozen history side (TwoTower)
-                hist = self.net.history_embeddings.numpy().astype(np.float32)
+            if net.history_embeddings is not None:  # the frozen history side (TwoTower)
+                hist = net.history_embeddings.numpy().astype(np.float32)
                 np.save(path / "text" / "history_embeddings.npy", hist, allow_pickle=False)
             text_meta = {
                 "name": self.text_name,
                 "max_length": enc.max_length,
-                "max_history": self.net.user_encoder.max_history,
-                "temperature": self.net.temperature,
+                "max_history": net.user_encoder.max_history,
+                "temperature": net.temperature,
             }
         towers_meta = {name: t.save(path / "text_extra" / name) for name, t in self.history_towers.items()}
         ranker_meta = None
@@ -421,7 +431,7 @@ class TrainedPipeline:
         users = IdMap(np.asarray(users_df[Columns.User].to_list(), dtype=object))
         history = pl.read_parquet(path / "history.parquet")
         factor, knn, const = {}, {}, {}
-        net, emb, text_name = None, None, None
+        text_tower, text_name = None, None
         new_items, towers = {}, {}
         for name, info in meta["models"].items():
             kind = info["kind"]
@@ -449,10 +459,7 @@ class TrainedPipeline:
                 else:
                     raise InputError(f"unknown model kind {kind}", file=str(meta_path))
         if meta.get("text"):
-            tm = meta["text"]
-            net = load_text_tower(path / "text", tm["max_length"], tm["max_history"], tm["temperature"])
-            emb = np.load(path / "text" / "item_embeddings.npy", allow_pickle=False)
-            text_name = tm["name"]
+            text_tower, text_name = HistoryTower.load(path / "text", meta["text"]["max_history"]), meta["text"]["name"]
         ranker = None
         if meta.get("ranker"):
             import lightgbm as lgb
@@ -468,8 +475,8 @@ class TrainedPipeline:
             factor_models=factor,
             knn_models=knn,
             constant_models=const,
-            net=net,
-            item_embeddings=emb,
+            net=None,
+            item_embeddings=None if text_tower is None else text_tower.item_embeddings,
             text_name=text_name,
             ranker=ranker,
             n_candidates=dict(meta["n_candidates"]),
@@ -479,6 +486,8 @@ class TrainedPipeline:
             source_order=list(meta["source_order"]),
             new_item_models=new_items,
             history_towers=towers,
+            text_tower=text_tower,
+            text_folder=path / "text" if text_tower is not None else None,
         )
 
     # ---- serving ---------------------------------------------------------------------------------
@@ -546,10 +555,7 @@ class TrainedPipeline:
             elif name in self.constant_models:
                 out[name] = ConstantScorer(name, self.constant_models[name])
             elif name == self.text_name:
-                self.net.eval()
-                emb = torch.from_numpy(self.item_embeddings)
-                ue = user_vectors(lambda b, e=emb: self.net.user_embeddings(e, b), h.sequences, emb.shape[1])
-                out[name] = EmbeddingScorer(name, ue, self.item_embeddings)
+                out[name] = EmbeddingScorer(name, self.text_tower.user_embeddings(h.sequences), self.item_embeddings)
             elif name in self.history_towers:
                 tower = self.history_towers[name]
                 out[name] = EmbeddingScorer(name, tower.user_embeddings(h.sequences), tower.item_embeddings)
