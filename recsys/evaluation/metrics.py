@@ -51,20 +51,9 @@ def ranking_metrics(
     ([1.0, 0.0], [1.0, 0.0])
     """
     hits = hits_matrix(recommended, relevant)
-    n_rel = np.diff(relevant.indptr).astype(np.float64)
-    if np.any(n_rel == 0):
-        raise ValueError("every evaluated user needs at least one relevant item")
-    # Long enough for the ideal DCG of any cut-off, even one beyond the list's length.
-    discounts = 1.0 / np.log2(np.arange(2, max(hits.shape[1], *ks) + 2))
-    out: dict[str, np.ndarray] = {}
-    for k in ks:
-        h = hits[:, :k]
-        n_hit = h.sum(1)
-        ideal = np.cumsum(discounts[:k])[np.minimum(n_rel, k).astype(int) - 1]
-        out[f"recall_at_{k}"] = n_hit / n_rel
-        out[f"ndcg_at_{k}"] = (h * discounts[: h.shape[1]]).sum(1) / ideal
-        out[f"hitrate_at_{k}"] = (n_hit > 0).astype(np.float64)
-        out[f"precision_at_{k}"] = n_hit / k
+    full = metrics_from_hits(hits, np.diff(relevant.indptr), ks)
+    names = ("recall", "ndcg", "hitrate", "precision")
+    out = {f"{name}_at_{k}": full[f"{name}_at_{k}"] for k in ks for name in names}
     first = np.where(hits.any(1), hits.argmax(1), -1)
     out["mrr"] = np.divide(1.0, first + 1.0, out=np.zeros(len(first)), where=first >= 0)
     return out
