@@ -5,8 +5,11 @@ Two kinds of rule:
 * **item rules** (allowlist, blocklist, availability window) and **seen filtering** decide which
   items a user may get at all. They are applied as masks *before* any top-N (``mask_scores``,
   ``allowed_items``), so they never leave a list short.
-* **list rules** (minimum score, a cap of items per category) look at a ranked list; they run on
-  a long candidate frame (``apply_rules``), after which the list is cut to K.
+* **list rules** (minimum score, a cap of items per category) look at a ranked list, after which
+  the list is cut to K. The export runs them on ranked ``[users, n]`` blocks
+  (``apply_rules_dense``); ``apply_rules`` is the same rules on a long candidate frame, kept as
+  the readable reference that ``tests/test_export_fast.py`` checks the block path against
+  (rows, ranks and removal counts).
 
 The evaluation hook is ``apply_rules(frame, rules, k)``: hand it a long frame of candidates
 (``user_idx, item_idx, score``; seen items already excluded) and it returns each user's top-K
