@@ -4,6 +4,7 @@
     python bench/text_tower.py --variants default,freeze_emb,freeze3,layers3,len24 --rounds 3
     python bench/text_tower.py --int8                           # + dynamic int8 encoding, cosine to fp32
     python bench/text_tower.py --encoder tiny --steps 2 --rounds 1
+    python bench/text_tower.py --device cuda --encoder minilm_shape --batch-size 64   # on a GPU (bf16)
 
 In one run it measures (1) this machine's fp32 GEMM ceiling at the encoder's shapes, (2) the
 real training step of ``TextTowerModule`` (forward, loss, backward, AdamW step) on batches from
@@ -11,6 +12,8 @@ real training step of ``TextTowerModule`` (forward, loss, backward, AdamW step) 
 (3) catalogue encoding with ``encode_tokens``. The machine is shared, so the phases are
 interleaved: every round measures the ceiling, then ``--steps`` steps of each variant on the
 same batches, then one catalogue pass; MFU is each variant's FLOP rate over the mean ceiling.
+With ``--device cuda`` the ceiling is measured in the encoder's CUDA precision (bf16), and MFU is
+also given against a large square GEMM and the GPU's data-sheet peak.
 
 FLOPs are counted on real (non-pad) tokens from the model config: per token and layer,
 ``8 d^2 + 4 d d_ff`` for the dense layers and ``4 T d`` for attention; a trained layer costs
@@ -39,19 +42,43 @@ from recsys.config import minilm_path
 from recsys.text.encoder import ENCODE_BATCH
 
 
-def gemm_ceiling(d: int, d_ff: int, rows: int = 2048, seconds: float = 2.0) -> float:
-    """Best fp32 GFLOP/s of the encoder's dense shapes (rows x d @ d x d_ff and back)."""
+def gemm_ceiling(
+    d: int, d_ff: int, rows: int = 2048, seconds: float = 2.0, device: str = "cpu", dtype: torch.dtype = torch.float32
+) -> float:
+    """Best GFLOP/s of the encoder's dense shapes (rows x d @ d x d_ff and back) in ``dtype``."""
     best = 0.0
     for m, k, n in ((rows, d, d_ff), (rows, d_ff, d), (rows, d, d)):
-        a, b = torch.randn(m, k), torch.randn(k, n)
-        for _ in range(3):
-            a @ b
-        reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds / 3:
+        best = max(best, _gemm_rate(m, k, n, seconds / 3, device, dtype))
+    return best
+
+
+def _gemm_rate(m: int, k: int, n: int, seconds: float, device: str, dtype: torch.dtype) -> float:
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(10 if device == "cuda" else 1):  # GPU calls queue up; sync once per ten
             a @ b
             reps += 1
-        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9)
-    return best
+        _sync(device)
+    return 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# Dense bf16 tensor-core peaks from the vendors' data sheets (TFLOP/s, no sparsity), for GPU MFU.
+GPU_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L4": 121.0, "A10": 125.0}
+
+
+def gpu_peak_tflops() -> float | None:
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in GPU_PEAK_TFLOPS.items() if k in name), None)
 
 
 def layer_flops(config, seq_len: float) -> float:
@@ -117,10 +144,18 @@ def load_generated(n_users: int = 2000, n_items: int = 1500, seed: int = 7):
 
 
 def make_encoder(kind: str, max_length: int, num_layers: int | None = None, dropout: float | None = None):
-    from recsys.text.encoder import ItemEncoder
+    from recsys.text.encoder import ItemEncoder, load_tokenizer
 
     if kind == "minilm":
         return ItemEncoder.from_pretrained(minilm_path(), max_length=max_length, num_layers=num_layers, dropout=dropout)
+    if kind == "minilm_shape":
+        # MiniLM's config with random weights: the same shapes and FLOPs, for a machine that has
+        # the config and tokenizer but not the 87 MB of weights (the GPU machine).
+        from transformers import BertConfig, BertModel
+
+        torch.manual_seed(0)
+        bert = BertModel(BertConfig.from_pretrained(minilm_path()), add_pooling_layer=False)
+        return ItemEncoder(bert, load_tokenizer(minilm_path()), max_length, num_layers=num_layers, dropout=dropout)
     return ItemEncoder.random(minilm_path(), max_length=max_length, dropout=dropout)
 
 
@@ -135,8 +170,12 @@ def computed_positions(mask: torch.Tensor, buckets: int) -> int:
 
 def speed(args: argparse.Namespace) -> dict:
     from recsys.text.datamodule import TextDataModule
-    from recsys.text.encoder import TwoTower
+    from recsys.text.encoder import TwoTower, compute_dtype
     from recsys.text.module import TextTowerModule
+
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA GPU is visible")
 
     torch.manual_seed(0)
     texts, history = load_generated()
@@ -152,14 +191,15 @@ def speed(args: argparse.Namespace) -> dict:
             args.encoder, spec.get("max_length", args.max_length), spec.get("num_layers"), spec.get("dropout")
         )
         ids, lengths = enc.tokenize(texts)
-        net = TwoTower(enc)
+        net = TwoTower(enc).to(device)
         dm = TextDataModule(ids, lengths, history, history.interactions.head(0), batch_size=args.batch_size)
         module = TextTowerModule(net, **spec.get("module", {}))
-        module.item_cache = torch.nn.functional.normalize(torch.randn(len(texts), enc.dim), dim=-1)
+        module.item_cache = torch.nn.functional.normalize(torch.randn(len(texts), enc.dim), dim=-1).to(device)
         opt = module.configure_optimizers()["optimizer"]
         # Every variant trains on the same examples (the sampler is seeded): a fair comparison.
+        # Batches are collated (and moved) before timing: the step is measured, not the loader.
         loader = iter(dm.train_dataloader())
-        batches = [next(loader) for _ in range(args.steps + 1)]
+        batches = [{k: v.to(device) for k, v in next(loader).items()} for _ in range(args.steps + 1)]
         net.train()
         frozen = sum(1 for layer in enc.bert.encoder.layer if not any(p.requires_grad for p in layer.parameters()))
         runs[name] = dict(module=module, opt=opt, batches=batches, enc=enc, ids=ids, lengths=lengths, frozen=frozen)
@@ -169,16 +209,24 @@ def speed(args: argparse.Namespace) -> dict:
         loss.backward()
         run["opt"].step()
         run["opt"].zero_grad(set_to_none=True)
+        _sync(device)
 
     for run in runs.values():
-        step(run, run["batches"][0])  # warm-up (allocator, first-call overheads)
+        # Warm-up (allocator, first-call overheads). A GPU also picks kernels per new shape (each
+        # batch pads to its own width), so there every timed batch is run once beforehand.
+        for batch in run["batches"] if device == "cuda" else run["batches"][:1]:
+            step(run, batch)
+    if device == "cuda":
+        base = runs[names[0]]
+        base["enc"]._encode_tokens(base["ids"], base["lengths"], batch_size=args.encode_batch_size)
 
     cfg0 = runs[names[0]]["enc"].bert.config
+    dtype = compute_dtype(device, runs[names[0]]["enc"].precision)
     ceilings: list[float] = []
     meters = {name: Meter() for name in names}
     enc_meter = Meter()
     for _ in range(args.rounds):
-        ceilings.append(gemm_ceiling(cfg0.hidden_size, cfg0.intermediate_size, seconds=1.0))
+        ceilings.append(gemm_ceiling(cfg0.hidden_size, cfg0.intermediate_size, seconds=1.0, device=device, dtype=dtype))
         for name, run in runs.items():
             m, cfg = meters[name], run["enc"].bert.config
             buckets = run["module"].length_buckets
@@ -186,7 +234,9 @@ def speed(args: argparse.Namespace) -> dict:
                 mask = batch["item_attention_mask"]
                 t0 = time.perf_counter()
                 step(run, batch)
-                m.seconds += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                m.seconds += dt
+                m.extra.setdefault("rounds", [0.0] * args.rounds)[len(ceilings) - 1] += dt / (len(run["batches"]) - 1)
                 lengths = mask.sum(1).float()
                 n_tok = int(lengths.sum())
                 mean_len = float((lengths * lengths).sum() / lengths.sum())  # attention width a token sees
@@ -214,8 +264,11 @@ def speed(args: argparse.Namespace) -> dict:
         "encoder": args.encoder,
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
         "gemm_ceiling_gflops": round(ceiling, 1),
         "gemm_ceiling_per_round": [round(c, 1) for c in ceilings],
+        "step_s_per_round": {n: [round(x, 4) for x in m.extra["rounds"]] for n, m in meters.items()},
         "train": {},
     }
     for name, m in meters.items():
@@ -236,6 +289,17 @@ def speed(args: argparse.Namespace) -> dict:
         "gflops": round(enc_meter.flops / enc_meter.seconds / 1e9, 1),
         "mfu": round(enc_meter.flops / enc_meter.seconds / 1e9 / ceiling, 3),
     }
+    if device == "cuda":
+        # On a GPU the encoder's small GEMMs are far from the chip's peak, so MFU is also given
+        # against the data-sheet peak and a large square GEMM measured here.
+        peak = gpu_peak_tflops()
+        big = _gemm_rate(8192, 8192, 8192, 2.0, device, dtype)
+        out["gemm_8192_gflops"] = round(big, 1)
+        out["datasheet_peak_gflops"] = peak * 1000 if peak else None
+        for part in (*out["train"].values(), out["encode"]):
+            part["mfu_vs_gemm_8192"] = round(part["gflops"] / big, 4)
+            if peak:
+                part["mfu_vs_datasheet"] = round(part["gflops"] / (peak * 1000), 4)
     if args.int8:
         base = runs[names[0]]
         n = args.int8_items
@@ -415,7 +479,15 @@ def main(argv: list[str] | None = None) -> None:
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--encode-batch-size", type=int, default=ENCODE_BATCH, help="items per catalogue batch")
-    ap.add_argument("--encoder", choices=["minilm", "tiny"], default="minilm")
+    ap.add_argument(
+        "--encoder",
+        choices=["minilm", "minilm_shape", "tiny"],
+        default="minilm",
+        help="minilm_shape: MiniLM's config with random weights (same FLOPs; no weights needed)",
+    )
+    ap.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="cuda: the encoder's precision for cuda (bf16)"
+    )
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--steps", type=int, default=4, help="steps of each variant per round")
     ap.add_argument("--rounds", type=int, default=3)

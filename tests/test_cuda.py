@@ -1,0 +1,133 @@
+"""The text tower on a CUDA GPU: bf16 autocast from the encoder's ``precision``, the Lightning
+loop with ``accelerator="gpu"``, and the same known answer as on the CPU.
+
+Skipped where no GPU is visible (CI has none); run on a GPU machine with ``pytest -m cuda``.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from recsys.data import LeaveLastOutSplit
+from recsys.recommender import History
+from recsys.text.datamodule import TextDataModule
+from recsys.text.encoder import ItemEncoder, TwoTower
+from recsys.text.module import TextTowerModule
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; CPU-only machines skip it"),
+]
+
+
+def _dense_output_dtype(encoder: ItemEncoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.dtype:
+    seen: list[torch.dtype] = []
+    hook = encoder.bert.encoder.layer[0].output.dense.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    try:
+        encoder(ids, mask)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize(
+    ("precision", "dtype", "min_cosine"), [("bf16", torch.bfloat16, 0.99), ("fp32", torch.float32, 0.9999)]
+)
+def test_encoder_uses_the_configured_dtype_on_cuda_and_matches_fp32_cpu(tokenizer_path, precision, dtype, min_cosine):
+    enc = ItemEncoder.random(tokenizer=tokenizer_path, seed=0, precision={"cpu": "fp32", "cuda": precision}).eval()
+    texts = ["a red telescope for comets", "cast iron skillet", "yarn", "compact dumbbell with a sturdy grip"]
+    ids, lengths = enc.tokenize(texts)
+    reference = enc.encode_tokens(ids, lengths)
+    mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
+    assert _dense_output_dtype(enc, ids.long(), mask) == torch.float32  # the CPU stays fp32
+
+    enc.cuda()
+    with torch.no_grad():
+        assert _dense_output_dtype(enc, ids.long().cuda(), mask.cuda()) == dtype
+    got = enc.encode_tokens(ids, lengths)
+    assert got.device.type == "cpu" and got.dtype == torch.float32
+    cosine = (got * reference).sum(1)
+    assert float(cosine.min()) >= min_cosine, cosine
+
+
+def test_training_step_on_cuda_matches_cpu(block_world, tokenizer_path):
+    """One real training step (dedup collate, bf16 autocast on the GPU): same loss and gradient direction."""
+    enc = ItemEncoder.random(tokenizer=tokenizer_path, seed=0, dropout=0.0)
+    ids, lengths = enc.tokenize(block_world.texts)
+    h = block_world.history
+    dm = TextDataModule(
+        item_ids=ids, item_lengths=lengths, train=h, val=h.interactions.head(0), batch_size=32, max_history=10
+    )
+    batch = next(iter(dm.train_dataloader()))
+    results = []
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        net = TwoTower(ItemEncoder.random(tokenizer=tokenizer_path, seed=0, dropout=0.0), max_history=10).to(device)
+        module = TextTowerModule(net=net)
+        module.item_cache = torch.nn.functional.normalize(torch.randn(len(block_world.texts), net.item_encoder.dim))
+        module.item_cache = module.item_cache.to(device)
+        loss = module.training_step({k: v.to(device) for k, v in batch.items()}, 0)
+        loss.backward()
+        grad = net.item_encoder.bert.encoder.layer[0].attention.self.query.weight.grad
+        results.append((float(loss.detach()), grad.detach().float().cpu().reshape(-1)))
+    (cpu_loss, cpu_grad), (gpu_loss, gpu_grad) = results
+    assert gpu_loss == pytest.approx(cpu_loss, rel=2e-2)
+    cosine = float(torch.nn.functional.cosine_similarity(cpu_grad, gpu_grad, dim=0))
+    assert cosine > 0.95, cosine
+
+
+def test_gpu_fine_tuning_recommends_the_users_topic(block_world, tokenizer_path):
+    """The CPU known-answer test, trained with ``accelerator="gpu"`` in bf16."""
+    from conftest import fine_tune_block_tower
+    from test_text import own_topic_counts
+
+    untrained, trained, ids, lengths = fine_tune_block_tower(block_world, tokenizer_path, accelerator="gpu")
+    # Lightning hands the module back on the CPU, where scoring and saving expect it.
+    assert {p.device.type for p in trained.parameters()} == {"cpu"}
+    after = own_topic_counts(trained, ids, lengths, block_world)
+    before = own_topic_counts(untrained, ids, lengths, block_world)
+    assert (after >= 8).mean() >= 0.9, np.bincount(after)
+    assert before.mean() < 5, np.bincount(before)
+
+
+def test_fine_tune_on_gpu_validates_there_and_restores_the_best_checkpoint(block_world, tokenizer_path, tmp_path):
+    """``fine_tune`` as the job calls it: zero-shot validation, fit, best checkpoint, all on the GPU."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from recsys.text.fit import fine_tune
+
+    L.seed_everything(0, verbose=False)
+    h = block_world.history
+    split = LeaveLastOutSplit(n_val=1, n_test=1).split(h.interactions)
+    train = History(split.train, h.n_users, h.n_items)
+    enc = ItemEncoder.random(tokenizer=tokenizer_path, seed=0)
+    ids, lengths = enc.tokenize(block_world.texts)
+    net = TwoTower(enc, max_history=10)
+    dm = TextDataModule(
+        item_ids=ids, item_lengths=lengths, train=train, val=split.val, batch_size=16, steps_per_epoch=3, max_history=10
+    )
+    ckpt = ModelCheckpoint(
+        dirpath=tmp_path, filename="best", monitor="val/ndcg_at_10", mode="max", save_weights_only=True
+    )
+    trainer = L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        max_epochs=3,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ckpt],
+        num_sanity_val_steps=0,
+    )
+    factory = lambda net: TextTowerModule(net=net, lr_encoder=1e-3, lr_head=1e-2, warmup_steps=1)  # noqa: E731
+    out, metrics = fine_tune(net, dm, factory, trainer)
+
+    assert out is net and {p.device.type for p in net.parameters()} == {"cpu"}
+    assert all(0.0 <= v <= 1.0 for v in metrics.values()), metrics
+    assert metrics["text/kept_zeroshot"] == 0.0, metrics
+    state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+    for key, value in net.state_dict().items():
+        torch.testing.assert_close(value, state[f"net.{key}"], atol=0, rtol=0)
