@@ -115,8 +115,7 @@ def export_recommendations(
     if histories is not None:
         histories = histories.with_columns(pl.col(Columns.User).cast(pl.String))
 
-    starts = list(range(0, len(users), chunk_size))
-    parts = [work / f"part-{i:05d}.parquet" for i in range(len(starts))]
+    parts = [_part_file(work, i) for i in range((len(users) + chunk_size - 1) // chunk_size)]
     done = [p.exists() for p in parts]
     resumed = sum(done)
     if resumed:
@@ -130,7 +129,7 @@ def export_recommendations(
     job = _Job(users, histories, work, chunk_size, todo)
     by_process = [0] * max(n_workers, 1)  # parts computed by this process, then by each worker
     pool = None
-    publisher = _Publisher(parts, work)
+    publisher = _Publisher(parts, work, engine.timings)
     try:
         if n_workers > 1:
             pool = _Workers(engine, job, n_workers - 1)
@@ -138,13 +137,13 @@ def export_recommendations(
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(users), unit="user", desc="export", smoothing=0.1)
-            bar.update(sum(len(users[starts[i] : starts[i] + chunk_size]) for i in range(len(parts)) if done[i]))
+            bar.update(sum(len(job.block(i)) for i in range(len(parts)) if done[i]))
 
         def finished(i: int, who: int = 0) -> None:
             done[i] = True
             by_process[who] += 1
             if bar is not None:
-                bar.update(len(users[starts[i] : starts[i] + chunk_size]))
+                bar.update(len(job.block(i)))
             if after_part is not None:
                 after_part(i)
 
@@ -154,27 +153,20 @@ def export_recommendations(
             finished(todo[j])
             if pool is not None:
                 pool.poll(finished, block=False)
-            # Append the finished parts, in order, to the output while the workers compute.
-            t1 = time.perf_counter()
-            publisher.advance(done)
-            engine.timings["publish"] += time.perf_counter() - t1
+            publisher.advance(done)  # the finished parts go to the output while the workers compute
         if pool is not None:
             pool.poll(finished, block=False)
             pool.drop_idle()
             while pool.running():
                 pool.poll(finished, block=True)
-                t1 = time.perf_counter()
                 publisher.advance(done)
-                engine.timings["publish"] += time.perf_counter() - t1
             engine.timings.update(pool.timings)
         if not all(done):
             missing = [i for i in range(len(parts)) if not done[i]]
             raise RuntimeError(f"export parts {missing[:5]} were not written")
         elapsed_compute = time.perf_counter() - t0
-        t1 = time.perf_counter()
         publisher.advance(done)
         publisher.close(out_path)
-        engine.timings["publish"] += time.perf_counter() - t1
     finally:
         if pool is not None:
             pool.stop()
@@ -186,7 +178,7 @@ def export_recommendations(
 
     rows, removed = 0, Counter()
     for i in range(len(parts)):
-        stats = json.loads((work / f"part-{i:05d}.json").read_text())
+        stats = json.loads(_part_file(work, i, ".json").read_text())
         rows += stats["rows"]
         removed.update(stats["removed"])
     manifest = {
@@ -215,6 +207,11 @@ def export_recommendations(
     return ExportResult(out_path, manifest_path, manifest)
 
 
+def _part_file(work: Path, i: int, suffix: str = ".parquet") -> Path:
+    """Part ``i``'s file in the parts folder ``work`` (``.parquet``: its rows, ``.json``: its counts)."""
+    return work / f"part-{i:05d}{suffix}"
+
+
 @dataclass
 class _Job:
     """What every process needs to compute part ``i`` (picklable: sent to the workers)."""
@@ -225,8 +222,12 @@ class _Job:
     chunk_size: int
     todo: list[int]
 
+    def block(self, i: int) -> list[str]:
+        """The users of part ``i``."""
+        return self.users[i * self.chunk_size : (i + 1) * self.chunk_size]
+
     def compute(self, engine: Engine, i: int) -> None:
-        block = self.users[i * self.chunk_size : (i + 1) * self.chunk_size]
+        block = self.block(i)
         engine.rules.removed.clear()
         given = None
         if self.histories is not None:
@@ -237,12 +238,12 @@ class _Job:
         df = engine.recommend(ph)
         t1 = time.perf_counter()
         stats = {"rows": df.height, "users": len(block), "removed": dict(engine.rules.removed)}
-        (self.work / f"part-{i:05d}.json").write_text(json.dumps(stats, sort_keys=True))
+        _part_file(self.work, i, ".json").write_text(json.dumps(stats, sort_keys=True))
         # Parts are temporary and read back once, by the publish step, which compresses the
         # output: a zstd part cost 0.67 CPU-s to write and read back per 400k rows, an
         # uncompressed one 0.13 s. Written atomically: a part that exists is whole.
         write_atomic(
-            self.work / f"part-{i:05d}.parquet",
+            _part_file(self.work, i),
             lambda tmp: df.write_parquet(tmp, statistics=False, compression="uncompressed"),
         )
         engine.timings["write_part"] += time.perf_counter() - t1
@@ -308,12 +309,18 @@ class _Workers:
         """Stop the workers still loading the pipeline: once every part is taken, they would
         find none left (a small export can end before a worker is ready)."""
         for conn in [c for c in self.conns if c not in self.ready]:
+            # Killed before its pipe is closed: a worker must not fail on a closed pipe first.
             proc = self.procs[self.conns.index(conn)]
             proc.kill()
             proc.join()
-            self.procs.remove(proc)
-            self.conns.remove(conn)
-            conn.close()
+            self._forget(conn)
+
+    def _forget(self, conn: Any) -> Any:
+        """Close ``conn`` and stop tracking its worker; returns the worker's process."""
+        proc = self.procs.pop(self.conns.index(conn))
+        self.conns.remove(conn)
+        conn.close()
+        return proc
 
     def poll(self, finished: Callable[[int, int], None], block: bool) -> None:
         from multiprocessing.connection import wait
@@ -326,10 +333,7 @@ class _Workers:
         try:
             msg = conn.recv()
         except EOFError:  # the worker is gone
-            proc = self.procs[self.conns.index(conn)]
-            self.procs.remove(proc)
-            self.conns.remove(conn)
-            conn.close()
+            proc = self._forget(conn)
             proc.join(timeout=30)
             if self.errors or proc.exitcode != 0:
                 detail = "\n".join(self.errors) or f"{proc.name} exited with code {proc.exitcode}"
@@ -420,35 +424,44 @@ def _die_with_parent(parent: int) -> None:
 class _Publisher:
     """Appends the parts, in order, into one zstd parquet file (in the parts folder), as soon as
     each and every part before it is written; ``close`` renames it into place. The same parts
-    give the same bytes whenever they are appended, so a resumed run is byte-identical."""
+    give the same bytes whenever they are appended, so a resumed run is byte-identical.
+    The seconds it spends go to ``timings["publish"]`` (the engine's stage timings)."""
 
-    def __init__(self, parts: Sequence[Path], work: Path) -> None:
-        self.parts, self.next, self.writer = parts, 0, None
+    def __init__(self, parts: Sequence[Path], work: Path, timings: Counter) -> None:
+        self.parts, self.next, self.writer, self.timings = parts, 0, None, timings
         self.tmp = work / f"publish.parquet.tmp{os.getpid()}"
         self.schema = pl.DataFrame(schema=OUTPUT_SCHEMA).to_arrow().schema
 
-    def advance(self, done: Sequence[bool]) -> None:
-        import pyarrow.parquet as pq
-
-        while self.next < len(self.parts) and done[self.next]:
-            if self.writer is None:
-                self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
-            table = pq.read_table(self.parts[self.next])
-            if table.num_rows:
-                self.writer.write_table(table.cast(self.schema))
-            self.next += 1
-
-    def close(self, out_path: Path) -> None:
-        import pyarrow as pa
+    def _open(self) -> Any:
         import pyarrow.parquet as pq
 
         if self.writer is None:
             self.writer = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
+        return self.writer
+
+    def advance(self, done: Sequence[bool]) -> None:
+        import pyarrow.parquet as pq
+
+        t0 = time.perf_counter()
+        while self.next < len(self.parts) and done[self.next]:
+            writer = self._open()
+            table = pq.read_table(self.parts[self.next])
+            if table.num_rows:
+                writer.write_table(table.cast(self.schema))
+            self.next += 1
+        self.timings["publish"] += time.perf_counter() - t0
+
+    def close(self, out_path: Path) -> None:
+        import pyarrow as pa
+
+        t0 = time.perf_counter()
+        writer = self._open()
         if not self.parts:
-            self.writer.write_table(pa.Table.from_pylist([], schema=self.schema))
-        self.writer.close()
+            writer.write_table(pa.Table.from_pylist([], schema=self.schema))
+        writer.close()
         self.writer = None
         os.replace(self.tmp, out_path)
+        self.timings["publish"] += time.perf_counter() - t0
 
     def abort(self) -> None:
         if self.writer is not None:

@@ -206,27 +206,11 @@ def block_candidates(
     never include those items, so they see the same values.
     """
     n_items = next(iter(dense.values())).scores.shape[1]
-    seen_rows = seen_cols = None
-    if seen is not None:
-        seen_rows = np.repeat(np.arange(seen.shape[0]), np.diff(seen.indptr))
-        seen_cols = seen.indices
+    seen = seen[users] if seen is not None else None
     keys, ranks, srcs = [], [], []
     names = list(n_per_source)
     for s_id, name in enumerate(names):
-        d = dense[name]
-        if d.constant is not None:
-            items, top = constant_top_k(
-                d.constant, seen[users] if seen is not None else None, len(users), n_per_source[name], allowed
-            )
-        else:
-            sc = d.scores
-            if not (in_place and sc.flags.writeable and sc.flags.c_contiguous and len(users) == len(sc)):
-                sc = np.ascontiguousarray(sc[users], dtype=np.float32)  # fancy indexing: a fresh copy
-            if allowed is not None:
-                sc[:, ~allowed] = -np.inf
-            if seen_rows is not None:
-                sc[seen_rows, seen_cols] = -np.inf
-            items, top = fast_top_k(sc, n_per_source[name])
+        items, top = masked_top_k(dense[name], users, n_per_source[name], seen, allowed, in_place)
         k = items.shape[1]
         ok = np.isfinite(top).ravel()
         keys.append((np.repeat(users, k) * n_items + items.ravel())[ok])
@@ -254,6 +238,33 @@ def block_candidates(
     src_names = np.asarray([*names, None], dtype=object)
     cols[Columns.Source] = pl.Series(Columns.Source, src_names[first].tolist(), dtype=pl.String)
     return pl.DataFrame(list(cols.values()))
+
+
+def masked_top_k(
+    d: DenseScores,
+    users: np.ndarray,
+    k: int,
+    seen: sp.csr_matrix | None,
+    allowed: np.ndarray | None,
+    in_place: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``fast_top_k`` of ``d``'s rows ``users`` with seen items (row r of ``seen`` is user
+    ``users[r]``) and items outside ``allowed`` at -inf: the one masking step before every top-N
+    of the export (candidates and single-stage lists).
+
+    ``in_place``: mask ``d.scores`` itself when it can be (writeable, C-ordered, ``users`` every
+    row of it) instead of a copy; the caller vouches that nobody else reads those cells.
+    """
+    if d.constant is not None:  # one shared row: no dense block needed
+        return constant_top_k(d.constant, seen, len(users), k, allowed)
+    sc = d.scores
+    if not (in_place and sc.flags.writeable and sc.flags.c_contiguous and len(users) == len(sc)):
+        sc = np.ascontiguousarray(sc[users], dtype=np.float32)  # fancy indexing: a fresh copy
+    if allowed is not None:
+        sc[:, ~allowed] = -np.inf
+    if seen is not None:
+        sc[np.repeat(np.arange(seen.shape[0]), np.diff(seen.indptr)), seen.indices] = -np.inf
+    return fast_top_k(sc, k)
 
 
 def fast_top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -495,6 +506,21 @@ class Engine:
             self._similarity[name] = unit @ unit.T
         return self._similarity[name]
 
+    def _cached(self, name: str) -> bool:
+        """Whether rows of ``name``'s embedding space are explained from the cached item x item
+        cosine matrix rather than the batched product (see ``CACHE_MIN_WIDTH``)."""
+        return self._unit[name].shape[1] >= CACHE_MIN_WIDTH and self.p.n_items <= CACHE_MAX_ITEMS
+
+    def _lookup_similarity(self, name: str, items: np.ndarray, hist: np.ndarray) -> np.ndarray:
+        """``[rows, H]`` float32: similarity of ``items[r]`` with each of ``hist[r]`` (padding
+        cells read item 0; the caller masks them), looked up in the cached cosine matrix of an
+        embedding space or in an item-kNN model's similarity matrix."""
+        h = np.maximum(hist, 0)
+        if name in self._unit:
+            return self._item_similarity(name)[items[:, None], h]
+        s = self.p.knn_models[name]
+        return np.asarray(s[h.ravel(), np.repeat(items, h.shape[1])]).reshape(h.shape).astype(np.float32)
+
     @contextmanager
     def _timed(self, stage: str) -> Iterator[None]:
         t0 = time.perf_counter()
@@ -558,14 +584,10 @@ class Engine:
         list_rules = self.rules.rules.min_score is not None or self.rules.category is not None
         n = min(self.p.n_items, self.k * self.overfetch if list_rules else self.k)
         with self._timed("score_topk"):
-            if isinstance(model, ConstantScorer):
-                items, top = constant_top_k(model.counts.astype(np.float32), seen, len(users), n, self.allowed)
-            else:
-                # A fresh block is masked in place; a shared or read-only one is copied first.
-                raw = model.score_users(users)
-                fresh = isinstance(raw, np.ndarray) and raw.flags.owndata
-                scores = self.rules.mask_scores(raw, seen, copy=not fresh)
-                items, top = fast_top_k(scores, n)
+            d = DenseScores(model, users)
+            # A fresh block (or DenseScores' float32 copy) is masked in place; a block that shares
+            # memory with the model is copied first.
+            items, top = masked_top_k(d, users, n, seen, self.allowed, in_place=d.scores.flags.owndata)
         with self._timed("rules"):
             rank = apply_rules_dense(items, top, self.rules, self.k)
             r, c = np.nonzero(rank)
@@ -619,7 +641,7 @@ class Engine:
             with self._timed("explain_history"):
                 item, sim = self._history_explanations(df, ph)
         else:
-            item, sim = np.full(df.height, -1, dtype=np.int64), np.full(df.height, np.nan, dtype=np.float32)
+            item, sim = _no_explanations(df.height)
         if "explain_features" not in df.columns:
             df = df.with_columns(pl.lit(None, dtype=pl.String).alias("explain_features"))
         t0 = time.perf_counter()
@@ -651,10 +673,8 @@ class Engine:
     def _history_explanations(self, df: pl.DataFrame, ph: PipelineHistories) -> tuple[np.ndarray, np.ndarray]:
         """Per row, the history item closest to the recommended item in its source's space
         (item index, -1 for none) and that similarity."""
-        n = df.height
-        best_item = np.full(n, -1, dtype=np.int64)
-        best_sim = np.full(n, np.nan, dtype=np.float32)
-        if n == 0:
+        best_item, best_sim = _no_explanations(df.height)
+        if df.height == 0:
             return best_item, best_sim
         hist, mask = pad_histories(ph.history.sequences, self.explain.history_items)
         hist, mask = hist.numpy(), mask.numpy()
@@ -664,33 +684,28 @@ class Engine:
         src = df[Columns.Source]
         for name in src.unique().drop_nulls().sort().to_list():
             sel = np.flatnonzero((src == name).fill_null(False).to_numpy())
-            if (
-                name in self._unit
-                and self._unit[name].shape[1] >= CACHE_MIN_WIDTH
-                and self.p.n_items <= CACHE_MAX_ITEMS
-            ):
-                sims = self._item_similarity(name)[rows_i[sel, None], np.maximum(hist[rows_u[sel]], 0)]
-                sims[~mask[rows_u[sel]]] = -np.inf
-                arg = np.argmax(sims, axis=1)
-                val = sims[np.arange(len(sel)), arg]
-            elif name in self._unit:
+            u, i = rows_u[sel], rows_i[sel]
+            if name in self._unit and not self._cached(name):
                 grid = np.zeros((len(hist), int(col.max()) + 1), dtype=np.int64)
-                grid[rows_u[sel], col[sel]] = rows_i[sel]
+                grid[u, col[sel]] = i
                 arg, val = _nearest_history(self._unit[name], hist, mask, grid)
-                arg, val = arg[rows_u[sel], col[sel]], val[rows_u[sel], col[sel]]
-            elif name in self.p.knn_models:
-                h = hist[rows_u[sel]]
-                s = self.p.knn_models[name]
-                vals = np.asarray(s[np.maximum(h, 0).ravel(), np.repeat(rows_i[sel], h.shape[1])]).reshape(h.shape)
-                sims = np.where(mask[rows_u[sel]], vals, -np.inf).astype(np.float32)
+                arg, val = arg[u, col[sel]], val[u, col[sel]]
+            elif name in self._unit or name in self.p.knn_models:
+                sims = self._lookup_similarity(name, i, hist[u])
+                sims[~mask[u]] = -np.inf
                 arg = np.argmax(sims, axis=1)
                 val = sims[np.arange(len(sel)), arg]
             else:  # popularity: no history item is responsible
                 continue
             ok = np.isfinite(val)
-            best_item[sel[ok]] = hist[rows_u[sel[ok]], arg[ok]]
+            best_item[sel[ok]] = hist[u[ok], arg[ok]]
             best_sim[sel[ok]] = val[ok]
         return best_item, best_sim
+
+
+def _no_explanations(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """History explanations of ``n`` rows that have none: item -1, similarity NaN (null in the output)."""
+    return np.full(n, -1, dtype=np.int64), np.full(n, np.nan, dtype=np.float32)
 
 
 @contextmanager
