@@ -107,6 +107,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "len24": {"max_length": 24},
     "len16": {"max_length": 16},
     "nodropout": {"dropout": 0.0},
+    "nodropout_freeze_emb": {"dropout": 0.0, "module": {"freeze_embeddings": True}},
     "nodropout_b2": {"dropout": 0.0, "module": {"length_buckets": 2}},
     "nodropout_b4": {"dropout": 0.0, "module": {"length_buckets": 4}},
 }
@@ -357,6 +358,7 @@ OPTIONS: dict[str, list[str]] = {
     "len16": ["encoder.max_length=16"],
     "auto95": ["encoder.max_length=auto", "encoder.max_length_percentile=95"],
     "nodropout": ["encoder.dropout=0.0"],
+    "nodropout_freeze_emb": ["encoder.dropout=0.0", "text.module.freeze_embeddings=true"],
 }
 
 
