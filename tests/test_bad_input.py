@@ -319,6 +319,146 @@ def test_an_empty_user_list_for_export_is_an_error(tmp_path, content):
     assert path in str(info.value)
 
 
+# --- the saved pipeline folder (recsys.export.pipeline_model) -----------------------------------
+
+
+@pytest.fixture
+def pipeline_copy(tmp_path) -> Path:
+    """A private copy of the shared test run's saved pipeline (ALS, BPR, item-kNN, popularity,
+    the text tower, the ``text_zeroshot`` feature in text_extra/, the ranker), free to damage."""
+    import shutil
+
+    from export_support import trained_run
+
+    return Path(shutil.copytree(trained_run().pipeline_dir, tmp_path / "pipeline"))
+
+
+def load_fails(folder: Path, *names: str, file: Path | None = None) -> str:
+    """``TrainedPipeline.load(folder)`` raises an InputError naming ``file`` (default: the
+    folder) and each of ``names``, and says how to repair it; returns the message."""
+    from recsys.export.pipeline_model import TrainedPipeline
+
+    with pytest.raises(InputError) as info:
+        TrainedPipeline.load(folder)
+    msg = str(info.value)
+    assert info.value.file == str(file or folder) and str(file or folder) in msg, msg
+    assert "not a complete saved pipeline" in msg and "re-run training" in msg, msg
+    for name in names:
+        assert name in msg, msg
+    return msg
+
+
+@pytest.mark.parametrize(
+    "missing",
+    [
+        "text/user_encoder.safetensors",
+        "text/item_embeddings.npy",
+        "text_extra/text_zeroshot/user_encoder.safetensors",
+        "text_extra/text_zeroshot/item_embeddings.npy",
+        "cf/als.npz",
+        "cf/itemknn.npz",
+        "cf/popularity.npz",
+        "ranker/lightgbm.txt",
+        "users.parquet",
+    ],
+)
+def test_a_missing_pipeline_file_is_named_before_anything_is_read(pipeline_copy, missing):
+    (pipeline_copy / missing).unlink()
+    msg = load_fails(pipeline_copy, missing)
+    assert "1 file(s)" in msg, msg  # the others are all there: only the deleted one is named
+
+
+@pytest.mark.parametrize("folder", ["text", "text_extra/text_zeroshot", "cf", "ranker"])
+def test_a_missing_pipeline_subfolder_names_every_file_load_needs_from_it(pipeline_copy, folder):
+    import shutil
+
+    gone = sorted(
+        str(f.relative_to(pipeline_copy))
+        for f in (pipeline_copy / folder).rglob("*")
+        # The BERT under text/encoder/ is read only when a loaded pipeline is saved again.
+        if f.is_file() and "encoder" not in f.relative_to(pipeline_copy).parts
+    )
+    shutil.rmtree(pipeline_copy / folder)
+    msg = load_fails(pipeline_copy, *gone)
+    assert gone and f"{len(gone)} file(s)" in msg, msg
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [("{not json", "JSONDecodeError"), ("[1, 2]", "not an object"), (b"\xff\xfe{}", "UnicodeDecodeError")],
+)
+def test_corrupt_meta_json_is_named(pipeline_copy, content, match):
+    meta = pipeline_copy / "meta.json"
+    meta.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert match in load_fails(pipeline_copy, file=meta)
+
+
+def test_meta_json_without_an_entry_load_needs_is_named(pipeline_copy):
+    import json
+
+    meta = pipeline_copy / "meta.json"
+    data = json.loads(meta.read_text())
+    del data["models"]
+    meta.write_text(json.dumps(data))
+    assert "'models'" in load_fails(pipeline_copy, file=meta)
+
+
+@pytest.mark.parametrize(
+    ("damaged", "content"),
+    [
+        ("cf/als.npz", b"not a zip archive"),
+        ("text/user_encoder.safetensors", b"\x08\x00\x00"),  # truncated header
+        ("text_extra/text_zeroshot/item_embeddings.npy", b"\x93NUMPY garbage"),
+        ("ranker/lightgbm.txt", b"not a LightGBM model"),
+        ("history.parquet", b"PAR1 half a file"),
+    ],
+)
+def test_an_unreadable_pipeline_file_is_named(pipeline_copy, damaged, content):
+    (pipeline_copy / damaged).write_bytes(content)
+    assert "cannot be read" in load_fails(pipeline_copy, file=pipeline_copy / damaged)
+
+
+@pytest.mark.parametrize(
+    ("content", "match"), [("{'k': 10}", "JSONDecodeError"), ('{"k": 10}', "'scorer'"), ('"fused"', "not an object")]
+)
+def test_corrupt_serving_json_is_named(pipeline_copy, content, match):
+    from recsys.export.pyfunc import SERVING_FILE, _load_pyfunc
+
+    serving = pipeline_copy / SERVING_FILE
+    serving.write_text(content)
+    with pytest.raises(InputError, match=match) as info:
+        _load_pyfunc(str(pipeline_copy))
+    assert info.value.file == str(serving) and str(serving) in str(info.value)
+    assert "re-run training" in str(info.value)
+
+
+def test_an_optional_looking_tower_file_that_was_saved_is_required(pipeline_copy, tmp_path):
+    """A tower saved with its frozen history side needs it back: loading without it would
+    silently score users differently."""
+    from recsys.export.pipeline_model import TrainedPipeline
+
+    p = TrainedPipeline.load(pipeline_copy)
+    tower = p.history_towers["text_zeroshot"]
+    tower.history_embeddings = tower.item_embeddings * 2.0
+    folder = p.save(tmp_path / "with_history")
+    again = TrainedPipeline.load(folder).history_towers["text_zeroshot"]
+    np.testing.assert_array_equal(again.history_embeddings, tower.history_embeddings)
+    (folder / "text_extra/text_zeroshot/history_embeddings.npy").unlink()
+    load_fails(folder, "text_extra/text_zeroshot/history_embeddings.npy")
+
+
+def test_saving_a_loaded_pipeline_again_without_its_bert_is_named(pipeline_copy, tmp_path):
+    import shutil
+
+    from recsys.export.pipeline_model import TrainedPipeline
+
+    shutil.rmtree(pipeline_copy / "text" / "encoder")
+    p = TrainedPipeline.load(pipeline_copy)  # serving does not need the BERT
+    with pytest.raises(InputError, match="BERT") as info:
+        p.save(tmp_path / "again")
+    assert info.value.file == str(pipeline_copy / "text") and "re-run training" in str(info.value)
+
+
 # --- through the CLI: exit code 2, the message on stderr, no traceback ---------------------------
 
 
@@ -338,6 +478,35 @@ def test_cli_config_pointing_at_a_missing_file(tmp_path):
     proc = run_cli(tmp_path, "out", "data=files", f"data.interactions={missing}", f"data.items={items}")
     assert_clean_failure(proc, missing, "file not found")
     assert not (tmp_path / "mlruns" / "mlflow.db").exists()  # failed before any run was started
+
+
+@pytest.mark.slow
+def test_cli_export_from_an_incomplete_pipeline_folder(pipeline_copy, tmp_path):
+    import subprocess
+    import sys
+
+    from reliability_support import env
+
+    (pipeline_copy / "text_extra" / "text_zeroshot" / "user_encoder.safetensors").unlink()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "recsys.recommend",
+            f"model_uri={pipeline_copy}",
+            f"output={tmp_path / 'recs.parquet'}",
+            f"paths.mlruns_dir={tmp_path / 'mlruns'}",
+        ],
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert_clean_failure(
+        proc, str(pipeline_copy), "text_extra/text_zeroshot/user_encoder.safetensors", "re-run training"
+    )
+    assert not (tmp_path / "recs.parquet").exists()
 
 
 @pytest.mark.slow

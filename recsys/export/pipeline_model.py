@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import json
 import platform
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,38 @@ from recsys.text.recommender import NewItemText, TextRecommender
 
 FORMAT_VERSION = 1
 HISTORY_COLUMNS = [Columns.UserIdx, Columns.ItemIdx, Columns.Timestamp, Columns.Weight]
+TABLES = ("items.parquet", "users.parquet", "history.parquet")
+RANKER_FILE = "ranker/lightgbm.txt"
+CF_KINDS = ("ALS", "BPR", "ItemKNN", "Popularity")
+META_KEYS = ("models", "source_order", "n_candidates", "event_weights", "now")
+# What a reader of a broken pipeline folder can do about it: the files are only ever written
+# together, by ``TrainedPipeline.save`` at the end of training.
+REPAIR = (
+    "the folder is not a complete saved pipeline (training writes every file of it when it saves "
+    "the pipeline): re-run training (python -m recsys.train), or point at a complete pipeline folder"
+)
+
+
+@contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Turns a failure to read or parse one pipeline file into an ``InputError`` naming it."""
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as e:  # numpy, polars, safetensors, lightgbm and torch each raise their own types
+        detail = (str(e).strip().splitlines() or [""])[0]
+        raise InputError(f"cannot be read ({type(e).__name__}: {detail}); {REPAIR}", file=str(path)) from e
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A pipeline JSON file (``meta.json``, ``serving.json``) as a dict; an ``InputError``
+    naming the file if it cannot be read or does not hold one JSON object."""
+    with reading(path):
+        data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise InputError(f"holds a JSON {type(data).__name__}, not an object; {REPAIR}", file=str(path))
+    return data
 
 
 # --- chunk-local scorers: the same scores as the trained models, for any set of users -------------
@@ -183,6 +216,16 @@ class HistoryTower:
     item_embeddings: np.ndarray  # [n_items, d] float32
     history_embeddings: np.ndarray | None = None  # the frozen history side, when the tower has one
 
+    USER_ENCODER = "user_encoder.safetensors"
+    ITEMS = "item_embeddings.npy"
+    HISTORY = "history_embeddings.npy"
+
+    @classmethod
+    def files(cls, info: Mapping[str, Any]) -> list[str]:
+        """The files ``load`` reads, given what ``save`` returned (``info``). Pipelines saved
+        before ``save`` recorded ``history_embeddings`` read that file only when it is there."""
+        return [cls.USER_ENCODER, cls.ITEMS] + ([cls.HISTORY] if info.get("history_embeddings") else [])
+
     @classmethod
     def from_recommender(cls, m: TextRecommender) -> HistoryTower:
         hist = m.net.history_embeddings
@@ -203,22 +246,35 @@ class HistoryTower:
 
         folder.mkdir(parents=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.user_encoder.state_dict().items()}
-        save_file(state, str(folder / "user_encoder.safetensors"))
-        np.save(folder / "item_embeddings.npy", self.item_embeddings, allow_pickle=False)
+        save_file(state, str(folder / self.USER_ENCODER))
+        np.save(folder / self.ITEMS, self.item_embeddings, allow_pickle=False)
         if self.history_embeddings is not None:
-            np.save(folder / "history_embeddings.npy", self.history_embeddings, allow_pickle=False)
-        return {"kind": "HistoryTower", "max_history": self.user_encoder.max_history}
+            np.save(folder / self.HISTORY, self.history_embeddings, allow_pickle=False)
+        return {
+            "kind": "HistoryTower",
+            "max_history": self.user_encoder.max_history,
+            "history_embeddings": self.history_embeddings is not None,
+        }
 
     @classmethod
     def load(cls, folder: Path, max_history: int) -> HistoryTower:
+        with reading(folder / cls.ITEMS):
+            emb = np.load(folder / cls.ITEMS, allow_pickle=False)
+        enc = UserEncoder(emb.shape[1], max_history)
+        hist = cls.load_user_side(folder, enc)
+        return cls(enc.eval(), emb, hist)
+
+    @classmethod
+    def load_user_side(cls, folder: Path, encoder: UserEncoder) -> np.ndarray | None:
+        """Load the saved weights into ``encoder``; the frozen history side, if one was saved."""
         from safetensors.torch import load_file
 
-        emb = np.load(folder / "item_embeddings.npy", allow_pickle=False)
-        enc = UserEncoder(emb.shape[1], max_history)
-        enc.load_state_dict(load_file(str(folder / "user_encoder.safetensors")))
-        hist_path = folder / "history_embeddings.npy"
-        hist = np.load(hist_path, allow_pickle=False) if hist_path.is_file() else None
-        return cls(enc.eval(), emb, hist)
+        with reading(folder / cls.USER_ENCODER):
+            encoder.load_state_dict(load_file(str(folder / cls.USER_ENCODER)))
+        if not (folder / cls.HISTORY).is_file():
+            return None
+        with reading(folder / cls.HISTORY):
+            return np.load(folder / cls.HISTORY, allow_pickle=False)
 
 
 # --- the pipeline --------------------------------------------------------------------------------
@@ -343,8 +399,6 @@ class TrainedPipeline:
 
     def save(self, path: str | Path, config_yaml: str | None = None) -> Path:
         """Write the folder (see the module docstring). ``path`` must not exist or be empty."""
-        from safetensors.torch import save_file
-
         path = Path(path)
         if path.exists() and any(path.iterdir()):
             raise ConfigError(f"pipeline folder {path} exists and is not empty")
@@ -367,30 +421,27 @@ class TrainedPipeline:
         text_meta = None
         net = self.net
         if net is None and self.text_folder is not None:  # a loaded pipeline: read its BERT now
-            tm = json.loads((self.text_folder.parent / "meta.json").read_text())["text"]
+            tm = read_json_object(self.text_folder.parent / "meta.json")["text"]
             net = load_text_tower(self.text_folder, tm["max_length"], tm["max_history"], tm["temperature"])
         if net is not None:
             enc = net.item_encoder
-            (path / "text").mkdir()
+            # The frozen history side (TwoTower), when there is one.
+            hist = None if net.history_embeddings is None else net.history_embeddings.numpy().astype(np.float32)
+            tower = HistoryTower(net.user_encoder, self.item_embeddings, hist).save(path / "text")
             enc.bert.save_pretrained(path / "text" / "encoder", safe_serialization=True)
             enc.tokenizer.save_pretrained(path / "text" / "encoder")
-            state = {k: v.detach().contiguous().cpu() for k, v in net.user_encoder.state_dict().items()}
-            save_file(state, str(path / "text" / "user_encoder.safetensors"))
-            np.save(path / "text" / "item_embeddings.npy", self.item_embeddings, allow_pickle=False)
-            if net.history_embeddings is not None:  # the frozen history side (TwoTower)
-                hist = net.history_embeddings.numpy().astype(np.float32)
-                np.save(path / "text" / "history_embeddings.npy", hist, allow_pickle=False)
             text_meta = {
                 "name": self.text_name,
                 "max_length": enc.max_length,
-                "max_history": net.user_encoder.max_history,
+                "max_history": tower["max_history"],
                 "temperature": net.temperature,
+                "history_embeddings": tower["history_embeddings"],
             }
         towers_meta = {name: t.save(path / "text_extra" / name) for name, t in self.history_towers.items()}
         ranker_meta = None
         if self.ranker is not None:
-            (path / "ranker").mkdir()
-            self.ranker.booster.save_model(str(path / "ranker" / "lightgbm.txt"), num_iteration=-1)
+            (path / RANKER_FILE).parent.mkdir()
+            self.ranker.booster.save_model(str(path / RANKER_FILE), num_iteration=-1)
             ranker_meta = {"features": self.ranker.features, "best_iteration": self.ranker.best_iteration}
         meta = {
             "format_version": FORMAT_VERSION,
@@ -416,20 +467,56 @@ class TrainedPipeline:
             (path / "config.yaml").write_text(config_yaml)
         return path
 
+    @staticmethod
+    def files(meta: Mapping[str, Any]) -> dict[str, str]:
+        """Every file ``load`` reads besides ``meta.json`` (relative to the folder, ``/``
+        separated) and what it holds, from the folder's ``meta.json``. An unknown model kind is a
+        ``ValueError`` here, before anything is read."""
+        out = dict.fromkeys(TABLES, "a table written by training")
+        for name, info in meta["models"].items():
+            kind = info["kind"]
+            if kind in CF_KINDS:
+                out[f"cf/{name}.npz"] = f"the {kind} model '{name}'"
+            elif kind == "HistoryTower":
+                out |= {f"text_extra/{name}/{f}": f"the text feature '{name}'" for f in HistoryTower.files(info)}
+            elif kind not in ("TextRecommender", "NewItemText"):  # those two are read from text/
+                raise ValueError(f"unknown model kind {kind} (model '{name}')")
+        if meta.get("text"):
+            text = meta["text"]
+            out |= {f"text/{f}": f"the text tower '{text['name']}'" for f in HistoryTower.files(text)}
+        if meta.get("ranker"):
+            out[RANKER_FILE] = "the LightGBM ranker"
+        return out
+
     @classmethod
     def load(cls, path: str | Path) -> TrainedPipeline:
-        """Read a folder written by ``save``. Reads no pickle (numpy with ``allow_pickle=False``)."""
+        """Read a folder written by ``save``. Reads no pickle (numpy with ``allow_pickle=False``).
+
+        Checks first that every file it will read is there (``files``) and raises one
+        ``InputError`` naming the folder and all the missing ones; a file that is there but
+        cannot be read is an ``InputError`` naming that file."""
         path = Path(path)
         meta_path = path / "meta.json"
         if not meta_path.is_file():
             raise InputError("not a saved pipeline (no meta.json)", file=str(path))
-        meta = json.loads(meta_path.read_text())
+        meta = read_json_object(meta_path)
         if meta.get("format_version") != FORMAT_VERSION:
             raise InputError(f"pipeline format {meta.get('format_version')} != {FORMAT_VERSION}", file=str(meta_path))
-        items = pl.read_parquet(path / "items.parquet")
-        users_df = pl.read_parquet(path / "users.parquet").sort(Columns.UserIdx)
-        users = IdMap(np.asarray(users_df[Columns.User].to_list(), dtype=object))
-        history = pl.read_parquet(path / "history.parquet")
+        if absent := [k for k in META_KEYS if k not in meta]:
+            raise InputError(f"has no {absent} entries; {REPAIR}", file=str(meta_path))
+        with reading(meta_path):  # an unknown kind or a malformed "models" entry is meta.json's fault
+            files = cls.files(meta)
+        if missing := [f"{rel} ({what})" for rel, what in files.items() if not (path / rel).is_file()]:
+            raise InputError(
+                f"pipeline folder lacks {len(missing)} file(s): {', '.join(missing)}; {REPAIR}", file=str(path)
+            )
+        with reading(path / "items.parquet"):
+            items = pl.read_parquet(path / "items.parquet")
+        with reading(path / "users.parquet"):
+            users_df = pl.read_parquet(path / "users.parquet").sort(Columns.UserIdx)
+            users = IdMap(np.asarray(users_df[Columns.User].to_list(), dtype=object))
+        with reading(path / "history.parquet"):
+            history = pl.read_parquet(path / "history.parquet")
         factor, knn, const = {}, {}, {}
         text_tower, text_name = None, None
         new_items, towers = {}, {}
@@ -437,27 +524,23 @@ class TrainedPipeline:
             kind = info["kind"]
             if kind == "NewItemText":
                 new_items[name] = int(info["max_events"])
-                continue
-            if kind == "HistoryTower":
+            elif kind == "HistoryTower":
                 towers[name] = HistoryTower.load(path / "text_extra" / name, int(info["max_history"]))
-                continue
-            if kind == "TextRecommender":
-                continue
-            with np.load(path / "cf" / f"{name}.npz", allow_pickle=False) as z:
-                if kind in ("ALS", "BPR"):
-                    factor[name] = {
-                        "user_factors": z["user_factors"],
-                        "item_factors": z["item_factors"],
-                        "regularization": float(z["regularization"]),
-                        "alpha": float(z["alpha"]),
-                        "kind": kind,
-                    }
-                elif kind == "ItemKNN":
-                    knn[name] = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))
-                elif kind == "Popularity":
-                    const[name] = z["counts"]
-                else:
-                    raise InputError(f"unknown model kind {kind}", file=str(meta_path))
+            elif kind in CF_KINDS:
+                cf = path / "cf" / f"{name}.npz"
+                with reading(cf), np.load(cf, allow_pickle=False) as z:
+                    if kind in ("ALS", "BPR"):
+                        factor[name] = {
+                            "user_factors": z["user_factors"],
+                            "item_factors": z["item_factors"],
+                            "regularization": float(z["regularization"]),
+                            "alpha": float(z["alpha"]),
+                            "kind": kind,
+                        }
+                    elif kind == "ItemKNN":
+                        knn[name] = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))
+                    else:
+                        const[name] = z["counts"]
         if meta.get("text"):
             text_tower, text_name = HistoryTower.load(path / "text", meta["text"]["max_history"]), meta["text"]["name"]
         ranker = None
@@ -465,7 +548,8 @@ class TrainedPipeline:
             import lightgbm as lgb
 
             ranker = LambdaMARTRanker()
-            ranker.booster = lgb.Booster(model_file=str(path / "ranker" / "lightgbm.txt"))
+            with reading(path / RANKER_FILE):
+                ranker.booster = lgb.Booster(model_file=str(path / RANKER_FILE))
             ranker.features = list(meta["ranker"]["features"])
             ranker.best_iteration = int(meta["ranker"]["best_iteration"])
         return cls(
@@ -568,16 +652,18 @@ class TrainedPipeline:
 
 
 def load_text_tower(folder: Path, max_length: int, max_history: int, temperature: float) -> TwoTower:
-    from safetensors.torch import load_file
     from transformers import AutoModel, AutoTokenizer
 
     enc_dir = folder / "encoder"
-    bert = AutoModel.from_pretrained(str(enc_dir), add_pooling_layer=False, use_safetensors=True)
-    tok = AutoTokenizer.from_pretrained(str(enc_dir))
+    if not enc_dir.is_dir():  # serving never reads it, so load let it pass; saving again needs it
+        raise InputError(f"missing the text tower's BERT ({enc_dir.name}/); {REPAIR}", file=str(folder))
+    with reading(enc_dir):
+        bert = AutoModel.from_pretrained(str(enc_dir), add_pooling_layer=False, use_safetensors=True)
+        tok = AutoTokenizer.from_pretrained(str(enc_dir))
     net = TwoTower(ItemEncoder(bert, tok, max_length), max_history=max_history, temperature=temperature)
-    net.user_encoder.load_state_dict(load_file(str(folder / "user_encoder.safetensors")))
-    if (folder / "history_embeddings.npy").is_file():
-        net.history_embeddings = torch.from_numpy(np.load(folder / "history_embeddings.npy", allow_pickle=False))
+    hist = HistoryTower.load_user_side(folder, net.user_encoder)
+    if hist is not None:
+        net.history_embeddings = torch.from_numpy(hist)
     return net.eval()
 
 

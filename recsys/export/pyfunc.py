@@ -29,8 +29,9 @@ from typing import Any
 import polars as pl
 
 from recsys.columns import Columns
+from recsys.errors import InputError
 from recsys.export.engine import FUSED, Engine, ExplainOptions, empty_output
-from recsys.export.pipeline_model import TrainedPipeline
+from recsys.export.pipeline_model import REPAIR, TrainedPipeline, read_json_object
 from recsys.export.rules import BusinessRules
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,6 @@ class PipelineModel:
 def split_input(df: pl.DataFrame) -> tuple[list[str], pl.DataFrame | None]:
     """Users (sorted) and the history rows (``None`` if the frame holds no items)."""
     if Columns.User not in df.columns:
-        from recsys.errors import InputError
-
         raise InputError(f"input has no '{Columns.User}' column (columns: {df.columns})", column=Columns.User)
     df = df.with_columns(pl.col(Columns.User).cast(pl.String))
     users = sorted(df[Columns.User].drop_nulls().unique().to_list())
@@ -130,8 +129,19 @@ def recommend_frame(engine: Engine, df: pl.DataFrame, chunk_size: int = 4096) ->
 def _load_pyfunc(data_path: str) -> PipelineModel:
     """MLflow's entry point for a ``loader_module`` pyfunc."""
     path = Path(data_path)
-    serving = json.loads((path / SERVING_FILE).read_text()) if (path / SERVING_FILE).is_file() else serving_defaults()
+    serving = read_serving(path / SERVING_FILE)  # before the pipeline: a bad file fails at once
     return PipelineModel(TrainedPipeline.load(path), serving)
+
+
+def read_serving(path: Path) -> dict[str, Any]:
+    """The serving settings saved with the model (``serving_defaults`` when there is no file);
+    an ``InputError`` naming the file if it cannot be read or lacks a setting ``predict`` needs."""
+    if not path.is_file():
+        return serving_defaults()
+    serving = read_json_object(path)
+    if absent := [key for key in ("k", "scorer") if key not in serving]:
+        raise InputError(f"has no {absent} setting(s); {REPAIR}", file=str(path))
+    return serving
 
 
 def signature():
