@@ -1,7 +1,7 @@
 """Text-tower speed: model FLOP utilisation (MFU) of fine-tuning and encoding, on real tokens.
 
     python bench/text_tower.py                                  # the default step vs the old one
-    python bench/text_tower.py --variants default,freeze_emb,freeze3,layers3,len24 --rounds 3
+    python bench/text_tower.py --variants until_nov26,default,freeze3,layers3,len24 --rounds 3
     python bench/text_tower.py --int8                           # + dynamic int8 encoding, cosine to fp32
     python bench/text_tower.py --encoder tiny --steps 2 --rounds 1
     python bench/text_tower.py --device cuda --encoder minilm_shape --batch-size 64   # on a GPU (bf16)
@@ -91,26 +91,33 @@ def flops_per_token(config, seq_len: float) -> float:
     return config.num_hidden_layers * layer_flops(config, seq_len)
 
 
-# Named variants: TextTowerModule arguments and ItemEncoder options. "old" is the step before
-# issue #6 (one chunk padded to the batch's longest item, for-loop AdamW).
+# The job's default text tower (conf/encoder/minilm.yaml, conf/text/default.yaml): no dropout,
+# two length buckets. Every variant below overrides some of it.
+BASE: dict[str, Any] = {"dropout": 0.0, "module": {"length_buckets": 2}}
+# "old" is the step before issue #6 (checkpoint dropout, one chunk padded to the batch's longest
+# item, for-loop AdamW); "until_nov26" the default until 2026-11-26 (the same with fused AdamW).
+CHECKPOINT = {"dropout": None, "module": {"length_buckets": 1}}
 VARIANTS: dict[str, dict[str, Any]] = {
-    "old": {"module": {"fused_optimizer": False}},
     "default": {},
-    "buckets4": {"module": {"length_buckets": 4}},
-    "buckets2": {"module": {"length_buckets": 2}},
-    "buckets8": {"module": {"length_buckets": 8}},
+    "old": {**CHECKPOINT, "module": {**CHECKPOINT["module"], "fused_optimizer": False}},
+    "until_nov26": CHECKPOINT,
+    "dropout": {"dropout": None},
     "freeze_emb": {"module": {"freeze_embeddings": True}},
+    "buckets1": {"module": {"length_buckets": 1}},
+    "buckets4": {"module": {"length_buckets": 4}},
     "freeze2": {"module": {"freeze_layers": 2}},
     "freeze3": {"module": {"freeze_layers": 3}},
     "layers4": {"num_layers": 4},
     "layers3": {"num_layers": 3},
     "len24": {"max_length": 24},
     "len16": {"max_length": 16},
-    "nodropout": {"dropout": 0.0},
-    "nodropout_freeze_emb": {"dropout": 0.0, "module": {"freeze_embeddings": True}},
-    "nodropout_b2": {"dropout": 0.0, "module": {"length_buckets": 2}},
-    "nodropout_b4": {"dropout": 0.0, "module": {"length_buckets": 4}},
 }
+
+
+def variant(name: str) -> dict[str, Any]:
+    """``BASE`` with the variant's overrides (its ``module`` entries merged into BASE's)."""
+    spec = VARIANTS[name]
+    return {**BASE, **spec, "module": {**BASE["module"], **spec.get("module", {})}}
 
 
 @dataclass
@@ -187,14 +194,14 @@ def speed(args: argparse.Namespace) -> dict:
 
     runs = {}
     for name in names:
-        spec = VARIANTS[name]
+        spec = variant(name)
         enc = make_encoder(
-            args.encoder, spec.get("max_length", args.max_length), spec.get("num_layers"), spec.get("dropout")
+            args.encoder, spec.get("max_length", args.max_length), spec.get("num_layers"), spec["dropout"]
         )
         ids, lengths = enc.tokenize(texts)
         net = TwoTower(enc).to(device)
         dm = TextDataModule(ids, lengths, history, history.interactions.head(0), batch_size=args.batch_size)
-        module = TextTowerModule(net, **spec.get("module", {}))
+        module = TextTowerModule(net, **spec["module"])
         module.item_cache = torch.nn.functional.normalize(torch.randn(len(texts), enc.dim), dim=-1).to(device)
         opt = module.configure_optimizers()["optimizer"]
         # Every variant trains on the same examples (the sampler is seeded): a fair comparison.
@@ -345,11 +352,14 @@ def int8_check(enc, ids: torch.Tensor, lengths: torch.Tensor) -> dict:
 
 
 # Speed/accuracy options as Hydra overrides of the job's config, for the quality mode.
+UNTIL_NOV26 = ["encoder.dropout=null", "text.module.length_buckets=1"]
 OPTIONS: dict[str, list[str]] = {
     "default": [],
-    "old": ["text.module.fused_optimizer=false"],
-    "buckets4": ["text.module.length_buckets=4"],
+    "old": [*UNTIL_NOV26, "text.module.fused_optimizer=false"],
+    "until_nov26": UNTIL_NOV26,
+    "dropout": ["encoder.dropout=null"],
     "freeze_emb": ["text.module.freeze_embeddings=true"],
+    "buckets4": ["text.module.length_buckets=4"],
     "freeze2": ["text.module.freeze_layers=2"],
     "freeze3": ["text.module.freeze_layers=3"],
     "layers4": ["encoder.num_layers=4"],
@@ -357,8 +367,6 @@ OPTIONS: dict[str, list[str]] = {
     "len24": ["encoder.max_length=24"],
     "len16": ["encoder.max_length=16"],
     "auto95": ["encoder.max_length=auto", "encoder.max_length_percentile=95"],
-    "nodropout": ["encoder.dropout=0.0"],
-    "nodropout_freeze_emb": ["encoder.dropout=0.0", "text.module.freeze_embeddings=true"],
 }
 
 
