@@ -403,6 +403,82 @@ def test_meta_json_without_an_entry_load_needs_is_named(pipeline_copy):
     assert "'models'" in load_fails(pipeline_copy, file=meta)
 
 
+def edit_json(path: Path, edit) -> None:
+    """Rewrite the JSON file ``path`` with ``edit`` applied to its parsed content (in place)."""
+    import json
+
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    ("edit", "field", "found"),
+    [
+        (lambda m: m["ranker"].pop("features"), "ranker.features", "is missing (expected list[str])"),
+        (lambda m: m["text"].pop("max_history"), "text.max_history", "is missing (expected int)"),
+        (lambda m: m["models"]["text_new"].pop("max_events"), "models.text_new.max_events", "is missing"),
+        (lambda m: m["models"]["als"].pop("kind"), "models.als.kind", "is missing (expected str)"),
+        # list("rank_als,rank_text") would silently make one feature of each character.
+        (lambda m: m["ranker"].update(features="rank_als,rank_text"), "ranker.features", "found str 'rank_als,"),
+        (
+            lambda m: m["models"]["text_zeroshot"].update(max_history="20"),
+            "models.text_zeroshot.max_history",
+            "found str",
+        ),
+        (lambda m: m["n_candidates"].update(als=[30]), "n_candidates", "must be dict[str, int], found dict"),
+        (lambda m: m.update(now=True), "now", "must be int, found bool True"),
+        (lambda m: m.update(ranker=["features"]), "ranker", "must be dict | None, found list"),
+    ],
+)
+def test_a_missing_or_mistyped_field_inside_meta_json_is_named(pipeline_copy, edit, field, found):
+    meta = pipeline_copy / "meta.json"
+    edit_json(meta, edit)
+    msg = load_fails(pipeline_copy, f"field '{field}'", found, file=meta)
+    assert msg.count("field '") == 1, msg  # the one broken field, not every field around it
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        # The allowed keys are listed, so a typo can be fixed without reading our code.
+        (
+            lambda s: s["rules"].update(max_per_cat=2),
+            r"'rules' has unknown key\(s\) \['max_per_cat'\] \(allowed: filter_seen, .*max_per_category, ",
+        ),
+        (lambda s: s["explain"].update(top=2), r"'explain' has unknown key\(s\) \['top'\] \(allowed: enabled, "),
+        (lambda s: s["rules"].update(max_per_category="2"), "field 'rules.max_per_category' must be int | None"),
+        (lambda s: s["rules"].update(blocklist=[1, 2]), "field 'rules.blocklist' must be Sequence"),
+        (lambda s: s["explain"].update(enabled="no"), "field 'explain.enabled' must be bool"),
+        (lambda s: s.update(rules=["filter_seen"]), "field 'rules' must be dict, found list"),
+    ],
+)
+def test_a_bad_rules_or_explain_entry_in_serving_json_is_named_at_load(pipeline_copy, edit, match):
+    """Checked when the model is loaded: ``BusinessRules(**rules)`` would only fail (or, for a
+    string where a number belongs, compare a str with an int) at the first ``predict``."""
+    from recsys.export.pyfunc import SERVING_FILE, _load_pyfunc
+
+    serving = pipeline_copy / SERVING_FILE
+    edit_json(serving, edit)
+    with pytest.raises(InputError, match=match) as info:
+        _load_pyfunc(str(pipeline_copy))
+    assert info.value.file == str(serving) and str(serving) in str(info.value)
+
+
+def test_the_rules_and_explanations_serving_json_may_hold_load(pipeline_copy):
+    """Keys the rule and explanation classes take, with values of their types (an integer where a
+    float belongs, null where None is allowed), still load: the check rejects only what is wrong."""
+    from recsys.export.pyfunc import SERVING_FILE, _load_pyfunc
+
+    def edit(s):
+        s["rules"] = {"filter_seen": False, "blocklist": ["x"], "max_per_category": 2, "min_score": 0, "at": None}
+        s["explain"] = {"enabled": False, "feature_ranks": None}
+
+    edit_json(pipeline_copy / SERVING_FILE, edit)
+    model = _load_pyfunc(str(pipeline_copy))
+    assert model.serving["rules"]["max_per_category"] == 2
+
+
 @pytest.mark.parametrize(
     ("damaged", "content"),
     [

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import json
 import platform
+import types
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin
 
 import numpy as np
 import polars as pl
@@ -51,7 +52,24 @@ HISTORY_COLUMNS = [Columns.UserIdx, Columns.ItemIdx, Columns.Timestamp, Columns.
 TABLES = ("items.parquet", "users.parquet", "history.parquet")
 RANKER_FILE = "ranker/lightgbm.txt"
 CF_KINDS = ("ALS", "BPR", "ItemKNN", "Popularity")
-META_KEYS = ("models", "source_order", "n_candidates", "event_weights", "now")
+# The entries ``load`` reads from meta.json and the JSON type each must have (``check_meta``).
+META_FIELDS: dict[str, Any] = {
+    "models": dict[str, dict],
+    "source_order": list[str],
+    "n_candidates": dict[str, int],
+    "event_weights": dict[str, float],
+    "now": int,
+}
+META_KEYS = tuple(META_FIELDS)
+# Entries that may be absent or null: no text tower / no ranker / no run info.
+META_OPTIONAL: dict[str, Any] = {"text": dict, "ranker": dict, "info": dict}
+# Inside ``text``: ``load`` reads name and max_history; re-saving a loaded pipeline reads the rest.
+TEXT_FIELDS: dict[str, Any] = {"name": str, "max_history": int, "max_length": int, "temperature": float}
+RANKER_FIELDS: dict[str, Any] = {"features": list[str], "best_iteration": int}
+# Inside each ``models`` entry, by kind (``kind`` itself is checked for every entry).
+MODEL_FIELDS: dict[str, dict[str, Any]] = {"NewItemText": {"max_events": int}, "HistoryTower": {"max_history": int}}
+# Read with ``.get`` (pipelines saved before it was recorded lack it), so only its type is checked.
+TOWER_OPTIONAL: dict[str, Any] = {"history_embeddings": bool}
 # What a reader of a broken pipeline folder can do about it: the files are only ever written
 # together, by ``TrainedPipeline.save`` at the end of training.
 REPAIR = (
@@ -80,6 +98,74 @@ def read_json_object(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InputError(f"holds a JSON {type(data).__name__}, not an object; {REPAIR}", file=str(path))
     return data
+
+
+def fits(value: Any, hint: Any) -> bool:
+    """Whether ``value``, as parsed from JSON, has the type ``hint`` names (``int``, ``float``,
+    ``str``, ``bool``, ``None``, ``list[...]`` / ``Sequence[...]``, ``dict[str, ...]`` and unions
+    of them). JSON keeps booleans apart from numbers, so ``true`` is no int here, while an integer
+    is a valid float. A hint it does not know passes: the code that reads the value decides."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        return any(fits(value, a) for a in args)
+    if hint is None or hint is type(None):
+        return value is None
+    if hint is Any:
+        return True
+    if isinstance(value, bool):
+        return hint is bool
+    if hint is float:
+        return isinstance(value, int | float)
+    if origin in (list, Sequence):
+        return isinstance(value, list) and all(fits(v, args[0]) for v in value)
+    if origin in (dict, Mapping):
+        return isinstance(value, dict) and all(fits(v, args[1]) for v in value.values())
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def type_name(hint: Any) -> str:
+    """``hint`` as a message shows it: ``list[str]``, ``int | None``."""
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("collections.abc.", "")
+
+
+def check_field(file: Path, parent: Mapping[str, Any], path: str, hint: Any, required: bool = True) -> None:
+    """An ``InputError`` naming ``file`` and the dotted ``path`` if the last key of ``path`` is
+    missing from ``parent`` (when ``required``) or does not have the JSON type ``hint``."""
+    key = path.rsplit(".", 1)[-1]
+    if key not in parent:
+        if required:
+            raise InputError(f"field '{path}' is missing (expected {type_name(hint)}); {REPAIR}", file=str(file))
+        return
+    value = parent[key]
+    if not fits(value, hint):
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        raise InputError(
+            f"field '{path}' must be {type_name(hint)}, found {type(value).__name__} {shown}; {REPAIR}",
+            file=str(file),
+        )
+
+
+def check_meta(meta: Mapping[str, Any], file: Path) -> None:
+    """Every field ``load`` (and a re-save of what it loaded) reads from ``meta.json``, present and
+    of the right type, so a hand-edited entry fails here by name rather than deep in ``load``."""
+    for key, hint in META_FIELDS.items():
+        check_field(file, meta, key, hint)
+    for key, hint in META_OPTIONAL.items():
+        check_field(file, meta, key, hint | None, required=False)
+    for name, info in meta["models"].items():
+        check_field(file, info, f"models.{name}.kind", str)
+        for key, hint in MODEL_FIELDS.get(info["kind"], {}).items():
+            check_field(file, info, f"models.{name}.{key}", hint)
+        for key, hint in TOWER_OPTIONAL.items():
+            check_field(file, info, f"models.{name}.{key}", hint, required=False)
+    if meta.get("text"):
+        for key, hint in TEXT_FIELDS.items():
+            check_field(file, meta["text"], f"text.{key}", hint)
+        for key, hint in TOWER_OPTIONAL.items():
+            check_field(file, meta["text"], f"text.{key}", hint, required=False)
+    if meta.get("ranker"):
+        for key, hint in RANKER_FIELDS.items():
+            check_field(file, meta["ranker"], f"ranker.{key}", hint)
 
 
 # --- chunk-local scorers: the same scores as the trained models, for any set of users -------------
@@ -494,7 +580,9 @@ class TrainedPipeline:
 
         Checks first that every file it will read is there (``files``) and raises one
         ``InputError`` naming the folder and all the missing ones; a file that is there but
-        cannot be read is an ``InputError`` naming that file."""
+        cannot be read is an ``InputError`` naming that file. Before that, every field it reads
+        from ``meta.json`` is checked (``check_meta``): a missing or wrongly typed one is an
+        ``InputError`` naming meta.json and the field's dotted path."""
         path = Path(path)
         meta_path = path / "meta.json"
         if not meta_path.is_file():
@@ -504,6 +592,7 @@ class TrainedPipeline:
             raise InputError(f"pipeline format {meta.get('format_version')} != {FORMAT_VERSION}", file=str(meta_path))
         if absent := [k for k in META_KEYS if k not in meta]:
             raise InputError(f"has no {absent} entries; {REPAIR}", file=str(meta_path))
+        check_meta(meta, meta_path)
         with reading(meta_path):  # an unknown kind or a malformed "models" entry is meta.json's fault
             files = cls.files(meta)
         if missing := [f"{rel} ({what})" for rel, what in files.items() if not (path / rel).is_file()]:

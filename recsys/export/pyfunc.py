@@ -18,25 +18,29 @@ saved with the model (``serving.json``, by default seen filtering only).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import logging
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import polars as pl
 
 from recsys.columns import Columns
 from recsys.errors import InputError
 from recsys.export.engine import FUSED, Engine, ExplainOptions, empty_output
-from recsys.export.pipeline_model import REPAIR, TrainedPipeline, read_json_object
+from recsys.export.pipeline_model import REPAIR, TrainedPipeline, check_field, read_json_object
 from recsys.export.rules import BusinessRules
 
 log = logging.getLogger(__name__)
 
 SERVING_FILE = "serving.json"
+# The serving.json sections ``PipelineModel.engine`` passes as keyword arguments, and the class
+# each goes to: its fields are the allowed keys and their annotations the allowed types.
+SERVING_SECTIONS = {"rules": BusinessRules, "explain": ExplainOptions}
 # What serving imports (recsys itself travels as code_paths). Pinned to the versions installed
 # where the model was logged: inferring them costs ~13 s and guesses (STACK.md gotcha 3).
 SERVING_PACKAGES = (
@@ -135,13 +139,31 @@ def _load_pyfunc(data_path: str) -> PipelineModel:
 
 def read_serving(path: Path) -> dict[str, Any]:
     """The serving settings saved with the model (``serving_defaults`` when there is no file);
-    an ``InputError`` naming the file if it cannot be read or lacks a setting ``predict`` needs."""
+    an ``InputError`` naming the file if it cannot be read, lacks a setting ``predict`` needs, or
+    has a ``rules`` / ``explain`` key the rules or explanations do not take (``check_section``)."""
     if not path.is_file():
         return serving_defaults()
     serving = read_json_object(path)
     if absent := [key for key in ("k", "scorer") if key not in serving]:
         raise InputError(f"has no {absent} setting(s); {REPAIR}", file=str(path))
+    for section, cls in SERVING_SECTIONS.items():
+        check_section(path, serving, section, cls)
     return serving
+
+
+def check_section(path: Path, serving: Mapping[str, Any], section: str, cls: type) -> None:
+    """``serving[section]`` (optional) holds only keyword arguments of the dataclass ``cls``, each
+    of its annotated type; else an ``InputError`` naming the file and the key. Checked at load:
+    ``cls(**...)`` runs, and a wrong type surfaces, only at the first ``predict``."""
+    check_field(path, serving, section, dict, required=False)
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    if unknown := [key for key in serving.get(section, {}) if key not in allowed]:
+        raise InputError(
+            f"'{section}' has unknown key(s) {unknown} (allowed: {', '.join(allowed)}); {REPAIR}", file=str(path)
+        )
+    hints = get_type_hints(cls)
+    for key in serving.get(section, {}):
+        check_field(path, serving[section], f"{section}.{key}", hints[key])
 
 
 def signature():
