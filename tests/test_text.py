@@ -233,7 +233,12 @@ def test_training_updates_bert_and_lowers_the_loss(block_world, tiny_encoder, fr
     assert (word in changed) != freeze_embeddings
 
 
-def test_fine_tune_restores_the_best_checkpoint(block_world, tiny_encoder, tmp_path):
+def fine_tune_with_best_checkpoint(block_world, encoder, tmp_path, **trainer_kwargs):
+    """``fine_tune`` as the job calls it (zero-shot validation, fit, best checkpoint) on the block
+    world's leave-last-out split, 3 epochs; ``trainer_kwargs`` pick the device.
+
+    Returns ``(net, fine_tune's network, its metrics, the best-checkpoint callback)``.
+    """
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from recsys.text.fit import fine_tune
@@ -242,8 +247,8 @@ def test_fine_tune_restores_the_best_checkpoint(block_world, tiny_encoder, tmp_p
     h = block_world.history
     split = LeaveLastOutSplit(n_val=1, n_test=1).split(h.interactions)
     train = History(split.train, h.n_users, h.n_items)
-    ids, lengths = tiny_encoder.tokenize(block_world.texts)
-    net = TwoTower(tiny_encoder, max_history=10)
+    ids, lengths = encoder.tokenize(block_world.texts)
+    net = TwoTower(encoder, max_history=10)
     dm = TextDataModule(
         item_ids=ids, item_lengths=lengths, train=train, val=split.val, batch_size=16, steps_per_epoch=3, max_history=10
     )
@@ -251,10 +256,26 @@ def test_fine_tune_restores_the_best_checkpoint(block_world, tiny_encoder, tmp_p
         dirpath=tmp_path, filename="best", monitor="val/ndcg_at_10", mode="max", save_weights_only=True
     )
     t = trainer(
-        max_epochs=3, limit_val_batches=None, enable_checkpointing=True, callbacks=[ckpt], num_sanity_val_steps=0
+        max_epochs=3,
+        limit_val_batches=None,
+        enable_checkpointing=True,
+        callbacks=[ckpt],
+        num_sanity_val_steps=0,
+        **trainer_kwargs,
     )
     factory = lambda net: TextTowerModule(net=net, lr_encoder=1e-3, lr_head=1e-2, warmup_steps=1)  # noqa: E731
     out, metrics = fine_tune(net, dm, factory, t)
+    return net, out, metrics, ckpt
+
+
+def assert_holds_the_best_checkpoint(net, ckpt) -> None:
+    state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
+    for key, value in net.state_dict().items():
+        torch.testing.assert_close(value, state[f"net.{key}"], atol=0, rtol=0)
+
+
+def test_fine_tune_restores_the_best_checkpoint(block_world, tiny_encoder, tmp_path):
+    net, out, metrics, ckpt = fine_tune_with_best_checkpoint(block_world, tiny_encoder, tmp_path)
 
     assert out is net and not net.training
     assert set(metrics) == {"text/val_ndcg_at_10_zeroshot", "text/val_ndcg_at_10_finetuned", "text/kept_zeroshot"}
@@ -262,9 +283,7 @@ def test_fine_tune_restores_the_best_checkpoint(block_world, tiny_encoder, tmp_p
     assert metrics["text/val_ndcg_at_10_finetuned"] == pytest.approx(float(ckpt.best_model_score))
     # This tiny world is learnable: fine-tuning beats the random start, so the best checkpoint wins.
     assert metrics["text/kept_zeroshot"] == 0.0
-    state = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
-    for key, value in net.state_dict().items():
-        torch.testing.assert_close(value, state[f"net.{key}"], atol=0, rtol=0)
+    assert_holds_the_best_checkpoint(net, ckpt)
 
 
 def test_fine_tune_keeps_the_zero_shot_weights_when_no_epoch_beats_them(block_world, tiny_encoder, tmp_path):
