@@ -29,7 +29,7 @@ from recsys.export.pipeline_model import (
     PipelineHistories,
     TrainedPipeline,
 )
-from recsys.export.rules import BusinessRules, CompiledRules, apply_rules_dense
+from recsys.export.rules import BusinessRules, CompiledRules, apply_rules_dense, mask_items
 from recsys.rank.candidates import rank_column
 from recsys.rank.features import build_features, item_statistics
 from recsys.recommender import History, Recommender
@@ -260,11 +260,7 @@ def masked_top_k(
     sc = d.scores
     if not (in_place and sc.flags.writeable and sc.flags.c_contiguous and len(users) == len(sc)):
         sc = np.ascontiguousarray(sc[users], dtype=np.float32)  # fancy indexing: a fresh copy
-    if allowed is not None:
-        sc[:, ~allowed] = -np.inf
-    if seen is not None:
-        sc[np.repeat(np.arange(seen.shape[0]), np.diff(seen.indptr)), seen.indices] = -np.inf
-    return fast_top_k(sc, k)
+    return fast_top_k(mask_items(sc, allowed, seen), k)
 
 
 def fast_top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

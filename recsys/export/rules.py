@@ -147,12 +147,17 @@ class CompiledRules:
         ``copy=False`` masks a writeable float32 array in place (the export's fresh score blocks)."""
         if copy or scores.dtype != np.float32 or not scores.flags.writeable:
             scores = np.array(scores, dtype=np.float32, copy=True)
-        ok = self.allowed_items
-        if ok is not None:
-            scores[:, ~ok] = -np.inf
-        if seen is not None and self.rules.filter_seen:
-            scores[np.repeat(np.arange(seen.shape[0]), np.diff(seen.indptr)), seen.indices] = -np.inf
-        return scores
+        return mask_items(scores, self.allowed_items, seen if self.rules.filter_seen else None)
+
+
+def mask_items(scores: np.ndarray, allowed: np.ndarray | None, seen: sp.csr_matrix | None) -> np.ndarray:
+    """``scores`` (masked in place and returned) with items outside ``allowed`` and each row's
+    ``seen`` items (row r of ``seen`` is row r of ``scores``) at -inf."""
+    if allowed is not None:
+        scores[:, ~allowed] = -np.inf
+    if seen is not None:
+        scores[np.repeat(np.arange(seen.shape[0]), np.diff(seen.indptr)), seen.indices] = -np.inf
+    return scores
 
 
 def apply_rules(frame: pl.DataFrame, rules: CompiledRules, k: int) -> pl.DataFrame:
