@@ -59,6 +59,9 @@ VARIANTS: dict[str, tuple[dict, dict, bool]] = {
     "both_cand_x2": ({}, {"als": 100, "text": 100, "itemknn": 60}, False),
     "both_cand_x2_lr02": (LR02, {"als": 100, "text": 100, "itemknn": 60}, False),
     "both_cand_small": ({}, {"als": 30, "text": 30, "itemknn": 20}, False),
+    "both_bags5": ({"bags": 5}, {}, False),
+    "both_bags10": ({"bags": 10}, {}, False),
+    "both_bags5_lr02": ({**LR02, "bags": 5}, {}, False),
 }
 
 

@@ -18,7 +18,7 @@ also given against a large square GEMM and the GPU's data-sheet peak.
 FLOPs are counted on real (non-pad) tokens from the model config: per token and layer,
 ``8 d^2 + 4 d d_ff`` for the dense layers and ``4 T d`` for attention; a trained layer costs
 3x its forward, a frozen one 1x (no backward). Padding is reported as its share of the
-positions actually computed.
+positions the dense layers actually compute (0 for the packed training forward).
 
 Accuracy of the options: ``bench/text_tower.py quality --help`` (trains and evaluates only the
 text tower, on the generated data or on Amazon-Scientific).
@@ -92,18 +92,20 @@ def flops_per_token(config, seq_len: float) -> float:
 
 
 # The job's default text tower (conf/encoder/minilm.yaml, conf/text/default.yaml): no dropout,
-# two length buckets. Every variant below overrides some of it.
-BASE: dict[str, Any] = {"dropout": 0.0, "module": {"length_buckets": 2}}
+# packed tokens, one length bucket. Every variant below overrides some of it.
+BASE: dict[str, Any] = {"dropout": 0.0, "packed": True, "module": {"length_buckets": 1}}
 # "old" is the step before issue #6 (checkpoint dropout, one chunk padded to the batch's longest
-# item, for-loop AdamW); "until_nov26" the default until 2026-11-26 (the same with fused AdamW).
-CHECKPOINT = {"dropout": None, "module": {"length_buckets": 1}}
+# item, for-loop AdamW); "until_nov26" the default until 2026-11-26 (the same with fused AdamW);
+# "unpacked" the default until packing (HF's padded forward, two length buckets).
+CHECKPOINT = {"dropout": None, "packed": False, "module": {"length_buckets": 1}}
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
+    "unpacked": {"packed": False, "module": {"length_buckets": 2}},
     "old": {**CHECKPOINT, "module": {**CHECKPOINT["module"], "fused_optimizer": False}},
     "until_nov26": CHECKPOINT,
     "dropout": {"dropout": None},
     "freeze_emb": {"module": {"freeze_embeddings": True}},
-    "buckets1": {"module": {"length_buckets": 1}},
+    "buckets2": {"module": {"length_buckets": 2}},
     "buckets4": {"module": {"length_buckets": 4}},
     "freeze2": {"module": {"freeze_layers": 2}},
     "freeze3": {"module": {"freeze_layers": 3}},
@@ -151,11 +153,15 @@ def load_generated(n_users: int = 2000, n_items: int = 1500, seed: int = 7):
     return texts, History(df, len(users), len(texts))
 
 
-def make_encoder(kind: str, max_length: int, num_layers: int | None = None, dropout: float | None = None):
+def make_encoder(
+    kind: str, max_length: int, num_layers: int | None = None, dropout: float | None = None, packed: bool = True
+):
     from recsys.text.encoder import ItemEncoder, load_tokenizer
 
     if kind == "minilm":
-        return ItemEncoder.from_pretrained(minilm_path(), max_length=max_length, num_layers=num_layers, dropout=dropout)
+        return ItemEncoder.from_pretrained(
+            minilm_path(), max_length=max_length, num_layers=num_layers, dropout=dropout, packed=packed
+        )
     if kind == "minilm_shape":
         # MiniLM's config with random weights: the same shapes and FLOPs, for a machine that has
         # the config and tokenizer but not the 87 MB of weights (the GPU machine).
@@ -163,17 +169,26 @@ def make_encoder(kind: str, max_length: int, num_layers: int | None = None, drop
 
         torch.manual_seed(0)
         bert = BertModel(BertConfig.from_pretrained(minilm_path()), add_pooling_layer=False)
-        return ItemEncoder(bert, load_tokenizer(minilm_path()), max_length, num_layers=num_layers, dropout=dropout)
-    return ItemEncoder.random(minilm_path(), max_length=max_length, dropout=dropout)
+        tok = load_tokenizer(minilm_path())
+        return ItemEncoder(bert, tok, max_length, num_layers=num_layers, dropout=dropout, packed=packed)
+    return ItemEncoder.random(minilm_path(), max_length=max_length, dropout=dropout, packed=packed)
 
 
-def computed_positions(mask: torch.Tensor, buckets: int) -> int:
-    """Positions the encoder computes for this batch when split as ``forward_bucketed`` does."""
+def computed_positions(mask: torch.Tensor, buckets: int, packed: bool) -> int:
+    """Positions the dense layers compute for this batch when split as ``forward_bucketed`` does
+    (a packed chunk computes its real tokens only, see ``PACK_MIN_PADDING``)."""
+    from recsys.text.encoder import PACK_MIN_PADDING
+
     lengths = mask.sum(1)
     if buckets <= 1 or len(lengths) < 2 * buckets:
-        return mask.numel()
-    order = torch.argsort(lengths, descending=True, stable=True)
-    return sum(len(sel) * int(lengths[sel].max()) for sel in torch.tensor_split(order, buckets))
+        chunks = [torch.arange(len(lengths))]
+    else:
+        chunks = torch.tensor_split(torch.argsort(lengths, descending=True, stable=True), buckets)
+    total = 0
+    for sel in chunks:
+        real, padded = int(lengths[sel].sum()), len(sel) * int(lengths[sel].max())
+        total += real if packed and 1 - real / padded >= PACK_MIN_PADDING else padded
+    return total
 
 
 def speed(args: argparse.Namespace) -> dict:
@@ -196,7 +211,11 @@ def speed(args: argparse.Namespace) -> dict:
     for name in names:
         spec = variant(name)
         enc = make_encoder(
-            args.encoder, spec.get("max_length", args.max_length), spec.get("num_layers"), spec["dropout"]
+            args.encoder,
+            spec.get("max_length", args.max_length),
+            spec.get("num_layers"),
+            spec["dropout"],
+            spec["packed"],
         )
         ids, lengths = enc.tokenize(texts)
         net = TwoTower(enc).to(device)
@@ -232,7 +251,13 @@ def speed(args: argparse.Namespace) -> dict:
     dtype = compute_dtype(device, runs[names[0]]["enc"].precision)
     ceilings: list[float] = []
     meters = {name: Meter() for name in names}
-    enc_meter = Meter()
+    # Catalogue encoding, once per distinct encoder forward (packed or not) among the variants.
+    encoders = {}
+    for name, run in runs.items():
+        encoders.setdefault(
+            ("packed" if run["enc"].packed else "unpacked", run["enc"].bert.config.num_hidden_layers), name
+        )
+    enc_meters = {name: Meter() for name in encoders.values()}
     for _ in range(args.rounds):
         ceilings.append(gemm_ceiling(cfg0.hidden_size, cfg0.intermediate_size, seconds=1.0, device=device, dtype=dtype))
         for name, run in runs.items():
@@ -253,19 +278,21 @@ def speed(args: argparse.Namespace) -> dict:
                 m.steps += 1
                 m.seqs += len(lengths)
                 m.tokens += n_tok
-                m.computed += computed_positions(mask, buckets)
+                m.computed += computed_positions(mask, buckets, run["enc"].packed)
         progress = {n: round(m.seconds / max(1, m.steps), 2) for n, m in meters.items()}
         print(
             f"round {len(ceilings)}: ceiling {ceilings[-1]:.1f} GFLOP/s, s/step {progress}", file=sys.stderr, flush=True
         )
-        base = runs[names[0]]
-        t0 = time.perf_counter()
-        base["enc"]._encode_tokens(base["ids"], base["lengths"], batch_size=args.encode_batch_size)
-        enc_meter.seconds += time.perf_counter() - t0
-        lengths = base["lengths"].float()
-        enc_meter.tokens += int(lengths.sum())
-        enc_meter.seqs += len(lengths)
-        enc_meter.flops += sum(flops_per_token(cfg0, float(n)) * float(n) for n in lengths.tolist())
+        for name, em in enc_meters.items():
+            run = runs[name]
+            t0 = time.perf_counter()
+            run["enc"]._encode_tokens(run["ids"], run["lengths"], batch_size=args.encode_batch_size)
+            em.seconds += time.perf_counter() - t0
+            lengths = run["lengths"].float()
+            em.tokens += int(lengths.sum())
+            em.seqs += len(lengths)
+            cfg = run["enc"].bert.config
+            em.flops += sum(flops_per_token(cfg, float(n)) * float(n) for n in lengths.tolist())
 
     ceiling = sum(ceilings) / len(ceilings)
     out: dict[str, Any] = {
@@ -290,13 +317,18 @@ def speed(args: argparse.Namespace) -> dict:
             "mfu": round(m.flops / m.seconds / 1e9 / ceiling, 3),
             "step_s": round(m.seconds / m.steps, 3),
         }
-    out["encode"] = {
-        "batch_size": args.encode_batch_size,
-        "seqs_per_s": round(enc_meter.seqs / enc_meter.seconds, 1),
-        "real_tokens_per_s": round(enc_meter.tokens / enc_meter.seconds, 1),
-        "gflops": round(enc_meter.flops / enc_meter.seconds / 1e9, 1),
-        "mfu": round(enc_meter.flops / enc_meter.seconds / 1e9 / ceiling, 3),
+    encode = {
+        name: {
+            "batch_size": args.encode_batch_size,
+            "seqs_per_s": round(em.seqs / em.seconds, 1),
+            "real_tokens_per_s": round(em.tokens / em.seconds, 1),
+            "gflops": round(em.flops / em.seconds / 1e9, 1),
+            "mfu": round(em.flops / em.seconds / 1e9 / ceiling, 3),
+        }
+        for name, em in enc_meters.items()
     }
+    out["encode"] = encode[names[0]]  # the first variant's encoder
+    out["encode_by_variant"] = encode
     if device == "cuda":
         # On a GPU the encoder's small GEMMs are far from the chip's peak, so MFU is also given
         # against the data-sheet peak and a large square GEMM measured here.
@@ -304,7 +336,7 @@ def speed(args: argparse.Namespace) -> dict:
         big = _gemm_rate(8192, 8192, 8192, 2.0, device, dtype)
         out["gemm_8192_gflops"] = round(big, 1)
         out["datasheet_peak_gflops"] = peak * 1000 if peak else None
-        for part in (*out["train"].values(), out["encode"]):
+        for part in (*out["train"].values(), *encode.values()):
             part["mfu_vs_gemm_8192"] = round(part["gflops"] / big, 4)
             if peak:
                 part["mfu_vs_datasheet"] = round(part["gflops"] / (peak * 1000), 4)
@@ -352,11 +384,12 @@ def int8_check(enc, ids: torch.Tensor, lengths: torch.Tensor) -> dict:
 
 
 # Speed/accuracy options as Hydra overrides of the job's config, for the quality mode.
-UNTIL_NOV26 = ["encoder.dropout=null", "text.module.length_buckets=1"]
+UNTIL_NOV26 = ["encoder.dropout=null", "encoder.packed=false", "text.module.length_buckets=1"]
 OPTIONS: dict[str, list[str]] = {
     "default": [],
     "old": [*UNTIL_NOV26, "text.module.fused_optimizer=false"],
     "until_nov26": UNTIL_NOV26,
+    "unpacked": ["encoder.packed=false", "text.module.length_buckets=2"],
     "dropout": ["encoder.dropout=null"],
     "freeze_emb": ["text.module.freeze_embeddings=true"],
     "buckets4": ["text.module.length_buckets=4"],

@@ -480,6 +480,28 @@ def test_the_rules_and_explanations_serving_json_may_hold_load(pipeline_copy):
 
 
 @pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda s: s["rules"].update(allowlist="/nonexistent/allow.txt"), "rules.allowlist: file not found"),
+        (lambda s: s["rules"].update(blocklist="/nonexistent/block.csv"), "rules.blocklist: file not found"),
+        (
+            lambda s: s["rules"].update(max_per_category=2, category_column="genre"),
+            "the items have no 'genre' column",
+        ),
+    ],
+)
+def test_what_a_serving_rule_points_at_is_checked_at_load(pipeline_copy, edit, match):
+    """A missing allowlist/blocklist file or category column fails when the model loads (it used
+    to fail at the first ``predict``)."""
+    from recsys.errors import ConfigError
+    from recsys.export.pyfunc import SERVING_FILE, _load_pyfunc
+
+    edit_json(pipeline_copy / SERVING_FILE, edit)
+    with pytest.raises(ConfigError, match=match):
+        _load_pyfunc(str(pipeline_copy))
+
+
+@pytest.mark.parametrize(
     ("damaged", "content"),
     [
         ("cf/als.npz", b"not a zip archive"),

@@ -102,3 +102,17 @@ def test_fine_tune_on_gpu_validates_there_and_restores_the_best_checkpoint(block
     assert all(0.0 <= v <= 1.0 for v in metrics.values()), metrics
     assert metrics["text/kept_zeroshot"] == 0.0, metrics
     assert_holds_the_best_checkpoint(net, ckpt)
+
+
+@pytest.mark.parametrize(("precision", "min_cosine"), [("bf16", 0.99), ("fp32", 0.9999)])
+def test_packed_forward_on_cuda_matches_the_hf_forward(tokenizer_path, precision, min_cosine):
+    """The pad-free forward (training, gradients on) under autocast on the GPU gives HF's vectors."""
+    texts = ["a red telescope for watching comets at night", "yarn", "cast iron skillet", "dumbbell with a grip"]
+    packed = ItemEncoder.random(tokenizer=tokenizer_path, seed=0, precision={"cuda": precision}).eval().cuda()
+    plain = ItemEncoder.random(tokenizer=tokenizer_path, seed=0, precision={"cuda": precision}, packed=False)
+    plain = plain.eval().cuda()
+    ids, lengths = packed.tokenize(texts)
+    mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long().cuda()
+    a, b = packed(ids.long().cuda(), mask), plain(ids.long().cuda(), mask)
+    assert a.dtype == b.dtype == torch.float32
+    assert float((a * b).sum(1).min().detach()) >= min_cosine

@@ -251,3 +251,43 @@ def test_fused_pair_scores_equal_the_ranked_lists_and_cover_pairs_outside_the_ca
     )
     got = fusion.score_pairs(outside, models, hist, exclude=None)
     assert got.shape == (tiny_dataset.n_items,) and np.isfinite(got).all()
+
+
+def test_average_models_predicts_and_explains_the_mean_of_its_models():
+    import lightgbm as lgb
+
+    from recsys.rank.ranker import average_models
+
+    frame, features = planted(200, seed=0), ["noise_a", "signal", "noise_b"]
+    x = frame.select(features).to_numpy()
+    groups = frame.group_by(Columns.UserIdx, maintain_order=True).len()["len"].to_numpy()
+    data = lgb.Dataset(x, label=frame["label"].to_numpy(), group=groups, free_raw_data=False)
+    params = dict(objective="lambdarank", num_leaves=5, min_data_in_leaf=5, feature_fraction=0.7, verbosity=-1)
+    models = [lgb.train({**params, "seed": s}, data, num_boost_round=n) for s, n in ((0, 7), (1, 12), (2, 3))]
+    merged = lgb.Booster(model_str=average_models([m.model_to_string() for m in models]))
+    assert merged.num_trees() == 7 + 12 + 3
+    mean = np.mean([m.predict(x) for m in models], axis=0)
+    np.testing.assert_allclose(merged.predict(x), mean, rtol=1e-9, atol=1e-12)
+    # TreeSHAP is additive over trees: the merged model's contributions are the mean ones too.
+    contrib = np.mean([m.predict(x, pred_contrib=True) for m in models], axis=0)
+    np.testing.assert_allclose(merged.predict(x, pred_contrib=True), contrib, rtol=1e-7, atol=1e-9)
+
+
+def test_bagged_ranker_averages_one_model_per_fold_and_is_deterministic():
+    train, test = planted(300, seed=0), planted(100, seed=1)
+    features = ["noise_a", "signal", "noise_b"]
+    kw = dict(n_estimators=40, min_child_samples=5, early_stopping_rounds=5, seed=0)
+    bagged = LambdaMARTRanker(bags=3, **kw).fit(train, features)
+    again = LambdaMARTRanker(bags=3, **kw).fit(train, features)
+    single = LambdaMARTRanker(**kw).fit(train, features)
+    np.testing.assert_array_equal(bagged.predict(test), again.predict(test))
+    assert bagged.best_iteration == bagged.booster.num_trees()
+    assert not np.allclose(bagged.predict(test), single.predict(test))
+    ranked = test.with_columns(pl.Series("score", bagged.predict(test))).sort(
+        Columns.UserIdx, "score", descending=[False, True]
+    )
+    assert ranked.group_by(Columns.UserIdx, maintain_order=True).first()["label"].mean() >= 0.9
+    with pytest.raises(ValueError, match="bags"):
+        LambdaMARTRanker(bags=0)
+    with pytest.raises(Exception, match="at least 6 users"):
+        LambdaMARTRanker(bags=3, **kw).fit(planted(2, seed=0), features)

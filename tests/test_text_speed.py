@@ -33,9 +33,8 @@ TEXTS = [
 def count_encoded_rows(encoder: ItemEncoder) -> list[int]:
     """Rows (items) that pass through the BERT, appended per call."""
     calls: list[int] = []
-    encoder.bert.register_forward_hook(
-        lambda m, args, kwargs, out: calls.append(len(kwargs["input_ids"])), with_kwargs=True
-    )
+    # On the ItemEncoder, not its BERT: the packed path reads the BERT's weights without calling it.
+    encoder.register_forward_hook(lambda m, args, out: calls.append(len(args[0])))
     return calls
 
 

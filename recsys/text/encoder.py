@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recsys.errors import ConfigError
+from recsys.text.packed import packed_mean_pool, supports_packing
 
 if TYPE_CHECKING:
     from recsys.text.cache import ItemEmbeddingCache
@@ -40,6 +41,12 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # 3.4 s for the generated catalogue, 512 took 4.3 s (its activations leave the cache); under heavy
 # load 512 was the faster one (fewer OpenMP barriers to wait at). The quiet machine decides.
 ENCODE_BATCH = 128
+# The packed forward pays a gather/scatter per layer (~4 % of a CPU pass), so it runs only where
+# padding costs more: training batches padded by at least this share (with one length bucket a
+# MiniLM step pads ~12 %: 1.12x per step). Catalogue passes (no gradient) never pack: their
+# length-sorted batches pad ~2 %, and measured packed they were 0.97x on the CPU and 0.6-0.8x on
+# an H200 (docs/benchmarks.md, "Issue #6, fourth round").
+PACK_MIN_PADDING = 0.05
 
 
 def compute_dtype(device: torch.device | str, precision: Mapping[str, str] | None = None) -> torch.dtype:
@@ -87,6 +94,10 @@ class ItemEncoder(nn.Module):
             repeated catalogue passes encode only items whose text or encoder changed.
         dropout: replaces every dropout probability of the BERT (hidden and attention) while
             fine-tuning; ``None`` keeps the checkpoint's. Inference never drops anything.
+        packed: while training, run a plain BERT on its real tokens only (``recsys.text.packed``:
+            no compute on padding) for batches padded by at least ``PACK_MIN_PADDING``; the same
+            vectors and gradients up to float rounding. Other architectures, inference, or
+            ``False`` use the Hugging Face forward.
     """
 
     def __init__(
@@ -99,6 +110,7 @@ class ItemEncoder(nn.Module):
         precision: Mapping[str, str] | None = None,
         embedding_cache: ItemEmbeddingCache | None = None,
         dropout: float | None = None,
+        packed: bool = True,
     ) -> None:
         super().__init__()
         self.bert = bert
@@ -122,6 +134,7 @@ class ItemEncoder(nn.Module):
                 if isinstance(m, nn.Dropout):
                     m.p = float(dropout)  # BERT's sdpa attention reads its dropout module's p too
             bert.config.hidden_dropout_prob = bert.config.attention_probs_dropout_prob = float(dropout)
+        self.packed = bool(packed) and supports_packing(bert)
 
     @classmethod
     def from_pretrained(
@@ -133,6 +146,7 @@ class ItemEncoder(nn.Module):
         precision: Mapping[str, str] | None = None,
         embedding_cache: ItemEmbeddingCache | None = None,
         dropout: float | None = None,
+        packed: bool = True,
     ) -> ItemEncoder:
         """A local folder (or, with internet, a hub name) holding a BERT-style model."""
         from transformers import AutoModel
@@ -146,7 +160,9 @@ class ItemEncoder(nn.Module):
             raise ConfigError(f"'{name_or_path}' is not a BERT-style encoder ({type(bert).__name__})")
         # from_pretrained returns eval mode; switch back so dropout is on while fine-tuning.
         bert.train()
-        return cls(bert, tokenizer, max_length, max_length_percentile, num_layers, precision, embedding_cache, dropout)
+        return cls(
+            bert, tokenizer, max_length, max_length_percentile, num_layers, precision, embedding_cache, dropout, packed
+        )
 
     @classmethod
     def random(
@@ -161,6 +177,7 @@ class ItemEncoder(nn.Module):
         precision: Mapping[str, str] | None = None,
         embedding_cache: ItemEmbeddingCache | None = None,
         dropout: float | None = None,
+        packed: bool = True,
     ) -> ItemEncoder:
         """A tiny randomly initialised BERT (tests, smoke runs) with a real tokenizer."""
         from transformers import BertConfig, BertModel
@@ -177,7 +194,9 @@ class ItemEncoder(nn.Module):
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             bert = BertModel(config, add_pooling_layer=False)
-        return cls(bert, tok, max_length, precision=precision, embedding_cache=embedding_cache, dropout=dropout)
+        return cls(
+            bert, tok, max_length, precision=precision, embedding_cache=embedding_cache, dropout=dropout, packed=packed
+        )
 
     @property
     def dim(self) -> int:
@@ -216,12 +235,20 @@ class ItemEncoder(nn.Module):
         return enc["input_ids"].to(torch.int32), enc["attention_mask"].sum(1).to(torch.int32)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.packed and torch.is_grad_enabled() and self._padding(attention_mask) >= PACK_MIN_PADDING:
+            with autocast_for(input_ids.device, self.precision):
+                pooled = packed_mean_pool(self.bert, input_ids, attention_mask)
+            return F.normalize(pooled.float(), dim=-1)
         with autocast_for(input_ids.device, self.precision):
             hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         hidden = hidden.float()
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         return F.normalize(pooled, dim=-1)
+
+    @staticmethod
+    def _padding(attention_mask: torch.Tensor) -> float:
+        return 1.0 - float(attention_mask.sum()) / max(1, attention_mask.numel())
 
     def forward_bucketed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, buckets: int = 4) -> torch.Tensor:
         """``forward`` on length-sorted chunks, each padded only to its own longest item.
