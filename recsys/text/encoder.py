@@ -42,11 +42,11 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # load 512 was the faster one (fewer OpenMP barriers to wait at). The quiet machine decides.
 ENCODE_BATCH = 128
 # The packed forward pays a gather/scatter per layer (~4 % of a CPU pass), so it runs only where
-# padding costs more: training batches padded by at least this share (a MiniLM step on the generated
-# data pads 22 % in one length bucket: packed, 1.15-1.27x per step against HF's forward with two
-# buckets). Catalogue passes (no gradient) never pack: their
-# length-sorted batches pad ~2 %, and measured packed they were 0.97x on the CPU and 0.6-0.8x on
-# an H200 (docs/benchmarks.md, "Issue #6, fourth round").
+# padding costs more: training batches padded by at least this share (a MiniLM step on the
+# generated data pads 22 % in one length bucket: packed, 1.15-1.27x per step against HF's forward
+# with two buckets). Catalogue passes (no gradient) never pack: their length-sorted batches pad
+# ~2 %, and packed they measured 0.97x on the CPU and 0.6-0.8x on an H200 (docs/benchmarks.md,
+# "Issue #6, fourth round").
 PACK_MIN_PADDING = 0.05
 
 
