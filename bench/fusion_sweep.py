@@ -9,6 +9,8 @@ stage does. The test split is never read: the validation users are cut in two se
 ranker is fitted on one and scored (full-ranking NDCG@10 / Recall@10 over the catalogue, seen items
 removed, candidate recall included) on the other, then the other way round, and the table reports
 the mean over all validation users. Every variant is scored on the same users and the same folds.
+A variant's ranker settings override the experiment's ``ranker`` config: since 2026-11-26 the
+``scientific`` preset has ``bags: 5``, so every variant there is bagged unless it sets ``bags``.
 """
 
 from __future__ import annotations
