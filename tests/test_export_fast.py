@@ -232,6 +232,21 @@ def test_pattern_tree_shap_equals_pred_contrib(zero_as_missing):
     got = shap(rows)
     np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
     assert not np.allclose(got, booster.predict(rows, num_iteration=25, pred_contrib=True)[:, :-1])
+    # Later calls read the patterns cached by earlier ones: same values, bit for bit, as a fresh
+    # instance and as one without a cache.
+    computed: list[int] = []
+    predict = booster.predict
+    booster.predict = lambda data, **kw: computed.append(len(data)) or predict(data, **kw)
+    later = x[500:1500]
+    fresh = PatternTreeShap(booster, 20)(later)
+    n_fresh = sum(computed)
+    computed.clear()
+    again = shap(later)
+    assert 0 < sum(computed) < n_fresh / 2  # most of its patterns were known already
+    booster.predict = predict
+    np.testing.assert_array_equal(again, fresh)
+    np.testing.assert_array_equal(again, PatternTreeShap(booster, 20, max_cached=0)(later))
+    np.testing.assert_allclose(again, booster.predict(later, num_iteration=20, pred_contrib=True)[:, :-1], atol=1e-12)
 
 
 def test_pattern_explanations_equal_the_plain_pred_contrib(pipeline, monkeypatch):
