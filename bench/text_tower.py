@@ -251,12 +251,11 @@ def speed(args: argparse.Namespace) -> dict:
     dtype = compute_dtype(device, runs[names[0]]["enc"].precision)
     ceilings: list[float] = []
     meters = {name: Meter() for name in names}
-    # Catalogue encoding, once per distinct encoder forward (packed or not) among the variants.
+    # Catalogue encoding, once per distinct encoding among the variants: catalogue passes never
+    # pack and drop nothing, so only the depth and the token width tell them apart.
     encoders = {}
     for name, run in runs.items():
-        encoders.setdefault(
-            ("packed" if run["enc"].packed else "unpacked", run["enc"].bert.config.num_hidden_layers), name
-        )
+        encoders.setdefault((run["enc"].bert.config.num_hidden_layers, run["ids"].shape[1]), name)
     enc_meters = {name: Meter() for name in encoders.values()}
     for _ in range(args.rounds):
         ceilings.append(gemm_ceiling(cfg0.hidden_size, cfg0.intermediate_size, seconds=1.0, device=device, dtype=dtype))

@@ -23,6 +23,7 @@ import importlib.metadata
 import json
 import logging
 import warnings
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -88,15 +89,14 @@ class PipelineModel:
         self.pipeline = pipeline
         self.serving = dict(serving)
         self._engines: dict[tuple[int, str], Engine] = {}
-        self._rules = BusinessRules(**self.serving.get("rules", {}))
-        # Bound to the catalogue once now, so what the rules point at (an allowlist or blocklist
+        # Bound to the catalogue once, now, so what the rules point at (an allowlist or blocklist
         # file, the category column) fails when the model loads, not at the first predict.
-        self._rules.compile(pipeline.items, pipeline.now)
+        self._rules = BusinessRules(**self.serving.get("rules", {})).compile(pipeline.items, pipeline.now)
 
     def engine(self, k: int, scorer: str) -> Engine:
         key = (int(k), scorer)
         if key not in self._engines:
-            rules = self._rules.compile(self.pipeline.items, self.pipeline.now)
+            rules = dataclasses.replace(self._rules, removed=Counter())  # each engine counts its own removals
             explain = ExplainOptions(**self.serving.get("explain", {}))
             self._engines[key] = Engine(self.pipeline, rules, k, scorer, explain)
         return self._engines[key]

@@ -236,16 +236,15 @@ class ItemEncoder(nn.Module):
         return enc["input_ids"].to(torch.int32), enc["attention_mask"].sum(1).to(torch.int32)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        if self.packed and torch.is_grad_enabled() and self._padding(attention_mask) >= PACK_MIN_PADDING:
-            with autocast_for(input_ids.device, self.precision):
-                pooled = packed_mean_pool(self.bert, input_ids, attention_mask)
-            return F.normalize(pooled.float(), dim=-1)
         with autocast_for(input_ids.device, self.precision):
-            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        hidden = hidden.float()
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        return F.normalize(pooled, dim=-1)
+            if self.packed and torch.is_grad_enabled() and self._padding(attention_mask) >= PACK_MIN_PADDING:
+                pooled = packed_mean_pool(self.bert, input_ids, attention_mask)
+            else:
+                hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+                hidden = hidden.float()  # pooled in fp32, as the packed path does
+                mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return F.normalize(pooled.float(), dim=-1)
 
     @staticmethod
     def _padding(attention_mask: torch.Tensor) -> float:
