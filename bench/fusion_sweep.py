@@ -89,6 +89,9 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--overrides", nargs="*", default=[])
     ap.add_argument(
+        "--fold-seed", type=int, default=None, help="seed of the two validation halves (default: the config's)"
+    )
+    ap.add_argument(
         "--extra-stage",
         action="store_true",
         help="also train each variant with a second labelled stage: history = train minus each user's "
@@ -105,7 +108,7 @@ def main() -> None:
     if not pipeline.history_towers:
         raise SystemExit("the run has no zero-shot tower: train it with rank.text_zeroshot_feature=true")
     users = split.val[Columns.UserIdx].unique().sort().to_numpy()
-    rng = np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng(cfg.seed if args.fold_seed is None else args.fold_seed)
     fold = rng.permutation(len(users)) % 2
     halves = [users[fold == 0], users[fold == 1]]
     # (history, targets, models, exclusion) of each labelled stage

@@ -57,6 +57,8 @@ def trained_run() -> TrainedRun:
         "eval.zeroshot=false",
         "rank.text_zeroshot_feature=true",  # a second text tower in the saved pipeline
         "text.recency_decay=0.3",  # not the UserEncoder default: loading must restore it
+        # a recency-weighted item-kNN beside the plain one: loading must restore its decay
+        "+cf.itemknn_recent={_target_:recsys.cf.ItemKNN,neighbours:50,recency_decay:0.5}",
         f"model.register_name={MODEL_NAME}",
         "model.alias=champion",
     ]

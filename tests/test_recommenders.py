@@ -12,7 +12,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from recsys.cf import ALS, BPR, ItemKNN, Popularity
+from recsys.cf import ALS, BPR, ItemKNN, Popularity, SequentialKNN
 from recsys.columns import Columns
 from recsys.recommender import History, Recommender, top_k
 from recsys.text.recommender import TextRecommender
@@ -29,12 +29,14 @@ MODELS = {
     "als": lambda h, r: ALS(factors=4, iterations=15, seed=0).fit(h),
     "bpr": lambda h, r: BPR(factors=8, iterations=100, seed=0).fit(h),
     "itemknn": lambda h, r: ItemKNN(neighbours=50).fit(h),
+    "itemknn_recent": lambda h, r: ItemKNN(neighbours=50, recency_decay=0.5).fit(h),
+    "itemknn_next": lambda h, r: SequentialKNN(neighbours=50).fit(h),
     "popularity": lambda h, r: Popularity().fit(h),
     "text": lambda h, r: fit_text(r, trained=True),
     "text_untrained": lambda h, r: fit_text(r, trained=False),
 }
 # Models that must find the blocks (popularity and an untrained tower cannot).
-KNOWS_BLOCKS = {"als", "bpr", "itemknn", "text"}
+KNOWS_BLOCKS = {"als", "bpr", "itemknn", "itemknn_next", "itemknn_recent", "text"}
 
 
 @pytest.fixture(params=list(MODELS))
@@ -193,3 +195,71 @@ def test_top_k_ties_at_the_cutoff_keep_the_lowest_items():
     idx, _ = top_k(scores, 10)
     expected = np.argsort(-scores, axis=1, kind="stable")[:, :10]  # stable: lower index first among ties
     np.testing.assert_array_equal(idx, expected)
+
+
+def test_recency_rows_weigh_items_by_how_many_distinct_items_came_after():
+    from recsys.cf.models import recency_rows
+
+    # user 0: items 3, 1, 3, 2 in time order -> 2 last (k=0), 3 before it (k=1), 1 first (k=2);
+    # user 1: no events; user 2: one item twice.
+    df = pl.DataFrame(
+        {
+            Columns.UserIdx: [0, 0, 0, 0, 2, 2],
+            Columns.ItemIdx: [3, 1, 3, 2, 0, 0],
+            Columns.Timestamp: [10, 20, 30, 40, 5, 6],
+            Columns.Weight: [1.0] * 6,
+        }
+    )
+    m = recency_rows(History(df, 3, 4), 0.5).toarray()
+    np.testing.assert_allclose(m, [[0, 0.25, 1.0, 0.5], [0, 0, 0, 0], [1.0, 0, 0, 0]])
+
+
+def test_recency_weighted_knn_scores_the_last_items_neighbours_higher():
+    """Two users with the same items in opposite orders: each ranks higher the items that
+    co-occur with what it consumed last."""
+    # items 0-2 co-occur with item 6 only, items 3-5 with item 7 only (other users); user 0
+    # consumed 6 then 7, user 1 consumed 7 then 6.
+    rows = [(0, 6, 1), (0, 7, 2), (1, 7, 1), (1, 6, 2)]
+    u = 2
+    for group, anchor in ((range(3), 6), (range(3, 6), 7)):
+        for item in group:
+            rows += [(u, item, 1), (u, anchor, 2)]
+            u += 1
+    df = pl.DataFrame(rows, schema=[Columns.UserIdx, Columns.ItemIdx, Columns.Timestamp], orient="row")
+    df = df.with_columns(pl.lit(1.0).alias(Columns.Weight)).sort(Columns.UserIdx, Columns.Timestamp)
+    h = History(df, u, 8)
+    plain = ItemKNN(neighbours=10).fit(h).score_users(np.array([0, 1]))
+    np.testing.assert_allclose(plain[0], plain[1])  # order-blind
+    s = ItemKNN(neighbours=10, recency_decay=0.5).fit(h).score_users(np.array([0, 1]))
+    assert s[0, 3:6].min() > s[0, 0:3].max()  # user 0 ended with 7: items 3-5 first
+    assert s[1, 0:3].min() > s[1, 3:6].max()
+
+
+@pytest.mark.parametrize("decay", [0.0, -0.5, 1.5])
+def test_knn_recency_decay_out_of_range_is_refused(decay):
+    with pytest.raises(ValueError, match="recency_decay must be in"):
+        ItemKNN(recency_decay=decay)
+
+
+def test_sequential_knn_counts_what_came_next_within_the_window():
+    # user 0: 0 -> 1 -> 2 -> 3; user 1: 0 -> 2. Window 2, weights 1/gap, scaled by
+    # 1/sqrt(events_j * events_i) (events: item 0: 2, item 1: 1, item 2: 2, item 3: 1).
+    df = pl.DataFrame(
+        {
+            Columns.UserIdx: [0, 0, 0, 0, 1, 1],
+            Columns.ItemIdx: [0, 1, 2, 3, 0, 2],
+            Columns.Timestamp: [1, 2, 3, 4, 1, 2],
+            Columns.Weight: [1.0] * 6,
+        }
+    )
+    m = SequentialKNN(neighbours=10, window=2, recency_decay=None).fit(History(df, 2, 4))
+    want = np.zeros((4, 4))
+    want[0, 1] = 1 / np.sqrt(2 * 1)
+    want[0, 2] = (0.5 + 1) / np.sqrt(2 * 2)  # user 0 at gap 2, user 1 at gap 1
+    want[1, 2] = 1 / np.sqrt(1 * 2)
+    want[1, 3] = 0.5 / np.sqrt(1 * 1)
+    want[2, 3] = 1 / np.sqrt(2 * 1)
+    np.testing.assert_allclose(m.similarity.toarray(), want, rtol=1e-6)
+    # Directional: nothing leads back; and only the top neighbour per item is kept with k=1.
+    top1 = SequentialKNN(neighbours=1, window=2, recency_decay=None).fit(History(df, 2, 4)).similarity.toarray()
+    np.testing.assert_allclose(top1, np.where(want == want.max(1, keepdims=True), want, 0) * (want > 0), rtol=1e-6)

@@ -16,6 +16,8 @@ MODEL_COLOURS = {
     "als": "#1f77b4",
     "bpr": "#17becf",
     "itemknn": "#9467bd",
+    "itemknn_recent": "#c5b0d5",
+    "itemknn_next": "#e377c2",
     "text_zeroshot": "#bcbd22",
     "text": "#2ca02c",
     "fused": "#d62728",

@@ -34,13 +34,15 @@ log = logging.getLogger(__name__)
 
 FUSED = "fused"
 # Models whose scores the fused ranker reads: the candidates for "best single component".
-COMPONENTS = ("als", "bpr", "itemknn", "text", "popularity")
-ORDER = ("popularity", "als", "bpr", "itemknn", "text_zeroshot", "text", FUSED)
+COMPONENTS = ("als", "bpr", "itemknn", "itemknn_recent", "itemknn_next", "text", "popularity")
+ORDER = ("popularity", "als", "bpr", "itemknn", "itemknn_recent", "itemknn_next", "text_zeroshot", "text", FUSED)
 DISPLAY = {
     "popularity": "popularity",
     "als": "ALS",
     "bpr": "BPR",
     "itemknn": "item-kNN",
+    "itemknn_recent": "item-kNN (recent)",
+    "itemknn_next": "item-kNN (next)",
     "text_zeroshot": "text (zero-shot)",
     "text": "text",
     FUSED: "fused",

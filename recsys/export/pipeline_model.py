@@ -38,7 +38,7 @@ import polars as pl
 import scipy.sparse as sp
 import torch
 
-from recsys.cf.models import ALS, BPR, ItemKNN, Popularity
+from recsys.cf.models import ALS, BPR, ItemKNN, Popularity, recency_rows
 from recsys.columns import Columns
 from recsys.data.dataset import IdMap
 from recsys.errors import ConfigError, InputError
@@ -206,7 +206,7 @@ class FactorScorer(Recommender):
 
 
 class KNNScorer(Recommender):
-    """Item-kNN: the user's (binary) history row times the item-item similarity."""
+    """Item-kNN: the user's history row (binary, or ``recency_rows``) times the item-item similarity."""
 
     def __init__(self, name: str, user_items: sp.csr_matrix, similarity: sp.csr_matrix) -> None:
         self.name, self.user_items, self.similarity = name, user_items, similarity
@@ -396,6 +396,7 @@ class TrainedPipeline:
     source_order: list[str] = field(default_factory=list)  # every model, in training order
     new_item_models: dict[str, int] = field(default_factory=dict)  # name -> max_events (NewItemText)
     history_towers: dict[str, HistoryTower] = field(default_factory=dict)  # further text features
+    knn_recency: dict[str, float] = field(default_factory=dict)  # item-kNN name -> recency_decay, if set
     # The text tower's serving side (user encoder + item vectors): all that scoring needs. A loaded
     # pipeline leaves ``net`` (the BERT) on disk in ``text_folder`` until it is saved again, so an
     # export process and each of its workers skip importing and reading a model they never run.
@@ -416,7 +417,7 @@ class TrainedPipeline:
         event_weights: Mapping[str, float],
         meta: Mapping[str, Any] | None = None,
     ) -> TrainedPipeline:
-        factor, knn, const, new_items, towers = {}, {}, {}, {}, {}
+        factor, knn, const, new_items, towers, recency = {}, {}, {}, {}, {}, {}
         net, text_name, text_tower = None, None, None
         for name, m in models.items():
             if isinstance(m, NewItemText):
@@ -431,6 +432,8 @@ class TrainedPipeline:
                 }
             elif isinstance(m, ItemKNN):
                 knn[name] = sp.csr_matrix(m.similarity, dtype=np.float32)
+                if m.recency_decay is not None:
+                    recency[name] = float(m.recency_decay)
             elif isinstance(m, Popularity):
                 const[name] = np.asarray(m.counts, dtype=np.float32)
             elif isinstance(m, TextRecommender):
@@ -454,6 +457,7 @@ class TrainedPipeline:
             history=hist,
             factor_models=factor,
             knn_models=knn,
+            knn_recency=recency,
             constant_models=const,
             net=net,
             item_embeddings=None if text_tower is None else text_tower.item_embeddings,
@@ -533,7 +537,7 @@ class TrainedPipeline:
             "format_version": FORMAT_VERSION,
             "models": {
                 **{n: {"kind": f["kind"]} for n, f in self.factor_models.items()},
-                **{n: {"kind": "ItemKNN"} for n in self.knn_models},
+                **{n: {"kind": "ItemKNN", "recency_decay": self.knn_recency.get(n)} for n in self.knn_models},
                 **{n: {"kind": "Popularity"} for n in self.constant_models},
                 **({self.text_name: {"kind": "TextRecommender"}} if self.text_name else {}),
                 **{n: {"kind": "NewItemText", "max_events": e} for n, e in self.new_item_models.items()},
@@ -606,7 +610,7 @@ class TrainedPipeline:
             users = IdMap(np.asarray(users_df[Columns.User].to_list(), dtype=object))
         with reading(path / "history.parquet"):
             history = pl.read_parquet(path / "history.parquet")
-        factor, knn, const = {}, {}, {}
+        factor, knn, const, recency = {}, {}, {}, {}
         text_tower, text_name = None, None
         new_items, towers = {}, {}
         for name, info in meta["models"].items():
@@ -628,6 +632,8 @@ class TrainedPipeline:
                         }
                     elif kind == "ItemKNN":
                         knn[name] = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))
+                        if info.get("recency_decay") is not None:
+                            recency[name] = float(info["recency_decay"])
                     else:
                         const[name] = z["counts"]
         if meta.get("text"):
@@ -647,6 +653,7 @@ class TrainedPipeline:
             history=history,
             factor_models=factor,
             knn_models=knn,
+            knn_recency=recency,
             constant_models=const,
             net=None,
             item_embeddings=None if text_tower is None else text_tower.item_embeddings,
@@ -722,9 +729,12 @@ class TrainedPipeline:
                     uf[new] = fold_in(f["item_factors"], matrix[new], f["regularization"], f["alpha"])
                 out[name] = FactorScorer(name, uf, f["item_factors"])
             elif name in self.knn_models:
-                binary = matrix.copy()
-                binary.data[:] = 1.0
-                out[name] = KNNScorer(name, binary.astype(np.float32), self.knn_models[name])
+                if name in self.knn_recency:
+                    rows = recency_rows(h, self.knn_recency[name])
+                else:
+                    rows = matrix.copy()
+                    rows.data[:] = 1.0
+                out[name] = KNNScorer(name, rows.astype(np.float32), self.knn_models[name])
             elif name in self.constant_models:
                 out[name] = ConstantScorer(name, self.constant_models[name])
             elif name == self.text_name:
