@@ -59,6 +59,7 @@ def trained_run() -> TrainedRun:
         "text.recency_decay=0.3",  # not the UserEncoder default: loading must restore it
         # a recency-weighted item-kNN beside the plain one: loading must restore its decay
         "+cf.itemknn_recent={_target_:recsys.cf.ItemKNN,neighbours:50,recency_decay:0.5}",
+        "+cf.itemknn_next={_target_:recsys.cf.SequentialKNN,neighbours:50}",
         f"model.register_name={MODEL_NAME}",
         "model.alias=champion",
     ]

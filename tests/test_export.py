@@ -152,6 +152,8 @@ def test_saved_pipeline_scores_as_the_trained_models(pipeline):
     pipeline, over the stored histories, gives every training model's scores."""
     p = pipeline
     assert "text_zeroshot" in p.history_towers and "score_text_zeroshot" in p.ranker.features
+    # the order-aware item-kNN models keep their recency decay (scores below would differ without it)
+    assert p.knn_recency == {"itemknn_recent": 0.5, "itemknn_next": 0.5}
     scorers = p.scorers(p.histories(list(p.users.ids)))
     users = np.arange(len(p.users))
     with np.load(trained_run().train_scores) as trained:
