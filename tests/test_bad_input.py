@@ -429,6 +429,11 @@ def edit_json(path: Path, edit) -> None:
         (lambda m: m["n_candidates"].update(als=[30]), "n_candidates", "must be dict[str, int], found dict"),
         (lambda m: m.update(now=True), "now", "must be int, found bool True"),
         (lambda m: m.update(ranker=["features"]), "ranker", "must be dict | None, found list"),
+        (
+            lambda m: m["models"]["itemknn_recent"].update(recency_decay="0.5"),
+            "models.itemknn_recent.recency_decay",
+            "must be float | None, found str",
+        ),
     ],
 )
 def test_a_missing_or_mistyped_field_inside_meta_json_is_named(pipeline_copy, edit, field, found):

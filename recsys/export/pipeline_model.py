@@ -70,6 +70,8 @@ RANKER_FIELDS: dict[str, Any] = {"features": list[str], "best_iteration": int}
 MODEL_FIELDS: dict[str, dict[str, Any]] = {"NewItemText": {"max_events": int}, "HistoryTower": {"max_history": int}}
 # Read with ``.get`` (pipelines saved before it was recorded lack it), so only its type is checked.
 TOWER_OPTIONAL: dict[str, Any] = {"history_embeddings": bool}
+# Per kind, fields pipelines saved before they existed lack (read with ``.get``).
+MODEL_OPTIONAL: dict[str, dict[str, Any]] = {"ItemKNN": {"recency_decay": float | None}}
 # What a reader of a broken pipeline folder can do about it: the files are only ever written
 # together, by ``TrainedPipeline.save`` at the end of training.
 REPAIR = (
@@ -157,6 +159,8 @@ def check_meta(meta: Mapping[str, Any], file: Path) -> None:
         for key, hint in MODEL_FIELDS.get(info["kind"], {}).items():
             check_field(file, info, f"models.{name}.{key}", hint)
         for key, hint in TOWER_OPTIONAL.items():
+            check_field(file, info, f"models.{name}.{key}", hint, required=False)
+        for key, hint in MODEL_OPTIONAL.get(info["kind"], {}).items():
             check_field(file, info, f"models.{name}.{key}", hint, required=False)
     if meta.get("text"):
         for key, hint in TEXT_FIELDS.items():
