@@ -236,9 +236,18 @@ def test_recency_weighted_knn_scores_the_last_items_neighbours_higher():
 
 
 @pytest.mark.parametrize("decay", [0.0, -0.5, 1.5])
-def test_knn_recency_decay_out_of_range_is_refused(decay):
-    with pytest.raises(ValueError, match="recency_decay must be in"):
-        ItemKNN(recency_decay=decay)
+@pytest.mark.parametrize("model", [ItemKNN, SequentialKNN])
+def test_knn_recency_decay_out_of_range_is_refused(model, decay):
+    with pytest.raises(ValueError, match=f"{model.__name__} recency_decay must be in"):
+        model(recency_decay=decay)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"), [({"neighbours": 0}, "neighbours must be >= 1"), ({"window": 0}, "window")]
+)
+def test_sequential_knn_bad_sizes_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SequentialKNN(**kwargs)
 
 
 def test_sequential_knn_counts_what_came_next_within_the_window():

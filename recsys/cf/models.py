@@ -104,8 +104,10 @@ class ItemKNN(Recommender):
     name = "itemknn"
 
     def __init__(self, neighbours: int = 100, binary: bool = True, recency_decay: float | None = None) -> None:
+        if neighbours < 1:
+            raise ValueError(f"{type(self).__name__} neighbours must be >= 1, got {neighbours}")
         if recency_decay is not None and not 0.0 < recency_decay <= 1.0:
-            raise ValueError(f"ItemKNN recency_decay must be in (0, 1] or null, got {recency_decay}")
+            raise ValueError(f"{type(self).__name__} recency_decay must be in (0, 1] or null, got {recency_decay}")
         self.neighbours, self.binary, self.recency_decay = neighbours, binary, recency_decay
 
     def fit(self, history: History) -> ItemKNN:
