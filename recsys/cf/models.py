@@ -122,9 +122,7 @@ class ItemKNN(Recommender):
             warnings.filterwarnings("ignore", message="Method expects CSR input")
             model.fit(m, show_progress=False)
         self.similarity = sp.csr_matrix(model.similarity, dtype=np.float32)
-        self.user_items = (
-            m.astype(np.float32) if self.recency_decay is None else recency_rows(history, self.recency_decay)
-        )
+        self.user_items = user_rows(history, self.recency_decay, self.binary)
         return self
 
     def score_users(self, users: np.ndarray) -> np.ndarray:
@@ -164,11 +162,7 @@ class SequentialKNN(ItemKNN):
         events = np.maximum(history.item_counts, 1).astype(np.float64)
         coo.data = (coo.data / np.sqrt(events[coo.row] * events[coo.col])).astype(np.float32)
         self.similarity = top_per_row(coo, self.neighbours)
-        m = history.matrix.copy()
-        m.data[:] = 1.0
-        self.user_items = (
-            m.astype(np.float32) if self.recency_decay is None else recency_rows(history, self.recency_decay)
-        )
+        self.user_items = user_rows(history, self.recency_decay)
         return self
 
 
@@ -181,6 +175,17 @@ def top_per_row(m: sp.coo_matrix, k: int) -> sp.csr_matrix:
     out = sp.csr_matrix((val[keep], (row[keep], col[keep])), shape=m.shape, dtype=np.float32)
     out.sort_indices()
     return out
+
+
+def user_rows(history: History, recency_decay: float | None = None, binary: bool = True) -> sp.csr_matrix:
+    """An item-kNN's user x item rows (float32): ``recency_rows`` with a decay, else the history
+    matrix, binary or with its event weights. Training and serving both build them here."""
+    if recency_decay is not None:
+        return recency_rows(history, recency_decay)
+    m = history.matrix.astype(np.float32)  # a copy
+    if binary:
+        m.data[:] = 1.0
+    return m
 
 
 def recency_rows(history: History, decay: float) -> sp.csr_matrix:

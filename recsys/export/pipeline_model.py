@@ -38,7 +38,7 @@ import polars as pl
 import scipy.sparse as sp
 import torch
 
-from recsys.cf.models import ALS, BPR, ItemKNN, Popularity, recency_rows
+from recsys.cf.models import ALS, BPR, ItemKNN, Popularity, user_rows
 from recsys.columns import Columns
 from recsys.data.dataset import IdMap
 from recsys.errors import ConfigError, InputError
@@ -733,12 +733,8 @@ class TrainedPipeline:
                     uf[new] = fold_in(f["item_factors"], matrix[new], f["regularization"], f["alpha"])
                 out[name] = FactorScorer(name, uf, f["item_factors"])
             elif name in self.knn_models:
-                if name in self.knn_recency:
-                    rows = recency_rows(h, self.knn_recency[name])
-                else:
-                    rows = matrix.copy()
-                    rows.data[:] = 1.0
-                out[name] = KNNScorer(name, rows.astype(np.float32), self.knn_models[name])
+                rows = user_rows(h, self.knn_recency.get(name))
+                out[name] = KNNScorer(name, rows, self.knn_models[name])
             elif name in self.constant_models:
                 out[name] = ConstantScorer(name, self.constant_models[name])
             elif name == self.text_name:
