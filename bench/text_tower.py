@@ -3,15 +3,18 @@
     python bench/text_tower.py                                  # the default step vs the old one
     python bench/text_tower.py --variants until_nov26,default,freeze3,layers3,len24 --rounds 3
     python bench/text_tower.py --int8                           # + dynamic int8 encoding, cosine to fp32
+    python bench/text_tower.py --variants default --compiled    # + compiled catalogue passes (encoder.compile)
     python bench/text_tower.py --encoder tiny --steps 2 --rounds 1
     python bench/text_tower.py --device cuda --encoder minilm_shape --batch-size 64   # on a GPU (bf16)
 
 In one run it measures (1) this machine's fp32 GEMM ceiling at the encoder's shapes, (2) the
 real training step of ``TextTowerModule`` (forward, loss, backward, AdamW step) on batches from
 ``TextDataModule`` over the generated data, once per *variant* (module / encoder options),
-(3) catalogue encoding with ``encode_tokens``. The machine is shared, so the phases are
-interleaved: every round measures the ceiling, then ``--steps`` steps of each variant on the
-same batches, then one catalogue pass; MFU is each variant's FLOP rate over the mean ceiling.
+(3) catalogue encoding with ``encode_tokens`` (with ``--compiled`` also through the compiled,
+copy of the first variant's BERT, right after the eager pass of the same weights).
+The machine is shared, so the phases are interleaved: every round measures the ceiling, then
+``--steps`` steps of each variant on the same batches, then one catalogue pass; MFU is each
+variant's FLOP rate over the mean ceiling.
 With ``--device cuda`` the ceiling is measured in the encoder's CUDA precision (bf16), and MFU is
 also given against a large square GEMM and the GPU's data-sheet peak.
 
@@ -257,6 +260,21 @@ def speed(args: argparse.Namespace) -> dict:
     for name, run in runs.items():
         encoders.setdefault((run["enc"].bert.config.num_hidden_layers, run["ids"].shape[1]), name)
     enc_meters = {name: Meter() for name in encoders.values()}
+    compiled = None
+    if args.compiled:
+        # The first variant's BERT (shared, not copied) behind an encoder that compiles every
+        # catalogue pass (``recsys.text.compiled``); its first pass pays the compile.
+        from recsys.text.encoder import ItemEncoder
+
+        base = runs[names[0]]
+        enc0 = base["enc"]
+        compiled = ItemEncoder(enc0.bert, enc0.tokenizer, enc0.max_length, precision=enc0.precision, compile=True)
+        t0 = time.perf_counter()
+        got = compiled._encode_tokens(base["ids"], base["lengths"], batch_size=args.encode_batch_size)
+        compile_s = time.perf_counter() - t0
+        ref = enc0._encode_tokens(base["ids"], base["lengths"], batch_size=args.encode_batch_size)
+        compiled_diff = float((got - ref).abs().max())
+        compiled_meter = Meter()
     for _ in range(args.rounds):
         ceilings.append(gemm_ceiling(cfg0.hidden_size, cfg0.intermediate_size, seconds=1.0, device=device, dtype=dtype))
         for name, run in runs.items():
@@ -292,6 +310,19 @@ def speed(args: argparse.Namespace) -> dict:
             em.seqs += len(lengths)
             cfg = run["enc"].bert.config
             em.flops += sum(flops_per_token(cfg, float(n)) * float(n) for n in lengths.tolist())
+            if compiled is not None and name == names[0]:
+                # The training steps above changed the weights: one untimed pass makes the compiled
+                # copy of the new ones (as a fine-tuning run's next pass would), then the timed
+                # one. Neither timed pass hashes the weights (the job's cache does that once for
+                # either path).
+                weights = compiled.weights_fingerprint()
+                compiled._encode_tokens(run["ids"][:256], run["lengths"][:256], args.encode_batch_size, weights=weights)
+                t0 = time.perf_counter()
+                compiled._encode_tokens(run["ids"], run["lengths"], args.encode_batch_size, weights=weights)
+                compiled_meter.seconds += time.perf_counter() - t0
+                compiled_meter.tokens += int(lengths.sum())
+                compiled_meter.seqs += len(lengths)
+                compiled_meter.flops += sum(flops_per_token(cfg, float(n)) * float(n) for n in lengths.tolist())
 
     ceiling = sum(ceilings) / len(ceilings)
     out: dict[str, Any] = {
@@ -326,6 +357,20 @@ def speed(args: argparse.Namespace) -> dict:
         }
         for name, em in enc_meters.items()
     }
+    if compiled is not None:
+        cm = compiled_meter
+        encode["compiled"] = {
+            "batch_size": args.encode_batch_size,
+            "seqs_per_s": round(cm.seqs / cm.seconds, 1),
+            "gflops": round(cm.flops / cm.seconds / 1e9, 1),
+            "mfu": round(cm.flops / cm.seconds / 1e9 / ceiling, 3),
+            "real_tokens_per_s": round(cm.tokens / cm.seconds, 1),
+            # against the eager passes of the same rounds and weights
+            "speedup_vs_eager": round(cm.seqs / cm.seconds / encode[names[0]]["seqs_per_s"], 3),
+            "first_pass_with_compile_s": round(compile_s, 1),
+            "compiles": compiled.compiler.compiles,
+            "max_abs_diff_to_eager": compiled_diff,
+        }
     out["encode"] = encode[names[0]]  # the first variant's encoder
     out["encode_by_variant"] = encode
     if device == "cuda":
@@ -535,6 +580,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-length", type=int, default=32)
     ap.add_argument("--variants", default="old,default", help=f"comma list of {sorted(VARIANTS)}")
+    ap.add_argument(
+        "--compiled", action="store_true", help="also time compiled catalogue passes (encoder.compile=true)"
+    )
     ap.add_argument("--int8", action="store_true", help="also measure dynamic int8 encoding and its cosine to fp32")
     ap.add_argument("--int8-items", type=int, default=1500, help="catalogue items the int8 check encodes")
     args = ap.parse_args(argv)

@@ -111,7 +111,7 @@ class ItemEmbeddingCache:
                 missing[k] = j
         if missing:
             rows = torch.tensor(list(missing.values()), dtype=torch.long)
-            vectors = encoder._encode_tokens(ids[rows], lengths[rows], batch_size, progress).numpy()
+            vectors = encoder._encode_tokens(ids[rows], lengths[rows], batch_size, progress, weights).numpy()
             table.update(zip(missing, vectors, strict=True))
             self._save(weights, table)
         self.encoded_items += len(missing)

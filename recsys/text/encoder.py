@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recsys.errors import ConfigError
+from recsys.text.compiled import InferenceCompiler
 from recsys.text.packed import packed_mean_pool, supports_packing
 
 if TYPE_CHECKING:
@@ -99,6 +100,9 @@ class ItemEncoder(nn.Module):
             no compute on padding) for batches padded by at least ``PACK_MIN_PADDING``; the same
             vectors and gradients up to float rounding. Other architectures, inference, or
             ``False`` use the Hugging Face forward.
+        compile: run catalogue passes (inference on the CPU) through a compiled copy of the
+            BERT (``recsys.text.compiled``): ``True``, ``False``, or ``"auto"``, only
+            passes of at least ``compile_min_items`` items, where the ~30 s first compile pays off.
     """
 
     def __init__(
@@ -112,6 +116,8 @@ class ItemEncoder(nn.Module):
         embedding_cache: ItemEmbeddingCache | None = None,
         dropout: float | None = None,
         packed: bool = True,
+        compile: bool | str = "auto",
+        compile_min_items: int = 200_000,
     ) -> None:
         super().__init__()
         self.bert = bert
@@ -136,6 +142,7 @@ class ItemEncoder(nn.Module):
                     m.p = float(dropout)  # BERT's sdpa attention reads its dropout module's p too
             bert.config.hidden_dropout_prob = bert.config.attention_probs_dropout_prob = float(dropout)
         self.packed = bool(packed) and supports_packing(bert)
+        self.compiler = InferenceCompiler(compile, compile_min_items)
 
     @classmethod
     def from_pretrained(
@@ -148,6 +155,8 @@ class ItemEncoder(nn.Module):
         embedding_cache: ItemEmbeddingCache | None = None,
         dropout: float | None = None,
         packed: bool = True,
+        compile: bool | str = "auto",
+        compile_min_items: int = 200_000,
     ) -> ItemEncoder:
         """A local folder (or, with internet, a hub name) holding a BERT-style model."""
         from transformers import AutoModel
@@ -162,7 +171,17 @@ class ItemEncoder(nn.Module):
         # from_pretrained returns eval mode; switch back so dropout is on while fine-tuning.
         bert.train()
         return cls(
-            bert, tokenizer, max_length, max_length_percentile, num_layers, precision, embedding_cache, dropout, packed
+            bert,
+            tokenizer,
+            max_length,
+            max_length_percentile,
+            num_layers,
+            precision,
+            embedding_cache,
+            dropout,
+            packed,
+            compile,
+            compile_min_items,
         )
 
     @classmethod
@@ -179,6 +198,8 @@ class ItemEncoder(nn.Module):
         embedding_cache: ItemEmbeddingCache | None = None,
         dropout: float | None = None,
         packed: bool = True,
+        compile: bool | str = "auto",
+        compile_min_items: int = 200_000,
     ) -> ItemEncoder:
         """A tiny randomly initialised BERT (tests, smoke runs) with a real tokenizer."""
         from transformers import BertConfig, BertModel
@@ -196,7 +217,15 @@ class ItemEncoder(nn.Module):
             torch.manual_seed(seed)
             bert = BertModel(config, add_pooling_layer=False)
         return cls(
-            bert, tok, max_length, precision=precision, embedding_cache=embedding_cache, dropout=dropout, packed=packed
+            bert,
+            tok,
+            max_length,
+            precision=precision,
+            embedding_cache=embedding_cache,
+            dropout=dropout,
+            packed=packed,
+            compile=compile,
+            compile_min_items=compile_min_items,
         )
 
     @property
@@ -236,11 +265,15 @@ class ItemEncoder(nn.Module):
         return enc["input_ids"].to(torch.int32), enc["attention_mask"].sum(1).to(torch.int32)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self._embed(self.bert, input_ids, attention_mask)
+
+    def _embed(self, bert: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``forward`` through ``bert``: this encoder's own, or its compiled copy."""
         with autocast_for(input_ids.device, self.precision):
             if self.packed and torch.is_grad_enabled() and self._padding(attention_mask) >= PACK_MIN_PADDING:
-                pooled = packed_mean_pool(self.bert, input_ids, attention_mask)
+                pooled = packed_mean_pool(bert, input_ids, attention_mask)
             else:
-                hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+                hidden = bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
                 hidden = hidden.float()  # pooled in fp32, as the packed path does
                 mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
@@ -294,8 +327,15 @@ class ItemEncoder(nn.Module):
 
     @torch.no_grad()
     def _encode_tokens(
-        self, ids: torch.Tensor, lengths: torch.Tensor, batch_size: int = ENCODE_BATCH, progress: bool = False
+        self,
+        ids: torch.Tensor,
+        lengths: torch.Tensor,
+        batch_size: int = ENCODE_BATCH,
+        progress: bool = False,
+        weights: str | None = None,
     ) -> torch.Tensor:
+        """``encode_tokens`` without the cache; ``weights``: ``weights_fingerprint()`` if the
+        caller has it already (the compiled path needs it)."""
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
@@ -306,11 +346,22 @@ class ItemEncoder(nn.Module):
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, desc="encode items", unit="batch", leave=False)
+        compiled = None
+        if self.compiler.wanted(len(ids), torch.device(device)):
+            compiled = self.compiler.module(self.bert, weights or self.weights_fingerprint())
         for start in batches:
             sel = order[start : start + batch_size]
             width = int(lengths[sel].max())
             batch_ids = ids[sel, :width].long().to(device)
             mask = (torch.arange(width) < lengths[sel, None]).long().to(device)
+            # Size-1 dimensions would be specialised by the compiler (a new ~30 s compile): eager.
+            if compiled is not None and len(sel) > 1 and width > 1:
+                try:
+                    out[sel] = self._embed(compiled, batch_ids, mask).float().cpu()
+                    continue
+                except Exception as e:  # no C++ compiler, an unsupported op...: same pass, eagerly
+                    self.compiler.disable(e)
+                    compiled = None
             out[sel] = self(batch_ids, mask).float().cpu()
         self.train(was_training)
         return out
