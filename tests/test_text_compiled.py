@@ -50,7 +50,9 @@ def test_compiled_passes_give_the_eager_vectors_and_follow_new_weights(tokenizer
     torch.testing.assert_close(got, plain.encode(TEXTS, batch_size=4), atol=1e-5, rtol=0)
     assert rows == [4, 4, 4]  # the last batch (one item) runs eagerly: no size-1 specialisation
     assert enc.compiler.compiles == 1
-    assert enc.bert.config._attn_implementation == attention  # only the compiled copy's changed
+    # only the compiled copy's attention and Linear layers were rewritten
+    assert enc.bert.config._attn_implementation == attention
+    assert sum(type(m) is torch.nn.Linear for m in enc.bert.modules()) == 6 * 2  # 2 layers, 6 each
 
     # New weights (a fine-tuning step): the compiled copy must not keep the old ones.
     with torch.no_grad():
