@@ -88,14 +88,15 @@ class InferenceCompiler:
     def disable(self, error: BaseException) -> None:
         """Give up compiling in this process (e.g. no C++ compiler): passes run eagerly."""
         self.failed, self._module, self._weights = True, None, None
-        log.warning("compiled encoding failed, encoding without it: %s", str(error).splitlines()[0][:300])
+        first = (str(error).splitlines() or [""])[0][:300]
+        log.warning("compiled encoding failed, encoding without it: %s: %s", type(error).__name__, first)
 
 
 class _MatmulThenBias(nn.Module):
     """``nn.Linear`` as ``x @ W.T + b``: compiled, the GEMM writes no bias (``addmm`` copies it into
     its output first, a pass over the output) and the add joins the pointwise kernel that follows
-    (GELU, residual add + LayerNorm, the heads' transpose). Passes measured 1.06-1.16x against
-    eager with it, 1.04-1.07x with ``addmm``, in the same scripts (docs/benchmarks.md)."""
+    (GELU, residual add + LayerNorm, the heads' transpose). Pass medians measured 1.08-1.16x
+    against eager with it, 1.06-1.07x with ``addmm``, in alternating scripts (docs/benchmarks.md)."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
