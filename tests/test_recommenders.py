@@ -51,6 +51,18 @@ def block_model(request, block_world) -> tuple[str, Recommender]:
     return name, MODELS[name](block_world.history, request)
 
 
+def events(users: list[int], items: list[int], times: list[int]) -> pl.DataFrame:
+    """One unit-weight event per (user, item, time)."""
+    return pl.DataFrame(
+        {
+            Columns.UserIdx: users,
+            Columns.ItemIdx: items,
+            Columns.Timestamp: times,
+            Columns.Weight: [1.0] * len(users),
+        }
+    )
+
+
 def brute_force_top(scores: np.ndarray, seen: np.ndarray | None, k: int) -> np.ndarray:
     """Top-k score values per row by a plain sort, seen items removed."""
     s = scores.astype(np.float64).copy()
@@ -145,15 +157,7 @@ def test_popularity_counts_weighted_events(block_world):
 
 
 def test_popularity_window_counts_recent_events_only():
-    df = pl.DataFrame(
-        {
-            Columns.UserIdx: [0, 1, 2, 0],
-            Columns.ItemIdx: [0, 0, 0, 1],
-            Columns.Timestamp: [0, 0, 0, 30 * 86400],
-            Columns.Weight: [1.0, 1.0, 1.0, 1.0],
-        }
-    )
-    h = History(df, 3, 2)
+    h = History(events([0, 1, 2, 0], [0, 0, 0, 1], [0, 0, 0, 30 * 86400]), 3, 2)
     assert Popularity().fit(h).counts.tolist() == [3.0, 1.0]
     assert Popularity(window_days=7).fit(h).counts.tolist() == [0.0, 1.0]
 
@@ -202,14 +206,7 @@ def test_recency_rows_weigh_items_by_how_many_distinct_items_came_after():
 
     # user 0: items 3, 1, 3, 2 in time order -> 2 last (k=0), 3 before it (k=1), 1 first (k=2);
     # user 1: no events; user 2: one item twice.
-    df = pl.DataFrame(
-        {
-            Columns.UserIdx: [0, 0, 0, 0, 2, 2],
-            Columns.ItemIdx: [3, 1, 3, 2, 0, 0],
-            Columns.Timestamp: [10, 20, 30, 40, 5, 6],
-            Columns.Weight: [1.0] * 6,
-        }
-    )
+    df = events([0, 0, 0, 0, 2, 2], [3, 1, 3, 2, 0, 0], [10, 20, 30, 40, 5, 6])
     m = recency_rows(History(df, 3, 4), 0.5).toarray()
     np.testing.assert_allclose(m, [[0, 0.25, 1.0, 0.5], [0, 0, 0, 0], [1.0, 0, 0, 0]])
 
@@ -225,8 +222,7 @@ def test_recency_weighted_knn_scores_the_last_items_neighbours_higher():
         for item in group:
             rows += [(u, item, 1), (u, anchor, 2)]
             u += 1
-    df = pl.DataFrame(rows, schema=[Columns.UserIdx, Columns.ItemIdx, Columns.Timestamp], orient="row")
-    df = df.with_columns(pl.lit(1.0).alias(Columns.Weight)).sort(Columns.UserIdx, Columns.Timestamp)
+    df = events(*map(list, zip(*rows, strict=True))).sort(Columns.UserIdx, Columns.Timestamp)
     h = History(df, u, 8)
     plain = ItemKNN(neighbours=10).fit(h).score_users(np.array([0, 1]))
     np.testing.assert_allclose(plain[0], plain[1])  # order-blind
@@ -253,14 +249,7 @@ def test_sequential_knn_bad_sizes_are_refused(kwargs, match):
 def test_sequential_knn_counts_what_came_next_within_the_window():
     # user 0: 0 -> 1 -> 2 -> 3; user 1: 0 -> 2. Window 2, weights 1/gap, scaled by
     # 1/sqrt(events_j * events_i) (events: item 0: 2, item 1: 1, item 2: 2, item 3: 1).
-    df = pl.DataFrame(
-        {
-            Columns.UserIdx: [0, 0, 0, 0, 1, 1],
-            Columns.ItemIdx: [0, 1, 2, 3, 0, 2],
-            Columns.Timestamp: [1, 2, 3, 4, 1, 2],
-            Columns.Weight: [1.0] * 6,
-        }
-    )
+    df = events([0, 0, 0, 0, 1, 1], [0, 1, 2, 3, 0, 2], [1, 2, 3, 4, 1, 2])
     m = SequentialKNN(neighbours=10, window=2, recency_decay=None).fit(History(df, 2, 4))
     want = np.zeros((4, 4))
     want[0, 1] = 1 / np.sqrt(2 * 1)
