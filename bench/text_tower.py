@@ -135,6 +135,10 @@ class Meter:
     flops: float = 0.0
     extra: dict = field(default_factory=dict)
 
+    def add_pass(self, seqs: int, tokens: int, flops: float) -> None:
+        """One catalogue pass's work (its time is added by the caller, around the pass only)."""
+        self.seqs, self.tokens, self.flops = self.seqs + seqs, self.tokens + tokens, self.flops + flops
+
 
 def load_generated(n_users: int = 2000, n_items: int = 1500, seed: int = 7):
     """The generated data as (texts, History)."""
@@ -306,10 +310,9 @@ def speed(args: argparse.Namespace) -> dict:
             run["enc"]._encode_tokens(run["ids"], run["lengths"], batch_size=args.encode_batch_size)
             em.seconds += time.perf_counter() - t0
             lengths = run["lengths"].float()
-            em.tokens += int(lengths.sum())
-            em.seqs += len(lengths)
             cfg = run["enc"].bert.config
-            em.flops += sum(flops_per_token(cfg, float(n)) * float(n) for n in lengths.tolist())
+            flops = sum(flops_per_token(cfg, float(n)) * float(n) for n in lengths.tolist())
+            em.add_pass(len(lengths), int(lengths.sum()), flops)
             if compiled is not None and name == names[0]:
                 # The training steps above changed the weights: one untimed pass makes the compiled
                 # copy of the new ones (as a fine-tuning run's next pass would), then the timed
@@ -320,9 +323,7 @@ def speed(args: argparse.Namespace) -> dict:
                 t0 = time.perf_counter()
                 compiled._encode_tokens(run["ids"], run["lengths"], args.encode_batch_size, weights=weights)
                 compiled_meter.seconds += time.perf_counter() - t0
-                compiled_meter.tokens += int(lengths.sum())
-                compiled_meter.seqs += len(lengths)
-                compiled_meter.flops += sum(flops_per_token(cfg, float(n)) * float(n) for n in lengths.tolist())
+                compiled_meter.add_pass(len(lengths), int(lengths.sum()), flops)
 
     ceiling = sum(ceilings) / len(ceilings)
     out: dict[str, Any] = {
@@ -347,24 +348,21 @@ def speed(args: argparse.Namespace) -> dict:
             "mfu": round(m.flops / m.seconds / 1e9 / ceiling, 3),
             "step_s": round(m.seconds / m.steps, 3),
         }
-    encode = {
-        name: {
+
+    def encode_figures(em: Meter) -> dict[str, Any]:
+        return {
             "batch_size": args.encode_batch_size,
             "seqs_per_s": round(em.seqs / em.seconds, 1),
             "real_tokens_per_s": round(em.tokens / em.seconds, 1),
             "gflops": round(em.flops / em.seconds / 1e9, 1),
             "mfu": round(em.flops / em.seconds / 1e9 / ceiling, 3),
         }
-        for name, em in enc_meters.items()
-    }
+
+    encode = {name: encode_figures(em) for name, em in enc_meters.items()}
     if compiled is not None:
         cm = compiled_meter
         encode["compiled"] = {
-            "batch_size": args.encode_batch_size,
-            "seqs_per_s": round(cm.seqs / cm.seconds, 1),
-            "gflops": round(cm.flops / cm.seconds / 1e9, 1),
-            "mfu": round(cm.flops / cm.seconds / 1e9 / ceiling, 3),
-            "real_tokens_per_s": round(cm.tokens / cm.seconds, 1),
+            **encode_figures(cm),
             # against the eager passes of the same rounds and weights
             "speedup_vs_eager": round(cm.seqs / cm.seconds / encode[names[0]]["seqs_per_s"], 3),
             "first_pass_with_compile_s": round(compile_s, 1),

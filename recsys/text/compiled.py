@@ -57,12 +57,6 @@ class InferenceCompiler:
     def __deepcopy__(self, memo: dict) -> InferenceCompiler:
         return InferenceCompiler(self.mode, self.min_items)
 
-    def __getstate__(self) -> dict:
-        return {"mode": self.mode, "min_items": self.min_items}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["mode"], state["min_items"])
-
     def wanted(self, n_items: int, device: torch.device) -> bool:
         """Whether a pass over ``n_items`` items on ``device`` should run compiled."""
         if self.failed or self.mode is False or device.type != "cpu":

@@ -347,7 +347,7 @@ class ItemEncoder(nn.Module):
 
             batches = tqdm(batches, desc="encode items", unit="batch", leave=False)
         compiled = None
-        if self.compiler.wanted(len(ids), torch.device(device)):
+        if self.compiler.wanted(len(ids), device):
             compiled = self.compiler.module(self.bert, weights or self.weights_fingerprint())
         for start in batches:
             sel = order[start : start + batch_size]
