@@ -138,24 +138,38 @@ def make_engine(folder: Path, k: int, scorer: str, explain: bool = True):
     return Engine.load(folder, BusinessRules(max_per_category=40), k, scorer, opts)  # seen filtering + a cap
 
 
+def output_bytes(path: Path) -> list[bytes]:
+    """An export's bytes: the file, or each file of a ``layout=parts`` folder in name order."""
+    return [f.read_bytes() for f in sorted(path.iterdir())] if path.is_dir() else [path.read_bytes()]
+
+
 def children_cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
 
 
 def timed_export(
-    folder: Path, out: Path, k: int, scorer: str, n_users: int | None, chunk: int, explain=True, workers: int = 1
+    folder: Path,
+    out: Path,
+    k: int,
+    scorer: str,
+    n_users: int | None,
+    chunk: int,
+    explain=True,
+    workers: int = 1,
+    layout: str = "file",
 ):
     from recsys.export.batch import export_recommendations
 
     engine = make_engine(folder, k, scorer, explain)
     users = list(engine.p.users.ids[: n_users or len(engine.p.users)])
     t0, c0, cc0 = time.perf_counter(), time.process_time(), children_cpu()
-    res = export_recommendations(engine, users, out, chunk_size=chunk, progress=False, workers=workers)
+    res = export_recommendations(engine, users, out, chunk_size=chunk, progress=False, workers=workers, layout=layout)
     dt = time.perf_counter() - t0
     return {
         "users": len(users),
         "workers": workers,
+        "layout": layout,
         "seconds": dt,
         # CPU time of this process and of its workers: less noisy under contention
         "cpu_s": time.process_time() - c0 + children_cpu() - cc0,
@@ -257,9 +271,9 @@ class TreeMemory:
         return {"peak_rss_tree_mb": self.peak_rss, "peak_pss_tree_mb": self.peak_pss}
 
 
-def rss_child(folder: str, out: str, k: int, n_users: int, chunk: int, workers: int) -> None:
+def rss_child(folder: str, out: str, k: int, n_users: int, chunk: int, workers: int, layout: str) -> None:
     mem = TreeMemory()
-    r = timed_export(Path(folder), Path(out), k, "fused", n_users, chunk, workers=workers)
+    r = timed_export(Path(folder), Path(out), k, "fused", n_users, chunk, workers=workers, layout=layout)
     r.update(mem.stop())
     r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process alone
     r["peak_rss_largest_worker_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
@@ -269,6 +283,7 @@ def rss_child(folder: str, out: str, k: int, n_users: int, chunk: int, workers: 
 def rss_run(folder: Path, tmp: str, a, n: int) -> dict:
     """Export ``n`` users from the saved pipeline in a fresh process; its peak RSS."""
     cmd = [sys.executable, __file__, "--k", str(a.k), "--chunk", str(a.chunk), "--workers", str(a.workers)]
+    cmd += ["--layout", a.layout]
     cmd += ["--rss-child", str(folder), f"{tmp}/rss{n}.parquet", str(n)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     child = json.loads(out.splitlines()[-1])
@@ -288,13 +303,14 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--chunk", type=int, default=4096)
     ap.add_argument("--workers", type=int, default=2, help="export processes (the default of recommend.yaml)")
+    ap.add_argument("--layout", default="file", choices=["file", "parts"], help="output layout of every export")
     ap.add_argument("--naive-users", type=int, default=300)
     ap.add_argument("--small", type=int, default=10_000, help="users of the smaller RSS run")
     ap.add_argument("--only-rss", action="store_true", help="build, then only the two peak-RSS runs")
     ap.add_argument("--rss-child", nargs=3, metavar=("FOLDER", "OUT", "N"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.rss_child:
-        rss_child(a.rss_child[0], a.rss_child[1], a.k, int(a.rss_child[2]), a.chunk, a.workers)
+        rss_child(a.rss_child[0], a.rss_child[1], a.k, int(a.rss_child[2]), a.chunk, a.workers, a.layout)
         return
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "pipeline"
@@ -306,24 +322,27 @@ def main() -> None:
                 res[f"rss_{n}"] = rss_run(folder, tmp, a, n)
             return
         w = a.workers
-        res["fused"] = timed_export(folder, Path(tmp) / "fused.parquet", a.k, "fused", None, a.chunk, workers=w)
+        lay = a.layout
+        res["fused"] = timed_export(
+            folder, Path(tmp) / "fused.parquet", a.k, "fused", None, a.chunk, workers=w, layout=lay
+        )
         print("fused", res["fused"], flush=True)
         if w != 1:
-            one = timed_export(folder, Path(tmp) / "fused1.parquet", a.k, "fused", None, a.chunk, workers=1)
+            one = timed_export(folder, Path(tmp) / "fused1.parquet", a.k, "fused", None, a.chunk, workers=1, layout=lay)
             res["fused_1_worker"] = one
             print("fused, 1 worker", one, flush=True)
-            same = (Path(tmp) / "fused1.parquet").read_bytes() == (Path(tmp) / "fused.parquet").read_bytes()
+            same = output_bytes(Path(tmp) / "fused1.parquet") == output_bytes(Path(tmp) / "fused.parquet")
             res["fused_same_bytes_1_vs_n_workers"] = same
             print("same bytes with 1 and", w, "workers:", same, flush=True)
         res["fused_no_explain"] = timed_export(
-            folder, Path(tmp) / "fne.parquet", a.k, "fused", None, a.chunk, False, workers=w
+            folder, Path(tmp) / "fne.parquet", a.k, "fused", None, a.chunk, False, workers=w, layout=lay
         )
         print("fused, no explanations", res["fused_no_explain"], flush=True)
         for s in ("als", "text"):
-            res[s] = timed_export(folder, Path(tmp) / f"{s}.parquet", a.k, s, None, a.chunk, workers=w)
+            res[s] = timed_export(folder, Path(tmp) / f"{s}.parquet", a.k, s, None, a.chunk, workers=w, layout=lay)
             print(s, res[s], flush=True)
             res[f"{s}_no_explain"] = timed_export(
-                folder, Path(tmp) / f"{s}n.parquet", a.k, s, None, a.chunk, False, workers=w
+                folder, Path(tmp) / f"{s}n.parquet", a.k, s, None, a.chunk, False, workers=w, layout=lay
             )
             print(s, "no explanations", res[f"{s}_no_explain"], flush=True)
         res["naive_loop"] = naive_loop(folder, a.k, a.naive_users)

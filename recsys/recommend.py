@@ -120,6 +120,7 @@ def run(cfg: DictConfig):
         info=info,
         progress=bool(cfg.progress),
         workers=int(cfg.workers),
+        layout=str(cfg.layout),
     )
     m = result.manifest
     print(

@@ -211,6 +211,57 @@ def test_chunking_gives_the_same_output(pipeline, tmp_path):
     assert one.manifest["removed_by_rule"] == many.manifest["removed_by_rule"]
 
 
+def read_parts(folder) -> pl.DataFrame:
+    return pl.read_parquet(sorted(folder.glob("part-*.parquet")))
+
+
+def test_parts_layout_holds_the_rows_of_the_file_layout(pipeline, tmp_path):
+    p = pipeline
+    rules = BusinessRules(max_per_category=3)
+    users = list(p.users.ids[:90])
+    one = export_recommendations(engine(p, rules=rules), users, tmp_path / "one.parquet", chunk_size=40, progress=False)
+    parts = export_recommendations(
+        engine(p, rules=rules), users, tmp_path / "parts.parquet", chunk_size=40, progress=False, layout="parts"
+    )
+    assert parts.path.is_dir() and len(list(parts.path.glob("part-*.parquet"))) == 3
+    got = read_parts(parts.path)
+    assert got.equals(pl.read_parquet(one.path))
+    assert pl.read_parquet(parts.path / "*.parquet").equals(got)  # as a reader globs it
+    assert dict(got.schema) == dict(pl.read_parquet(one.path).schema)
+    assert parts.manifest["layout"] == "parts" and one.manifest["layout"] == "file"
+    assert parts.manifest["rows"] == got.height and parts.manifest["removed_by_rule"] == one.manifest["removed_by_rule"]
+    assert not list(tmp_path.glob(".parts.parquet*")), "temporary parts left behind"
+
+
+def test_parts_layout_replaces_an_earlier_output(pipeline, tmp_path):
+    p = pipeline
+    out = tmp_path / "recs.parquet"
+    out.write_text("an older export")  # a file of the other layout
+    first = export_recommendations(
+        engine(p), list(p.users.ids[:30]), out, chunk_size=10, progress=False, layout="parts"
+    )
+    assert out.is_dir() and read_parts(out)[Columns.User].n_unique() == 30
+    # Again, with fewer users: the folder is replaced as a whole (no stale part-00002 left).
+    export_recommendations(engine(p), list(p.users.ids[:15]), out, chunk_size=10, progress=False, layout="parts")
+    assert sorted(f.name for f in out.iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+    assert read_parts(out)[Columns.User].n_unique() == 15
+    assert first.manifest["parts"] == 3
+    empty = export_recommendations(engine(p), [], tmp_path / "none.parquet", progress=False, layout="parts")
+    assert read_parts(empty.path).columns == read_parts(out).columns and read_parts(empty.path).height == 0
+    assert not list(tmp_path.glob(".*.parts-*"))
+
+
+def test_bad_layouts_are_refused_before_any_work(pipeline, tmp_path):
+    from recsys.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="layout must be one of"):
+        export_recommendations(engine(pipeline), ["u1"], tmp_path / "r.parquet", layout="folder")
+    (tmp_path / "dir.parquet").mkdir()
+    with pytest.raises(ConfigError, match="is a folder"):
+        export_recommendations(engine(pipeline), ["u1"], tmp_path / "dir.parquet")
+    assert list(tmp_path.iterdir()) == [tmp_path / "dir.parquet"]  # no parts folder started
+
+
 KILL_SCRIPT = """
 import glob, os, signal, sys
 from recsys.export.batch import export_recommendations
@@ -219,34 +270,48 @@ from recsys.export.pipeline_model import TrainedPipeline
 from recsys.export.rules import BusinessRules
 p = TrainedPipeline.load(sys.argv[1])
 e = Engine(p, BusinessRules().compile(p.items, p.now), 10, "fused", ExplainOptions())
-kill_at = int(sys.argv[3])
+kill_at, layout = int(sys.argv[3]), sys.argv[4]
 def after(i):
     if i == kill_at:
         work = glob.glob(os.path.join(os.path.dirname(sys.argv[2]), ".recs.parquet.parts-*"))[0]
         with open(os.path.join(work, "part-00003.parquet.tmp"), "wb") as f:
             f.write(b"half a part")  # as if killed while writing the next part
         os.kill(os.getpid(), signal.SIGKILL)
-export_recommendations(e, list(p.users.ids), sys.argv[2], chunk_size=40, progress=False, after_part=after)
+users = list(p.users.ids)
+export_recommendations(e, users, sys.argv[2], chunk_size=40, progress=False, after_part=after, layout=layout)
 """
 
 
-def test_kill_and_resume_gives_identical_bytes(pipeline, tmp_path):
+def output_bytes(path) -> list[bytes]:
+    """The output's bytes: the file, or each file of a parts folder in name order."""
+    return [f.read_bytes() for f in sorted(path.iterdir())] if path.is_dir() else [path.read_bytes()]
+
+
+@pytest.mark.parametrize("layout", ["file", "parts"])
+def test_kill_and_resume_gives_identical_bytes(pipeline, tmp_path, layout):
     out = tmp_path / "recs.parquet"
     env = {**os.environ, "PYTHONHASHSEED": "0"}
     killed = subprocess.run(
-        [sys.executable, "-c", KILL_SCRIPT, str(trained_run().pipeline_dir), str(out), "2"], env=env
+        [sys.executable, "-c", KILL_SCRIPT, str(trained_run().pipeline_dir), str(out), "2", layout], env=env
     )
     assert killed.returncode == -9
     assert not out.exists(), "a killed export must not publish anything"
     parts = sorted(tmp_path.glob(".recs.parquet.parts-*/part-*.parquet"))
     assert len(parts) == 3
     # Resume in this process (same arguments), then compare with an uninterrupted run.
-    resumed = export_recommendations(engine(pipeline), list(pipeline.users.ids), out, chunk_size=40, progress=False)
+    resumed = export_recommendations(
+        engine(pipeline), list(pipeline.users.ids), out, chunk_size=40, progress=False, layout=layout
+    )
     assert resumed.manifest["parts_resumed"] == 3
     fresh = export_recommendations(
-        engine(pipeline), list(pipeline.users.ids), tmp_path / "fresh" / "recs.parquet", chunk_size=40, progress=False
+        engine(pipeline),
+        list(pipeline.users.ids),
+        tmp_path / "fresh" / "recs.parquet",
+        chunk_size=40,
+        progress=False,
+        layout=layout,
     )
-    assert out.read_bytes() == fresh.path.read_bytes()
+    assert output_bytes(out) == output_bytes(fresh.path) and len(output_bytes(out)) == (5 if layout == "parts" else 1)
     assert resumed.manifest["removed_by_rule"] == fresh.manifest["removed_by_rule"]
     assert not list(tmp_path.glob(".recs.parquet.parts-*"))
 

@@ -12,7 +12,6 @@ from export_support import trained_run
 
 from recsys.columns import Columns
 from recsys.export import engine as engine_module
-from recsys.export import rules as rules_module
 from recsys.export.engine import (
     DenseScores,
     Engine,
@@ -85,11 +84,9 @@ def test_constant_top_k_equals_the_masked_dense_block():
         BusinessRules(blocklist=["i1", "i7"], max_per_category=3, min_score=0.2),
     ],
 )
-@pytest.mark.parametrize("count_cells", [1 << 24, 0], ids=["running-count", "sorted"])
-def test_dense_rules_equal_the_frame_rules(rules, count_cells, monkeypatch):
+def test_dense_rules_equal_the_frame_rules(rules):
     """The export applies the list rules on [users, n] blocks; the long-frame ``apply_rules``
-    (the evaluation hook) must give the same lists and counts, with either category-cap method."""
-    monkeypatch.setattr(rules_module, "CAP_COUNT_CELLS", count_cells)
+    (the evaluation hook) must give the same lists and counts."""
     rng = np.random.default_rng(2)
     n_items, n_users, k = 12, 30, 5
     items_df = pl.DataFrame(
@@ -191,6 +188,45 @@ def test_cached_similarity_explanations_equal_the_batched_product(pipeline, monk
     np.testing.assert_allclose(
         got["explain_similarity"].to_numpy(), ref["explain_similarity"].to_numpy(), rtol=1e-5, atol=1e-6
     )
+
+
+@pytest.mark.parametrize("kind", ["dot", "dense", "sparse"])
+def test_nearest_history_kernel_equals_a_plain_argmax(kind):
+    """Each way of reading similarities against ``np.argmax`` over the masked [rows, H] block:
+    same position (the first on ties: integer vectors make many exact ties), same value."""
+    from recsys.export.kernels import DENSE, DOT, SPARSE, nearest_history
+
+    rng = np.random.default_rng(3)
+    n_items, n_users, h = 40, 25, 7
+    vectors = rng.integers(-2, 3, (n_items, 4)).astype(np.float32)
+    sim = vectors @ vectors.T
+    knn = sp.random(n_items, n_items, density=0.2, random_state=4, format="csr", dtype=np.float32)
+    knn.data = np.round(knn.data * 3).astype(np.float32)  # ties, and stored zeros
+    knn.sort_indices()
+    hist = rng.integers(0, n_items, (n_users, h))
+    mask = rng.random((n_users, h)) < 0.7
+    mask[0] = False  # a user with no history: no explanation
+    users = rng.integers(0, n_users, 300)
+    users[:3] = 0
+    items = rng.integers(0, n_items, 300)
+    none = np.zeros(0, dtype=np.int32)
+    if kind == "dot":
+        arg, val = nearest_history(DOT, vectors, none, none, hist, mask, users, items)
+        table = sim
+    elif kind == "dense":
+        arg, val = nearest_history(DENSE, sim, none, none, hist, mask, users, items)
+        table = sim
+    else:
+        arg, val = nearest_history(SPARSE, knn.data[:, None], knn.indptr, knn.indices, hist, mask, users, items)
+        table = knn.toarray().T  # entry (j, i) is history item j's similarity to item i
+    ref_sims = np.where(mask[users], table[items[:, None], hist[users]], -np.inf)
+    ref_arg = np.argmax(ref_sims, axis=1)
+    ref_val = ref_sims[np.arange(len(users)), ref_arg]
+    np.testing.assert_array_equal(val, ref_val.astype(np.float32))
+    has = np.isfinite(ref_val)
+    assert (~has).sum() >= 3 and has.sum() > 250
+    np.testing.assert_array_equal(arg[has], ref_arg[has])
+    assert (ref_sims[has] == ref_val[has, None]).sum(axis=1).max() > 1  # the case has ties
 
 
 def test_recommend_restores_the_callers_thread_settings(pipeline):

@@ -21,6 +21,7 @@ import torch
 
 from recsys.columns import Columns
 from recsys.errors import ConfigError
+from recsys.export.kernels import DENSE, DOT, SPARSE, nearest_history
 from recsys.export.pipeline_model import (
     ConstantScorer,
     EmbeddingScorer,
@@ -507,6 +508,7 @@ class Engine:
         self._item_series = pl.Series(self.item_ids.tolist(), dtype=pl.String)
         self._unit = {}
         self._similarity: dict[str, np.ndarray] = {}
+        self._knn: dict[str, sp.csr_matrix] = {}
         self._shap: PatternTreeShap | None = None
         for name, f in pipeline.factor_models.items():
             v = f["item_factors"]
@@ -515,6 +517,7 @@ class Engine:
             self._unit[pipeline.text_name] = pipeline.item_embeddings
         for name, tower in pipeline.history_towers.items():
             self._unit[name] = tower.item_embeddings
+        self._unit = {n: np.ascontiguousarray(v, dtype=np.float32) for n, v in self._unit.items()}
 
     @classmethod
     def load(
@@ -545,15 +548,14 @@ class Engine:
         cosine matrix rather than the batched product (see ``CACHE_MIN_WIDTH``)."""
         return self._unit[name].shape[1] >= CACHE_MIN_WIDTH and self.p.n_items <= CACHE_MAX_ITEMS
 
-    def _lookup_similarity(self, name: str, items: np.ndarray, hist: np.ndarray) -> np.ndarray:
-        """``[rows, H]`` float32: similarity of ``items[r]`` with each of ``hist[r]`` (padding
-        cells read item 0; the caller masks them), looked up in the cached cosine matrix of an
-        embedding space or in an item-kNN model's similarity matrix."""
-        h = np.maximum(hist, 0)
-        if name in self._unit:
-            return self._item_similarity(name)[items[:, None], h]
-        s = self.p.knn_models[name]
-        return np.asarray(s[h.ravel(), np.repeat(items, h.shape[1])]).reshape(h.shape).astype(np.float32)
+    def _knn_sorted(self, name: str) -> sp.csr_matrix:
+        """Item-kNN model ``name``'s similarity matrix with sorted column indices (the
+        explanations' binary search needs them), float32; sorted once per engine."""
+        if name not in self._knn:
+            s = self.p.knn_models[name].tocsr().astype(np.float32)
+            s.sort_indices()
+            self._knn[name] = s
+        return self._knn[name]
 
     @contextmanager
     def _timed(self, stage: str) -> Iterator[None]:
@@ -711,24 +713,21 @@ class Engine:
         if df.height == 0:
             return best_item, best_sim
         hist, mask = pad_histories(ph.history.sequences, self.explain.history_items)
-        hist, mask = hist.numpy(), mask.numpy()
+        hist, mask = np.ascontiguousarray(hist.numpy(), dtype=np.int64), np.ascontiguousarray(mask.numpy())
         rows_u = df[Columns.UserIdx].to_numpy().astype(np.int64)
         rows_i = df[Columns.ItemIdx].to_numpy().astype(np.int64)
-        col = df[Columns.Rank].to_numpy().astype(np.int64) - 1
         src = df[Columns.Source]
         for name in src.unique().drop_nulls().sort().to_list():
             sel = np.flatnonzero((src == name).fill_null(False).to_numpy())
             u, i = rows_u[sel], rows_i[sel]
-            if name in self._unit and not self._cached(name):
-                grid = np.zeros((len(hist), int(col.max()) + 1), dtype=np.int64)
-                grid[u, col[sel]] = i
-                arg, val = _nearest_history(self._unit[name], hist, mask, grid)
-                arg, val = arg[u, col[sel]], val[u, col[sel]]
-            elif name in self._unit or name in self.p.knn_models:
-                sims = self._lookup_similarity(name, i, hist[u])
-                sims[~mask[u]] = -np.inf
-                arg = np.argmax(sims, axis=1)
-                val = sims[np.arange(len(sel)), arg]
+            none = np.zeros(0, dtype=np.int32)
+            if name in self._unit and self._cached(name):
+                arg, val = nearest_history(DENSE, self._item_similarity(name), none, none, hist, mask, u, i)
+            elif name in self._unit:
+                arg, val = nearest_history(DOT, self._unit[name], none, none, hist, mask, u, i)
+            elif name in self.p.knn_models:
+                s = self._knn_sorted(name)
+                arg, val = nearest_history(SPARSE, s.data[:, None], s.indptr, s.indices, hist, mask, u, i)
             else:  # popularity: no history item is responsible
                 continue
             ok = np.isfinite(val)
@@ -750,24 +749,6 @@ def _torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _nearest_history(
-    unit: np.ndarray, hist: np.ndarray, mask: np.ndarray, grid: np.ndarray, block: int = 256
-) -> tuple[np.ndarray, np.ndarray]:
-    """For every cell of ``grid`` ``[users, K]`` (item indices), the position in the user's
-    history of the most similar item (cosine of ``unit`` rows) and that similarity."""
-    emb = torch.from_numpy(np.ascontiguousarray(unit, dtype=np.float32))
-    arg = np.zeros(grid.shape, dtype=np.int64)
-    val = np.full(grid.shape, -np.inf, dtype=np.float32)
-    for s in range(0, len(grid), block):
-        g = torch.from_numpy(grid[s : s + block])
-        h = torch.from_numpy(np.maximum(hist[s : s + block], 0))
-        sims = torch.bmm(emb[g], emb[h].transpose(1, 2))  # [b, K, H]
-        sims.masked_fill_(~torch.from_numpy(mask[s : s + block])[:, None, :], -torch.inf)
-        v, a = sims.max(dim=2)
-        arg[s : s + block], val[s : s + block] = a.numpy(), v.numpy()
-    return arg, val
 
 
 OUTPUT_SCHEMA: dict[str, pl.DataType] = {

@@ -57,6 +57,7 @@ SERVING_PACKAGES = (
     "implicit",
     "threadpoolctl",
     "lightgbm",
+    "numba",  # the export's compiled loops (recsys/export/kernels.py)
     "tqdm",
     "mlflow",
 )

@@ -30,6 +30,7 @@ import scipy.sparse as sp
 
 from recsys.columns import Columns
 from recsys.errors import ConfigError
+from recsys.export.kernels import list_rules
 
 
 @dataclass
@@ -196,55 +197,21 @@ def apply_rules_dense(items: np.ndarray, scores: np.ndarray, rules: CompiledRule
     every cell, 0 where a rule or the cut at ``k`` removed it; counts go to ``rules.removed``
     exactly as ``apply_rules`` counts them on the same rows (``tests/test_export_fast.py``).
 
-    Everything is a mask over the ``[n_users, n]`` block: no long frame, no sort.
+    One compiled pass over the block (``recsys.export.kernels.list_rules``): no long frame, no sort.
     """
-    keep = np.isfinite(scores)
-    ok = rules.allowed_items
-    if ok is not None:
-        late = keep & ~ok[items]
-        rules.removed["item_rules_late"] += int(late.sum())
-        keep &= ~late
-    if rules.rules.min_score is not None:
-        low = keep & (scores < rules.rules.min_score)
-        rules.removed["min_score"] += int(low.sum())
-        keep &= ~low
-    if rules.category is not None:
-        over = _over_category_cap(items, keep, rules.category, rules.rules.max_per_category)
-        rules.removed["category_cap"] += int(over.sum())
-        keep &= ~over
-    rank = np.cumsum(keep, axis=1, dtype=np.int32)
-    return np.where(keep & (rank <= k), rank, 0).astype(np.int32)
-
-
-# Above this many (row x category) counters the category cap sorts the kept cells instead.
-CAP_COUNT_CELLS = 1 << 24
-
-
-def _over_category_cap(items: np.ndarray, keep: np.ndarray, category: np.ndarray, cap: int) -> np.ndarray:
-    """Cells of ``keep`` beyond the ``cap``-th of their category in their row (rows best first)."""
-    n_cat = int(category.max(initial=0)) + 1
-    cat = category[items]
-    if n_cat * len(items) <= CAP_COUNT_CELLS:
-        # A column at a time with a running count per (row, category): n columns of cheap vector
-        # steps, no sort (a sort of every kept cell cost 5x more at 4096 x 300 cells).
-        seen = np.zeros((len(items), n_cat), dtype=np.int32)
-        rows = np.arange(len(items))
-        over = np.zeros_like(keep)
-        for j in range(items.shape[1]):
-            before = seen[rows, cat[:, j]]
-            over[:, j] = keep[:, j] & (before >= cap)
-            seen[rows, cat[:, j]] = before + keep[:, j]
-        return over
-    r, c = np.nonzero(keep)  # row-major: each row's survivors best first
-    key = r.astype(np.int64) * n_cat + cat[r, c]
-    order = np.argsort(key, kind="stable")
-    sk = key[order]
-    start = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
-    nth = np.empty(len(key), dtype=np.int64)
-    nth[order] = np.arange(len(key)) - np.repeat(start, np.diff(np.r_[start, len(key)]))
-    over = np.zeros_like(keep)
-    over[r, c] = nth >= cap
-    return over
+    empty = np.zeros(0, dtype=np.int64)
+    allowed = rules.allowed_items if rules.allowed_items is not None else np.zeros(0, dtype=bool)
+    min_score = np.nan if rules.rules.min_score is None else float(rules.rules.min_score)
+    category = np.asarray(rules.category, dtype=np.int64) if rules.category is not None else empty
+    cap = int(rules.rules.max_per_category or 0)
+    rank, removed = list_rules(
+        np.ascontiguousarray(items, dtype=np.int64), np.ascontiguousarray(scores), allowed, min_score, category, cap, k
+    )
+    active = (len(allowed) > 0, rules.rules.min_score is not None, rules.category is not None)
+    for name, on, n in zip(("item_rules_late", "min_score", "category_cap"), active, removed.tolist(), strict=True):
+        if on:  # an active rule is counted even when it removed nothing (as apply_rules does)
+            rules.removed[name] += n
+    return rank
 
 
 def _describe_list(v: Sequence[str] | str | None):
