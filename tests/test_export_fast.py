@@ -306,3 +306,23 @@ def test_pattern_explanations_equal_the_plain_pred_contrib(pipeline, monkeypatch
     ref = run()
     assert got.equals(ref)
     assert got["explain_features"].null_count() == 0
+
+
+def test_fast_top_k_on_wide_rows_equals_stable_argsort():
+    """Rows of >= 4k items take the compiled path (threshold, keys, sort of the few kept): ties,
+    -0.0 against +0.0, +-inf, and rows where the threshold pass needs the tied cells too."""
+    rng = np.random.default_rng(5)
+    for trial in range(120):
+        n, m = int(rng.integers(1, 12)), int(rng.integers(100, 1500))
+        kind = trial % 5
+        if kind < 4:
+            s = tie_heavy(rng, kind, n, m)
+        else:
+            s = (rng.integers(-2, 3, (n, m)) * 0.0).astype(np.float32)  # +0.0 and -0.0 tie
+            s[rng.random((n, m)) < 0.3] *= -1
+            s[rng.random((n, m)) < 0.01] = np.inf
+        k = int(rng.integers(1, m // 4 + 1))
+        got_i, got_v = fast_top_k(s, k)
+        ref_i, ref_v = top_k(s, k)
+        np.testing.assert_array_equal(got_i, ref_i, err_msg=f"trial {trial}, k={k}")
+        np.testing.assert_array_equal(got_v, ref_v)

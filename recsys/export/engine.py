@@ -21,7 +21,7 @@ import torch
 
 from recsys.columns import Columns
 from recsys.errors import ConfigError
-from recsys.export.kernels import DENSE, DOT, SPARSE, nearest_history
+from recsys.export.kernels import DENSE, DOT, SPARSE, best_keys, nearest_history
 from recsys.export.pipeline_model import (
     ConstantScorer,
     EmbeddingScorer,
@@ -298,8 +298,32 @@ def masked_top_k(
 
 
 def fast_top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``recsys.recommender.top_k`` (same result: best first, ties to the lower item index) at
-    about half the cost of one ``torch.topk``.
+    """``recsys.recommender.top_k`` (same result: best first, ties to the lower item index) at a
+    fraction of the cost of a sort or one ``torch.topk``.
+
+    Float32 rows of at least 4k items go through ``recsys.export.kernels.best_keys``: one
+    compiled pass per row keeps about 1.5 k cells that hold its k best, as 64-bit keys that sort
+    in the wanted order (value, then index), and numpy sorts those few. Other blocks, and the
+    rows where that pass fails (mostly -inf or NaN), take ``_partition_top_k``.
+    """
+    n_rows, n_items = scores.shape
+    k = min(k, n_items)
+    if n_rows == 0 or k == 0 or scores.dtype != np.float32 or n_items < 4 * k:
+        return _partition_top_k(scores, k)
+    scores = np.ascontiguousarray(scores)
+    keys = np.empty((n_rows, 2 * k), dtype=np.uint64)
+    failed = best_keys(scores, scores.view(np.uint32), k, keys)
+    keys.sort(axis=1)
+    idx = (keys[:, :k] & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    idx[failed] = 0  # their keys are not set
+    top = np.take_along_axis(scores, idx, 1)
+    if len(failed):
+        idx[failed], top[failed] = _partition_top_k(scores[failed], k)
+    return idx, top
+
+
+def _partition_top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``fast_top_k`` with numpy alone, at about half the cost of one ``torch.topk``.
 
     The k + 1 best items of each row, found by ``np.argpartition`` (a linear-time selection; 2-3x
     faster than ``torch.topk`` at 5k items and k = 100 on one thread) and then sorted, tell which

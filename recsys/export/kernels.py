@@ -110,3 +110,106 @@ def list_rules(
             for c in range(m):
                 count[category[items[r, c]]] = 0
     return rank, removed
+
+
+# Sort keys of float32 cells: ascending key = (value descending, item ascending); see ``_key``.
+NO_KEY = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+@numba.njit(inline="always")
+def _key(bits, j):
+    """The sort key of a cell from its float32 bits and item index: the bits made monotone
+    (negatives flipped, -0.0 as +0.0, so that equal values tie) and reversed, above the index."""
+    u = np.uint64(bits)
+    if u == np.uint64(0x80000000):
+        u = np.uint64(0)
+    u = (u ^ np.uint64(0xFFFFFFFF)) if u & np.uint64(0x80000000) else (u | np.uint64(0x80000000))
+    return ((np.uint64(0xFFFFFFFF) - u) << np.uint64(32)) | np.uint64(j)
+
+
+@numba.njit(inline="always")
+def _select(a, n, k):
+    """Reorder ``a[:n]`` so that its ``k`` smallest values come first (in any order) and return
+    the k-th smallest: a quickselect (Hoare partitions around a median of three)."""
+    lo, hi = 0, n - 1
+    target = k - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if a[mid] < a[lo]:
+            a[mid], a[lo] = a[lo], a[mid]
+        if a[hi] < a[lo]:
+            a[hi], a[lo] = a[lo], a[hi]
+        if a[hi] < a[mid]:
+            a[hi], a[mid] = a[mid], a[hi]
+        pivot = a[mid]
+        i, j = lo, hi
+        while i <= j:
+            while a[i] < pivot:
+                i += 1
+            while a[j] > pivot:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+        if target <= j:
+            hi = j
+        elif target >= i:
+            lo = i
+        else:
+            break
+    best = a[0]
+    for j in range(1, k):
+        best = max(best, a[j])
+    return best
+
+
+@numba.njit(cache=True, nogil=True)
+def best_keys(scores: np.ndarray, bits: np.ndarray, k: int, out: np.ndarray) -> np.ndarray:
+    """For each row of ``scores`` (float32; ``bits``: its ``view(np.uint32)``), the sort keys of
+    at most ``out.shape[1]`` (>= k) cells that include its k best, unsorted, in ``out`` (padded
+    with ``NO_KEY``). Returns the rows where that failed (fewer than k cells at or above the
+    threshold tried: NaN in the row), which the caller ranks another way.
+
+    A row is read twice: every 16th-or-so cell, to take as threshold ``t`` a value with about
+    1.5 k cells above it, then all cells, keeping those > t (branch-free: the index is written
+    whatever the test says and the count advances by its result), or, if fewer than k are, those
+    >= t (ties at t). If k or more cells are kept, the k best are among them; only those are
+    keyed, and cut down to ``out.shape[1]`` by a selection when there are more.
+    """
+    n_rows, n_items = scores.shape
+    width = out.shape[1]
+    survivors = np.empty(n_items, dtype=np.int64)
+    keys = np.empty(n_items, dtype=np.uint64)
+    failed = np.zeros(n_rows, dtype=np.bool_)
+    stride = max(1, n_items // 256)
+    for r in range(n_rows):
+        row, row_bits = scores[r], bits[r]
+        m = 0
+        for j in range(0, n_items, stride):
+            keys[m] = _key(row_bits[j], j)
+            m += 1
+        q = min(m, (3 * k) // (2 * stride) + 2)
+        t = row[_select(keys, m, q) & np.uint64(0xFFFFFFFF)]
+        c = 0
+        for j in range(n_items):
+            survivors[c] = j
+            c += row[j] > t
+        if c < k:  # ties at t (a block of zeros, -inf): the cells equal to it too
+            c = 0
+            for j in range(n_items):
+                survivors[c] = j
+                c += row[j] >= t
+        if c < k:
+            failed[r] = True
+            continue
+        for j in range(c):
+            keys[j] = _key(row_bits[survivors[j]], survivors[j])
+        if c > width:
+            _select(keys, c, width)
+            c = width
+        for j in range(c):
+            out[r, j] = keys[j]
+        for j in range(c, width):
+            out[r, j] = NO_KEY
+    return np.flatnonzero(failed)
