@@ -261,7 +261,11 @@ class _Job:
         # compresses the output: a zstd part cost 0.67 CPU-s to write and read back per 400k rows,
         # an uncompressed one 0.13 s. Written atomically: a part that exists is whole.
         if self.final_parts:
-            write_atomic(_part_file(self.work, i), lambda tmp: df.write_parquet(tmp, compression="zstd"))
+            # zstd level 1 (pyarrow's default, as the file layout): 20 % less CPU than polars' 3
+            # for 10 % more bytes.
+            write_atomic(
+                _part_file(self.work, i), lambda tmp: df.write_parquet(tmp, compression="zstd", compression_level=1)
+            )
         else:
             write_atomic(
                 _part_file(self.work, i),

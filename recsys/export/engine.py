@@ -21,7 +21,7 @@ import torch
 
 from recsys.columns import Columns
 from recsys.errors import ConfigError
-from recsys.export.kernels import DENSE, DOT, SPARSE, best_keys, nearest_history
+from recsys.export.kernels import DENSE, DOT, SPARSE, best_keys, key_values, nearest_history
 from recsys.export.pipeline_model import (
     ConstantScorer,
     EmbeddingScorer,
@@ -302,8 +302,8 @@ def fast_top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     fraction of the cost of a sort or one ``torch.topk``.
 
     Float32 rows of at least 4k items go through ``recsys.export.kernels.best_keys``: one
-    compiled pass per row keeps about 1.5 k cells that hold its k best, as 64-bit keys that sort
-    in the wanted order (value, then index), and numpy sorts those few. Other blocks, and the
+    compiled pass per row finds its k best cells as 64-bit keys that sort in the wanted order
+    (value, then index) and numpy sorts those few. Other blocks, and the
     rows where that pass fails (mostly -inf or NaN), take ``_partition_top_k``.
     """
     n_rows, n_items = scores.shape
@@ -311,12 +311,14 @@ def fast_top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     if n_rows == 0 or k == 0 or scores.dtype != np.float32 or n_items < 4 * k:
         return _partition_top_k(scores, k)
     scores = np.ascontiguousarray(scores)
-    keys = np.empty((n_rows, 2 * k), dtype=np.uint64)
-    failed = best_keys(scores, scores.view(np.uint32), k, keys)
+    keys = np.empty((n_rows, k), dtype=np.uint64)
+    failed = best_keys(scores, scores.view(np.uint32), keys)
+    keys[failed] = 0  # not set by the kernel: any valid cell until they are ranked below
     keys.sort(axis=1)
-    idx = (keys[:, :k] & np.uint64(0xFFFFFFFF)).astype(np.int64)
-    idx[failed] = 0  # their keys are not set
-    top = np.take_along_axis(scores, idx, 1)
+    idx = (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    top = key_values(keys)
+    zero = np.nonzero(top == 0)  # the key made -0.0 a +0.0 (so that they tie): the cell's own
+    top[zero] = scores[zero[0], idx[zero]]
     if len(failed):
         idx[failed], top[failed] = _partition_top_k(scores[failed], k)
     return idx, top
@@ -723,10 +725,13 @@ class Engine:
         )
         # Rows come ordered by (user_idx, rank); sorting by the users' id order on integers gives
         # the (user_id, rank) order without comparing strings.
-        order = np.empty(len(ph.user_ids), dtype=np.int64)
-        order[np.argsort(np.asarray(ph.user_ids, dtype=object), kind="stable")] = np.arange(len(ph.user_ids))
-        key = pl.Series("_key", order).gather(uidx)
-        out = out.with_columns(key).sort("_key", Columns.Rank, maintain_order=True).drop("_key")
+        # The batch export's blocks hold users already in id order: nothing to sort then.
+        by_id = np.argsort(np.asarray(ph.user_ids, dtype=object), kind="stable")
+        if not np.array_equal(by_id, np.arange(len(by_id))):
+            order = np.empty(len(ph.user_ids), dtype=np.int64)
+            order[by_id] = np.arange(len(ph.user_ids))
+            key = pl.Series("_key", order).gather(uidx)
+            out = out.with_columns(key).sort("_key", Columns.Rank, maintain_order=True).drop("_key")
         self.timings["output_frame"] += time.perf_counter() - t0
         return out
 

@@ -112,10 +112,6 @@ def list_rules(
     return rank, removed
 
 
-# Sort keys of float32 cells: ascending key = (value descending, item ascending); see ``_key``.
-NO_KEY = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
 @numba.njit(inline="always")
 def _key(bits, j):
     """The sort key of a cell from its float32 bits and item index: the bits made monotone
@@ -130,55 +126,52 @@ def _key(bits, j):
 @numba.njit(inline="always")
 def _select(a, n, k):
     """Reorder ``a[:n]`` so that its ``k`` smallest values come first (in any order) and return
-    the k-th smallest: a quickselect (Hoare partitions around a median of three)."""
+    the k-th smallest: a quickselect whose partition step is branch-free (Lomuto's, with the
+    swap done unconditionally and the boundary advanced by the comparison), so its cost does not
+    depend on how well the branch predictor guesses random keys."""
     lo, hi = 0, n - 1
     target = k - 1
     while lo < hi:
-        mid = (lo + hi) // 2
+        mid = (lo + hi) // 2  # median of three, moved to hi as the pivot
         if a[mid] < a[lo]:
             a[mid], a[lo] = a[lo], a[mid]
         if a[hi] < a[lo]:
             a[hi], a[lo] = a[lo], a[hi]
-        if a[hi] < a[mid]:
-            a[hi], a[mid] = a[mid], a[hi]
-        pivot = a[mid]
-        i, j = lo, hi
-        while i <= j:
-            while a[i] < pivot:
-                i += 1
-            while a[j] > pivot:
-                j -= 1
-            if i <= j:
-                a[i], a[j] = a[j], a[i]
-                i += 1
-                j -= 1
-        if target <= j:
-            hi = j
-        elif target >= i:
-            lo = i
-        else:
+        if a[mid] < a[hi]:
+            a[mid], a[hi] = a[hi], a[mid]
+        pivot = a[hi]
+        store = lo
+        for i in range(lo, hi):
+            x = a[i]
+            a[i] = a[store]
+            a[store] = x
+            store += x < pivot
+        a[hi] = a[store]
+        a[store] = pivot
+        if store == target:
             break
-    best = a[0]
-    for j in range(1, k):
-        best = max(best, a[j])
-    return best
+        if store < target:
+            lo = store + 1
+        else:
+            hi = store - 1
+    return a[target]
 
 
 @numba.njit(cache=True, nogil=True)
-def best_keys(scores: np.ndarray, bits: np.ndarray, k: int, out: np.ndarray) -> np.ndarray:
+def best_keys(scores: np.ndarray, bits: np.ndarray, out: np.ndarray) -> np.ndarray:
     """For each row of ``scores`` (float32; ``bits``: its ``view(np.uint32)``), the sort keys of
-    at most ``out.shape[1]`` (>= k) cells that include its k best, unsorted, in ``out`` (padded
-    with ``NO_KEY``). Returns the rows where that failed (fewer than k cells at or above the
-    threshold tried: NaN in the row), which the caller ranks another way.
+    its k best cells (k = ``out.shape[1]``), unsorted, in ``out``. Returns the rows where that
+    failed (fewer than k cells at or above the threshold tried: NaN in the row), which the
+    caller ranks another way.
 
     A row is read twice: every 16th-or-so cell, to take as threshold ``t`` a value with about
     1.5 k cells above it, then all cells, keeping those > t (branch-free: the index is written
     whatever the test says and the count advances by its result), or, if fewer than k are, those
     >= t (ties at t). If k or more cells are kept, the k best are among them; only those are
-    keyed, and cut down to ``out.shape[1]`` by a selection when there are more.
+    keyed, and a selection keeps the k smallest keys.
     """
     n_rows, n_items = scores.shape
-    width = out.shape[1]
+    k = out.shape[1]
     survivors = np.empty(n_items, dtype=np.int64)
     keys = np.empty(n_items, dtype=np.uint64)
     failed = np.zeros(n_rows, dtype=np.bool_)
@@ -205,11 +198,15 @@ def best_keys(scores: np.ndarray, bits: np.ndarray, k: int, out: np.ndarray) -> 
             continue
         for j in range(c):
             keys[j] = _key(row_bits[survivors[j]], survivors[j])
-        if c > width:
-            _select(keys, c, width)
-            c = width
-        for j in range(c):
+        if c > k:
+            _select(keys, c, k)
+        for j in range(k):
             out[r, j] = keys[j]
-        for j in range(c, width):
-            out[r, j] = NO_KEY
     return np.flatnonzero(failed)
+
+
+def key_values(keys: np.ndarray) -> np.ndarray:
+    """The float32 values of sort keys (``_key`` undone; -0.0 comes back as +0.0)."""
+    u = np.uint32(0xFFFFFFFF) - (keys >> np.uint64(32)).astype(np.uint32)
+    bits = np.where(u & np.uint32(0x80000000), u & np.uint32(0x7FFFFFFF), u ^ np.uint32(0xFFFFFFFF))
+    return bits.astype(np.uint32).view(np.float32)
