@@ -21,7 +21,7 @@ import torch
 
 from recsys.columns import Columns
 from recsys.errors import ConfigError
-from recsys.export.kernels import DENSE, DOT, SPARSE, best_keys, key_values, nearest_history
+from recsys.export.kernels import DENSE, DOT, SPARSE, best_keys, key_values, nearest_history, pair_dots
 from recsys.export.pipeline_model import (
     ConstantScorer,
     EmbeddingScorer,
@@ -185,11 +185,8 @@ def pair_scores(model: Recommender, users: np.ndarray, items: np.ndarray) -> np.
     if isinstance(model, FactorScorer | EmbeddingScorer):
         u = model.user_factors if isinstance(model, FactorScorer) else model.user_embeddings
         v = model.item_factors if isinstance(model, FactorScorer) else model.item_embeddings
-        out = np.empty(len(users), dtype=np.float32)
-        step = 65536
-        for s in range(0, len(users), step):
-            out[s : s + step] = np.einsum("ij,ij->i", u[users[s : s + step]], v[items[s : s + step]])
-        return out
+        u, v = np.ascontiguousarray(u, dtype=np.float32), np.ascontiguousarray(v, dtype=np.float32)
+        return pair_dots(u, v, np.asarray(users, dtype=np.int64), np.asarray(items, dtype=np.int64))
     if isinstance(model, ConstantScorer):
         return model.counts[items].astype(np.float32)
     return model.score_pairs(users, items)
@@ -613,16 +610,19 @@ class Engine:
     def _fused(self, users, ph, scorers, seen) -> pl.DataFrame:
         p = self.p
         with self._timed("score"):
+            # Dense [users, items] blocks for the candidate sources only (and the model a masked
+            # source reuses); a model that is only a feature is scored per candidate pair.
+            blocks = set(p.n_candidates) | {m.inner.name for m in scorers.values() if isinstance(m, MaskedScorer)}
             dense: dict[str, DenseScores] = {}
             for n, m in scorers.items():
                 if isinstance(m, MaskedScorer) and m.inner.name in dense:  # text_new: text's block, masked
                     dense[n] = DenseScores.masked(dense[m.inner.name], n, m.forbidden)
-                else:
+                elif n in blocks:
                     dense[n] = DenseScores(m, users)
         with self._timed("candidates"):
             cands = block_candidates(users, dense, p.n_candidates, seen, self.allowed, in_place=True)
         with self._timed("features"):
-            features = {n: d for n, d in dense.items() if getattr(scorers[n], "is_feature", True)}
+            features = {n: dense.get(n, m) for n, m in scorers.items() if getattr(m, "is_feature", True)}
             feats = block_features(cands, ph.history, features, list(p.n_candidates), self.item_stats, p.now)
         with self._timed("ranker"):
             x = feats.select(p.ranker.features).to_numpy()

@@ -210,3 +210,17 @@ def key_values(keys: np.ndarray) -> np.ndarray:
     u = np.uint32(0xFFFFFFFF) - (keys >> np.uint64(32)).astype(np.uint32)
     bits = np.where(u & np.uint32(0x80000000), u & np.uint32(0x7FFFFFFF), u ^ np.uint32(0xFFFFFFFF))
     return bits.astype(np.uint32).view(np.float32)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def pair_dots(left: np.ndarray, right: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``left[rows[j]] . right[cols[j]]`` for every j (float32), without gathering the vectors
+    into ``[pairs, width]`` arrays first (two such gathers cost 3x the products at width 64)."""
+    out = np.empty(len(rows), dtype=np.float32)
+    for j in range(len(rows)):
+        a, b = rows[j], cols[j]
+        s = np.float32(0.0)
+        for d in range(left.shape[1]):
+            s += left[a, d] * right[b, d]
+        out[j] = s
+    return out
