@@ -301,7 +301,7 @@ def fast_top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     Float32 rows of at least 4k items go through ``recsys.export.kernels.best_keys``: one
     compiled pass per row finds its k best cells as 64-bit keys that sort in the wanted order
     (value, then index) and numpy sorts those few. Other blocks, and the
-    rows where that pass fails (mostly -inf or NaN), take ``_partition_top_k``.
+    rows where that pass fails (NaN in the row), take ``_partition_top_k``.
     """
     n_rows, n_items = scores.shape
     k = min(k, n_items)

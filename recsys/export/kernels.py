@@ -164,11 +164,13 @@ def best_keys(scores: np.ndarray, bits: np.ndarray, out: np.ndarray) -> np.ndarr
     failed (fewer than k cells at or above the threshold tried: NaN in the row), which the
     caller ranks another way.
 
-    A row is read twice: every 16th-or-so cell, to take as threshold ``t`` a value with about
-    1.5 k cells above it, then all cells, keeping those > t (branch-free: the index is written
-    whatever the test says and the count advances by its result), or, if fewer than k are, those
-    >= t (ties at t). If k or more cells are kept, the k best are among them; only those are
-    keyed, and a selection keeps the k smallest keys.
+    A row is read at least twice: every ~n/256-th cell, to take as threshold ``t`` a value with
+    about 2k cells above it (the q-th best of those samples), then all cells, keeping those > t
+    (branch-free: the index is written whatever the test says and the count advances by its
+    result), or, if fewer than k are, those >= t (ties at t). If k or more cells are kept, the k
+    best are among them; only those are keyed, and a selection keeps the k smallest keys. If
+    not (the samples were unluckily high: a few % of rows at k = 50), q doubles and the row is
+    scanned again.
     """
     n_rows, n_items = scores.shape
     k = out.shape[1]
@@ -178,21 +180,21 @@ def best_keys(scores: np.ndarray, bits: np.ndarray, out: np.ndarray) -> np.ndarr
     stride = max(1, n_items // 256)
     for r in range(n_rows):
         row, row_bits = scores[r], bits[r]
-        m = 0
-        for j in range(0, n_items, stride):
-            keys[m] = _key(row_bits[j], j)
-            m += 1
-        q = min(m, (3 * k) // (2 * stride) + 2)
-        t = row[_select(keys, m, q) & np.uint64(0xFFFFFFFF)]
+        q = 2 * k // stride + 2
         c = 0
-        for j in range(n_items):
-            survivors[c] = j
-            c += row[j] > t
-        if c < k:  # ties at t (a block of zeros, -inf): the cells equal to it too
-            c = 0
-            for j in range(n_items):
-                survivors[c] = j
-                c += row[j] >= t
+        while c < k:
+            m = 0
+            for j in range(0, n_items, stride):
+                keys[m] = _key(row_bits[j], j)
+                m += 1
+            q = min(m, q)
+            t = row[_select(keys, m, q) & np.uint64(0xFFFFFFFF)]
+            c = _cells_above(row, t, survivors, False)
+            if c < k:  # ties at t (a block of zeros, -inf): the cells equal to it too
+                c = _cells_above(row, t, survivors, True)
+            if c < k and q == m:  # not even with every sample (NaN in the row)
+                break
+            q *= 2
         if c < k:
             failed[r] = True
             continue
@@ -203,6 +205,21 @@ def best_keys(scores: np.ndarray, bits: np.ndarray, out: np.ndarray) -> np.ndarr
         for j in range(k):
             out[r, j] = keys[j]
     return np.flatnonzero(failed)
+
+
+@numba.njit(inline="always")
+def _cells_above(row, t, survivors, or_equal) -> int:
+    """Indices of the cells > ``t`` (>= with ``or_equal``) into ``survivors``; their count."""
+    c = 0
+    if or_equal:
+        for j in range(len(row)):
+            survivors[c] = j
+            c += row[j] >= t
+    else:
+        for j in range(len(row)):
+            survivors[c] = j
+            c += row[j] > t
+    return c
 
 
 def key_values(keys: np.ndarray) -> np.ndarray:
