@@ -266,8 +266,8 @@ def block_candidates(
     # leaves the first source at each row (np.minimum.at did the same, many times slower).
     for s_id in reversed(range(len(names))):
         first[inv[bounds[s_id] : bounds[s_id + 1]]] = s_id
-    src_names = np.asarray([*names, None], dtype=object)
-    cols[Columns.Source] = pl.Series(Columns.Source, src_names[first].tolist(), dtype=pl.String)
+    src_names = pl.Series(Columns.Source, [*names, None], dtype=pl.String)
+    cols[Columns.Source] = src_names.gather(first.astype(np.int64))  # no Python string per row
     return pl.DataFrame(list(cols.values()))
 
 
