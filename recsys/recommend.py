@@ -88,11 +88,12 @@ def run(cfg: DictConfig):
     from hydra.utils import instantiate
 
     from recsys.columns import Columns
-    from recsys.export.batch import export_recommendations
+    from recsys.export.batch import check_output, export_recommendations
     from recsys.export.engine import Engine, ExplainOptions
     from recsys.export.pipeline_model import normalise_history
     from recsys.tracking import tracking_uri
 
+    check_output(cfg.output, str(cfg.layout))  # before the model is loaded
     tracking = cfg.tracking_uri or tracking_uri(cfg.paths.mlruns_dir)
     folder, source = resolve_model(str(cfg.model_uri), tracking)
     explain = ExplainOptions(**OmegaConf.to_container(cfg.explain, resolve=True))

@@ -612,6 +612,38 @@ def test_cli_export_from_an_incomplete_pipeline_folder(pipeline_copy, tmp_path):
     assert not (tmp_path / "recs.parquet").exists()
 
 
+@pytest.mark.parametrize("layout", ["folder", "file"])
+def test_cli_export_refuses_a_bad_layout_before_loading_the_model(tmp_path, layout):
+    """``layout=folder`` (no such layout), or ``layout=file`` onto an existing folder: refused by
+    name before the model is resolved (the model URI here does not even exist)."""
+    import subprocess
+    import sys
+
+    from reliability_support import env
+
+    (tmp_path / "recs.parquet").mkdir()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "recsys.recommend",
+            f"model_uri={tmp_path / 'no-such-pipeline'}",
+            f"output={tmp_path / 'recs.parquet'}",
+            f"layout={layout}",
+            f"paths.mlruns_dir={tmp_path / 'mlruns'}",
+        ],
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    expected = "layout must be one of ['file', 'parts'], got 'folder'" if layout == "folder" else "is a folder"
+    assert_clean_failure(proc, expected)
+    assert "no-such-pipeline" not in proc.stderr + proc.stdout
+    assert list((tmp_path / "recs.parquet").iterdir()) == []
+
+
 @pytest.mark.slow
 def test_secrets_are_masked_in_logged_params():
     import mlflow

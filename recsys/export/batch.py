@@ -51,6 +51,8 @@ from recsys.export.writer import write_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
+LAYOUTS = ("file", "parts")  # export_recommendations(layout=...): one parquet file, or a folder of parts
+
 
 @dataclass
 class ExportResult:
@@ -98,15 +100,11 @@ def export_recommendations(
             chunk per worker.
         layout: ``file`` (one parquet file) or ``parts`` (a folder of one parquet file per chunk).
     """
-    if layout not in LAYOUTS:
-        raise ConfigError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
+    out_path = check_output(out_path, layout)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    out_path = Path(out_path)
-    if layout == "file" and out_path.is_dir():
-        raise ConfigError(f"output {out_path} is a folder: choose a file name, or layout=parts to replace the folder")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     users = sorted(set(map(str, user_ids)))
     info = dict(info or {})
@@ -222,6 +220,17 @@ def export_recommendations(
     write_text_atomic(json.dumps(manifest, indent=2, default=str), manifest_path)  # ASCII: same bytes anywhere
     shutil.rmtree(work, ignore_errors=True)
     return ExportResult(out_path, manifest_path, manifest)
+
+
+def check_output(out_path: str | Path, layout: str) -> Path:
+    """The output path, once the layout is known and the path can take it (checked before any
+    work: the CLI calls it before loading the model)."""
+    if layout not in LAYOUTS:
+        raise ConfigError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
+    out_path = Path(out_path)
+    if layout == "file" and out_path.is_dir():
+        raise ConfigError(f"output {out_path} is a folder: choose a file name, or layout=parts to replace the folder")
+    return out_path
 
 
 def _part_file(work: Path, i: int, suffix: str = ".parquet") -> Path:
@@ -444,9 +453,6 @@ def _die_with_parent(parent: int) -> None:
         pass
     if os.getppid() != parent:  # the parent died before prctl
         os._exit(1)
-
-
-LAYOUTS = ("file", "parts")
 
 
 class _FolderPublisher:
