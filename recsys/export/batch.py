@@ -459,7 +459,8 @@ class _FolderPublisher:
     """layout=parts: the finished parts, hard-linked (the parts folder keeps them until the end,
     so a kill at any point leaves a resumable folder) into a folder that replaces the output in
     one rename. An existing output is first moved aside into the parts folder (removed with it):
-    a reader sees the old output or the new one, never a mix."""
+    a reader sees the old output or the new one, never a mix (between the two renames, for an
+    instant, neither)."""
 
     def __init__(self, parts: Sequence[Path], work: Path, timings: Counter) -> None:
         self.parts, self.work, self.timings = parts, work, timings

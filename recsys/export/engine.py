@@ -37,11 +37,12 @@ from recsys.recommender import History, Recommender
 from recsys.text.encoder import pad_histories
 
 FUSED = "fused"
-# History explanations need, per row, the cosine of the recommended item with ~20 history items.
-# In wide spaces (the text tower) a cached item x item cosine matrix makes that one lookup per
-# pair, 2-3x cheaper than gathering the item vectors for a batched product (measured at widths 64
-# and 384); in narrow ones (ALS/BPR factors) the product is cheaper than the scattered lookups.
-# The cache costs n_items^2 float32 per space (100 MB at 5,000 items), hence the item limit.
+# History explanations need, per row, the cosine of the recommended item with ~20 history items
+# (``kernels.nearest_history``). In wide spaces (the text tower) a cached item x item cosine
+# matrix makes that one lookup per pair instead of a 384-wide dot product; in narrow ones
+# (ALS/BPR factors) the dot product costs about what the lookup does (measured at width 64), so
+# they skip the cache, which costs n_items^2 float32 per space (100 MB at 5,000 items), hence
+# also the item limit.
 CACHE_MIN_WIDTH = 128
 CACHE_MAX_ITEMS = 6000
 EXPLAIN_COLUMNS = {"explain_item": pl.String, "explain_similarity": pl.Float32, "explain_features": pl.String}
@@ -461,7 +462,7 @@ def block_features(
 
     Computed with numpy on the candidates sorted by (user, item) -- the per-user standardised
     scores as sums over each user's contiguous rows, the statistics as gathers -- instead of
-    polars window expressions and joins, at a quarter of their cost. A user with one candidate
+    polars window expressions and joins, at about half their cost. A user with one candidate
     gets NaN z-scores where ``build_features`` has nulls: the ranker reads both as missing.
     """
     keys = [Columns.UserIdx, Columns.ItemIdx]

@@ -1,9 +1,11 @@
-"""Compiled (numba) loops of the export's per-row work: history explanations and list rules.
+"""Compiled (numba) loops of the export's per-row work: top-k selection, list rules, history
+explanations, per-pair dot products.
 
-Each replaced whole-block numpy or torch passes (gathers of ``[rows, history]`` item vectors or
-similarities, a mask per column) that materialised large temporaries; a row at a time in
-compiled code, the work stays in cache. Each keeps the result of the code it replaced (first
-position on ties, removal counts): ``tests/test_export_fast.py`` compares them.
+Each replaced whole-block numpy or torch passes (``argpartition`` and sorts over the catalogue,
+gathers of ``[rows, history]`` item vectors, a mask per column) that read and wrote large
+temporaries; a row at a time in compiled code, the work stays in cache. Each keeps the result of
+the code it replaced (the tie order, first position on ties, removal counts):
+``tests/test_export_fast.py`` compares them.
 
 The kernels are compiled on first use and cached on disk (``cache=True``); they run on one thread,
 like the rest of the export (its parallelism is worker processes).
@@ -14,11 +16,16 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+# Floating-point freedoms for the dot products: reordering the sum (so it vectorises) and fused
+# multiply-adds, but not numba's full fastmath, which assumes no NaN or infinity (-inf marks
+# "no history item" here).
+FAST = {"reassoc", "contract", "nsz"}
+
 # How ``nearest_history`` gets the similarity of history item j to item i.
 DOT, DENSE, SPARSE = 0, 1, 2
 
 
-@numba.njit(cache=True, nogil=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=FAST)
 def nearest_history(
     kind: int,
     table: np.ndarray,
@@ -229,7 +236,7 @@ def key_values(keys: np.ndarray) -> np.ndarray:
     return bits.astype(np.uint32).view(np.float32)
 
 
-@numba.njit(cache=True, nogil=True, fastmath=True)
+@numba.njit(cache=True, nogil=True, fastmath=FAST)
 def pair_dots(left: np.ndarray, right: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """``left[rows[j]] . right[cols[j]]`` for every j (float32), without gathering the vectors
     into ``[pairs, width]`` arrays first (two such gathers cost 3x the products at width 64)."""
