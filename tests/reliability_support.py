@@ -53,6 +53,12 @@ def run_cli(root: Path, out: str, *overrides: str, timeout: int = 300) -> subpro
     )
 
 
+def run_recommend(root: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m recsys.recommend`` from ``root``, with its MLflow store under ``root``."""
+    cmd = [sys.executable, "-m", "recsys.recommend", f"paths.mlruns_dir={root / 'mlruns'}", *overrides]
+    return subprocess.run(cmd, cwd=root, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
 def checked(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
     return proc

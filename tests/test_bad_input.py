@@ -585,27 +585,10 @@ def test_cli_config_pointing_at_a_missing_file(tmp_path):
 
 @pytest.mark.slow
 def test_cli_export_from_an_incomplete_pipeline_folder(pipeline_copy, tmp_path):
-    import subprocess
-    import sys
-
-    from reliability_support import env
+    from reliability_support import run_recommend
 
     (pipeline_copy / "text_extra" / "text_zeroshot" / "user_encoder.safetensors").unlink()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "recsys.recommend",
-            f"model_uri={pipeline_copy}",
-            f"output={tmp_path / 'recs.parquet'}",
-            f"paths.mlruns_dir={tmp_path / 'mlruns'}",
-        ],
-        cwd=tmp_path,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_recommend(tmp_path, f"model_uri={pipeline_copy}", f"output={tmp_path / 'recs.parquet'}")
     assert_clean_failure(
         proc, str(pipeline_copy), "text_extra/text_zeroshot/user_encoder.safetensors", "re-run training"
     )
@@ -616,27 +599,14 @@ def test_cli_export_from_an_incomplete_pipeline_folder(pipeline_copy, tmp_path):
 def test_cli_export_refuses_a_bad_layout_before_loading_the_model(tmp_path, layout):
     """``layout=folder`` (no such layout), or ``layout=file`` onto an existing folder: refused by
     name before the model is resolved (the model URI here does not even exist)."""
-    import subprocess
-    import sys
-
-    from reliability_support import env
+    from reliability_support import run_recommend
 
     (tmp_path / "recs.parquet").mkdir()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "recsys.recommend",
-            f"model_uri={tmp_path / 'no-such-pipeline'}",
-            f"output={tmp_path / 'recs.parquet'}",
-            f"layout={layout}",
-            f"paths.mlruns_dir={tmp_path / 'mlruns'}",
-        ],
-        cwd=tmp_path,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_recommend(
+        tmp_path,
+        f"model_uri={tmp_path / 'no-such-pipeline'}",
+        f"output={tmp_path / 'recs.parquet'}",
+        f"layout={layout}",
     )
     expected = "layout must be one of ['file', 'parts'], got 'folder'" if layout == "folder" else "is a folder"
     assert_clean_failure(proc, expected)
