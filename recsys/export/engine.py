@@ -795,10 +795,10 @@ class Engine:
         rows_u = df[Columns.UserIdx].to_numpy().astype(np.int64)
         rows_i = df[Columns.ItemIdx].to_numpy().astype(np.int64)
         src = df[Columns.Source]
+        none = np.zeros(0, dtype=np.int32)  # the CSR arguments, for the kinds that take none
         for name in src.unique().drop_nulls().sort().to_list():
             sel = np.flatnonzero((src == name).fill_null(False).to_numpy())
             u, i = rows_u[sel], rows_i[sel]
-            none = np.zeros(0, dtype=np.int32)
             if name in self._unit and self._cached(name):
                 arg, val = nearest_history(DENSE, self._item_similarity(name), none, none, hist, mask, u, i)
             elif name in self._unit:
