@@ -322,28 +322,27 @@ def main() -> None:
                 res[f"rss_{n}"] = rss_run(folder, tmp, a, n)
             return
         w = a.workers
-        lay = a.layout
-        res["fused"] = timed_export(
-            folder, Path(tmp) / "fused.parquet", a.k, "fused", None, a.chunk, workers=w, layout=lay
-        )
+
+        def export(name: str, scorer: str, explain: bool = True, workers: int = w) -> dict:
+            """Every user, with this run's K, chunk and layout, into ``tmp/name``."""
+            out = Path(tmp) / name
+            return timed_export(folder, out, a.k, scorer, None, a.chunk, explain, workers, a.layout)
+
+        res["fused"] = export("fused.parquet", "fused")
         print("fused", res["fused"], flush=True)
         if w != 1:
-            one = timed_export(folder, Path(tmp) / "fused1.parquet", a.k, "fused", None, a.chunk, workers=1, layout=lay)
+            one = export("fused1.parquet", "fused", workers=1)
             res["fused_1_worker"] = one
             print("fused, 1 worker", one, flush=True)
             same = output_bytes(Path(tmp) / "fused1.parquet") == output_bytes(Path(tmp) / "fused.parquet")
             res["fused_same_bytes_1_vs_n_workers"] = same
             print("same bytes with 1 and", w, "workers:", same, flush=True)
-        res["fused_no_explain"] = timed_export(
-            folder, Path(tmp) / "fne.parquet", a.k, "fused", None, a.chunk, False, workers=w, layout=lay
-        )
+        res["fused_no_explain"] = export("fne.parquet", "fused", explain=False)
         print("fused, no explanations", res["fused_no_explain"], flush=True)
         for s in ("als", "text"):
-            res[s] = timed_export(folder, Path(tmp) / f"{s}.parquet", a.k, s, None, a.chunk, workers=w, layout=lay)
+            res[s] = export(f"{s}.parquet", s)
             print(s, res[s], flush=True)
-            res[f"{s}_no_explain"] = timed_export(
-                folder, Path(tmp) / f"{s}n.parquet", a.k, s, None, a.chunk, False, workers=w, layout=lay
-            )
+            res[f"{s}_no_explain"] = export(f"{s}n.parquet", s, explain=False)
             print(s, "no explanations", res[f"{s}_no_explain"], flush=True)
         res["naive_loop"] = naive_loop(folder, a.k, a.naive_users)
         print("naive loop", res["naive_loop"], flush=True)
