@@ -9,6 +9,7 @@ same known-answer checks.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -17,6 +18,16 @@ import polars as pl
 import scipy.sparse as sp
 
 from recsys.columns import Columns
+
+
+def recent_items(histories: Sequence[np.ndarray], n: int) -> np.ndarray:
+    """``[len(histories), n]`` int64: the last ``n`` items of each history, most recent first,
+    padded with -1."""
+    out = np.full((len(histories), n), -1, dtype=np.int64)
+    for row, h in enumerate(histories):
+        tail = np.asarray(h[-n:])[::-1]
+        out[row, : len(tail)] = tail
+    return out
 
 
 @dataclass

@@ -17,6 +17,7 @@ import scipy.sparse as sp
 from export_support import trained_run
 
 from recsys.columns import Columns
+from recsys.errors import ConfigError
 from recsys.export.batch import export_recommendations
 from recsys.export.engine import Engine, ExplainOptions
 from recsys.export.pipeline_model import TrainedPipeline
@@ -97,8 +98,6 @@ def test_masks_remove_seen_and_forbidden_items_before_top_n(catalogue):
 
 
 def test_unknown_category_column_is_a_config_error(catalogue):
-    from recsys.errors import ConfigError
-
     with pytest.raises(ConfigError, match="no 'genre' column"):
         BusinessRules(max_per_category=2, category_column="genre").compile(catalogue, 0)
 
@@ -175,6 +174,45 @@ def test_loaded_pipeline_serves_without_its_bert_and_saves_it_again(pipeline, tm
     rows = np.arange(len(users))
     for name in a:
         np.testing.assert_array_equal(np.asarray(a[name].score_users(rows)), np.asarray(b[name].score_users(rows)))
+
+
+@pytest.mark.parametrize("scorer", ["als", "itemknn", "text", "text_new"])
+def test_single_stage_engine_reads_only_its_model(pipeline, tmp_path, scorer):
+    """``Engine.load`` for one model reads that model (and the text tower ``text_new`` scores
+    through) and no ranker, and exports exactly what the whole pipeline exports with it."""
+    rules = BusinessRules(max_per_category=3)
+    part = loaded_engine(scorer=scorer, rules=rules)
+    assert part.p.ranker is None and part.p.only is not None and scorer in part.p.only
+    assert (part.p.text_tower is not None) == (scorer in ("text", "text_new"))
+    loaded = set(part.p.factor_models) | set(part.p.knn_models) | set(part.p.history_towers)
+    assert loaded <= {scorer}
+    users = list(pipeline.users.ids) + ["nobody"]
+    whole = Engine(pipeline, rules.compile(pipeline.items, pipeline.now), 10, scorer, ExplainOptions())
+    a = export_recommendations(part, users, tmp_path / "a.parquet", chunk_size=64, progress=False)
+    b = export_recommendations(whole, users, tmp_path / "b.parquet", chunk_size=64, progress=False)
+    assert a.path.read_bytes() == b.path.read_bytes()
+    assert a.manifest["rows"] > 0 or scorer == "text_new"  # no item is that cold in this small run
+    with pytest.raises(ConfigError, match="load it whole"):
+        part.p.save(tmp_path / "again")
+    with pytest.raises(ConfigError, match="unknown model"):
+        TrainedPipeline.load(trained_run().pipeline_dir, ["als", "nope"])
+
+
+def test_a_factor_export_imports_neither_torch_nor_lightgbm():
+    """What makes a single-stage ALS export's worker processes start in a fraction of a second
+    (docs/benchmarks.md): loading its engine, in a fresh interpreter, imports neither."""
+    code = (
+        "import sys\n"
+        "from recsys.export.batch import export_recommendations\n"
+        "from recsys.export.engine import Engine\n"
+        "from recsys.export.rules import BusinessRules\n"
+        f"e = Engine.load({str(trained_run().pipeline_dir)!r}, BusinessRules(), 10, 'als')\n"
+        "e.recommend(e.p.histories(list(e.p.users.ids[:20])))\n"
+        "print(sorted(m for m in ('torch', 'lightgbm', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
 
 def test_output_schema_order_and_no_seen_items(pipeline, tmp_path):

@@ -7,6 +7,7 @@ state (factors, embeddings, item statistics) is shared, computed once.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -17,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
-import torch
 
 from recsys.columns import Columns
 from recsys.errors import ConfigError
@@ -33,8 +33,7 @@ from recsys.export.pipeline_model import (
 from recsys.export.rules import BusinessRules, CompiledRules, apply_rules_dense, mask_items
 from recsys.rank.candidates import rank_column
 from recsys.rank.features import item_statistics, user_statistics
-from recsys.recommender import History, Recommender
-from recsys.text.encoder import pad_histories
+from recsys.recommender import History, Recommender, recent_items
 
 FUSED = "fused"
 # History explanations need, per row, the cosine of the recommended item with ~20 history items
@@ -384,6 +383,8 @@ def _best_sorted(scores: np.ndarray, m: int, block: int = 256) -> tuple[np.ndarr
         elif np.count_nonzero(part == 0) * 4 > part.size:
             # Mostly exact zeros (a sparse score such as item-kNN's): introselect slows ~10x on
             # that many equal values; torch.topk does not (ties are repaired by the caller).
+            import torch  # here only: a factor-only export does not import torch at all
+
             cols = torch.topk(torch.from_numpy(part), m, dim=1, sorted=False).indices.numpy()
         else:
             cols = np.argpartition(part, n_items - m, axis=1)[:, n_items - m :]
@@ -524,7 +525,9 @@ class EngineRecipe:
     threads: int = 1
 
     def build(self) -> Engine:
-        p = TrainedPipeline.load(self.folder)
+        # A single-stage export reads only its model: no ranker, no text tower for ALS (and so
+        # neither lightgbm nor torch imported, in this process or in its workers).
+        p = TrainedPipeline.load(self.folder, None if self.scorer == FUSED else [self.scorer])
         engine = Engine(
             p, self.rules.compile(p.items, p.now), self.k, self.scorer, self.explain, self.overfetch, self.threads
         )
@@ -790,8 +793,8 @@ class Engine:
         best_item, best_sim = _no_explanations(df.height)
         if df.height == 0:
             return best_item, best_sim
-        hist, mask = pad_histories(ph.history.sequences, self.explain.history_items)
-        hist, mask = np.ascontiguousarray(hist.numpy(), dtype=np.int64), np.ascontiguousarray(mask.numpy())
+        hist = recent_items(ph.history.sequences, self.explain.history_items)
+        mask = hist >= 0
         rows_u = df[Columns.UserIdx].to_numpy().astype(np.int64)
         rows_i = df[Columns.ItemIdx].to_numpy().astype(np.int64)
         src = df[Columns.Source]
@@ -821,6 +824,13 @@ def _no_explanations(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 @contextmanager
 def _torch_threads(n: int) -> Iterator[None]:
+    # An export that never loaded a text part never imported torch: nothing to limit (the one
+    # torch call it can still make, ``_best_sorted``'s topk, has its ties repaired by the caller,
+    # so its result does not depend on the threads).
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

@@ -31,12 +31,11 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Union, get_args, get_origin
 
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
-import torch
 
 from recsys.cf.models import ALS, BPR, ItemKNN, Popularity, user_rows
 from recsys.columns import Columns
@@ -44,8 +43,14 @@ from recsys.data.dataset import IdMap
 from recsys.errors import ConfigError, InputError
 from recsys.rank.ranker import LambdaMARTRanker
 from recsys.recommender import History, Recommender
-from recsys.text.encoder import ItemEncoder, TwoTower, UserEncoder
-from recsys.text.recommender import NewItemText, TextRecommender
+
+# torch (and the text modules built on it) and lightgbm are imported where a text part or the
+# ranker is loaded, not here: a single-stage factor export (ALS, BPR, item-kNN, popularity) and
+# each of its worker processes load neither, which saves ~1.4 s of imports for each and ~1.4 s
+# more for lightgbm's (docs/benchmarks.md, issue #5, eighth round).
+if TYPE_CHECKING:
+    from recsys.text.encoder import TwoTower, UserEncoder
+    from recsys.text.recommender import TextRecommender
 
 FORMAT_VERSION = 1
 HISTORY_COLUMNS = [Columns.UserIdx, Columns.ItemIdx, Columns.Timestamp, Columns.Weight]
@@ -325,11 +330,13 @@ class HistoryTower:
             None if hist is None else hist.numpy().astype(np.float32),
         )
 
-    @torch.no_grad()
     def user_embeddings(self, seqs: Sequence[np.ndarray]) -> np.ndarray:
+        import torch
+
         self.user_encoder.eval()
         side = torch.from_numpy(self.item_embeddings if self.history_embeddings is None else self.history_embeddings)
-        return user_vectors(lambda b: self.user_encoder.embed_histories(side, b), seqs, side.shape[1])
+        with torch.no_grad():
+            return user_vectors(lambda b: self.user_encoder.embed_histories(side, b), seqs, side.shape[1])
 
     def save(self, folder: Path) -> dict[str, Any]:
         from safetensors.torch import save_file
@@ -348,6 +355,8 @@ class HistoryTower:
 
     @classmethod
     def load(cls, folder: Path, max_history: int) -> HistoryTower:
+        from recsys.text.encoder import UserEncoder
+
         with reading(folder / cls.ITEMS):
             emb = np.load(folder / cls.ITEMS, allow_pickle=False)
         enc = UserEncoder(emb.shape[1], max_history)
@@ -406,6 +415,8 @@ class TrainedPipeline:
     # export process and each of its workers skip importing and reading a model they never run.
     text_tower: HistoryTower | None = None
     text_folder: Path | None = None
+    # Set by ``load(models=...)``: the only models read (no ranker either); None: everything.
+    only: frozenset[str] | None = None
 
     # ---- construction from a training run --------------------------------------------------------
 
@@ -421,6 +432,8 @@ class TrainedPipeline:
         event_weights: Mapping[str, float],
         meta: Mapping[str, Any] | None = None,
     ) -> TrainedPipeline:
+        from recsys.text.recommender import NewItemText, TextRecommender
+
         factor, knn, const, new_items, towers, recency = {}, {}, {}, {}, {}, {}
         net, text_name, text_tower = None, None, None
         for name, m in models.items():
@@ -494,6 +507,8 @@ class TrainedPipeline:
     def save(self, path: str | Path, config_yaml: str | None = None) -> Path:
         """Write the folder (see the module docstring). ``path`` must not exist or be empty."""
         path = Path(path)
+        if self.only is not None:
+            raise ConfigError(f"this pipeline was loaded with only {sorted(self.only)}: load it whole to save it")
         if path.exists() and any(path.iterdir()):
             raise ConfigError(f"pipeline folder {path} exists and is not empty")
         (path / "cf").mkdir(parents=True, exist_ok=True)
@@ -583,8 +598,12 @@ class TrainedPipeline:
         return out
 
     @classmethod
-    def load(cls, path: str | Path) -> TrainedPipeline:
+    def load(cls, path: str | Path, models: Collection[str] | None = None) -> TrainedPipeline:
         """Read a folder written by ``save``. Reads no pickle (numpy with ``allow_pickle=False``).
+
+        ``models``: read only these models (and the text tower a ``NewItemText`` among them
+        needs), and no ranker: what a single-stage export scores with. Such a pipeline
+        recommends with those models only and cannot be saved. Default: everything.
 
         Checks first that every file it will read is there (``files``) and raises one
         ``InputError`` naming the folder and all the missing ones; a file that is there but
@@ -607,6 +626,7 @@ class TrainedPipeline:
             raise InputError(
                 f"pipeline folder lacks {len(missing)} file(s): {', '.join(missing)}; {REPAIR}", file=str(path)
             )
+        wanted = None if models is None else cls._needed(meta, models)
         with reading(path / "items.parquet"):
             items = pl.read_parquet(path / "items.parquet")
         with reading(path / "users.parquet"):
@@ -619,6 +639,8 @@ class TrainedPipeline:
         new_items, towers = {}, {}
         for name, info in meta["models"].items():
             kind = info["kind"]
+            if wanted is not None and name not in wanted:
+                continue
             if kind == "NewItemText":
                 new_items[name] = int(info["max_events"])
             elif kind == "HistoryTower":
@@ -640,10 +662,10 @@ class TrainedPipeline:
                             recency[name] = float(info["recency_decay"])
                     else:
                         const[name] = z["counts"]
-        if meta.get("text"):
+        if meta.get("text") and (wanted is None or meta["text"]["name"] in wanted):
             text_tower, text_name = HistoryTower.load(path / "text", meta["text"]["max_history"]), meta["text"]["name"]
         ranker = None
-        if meta.get("ranker"):
+        if meta.get("ranker") and wanted is None:
             import lightgbm as lgb
 
             ranker = LambdaMARTRanker()
@@ -672,7 +694,18 @@ class TrainedPipeline:
             history_towers=towers,
             text_tower=text_tower,
             text_folder=path / "text" if text_tower is not None else None,
+            only=None if wanted is None else frozenset(wanted),
         )
+
+    @staticmethod
+    def _needed(meta: Mapping[str, Any], models: Collection[str]) -> set[str]:
+        """``models`` and the text tower a ``NewItemText`` among them scores through."""
+        if unknown := sorted(set(models) - set(meta["models"])):
+            raise ConfigError(f"unknown model(s) {unknown}; the pipeline has {sorted(meta['models'])}")
+        out = set(models)
+        if any(meta["models"][n]["kind"] == "NewItemText" for n in out) and meta.get("text"):
+            out.add(meta["text"]["name"])
+        return out
 
     # ---- serving ---------------------------------------------------------------------------------
 
@@ -709,7 +742,6 @@ class TrainedPipeline:
         known = np.where(supplied, -1, gidx)
         return PipelineHistories(list(user_ids), known, History(df, n, self.n_items))
 
-    @torch.no_grad()
     def scorers(self, ph: PipelineHistories, only: Collection[str] | None = None) -> dict[str, Recommender]:
         """Every model (or those in ``only``, plus what they need), able to score the users of
         ``ph`` (chunk-local indices). A single-stage export asks for one model and skips the
@@ -751,7 +783,10 @@ class TrainedPipeline:
 
 
 def load_text_tower(folder: Path, max_length: int, max_history: int, temperature: float) -> TwoTower:
+    import torch
     from transformers import AutoModel, AutoTokenizer
+
+    from recsys.text.encoder import ItemEncoder, TwoTower
 
     enc_dir = folder / "encoder"
     if not enc_dir.is_dir():  # serving never reads it, so load let it pass; saving again needs it

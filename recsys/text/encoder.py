@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recsys.errors import ConfigError
+from recsys.recommender import recent_items
 from recsys.text.compiled import InferenceCompiler
 from recsys.text.packed import packed_mean_pool, supports_packing
 
@@ -445,10 +446,6 @@ class TwoTower(nn.Module):
 
 
 def pad_histories(histories: Sequence[np.ndarray], max_history: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Last ``max_history`` items of each history, most recent first, padded with -1."""
-    out = np.full((len(histories), max_history), -1, dtype=np.int64)
-    for row, h in enumerate(histories):
-        tail = np.asarray(h[-max_history:])[::-1]
-        out[row, : len(tail)] = tail
-    t = torch.from_numpy(out)
+    """Last ``max_history`` items of each history, most recent first, padded with -1, and the mask."""
+    t = torch.from_numpy(recent_items(histories, max_history))
     return t, t >= 0
