@@ -326,3 +326,57 @@ def test_fast_top_k_on_wide_rows_equals_stable_argsort():
         ref_i, ref_v = top_k(s, k)
         np.testing.assert_array_equal(got_i, ref_i, err_msg=f"trial {trial}, k={k}")
         np.testing.assert_array_equal(got_v, ref_v)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_numpy_user_tower_equals_the_torch_user_encoder(tmp_path, frozen):
+    """The export's user tower (numpy + a compiled pooling loop) against ``UserEncoder`` with
+    random trained-looking weights: empty histories, histories longer than ``max_history``, a
+    frozen history side; after a save/load round trip too."""
+    from recsys.export.pipeline_model import HistoryTower
+    from recsys.text.encoder import UserEncoder
+
+    rng = np.random.default_rng(3)
+    n_items, d, max_history = 50, 16, 6
+    enc = UserEncoder(d, max_history, recency_decay=0.3)
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.copy_(torch.from_numpy(rng.normal(0, 0.5, tuple(p.shape)).astype(np.float32)))
+    items = rng.normal(size=(n_items, d)).astype(np.float32)
+    side = rng.normal(size=(n_items, d)).astype(np.float32) if frozen else None
+    seqs = [rng.integers(0, n_items, rng.integers(0, 12)) for _ in range(300)] + [np.zeros(0, dtype=np.int64)]
+    weights = {k: v.numpy().copy() for k, v in enc.state_dict().items()}
+    tower = HistoryTower(weights, items, side)
+    with torch.no_grad():
+        expected = enc.embed_histories(torch.from_numpy(items if side is None else side), seqs).numpy()
+    got = tower.user_embeddings(seqs)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert not got[-1].any()  # no history: the zero vector
+    tower.save(tmp_path / "tower")
+    again = HistoryTower.load(tmp_path / "tower", max_history)
+    np.testing.assert_array_equal(again.user_embeddings(seqs), got)
+
+
+def test_a_user_encoder_of_the_wrong_shape_is_named(tmp_path):
+    from safetensors.numpy import save_file
+
+    from recsys.errors import InputError
+    from recsys.export.pipeline_model import HistoryTower
+
+    d = 8
+    tower = HistoryTower(
+        {
+            "position_bias": np.zeros(5, np.float32),
+            "content.weight": np.zeros((1, d), np.float32),
+            "content.bias": np.zeros(1, np.float32),
+            "residual.weight": np.zeros((d, d), np.float32),
+        },
+        np.ones((4, d), np.float32),
+    )
+    tower.save(tmp_path / "t")
+    with pytest.raises(InputError, match=r"position_bias: \(5,\), not \(7,\)"):
+        HistoryTower.load(tmp_path / "t", 7)
+    save_file({"position_bias": np.zeros(5, np.float32)}, str(tmp_path / "t" / HistoryTower.USER_ENCODER))
+    with pytest.raises(InputError, match="residual.weight: missing") as info:
+        HistoryTower.load(tmp_path / "t", 5)
+    assert info.value.file == str(tmp_path / "t" / HistoryTower.USER_ENCODER)

@@ -46,7 +46,7 @@ import polars as pl
 
 from recsys.columns import Columns
 from recsys.errors import ConfigError
-from recsys.export.engine import OUTPUT_SCHEMA, Engine
+from recsys.export.engine import FUSED, OUTPUT_SCHEMA, Engine
 from recsys.export.writer import write_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -422,6 +422,8 @@ def _worker_main(job_conn: Any, counter: Any, conn: Any, parent: int) -> None:
         t0 = time.perf_counter()
         recipe, job = job_conn.recv()
         job_conn.close()
+        if recipe.scorer == FUSED:
+            _import_lightgbm_bare()
         engine = recipe.build()
         engine.timings["worker_start"] += time.perf_counter() - t0
         conn.send(("ready",))
@@ -438,6 +440,29 @@ def _worker_main(job_conn: Any, counter: Any, conn: Any, parent: int) -> None:
         raise
     finally:
         conn.close()
+
+
+# What lightgbm imports for its scikit-learn, pandas, dask and arrow integrations, if installed.
+LIGHTGBM_EXTRAS = ("sklearn", "pandas", "dask", "pyarrow", "cffi", "matplotlib", "graphviz")
+
+
+def _import_lightgbm_bare() -> None:
+    """Import lightgbm without the integrations in ``LIGHTGBM_EXTRAS``: a worker only calls
+    ``Booster.predict`` on numpy, and importing scikit-learn and pandas was 1.3 s of lightgbm's
+    1.6 s, by which a fused export's worker started later (docs/benchmarks.md). Only in the
+    export's own worker processes: lightgbm's scikit-learn API stays off in them for good.
+    Modules already imported are left as they are; the others can be imported normally after."""
+    if "lightgbm" in sys.modules:
+        return
+    hidden = [m for m in LIGHTGBM_EXTRAS if m not in sys.modules]
+    for m in hidden:
+        sys.modules[m] = None  # type: ignore[assignment]  # makes ``import m`` raise ImportError
+    try:
+        import lightgbm  # noqa: F401
+    finally:
+        for m in hidden:
+            if sys.modules.get(m, 0) is None:
+                del sys.modules[m]
 
 
 def _die_with_parent(parent: int) -> None:

@@ -71,6 +71,39 @@ def nearest_history(
     return arg, val
 
 
+@numba.njit(cache=True, nogil=True, fastmath=FAST)
+def attention_pool(side: np.ndarray, item_logit: np.ndarray, position_bias: np.ndarray, hist: np.ndarray) -> np.ndarray:
+    """``recsys.text.encoder.UserEncoder``'s pooling: per user u, the softmax over its history
+    positions l (``hist[u, l] >= 0``, most recent first) of ``position_bias[l] +
+    item_logit[hist[u, l]]``, weighting the rows of ``side`` (the history item vectors). Users
+    without history get the zero vector, as there."""
+    n, length = hist.shape
+    d = side.shape[1]
+    out = np.zeros((n, d), dtype=np.float32)
+    w = np.empty(length, dtype=np.float32)
+    for u in range(n):
+        top = np.float32(-np.inf)
+        for h in range(length):
+            j = hist[u, h]
+            if j >= 0:
+                w[h] = position_bias[h] + item_logit[j]
+                top = max(top, w[h])
+        if top == -np.inf:
+            continue
+        total = np.float32(0.0)
+        for h in range(length):
+            if hist[u, h] >= 0:
+                w[h] = np.exp(w[h] - top)
+                total += w[h]
+        for h in range(length):
+            j = hist[u, h]
+            if j >= 0:
+                c = w[h] / total
+                for k in range(d):
+                    out[u, k] += c * side[j, k]
+    return out
+
+
 @numba.njit(cache=True, nogil=True)
 def list_rules(
     items: np.ndarray,

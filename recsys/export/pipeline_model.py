@@ -42,14 +42,14 @@ from recsys.columns import Columns
 from recsys.data.dataset import IdMap
 from recsys.errors import ConfigError, InputError
 from recsys.rank.ranker import LambdaMARTRanker
-from recsys.recommender import History, Recommender
+from recsys.recommender import History, Recommender, recent_items
 
 # torch (and the text modules built on it) and lightgbm are imported where a text part or the
 # ranker is loaded, not here: a single-stage factor export (ALS, BPR, item-kNN, popularity) and
 # each of its worker processes load neither, which saves ~1.4 s of imports for each and ~1.4 s
 # more for lightgbm's (docs/benchmarks.md, issue #5, eighth round).
 if TYPE_CHECKING:
-    from recsys.text.encoder import TwoTower, UserEncoder
+    from recsys.text.encoder import TwoTower
     from recsys.text.recommender import TextRecommender
 
 FORMAT_VERSION = 1
@@ -292,28 +292,29 @@ def fold_in(item_factors: np.ndarray, user_items: sp.csr_matrix, regularization:
     return out
 
 
-def user_vectors(embed: Any, seqs: Sequence[np.ndarray], dim: int) -> np.ndarray:
-    """``embed(histories) -> [n, dim]`` over ``seqs`` in fixed blocks of ``ROW_BLOCK`` (see there)."""
-    out = np.zeros((len(seqs), dim), dtype=np.float32)
-    empty = np.zeros(0, dtype=np.int64)
-    for s in range(0, len(seqs), ROW_BLOCK):
-        block = list(seqs[s : s + ROW_BLOCK])
-        out[s : s + len(block)] = embed(block + [empty] * (ROW_BLOCK - len(block))).numpy()[: len(block)]
-    return out
-
-
 @dataclass
 class HistoryTower:
-    """A second text feature (e.g. the zero-shot tower): its user side and the catalogue's vectors,
-    without the BERT that made them. Users come from histories, items are fixed at training time."""
+    """A text tower's serving side: ``recsys.text.encoder.UserEncoder``'s trained weights and the
+    catalogue's vectors, without the BERT that made them. Users come from histories, items are
+    fixed at training time.
 
-    user_encoder: UserEncoder
+    The user encoder (attention pooling over the last ``max_history`` history vectors, a residual
+    linear layer, L2 normalisation) is evaluated here in numpy and a compiled loop, not torch: the
+    same weights and formula to float rounding (``tests/test_export_fast.py``), at about a third
+    of the cost per block, and an export process or worker then never imports torch
+    (docs/benchmarks.md, issue #5, eighth round)."""
+
+    weights: dict[str, np.ndarray]  # UserEncoder's state dict: position_bias, content.*, residual.weight
     item_embeddings: np.ndarray  # [n_items, d] float32
     history_embeddings: np.ndarray | None = None  # the frozen history side, when the tower has one
 
     USER_ENCODER = "user_encoder.safetensors"
     ITEMS = "item_embeddings.npy"
     HISTORY = "history_embeddings.npy"
+
+    @property
+    def max_history(self) -> int:
+        return len(self.weights["position_bias"])
 
     @classmethod
     def files(cls, info: Mapping[str, Any]) -> list[str]:
@@ -324,56 +325,64 @@ class HistoryTower:
     @classmethod
     def from_recommender(cls, m: TextRecommender) -> HistoryTower:
         hist = m.net.history_embeddings
+        state = m.net.user_encoder.state_dict()
         return cls(
-            m.net.user_encoder,
+            {k: v.detach().cpu().numpy().astype(np.float32) for k, v in state.items()},
             m.item_embeddings.numpy().astype(np.float32),
             None if hist is None else hist.numpy().astype(np.float32),
         )
 
     def user_embeddings(self, seqs: Sequence[np.ndarray]) -> np.ndarray:
-        import torch
+        """``[len(seqs), d]`` unit user vectors from histories (item indices, oldest first)."""
+        from recsys.export.kernels import attention_pool
 
-        self.user_encoder.eval()
-        side = torch.from_numpy(self.item_embeddings if self.history_embeddings is None else self.history_embeddings)
-        with torch.no_grad():
-            return user_vectors(lambda b: self.user_encoder.embed_histories(side, b), seqs, side.shape[1])
+        side = self.item_embeddings if self.history_embeddings is None else self.history_embeddings
+        side = np.ascontiguousarray(side, dtype=np.float32)
+        w = self.weights
+        # The content logit of a history item depends on the item alone: once per catalogue item.
+        item_logit = (side @ w["content.weight"][0] + w["content.bias"][0]).astype(np.float32)
+        recent = recent_items(seqs, self.max_history)
+        pooled = attention_pool(side, item_logit, w["position_bias"], recent)
+        out = pooled + fixed_block_matmul(pooled, np.ascontiguousarray(w["residual.weight"].T))
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
     def save(self, folder: Path) -> dict[str, Any]:
-        from safetensors.torch import save_file
+        from safetensors.numpy import save_file
 
         folder.mkdir(parents=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.user_encoder.state_dict().items()}
-        save_file(state, str(folder / self.USER_ENCODER))
+        save_file({k: np.ascontiguousarray(v) for k, v in self.weights.items()}, str(folder / self.USER_ENCODER))
         np.save(folder / self.ITEMS, self.item_embeddings, allow_pickle=False)
         if self.history_embeddings is not None:
             np.save(folder / self.HISTORY, self.history_embeddings, allow_pickle=False)
         return {
             "kind": "HistoryTower",
-            "max_history": self.user_encoder.max_history,
+            "max_history": self.max_history,
             "history_embeddings": self.history_embeddings is not None,
         }
 
     @classmethod
     def load(cls, folder: Path, max_history: int) -> HistoryTower:
-        from recsys.text.encoder import UserEncoder
+        from safetensors.numpy import load_file
 
         with reading(folder / cls.ITEMS):
             emb = np.load(folder / cls.ITEMS, allow_pickle=False)
-        enc = UserEncoder(emb.shape[1], max_history)
-        hist = cls.load_user_side(folder, enc)
-        return cls(enc.eval(), emb, hist)
-
-    @classmethod
-    def load_user_side(cls, folder: Path, encoder: UserEncoder) -> np.ndarray | None:
-        """Load the saved weights into ``encoder``; the frozen history side, if one was saved."""
-        from safetensors.torch import load_file
-
-        with reading(folder / cls.USER_ENCODER):
-            encoder.load_state_dict(load_file(str(folder / cls.USER_ENCODER)))
-        if not (folder / cls.HISTORY).is_file():
-            return None
-        with reading(folder / cls.HISTORY):
-            return np.load(folder / cls.HISTORY, allow_pickle=False)
+        file = folder / cls.USER_ENCODER
+        with reading(file):
+            weights = load_file(str(file))
+        d = emb.shape[1] if emb.ndim == 2 else -1
+        # What UserEncoder(d, max_history).load_state_dict would have checked.
+        shapes = {"position_bias": (max_history,), "content.weight": (1, d), "content.bias": (1,)}
+        shapes["residual.weight"] = (d, d)
+        got = {k: tuple(weights[k].shape) if k in weights else "missing" for k in shapes}
+        if bad := [f"{k}: {got[k]}, not {v}" for k, v in shapes.items() if got[k] != v]:
+            msg = f"does not hold a user encoder for {d}-wide item vectors ({'; '.join(bad)}); {REPAIR}"
+            raise InputError(msg, file=str(file))
+        weights = {k: np.ascontiguousarray(weights[k], dtype=np.float32) for k in shapes}
+        hist = None
+        if (folder / cls.HISTORY).is_file():
+            with reading(folder / cls.HISTORY):
+                hist = np.load(folder / cls.HISTORY, allow_pickle=False)
+        return cls(weights, emb, hist)
 
 
 # --- the pipeline --------------------------------------------------------------------------------
@@ -534,9 +543,9 @@ class TrainedPipeline:
             net = load_text_tower(self.text_folder, tm["max_length"], tm["max_history"], tm["temperature"])
         if net is not None:
             enc = net.item_encoder
-            # The frozen history side (TwoTower), when there is one.
-            hist = None if net.history_embeddings is None else net.history_embeddings.numpy().astype(np.float32)
-            tower = HistoryTower(net.user_encoder, self.item_embeddings, hist).save(path / "text")
+            # The tower's serving side (user encoder weights, item vectors, the frozen history
+            # side when there is one): the same as ``net``'s, taken from it at training time.
+            tower = self.text_tower.save(path / "text")
             enc.bert.save_pretrained(path / "text" / "encoder", safe_serialization=True)
             enc.tokenizer.save_pretrained(path / "text" / "encoder")
             text_meta = {
@@ -795,9 +804,10 @@ def load_text_tower(folder: Path, max_length: int, max_history: int, temperature
         bert = AutoModel.from_pretrained(str(enc_dir), add_pooling_layer=False, use_safetensors=True)
         tok = AutoTokenizer.from_pretrained(str(enc_dir))
     net = TwoTower(ItemEncoder(bert, tok, max_length), max_history=max_history, temperature=temperature)
-    hist = HistoryTower.load_user_side(folder, net.user_encoder)
-    if hist is not None:
-        net.history_embeddings = torch.from_numpy(hist)
+    tower = HistoryTower.load(folder, max_history)
+    net.user_encoder.load_state_dict({k: torch.from_numpy(v) for k, v in tower.weights.items()})
+    if tower.history_embeddings is not None:
+        net.history_embeddings = torch.from_numpy(tower.history_embeddings)
     return net.eval()
 
 
