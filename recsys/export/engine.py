@@ -23,6 +23,7 @@ from recsys.columns import Columns
 from recsys.errors import ConfigError
 from recsys.export.kernels import DENSE, DOT, SPARSE, best_keys, key_values, nearest_history, pair_dots
 from recsys.export.pipeline_model import (
+    ROW_BLOCK,
     ConstantScorer,
     EmbeddingScorer,
     FactorScorer,
@@ -44,6 +45,9 @@ FUSED = "fused"
 # also the item limit.
 CACHE_MIN_WIDTH = 128
 CACHE_MAX_ITEMS = 6000
+# Users scored at a time by a single-stage export (``Engine._single``): a multiple of ROW_BLOCK,
+# so that the products are the same GEMM calls as over the whole chunk.
+SLICE_ROWS = ROW_BLOCK
 EXPLAIN_COLUMNS = {"explain_item": pl.String, "explain_similarity": pl.Float32, "explain_features": pl.String}
 
 
@@ -698,10 +702,21 @@ class Engine:
         list_rules = self.rules.rules.min_score is not None or self.rules.category is not None
         n = min(self.p.n_items, self.k * self.overfetch if list_rules else self.k)
         with self._timed("score_topk"):
-            d = DenseScores(model, users)
-            # A fresh block (or DenseScores' float32 copy) is masked in place; a block that shares
-            # memory with the model is copied first.
-            items, top = masked_top_k(d, users, n, seen, self.allowed, in_place=d.scores.flags.owndata)
+            # Scored and selected SLICE_ROWS users at a time: the slice's scores are read back
+            # by the selection while still in cache, and the chunk's [users, items] block (80 MB
+            # at 4k users x 5k items, page-faulted in afresh for every chunk) never exists. Every
+            # row's scores are the same as from the whole block (``ROW_BLOCK``-aligned slices).
+            items = np.empty((len(users), n), dtype=np.int64)
+            top = np.empty((len(users), n), dtype=np.float32)
+            for s in range(0, len(users), SLICE_ROWS):
+                part = users[s : s + SLICE_ROWS]
+                d = DenseScores(model, part)
+                # A fresh block (or DenseScores' float32 copy) is masked in place; a block that
+                # shares memory with the model is copied first.
+                local = np.arange(len(part))
+                part_seen = None if seen is None else seen[s : s + len(part)]
+                got = masked_top_k(d, local, n, part_seen, self.allowed, in_place=d.scores.flags.owndata)
+                items[s : s + len(part)], top[s : s + len(part)] = got
         with self._timed("rules"):
             rank = apply_rules_dense(items, top, self.rules, self.k)
             r, c = np.nonzero(rank)
