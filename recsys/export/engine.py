@@ -27,6 +27,7 @@ from recsys.export.pipeline_model import (
     ConstantScorer,
     EmbeddingScorer,
     FactorScorer,
+    KNNScorer,
     MaskedScorer,
     PipelineHistories,
     TrainedPipeline,
@@ -48,6 +49,8 @@ CACHE_MAX_ITEMS = 6000
 # Users scored at a time by a single-stage export (``Engine._single``): a multiple of ROW_BLOCK,
 # so that the products are the same GEMM calls as over the whole chunk.
 SLICE_ROWS = ROW_BLOCK
+# The models whose ``score_users`` can write into a given array (``DenseScores(out=)``).
+BUFFERED = (FactorScorer, EmbeddingScorer, KNNScorer)
 EXPLAIN_COLUMNS = {"explain_item": pl.String, "explain_similarity": pl.Float32, "explain_features": pl.String}
 
 
@@ -200,20 +203,28 @@ class DenseScores(Recommender):
     """One model's scores of a block of users against the whole catalogue, computed once and
     shared by candidate generation and the features (``users`` are 0..n-1 of the block)."""
 
-    def __init__(self, model: Recommender, users: np.ndarray) -> None:
+    def __init__(self, model: Recommender, users: np.ndarray, out: np.ndarray | None = None) -> None:
+        """``out``: where to write the block, for the models that can (``BUFFERED``)."""
         self.name = model.name
-        self.scores = np.asarray(model.score_users(users), dtype=np.float32)
+        if out is not None and isinstance(model, BUFFERED):
+            self.scores = model.score_users(users, out=out)
+        else:
+            self.scores = np.asarray(model.score_users(users), dtype=np.float32)
         # One score row shared by every user (popularity): its top-N needs no dense block.
         self.constant = np.asarray(model.counts, dtype=np.float32) if isinstance(model, ConstantScorer) else None
 
     @classmethod
-    def masked(cls, base: DenseScores, name: str, forbidden: np.ndarray) -> DenseScores:
+    def masked(cls, base: DenseScores, name: str, forbidden: np.ndarray, out: np.ndarray | None = None) -> DenseScores:
         """``MaskedScorer``'s scores from its inner model's block, without scoring again."""
-        out = cls.__new__(cls)
-        out.name, out.constant = name, None
-        out.scores = base.scores.copy()
-        out.scores[:, forbidden] = -np.inf
-        return out
+        res = cls.__new__(cls)
+        res.name, res.constant = name, None
+        if out is None:
+            res.scores = base.scores.copy()
+        else:
+            np.copyto(out, base.scores)
+            res.scores = out
+        res.scores[:, forbidden] = -np.inf
+        return res
 
     def fit(self, history: History) -> DenseScores:  # pragma: no cover
         return self
@@ -588,6 +599,7 @@ class Engine:
         self._unit = {}
         self._similarity: dict[str, np.ndarray] = {}
         self._knn: dict[str, sp.csr_matrix] = {}
+        self._blocks: dict[str, np.ndarray] = {}  # see ``_block``
         self._shap: PatternTreeShap | None = None
         for name, f in pipeline.factor_models.items():
             v = f["item_factors"]
@@ -636,6 +648,15 @@ class Engine:
             self._knn[name] = s
         return self._knn[name]
 
+    def _block(self, name: str, rows: int) -> np.ndarray:
+        """The ``[rows, items]`` float32 array ``name``'s dense scores are written to, kept from
+        block to block: a fresh 80 MB block (4k users x 5k items) is page-faulted in again at
+        every chunk, which cost 15-30 ms per block and model (docs/benchmarks.md)."""
+        buf = self._blocks.get(name)
+        if buf is None or len(buf) < rows:
+            buf = self._blocks[name] = np.empty((rows, self.p.n_items), dtype=np.float32)
+        return buf[:rows]
+
     @contextmanager
     def _timed(self, stage: str) -> Iterator[None]:
         t0 = time.perf_counter()
@@ -672,9 +693,9 @@ class Engine:
             dense: dict[str, DenseScores] = {}
             for n, m in scorers.items():
                 if isinstance(m, MaskedScorer) and m.inner.name in dense:  # text_new: text's block, masked
-                    dense[n] = DenseScores.masked(dense[m.inner.name], n, m.forbidden)
+                    dense[n] = DenseScores.masked(dense[m.inner.name], n, m.forbidden, self._block(n, len(users)))
                 elif n in blocks:
-                    dense[n] = DenseScores(m, users)
+                    dense[n] = DenseScores(m, users, self._block(n, len(users)))
         with self._timed("candidates"):
             cands = block_candidates(users, dense, p.n_candidates, seen, self.allowed, in_place=True)
         with self._timed("features"):

@@ -186,9 +186,11 @@ def check_meta(meta: Mapping[str, Any], file: Path) -> None:
 ROW_BLOCK = 256
 
 
-def fixed_block_matmul(u: np.ndarray, vt: np.ndarray) -> np.ndarray:
-    """``u @ vt`` computed ``ROW_BLOCK`` rows at a time, the last block zero-padded."""
-    out = np.empty((len(u), vt.shape[1]), dtype=np.float32)
+def fixed_block_matmul(u: np.ndarray, vt: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``u @ vt`` computed ``ROW_BLOCK`` rows at a time, the last block zero-padded (into ``out``
+    if given: float32, C-ordered, of the result's shape)."""
+    if out is None:
+        out = np.empty((len(u), vt.shape[1]), dtype=np.float32)
     pad = np.zeros((ROW_BLOCK, u.shape[1]), dtype=np.float32)
     for s in range(0, len(u), ROW_BLOCK):
         block = u[s : s + ROW_BLOCK]
@@ -210,8 +212,8 @@ class FactorScorer(Recommender):
     def fit(self, history: History) -> FactorScorer:  # pragma: no cover - never refitted
         return self
 
-    def score_users(self, users: np.ndarray) -> np.ndarray:
-        return fixed_block_matmul(self.user_factors[users], self.item_factors.T)
+    def score_users(self, users: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return fixed_block_matmul(self.user_factors[users], self.item_factors.T, out)
 
 
 class KNNScorer(Recommender):
@@ -223,8 +225,10 @@ class KNNScorer(Recommender):
     def fit(self, history: History) -> KNNScorer:  # pragma: no cover
         return self
 
-    def score_users(self, users: np.ndarray) -> np.ndarray:
-        return (self.user_items[users] @ self.similarity).toarray()
+    def score_users(self, users: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        if out is not None:
+            out.fill(0.0)  # toarray adds the product's entries into it
+        return (self.user_items[users] @ self.similarity).toarray(out=out)
 
 
 class ConstantScorer(Recommender):
@@ -266,8 +270,8 @@ class EmbeddingScorer(Recommender):
     def fit(self, history: History) -> EmbeddingScorer:  # pragma: no cover
         return self
 
-    def score_users(self, users: np.ndarray) -> np.ndarray:
-        return fixed_block_matmul(self.user_embeddings[users], self.item_embeddings.T)
+    def score_users(self, users: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return fixed_block_matmul(self.user_embeddings[users], self.item_embeddings.T, out)
 
 
 def fold_in(item_factors: np.ndarray, user_items: sp.csr_matrix, regularization: float, alpha: float) -> np.ndarray:
