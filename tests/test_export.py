@@ -265,6 +265,23 @@ def test_output_schema_order_and_no_seen_items(pipeline, tmp_path):
     assert not list(tmp_path.glob(".r.parquet*")), "temporary parts left behind"
 
 
+def test_threads_sharing_an_engine_get_their_own_blocks(pipeline):
+    """The engine keeps its dense score arrays from block to block (``Engine._block``), one set
+    per thread: two threads recommending with one engine (a server's pyfunc model) get what
+    they get one after the other."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    eng = engine(pipeline)
+    ids = list(pipeline.users.ids)
+    groups = [ids[i::4] for i in range(4)]
+    alone = [eng.recommend(pipeline.histories(g)) for g in groups]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            got = list(pool.map(lambda g: eng.recommend(pipeline.histories(g)), groups))
+            for a, b in zip(alone, got, strict=True):
+                assert a.equals(b)
+
+
 def test_chunking_gives_the_same_output(pipeline, tmp_path):
     p = pipeline
     rules = BusinessRules(max_per_category=3, blocklist=list(p.item_ids[:5]))

@@ -8,6 +8,7 @@ state (factors, embeddings, item statistics) is shared, computed once.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -599,7 +600,7 @@ class Engine:
         self._unit = {}
         self._similarity: dict[str, np.ndarray] = {}
         self._knn: dict[str, sp.csr_matrix] = {}
-        self._blocks: dict[str, np.ndarray] = {}  # see ``_block``
+        self._local = threading.local()  # per calling thread: its ``_block`` arrays
         self._shap: PatternTreeShap | None = None
         for name, f in pipeline.factor_models.items():
             v = f["item_factors"]
@@ -648,13 +649,18 @@ class Engine:
             self._knn[name] = s
         return self._knn[name]
 
-    def _block(self, name: str, rows: int) -> np.ndarray:
-        """The ``[rows, items]`` float32 array ``name``'s dense scores are written to, kept from
-        block to block: a fresh 80 MB block (4k users x 5k items) is page-faulted in again at
-        every chunk, which cost 15-30 ms per block and model (docs/benchmarks.md)."""
-        buf = self._blocks.get(name)
+    def _block(self, model: Recommender, rows: int) -> np.ndarray | None:
+        """The ``[rows, items]`` float32 array ``model``'s dense scores are written to (None for
+        a model that cannot write into one), kept from block to block: a fresh 80 MB block (4k
+        users x 5k items) is page-faulted in again at every chunk, which cost 15-30 ms per block
+        and model (docs/benchmarks.md). One set per thread: an engine shared by the threads of a
+        server (the pyfunc model) must not have two blocks written into the same array."""
+        if not isinstance(model, (*BUFFERED, MaskedScorer)):
+            return None
+        blocks = self._local.__dict__.setdefault("blocks", {})
+        buf = blocks.get(model.name)
         if buf is None or len(buf) < rows:
-            buf = self._blocks[name] = np.empty((rows, self.p.n_items), dtype=np.float32)
+            buf = blocks[model.name] = np.empty((rows, self.p.n_items), dtype=np.float32)
         return buf[:rows]
 
     @contextmanager
@@ -693,9 +699,9 @@ class Engine:
             dense: dict[str, DenseScores] = {}
             for n, m in scorers.items():
                 if isinstance(m, MaskedScorer) and m.inner.name in dense:  # text_new: text's block, masked
-                    dense[n] = DenseScores.masked(dense[m.inner.name], n, m.forbidden, self._block(n, len(users)))
+                    dense[n] = DenseScores.masked(dense[m.inner.name], n, m.forbidden, self._block(m, len(users)))
                 elif n in blocks:
-                    dense[n] = DenseScores(m, users, self._block(n, len(users)))
+                    dense[n] = DenseScores(m, users, self._block(m, len(users)))
         with self._timed("candidates"):
             cands = block_candidates(users, dense, p.n_candidates, seen, self.allowed, in_place=True)
         with self._timed("features"):
