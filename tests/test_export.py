@@ -196,8 +196,10 @@ def test_single_stage_engine_reads_only_its_model(pipeline, tmp_path, scorer):
     assert a.manifest["rows"] > 0 or scorer == "text_new"  # no item is that cold in this small run
     with pytest.raises(ConfigError, match="load it whole"):
         part.p.save(tmp_path / "again")
-    with pytest.raises(ConfigError, match="unknown model"):
+    with pytest.raises(ConfigError, match=r"unknown model\(s\) \['nope'\]: the pipeline has \[.*'als'"):
         TrainedPipeline.load(trained_run().pipeline_dir, ["als", "nope"])
+    with pytest.raises(ConfigError, match="'fused' is the ranker"):
+        loaded_engine(scorer="nope")
 
 
 def test_a_factor_export_imports_neither_torch_nor_lightgbm():

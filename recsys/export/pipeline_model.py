@@ -714,7 +714,10 @@ class TrainedPipeline:
     def _needed(meta: Mapping[str, Any], models: Collection[str]) -> set[str]:
         """``models`` and the text tower a ``NewItemText`` among them scores through."""
         if unknown := sorted(set(models) - set(meta["models"])):
-            raise ConfigError(f"unknown model(s) {unknown}; the pipeline has {sorted(meta['models'])}")
+            raise ConfigError(
+                f"unknown model(s) {unknown}: the pipeline has {meta['source_order']} "
+                "(as an export's scorer, 'fused' is the ranker over all of them)"
+            )
         out = set(models)
         if any(meta["models"][n]["kind"] == "NewItemText" for n in out) and meta.get("text"):
             out.add(meta["text"]["name"])
