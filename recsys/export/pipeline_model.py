@@ -304,7 +304,7 @@ class HistoryTower:
 
     The user encoder (attention pooling over the last ``max_history`` history vectors, a residual
     linear layer, L2 normalisation) is evaluated here in numpy and a compiled loop, not torch: the
-    same weights and formula to float rounding (``tests/test_export_fast.py``), at about a third
+    same weights and formula to float rounding (``tests/test_export_fast.py``), at about a fifth
     of the cost per block, and an export process or worker then never imports torch
     (docs/benchmarks.md, issue #5, eighth round)."""
 
