@@ -22,7 +22,7 @@ import scipy.sparse as sp
 
 from recsys.columns import Columns
 from recsys.errors import ConfigError
-from recsys.export.kernels import DENSE, DOT, SPARSE, best_keys, key_values, nearest_history, pair_dots
+from recsys.export.kernels import DENSE, DOT, SPARSE, best_keys, decode_keys, nearest_history, pair_dots
 from recsys.export.pipeline_model import (
     ROW_BLOCK,
     ConstantScorer,
@@ -325,13 +325,11 @@ def fast_top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return _partition_top_k(scores, k)
     scores = np.ascontiguousarray(scores)
     keys = np.empty((n_rows, k), dtype=np.uint64)
-    failed = best_keys(scores, scores.view(np.uint32), keys)
+    bits = scores.view(np.uint32)
+    failed = best_keys(scores, bits, keys)
     keys[failed] = 0  # not set by the kernel: any valid cell until they are ranked below
     keys.sort(axis=1)
-    idx = (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
-    top = key_values(keys)
-    zero = np.nonzero(top == 0)  # the key made -0.0 a +0.0 (so that they tie): the cell's own
-    top[zero] = scores[zero[0], idx[zero]]
+    idx, top = decode_keys(keys, bits)
     if len(failed):
         idx[failed], top[failed] = _partition_top_k(scores[failed], k)
     return idx, top

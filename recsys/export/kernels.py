@@ -262,11 +262,24 @@ def _cells_above(row, t, survivors, or_equal) -> int:
     return c
 
 
-def key_values(keys: np.ndarray) -> np.ndarray:
-    """The float32 values of sort keys (``_key`` undone; -0.0 comes back as +0.0)."""
-    u = np.uint32(0xFFFFFFFF) - (keys >> np.uint64(32)).astype(np.uint32)
-    bits = np.where(u & np.uint32(0x80000000), u & np.uint32(0x7FFFFFFF), u ^ np.uint32(0xFFFFFFFF))
-    return bits.astype(np.uint32).view(np.float32)
+@numba.njit(cache=True, nogil=True)
+def decode_keys(keys: np.ndarray, bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Item indices and float32 values of sorted sort keys ``[rows, k]`` (``_key`` undone), the
+    value read back from the row's own ``bits`` (``scores.view(np.uint32)``) where the key made
+    a -0.0 a +0.0: one pass instead of a dozen numpy passes over the block (~7 us per row at
+    k = 300)."""
+    n, k = keys.shape
+    idx = np.empty((n, k), dtype=np.int64)
+    val = np.empty((n, k), dtype=np.uint32)
+    for r in range(n):
+        for c in range(k):
+            key = keys[r, c]
+            j = np.int64(key & np.uint64(0xFFFFFFFF))
+            u = np.uint32(np.uint64(0xFFFFFFFF) - (key >> np.uint64(32)))
+            v = (u & np.uint32(0x7FFFFFFF)) if u & np.uint32(0x80000000) else (u ^ np.uint32(0xFFFFFFFF))
+            idx[r, c] = j
+            val[r, c] = bits[r, j] if v == 0 else v
+    return idx, val.view(np.float32)
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FAST)
