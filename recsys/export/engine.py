@@ -22,7 +22,16 @@ import scipy.sparse as sp
 
 from recsys.columns import Columns
 from recsys.errors import ConfigError
-from recsys.export.kernels import DENSE, DOT, SPARSE, best_keys, decode_keys, nearest_history, pair_dots
+from recsys.export.kernels import (
+    DENSE,
+    DOT,
+    SPARSE,
+    best_keys,
+    decode_keys,
+    kept_cells,
+    nearest_history,
+    pair_dots,
+)
 from recsys.export.pipeline_model import (
     ROW_BLOCK,
     ConstantScorer,
@@ -711,11 +720,10 @@ class Engine:
         with self._timed("rules"):
             rows, score = ranked_rows(feats[Columns.UserIdx].to_numpy(), pred, len(users))
             keep = apply_rules_dense(feats[Columns.ItemIdx].to_numpy()[rows], score, self.rules, self.k)
-            r, c = np.nonzero(keep)
-            rows = rows[r, c]
+            _, rows, kept_score, kept_rank = kept_cells(keep, rows, score)
             out = feats.select(Columns.UserIdx, Columns.ItemIdx)[rows].with_columns(
-                pl.Series(Columns.Score, score[r, c]),
-                pl.Series(Columns.Rank, keep[r, c]),
+                pl.Series(Columns.Score, kept_score),
+                pl.Series(Columns.Rank, kept_rank),
                 feats[Columns.Source].gather(rows),
             )
         if self.explain.top_features > 0:
@@ -744,13 +752,13 @@ class Engine:
                 items[s : s + len(part)], top[s : s + len(part)] = got
         with self._timed("rules"):
             rank = apply_rules_dense(items, top, self.rules, self.k)
-            r, c = np.nonzero(rank)
+            r, item, score, kept_rank = kept_cells(rank, items, top)
             out = pl.DataFrame(
                 {
                     Columns.UserIdx: users[r].astype(np.int32),
-                    Columns.ItemIdx: items[r, c].astype(np.int32),
-                    Columns.Score: top[r, c],
-                    Columns.Rank: rank[r, c],
+                    Columns.ItemIdx: item.astype(np.int32),
+                    Columns.Score: score,
+                    Columns.Rank: kept_rank,
                 }
             )
         return out.with_columns(pl.lit(self.scorer).alias(Columns.Source))
