@@ -847,21 +847,26 @@ class Engine:
         rows_i = df[Columns.ItemIdx].to_numpy().astype(np.int64)
         src = df[Columns.Source]
         none = np.zeros(0, dtype=np.int32)  # the CSR arguments, for the kinds that take none
-        for name in src.unique().drop_nulls().sort().to_list():
-            sel = np.flatnonzero((src == name).fill_null(False).to_numpy())
-            u, i = rows_u[sel], rows_i[sel]
+        names = src.unique().drop_nulls().sort().to_list()
+        whole = len(names) == 1 and src.null_count() == 0  # one source (a single-stage list)
+        for name in names:
+            if whole:
+                sel, u, i = None, rows_u, rows_i
+            else:
+                sel = np.flatnonzero((src == name).fill_null(False).to_numpy())
+                u, i = rows_u[sel], rows_i[sel]
             if name in self._unit and self._cached(name):
-                arg, val = nearest_history(DENSE, self._item_similarity(name), none, none, hist, mask, u, i)
+                item, sim = nearest_history(DENSE, self._item_similarity(name), none, none, hist, mask, u, i)
             elif name in self._unit:
-                arg, val = nearest_history(DOT, self._unit[name], none, none, hist, mask, u, i)
+                item, sim = nearest_history(DOT, self._unit[name], none, none, hist, mask, u, i)
             elif name in self.p.knn_models:
                 s = self._knn_sorted(name)
-                arg, val = nearest_history(SPARSE, s.data[:, None], s.indptr, s.indices, hist, mask, u, i)
+                item, sim = nearest_history(SPARSE, s.data[:, None], s.indptr, s.indices, hist, mask, u, i)
             else:  # popularity: no history item is responsible
                 continue
-            ok = np.isfinite(val)
-            best_item[sel[ok]] = hist[u[ok], arg[ok]]
-            best_sim[sel[ok]] = val[ok]
+            if whole:
+                return item, sim
+            best_item[sel], best_sim[sel] = item, sim
         return best_item, best_sim
 
 

@@ -36,9 +36,10 @@ def nearest_history(
     users: np.ndarray,
     items: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per row r: the position in user ``users[r]``'s history (``hist``/``mask`` ``[users, H]``)
-    of the item most similar to item ``items[r]``, and that similarity (-inf where the history is
-    empty). The first position wins ties. The similarity of history item j to item i is
+    """Per row r: the item of user ``users[r]``'s history (``hist``/``mask`` ``[users, H]``) most
+    similar to item ``items[r]``, and that similarity; -1 and NaN where no history item has a
+    finite one (an empty history). The first position wins ties. The similarity of history item
+    j to item i is
 
     * ``DOT``: the dot product of rows i and j of ``table`` (unit item vectors);
     * ``DENSE``: ``table[i, j]`` (a cached item x item cosine matrix);
@@ -46,8 +47,8 @@ def nearest_history(
       column ``table`` (sorted indices; absent = 0): an item-kNN model's neighbours.
     """
     n = len(users)
-    arg = np.zeros(n, dtype=np.int64)
-    val = np.full(n, -np.inf, dtype=np.float32)
+    best_item = np.full(n, -1, dtype=np.int64)
+    best_val = np.full(n, np.nan, dtype=np.float32)
     for r in range(n):
         u, i = users[r], items[r]
         best, at = np.float32(-np.inf), 0
@@ -67,8 +68,9 @@ def nearest_history(
                 s = table[p, 0] if p < hi and indices[p] == i else np.float32(0.0)
             if s > best:
                 best, at = s, h
-        arg[r], val[r] = at, best
-    return arg, val
+        if np.isfinite(best):
+            best_item[r], best_val[r] = hist[u, at], best
+    return best_item, best_val
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FAST)
