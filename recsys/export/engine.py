@@ -847,8 +847,11 @@ class Engine:
         rows_i = df[Columns.ItemIdx].to_numpy().astype(np.int64)
         src = df[Columns.Source]
         none = np.zeros(0, dtype=np.int32)  # the CSR arguments, for the kinds that take none
-        names = src.unique().drop_nulls().sort().to_list()
-        whole = len(names) == 1 and src.null_count() == 0  # one source (a single-stage list)
+        if self.scorer != FUSED:  # a single-stage list: one source, every row (no string unique)
+            names, whole = [self.scorer], True
+        else:
+            names = src.unique().drop_nulls().sort().to_list()
+            whole = len(names) == 1 and src.null_count() == 0
         for name in names:
             if whole:
                 sel, u, i = None, rows_u, rows_i
