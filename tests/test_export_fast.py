@@ -380,3 +380,35 @@ def test_a_user_encoder_of_the_wrong_shape_is_named(tmp_path):
     with pytest.raises(InputError, match="residual.weight: missing") as info:
         HistoryTower.load(tmp_path / "t", 5)
     assert info.value.file == str(tmp_path / "t" / HistoryTower.USER_ENCODER)
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_histories_gather_equals_a_filter_and_sort(pipeline, shuffled):
+    """``TrainedPipeline.histories`` gathers the stored users' row ranges instead of filtering
+    the whole stored history per chunk: same rows, same order, with given histories replacing
+    some users' and unknown users, from a stored history in any row order."""
+    import dataclasses
+
+    from recsys.export.pipeline_model import HISTORY_COLUMNS
+
+    p = pipeline
+    if shuffled:
+        p = dataclasses.replace(p, history=p.history.sample(fraction=1.0, shuffle=True, seed=1))
+    rng = np.random.default_rng(5)
+    ids = list(p.users.ids)
+    users = sorted([ids[j] for j in rng.choice(len(ids), len(ids) // 2, replace=False)] + ["nobody"])
+    given = pl.DataFrame({Columns.User: [users[0], users[0], "nobody"], Columns.Item: p.item_ids[:3].tolist()})
+    got = p.histories(users, given)
+    # The reference: the replaced per-chunk filter, then one sort.
+    gidx = p.users.index(users)
+    supplied = np.isin(np.arange(len(users)), [0, users.index("nobody")])
+    stored = np.flatnonzero((gidx >= 0) & ~supplied)
+    remap = np.full(len(p.users), -1, dtype=np.int32)
+    remap[gidx[stored]] = stored
+    h = p.history.filter(pl.col(Columns.UserIdx).is_in(gidx[stored].tolist()))
+    h = h.with_columns(pl.Series(Columns.UserIdx, remap[h[Columns.UserIdx].to_numpy()])).select(HISTORY_COLUMNS)
+    ref = pl.concat([got.history.interactions.filter(pl.col(Columns.UserIdx).is_in([0, users.index("nobody")])), h])
+    ref = ref.sort(Columns.UserIdx, Columns.Timestamp, maintain_order=True)
+    assert got.history.interactions.equals(ref)
+    assert got.history.interactions.filter(pl.col(Columns.UserIdx) == 0).height == 2  # given replaced stored
+    assert h.height > 300
