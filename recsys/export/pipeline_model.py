@@ -542,22 +542,24 @@ class TrainedPipeline:
         for name, c in self.constant_models.items():
             np.savez(path / "cf" / f"{name}.npz", counts=c)
         text_meta = None
-        net = self.net
-        if net is None and self.text_folder is not None:  # a loaded pipeline: read its BERT now
+        if self.net is not None:  # fresh from training
+            enc = self.net.item_encoder
+            bert, tok, max_length, temperature = enc.bert, enc.tokenizer, enc.max_length, self.net.temperature
+        elif self.text_folder is not None:  # a loaded pipeline: read its BERT now (serving never does)
             tm = read_json_object(self.text_folder.parent / "meta.json")["text"]
-            net = load_text_tower(self.text_folder, tm["max_length"], tm["max_history"], tm["temperature"])
-        if net is not None:
-            enc = net.item_encoder
+            bert, tok = load_bert(self.text_folder)
+            max_length, temperature = tm["max_length"], tm["temperature"]
+        if self.net is not None or self.text_folder is not None:
             # The tower's serving side (user encoder weights, item vectors, the frozen history
-            # side when there is one): the same as ``net``'s, taken from it at training time.
+            # side when there is one): taken from the trained tower, or loaded with the pipeline.
             tower = self.text_tower.save(path / "text")
-            enc.bert.save_pretrained(path / "text" / "encoder", safe_serialization=True)
-            enc.tokenizer.save_pretrained(path / "text" / "encoder")
+            bert.save_pretrained(path / "text" / "encoder", safe_serialization=True)
+            tok.save_pretrained(path / "text" / "encoder")
             text_meta = {
                 "name": self.text_name,
-                "max_length": enc.max_length,
+                "max_length": max_length,
                 "max_history": tower["max_history"],
-                "temperature": net.temperature,
+                "temperature": temperature,
                 "history_embeddings": tower["history_embeddings"],
             }
         towers_meta = {name: t.save(path / "text_extra" / name) for name, t in self.history_towers.items()}
@@ -818,11 +820,10 @@ class TrainedPipeline:
         return out
 
 
-def load_text_tower(folder: Path, max_length: int, max_history: int, temperature: float) -> TwoTower:
-    import torch
+def load_bert(folder: Path) -> tuple[Any, Any]:
+    """The text tower's BERT and tokenizer, saved under ``folder/encoder``: only saving a loaded
+    pipeline again reads them (its user side and vectors are already loaded, ``text_tower``)."""
     from transformers import AutoModel, AutoTokenizer
-
-    from recsys.text.encoder import ItemEncoder, TwoTower
 
     enc_dir = folder / "encoder"
     if not enc_dir.is_dir():  # serving never reads it, so load let it pass; saving again needs it
@@ -830,12 +831,7 @@ def load_text_tower(folder: Path, max_length: int, max_history: int, temperature
     with reading(enc_dir):
         bert = AutoModel.from_pretrained(str(enc_dir), add_pooling_layer=False, use_safetensors=True)
         tok = AutoTokenizer.from_pretrained(str(enc_dir))
-    net = TwoTower(ItemEncoder(bert, tok, max_length), max_history=max_history, temperature=temperature)
-    tower = HistoryTower.load(folder, max_history)
-    net.user_encoder.load_state_dict({k: torch.from_numpy(v) for k, v in tower.weights.items()})
-    if tower.history_embeddings is not None:
-        net.history_embeddings = torch.from_numpy(tower.history_embeddings)
-    return net.eval()
+    return bert, tok
 
 
 def normalise_history(df: pl.DataFrame, event_weights: Mapping[str, float]) -> pl.DataFrame:
