@@ -560,6 +560,7 @@ def test_saving_a_loaded_pipeline_again_without_its_bert_is_named(pipeline_copy,
     with pytest.raises(InputError, match="BERT") as info:
         p.save(tmp_path / "again")
     assert info.value.file == str(pipeline_copy / "text") and "re-run training" in str(info.value)
+    assert not (tmp_path / "again").exists()  # nothing half-written
 
 
 # --- through the CLI: exit code 2, the message on stderr, no traceback ---------------------------
