@@ -158,18 +158,22 @@ def timed_export(
     explain=True,
     workers: int = 1,
     layout: str = "file",
+    parallel: str = "threads",
 ):
     from recsys.export.batch import export_recommendations
 
     engine = make_engine(folder, k, scorer, explain)
     users = list(engine.p.users.ids[: n_users or len(engine.p.users)])
     t0, c0, cc0 = time.perf_counter(), time.process_time(), children_cpu()
-    res = export_recommendations(engine, users, out, chunk_size=chunk, progress=False, workers=workers, layout=layout)
+    res = export_recommendations(
+        engine, users, out, chunk_size=chunk, progress=False, workers=workers, layout=layout, parallel=parallel
+    )
     dt = time.perf_counter() - t0
     return {
         "users": len(users),
         "workers": workers,
         "layout": layout,
+        "parallel": parallel,
         "seconds": dt,
         # CPU time of this process and of its workers: less noisy under contention
         "cpu_s": time.process_time() - c0 + children_cpu() - cc0,
@@ -271,9 +275,13 @@ class TreeMemory:
         return {"peak_rss_tree_mb": self.peak_rss, "peak_pss_tree_mb": self.peak_pss}
 
 
-def rss_child(folder: str, out: str, k: int, n_users: int, chunk: int, workers: int, layout: str) -> None:
+def rss_child(
+    folder: str, out: str, k: int, n_users: int, chunk: int, workers: int, layout: str, parallel: str
+) -> None:
     mem = TreeMemory()
-    r = timed_export(Path(folder), Path(out), k, "fused", n_users, chunk, workers=workers, layout=layout)
+    r = timed_export(
+        Path(folder), Path(out), k, "fused", n_users, chunk, workers=workers, layout=layout, parallel=parallel
+    )
     r.update(mem.stop())
     r["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process alone
     r["peak_rss_largest_worker_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
@@ -283,12 +291,12 @@ def rss_child(folder: str, out: str, k: int, n_users: int, chunk: int, workers: 
 def rss_run(folder: Path, tmp: str, a, n: int) -> dict:
     """Export ``n`` users from the saved pipeline in a fresh process; its peak RSS."""
     cmd = [sys.executable, __file__, "--k", str(a.k), "--chunk", str(a.chunk), "--workers", str(a.workers)]
-    cmd += ["--layout", a.layout]
+    cmd += ["--layout", a.layout, "--parallel", a.parallel]
     cmd += ["--rss-child", str(folder), f"{tmp}/rss{n}.parquet", str(n)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     child = json.loads(out.splitlines()[-1])
     print(
-        f"fresh process, {n} users, {a.workers} workers: peak RSS of the process tree "
+        f"fresh process, {n} users, {a.workers} workers ({a.parallel}): peak RSS of the process tree "
         f"{child['peak_rss_tree_mb']:.0f} MB (PSS {child['peak_pss_tree_mb']:.0f} MB; the parent alone "
         f"{child['peak_rss_mb']:.0f} MB), {child['users_per_s']:.0f} users/s"
     )
@@ -304,13 +312,16 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=4096)
     ap.add_argument("--workers", type=int, default=2, help="export processes (the default of recommend.yaml)")
     ap.add_argument("--layout", default="file", choices=["file", "parts"], help="output layout of every export")
+    ap.add_argument(
+        "--parallel", default="threads", choices=["threads", "processes"], help="what the workers are (recommend.yaml)"
+    )
     ap.add_argument("--naive-users", type=int, default=300)
     ap.add_argument("--small", type=int, default=10_000, help="users of the smaller RSS run")
     ap.add_argument("--only-rss", action="store_true", help="build, then only the two peak-RSS runs")
     ap.add_argument("--rss-child", nargs=3, metavar=("FOLDER", "OUT", "N"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.rss_child:
-        rss_child(a.rss_child[0], a.rss_child[1], a.k, int(a.rss_child[2]), a.chunk, a.workers, a.layout)
+        rss_child(a.rss_child[0], a.rss_child[1], a.k, int(a.rss_child[2]), a.chunk, a.workers, a.layout, a.parallel)
         return
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "pipeline"
@@ -323,10 +334,10 @@ def main() -> None:
             return
         w = a.workers
 
-        def export(name: str, scorer: str, explain: bool = True, workers: int = w) -> dict:
+        def export(name: str, scorer: str, explain: bool = True, workers: int = w, parallel: str = a.parallel) -> dict:
             """Every user, with this run's K, chunk and layout, into ``tmp/name``."""
             out = Path(tmp) / name
-            return timed_export(folder, out, a.k, scorer, None, a.chunk, explain, workers, a.layout)
+            return timed_export(folder, out, a.k, scorer, None, a.chunk, explain, workers, a.layout, parallel)
 
         # The export's compiled loops are compiled on first use and cached on disk (numba): a
         # fresh checkout spends ~5-10 s per process on its first chunk once, which is not the
@@ -353,6 +364,13 @@ def main() -> None:
             print(s, res[s], flush=True)
             res[f"{s}_no_explain"] = export(f"{s}n.parquet", s, explain=False)
             print(s, "no explanations", res[f"{s}_no_explain"], flush=True)
+        if w != 1:  # the other kind of workers, in the same run: the ratio is what carries over
+            other = "processes" if a.parallel == "threads" else "threads"
+            for s in ("fused", "als"):
+                res[f"{s}_{other}"] = r = export(f"{s}_{other}.parquet", s, parallel=other)
+                same = output_bytes(Path(tmp) / f"{s}_{other}.parquet") == output_bytes(Path(tmp) / f"{s}.parquet")
+                print(f"{s} with {other}", r, "same bytes:", same, flush=True)
+                print(f"  {a.parallel} / {other}: {res[s]['users_per_s'] / r['users_per_s']:.2f}x", flush=True)
         res["naive_loop"] = naive_loop(folder, a.k, a.naive_users)
         print("naive loop", res["naive_loop"], flush=True)
         res["bare_topk"] = bare_topk(folder, a.k, a.chunk)

@@ -23,7 +23,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import recsys.config  # noqa: E402,F401  (registers resolvers)
-from recsys.errors import InputError, exit_on_user_error  # noqa: E402
+from recsys.errors import ConfigError, InputError, exit_on_user_error  # noqa: E402
 
 log = logging.getLogger("recsys.recommend")
 
@@ -88,12 +88,14 @@ def run(cfg: DictConfig):
     from hydra.utils import instantiate
 
     from recsys.columns import Columns
-    from recsys.export.batch import check_output, export_recommendations
+    from recsys.export.batch import PARALLEL, check_output, export_recommendations
     from recsys.export.engine import Engine, ExplainOptions
     from recsys.export.pipeline_model import normalise_history
     from recsys.tracking import tracking_uri
 
     check_output(cfg.output, str(cfg.layout))  # before the model is loaded
+    if str(cfg.parallel) not in PARALLEL:
+        raise ConfigError(f"parallel must be one of {list(PARALLEL)}, got {cfg.parallel!r}")
     tracking = cfg.tracking_uri or tracking_uri(cfg.paths.mlruns_dir)
     folder, source = resolve_model(str(cfg.model_uri), tracking)
     explain = ExplainOptions(**OmegaConf.to_container(cfg.explain, resolve=True))
@@ -122,6 +124,7 @@ def run(cfg: DictConfig):
         progress=bool(cfg.progress),
         workers=int(cfg.workers),
         layout=str(cfg.layout),
+        parallel=str(cfg.parallel),
     )
     m = result.manifest
     print(

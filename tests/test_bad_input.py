@@ -615,6 +615,19 @@ def test_cli_export_refuses_a_bad_layout_before_loading_the_model(tmp_path, layo
     assert list((tmp_path / "recs.parquet").iterdir()) == []
 
 
+def test_cli_export_refuses_a_bad_parallel_before_loading_the_model(tmp_path):
+    """``parallel=fork`` (threads or processes only): refused by name before the model is
+    resolved (the model URI here does not even exist)."""
+    from reliability_support import run_recommend
+
+    proc = run_recommend(
+        tmp_path, f"model_uri={tmp_path / 'no-such-pipeline'}", f"output={tmp_path / 'r.parquet'}", "parallel=fork"
+    )
+    assert_clean_failure(proc, "parallel must be one of ['threads', 'processes'], got 'fork'")
+    assert "no-such-pipeline" not in proc.stderr + proc.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_secrets_are_masked_in_logged_params():
     import mlflow

@@ -404,15 +404,16 @@ def test_kill_and_resume_gives_identical_bytes(pipeline, tmp_path, layout):
     assert not list(tmp_path.glob(".recs.parquet.parts-*"))
 
 
-# --- worker processes ---------------------------------------------------------------------------
+# --- workers: threads and processes ------------------------------------------------------------
 
 
 def loaded_engine(k: int = 10, scorer: str = "fused", rules: BusinessRules | None = None) -> Engine:
     return Engine.load(trained_run().pipeline_dir, rules or BusinessRules(), k, scorer, ExplainOptions())
 
 
+@pytest.mark.parametrize("parallel", ["threads", "processes"])
 @pytest.mark.parametrize("scorer", ["fused", "als"])
-def test_workers_give_the_same_bytes(tmp_path, scorer):
+def test_workers_give_the_same_bytes(tmp_path, scorer, parallel):
     users = list(TrainedPipeline.load(trained_run().pipeline_dir).users.ids)
     rules = BusinessRules(max_per_category=3)
     one = export_recommendations(
@@ -436,8 +437,10 @@ def test_workers_give_the_same_bytes(tmp_path, scorer):
         progress=False,
         workers=2,
         after_part=slow_parent,
+        parallel=parallel,
     )
     assert two.manifest["workers"] == 2 and one.manifest["workers"] == 1
+    assert two.manifest["parallel"] == parallel
     assert min(two.manifest["parts_by_process"]) > 0, two.manifest["parts_by_process"]
     assert sorted(seen) == list(range(two.manifest["parts"]))  # every part reported once
     assert one.path.read_bytes() == two.path.read_bytes()
@@ -445,13 +448,108 @@ def test_workers_give_the_same_bytes(tmp_path, scorer):
     assert one.manifest["rows"] == two.manifest["rows"] > 0
 
 
-def test_workers_need_an_engine_that_can_be_rebuilt(pipeline, tmp_path):
+def test_worker_processes_need_an_engine_that_can_be_rebuilt(pipeline, tmp_path):
+    """Processes load the pipeline again from ``Engine.load``'s recipe; threads share the
+    caller's engine, so any engine will do for them."""
     from recsys.errors import ConfigError
 
+    users = list(pipeline.users.ids)
     with pytest.raises(ConfigError, match="Engine.load"):
         export_recommendations(
-            engine(pipeline), list(pipeline.users.ids), tmp_path / "r.parquet", chunk_size=50, workers=2
+            engine(pipeline), users, tmp_path / "r.parquet", chunk_size=50, workers=2, parallel="processes"
         )
+    threads = export_recommendations(engine(pipeline), users, tmp_path / "t.parquet", chunk_size=50, workers=2)
+    one = export_recommendations(engine(pipeline), users, tmp_path / "o.parquet", chunk_size=50)
+    assert threads.manifest["workers"] == 2 and threads.path.read_bytes() == one.path.read_bytes()
+    with pytest.raises(ConfigError, match="parallel must be one of"):
+        export_recommendations(engine(pipeline), users, tmp_path / "f.parquet", workers=2, parallel="fork")
+
+
+def test_a_failing_thread_fails_the_export_with_its_own_error(pipeline, tmp_path, monkeypatch):
+    """A worker thread's error stops the export and is raised as it was (an ``InputError``
+    stays one, for the CLI's message); nothing is published."""
+    import threading
+
+    from recsys.errors import InputError
+    from recsys.export import batch
+
+    compute = batch._Job.compute
+
+    def failing(self, engine, i):
+        if threading.current_thread() is not threading.main_thread():
+            raise InputError("a bad row in this part", file="histories.csv", column="item_id")
+        compute(self, engine, i)
+
+    monkeypatch.setattr(batch._Job, "compute", failing)
+    with pytest.raises(InputError, match="a bad row in this part"):
+        export_recommendations(
+            engine(pipeline), list(pipeline.users.ids), tmp_path / "r.parquet", chunk_size=20, progress=False, workers=2
+        )
+    assert not (tmp_path / "r.parquet").exists()
+    alive = [t.name for t in threading.enumerate() if t.name.startswith("recsys-export")]
+    assert not alive, "an export thread outlived the export"
+
+
+def test_export_threads_run_at_the_engines_thread_limits(pipeline, monkeypatch, tmp_path):
+    """Every export thread's BLAS and OpenMP run at the engine's 1 thread, and the caller's
+    settings come back after. BLAS's pool is process-wide and threadpoolctl lets only the
+    thread that limited it first change it: without the caller holding the limits, a worker
+    thread's own limits are a no-op for BLAS."""
+    import threading
+
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def settings() -> dict[str, set[int]]:
+        out: dict[str, set[int]] = {}
+        for i in threadpool_info():
+            out.setdefault(i["user_api"], set()).add(i["num_threads"])
+        return out
+
+    seen: dict[str, list] = {}
+    e = engine(pipeline)
+    recommend = e._recommend
+
+    def recording(ph):  # inside Engine.recommend's limits
+        seen.setdefault(threading.current_thread().name, []).append(settings())
+        return recommend(ph)
+
+    monkeypatch.setattr(e, "_recommend", recording)
+    with threadpool_limits(2):  # a known setting, other than the engine's 1
+        before = settings()
+        export_recommendations(
+            e, list(pipeline.users.ids), tmp_path / "r.parquet", chunk_size=10, progress=False, workers=2
+        )
+        after = settings()
+    assert before["blas"] == {2} and after == before
+    assert len(seen) == 2, seen.keys()  # the caller and one worker thread computed parts
+    for name, calls in seen.items():
+        for s in calls:
+            assert s["blas"] == {1} and s.get("openmp", {1}) == {1}, (name, s)
+
+
+def test_other_threads_rank_with_their_own_copy_of_the_ranker(pipeline):
+    """LightGBM's predict sets the iteration range on the booster it is called on, so threads
+    sharing an engine must not share its booster; each other thread's copy predicts the same."""
+    import threading
+
+    e = engine(pipeline)
+    x = np.random.default_rng(0).normal(size=(200, len(pipeline.ranker.features)))
+    own = e._booster()
+    got = {}
+
+    def other() -> None:
+        got["booster"] = e._booster()
+        got["again"] = e._booster()
+        got["pred"] = got["booster"].predict(x, num_iteration=pipeline.ranker.best_iteration)
+        got["shap"] = e._tree_shap()(x)
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert own is pipeline.ranker.booster
+    assert got["booster"] is not own and got["again"] is got["booster"]
+    assert np.array_equal(got["pred"], own.predict(x, num_iteration=pipeline.ranker.best_iteration))
+    assert np.array_equal(got["shap"], e._tree_shap()(x))
 
 
 def test_a_failing_worker_fails_the_export(tmp_path):
@@ -474,6 +572,7 @@ def test_a_failing_worker_fails_the_export(tmp_path):
             progress=False,
             workers=2,
             after_part=wait_for_the_worker,
+            parallel="processes",
         )
     assert not (tmp_path / "r.parquet").exists()
 
@@ -491,24 +590,26 @@ def after(i):
         with open(sys.argv[3], "w") as f:
             f.write(" ".join(str(p.pid) for p in multiprocessing.active_children()))
         os.kill(os.getpid(), signal.SIGKILL)
-export_recommendations(e, list(e.p.users.ids), sys.argv[2], chunk_size=20, progress=False, after_part=after, workers=2)
+users, out, parallel = list(e.p.users.ids), sys.argv[2], sys.argv[4]
+export_recommendations(e, users, out, chunk_size=20, progress=False, after_part=after, workers=2, parallel=parallel)
 """
 
 
-def test_kill_and_resume_with_workers_gives_identical_bytes(pipeline, tmp_path):
+@pytest.mark.parametrize("parallel", ["threads", "processes"])
+def test_kill_and_resume_with_workers_gives_identical_bytes(pipeline, tmp_path, parallel):
     out = tmp_path / "recs.parquet"
     pids = tmp_path / "workers.txt"
     killed = subprocess.run(
-        [sys.executable, "-c", KILL_WORKERS_SCRIPT, str(trained_run().pipeline_dir), str(out), str(pids)]
+        [sys.executable, "-c", KILL_WORKERS_SCRIPT, str(trained_run().pipeline_dir), str(out), str(pids), parallel]
     )
     assert killed.returncode == -9
     assert not out.exists(), "a killed export must not publish anything"
     workers = [int(x) for x in pids.read_text().split()]
-    assert len(workers) == 1
+    assert len(workers) == (1 if parallel == "processes" else 0)
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and os.path.exists(f"/proc/{workers[0]}"):
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{w}") for w in workers):
         time.sleep(0.1)
-    assert not os.path.exists(f"/proc/{workers[0]}"), "the worker outlived the killed export"
+    assert not any(os.path.exists(f"/proc/{w}") for w in workers), "a worker outlived the killed export"
     parts = sorted(tmp_path.glob(".recs.parquet.parts-*/part-*.parquet"))
     assert 4 <= len(parts) < 10
     resumed = export_recommendations(

@@ -46,12 +46,13 @@ import polars as pl
 
 from recsys.columns import Columns
 from recsys.errors import ConfigError
-from recsys.export.engine import FUSED, OUTPUT_SCHEMA, Engine
+from recsys.export.engine import FUSED, OUTPUT_SCHEMA, Engine, thread_limits
 from recsys.export.writer import write_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("file", "parts")  # export_recommendations(layout=...): one parquet file, or a folder of parts
+PARALLEL = ("threads", "processes")  # export_recommendations(parallel=...): what the workers are
 
 
 @dataclass
@@ -81,6 +82,7 @@ def export_recommendations(
     after_part: Callable[[int], None] | None = None,
     workers: int = 1,
     layout: str = "file",
+    parallel: str = "threads",
 ) -> ExportResult:
     """Write top-K for ``user_ids`` (exported in sorted order) to ``out_path`` plus a manifest.
 
@@ -93,18 +95,25 @@ def export_recommendations(
         info: recorded in the manifest and the fingerprint (model URI, run id, config hash ...).
         after_part: called (in this process) with the part number after each part is written,
             whichever process wrote it (tests use it).
-        workers: processes computing parts: this one plus ``workers - 1`` started with
-            ``spawn``, each loading the pipeline from ``engine.recipe`` (``Engine.load``) and
-            taking the next part not yet taken. The output does not depend on it (each part
-            depends only on its users and the model); memory is about one more pipeline and
-            chunk per worker.
+        workers: how many compute parts at once, each taking the next part not yet taken: the
+            calling thread plus ``workers - 1`` others (``parallel``). The output does not depend
+            on it (each part depends only on its users and the model).
         layout: ``file`` (one parquet file) or ``parts`` (a folder of one parquet file per chunk).
+        parallel: ``threads``: the other workers are threads of this process sharing ``engine``
+            (the compiled loops, products, polars and parquet release the GIL); memory is one
+            more chunk per worker. ``processes``: they are processes started with ``spawn``,
+            each loading the pipeline again from ``engine.recipe`` (``Engine.load``); memory is
+            one more pipeline and chunk per worker. On 2 cores threads were 10-30 % faster
+            (docs/benchmarks.md); processes may scale further on many cores, where threads
+            would contend for the GIL.
     """
     out_path = check_output(out_path, layout)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if parallel not in PARALLEL:
+        raise ConfigError(f"parallel must be one of {list(PARALLEL)}, got {parallel!r}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     users = sorted(set(map(str, user_ids)))
     info = dict(info or {})
@@ -134,7 +143,7 @@ def export_recommendations(
         log.info("resuming %s: %d of %d parts already written", out_path, resumed, len(parts))
     todo = [i for i in range(len(parts)) if not done[i]]
     n_workers = min(workers, len(todo))
-    if n_workers > 1 and engine.recipe is None:
+    if n_workers > 1 and parallel == "processes" and engine.recipe is None:
         raise ConfigError("workers > 1 needs an engine made by Engine.load (workers load the pipeline from its folder)")
     bar = None
     t0 = time.perf_counter()
@@ -146,7 +155,7 @@ def export_recommendations(
     )
     try:
         if n_workers > 1:
-            pool = _Workers(engine, job, n_workers - 1)
+            pool = (_Threads if parallel == "threads" else _Workers)(engine, job, n_workers - 1)
         if progress:
             from tqdm.auto import tqdm
 
@@ -210,6 +219,7 @@ def export_recommendations(
         "parts": len(parts),
         "parts_resumed": resumed,
         "workers": max(n_workers, 1),
+        "parallel": parallel,
         "parts_by_process": by_process,
         "fingerprint": fingerprint,
         "columns": list(OUTPUT_SCHEMA),
@@ -273,14 +283,14 @@ class _Job:
             given = self.histories.filter(pl.col(Columns.User).is_in(block))
         t1 = time.perf_counter()
         ph = engine.p.histories(block, given)
-        engine.timings["history"] += time.perf_counter() - t1
+        engine.add_time("history", time.perf_counter() - t1)
         df = engine.recommend(ph)
         t1 = time.perf_counter()
         stats = {"rows": df.height, "users": len(block), "removed": dict(engine.rules.removed)}
         _part_file(self.work, i, ".json").write_text(json.dumps(stats, sort_keys=True))
         # Written atomically: a part that exists is whole.
         write_atomic(_part_file(self.work, i), lambda tmp: _write_part(df, tmp, self.final_parts))
-        engine.timings["write_part"] += time.perf_counter() - t1
+        engine.add_time("write_part", time.perf_counter() - t1)
 
 
 class _LocalCounter:
@@ -293,12 +303,93 @@ class _LocalCounter:
         return contextlib.nullcontext()
 
 
+class _ThreadCounter(_LocalCounter):
+    """``multiprocessing.Value``'s interface for threads of one process."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+
+    def get_lock(self) -> threading.Lock:
+        return self._lock
+
+
 def _claim(counter: Any, n: int) -> int | None:
     """The next index below ``n`` that no process has taken (``counter``: shared by them)."""
     with counter.get_lock():
         j = counter.value
         counter.value = j + 1
     return j if j < n else None
+
+
+class _Threads:
+    """``n`` threads of this process computing parts with the caller's engine (``_Workers``'
+    interface). A thread's error stops the others after their current part and is raised again
+    in the caller, as it was raised."""
+
+    def __init__(self, engine: Engine, job: _Job, n: int) -> None:
+        import queue
+
+        # BLAS's thread pool is process-wide and only the first thread to limit it can: the
+        # caller holds the engine's limits until the threads are done (``thread_limits``).
+        self._limits = contextlib.ExitStack()
+        self._limits.enter_context(thread_limits(engine.threads))
+        self.counter = _ThreadCounter()
+        self.timings: Counter = Counter()  # the threads add theirs to the shared engine's directly
+        self._events: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._alive = n
+        self._error: BaseException | None = None
+        self._threads = [
+            threading.Thread(target=self._run, args=(engine, job, w), name=f"recsys-export-{w + 1}", daemon=True)
+            for w in range(n)
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _run(self, engine: Engine, job: _Job, w: int) -> None:
+        try:
+            while not self._stop.is_set() and (j := _claim(self.counter, len(job.todo))) is not None:
+                job.compute(engine, job.todo[j])
+                self._events.put(("part", job.todo[j], w))
+        except BaseException as e:  # raised again by the caller's poll
+            self._stop.set()
+            self._events.put(("error", e, w))
+        finally:
+            self._events.put(("end", None, w))
+
+    def running(self) -> bool:
+        return self._alive > 0
+
+    def drop_idle(self) -> None:
+        """Threads start at once: none is ever still loading."""
+
+    def poll(self, finished: Callable[[int, int], None], block: bool) -> None:
+        import queue
+
+        while True:
+            try:
+                kind, value, w = self._events.get(block=block)
+            except queue.Empty:
+                return
+            block = False  # after the first event, only what is already waiting
+            if kind == "part":
+                finished(value, 1 + w)
+            elif kind == "error":
+                self._error = self._error or value
+            else:
+                self._alive -= 1
+            if self._error is not None:
+                self.stop()
+                raise self._error
+
+    def stop(self) -> None:
+        """Let the threads finish the part they are computing, and take no other."""
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+        self._alive = 0
+        self._limits.close()
 
 
 class _Workers:

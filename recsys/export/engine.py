@@ -568,11 +568,15 @@ class Engine:
         scorer: ``fused`` (candidates + features + ranker) or the name of one model (single stage).
         explain: explanation options.
         overfetch: single-stage lists are cut at ``overfetch * k`` before the list rules run.
-        threads: torch, BLAS and OpenMP threads while recommending (restored after each block).
-            The work is many mid-sized products and small ops, where extra threads mostly spin:
-            on the shared 2-core machine, 2 threads instead of 1 made the text user tower 12x
-            and the 256-row score products 3x slower in wall time (docs/benchmarks.md). For
-            more cores, use the batch export's worker processes (``workers``) rather than raising it.
+        threads: torch, BLAS and OpenMP threads while recommending (``thread_limits``). The
+            work is many mid-sized products and small ops, where extra threads mostly spin: on
+            the shared 2-core machine, 2 threads instead of 1 made the text user tower 12x and
+            the 256-row score products 3x slower in wall time (docs/benchmarks.md). For more
+            cores, use the batch export's ``workers`` rather than raising it.
+
+    Threads may share an engine (the batch export's workers, a model server's threads): each has
+    its own score blocks, rule counts (``rules.removed``) and copy of the ranker (LightGBM's
+    predict is not safe for concurrent calls on one booster with different iteration ranges).
     """
 
     def __init__(
@@ -590,6 +594,7 @@ class Engine:
         self.explain = explain or ExplainOptions()
         self.overfetch = overfetch
         self.timings: Counter = Counter()  # seconds per stage, summed over blocks (bench/export.py)
+        self._timings_lock = threading.Lock()
         # Set by ``Engine.load``: lets the batch export start worker processes with the same engine.
         self.recipe: EngineRecipe | None = None
         if k < 1:
@@ -607,8 +612,9 @@ class Engine:
         self._unit = {}
         self._similarity: dict[str, np.ndarray] = {}
         self._knn: dict[str, sp.csr_matrix] = {}
-        self._local = threading.local()  # per calling thread: its ``_block`` arrays
-        self._shap: PatternTreeShap | None = None
+        self._local = threading.local()  # per calling thread: its ``_block`` arrays, ranker copy, SHAP
+        self._owner = threading.get_ident()  # the thread that uses the pipeline's own ranker
+        self._cache_lock = threading.Lock()  # the item x item caches are built once, by one thread
         for name, f in pipeline.factor_models.items():
             v = f["item_factors"]
             self._unit[name] = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
@@ -637,10 +643,11 @@ class Engine:
     def _item_similarity(self, name: str) -> np.ndarray:
         """Cosine of every item pair in ``name``'s space, computed once per engine: explaining a
         row is then one lookup per history item instead of a product in the embedding width."""
-        if name not in self._similarity:
-            unit = np.ascontiguousarray(self._unit[name], dtype=np.float32)
-            self._similarity[name] = unit @ unit.T
-        return self._similarity[name]
+        with self._cache_lock:
+            if name not in self._similarity:
+                unit = np.ascontiguousarray(self._unit[name], dtype=np.float32)
+                self._similarity[name] = unit @ unit.T
+            return self._similarity[name]
 
     def _cached(self, name: str) -> bool:
         """Whether rows of ``name``'s embedding space are explained from the cached item x item
@@ -650,11 +657,37 @@ class Engine:
     def _knn_sorted(self, name: str) -> sp.csr_matrix:
         """Item-kNN model ``name``'s similarity matrix with sorted column indices (the
         explanations' binary search needs them), float32; sorted once per engine."""
-        if name not in self._knn:
-            s = self.p.knn_models[name].tocsr().astype(np.float32)
-            s.sort_indices()
-            self._knn[name] = s
-        return self._knn[name]
+        with self._cache_lock:
+            if name not in self._knn:
+                s = self.p.knn_models[name].tocsr().astype(np.float32)
+                s.sort_indices()
+                self._knn[name] = s
+            return self._knn[name]
+
+    def _booster(self):
+        """The ranker's booster for the calling thread: the pipeline's own for the thread that
+        built the engine, a copy for any other. LightGBM's predict sets the iteration range on
+        the shared model before reading it (``GBDT::InitPredict``), so concurrent calls with
+        different ranges (the ranker's, TreeSHAP's tree by tree) on one booster could mix them."""
+        booster = self.p.ranker.booster
+        if threading.get_ident() == self._owner:
+            return booster
+        if getattr(self._local, "booster", None) is None:
+            import lightgbm as lgb
+
+            self._local.booster = lgb.Booster(model_str=booster.model_to_string(num_iteration=-1))
+        return self._local.booster
+
+    def _tree_shap(self) -> PatternTreeShap:
+        """The calling thread's TreeSHAP (its own pattern cache, on its own booster)."""
+        if getattr(self._local, "shap", None) is None:
+            self._local.shap = PatternTreeShap(self._booster(), self.p.ranker.best_iteration)
+        return self._local.shap
+
+    def add_time(self, stage: str, seconds: float) -> None:
+        """Add ``seconds`` to ``timings[stage]`` (threads sharing the engine add theirs too)."""
+        with self._timings_lock:
+            self.timings[stage] += seconds
 
     def _block(self, model: Recommender, rows: int) -> np.ndarray | None:
         """The ``[rows, items]`` float32 array ``model``'s dense scores are written to (None for
@@ -674,15 +707,13 @@ class Engine:
     def _timed(self, stage: str) -> Iterator[None]:
         t0 = time.perf_counter()
         yield
-        self.timings[stage] += time.perf_counter() - t0
+        self.add_time(stage, time.perf_counter() - t0)
 
     # ---- one block -------------------------------------------------------------------------------
 
     def recommend(self, ph: PipelineHistories) -> pl.DataFrame:
         """Rows ``user_id, item_id, score, rank, source, explain_*`` sorted by user_id, rank."""
-        from threadpoolctl import threadpool_limits
-
-        with _torch_threads(self.threads), threadpool_limits(self.threads):
+        with thread_limits(self.threads):
             return self._recommend(ph)
 
     def _recommend(self, ph: PipelineHistories) -> pl.DataFrame:
@@ -716,7 +747,7 @@ class Engine:
             feats = block_features(cands, ph.history, features, list(p.n_candidates), self.item_stats, p.now)
         with self._timed("ranker"):
             x = feats.select(p.ranker.features).to_numpy()
-            pred = p.ranker.booster.predict(x, num_iteration=p.ranker.best_iteration).astype(np.float32)
+            pred = self._booster().predict(x, num_iteration=p.ranker.best_iteration).astype(np.float32)
         with self._timed("rules"):
             rows, score = ranked_rows(feats[Columns.UserIdx].to_numpy(), pred, len(users))
             keep = apply_rules_dense(feats[Columns.ItemIdx].to_numpy()[rows], score, self.rules, self.k)
@@ -772,9 +803,7 @@ class Engine:
         names = np.asarray(p.ranker.features, dtype=object)
         text = np.full(df.height, None, dtype=object)
         if sel.any():
-            if self._shap is None:
-                self._shap = PatternTreeShap(p.ranker.booster, p.ranker.best_iteration)
-            contrib = self._shap(x[rows[sel]])
+            contrib = self._tree_shap()(x[rows[sel]])
             n_top = min(opt.top_features, contrib.shape[1])
             order = np.argsort(-np.abs(contrib), axis=1, kind="stable")[:, :n_top]
             vals = np.take_along_axis(contrib, order, 1)
@@ -832,7 +861,7 @@ class Engine:
             order[by_id] = np.arange(len(ph.user_ids))
             key = pl.Series("_key", order).gather(uidx)
             out = out.with_columns(key).sort("_key", Columns.Rank, maintain_order=True).drop("_key")
-        self.timings["output_frame"] += time.perf_counter() - t0
+        self.add_time("output_frame", time.perf_counter() - t0)
         return out
 
     def _history_explanations(self, df: pl.DataFrame, ph: PipelineHistories) -> tuple[np.ndarray, np.ndarray]:
@@ -879,6 +908,25 @@ def _no_explanations(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @contextmanager
+def thread_limits(n: int) -> Iterator[None]:
+    """torch, BLAS and OpenMP at ``n`` threads inside, as ``Engine.recommend`` runs.
+
+    OpenMP's setting is per thread, so each caller sets its own. BLAS (OpenBLAS's pthreads
+    pool) is process-wide: threadpoolctl lets only the first thread to limit it do so and makes
+    the others' calls no-ops, so threads sharing an engine rely on the thread that started them
+    holding this around them (the batch export does). torch's setting is process-wide too: the
+    first caller in sets it and the last one out restores it."""
+    from threadpoolctl import threadpool_limits
+
+    with _torch_threads(n), threadpool_limits(n):
+        yield
+
+
+_TORCH_LOCK = threading.Lock()
+_torch_state: list = [0, None]  # callers inside, the setting the first one found
+
+
+@contextmanager
 def _torch_threads(n: int) -> Iterator[None]:
     # An export that never loaded a text part never imported torch: nothing to limit (the one
     # torch call it can still make, ``_best_sorted``'s topk, has its ties repaired by the caller,
@@ -887,12 +935,18 @@ def _torch_threads(n: int) -> Iterator[None]:
     if torch is None:
         yield
         return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
+    with _TORCH_LOCK:
+        if _torch_state[0] == 0:
+            _torch_state[1] = torch.get_num_threads()
+            torch.set_num_threads(n)
+        _torch_state[0] += 1
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        with _TORCH_LOCK:
+            _torch_state[0] -= 1
+            if _torch_state[0] == 0:
+                torch.set_num_threads(_torch_state[1])
 
 
 OUTPUT_SCHEMA: dict[str, pl.DataType] = {

@@ -22,8 +22,8 @@ import dataclasses
 import importlib.metadata
 import json
 import logging
+import threading
 import warnings
-from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -97,7 +97,7 @@ class PipelineModel:
     def engine(self, k: int, scorer: str) -> Engine:
         key = (int(k), scorer)
         if key not in self._engines:
-            rules = dataclasses.replace(self._rules, removed=Counter())  # each engine counts its own removals
+            rules = dataclasses.replace(self._rules, _counts=threading.local())  # each engine counts its own removals
             explain = ExplainOptions(**self.serving.get("explain", {}))
             self._engines[key] = Engine(self.pipeline, rules, k, scorer, explain)
         return self._engines[key]

@@ -19,6 +19,7 @@ use ``rules.mask_scores(scores, seen_rows)`` first.
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -117,7 +118,17 @@ class CompiledRules:
     item_rules: dict[str, np.ndarray]  # rule name -> bool [n_items], True = allowed
     category: np.ndarray | None  # category code per item
     at: int
-    removed: Counter = field(default_factory=Counter)
+    # What each rule removed, one Counter per thread (``removed``): threads sharing an engine
+    # (the batch export's workers, a server's) each count the blocks they compute.
+    _counts: threading.local = field(default_factory=threading.local, repr=False, compare=False)
+
+    @property
+    def removed(self) -> Counter:
+        """Candidates removed per rule, counted by the calling thread since it last cleared them."""
+        counts = getattr(self._counts, "removed", None)
+        if counts is None:
+            counts = self._counts.removed = Counter()
+        return counts
 
     @property
     def allowed_items(self) -> np.ndarray | None:
