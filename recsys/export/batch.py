@@ -93,8 +93,8 @@ def export_recommendations(
         histories: ``user_id, item_id[, timestamp, event]`` rows.
         chunk_size: users per part (memory grows with it, not with the number of users).
         info: recorded in the manifest and the fingerprint (model URI, run id, config hash ...).
-        after_part: called (in this process) with the part number after each part is written,
-            whichever process wrote it (tests use it).
+        after_part: called (in the calling thread) with the part number after each part is
+            written, whichever worker wrote it (tests use it).
         workers: how many compute parts at once, each taking the next part not yet taken: the
             calling thread plus ``workers - 1`` others (``parallel``). The output does not depend
             on it (each part depends only on its users and the model).
@@ -144,7 +144,10 @@ def export_recommendations(
     todo = [i for i in range(len(parts)) if not done[i]]
     n_workers = min(workers, len(todo))
     if n_workers > 1 and parallel == "processes" and engine.recipe is None:
-        raise ConfigError("workers > 1 needs an engine made by Engine.load (workers load the pipeline from its folder)")
+        raise ConfigError(
+            "parallel=processes needs an engine made by Engine.load (worker processes load the pipeline from its "
+            "folder); parallel=threads shares this one"
+        )
     bar = None
     t0 = time.perf_counter()
     job = _Job(users, histories, work, chunk_size, todo, final_parts=layout == "parts")
