@@ -311,7 +311,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--chunk", type=int, default=4096)
     ap.add_argument("--workers", type=int, default=2, help="export processes (the default of recommend.yaml)")
-    ap.add_argument("--layout", default="file", choices=["file", "parts"], help="output layout of every export")
+    ap.add_argument(
+        "--layout", default="parts", choices=["file", "parts"], help="output layout of every export (recommend.yaml)"
+    )
     ap.add_argument(
         "--parallel", default="threads", choices=["threads", "processes"], help="what the workers are (recommend.yaml)"
     )
