@@ -527,6 +527,34 @@ def test_export_threads_run_at_the_engines_thread_limits(pipeline, monkeypatch, 
             assert s["blas"] == {1} and s.get("openmp", {1}) == {1}, (name, s)
 
 
+def test_ranker_matrix_in_kept_memory_equals_polars_to_numpy(pipeline):
+    """The ranker's feature matrix, written into memory kept from block to block, holds what
+    ``to_numpy`` gives (nulls as NaN, ints and float32 widened), for a block larger than the
+    last and then a smaller one, and does not keep rows of the larger one."""
+    e = engine(pipeline)
+    names = pipeline.ranker.features
+    rng = np.random.default_rng(0)
+
+    def frame(n: int) -> pl.DataFrame:
+        cols = {}
+        for j, name in enumerate(names):
+            v = rng.normal(size=n)
+            kind = j % 3
+            s = pl.Series(name, (v * 100).astype(np.int32) if kind == 0 else v, strict=False)
+            s = s.cast(pl.Float32) if kind == 1 else s
+            if j % 2 == 0:  # nulls in every other column
+                s = s.scatter(rng.choice(n, n // 5, replace=False), None)
+            cols[name] = s
+        return pl.DataFrame(cols).with_columns(pl.lit(1).alias("not_a_feature"))
+
+    for n in (300, 700, 200):
+        f = frame(n)
+        x = e._ranker_matrix(f)
+        assert x.shape == (n, len(names)) and x.dtype == np.float64
+        assert np.array_equal(x, f.select(names).to_numpy(), equal_nan=True)
+    assert len(e._local.ranker_x) == 700 * len(names)  # grown once, then reused
+
+
 def test_other_threads_rank_with_their_own_copy_of_the_ranker(pipeline):
     """LightGBM's predict sets the iteration range on the booster it is called on, so threads
     sharing an engine must not share its booster; each other thread's copy predicts the same."""
