@@ -83,6 +83,18 @@ def read_histories(path: str):
     return read_table(path)
 
 
+def positive_int(cfg: DictConfig, key: str) -> int:
+    """``cfg[key]`` as an int >= 1, or a ``ConfigError`` naming the setting."""
+    value = cfg[key]
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or number < 1 or number != value:
+        raise ConfigError(f"{key} must be a whole number >= 1, got {value!r}")
+    return number
+
+
 def run(cfg: DictConfig):
     """Export as configured; returns the ``ExportResult``."""
     from hydra.utils import instantiate
@@ -93,9 +105,12 @@ def run(cfg: DictConfig):
     from recsys.export.pipeline_model import normalise_history
     from recsys.tracking import tracking_uri
 
-    check_output(cfg.output, str(cfg.layout))  # before the model is loaded
+    # Settings checked before the model is loaded.
+    check_output(cfg.output, str(cfg.layout))
     if str(cfg.parallel) not in PARALLEL:
         raise ConfigError(f"parallel must be one of {list(PARALLEL)}, got {cfg.parallel!r}")
+    for key in ("k", "chunk_size", "workers", "threads"):
+        positive_int(cfg, key)
     tracking = cfg.tracking_uri or tracking_uri(cfg.paths.mlruns_dir)
     folder, source = resolve_model(str(cfg.model_uri), tracking)
     explain = ExplainOptions(**OmegaConf.to_container(cfg.explain, resolve=True))

@@ -615,15 +615,24 @@ def test_cli_export_refuses_a_bad_layout_before_loading_the_model(tmp_path, layo
     assert list((tmp_path / "recs.parquet").iterdir()) == []
 
 
-def test_cli_export_refuses_a_bad_parallel_before_loading_the_model(tmp_path):
-    """``parallel=fork`` (threads or processes only): refused by name before the model is
-    resolved (the model URI here does not even exist)."""
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("parallel=fork", "parallel must be one of ['threads', 'processes'], got 'fork'"),
+        ("workers=0", "workers must be a whole number >= 1, got 0"),
+        ("chunk_size=many", "chunk_size must be a whole number >= 1, got 'many'"),
+        ("k=2.5", "k must be a whole number >= 1, got 2.5"),
+    ],
+)
+def test_cli_export_refuses_bad_settings_before_loading_the_model(tmp_path, override, expected):
+    """Refused by name before the model is resolved (the model URI here does not even exist),
+    not as a traceback after loading it."""
     from reliability_support import run_recommend
 
     proc = run_recommend(
-        tmp_path, f"model_uri={tmp_path / 'no-such-pipeline'}", f"output={tmp_path / 'r.parquet'}", "parallel=fork"
+        tmp_path, f"model_uri={tmp_path / 'no-such-pipeline'}", f"output={tmp_path / 'r.parquet'}", override
     )
-    assert_clean_failure(proc, "parallel must be one of ['threads', 'processes'], got 'fork'")
+    assert_clean_failure(proc, expected)
     assert "no-such-pipeline" not in proc.stderr + proc.stdout
     assert list(tmp_path.iterdir()) == []
 
