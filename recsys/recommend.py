@@ -100,22 +100,20 @@ def run(cfg: DictConfig):
     from hydra.utils import instantiate
 
     from recsys.columns import Columns
-    from recsys.export.batch import PARALLEL, check_output, export_recommendations
+    from recsys.export.batch import check_output, check_parallel, export_recommendations
     from recsys.export.engine import Engine, ExplainOptions
     from recsys.export.pipeline_model import normalise_history
     from recsys.tracking import tracking_uri
 
     # Settings checked before the model is loaded.
     check_output(cfg.output, str(cfg.layout))
-    if str(cfg.parallel) not in PARALLEL:
-        raise ConfigError(f"parallel must be one of {list(PARALLEL)}, got {cfg.parallel!r}")
-    for key in ("k", "chunk_size", "workers", "threads"):
-        positive_int(cfg, key)
+    check_parallel(str(cfg.parallel))
+    k, chunk_size, workers, threads = (positive_int(cfg, key) for key in ("k", "chunk_size", "workers", "threads"))
     tracking = cfg.tracking_uri or tracking_uri(cfg.paths.mlruns_dir)
     folder, source = resolve_model(str(cfg.model_uri), tracking)
     explain = ExplainOptions(**OmegaConf.to_container(cfg.explain, resolve=True))
     # Engine.load, not Engine(TrainedPipeline.load(...)): worker processes rebuild it from the folder.
-    engine = Engine.load(folder, instantiate(cfg.rules), int(cfg.k), str(cfg.scorer), explain, threads=int(cfg.threads))
+    engine = Engine.load(folder, instantiate(cfg.rules), k, str(cfg.scorer), explain, threads=threads)
     pipeline = engine.p
 
     histories = None
@@ -134,10 +132,10 @@ def run(cfg: DictConfig):
         users,
         cfg.output,
         histories=histories,
-        chunk_size=int(cfg.chunk_size),
+        chunk_size=chunk_size,
         info=info,
         progress=bool(cfg.progress),
-        workers=int(cfg.workers),
+        workers=workers,
         layout=str(cfg.layout),
         parallel=str(cfg.parallel),
     )

@@ -108,12 +108,11 @@ def export_recommendations(
             would contend for the GIL.
     """
     out_path = check_output(out_path, layout)
+    check_parallel(parallel)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    if parallel not in PARALLEL:
-        raise ConfigError(f"parallel must be one of {list(PARALLEL)}, got {parallel!r}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     users = sorted(set(map(str, user_ids)))
     info = dict(info or {})
@@ -233,6 +232,12 @@ def export_recommendations(
     write_text_atomic(json.dumps(manifest, indent=2, default=str), manifest_path)  # ASCII: same bytes anywhere
     shutil.rmtree(work, ignore_errors=True)
     return ExportResult(out_path, manifest_path, manifest)
+
+
+def check_parallel(parallel: str) -> None:
+    """A ``ConfigError`` unless ``parallel`` names a kind of worker (checked before any work)."""
+    if parallel not in PARALLEL:
+        raise ConfigError(f"parallel must be one of {list(PARALLEL)}, got {parallel!r}")
 
 
 def check_output(out_path: str | Path, layout: str) -> Path:

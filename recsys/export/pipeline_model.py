@@ -526,13 +526,13 @@ class TrainedPipeline:
         if path.exists() and any(path.iterdir()):
             raise ConfigError(f"pipeline folder {path} exists and is not empty")
         # Read before anything is written: a loaded pipeline whose BERT is gone leaves no folder.
+        encoder = None  # the text tower's (BERT, tokenizer, max_length, temperature)
         if self.net is not None:  # fresh from training
             enc = self.net.item_encoder
-            bert, tok, max_length, temperature = enc.bert, enc.tokenizer, enc.max_length, self.net.temperature
+            encoder = (enc.bert, enc.tokenizer, enc.max_length, self.net.temperature)
         elif self.text_folder is not None:  # a loaded pipeline: read its BERT now (serving never does)
             tm = read_json_object(self.text_folder.parent / "meta.json")["text"]
-            bert, tok = load_bert(self.text_folder)
-            max_length, temperature = tm["max_length"], tm["temperature"]
+            encoder = (*load_bert(self.text_folder), tm["max_length"], tm["temperature"])
         (path / "cf").mkdir(parents=True, exist_ok=True)
         self.items.write_parquet(path / "items.parquet")
         self.users.to_frame(Columns.User, Columns.UserIdx).write_parquet(path / "users.parquet")
@@ -550,7 +550,8 @@ class TrainedPipeline:
         for name, c in self.constant_models.items():
             np.savez(path / "cf" / f"{name}.npz", counts=c)
         text_meta = None
-        if self.net is not None or self.text_folder is not None:
+        if encoder is not None:
+            bert, tok, max_length, temperature = encoder
             # The tower's serving side (user encoder weights, item vectors, the frozen history
             # side when there is one): taken from the trained tower, or loaded with the pipeline.
             tower = self.text_tower.save(path / "text")
