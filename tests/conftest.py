@@ -34,7 +34,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # Noise from third-party libraries, filtered by message (see STACK.md gotcha 10).
+    # Warnings from Lightning and transformers that would fail `pytest -W error`, filtered by
+    # message so that any other warning still does.
     for line in (
         "ignore:.*modules? in eval mode.*",
         "ignore:.*LeafSpec.*",

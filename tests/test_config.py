@@ -76,7 +76,9 @@ def test_smoke_is_small_and_tiny(tmp_path):
 def test_default_config_composes(tmp_path):
     cfg = compose_config([], tmp_path)
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    assert "experiment" not in cfg  # experiments are opt-in deltas (STACK.md gotcha 5)
+    # Experiments are opt-in deltas: with `experiment` in config.yaml's defaults, Hydra rejects
+    # `+experiment=NAME` ("Multiple values for experiment").
+    assert "experiment" not in cfg
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])

@@ -688,7 +688,7 @@ class Engine:
         """The ranker's features of ``feats`` as a float64 ``[rows, features]`` matrix, nulls as
         NaN (what ``feats.select(...).to_numpy()`` gives), written column by column into memory
         kept from block to block, one per thread: a fresh matrix (~90 MB for 500k candidate rows)
-        was page-faulted in at every chunk, more than its conversion cost. Column-major, as
+        would be page-faulted in at every chunk, which costs more than the conversion. Column-major, as
         polars gives it: each column is one contiguous write, and LightGBM reads either order."""
         names = self.p.ranker.features
         n, m = feats.height, len(names)
@@ -711,8 +711,8 @@ class Engine:
     def _block(self, model: Recommender, rows: int) -> np.ndarray | None:
         """The ``[rows, items]`` float32 array ``model``'s dense scores are written to (None for
         a model that cannot write into one), kept from block to block: a fresh 80 MB block (4k
-        users x 5k items) is page-faulted in again at every chunk, which cost 15-30 ms per block
-        and model (docs/benchmarks.md). One set per thread: an engine shared by the threads of a
+        users x 5k items) would be page-faulted in again at every chunk, 15-30 ms per block and
+        model. One set per thread: an engine shared by the threads of a
         server (the pyfunc model) must not have two blocks written into the same array."""
         if not isinstance(model, (*BUFFERED, MaskedScorer)):
             return None

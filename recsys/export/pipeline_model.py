@@ -48,7 +48,7 @@ from recsys.recommender import History, Recommender, recent_items
 # torch (and the text modules built on it) and lightgbm are imported where a text part or the
 # ranker is loaded, not here: a single-stage factor export (ALS, BPR, item-kNN, popularity) and
 # each of its worker processes load neither, which saves ~1.4 s of imports for each and ~1.4 s
-# more for lightgbm's (docs/benchmarks.md, issue #5, eighth round).
+# more for lightgbm's.
 if TYPE_CHECKING:
     from recsys.text.encoder import TwoTower
     from recsys.text.recommender import TextRecommender
@@ -306,8 +306,8 @@ class HistoryTower:
     The user encoder (attention pooling over the last ``max_history`` history vectors, a residual
     linear layer, L2 normalisation) is evaluated here in numpy and a compiled loop, not torch: the
     same weights and formula to float rounding (``tests/test_export_fast.py``), at about a fifth
-    of the cost per block, and an export process or worker then never imports torch
-    (docs/benchmarks.md, issue #5, eighth round)."""
+    of the cost per block (4,096 users: 27 ms against 140 ms), and an export process or worker
+    then never imports torch."""
 
     weights: dict[str, np.ndarray]  # UserEncoder's state dict: position_bias, content.*, residual.weight
     item_embeddings: np.ndarray  # [n_items, d] float32

@@ -43,7 +43,7 @@ SERVING_FILE = "serving.json"
 # each goes to: its fields are the allowed keys and their annotations the allowed types.
 SERVING_SECTIONS = {"rules": BusinessRules, "explain": ExplainOptions}
 # What serving imports (recsys itself travels as code_paths). Pinned to the versions installed
-# where the model was logged: inferring them costs ~13 s and guesses (STACK.md gotcha 3).
+# where the model was logged: MLflow's inference of them costs ~13 s and only guesses.
 SERVING_PACKAGES = (
     "torch",
     "transformers",
