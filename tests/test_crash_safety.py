@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 from reliability_support import SMOKE, checked, command, env, reference_run, run_cli, session_root
 
-from recsys.export.writer import write_parquet_atomic
+from recsys.atomic import write_parquet_atomic
 
 
 @pytest.mark.slow
@@ -80,7 +80,7 @@ def test_writer_failing_halfway_leaves_the_old_file(tmp_path, monkeypatch):
 
 WRITER = """
 import sys, polars as pl
-from recsys.export.writer import write_parquet_atomic
+from recsys.atomic import write_parquet_atomic
 n = 200_000
 frames = [pl.DataFrame({"user_id": [f"u{i}" for i in range(n)], "score": [float(v)] * n}) for v in (1, 2)]
 print("ready", flush=True)

@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from recsys.atomic import write_atomic, write_parquet_atomic, write_text_atomic
 from recsys.columns import Columns
 from recsys.errors import InputError
-from recsys.export.writer import write_atomic, write_parquet_atomic, write_text_atomic
 
 BUNDLE_DIR = "evaluation"
 FILES = ("recommendations.parquet", "targets.parquet", "items.parquet", "users.parquet", "protocol.json")

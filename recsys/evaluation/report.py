@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from recsys.atomic import write_atomic, write_text_atomic
 from recsys.errors import ConfigError
 from recsys.evaluation import plots
 from recsys.evaluation.beyond import beyond_accuracy
@@ -28,7 +29,6 @@ from recsys.evaluation.impressions import impression_metrics, summarize
 from recsys.evaluation.metrics import curves, hits_matrix, metrics_from_hits, relevance_matrix
 from recsys.evaluation.render import Document, Figure, Section, Table, Text, figures, to_html, to_markdown
 from recsys.evaluation.segments import build_segments
-from recsys.export.writer import write_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 

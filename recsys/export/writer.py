@@ -1,16 +1,16 @@
-"""Recommendation tables and atomic writes: a reader never sees a half-written file."""
+"""Recommendation tables: ``user_id, item_id, score, rank, source`` from index arrays."""
 
 from __future__ import annotations
-
-import os
-from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import polars as pl
 
+from recsys.atomic import write_atomic, write_parquet_atomic, write_text_atomic
 from recsys.columns import RECOMMENDATION_SCHEMA, Columns
 from recsys.data.dataset import Dataset
+
+# The atomic writers are re-exported for recsys.export.batch and recsys.train.
+__all__ = ["recommendations_frame", "write_atomic", "write_parquet_atomic", "write_text_atomic"]
 
 
 def recommendations_frame(
@@ -31,25 +31,3 @@ def recommendations_frame(
         schema=RECOMMENDATION_SCHEMA,
     )
     return df.sort(Columns.User, Columns.Rank)
-
-
-def write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
-    """Call ``write(tmp)`` on a temporary name in the same folder, then rename it to ``path``
-    (atomic on one file system): a reader never sees a half-written file, even after kill -9."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def write_parquet_atomic(df: pl.DataFrame, path: str | Path) -> Path:
-    return write_atomic(path, df.write_parquet)
-
-
-def write_text_atomic(text: str, path: str | Path) -> Path:
-    return write_atomic(path, lambda tmp: tmp.write_text(text))
