@@ -18,6 +18,7 @@ import polars as pl
 import scipy.sparse as sp
 
 from recsys.columns import Columns
+from recsys.topk import top_k
 
 
 def recent_items(histories: Sequence[np.ndarray], n: int) -> np.ndarray:
@@ -118,15 +119,3 @@ class Recommender(ABC):
         if not all_items:
             return np.zeros((0, k), dtype=np.int64), np.zeros((0, k), dtype=np.float32)
         return np.concatenate(all_items), np.concatenate(all_scores)
-
-
-def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row-wise top-k (indices, values), best first; ties broken by lower item index.
-
-    A stable argsort on ``-scores`` gives exactly that order (``argpartition`` would pick an
-    arbitrary subset of the items tied at the k-th score: popularity counts and the zero scores of
-    cold items tie often).
-    """
-    k = min(k, scores.shape[1])
-    idx = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return idx, np.take_along_axis(scores, idx, 1)

@@ -290,17 +290,14 @@ def test_encoder_path_missing_empty_or_not_a_bert(tmp_path, tokenizer_path):
 
 def test_k_larger_than_the_catalogue_gives_shorter_lists(tiny_dataset):
     """Documented repair: a list holds at most the items a user has not seen (no padding rows)."""
-    from recsys.export.engine import fast_top_k
     from recsys.export.writer import recommendations_frame
-    from recsys.recommender import top_k
+    from recsys.topk import top_k
 
     n = tiny_dataset.n_items
     scores = np.random.default_rng(0).random((3, n)).astype(np.float32)
     scores[0, :5] = -np.inf  # seen items
-    for fn in (top_k, fast_top_k):
-        items, sc = fn(scores, n + 50)
-        assert items.shape == (3, n)
     items, sc = top_k(scores, n + 50)
+    assert items.shape == (3, n)
     items = np.where(np.isfinite(sc), items, -1)
     recs = recommendations_frame(tiny_dataset, np.arange(3), items, sc)
     per_user = recs.group_by(Columns.User, maintain_order=True).agg(pl.col(Columns.Rank))

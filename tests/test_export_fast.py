@@ -1,5 +1,5 @@
-"""The export's fast paths against the plain ones they replace, on tiny cases: same items, same
-order, same rule counts, scores within float tolerance (issue #5, export speed)."""
+"""The export's block-wise paths against plain reference code, on tiny cases: same items, same
+order, same rule counts, scores within float tolerance."""
 
 from __future__ import annotations
 
@@ -18,37 +18,10 @@ from recsys.export.engine import (
     ExplainOptions,
     block_candidates,
     constant_top_k,
-    fast_top_k,
 )
 from recsys.export.pipeline_model import TrainedPipeline
 from recsys.export.rules import BusinessRules, apply_rules, apply_rules_dense
-from recsys.recommender import top_k
-
-
-def tie_heavy(rng: np.random.Generator, kind: int, n: int, m: int) -> np.ndarray:
-    """Score blocks where ties straddle the cut often: few distinct values, many zeros, -inf."""
-    if kind == 0:
-        s = rng.random((n, m))
-    elif kind == 1:
-        s = rng.integers(0, 4, (n, m))
-    elif kind == 2:
-        s = np.where(rng.random((n, m)) < 0.7, 0.0, rng.random((n, m)))
-    else:
-        s = rng.integers(0, 3, (n, m)).astype(np.float64)
-        s[rng.random((n, m)) < 0.5] = -np.inf
-    return s.astype(np.float32)
-
-
-def test_fast_top_k_equals_stable_argsort_on_ties():
-    rng = np.random.default_rng(0)
-    for trial in range(400):
-        n, m = int(rng.integers(1, 25)), int(rng.integers(1, 50))
-        scores = tie_heavy(rng, trial % 4, n, m)
-        k = int(rng.integers(1, m + 5))
-        got_i, got_v = fast_top_k(scores, k)
-        ref_i, ref_v = top_k(scores, k)
-        np.testing.assert_array_equal(got_i, ref_i, err_msg=f"trial {trial}, k={k}")
-        np.testing.assert_array_equal(got_v, ref_v)
+from recsys.topk import top_k
 
 
 def random_seen(rng: np.random.Generator, n: int, m: int, density: float) -> sp.csr_matrix:
@@ -67,7 +40,7 @@ def test_constant_top_k_equals_the_masked_dense_block():
         if allowed is not None:
             dense[:, ~allowed] = -np.inf
         dense[seen.nonzero()] = -np.inf
-        ref_i, ref_v = fast_top_k(dense, k)
+        ref_i, ref_v = top_k(dense, k)
         got_i, got_v = constant_top_k(row, seen, n, k, allowed)
         np.testing.assert_array_equal(np.isfinite(got_v), np.isfinite(ref_v), err_msg=f"trial {trial}")
         fin = np.isfinite(ref_v)
@@ -98,7 +71,7 @@ def test_dense_rules_equal_the_frame_rules(rules):
     )
     scores = np.round(rng.random((n_users, n_items)), 1).astype(np.float32)  # ties
     scores[rng.random(scores.shape) < 0.2] = -np.inf  # seen
-    items, top = fast_top_k(scores, 9)
+    items, top = top_k(scores, 9)
     dense_rules, frame_rules = rules.compile(items_df, 0), rules.compile(items_df, 0)
     rank = apply_rules_dense(items, top, dense_rules, k)
     r, c = np.nonzero(rank)
@@ -306,26 +279,6 @@ def test_pattern_explanations_equal_the_plain_pred_contrib(pipeline, monkeypatch
     ref = run()
     assert got.equals(ref)
     assert got["explain_features"].null_count() == 0
-
-
-def test_fast_top_k_on_wide_rows_equals_stable_argsort():
-    """Rows of >= 4k items take the compiled path (threshold, keys, sort of the few kept): ties,
-    -0.0 against +0.0, +-inf, and rows where the threshold pass needs the tied cells too."""
-    rng = np.random.default_rng(5)
-    for trial in range(120):
-        n, m = int(rng.integers(1, 12)), int(rng.integers(100, 1500))
-        kind = trial % 5
-        if kind < 4:
-            s = tie_heavy(rng, kind, n, m)
-        else:
-            s = (rng.integers(-2, 3, (n, m)) * 0.0).astype(np.float32)  # +0.0 and -0.0 tie
-            s[rng.random((n, m)) < 0.3] *= -1
-            s[rng.random((n, m)) < 0.01] = np.inf
-        k = int(rng.integers(1, m // 4 + 1))
-        got_i, got_v = fast_top_k(s, k)
-        ref_i, ref_v = top_k(s, k)
-        np.testing.assert_array_equal(got_i, ref_i, err_msg=f"trial {trial}, k={k}")
-        np.testing.assert_array_equal(got_v, ref_v)
 
 
 @pytest.mark.parametrize("frozen", [False, True])

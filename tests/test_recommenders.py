@@ -14,7 +14,7 @@ import pytest
 
 from recsys.cf import ALS, BPR, ItemKNN, Popularity, SequentialKNN
 from recsys.columns import Columns
-from recsys.recommender import History, Recommender, top_k
+from recsys.recommender import History, Recommender
 from recsys.text.recommender import TextRecommender
 
 
@@ -170,35 +170,6 @@ def test_items_without_events_get_zero_factor_scores(block_world, model):
     scores = model.score_users(np.arange(h.n_users))
     assert np.all(scores[:, h.n_items :] == 0.0)
     assert np.any(scores[:, : h.n_items] != 0.0)
-
-
-# --- top_k ------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("n_items", "k"), [(50, 1), (50, 10), (50, 50), (7, 20)])
-def test_top_k_matches_a_full_sort(n_items, k):
-    rng = np.random.default_rng(n_items + k)
-    scores = rng.normal(size=(13, n_items)).astype(np.float32)
-    idx, vals = top_k(scores, k)
-    kk = min(k, n_items)
-    expected = np.argsort(-scores, axis=1, kind="stable")[:, :kk]
-    np.testing.assert_array_equal(idx, expected)
-    np.testing.assert_array_equal(vals, np.take_along_axis(scores, expected, 1))
-
-
-def test_top_k_ties_inside_the_top_are_ordered_by_item():
-    scores = np.array([[1.0, 3.0, 3.0, 0.0, 3.0]], dtype=np.float32)
-    idx, vals = top_k(scores, 4)
-    assert idx.tolist() == [[1, 2, 4, 0]]
-    assert vals.tolist() == [[3.0, 3.0, 3.0, 1.0]]
-
-
-def test_top_k_ties_at_the_cutoff_keep_the_lowest_items():
-    rng = np.random.default_rng(0)
-    scores = rng.integers(0, 3, size=(50, 30)).astype(np.float32)  # many ties
-    idx, _ = top_k(scores, 10)
-    expected = np.argsort(-scores, axis=1, kind="stable")[:, :10]  # stable: lower index first among ties
-    np.testing.assert_array_equal(idx, expected)
 
 
 def test_recency_rows_weigh_items_by_how_many_distinct_items_came_after():

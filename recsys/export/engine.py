@@ -26,8 +26,6 @@ from recsys.export.kernels import (
     DENSE,
     DOT,
     SPARSE,
-    best_keys,
-    decode_keys,
     kept_cells,
     nearest_history,
     pair_dots,
@@ -46,6 +44,7 @@ from recsys.export.rules import BusinessRules, CompiledRules, apply_rules_dense,
 from recsys.rank.candidates import rank_column
 from recsys.rank.features import item_statistics, user_statistics
 from recsys.recommender import History, Recommender, recent_items
+from recsys.topk import top_k
 
 FUSED = "fused"
 # History explanations need, per row, the cosine of the recommended item with ~20 history items
@@ -304,7 +303,7 @@ def masked_top_k(
     allowed: np.ndarray | None,
     in_place: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``fast_top_k`` of ``d``'s rows ``users`` with seen items (row r of ``seen`` is user
+    """``top_k`` of ``d``'s rows ``users`` with seen items (row r of ``seen`` is user
     ``users[r]``) and items outside ``allowed`` at -inf: the one masking step before every top-N
     of the export (candidates and single-stage lists).
 
@@ -316,106 +315,7 @@ def masked_top_k(
     sc = d.scores
     if not (in_place and sc.flags.writeable and sc.flags.c_contiguous and len(users) == len(sc)):
         sc = np.ascontiguousarray(sc[users], dtype=np.float32)  # fancy indexing: a fresh copy
-    return fast_top_k(mask_items(sc, allowed, seen), k)
-
-
-def fast_top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``recsys.recommender.top_k`` (same result: best first, ties to the lower item index) at a
-    fraction of the cost of a sort or one ``torch.topk``.
-
-    Float32 rows of at least 4k items go through ``recsys.export.kernels.best_keys``: one
-    compiled pass per row finds its k best cells as 64-bit keys that sort in the wanted order
-    (value, then index) and numpy sorts those few. Other blocks, and the
-    rows where that pass fails (NaN in the row), take ``_partition_top_k``.
-    """
-    n_rows, n_items = scores.shape
-    k = min(k, n_items)
-    if n_rows == 0 or k == 0 or scores.dtype != np.float32 or n_items < 4 * k:
-        return _partition_top_k(scores, k)
-    scores = np.ascontiguousarray(scores)
-    keys = np.empty((n_rows, k), dtype=np.uint64)
-    bits = scores.view(np.uint32)
-    failed = best_keys(scores, bits, keys)
-    keys[failed] = 0  # not set by the kernel: any valid cell until they are ranked below
-    keys.sort(axis=1)
-    idx, top = decode_keys(keys, bits)
-    if len(failed):
-        idx[failed], top[failed] = _partition_top_k(scores[failed], k)
-    return idx, top
-
-
-def _partition_top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``fast_top_k`` with numpy alone, at about half the cost of one ``torch.topk``.
-
-    The k + 1 best items of each row, found by ``np.argpartition`` (a linear-time selection; 2-3x
-    faster than ``torch.topk`` at 5k items and k = 100 on one thread) and then sorted, tell which
-    rows have a tie straddling the cut (the k-th and the (k+1)-th values are equal); elsewhere the
-    first k items are the right set, whatever order the selection left ties in. Straddling rows
-    are repaired: the slots holding the cut value get that value's lowest-index items. Rows whose
-    k values are all different keep the sorted order; the others (ties, -inf, repaired rows)
-    are ordered by (score desc, item asc) -- a sort of k items per row, never of the catalogue.
-    """
-    n_rows, n_items = scores.shape
-    k = min(k, n_items)
-    if n_rows == 0 or k == 0:
-        return np.zeros((n_rows, k), dtype=np.int64), np.zeros((n_rows, k), dtype=np.float32)
-    scores = np.ascontiguousarray(scores)
-    idx, vals = _best_sorted(scores, min(k + 1, n_items))
-    if k < n_items:
-        kth = vals[:, k - 1]
-        straddle = np.flatnonzero(vals[:, k] == kth)
-        idx = idx[:, :k]
-        if len(straddle):
-            cut = kth[straddle, None]
-            r, c = np.nonzero(scores[straddle] == cut)  # row-major: each row's tied items by index
-            slot_r, slot_c = np.nonzero(vals[straddle, :k] == cut)  # the slots they may take
-            need = np.bincount(slot_r, minlength=len(straddle))
-            pos = np.arange(len(r)) - np.searchsorted(r, np.arange(len(straddle)))[r]
-            fixed = idx[straddle]
-            fixed[slot_r, slot_c] = c[pos < need[r]]
-            idx[straddle] = fixed
-    idx = np.ascontiguousarray(idx[:, :k])
-    top = np.ascontiguousarray(vals[:, :k])
-    # The sorted order is already (score desc, item asc) in rows whose k values are finite and
-    # all different and that were not repaired: only the other rows are ordered again.
-    again = ~(np.isfinite(top).all(axis=1) & (top[:, 1:] < top[:, :-1]).all(axis=1))
-    if k < n_items and len(straddle):
-        again[straddle] = True
-    rows = np.flatnonzero(again)
-    if len(rows):
-        sub = np.sort(idx[rows], axis=1)
-        sub_top = np.take_along_axis(scores[rows], sub, 1)
-        order = np.argsort(-sub_top, axis=1, kind="stable")
-        idx[rows] = np.take_along_axis(sub, order, 1)
-        top[rows] = np.take_along_axis(sub_top, order, 1)
-    return idx, top
-
-
-def _best_sorted(scores: np.ndarray, m: int, block: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """The ``m`` largest values of each row and their columns, sorted by value (ties in any order).
-
-    Rows go in blocks so the selection's int64 index array stays small (256 x 5k items: 10 MB).
-    """
-    n_rows, n_items = scores.shape
-    idx = np.empty((n_rows, m), dtype=np.int64)
-    vals = np.empty((n_rows, m), dtype=scores.dtype)
-    for start in range(0, n_rows, block):
-        part = scores[start : start + block]
-        if m >= n_items:
-            cols = np.broadcast_to(np.arange(n_items), part.shape)
-        elif np.count_nonzero(part == 0) * 4 > part.size:
-            # Mostly exact zeros (a sparse score such as item-kNN's): introselect slows ~10x on
-            # that many equal values; torch.topk does not (ties are repaired by the caller).
-            import torch  # here only: a factor-only export does not import torch at all
-
-            cols = torch.topk(torch.from_numpy(part), m, dim=1, sorted=False).indices.numpy()
-        else:
-            cols = np.argpartition(part, n_items - m, axis=1)[:, n_items - m :]
-        best = np.take_along_axis(part, cols, 1)
-        order = np.argsort(-best, axis=1, kind="stable")
-        idx[start : start + block] = np.take_along_axis(cols, order, 1)
-        vals[start : start + block] = np.take_along_axis(best, order, 1)
-    return idx, vals
+    return top_k(mask_items(sc, allowed, seen), k)
 
 
 def ranked_rows(users: np.ndarray, scores: np.ndarray, n_users: int) -> tuple[np.ndarray, np.ndarray]:
@@ -440,16 +340,16 @@ def ranked_rows(users: np.ndarray, scores: np.ndarray, n_users: int) -> tuple[np
 def constant_top_k(
     row: np.ndarray, seen: sp.csr_matrix | None, n_rows: int, k: int, allowed: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``fast_top_k`` of ``row`` repeated ``n_rows`` times with seen (``seen`` rows) and forbidden
+    """``top_k`` of ``row`` repeated ``n_rows`` times with seen (``seen`` rows) and forbidden
     items at -inf -- the same items and order for every finite cell -- without the dense block.
 
-    The items are put in one order (score desc, item asc) once; a user's list is then the first k
-    of that order it has not seen, found in a window of k + (most items any of these users has
-    seen). Cells beyond a user's valid items hold item 0 and -inf (``fast_top_k`` puts other
-    -inf items there; every caller drops non-finite cells).
+    ``top_k`` puts the items in one order once; a user's list is then the first k of that order
+    it has not seen, found in a window of k + (most items any of these users has seen). Cells
+    beyond a user's valid items hold item 0 and -inf (``top_k`` puts other -inf items there;
+    every caller drops non-finite cells).
     """
     k = min(k, len(row))
-    order = np.argsort(-row, kind="stable")
+    order = top_k(row[None, :], len(row))[0][0]
     if allowed is not None:
         order = order[allowed[order]]
     order = order[np.isfinite(row[order])]
@@ -947,9 +847,7 @@ _torch_state: list = [0, None]  # callers inside, the setting the first one foun
 
 @contextmanager
 def _torch_threads(n: int) -> Iterator[None]:
-    # An export that never loaded a text part never imported torch: nothing to limit (the one
-    # torch call it can still make, ``_best_sorted``'s topk, has its ties repaired by the caller,
-    # so its result does not depend on the threads).
+    # An export that never loaded a text part never imported torch: nothing to limit.
     torch = sys.modules.get("torch")
     if torch is None:
         yield

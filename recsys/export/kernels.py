@@ -1,14 +1,13 @@
-"""Compiled (numba) loops of the export's per-row work: top-k selection, list rules, history
-explanations, per-pair dot products.
+"""Compiled (numba) loops of the export's per-row work: list rules, history explanations, the
+text tower's attention pooling, per-pair dot products.
 
-Each replaced whole-block numpy or torch passes (``argpartition`` and sorts over the catalogue,
-gathers of ``[rows, history]`` item vectors, a mask per column) that read and wrote large
-temporaries; a row at a time in compiled code, the work stays in cache. Each keeps the result of
-the code it replaced (the tie order, first position on ties, removal counts):
-``tests/test_export_fast.py`` compares them.
+A row at a time in compiled code keeps the work in cache, where whole-block numpy passes (gathers
+of ``[rows, history]`` item vectors, a mask per column) would read and write large temporaries.
+``tests/test_export_fast.py`` checks each against plain numpy or torch code: the same tie order,
+first position on ties and removal counts.
 
-The kernels are compiled on first use and cached on disk (``cache=True``); they run on one thread,
-like the rest of the export (its parallelism is worker processes).
+The kernels are compiled on first use and cached on disk (``cache=True``); each runs on one
+thread and releases the GIL (``nogil``), so the export's worker threads run them side by side.
 """
 
 from __future__ import annotations
@@ -177,136 +176,6 @@ def kept_cells(
                 rows[j], out_idx[j], out_val[j], out_rank[j] = r, idx[r, c], val[r, c], rank[r, c]
                 j += 1
     return rows, out_idx, out_val, out_rank
-
-
-@numba.njit(inline="always")
-def _key(bits, j):
-    """The sort key of a cell from its float32 bits and item index: the bits made monotone
-    (negatives flipped, -0.0 as +0.0, so that equal values tie) and reversed, above the index."""
-    u = np.uint64(bits)
-    if u == np.uint64(0x80000000):
-        u = np.uint64(0)
-    u = (u ^ np.uint64(0xFFFFFFFF)) if u & np.uint64(0x80000000) else (u | np.uint64(0x80000000))
-    return ((np.uint64(0xFFFFFFFF) - u) << np.uint64(32)) | np.uint64(j)
-
-
-@numba.njit(inline="always")
-def _select(a, n, k):
-    """Reorder ``a[:n]`` so that its ``k`` smallest values come first (in any order) and return
-    the k-th smallest: a quickselect whose partition step is branch-free (Lomuto's, with the
-    swap done unconditionally and the boundary advanced by the comparison), so its cost does not
-    depend on how well the branch predictor guesses random keys."""
-    lo, hi = 0, n - 1
-    target = k - 1
-    while lo < hi:
-        mid = (lo + hi) // 2  # median of three, moved to hi as the pivot
-        if a[mid] < a[lo]:
-            a[mid], a[lo] = a[lo], a[mid]
-        if a[hi] < a[lo]:
-            a[hi], a[lo] = a[lo], a[hi]
-        if a[mid] < a[hi]:
-            a[mid], a[hi] = a[hi], a[mid]
-        pivot = a[hi]
-        store = lo
-        for i in range(lo, hi):
-            x = a[i]
-            a[i] = a[store]
-            a[store] = x
-            store += x < pivot
-        a[hi] = a[store]
-        a[store] = pivot
-        if store == target:
-            break
-        if store < target:
-            lo = store + 1
-        else:
-            hi = store - 1
-    return a[target]
-
-
-@numba.njit(cache=True, nogil=True)
-def best_keys(scores: np.ndarray, bits: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """For each row of ``scores`` (float32; ``bits``: its ``view(np.uint32)``), the sort keys of
-    its k best cells (k = ``out.shape[1]``), unsorted, in ``out``. Returns the rows where that
-    failed (fewer than k cells at or above the threshold tried: NaN in the row), which the
-    caller ranks another way.
-
-    A row is read at least twice: every ~n/256-th cell, to take as threshold ``t`` a value with
-    about 2k cells above it (the q-th best of those samples), then all cells, keeping those > t
-    (branch-free: the index is written whatever the test says and the count advances by its
-    result), or, if fewer than k are, those >= t (ties at t). If k or more cells are kept, the k
-    best are among them; only those are keyed, and a selection keeps the k smallest keys. If
-    not (the samples were unluckily high: a few % of rows at k = 50), q doubles and the row is
-    scanned again.
-    """
-    n_rows, n_items = scores.shape
-    k = out.shape[1]
-    survivors = np.empty(n_items, dtype=np.int64)
-    keys = np.empty(n_items, dtype=np.uint64)
-    failed = np.zeros(n_rows, dtype=np.bool_)
-    stride = max(1, n_items // 256)
-    for r in range(n_rows):
-        row, row_bits = scores[r], bits[r]
-        q = 2 * k // stride + 2
-        c = 0
-        while c < k:
-            m = 0
-            for j in range(0, n_items, stride):
-                keys[m] = _key(row_bits[j], j)
-                m += 1
-            q = min(m, q)
-            t = row[_select(keys, m, q) & np.uint64(0xFFFFFFFF)]
-            c = _cells_above(row, t, survivors, False)
-            if c < k:  # ties at t (a block of zeros, -inf): the cells equal to it too
-                c = _cells_above(row, t, survivors, True)
-            if c < k and q == m:  # not even with every sample (NaN in the row)
-                break
-            q *= 2
-        if c < k:
-            failed[r] = True
-            continue
-        for j in range(c):
-            keys[j] = _key(row_bits[survivors[j]], survivors[j])
-        if c > k:
-            _select(keys, c, k)
-        for j in range(k):
-            out[r, j] = keys[j]
-    return np.flatnonzero(failed)
-
-
-@numba.njit(inline="always")
-def _cells_above(row, t, survivors, or_equal) -> int:
-    """Indices of the cells > ``t`` (>= with ``or_equal``) into ``survivors``; their count."""
-    c = 0
-    if or_equal:
-        for j in range(len(row)):
-            survivors[c] = j
-            c += row[j] >= t
-    else:
-        for j in range(len(row)):
-            survivors[c] = j
-            c += row[j] > t
-    return c
-
-
-@numba.njit(cache=True, nogil=True)
-def decode_keys(keys: np.ndarray, bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Item indices and float32 values of sorted sort keys ``[rows, k]`` (``_key`` undone), the
-    value read back from the row's own ``bits`` (``scores.view(np.uint32)``) where the key made
-    a -0.0 a +0.0: one pass instead of a dozen numpy passes over the block (~4 us less per row at
-    k = 300)."""
-    n, k = keys.shape
-    idx = np.empty((n, k), dtype=np.int64)
-    val = np.empty((n, k), dtype=np.uint32)
-    for r in range(n):
-        for c in range(k):
-            key = keys[r, c]
-            j = np.int64(key & np.uint64(0xFFFFFFFF))
-            u = np.uint32(np.uint64(0xFFFFFFFF) - (key >> np.uint64(32)))
-            v = (u & np.uint32(0x7FFFFFFF)) if u & np.uint32(0x80000000) else (u ^ np.uint32(0xFFFFFFFF))
-            idx[r, c] = j
-            val[r, c] = bits[r, j] if v == 0 else v
-    return idx, val.view(np.float32)
 
 
 @numba.njit(cache=True, nogil=True, fastmath=FAST)

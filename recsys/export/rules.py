@@ -204,7 +204,7 @@ def apply_rules(frame: pl.DataFrame, rules: CompiledRules, k: int) -> pl.DataFra
 
 def apply_rules_dense(items: np.ndarray, scores: np.ndarray, rules: CompiledRules, k: int) -> np.ndarray:
     """``apply_rules`` on ranked lists: ``items``/``scores`` ``[n_users, n]``, each row already
-    ordered by (score desc, item asc) as ``fast_top_k`` returns it. Returns the rank (from 1) of
+    ordered by (score desc, item asc) as ``top_k`` returns it. Returns the rank (from 1) of
     every cell, 0 where a rule or the cut at ``k`` removed it; counts go to ``rules.removed``
     exactly as ``apply_rules`` counts them on the same rows (``tests/test_export_fast.py``).
 
