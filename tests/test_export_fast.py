@@ -20,7 +20,7 @@ from recsys.export.engine import (
     constant_top_k,
 )
 from recsys.export.pipeline_model import TrainedPipeline
-from recsys.export.rules import BusinessRules, apply_rules, apply_rules_dense
+from recsys.export.rules import BusinessRules, apply_rules
 from recsys.topk import top_k
 
 
@@ -46,51 +46,6 @@ def test_constant_top_k_equals_the_masked_dense_block():
         fin = np.isfinite(ref_v)
         np.testing.assert_array_equal(got_i[fin], ref_i[fin], err_msg=f"trial {trial}")
         np.testing.assert_array_equal(got_v[fin], ref_v[fin])
-
-
-@pytest.mark.parametrize(
-    "rules",
-    [
-        BusinessRules(),
-        BusinessRules(max_per_category=2),
-        BusinessRules(min_score=0.4, max_per_category=1),
-        BusinessRules(blocklist=["i1", "i7"], max_per_category=3, min_score=0.2),
-    ],
-)
-def test_dense_rules_equal_the_frame_rules(rules):
-    """The export applies the list rules on [users, n] blocks; the long-frame ``apply_rules``
-    (the evaluation hook) must give the same lists and counts."""
-    rng = np.random.default_rng(2)
-    n_items, n_users, k = 12, 30, 5
-    items_df = pl.DataFrame(
-        {
-            Columns.Item: [f"i{i}" for i in range(n_items)],
-            Columns.ItemIdx: np.arange(n_items, dtype=np.int32),
-            "category": [f"c{i % 3}" for i in range(n_items)],
-        }
-    )
-    scores = np.round(rng.random((n_users, n_items)), 1).astype(np.float32)  # ties
-    scores[rng.random(scores.shape) < 0.2] = -np.inf  # seen
-    items, top = top_k(scores, 9)
-    dense_rules, frame_rules = rules.compile(items_df, 0), rules.compile(items_df, 0)
-    rank = apply_rules_dense(items, top, dense_rules, k)
-    r, c = np.nonzero(rank)
-    got = pl.DataFrame(
-        {Columns.UserIdx: r.astype(np.int32), Columns.ItemIdx: items[r, c].astype(np.int32), Columns.Rank: rank[r, c]}
-    )
-    ok = np.isfinite(top).ravel()
-    frame = pl.DataFrame(
-        {
-            Columns.UserIdx: np.repeat(np.arange(n_users), items.shape[1])[ok].astype(np.int32),
-            Columns.ItemIdx: items.ravel()[ok].astype(np.int32),
-            Columns.Score: top.ravel()[ok],
-        }
-    )
-    ref = apply_rules(frame, frame_rules, k).select(Columns.UserIdx, Columns.ItemIdx, Columns.Rank)
-    assert got.equals(ref)
-    assert dense_rules.removed == frame_rules.removed
-    if rules.max_per_category is not None:
-        assert dense_rules.removed["category_cap"] > 0  # the case exercises the cap
 
 
 # --- on the trained test pipeline --------------------------------------------------------------

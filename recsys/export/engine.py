@@ -40,7 +40,7 @@ from recsys.export.pipeline_model import (
     PipelineHistories,
     TrainedPipeline,
 )
-from recsys.export.rules import BusinessRules, CompiledRules, apply_rules_dense, mask_items
+from recsys.export.rules import BusinessRules, CompiledRules, apply_rules_dense, mask_items, ranked_rows
 from recsys.rank.candidates import rank_column
 from recsys.rank.features import item_statistics, user_statistics
 from recsys.recommender import History, Recommender, recent_items
@@ -316,25 +316,6 @@ def masked_top_k(
     if not (in_place and sc.flags.writeable and sc.flags.c_contiguous and len(users) == len(sc)):
         sc = np.ascontiguousarray(sc[users], dtype=np.float32)  # fancy indexing: a fresh copy
     return top_k(mask_items(sc, allowed, seen), k)
-
-
-def ranked_rows(users: np.ndarray, scores: np.ndarray, n_users: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each user's candidate rows as one padded row of a ``[n_users, most candidates]`` block,
-    ordered by (score desc, row asc): the order ``apply_rules`` sorts a long frame into when
-    the rows of a user are in item order. ``users`` must be sorted (candidate frames are).
-
-    Returns the frame row of every cell and its score (-inf in padding cells, which every rule
-    drops); ``apply_rules_dense`` then runs on ``items[rows]``.
-    """
-    counts = np.bincount(users, minlength=n_users)
-    width = int(counts.max(initial=0))
-    col = np.arange(len(users)) - np.repeat(np.cumsum(counts) - counts, counts)
-    score = np.full((n_users, width), -np.inf, dtype=np.float32)
-    rows = np.zeros((n_users, width), dtype=np.int64)
-    score[users, col] = scores
-    rows[users, col] = np.arange(len(users))
-    order = np.argsort(-score, axis=1, kind="stable")
-    return np.take_along_axis(rows, order, 1), np.take_along_axis(score, order, 1)
 
 
 def constant_top_k(

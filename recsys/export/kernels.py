@@ -1,10 +1,10 @@
-"""Compiled (numba) loops of the export's per-row work: list rules, history explanations, the
-text tower's attention pooling, per-pair dot products.
+"""Compiled (numba) loops of the export's per-row work: history explanations, the text tower's
+attention pooling, per-pair dot products, gathering the cells a list kept.
 
 A row at a time in compiled code keeps the work in cache, where whole-block numpy passes (gathers
 of ``[rows, history]`` item vectors, a mask per column) would read and write large temporaries.
 ``tests/test_export_fast.py`` checks each against plain numpy or torch code: the same tie order,
-first position on ties and removal counts.
+first position on ties.
 
 The kernels are compiled on first use and cached on disk (``cache=True``); each runs on one
 thread and releases the GIL (``nogil``), so the export's worker threads run them side by side.
@@ -103,54 +103,6 @@ def attention_pool(side: np.ndarray, item_logit: np.ndarray, position_bias: np.n
                 for k in range(d):
                     out[u, k] += c * side[j, k]
     return out
-
-
-@numba.njit(cache=True, nogil=True)
-def list_rules(
-    items: np.ndarray,
-    scores: np.ndarray,
-    allowed: np.ndarray,
-    min_score: float,
-    category: np.ndarray,
-    cap: int,
-    k: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """``recsys.export.rules.apply_rules_dense`` on ranked rows ``items``/``scores`` ``[n, m]``:
-    the rank (from 1) of every cell kept, 0 elsewhere, and how many cells the item rules (cells
-    of items outside ``allowed``), ``min_score`` and the category cap removed, in that order of
-    precedence. Rules are off when given empty: ``allowed`` or ``category`` of length 0, a NaN
-    ``min_score``."""
-    n, m = items.shape
-    rank = np.zeros((n, m), dtype=np.int32)
-    removed = np.zeros(3, dtype=np.int64)
-    use_cap = len(category) > 0
-    count = np.zeros(category.max() + 1 if use_cap else 1, dtype=np.int32)
-    for r in range(n):
-        kept = 0
-        for c in range(m):
-            s = scores[r, c]
-            if not np.isfinite(s):
-                continue
-            i = items[r, c]
-            if len(allowed) and not allowed[i]:
-                removed[0] += 1
-                continue
-            if s < min_score:  # False for a NaN min_score
-                removed[1] += 1
-                continue
-            if use_cap:
-                g = category[i]
-                if count[g] >= cap:
-                    removed[2] += 1
-                    continue
-                count[g] += 1
-            kept += 1
-            if kept <= k:
-                rank[r, c] = kept
-        if use_cap:
-            for c in range(m):
-                count[category[items[r, c]]] = 0
-    return rank, removed
 
 
 @numba.njit(cache=True, nogil=True)

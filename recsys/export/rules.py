@@ -6,15 +6,14 @@ Two kinds of rule:
   items a user may get at all. They are applied as masks *before* any top-N (``mask_scores``,
   ``allowed_items``), so they never leave a list short.
 * **list rules** (minimum score, a cap of items per category) look at a ranked list, after which
-  the list is cut to K. The export runs them on ranked ``[users, n]`` blocks
-  (``apply_rules_dense``); ``apply_rules`` is the same rules on a long candidate frame, kept as
-  the readable reference that ``tests/test_export_fast.py`` checks the block path against
-  (rows, ranks and removal counts).
+  the list is cut to K. ``apply_rules_dense`` runs them, in one compiled pass (``list_rules``),
+  on ranked ``[users, n]`` blocks (``top_k``'s output, or ``ranked_rows`` of a candidate frame).
 
 The evaluation hook is ``apply_rules(frame, rules, k)``: hand it a long frame of candidates
 (``user_idx, item_idx, score``; seen items already excluded) and it returns each user's top-K
-after every rule, with ``rank``, plus how many rows each rule removed. For dense score matrices
-use ``rules.mask_scores(scores, seen_rows)`` first.
+after every rule, with ``rank``, plus how many rows each rule removed. It runs the same
+``apply_rules_dense`` as the export. For dense score matrices use
+``rules.mask_scores(scores, seen_rows)`` first.
 """
 
 from __future__ import annotations
@@ -25,13 +24,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numba
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
 from recsys.columns import Columns
 from recsys.errors import ConfigError
-from recsys.export.kernels import list_rules
+from recsys.topk import top_k
 
 
 @dataclass
@@ -177,38 +177,44 @@ def apply_rules(frame: pl.DataFrame, rules: CompiledRules, k: int) -> pl.DataFra
 
     ``frame``: one row per candidate with ``user_idx, item_idx, score`` (extra columns kept).
     Ties in score are broken by the lower item index, so the result does not depend on row order.
+    Rows whose score is not finite (null, NaN, -inf) are no candidates: dropped, not counted.
+    The rows come back ordered by user, then rank.
     """
-    df = frame.sort([Columns.UserIdx, Columns.Score, Columns.ItemIdx], descending=[False, True, False])
-    ok = rules.allowed_items
-    if ok is not None:
-        keep = ok[df[Columns.ItemIdx].to_numpy()]
-        rules.removed["item_rules_late"] += int((~keep).sum())
-        df = df.filter(pl.Series(keep))
-    df = df.filter(pl.col(Columns.Score).is_finite())
-    if rules.rules.min_score is not None:
-        before = df.height
-        df = df.filter(pl.col(Columns.Score) >= rules.rules.min_score)
-        rules.removed["min_score"] += before - df.height
-    if rules.category is not None:
-        cat = pl.Series("_cat", rules.category[df[Columns.ItemIdx].to_numpy()])
-        before = df.height
-        df = (
-            df.with_columns(cat)
-            .filter(pl.int_range(pl.len()).over(Columns.UserIdx, "_cat") < rules.rules.max_per_category)
-            .drop("_cat")
-        )
-        rules.removed["category_cap"] += before - df.height
-    df = df.with_columns((pl.int_range(pl.len()).over(Columns.UserIdx) + 1).cast(pl.Int32).alias(Columns.Rank))
-    return df.filter(pl.col(Columns.Rank) <= k)
+    df = frame.sort(Columns.UserIdx, Columns.ItemIdx)
+    users, code = np.unique(df[Columns.UserIdx].to_numpy(), return_inverse=True)
+    rows, score = ranked_rows(code, df[Columns.Score].to_numpy(), len(users))
+    rank = apply_rules_dense(df[Columns.ItemIdx].to_numpy()[rows], score, rules, k)
+    r, c = np.nonzero(rank)  # row-major: by user, and within a user by rank
+    return df[rows[r, c]].with_columns(pl.Series(Columns.Rank, rank[r, c], dtype=pl.Int32))
+
+
+def ranked_rows(users: np.ndarray, scores: np.ndarray, n_users: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each user's candidate rows as one padded row of a ``[n_users, most candidates]`` block,
+    ordered by (score desc, row asc) -- (score desc, item asc) when the rows of a user are in
+    item order. ``users`` (0 .. n_users - 1) must be sorted (candidate frames are).
+
+    Returns the frame row of every cell and its score (-inf in padding cells, which every rule
+    drops); ``apply_rules_dense`` then runs on ``items[rows]``.
+    """
+    counts = np.bincount(users, minlength=n_users)
+    width = int(counts.max(initial=0))
+    col = np.arange(len(users)) - np.repeat(np.cumsum(counts) - counts, counts)
+    dtype = np.float32 if scores.dtype == np.float32 else np.float64
+    score = np.full((n_users, width), -np.inf, dtype=dtype)
+    rows = np.zeros((n_users, width), dtype=np.int64)
+    score[users, col] = scores
+    rows[users, col] = np.arange(len(users))
+    order, score = top_k(score, width)
+    return np.take_along_axis(rows, order, 1), score
 
 
 def apply_rules_dense(items: np.ndarray, scores: np.ndarray, rules: CompiledRules, k: int) -> np.ndarray:
     """``apply_rules`` on ranked lists: ``items``/``scores`` ``[n_users, n]``, each row already
     ordered by (score desc, item asc) as ``top_k`` returns it. Returns the rank (from 1) of
     every cell, 0 where a rule or the cut at ``k`` removed it; counts go to ``rules.removed``
-    exactly as ``apply_rules`` counts them on the same rows (``tests/test_export_fast.py``).
+    (``tests/test_rules.py`` checks both against a plain Python loop).
 
-    One compiled pass over the block (``recsys.export.kernels.list_rules``): no long frame, no sort.
+    One compiled pass over the block (``list_rules``): no long frame, no sort.
     """
     empty = np.zeros(0, dtype=np.int64)
     allowed = rules.allowed_items if rules.allowed_items is not None else np.zeros(0, dtype=bool)
@@ -223,6 +229,54 @@ def apply_rules_dense(items: np.ndarray, scores: np.ndarray, rules: CompiledRule
         if on:  # an active rule is counted even when it removed nothing (as apply_rules does)
             rules.removed[name] += n
     return rank
+
+
+@numba.njit(cache=True, nogil=True)
+def list_rules(
+    items: np.ndarray,
+    scores: np.ndarray,
+    allowed: np.ndarray,
+    min_score: float,
+    category: np.ndarray,
+    cap: int,
+    k: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``apply_rules_dense`` on ranked rows ``items``/``scores`` ``[n, m]``:
+    the rank (from 1) of every cell kept, 0 elsewhere, and how many cells the item rules (cells
+    of items outside ``allowed``), ``min_score`` and the category cap removed, in that order of
+    precedence. Rules are off when given empty: ``allowed`` or ``category`` of length 0, a NaN
+    ``min_score``."""
+    n, m = items.shape
+    rank = np.zeros((n, m), dtype=np.int32)
+    removed = np.zeros(3, dtype=np.int64)
+    use_cap = len(category) > 0
+    count = np.zeros(category.max() + 1 if use_cap else 1, dtype=np.int32)
+    for r in range(n):
+        kept = 0
+        for c in range(m):
+            s = scores[r, c]
+            if not np.isfinite(s):
+                continue
+            i = items[r, c]
+            if len(allowed) and not allowed[i]:
+                removed[0] += 1
+                continue
+            if s < min_score:  # False for a NaN min_score
+                removed[1] += 1
+                continue
+            if use_cap:
+                g = category[i]
+                if count[g] >= cap:
+                    removed[2] += 1
+                    continue
+                count[g] += 1
+            kept += 1
+            if kept <= k:
+                rank[r, c] = kept
+        if use_cap:
+            for c in range(m):
+                count[category[items[r, c]]] = 0
+    return rank, removed
 
 
 def _describe_list(v: Sequence[str] | str | None):
