@@ -57,7 +57,7 @@ SERVING_PACKAGES = (
     "implicit",
     "threadpoolctl",
     "lightgbm",
-    "numba",  # the export's compiled loops (recsys/export/kernels.py)
+    "numba",  # the compiled loops: top-k (recsys/topk.py), rules and the export kernels
     "tqdm",
     "mlflow",
 )
