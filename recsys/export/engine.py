@@ -452,7 +452,7 @@ class Engine:
         threads: torch, BLAS and OpenMP threads while recommending (``thread_limits``). The
             work is many mid-sized products and small ops, where extra threads mostly spin: on
             the shared 2-core machine, 2 threads instead of 1 made the text user tower 12x and
-            the 256-row score products 3x slower in wall time (docs/benchmarks.md). For more
+            the 256-row score products 3x slower in wall time (CHANGELOG.md, 2026-11-25). For more
             cores, use the batch export's ``workers`` rather than raising it.
 
     Threads may share an engine (the batch export's workers, a model server's threads): each has
