@@ -533,7 +533,7 @@ def quality(argv: list[str]) -> None:
             }
             net.eval()
         else:
-            net, val = fine_tune(net, dm, instantiate(cfg.text.module), trainer)
+            net, val, _ = fine_tune(net, dm, instantiate(cfg.text.module), trainer)
         fit_s = time.perf_counter() - t0
         hist_test = hist_val.extend(split.val)
         rec = TextRecommender.from_tokens(net, ids, lengths).fit(hist_test)

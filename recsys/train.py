@@ -37,7 +37,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     from recsys.export.writer import recommendations_frame, write_parquet_atomic, write_text_atomic
     from recsys.pipeline import FusionStage, HybridPipeline, check_split, stage_exclusion
     from recsys.recommender import History
-    from recsys.text.fit import fine_tune, open_resume_dir, zero_shot_copy
+    from recsys.text.fit import budget, fine_tune, open_resume_dir, zero_shot_copy
     from recsys.text.recommender import NewItemText, TextRecommender
     from recsys.tracking import mask_secrets
 
@@ -54,6 +54,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     split = instantiate(cfg.split).split(data.interactions)
     val_users, test_users = check_split(data, split)
     encoder = instantiate(cfg.encoder)
+    text_budget = budget(cfg.text.get("budget_minutes"))
     cf = {name: instantiate(node) for name, node in cfg.cf.items()}
     fusion = FusionStage(dict(cfg.rank.n_candidates), instantiate(cfg.ranker))
     pipeline = HybridPipeline(cf, fusion, ks=list(cfg.eval.ks), max_k=cfg.eval.max_k)
@@ -112,8 +113,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
             instantiate(c, **({"dirpath": ckpt_dir} if "dirpath" in c else {})) for c in cfg.text.callbacks.values()
         ]
         logger = MLFlowLogger(experiment_name=tracker.experiment, tracking_uri=tracker.uri, run_id=run_id)
-        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
-        net, text_val = fine_tune(net, datamodule, instantiate(cfg.text.module), trainer, resume.path)
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, max_time=text_budget)
+        net, text_val, text_curve = fine_tune(net, datamodule, instantiate(cfg.text.module), trainer, resume.path)
         tracker.log_metrics(text_val)
         timings["text_finetune"] = time.perf_counter() - t0
 
@@ -179,7 +180,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
         write_text_atomic(fusion.ranker.feature_importance().write_csv(), imp_path)
         tracker.log_artifact(imp_path)
         t0 = time.perf_counter()
-        save_evaluation(cfg, data, split, run_id, tracker, result, hist_test, text, fusion, out_dir, imp_scores)
+        finetuning = {**text_val, "curve": text_curve, "budget_minutes": cfg.text.get("budget_minutes")}
+        save_evaluation(
+            cfg, data, split, run_id, tracker, result, hist_test, text, fusion, out_dir, imp_scores, finetuning
+        )
         timings["evaluation_report"] = time.perf_counter() - t0
 
         # --- export: fused top-K for every test user, seen items removed ---------------------
@@ -206,7 +210,18 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 
 def save_evaluation(
-    cfg, data, split, run_id, tracker, result, hist_test, text, fusion, out_dir: Path, impression_scores=None
+    cfg,
+    data,
+    split,
+    run_id,
+    tracker,
+    result,
+    hist_test,
+    text,
+    fusion,
+    out_dir: Path,
+    impression_scores=None,
+    finetuning=None,
 ) -> None:
     """The evaluation bundle (``evaluation/``) and, with ``eval.report``, the report (``report/``),
     both logged to the run; ``python -m recsys.evaluate`` rebuilds the report from the bundle alone."""
@@ -248,6 +263,7 @@ def save_evaluation(
         item_embeddings=text.item_embeddings.numpy(),
         feature_importance=fusion.ranker.feature_importance(),
         impression_scores=impression_scores,
+        finetuning=finetuning,
     )
     for f in files:
         tracker.log_artifact(f, BUNDLE_DIR)

@@ -264,7 +264,7 @@ def fine_tune_with_best_checkpoint(block_world, encoder, tmp_path, **trainer_kwa
         **trainer_kwargs,
     )
     factory = lambda net: TextTowerModule(net=net, lr_encoder=1e-3, lr_head=1e-2, warmup_steps=1)  # noqa: E731
-    out, metrics = fine_tune(net, dm, factory, t)
+    out, metrics, _ = fine_tune(net, dm, factory, t)
     return net, out, metrics, ckpt
 
 
@@ -278,8 +278,10 @@ def test_fine_tune_restores_the_best_checkpoint(block_world, tiny_encoder, tmp_p
     net, out, metrics, ckpt = fine_tune_with_best_checkpoint(block_world, tiny_encoder, tmp_path)
 
     assert out is net and not net.training
-    assert set(metrics) == {"text/val_ndcg_at_10_zeroshot", "text/val_ndcg_at_10_finetuned", "text/kept_zeroshot"}
-    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    ndcgs = {"text/val_ndcg_at_10_zeroshot", "text/val_ndcg_at_10_finetuned", "text/kept_zeroshot"}
+    assert set(metrics) == ndcgs | {"text/steps", "text/minutes"}
+    assert all(0.0 <= metrics[k] <= 1.0 for k in ndcgs)
+    assert metrics["text/steps"] == 9  # 3 epochs of 3 steps
     assert metrics["text/val_ndcg_at_10_finetuned"] == pytest.approx(float(ckpt.best_model_score))
     # This tiny world is learnable: fine-tuning beats the random start, so the best checkpoint wins.
     assert metrics["text/kept_zeroshot"] == 0.0
@@ -316,7 +318,7 @@ def test_fine_tune_keeps_the_zero_shot_weights_when_no_epoch_beats_them(block_wo
                 super().on_validation_epoch_end()
 
     factory = lambda net: NeverBetter(net=net, lr_encoder=1e-3, lr_head=1e-2, warmup_steps=1)  # noqa: E731
-    _, metrics = fine_tune(net, dm, factory, t)
+    _, metrics, _ = fine_tune(net, dm, factory, t)
     assert metrics["text/kept_zeroshot"] == 1.0
     assert metrics["text/val_ndcg_at_10_finetuned"] <= metrics["text/val_ndcg_at_10_zeroshot"]
     for key, value in net.state_dict().items():

@@ -42,6 +42,7 @@ BUNDLE_DIR = "evaluation"
 FILES = ("recommendations.parquet", "targets.parquet", "items.parquet", "users.parquet", "protocol.json")
 MODEL = "model"
 IMPRESSIONS = "impressions.parquet"
+FINETUNING = "finetuning.json"  # optional: the text tower's training (validation curve, steps, minutes)
 HISTORY_LENGTH = "history_length"
 TRAIN_COUNT = "train_count"
 
@@ -170,6 +171,7 @@ def write_bundle(
     item_embeddings: np.ndarray | None = None,
     feature_importance: pl.DataFrame | None = None,
     impression_scores: pl.DataFrame | None = None,
+    finetuning: Mapping[str, Any] | None = None,
 ) -> list[Path]:
     """Write the bundle into ``folder`` (each file atomically); returns the files written.
 
@@ -211,6 +213,8 @@ def write_bundle(
         out.append(write_text_atomic(feature_importance.write_csv(), folder / "feature_importance.csv"))
     if impression_scores is not None:  # data with impressions: every model's score of every candidate
         out.append(write_parquet_atomic(impression_scores, folder / IMPRESSIONS))
+    if finetuning is not None:  # the text tower's training: validation curve, steps, minutes
+        out.append(write_text_atomic(json.dumps(finetuning, indent=2, default=float), folder / FINETUNING))
     # Last: readers take protocol.json as the sign that the bundle is complete (files are logged
     # to MLflow in this order, and a report may be asked for while a run is still logging).
     out.append(write_text_atomic(protocol.to_json(), folder / FILES[4]))
@@ -234,6 +238,7 @@ class Bundle:
     item_embeddings: np.ndarray | None
     feature_importance: pl.DataFrame | None
     impression_scores: pl.DataFrame | None = None  # impression_id, clicked, model, score
+    finetuning: dict[str, Any] | None = None  # the text tower's validation curve, steps and minutes
 
     @property
     def models(self) -> list[str]:
@@ -287,6 +292,7 @@ def read_bundle(folder: str | Path, run_id: str = "?") -> Bundle:
         item_embeddings=np.load(emb_path) if emb_path.is_file() else None,
         feature_importance=pl.read_csv(imp_path) if imp_path.is_file() else None,
         impression_scores=pl.read_parquet(folder / IMPRESSIONS) if (folder / IMPRESSIONS).is_file() else None,
+        finetuning=json.loads((folder / FINETUNING).read_text()) if (folder / FINETUNING).is_file() else None,
     )
 
 

@@ -72,6 +72,18 @@ def metric_curves(curves: Mapping[str, Mapping[str, np.ndarray]], ks: Sequence[i
     return _png(fig)
 
 
+def validation_curve(steps: Sequence[int], values: Sequence[float]) -> bytes:
+    """The text tower's validation NDCG@10 against its training step (step 0: zero-shot)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10, 3.6))
+    ax.plot(steps, values, marker="o", color=colour("text"), lw=1.8, label="fine-tuned")
+    ax.axhline(values[0], color=colour("text_zeroshot"), lw=1.2, ls="--", label="zero-shot (step 0)")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("validation NDCG@10")
+    ax.legend(loc="lower right", frameon=False)
+    return _png(fig)
+
+
 def segment_bars(
     panels: Sequence[tuple[str, list[str], Mapping[str, list[float]], list[int]]], metric_label: str
 ) -> bytes:

@@ -212,6 +212,7 @@ class Reporter:
             self._beyond(ev, numbers),
             self._ablation(ev, boot, numbers),
             self._segments(ev, numbers),
+            self._finetuning(ev, bundle, numbers),
             self._ranker(bundle, numbers),
             self._protocol(bundle),
             self._scores(ev),
@@ -223,7 +224,7 @@ class Reporter:
                 f"seen items {'removed' if p.seen_filtering else 'kept'} · code {p.git_sha[:10]}"
                 f"{' (uncommitted changes)' if p.git_dirty else ''}"
             ),
-            sections=sections,
+            sections=[x for x in sections if x is not None],
         )
         return doc, numbers
 
@@ -367,7 +368,7 @@ class Reporter:
         return s
 
     def _segments(self, ev: Evaluation, numbers: dict[str, Any]) -> Section:
-        h, k = self.headline_metric, self.headline_k
+        h = self.headline_metric
         s = Section("segments", "Segments")
         s.blocks.append(
             Text(
@@ -378,24 +379,11 @@ class Reporter:
                 f"Δ = fused minus ALS on {label(h)}, paired 95 % bootstrap interval within the segment."
             )
         )
-        b = ev.bundle
-        segs = build_segments(b.users["history_length"].to_numpy(), b.items["train_count"].to_numpy(), ev.relevant)
         models = ev.models
         out, panels = [], {}
-        for kind in dict.fromkeys(sg.kind for sg in segs):
+        for kind, segment_rows in self._segment_values(ev, models).items():
             rows = []
-            for sg in (x for x in segs if x.kind == kind):
-                if sg.item_mask is None:
-                    n_rel = ev.n_relevant[sg.users]
-                else:
-                    n_rel = np.array([int(sg.item_mask[r].sum()) for r, u in zip(ev.relevant, sg.users) if u])
-                n_events, vals = int(n_rel.sum()), {}
-                for m in models:
-                    hits = ev.hits[m][sg.users]
-                    if sg.item_mask is not None:
-                        items = ev.lists[m][sg.users]
-                        hits = hits & sg.item_mask[np.where(items >= 0, items, 0)] & (items >= 0)
-                    vals[m] = metrics_from_hits(hits, n_rel, [k])[h]
+            for sg, n_events, vals in segment_rows:
                 ci = None
                 if FUSED in vals and "als" in vals:
                     ci = PairedBootstrap(int(sg.users.sum()), self.n_bootstrap, self.seed).interval(
@@ -440,6 +428,77 @@ class Reporter:
         s.blocks.append(
             Figure("segments", plots.segment_bars(fig_panels, label(h)), f"{label(h)} per segment (n = users)")
         )
+        return s
+
+    def _segment_values(self, ev: Evaluation, models: Sequence[str]) -> dict[str, list[tuple[Any, int, dict]]]:
+        """Per segment kind: (segment, its target events, per-user headline metric of each model)."""
+        h, k = self.headline_metric, self.headline_k
+        b = ev.bundle
+        segs = build_segments(b.users["history_length"].to_numpy(), b.items["train_count"].to_numpy(), ev.relevant)
+        out: dict[str, list[tuple[Any, int, dict]]] = {}
+        for sg in segs:
+            if sg.item_mask is None:
+                n_rel = ev.n_relevant[sg.users]
+            else:
+                n_rel = np.array([int(sg.item_mask[r].sum()) for r, u in zip(ev.relevant, sg.users) if u])
+            vals = {}
+            for m in models:
+                hits = ev.hits[m][sg.users]
+                if sg.item_mask is not None:
+                    items = ev.lists[m][sg.users]
+                    hits = hits & sg.item_mask[np.where(items >= 0, items, 0)] & (items >= 0)
+                vals[m] = metrics_from_hits(hits, n_rel, [k])[h]
+            out.setdefault(sg.kind, []).append((sg, int(n_rel.sum()), vals))
+        return out
+
+    def _finetuning(self, ev: Evaluation, bundle: Bundle, numbers: dict[str, Any]) -> Section | None:
+        """The fine-tuned text tower against its zero-shot start, on every segment."""
+        if not {"text", "text_zeroshot"} <= set(ev.per_user):
+            return None
+        h = self.headline_metric
+        s = Section("finetuning", "Fine-tuning: the text tower against its zero-shot start")
+        ft = bundle.finetuning or {}
+        if ft:
+            s.blocks.append(
+                Text(
+                    f"Fine-tuning took {ft.get('text/minutes', float('nan')):.1f} min and "
+                    f"{int(ft.get('text/steps', 0)):,} steps (budget: {ft.get('budget_minutes')} min). Validation "
+                    f"NDCG@10: zero-shot {ft.get('text/val_ndcg_at_10_zeroshot', float('nan')):.4f}, fine-tuned "
+                    f"{ft.get('text/val_ndcg_at_10_finetuned', float('nan')):.4f}"
+                    + (
+                        " — no fine-tuned epoch beat the zero-shot weights, which were kept."
+                        if ft.get("text/kept_zeroshot")
+                        else "."
+                    )
+                )
+            )
+        s.blocks.append(
+            Text(
+                f"Δ = fine-tuned minus zero-shot on {label(h)}, paired 95 % bootstrap interval over the users of "
+                "each segment (the same test users and targets for both towers)."
+            )
+        )
+        boot = self.bootstrap(len(ev.n_relevant))
+        overall = boot.interval(ev.per_user["text"][h], ev.per_user["text_zeroshot"][h])
+        rows = [["all test users", len(ev.n_relevant), ev.mean("text_zeroshot", h), ev.mean("text", h),
+                 f"{overall.mean:+.4f}", f"{overall.low:+.4f}..{overall.high:+.4f}"]]  # fmt: skip
+        out = [{"kind": "all", "segment": "all test users", "users": len(ev.n_relevant), "ci": asdict(overall)}]
+        for kind, segment_rows in self._segment_values(ev, ["text_zeroshot", "text"]).items():
+            for sg, _, vals in segment_rows:
+                n = int(sg.users.sum())
+                ci = PairedBootstrap(n, self.n_bootstrap, self.seed).interval(vals["text"], vals["text_zeroshot"])
+                rows.append([f"{kind}: {sg.label}", n, float(vals["text_zeroshot"].mean()), float(vals["text"].mean()),
+                             f"{ci.mean:+.4f}", f"{ci.low:+.4f}..{ci.high:+.4f}"])  # fmt: skip
+                out.append({"kind": kind, "segment": sg.label, "users": n, "ci": asdict(ci)})
+        cols = ["segment", "users", "zero-shot", "fine-tuned", "Δ", "95% CI"]
+        s.blocks.append(Table(cols, rows, f"{label(h)}: zero-shot vs fine-tuned text tower"))
+        numbers["finetuning"] = {"training": {k: v for k, v in ft.items() if k != "curve"}, "segments": out}
+        curve = ft.get("curve") or []
+        if len(curve) > 1:
+            steps, values = zip(*curve)
+            s.blocks.append(
+                Figure("finetuning_curve", plots.validation_curve(steps, values), "Validation NDCG@10 by training step")
+            )
         return s
 
     def _ranker(self, bundle: Bundle, numbers: dict[str, Any]) -> Section:

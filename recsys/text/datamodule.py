@@ -6,6 +6,8 @@ batch encodes every *unique* item it needs once, trimmed to the longest one in t
 
 from __future__ import annotations
 
+import zlib
+
 import lightning as L
 import numpy as np
 import polars as pl
@@ -13,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from recsys.columns import Columns
+from recsys.errors import ConfigError
 from recsys.recommender import History
 from recsys.text.encoder import pad_histories
 
@@ -85,6 +88,12 @@ class TextDataModule(L.LightningDataModule):
             as many encoder passes per step as unique history items); otherwise history items
             use embeddings refreshed at every validation.
         val_users: at most this many validation users (a seeded sample) per validation.
+        item_tokens: batches carry the items' tokens (for a module that runs BERT); ``False``:
+            catalogue indices only (``item_index``), with the history items among the batch's
+            items, for the adapter on frozen BERT vectors.
+        uniform_negatives: catalogue items drawn uniformly per step as extra negatives beside the
+            batch's targets (mixed negatives): in-batch negatives alone are popular items, and a
+            tower trained only against them learns little about the long tail.
     """
 
     def __init__(
@@ -101,8 +110,17 @@ class TextDataModule(L.LightningDataModule):
         val_batch_size: int = 256,
         seed: int = 0,
         available_from: np.ndarray | None = None,
+        item_tokens: bool = True,
+        uniform_negatives: int = 0,
     ) -> None:
         super().__init__()
+        if not (isinstance(uniform_negatives, int) and uniform_negatives >= 0):
+            raise ConfigError(f"text.data.uniform_negatives must be a whole number >= 0, got {uniform_negatives!r}")
+        for name, v in (("batch_size", batch_size), ("steps_per_epoch", steps_per_epoch), ("val_users", val_users)):
+            if not (isinstance(v, int) and v > 0):
+                raise ConfigError(f"text.data.{name} must be a positive whole number, got {v!r}")
+        self.item_tokens = bool(item_tokens)
+        self.uniform_negatives = min(int(uniform_negatives), len(item_ids))
         self.item_ids, self.item_lengths = item_ids, item_lengths
         # When each item was first listed (NaN = always): validation, like the test evaluation,
         # never ranks an item for a moment before it existed.
@@ -114,10 +132,12 @@ class TextDataModule(L.LightningDataModule):
         self.max_history, self.encode_history = max_history, encode_history
         self.val_users, self.val_batch_size, self.seed = val_users, val_batch_size, seed
         self.examples = NextItemExamples(train, max_history)
-        # log of each item's share of training targets: in-batch negatives are drawn with this
-        # probability, which the module subtracts (logQ correction, Yi et al., RecSys 2019).
+        # log of each item's chance to be a candidate, up to a constant: batch_size * its share of
+        # training targets (in-batch negatives) plus uniform_negatives / n_items (the uniform
+        # draw). The module subtracts it (logQ correction, Yi et al., RecSys 2019).
         counts = np.bincount(self.examples.items[self.examples.positions], minlength=len(item_ids))
-        self.log_q = torch.from_numpy(np.log((counts + 1.0) / (counts.sum() + len(counts)))).float()
+        share = (counts + 1.0) / (counts.sum() + len(counts))
+        self.log_q = torch.from_numpy(np.log(share + self.uniform_negatives / (batch_size * len(counts)))).float()
 
     def _gather_items(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Unique items, their dynamically padded tokens, and each input's position among them."""
@@ -137,22 +157,39 @@ class TextDataModule(L.LightningDataModule):
             "targets": targets,
             "weights": torch.tensor([r[2] for r in rows], dtype=torch.float32),
         }
-        if self.encode_history:
-            items = torch.cat([targets, hist[hmask]])
-            uniq, ids, mask, inverse = self._gather_items(items)
+        if self.encode_history or not self.item_tokens:
+            negatives = self._uniform_negatives(targets)
+            items = torch.cat([targets, negatives, hist[hmask]])
+            uniq, inverse = torch.unique(items, return_inverse=True)
+            if self.item_tokens:
+                _, ids, mask, _ = self._gather_items(uniq)
+            else:
+                batch["item_index"] = uniq
             batch["target_pos"] = inverse[: len(targets)]
             hpos = torch.full_like(hist, -1)
-            hpos[hmask] = inverse[len(targets) :]
+            hpos[hmask] = inverse[len(targets) + len(negatives) :]
             batch["history_pos"] = hpos
-            # Negatives are the batch's targets only, not its history items.
-            batch["negatives"] = torch.unique(batch["target_pos"])
+            # Candidates are the batch's targets and the uniform draw, not its history items.
+            batch["negatives"] = torch.unique(inverse[: len(targets) + len(negatives)])
             candidates = uniq[batch["negatives"]]
         else:
             candidates, ids, mask, inverse = self._gather_items(targets)
             batch["target_pos"] = inverse
         batch["candidate_logq"] = self.log_q[candidates]
-        batch["item_input_ids"], batch["item_attention_mask"] = ids, mask
+        if self.item_tokens:
+            batch["item_input_ids"], batch["item_attention_mask"] = ids, mask
         return batch
+
+    def _uniform_negatives(self, targets: torch.Tensor) -> torch.Tensor:
+        """The step's uniform draw, a function of the seed and the batch's targets only, so a run
+        resumed from a checkpoint draws the same negatives as the run it continues."""
+        if not self.uniform_negatives:
+            return torch.zeros(0, dtype=torch.long)
+        if self.uniform_negatives >= len(self.item_ids):
+            return torch.arange(len(self.item_ids))
+        key = zlib.crc32(targets.numpy().tobytes())
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, key, stream=2))
+        return torch.randint(len(self.item_ids), (self.uniform_negatives,), generator=g)
 
     def train_dataloader(self) -> DataLoader:
         sampler = EpochSampler(len(self.examples), self.steps_per_epoch * self.batch_size, self.seed)

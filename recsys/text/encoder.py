@@ -2,6 +2,11 @@
 
 * ``ItemEncoder``: BERT -> masked mean pooling -> L2 normalisation (for all-MiniLM-L6-v2 this
   reproduces the sentence-transformers embedding exactly, so step 0 is a sound zero-shot model).
+* ``TextAdapter``: a residual MLP on the pooled BERT vector, initialised to the identity. With
+  the BERT frozen it is what fine-tuning trains: the catalogue's BERT vectors are computed once
+  and each step costs a small MLP instead of a BERT forward and backward, so a CPU minute buys
+  thousands of steps; and the tower starts exactly at the zero-shot vectors and can only refine
+  them (weight decay pulls the residual back toward zero, i.e. toward the zero-shot geometry).
 * ``UserEncoder``: attention pooling over the user's history embeddings. Why attention and not a
   plain mean: a user's last items say more about the next one than old ones (a recency bias per
   position), and some history items say more than others (a content term). It is initialised
@@ -85,8 +90,22 @@ def load_tokenizer(name_or_path: str):
         raise ConfigError(f"cannot load a tokenizer from '{name_or_path}': {str(e).splitlines()[0]}") from e
 
 
+class TextAdapter(nn.Module):
+    """``normalize(z + up(gelu(down(z))))`` with ``up`` zero-initialised: the identity at step 0."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(dim, hidden)
+        self.up = nn.Linear(hidden, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return F.normalize(z + self.up(F.gelu(self.down(z))), dim=-1)
+
+
 class ItemEncoder(nn.Module):
-    """BERT + masked mean pooling + L2 norm. Holds its tokenizer (not a module) for convenience.
+    """BERT + masked mean pooling + L2 norm (+ an optional ``TextAdapter``). Holds its tokenizer.
 
     Args:
         max_length: tokens per item, or ``"auto"``: the ``max_length_percentile`` of the
@@ -104,6 +123,8 @@ class ItemEncoder(nn.Module):
         compile: run catalogue passes (inference on the CPU) through a compiled copy of the
             BERT (``recsys.text.compiled``): ``True``, ``False``, or ``"auto"``, only
             passes of at least ``compile_min_items`` items, where the ~30 s first compile pays off.
+        adapter_hidden: width of the ``TextAdapter`` on top of the pooled vector (``None``: no
+            adapter). The embedding cache holds the BERT's vectors; the adapter is applied after it.
     """
 
     def __init__(
@@ -119,6 +140,7 @@ class ItemEncoder(nn.Module):
         packed: bool = True,
         compile: bool | str = "auto",
         compile_min_items: int = 200_000,
+        adapter_hidden: int | None = None,
     ) -> None:
         super().__init__()
         self.bert = bert
@@ -144,6 +166,9 @@ class ItemEncoder(nn.Module):
             bert.config.hidden_dropout_prob = bert.config.attention_probs_dropout_prob = float(dropout)
         self.packed = bool(packed) and supports_packing(bert)
         self.compiler = InferenceCompiler(compile, compile_min_items)
+        if adapter_hidden is not None and not (isinstance(adapter_hidden, int) and adapter_hidden > 0):
+            raise ConfigError(f"encoder.adapter_hidden must be a positive integer or null, got {adapter_hidden!r}")
+        self.adapter = TextAdapter(self.dim, adapter_hidden) if adapter_hidden else None
 
     @classmethod
     def from_pretrained(
@@ -158,6 +183,7 @@ class ItemEncoder(nn.Module):
         packed: bool = True,
         compile: bool | str = "auto",
         compile_min_items: int = 200_000,
+        adapter_hidden: int | None = None,
     ) -> ItemEncoder:
         """A local folder (or, with internet, a hub name) holding a BERT-style model."""
         from transformers import AutoModel
@@ -183,6 +209,7 @@ class ItemEncoder(nn.Module):
             packed,
             compile,
             compile_min_items,
+            adapter_hidden,
         )
 
     @classmethod
@@ -201,6 +228,7 @@ class ItemEncoder(nn.Module):
         packed: bool = True,
         compile: bool | str = "auto",
         compile_min_items: int = 200_000,
+        adapter_hidden: int | None = None,
     ) -> ItemEncoder:
         """A tiny randomly initialised BERT (tests, smoke runs) with a real tokenizer."""
         from transformers import BertConfig, BertModel
@@ -227,6 +255,7 @@ class ItemEncoder(nn.Module):
             packed=packed,
             compile=compile,
             compile_min_items=compile_min_items,
+            adapter_hidden=adapter_hidden,
         )
 
     @property
@@ -266,7 +295,11 @@ class ItemEncoder(nn.Module):
         return enc["input_ids"].to(torch.int32), enc["attention_mask"].sum(1).to(torch.int32)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self._embed(self.bert, input_ids, attention_mask)
+        return self.adapt(self._embed(self.bert, input_ids, attention_mask))
+
+    def adapt(self, base: torch.Tensor) -> torch.Tensor:
+        """The adapter on BERT vectors (``base``); the identity without one."""
+        return base if self.adapter is None else self.adapter(base.to(self.adapter.up.weight.device))
 
     def _embed(self, bert: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``forward`` through ``bert``: this encoder's own, or its compiled copy."""
@@ -322,6 +355,20 @@ class ItemEncoder(nn.Module):
         With an ``embedding_cache``, only items whose tokens are not yet cached under the current
         weights are encoded.
         """
+        base = self.base_vectors(ids, lengths, batch_size, progress)
+        if self.adapter is None:
+            return base
+        was_training = self.adapter.training
+        self.adapter.eval()
+        out = torch.cat([self.adapt(b).float().cpu() for b in torch.split(base, 65536)]) if len(base) else base
+        self.adapter.train(was_training)
+        return out
+
+    @torch.no_grad()
+    def base_vectors(
+        self, ids: torch.Tensor, lengths: torch.Tensor, batch_size: int = ENCODE_BATCH, progress: bool = False
+    ) -> torch.Tensor:
+        """The BERT's pooled vectors, without the adapter (through the cache when there is one)."""
         if self.embedding_cache is not None:
             return self.embedding_cache.encode(self, ids, lengths, batch_size, progress)
         return self._encode_tokens(ids, lengths, batch_size, progress)
@@ -363,7 +410,7 @@ class ItemEncoder(nn.Module):
                 except Exception as e:  # no C++ compiler, an unsupported op...: same pass, eagerly
                     self.compiler.disable(e)
                     compiled = None
-            out[sel] = self(batch_ids, mask).float().cpu()
+            out[sel] = self._embed(self.bert, batch_ids, mask).float().cpu()
         self.train(was_training)
         return out
 

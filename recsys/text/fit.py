@@ -18,13 +18,16 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
+from recsys.errors import ConfigError
 from recsys.text.datamodule import TextDataModule, epoch_seed
 from recsys.text.encoder import TwoTower
 from recsys.text.module import TextTowerModule
@@ -126,24 +129,36 @@ def _readable_checkpoint(path: Path) -> dict | None:
         return None
 
 
+def budget(minutes: float | None) -> timedelta | None:
+    """``text.budget_minutes`` as the Trainer's ``max_time`` (``None``: no time limit)."""
+    if minutes is None:
+        return None
+    if isinstance(minutes, bool) or not isinstance(minutes, int | float) or not minutes > 0:
+        raise ConfigError(f"text.budget_minutes must be a positive number of minutes or null, got {minutes!r}")
+    return timedelta(minutes=float(minutes))
+
+
 def fine_tune(
     net: TwoTower,
     datamodule: TextDataModule,
     module_factory: Callable[..., TextTowerModule],
     trainer: L.Trainer,
     resume_dir: Path | None = None,
-) -> tuple[TwoTower, dict[str, float]]:
+) -> tuple[TwoTower, dict[str, float], list[tuple[int, float]]]:
     """Train ``net`` in place; restore the checkpoint with the best validation NDCG@10.
 
     With ``resume_dir`` (the folder the trainer's checkpoint callbacks write to), a ``last.ckpt``
     left there by a killed run is resumed, and a finished training (``done.json``) is reused.
 
-    Returns the network and the validation metrics of the untouched (zero-shot) and the best
-    fine-tuned weights, so a run shows what fine-tuning earned. When no epoch beats the zero-shot
-    weights on validation, those are kept (``text/kept_zeroshot`` = 1).
+    Returns the network, the validation metrics of the untouched (zero-shot) and the best
+    fine-tuned weights with the steps and minutes spent, so a run shows what fine-tuning earned
+    and at what cost, and the validation curve (global step, NDCG@10), step 0 first. When no
+    epoch beats the zero-shot weights on validation, those are kept (``text/kept_zeroshot`` = 1).
     """
     module = module_factory(net=net)
+    t0 = time.perf_counter()
     zero = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    module.val_curve.clear()  # the curve starts at step 0 with this score, added below
     # Step 0 competes too: if no epoch beats the zero-shot weights on validation, keep those.
     initial = copy.deepcopy(net.state_dict())
     ckpt = _monitor_checkpoint(trainer)
@@ -151,6 +166,7 @@ def fine_tune(
     if done is not None and done.is_file():
         info = json.loads(done.read_text())
         best_path, best_score = info["best_path"], info["best_score"]
+        steps, curve = int(info.get("steps", 0)), [tuple(x) for x in info.get("curve", [])]
         log.info("training of this configuration already finished in an earlier run; reusing %s", resume_dir)
         if not best_path:
             best_path = str(resume_dir / LAST)
@@ -170,10 +186,15 @@ def fine_tune(
                 )
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         best_path = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
-        best_score = float(ckpt.best_model_score) if best_path else float(trainer.callback_metrics["val/ndcg_at_10"])
+        if best_path:
+            best_score = float(ckpt.best_model_score)
+        else:  # no validation ran during fit (a time budget spent before the first epoch ended)
+            best_score = float(trainer.callback_metrics.get("val/ndcg_at_10", float("-inf")))
+        steps, curve = int(trainer.global_step), list(module.val_curve)
         if done is not None:
             tmp = done.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"best_path": best_path, "best_score": best_score}))
+            info = {"best_path": best_path, "best_score": best_score, "steps": steps, "curve": curve}
+            tmp.write_text(json.dumps(info))
             os.replace(tmp, done)
     if best_path:
         # weights_only=True: a checkpoint is never unpickled as arbitrary Python objects.
@@ -186,16 +207,19 @@ def fine_tune(
         net.load_state_dict(initial)
         log.warning(
             "fine-tuning did not beat the zero-shot encoder on validation (ndcg@10 %.4f <= %.4f): keeping the "
-            "zero-shot weights (try a lower text.module.lr_encoder or more text.data.steps_per_epoch)",
+            "zero-shot weights (try a lower text.module.lr_adapter, or a larger text.budget_minutes)",
             best_score,
             zero_score,
         )
     net.eval()
-    return net, {
+    metrics = {
         "text/val_ndcg_at_10_zeroshot": zero_score,
         "text/val_ndcg_at_10_finetuned": float(best_score),
         "text/kept_zeroshot": float(kept_zero_shot),
+        "text/steps": float(steps),
+        "text/minutes": (time.perf_counter() - t0) / 60.0,
     }
+    return net, metrics, [(0, zero_score), *curve]
 
 
 def _monitor_checkpoint(trainer: L.Trainer):

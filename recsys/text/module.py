@@ -1,9 +1,19 @@
-"""The LightningModule that fine-tunes the BERT item encoder on click/purchase sequences.
+"""The LightningModule that fine-tunes the item text tower on click/purchase sequences.
 
-Objective: given a user's history, predict the next item; the other targets in the batch are
-the negatives (sampled softmax with in-batch negatives). Targets are de-duplicated before
-encoding, so a popular item that is the target of several rows is encoded once and is never
-its own negative. Each row's loss is weighted by its event (a purchase counts more than a click).
+Objective: given a user's history, predict the next item against mixed negatives: the batch's
+other targets plus ``TextDataModule.uniform_negatives`` items drawn uniformly from the catalogue
+(sampled softmax). Targets are de-duplicated, so a popular item that is the target of several
+rows is scored once and is never its own negative. The logQ correction subtracts the log of each
+candidate's chance of being in the candidate set, so the tower learns the user's preference and
+not the sampler's popularity. Each row's loss is weighted by its event (a purchase counts more).
+
+Two ways to train the item side:
+
+* ``train_bert=False`` (the job's default): the BERT is frozen, its catalogue vectors are computed once,
+  and the item encoder's ``TextAdapter`` learns on top of them, with the history side read
+  through the same adapter. A step costs a small MLP, not a BERT forward and backward.
+* ``train_bert=True``: the BERT's weights are trained too (``freeze_layers`` keeps the lowest
+  ones fixed); each step runs BERT on the batch's target items.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from recsys.errors import ConfigError
 from recsys.text.encoder import ENCODE_BATCH, TwoTower
 
 
@@ -32,6 +43,8 @@ class TextTowerModule(L.LightningModule):
     logq_correction: weight of the sampling correction: in-batch negatives are drawn in
         proportion to popularity, so without it the tower learns to push popular items down
         (1.0 = full correction, 0.0 = plain in-batch softmax).
+    train_bert: train the BERT's weights (slow on a CPU) or only the adapter on its frozen vectors.
+    lr_adapter: learning rate of the item encoder's adapter.
     """
 
     def __init__(
@@ -47,14 +60,26 @@ class TextTowerModule(L.LightningModule):
         freeze_layers: int = 0,
         length_buckets: int = 1,
         fused_optimizer: bool = True,
+        train_bert: bool = True,
+        lr_adapter: float = 1e-3,
     ) -> None:
         super().__init__()
         self.net = net
+        self.train_bert, self.lr_adapter = bool(train_bert), lr_adapter
         self.lr_encoder, self.lr_head, self.weight_decay = lr_encoder, lr_head, weight_decay
         self.warmup_steps, self.encode_batch_size = warmup_steps, encode_batch_size
         self.logq_correction = logq_correction
         self.length_buckets, self.fused_optimizer = length_buckets, fused_optimizer
         bert = self.net.item_encoder.bert
+        if not self.train_bert:
+            if self.net.frozen_history:
+                # The adapter moves the history vectors too; frozen ones would differ from the
+                # vectors the served tower reads.
+                raise ConfigError(
+                    "text.frozen_history=true needs text.module.train_bert=true (the adapter path "
+                    "reads history items through the adapter): set text.frozen_history=false"
+                )
+            bert.requires_grad_(False)
         if freeze_embeddings:
             bert.embeddings.word_embeddings.weight.requires_grad_(False)
         if freeze_layers:
@@ -64,15 +89,26 @@ class TextTowerModule(L.LightningModule):
             for m in (bert.embeddings, *bert.encoder.layer[:freeze_layers]):
                 m.requires_grad_(False)
         self.item_cache: torch.Tensor | None = None
+        self.base_cache: torch.Tensor | None = None  # the frozen BERT's catalogue vectors
+        #: (global step, validation NDCG@10) after every validation: the curve the report draws
+        self.val_curve: list[tuple[int, float]] = []
         self._val_ndcg: list[torch.Tensor] = []
         self._val_hit: list[torch.Tensor] = []
 
     # -- item embeddings of the whole catalogue, for history items and validation -------------
     def refresh_cache(self) -> None:
         dm = self.trainer.datamodule
-        self.item_cache = self.net.item_encoder.encode_tokens(dm.item_ids, dm.item_lengths, self.encode_batch_size).to(
-            self.device
-        )
+        enc = self.net.item_encoder
+        if not self.train_bert:
+            if self.base_cache is None:  # the BERT never changes: one catalogue pass per fit
+                self.base_cache = enc.base_vectors(dm.item_ids, dm.item_lengths, self.encode_batch_size).to(self.device)
+            with torch.no_grad():
+                was = enc.training
+                enc.eval()
+                self.item_cache = enc.adapt(self.base_cache).float()
+                enc.train(was)
+        else:
+            self.item_cache = enc.encode_tokens(dm.item_ids, dm.item_lengths, self.encode_batch_size).to(self.device)
         if self.net.frozen_history and self.net.history_embeddings is None:
             # The first pass (zero-shot validation or fit start) fixes the history side for good.
             self.net.history_embeddings = self.item_cache.detach().cpu().clone()
@@ -101,9 +137,12 @@ class TextTowerModule(L.LightningModule):
 
     # -- training ------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        items = self.net.item_encoder.forward_bucketed(
-            batch["item_input_ids"], batch["item_attention_mask"], self.length_buckets
-        )
+        if self.train_bert:
+            items = self.net.item_encoder.forward_bucketed(
+                batch["item_input_ids"], batch["item_attention_mask"], self.length_buckets
+            )
+        else:
+            items = self.net.item_encoder.adapt(self.base_cache[batch["item_index"]])
         if "history_pos" in batch:
             pos = batch["history_pos"]
             hist = items[pos.clamp(min=0)]
@@ -149,18 +188,23 @@ class TextTowerModule(L.LightningModule):
         self._val_ndcg, self._val_hit = [], []
         self.log("val/ndcg_at_10", ndcg, prog_bar=True)
         self.log("val/recall_at_10", hit)
+        if not self.trainer.sanity_checking:
+            self.val_curve.append((int(self.trainer.global_step), float(ndcg)))
 
     def configure_optimizers(self):
-        encoder = [p for p in self.net.item_encoder.parameters() if p.requires_grad]
+        enc = self.net.item_encoder
+        bert = [p for p in enc.bert.parameters() if p.requires_grad]
+        adapter = [p for p in enc.adapter.parameters()] if enc.adapter is not None else []
         head = [*self.net.user_encoder.parameters(), self.net.log_inv_temperature]
         head = [p for p in head if p.requires_grad]
-        params = [*encoder, *head]
+        params = [*bert, *adapter, *head]
         fused = self.fused_optimizer and all(p.device.type in ("cpu", "cuda") for p in params)
-        opt = torch.optim.AdamW(
-            [{"params": encoder, "lr": self.lr_encoder}, {"params": head, "lr": self.lr_head}],
-            weight_decay=self.weight_decay,
-            fused=fused or None,
-        )
+        groups = [
+            {"params": bert, "lr": self.lr_encoder},
+            {"params": adapter, "lr": self.lr_adapter},
+            {"params": head, "lr": self.lr_head},
+        ]
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=self.weight_decay, fused=fused or None)
         warm = max(1, self.warmup_steps)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
