@@ -36,13 +36,14 @@ def run(cfg: DictConfig) -> dict[str, float]:
     from recsys.export.pyfunc import log_trained_pipeline
     from recsys.export.writer import recommendations_frame, write_parquet_atomic, write_text_atomic
     from recsys.pipeline import FusionStage, HybridPipeline, check_split, stage_exclusion
+    from recsys.profiling import StageTimings
     from recsys.recommender import History
     from recsys.text.fit import fine_tune, open_resume_dir, zero_shot_copy
     from recsys.text.recommender import NewItemText, TextRecommender
     from recsys.tracking import mask_secrets
 
     t_start = time.perf_counter()
-    timings: dict[str, float] = {}
+    timings = StageTimings()  # seconds and peak memory per stage (time/*, mem/*)
     L.seed_everything(cfg.seed, workers=True)
     torch.use_deterministic_algorithms(True, warn_only=True)
     out_dir = Path(cfg.paths.output_dir)
@@ -123,6 +124,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         zero_text = TextRecommender.from_tokens(zero_net, item_ids, item_lengths) if zero_net is not None else None
         if zs_feature:
             models_val["text_zeroshot"] = zero_text.fit(hist_val)
+        timings["text_encode"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         fusion.fit(val_users, models_val, hist_val, split.val, stage_exclusion(hist_val, data.items, split.val))
         timings["ranker_fit"] = time.perf_counter() - t0
 
@@ -130,6 +133,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         t0 = time.perf_counter()
         hist_test = hist_val.extend(split.val)
         cf_test = pipeline.fit_cf(hist_test)
+        timings["cf_fit_test"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         text.fit(hist_test)
         models_test = {**cf_test, "text": text, "text_new": NewItemText(text).fit(hist_test)}
         if zero_text is not None:
@@ -138,6 +143,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
                 models_test["text_zeroshot"] = zero_text
         exclude_test = stage_exclusion(hist_test, data.items, split.test)
         fused = fusion.recommend(test_users, models_test, hist_test, cfg.eval.max_k, exclude_test)
+        timings["test_rank"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         singles = {name: m for name, m in models_test.items() if m.is_feature}
         if zero_text is not None:
             singles["text_zeroshot"] = zero_text
@@ -159,7 +166,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
                 for name, part in imp_scores.partition_by("model", as_dict=True).items():
                     summary = summarize(impression_metrics(part, ks=(5, 10)))
                     tracker.log_metrics({f"test_impressions/{name[0]}/{k}": v for k, v in summary.items()})
-        timings["test_stage"] = time.perf_counter() - t0
+        timings["evaluate"] = time.perf_counter() - t0
 
         table = result.table
         metrics = {
@@ -183,16 +190,22 @@ def run(cfg: DictConfig) -> dict[str, float]:
         timings["evaluation_report"] = time.perf_counter() - t0
 
         # --- export: fused top-K for every test user, seen items removed ---------------------
+        t0 = time.perf_counter()
         k = cfg.export.k
         recs = recommendations_frame(
             data, test_users, result.recommended["fused"][:, :k], result.scores["fused"][:, :k], result.sources[:, :k]
         )
         rec_path = write_parquet_atomic(recs, out_dir / "recommendations.parquet")
         tracker.log_artifact(rec_path)
+        timings["export"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         model_uri = log_trained_pipeline(cfg, data, hist_test, models_test, fusion, out_dir)
+        timings["model_save"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
-        metrics.update({f"time/{k}_s": v for k, v in timings.items()})
-        tracker.log_metrics({f"time/{k}_s": v for k, v in timings.items()})
+        # Parts of the ranker stages, summed over both (no memory window of their own).
+        parts = {f"time/fusion_{k}_s": v for k, v in fusion.timings.items()}
+        metrics.update({**timings.metrics(), **parts})
+        tracker.log_metrics({**timings.metrics(), **parts})
 
         with pl.Config(tbl_rows=20, tbl_cols=20, float_precision=4, tbl_hide_dataframe_shape=True):
             print(f"\nTest metrics ({data.name}, {len(test_users)} users, full ranking, seen items removed):")
