@@ -78,11 +78,26 @@ class FusionStage:
     Args:
         n_candidates: per source, how many of its top items enter the candidate set.
         ranker: the fusion ranker (trained in ``fit``).
+        max_train_users: train the ranker on a seeded sample of at most this many users (None: all).
+            Candidates and features cost rows = users x candidates; past a few ten thousand users
+            more of them add little to a ranker with a few dozen features.
+        seed: of that sample.
     """
 
-    def __init__(self, n_candidates: Mapping[str, int], ranker: LambdaMARTRanker) -> None:
+    def __init__(
+        self,
+        n_candidates: Mapping[str, int],
+        ranker: LambdaMARTRanker,
+        max_train_users: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        if max_train_users is not None and (not isinstance(max_train_users, int) or max_train_users < 1):
+            raise ConfigError(f"rank.max_train_users must be a whole number >= 1 or null, got {max_train_users!r}")
         self.n_candidates = dict(n_candidates)
         self.ranker = ranker
+        self.max_train_users = max_train_users
+        self.seed = seed
+        self.train_users = 0
         # Seconds spent per part, summed over calls: bench/scale.py reports where the stage goes.
         self.timings: dict[str, float] = {"candidates_features": 0.0, "ranker_train": 0.0, "ranker_predict": 0.0}
 
@@ -123,6 +138,11 @@ class FusionStage:
         targets: pl.DataFrame,
         exclude: sp.csr_matrix | None = None,
     ) -> FusionStage:
+        if self.max_train_users is not None and len(users) > self.max_train_users:
+            rng = np.random.default_rng(self.seed)
+            users = np.sort(rng.choice(users, self.max_train_users, replace=False))
+            log.info("ranker training on a sample of %d users (rank.max_train_users)", len(users))
+        self.train_users = len(users)
         df = self.labelled_frame(users, models, history, targets, exclude)
         recall = candidate_recall(df)
         log.info("ranker training: %d candidate rows, candidate recall of the targets %.3f", df.height, recall)

@@ -33,9 +33,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     from lightning.pytorch.loggers import MLFlowLogger
 
     from recsys.columns import Columns
+    from recsys.evaluation.sampling import ci95_half_width, sample_test_users
     from recsys.export.pyfunc import log_trained_pipeline
     from recsys.export.writer import recommendations_frame, write_parquet_atomic, write_text_atomic
-    from recsys.pipeline import FusionStage, HybridPipeline, check_split, stage_exclusion
+    from recsys.pipeline import FusionStage, HybridPipeline, check_split, stage_exclusion, stage_users
     from recsys.profiling import StageTimings
     from recsys.recommender import History
     from recsys.text.fit import fine_tune, open_resume_dir, zero_shot_copy
@@ -56,7 +57,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     val_users, test_users = check_split(data, split)
     encoder = instantiate(cfg.encoder)
     cf = {name: instantiate(node) for name, node in cfg.cf.items()}
-    fusion = FusionStage(dict(cfg.rank.n_candidates), instantiate(cfg.ranker))
+    fusion = FusionStage(
+        dict(cfg.rank.n_candidates), instantiate(cfg.ranker), cfg.rank.get("max_train_users"), seed=cfg.seed
+    )
+    # eval.max_users: past that many test users, every model is evaluated on a seeded sample.
+    eval_split, eval_users, all_test_users = sample_test_users(split, cfg.eval.get("max_users"), cfg.seed)
+    test_users = stage_users(eval_split.test, "test")
     pipeline = HybridPipeline(cf, fusion, ks=list(cfg.eval.ks), max_k=cfg.eval.max_k)
     tracker = instantiate(cfg.logger)
     timings["load"] = time.perf_counter() - t0
@@ -141,24 +147,25 @@ def run(cfg: DictConfig) -> dict[str, float]:
             zero_text.fit(hist_test)
             if zs_feature:
                 models_test["text_zeroshot"] = zero_text
-        exclude_test = stage_exclusion(hist_test, data.items, split.test)
+        exclude_test = stage_exclusion(hist_test, data.items, eval_split.test)
         fused = fusion.recommend(test_users, models_test, hist_test, cfg.eval.max_k, exclude_test)
         timings["test_rank"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         singles = {name: m for name, m in models_test.items() if m.is_feature}
         if zero_text is not None:
             singles["text_zeroshot"] = zero_text
-        result = pipeline.evaluate(test_users, split.test, data.n_items, singles, hist_test, fused, True, exclude_test)
+        targets = eval_split.test
+        result = pipeline.evaluate(test_users, targets, data.n_items, singles, hist_test, fused, True, exclude_test)
         tables = {"test": result.table}
         if cfg.eval.published:
-            published = pipeline.evaluate(test_users, split.test, data.n_items, singles, hist_test, fused, False)
+            published = pipeline.evaluate(test_users, targets, data.n_items, singles, hist_test, fused, False)
             tables["test_published"] = published.table
         imp_scores = None
         if data.impressions is not None:
             from recsys.evaluation.impressions import impression_metrics, stage_impressions, summarize
             from recsys.pipeline import impression_scores
 
-            imps, imp_counts = stage_impressions(data.impressions, split.test, hist_test.interactions)
+            imps, imp_counts = stage_impressions(data.impressions, eval_split.test, hist_test.interactions)
             log.info("test-stage impressions: %s", imp_counts)
             tracker.log_metrics({f"data/impressions_{k}": v for k, v in imp_counts.items()})
             if imps.height:
@@ -176,6 +183,20 @@ def run(cfg: DictConfig) -> dict[str, float]:
             for c in tab.columns[1:]
         }
         metrics["rank/candidate_recall_val"] = fusion.candidate_recall_val
+        metrics["rank/train_users"] = fusion.train_users
+        metrics["eval/users"], metrics["eval/users_total"] = eval_users, all_test_users
+        if eval_users < all_test_users:
+            first = f"ndcg_at_{cfg.eval.ks[0]}"
+            for name, per_user in result.metrics.items():
+                metrics[f"test/{name}/{first}_ci95"] = ci95_half_width(per_user[first], all_test_users)
+            log.warning(
+                "evaluated on a sample of %d of %d test users (eval.max_users); test/*/%s_ci95 is the "
+                "sampling error's 95%% half-width; recommendations.parquet holds the sampled users "
+                "(python -m recsys.recommend exports everyone)",
+                eval_users,
+                all_test_users,
+                first,
+            )
         metrics["rank/best_iteration"] = fusion.ranker.best_iteration
         tracker.log_metrics(metrics)
         table_path = out_dir / "metrics.csv"
@@ -186,7 +207,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         write_text_atomic(fusion.ranker.feature_importance().write_csv(), imp_path)
         tracker.log_artifact(imp_path)
         t0 = time.perf_counter()
-        save_evaluation(cfg, data, split, run_id, tracker, result, hist_test, text, fusion, out_dir, imp_scores)
+        save_evaluation(cfg, data, eval_split, run_id, tracker, result, hist_test, text, fusion, out_dir, imp_scores)
         timings["evaluation_report"] = time.perf_counter() - t0
 
         # --- export: fused top-K for every test user, seen items removed ---------------------
