@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from recsys.errors import ConfigError, InputError
+
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
@@ -69,3 +71,74 @@ class StageTimings(dict):
         out = {f"time/{k}_s": v for k, v in self.items()}
         out.update({f"mem/{k}_peak_mb": v for k, v in self.peak_mb.items()})
         return out
+
+
+# The peak-memory estimate of a training job, from row counts (calibrated on the generated data
+# set, 2-core machine: 1x measured 2.0 GB by bench/scale.py; 10x 6.5 GB before the ranker sample
+# cap). The libraries, the encoder and MLflow take about 2 GB whatever the data; the largest
+# table is the ranker's candidate frame (rows = users x candidates per user, ~35 feature columns
+# and the copies polars makes while joining them: about 1 KB a row); events cost about 300 B each
+# across the raw frame, the splits and the user x item matrices; each item about 5 KB (its tokens
+# and three 384-wide embedding tables).
+BASE_GB = 2.0
+BYTES_PER_CANDIDATE_ROW = 1000
+BYTES_PER_EVENT = 300
+BYTES_PER_ITEM = 5000
+
+
+def estimate_peak_gb(
+    n_events: int, n_items: int, ranker_users: int, eval_users: int, candidates_per_user: int
+) -> float:
+    """Estimated peak resident memory (GB) of ``recsys.train`` from its row counts.
+
+    The candidate frames of the validation stage (``ranker_users``) and the test stage
+    (``eval_users``) are not held together: the larger one counts.
+
+    >>> round(estimate_peak_gb(42_000, 1_500, 3_000, 3_000, 170), 1)
+    2.5
+    """
+    rows = max(ranker_users, eval_users) * candidates_per_user
+    extra = rows * BYTES_PER_CANDIDATE_ROW + n_events * BYTES_PER_EVENT + n_items * BYTES_PER_ITEM
+    return BASE_GB + extra / 1e9
+
+
+def memory_limit_gb() -> float | None:
+    """This process's memory limit: the cgroup's (containers, CI runners) or else the machine's RAM."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2**60:
+            return int(text) / 1e9
+    try:
+        import os
+
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(
+    n_events: int,
+    n_items: int,
+    ranker_users: int,
+    eval_users: int,
+    candidates_per_user: int,
+    limit_gb: float | None = None,
+) -> float:
+    """The estimated peak (GB); an ``InputError`` before any training when it exceeds ``limit_gb``
+    (default: ``memory_limit_gb()``), naming the counts and the settings that lower it."""
+    if limit_gb is not None and (isinstance(limit_gb, bool) or not isinstance(limit_gb, int | float) or limit_gb <= 0):
+        raise ConfigError(f"memory_limit_gb must be a number of GB > 0 or null, got {limit_gb!r}")
+    need = estimate_peak_gb(n_events, n_items, ranker_users, eval_users, candidates_per_user)
+    limit = memory_limit_gb() if limit_gb is None else limit_gb
+    if limit is not None and need > limit:
+        raise InputError(
+            f"the job needs about {need:.1f} GB of memory and the limit is {limit:.1f} GB "
+            f"({n_events:,} events, {n_items:,} items, ranker trained on {ranker_users:,} users and "
+            f"{eval_users:,} users evaluated, {candidates_per_user} candidates each; estimate: "
+            "recsys/profiling.py). Lower rank.max_train_users, eval.max_users or rank.n_candidates, "
+            "or raise memory_limit_gb on a larger machine"
+        )
+    return need

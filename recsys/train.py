@@ -37,7 +37,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     from recsys.export.pyfunc import log_trained_pipeline
     from recsys.export.writer import recommendations_frame, write_parquet_atomic, write_text_atomic
     from recsys.pipeline import FusionStage, HybridPipeline, check_split, stage_exclusion, stage_users
-    from recsys.profiling import StageTimings
+    from recsys.profiling import StageTimings, check_memory
     from recsys.recommender import History
     from recsys.text.fit import fine_tune, open_resume_dir, zero_shot_copy
     from recsys.text.recommender import NewItemText, TextRecommender
@@ -63,6 +63,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
     # eval.max_users: past that many test users, every model is evaluated on a seeded sample.
     eval_split, eval_users, all_test_users = sample_test_users(split, cfg.eval.get("max_users"), cfg.seed)
     test_users = stage_users(eval_split.test, "test")
+    ranker_users = min(len(val_users), fusion.max_train_users or len(val_users))
+    need_gb = check_memory(
+        data.interactions.height,
+        data.n_items,
+        ranker_users,
+        len(test_users),
+        sum(cfg.rank.n_candidates.values()),
+        cfg.get("memory_limit_gb"),
+    )
     pipeline = HybridPipeline(cf, fusion, ks=list(cfg.eval.ks), max_k=cfg.eval.max_k)
     tracker = instantiate(cfg.logger)
     timings["load"] = time.perf_counter() - t0
@@ -184,6 +193,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         }
         metrics["rank/candidate_recall_val"] = fusion.candidate_recall_val
         metrics["rank/train_users"] = fusion.train_users
+        metrics["mem/estimated_peak_mb"] = need_gb * 1000
         metrics["eval/users"], metrics["eval/users_total"] = eval_users, all_test_users
         if eval_users < all_test_users:
             first = f"ndcg_at_{cfg.eval.ks[0]}"

@@ -134,3 +134,29 @@ def test_cli_logs_stage_profiles_and_samples_as_configured(tmp_path, repo_root):
         m["time/fusion_candidates_features_s"] + m["time/fusion_ranker_train_s"]
         <= m["time/ranker_fit_s"] + m["time/test_rank_s"]
     )
+
+
+def test_memory_estimate_grows_with_the_rows_and_refuses_what_does_not_fit():
+    from recsys.errors import InputError
+    from recsys.profiling import check_memory, estimate_peak_gb
+
+    small = estimate_peak_gb(42_000, 1_500, 3_000, 3_000, 170)
+    assert estimate_peak_gb(420_000, 15_000, 30_000, 30_000, 170) > small + 4  # the candidate rows dominate
+    assert estimate_peak_gb(42_000, 1_500, 3_000, 30_000, 170) == estimate_peak_gb(42_000, 1_500, 30_000, 3_000, 170)
+    assert check_memory(42_000, 1_500, 3_000, 3_000, 170, limit_gb=64) == small
+    with pytest.raises(
+        InputError, match=r"needs about 7\.\d GB of memory and the limit is 4\.0 GB.*rank.max_train_users"
+    ):
+        check_memory(420_000, 15_000, 30_000, 30_000, 170, limit_gb=4)
+    with pytest.raises(ConfigError, match="memory_limit_gb"):
+        check_memory(1, 1, 1, 1, 1, limit_gb=0)
+
+
+@pytest.mark.slow
+def test_cli_refuses_a_job_that_will_not_fit_before_training(tmp_path, repo_root):
+    from test_cli import run_cli
+
+    proc = run_cli(tmp_path, "+experiment=smoke", "memory_limit_gb=0.5", repo_root=repo_root)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "needs about" in proc.stderr and "the limit is 0.5 GB" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "mlruns").exists() or not list((tmp_path / "mlruns").rglob("*.ckpt"))
