@@ -1,6 +1,6 @@
 """Batch scoring on Spark: the registered pyfunc model over ``mapInPandas``, parquet parts out.
 
-    python -m recsys.recommend engine=spark spark.master='local[4]' model_uri=models:/recsys@champion output=recs
+    python -m recsys.recommend engine=spark "spark.master='local[4]'" model_uri=models:/recsys@champion output=recs
     spark-submit --master yarn $(python -c 'import recsys.export.spark as s; print(s.__file__)') \\
         --model-uri models:/recsys@champion --tracking-uri http://mlflow:5000 --output hdfs:///recs/today
 
