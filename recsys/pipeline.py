@@ -78,11 +78,31 @@ class FusionStage:
     Args:
         n_candidates: per source, how many of its top items enter the candidate set.
         ranker: the fusion ranker (trained in ``fit``).
+        max_train_users: train the ranker on a seeded sample of at most this many users (None: all).
+            Candidates and features cost rows = users x candidates; past a few ten thousand users
+            more of them add little to a ranker with a few dozen features.
+        seed: of that sample.
     """
 
-    def __init__(self, n_candidates: Mapping[str, int], ranker: LambdaMARTRanker) -> None:
+    def __init__(
+        self,
+        n_candidates: Mapping[str, int],
+        ranker: LambdaMARTRanker,
+        max_train_users: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        if max_train_users is not None and (not isinstance(max_train_users, int) or max_train_users < 1):
+            raise ConfigError(f"rank.max_train_users must be a whole number >= 1 or null, got {max_train_users!r}")
         self.n_candidates = dict(n_candidates)
         self.ranker = ranker
+        self.max_train_users = max_train_users
+        self.seed = seed
+        self.train_users = 0
+        # Seconds spent per part, summed over calls: bench/scale.py reports where the stage goes.
+        self.timings: dict[str, float] = {"candidates_features": 0.0, "ranker_train": 0.0, "ranker_predict": 0.0}
+
+    def _clock(self, part: str, since: float) -> None:
+        self.timings[part] = self.timings.get(part, 0.0) + time.perf_counter() - since
 
     def frame(
         self,
@@ -100,12 +120,15 @@ class FusionStage:
         unknown = set(self.n_candidates) - set(models)
         if unknown:
             raise ConfigError(f"rank.n_candidates names unknown sources {sorted(unknown)}; known: {sorted(models)}")
+        t0 = time.perf_counter()
         exclude = history.matrix if exclude is None else exclude
         cands = generate_candidates(users, models, self.n_candidates, exclude=exclude)
         if include is not None:
             cands = cands.join(include.unique(), on=[Columns.UserIdx, Columns.ItemIdx], how="full", coalesce=True)
         scorers = {name: m for name, m in models.items() if m.is_feature}
-        return build_features(cands, history, scorers, list(self.n_candidates))
+        df = build_features(cands, history, scorers, list(self.n_candidates))
+        self._clock("candidates_features", t0)
+        return df
 
     def fit(
         self,
@@ -115,11 +138,18 @@ class FusionStage:
         targets: pl.DataFrame,
         exclude: sp.csr_matrix | None = None,
     ) -> FusionStage:
+        if self.max_train_users is not None and len(users) > self.max_train_users:
+            rng = np.random.default_rng(self.seed)
+            users = np.sort(rng.choice(users, self.max_train_users, replace=False))
+            log.info("ranker training on a sample of %d users (rank.max_train_users)", len(users))
+        self.train_users = len(users)
         df = self.labelled_frame(users, models, history, targets, exclude)
         recall = candidate_recall(df)
         log.info("ranker training: %d candidate rows, candidate recall of the targets %.3f", df.height, recall)
         self.candidate_recall_val = recall
+        t0 = time.perf_counter()
         self.ranker.fit(df, feature_columns(df.drop("label")))
+        self._clock("ranker_train", t0)
         return self
 
     def labelled_frame(
@@ -157,7 +187,9 @@ class FusionStage:
         pairs = pairs.select(pl.col(k).cast(pl.Int32) for k in keys)
         users = pairs[Columns.UserIdx].unique().sort().to_numpy()
         df = self.frame(users, models, history, exclude, include=pairs)
+        t0 = time.perf_counter()
         df = df.select(*keys, pl.Series(Columns.Score, self.ranker.predict(df)))
+        self._clock("ranker_predict", t0)
         return pairs.join(df, on=keys, how="left", maintain_order="left")[Columns.Score].to_numpy()
 
     def recommend(
@@ -169,7 +201,10 @@ class FusionStage:
         exclude: sp.csr_matrix | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         df = self.frame(users, models, history, exclude)
-        return ranked_lists(df.with_columns(pl.Series(Columns.Score, self.ranker.predict(df))), users, k)
+        t0 = time.perf_counter()
+        scored = df.with_columns(pl.Series(Columns.Score, self.ranker.predict(df)))
+        self._clock("ranker_predict", t0)
+        return ranked_lists(scored, users, k)
 
 
 def candidate_recall(labelled: pl.DataFrame) -> float:

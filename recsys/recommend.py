@@ -105,6 +105,13 @@ def run(cfg: DictConfig):
     from recsys.export.pipeline_model import normalise_history
     from recsys.tracking import tracking_uri
 
+    engine_name = str(cfg.get("engine", "local"))
+    if engine_name == "spark":
+        from recsys.export.spark import run_from_config
+
+        return run_from_config(cfg)
+    if engine_name != "local":
+        raise ConfigError(f"engine must be local or spark, got {engine_name!r}")
     # Settings checked before the model is loaded.
     check_output(cfg.output, str(cfg.layout))
     check_parallel(str(cfg.parallel))

@@ -33,16 +33,18 @@ def run(cfg: DictConfig) -> dict[str, float]:
     from lightning.pytorch.loggers import MLFlowLogger
 
     from recsys.columns import Columns
+    from recsys.evaluation.sampling import ci95_half_width, sample_test_users
     from recsys.export.pyfunc import log_trained_pipeline
     from recsys.export.writer import recommendations_frame, write_parquet_atomic, write_text_atomic
-    from recsys.pipeline import FusionStage, HybridPipeline, check_split, stage_exclusion
+    from recsys.pipeline import FusionStage, HybridPipeline, check_split, stage_exclusion, stage_users
+    from recsys.profiling import StageTimings, check_memory
     from recsys.recommender import History
     from recsys.text.fit import budget, fine_tune, open_resume_dir, zero_shot_copy
     from recsys.text.recommender import NewItemText, TextRecommender
     from recsys.tracking import mask_secrets
 
     t_start = time.perf_counter()
-    timings: dict[str, float] = {}
+    timings = StageTimings()  # seconds and peak memory per stage (time/*, mem/*)
     L.seed_everything(cfg.seed, workers=True)
     torch.use_deterministic_algorithms(True, warn_only=True)
     out_dir = Path(cfg.paths.output_dir)
@@ -56,7 +58,21 @@ def run(cfg: DictConfig) -> dict[str, float]:
     encoder = instantiate(cfg.encoder)
     text_budget = budget(cfg.text.get("budget_minutes"))
     cf = {name: instantiate(node) for name, node in cfg.cf.items()}
-    fusion = FusionStage(dict(cfg.rank.n_candidates), instantiate(cfg.ranker))
+    fusion = FusionStage(
+        dict(cfg.rank.n_candidates), instantiate(cfg.ranker), cfg.rank.get("max_train_users"), seed=cfg.seed
+    )
+    # eval.max_users: past that many test users, every model is evaluated on a seeded sample.
+    eval_split, eval_users, all_test_users = sample_test_users(split, cfg.eval.get("max_users"), cfg.seed)
+    test_users = stage_users(eval_split.test, "test")
+    ranker_users = min(len(val_users), fusion.max_train_users or len(val_users))
+    need_gb = check_memory(
+        data.interactions.height,
+        data.n_items,
+        ranker_users,
+        len(test_users),
+        sum(cfg.rank.n_candidates.values()),
+        cfg.get("memory_limit_gb"),
+    )
     pipeline = HybridPipeline(cf, fusion, ks=list(cfg.eval.ks), max_k=cfg.eval.max_k)
     tracker = instantiate(cfg.logger)
     timings["load"] = time.perf_counter() - t0
@@ -124,6 +140,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         zero_text = TextRecommender.from_tokens(zero_net, item_ids, item_lengths) if zero_net is not None else None
         if zs_feature:
             models_val["text_zeroshot"] = zero_text.fit(hist_val)
+        timings["text_encode"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         fusion.fit(val_users, models_val, hist_val, split.val, stage_exclusion(hist_val, data.items, split.val))
         timings["ranker_fit"] = time.perf_counter() - t0
 
@@ -131,28 +149,33 @@ def run(cfg: DictConfig) -> dict[str, float]:
         t0 = time.perf_counter()
         hist_test = hist_val.extend(split.val)
         cf_test = pipeline.fit_cf(hist_test)
+        timings["cf_fit_test"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         text.fit(hist_test)
         models_test = {**cf_test, "text": text, "text_new": NewItemText(text).fit(hist_test)}
         if zero_text is not None:
             zero_text.fit(hist_test)
             if zs_feature:
                 models_test["text_zeroshot"] = zero_text
-        exclude_test = stage_exclusion(hist_test, data.items, split.test)
+        exclude_test = stage_exclusion(hist_test, data.items, eval_split.test)
         fused = fusion.recommend(test_users, models_test, hist_test, cfg.eval.max_k, exclude_test)
+        timings["test_rank"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         singles = {name: m for name, m in models_test.items() if m.is_feature}
         if zero_text is not None:
             singles["text_zeroshot"] = zero_text
-        result = pipeline.evaluate(test_users, split.test, data.n_items, singles, hist_test, fused, True, exclude_test)
+        targets = eval_split.test
+        result = pipeline.evaluate(test_users, targets, data.n_items, singles, hist_test, fused, True, exclude_test)
         tables = {"test": result.table}
         if cfg.eval.published:
-            published = pipeline.evaluate(test_users, split.test, data.n_items, singles, hist_test, fused, False)
+            published = pipeline.evaluate(test_users, targets, data.n_items, singles, hist_test, fused, False)
             tables["test_published"] = published.table
         imp_scores = None
         if data.impressions is not None:
             from recsys.evaluation.impressions import impression_metrics, stage_impressions, summarize
             from recsys.pipeline import impression_scores
 
-            imps, imp_counts = stage_impressions(data.impressions, split.test, hist_test.interactions)
+            imps, imp_counts = stage_impressions(data.impressions, eval_split.test, hist_test.interactions)
             log.info("test-stage impressions: %s", imp_counts)
             tracker.log_metrics({f"data/impressions_{k}": v for k, v in imp_counts.items()})
             if imps.height:
@@ -160,7 +183,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
                 for name, part in imp_scores.partition_by("model", as_dict=True).items():
                     summary = summarize(impression_metrics(part, ks=(5, 10)))
                     tracker.log_metrics({f"test_impressions/{name[0]}/{k}": v for k, v in summary.items()})
-        timings["test_stage"] = time.perf_counter() - t0
+        timings["evaluate"] = time.perf_counter() - t0
 
         table = result.table
         metrics = {
@@ -170,6 +193,21 @@ def run(cfg: DictConfig) -> dict[str, float]:
             for c in tab.columns[1:]
         }
         metrics["rank/candidate_recall_val"] = fusion.candidate_recall_val
+        metrics["rank/train_users"] = fusion.train_users
+        metrics["mem/estimated_peak_mb"] = need_gb * 1000
+        metrics["eval/users"], metrics["eval/users_total"] = eval_users, all_test_users
+        if eval_users < all_test_users:
+            first = f"ndcg_at_{cfg.eval.ks[0]}"
+            for name, per_user in result.metrics.items():
+                metrics[f"test/{name}/{first}_ci95"] = ci95_half_width(per_user[first], all_test_users)
+            log.warning(
+                "evaluated on a sample of %d of %d test users (eval.max_users); test/*/%s_ci95 is the "
+                "sampling error's 95%% half-width; recommendations.parquet holds the sampled users "
+                "(python -m recsys.recommend exports everyone)",
+                eval_users,
+                all_test_users,
+                first,
+            )
         metrics["rank/best_iteration"] = fusion.ranker.best_iteration
         tracker.log_metrics(metrics)
         table_path = out_dir / "metrics.csv"
@@ -182,21 +220,27 @@ def run(cfg: DictConfig) -> dict[str, float]:
         t0 = time.perf_counter()
         finetuning = {**text_val, "curve": text_curve, "budget_minutes": cfg.text.get("budget_minutes")}
         save_evaluation(
-            cfg, data, split, run_id, tracker, result, hist_test, text, fusion, out_dir, imp_scores, finetuning
+            cfg, data, eval_split, run_id, tracker, result, hist_test, text, fusion, out_dir, imp_scores, finetuning
         )
         timings["evaluation_report"] = time.perf_counter() - t0
 
         # --- export: fused top-K for every test user, seen items removed ---------------------
+        t0 = time.perf_counter()
         k = cfg.export.k
         recs = recommendations_frame(
             data, test_users, result.recommended["fused"][:, :k], result.scores["fused"][:, :k], result.sources[:, :k]
         )
         rec_path = write_parquet_atomic(recs, out_dir / "recommendations.parquet")
         tracker.log_artifact(rec_path)
+        timings["export"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         model_uri = log_trained_pipeline(cfg, data, hist_test, models_test, fusion, out_dir)
+        timings["model_save"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
-        metrics.update({f"time/{k}_s": v for k, v in timings.items()})
-        tracker.log_metrics({f"time/{k}_s": v for k, v in timings.items()})
+        # Parts of the ranker stages, summed over both (no memory window of their own).
+        parts = {f"time/fusion_{k}_s": v for k, v in fusion.timings.items()}
+        metrics.update({**timings.metrics(), **parts})
+        tracker.log_metrics({**timings.metrics(), **parts})
 
         with pl.Config(tbl_rows=20, tbl_cols=20, float_precision=4, tbl_hide_dataframe_shape=True):
             print(f"\nTest metrics ({data.name}, {len(test_users)} users, full ranking, seen items removed):")

@@ -1,0 +1,144 @@
+"""Wall time and peak memory per stage of a job, logged as ``time/<stage>_s`` and ``mem/<stage>_peak_mb``.
+
+The peak of a stage is the process's high-water mark of resident memory (``VmHWM``) since the
+previous stage ended: Linux resets that mark when ``5`` is written to ``/proc/self/clear_refs``.
+Where that file is missing or read-only the recorded figure is the peak since the process started
+(``peak_is_per_stage`` is then False).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from recsys.errors import ConfigError, InputError
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def peak_rss_mb() -> float | None:
+    """The process's peak resident memory (MB) since start or the last ``reset_peak_rss``; None off Linux."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Restart the peak-memory mark at the current resident size; False where the kernel does not allow it."""
+    try:
+        _CLEAR_REFS.write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+class StageTimings(dict):
+    """``{stage: seconds}``; setting an entry closes that stage and records its peak memory.
+
+    Stages are contiguous: a stage's memory window runs from the previous ``timings[...] = ``
+    (or the creation of this object) to its own, so work between two timed blocks is charged to
+    the next stage. ``total`` is not a window: its peak is the largest of all.
+
+    >>> t = StageTimings()
+    >>> t["load"] = 1.5
+    >>> dict(t), sorted(t.peak_mb) == (["load"] if t.peak_mb else [])
+    ({'load': 1.5}, True)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peak_mb: dict[str, float] = {}
+        self.peak_is_per_stage = reset_peak_rss()
+
+    def __setitem__(self, stage: str, seconds: float) -> None:
+        super().__setitem__(stage, seconds)
+        peak = peak_rss_mb()
+        if peak is None:
+            return
+        if stage == "total":
+            self.peak_mb[stage] = max([peak, *self.peak_mb.values()])
+            return
+        self.peak_mb[stage] = peak
+        if self.peak_is_per_stage:
+            reset_peak_rss()
+
+    def metrics(self) -> dict[str, float]:
+        """``time/<stage>_s`` and ``mem/<stage>_peak_mb`` for MLflow."""
+        out = {f"time/{k}_s": v for k, v in self.items()}
+        out.update({f"mem/{k}_peak_mb": v for k, v in self.peak_mb.items()})
+        return out
+
+
+# The peak-memory estimate of a training job, from row counts (calibrated on the generated data
+# set, 2-core machine: 1x measured 2.0 GB by bench/scale.py; 10x 6.5 GB before the ranker sample
+# cap). The libraries, the encoder and MLflow take about 2 GB whatever the data; the largest
+# table is the ranker's candidate frame (rows = users x candidates per user, ~35 feature columns
+# and the copies polars makes while joining them: about 1 KB a row); events cost about 300 B each
+# across the raw frame, the splits and the user x item matrices; each item about 5 KB (its tokens
+# and three 384-wide embedding tables).
+BASE_GB = 2.0
+BYTES_PER_CANDIDATE_ROW = 1000
+BYTES_PER_EVENT = 300
+BYTES_PER_ITEM = 5000
+
+
+def estimate_peak_gb(
+    n_events: int, n_items: int, ranker_users: int, eval_users: int, candidates_per_user: int
+) -> float:
+    """Estimated peak resident memory (GB) of ``recsys.train`` from its row counts.
+
+    The candidate frames of the validation stage (``ranker_users``) and the test stage
+    (``eval_users``) are not held together: the larger one counts.
+
+    >>> round(estimate_peak_gb(42_000, 1_500, 3_000, 3_000, 170), 1)
+    2.5
+    """
+    rows = max(ranker_users, eval_users) * candidates_per_user
+    extra = rows * BYTES_PER_CANDIDATE_ROW + n_events * BYTES_PER_EVENT + n_items * BYTES_PER_ITEM
+    return BASE_GB + extra / 1e9
+
+
+def memory_limit_gb() -> float | None:
+    """This process's memory limit: the cgroup's (containers, CI runners) or else the machine's RAM."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2**60:
+            return int(text) / 1e9
+    try:
+        import os
+
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(
+    n_events: int,
+    n_items: int,
+    ranker_users: int,
+    eval_users: int,
+    candidates_per_user: int,
+    limit_gb: float | None = None,
+) -> float:
+    """The estimated peak (GB); an ``InputError`` before any training when it exceeds ``limit_gb``
+    (default: ``memory_limit_gb()``), naming the counts and the settings that lower it."""
+    if limit_gb is not None and (isinstance(limit_gb, bool) or not isinstance(limit_gb, int | float) or limit_gb <= 0):
+        raise ConfigError(f"memory_limit_gb must be a number of GB > 0 or null, got {limit_gb!r}")
+    need = estimate_peak_gb(n_events, n_items, ranker_users, eval_users, candidates_per_user)
+    limit = memory_limit_gb() if limit_gb is None else limit_gb
+    if limit is not None and need > limit:
+        raise InputError(
+            f"the job needs about {need:.1f} GB of memory and the limit is {limit:.1f} GB "
+            f"({n_events:,} events, {n_items:,} items, ranker trained on {ranker_users:,} users and "
+            f"{eval_users:,} users evaluated, {candidates_per_user} candidates each; estimate: "
+            "recsys/profiling.py). Lower rank.max_train_users, eval.max_users or rank.n_candidates, "
+            "or raise memory_limit_gb on a larger machine"
+        )
+    return need

@@ -1,0 +1,162 @@
+"""Costs that grow no faster than the work: a capped ranker sample, sampled evaluation, stage profiles."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from recsys.cf.models import ItemKNN, Popularity
+from recsys.columns import Columns
+from recsys.data.split import LeaveLastOutSplit, Split
+from recsys.errors import ConfigError
+from recsys.evaluation.sampling import ci95_half_width, sample_test_users
+from recsys.pipeline import FusionStage
+from recsys.profiling import StageTimings, peak_rss_mb
+from recsys.rank.ranker import LambdaMARTRanker
+from recsys.recommender import History
+
+
+@pytest.fixture
+def stage(tiny_dataset):
+    data = tiny_dataset
+    split = LeaveLastOutSplit().split(data.interactions)
+    hist = History(split.train, data.n_users, data.n_items)
+    models = {"popularity": Popularity().fit(hist), "itemknn": ItemKNN(neighbours=10).fit(hist)}
+    users = split.val[Columns.UserIdx].unique().sort().to_numpy()
+    return users, hist, models, split
+
+
+def fitted(stage, max_train_users, seed=0):
+    users, hist, models, split = stage
+    ranker = LambdaMARTRanker(n_estimators=10, min_child_samples=5, seed=0)
+    fusion = FusionStage({"itemknn": 8, "popularity": 4}, ranker, max_train_users, seed=seed)
+    seen: list[np.ndarray] = []
+    frame = fusion.frame
+    fusion.frame = lambda u, *a, **k: (seen.append(u), frame(u, *a, **k))[1]  # which users reach the ranker
+    return fusion.fit(users, models, hist, split.val), seen[0]
+
+
+@pytest.mark.slow
+def test_ranker_trains_on_a_seeded_sample_of_at_most_max_train_users(stage):
+    users = stage[0]
+    fusion, trained_on = fitted(stage, 20)
+    assert fusion.train_users == 20 == len(trained_on)
+    assert set(trained_on) <= set(users) and (np.diff(trained_on) > 0).all()
+    assert (fitted(stage, 20)[1] == trained_on).all()  # same seed, same sample
+    everyone, all_users = fitted(stage, 10 * len(users))  # a cap above the count changes nothing
+    assert everyone.train_users == len(users) and (all_users == users).all()
+    assert fusion.timings["candidates_features"] > 0 and fusion.timings["ranker_train"] > 0
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, "many"])
+def test_bad_sample_sizes_are_config_errors(bad):
+    with pytest.raises(ConfigError, match="rank.max_train_users"):
+        FusionStage({"popularity": 4}, LambdaMARTRanker(), bad)
+    empty = pl.DataFrame({Columns.UserIdx: [0]})
+    with pytest.raises(ConfigError, match="eval.max_users"):
+        sample_test_users(Split(empty, empty, empty), bad, seed=0)
+
+
+def test_test_sample_keeps_every_event_of_the_sampled_users_and_nothing_else():
+    test = pl.DataFrame({Columns.UserIdx: [0, 0, 1, 2, 3, 3, 4], Columns.ItemIdx: [1, 2, 3, 4, 5, 6, 7]})
+    split = Split(test.head(0), test.head(0), test)
+    assert sample_test_users(split, None, 0)[0] is split and sample_test_users(split, 5, 0)[0] is split
+    cut, n, total = sample_test_users(split, 3, seed=0)
+    assert (n, total) == (3, 5)
+    users = cut.test[Columns.UserIdx].unique()
+    assert len(users) == 3
+    assert cut.test.equals(test.filter(pl.col(Columns.UserIdx).is_in(users.to_list())))
+
+
+def test_sampled_mean_lies_within_its_interval_95_times_in_100():
+    rng = np.random.default_rng(0)
+    population = (rng.random(20_000) < 0.08) / rng.integers(1, 11, 20_000)  # NDCG-like: mostly 0
+    inside = 0
+    for _ in range(400):
+        sample = rng.choice(population, 2000, replace=False)
+        inside += abs(sample.mean() - population.mean()) <= ci95_half_width(sample, len(population))
+    assert 0.92 <= inside / 400 <= 0.98
+
+
+def test_stage_timings_record_each_stage_peak_memory():
+    if peak_rss_mb() is None:
+        pytest.skip("no /proc/self/status (not Linux): peak memory is not recorded")
+    timings = StageTimings()
+    timings["small"] = 0.1
+    block = np.ones(60 * 2**20 // 8)  # 60 MB, touched, freed before the stage ends
+    del block
+    timings["big"] = 0.2
+    timings["after"] = 0.3
+    timings["total"] = 0.6
+    peaks = timings.peak_mb
+    assert peaks["big"] >= peaks["small"] + 50
+    assert peaks["total"] == max(peaks["small"], peaks["big"], peaks["after"])
+    if timings.peak_is_per_stage:
+        assert peaks["after"] < peaks["big"] - 50  # the mark was reset after "big"
+    assert timings.metrics()["mem/big_peak_mb"] == peaks["big"] and timings.metrics()["time/big_s"] == 0.2
+
+
+@pytest.mark.slow
+def test_cli_logs_stage_profiles_and_samples_as_configured(tmp_path, repo_root):
+    """The real job with a capped ranker sample and a sampled evaluation: what it logs says so."""
+    import mlflow
+    from test_cli import run_cli
+
+    from recsys.tracking import tracking_uri
+
+    proc = run_cli(
+        tmp_path,
+        "+experiment=smoke",
+        "trainer.max_epochs=1",
+        "eval.zeroshot=false",
+        "eval.report=false",
+        "model.register_name=null",
+        "rank.max_train_users=60",
+        "eval.max_users=80",
+        repo_root=repo_root,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "evaluated on a sample of 80 of 300 test users" in proc.stdout + proc.stderr
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri(tmp_path / "mlruns"))
+    run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
+    m = run.data.metrics
+    assert m["rank/train_users"] == 60 and m["eval/users"] == 80 and m["eval/users_total"] == 300
+    assert 0 < m["test/fused/ndcg_at_10_ci95"] < 0.5 and "test/als/ndcg_at_10_ci95" in m
+    assert pl.read_parquet(tmp_path / "out" / "recommendations.parquet")[Columns.User].n_unique() == 80
+    stages = ["load", "cf_fit_val", "text_finetune", "text_encode", "ranker_fit", "cf_fit_test", "test_rank"]
+    stages += ["evaluate", "evaluation_report", "export", "model_save"]
+    for stage in stages:
+        assert m[f"time/{stage}_s"] >= 0 and m[f"mem/{stage}_peak_mb"] > 50, stage
+    assert m["mem/total_peak_mb"] == max(m[f"mem/{s}_peak_mb"] for s in stages)
+    assert sum(m[f"time/{s}_s"] for s in stages) <= m["time/total_s"]
+    assert (
+        m["time/fusion_candidates_features_s"] + m["time/fusion_ranker_train_s"]
+        <= m["time/ranker_fit_s"] + m["time/test_rank_s"]
+    )
+
+
+def test_memory_estimate_grows_with_the_rows_and_refuses_what_does_not_fit():
+    from recsys.errors import InputError
+    from recsys.profiling import check_memory, estimate_peak_gb
+
+    small = estimate_peak_gb(42_000, 1_500, 3_000, 3_000, 170)
+    assert estimate_peak_gb(420_000, 15_000, 30_000, 30_000, 170) > small + 4  # the candidate rows dominate
+    assert estimate_peak_gb(42_000, 1_500, 3_000, 30_000, 170) == estimate_peak_gb(42_000, 1_500, 30_000, 3_000, 170)
+    assert check_memory(42_000, 1_500, 3_000, 3_000, 170, limit_gb=64) == small
+    with pytest.raises(
+        InputError, match=r"needs about 7\.\d GB of memory and the limit is 4\.0 GB.*rank.max_train_users"
+    ):
+        check_memory(420_000, 15_000, 30_000, 30_000, 170, limit_gb=4)
+    with pytest.raises(ConfigError, match="memory_limit_gb"):
+        check_memory(1, 1, 1, 1, 1, limit_gb=0)
+
+
+@pytest.mark.slow
+def test_cli_refuses_a_job_that_will_not_fit_before_training(tmp_path, repo_root):
+    from test_cli import run_cli
+
+    proc = run_cli(tmp_path, "+experiment=smoke", "memory_limit_gb=0.5", repo_root=repo_root)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "needs about" in proc.stderr and "the limit is 0.5 GB" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "mlruns").exists() or not list((tmp_path / "mlruns").rglob("*.ckpt"))

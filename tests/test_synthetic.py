@@ -1,0 +1,83 @@
+"""The generated data set's sampler draws what its documented weights say, without repeats."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from recsys.columns import Columns
+from recsys.data.synthetic import ItemSampler, generate
+
+# Two topics; topic 0 holds five items, two of them late (released at 0.95 and 0.97).
+TOPIC = np.array([0, 0, 0, 0, 0, 1, 1])
+GROUP = np.array([0, 1, 0, 1, 0, 0, 1])
+FACET = np.array([0, 0, 1, 2, 0, 1, 2])
+POP = np.array([1.0, 2.0, 0.5, 3.0, 1.5, 1.0, 1.0])
+RELEASE = np.array([0.0, 0.0, 0.0, 0.95, 0.97, 0.0, 0.0])
+
+
+def sampler() -> ItemSampler:
+    return ItemSampler(TOPIC, GROUP, FACET, POP, RELEASE, 2, 2, group_affinity=4.0, facet_affinity=6.0)
+
+
+def documented_weights(topic: int, group: int, facet: int, t: float) -> np.ndarray:
+    """The weights as the docstring states them, written out independently of the cumulative sums."""
+    w = POP * np.where(group == GROUP, 4.0, 1.0) * np.where(facet == FACET, 6.0, 1.0)
+    fresh = (RELEASE > 0) & (t - RELEASE < 0.03)
+    w = w * (t >= RELEASE) * np.where(fresh, 6.0, 1.0) * (topic == TOPIC)
+    return w / w.sum()
+
+
+def test_draws_follow_the_documented_weights_at_every_time():
+    rng = np.random.default_rng(0)
+    n = 200_000
+    # Before any release, while item 3 is fresh and item 4 not out, both fresh, item 3 stale.
+    for t, group, facet in ((0.5, 0, 0), (0.96, 1, 2), (0.975, 0, 0), (0.99, 1, 0)):
+        drawn = sampler().draw(rng, np.zeros(n, dtype=np.int64), np.full(n, group * 3 + facet), np.full(n, t))
+        freq = np.bincount(drawn, minlength=len(TOPIC)) / n
+        expected = documented_weights(0, group, facet, t)
+        assert np.abs(freq - expected).sum() / 2 < 0.01, (t, freq.round(3), expected.round(3))
+
+
+def test_topic_with_nothing_released_gives_no_item():
+    topic = np.array([0, 1])
+    release = np.array([0.0, 0.9])
+    s = ItemSampler(topic, np.zeros(2, int), np.zeros(2, int), np.ones(2), release, 2, 1, 4.0, 6.0)
+    drawn = s.draw(np.random.default_rng(0), np.array([1, 1, 0]), np.zeros(3, int), np.array([0.5, 0.95, 0.5]))
+    assert drawn.tolist() == [-1, 1, 0]
+
+
+def test_second_event_is_drawn_from_the_weights_without_the_first_item():
+    """Rejection of repeats must give exactly w_b / (W - w_a) for the second item, given the first a."""
+    rng = np.random.default_rng(1)
+    users = 60_000
+    n_events = np.full(users, 2)
+    start = np.arange(users) * 2
+    cls = np.full(2 * users, 0)  # group 0, facet 0
+    item = sampler().draw_without_repeats(rng, np.zeros(2 * users, int), cls, np.full(2 * users, 0.5), n_events, start)
+    first, second = item[0::2], item[1::2]
+    assert (first != second).all()
+    w = documented_weights(0, 0, 0, 0.5)
+    joint = np.zeros((len(w), len(w)))
+    np.add.at(joint, (first, second), 1.0 / users)
+    expected = w[:, None] * w[None, :] / np.where(w < 1, 1 - w, 1)[:, None]
+    np.fill_diagonal(expected, 0.0)
+    assert np.abs(joint - expected).sum() / 2 < 0.02
+
+
+def test_users_who_exhaust_a_topic_get_no_repeats_and_lose_those_events():
+    # Ten items over ten topics and users with ~25 events: most draws must fall back to the exact
+    # sampler or find nothing left to pick.
+    inter, items = generate(n_users=30, n_items=10, mean_events=25.0, seed=2)
+    assert inter.height > 0
+    assert inter.height == inter.select(Columns.User, Columns.Item).unique().height
+    listed = inter.join(items.select(Columns.Item, Columns.AvailableFrom), on=Columns.Item)
+    assert listed.filter(pl.col(Columns.AvailableFrom) > pl.col(Columns.Timestamp)).height == 0
+
+
+def test_generated_events_are_in_time_order_per_user_with_two_final_week_visits():
+    inter, _ = generate(n_users=200, n_items=1500, seed=3)  # enough items per topic that no visit is lost
+    assert inter.equals(inter.sort(Columns.User, Columns.Timestamp, maintain_order=True))
+    span = 180 * 24 * 3600
+    last_two = inter.group_by(Columns.User).agg(pl.col(Columns.Timestamp).sort().tail(2).min())
+    assert (last_two[Columns.Timestamp] >= 1_700_000_000 + int(0.95 * span)).mean() > 0.98
