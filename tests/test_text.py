@@ -312,7 +312,7 @@ def test_fine_tune_keeps_the_zero_shot_weights_when_no_epoch_beats_them(block_wo
 
         def on_validation_epoch_end(self) -> None:
             if self.trainer.state.fn == "fit":
-                self._val_ndcg, self._val_hit = [], []
+                self._val_ndcg, self._val_hit, self._val_tail = [], [], []
                 self.log("val/ndcg_at_10", 0.0)
             else:
                 super().on_validation_epoch_end()

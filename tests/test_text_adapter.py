@@ -117,7 +117,7 @@ def test_fine_tuning_learns_a_preference_the_zero_shot_tower_misses(tokenizer_pa
     assert out["tuned"] - out["zero"] >= 0.1, out
     assert out["metrics"]["text/kept_zeroshot"] == 0.0
     assert out["bert_unchanged"]  # only the adapter and the user tower learned
-    steps = [s for s, _ in out["curve"]]
+    steps = [s for s, _, _ in out["curve"]]
     assert steps[0] == 0 and steps == sorted(steps) and out["metrics"]["text/steps"] == steps[-1] > 0
 
 

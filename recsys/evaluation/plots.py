@@ -72,11 +72,13 @@ def metric_curves(curves: Mapping[str, Mapping[str, np.ndarray]], ks: Sequence[i
     return _png(fig)
 
 
-def validation_curve(steps: Sequence[int], values: Sequence[float]) -> bytes:
-    """The text tower's validation NDCG@10 against its training step (step 0: zero-shot)."""
+def validation_curve(steps: Sequence[int], values: Sequence[float], tail: Sequence[float]) -> bytes:
+    """The text tower's validation NDCG@10 against its training step (step 0: zero-shot), for all
+    targets and for the long tail (targets among the least popular half of the events)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(10, 3.6))
-    ax.plot(steps, values, marker="o", color=colour("text"), lw=1.8, label="fine-tuned")
+    ax.plot(steps, values, marker="o", color=colour("text"), lw=1.8, label="fine-tuned, all targets")
+    ax.plot(steps, tail, marker="s", color=colour("text"), lw=1.2, ls=":", label="fine-tuned, long tail")
     ax.axhline(values[0], color=colour("text_zeroshot"), lw=1.2, ls="--", label="zero-shot (step 0)")
     ax.set_xlabel("training step")
     ax.set_ylabel("validation NDCG@10")

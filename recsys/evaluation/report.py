@@ -495,9 +495,13 @@ class Reporter:
         numbers["finetuning"] = {"training": {k: v for k, v in ft.items() if k != "curve"}, "segments": out}
         curve = ft.get("curve") or []
         if len(curve) > 1:
-            steps, values = zip(*curve)
+            steps, values, tail = (list(x) for x in zip(*curve))
             s.blocks.append(
-                Figure("finetuning_curve", plots.validation_curve(steps, values), "Validation NDCG@10 by training step")
+                Figure(
+                    "finetuning_curve",
+                    plots.validation_curve(steps, values, tail),
+                    "Validation NDCG@10 by training step, all targets and the long tail",
+                )
             )
         return s
 

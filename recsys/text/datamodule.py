@@ -138,6 +138,13 @@ class TextDataModule(L.LightningDataModule):
         counts = np.bincount(self.examples.items[self.examples.positions], minlength=len(item_ids))
         share = (counts + 1.0) / (counts.sum() + len(counts))
         self.log_q = torch.from_numpy(np.log(share + self.uniform_negatives / (batch_size * len(counts)))).float()
+        self.log_popularity = torch.from_numpy(np.log(share)).float()
+        # The long tail for validation's check: items in the least popular half of the training
+        # targets' events (cold items included).
+        order = np.argsort(counts, kind="stable")
+        cum = np.cumsum(counts[order])
+        self.tail = torch.zeros(len(counts), dtype=torch.bool)
+        self.tail[torch.from_numpy(order[cum <= cum[-1] / 2])] = True
 
     def _gather_items(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Unique items, their dynamically padded tokens, and each input's position among them."""
@@ -176,6 +183,7 @@ class TextDataModule(L.LightningDataModule):
             candidates, ids, mask, inverse = self._gather_items(targets)
             batch["target_pos"] = inverse
         batch["candidate_logq"] = self.log_q[candidates]
+        batch["candidate_log_popularity"] = self.log_popularity[candidates]
         if self.item_tokens:
             batch["item_input_ids"], batch["item_attention_mask"] = ids, mask
         return batch

@@ -144,7 +144,7 @@ def fine_tune(
     module_factory: Callable[..., TextTowerModule],
     trainer: L.Trainer,
     resume_dir: Path | None = None,
-) -> tuple[TwoTower, dict[str, float], list[tuple[int, float]]]:
+) -> tuple[TwoTower, dict[str, float], list[tuple[int, float, float]]]:
     """Train ``net`` in place; restore the checkpoint with the best validation NDCG@10.
 
     With ``resume_dir`` (the folder the trainer's checkpoint callbacks write to), a ``last.ckpt``
@@ -152,7 +152,8 @@ def fine_tune(
 
     Returns the network, the validation metrics of the untouched (zero-shot) and the best
     fine-tuned weights with the steps and minutes spent, so a run shows what fine-tuning earned
-    and at what cost, and the validation curve (global step, NDCG@10), step 0 first. When no
+    and at what cost, and the validation curve (global step, NDCG@10, its long-tail part), step 0
+    first. When no
     epoch beats the zero-shot weights on validation, those are kept (``text/kept_zeroshot`` = 1).
     """
     module = module_factory(net=net)
@@ -219,7 +220,7 @@ def fine_tune(
         "text/steps": float(steps),
         "text/minutes": (time.perf_counter() - t0) / 60.0,
     }
-    return net, metrics, [(0, zero_score), *curve]
+    return net, metrics, [(0, zero_score, float(zero.get("val/ndcg_at_10_tail", float("nan")))), *curve]
 
 
 def _monitor_checkpoint(trainer: L.Trainer):
