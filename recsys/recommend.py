@@ -48,41 +48,6 @@ def resolve_model(model_uri: str, tracking: str | None) -> tuple[Path, dict]:
     return root / flavor["data"], {"model_uri": model_uri, "run_id": info.run_id, "model_id": info.model_id}
 
 
-def read_user_list(path: str) -> list[str]:
-    import polars as pl
-
-    from recsys.columns import Columns
-
-    p = Path(path)
-    if not p.is_file():
-        raise InputError("users file not found", file=path)
-    if p.suffix in (".parquet", ".csv", ".tsv"):
-        df = (
-            pl.read_parquet(p)
-            if p.suffix == ".parquet"
-            else pl.read_csv(p, separator="\t" if p.suffix == ".tsv" else ",", infer_schema=False)
-        )
-        if Columns.User not in df.columns:
-            raise InputError(f"no '{Columns.User}' column (columns: {df.columns})", file=path, column=Columns.User)
-        users = df[Columns.User].cast(pl.String).drop_nulls().to_list()
-    else:
-        users = [line.strip() for line in p.read_text().splitlines() if line.strip()]
-    if not users:
-        # An empty list is almost always a broken upstream job; an empty export would hide it.
-        raise InputError(
-            "the user list is empty (no user ids): nothing to recommend for", file=path, column=Columns.User
-        )
-    return users
-
-
-def read_histories(path: str):
-    from recsys.data.validation import read_table
-
-    if not Path(path).is_file():
-        raise InputError("histories file not found", file=path)
-    return read_table(path)
-
-
 def positive_int(cfg: DictConfig, key: str) -> int:
     """``cfg[key]`` as an int >= 1, or a ``ConfigError`` naming the setting."""
     value = cfg[key]
@@ -100,6 +65,7 @@ def run(cfg: DictConfig):
     from hydra.utils import instantiate
 
     from recsys.columns import Columns
+    from recsys.data.tables import read_histories, read_user_list
     from recsys.export.batch import check_output, check_parallel, export_recommendations
     from recsys.export.engine import Engine, ExplainOptions
     from recsys.export.pipeline_model import normalise_history
@@ -118,7 +84,8 @@ def run(cfg: DictConfig):
 
     histories = None
     if cfg.histories:
-        histories = normalise_history(read_histories(str(cfg.histories)), pipeline.event_weights)
+        raw = read_histories(str(cfg.histories), pipeline.event_weights)
+        histories = normalise_history(raw, pipeline.event_weights)
     if cfg.users:
         users = read_user_list(str(cfg.users))
     else:

@@ -311,7 +311,7 @@ def test_k_larger_than_the_catalogue_gives_shorter_lists(tiny_dataset):
 
 @pytest.mark.parametrize("content", ["", "user_id\n"])
 def test_an_empty_user_list_for_export_is_an_error(tmp_path, content):
-    from recsys.recommend import read_user_list
+    from recsys.data.tables import read_user_list
 
     path = write(tmp_path / ("users.csv" if content else "users.txt"), content)
     with pytest.raises(InputError, match="no user") as info:

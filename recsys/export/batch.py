@@ -246,6 +246,9 @@ def check_output(out_path: str | Path, layout: str) -> Path:
     if layout not in LAYOUTS:
         raise ConfigError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
     out_path = Path(out_path)
+    blocked = next((d for d in out_path.parents if d.exists() and not d.is_dir()), None)
+    if blocked is not None:
+        raise ConfigError(f"output {out_path}: {blocked} is a file, not a folder; choose another output path")
     if layout == "file" and out_path.is_dir():
         raise ConfigError(f"output {out_path} is a folder: choose a file name, or layout=parts to replace the folder")
     return out_path
