@@ -261,6 +261,9 @@ def save_evaluation(
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from recsys.tracking import save_hydra_files
+
+    save_hydra_files(cfg)
     exit_on_user_error(lambda: run(cfg))
 
 
