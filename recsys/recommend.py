@@ -69,43 +69,46 @@ def run(cfg: DictConfig):
     from recsys.export.batch import check_output, check_parallel, export_recommendations
     from recsys.export.engine import Engine, ExplainOptions
     from recsys.export.pipeline_model import normalise_history
+    from recsys.export.writer import output_lock
     from recsys.tracking import tracking_uri
 
     # Settings checked before the model is loaded.
     check_output(cfg.output, str(cfg.layout))
     check_parallel(str(cfg.parallel))
     k, chunk_size, workers, threads = (positive_int(cfg, key) for key in ("k", "chunk_size", "workers", "threads"))
-    tracking = cfg.tracking_uri or tracking_uri(cfg.paths.mlruns_dir)
-    folder, source = resolve_model(str(cfg.model_uri), tracking)
-    explain = ExplainOptions(**OmegaConf.to_container(cfg.explain, resolve=True))
-    # Engine.load, not Engine(TrainedPipeline.load(...)): worker processes rebuild it from the folder.
-    engine = Engine.load(folder, instantiate(cfg.rules), k, str(cfg.scorer), explain, threads=threads)
-    pipeline = engine.p
+    # Held from before the model loads: a second export to this output is refused at once.
+    with output_lock(cfg.output):
+        tracking = cfg.tracking_uri or tracking_uri(cfg.paths.mlruns_dir)
+        folder, source = resolve_model(str(cfg.model_uri), tracking)
+        explain = ExplainOptions(**OmegaConf.to_container(cfg.explain, resolve=True))
+        # Engine.load, not Engine(TrainedPipeline.load(...)): worker processes rebuild it from the folder.
+        engine = Engine.load(folder, instantiate(cfg.rules), k, str(cfg.scorer), explain, threads=threads)
+        pipeline = engine.p
 
-    histories = None
-    if cfg.histories:
-        raw = read_histories(str(cfg.histories), pipeline.event_weights)
-        histories = normalise_history(raw, pipeline.event_weights)
-    if cfg.users:
-        users = read_user_list(str(cfg.users))
-    else:
-        users = list(pipeline.users.ids)
-        if histories is not None:
-            users += histories[Columns.User].unique().to_list()
-    info = {**source, **{k: pipeline.meta.get(k) for k in ("run_id", "dataset", "dataset_hash", "config_hash")}}
-    info["run_id"] = source.get("run_id") or info.get("run_id")
-    result = export_recommendations(
-        engine,
-        users,
-        cfg.output,
-        histories=histories,
-        chunk_size=chunk_size,
-        info=info,
-        progress=bool(cfg.progress),
-        workers=workers,
-        layout=str(cfg.layout),
-        parallel=str(cfg.parallel),
-    )
+        histories = None
+        if cfg.histories:
+            raw = read_histories(str(cfg.histories), pipeline.event_weights)
+            histories = normalise_history(raw, pipeline.event_weights)
+        if cfg.users:
+            users = read_user_list(str(cfg.users))
+        else:
+            users = list(pipeline.users.ids)
+            if histories is not None:
+                users += histories[Columns.User].unique().to_list()
+        info = {**source, **{k: pipeline.meta.get(k) for k in ("run_id", "dataset", "dataset_hash", "config_hash")}}
+        info["run_id"] = source.get("run_id") or info.get("run_id")
+        result = export_recommendations(
+            engine,
+            users,
+            cfg.output,
+            histories=histories,
+            chunk_size=chunk_size,
+            info=info,
+            progress=bool(cfg.progress),
+            workers=workers,
+            layout=str(cfg.layout),
+            parallel=str(cfg.parallel),
+        )
     m = result.manifest
     print(
         f"{m['rows']} recommendations for {m['users']} users -> {result.path} "

@@ -27,6 +27,7 @@ to an uninterrupted run because each part depends only on its users and the mode
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -47,7 +48,7 @@ import polars as pl
 from recsys.columns import Columns
 from recsys.errors import ConfigError
 from recsys.export.engine import FUSED, OUTPUT_SCHEMA, Engine, thread_limits
-from recsys.export.writer import write_atomic, write_text_atomic
+from recsys.export.writer import output_lock, write_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,19 @@ def frame_hash(df: pl.DataFrame | None) -> str | None:
     return h.hexdigest()[:16]
 
 
+def _holding_output_lock(export: Callable[..., ExportResult]) -> Callable[..., ExportResult]:
+    """Run ``export`` holding the output's lock (``output_lock``): two exports to one output at a
+    time would share one parts folder and delete it under each other."""
+
+    @functools.wraps(export)
+    def locked(engine: Engine, user_ids: Sequence[str], out_path: str | Path, *args: Any, **kwargs: Any):
+        with output_lock(out_path):
+            return export(engine, user_ids, out_path, *args, **kwargs)
+
+    return locked
+
+
+@_holding_output_lock
 def export_recommendations(
     engine: Engine,
     user_ids: Sequence[str],
