@@ -43,6 +43,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from recsys.columns import Columns
@@ -215,11 +216,20 @@ def export_recommendations(
     elapsed = time.perf_counter() - t0
     log.debug("computed in %.1f s, published in %.1f s", elapsed_compute, elapsed - elapsed_compute)
 
-    rows, removed = 0, Counter()
+    rows, removed, counts = 0, Counter(), Counter({name: 0 for name in SERVING_COUNTS})
     for i in range(len(parts)):
         stats = json.loads(_part_file(work, i, ".json").read_text())
         rows += stats["rows"]
         removed.update(stats["removed"])
+        counts.update({name: stats.get(name, 0) for name in SERVING_COUNTS})
+    if counts["unknown_users_without_history"] or counts["history_rows_with_unknown_items"]:
+        log.warning(
+            "%s: %d unknown user(s) without history (served non-personal lists); %d history row(s) with an unknown "
+            "item ignored",
+            out_path,
+            counts["unknown_users_without_history"],
+            counts["history_rows_with_unknown_items"],
+        )
     manifest = {
         **info,
         "output": str(out_path.resolve()),
@@ -230,6 +240,7 @@ def export_recommendations(
         "explain": vars(engine.explain),
         "rows": rows,
         "users": len(users),
+        **dict(counts),
         "chunk_size": chunk_size,
         "layout": layout,
         "parts": len(parts),
@@ -311,11 +322,38 @@ class _Job:
         engine.add_time("history", time.perf_counter() - t1)
         df = engine.recommend(ph)
         t1 = time.perf_counter()
-        stats = {"rows": df.height, "users": len(block), "removed": dict(engine.rules.removed)}
+        stats = {
+            "rows": df.height,
+            "users": len(block),
+            "removed": dict(engine.rules.removed),
+            **_serving_counts(engine, block, given, ph, df),
+        }
         _part_file(self.work, i, ".json").write_text(json.dumps(stats, sort_keys=True))
         # Written atomically: a part that exists is whole.
         write_atomic(_part_file(self.work, i), lambda tmp: _write_part(df, tmp, self.final_parts))
         engine.add_time("write_part", time.perf_counter() - t1)
+
+
+# Counted per part and summed in the manifest (``export_recommendations``).
+SERVING_COUNTS = ("unknown_users_without_history", "history_rows_with_unknown_items", "lists_shorter_than_k")
+
+
+def _serving_counts(engine: Engine, block: list[str], given: pl.DataFrame | None, ph: Any, df: pl.DataFrame) -> dict:
+    """What the manifest reports about one part: users the model does not know and who brought no
+    usable history (nothing personal to rank on: their lists come from the non-personal sources
+    such as popularity), given history rows naming an item outside the catalogue (ignored), and
+    users whose list holds fewer than ``k`` items (rules, or a small catalogue)."""
+    with_history = np.bincount(ph.history.interactions[Columns.UserIdx].to_numpy(), minlength=len(block)) > 0
+    unknown = engine.p.users.index(block) < 0
+    ignored = 0
+    if given is not None and given.height:
+        ignored = given.filter(~pl.col(Columns.Item).is_in(engine.p.items[Columns.Item].implode())).height
+    full = df.group_by(Columns.User).len().filter(pl.col("len") >= engine.k).height
+    return {
+        "unknown_users_without_history": int((unknown & ~with_history).sum()),
+        "history_rows_with_unknown_items": int(ignored),
+        "lists_shorter_than_k": len(block) - full,
+    }
 
 
 class _LocalCounter:
