@@ -264,3 +264,42 @@ def test_cli_export_output_under_an_existing_file_is_refused(tmp_path):
     proc = run_recommend(tmp_path, f"model_uri={tmp_path / 'no-such-pipeline'}", f"output={out}")
     assert_clean_failure(proc, f"{tmp_path / 'taken'} is a file, not a folder")
     assert "no-such-pipeline" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.slow
+def test_cli_trains_with_items_without_text_kept_and_logs_the_count(tmp_path):
+    """data.missing_text=keep through the whole job: the run finishes, the count is logged to
+    MLflow and in the log."""
+    import mlflow
+    from reliability_support import run_cli
+
+    from recsys.data.synthetic import generate
+    from recsys.tracking import tracking_uri
+
+    inter, items = generate(n_users=200, n_items=120, n_groups=4, mean_events=8.0, seed=7)
+    blank = pl.int_range(pl.len()) % 12 == 0  # 10 of 120 items lose all their text
+    items = items.with_columns(pl.when(blank).then(pl.lit("")).otherwise(pl.col(c)).alias(c) for c in TEXT_FIELDS)
+    inter.write_parquet(tmp_path / "e.parquet")
+    items.write_parquet(tmp_path / "i.parquet")
+    proc = run_cli(
+        tmp_path,
+        "out",
+        "+experiment=smoke",
+        "data=files",
+        f"data.interactions={tmp_path / 'e.parquet'}",
+        f"data.items={tmp_path / 'i.parquet'}",
+        f"data.text_fields=[{','.join(TEXT_FIELDS)}]",
+        "data.missing_text=keep",
+        "trainer.max_epochs=1",
+        "eval.zeroshot=false",
+        "eval.report=false",
+        "model.register_name=null",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "kept 10 item(s) with no text" in proc.stdout + proc.stderr
+    run_id = (proc.stdout + proc.stderr).split("MLflow run ")[1].split(";")[0]
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri(tmp_path / "mlruns"))
+    assert client.get_run(run_id).data.metrics["data/items_without_text_kept"] == 10
+
+
+TEXT_FIELDS = ("title", "category", "description")
