@@ -202,10 +202,16 @@ def test_a_ragged_users_csv_is_named(tmp_path):
     assert "line 3" in str(err)
 
 
-@pytest.mark.parametrize("content", ["user_id\nu1\n\n", "user_id,x\nu1,1\n,2\n"])
-def test_an_empty_user_id_in_a_users_csv_is_named(tmp_path, content):
-    path = write(tmp_path / "users.csv", content)
-    fails(lambda: read_user_list(path), "empty value", path, column="user_id")
+def test_an_empty_user_id_in_a_users_csv_is_named(tmp_path):
+    path = write(tmp_path / "users.csv", "user_id,x\nu1,1\n,2\n")
+    fails(lambda: read_user_list(path), "empty value", path, row=2, column="user_id")
+
+
+def test_blank_lines_in_a_csv_are_skipped_and_rows_keep_their_numbers(tmp_path):
+    path = write(tmp_path / "users.csv", "user_id,x\nu1,1\n\n,\nu2,2\n\n")
+    df = read_table(path)
+    assert df.rows() == [(1, "u1", "1"), (4, "u2", "2")]
+    assert read_user_list(path) == ["u1", "u2"]
 
 
 def test_a_users_path_that_is_a_folder(tmp_path):

@@ -10,7 +10,6 @@ them and report what does not cast); parquet columns keep their types.
 from __future__ import annotations
 
 import csv
-import io
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -54,12 +53,18 @@ def read_table(path: str) -> pl.DataFrame:
             locate_csv_problem(p, separator_of(p))
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"cannot be read: {first}", file=path) from e
+    if suffix != ".parquet":
+        # polars fills a row with too few fields with nulls (an empty last field looks the same)
+        # and takes an extra field on the last line without a newline: counted here, streaming.
+        require_field_counts(p, separator_of(p), df.width)
+    df = df.with_row_index(v.ROW, offset=1)
+    if suffix != ".parquet":
+        # A blank line (polars reads it as a row of nulls) or one of separators only carries
+        # nothing: skipped, as the row numbers of the others stay those of the file.
+        df = df.filter(~pl.all_horizontal(pl.exclude(v.ROW).is_null()))
     if df.height == 0:
         raise InputError("the table is empty (no data rows)", file=path)
-    if suffix != ".parquet" and df.width > 1 and df[df.columns[-1]].null_count():
-        # polars fills a row with too few fields with nulls; an empty last field looks the same.
-        require_field_counts(p, separator_of(p), df.width)
-    return df.with_row_index(v.ROW, offset=1)
+    return df
 
 
 def require_utf8(path: Path, separator: str) -> None:
@@ -92,16 +97,19 @@ def _line_of(text: str, line: int) -> str:
 
 def require_field_counts(path: Path, separator: str, n_fields: int) -> None:
     """Every record has ``n_fields`` fields (the header's count), quoting as polars reads it."""
-    text = _text(path)
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=separator, quotechar='"', strict=True)
-    start = 1
-    try:
-        for record in reader:
-            if record and len(record) != n_fields:
-                _ragged(path, text, start, len(record), n_fields, separator)
-            start = reader.line_num + 1
-    except csv.Error:
-        locate_csv_problem(path, separator)  # polars read it: a quoting corner polars accepts
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter=separator, quotechar='"', strict=True)
+        start = 1
+        try:
+            for record in reader:
+                if record and len(record) != n_fields:
+                    _ragged(path, _text(path), start, len(record), n_fields, separator)
+                start = reader.line_num + 1
+        except csv.Error:
+            locate_csv_problem(path, separator)  # polars read it: a quoting corner polars accepts
+        except UnicodeDecodeError:
+            require_utf8(path, separator)  # polars let it pass in a header or a last line
+            raise
 
 
 def _ragged(path: Path, text: str, line: int, found: int, wanted: int, separator: str) -> None:
