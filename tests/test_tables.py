@@ -230,6 +230,15 @@ def test_histories_with_iso_timestamps_are_read(tmp_path):
     assert normalise_history(df, WEIGHTS)[Columns.Timestamp].to_list() == [1_704_067_200, 1_704_067_201]
 
 
+def test_normalise_history_refuses_an_empty_user_id_in_memory():
+    """The in-memory path (``mlflow.pyfunc`` predict, the export's chunks) checks ids too."""
+    from recsys.export.pipeline_model import normalise_history
+
+    given = pl.DataFrame({"user_id": ["new", None], "item_id": ["A", "B"]})
+    with pytest.raises(InputError, match="history table.*empty value"):
+        normalise_history(given, WEIGHTS)
+
+
 def test_normalise_history_reads_iso_timestamps_in_memory():
     from recsys.export.pipeline_model import normalise_history
 
@@ -309,3 +318,29 @@ def test_cli_trains_with_items_without_text_kept_and_logs_the_count(tmp_path):
 
 
 TEXT_FIELDS = ("title", "category", "description")
+
+
+@pytest.mark.slow
+def test_cli_export_with_iso_histories_and_with_an_empty_user_id(tmp_path):
+    """Regression: ISO timestamps in ``histories=`` were a traceback (a strict cast), and an empty
+    user id got recommendations as a user named "None"."""
+    import json
+
+    from export_support import trained_run
+    from reliability_support import run_recommend
+    from test_bad_input import assert_clean_failure
+
+    from recsys.export.pipeline_model import TrainedPipeline
+
+    model = trained_run().pipeline_dir
+    a, b = TrainedPipeline.load(model).items[Columns.Item].to_list()[:2]
+    good = write(tmp_path / "h.csv", f"user_id,item_id,timestamp\nnew,{a},2024-01-01\nnew,{b},2024-01-01T10:00:00Z\n")
+    proc = run_recommend(tmp_path, f"model_uri={model}", f"histories={good}", f"output={tmp_path / 'r.parquet'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "new" in pl.read_parquet(tmp_path / "r.parquet")[Columns.User].to_list()
+    assert json.loads((tmp_path / "r.manifest.json").read_text())["unknown_users_without_history"] == 0
+
+    bad = write(tmp_path / "bad.csv", f"user_id,item_id\nnew,{a}\n,{b}\n")
+    proc = run_recommend(tmp_path, f"model_uri={model}", f"histories={bad}", f"output={tmp_path / 'x.parquet'}")
+    assert_clean_failure(proc, bad, "column 'user_id', row 2", "empty value")
+    assert not (tmp_path / "x.parquet").exists()

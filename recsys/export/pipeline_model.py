@@ -41,7 +41,7 @@ import scipy.sparse as sp
 from recsys.cf.models import ALS, BPR, ItemKNN, Popularity, user_rows
 from recsys.columns import Columns
 from recsys.data.dataset import IdMap
-from recsys.data.validation import ROW, parse_timestamp
+from recsys.data.validation import ROW, parse_timestamp, require_non_null
 from recsys.errors import ConfigError, InputError
 from recsys.rank.ranker import LambdaMARTRanker
 from recsys.recommender import History, Recommender, recent_items
@@ -843,6 +843,8 @@ def normalise_history(df: pl.DataFrame, event_weights: Mapping[str, float]) -> p
         if col not in df.columns:
             raise InputError(f"history table has no '{col}' column (columns: {df.columns})", column=col)
     out = df.with_columns(pl.col(Columns.User).cast(pl.String), pl.col(Columns.Item).cast(pl.String))
+    for col in (Columns.User, Columns.Item):
+        require_non_null(out, col, "history table")  # a null user id would be served as "None"
     if Columns.Timestamp not in out.columns:
         out = out.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias(Columns.Timestamp))
     else:
