@@ -140,9 +140,30 @@ def parse_timestamp(df: pl.DataFrame, column: str, file: str) -> pl.DataFrame:
         return df.with_columns(pl.col(column).cast(pl.Int64))
     if isinstance(dtype, pl.Datetime | pl.Date):
         return df.with_columns(pl.col(column).cast(pl.Datetime("us")).dt.epoch("s").alias(column))
-    if dtype != pl.String and not dtype.is_float():
+    if dtype.is_float():
+        # pandas turns an integer column with a gap into floats: whole values are exact seconds.
+        whole = pl.col(column).is_finite() & (pl.col(column) == pl.col(column).round()) & (pl.col(column).abs() < 2**53)
+        bad = ~whole & pl.col(column).is_not_null()
+        if df.select(bad.any()).item():
+            row, ex = example(df, bad)
+            n = df.select(bad.sum()).item()
+            raise InputError(
+                f"{n} value(s) are neither integer Unix seconds nor ISO 8601 ({ISO_EXAMPLES}): not a whole number",
+                file=file,
+                column=column,
+                row=row,
+                example=ex,
+            )
+        return df.with_columns(pl.col(column).cast(pl.Int64))
+    if dtype != pl.String:
         row, ex = example(df, pl.col(column).is_not_null())
-        raise InputError(f"holds {dtype} values; use integer Unix seconds or ISO 8601 ({ISO_EXAMPLES})", file=file, column=column, row=row, example=ex)
+        raise InputError(
+            f"holds {dtype} values; use integer Unix seconds or ISO 8601 ({ISO_EXAMPLES})",
+            file=file,
+            column=column,
+            row=row,
+            example=ex,
+        )
     text = pl.col(column).cast(pl.String).str.strip_chars()
     is_int = text.str.contains(r"^[+-]?\d{1,18}$")
     is_iso = text.str.contains(ISO_8601)
