@@ -174,3 +174,43 @@ def test_a_csv_read_holds_what_the_csv_module_reads(text):
         expected = [tuple(None if f == "" else f for f in r) for r in records[1:] if any(r)]
         got = [tuple(None if f == "" else f for f in r) for r in df.drop("_row").rows()]  # "" as quoted
         assert [r for r in got if any(r)] == expected
+
+
+COLUMN_VALUES = {
+    "str": st.lists(st.one_of(st.none(), FIELD), min_size=3, max_size=3),
+    "int": st.lists(st.one_of(st.none(), st.integers(-(2**40), 2**40)), min_size=3, max_size=3),
+    "float": st.lists(st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True)), min_size=3, max_size=3),
+    "bool": st.lists(st.one_of(st.none(), st.booleans()), min_size=3, max_size=3),
+    "list": st.lists(st.one_of(st.none(), st.lists(FIELD, max_size=2)), min_size=3, max_size=3),
+    "datetime": st.lists(
+        st.one_of(st.none(), st.datetimes(dt.datetime(1900, 1, 1), dt.datetime(2200, 1, 1))), min_size=3, max_size=3
+    ),
+}
+
+
+@st.composite
+def parquet_table(draw, columns: tuple[str, ...]) -> pl.DataFrame:
+    """Three rows; each named column (a few may be missing) of a random type with nulls."""
+    present = [c for c in columns if draw(st.integers(0, 9))]  # about one in ten missing
+    return pl.DataFrame({c: draw(COLUMN_VALUES[draw(st.sampled_from(sorted(COLUMN_VALUES)))]) for c in present})
+
+
+@SETTINGS
+@given(
+    events=parquet_table(("user_id", "item_id", "timestamp", "event")),
+    items=parquet_table(("item_id", "title", "description")),
+)
+def test_parquet_tables_of_any_column_types_train_or_fail_naming_the_file(events, items):
+    with tempfile.TemporaryDirectory() as tmp:
+        e, i = Path(tmp) / "events.parquet", Path(tmp) / "items.parquet"
+        events.write_parquet(e)
+        items.write_parquet(i)
+        src = FileDataSource(str(e), str(i), missing_text="keep", now=1_800_000_000)
+        try:
+            data = src.load()
+        except InputError as err:
+            assert err.file in (str(e), str(i)) and err.file in str(err), str(err)
+            return
+        assert data.interactions[Columns.Timestamp].dtype == pl.Int64
+        for frame, col in ((data.interactions, Columns.User), (data.items, Columns.Item)):
+            assert frame[col].dtype == pl.String and frame[col].null_count() == 0
