@@ -214,6 +214,12 @@ def test_blank_lines_in_a_csv_are_skipped_and_rows_keep_their_numbers(tmp_path):
     assert read_user_list(path) == ["u1", "u2"]
 
 
+def test_non_utf8_bytes_in_a_plain_user_list_name_the_line(tmp_path):
+    path = write(tmp_path / "users.txt", b"u1\nu\xff2\n")
+    err = fails(lambda: read_user_list(path), "not valid UTF-8", path, row=2)
+    assert err.column is None and "line 2" in str(err)
+
+
 def test_a_users_path_that_is_a_folder(tmp_path):
     fails(lambda: read_user_list(str(tmp_path)), "is a folder", str(tmp_path))
 

@@ -27,8 +27,9 @@ def separator_of(path: Path) -> str:
     return "\t" if path.suffix.lower() == ".tsv" else ","
 
 
-def read_table(path: str) -> pl.DataFrame:
-    """Read a CSV, TSV or parquet file into a frame with a ``_row`` column; never a traceback."""
+def read_table(path: str, allow_empty: bool = False) -> pl.DataFrame:
+    """Read a CSV, TSV or parquet file into a frame with a ``_row`` column; never a traceback.
+    A table without data rows is an error unless ``allow_empty``."""
     p = Path(path)
     if not p.exists():
         raise InputError("file not found (check the data path in the config)", file=path)
@@ -62,27 +63,28 @@ def read_table(path: str) -> pl.DataFrame:
         # A blank line (polars reads it as a row of nulls) or one of separators only carries
         # nothing: skipped, as the row numbers of the others stay those of the file.
         df = df.filter(~pl.all_horizontal(pl.exclude(v.ROW).is_null()))
-    if df.height == 0:
+    if df.height == 0 and not allow_empty:
         raise InputError("the table is empty (no data rows)", file=path)
     return df
 
 
-def require_utf8(path: Path, separator: str) -> None:
+def require_utf8(path: Path, separator: str, header: bool = True) -> None:
     """Name the line, column and bytes of the first sequence that is not UTF-8 (polars says only
-    "invalid utf-8")."""
+    "invalid utf-8"). ``header``: the first line names the columns (else: no column is named,
+    and every line is a data row)."""
     data = path.read_bytes()
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         start = data.rfind(b"\n", 0, e.start) + 1
-        header = data[: data.find(b"\n")].decode("utf-8", "replace").split(separator)
+        names = data[: data.find(b"\n")].decode("utf-8", "replace").split(separator)
         field = data[start : e.start].count(separator.encode())
         raise InputError(
             f"line {line}: bytes {data[e.start : e.end]!r} are not valid UTF-8; re-save the file as UTF-8",
             file=str(path),
-            column=header[field].strip() if line > 1 and field < len(header) else None,
-            row=line - 1,  # the header line is not a data row
+            column=names[field].strip() if header and line > 1 and field < len(names) else None,
+            row=line - 1 if header else line,  # the header line is not a data row
             example={"line": data[start : data.find(b"\n", e.start)].decode("utf-8", "replace")},
         ) from e
 
@@ -204,9 +206,9 @@ def require_scalar(df: pl.DataFrame, columns: list[str], file: str) -> None:
             )
 
 
-def read_ids(path: str, column: str) -> pl.DataFrame:
+def read_ids(path: str, column: str, allow_empty: bool = False) -> pl.DataFrame:
     """A table with an id ``column``: present, text or integers (read as text), never empty."""
-    df = read_table(path)
+    df = read_table(path, allow_empty)
     v.require_columns(df, [column], path)
     require_scalar(df, [column], path)
     v.require_id_dtype(df, column, path)
@@ -224,17 +226,10 @@ def read_user_list(path: str) -> list[str]:
     if not p.is_file():
         raise InputError("users file not found", file=path)
     if p.suffix.lower() in (".csv", ".tsv", ".parquet"):
-        if p.suffix.lower() != ".parquet" and not p.read_bytes().strip():
-            users: list[str] = []
-        else:
-            try:
-                users = read_ids(path, Columns.User)[Columns.User].to_list()
-            except InputError as e:
-                if "empty (no data rows)" not in str(e):
-                    raise
-                users = []
+        empty_text = p.suffix.lower() != ".parquet" and not p.read_bytes().strip()
+        users = [] if empty_text else read_ids(path, Columns.User, allow_empty=True)[Columns.User].to_list()
     else:
-        require_utf8(p, "\n")
+        require_utf8(p, "\n", header=False)
         users = [line.strip() for line in _text(p).splitlines() if line.strip()]
     if not users:
         # An empty list is almost always a broken upstream job; an empty export would hide it.
@@ -263,7 +258,7 @@ def read_histories(path: str, event_weights: Mapping[str, float], now: int | Non
     if Columns.Event in df.columns and Columns.Weight not in df.columns:
         df = df.with_columns(pl.col(Columns.Event).cast(pl.String))
         v.require_non_null(df, Columns.Event, path)
-        v.require_in(df, Columns.Event, event_weights, path)
+        v.require_in(df, Columns.Event, event_weights, path, "the event types the model was trained with")
     if Columns.Weight in df.columns:
         df = v.cast_column(df, Columns.Weight, pl.Float32, path)
     return df.drop(v.ROW)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
+from datetime import UTC, datetime
 
 import polars as pl
 
 from recsys.errors import InputError
+
+log = logging.getLogger(__name__)
 
 ROW = "_row"  # 1-based data row number in the source file (header not counted)
 FUTURE_SLACK_S = 86_400  # clocks differ; a day ahead of this machine's clock is not "the future" yet
@@ -70,14 +74,20 @@ def cast_column(df: pl.DataFrame, column: str, dtype: pl.DataType, file: str) ->
     return df.with_columns(casted.alias(column))
 
 
-def require_in(df: pl.DataFrame, column: str, allowed: Iterable[str], file: str) -> None:
+def require_in(
+    df: pl.DataFrame,
+    column: str,
+    allowed: Iterable[str],
+    file: str,
+    hint: str = "set data.event_weights to add event types",
+) -> None:
     allowed = list(allowed)
     mask = ~pl.col(column).is_in(allowed)
     n_bad = df.select(mask.sum()).item()
     if n_bad:
         row, ex = example(df, mask)
         raise InputError(
-            f"{n_bad} row(s) have a value outside {allowed} (set data.event_weights to add event types)",
+            f"{n_bad} row(s) have a value outside {allowed} ({hint})",
             file=file,
             column=column,
             row=row,
@@ -190,9 +200,6 @@ def check_future(
 ) -> pl.DataFrame:
     """Rows more than ``FUTURE_SLACK_S`` after ``now`` (Unix seconds): an error (``policy``
     ``error``), kept or dropped (both counted in ``report`` and logged)."""
-    import logging
-    from datetime import UTC, datetime
-
     future = pl.col(column) > now + FUTURE_SLACK_S
     n = df.select(future.sum()).item()
     if n == 0:
@@ -217,6 +224,6 @@ def check_future(
             example=ex,
         )
     verb = "dropped" if policy == "drop" else "kept"
-    logging.getLogger(__name__).warning("%s: %s %d row(s) with a timestamp after the current time", file, verb, n)
+    log.warning("%s: %s %d row(s) with a timestamp after the current time", file, verb, n)
     report[f"future_timestamps_{verb}"] = n
     return df.filter(~future) if policy == "drop" else df
