@@ -23,7 +23,8 @@ SECRET_WORDS = frozenset({"token", "auth", "pwd", "credential", "credentials", "
 SECRET_PARTS = ("password", "passwd", "secret", "apikey", "accesskey", "privatekey", "credential", "passphrase")
 _WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
 # scheme://user:password@host: the password part (the user and host are kept, they help debugging).
-URL_CREDENTIALS = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]*:)([^/\s@]+)(@)")
+# The password runs to the last ``@`` followed by a host: it may itself hold ``@`` and ``/``.
+URL_CREDENTIALS = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]*:)(\S+)(@[^@/\s]+)")
 MIN_REDACTED = 4  # shorter secret values are not searched for in free text (they would match anywhere)
 
 
@@ -53,10 +54,10 @@ def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in cfg.items():
         name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
+        if is_secret_key(key):
+            out[name] = MASK  # a whole subtree under a secret key too, as in mask_secrets
+        elif isinstance(value, Mapping):
             out.update(flatten(value, f"{name}."))
-        elif is_secret_key(key):
-            out[name] = MASK
         else:
             out[name] = mask_value(value)
     return out
@@ -78,10 +79,7 @@ def secret_values(cfg: Any) -> set[str]:
     out: set[str] = set()
     if isinstance(cfg, Mapping):
         for k, v in cfg.items():
-            if is_secret_key(k) and not isinstance(v, Mapping | list | tuple):
-                out.add(str(v))
-            else:
-                out |= secret_values(v)
+            out |= _leaves(v) if is_secret_key(k) else secret_values(v)
     elif isinstance(cfg, list | tuple):
         for v in cfg:
             out |= secret_values(v)
@@ -90,11 +88,26 @@ def secret_values(cfg: Any) -> set[str]:
     return {v for v in out if len(v) >= MIN_REDACTED and v != MASK}
 
 
+def _leaves(value: Any) -> set[str]:
+    """Every scalar under ``value`` as text (what a secret key's subtree hides)."""
+    if isinstance(value, Mapping):
+        return set().union(*(_leaves(v) for v in value.values()))
+    if isinstance(value, list | tuple):
+        return set().union(*(_leaves(v) for v in value))
+    return {str(value)}
+
+
+def override_is_secret(override: str) -> bool:
+    """Whether a command-line override (``+db.password=x``, ``credentials.key=x``) sets a value
+    under a secret key."""
+    key, sep, _ = override.partition("=")
+    return bool(sep) and any(is_secret_key(part) for part in key.lstrip("+~").split("."))
+
+
 def mask_override(override: str) -> str:
-    """A command-line override (``+db.password=x``) with its value masked as in the config."""
-    key, sep, value = override.partition("=")
-    if sep and is_secret_key(key.lstrip("+~").rsplit(".", 1)[-1]):
-        return f"{key}={MASK}"
+    """A command-line override with its value masked as in the config."""
+    if override_is_secret(override):
+        return f"{override.partition('=')[0]}={MASK}"
     return mask_value(override)
 
 
@@ -119,10 +132,8 @@ def save_hydra_files(task_cfg: Any) -> Path | None:
     task = OmegaConf.to_container(task_cfg, resolve=False)
     hidden = secret_values(OmegaConf.to_container(task_cfg, resolve=True)) | secret_values(task)
     overrides = [mask_override(str(o)) for o in hydra_cfg.overrides.task]
-    for o in hydra_cfg.overrides.task:
-        key, sep, value = str(o).partition("=")
-        if sep and is_secret_key(key.lstrip("+~").rsplit(".", 1)[-1]) and len(value) >= MIN_REDACTED:
-            hidden.add(value)
+    hidden |= {str(o).partition("=")[2] for o in hydra_cfg.overrides.task if override_is_secret(str(o))}
+    hidden = {v for v in hidden if len(v) >= MIN_REDACTED}
     files = {
         "config.yaml": mask_secrets(task),
         "hydra.yaml": {"hydra": mask_secrets(OmegaConf.to_container(hydra_cfg, resolve=False))},

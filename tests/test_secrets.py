@@ -33,6 +33,15 @@ def test_url_credentials_are_masked_by_shape_whatever_the_key():
     assert mask_secrets(cfg) == {"db": {"url": "postgresql://bob:***@db.local:5432/shop", "plain": cfg["db"]["plain"]}}
     assert flatten(cfg)["db.url"] == "postgresql://bob:***@db.local:5432/shop"
     assert mask_secrets({"hosts": ["redis://:pw-1234@cache:6379"]}) == {"hosts": ["redis://:***@cache:6379"]}
+    # A password holding @ and / is masked whole, not up to its first @.
+    assert mask_secrets("postgres://bob:p@ss/w@rd@db:5432/x") == "postgres://bob:***@db:5432/x"
+    assert secret_values("postgres://bob:p@ss/w@rd@db:5432/x") == {"p@ss/w@rd"}
+
+
+def test_a_subtree_under_a_secret_key_is_masked_whole():
+    cfg = {"credentials": {"user": "bob", "key": "k-123"}, "seed": 1}
+    assert mask_secrets(cfg) == {"credentials": "***", "seed": 1}
+    assert flatten(cfg) == {"credentials": "***", "seed": 1}
 
 
 def test_overrides_and_free_text_are_redacted():
@@ -42,6 +51,8 @@ def test_overrides_and_free_text_are_redacted():
     assert mask_override("+service.api_token=tok-123456") == "+service.api_token=***"
     assert mask_override("+db.url=mysql://u:pw-98765@h/x") == "+db.url=mysql://u:***@h/x"
     assert mask_override("trainer.max_epochs=3") == "trainer.max_epochs=3"
+    assert mask_override("+credentials.key=abc-4567") == "+credentials.key=***"  # under a secret key
+    assert secret_values({"credentials": {"key": "abc-4567", "n": [12345]}}) == {"abc-4567", "12345"}
     text = "override_dirname: +db.url=mysql://u:pw-98765@h/x,+service.api_token=tok-123456"
     assert "123456" not in redact(text, hidden) and "98765" not in redact(text, hidden)
 
