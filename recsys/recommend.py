@@ -48,41 +48,6 @@ def resolve_model(model_uri: str, tracking: str | None) -> tuple[Path, dict]:
     return root / flavor["data"], {"model_uri": model_uri, "run_id": info.run_id, "model_id": info.model_id}
 
 
-def read_user_list(path: str) -> list[str]:
-    import polars as pl
-
-    from recsys.columns import Columns
-
-    p = Path(path)
-    if not p.is_file():
-        raise InputError("users file not found", file=path)
-    if p.suffix in (".parquet", ".csv", ".tsv"):
-        df = (
-            pl.read_parquet(p)
-            if p.suffix == ".parquet"
-            else pl.read_csv(p, separator="\t" if p.suffix == ".tsv" else ",", infer_schema=False)
-        )
-        if Columns.User not in df.columns:
-            raise InputError(f"no '{Columns.User}' column (columns: {df.columns})", file=path, column=Columns.User)
-        users = df[Columns.User].cast(pl.String).drop_nulls().to_list()
-    else:
-        users = [line.strip() for line in p.read_text().splitlines() if line.strip()]
-    if not users:
-        # An empty list is almost always a broken upstream job; an empty export would hide it.
-        raise InputError(
-            "the user list is empty (no user ids): nothing to recommend for", file=path, column=Columns.User
-        )
-    return users
-
-
-def read_histories(path: str):
-    from recsys.data.validation import read_table
-
-    if not Path(path).is_file():
-        raise InputError("histories file not found", file=path)
-    return read_table(path)
-
-
 def positive_int(cfg: DictConfig, key: str) -> int:
     """``cfg[key]`` as an int >= 1, or a ``ConfigError`` naming the setting."""
     value = cfg[key]
@@ -100,9 +65,11 @@ def run(cfg: DictConfig):
     from hydra.utils import instantiate
 
     from recsys.columns import Columns
+    from recsys.data.tables import read_histories, read_user_list
     from recsys.export.batch import check_output, check_parallel, export_recommendations
     from recsys.export.engine import Engine, ExplainOptions
     from recsys.export.pipeline_model import normalise_history
+    from recsys.export.writer import output_lock
     from recsys.tracking import tracking_uri
 
     engine_name = str(cfg.get("engine", "local"))
@@ -116,36 +83,39 @@ def run(cfg: DictConfig):
     check_output(cfg.output, str(cfg.layout))
     check_parallel(str(cfg.parallel))
     k, chunk_size, workers, threads = (positive_int(cfg, key) for key in ("k", "chunk_size", "workers", "threads"))
-    tracking = cfg.tracking_uri or tracking_uri(cfg.paths.mlruns_dir)
-    folder, source = resolve_model(str(cfg.model_uri), tracking)
-    explain = ExplainOptions(**OmegaConf.to_container(cfg.explain, resolve=True))
-    # Engine.load, not Engine(TrainedPipeline.load(...)): worker processes rebuild it from the folder.
-    engine = Engine.load(folder, instantiate(cfg.rules), k, str(cfg.scorer), explain, threads=threads)
-    pipeline = engine.p
+    # Held from before the model loads: a second export to this output is refused at once.
+    with output_lock(cfg.output):
+        tracking = cfg.tracking_uri or tracking_uri(cfg.paths.mlruns_dir)
+        folder, source = resolve_model(str(cfg.model_uri), tracking)
+        explain = ExplainOptions(**OmegaConf.to_container(cfg.explain, resolve=True))
+        # Engine.load, not Engine(TrainedPipeline.load(...)): worker processes rebuild it from the folder.
+        engine = Engine.load(folder, instantiate(cfg.rules), k, str(cfg.scorer), explain, threads=threads)
+        pipeline = engine.p
 
-    histories = None
-    if cfg.histories:
-        histories = normalise_history(read_histories(str(cfg.histories)), pipeline.event_weights)
-    if cfg.users:
-        users = read_user_list(str(cfg.users))
-    else:
-        users = list(pipeline.users.ids)
-        if histories is not None:
-            users += histories[Columns.User].unique().to_list()
-    info = {**source, **{k: pipeline.meta.get(k) for k in ("run_id", "dataset", "dataset_hash", "config_hash")}}
-    info["run_id"] = source.get("run_id") or info.get("run_id")
-    result = export_recommendations(
-        engine,
-        users,
-        cfg.output,
-        histories=histories,
-        chunk_size=chunk_size,
-        info=info,
-        progress=bool(cfg.progress),
-        workers=workers,
-        layout=str(cfg.layout),
-        parallel=str(cfg.parallel),
-    )
+        histories = None
+        if cfg.histories:
+            raw = read_histories(str(cfg.histories), pipeline.event_weights)
+            histories = normalise_history(raw, pipeline.event_weights)
+        if cfg.users:
+            users = read_user_list(str(cfg.users))
+        else:
+            users = list(pipeline.users.ids)
+            if histories is not None:
+                users += histories[Columns.User].unique().to_list()
+        info = {**source, **{k: pipeline.meta.get(k) for k in ("run_id", "dataset", "dataset_hash", "config_hash")}}
+        info["run_id"] = source.get("run_id") or info.get("run_id")
+        result = export_recommendations(
+            engine,
+            users,
+            cfg.output,
+            histories=histories,
+            chunk_size=chunk_size,
+            info=info,
+            progress=bool(cfg.progress),
+            workers=workers,
+            layout=str(cfg.layout),
+            parallel=str(cfg.parallel),
+        )
     m = result.manifest
     print(
         f"{m['rows']} recommendations for {m['users']} users -> {result.path} "

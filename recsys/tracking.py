@@ -14,8 +14,31 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-# Whole key segments only: ``tokenizer`` (a model path) is not a secret, ``hf_token`` is.
-SECRET = re.compile(r"(^|[_.-])(password|passwd|token|secret|api_?key|access_?key)($|[_.-])", re.IGNORECASE)
+MASK = "***"
+# A key is split into words at separators and camelCase humps, lower-cased. Whole words only for
+# the short ones: ``tokenizer`` (a model path) and ``author`` are not secrets, ``hf_token`` and
+# ``authToken`` are.
+SECRET_WORDS = frozenset({"token", "auth", "pwd", "credential", "credentials", "passphrase", "secret", "secrets"})
+# Anywhere in the key with its separators removed: ``dbPassword``, ``API-KEY``, ``private_key``.
+SECRET_PARTS = ("password", "passwd", "secret", "apikey", "accesskey", "privatekey", "credential", "passphrase")
+_WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
+# scheme://user:password@host: the password part (the user and host are kept, they help debugging).
+# The password runs to the last ``@`` followed by a host: it may itself hold ``@`` and ``/``.
+URL_CREDENTIALS = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://[^/\s:@]*:)(\S+)(@[^@/\s]+)")
+MIN_REDACTED = 4  # shorter secret values are not searched for in free text (they would match anywhere)
+
+
+def is_secret_key(key: object) -> bool:
+    """Whether a config key names a credential, whatever its case and separators."""
+    text = str(key)
+    words = {w.lower() for w in _WORD.findall(text)}
+    joined = re.sub(r"[^a-z0-9]", "", text.lower())
+    return bool(words & SECRET_WORDS) or any(part in joined for part in SECRET_PARTS)
+
+
+def mask_value(value: Any) -> Any:
+    """``value`` with the password of any ``scheme://user:password@host`` in it replaced by ``***``."""
+    return URL_CREDENTIALS.sub(rf"\g<1>{MASK}\g<3>", value) if isinstance(value, str) else value
 
 
 def tracking_uri(mlruns_dir: str | Path) -> str:
@@ -31,23 +54,96 @@ def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in cfg.items():
         name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
+        if is_secret_key(key):
+            out[name] = MASK  # a whole subtree under a secret key too, as in mask_secrets
+        elif isinstance(value, Mapping):
             out.update(flatten(value, f"{name}."))
-        elif SECRET.search(str(key)):
-            out[name] = "***"
         else:
-            out[name] = value
+            out[name] = mask_value(value)
     return out
 
 
 def mask_secrets(cfg: Any) -> Any:
-    """A copy of a nested config with the values of secret-looking keys replaced by ``***``:
-    what is written to run folders, artifacts and saved models."""
+    """A copy of a nested config with the values of secret-looking keys replaced by ``***`` and
+    URL passwords masked: what is written to run folders, artifacts and saved models."""
     if isinstance(cfg, Mapping):
-        return {k: "***" if SECRET.search(str(k)) else mask_secrets(v) for k, v in cfg.items()}
+        return {k: MASK if is_secret_key(k) else mask_secrets(v) for k, v in cfg.items()}
     if isinstance(cfg, list | tuple):
         return [mask_secrets(v) for v in cfg]
-    return cfg
+    return mask_value(cfg)
+
+
+def secret_values(cfg: Any) -> set[str]:
+    """The text of every value ``mask_secrets`` hides (whole values of secret keys, URL
+    passwords), to search for in free text such as Hydra's ``override_dirname``."""
+    out: set[str] = set()
+    if isinstance(cfg, Mapping):
+        for k, v in cfg.items():
+            out |= _leaves(v) if is_secret_key(k) else secret_values(v)
+    elif isinstance(cfg, list | tuple):
+        for v in cfg:
+            out |= secret_values(v)
+    elif isinstance(cfg, str):
+        out |= {m.group(2) for m in URL_CREDENTIALS.finditer(cfg)}
+    return {v for v in out if len(v) >= MIN_REDACTED and v != MASK}
+
+
+def _leaves(value: Any) -> set[str]:
+    """Every scalar under ``value`` as text (what a secret key's subtree hides)."""
+    if isinstance(value, Mapping):
+        return set().union(*(_leaves(v) for v in value.values()))
+    if isinstance(value, list | tuple):
+        return set().union(*(_leaves(v) for v in value))
+    return {str(value)}
+
+
+def override_is_secret(override: str) -> bool:
+    """Whether a command-line override (``+db.password=x``, ``credentials.key=x``) sets a value
+    under a secret key."""
+    key, sep, _ = override.partition("=")
+    return bool(sep) and any(is_secret_key(part) for part in key.lstrip("+~").split("."))
+
+
+def mask_override(override: str) -> str:
+    """A command-line override with its value masked as in the config."""
+    if override_is_secret(override):
+        return f"{override.partition('=')[0]}={MASK}"
+    return mask_value(override)
+
+
+def redact(text: str, secrets: set[str]) -> str:
+    for value in sorted(secrets, key=len, reverse=True):
+        text = text.replace(value, MASK)
+    return text
+
+
+def save_hydra_files(task_cfg: Any) -> Path | None:
+    """Hydra's own record of the run (``.hydra/config.yaml``, ``hydra.yaml``, ``overrides.yaml`` in
+    the run folder), masked. Hydra would write them unmasked, so the configs set
+    ``hydra.output_subdir: null`` and the entry point calls this instead."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    folder = Path(hydra_cfg.runtime.output_dir) / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    task = OmegaConf.to_container(task_cfg, resolve=False)
+    hidden = secret_values(OmegaConf.to_container(task_cfg, resolve=True)) | secret_values(task)
+    overrides = [mask_override(str(o)) for o in hydra_cfg.overrides.task]
+    hidden |= {str(o).partition("=")[2] for o in hydra_cfg.overrides.task if override_is_secret(str(o))}
+    hidden = {v for v in hidden if len(v) >= MIN_REDACTED}
+    files = {
+        "config.yaml": mask_secrets(task),
+        "hydra.yaml": {"hydra": mask_secrets(OmegaConf.to_container(hydra_cfg, resolve=False))},
+        "overrides.yaml": overrides,
+    }
+    from recsys.export.writer import write_text_atomic
+
+    for name, content in files.items():
+        write_text_atomic(redact(OmegaConf.to_yaml(OmegaConf.create(content)), hidden), folder / name)
+    return folder
 
 
 class Tracker:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -52,7 +53,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     # --- everything that can fail on bad input fails here, before any training -------------
     t0 = time.perf_counter()
-    data = instantiate(cfg.data).load()
+    source = instantiate(cfg.data)
+    data = source.load()
     split = instantiate(cfg.split).split(data.interactions)
     val_users, test_users = check_split(data, split)
     encoder = instantiate(cfg.encoder)
@@ -92,6 +94,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         tracker.log_params(OmegaConf.to_container(cfg, resolve=True))
         tracker.set_tags({"dataset": data.name, "dataset_hash": data.fingerprint()})
         tracker.log_metrics({f"data/{k}": v for k, v in split.describe().items()})
+        # What the loader's repair policies did (items_without_text_kept, duplicates_dropped:<file> ...).
+        repairs = {f"data/{re.sub(r'[^a-zA-Z0-9_/. -]', '_', k)}": v for k, v in getattr(source, "report", {}).items()}
+        tracker.log_metrics(repairs)
         # Secrets are masked in every copy of the config: params, this file, the saved model.
         config_yaml = OmegaConf.to_yaml(OmegaConf.create(mask_secrets(OmegaConf.to_container(cfg, resolve=True))))
         config_path = write_text_atomic(config_yaml, out_dir / "config.yaml")
@@ -321,6 +326,9 @@ def save_evaluation(
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from recsys.tracking import save_hydra_files
+
+    save_hydra_files(cfg)
     exit_on_user_error(lambda: run(cfg))
 
 

@@ -23,7 +23,10 @@ SMOKE = (
     "data.n_items=120",
     "eval.zeroshot=false",
     "model.register_name=null",
-    f"+service.api_token={SECRET}",  # must never reach MLflow params
+    # Secrets in three shapes: none may reach MLflow or any file under the run folder.
+    f"+service.api_token={SECRET}",
+    f"+db.dbPassword={SECRET}",
+    f"+db.url=postgres://bob:{SECRET}@db:5432/shop",
 )
 
 

@@ -12,13 +12,14 @@ from recsys.columns import INTERACTION_SCHEMA, Columns
 from recsys.data import validation as v
 from recsys.data.dataset import Dataset, IdMap
 from recsys.data.raw import check_policy, handle_duplicates
+from recsys.data.tables import read_table, require_scalar
 from recsys.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
 DUPLICATE_POLICIES = ("drop", "error", "keep")
 FUTURE_POLICIES = ("error", "keep", "drop")
-FUTURE_SLACK_S = 86_400  # clocks differ; a day ahead of this machine's clock is not "the future" yet
+MISSING_TEXT_POLICIES = ("error", "drop", "keep")
 
 
 class FileDataSource:
@@ -42,6 +43,11 @@ class FileDataSource:
             milliseconds read as seconds): ``error``, ``keep`` (logged and counted) or ``drop``
             (counted).
         now: the reference time for ``future_timestamps`` (Unix seconds; default: the clock).
+        missing_text: items whose text fields are all empty: ``error`` (the default), ``drop``
+            (the item and its interactions are left out, both counted) or ``keep`` (the item
+            stays, with the empty string as its text: every such item gets the same text
+            vector, so the text tower cannot tell them apart and they reach users through
+            their interactions (CF); counted). Counts are logged and kept in ``report``.
 
     Columns other than the ones named here are kept as they are (``Dataset.interactions`` and
     ``Dataset.items`` carry them), so features added later can read them.
@@ -59,6 +65,7 @@ class FileDataSource:
         duplicates: str = "drop",
         future_timestamps: str = "error",
         now: int | None = None,
+        missing_text: str = "error",
     ) -> None:
         self.interactions_path = str(interactions)
         self.items_path = str(items)
@@ -70,8 +77,10 @@ class FileDataSource:
         self.duplicates = check_policy("duplicates", duplicates, DUPLICATE_POLICIES)
         self.future_timestamps = check_policy("future_timestamps", future_timestamps, FUTURE_POLICIES)
         self.now = now
+        self.missing_text = check_policy("missing_text", missing_text, MISSING_TEXT_POLICIES)
         # Rows touched by a repair policy, and facts worth knowing, by what; filled by load().
         self.report: dict[str, int] = {}
+        self._no_text = pl.Series(Columns.Item, [], dtype=pl.String)  # items missing_text=drop left out
         if not self.text_fields:
             raise ConfigError("data.text_fields is empty: name at least one item column to encode")
         for event, w in self.event_weights.items():
@@ -84,8 +93,9 @@ class FileDataSource:
 
     def load_items(self) -> pl.DataFrame:
         path = self.items_path
-        df = self._rename(v.read_table(path))
+        df = self._rename(read_table(path))
         v.require_columns(df, [Columns.Item, *self.text_fields], path)
+        require_scalar(df, [Columns.Item, *self.text_fields], path)
         v.require_id_dtype(df, Columns.Item, path)
         df = df.with_columns(pl.col(Columns.Item).cast(pl.String))
         policy = "drop" if self.duplicates == "keep" else self.duplicates
@@ -102,21 +112,31 @@ class FileDataSource:
         if Columns.AvailableFrom in df.columns:
             df = v.parse_timestamp(df, Columns.AvailableFrom, path)
         empty = pl.col(Columns.Text) == ""
-        if df.select(empty.any()).item():
+        n_empty = df.select(empty.sum()).item()
+        if n_empty and self.missing_text == "error":
             row, ex = v.example(df, empty)
             raise InputError(
-                f"item has no text in any of the text fields {self.text_fields}",
+                f"{n_empty} item(s) have no text in any of the text fields {self.text_fields} "
+                "(set data.missing_text=drop or keep)",
                 file=path,
                 column=self.text_fields[0],
                 row=row,
                 example=ex,
             )
+        if n_empty:
+            verb = "dropped" if self.missing_text == "drop" else "kept"
+            log.warning("%s: %s %d item(s) with no text in %s", path, verb, n_empty, self.text_fields)
+            self.report[f"items_without_text_{verb}"] = n_empty
+            if self.missing_text == "drop":
+                self._no_text = df.filter(empty)[Columns.Item]
+                df = df.filter(~empty)
         return df
 
     def load_interactions(self, item_ids: pl.Series) -> pl.DataFrame:
         path = self.interactions_path
-        df = self._rename(v.read_table(path))
+        df = self._rename(read_table(path))
         v.require_columns(df, INTERACTION_SCHEMA, path)
+        require_scalar(df, list(INTERACTION_SCHEMA), path)
         for col in (Columns.User, Columns.Item):
             v.require_id_dtype(df, col, path)
         for col in (Columns.User, Columns.Item, Columns.Event):
@@ -125,6 +145,13 @@ class FileDataSource:
         v.require_non_null(df, Columns.Timestamp, path)
         df = v.parse_timestamp(df, Columns.Timestamp, path)
         v.require_in(df, Columns.Event, self.event_weights, path)
+        if len(self._no_text):
+            gone = pl.col(Columns.Item).is_in(self._no_text.implode())
+            n = df.select(gone.sum()).item()
+            if n:
+                log.warning("%s: dropped %d interaction(s) with items that have no text", path, n)
+                self.report["interactions_with_items_without_text_dropped"] = n
+                df = df.filter(~gone)
         v.require_known(df, Columns.Item, item_ids, path, self.items_path)
         df = self._future(df, path)
         if self.duplicates != "keep":
@@ -134,27 +161,11 @@ class FileDataSource:
 
     def _future(self, df: pl.DataFrame, path: str) -> pl.DataFrame:
         now = int(time.time()) if self.now is None else int(self.now)
-        future = pl.col(Columns.Timestamp) > now + FUTURE_SLACK_S
-        n = df.select(future.sum()).item()
-        if n == 0:
-            return df
-        if self.future_timestamps == "error":
-            row, ex = v.example(df, future)
-            raise InputError(
-                f"{n} row(s) are after the current time ({now} Unix seconds); timestamps in milliseconds do this "
-                "(divide by 1000), or set data.future_timestamps=keep or drop",
-                file=path,
-                column=Columns.Timestamp,
-                row=row,
-                example=ex,
-            )
-        verb = "dropped" if self.future_timestamps == "drop" else "kept"
-        log.warning("%s: %s %d row(s) with a timestamp after the current time", path, verb, n)
-        self.report[f"future_timestamps_{verb}"] = n
-        return df.filter(~future) if self.future_timestamps == "drop" else df
+        return v.check_future(df, Columns.Timestamp, path, self.future_timestamps, now, self.report)
 
     def load(self) -> Dataset:
         self.report = {}
+        self._no_text = pl.Series(Columns.Item, [], dtype=pl.String)
         items = self.load_items()
         inter = self.load_interactions(items[Columns.Item])
         users = IdMap.from_values(inter[Columns.User])

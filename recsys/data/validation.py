@@ -2,64 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
-from pathlib import Path
+from datetime import UTC, datetime
 
 import polars as pl
 
 from recsys.errors import InputError
 
+log = logging.getLogger(__name__)
+
 ROW = "_row"  # 1-based data row number in the source file (header not counted)
-
-
-def read_table(path: str) -> pl.DataFrame:
-    """Read a CSV, TSV or parquet file into a frame with a ``_row`` column; never a traceback."""
-    p = Path(path)
-    if not p.exists():
-        raise InputError("file not found (check the data path in the config)", file=path)
-    suffix = p.suffix.lower()
-    try:
-        if suffix == ".parquet":
-            df = pl.read_parquet(p)
-        elif suffix in (".csv", ".tsv", ".txt"):
-            df = pl.read_csv(
-                p,
-                separator="\t" if suffix == ".tsv" else ",",
-                infer_schema=False,  # everything as text; we cast ourselves and report failures
-                encoding="utf8",
-            )
-        else:
-            raise InputError(f"unsupported file type '{suffix}' (use .csv, .tsv or .parquet)", file=path)
-    except InputError:
-        raise
-    except Exception as e:  # polars raises several types for unreadable files
-        if suffix != ".parquet":
-            require_utf8(p, "\t" if suffix == ".tsv" else ",")
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"cannot be read: {first}", file=path) from e
-    if df.height == 0:
-        raise InputError("the table is empty (no data rows)", file=path)
-    return df.with_row_index(ROW, offset=1)
-
-
-def require_utf8(path: Path, separator: str) -> None:
-    """Name the line, column and bytes of the first sequence that is not UTF-8 (polars says only
-    "invalid utf-8")."""
-    data = path.read_bytes()
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        start = data.rfind(b"\n", 0, e.start) + 1
-        header = data[: data.find(b"\n")].decode("utf-8", "replace").split(separator)
-        field = data[start : e.start].count(separator.encode())
-        raise InputError(
-            f"line {line}: bytes {data[e.start : e.end]!r} are not valid UTF-8; re-save the file as UTF-8",
-            file=str(path),
-            column=header[field].strip() if line > 1 and field < len(header) else None,
-            row=line - 1,  # the header line is not a data row
-            example={"line": data[start : data.find(b"\n", e.start)].decode("utf-8", "replace")},
-        ) from e
+FUTURE_SLACK_S = 86_400  # clocks differ; a day ahead of this machine's clock is not "the future" yet
 
 
 def require_id_dtype(df: pl.DataFrame, column: str, file: str) -> None:
@@ -120,14 +74,20 @@ def cast_column(df: pl.DataFrame, column: str, dtype: pl.DataType, file: str) ->
     return df.with_columns(casted.alias(column))
 
 
-def require_in(df: pl.DataFrame, column: str, allowed: Iterable[str], file: str) -> None:
+def require_in(
+    df: pl.DataFrame,
+    column: str,
+    allowed: Iterable[str],
+    file: str,
+    hint: str = "set data.event_weights to add event types",
+) -> None:
     allowed = list(allowed)
     mask = ~pl.col(column).is_in(allowed)
     n_bad = df.select(mask.sum()).item()
     if n_bad:
         row, ex = example(df, mask)
         raise InputError(
-            f"{n_bad} row(s) have a value outside {allowed} (set data.event_weights to add event types)",
+            f"{n_bad} row(s) have a value outside {allowed} ({hint})",
             file=file,
             column=column,
             row=row,
@@ -157,9 +117,32 @@ def require_known(df: pl.DataFrame, column: str, known: pl.Series, file: str, kn
         )
 
 
+# ISO 8601 as the calendar date, optionally a time (minutes, seconds, a fraction) and an offset;
+# a naive time is UTC. Nothing else: 04/12/2026 is 4 December or 12 April depending on who wrote it.
+ISO_8601 = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}([.,]\d{1,9})?)?([Zz]|[+-]\d{2}(:?\d{2})?)?)?$"
+ISO_EXAMPLES = "2026-04-12, 2026-04-12T13:36:50, 2026-04-12 13:36:50+02:00"
+
+
+def _iso_to_seconds(text: pl.Expr) -> pl.Expr:
+    """Unix seconds of an ISO 8601 string matching ``ISO_8601`` (null where it is no real date,
+    such as 2026-02-30), by rewriting each form into the full one with an offset."""
+    full = (
+        text.str.replace(r"^(\d{4}-\d{2}-\d{2})$", "${1}T00:00:00")
+        .str.replace(r"^(\d{4}-\d{2}-\d{2}) ", "${1}T")
+        .str.replace(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2})([Zz+-]|$)", "${1}:00${2}")
+        .str.replace(",", ".", literal=True)
+        .str.replace(r"[Zz]$", "+00:00")
+        .str.replace(r"([+-]\d{2})(\d{2})$", "${1}:${2}")
+        .str.replace(r"(T[\d:.]+[+-]\d{2})$", "${1}:00")
+    )
+    full = pl.when(full.str.contains(r"[+-]\d{2}:\d{2}$")).then(full).otherwise(full + "+00:00")
+    return full.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f%z", strict=False, time_unit="us").dt.epoch("s")
+
+
 def parse_timestamp(df: pl.DataFrame, column: str, file: str) -> pl.DataFrame:
     """Timestamps as integer Unix seconds: integers are kept, datetimes/dates (parquet) and ISO
-    8601 strings (CSV) are converted; anything else is reported with its row."""
+    8601 strings (CSV; dates and datetimes may be mixed) are converted; anything else is
+    reported with its row. Formats are never guessed."""
     dtype = df[column].dtype
     if dtype == pl.Int64:
         return df
@@ -167,23 +150,80 @@ def parse_timestamp(df: pl.DataFrame, column: str, file: str) -> pl.DataFrame:
         return df.with_columns(pl.col(column).cast(pl.Int64))
     if isinstance(dtype, pl.Datetime | pl.Date):
         return df.with_columns(pl.col(column).cast(pl.Datetime("us")).dt.epoch("s").alias(column))
-    text = df[column].cast(pl.String).str.strip_chars()
-    as_int = text.cast(pl.Int64, strict=False)
-    parsed = as_int
-    if as_int.null_count() > text.null_count():
-        try:  # polars infers the date format from the values; none at all fits -> all are bad
-            as_date = text.str.to_datetime(strict=False, time_unit="us").dt.epoch("s")
-            parsed = as_int.fill_null(as_date)
-        except pl.exceptions.ComputeError:
-            pass
-    bad = parsed.is_null() & df[column].is_not_null()
-    if bad.any():
-        row, ex = example(df, bad)
+    if dtype.is_float():
+        # pandas turns an integer column with a gap into floats: whole values are exact seconds.
+        whole = pl.col(column).is_finite() & (pl.col(column) == pl.col(column).round()) & (pl.col(column).abs() < 2**53)
+        bad = ~whole & pl.col(column).is_not_null()
+        if df.select(bad.any()).item():
+            row, ex = example(df, bad)
+            n = df.select(bad.sum()).item()
+            raise InputError(
+                f"{n} value(s) are neither integer Unix seconds nor ISO 8601 ({ISO_EXAMPLES}): not a whole number",
+                file=file,
+                column=column,
+                row=row,
+                example=ex,
+            )
+        return df.with_columns(pl.col(column).cast(pl.Int64))
+    if dtype != pl.String:
+        row, ex = example(df, pl.col(column).is_not_null())
         raise InputError(
-            f"{int(bad.sum())} value(s) are neither integer Unix times nor ISO 8601 dates",
+            f"holds {dtype} values; use integer Unix seconds or ISO 8601 ({ISO_EXAMPLES})",
             file=file,
             column=column,
             row=row,
             example=ex,
         )
-    return df.with_columns(parsed.alias(column))
+    text = pl.col(column).cast(pl.String).str.strip_chars()
+    is_int = text.str.contains(r"^[+-]?\d{1,18}$")
+    is_iso = text.str.contains(ISO_8601)
+    parsed = (
+        pl.when(is_int).then(text.cast(pl.Int64, strict=False)).when(is_iso).then(_iso_to_seconds(text)).otherwise(None)
+    )
+    out = df.select(parsed.alias("seconds"), is_iso.alias("iso"))
+    bad = out["seconds"].is_null() & df[column].is_not_null()
+    if bad.any():
+        row, ex = example(df, bad)
+        invalid = bool(out["iso"].filter(bad)[0])
+        reason = (
+            "value(s) have the ISO 8601 form but are no real date or time"
+            if invalid
+            else f"value(s) are neither integer Unix seconds nor ISO 8601 ({ISO_EXAMPLES}); other forms are refused "
+            "(04/12/2026: April or December?)"
+        )
+        raise InputError(f"{int(bad.sum())} {reason}", file=file, column=column, row=row, example=ex)
+    return df.with_columns(out["seconds"].alias(column))
+
+
+def check_future(
+    df: pl.DataFrame, column: str, file: str, policy: str, now: int, report: dict[str, int]
+) -> pl.DataFrame:
+    """Rows more than ``FUTURE_SLACK_S`` after ``now`` (Unix seconds): an error (``policy``
+    ``error``), kept or dropped (both counted in ``report`` and logged)."""
+    future = pl.col(column) > now + FUTURE_SLACK_S
+    n = df.select(future.sum()).item()
+    if n == 0:
+        return df
+    if policy == "error":
+        row, ex = example(df, future)
+        seconds = int(ex[column])
+        # Milliseconds read as seconds land after the year 5000; a date a few years ahead is a date.
+        hint = (
+            "the value is in milliseconds (divide by 1000)"
+            if seconds > 100_000_000_000
+            else "check the source's clock or the year"
+        )
+        when = datetime.fromtimestamp(min(seconds, 253_402_300_799), UTC).isoformat()
+        ex[column] = f"{seconds} (read as {when})"
+        raise InputError(
+            f"{n} row(s) are after the current time ({datetime.fromtimestamp(now, UTC).isoformat()}): {hint}; "
+            "or set data.future_timestamps=keep or drop",
+            file=file,
+            column=column,
+            row=row,
+            example=ex,
+        )
+    verb = "dropped" if policy == "drop" else "kept"
+    log.warning("%s: %s %d row(s) with a timestamp after the current time", file, verb, n)
+    report[f"future_timestamps_{verb}"] = n
+    return df.filter(~future) if policy == "drop" else df

@@ -27,6 +27,7 @@ to an uninterrupted run because each part depends only on its users and the mode
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -42,12 +43,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from recsys.columns import Columns
 from recsys.errors import ConfigError
 from recsys.export.engine import FUSED, OUTPUT_SCHEMA, Engine, thread_limits
-from recsys.export.writer import write_atomic, write_text_atomic
+from recsys.export.writer import output_lock, write_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,19 @@ def frame_hash(df: pl.DataFrame | None) -> str | None:
     return h.hexdigest()[:16]
 
 
+def _holding_output_lock(export: Callable[..., ExportResult]) -> Callable[..., ExportResult]:
+    """Run ``export`` holding the output's lock (``output_lock``): two exports to one output at a
+    time would share one parts folder and delete it under each other."""
+
+    @functools.wraps(export)
+    def locked(engine: Engine, user_ids: Sequence[str], out_path: str | Path, *args: Any, **kwargs: Any):
+        with output_lock(out_path):
+            return export(engine, user_ids, out_path, *args, **kwargs)
+
+    return locked
+
+
+@_holding_output_lock
 def export_recommendations(
     engine: Engine,
     user_ids: Sequence[str],
@@ -201,11 +216,20 @@ def export_recommendations(
     elapsed = time.perf_counter() - t0
     log.debug("computed in %.1f s, published in %.1f s", elapsed_compute, elapsed - elapsed_compute)
 
-    rows, removed = 0, Counter()
+    rows, removed, counts = 0, Counter(), Counter({name: 0 for name in SERVING_COUNTS})
     for i in range(len(parts)):
         stats = json.loads(_part_file(work, i, ".json").read_text())
         rows += stats["rows"]
         removed.update(stats["removed"])
+        counts.update({name: stats.get(name, 0) for name in SERVING_COUNTS})
+    if counts["unknown_users_without_history"] or counts["history_rows_with_unknown_items"]:
+        log.warning(
+            "%s: %d unknown user(s) without history (served non-personal lists); %d history row(s) with an unknown "
+            "item ignored",
+            out_path,
+            counts["unknown_users_without_history"],
+            counts["history_rows_with_unknown_items"],
+        )
     manifest = {
         **info,
         "output": str(out_path.resolve()),
@@ -216,6 +240,7 @@ def export_recommendations(
         "explain": vars(engine.explain),
         "rows": rows,
         "users": len(users),
+        **dict(counts),
         "chunk_size": chunk_size,
         "layout": layout,
         "parts": len(parts),
@@ -246,6 +271,9 @@ def check_output(out_path: str | Path, layout: str) -> Path:
     if layout not in LAYOUTS:
         raise ConfigError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
     out_path = Path(out_path)
+    blocked = next((d for d in out_path.parents if d.exists() and not d.is_dir()), None)
+    if blocked is not None:
+        raise ConfigError(f"output {out_path}: {blocked} is a file, not a folder; choose another output path")
     if layout == "file" and out_path.is_dir():
         raise ConfigError(f"output {out_path} is a folder: choose a file name, or layout=parts to replace the folder")
     return out_path
@@ -294,11 +322,38 @@ class _Job:
         engine.add_time("history", time.perf_counter() - t1)
         df = engine.recommend(ph)
         t1 = time.perf_counter()
-        stats = {"rows": df.height, "users": len(block), "removed": dict(engine.rules.removed)}
+        stats = {
+            "rows": df.height,
+            "users": len(block),
+            "removed": dict(engine.rules.removed),
+            **_serving_counts(engine, block, given, ph, df),
+        }
         _part_file(self.work, i, ".json").write_text(json.dumps(stats, sort_keys=True))
         # Written atomically: a part that exists is whole.
         write_atomic(_part_file(self.work, i), lambda tmp: _write_part(df, tmp, self.final_parts))
         engine.add_time("write_part", time.perf_counter() - t1)
+
+
+# Counted per part and summed in the manifest (``export_recommendations``).
+SERVING_COUNTS = ("unknown_users_without_history", "history_rows_with_unknown_items", "lists_shorter_than_k")
+
+
+def _serving_counts(engine: Engine, block: list[str], given: pl.DataFrame | None, ph: Any, df: pl.DataFrame) -> dict:
+    """What the manifest reports about one part: users the model does not know and who brought no
+    usable history (nothing personal to rank on: their lists come from the non-personal sources
+    such as popularity), given history rows naming an item outside the catalogue (ignored), and
+    users whose list holds fewer than ``k`` items (rules, or a small catalogue)."""
+    with_history = np.bincount(ph.history.interactions[Columns.UserIdx].to_numpy(), minlength=len(block)) > 0
+    unknown = engine.p.users.index(block) < 0
+    ignored = 0
+    if given is not None and given.height:
+        ignored = given.filter(~pl.col(Columns.Item).is_in(engine.p.items[Columns.Item].implode())).height
+    full = df.group_by(Columns.User).len().filter(pl.col("len") >= engine.k).height
+    return {
+        "unknown_users_without_history": int((unknown & ~with_history).sum()),
+        "history_rows_with_unknown_items": int(ignored),
+        "lists_shorter_than_k": len(block) - full,
+    }
 
 
 class _LocalCounter:

@@ -41,6 +41,7 @@ import scipy.sparse as sp
 from recsys.cf.models import ALS, BPR, ItemKNN, Popularity, user_rows
 from recsys.columns import Columns
 from recsys.data.dataset import IdMap
+from recsys.data.validation import ROW, parse_timestamp, require_non_null
 from recsys.errors import ConfigError, InputError
 from recsys.rank.ranker import LambdaMARTRanker
 from recsys.recommender import History, Recommender, recent_items
@@ -842,14 +843,20 @@ def normalise_history(df: pl.DataFrame, event_weights: Mapping[str, float]) -> p
         if col not in df.columns:
             raise InputError(f"history table has no '{col}' column (columns: {df.columns})", column=col)
     out = df.with_columns(pl.col(Columns.User).cast(pl.String), pl.col(Columns.Item).cast(pl.String))
+    for col in (Columns.User, Columns.Item):
+        require_non_null(out, col, "history table")  # a null user id would be served as "None"
     if Columns.Timestamp not in out.columns:
         out = out.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias(Columns.Timestamp))
+    else:
+        out = parse_timestamp(out, Columns.Timestamp, "history table")
     if Columns.Weight not in out.columns:
         if Columns.Event in out.columns:
             unknown = out.filter(~pl.col(Columns.Event).is_in(list(event_weights)))
             if unknown.height:
                 raise InputError(
-                    f"event outside {sorted(event_weights)}", column=Columns.Event, example=unknown.row(0, named=True)
+                    f"event outside {sorted(event_weights)}",
+                    column=Columns.Event,
+                    example={k: v for k, v in unknown.row(0, named=True).items() if k != ROW},
                 )
             weights = pl.col(Columns.Event).replace_strict(event_weights, return_dtype=pl.Float32)
         else:

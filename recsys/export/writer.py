@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 
 from recsys.atomic import write_atomic, write_parquet_atomic, write_text_atomic
 from recsys.columns import RECOMMENDATION_SCHEMA, Columns
 from recsys.data.dataset import Dataset
+from recsys.errors import ConfigError
+
+_HELD: dict[Path, int] = {}  # output lock file -> how many times this process holds it
 
 # The atomic writers are re-exported for recsys.export.batch and recsys.train.
-__all__ = ["recommendations_frame", "write_atomic", "write_parquet_atomic", "write_text_atomic"]
+__all__ = [
+    "lock_path",
+    "output_lock",
+    "recommendations_frame",
+    "write_atomic",
+    "write_parquet_atomic",
+    "write_text_atomic",
+]
 
 
 def recommendations_frame(
@@ -31,3 +47,62 @@ def recommendations_frame(
         schema=RECOMMENDATION_SCHEMA,
     )
     return df.sort(Columns.User, Columns.Rank)
+
+
+def lock_path(out_path: str | Path) -> Path:
+    out_path = Path(out_path)
+    return out_path.with_name(f".{out_path.name}.lock")
+
+
+@contextmanager
+def output_lock(out_path: str | Path) -> Iterator[Path]:
+    """Hold an exclusive ``flock`` on ``.<output name>.lock`` beside ``out_path`` while writing it:
+    a second process exporting to the same output is refused at once with a ``ConfigError``
+    naming the lock (two writers would share and delete each other's parts folder). The kernel
+    releases the lock when the holder exits, also on ``kill -9`` (the file then stays, empty or
+    with the dead pid, and is reused). Re-entrant within one process (flock would refuse a second
+    descriptor of the same process)."""
+    lock = lock_path(out_path).absolute()
+    if lock in _HELD:
+        _HELD[lock] += 1
+        try:
+            yield lock
+        finally:
+            _HELD[lock] -= 1
+        return
+    fd = _acquire(lock, out_path)
+    _HELD[lock] = 1
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield lock
+    finally:
+        del _HELD[lock]
+        lock.unlink(missing_ok=True)  # before the unlock: a waiting process then sees a new file
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def _acquire(lock: Path, out_path: str | Path) -> int:
+    """An open descriptor of ``lock`` holding its flock, or a ``ConfigError`` if another holds it."""
+    while True:
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ConfigError(f"cannot write beside the output {out_path}: {e.strerror} ({lock})") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ConfigError(
+                f"another export is writing {out_path} now (lock {lock} held by process {holder}); wait for it to "
+                "finish or choose another output"
+            ) from None
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # the holder removed the file between our open and our lock: take the new one
