@@ -59,27 +59,38 @@ class Tracker:
         run_name: shown in the UI; defaults to MLflow's generated name.
     """
 
-    def __init__(self, mlruns_dir: str, experiment: str = "recsys", run_name: str | None = None) -> None:
+    def __init__(
+        self,
+        mlruns_dir: str,
+        experiment: str = "recsys",
+        run_name: str | None = None,
+        parent_run_id: str | None = None,
+    ) -> None:
         self.mlruns_dir = Path(mlruns_dir)
         self.experiment = experiment
         self.run_name = run_name
+        self.parent_run_id = parent_run_id
         self.uri = tracking_uri(self.mlruns_dir)
 
-    @contextmanager
-    def start(self) -> Iterator[str]:
-        """Start (and end) the run; yields its id."""
+    def experiment_id(self) -> str:
+        """The experiment's id, created (with its artifacts under ``mlruns/artifacts``) if new."""
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         import mlflow
 
         self.mlruns_dir.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(self.uri)
         exp = mlflow.get_experiment_by_name(self.experiment)
-        exp_id = (
-            exp.experiment_id
-            if exp is not None
-            else mlflow.create_experiment(self.experiment, artifact_location=artifact_root(self.mlruns_dir))
-        )
-        with mlflow.start_run(experiment_id=exp_id, run_name=self.run_name) as run:
+        if exp is not None:
+            return exp.experiment_id
+        return mlflow.create_experiment(self.experiment, artifact_location=artifact_root(self.mlruns_dir))
+
+    @contextmanager
+    def start(self) -> Iterator[str]:
+        """Start (and end) the run, a child of ``parent_run_id`` if given; yields its id."""
+        import mlflow
+
+        exp_id = self.experiment_id()
+        with mlflow.start_run(experiment_id=exp_id, run_name=self.run_name, parent_run_id=self.parent_run_id) as run:
             self.run_id = run.info.run_id
             yield run.info.run_id
 

@@ -18,14 +18,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-import recsys.config  # noqa: E402,F401  (registers resolvers)
-from recsys.errors import exit_on_user_error  # noqa: E402
+import recsys.config  # noqa: E402  (registers resolvers; CONFIG_DIR)
+from recsys.errors import ConfigError, exit_on_user_error  # noqa: E402
 
 log = logging.getLogger("recsys.train")
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Run the job described by ``cfg``; returns the test metrics logged to MLflow."""
+    """Run the job described by ``cfg``; returns the metrics logged to MLflow (test and validation)."""
+    check_objective(cfg.get("optimized_metric"))
     import lightning as L
     import polars as pl
     import torch
@@ -170,6 +171,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         }
         metrics["rank/candidate_recall_val"] = fusion.candidate_recall_val
         metrics["rank/best_iteration"] = fusion.ranker.best_iteration
+        if fusion.ranker.stop_score is not None:
+            metrics["rank/val_ndcg_heldout"] = fusion.ranker.stop_score
         tracker.log_metrics(metrics)
         table_path = out_dir / "metrics.csv"
         table_all = pl.concat([tab.with_columns(pl.lit(p).alias("protocol")) for p, tab in tables.items()])
@@ -192,6 +195,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         model_uri = log_trained_pipeline(cfg, data, hist_test, models_test, fusion, out_dir)
         timings["total"] = time.perf_counter() - t_start
         metrics.update({f"time/{k}_s": v for k, v in timings.items()})
+        metrics.update(text_val)  # logged after fine-tuning; returned for optimized_metric
         tracker.log_metrics({f"time/{k}_s": v for k, v in timings.items()})
 
         with pl.Config(tbl_rows=20, tbl_cols=20, float_precision=4, tbl_hide_dataframe_shape=True):
@@ -259,9 +263,28 @@ def save_evaluation(
         log.info("evaluation report: %s", out_dir / "report" / "report.html")
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
-    exit_on_user_error(lambda: run(cfg))
+# What ``optimized_metric`` may name: validation scores only, so a sweep never chooses on test.
+VALIDATION_OBJECTIVES = (
+    "rank/val_ndcg_heldout",  # the ranker's NDCG@eval_at on the validation users held back for early stopping
+    "rank/candidate_recall_val",  # share of validation targets among the candidates
+    "text/val_ndcg_at_10_finetuned",  # the fine-tuned text tower, full-catalogue NDCG@10 on validation
+    "text/val_ndcg_at_10_zeroshot",
+)
+
+
+def check_objective(name: str | None) -> None:
+    if name is not None and name not in VALIDATION_OBJECTIVES:
+        raise ConfigError(
+            f"optimized_metric={name!r} is not a validation metric; choose one of {list(VALIDATION_OBJECTIVES)}"
+        )
+
+
+@hydra.main(config_path=recsys.config.CONFIG_DIR, config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    """Train; returns the validation metric named by ``optimized_metric`` (what a sweeper maximises)."""
+    metrics = exit_on_user_error(lambda: run(cfg))
+    name = cfg.get("optimized_metric")
+    return float(metrics[name]) if name is not None else None
 
 
 if __name__ == "__main__":

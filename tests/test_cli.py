@@ -41,7 +41,7 @@ def run_cli(root: Path, *overrides: str, repo_root: Path, timeout: int = 300) ->
         "-m",
         "recsys.train",
         f"paths.mlruns_dir={root / 'mlruns'}",
-        f"paths.output_dir={root / 'out'}",
+        f"hydra.run.dir={root / 'out'}",  # the run folder: paths.output_dir follows it
         f"paths.data_dir={root / 'data'}",
         *overrides,
     ]
