@@ -10,6 +10,7 @@ put on ``sys.path``, so Python never processes it, and ``PYTHONPATH`` is removed
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import sysconfig
@@ -23,6 +24,14 @@ from recsys.columns import Columns
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
+# The README's install commands, verbatim (tests/test_readme.py checks they are the README's).
+README_COMMANDS = [
+    "pip install .",
+    "recsys-train +experiment=smoke",
+    "recsys-recommend model_uri=models:/recsys@champion",
+    "recsys-evaluate experiment_name=smoke",
+]
+INSTALL, TRAIN, RECOMMEND, EVALUATE = (shlex.split(c) for c in README_COMMANDS)
 SMALL = ["data.n_users=200", "data.n_items=120", "trainer.max_epochs=1", "eval.zeroshot=false", "eval.report=false"]
 
 
@@ -39,14 +48,8 @@ def run(cmd: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedPr
 
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory) -> Path:
-    """A venv holding only the wheel built from this checkout; returns its ``bin/``."""
+    """A venv holding only ``recsys`` built from this checkout by ``pip install .``; returns its ``bin/``."""
     root = tmp_path_factory.mktemp("install")
-    # --no-build-isolation: hatchling comes from the dev extras, so no index is needed.
-    run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(root), str(REPO)],
-        root,
-    )
-    (wheel,) = root.glob("recsys-*.whl")
     run([sys.executable, "-m", "venv", "--without-pip", str(root / "venv")], root)
     bin_dir = root / "venv" / "bin"
     purelib = subprocess.check_output(
@@ -54,7 +57,10 @@ def venv(tmp_path_factory) -> Path:
     ).strip()
     deps = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     Path(purelib, "project_deps.pth").write_text("\n".join(sorted(deps)) + "\n")
-    run([str(bin_dir / "python"), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], root)
+    # The README's `pip install .`: pip and hatchling come from the project venv (the dev extras),
+    # hence --no-build-isolation (no index needed); --no-deps: they are there already.
+    pip = [str(bin_dir / "python"), "-m", *INSTALL[:2], "-q", "--no-deps", "--no-build-isolation", *INSTALL[2:]]
+    run(pip, REPO)
     return bin_dir
 
 
@@ -82,18 +88,18 @@ def test_user_config_dir_adds_an_experiment(venv, tmp_path):
 def test_console_scripts_train_recommend_evaluate_from_an_empty_folder(venv, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
-    train = run([str(venv / "recsys-train"), "+experiment=smoke", "model.alias=champion", *SMALL], work)
+    train = run([str(venv / TRAIN[0]), *TRAIN[1:], *SMALL], work)
     assert "MLflow run" in train.stdout
     (run_dir,) = (work / "outputs").glob("20*")
     assert (run_dir / "recommendations.parquet").is_file() and (run_dir / ".hydra" / "config.yaml").is_file()
     assert (work / "mlruns" / "mlflow.db").is_file()
 
     (work / "ids.txt").write_text("U00001\nU00002\n")
-    rec = [str(venv / "recsys-recommend"), "model_uri=models:/recsys@champion", "users=ids.txt", "workers=1"]
+    rec = [str(venv / RECOMMEND[0]), *RECOMMEND[1:], "users=ids.txt", "workers=1"]
     run(rec, work)
     recs = pl.read_parquet(work / "outputs" / "recommend" / "recommendations.parquet")
     assert set(recs[Columns.User]) == {"U00001", "U00002"} and recs.height == 2 * 20
 
-    report = run([str(venv / "recsys-evaluate"), "experiment_name=smoke", "reporter.n_bootstrap=100"], work)
+    report = run([str(venv / EVALUATE[0]), *EVALUATE[1:], "reporter.n_bootstrap=100"], work)
     assert "report:" in report.stdout
     assert list((work / "outputs" / "evaluate").glob("*/report.html"))

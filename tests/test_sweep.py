@@ -4,6 +4,7 @@ training jobs, on a validation objective, each trial an MLflow child run in its 
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,9 @@ import yaml
 
 pytestmark = pytest.mark.slow
 
+# The README's command, verbatim (tests/test_readme.py checks it is the README's); run with the
+# smoke experiment in place of bert_ranker, two trials and tiny data.
+README_COMMANDS = ["python -m recsys.train -m +experiment=bert_ranker hparams_search=ranker"]
 SMALL = [
     "data.n_users=200",
     "data.n_items=120",
@@ -24,10 +28,11 @@ SMALL = [
 ]
 
 
-def train(root: Path, *overrides: str, flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def train(root: Path, args: list[str]) -> subprocess.CompletedProcess:
+    """``python -m recsys.train ARGS paths.root_dir=ROOT`` (flags such as ``-m`` stay in front)."""
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("RECSYS_SWEEP_PARENT_RUN", None)
-    cmd = [sys.executable, "-m", "recsys.train", *flags, f"paths.root_dir={root}", *overrides]
+    cmd = [sys.executable, "-m", "recsys.train", *args, f"paths.root_dir={root}"]
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -36,8 +41,9 @@ def test_two_trial_ranker_sweep(tmp_path):
 
     from recsys.tracking import tracking_uri
 
-    overrides = ["+experiment=smoke", "hparams_search=ranker", "hydra.sweeper.n_trials=2", *SMALL]
-    proc = train(tmp_path, *overrides, flags=("-m",))
+    args = shlex.split(README_COMMANDS[0])[3:]  # after `python -m recsys.train`
+    args = [{"+experiment=bert_ranker": "+experiment=smoke"}.get(a, a) for a in args]
+    proc = train(tmp_path, [*args, "hydra.sweeper.n_trials=2", *SMALL])
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
     assert "raised" not in proc.stderr, proc.stderr[-3000:]  # Hydra turns callback errors into warnings
 
@@ -69,7 +75,7 @@ def test_two_trial_ranker_sweep(tmp_path):
 
 
 def test_a_test_metric_is_refused_as_objective(tmp_path):
-    proc = train(tmp_path, "+experiment=smoke", "optimized_metric=test/fused/ndcg_at_10")
+    proc = train(tmp_path, ["+experiment=smoke", "optimized_metric=test/fused/ndcg_at_10"])
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "not a validation metric" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "mlruns").exists()  # refused before any run started
