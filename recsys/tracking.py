@@ -112,6 +112,29 @@ class Tracker:
 
         mlflow.log_artifact(str(path), artifact_path=folder)
 
+    def log_dataset(self, frame, name: str, digest: str, source: str, counts: Mapping[str, int]) -> None:
+        """The data set as the run's input (the UI's Datasets column): ``name``, the content hash
+        ``digest``, the folder or file it came from (``source``), the schema of ``frame`` (a polars frame) and its row
+        counts (users, items, events, per split) as tags of the input."""
+        import warnings
+
+        import mlflow
+
+        with warnings.catch_warnings():
+            # MLflow registers its local-file source class twice, then warns that a path matches both.
+            warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
+            path = str(Path(source).resolve())
+            dataset = mlflow.data.from_polars(frame, source=path, name=name, digest=digest)
+        mlflow.log_input(dataset, context="training", tags={k: str(v) for k, v in counts.items()})
+
+    def log_image(self, path: str | Path, key: str) -> None:
+        """A PNG as an MLflow image (the UI shows it with the run's charts); its file stays an artifact too."""
+        import mlflow
+        from PIL import Image
+
+        with Image.open(path) as image:
+            mlflow.log_image(image.convert("RGB"), key=key, step=0)
+
     def set_tags(self, tags: Mapping[str, str]) -> None:
         import mlflow
 

@@ -74,7 +74,18 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     with tracker.start() as run_id:
         tracker.log_params(OmegaConf.to_container(cfg, resolve=True))
-        tracker.set_tags({"dataset": data.name, "dataset_hash": data.fingerprint()})
+        digest = data.fingerprint()
+        tracker.set_tags({"dataset": data.name, "dataset_hash": digest})
+        # The data as the run's input: name, hash, where it came from, row counts per split.
+        source = next((str(cfg.data[k]) for k in ("interactions", "root", "directory") if cfg.data.get(k)), ".")
+        counts = {"users": data.n_users, "items": data.n_items, "events": data.interactions.height}
+        tracker.log_dataset(
+            data.interactions.select(Columns.User, Columns.Item, Columns.Timestamp, Columns.Event),
+            data.name,
+            digest,
+            source,
+            {**counts, **split.describe()},
+        )
         tracker.log_metrics({f"data/{k}": v for k, v in split.describe().items()})
         # Secrets are masked in every copy of the config: params, this file, the saved model.
         config_yaml = OmegaConf.to_yaml(OmegaConf.create(mask_secrets(OmegaConf.to_container(cfg, resolve=True))))
@@ -260,6 +271,8 @@ def save_evaluation(
         report_dir = out_dir / "report"
         for f in instantiate(cfg.eval.reporter).write(read_bundle(folder, run_id), report_dir):
             tracker.log_artifact(f, str(Path("report") / f.parent.relative_to(report_dir)))
+            if f.suffix == ".png":  # the report's plots, also as images beside the run's charts
+                tracker.log_image(f, key=f"report/{f.stem}")
         log.info("evaluation report: %s", out_dir / "report" / "report.html")
 
 
