@@ -263,18 +263,23 @@ def input_example(pipeline: TrainedPipeline) -> tuple[Any, dict[str, Any]]:
 
 
 def _log(mlflow, folder: Path, name: str = "model", register_name: str | None = None, example=None):
+    import warnings
+
     from recsys.config import PACKAGE_DIR
 
-    return mlflow.pyfunc.log_model(
-        input_example=example,
-        name=name,
-        loader_module="recsys.export.pyfunc",
-        data_path=str(folder),
-        code_paths=[str(PACKAGE_DIR)],
-        pip_requirements=pip_requirements(),
-        signature=signature(),
-        registered_model_name=register_name or None,
-    )
+    with warnings.catch_warnings():
+        # MLflow's own check of the example's column labels, deprecated by pandas (not our input).
+        warnings.filterwarnings("ignore", message=".*Operation with range is deprecated.*")
+        return mlflow.pyfunc.log_model(
+            input_example=example,
+            name=name,
+            loader_module="recsys.export.pyfunc",
+            data_path=str(folder),
+            code_paths=[str(PACKAGE_DIR)],
+            pip_requirements=pip_requirements(),
+            signature=signature(),
+            registered_model_name=register_name or None,
+        )
 
 
 def log_trained_pipeline(cfg, data, history, models, fusion, out_dir: str | Path) -> str:
