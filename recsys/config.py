@@ -9,8 +9,22 @@ from omegaconf import OmegaConf
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
+def config_dir() -> Path:
+    """The shipped configs: ``recsys/conf`` inside an installed wheel, the repository's top-level
+    ``conf/`` in a source checkout or an editable install (the wheel build copies it there)."""
+    packaged = PACKAGE_DIR / "conf"
+    return packaged if (packaged / "config.yaml").is_file() else PACKAGE_DIR.parent / "conf"
+
+
+# What the entry points' ``@hydra.main(config_path=...)`` reads: an absolute path, so it works
+# from any launch folder. Users add their own config folder with ``--config-dir`` or
+# ``hydra.searchpath``; a file there with the same group and name replaces the shipped one.
+CONFIG_DIR = str(config_dir())
+
+
 def project_root() -> str:
-    """The repository root for an editable install (the folder holding ``conf/``), else the cwd."""
+    """Where outputs, ``mlruns/`` and generated data go: the repository root for a source checkout
+    or an editable install (the folder holding ``conf/``), else the current folder."""
     root = PACKAGE_DIR.parent
     return str(root if (root / "conf").is_dir() else Path.cwd())
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class InputError(Exception):
@@ -59,10 +61,11 @@ def user_message(error: BaseException) -> str | None:
     return None if cause is None else str(cause)
 
 
-def exit_on_user_error(run: Callable[[], object]) -> None:
-    """Run an entry point's job; a data or config problem becomes one line on stderr and exit 2."""
+def exit_on_user_error(run: Callable[[], T]) -> T:
+    """Run an entry point's job and return what it returns; a data or config problem becomes one
+    line on stderr and exit 2."""
     try:
-        run()
+        return run()
     except Exception as e:
         message = user_message(e)
         if message is None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-import recsys.config  # noqa: F401  (registers resolvers)
+import recsys.config  # (registers resolvers; CONFIG_DIR)
 from recsys.errors import ConfigError, InputError, exit_on_user_error
 
 log = logging.getLogger("recsys.evaluate")
@@ -122,7 +122,7 @@ def run(cfg: DictConfig) -> list[Path]:
     return files
 
 
-@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+@hydra.main(config_path=recsys.config.CONFIG_DIR, config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     exit_on_user_error(lambda: run(cfg))
 

@@ -22,7 +22,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-import recsys.config  # noqa: E402,F401  (registers resolvers)
+import recsys.config  # noqa: E402  (registers resolvers; CONFIG_DIR)
 from recsys.errors import ConfigError, InputError, exit_on_user_error  # noqa: E402
 
 log = logging.getLogger("recsys.recommend")
@@ -124,7 +124,7 @@ def run(cfg: DictConfig):
     return result
 
 
-@hydra.main(config_path="../conf", config_name="recommend", version_base="1.3")
+@hydra.main(config_path=recsys.config.CONFIG_DIR, config_name="recommend", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     exit_on_user_error(lambda: run(cfg))
 

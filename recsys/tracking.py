@@ -139,7 +139,7 @@ def save_hydra_files(task_cfg: Any) -> Path | None:
         "hydra.yaml": {"hydra": mask_secrets(OmegaConf.to_container(hydra_cfg, resolve=False))},
         "overrides.yaml": overrides,
     }
-    from recsys.export.writer import write_text_atomic
+    from recsys.atomic import write_text_atomic
 
     for name, content in files.items():
         write_text_atomic(redact(OmegaConf.to_yaml(OmegaConf.create(content)), hidden), folder / name)
@@ -155,27 +155,38 @@ class Tracker:
         run_name: shown in the UI; defaults to MLflow's generated name.
     """
 
-    def __init__(self, mlruns_dir: str, experiment: str = "recsys", run_name: str | None = None) -> None:
+    def __init__(
+        self,
+        mlruns_dir: str,
+        experiment: str = "recsys",
+        run_name: str | None = None,
+        parent_run_id: str | None = None,
+    ) -> None:
         self.mlruns_dir = Path(mlruns_dir)
         self.experiment = experiment
         self.run_name = run_name
+        self.parent_run_id = parent_run_id
         self.uri = tracking_uri(self.mlruns_dir)
 
-    @contextmanager
-    def start(self) -> Iterator[str]:
-        """Start (and end) the run; yields its id."""
+    def experiment_id(self) -> str:
+        """The experiment's id, created (with its artifacts under ``mlruns/artifacts``) if new."""
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         import mlflow
 
         self.mlruns_dir.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(self.uri)
         exp = mlflow.get_experiment_by_name(self.experiment)
-        exp_id = (
-            exp.experiment_id
-            if exp is not None
-            else mlflow.create_experiment(self.experiment, artifact_location=artifact_root(self.mlruns_dir))
-        )
-        with mlflow.start_run(experiment_id=exp_id, run_name=self.run_name) as run:
+        if exp is not None:
+            return exp.experiment_id
+        return mlflow.create_experiment(self.experiment, artifact_location=artifact_root(self.mlruns_dir))
+
+    @contextmanager
+    def start(self) -> Iterator[str]:
+        """Start (and end) the run, a child of ``parent_run_id`` if given; yields its id."""
+        import mlflow
+
+        exp_id = self.experiment_id()
+        with mlflow.start_run(experiment_id=exp_id, run_name=self.run_name, parent_run_id=self.parent_run_id) as run:
             self.run_id = run.info.run_id
             yield run.info.run_id
 
@@ -196,6 +207,29 @@ class Tracker:
         import mlflow
 
         mlflow.log_artifact(str(path), artifact_path=folder)
+
+    def log_dataset(self, frame, name: str, digest: str, source: str, counts: Mapping[str, int]) -> None:
+        """The data set as the run's input (the UI's Datasets column): ``name``, the content hash
+        ``digest``, the folder or file it came from (``source``), the schema of ``frame`` (a polars frame) and its row
+        counts (users, items, events, per split) as tags of the input."""
+        import warnings
+
+        import mlflow
+
+        with warnings.catch_warnings():
+            # MLflow registers its local-file source class twice, then warns that a path matches both.
+            warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
+            path = str(Path(source).resolve())
+            dataset = mlflow.data.from_polars(frame, source=path, name=name, digest=digest)
+        mlflow.log_input(dataset, context="training", tags={k: str(v) for k, v in counts.items()})
+
+    def log_image(self, path: str | Path, key: str) -> None:
+        """A PNG as an MLflow image (the UI shows it with the run's charts); its file stays an artifact too."""
+        import mlflow
+        from PIL import Image
+
+        with Image.open(path) as image:
+            mlflow.log_image(image.convert("RGB"), key=key, step=0)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         import mlflow

@@ -19,14 +19,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-import recsys.config  # noqa: E402,F401  (registers resolvers)
-from recsys.errors import exit_on_user_error  # noqa: E402
+import recsys.config  # noqa: E402  (registers resolvers; CONFIG_DIR)
+from recsys.errors import ConfigError, exit_on_user_error  # noqa: E402
 
 log = logging.getLogger("recsys.train")
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Run the job described by ``cfg``; returns the test metrics logged to MLflow."""
+    """Run the job described by ``cfg``; returns the metrics logged to MLflow (test and validation)."""
+    check_objective(cfg.get("optimized_metric"))
     import lightning as L
     import polars as pl
     import torch
@@ -92,7 +93,18 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     with tracker.start() as run_id:
         tracker.log_params(OmegaConf.to_container(cfg, resolve=True))
-        tracker.set_tags({"dataset": data.name, "dataset_hash": data.fingerprint()})
+        digest = data.fingerprint()
+        tracker.set_tags({"dataset": data.name, "dataset_hash": digest})
+        # The data as the run's input: name, hash, where it came from, row counts per split.
+        source = next((str(cfg.data[k]) for k in ("interactions", "root", "directory") if cfg.data.get(k)), ".")
+        counts = {"users": data.n_users, "items": data.n_items, "events": data.interactions.height}
+        tracker.log_dataset(
+            data.interactions.select(Columns.User, Columns.Item, Columns.Timestamp, Columns.Event),
+            data.name,
+            digest,
+            source,
+            {**counts, **split.describe()},
+        )
         tracker.log_metrics({f"data/{k}": v for k, v in split.describe().items()})
         # What the loader's repair policies did (items_without_text_kept, duplicates_dropped:<file> ...).
         repairs = {f"data/{re.sub(r'[^a-zA-Z0-9_/. -]', '_', k)}": v for k, v in getattr(source, "report", {}).items()}
@@ -214,6 +226,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
                 first,
             )
         metrics["rank/best_iteration"] = fusion.ranker.best_iteration
+        if fusion.ranker.stop_score is not None:
+            metrics["rank/val_ndcg_heldout"] = fusion.ranker.stop_score
         tracker.log_metrics(metrics)
         table_path = out_dir / "metrics.csv"
         table_all = pl.concat([tab.with_columns(pl.lit(p).alias("protocol")) for p, tab in tables.items()])
@@ -245,6 +259,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         # Parts of the ranker stages, summed over both (no memory window of their own).
         parts = {f"time/fusion_{k}_s": v for k, v in fusion.timings.items()}
         metrics.update({**timings.metrics(), **parts})
+        metrics.update(text_val)  # logged after fine-tuning; returned for optimized_metric
         tracker.log_metrics({**timings.metrics(), **parts})
 
         with pl.Config(tbl_rows=20, tbl_cols=20, float_precision=4, tbl_hide_dataframe_shape=True):
@@ -321,15 +336,36 @@ def save_evaluation(
         report_dir = out_dir / "report"
         for f in instantiate(cfg.eval.reporter).write(read_bundle(folder, run_id), report_dir):
             tracker.log_artifact(f, str(Path("report") / f.parent.relative_to(report_dir)))
+            if f.suffix == ".png":  # the report's plots, also as images beside the run's charts
+                tracker.log_image(f, key=f"report/{f.stem}")
         log.info("evaluation report: %s", out_dir / "report" / "report.html")
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+# What ``optimized_metric`` may name: validation scores only, so a sweep never chooses on test.
+VALIDATION_OBJECTIVES = (
+    "rank/val_ndcg_heldout",  # the ranker's NDCG@eval_at on the validation users held back for early stopping
+    "rank/candidate_recall_val",  # share of validation targets among the candidates
+    "text/val_ndcg_at_10_finetuned",  # the fine-tuned text tower, full-catalogue NDCG@10 on validation
+    "text/val_ndcg_at_10_zeroshot",
+)
+
+
+def check_objective(name: str | None) -> None:
+    if name is not None and name not in VALIDATION_OBJECTIVES:
+        raise ConfigError(
+            f"optimized_metric={name!r} is not a validation metric; choose one of {list(VALIDATION_OBJECTIVES)}"
+        )
+
+
+@hydra.main(config_path=recsys.config.CONFIG_DIR, config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    """Train; returns the validation metric named by ``optimized_metric`` (what a sweeper maximises)."""
     from recsys.tracking import save_hydra_files
 
     save_hydra_files(cfg)
-    exit_on_user_error(lambda: run(cfg))
+    metrics = exit_on_user_error(lambda: run(cfg))
+    name = cfg.get("optimized_metric")
+    return float(metrics[name]) if name is not None else None
 
 
 if __name__ == "__main__":

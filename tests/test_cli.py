@@ -41,7 +41,7 @@ def run_cli(root: Path, *overrides: str, repo_root: Path, timeout: int = 300) ->
         "-m",
         "recsys.train",
         f"paths.mlruns_dir={root / 'mlruns'}",
-        f"paths.output_dir={root / 'out'}",
+        f"hydra.run.dir={root / 'out'}",  # the run folder: paths.output_dir follows it
         f"paths.data_dir={root / 'data'}",
         *overrides,
     ]
@@ -165,3 +165,22 @@ def test_bad_input_is_one_clear_message(tmp_path, repo_root):
     assert "'timestamp'" in proc.stderr and "yesterday" in proc.stderr
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
     assert not (tmp_path / "mlruns" / "mlflow.db").exists()  # failed before any run was started
+
+
+def test_mlflow_run_has_the_dataset_input_and_the_report_images(smoke_run):
+    import mlflow
+
+    from recsys.tracking import tracking_uri
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri(smoke_run.mlruns))
+    (run,) = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    (entry,) = run.inputs.dataset_inputs
+    tags = {t.key: t.value for t in entry.tags}
+    assert entry.dataset.name == "generated" and entry.dataset.digest == run.data.tags["dataset_hash"]
+    assert tags["mlflow.data.context"] == "training"
+    assert int(tags["events"]) == int(tags["train_events"]) + int(tags["val_events"]) + int(tags["test_events"])
+    assert int(tags["users"]) > 0 and int(tags["items"]) > 0
+    assert '"num_rows": ' + tags["events"] in entry.dataset.profile
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    for plot in ("curves", "feature_importance", "scores", "segments"):
+        assert any(f"report~{plot}+" in p and p.endswith(".png") for p in images), images

@@ -114,3 +114,22 @@ def test_tokenizer_path_is_not_masked():
         "encoder.tokenizer": "/models/minilm",
         "encoder.max_length": 32,
     }
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "hparams_search").glob("*.yaml")))
+def test_hparams_search_preset_searches_existing_settings_on_a_validation_metric(preset, tmp_path):
+    """Each searched key exists in the composed config (a typo would add a new, unused key) and
+    the objective is one ``main`` returns from validation."""
+    from recsys.train import VALIDATION_OBJECTIVES
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            config_name="config",
+            overrides=["+experiment=bert_ranker", f"hparams_search={preset}", f"paths.output_dir={tmp_path}"],
+            return_hydra_config=True,
+        )
+    assert cfg.optimized_metric in VALIDATION_OBJECTIVES
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.sweeper.direction == "maximize"
+    assert cfg.model.alias is None  # trials leave @champion alone
+    for key in cfg.hydra.sweeper.params:
+        assert OmegaConf.select(cfg, key, default="<absent>") != "<absent>", key

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -14,6 +15,12 @@ import urllib.request
 from pathlib import Path
 
 from export_support import MODEL_NAME, trained_run
+
+# The README's command, verbatim (tests/test_readme.py checks it is the README's).
+README_COMMANDS = [
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db "
+    "--host 127.0.0.1 --port 5000 --workers 1"
+]
 
 
 def free_port() -> int:
@@ -41,11 +48,12 @@ def test_mlflow_ui_shows_the_run_and_the_registered_model():
     port = free_port()
     mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
     # The README command, on a free port and this run's backend.
+    env_set, *cmd = shlex.split(README_COMMANDS[0])
     cmd = [
-        mlflow_bin, "ui", "--backend-store-uri", run.tracking_uri,
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]  # fmt: skip
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+        {"mlflow": mlflow_bin, "sqlite:///mlruns/mlflow.db": run.tracking_uri, "5000": str(port)}.get(t, t) for t in cmd
+    ]
+    key, value = env_set.split("=")
+    env = {**os.environ, key: value, "MLFLOW_DISABLE_TELEMETRY": "true"}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:

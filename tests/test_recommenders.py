@@ -232,3 +232,11 @@ def test_sequential_knn_counts_what_came_next_within_the_window():
     # Directional: nothing leads back; and only the top neighbour per item is kept with k=1.
     top1 = SequentialKNN(neighbours=1, window=2, recency_decay=None).fit(History(df, 2, 4)).similarity.toarray()
     np.testing.assert_allclose(top1, np.where(want == want.max(1, keepdims=True), want, 0) * (want > 0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("make", [lambda p: ALS(iterations=3, progress=p), lambda p: BPR(iterations=3, progress=p)])
+def test_cf_fits_show_a_progress_bar_unless_told_not_to(make, block_world, capfd):
+    make(True).fit(block_world.history)
+    assert "3/3" in capfd.readouterr().err  # implicit's bar over the iterations
+    make(False).fit(block_world.history)
+    assert capfd.readouterr().err == ""

@@ -33,15 +33,25 @@ class _FactorModel(Recommender):
 
 
 class ALS(_FactorModel):
-    """implicit ALS on event-weighted counts; confidence = 1 + alpha * weight."""
+    """implicit ALS on event-weighted counts; confidence = 1 + alpha * weight.
+
+    ``progress``: implicit's progress bar over the iterations (as for BPR and item-kNN), like the
+    other long steps of a run.
+    """
 
     name = "als"
 
     def __init__(
-        self, factors: int = 64, regularization: float = 0.05, alpha: float = 10.0, iterations: int = 15, seed: int = 0
+        self,
+        factors: int = 64,
+        regularization: float = 0.05,
+        alpha: float = 10.0,
+        iterations: int = 15,
+        seed: int = 0,
+        progress: bool = True,
     ) -> None:
         self.factors, self.regularization, self.alpha = factors, regularization, alpha
-        self.iterations, self.seed = iterations, seed
+        self.iterations, self.seed, self.progress = iterations, seed, progress
 
     def fit(self, history: History) -> ALS:
         from implicit.cpu.als import AlternatingLeastSquares
@@ -54,7 +64,7 @@ class ALS(_FactorModel):
                 iterations=self.iterations,
                 random_state=self.seed,
             )
-            model.fit(history.matrix, show_progress=False)
+            model.fit(history.matrix, show_progress=self.progress)
         self._store(model, history)
         return self
 
@@ -71,9 +81,10 @@ class BPR(_FactorModel):
         regularization: float = 0.01,
         iterations: int = 100,
         seed: int = 0,
+        progress: bool = True,
     ) -> None:
         self.factors, self.learning_rate, self.regularization = factors, learning_rate, regularization
-        self.iterations, self.seed = iterations, seed
+        self.iterations, self.seed, self.progress = iterations, seed, progress
 
     def fit(self, history: History) -> BPR:
         from implicit.cpu.bpr import BayesianPersonalizedRanking
@@ -87,7 +98,7 @@ class BPR(_FactorModel):
             random_state=self.seed,
         )
         with threadpool_limits(1, "blas"):
-            model.fit(history.matrix, show_progress=False)
+            model.fit(history.matrix, show_progress=self.progress)
         self._store(model, history)
         return self
 
@@ -103,12 +114,15 @@ class ItemKNN(Recommender):
 
     name = "itemknn"
 
-    def __init__(self, neighbours: int = 100, binary: bool = True, recency_decay: float | None = None) -> None:
+    def __init__(
+        self, neighbours: int = 100, binary: bool = True, recency_decay: float | None = None, progress: bool = True
+    ) -> None:
         if neighbours < 1:
             raise ValueError(f"{type(self).__name__} neighbours must be >= 1, got {neighbours}")
         if recency_decay is not None and not 0.0 < recency_decay <= 1.0:
             raise ValueError(f"{type(self).__name__} recency_decay must be in (0, 1] or null, got {recency_decay}")
         self.neighbours, self.binary, self.recency_decay = neighbours, binary, recency_decay
+        self.progress = progress
 
     def fit(self, history: History) -> ItemKNN:
         from implicit.nearest_neighbours import CosineRecommender
@@ -120,7 +134,7 @@ class ItemKNN(Recommender):
         with threadpool_limits(1, "blas"), warnings.catch_warnings():
             # implicit converts its own intermediate COO matrix and warns about it.
             warnings.filterwarnings("ignore", message="Method expects CSR input")
-            model.fit(m, show_progress=False)
+            model.fit(m, show_progress=self.progress)
         self.similarity = sp.csr_matrix(model.similarity, dtype=np.float32)
         self.user_items = user_rows(history, self.recency_decay, self.binary)
         return self

@@ -23,11 +23,11 @@ import importlib.metadata
 import json
 import logging
 import threading
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, get_type_hints
 
+import numpy as np
 import polars as pl
 
 from recsys.columns import Columns
@@ -103,12 +103,38 @@ class PipelineModel:
         return self._engines[key]
 
     def predict(self, model_input, params: Mapping[str, Any] | None = None):
-        """``model_input``: pandas/polars frame with ``user_id`` (+ optional history columns)."""
-        params = dict(params or {})
-        k = int(params.get("k") or self.serving["k"])
+        """``model_input``: pandas/polars frame with ``user_id`` (+ optional history columns).
+
+        A bad request (a user neither known nor given a history, ``k`` < 1, an unknown scorer, a
+        bad history row) raises an ``MlflowException(INVALID_PARAMETER_VALUE)`` carrying the
+        ``InputError``'s message: ``mlflow models serve`` answers it with a 400 and that message.
+        """
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        try:
+            return self._predict(model_input, dict(params or {}))
+        except InputError as e:
+            raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from e
+
+    def _predict(self, model_input, params: dict[str, Any]):
+        k = params.get("k")
+        k = self.serving["k"] if k is None else k
+        if isinstance(k, bool) or not isinstance(k, int | float) or k != int(k) or k < 1:
+            raise InputError(f"param k must be a whole number >= 1, got {k!r}")
         scorer = str(params.get("scorer") or self.serving["scorer"])
         df = model_input if isinstance(model_input, pl.DataFrame) else pl.from_pandas(model_input)
-        out = recommend_frame(self.engine(k, scorer), df, int(self.serving.get("chunk_size", 4096)))
+        users, hist = split_input(df)
+        given = set() if hist is None else set(hist[Columns.User].unique().to_list())
+        known = self.pipeline.users.index([u for u in users if u not in given]) >= 0
+        if not known.all():
+            unknown = [u for u in users if u not in given][int(np.flatnonzero(~known)[0])]
+            raise InputError(
+                f"{int((~known).sum())} user(s) unknown to the model and given no history, e.g. {unknown!r}: "
+                f"send their history as {Columns.Item}[, {Columns.Timestamp}, {Columns.Event}] rows",
+                column=Columns.User,
+            )
+        out = recommend_frame(self.engine(int(k), scorer), df, int(self.serving.get("chunk_size", 4096)))
         return out if isinstance(model_input, pl.DataFrame) else out.to_pandas()
 
 
@@ -196,7 +222,8 @@ def signature():
             ColSpec("string", "explain_features", required=False),
         ]
     )
-    params = ParamSchema([ParamSpec("k", "long", 0), ParamSpec("scorer", "string", "")])
+    # No defaults: a request without them gets the model's (serving.json); k=0 is then an error, not "unset".
+    params = ParamSchema([ParamSpec("k", "long", None), ParamSpec("scorer", "string", None)])
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
@@ -216,10 +243,7 @@ def log_pipeline(
     folder = Path(folder)
     pipeline.save(folder, config_yaml=config_yaml)
     (folder / SERVING_FILE).write_text(json.dumps(dict(serving), indent=2, sort_keys=True))
-    with warnings.catch_warnings():
-        # Without an input example MLflow warns; an example would make it load and run the model.
-        warnings.filterwarnings("ignore", message=".*input example was not provided.*")
-        info = _log(mlflow, folder, name, register_name)
+    info = _log(mlflow, folder, name, register_name, input_example(pipeline))
     uri = info.model_uri
     if register_name:
         version = info.registered_model_version
@@ -230,18 +254,32 @@ def log_pipeline(
     return uri
 
 
-def _log(mlflow, folder: Path, name: str = "model", register_name: str | None = None):
+def input_example(pipeline: TrainedPipeline) -> tuple[Any, dict[str, Any]]:
+    """What the model's page shows and ``serving_input_example.json`` holds: two known users and
+    ``k``; MLflow runs it through the loaded model once when logging, so it is also a check."""
+    import pandas as pd
+
+    return pd.DataFrame({Columns.User: [str(u) for u in pipeline.users.ids[:2]]}), {"k": 5}
+
+
+def _log(mlflow, folder: Path, name: str = "model", register_name: str | None = None, example=None):
+    import warnings
+
     from recsys.config import PACKAGE_DIR
 
-    return mlflow.pyfunc.log_model(
-        name=name,
-        loader_module="recsys.export.pyfunc",
-        data_path=str(folder),
-        code_paths=[str(PACKAGE_DIR)],
-        pip_requirements=pip_requirements(),
-        signature=signature(),
-        registered_model_name=register_name or None,
-    )
+    with warnings.catch_warnings():
+        # MLflow's own check of the example's column labels, deprecated by pandas (not our input).
+        warnings.filterwarnings("ignore", message=".*Operation with range is deprecated.*")
+        return mlflow.pyfunc.log_model(
+            input_example=example,
+            name=name,
+            loader_module="recsys.export.pyfunc",
+            data_path=str(folder),
+            code_paths=[str(PACKAGE_DIR)],
+            pip_requirements=pip_requirements(),
+            signature=signature(),
+            registered_model_name=register_name or None,
+        )
 
 
 def log_trained_pipeline(cfg, data, history, models, fusion, out_dir: str | Path) -> str:

@@ -66,6 +66,7 @@ class LambdaMARTRanker:
         self.refit_full = refit_full
         self.bags = bags
         self.seed = seed
+        self.stop_score: float | None = None
 
     def fit(self, frame: pl.DataFrame, features: Sequence[str], label: str = "label") -> LambdaMARTRanker:
         import lightgbm as lgb
@@ -94,6 +95,7 @@ class LambdaMARTRanker:
             self.params, train, num_boost_round=self.n_estimators, valid_sets=valid_sets, callbacks=callbacks
         )
         self.best_iteration = int(self.booster.best_iteration or self.n_estimators)
+        self.stop_score = self._stop_score([self.booster]) if stop_part.height else None
         if self.refit_full and stop_part.height:
             rounds = max(1, round(self.best_iteration / (1.0 - self.early_stopping_fraction)))
             self.booster = lgb.train(self.params, self._dataset(frame, label), num_boost_round=rounds)
@@ -111,7 +113,7 @@ class LambdaMARTRanker:
         everything = self._dataset(frame, label)
         fold_of = dict(zip(rng.permutation(users).tolist(), np.arange(len(users)) % self.bags, strict=True))
         fold = frame[Columns.UserIdx].replace_strict(fold_of, return_dtype=pl.Int64)
-        boosters = []
+        boosters, scored = [], []
         for k in range(self.bags):
             part = fold == k
             train = self._dataset(frame.filter(~part), label, reference=everything)
@@ -124,9 +126,18 @@ class LambdaMARTRanker:
                 callbacks=[lgb.early_stopping(self.early_stopping_rounds, verbose=False)],
             )
             boosters.append(booster.model_to_string(num_iteration=booster.best_iteration or self.n_estimators))
+            scored.append(booster)
+        self.stop_score = self._stop_score(scored)
         self.booster = lgb.Booster(model_str=average_models(boosters))
         self.best_iteration = self.booster.num_trees()
         return self
+
+    def _stop_score(self, boosters) -> float:
+        """NDCG@``eval_at`` of the users held back for early stopping (each bag's own fold), at the
+        chosen number of trees, averaged over the boosters: the ranker's out-of-sample validation
+        score among the candidates, what ``hparams_search=ranker`` maximises."""
+        key = f"ndcg@{self.params['eval_at'][0]}"
+        return float(np.mean([b.best_score["valid_0"][key] for b in boosters]))
 
     def _dataset(self, df: pl.DataFrame, label: str, reference=None):
         import lightgbm as lgb

@@ -1,0 +1,107 @@
+"""Hydra sweeps as MLflow runs: one parent run per multirun, each trial a child run under it.
+
+``python -m recsys.train -m +experiment=bert_ranker hparams_search=ranker`` runs the Optuna
+sweeper (``conf/hparams_search/``) over full training jobs. Each job's ``main`` returns the
+validation metric named by ``optimized_metric`` (never a test metric: ``recsys.train`` refuses
+those). This callback, listed under ``hydra.callbacks`` by the presets, opens the parent run,
+hands its id to the trials through the environment (``logger.parent_run_id`` reads it), records
+each trial's objective on the parent and, at the end, the best trial's settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from recsys.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+PARENT_ENV = "RECSYS_SWEEP_PARENT_RUN"
+RESULTS_FILE = "optimization_results.yaml"  # written by the Optuna sweeper into hydra.sweep.dir
+
+
+class MLflowSweep(Callback):
+    """Parent MLflow run of a Hydra multirun (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.client = None
+        self.parent: str | None = None
+        self.best: tuple[float, int, list[str], str | None] | None = None
+        self.trials = 0
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        import mlflow
+
+        tracker = Tracker(config.paths.mlruns_dir, config.logger.experiment)
+        self.client = mlflow.MlflowClient(tracking_uri=tracker.uri)
+        self.sweep_dir = Path(config.hydra.sweep.dir)
+        self.metric = config.get("optimized_metric")
+        self.maximize = str(config.hydra.sweeper.get("direction", "maximize")).lower().endswith("maximize")
+        run = self.client.create_run(
+            tracker.experiment_id(),
+            run_name=f"sweep {self.sweep_dir.name}",
+            tags={"sweep_dir": str(self.sweep_dir.resolve())},
+        )
+        self.parent = run.info.run_id
+        space = config.hydra.sweeper.get("params") or {}
+        params = {f"search.{k}": str(v) for k, v in space.items()}
+        params.update(
+            optimized_metric=str(self.metric),
+            direction="maximize" if self.maximize else "minimize",
+            n_trials=str(config.hydra.sweeper.get("n_trials")),
+            overrides=" ".join(config.hydra.overrides.task),
+        )
+        for key, value in params.items():
+            self.client.log_param(self.parent, key, value[:6000])
+        os.environ[PARENT_ENV] = self.parent
+        log.info("sweep: MLflow parent run %s (experiment %s)", self.parent, config.logger.experiment)
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if self.parent is None or job_return.status.name != "COMPLETED" or job_return.return_value is None:
+            return
+        value = float(job_return.return_value)
+        trial = int(config.hydra.job.num)
+        # The trial that just ended is the parent's newest child: the basic launcher runs them one by one.
+        newest = self.client.search_runs(
+            [self.client.get_run(self.parent).info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{self.parent}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        run_id = newest[0].info.run_id if newest else None
+        if run_id:
+            self.client.set_tag(run_id, "sweep_trial", str(trial))
+            self.client.update_run(run_id, name=f"trial {trial}")
+        self.client.log_metric(self.parent, f"trials/{self.metric}", value, step=trial)
+        better = self.best is None or (value > self.best[0] if self.maximize else value < self.best[0])
+        if not math.isnan(value) and better:
+            self.best = (value, trial, list(job_return.overrides), run_id)
+            self.client.log_metric(self.parent, f"best/{self.metric}", value, step=trial)
+        self.trials += 1
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.parent is None:
+            return
+        os.environ.pop(PARENT_ENV, None)
+        results = self.sweep_dir / RESULTS_FILE
+        if results.is_file():
+            self.client.log_artifact(self.parent, str(results))
+        if self.best is not None:
+            value, trial, overrides, run_id = self.best
+            self.client.set_tag(self.parent, "best_trial", str(trial))
+            self.client.set_tag(self.parent, "best_overrides", " ".join(overrides))
+            self.client.set_tag(self.parent, "best_run_id", str(run_id))
+            best = {"trial": trial, "run_id": run_id, "value": value, "overrides": overrides}
+            self.client.log_text(self.parent, OmegaConf.to_yaml(OmegaConf.create(best)), "best.yaml")
+            print(
+                f"\nBest of {self.trials} trials ({self.metric} = {value:.4f}): trial {trial}, MLflow run "
+                f"{run_id}, folder {self.sweep_dir / str(trial)}\n  overrides: {' '.join(overrides)}"
+            )
+        self.client.set_terminated(self.parent)
