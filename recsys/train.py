@@ -96,13 +96,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
         digest = data.fingerprint()
         tracker.set_tags({"dataset": data.name, "dataset_hash": digest})
         # The data as the run's input: name, hash, where it came from, row counts per split.
-        source = next((str(cfg.data[k]) for k in ("interactions", "root", "directory") if cfg.data.get(k)), ".")
+        origin = next((str(cfg.data[k]) for k in ("interactions", "root", "directory") if cfg.data.get(k)), ".")
         counts = {"users": data.n_users, "items": data.n_items, "events": data.interactions.height}
         tracker.log_dataset(
             data.interactions.select(Columns.User, Columns.Item, Columns.Timestamp, Columns.Event),
             data.name,
             digest,
-            source,
+            origin,
             {**counts, **split.describe()},
         )
         tracker.log_metrics({f"data/{k}": v for k, v in split.describe().items()})

@@ -35,7 +35,7 @@ def env() -> dict[str, str]:
 
 
 def command(root: Path, out: str, *overrides: str) -> list[str]:
-    """``python -m recsys.train`` with every path under ``root`` (the run folder is ``root/out``)."""
+    """``python -m recsys.train`` with every path under ``root`` (the run folder, Hydra's, is ``root/out``)."""
     return [
         sys.executable,
         "-m",
@@ -43,7 +43,7 @@ def command(root: Path, out: str, *overrides: str) -> list[str]:
         f"paths.root_dir={root}",
         f"paths.mlruns_dir={root / 'mlruns'}",
         f"paths.data_dir={root / 'data'}",
-        f"paths.output_dir={root / out}",
+        f"hydra.run.dir={root / out}",  # the run folder: paths.output_dir follows it
         *overrides,
     ]
 

@@ -78,8 +78,10 @@ def test_training_writes_bundle_and_report_with_every_section(tiny_run):
     html = (root / "out" / "report" / "report.html").read_text()
     for key in SECTIONS:
         assert f'<section id="{key}">' in html, key
-    # Self-contained: every figure embedded, nothing fetched from elsewhere.
-    assert html.count("data:image/png;base64,") == 4
+    # Self-contained: every figure embedded, nothing fetched from elsewhere. Four figures, and the
+    # text tower's validation curve when fine-tuning checked validation more than once.
+    curve = "Validation NDCG@10 by training step" in html
+    assert html.count("data:image/png;base64,") == 4 + curve
     assert not re.search(r'src="(?!data:)', html)
     md = (root / "out" / "report" / "report.md").read_text()
     for title in ("## Headline", "## Accuracy at K", "## Segments", "## Protocol card", "## Ablation"):

@@ -33,8 +33,15 @@ TEXTS = [
 def count_encoded_rows(encoder: ItemEncoder) -> list[int]:
     """Rows (items) that pass through the BERT, appended per call."""
     calls: list[int] = []
-    # On the ItemEncoder, not its BERT: the packed path reads the BERT's weights without calling it.
-    encoder.register_forward_hook(lambda m, args, out: calls.append(len(args[0])))
+    # At the ItemEncoder's BERT pass (``_embed``), not the BERT: the packed path reads the BERT's
+    # weights without calling it; nor ``forward``: catalogue passes skip the adapter it adds.
+    embed = encoder._embed
+
+    def counted(bert, input_ids, attention_mask):
+        calls.append(len(input_ids))
+        return embed(bert, input_ids, attention_mask)
+
+    encoder._embed = counted
     return calls
 
 

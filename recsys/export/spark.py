@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     def job() -> None:
-        from recsys.recommend import read_user_list
+        from recsys.data.tables import read_user_list
 
         check_spark()
         users = read_user_list(args.users) if args.users else None
@@ -229,7 +229,8 @@ def run_from_config(cfg) -> dict[str, Any]:
     """``python -m recsys.recommend engine=spark``: the same settings as the local export, on Spark."""
     from omegaconf import OmegaConf
 
-    from recsys.recommend import positive_int, read_user_list
+    from recsys.data.tables import read_user_list
+    from recsys.recommend import positive_int
     from recsys.tracking import tracking_uri
 
     check_spark()  # before the model is resolved: a missing runtime is a one-line error
