@@ -63,7 +63,7 @@ def run_size(scale: int, root: Path, epochs: int, steps: int, overrides: list[st
         f"text.data.steps_per_epoch={steps}",
         f"paths.data_dir={root / 'data'}",
         f"paths.mlruns_dir={root / 'mlruns'}",
-        f"paths.output_dir={root / 'out'}",
+        f"hydra.run.dir={root / 'out'}",  # the run folder (paths.output_dir), with its .hydra/ record
         f"text.resume_root={root / 'checkpoints'}",
         *overrides,
     ]

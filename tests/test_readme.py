@@ -65,6 +65,8 @@ ELSEWHERE = {
     "--env-manager local -h 127.0.0.1 -p 5001": "test_serve",
     "curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' "
     """-d '{"dataframe_records": [{"user_id": "U00001"}], "params": {"k": 5}}'""": "test_serve",
+    **{command: "test_scale" for command in importlib.import_module("test_scale").README_COMMANDS},
+    **{command: "test_spark" for command in importlib.import_module("test_spark").README_COMMANDS},
 }
 
 # Seconds, not minutes: the smoke experiment's data and BERT, one short epoch, no report.

@@ -1,6 +1,22 @@
-"""Costs that grow no faster than the work: a capped ranker sample, sampled evaluation, stage profiles."""
+"""Costs that grow no faster than the work: a capped ranker sample, sampled evaluation, stage profiles.
+
+The README's "Larger data" commands are run here (tests/test_readme.py checks they are the
+README's). The 10x and 100x training commands run in process, data generation and all, up to
+the job's up-front memory estimate, with ``memory_limit_gb=1`` so they stop there with the
+one-line error instead of training for hours; the error names the event count, which checks the
+scale. ``bench/scale.py --sizes 1 -- encoder=tiny`` runs for real with the tiny data appended
+(later Hydra overrides win); its 1x/10x and 100x forms run with ``-- memory_limit_gb=1``: the
+first size's job starts at its real size and stops at the memory estimate, and the bench stops
+with its error.
+"""
 
 from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -15,6 +31,16 @@ from recsys.pipeline import FusionStage
 from recsys.profiling import StageTimings, peak_rss_mb
 from recsys.rank.ranker import LambdaMARTRanker
 from recsys.recommender import History
+
+REPO = Path(__file__).resolve().parents[1]
+README_COMMANDS = [
+    "python -m recsys.train +experiment=bert_ranker data.n_users=30000 data.n_items=15000",
+    "python -m recsys.train +experiment=bert_ranker data.n_users=300000 data.n_items=150000",
+    "python bench/scale.py",
+    "python bench/scale.py --sizes 1,10,100",
+    "python bench/scale.py --sizes 1 -- encoder=tiny",
+]
+TRAIN_10X, TRAIN_100X, BENCH, BENCH_100X, BENCH_TINY = README_COMMANDS
 
 
 @pytest.fixture
@@ -160,3 +186,65 @@ def test_cli_refuses_a_job_that_will_not_fit_before_training(tmp_path, repo_root
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "needs about" in proc.stderr and "the limit is 0.5 GB" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "mlruns").exists() or not list((tmp_path / "mlruns").rglob("*.ckpt"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("command", "min_events"), [(TRAIN_10X, 300_000), (TRAIN_100X, 3_000_000)], ids=["10x", "100x"]
+)
+def test_readme_larger_data_commands_stop_at_the_memory_estimate(command, min_events, tmp_path):
+    """The README's 10x and 100x jobs, in process up to the memory estimate (``memory_limit_gb=1``):
+    the data is generated and split at full size, then the job stops before any training."""
+    from hydra import compose, initialize_config_dir
+
+    import recsys.config
+    from recsys import train
+    from recsys.errors import InputError
+
+    args = shlex.split(command)
+    assert args[:3] == ["python", "-m", "recsys.train"]
+    paths = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / 'out'}", "memory_limit_gb=1"]
+    with initialize_config_dir(config_dir=recsys.config.CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[*args[3:], *paths])
+    with pytest.raises(InputError, match=r"needs about [\d.]+ GB of memory and the limit is 1\.0 GB") as err:
+        train.run(cfg)
+    events = int(re.search(r"\(([\d,]+) events", str(err.value)).group(1).replace(",", ""))
+    assert min_events <= events <= 2 * min_events
+    assert not (tmp_path / "mlruns").exists()  # stopped before any run was logged
+
+
+def bench(command: str, tmp_path, *extra: str) -> subprocess.CompletedProcess:
+    args = shlex.split(command)
+    assert args[:2] == ["python", "bench/scale.py"]
+    if extra and "--" not in args:
+        args.append("--")
+    cmd = [sys.executable, *args[1:2], "--workdir", str(tmp_path), *args[2:], *extra]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+def test_readme_bench_command_prints_the_stage_table(tmp_path):
+    """``python bench/scale.py --sizes 1 -- encoder=tiny`` with the tiny data and text budget appended."""
+    tiny = ["data.n_users=150", "data.n_items=100", "text.data.steps_per_epoch=2", "text.frozen_history=false"]
+    tiny += ["cf.bpr.iterations=5", "eval.zeroshot=false", "eval.report=false", "model.register_name=null"]
+    proc = bench(BENCH_TINY, tmp_path, *tiny)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = proc.stdout
+    assert "| stage | 1x s | 1x peak MB |" in table
+    for label in ("data (generate, load, split)", "text (fine-tune)", "evaluation (all models", "total"):
+        row = next(line for line in table.splitlines() if line.startswith(f"| {label}"))
+        seconds = float(row.split("|")[2].replace(",", ""))
+        assert seconds >= 0, row
+    assert "data.n_users=3000" in proc.stderr and "encoder=tiny" in proc.stderr  # the command it ran
+    assert (tmp_path / "x1" / "out" / "recommendations.parquet").exists()  # hydra.run.dir: nothing in the repo
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [BENCH, BENCH_100X], ids=["1x-10x", "1x-10x-100x"])
+def test_readme_bench_commands_start_each_job_at_its_size(command, tmp_path):
+    """The README's default and 100x bench forms with ``-- memory_limit_gb=1``: the 1x job starts at
+    the default size and stops at the memory estimate; the bench reports it and stops."""
+    proc = bench(command, tmp_path, "memory_limit_gb=1")
+    assert proc.returncode != 0
+    assert "[1x] recsys.train failed (exit 2)" in proc.stderr and "needs about" in proc.stderr
+    assert "data.n_users=3000 data.n_items=1500" in proc.stderr

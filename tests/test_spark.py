@@ -1,8 +1,16 @@
-"""Batch scoring on Spark (``python -m recsys.recommend engine=spark``) on a local[2] session."""
+"""Batch scoring on Spark (``python -m recsys.recommend engine=spark``) on a local[2] session.
+
+The README's "On a cluster" commands are run here (tests/test_readme.py checks they are the
+README's): the install as a pip dry run against the installed packages (no network), the
+recommend command in process with the test model and a temp output, and the ``spark-submit``
+command through bash with the cluster parts (YARN, the packed environment, the tracking server,
+HDFS) swapped for local ones.
+"""
 
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +22,18 @@ from polars.testing import assert_frame_equal
 
 from recsys.columns import Columns
 from recsys.errors import ConfigError
+
+README_COMMANDS = [
+    'pip install -e ".[spark]"',
+    "python -m recsys.recommend engine=spark \"spark.master='local[2]'\" model_uri=models:/recsys@champion "
+    "output=outputs/recommend/spark",
+    "spark-submit --master yarn --deploy-mode client "
+    "--archives recsys-env.tar.gz#env --conf spark.pyspark.python=./env/bin/python "
+    "\"$(python -c 'import recsys.export.spark as s; print(s.__file__)')\" "
+    "--model-uri models:/recsys@champion --tracking-uri http://mlflow.internal:5000 "
+    "--output hdfs:///recsys/recommendations/$(date +%F) --k 20",
+]
+INSTALL, RECOMMEND, SUBMIT = README_COMMANDS
 
 
 def recommend(*overrides: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -77,7 +97,12 @@ def test_spark_rows_equal_the_local_export_and_a_rerun_after_a_kill_gives_the_sa
     leftover = tmp_path / "spark-recs.inprogress"
     leftover.mkdir()
     (leftover / "part-00000-dead.parquet").write_bytes(b"PAR1 half a file")
-    spark = compose(*common, "engine=spark", "spark.master='local[2]'", "spark.partitions=3", f"output={out}")
+    # The README's command, with the test model and this test's output folder.
+    readme = shlex.split(RECOMMEND.replace("models:/recsys@", f"models:/{MODEL_NAME}@"))
+    assert readme[:3] == ["python", "-m", "recsys.recommend"]
+    readme = [a.replace("output=outputs/recommend/spark", f"output={out}") for a in readme[3:]]
+    assert f"output={out}" in readme and "spark.master='local[2]'" in readme
+    spark = compose(*common, "spark.partitions=3", *readme)
     info = recommend_run(spark)
     assert info["users"] == len(users) and info["partitions"] == 3
     got = read_parts(out)
@@ -87,3 +112,48 @@ def test_spark_rows_equal_the_local_export_and_a_rerun_after_a_kill_gives_the_sa
 
     recommend_run(spark)  # over a finished output: replaced, same rows
     assert_frame_equal(read_parts(out), got)
+
+
+def test_spark_extra_installs_pyspark_from_what_is_installed(tmp_path):
+    """The README's ``pip install -e ".[spark]"``, as a dry run with no index: every requirement,
+    pyspark included, is met by the installed packages."""
+    pytest.importorskip("pyspark", reason="pyspark is not installed (pip install '.[spark]')")
+    args = shlex.split(INSTALL)
+    assert args[:2] == ["pip", "install"]
+    cmd = [sys.executable, "-m", "pip", *args[1:], "--dry-run", "--no-index", "--no-build-isolation"]
+    cmd += ["--report", str(tmp_path / "report.json")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    import json
+
+    wanted = [item["metadata"] for item in json.loads((tmp_path / "report.json").read_text())["install"]]
+    recsys = next(m for m in wanted if m["name"] == "recsys")
+    assert any(r.startswith("pyspark") and "spark" in r for r in recsys.get("requires_dist", []))
+
+
+@pytest.mark.slow
+def test_spark_submit_command_scores_every_user(tmp_path):
+    """The README's ``spark-submit`` command through bash: ``--master local[2]`` for YARN, this
+    venv's Python for the packed one, the test model's local store for the tracking server and a
+    temp folder for HDFS; the rest (module file, model alias, k) as the README has it."""
+    spark_ready()
+    run = trained_run()
+    out = tmp_path / "recommendations"
+    command = (
+        SUBMIT.replace("--master yarn --deploy-mode client", "--master local[2]")
+        .replace("--archives recsys-env.tar.gz#env ", "")
+        .replace("spark.pyspark.python=./env/bin/python", f"spark.pyspark.python={sys.executable}")
+        .replace("models:/recsys@", f"models:/{MODEL_NAME}@")
+        .replace("http://mlflow.internal:5000", run.tracking_uri)
+        .replace("hdfs:///recsys/recommendations/", f"{out}/")
+    )
+    assert "--k 20" in command and "yarn" not in command and "hdfs:" not in command
+    bin_dir = str(Path(sys.executable).parent)  # `python` and `spark-submit` of this venv
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "PYSPARK_PYTHON": sys.executable}
+    env |= {"MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (folder,) = out.iterdir()  # $(date +%F)
+    got = read_parts(folder)
+    known = pl.read_parquet(run.pipeline_dir / "users.parquet")[Columns.User]
+    assert set(got[Columns.User]) == set(known) and got[Columns.Rank].max() == 20
