@@ -39,7 +39,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     from recsys.pipeline import FusionStage, HybridPipeline, check_split, stage_exclusion, stage_users
     from recsys.profiling import StageTimings, check_memory
     from recsys.recommender import History
-    from recsys.text.fit import budget, fine_tune, open_resume_dir, zero_shot_copy
+    from recsys.text.fit import fine_tune, open_resume_dir, zero_shot_copy
+    from recsys.text.options import budget, check_options
     from recsys.text.recommender import NewItemText, TextRecommender
     from recsys.tracking import mask_secrets
 
@@ -52,11 +53,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     # --- everything that can fail on bad input fails here, before any training -------------
     t0 = time.perf_counter()
+    text_budget = budget(cfg.text.get("budget_minutes"))
+    check_options(cfg.text.get("budget_minutes"), cfg.text.data, cfg.text.module)
     data = instantiate(cfg.data).load()
     split = instantiate(cfg.split).split(data.interactions)
     val_users, test_users = check_split(data, split)
     encoder = instantiate(cfg.encoder)
-    text_budget = budget(cfg.text.get("budget_minutes"))
     cf = {name: instantiate(node) for name, node in cfg.cf.items()}
     fusion = FusionStage(
         dict(cfg.rank.n_candidates), instantiate(cfg.ranker), cfg.rank.get("max_train_users"), seed=cfg.seed

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from recsys.errors import ConfigError
 from recsys.text.encoder import ENCODE_BATCH, TwoTower
+from recsys.text.options import check_options
 
 
 class TextTowerModule(L.LightningModule):
@@ -78,9 +79,7 @@ class TextTowerModule(L.LightningModule):
         self.net = net
         self.train_bert, self.lr_adapter = bool(train_bert), lr_adapter
         self.popularity_debias = float(popularity_debias)
-        if train_threads is not None and not (isinstance(train_threads, int) and train_threads > 0):
-            msg = f"text.module.train_threads must be a positive whole number or null, got {train_threads!r}"
-            raise ConfigError(msg)
+        check_options(None, {}, {"train_threads": train_threads, "popularity_debias": popularity_debias})
         self.train_threads = train_threads
         self._threads_before: int | None = None
         self.lr_encoder, self.lr_head, self.weight_decay = lr_encoder, lr_head, weight_decay
