@@ -35,7 +35,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     from recsys.columns import Columns
     from recsys.export.pyfunc import log_trained_pipeline
     from recsys.export.writer import recommendations_frame, write_parquet_atomic, write_text_atomic
-    from recsys.pipeline import FusionStage, HybridPipeline, check_split, stage_exclusion
+    from recsys.pipeline import FusionStage, HybridPipeline, check_split, stage_exclusion, stage_history
     from recsys.recommender import History
     from recsys.text.fit import fine_tune, open_resume_dir, zero_shot_copy
     from recsys.text.recommender import NewItemText, TextRecommender
@@ -81,7 +81,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         tracker.log_artifact(config_path)
 
         # --- validation stage: fit on train -------------------------------------------------
+        as_of = bool(cfg.eval.get("as_of_cut", True))
         hist_val = History(split.train, data.n_users, data.n_items)
+        hist_val = stage_history(hist_val, split.val) if as_of else hist_val
         t0 = time.perf_counter()
         cf_val = pipeline.fit_cf(hist_val)
         timings["cf_fit_val"] = time.perf_counter() - t0
@@ -129,6 +131,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         # --- test stage: refit CF on train + val, score the untouched test events ------------
         t0 = time.perf_counter()
         hist_test = hist_val.extend(split.val)
+        hist_test = stage_history(hist_test, split.test) if as_of else hist_test
         cf_test = pipeline.fit_cf(hist_test)
         text.fit(hist_test)
         models_test = {**cf_test, "text": text, "text_new": NewItemText(text).fit(hist_test)}
