@@ -33,7 +33,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
     from lightning.pytorch.loggers import MLFlowLogger
 
     from recsys.columns import Columns
-    from recsys.export.pyfunc import log_trained_pipeline
     from recsys.export.writer import recommendations_frame, write_parquet_atomic, write_text_atomic
     from recsys.pipeline import FusionStage, HybridPipeline, check_split, stage_exclusion, stage_history
     from recsys.recommender import History
@@ -192,7 +191,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         )
         rec_path = write_parquet_atomic(recs, out_dir / "recommendations.parquet")
         tracker.log_artifact(rec_path)
-        model_uri = log_trained_pipeline(cfg, data, hist_test, models_test, fusion, out_dir)
+        t0 = time.perf_counter()
+        model_uri = deploy_stage(cfg, data, pipeline, fusion, hist_test, split.test, models_test, out_dir)
+        timings["deploy"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         metrics.update({f"time/{k}_s": v for k, v in timings.items()})
         tracker.log_metrics({f"time/{k}_s": v for k, v in timings.items()})
@@ -206,6 +207,48 @@ def run(cfg: DictConfig) -> dict[str, float]:
         print(f"MLflow run {run_id}; model {model_uri}; recommendations: {rec_path}; total {timings['total']:.0f}s")
         resume.finish(keep_best_in=out_dir / "checkpoints")  # done: a rerun of this command starts afresh
     return metrics
+
+
+def deploy_stage(cfg, data, pipeline, fusion, hist_test, test_events, models_test, out_dir: Path) -> str:
+    """Register what is served; returns its model URI.
+
+    With ``model.refit_all`` (default) the served pipeline learns from every event, the test
+    events included: CF refitted, histories and item statistics extended, the text towers'
+    weights and the ranker as evaluated. The evaluated test-stage pipeline is logged beside it as
+    ``model_evaluated`` (not registered), for the record. Without it, the evaluated pipeline is
+    the served one.
+    """
+    from recsys.export.pyfunc import log_trained_pipeline
+
+    node = cfg.get("model") or {}
+    if not node.get("refit_all", True):
+        return log_trained_pipeline(cfg, data, hist_test, models_test, fusion, out_dir)
+    log_trained_pipeline(
+        cfg, data, hist_test, models_test, fusion, out_dir, name="model_evaluated", folder="pipeline_evaluated"
+    )
+    hist_all = hist_test.extend(test_events)
+    models_all = refit_models(pipeline, hist_all, models_test)
+    log.info("deploy: refitted on all %d events", hist_all.interactions.height)
+    return log_trained_pipeline(cfg, data, hist_all, models_all, fusion, out_dir)
+
+
+def refit_models(pipeline, history, models: dict) -> dict:
+    """``models`` for ``history``: CF refitted, the text towers (weights kept) reading it, in the
+    same order (the ranker's features follow it)."""
+    from recsys.text.recommender import NewItemText, TextRecommender
+
+    cf = pipeline.fit_cf(history)
+    out = {}
+    for name, m in models.items():
+        if name in cf:
+            out[name] = cf[name]
+        elif isinstance(m, TextRecommender):
+            out[name] = TextRecommender(m.net, m.item_embeddings).fit(history)
+    for name, m in models.items():
+        if isinstance(m, NewItemText):
+            tower = next(k for k, v in models.items() if v is m.text)
+            out[name] = NewItemText(out[tower], m.max_events).fit(history)
+    return {name: out[name] for name in models}
 
 
 def save_evaluation(
