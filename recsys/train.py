@@ -251,6 +251,18 @@ def refit_models(pipeline, history, models: dict) -> dict:
     return {name: out[name] for name in models}
 
 
+def feature_time(history, as_of_cut: bool) -> str:
+    """The protocol card's line on when time-dependent features were taken."""
+    if history.user_now is not None:
+        return "as of each user's cut: just before their first held-out event (per-user split)"
+    if as_of_cut:
+        return "as of the stage's end: one cut for everybody, every held-out event after it"
+    return (
+        "as of the stage's end (eval.as_of_cut=false): under a per-user split, time-dependent "
+        "features count other users' events from after a user's held-out one"
+    )
+
+
 def save_evaluation(
     cfg, data, split, run_id, tracker, result, hist_test, text, fusion, out_dir: Path, impression_scores=None
 ) -> None:
@@ -279,6 +291,7 @@ def save_evaluation(
         targets=split.test,
         models=list(result.recommended),
         root=cfg.paths.root_dir,
+        feature_time=feature_time(hist_test, bool(cfg.eval.get("as_of_cut", True))),
     )
     folder = out_dir / BUNDLE_DIR
     files = write_bundle(

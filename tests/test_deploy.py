@@ -55,3 +55,14 @@ def test_the_evaluated_pipeline_is_logged_beside_the_registered_one():
     assert {"model", "model_evaluated"} <= {m.name for m in logged if m.source_run_id == run.run_id}
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL_NAME}@champion")) / "data" / "pipeline"
     assert TrainedPipeline.load(local).history.height == TrainedPipeline.load(run.output / "pipeline").history.height
+
+
+def test_the_card_states_the_feature_time_and_the_table_has_recent_popularity():
+    import json
+
+    run = trained_run()
+    card = json.loads((run.output / "evaluation" / "protocol.json").read_text())
+    assert card["feature_time"].startswith("as of each user's cut"), card["feature_time"]
+    assert "recent_popularity" in card["models"]
+    table = pl.read_csv(run.output / "metrics.csv")
+    assert "recent_popularity" in table["model"].to_list()
