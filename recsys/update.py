@@ -6,8 +6,8 @@ full retrain, and lets a gate decide whether it replaces the served model:
 1. the new files are validated against the model (clear errors, nothing registered);
 2. item texts that are new or changed are encoded, the others keep their vectors (a
    content-hash cache: ``recsys.text.cache``); the text towers' weights and the ranker are kept;
-3. CF is refitted on every event (``cf=refit``) or keeps its item side and folds the users in
-   (``cf=fold_in``); histories, popularity and item statistics take the new events;
+3. CF is refitted on every event (``cf_mode=refit``) or keeps its item side and folds the users in
+   (``cf_mode=fold_in``); histories, popularity and item statistics take the new events;
 4. the result is registered as a new version with alias ``challenger``;
 5. the gate: the newest ``gate.holdout`` share of the new events is held out, the update is
    rebuilt without them, and champion and that challenger rank for the held-out users. The
@@ -421,9 +421,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from recsys.tracking import tracking_uri
 
     t_start = time.perf_counter()
-    mode = str(cfg.cf)
+    mode = str(cfg.cf_mode)
     if mode not in CF_MODES:
-        raise ConfigError(f"cf must be one of {list(CF_MODES)}, got {mode!r}")
+        raise ConfigError(f"cf_mode must be one of {list(CF_MODES)}, got {mode!r}")
     tolerance = float(cfg.gate.tolerance)
     if tolerance < 0:
         raise ConfigError(f"gate.tolerance must be >= 0, got {tolerance}")
@@ -493,7 +493,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     mlflow.set_experiment(str(cfg.experiment))
     with mlflow.start_run(run_name="update"):
         mlflow.log_params(
-            {"model_uri": str(cfg.model_uri), "champion_run": source.get("run_id"), "cf": mode, "gate.k": k}
+            {"model_uri": str(cfg.model_uri), "champion_run": source.get("run_id"), "cf_mode": mode, "gate.k": k}
         )
         mlflow.log_params({f"gate.{key}": v for key, v in OmegaConf.to_container(cfg.gate).items() if key != "k"})
         challenger.meta = {

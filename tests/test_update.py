@@ -216,3 +216,26 @@ def test_bad_input_names_file_column_and_row_and_registers_nothing(tmp_path, cas
     assert file in msg and f"column '{column}'" in msg and "row " in msg, msg
     assert not (tmp_path / "mlruns").exists()  # nothing logged, nothing registered
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_fold_in_keeps_the_item_side_and_folds_the_users_in(tmp_path):
+    from recsys.update import run
+
+    p = champion()
+    buyers = len(p.users) // 2
+    events = events_frame(hit_events(p, "NEW-HIT", buyers, p.now + 60))
+    e, i = write(tmp_path, events, new_item("NEW-HIT"))
+    run(config(tmp_path, e, i, "cf_mode=fold_in"))
+    q = TrainedPipeline.load(tmp_path / "out" / "pipeline")
+    for name, f in p.factor_models.items():
+        g = q.factor_models[name]
+        np.testing.assert_array_equal(g["item_factors"][: p.n_items], f["item_factors"])
+        assert not g["item_factors"][p.n_items :].any()  # CF has not learnt the new item
+        np.testing.assert_array_equal(g["user_factors"][buyers:], f["user_factors"][buyers:])
+        assert not np.allclose(g["user_factors"][:buyers], f["user_factors"][:buyers])
+    for name, s in p.knn_models.items():
+        assert (q.knn_models[name][: p.n_items, : p.n_items] != s).nnz == 0
+    # Popularity and the text tower still bring the new item to the others.
+    others = p.users.ids[buyers:].tolist()
+    assert top(q, others).filter(pl.col(Columns.Item) == "NEW-HIT").height > 0
