@@ -86,7 +86,9 @@ def read_new_data(pipeline, source, duplicates: str = "drop") -> NewData:
     seen = events.join(stored, on=key, how="semi")
     if seen.height:
         if duplicates == "error":
-            row, ex = v.example(events, pl.struct(key).is_in(seen.select(pl.struct(key)).to_series().implode()))
+            first = seen.sort(v.ROW).row(0, named=True)
+            row = first.pop(v.ROW)
+            ex = {c: first[c] for c in events.columns if c in first}
             raise InputError(
                 f"{seen.height} event(s) are already in the model; set data.duplicates=drop to drop them",
                 file=source.interactions_path,
@@ -126,8 +128,10 @@ def merge_items(old: pl.DataFrame, new: pl.DataFrame) -> Catalogue:
     changed_idx = changed.join(before, on=Columns.ItemIdx).filter(pl.col(Columns.Text) != pl.col("_old"))[
         Columns.ItemIdx
     ]
-    kept = old.join(changed.select(Columns.Item), on=Columns.Item, how="anti")
-    items = pl.concat([kept, changed, fresh], how="diagonal_relaxed").sort(Columns.ItemIdx)
+    # A changed row keeps the model's values of the columns the new file leaves out or empty.
+    updates = changed.select([c for c in changed.columns if c in old.columns and c != Columns.ItemIdx])
+    known = old.update(updates, on=Columns.Item, how="left")
+    items = pl.concat([known, fresh], how="diagonal_relaxed").sort(Columns.ItemIdx)
     items = items.select(
         [c for c in old.columns if c in items.columns] + [c for c in items.columns if c not in old.columns]
     )

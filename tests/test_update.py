@@ -199,11 +199,26 @@ def bad_cases(p: TrainedPipeline) -> dict[str, tuple[pl.DataFrame, pl.DataFrame,
             "events.csv",
             Columns.User,
         ),
+        "event the model already holds": (held_event(p), ok_items, "events.csv", Columns.User),
     }
 
 
+def held_event(p: TrainedPipeline) -> pl.DataFrame:
+    """The model's last event (at its ``now``, so not older than its data), as a file row."""
+    last = stored(p).filter(pl.col(Columns.Timestamp) == p.now).row(0, named=True)
+    event = {w: e for e, w in p.event_weights.items()}[last[Columns.Weight]]
+    return events_frame([(last[Columns.User], last[Columns.Item], p.now)]).with_columns(pl.lit(event).alias("event"))
+
+
 @pytest.mark.parametrize(
-    "case", ["event for an item with no text row", "new item without text", "older than the model", "duplicate event"]
+    "case",
+    [
+        "event for an item with no text row",
+        "new item without text",
+        "older than the model",
+        "duplicate event",
+        "event the model already holds",
+    ],
 )
 def test_bad_input_names_file_column_and_row_and_registers_nothing(tmp_path, case):
     from recsys.update import run
