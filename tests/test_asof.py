@@ -96,17 +96,20 @@ def test_item_statistics_are_the_as_of_statistics_at_the_end():
 @pytest.mark.parametrize(("window", "half_life"), [(None, None), (3.0, None), (None, 2.0), (30.0, 5.0)])
 def test_popularity_as_of_matches_a_direct_count(window, half_life):
     rng = np.random.default_rng(0)
+    n_users = 300  # more distinct cuts than Popularity sums at once
     rows = [
         (int(u), int(i), float(d))
-        for u, i, d in zip(rng.integers(0, 20, 300), rng.integers(0, 15, 300), rng.uniform(0, 60, 300), strict=True)
+        for u, i, d in zip(
+            rng.integers(0, n_users, 900), rng.integers(0, 15, 900), rng.uniform(0, 60, 900), strict=True
+        )
     ]
     train = events(rows)
-    now = rng.integers(0, int(70 * DAY), 20)
-    model = Popularity(window_days=window, half_life_days=half_life).fit(History(train, 20, 15, user_now=now))
-    got = model.score_users(np.arange(20))
+    now = rng.integers(0, int(70 * DAY), n_users)
+    model = Popularity(window_days=window, half_life_days=half_life)
+    got = model.fit(History(train, n_users, 15, user_now=now)).score_users(np.arange(n_users))
     ts = train[Columns.Timestamp].to_numpy()
     items = train[Columns.ItemIdx].to_numpy()
-    for u in range(20):
+    for u in range(n_users):
         keep = ts <= now[u]
         if window is not None:
             keep &= ts >= now[u] - int(window * DAY)

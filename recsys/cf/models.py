@@ -244,17 +244,23 @@ class Popularity(Recommender):
     def counts_at(self, times: np.ndarray) -> np.ndarray:
         """``[len(times), n_items]`` float32: the (windowed, decayed) counts as of each time."""
         uniq, inverse = np.unique(np.asarray(times, dtype=np.int64), return_inverse=True)
-        if self.window_days is None:
-            rows = self._decayed_sums(uniq)
-        else:
+        rows = np.empty((len(uniq), self.n_items), dtype=np.float32)
+        # float64 sums for at most this many times at once: a bounded temporary however many users.
+        step = 256
+        for s in range(0, len(uniq), step):
+            at = uniq[s : s + step]
+            if self.window_days is None:
+                rows[s : s + step] = self._decayed_sums(at)
+                continue
             # Events in (t - window, t] = those up to t minus those up to t - window, the latter
             # decayed over the extra window (0.5 ** (window / half-life)).
             window = int(self.window_days * 86400)
-            both = self._decayed_sums(np.concatenate([uniq, uniq - window - 1]))
+            both = self._decayed_sums(np.concatenate([at, at - window - 1]))
             shift = 1.0 if self.half_life_days is None else 0.5 ** ((window + 1) / (self.half_life_days * 86400))
-            rows = both[: len(uniq)] - shift * both[len(uniq) :]
-            rows[rows < 1e-6] = 0.0  # rounding left by the subtraction: no event in the window
-        return rows[inverse].astype(np.float32)
+            part = both[: len(at)] - shift * both[len(at) :]
+            part[part < 1e-6] = 0.0  # rounding left by the subtraction: no event in the window
+            rows[s : s + step] = part
+        return rows[inverse]
 
     def _decayed_sums(self, times: np.ndarray) -> np.ndarray:
         """Per time ``t``: sum over events at or before ``t`` of ``weight * 0.5 ** ((t - ts) / h)``."""
