@@ -5,10 +5,12 @@ What is stored (no pickle anywhere; see docs/export.md):
 ```
 pipeline/
   meta.json            versions, sources, fusion settings, ranker features, event weights, "now"
-  config.yaml          the resolved training config (for the record; nothing reads it back)
+  config.yaml          the resolved training config (recsys.update rebuilds the CF models and the
+                       pre-fine-tuning encoder from it; serving does not read it)
   items.parquet        item_id, item_idx, text and the other item columns (category, windows ...)
   users.parquet        user_id, user_idx of the users known at training time
-  history.parquet      user_idx, item_idx, timestamp, weight: the test-stage history (train + val)
+  history.parquet      user_idx, item_idx, timestamp, weight: the history it was fitted on (every event
+                       when served after training, train + val for the evaluated pipeline)
   cf/<name>.npz        factors / similarity / counts of each CF model (numpy, allow_pickle=False)
   text/encoder/        BERT weights (safetensors) + config + tokenizer files (save_pretrained)
   text/user_encoder.safetensors, text/item_embeddings.npy
