@@ -147,7 +147,7 @@ class TextRefresher:
     ``encoded`` counts them."""
 
     def __init__(self, pipeline, config: DictConfig | None) -> None:
-        from recsys.export.pipeline_model import load_bert
+        from recsys.export.pipeline_model import load_adapter, load_bert
         from recsys.text.cache import ItemEmbeddingCache
         from recsys.text.encoder import ItemEncoder
 
@@ -159,7 +159,13 @@ class TextRefresher:
 
         self.max_length = int(json.loads(meta.read_text())["text"]["max_length"])
         bert, tok = load_bert(pipeline.text_folder)
-        self.tuned = ItemEncoder(bert, tok, max_length=self.max_length, embedding_cache=self.cache)
+        adapter = load_adapter(pipeline.text_folder)
+        hidden = int(adapter["down.weight"].shape[0]) if adapter is not None else None
+        self.tuned = ItemEncoder(
+            bert, tok, max_length=self.max_length, embedding_cache=self.cache, adapter_hidden=hidden
+        )
+        if adapter is not None:
+            self.tuned.adapter.load_state_dict(adapter)
         self.config = config
         self._base = None
 
@@ -211,10 +217,23 @@ class TextRefresher:
             )
 
     def vectors(self, encoder, old_texts: list[str], old: np.ndarray, texts: list[str]) -> np.ndarray:
-        ids, lengths = encoder.tokenize(old_texts)
-        encoder.embedding_cache.put(encoder, ids, lengths, old)
+        """``texts``' vectors: the stored ``old`` one where the tokens are unchanged (keyed by their
+        hash, as the embedding cache keys them), the encoder's for the others."""
+        import torch
+
+        from recsys.text.cache import item_keys
+
+        known = {k: i for i, k in enumerate(item_keys(*encoder.tokenize(old_texts)))}
         ids, lengths = encoder.tokenize(texts)
-        return encoder.encode_tokens(ids, lengths).numpy().astype(np.float32)
+        rows = [known.get(k, -1) for k in item_keys(ids, lengths)]
+        out = np.empty((len(texts), old.shape[1]), dtype=np.float32)
+        fresh = np.array([j for j, r in enumerate(rows) if r < 0], dtype=np.int64)
+        kept = np.array([j for j, r in enumerate(rows) if r >= 0], dtype=np.int64)
+        out[kept] = old[[rows[j] for j in kept]]
+        if len(fresh):
+            sel = torch.from_numpy(fresh)
+            out[fresh] = encoder.encode_tokens(ids[sel], lengths[sel]).numpy()
+        return out
 
     def refresh(self, old_items: pl.DataFrame, items: pl.DataFrame) -> dict[str, Any]:
         """``text_tower`` and ``history_towers`` for ``items`` (the updated catalogue)."""

@@ -93,13 +93,6 @@ class ItemEmbeddingCache:
         np.savez(tmp, keys=keys, vectors=np.stack(list(table.values())).astype(np.float32))
         os.replace(tmp, path)  # readers see the old table or the new one, never half of one
 
-    def put(self, encoder: ItemEncoder, ids: torch.Tensor, lengths: torch.Tensor, vectors: np.ndarray) -> None:
-        """Record vectors already computed with ``encoder``'s current weights (e.g. a saved
-        catalogue), so a later ``encode`` runs the encoder only on items that are new or changed."""
-        weights = encoder.weights_fingerprint()
-        table = self._table(weights)
-        table.update(zip(item_keys(ids, lengths), np.asarray(vectors, dtype=np.float32), strict=True))
-
     def encode(
         self,
         encoder: ItemEncoder,
