@@ -72,6 +72,28 @@ def stage_exclusion(history: History, items: pl.DataFrame, targets: pl.DataFrame
     return out
 
 
+def stage_history(history: History, targets: pl.DataFrame) -> History:
+    """``history`` with each user's ``user_now``: just before the user's first target event.
+
+    Under a per-user split (leave-last-out) users are judged at different times, and the
+    history holds other users' events from after a user's held-out one; time-dependent features
+    and statistics (popularity, item recency, user idle time) then count only events up to each
+    user's own cut. Under a global cut every target lies after the history, and ``user_now``
+    stays unset (the history's end, for everybody).
+    """
+    df = history.interactions
+    if not df.height or not targets.height:
+        return history
+    end = int(df[Columns.Timestamp].max())
+    first = targets.group_by(Columns.UserIdx).agg(pl.col(Columns.Timestamp).min())
+    now = np.full(history.n_users, end, dtype=np.int64)
+    users = first[Columns.UserIdx].to_numpy().astype(np.int64)
+    now[users] = np.minimum(first[Columns.Timestamp].to_numpy().astype(np.int64) - 1, end)
+    if np.all(now == end):
+        return history
+    return History(df, history.n_users, history.n_items, user_now=now)
+
+
 class FusionStage:
     """Candidates from several recommenders, features, and the LambdaMART ranker.
 
@@ -343,5 +365,6 @@ __all__ = [
     "check_split",
     "impression_scores",
     "relevance_matrix",
+    "stage_history",
     "top_k",
 ]

@@ -38,6 +38,10 @@ class History:
     interactions: pl.DataFrame  # sorted by user_idx, timestamp
     n_users: int
     n_items: int
+    # Per user, the last moment (timestamp) whose events that user's time-dependent scores and
+    # features may count; None: the end of the history, for everybody. A per-user split sets it
+    # to just before each user's held-out event (``recsys.pipeline.stage_history``).
+    user_now: np.ndarray | None = None
 
     @cached_property
     def matrix(self) -> sp.csr_matrix:
@@ -67,7 +71,8 @@ class History:
         return np.bincount(self.interactions[Columns.ItemIdx].to_numpy(), minlength=self.n_items)
 
     def extend(self, more: pl.DataFrame) -> History:
-        """This history plus ``more`` events (e.g. train + validation for the test stage)."""
+        """This history plus ``more`` events (e.g. train + validation for the test stage); its
+        ``user_now`` is unset (the next stage sets its own)."""
         df = pl.concat([self.interactions, more]).sort(Columns.UserIdx, Columns.Timestamp, maintain_order=True)
         return History(df, self.n_users, self.n_items)
 

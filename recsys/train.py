@@ -36,12 +36,19 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     from recsys.columns import Columns
     from recsys.evaluation.sampling import ci95_half_width, sample_test_users
-    from recsys.export.pyfunc import log_trained_pipeline
     from recsys.export.writer import recommendations_frame, write_parquet_atomic, write_text_atomic
-    from recsys.pipeline import FusionStage, HybridPipeline, check_split, stage_exclusion, stage_users
+    from recsys.pipeline import (
+        FusionStage,
+        HybridPipeline,
+        check_split,
+        stage_exclusion,
+        stage_history,
+        stage_users,
+    )
     from recsys.profiling import StageTimings, check_memory
     from recsys.recommender import History
-    from recsys.text.fit import budget, fine_tune, open_resume_dir, zero_shot_copy
+    from recsys.text.fit import fine_tune, open_resume_dir, zero_shot_copy
+    from recsys.text.options import budget, check_options
     from recsys.text.recommender import NewItemText, TextRecommender
     from recsys.tracking import mask_secrets
 
@@ -54,12 +61,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     # --- everything that can fail on bad input fails here, before any training -------------
     t0 = time.perf_counter()
+    text_budget = budget(cfg.text.get("budget_minutes"))
+    check_options(cfg.text.get("budget_minutes"), cfg.text.data, cfg.text.module)
     source = instantiate(cfg.data)
     data = source.load()
     split = instantiate(cfg.split).split(data.interactions)
     val_users, test_users = check_split(data, split)
     encoder = instantiate(cfg.encoder)
-    text_budget = budget(cfg.text.get("budget_minutes"))
     cf = {name: instantiate(node) for name, node in cfg.cf.items()}
     fusion = FusionStage(
         dict(cfg.rank.n_candidates), instantiate(cfg.ranker), cfg.rank.get("max_train_users"), seed=cfg.seed
@@ -115,7 +123,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         tracker.log_artifact(config_path)
 
         # --- validation stage: fit on train -------------------------------------------------
+        as_of = bool(cfg.eval.get("as_of_cut", True))
         hist_val = History(split.train, data.n_users, data.n_items)
+        hist_val = stage_history(hist_val, split.val) if as_of else hist_val
         t0 = time.perf_counter()
         cf_val = pipeline.fit_cf(hist_val)
         timings["cf_fit_val"] = time.perf_counter() - t0
@@ -165,6 +175,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         # --- test stage: refit CF on train + val, score the untouched test events ------------
         t0 = time.perf_counter()
         hist_test = hist_val.extend(split.val)
+        hist_test = stage_history(hist_test, split.test) if as_of else hist_test
         cf_test = pipeline.fit_cf(hist_test)
         timings["cf_fit_test"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -253,7 +264,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         tracker.log_artifact(rec_path)
         timings["export"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        model_uri = log_trained_pipeline(cfg, data, hist_test, models_test, fusion, out_dir)
+        model_uri = deploy_stage(cfg, data, pipeline, fusion, hist_test, split.test, models_test, out_dir)
         timings["model_save"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         # Parts of the ranker stages, summed over both (no memory window of their own).
@@ -271,6 +282,60 @@ def run(cfg: DictConfig) -> dict[str, float]:
         print(f"MLflow run {run_id}; model {model_uri}; recommendations: {rec_path}; total {timings['total']:.0f}s")
         resume.finish(keep_best_in=out_dir / "checkpoints")  # done: a rerun of this command starts afresh
     return metrics
+
+
+def deploy_stage(cfg, data, pipeline, fusion, hist_test, test_events, models_test, out_dir: Path) -> str:
+    """Register what is served; returns its model URI.
+
+    With ``model.refit_all`` (default) the served pipeline learns from every event, the test
+    events included: CF refitted, histories and item statistics extended, the text towers'
+    weights and the ranker as evaluated. The evaluated test-stage pipeline is logged beside it as
+    ``model_evaluated`` (not registered), for the record. Without it, the evaluated pipeline is
+    the served one.
+    """
+    from recsys.export.pyfunc import log_trained_pipeline
+
+    node = cfg.get("model") or {}
+    if not node.get("refit_all", True):
+        return log_trained_pipeline(cfg, data, hist_test, models_test, fusion, out_dir)
+    log_trained_pipeline(
+        cfg, data, hist_test, models_test, fusion, out_dir, name="model_evaluated", folder="pipeline_evaluated"
+    )
+    hist_all = hist_test.extend(test_events)
+    models_all = refit_models(pipeline, hist_all, models_test)
+    log.info("deploy: refitted on all %d events", hist_all.interactions.height)
+    return log_trained_pipeline(cfg, data, hist_all, models_all, fusion, out_dir)
+
+
+def refit_models(pipeline, history, models: dict) -> dict:
+    """``models`` for ``history``: CF refitted, the text towers (weights kept) reading it, in the
+    same order (the ranker's features follow it)."""
+    from recsys.text.recommender import NewItemText, TextRecommender
+
+    cf = pipeline.fit_cf(history)
+    out = {}
+    for name, m in models.items():
+        if name in cf:
+            out[name] = cf[name]
+        elif isinstance(m, TextRecommender):
+            out[name] = TextRecommender(m.net, m.item_embeddings).fit(history)
+    for name, m in models.items():
+        if isinstance(m, NewItemText):
+            tower = next(k for k, v in models.items() if v is m.text)
+            out[name] = NewItemText(out[tower], m.max_events).fit(history)
+    return {name: out[name] for name in models}
+
+
+def feature_time(history, as_of_cut: bool) -> str:
+    """The protocol card's line on when time-dependent features were taken."""
+    if history.user_now is not None:
+        return "as of each user's cut: just before their first held-out event (per-user split)"
+    if as_of_cut:
+        return "as of the stage's end: one cut for everybody, every held-out event after it"
+    return (
+        "as of the stage's end (eval.as_of_cut=false): under a per-user split, time-dependent "
+        "features count other users' events from after a user's held-out one"
+    )
 
 
 def save_evaluation(
@@ -312,6 +377,7 @@ def save_evaluation(
         targets=split.test,
         models=list(result.recommended),
         root=cfg.paths.root_dir,
+        feature_time=feature_time(hist_test, bool(cfg.eval.get("as_of_cut", True))),
     )
     folder = out_dir / BUNDLE_DIR
     files = write_bundle(

@@ -106,7 +106,7 @@ def test_report_numbers_match_the_training_metrics(tiny_run):
     assert card["split"]["type"] == "LeaveLastOutSplit"
     assert re.fullmatch("[0-9a-f]{40}", card["git_sha"])  # the tests run in the git checkout
     head = numbers["headline"]
-    assert head["best_component"] in ("als", "bpr", "itemknn", "text", "popularity")
+    assert head["best_component"] in ("als", "bpr", "itemknn", "text", "popularity", "recent_popularity")
     assert any(v.startswith("fused ") for v in head["verdicts"])
     # Segments: user buckets hold every test user once.
     users = sum(s["users"] for s in numbers["segments"] if s["kind"] == "user history length")

@@ -20,8 +20,9 @@ from recsys.errors import ConfigError
 from recsys.recommender import History
 from recsys.text.datamodule import TextDataModule
 from recsys.text.encoder import ItemEncoder, TextAdapter, TwoTower
-from recsys.text.fit import budget, fine_tune, zero_shot_copy
+from recsys.text.fit import fine_tune, zero_shot_copy
 from recsys.text.module import TextTowerModule
+from recsys.text.options import budget, check_options
 from recsys.text.recommender import TextRecommender
 
 KEYS = ["red", "blue", "green", "gold"]
@@ -159,6 +160,33 @@ def test_bad_datamodule_options_are_named(tokenizer_path):
         TextDataModule(item_ids=ids, item_lengths=lengths, train=h, val=h.interactions, uniform_negatives=-1)
     with pytest.raises(ConfigError, match=r"text\.data\.steps_per_epoch"):
         TextDataModule(item_ids=ids, item_lengths=lengths, train=h, val=h.interactions, steps_per_epoch=0)
+
+
+@pytest.mark.parametrize(
+    ("data", "module", "name"),
+    [
+        ({"uniform_negatives": "many"}, {}, "text.data.uniform_negatives"),
+        ({"batch_size": 0}, {}, "text.data.batch_size"),
+        ({}, {"train_threads": 0}, "text.module.train_threads"),
+        ({}, {"popularity_debias": -1}, "text.module.popularity_debias"),
+    ],
+)
+def test_the_job_checks_text_options_before_any_work(data, module, name):
+    with pytest.raises(ConfigError, match=name.replace(".", r"\.")):
+        check_options(1.5, data, module)
+
+
+def test_a_bad_text_option_stops_the_cli_before_training(tmp_path):
+    """The real CLI: exit 2 and the option's name, before any data is generated or model fitted."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "recsys.train", "+experiment=smoke", f"paths.root_dir={tmp_path}",
+           f"hydra.run.dir={tmp_path}/out", "text.data.uniform_negatives=-5"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "text.data.uniform_negatives" in out.stderr
+    assert not (tmp_path / "data").exists()  # the generated data set was not even made
 
 
 def test_frozen_history_needs_a_trained_bert(tokenizer_path):

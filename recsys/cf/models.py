@@ -224,23 +224,80 @@ def recency_rows(history: History, decay: float) -> sp.csr_matrix:
 
 
 class Popularity(Recommender):
-    """Event-weighted item counts, optionally only over the last ``window_days`` of the history."""
+    """Event-weighted item counts: all of them, or only the last ``window_days`` of the history,
+    each event weighted ``0.5 ** (age_days / half_life_days)`` if a half-life is set.
+
+    ``recent_popularity`` in the default config is this with a window; the plain ``popularity``
+    counts everything. Where the stage sets per-user cuts (``History.user_now``), each user gets
+    the counts as of their own cut, so under leave-last-out no user is scored with other users'
+    later events. ``counts`` (what the saved pipeline serves) are as of the history's end.
+    """
 
     name = "popularity"
 
-    def __init__(self, window_days: float | None = None) -> None:
-        self.window_days = window_days
+    def __init__(self, window_days: float | None = None, half_life_days: float | None = None) -> None:
+        if window_days is not None and window_days <= 0:
+            raise ValueError(f"Popularity window_days must be > 0 or null, got {window_days}")
+        if half_life_days is not None and half_life_days <= 0:
+            raise ValueError(f"Popularity half_life_days must be > 0 or null, got {half_life_days}")
+        self.window_days, self.half_life_days = window_days, half_life_days
 
     def fit(self, history: History) -> Popularity:
         df = history.interactions
-        if self.window_days is not None and df.height:
-            cut = df[Columns.Timestamp].max() - int(self.window_days * 86400)
-            df = df.filter(pl.col(Columns.Timestamp) >= cut)
-        counts = np.bincount(
-            df[Columns.ItemIdx].to_numpy(), weights=df[Columns.Weight].to_numpy(), minlength=history.n_items
-        )
-        self.counts = counts.astype(np.float32)
+        ts = df[Columns.Timestamp].to_numpy().astype(np.int64)
+        order = np.argsort(ts, kind="stable")
+        self._ts = ts[order]
+        self._items = df[Columns.ItemIdx].to_numpy().astype(np.int64)[order]
+        self._w = df[Columns.Weight].to_numpy().astype(np.float64)[order]
+        self.n_items = history.n_items
+        self.user_now = history.user_now
+        end = int(self._ts[-1]) if len(self._ts) else 0
+        self.counts = self.counts_at(np.array([end], dtype=np.int64))[0]
         return self
 
+    def counts_at(self, times: np.ndarray) -> np.ndarray:
+        """``[len(times), n_items]`` float32: the (windowed, decayed) counts as of each time."""
+        uniq, inverse = np.unique(np.asarray(times, dtype=np.int64), return_inverse=True)
+        rows = np.empty((len(uniq), self.n_items), dtype=np.float32)
+        # float64 sums for at most this many times at once: a bounded temporary however many users.
+        step = 256
+        for s in range(0, len(uniq), step):
+            at = uniq[s : s + step]
+            if self.window_days is None:
+                rows[s : s + step] = self._decayed_sums(at)
+                continue
+            # Events in (t - window, t] = those up to t minus those up to t - window, the latter
+            # decayed over the extra window (0.5 ** (window / half-life)).
+            window = int(self.window_days * 86400)
+            both = self._decayed_sums(np.concatenate([at, at - window - 1]))
+            shift = 1.0 if self.half_life_days is None else 0.5 ** ((window + 1) / (self.half_life_days * 86400))
+            part = both[: len(at)] - shift * both[len(at) :]
+            part[part < 1e-6] = 0.0  # rounding left by the subtraction: no event in the window
+            rows[s : s + step] = part
+        return rows[inverse]
+
+    def _decayed_sums(self, times: np.ndarray) -> np.ndarray:
+        """Per time ``t``: sum over events at or before ``t`` of ``weight * 0.5 ** ((t - ts) / h)``."""
+        order = np.argsort(times, kind="stable")
+        out = np.zeros((len(times), self.n_items), dtype=np.float64)
+        run = np.zeros(self.n_items, dtype=np.float64)
+        h = None if self.half_life_days is None else self.half_life_days * 86400
+        prev_t, prev_i = None, 0
+        for j in order:
+            t = int(times[j])
+            upto = int(np.searchsorted(self._ts, t, side="right"))
+            if h is not None and prev_t is not None:
+                run *= 0.5 ** ((t - prev_t) / h)
+            if upto > prev_i:
+                w = self._w[prev_i:upto]
+                if h is not None:
+                    w = w * 0.5 ** ((t - self._ts[prev_i:upto]) / h)
+                run += np.bincount(self._items[prev_i:upto], weights=w, minlength=self.n_items)
+            out[j] = run
+            prev_t, prev_i = t, max(prev_i, upto)
+        return out
+
     def score_users(self, users: np.ndarray) -> np.ndarray:
-        return np.broadcast_to(self.counts, (len(users), len(self.counts)))
+        if self.user_now is None:
+            return np.broadcast_to(self.counts, (len(users), len(self.counts)))
+        return self.counts_at(self.user_now[np.asarray(users, dtype=np.int64)])

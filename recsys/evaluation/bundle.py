@@ -83,6 +83,8 @@ class Protocol:
     n_test_events: int
     models: list[str]
     candidates: str = "full catalogue ranking (no sampled negatives)"
+    # When the time-dependent features and statistics were taken (``recsys.pipeline.stage_history``).
+    feature_time: str = "not recorded"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -321,6 +323,7 @@ def make_protocol(
     targets: pl.DataFrame,
     models: Sequence[str],
     root: str | Path,
+    feature_time: str = "not recorded",
 ) -> Protocol:
     sha, dirty = git_version(root)
     return Protocol(
@@ -343,4 +346,5 @@ def make_protocol(
         n_test_users=int(targets[Columns.UserIdx].n_unique()),
         n_test_events=int(targets.height),
         models=list(models),
+        feature_time=feature_time,
     )

@@ -13,6 +13,7 @@ import numpy as np
 # One colour per model, the same in every figure of every report.
 MODEL_COLOURS = {
     "popularity": "#4d4d4d",
+    "recent_popularity": "#8c8c8c",
     "als": "#1f77b4",
     "bpr": "#17becf",
     "itemknn": "#9467bd",

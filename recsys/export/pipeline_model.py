@@ -5,10 +5,12 @@ What is stored (no pickle anywhere; see docs/export.md):
 ```
 pipeline/
   meta.json            versions, sources, fusion settings, ranker features, event weights, "now"
-  config.yaml          the resolved training config (for the record; nothing reads it back)
+  config.yaml          the resolved training config (recsys.update rebuilds the CF models and the
+                       pre-fine-tuning encoder from it; serving does not read it)
   items.parquet        item_id, item_idx, text and the other item columns (category, windows ...)
   users.parquet        user_id, user_idx of the users known at training time
-  history.parquet      user_idx, item_idx, timestamp, weight: the test-stage history (train + val)
+  history.parquet      user_idx, item_idx, timestamp, weight: the history it was fitted on (every event
+                       when served after training, train + val for the evaluated pipeline)
   cf/<name>.npz        factors / similarity / counts of each CF model (numpy, allow_pickle=False)
   text/encoder/        BERT weights (safetensors) + config + tokenizer files (save_pretrained)
   text/user_encoder.safetensors, text/item_embeddings.npy
@@ -528,12 +530,15 @@ class TrainedPipeline:
             raise ConfigError(f"pipeline folder {path} exists and is not empty")
         # Read before anything is written: a loaded pipeline whose BERT is gone leaves no folder.
         encoder = None  # the text tower's (BERT, tokenizer, max_length, temperature)
+        adapter = None  # the item encoder's TextAdapter weights, when it has one
         if self.net is not None:  # fresh from training
             enc = self.net.item_encoder
             encoder = (enc.bert, enc.tokenizer, enc.max_length, self.net.temperature)
+            adapter = enc.adapter.state_dict() if enc.adapter is not None else None
         elif self.text_folder is not None:  # a loaded pipeline: read its BERT now (serving never does)
             tm = read_json_object(self.text_folder.parent / "meta.json")["text"]
             encoder = (*load_bert(self.text_folder), tm["max_length"], tm["temperature"])
+            adapter = load_adapter(self.text_folder)
         (path / "cf").mkdir(parents=True, exist_ok=True)
         self.items.write_parquet(path / "items.parquet")
         self.users.to_frame(Columns.User, Columns.UserIdx).write_parquet(path / "users.parquet")
@@ -558,6 +563,11 @@ class TrainedPipeline:
             tower = self.text_tower.save(path / "text")
             bert.save_pretrained(path / "text" / "encoder", safe_serialization=True)
             tok.save_pretrained(path / "text" / "encoder")
+            if adapter is not None:  # what new item texts go through after the BERT (recsys.update)
+                from safetensors.torch import save_file
+
+                weights = {k: v.detach().cpu().contiguous() for k, v in adapter.items()}
+                save_file(weights, str(path / "text" / "encoder" / ADAPTER_FILE))
             text_meta = {
                 "name": self.text_name,
                 "max_length": max_length,
@@ -821,6 +831,20 @@ class TrainedPipeline:
                 counts = np.bincount(self.history[Columns.ItemIdx].to_numpy(), minlength=self.n_items)
                 out[name] = MaskedScorer(name, out[self.text_name], counts > self.new_item_models[name])
         return out
+
+
+ADAPTER_FILE = "item_adapter.safetensors"
+
+
+def load_adapter(folder: Path) -> dict[str, Any] | None:
+    """The item encoder's ``TextAdapter`` weights saved beside its BERT (``None``: it has none)."""
+    file = folder / "encoder" / ADAPTER_FILE
+    if not file.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    with reading(file):
+        return load_file(str(file))
 
 
 def load_bert(folder: Path) -> tuple[Any, Any]:

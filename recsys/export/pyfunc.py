@@ -282,8 +282,11 @@ def _log(mlflow, folder: Path, name: str = "model", register_name: str | None = 
         )
 
 
-def log_trained_pipeline(cfg, data, history, models, fusion, out_dir: str | Path) -> str:
-    """The one call ``recsys.train`` makes: the test-stage pipeline as an MLflow model."""
+def log_trained_pipeline(
+    cfg, data, history, models, fusion, out_dir: str | Path, name: str = "model", folder: str = "pipeline"
+) -> str:
+    """A pipeline of ``recsys.train`` as an MLflow model: ``model`` (registered as configured) is
+    the served one; any other ``name`` is logged to the run only (``model_evaluated``)."""
     from omegaconf import OmegaConf
 
     from recsys.tracking import mask_secrets
@@ -308,11 +311,13 @@ def log_trained_pipeline(cfg, data, history, models, fusion, out_dir: str | Path
         scorer=node.get("scorer", FUSED),
         rules=OmegaConf.to_container(node.rules, resolve=True) if node.get("rules") else None,
     )
+    served = name == "model"
     return log_pipeline(
         pipeline,
-        Path(out_dir) / "pipeline",
+        Path(out_dir) / folder,
         serving,
         config_yaml=config_yaml,
-        register_name=node.get("register_name"),
-        alias=node.get("alias"),
+        register_name=node.get("register_name") if served else None,
+        alias=node.get("alias") if served else None,
+        name=name,
     )

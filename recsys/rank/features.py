@@ -1,7 +1,8 @@
 """Features of each (user, candidate item) pair for the fusion ranker.
 
 Every model scores every candidate (not only those it proposed), so the ranker can weigh the
-text tower against CF item by item. Item statistics come from the stage's history only.
+text tower against CF item by item. Item and user statistics come from the stage's history only,
+as of each user's cut where the stage has per-user cuts (``History.user_now``).
 """
 
 from __future__ import annotations
@@ -19,36 +20,70 @@ DAY = 86400.0
 
 
 def item_statistics(history: History) -> pl.DataFrame:
-    """Popularity and recency of every item, as of the end of ``history``."""
+    """Popularity and recency of every item, as of the end of ``history`` (one row per item)."""
     df = history.interactions
-    now = df[Columns.Timestamp].max() if df.height else 0
-    recent = now - 14 * DAY
-    stats = df.group_by(Columns.ItemIdx).agg(
-        pl.len().alias("item_events"),
-        pl.col(Columns.Weight).sum().alias("item_weight"),
-        (pl.col(Columns.Timestamp) >= recent).sum().alias("item_events_14d"),
-        ((now - pl.col(Columns.Timestamp).min()) / DAY).alias("item_age_days"),
-        ((now - pl.col(Columns.Timestamp).max()) / DAY).alias("item_idle_days"),
-    )
-    all_items = pl.DataFrame({Columns.ItemIdx: np.arange(history.n_items, dtype=np.int32)})
-    out = all_items.join(stats.with_columns(pl.col(Columns.ItemIdx).cast(pl.Int32)), on=Columns.ItemIdx, how="left")
-    # Items never seen in the history: zero counts, unknown age (LightGBM routes nulls itself).
-    return out.with_columns(
-        pl.col("item_events", "item_weight", "item_events_14d").fill_null(0).cast(pl.Float32),
-        pl.col("item_events").rank("average", descending=False).truediv(history.n_items).alias("item_pop_pct"),
-    ).sort(Columns.ItemIdx)
+    now = int(df[Columns.Timestamp].max()) if df.height else 0
+    items = np.arange(history.n_items, dtype=np.int64)
+    stats = item_statistics_at(history, items, np.full(len(items), now, dtype=np.int64))
+    return pl.DataFrame({Columns.ItemIdx: items.astype(np.int32), **stats})
+
+
+def item_statistics_at(history: History, items: np.ndarray, now: np.ndarray) -> dict[str, pl.Series]:
+    """Popularity and recency of ``items[j]`` counting only the events at or before ``now[j]``.
+
+    Under a per-user split (leave-last-out) each user's features are taken as of that user's own
+    cut (``History.user_now``): the other users' later events stay out, so no statistic tells the
+    ranker which items were active in the user's era (docs/design.md, "Time"). Items without an
+    event by then: zero counts, unknown age and idle time (LightGBM routes nulls itself).
+    """
+    df = history.interactions
+    it = df[Columns.ItemIdx].to_numpy().astype(np.int64)
+    ts = df[Columns.Timestamp].to_numpy().astype(np.int64)
+    w = df[Columns.Weight].to_numpy().astype(np.float64)
+    order = np.lexsort((ts, it))
+    it, ts, w = it[order], ts[order], w[order]
+    now = np.asarray(now, dtype=np.int64)
+    items = np.asarray(items, dtype=np.int64)
+    recent = int(14 * DAY)
+    # One sorted key (item, time) answers "events of item i up to time t" with one searchsorted.
+    base = (int(min(ts.min(), now.min())) if len(ts) else int(now.min(initial=0))) - recent - 1
+    span = (int(max(ts.max(), now.max())) if len(ts) else int(now.max(initial=0))) - base + 2
+    key = it * span + (ts - base)
+    start = np.searchsorted(it, items, side="left")
+    upto = np.searchsorted(key, items * span + (now - base), side="right")
+    before = np.searchsorted(key, items * span + (now - recent - base), side="left")
+    n = upto - start
+    cw = np.r_[0.0, np.cumsum(w)]
+    has = n > 0
+    first = np.where(has, ts[np.minimum(start, max(len(ts) - 1, 0))] if len(ts) else 0, 0)
+    last = np.where(has, ts[np.maximum(upto - 1, 0)] if len(ts) else 0, 0)
+    total = np.searchsorted(np.sort(ts), now, side="right")
+    return {
+        "item_events": pl.Series("item_events", n, dtype=pl.Float32),
+        "item_weight": pl.Series("item_weight", cw[upto] - cw[start], dtype=pl.Float32),
+        "item_events_14d": pl.Series("item_events_14d", upto - before, dtype=pl.Float32),
+        "item_age_days": pl.Series("item_age_days", (now - first) / DAY).set(pl.Series(~has), None),
+        "item_idle_days": pl.Series("item_idle_days", (now - last) / DAY).set(pl.Series(~has), None),
+        "item_share": pl.Series("item_share", n / np.maximum(total, 1), dtype=pl.Float64),
+    }
 
 
 def user_statistics(history: History, now: int | None = None) -> pl.DataFrame:
-    """Per user: event count and days since the last event, as of ``now`` (default: the history's end)."""
+    """Per user: event count and days since the last event, as of ``now`` (default: each user's
+    ``History.user_now`` where the stage sets one, else the history's end)."""
     df = history.interactions
-    if now is None:
-        now = df[Columns.Timestamp].max() if df.height else 0
+    if now is None and history.user_now is not None:
+        at = pl.Series(history.user_now)[df[Columns.UserIdx].to_numpy()]
+        df = df.with_columns(at.alias("_now"))
+    else:
+        if now is None:
+            now = df[Columns.Timestamp].max() if df.height else 0
+        df = df.with_columns(pl.lit(now, dtype=pl.Int64).alias("_now"))
     return (
         df.group_by(Columns.UserIdx)
         .agg(
             pl.len().cast(pl.Float32).alias("user_events"),
-            ((now - pl.col(Columns.Timestamp).max()) / DAY).alias("user_idle_days"),
+            ((pl.col("_now").first() - pl.col(Columns.Timestamp).max()) / DAY).alias("user_idle_days"),
         )
         .with_columns(pl.col(Columns.UserIdx).cast(pl.Int32))
     )
@@ -81,8 +116,11 @@ def build_features(
     ]
     n_sources = pl.sum_horizontal([pl.col(rank_column(s)).is_not_null().cast(pl.Int8) for s in sources])
     df = df.with_columns(*z, n_sources.alias("n_sources"))
-    stats = item_statistics(history) if item_stats is None else item_stats
-    df = df.join(stats, on=Columns.ItemIdx, how="left")
+    if item_stats is None and history.user_now is not None:
+        df = df.with_columns(**item_statistics_at(history, items, history.user_now[users]))
+    else:
+        stats = item_statistics(history) if item_stats is None else item_stats
+        df = df.join(stats, on=Columns.ItemIdx, how="left")
     df = df.join(user_statistics(history, now), on=Columns.UserIdx, how="left")
     return df.sort(Columns.UserIdx, Columns.ItemIdx)
 

@@ -15,9 +15,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from recsys.columns import Columns
-from recsys.errors import ConfigError
 from recsys.recommender import History
 from recsys.text.encoder import pad_histories
+from recsys.text.options import check_data_options
 
 
 class NextItemExamples(Dataset):
@@ -114,11 +114,8 @@ class TextDataModule(L.LightningDataModule):
         uniform_negatives: int = 0,
     ) -> None:
         super().__init__()
-        if not (isinstance(uniform_negatives, int) and uniform_negatives >= 0):
-            raise ConfigError(f"text.data.uniform_negatives must be a whole number >= 0, got {uniform_negatives!r}")
-        for name, v in (("batch_size", batch_size), ("steps_per_epoch", steps_per_epoch), ("val_users", val_users)):
-            if not (isinstance(v, int) and v > 0):
-                raise ConfigError(f"text.data.{name} must be a positive whole number, got {v!r}")
+        check_data_options(batch_size=batch_size, steps_per_epoch=steps_per_epoch, val_users=val_users,
+                      uniform_negatives=uniform_negatives)  # fmt: skip
         self.item_tokens = bool(item_tokens)
         self.uniform_negatives = min(int(uniform_negatives), len(item_ids))
         self.item_ids, self.item_lengths = item_ids, item_lengths

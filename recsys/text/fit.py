@@ -20,14 +20,12 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Mapping
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
-from recsys.errors import ConfigError
 from recsys.text.datamodule import TextDataModule, epoch_seed
 from recsys.text.encoder import TwoTower
 from recsys.text.module import TextTowerModule
@@ -127,15 +125,6 @@ def _readable_checkpoint(path: Path) -> dict | None:
         os.replace(path, bad)
         log.warning("cannot read %s (%s); moved it to %s and training from the start", path, e, bad.name)
         return None
-
-
-def budget(minutes: float | None) -> timedelta | None:
-    """``text.budget_minutes`` as the Trainer's ``max_time`` (``None``: no time limit)."""
-    if minutes is None:
-        return None
-    if isinstance(minutes, bool) or not isinstance(minutes, int | float) or not minutes > 0:
-        raise ConfigError(f"text.budget_minutes must be a positive number of minutes or null, got {minutes!r}")
-    return timedelta(minutes=float(minutes))
 
 
 def fine_tune(

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from recsys.errors import ConfigError
 from recsys.text.encoder import ENCODE_BATCH, TwoTower
+from recsys.text.options import check_options
 
 
 class TextTowerModule(L.LightningModule):
@@ -43,11 +44,12 @@ class TextTowerModule(L.LightningModule):
     logq_correction: weight of the sampling correction: in-batch negatives are drawn in
         proportion to popularity, so without it the tower learns to push popular items down
         (1.0 = full correction, 0.0 = plain in-batch softmax).
-    popularity_debias: also subtract this times each candidate's log share of the training targets
-        from the training logits. The logQ correction makes sampled softmax estimate the full
-        softmax, which ranks by popularity as much as by preference; with 1 the tower learns
-        preference over popularity (pointwise mutual information), what the ranker cannot get
-        from its popularity and CF features, and what carries over to the long tail and new items.
+    popularity_debias: add this times each candidate's log share of the training targets to the
+        training logits. The logQ correction makes sampled softmax estimate the full softmax,
+        whose scores rank by popularity as much as by preference; with the popularity added
+        back in training, the learned score is the preference over popularity (1: pointwise
+        mutual information), which the ranker cannot get from its popularity and CF features
+        and which carries over to the long tail and to new items.
     train_bert: train the BERT's weights (slow on a CPU) or only the adapter on its frozen vectors.
     train_threads: torch's intra-op threads while training on frozen vectors (``None``: unchanged).
         Its matrices are small: more threads add synchronisation, and on a busy machine
@@ -77,9 +79,7 @@ class TextTowerModule(L.LightningModule):
         self.net = net
         self.train_bert, self.lr_adapter = bool(train_bert), lr_adapter
         self.popularity_debias = float(popularity_debias)
-        if train_threads is not None and not (isinstance(train_threads, int) and train_threads > 0):
-            msg = f"text.module.train_threads must be a positive whole number or null, got {train_threads!r}"
-            raise ConfigError(msg)
+        check_options(None, {}, {"train_threads": train_threads, "popularity_debias": popularity_debias})
         self.train_threads = train_threads
         self._threads_before: int | None = None
         self.lr_encoder, self.lr_head, self.weight_decay = lr_encoder, lr_head, weight_decay
@@ -181,7 +181,7 @@ class TextTowerModule(L.LightningModule):
         logits = users @ candidates.T * scale
         logits = logits - self.logq_correction * batch["candidate_logq"][None, :]
         if self.popularity_debias:
-            logits = logits - self.popularity_debias * batch["candidate_log_popularity"][None, :]
+            logits = logits + self.popularity_debias * batch["candidate_log_popularity"][None, :]
         labels = batch["target_pos"]
         if negatives is not None:
             labels = torch.searchsorted(negatives, labels)

@@ -1,0 +1,551 @@
+"""``python -m recsys.update model_uri=models:/recsys@champion data.interactions=... data.items=...``
+
+Brings a trained pipeline up to date with the events and items that came after it, without a
+full retrain, and lets a gate decide whether it replaces the served model:
+
+1. the new files are validated against the model (clear errors, nothing registered);
+2. item texts that are new or changed are encoded, the others keep their vectors (a
+   content-hash cache: ``recsys.text.cache``); the text towers' weights and the ranker are kept;
+3. CF is refitted on every event (``cf_mode=refit``) or keeps its item side and folds the users in
+   (``cf_mode=fold_in``); histories, popularity and item statistics take the new events;
+4. the result is registered as a new version with alias ``challenger``;
+5. the gate: the newest ``gate.holdout`` share of the new events is held out, the update is
+   rebuilt without them, and champion and that challenger rank for the held-out users. The
+   ``champion`` alias moves to the new version only if the challenger's NDCG@k is not worse than
+   the champion's by more than ``gate.tolerance``. Both figures are logged to MLflow.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import hydra  # noqa: E402
+import numpy as np  # noqa: E402
+import polars as pl  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+import recsys.config  # noqa: E402,F401  (registers resolvers)
+from recsys.columns import Columns  # noqa: E402
+from recsys.errors import ConfigError, InputError, exit_on_user_error  # noqa: E402
+
+log = logging.getLogger("recsys.update")
+
+CF_MODES = ("refit", "fold_in")
+
+
+@dataclass
+class NewData:
+    """The validated update: new and changed item rows, and new events (ids, not indices)."""
+
+    items: pl.DataFrame  # item_id, text, the other item columns
+    events: pl.DataFrame  # user_id, item_id, timestamp, weight; sorted by timestamp
+    report: dict[str, int]
+
+
+def read_new_data(pipeline, source, duplicates: str = "drop") -> NewData:
+    """The update's files, checked against the model: every event's item has a text row (in the
+    model or the new item file), new items have text, no event is older than the model's data,
+    and events already in the model are dropped or refused as ``duplicates`` says."""
+    from recsys.data import validation as v
+
+    items = source.load_items()
+    known = pl.Series(Columns.Item, pipeline.item_ids.tolist(), dtype=pl.String)
+    all_ids = pl.concat([known, items[Columns.Item]]).unique()
+    events = source.load_interactions(all_ids)
+    old = events.filter(pl.col(Columns.Timestamp) < pipeline.now)
+    if old.height:
+        row, ex = v.example(events, pl.col(Columns.Timestamp) < pipeline.now)
+        raise InputError(
+            f"{old.height} event(s) are older than the model's data (it ends at {pipeline.now}): an update "
+            "takes the events since the model was trained; retrain to change the past",
+            file=source.interactions_path,
+            column=Columns.Timestamp,
+            row=row,
+            example=ex,
+        )
+    # Events the model already holds (same user, item, time and weight) are duplicates too.
+    stored = pipeline.history.select(
+        pl.Series(Columns.User, pipeline.users.ids[pipeline.history[Columns.UserIdx].to_numpy()].tolist()),
+        pl.Series(Columns.Item, pipeline.item_ids[pipeline.history[Columns.ItemIdx].to_numpy()].tolist()),
+        Columns.Timestamp,
+        Columns.Weight,
+    )
+    key = [Columns.User, Columns.Item, Columns.Timestamp, Columns.Weight]
+    seen = events.join(stored, on=key, how="semi")
+    if seen.height:
+        if duplicates == "error":
+            first = seen.sort(v.ROW).row(0, named=True)
+            row = first.pop(v.ROW)
+            ex = {c: first[c] for c in events.columns if c in first}
+            raise InputError(
+                f"{seen.height} event(s) are already in the model; set data.duplicates=drop to drop them",
+                file=source.interactions_path,
+                column=Columns.User,
+                row=row,
+                example=ex,
+            )
+        log.info("%s: dropped %d event(s) the model already holds", source.interactions_path, seen.height)
+        source.report["duplicates_of_model_events_dropped"] = seen.height
+        events = events.join(stored, on=key, how="anti")
+    events = events.sort(Columns.Timestamp, v.ROW).select(key)
+    return NewData(items.drop(v.ROW), events, dict(source.report))
+
+
+# --- building the updated pipeline ------------------------------------------------------------------
+
+
+@dataclass
+class Catalogue:
+    """The updated item table and which rows need their text encoded."""
+
+    items: pl.DataFrame  # the model's items (updated) then the new ones, sorted by item_idx
+    encode: np.ndarray  # item indices whose text is new or changed
+
+
+def merge_items(old: pl.DataFrame, new: pl.DataFrame) -> Catalogue:
+    """Known ids keep their index (their row replaced by the new one); new ids are appended in id
+    order. ``encode``: rows whose text differs from the model's (or that are new)."""
+    n = old.height
+    index = old.select(Columns.Item, Columns.ItemIdx)
+    fresh = new.join(index, on=Columns.Item, how="anti").sort(Columns.Item)
+    fresh = fresh.with_columns(
+        pl.int_range(n, n + fresh.height, dtype=old[Columns.ItemIdx].dtype).alias(Columns.ItemIdx)
+    )
+    changed = new.join(index, on=Columns.Item, how="inner")
+    before = old.select(Columns.ItemIdx, pl.col(Columns.Text).alias("_old"))
+    changed_idx = changed.join(before, on=Columns.ItemIdx).filter(pl.col(Columns.Text) != pl.col("_old"))[
+        Columns.ItemIdx
+    ]
+    # A changed row keeps the model's values of the columns the new file leaves out or empty.
+    updates = changed.select([c for c in changed.columns if c in old.columns and c != Columns.ItemIdx])
+    known = old.update(updates, on=Columns.Item, how="left")
+    items = pl.concat([known, fresh], how="diagonal_relaxed").sort(Columns.ItemIdx)
+    items = items.select(
+        [c for c in old.columns if c in items.columns] + [c for c in items.columns if c not in old.columns]
+    )
+    encode = np.sort(np.r_[changed_idx.to_numpy(), fresh[Columns.ItemIdx].to_numpy()]).astype(np.int64)
+    return Catalogue(items, encode)
+
+
+class TextRefresher:
+    """Item vectors for a changed catalogue: the fine-tuned tower's BERT (saved with the model)
+    for the item side, the pre-fine-tuning encoder (rebuilt from the model's config) for the
+    frozen history side and the zero-shot feature. Unchanged texts are looked up by the hash of
+    their tokens (``ItemEmbeddingCache``), so only new or changed texts run through a BERT;
+    ``encoded`` counts them."""
+
+    def __init__(self, pipeline, config: DictConfig | None) -> None:
+        from recsys.export.pipeline_model import load_adapter, load_bert
+        from recsys.text.cache import ItemEmbeddingCache
+        from recsys.text.encoder import ItemEncoder
+
+        self.p = pipeline
+        self.cache = ItemEmbeddingCache()
+        self.base_cache = ItemEmbeddingCache()
+        meta = pipeline.text_folder.parent / "meta.json"
+        import json
+
+        self.max_length = int(json.loads(meta.read_text())["text"]["max_length"])
+        bert, tok = load_bert(pipeline.text_folder)
+        adapter = load_adapter(pipeline.text_folder)
+        hidden = int(adapter["down.weight"].shape[0]) if adapter is not None else None
+        self.tuned = ItemEncoder(
+            bert, tok, max_length=self.max_length, embedding_cache=self.cache, adapter_hidden=hidden
+        )
+        if adapter is not None:
+            self.tuned.adapter.load_state_dict(adapter)
+        self.config = config
+        self._base = None
+
+    @property
+    def encoded(self) -> int:
+        """Texts the fine-tuned tower encoded (the others came from the cache)."""
+        return self.cache.encoded_items
+
+    @property
+    def encoded_base(self) -> int:
+        """Texts the pre-fine-tuning encoder encoded (frozen history side, zero-shot feature)."""
+        return self.base_cache.encoded_items
+
+    def base(self):
+        """The text encoder as training started from it (``encoder`` in the model's config)."""
+        if self._base is None:
+            from hydra.utils import instantiate
+
+            if self.config is None or "encoder" not in self.config:
+                raise ConfigError(
+                    "the model's config.yaml has no encoder: cannot encode new texts for its history side"
+                )
+            enc = instantiate(self.config.encoder)
+            enc.max_length = self.max_length
+            self._check_base(enc)
+            enc.embedding_cache = self.base_cache
+            self._base = enc
+        return self._base
+
+    def _check_base(self, encoder, n: int = 8) -> None:
+        """The rebuilt encoder must give the stored vectors back (a config naming a model that
+        changed since training would mix two spaces)."""
+        t = self.p.text_tower
+        stored = t.history_embeddings if t.history_embeddings is not None else None
+        if stored is None and self.p.history_towers:
+            stored = next(iter(self.p.history_towers.values())).item_embeddings
+        if stored is None:
+            return
+        rows = np.linspace(0, self.p.n_items - 1, min(n, self.p.n_items)).astype(int)
+        texts = [self.p.items[Columns.Text][int(r)] for r in rows]
+        got = encoder.encode_tokens(*encoder.tokenize(texts)).numpy()
+        cos = np.sum(got * stored[rows], axis=1) / (
+            np.linalg.norm(got, axis=1) * np.linalg.norm(stored[rows], axis=1) + 1e-12
+        )
+        if float(cos.min()) < 0.999:
+            raise ConfigError(
+                "the encoder in the model's config.yaml does not reproduce the model's pre-fine-tuning item "
+                f"vectors (cosine {cos.min():.3f}): it has changed since training; retrain instead of updating"
+            )
+
+    def vectors(self, encoder, old_texts: list[str], old: np.ndarray, texts: list[str]) -> np.ndarray:
+        """``texts``' vectors: the stored ``old`` one where the tokens are unchanged (keyed by their
+        hash, as the embedding cache keys them), the encoder's for the others."""
+        import torch
+
+        from recsys.text.cache import item_keys
+
+        known = {k: i for i, k in enumerate(item_keys(*encoder.tokenize(old_texts)))}
+        ids, lengths = encoder.tokenize(texts)
+        rows = [known.get(k, -1) for k in item_keys(ids, lengths)]
+        out = np.empty((len(texts), old.shape[1]), dtype=np.float32)
+        fresh = np.array([j for j, r in enumerate(rows) if r < 0], dtype=np.int64)
+        kept = np.array([j for j, r in enumerate(rows) if r >= 0], dtype=np.int64)
+        out[kept] = old[[rows[j] for j in kept]]
+        if len(fresh):
+            sel = torch.from_numpy(fresh)
+            out[fresh] = encoder.encode_tokens(ids[sel], lengths[sel]).numpy()
+        return out
+
+    def refresh(self, old_items: pl.DataFrame, items: pl.DataFrame) -> dict[str, Any]:
+        """``text_tower`` and ``history_towers`` for ``items`` (the updated catalogue)."""
+        from recsys.export.pipeline_model import HistoryTower
+
+        p = self.p
+        old_texts, texts = old_items[Columns.Text].to_list(), items[Columns.Text].to_list()
+        t = p.text_tower
+        emb = self.vectors(self.tuned, old_texts, t.item_embeddings, texts)
+        hist = None
+        if t.history_embeddings is not None:
+            hist = self.vectors(self.base(), old_texts, t.history_embeddings, texts)
+        towers = {}
+        for name, tower in p.history_towers.items():
+            side = self.vectors(self.base(), old_texts, tower.item_embeddings, texts)
+            towers[name] = HistoryTower(tower.weights, side, tower.history_embeddings)
+        return {"text_tower": HistoryTower(t.weights, emb, hist), "item_embeddings": emb, "history_towers": towers}
+
+
+def updated_pipeline(
+    pipeline,
+    new: NewData,
+    texts: TextRefresher | None,
+    cf: Mapping[str, Any],
+    mode: str = "refit",
+    catalogue: Catalogue | None = None,
+    text_parts: Mapping[str, Any] | None = None,
+):
+    """``pipeline`` with ``new`` folded in (see the module docstring). ``cf``: the unfitted CF
+    models by name, as training instantiated them. ``catalogue`` / ``text_parts``: reuse a merge
+    and encoding already made for the same item rows."""
+    from recsys.cf.models import ALS, BPR, ItemKNN, Popularity
+    from recsys.data.dataset import IdMap
+    from recsys.export.pipeline_model import fold_in
+    from recsys.recommender import History
+
+    p = pipeline
+    catalogue = catalogue or merge_items(p.items, new.items)
+    items = catalogue.items
+    if text_parts is None:
+        text_parts = texts.refresh(p.items, items) if p.text_tower is not None else {}
+    old_users = p.users.ids
+    fresh_users = np.setdiff1d(np.asarray(new.events[Columns.User].unique().to_list(), dtype=object), old_users)
+    users = IdMap(np.concatenate([old_users, np.sort(fresh_users)]).astype(object))
+    events = new.events.with_columns(
+        pl.Series(Columns.UserIdx, users.index(new.events[Columns.User].to_list()), dtype=pl.Int32),
+        pl.col(Columns.Item)
+        .replace_strict(items[Columns.Item], items[Columns.ItemIdx].cast(pl.Int32), return_dtype=pl.Int32)
+        .alias(Columns.ItemIdx),
+    )
+    history = (
+        pl.concat([p.history, events.select(p.history.columns)], how="vertical_relaxed")
+        .with_columns(pl.col(Columns.UserIdx).cast(pl.Int32), pl.col(Columns.ItemIdx).cast(pl.Int32))
+        .sort(Columns.UserIdx, Columns.Timestamp, maintain_order=True)
+    )
+    hist = History(history, len(users), items.height)
+    factor, knn, const = {}, {}, {}
+    for name in p.source_order:
+        model = cf.get(name)
+        if name in p.factor_models:
+            if mode == "refit":
+                if not isinstance(model, ALS | BPR):
+                    raise ConfigError(f"the model's config has no factor model '{name}' to refit")
+                m = copy.deepcopy(model).fit(hist)
+                factor[name] = {**p.factor_models[name], "user_factors": m.user_factors, "item_factors": m.item_factors}
+            else:
+                f = p.factor_models[name]
+                item_f = np.zeros((items.height, f["item_factors"].shape[1]), dtype=np.float32)
+                item_f[: p.n_items] = f["item_factors"]
+                touched = np.unique(events[Columns.UserIdx].to_numpy())
+                user_f = np.zeros((len(users), item_f.shape[1]), dtype=np.float32)
+                user_f[: len(old_users)] = f["user_factors"]
+                user_f[touched] = fold_in(item_f, hist.matrix[touched], f["regularization"], f["alpha"])
+                factor[name] = {**f, "user_factors": user_f, "item_factors": item_f}
+        elif name in p.knn_models:
+            if mode == "refit":
+                if not isinstance(model, ItemKNN):
+                    raise ConfigError(f"the model's config has no item-kNN model '{name}' to refit")
+                knn[name] = copy.deepcopy(model).fit(hist).similarity
+            else:
+                s = p.knn_models[name].tocoo()
+                import scipy.sparse as sp
+
+                knn[name] = sp.csr_matrix((s.data, (s.row, s.col)), shape=(items.height, items.height))
+        elif name in p.constant_models:
+            model = model if isinstance(model, Popularity) else Popularity()
+            const[name] = copy.deepcopy(model).fit(hist).counts
+    return dataclasses.replace(
+        p,
+        items=items,
+        users=users,
+        history=history,
+        factor_models=factor,
+        knn_models=knn,
+        constant_models=const,
+        now=int(history[Columns.Timestamp].max()),
+        **text_parts,
+    )
+
+
+# --- the gate -------------------------------------------------------------------------------------
+
+
+def holdout_split(new: NewData, share: float) -> tuple[NewData, pl.DataFrame]:
+    """The newest ``share`` of the new events (by time; whole timestamps) held out, and the rest."""
+    if not 0.0 < share < 1.0:
+        raise ConfigError(f"gate.holdout must be in (0, 1), got {share}")
+    ts = new.events[Columns.Timestamp]
+    cut = ts.quantile(1.0 - share, "higher")
+    before = new.events.filter(pl.col(Columns.Timestamp) < cut)
+    after = new.events.filter(pl.col(Columns.Timestamp) >= cut)
+    return NewData(new.items, before, new.report), after
+
+
+def gate_ndcg(pipeline, known: pl.DataFrame, targets: pl.DataFrame, k: int) -> float:
+    """Mean NDCG@k of ``pipeline``'s fused lists for the users of ``targets``, each user ranked
+    from ``known`` (their events before the holdout), seen items removed. An item the pipeline
+    does not know cannot be recommended (a miss), nor read in a history."""
+    from recsys.evaluation.metrics import ranking_metrics
+    from recsys.export.engine import Engine, ExplainOptions
+    from recsys.export.rules import BusinessRules
+
+    users = sorted(targets[Columns.User].unique().to_list())
+    given = known.filter(pl.col(Columns.User).is_in(users))
+    rules = BusinessRules().compile(pipeline.items, pipeline.now)
+    engine = Engine(pipeline, rules, k, explain=ExplainOptions(enabled=False, top_features=0))
+    recs = engine.recommend(pipeline.histories(users, given))
+    pos = {u: j for j, u in enumerate(users)}
+    item_pos: dict[str, int] = {}
+    for i in pl.concat([recs[Columns.Item], targets[Columns.Item]]).unique().to_list():
+        item_pos[i] = len(item_pos)
+    lists = np.full((len(users), k), -1, dtype=np.int64)
+    for u, i, r in recs.select(Columns.User, Columns.Item, Columns.Rank).iter_rows():
+        lists[pos[u], int(r) - 1] = item_pos[i]
+    import scipy.sparse as sp
+
+    rows = [pos[u] for u in targets[Columns.User].to_list()]
+    cols = [item_pos[i] for i in targets[Columns.Item].to_list()]
+    relevant = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(users), len(item_pos)))
+    relevant.data[:] = 1.0
+    return float(np.mean(ranking_metrics(lists, relevant, [k])[f"ndcg_at_{k}"]))
+
+
+def stored_events(pipeline) -> pl.DataFrame:
+    """The pipeline's history as ``user_id, item_id, timestamp, weight``."""
+    h = pipeline.history
+    return pl.DataFrame(
+        {
+            Columns.User: pipeline.users.ids[h[Columns.UserIdx].to_numpy()].tolist(),
+            Columns.Item: pipeline.item_ids[h[Columns.ItemIdx].to_numpy()].tolist(),
+            Columns.Timestamp: h[Columns.Timestamp],
+            Columns.Weight: h[Columns.Weight],
+        },
+        schema={
+            Columns.User: pl.String,
+            Columns.Item: pl.String,
+            Columns.Timestamp: pl.Int64,
+            Columns.Weight: pl.Float32,
+        },
+    )
+
+
+@dataclass
+class GateResult:
+    champion: float
+    challenger: float
+    tolerance: float
+    n_users: int
+
+    @property
+    def promote(self) -> bool:
+        return self.challenger >= self.champion - self.tolerance
+
+
+def run_gate(
+    champion, challenger_before, new_before: NewData, holdout: pl.DataFrame, k: int, tolerance: float
+) -> GateResult:
+    """Champion and a challenger built without the holdout, on the same held-out events."""
+    known = pl.concat([stored_events(champion), new_before.events])
+    targets = holdout.select(Columns.User, Columns.Item).unique()
+    return GateResult(
+        champion=gate_ndcg(champion, known, targets, k),
+        challenger=gate_ndcg(challenger_before, known, targets, k),
+        tolerance=tolerance,
+        n_users=targets[Columns.User].n_unique(),
+    )
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+
+def model_name(model_uri: str, configured: str | None) -> str:
+    if configured:
+        return configured
+    if model_uri.startswith("models:/"):
+        return model_uri[len("models:/") :].split("@")[0].split("/")[0]
+    raise ConfigError(f"register_name is needed to register an update of '{model_uri}' (not a models:/ URI)")
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Update as configured; returns the figures logged to MLflow."""
+    from hydra.utils import instantiate
+
+    from recsys.data.files import FileDataSource
+    from recsys.export.pipeline_model import TrainedPipeline
+    from recsys.export.pyfunc import SERVING_FILE, log_pipeline, read_serving
+    from recsys.recommend import resolve_model
+    from recsys.tracking import tracking_uri
+
+    t_start = time.perf_counter()
+    mode = str(cfg.cf_mode)
+    if mode not in CF_MODES:
+        raise ConfigError(f"cf_mode must be one of {list(CF_MODES)}, got {mode!r}")
+    tolerance = float(cfg.gate.tolerance)
+    if tolerance < 0:
+        raise ConfigError(f"gate.tolerance must be >= 0, got {tolerance}")
+    tracking = cfg.tracking_uri or tracking_uri(cfg.paths.mlruns_dir)
+    name = model_name(str(cfg.model_uri), cfg.register_name)
+    folder, source = resolve_model(str(cfg.model_uri), tracking)
+    # The tables alone (no models, no ranker) to check the new files against, before any long work.
+    tables = TrainedPipeline.load(folder, models=[])
+    config = OmegaConf.load(folder / "config.yaml") if (folder / "config.yaml").is_file() else None
+    data_cfg = config.data if config is not None and "data" in config else {}
+    files = FileDataSource(
+        interactions=str(cfg.data.interactions),
+        items=str(cfg.data["items"]),
+        text_fields=list(cfg.data.text_fields or data_cfg.get("text_fields") or ["title", "description"]),
+        event_weights=tables.event_weights,
+        column_map=dict(cfg.data.column_map or data_cfg.get("column_map") or {}),
+        text_separator=str(data_cfg.get("text_separator", ". ")),
+        duplicates=str(cfg.data.duplicates),
+        future_timestamps=str(cfg.data.future_timestamps),
+    )
+    new = read_new_data(tables, files, str(cfg.data.duplicates))
+    if new.events.height == 0:
+        raise InputError("no new events: nothing to update", file=files.interactions_path)
+    new_before, holdout = holdout_split(new, float(cfg.gate.holdout))
+    champion = TrainedPipeline.load(folder)
+    cf = {n: instantiate(node) for n, node in config.cf.items()} if config is not None and "cf" in config else {}
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    texts = TextRefresher(champion, config) if champion.text_tower is not None else None
+    catalogue = merge_items(champion.items, new.items)
+    parts = texts.refresh(champion.items, catalogue.items) if texts is not None else {}
+    timings["text"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    challenger = updated_pipeline(champion, new, texts, cf, mode, catalogue, parts)
+    timings["update"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    gate = run_gate(
+        champion,
+        updated_pipeline(champion, new_before, texts, cf, mode, catalogue, parts),
+        new_before,
+        holdout,
+        int(cfg.gate.k),
+        tolerance,
+    )
+    timings["gate"] = time.perf_counter() - t0
+
+    k = int(cfg.gate.k)
+    figures = {
+        f"gate/champion_ndcg_at_{k}": gate.champion,
+        f"gate/challenger_ndcg_at_{k}": gate.challenger,
+        "gate/tolerance": tolerance,
+        "gate/users": gate.n_users,
+        "gate/promoted": float(gate.promote),
+        "update/new_events": new.events.height,
+        "update/new_items": int(catalogue.items.height - champion.n_items),
+        "update/encoded_items": texts.encoded if texts is not None else 0,
+        "update/encoded_items_base": texts.encoded_base if texts is not None else 0,
+        "update/changed_or_new_texts": len(catalogue.encode),
+        **{f"time/{key}_s": v for key, v in timings.items()},
+    }
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking)
+    mlflow.set_experiment(str(cfg.experiment))
+    with mlflow.start_run(run_name="update"):
+        mlflow.log_params(
+            {"model_uri": str(cfg.model_uri), "champion_run": source.get("run_id"), "cf_mode": mode, "gate.k": k}
+        )
+        mlflow.log_params({f"gate.{key}": v for key, v in OmegaConf.to_container(cfg.gate).items() if key != "k"})
+        challenger.meta = {
+            **champion.meta,
+            "updated_from": str(cfg.model_uri),
+            "run_id": mlflow.active_run().info.run_id,
+        }
+        serving = read_serving(folder / SERVING_FILE)
+        config_yaml = (folder / "config.yaml").read_text() if (folder / "config.yaml").is_file() else None
+        figures["time/total_s"] = time.perf_counter() - t_start
+        mlflow.log_metrics(figures)
+        uri = log_pipeline(challenger, out / "pipeline", serving, config_yaml, register_name=name, alias="challenger")
+        version = uri.rsplit("/", 1)[-1]
+        if gate.promote:
+            mlflow.MlflowClient().set_registered_model_alias(name, "champion", version)
+        mlflow.set_tags({"gate": "promoted" if gate.promote else "kept champion", "model_version": version})
+    verdict = "promoted to @champion" if gate.promote else "champion kept"
+    print(
+        f"update: {new.events.height} events, {figures['update/new_items']} new items, "
+        f"{figures['update/encoded_items']} texts encoded; {name} version {version} @challenger; gate NDCG@{k} "
+        f"champion {gate.champion:.4f} vs challenger {gate.challenger:.4f} (tolerance {tolerance}): {verdict}"
+    )
+    return {**figures, "version": version, "promoted": gate.promote}
+
+
+@hydra.main(config_path="../conf", config_name="update", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    exit_on_user_error(lambda: run(cfg))
+
+
+if __name__ == "__main__":
+    main()
