@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,19 @@ def cli(module: str, root: Path, *overrides: str) -> subprocess.CompletedProcess
     return proc
 
 
+# The README's commands, verbatim (tests/test_readme.py checks that they are the README's); the
+# test runs them with the smoke experiment added and the README's /data/ files made here.
+README_COMMANDS = [
+    "python -m recsys.train model.alias=champion",
+    "python -m recsys.update model_uri=models:/recsys@champion data.interactions=/data/events_since.csv "
+    "data.items=/data/items_changed.csv",
+]
+
+
+def readme_args(command: str, tmp_path: Path) -> list[str]:
+    return [a.replace("/data/", f"{tmp_path}/") for a in shlex.split(command)[3:]]
+
+
 def test_train_update_gate_and_serve_as_the_readme_says(tmp_path):
     from recsys.export.pipeline_model import TrainedPipeline
 
@@ -32,7 +46,7 @@ def test_train_update_gate_and_serve_as_the_readme_says(tmp_path):
         "recsys.train",
         tmp_path,
         "+experiment=smoke",
-        "model.alias=champion",
+        *readme_args(README_COMMANDS[0], tmp_path),
         f"paths.output_dir={tmp_path / 'out'}",
         f"paths.data_dir={tmp_path / 'data'}",
         "eval.report=false",
@@ -59,14 +73,7 @@ def test_train_update_gate_and_serve_as_the_readme_says(tmp_path):
     events.write_csv(tmp_path / "events_since.csv")
     items.write_csv(tmp_path / "items_changed.csv")
 
-    update = cli(
-        "recsys.update",
-        tmp_path,
-        "model_uri=models:/recsys@champion",
-        f"data.interactions={tmp_path / 'events_since.csv'}",
-        f"data.items={tmp_path / 'items_changed.csv'}",
-        f"output={tmp_path / 'update'}",
-    )
+    update = cli("recsys.update", tmp_path, *readme_args(README_COMMANDS[1], tmp_path), f"output={tmp_path / 'update'}")
     assert "recsys version 2 @challenger" in update.stdout and "promoted to @champion" in update.stdout, update.stdout
 
     out = tmp_path / "recommendations.parquet"
