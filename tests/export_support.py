@@ -50,6 +50,7 @@ def trained_run() -> TrainedRun:
         "+experiment=smoke",
         f"paths.mlruns_dir={root / 'mlruns'}",
         f"paths.output_dir={root / 'out'}",
+        f"text.resume_root={root / 'checkpoints'}",  # not the repository's outputs/
         f"paths.data_dir={root / 'data'}",
         "data.n_users=200",
         "data.n_items=120",
