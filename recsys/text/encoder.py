@@ -91,7 +91,8 @@ def load_tokenizer(name_or_path: str):
 
 
 class TextAdapter(nn.Module):
-    """``normalize(z + up(gelu(down(z))))`` with ``up`` zero-initialised: the identity at step 0."""
+    """``normalize(z + up(gelu(down(z))))`` with ``up`` zero-initialised: the identity at step 0.
+    No dropout: it computes the same in train and eval mode."""
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
@@ -358,11 +359,8 @@ class ItemEncoder(nn.Module):
         base = self.base_vectors(ids, lengths, batch_size, progress)
         if self.adapter is None:
             return base
-        was_training = self.adapter.training
-        self.adapter.eval()
-        out = torch.cat([self.adapt(b).float().cpu() for b in torch.split(base, 65536)]) if len(base) else base
-        self.adapter.train(was_training)
-        return out
+        # In blocks: the adapter's hidden activations for a whole large catalogue need not exist at once.
+        return torch.cat([self.adapt(b).float().cpu() for b in torch.split(base, 65536)]) if len(base) else base
 
     @torch.no_grad()
     def base_vectors(

@@ -120,10 +120,7 @@ class TextTowerModule(L.LightningModule):
             if self.base_cache is None:  # the BERT never changes: one catalogue pass per fit
                 self.base_cache = enc.base_vectors(dm.item_ids, dm.item_lengths, self.encode_batch_size).to(self.device)
             with torch.no_grad():
-                was = enc.training
-                enc.eval()
                 self.item_cache = enc.adapt(self.base_cache).float()
-                enc.train(was)
         else:
             self.item_cache = enc.encode_tokens(dm.item_ids, dm.item_lengths, self.encode_batch_size).to(self.device)
         if self.net.frozen_history and self.net.history_embeddings is None:
