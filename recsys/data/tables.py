@@ -114,13 +114,18 @@ def require_field_counts(path: Path, separator: str, n_fields: int) -> None:
             raise
 
 
+def line_error(path: Path, text: str, line: int, message: str) -> InputError:
+    """The error for a problem on ``line`` (1-based) of a text file, showing that line."""
+    return InputError(message, file=str(path), row=line - 1, example={"line": _line_of(text, line)})
+
+
 def _ragged(path: Path, text: str, line: int, found: int, wanted: int, separator: str) -> None:
-    raise InputError(
+    raise line_error(
+        path,
+        text,
+        line,
         f"line {line}: {found} {separator!r}-separated field(s), the header has {wanted}; a stray separator in an "
         "unquoted text field does this (put the field in double quotes)",
-        file=str(path),
-        row=line - 1,
-        example={"line": _line_of(text, line)},
     )
 
 
@@ -143,12 +148,8 @@ def locate_csv_problem(path: Path, separator: str) -> None:
             while True:
                 j = text.find('"', i)
                 if j < 0:
-                    raise InputError(
-                        f"line {opened}: a quoted field opened here is never closed (an unbalanced double quote)",
-                        file=str(path),
-                        row=opened - 1,
-                        example={"line": _line_of(text, opened)},
-                    )
+                    msg = f"line {opened}: a quoted field opened here is never closed (an unbalanced double quote)"
+                    raise line_error(path, text, opened, msg)
                 line += text.count("\n", i, j)
                 if j + 1 < n and text[j + 1] == '"':
                     i = j + 2
@@ -156,21 +157,17 @@ def locate_csv_problem(path: Path, separator: str) -> None:
                 i = j + 1
                 break
             if i < n and text[i] not in (separator, "\n", "\r"):
-                raise InputError(
-                    f'line {line}: text after a closing double quote; double a quote inside a quoted field ("")',
-                    file=str(path),
-                    row=line - 1,
-                    example={"line": _line_of(text, line)},
-                )
+                msg = f'line {line}: text after a closing double quote; double a quote inside a quoted field ("")'
+                raise line_error(path, text, line, msg)
             at_field_start = False
             continue
         if c == '"':
-            raise InputError(
+            raise line_error(
+                path,
+                text,
+                line,
                 f'line {line}: a double quote inside an unquoted field (an inch mark such as 12" does this); put '
                 'the field in double quotes and double the quote: "12"" lamp"',
-                file=str(path),
-                row=line - 1,
-                example={"line": _line_of(text, line)},
             )
         if c == separator:
             fields += 1
