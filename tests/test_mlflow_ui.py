@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import signal
-import socket
-import subprocess
 import sys
 import time
 import urllib.parse
@@ -15,18 +12,13 @@ import urllib.request
 from pathlib import Path
 
 from export_support import MODEL_NAME, trained_run
+from server_support import free_port, running
 
 # The README's command, verbatim (tests/test_readme.py checks it is the README's).
 README_COMMANDS = [
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db "
     "--host 127.0.0.1 --port 5000 --workers 1"
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(base: str, path: str, **query) -> dict:
@@ -54,21 +46,8 @@ def test_mlflow_ui_shows_the_run_and_the_registered_model():
     ]
     key, value = env_set.split("=")
     env = {**os.environ, key: value, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "mlflow ui did not answer within 60 s"
-            time.sleep(0.5)
-
+    with running(cmd, env, f"{base}/health", "mlflow ui", 60) as proc:
         exp = get(base, "/api/2.0/mlflow/experiments/get-by-name", experiment_name="smoke")["experiment"]
         runs = post(base, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
         r = next(x for x in runs if x["info"]["run_id"] == run.run_id)
@@ -82,13 +61,6 @@ def test_mlflow_ui_shows_the_run_and_the_registered_model():
         assert any(a["alias"] == "champion" for a in model.get("aliases", []))
         version = get(base, "/api/2.0/mlflow/registered-models/alias", name=MODEL_NAME, alias="champion")
         assert version["model_version"]["run_id"] == run.run_id
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     # The whole group is gone (uvicorn/gunicorn workers included).
     time.sleep(0.5)
     try:

@@ -8,7 +8,6 @@ import json
 import os
 import shlex
 import signal
-import subprocess
 import sys
 import time
 import urllib.error
@@ -18,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from export_support import MODEL_NAME, trained_run
-from test_mlflow_ui import free_port
+from server_support import free_port, running
 
 pytestmark = pytest.mark.slow
 
@@ -55,35 +54,17 @@ def server():
     cmd = [swap.get(t, t) for t in cmd]
     key, _ = env_set.split("=", 1)
     env = {**os.environ, key: run.tracking_uri, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    proc = subprocess.Popen(
-        cmd, env=env, cwd=run.root, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
     base = f"http://127.0.0.1:{port}"
+    proc = None
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "mlflow models serve did not answer within 120 s"
-            time.sleep(0.5)
-        yield base, run
+        with running(cmd, env, f"{base}/ping", "mlflow models serve", 120, cwd=run.root) as proc:
+            yield base, run
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
         # The whole group goes (the scoring workers too), within a bounded wait.
         deadline = time.monotonic() + 20
-        while group_alive(proc.pid) and time.monotonic() < deadline:
+        while proc is not None and group_alive(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if group_alive(proc.pid):
+        if proc is not None and group_alive(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
             pytest.fail("mlflow models serve left processes behind after SIGTERM")
 
