@@ -181,7 +181,8 @@ class MindDataSource:
         if df.select(bad.any()).item():
             row, ex = v.example(df, bad)
             raise InputError(
-                f"{df.select(bad.sum()).item()} time value(s) do not match '{TIME_FORMAT}' (e.g. 11/15/2019 8:55:22 AM)",
+                f"{df.select(bad.sum()).item()} time value(s) do not match '{TIME_FORMAT}' "
+                "(e.g. 11/15/2019 8:55:22 AM)",
                 file=file,
                 column="time",
                 row=row,

@@ -141,7 +141,7 @@ class RandomSplit:
     """
 
     def __init__(self, val_ratio: float = 0.1, test_ratio: float = 0.1, seed: int = 0) -> None:
-        if not (0.0 <= val_ratio and 0.0 < test_ratio and val_ratio + test_ratio < 1.0):
+        if not (val_ratio >= 0.0 and test_ratio > 0.0 and val_ratio + test_ratio < 1.0):
             raise ConfigError(f"split: need 0 <= val_ratio, 0 < test_ratio, sum < 1; got {val_ratio}, {test_ratio}")
         self.val_ratio, self.test_ratio, self.seed = val_ratio, test_ratio, seed
 
