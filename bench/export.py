@@ -132,7 +132,7 @@ def build(folder: Path, n_users: int, n_items: int, events: int) -> dict:
 
 def make_engine(folder: Path, k: int, scorer: str, explain: bool = True):
     from recsys.export.engine import Engine, ExplainOptions
-    from recsys.export.rules import BusinessRules
+    from recsys.rank.rules import BusinessRules
 
     opts = ExplainOptions() if explain else ExplainOptions(enabled=False, top_features=0)
     return Engine.load(folder, BusinessRules(max_per_category=40), k, scorer, opts)  # seen filtering + a cap

@@ -32,13 +32,12 @@ from recsys.pipeline import (
     FusionStage,
     HybridPipeline,
     candidate_recall,
-    ranked_lists,
     relevance_matrix,
     stage_exclusion,
 )
 from recsys.rank.features import feature_columns
-from recsys.recommender import History, Recommender
-from recsys.text.recommender import NewItemText
+from recsys.rank.fused import ranked_arrays, ranked_candidates
+from recsys.recommender import History, NewItemText, Recommender
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -148,10 +147,11 @@ def main() -> None:
             t1 = time.perf_counter()
             ranker.fit(part, feats)
             fit_s += time.perf_counter() - t1
-            held = df.filter(pl.col(Columns.UserIdx).is_in(halves[b].tolist()))
-            items, _, _ = ranked_lists(held.with_columns(pl.Series(Columns.Score, ranker.predict(held))), halves[b], 10)
+            held = df.filter(pl.col(Columns.UserIdx).is_in(halves[b].tolist())).sort(Columns.UserIdx, Columns.ItemIdx)
+            users = np.sort(halves[b])
+            items = ranked_arrays(ranked_candidates(held, ranker.predict(held), users, 10)[0], users, 10)[0]
             targets = split.val.filter(pl.col(Columns.UserIdx).is_in(halves[b].tolist()))
-            m = ranking_metrics(items, relevance_matrix(targets, halves[b], data.n_items), (10,))
+            m = ranking_metrics(items, relevance_matrix(targets, users, data.n_items), (10,))
             ndcg.append(m["ndcg_at_10"])
             recall.append(m["recall_at_10"])
         print(

@@ -28,9 +28,9 @@ from recsys.columns import Columns
 from recsys.evaluation.metrics import ranking_metrics
 from recsys.pipeline import FusionStage, HybridPipeline, relevance_matrix, stage_exclusion
 from recsys.rank.features import feature_columns
-from recsys.recommender import History
+from recsys.recommender import History, NewItemText
 from recsys.text.encoder import TwoTower
-from recsys.text.recommender import NewItemText, TextRecommender
+from recsys.text.recommender import TextRecommender
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TREES = [(31, 100), (15, 50), (63, 200)]  # (num_leaves, min_child_samples)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -72,3 +74,23 @@ def exit_on_user_error(run: Callable[[], T]) -> T:
             raise
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+# What a reader of a broken pipeline folder can do about it: the files are only ever written
+# together, by ``TrainedPipeline.save`` at the end of training.
+PIPELINE_REPAIR = (
+    "the folder is not a complete saved pipeline (training writes every file of it when it saves "
+    "the pipeline): re-run training (python -m recsys.train), or point at a complete pipeline folder"
+)
+
+
+@contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Turns a failure to read or parse one file of a saved pipeline into an ``InputError`` naming it."""
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as e:  # numpy, polars, safetensors, lightgbm and torch each raise their own types
+        detail = (str(e).strip().splitlines() or [""])[0]
+        raise InputError(f"cannot be read ({type(e).__name__}: {detail}); {PIPELINE_REPAIR}", file=str(path)) from e

@@ -12,10 +12,11 @@ Two stages share one protocol:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,8 +28,8 @@ from recsys.data.dataset import Dataset
 from recsys.data.split import Split
 from recsys.errors import ConfigError, InputError
 from recsys.evaluation.metrics import metric_table, ranking_metrics, relevance_matrix
-from recsys.rank.candidates import generate_candidates
-from recsys.rank.features import build_features, feature_columns
+from recsys.rank.features import feature_columns
+from recsys.rank.fused import FusedRecommender, ranked_arrays
 from recsys.rank.ranker import LambdaMARTRanker
 from recsys.recommender import History, Recommender, top_k
 
@@ -95,7 +96,7 @@ def stage_history(history: History, targets: pl.DataFrame) -> History:
 
 
 class FusionStage:
-    """Candidates from several recommenders, features, and the LambdaMART ranker.
+    """Trains the fused recommender's ranker and runs it at a stage (``FusedRecommender``).
 
     Args:
         n_candidates: per source, how many of its top items enter the candidate set.
@@ -106,6 +107,9 @@ class FusionStage:
         seed: of that sample.
     """
 
+    # Where each step of ``FusedRecommender`` counts in ``timings``.
+    PARTS = {"score": "candidates_features", "candidates": "candidates_features", "features": "candidates_features"}
+
     def __init__(
         self,
         n_candidates: Mapping[str, int],
@@ -115,7 +119,8 @@ class FusionStage:
     ) -> None:
         if max_train_users is not None and (not isinstance(max_train_users, int) or max_train_users < 1):
             raise ConfigError(f"rank.max_train_users must be a whole number >= 1 or null, got {max_train_users!r}")
-        self.n_candidates = dict(n_candidates)
+        self.fused = FusedRecommender(n_candidates, ranker)
+        self.n_candidates = self.fused.n_candidates
         self.ranker = ranker
         self.max_train_users = max_train_users
         self.seed = seed
@@ -123,8 +128,12 @@ class FusionStage:
         # Seconds spent per part, summed over calls: bench/scale.py reports where the stage goes.
         self.timings: dict[str, float] = {"candidates_features": 0.0, "ranker_train": 0.0, "ranker_predict": 0.0}
 
-    def _clock(self, part: str, since: float) -> None:
-        self.timings[part] = self.timings.get(part, 0.0) + time.perf_counter() - since
+    @contextlib.contextmanager
+    def _timer(self, step: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        part = self.PARTS.get(step, "ranker_predict")
+        self.timings[part] = self.timings.get(part, 0.0) + time.perf_counter() - t0
 
     def frame(
         self,
@@ -134,23 +143,20 @@ class FusionStage:
         exclude: sp.csr_matrix | None = None,
         include: pl.DataFrame | None = None,
     ) -> pl.DataFrame:
-        """Candidates and features; ``exclude`` defaults to the history (seen items).
+        """Candidates and features of ``users`` (sorted), block by block; ``exclude`` defaults to
+        the history (seen items).
 
         ``include``: extra ``(user_idx, item_idx)`` pairs (Int32) added to the candidate set, with
         null ``rank_<source>`` where no source proposed them.
         """
-        unknown = set(self.n_candidates) - set(models)
-        if unknown:
-            raise ConfigError(f"rank.n_candidates names unknown sources {sorted(unknown)}; known: {sorted(models)}")
-        t0 = time.perf_counter()
+        self.fused.check_sources(models)
         exclude = history.matrix if exclude is None else exclude
-        cands = generate_candidates(users, models, self.n_candidates, exclude=exclude)
-        if include is not None:
-            cands = cands.join(include.unique(), on=[Columns.UserIdx, Columns.ItemIdx], how="full", coalesce=True)
-        scorers = {name: m for name, m in models.items() if m.is_feature}
-        df = build_features(cands, history, scorers, list(self.n_candidates))
-        self._clock("candidates_features", t0)
-        return df
+        item_stats, user_stats = self.fused.statistics(history)
+        parts = [
+            self.fused.features(b, models, history, exclude, None, include, item_stats, user_stats, timer=self._timer)
+            for b in self.fused.blocks(np.asarray(users, dtype=np.int64), history.n_items)
+        ]
+        return pl.concat(parts)
 
     def fit(
         self,
@@ -171,7 +177,7 @@ class FusionStage:
         self.candidate_recall_val = recall
         t0 = time.perf_counter()
         self.ranker.fit(df, feature_columns(df.drop("label")))
-        self._clock("ranker_train", t0)
+        self.timings["ranker_train"] += time.perf_counter() - t0
         return self
 
     def labelled_frame(
@@ -209,9 +215,8 @@ class FusionStage:
         pairs = pairs.select(pl.col(k).cast(pl.Int32) for k in keys)
         users = pairs[Columns.UserIdx].unique().sort().to_numpy()
         df = self.frame(users, models, history, exclude, include=pairs)
-        t0 = time.perf_counter()
-        df = df.select(*keys, pl.Series(Columns.Score, self.ranker.predict(df)))
-        self._clock("ranker_predict", t0)
+        with self._timer("ranker"):
+            df = df.select(*keys, pl.Series(Columns.Score, self.ranker.predict(df)))
         return pairs.join(df, on=keys, how="left", maintain_order="left")[Columns.Score].to_numpy()
 
     def recommend(
@@ -222,35 +227,16 @@ class FusionStage:
         k: int,
         exclude: sp.csr_matrix | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        df = self.frame(users, models, history, exclude)
-        t0 = time.perf_counter()
-        scored = df.with_columns(pl.Series(Columns.Score, self.ranker.predict(df)))
-        self._clock("ranker_predict", t0)
-        return ranked_lists(scored, users, k)
+        """Each user's fused top-``k`` as ``[len(users), k]`` items (-1 = none), scores and sources."""
+        exclude = history.matrix if exclude is None else exclude
+        users = np.asarray(users, dtype=np.int64)
+        lists = self.fused.recommend(users, models, history, k, exclude, timer=self._timer)
+        return ranked_arrays(lists, users, k)
 
 
 def candidate_recall(labelled: pl.DataFrame) -> float:
     """Share of the users of a ``labelled_frame`` with a target among their candidates."""
     return float(labelled.group_by(Columns.UserIdx).agg(pl.col("label").max())["label"].mean())
-
-
-def ranked_lists(scored: pl.DataFrame, users: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each user's top-``k`` candidates by ``score`` (ties by item index) as ``[len(users), k]`` items
-    (-1 = none), scores and sources; row ``j`` is ``users[j]``."""
-    df = scored.sort([Columns.UserIdx, Columns.Score, Columns.ItemIdx], descending=[False, True, False]).with_columns(
-        pl.int_range(pl.len()).over(Columns.UserIdx).alias("_pos")
-    )
-    df = df.filter(pl.col("_pos") < k)
-    pos = {int(u): j for j, u in enumerate(users)}
-    row = np.array([pos[int(u)] for u in df[Columns.UserIdx].to_numpy()])
-    col = df["_pos"].to_numpy()
-    items = np.full((len(users), k), -1, dtype=np.int64)
-    scores = np.full((len(users), k), -np.inf, dtype=np.float32)
-    sources = np.full((len(users), k), "", dtype=object)
-    items[row, col] = df[Columns.ItemIdx].to_numpy()
-    scores[row, col] = df[Columns.Score].to_numpy()
-    sources[row, col] = df[Columns.Source].to_numpy()
-    return items, scores, sources
 
 
 class HybridPipeline:

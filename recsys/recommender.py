@@ -20,6 +20,31 @@ import scipy.sparse as sp
 from recsys.columns import Columns
 from recsys.topk import top_k
 
+# BLAS and torch pick kernels by the number of rows, and different kernels round differently in
+# the last bit, which can swap two near-tied items. Every user-side product is therefore computed
+# in blocks of exactly this many rows (zero-padded), so a user's scores do not depend on which
+# block, or how large a block, it was scored in: evaluation and every export chunk agree.
+ROW_BLOCK = 256
+
+
+def fixed_block_matmul(u: np.ndarray, vt: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``u @ vt`` computed ``ROW_BLOCK`` rows at a time, the last block zero-padded (into ``out``
+    if given: float32, C-ordered, of the result's shape)."""
+    u = np.asarray(u, dtype=np.float32)
+    vt = np.asarray(vt, dtype=np.float32)
+    if out is None:
+        out = np.empty((len(u), vt.shape[1]), dtype=np.float32)
+    pad = np.zeros((ROW_BLOCK, u.shape[1]), dtype=np.float32)
+    for s in range(0, len(u), ROW_BLOCK):
+        block = u[s : s + ROW_BLOCK]
+        if len(block) < ROW_BLOCK:
+            pad[:] = 0.0
+            pad[: len(block)] = block
+            out[s : s + len(block)] = (pad @ vt)[: len(block)]
+        else:
+            np.matmul(block, vt, out=out[s : s + ROW_BLOCK])  # same GEMM, no temporary
+    return out
+
 
 def recent_items(histories: Sequence[np.ndarray], n: int) -> np.ndarray:
     """``[len(histories), n]`` int64: the last ``n`` items of each history, most recent first,
@@ -83,6 +108,18 @@ class Recommender(ABC):
     name: str = "recommender"
     #: whether the fusion ranker gets this model's score as a feature (all but pure candidate sources)
     is_feature: bool = True
+    #: whether ``score_users`` takes ``out=``: a float32 ``[len(users), n_items]`` array to fill
+    writes_into: bool = False
+
+    @property
+    def restricts(self) -> tuple[Recommender, np.ndarray] | None:
+        """``(another model, forbidden items)`` when this model's scores are that model's with
+        some items removed (``text_new``): its score block is derived, not computed again."""
+        return None
+
+    def constant_scores(self) -> np.ndarray | None:
+        """The one score row every user gets, when there is one (popularity); else None."""
+        return None
 
     @abstractmethod
     def fit(self, history: History) -> Recommender: ...
@@ -124,3 +161,34 @@ class Recommender(ABC):
         if not all_items:
             return np.zeros((0, k), dtype=np.int64), np.zeros((0, k), dtype=np.float32)
         return np.concatenate(all_items), np.concatenate(all_scores)
+
+
+class NewItemText(Recommender):
+    """A model (the text tower) restricted to items with at most ``max_events`` events in the history.
+
+    A candidate source for cold start: new items compete with hundreds of warm items of the same
+    topic in the plain text ranking and rarely reach its top-N; here they compete only with each
+    other, and the ranker decides how many of them deserve a slot. Not a ranker feature (its
+    scores are the text tower's, already there), hence ``is_feature = False``.
+    """
+
+    name = "text_new"
+    is_feature = False
+
+    def __init__(self, text: Recommender, max_events: int = 0) -> None:
+        self.text = text
+        self.max_events = max_events
+
+    def fit(self, history: History) -> NewItemText:
+        """``text`` must already be fitted on the same history."""
+        self.warm = history.item_counts > self.max_events
+        return self
+
+    @property
+    def restricts(self) -> tuple[Recommender, np.ndarray]:
+        return self.text, self.warm
+
+    def score_users(self, users: np.ndarray) -> np.ndarray:
+        scores = np.array(self.text.score_users(users), dtype=np.float32, copy=True)
+        scores[:, self.warm] = -np.inf
+        return scores

@@ -46,10 +46,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
         stage_users,
     )
     from recsys.profiling import StageTimings, check_memory
-    from recsys.recommender import History
+    from recsys.recommender import History, NewItemText
     from recsys.text.fit import fine_tune, open_resume_dir, zero_shot_copy
     from recsys.text.options import budget, check_options
-    from recsys.text.recommender import NewItemText, TextRecommender
+    from recsys.text.recommender import TextRecommender
     from recsys.tracking import mask_secrets
 
     t_start = time.perf_counter()
@@ -310,7 +310,8 @@ def deploy_stage(cfg, data, pipeline, fusion, hist_test, test_events, models_tes
 def refit_models(pipeline, history, models: dict) -> dict:
     """``models`` for ``history``: CF refitted, the text towers (weights kept) reading it, in the
     same order (the ranker's features follow it)."""
-    from recsys.text.recommender import NewItemText, TextRecommender
+    from recsys.recommender import NewItemText
+    from recsys.text.recommender import TextRecommender
 
     cf = pipeline.fit_cf(history)
     out = {}

@@ -354,7 +354,7 @@ def gate_ndcg(pipeline, known: pl.DataFrame, targets: pl.DataFrame, k: int) -> f
     does not know cannot be recommended (a miss), nor read in a history."""
     from recsys.evaluation.metrics import ranking_metrics
     from recsys.export.engine import Engine, ExplainOptions
-    from recsys.export.rules import BusinessRules
+    from recsys.rank.rules import BusinessRules
 
     users = sorted(targets[Columns.User].unique().to_list())
     given = known.filter(pl.col(Columns.User).is_in(users))

@@ -30,6 +30,11 @@ class TrainedRun:
         return self.output / "pipeline"
 
     @property
+    def test_exclusion(self) -> Path:
+        """The evaluation's test-stage exclusions (seen and not yet listed items) as a CSR ``npz``."""
+        return self.root / "test_exclusion.npz"
+
+    @property
     def train_scores(self) -> Path:
         """``name -> [n_users, n_items]`` scores of each test-stage model, taken as training logged them."""
         return self.root / "train_scores.npz"
@@ -63,6 +68,9 @@ def trained_run() -> TrainedRun:
         "+cf.itemknn_next={_target_:recsys.cf.SequentialKNN,neighbours:50}",
         f"model.register_name={MODEL_NAME}",
         "model.alias=champion",
+        # One cut for everybody: features as of the stage's end, as served (the export test
+        # compares the evaluated fused lists with the export's).
+        "split=global_time",
     ]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
@@ -72,7 +80,20 @@ def trained_run() -> TrainedRun:
 
     logged = pyfunc.log_trained_pipeline
 
+    import scipy.sparse as sp
+
+    from recsys.columns import Columns
+    from recsys.pipeline import stage_exclusion
+
+    evaluated = {}
+
     def keep_scores(cfg, data, history, models, fusion, out_dir, **kw):
+        if kw.get("name") == "model_evaluated":
+            evaluated["history"] = history
+        elif "history" in evaluated:  # the served pipeline: the evaluated history + the test events
+            keys = [Columns.UserIdx, Columns.ItemIdx, Columns.Timestamp]
+            test = history.interactions.join(evaluated["history"].interactions, on=keys, how="anti")
+            sp.save_npz(root / "test_exclusion.npz", stage_exclusion(evaluated["history"], data.items, test))
         # What every served model scored, so tests can check that save/load loses nothing.
         if kw.get("name", "model") == "model":
             users = np.arange(history.n_users)

@@ -23,7 +23,7 @@ from recsys.errors import ConfigError
 from recsys.export.batch import export_recommendations
 from recsys.export.engine import Engine, ExplainOptions
 from recsys.export.pipeline_model import TrainedPipeline
-from recsys.export.rules import BusinessRules, apply_rules
+from recsys.rank.rules import BusinessRules, apply_rules
 
 # --- rules on a tiny known case ---------------------------------------------------------------
 
@@ -116,36 +116,26 @@ def engine(p: TrainedPipeline, k: int = 10, scorer: str = "fused", rules: Busine
     return Engine(p, (rules or BusinessRules()).compile(p.items, p.now), k, scorer, ExplainOptions())
 
 
-def test_block_path_matches_rank_module(pipeline):
-    """The export's candidates and features equal recsys.rank's on the training users
-    (regression guard: the ranker must see the features it was trained on)."""
-    from recsys.export.engine import DenseScores, block_candidates, block_features
-    from recsys.rank.candidates import generate_candidates
-    from recsys.rank.features import build_features, item_statistics
-    from recsys.recommender import History
+def test_export_of_the_test_users_equals_the_evaluated_fused_lists():
+    """The code that is evaluated is the code that is served: the evaluated test-stage pipeline,
+    exported for the test users with the evaluation's exclusions (seen items, items not yet
+    listed when the user came back), gives the run's evaluated fused lists row for row."""
+    import scipy.sparse as sp
 
-    p = pipeline
-    ph = p.histories(list(p.users.ids))
-    scorers = p.scorers(ph)
-    users = np.arange(len(p.users))
-    hist = History(p.history, len(p.users), p.n_items)
-    ref_c = generate_candidates(users, scorers, p.n_candidates, exclude=hist.matrix)
-    features = {n: m for n, m in scorers.items() if m.is_feature}
-    ref = build_features(ref_c, hist, features, list(p.n_candidates))
-    dense = {n: DenseScores(m, users) for n, m in scorers.items()}
-    got_c = block_candidates(users, dense, p.n_candidates, ph.history.matrix, None)
-    # Same candidates, except near a source's cut, where the two paths' scores (products of other
-    # block shapes, so other float rounding) can order near-ties differently.
-    keys = [Columns.UserIdx, Columns.ItemIdx]
-    assert got_c.join(ref_c, on=keys, how="inner").height >= 0.97 * ref_c.height
-    dense_f = {n: d for n, d in dense.items() if n in features}
-    got = block_features(ref_c, ph.history, dense_f, list(p.n_candidates), item_statistics(hist), p.now)
-    assert got.columns == ref.columns
-    for c in ref.columns:
-        if ref[c].dtype.is_float():
-            np.testing.assert_allclose(got[c].to_numpy(), ref[c].to_numpy(), rtol=1e-4, atol=1e-5, err_msg=c)
-        else:
-            assert got[c].equals(ref[c]), c
+    run = trained_run()
+    p = TrainedPipeline.load(run.output / "pipeline_evaluated")
+    evaluated = pl.read_parquet(run.output / "recommendations.parquet")
+    k = int(evaluated[Columns.Rank].max())
+    users = sorted(evaluated[Columns.User].unique().to_list())
+    ph = p.histories(users)
+    exclude = sp.load_npz(run.test_exclusion).tocsr()[p.users.index(users)]
+    no_window = BusinessRules(available_from_column="", available_until_column="")
+    eng = Engine(p, no_window.compile(p.items, p.now), k, "fused", ExplainOptions(enabled=False, top_features=0))
+    got = eng.recommend(ph, exclude=exclude)
+    cols = [Columns.User, Columns.Item, Columns.Rank, Columns.Source]
+    assert got.height == evaluated.height > 0
+    assert got.select(cols).equals(evaluated.select(cols))
+    np.testing.assert_allclose(got[Columns.Score].to_numpy(), evaluated[Columns.Score].to_numpy(), rtol=1e-6)
 
 
 def test_saved_pipeline_scores_as_the_trained_models(pipeline):
@@ -209,7 +199,7 @@ def test_a_factor_export_imports_neither_torch_nor_lightgbm():
         "import sys\n"
         "from recsys.export.batch import export_recommendations\n"
         "from recsys.export.engine import Engine\n"
-        "from recsys.export.rules import BusinessRules\n"
+        "from recsys.rank.rules import BusinessRules\n"
         f"e = Engine.load({str(trained_run().pipeline_dir)!r}, BusinessRules(), 10, 'als')\n"
         "e.recommend(e.p.histories(list(e.p.users.ids[:20])))\n"
         "print(sorted(m for m in ('torch', 'lightgbm', 'transformers') if m in sys.modules))\n"
@@ -355,7 +345,7 @@ import glob, os, signal, sys
 from recsys.export.batch import export_recommendations
 from recsys.export.engine import Engine, ExplainOptions
 from recsys.export.pipeline_model import TrainedPipeline
-from recsys.export.rules import BusinessRules
+from recsys.rank.rules import BusinessRules
 p = TrainedPipeline.load(sys.argv[1])
 e = Engine(p, BusinessRules().compile(p.items, p.now), 10, "fused", ExplainOptions())
 kill_at, layout = int(sys.argv[3]), sys.argv[4]
@@ -509,9 +499,9 @@ def test_export_threads_run_at_the_engines_thread_limits(pipeline, monkeypatch, 
     e = engine(pipeline)
     recommend = e._recommend
 
-    def recording(ph):  # inside Engine.recommend's limits
+    def recording(ph, exclude=None):  # inside Engine.recommend's limits
         seen.setdefault(threading.current_thread().name, []).append(settings())
-        return recommend(ph)
+        return recommend(ph, exclude)
 
     monkeypatch.setattr(e, "_recommend", recording)
     with threadpool_limits(2):  # a known setting, other than the engine's 1
@@ -609,7 +599,7 @@ KILL_WORKERS_SCRIPT = """
 import multiprocessing, os, signal, sys
 from recsys.export.batch import export_recommendations
 from recsys.export.engine import Engine, ExplainOptions
-from recsys.export.rules import BusinessRules
+from recsys.rank.rules import BusinessRules
 e = Engine.load(sys.argv[1], BusinessRules(), 10, "fused", ExplainOptions())
 written = []
 def after(i):

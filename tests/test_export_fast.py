@@ -12,15 +12,10 @@ from export_support import trained_run
 
 from recsys.columns import Columns
 from recsys.export import engine as engine_module
-from recsys.export.engine import (
-    DenseScores,
-    Engine,
-    ExplainOptions,
-    block_candidates,
-    constant_top_k,
-)
+from recsys.export.engine import Engine, ExplainOptions
+from recsys.rank.candidates import ScoreBlock, constant_top_k, generate_candidates
 from recsys.export.pipeline_model import TrainedPipeline
-from recsys.export.rules import BusinessRules, apply_rules
+from recsys.rank.rules import BusinessRules, apply_rules
 from recsys.topk import top_k
 
 
@@ -62,10 +57,10 @@ def test_in_place_candidates_equal_copied_ones(pipeline):
     scorers = p.scorers(ph)
     users = np.arange(len(p.users))
     seen = ph.history.matrix
-    fresh = {n: DenseScores(m, users) for n, m in scorers.items()}
-    ref = block_candidates(users, fresh, p.n_candidates, seen, None)
-    masked = {n: DenseScores(m, users) for n, m in scorers.items()}
-    got = block_candidates(users, masked, p.n_candidates, seen, None, in_place=True)
+    fresh = {n: ScoreBlock(m, users) for n, m in scorers.items()}
+    ref = generate_candidates(users, fresh, p.n_candidates, seen, None)
+    masked = {n: ScoreBlock(m, users) for n, m in scorers.items()}
+    got = generate_candidates(users, masked, p.n_candidates, seen, None, in_place=True)
     assert got.equals(ref)
     # The features read candidate pairs only: masking in place left those untouched.
     u, i = ref[Columns.UserIdx].to_numpy(), ref[Columns.ItemIdx].to_numpy()
@@ -122,7 +117,7 @@ def test_cached_similarity_explanations_equal_the_batched_product(pipeline, monk
 def test_nearest_history_kernel_equals_a_plain_argmax(kind):
     """Each way of reading similarities against ``np.argmax`` over the masked [rows, H] block:
     same position (the first on ties: integer vectors make many exact ties), same value."""
-    from recsys.export.kernels import DENSE, DOT, SPARSE, nearest_history
+    from recsys.kernels import DENSE, DOT, SPARSE, nearest_history
 
     rng = np.random.default_rng(3)
     n_items, n_users, h = 40, 25, 7

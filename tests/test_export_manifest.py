@@ -12,7 +12,7 @@ import pytest
 from recsys.columns import Columns
 from recsys.export.batch import export_recommendations
 from recsys.export.engine import Engine, ExplainOptions
-from recsys.export.rules import BusinessRules
+from recsys.rank.rules import BusinessRules
 
 
 @pytest.fixture(scope="module")

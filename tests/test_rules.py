@@ -10,7 +10,7 @@ import polars as pl
 import pytest
 
 from recsys.columns import Columns
-from recsys.export.rules import BusinessRules, CompiledRules, apply_rules, apply_rules_dense
+from recsys.rank.rules import BusinessRules, CompiledRules, apply_rules, apply_rules_dense
 from recsys.topk import top_k
 
 N_ITEMS = 15

@@ -14,7 +14,7 @@ from recsys.columns import Columns
 from recsys.errors import InputError
 from recsys.export.engine import Engine, ExplainOptions
 from recsys.export.pipeline_model import TrainedPipeline
-from recsys.export.rules import BusinessRules
+from recsys.rank.rules import BusinessRules
 
 NAME = "recsys_update_test"
 ITEM_COLUMNS = ["item_id", "title", "category", "description"]

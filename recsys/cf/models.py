@@ -16,15 +16,20 @@ import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
 from recsys.columns import Columns
-from recsys.recommender import History, Recommender
+from recsys.kernels import pair_scores
+from recsys.recommender import History, Recommender, fixed_block_matmul
 
 
 class _FactorModel(Recommender):
     user_factors: np.ndarray
     item_factors: np.ndarray
+    writes_into = True
 
-    def score_users(self, users: np.ndarray) -> np.ndarray:
-        return self.user_factors[users] @ self.item_factors.T
+    def score_users(self, users: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return fixed_block_matmul(self.user_factors[users], self.item_factors.T, out)
+
+    def score_pairs(self, users: np.ndarray, items: np.ndarray, chunk: int = 2048) -> np.ndarray:
+        return pair_scores(self.user_factors, self.item_factors, users, items)
 
     def _store(self, model, history: History) -> None:
         self.user_factors = np.asarray(model.user_factors, dtype=np.float32)
@@ -139,8 +144,12 @@ class ItemKNN(Recommender):
         self.user_items = user_rows(history, self.recency_decay, self.binary)
         return self
 
-    def score_users(self, users: np.ndarray) -> np.ndarray:
-        return (self.user_items[users] @ self.similarity).toarray()
+    writes_into = True
+
+    def score_users(self, users: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        if out is not None:
+            out.fill(0.0)  # toarray adds the product's entries into it
+        return (self.user_items[users] @ self.similarity).toarray(out=out)
 
 
 class SequentialKNN(ItemKNN):
@@ -296,6 +305,14 @@ class Popularity(Recommender):
             out[j] = run
             prev_t, prev_i = t, max(prev_i, upto)
         return out
+
+    def constant_scores(self) -> np.ndarray | None:
+        return self.counts if self.user_now is None else None
+
+    def score_pairs(self, users: np.ndarray, items: np.ndarray, chunk: int = 2048) -> np.ndarray:
+        if self.user_now is None:
+            return self.counts[np.asarray(items, dtype=np.int64)].astype(np.float32)
+        return super().score_pairs(users, items, chunk)
 
     def score_users(self, users: np.ndarray) -> np.ndarray:
         if self.user_now is None:

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,29 +22,13 @@ import scipy.sparse as sp
 
 from recsys.columns import Columns
 from recsys.errors import ConfigError
-from recsys.export.kernels import (
-    DENSE,
-    DOT,
-    SPARSE,
-    kept_cells,
-    nearest_history,
-    pair_dots,
-)
-from recsys.export.pipeline_model import (
-    ROW_BLOCK,
-    ConstantScorer,
-    EmbeddingScorer,
-    FactorScorer,
-    KNNScorer,
-    MaskedScorer,
-    PipelineHistories,
-    TrainedPipeline,
-)
-from recsys.export.rules import BusinessRules, CompiledRules, apply_rules_dense, mask_items, ranked_rows
-from recsys.rank.candidates import rank_column
+from recsys.export.pipeline_model import PipelineHistories, TrainedPipeline
+from recsys.kernels import DENSE, DOT, SPARSE, kept_cells, nearest_history
+from recsys.rank.candidates import ScoreBlock, masked_top_k
 from recsys.rank.features import item_statistics, user_statistics
-from recsys.recommender import History, Recommender, recent_items
-from recsys.topk import top_k
+from recsys.rank.fused import FusedRecommender
+from recsys.rank.rules import BusinessRules, CompiledRules, apply_rules_dense
+from recsys.recommender import ROW_BLOCK, History, Recommender, recent_items
 
 FUSED = "fused"
 # History explanations need, per row, the cosine of the recommended item with ~20 history items
@@ -58,8 +42,6 @@ CACHE_MAX_ITEMS = 6000
 # Users scored at a time by a single-stage export (``Engine._single``): a multiple of ROW_BLOCK,
 # so that the products are the same GEMM calls as over the whole chunk.
 SLICE_ROWS = ROW_BLOCK
-# The models whose ``score_users`` can write into a given array (``DenseScores(out=)``).
-BUFFERED = (FactorScorer, EmbeddingScorer, KNNScorer)
 EXPLAIN_COLUMNS = {"explain_item": pl.String, "explain_similarity": pl.Float32, "explain_features": pl.String}
 
 
@@ -196,225 +178,6 @@ class PatternTreeShap:
         return values
 
 
-def pair_scores(model: Recommender, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """Score of each (user, item) pair, computed per pair (no dense user x catalogue matrix)."""
-    if isinstance(model, FactorScorer | EmbeddingScorer):
-        u = model.user_factors if isinstance(model, FactorScorer) else model.user_embeddings
-        v = model.item_factors if isinstance(model, FactorScorer) else model.item_embeddings
-        u, v = np.ascontiguousarray(u, dtype=np.float32), np.ascontiguousarray(v, dtype=np.float32)
-        return pair_dots(u, v, np.asarray(users, dtype=np.int64), np.asarray(items, dtype=np.int64))
-    if isinstance(model, ConstantScorer):
-        return model.counts[items].astype(np.float32)
-    return model.score_pairs(users, items)
-
-
-class DenseScores(Recommender):
-    """One model's scores of a block of users against the whole catalogue, computed once and
-    shared by candidate generation and the features (``users`` are 0..n-1 of the block)."""
-
-    def __init__(self, model: Recommender, users: np.ndarray, out: np.ndarray | None = None) -> None:
-        """``out``: where to write the block, for the models that can (``BUFFERED``)."""
-        self.name = model.name
-        if out is not None and isinstance(model, BUFFERED):
-            self.scores = model.score_users(users, out=out)
-        else:
-            self.scores = np.asarray(model.score_users(users), dtype=np.float32)
-        # One score row shared by every user (popularity): its top-N needs no dense block.
-        self.constant = np.asarray(model.counts, dtype=np.float32) if isinstance(model, ConstantScorer) else None
-
-    @classmethod
-    def masked(cls, base: DenseScores, name: str, forbidden: np.ndarray, out: np.ndarray | None = None) -> DenseScores:
-        """``MaskedScorer``'s scores from its inner model's block, without scoring again."""
-        res = cls.__new__(cls)
-        res.name, res.constant = name, None
-        if out is None:
-            res.scores = base.scores.copy()
-        else:
-            np.copyto(out, base.scores)
-            res.scores = out
-        res.scores[:, forbidden] = -np.inf
-        return res
-
-    def fit(self, history: History) -> DenseScores:  # pragma: no cover
-        return self
-
-    def score_users(self, users: np.ndarray) -> np.ndarray:
-        return self.scores[users]
-
-    def score_pairs(self, users: np.ndarray, items: np.ndarray, chunk: int = 2048) -> np.ndarray:
-        return self.scores[users, items]
-
-
-def block_candidates(
-    users: np.ndarray,
-    dense: Mapping[str, DenseScores],
-    n_per_source: Mapping[str, int],
-    seen: sp.csr_matrix | None,
-    allowed: np.ndarray | None,
-    in_place: bool = False,
-) -> pl.DataFrame:
-    """``recsys.rank.candidates.generate_candidates`` on precomputed scores, without joins:
-    same columns, same rows (``tests/test_export.py`` checks), several times faster.
-
-    ``in_place``: mask seen and forbidden items in the dense blocks themselves instead of a copy
-    (``users`` must then be every row of them). The features only read candidate pairs, which
-    never include those items, so they see the same values.
-    """
-    n_items = next(iter(dense.values())).scores.shape[1]
-    seen = seen[users] if seen is not None else None
-    keys, ranks, srcs = [], [], []
-    names = list(n_per_source)
-    for s_id, name in enumerate(names):
-        items, top = masked_top_k(dense[name], users, n_per_source[name], seen, allowed, in_place)
-        k = items.shape[1]
-        ok = np.isfinite(top).ravel()
-        keys.append((np.repeat(users, k) * n_items + items.ravel())[ok])
-        ranks.append(np.tile(np.arange(1, k + 1, dtype=np.int32), len(users))[ok])
-        srcs.append(np.full(int(ok.sum()), s_id, dtype=np.int8))
-    all_keys = np.concatenate(keys)
-    uniq, inv = np.unique(all_keys, return_inverse=True)
-    first = np.full(len(uniq), len(names), dtype=np.int8)
-    cols: dict[str, pl.Series] = {
-        Columns.UserIdx: pl.Series(Columns.UserIdx, (uniq // n_items).astype(np.int32)),
-        Columns.ItemIdx: pl.Series(Columns.ItemIdx, (uniq % n_items).astype(np.int32)),
-    }
-    bounds = np.cumsum([0] + [len(x) for x in keys])
-    for s_id, name in enumerate(names):
-        pos = inv[bounds[s_id] : bounds[s_id + 1]]
-        r = np.zeros(len(uniq), dtype=np.int32)
-        r[pos] = ranks[s_id]
-        present = np.zeros(len(uniq), dtype=bool)
-        present[pos] = True
-        cols[rank_column(name)] = pl.Series(rank_column(name), r).set(~pl.Series(present), None)
-    # A source proposes an item at most once per user, so plain assignment in reverse source order
-    # leaves the first source at each row (np.minimum.at did the same, many times slower).
-    for s_id in reversed(range(len(names))):
-        first[inv[bounds[s_id] : bounds[s_id + 1]]] = s_id
-    src_names = pl.Series(Columns.Source, [*names, None], dtype=pl.String)
-    cols[Columns.Source] = src_names.gather(first.astype(np.int64))  # no Python string per row
-    return pl.DataFrame(list(cols.values()))
-
-
-def masked_top_k(
-    d: DenseScores,
-    users: np.ndarray,
-    k: int,
-    seen: sp.csr_matrix | None,
-    allowed: np.ndarray | None,
-    in_place: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """``top_k`` of ``d``'s rows ``users`` with seen items (row r of ``seen`` is user
-    ``users[r]``) and items outside ``allowed`` at -inf: the one masking step before every top-N
-    of the export (candidates and single-stage lists).
-
-    ``in_place``: mask ``d.scores`` itself when it can be (writeable, C-ordered, ``users`` every
-    row of it) instead of a copy; the caller vouches that nobody else reads those cells.
-    """
-    if d.constant is not None:  # one shared row: no dense block needed
-        return constant_top_k(d.constant, seen, len(users), k, allowed)
-    sc = d.scores
-    if not (in_place and sc.flags.writeable and sc.flags.c_contiguous and len(users) == len(sc)):
-        sc = np.ascontiguousarray(sc[users], dtype=np.float32)  # fancy indexing: a fresh copy
-    return top_k(mask_items(sc, allowed, seen), k)
-
-
-def constant_top_k(
-    row: np.ndarray, seen: sp.csr_matrix | None, n_rows: int, k: int, allowed: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """``top_k`` of ``row`` repeated ``n_rows`` times with seen (``seen`` rows) and forbidden
-    items at -inf -- the same items and order for every finite cell -- without the dense block.
-
-    ``top_k`` puts the items in one order once; a user's list is then the first k of that order
-    it has not seen, found in a window of k + (most items any of these users has seen). Cells
-    beyond a user's valid items hold item 0 and -inf (``top_k`` puts other -inf items there;
-    every caller drops non-finite cells).
-    """
-    k = min(k, len(row))
-    order = top_k(row[None, :], len(row))[0][0]
-    if allowed is not None:
-        order = order[allowed[order]]
-    order = order[np.isfinite(row[order])]
-    most_seen = int(np.diff(seen.indptr).max(initial=0)) if seen is not None else 0
-    window = order[: k + most_seen]
-    blocked = np.zeros((n_rows, len(window)), dtype=bool)
-    if seen is not None and seen.nnz:
-        where = np.full(len(row), -1, dtype=np.int64)
-        where[window] = np.arange(len(window))
-        r = np.repeat(np.arange(n_rows), np.diff(seen.indptr))
-        p = where[seen.indices]
-        blocked[r[p >= 0], p[p >= 0]] = True
-    take = ~blocked & (np.cumsum(~blocked, axis=1) <= k)
-    r, c = np.nonzero(take)  # row-major: each row's items in the shared order
-    pos = np.arange(len(r)) - np.searchsorted(r, np.arange(n_rows))[r]
-    idx = np.zeros((n_rows, k), dtype=np.int64)
-    top = np.full((n_rows, k), -np.inf, dtype=np.float32)
-    idx[r, pos] = window[c]
-    top[r, pos] = row[window[c]]
-    return idx, top
-
-
-def block_features(
-    candidates: pl.DataFrame,
-    history: History,
-    scorers: Mapping[str, Recommender],
-    sources: Sequence[str],
-    item_stats: pl.DataFrame,
-    now: int,
-) -> pl.DataFrame:
-    """The ranker's features for a block of users: ``recsys.rank.features.build_features`` (the
-    columns, their order and types) with the item statistics and reference time of the whole
-    training history rather than the block's. ``tests/test_export.py`` checks both agree.
-
-    Computed with numpy on the candidates sorted by (user, item) -- the per-user standardised
-    scores as sums over each user's contiguous rows, the statistics as gathers -- instead of
-    polars window expressions and joins, at about half their cost. A user with one candidate
-    gets NaN z-scores where ``build_features`` has nulls: the ranker reads both as missing.
-    """
-    keys = [Columns.UserIdx, Columns.ItemIdx]
-    users = candidates[Columns.UserIdx].to_numpy().astype(np.int64)
-    items = candidates[Columns.ItemIdx].to_numpy().astype(np.int64)
-    if np.any(np.diff(users * (int(items.max(initial=0)) + 1) + items) < 0):  # not in (user, item) order
-        candidates = candidates.sort(keys)
-        users = candidates[Columns.UserIdx].to_numpy().astype(np.int64)
-        items = candidates[Columns.ItemIdx].to_numpy().astype(np.int64)
-    cols: dict[str, pl.Series] = {c: candidates[c] for c in candidates.columns}
-    # Each user's rows are contiguous: per-user sums by np.add.reduceat over the run starts.
-    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else np.zeros(0, np.int64)
-    counts = np.diff(np.r_[starts, len(users)])
-    scores = {f"score_{name}": pair_scores(model, users, items) for name, model in scorers.items()}
-    for name, v in scores.items():
-        cols[name] = pl.Series(name, v, dtype=pl.Float32)
-    for name, v in scores.items():
-        cols[f"{name}_z"] = pl.Series(f"{name}_z", _user_z(v, starts, counts), dtype=pl.Float32)
-    n_sources = np.zeros(len(users), dtype=np.int8)
-    for s in sources:
-        n_sources += candidates[rank_column(s)].is_not_null().to_numpy()
-    cols["n_sources"] = pl.Series("n_sources", n_sources)
-    for c in item_stats.columns:  # one row per item, in item order
-        if c != Columns.ItemIdx:
-            cols[c] = item_stats[c].gather(items)
-    user_stats = user_statistics(history, now)
-    at = np.full(history.n_users, -1, dtype=np.int64)
-    at[user_stats[Columns.UserIdx].to_numpy()] = np.arange(user_stats.height)
-    rows = pl.Series(at[users]).set(pl.Series(at[users] < 0), None)  # no history: nulls
-    for c in user_stats.columns:
-        if c != Columns.UserIdx:
-            cols[c] = user_stats[c].gather(rows)
-    return pl.DataFrame(list(cols.values()))
-
-
-def _user_z(x: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """``(x - mean) / (std + 1e-6)`` within each user's run of rows (sample std, as polars')."""
-    if len(x) == 0:
-        return x.astype(np.float32)
-    xd = x.astype(np.float64)
-    mean = np.add.reduceat(xd, starts) / counts
-    dev = xd - np.repeat(mean, counts)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        std = np.sqrt(np.add.reduceat(dev * dev, starts) / (counts - 1))
-        return (dev / (np.repeat(std, counts) + 1e-6)).astype(np.float32)
-
-
 @dataclass(frozen=True)
 class EngineRecipe:
     """How to build an ``Engine`` again in another process (the export's workers): the saved
@@ -484,6 +247,7 @@ class Engine:
             raise ConfigError("this pipeline has no ranker: choose a single model as scorer")
         if scorer != FUSED and scorer not in pipeline.model_names:
             raise ConfigError(f"unknown scorer '{scorer}'; choose {FUSED} or one of {pipeline.model_names}")
+        self.fused = FusedRecommender(pipeline.n_candidates, pipeline.ranker) if pipeline.ranker else None
         # Item-side state, computed once for every block.
         n_users = len(pipeline.users)
         self.item_stats = item_statistics(History(pipeline.history, n_users, pipeline.n_items))
@@ -589,18 +353,16 @@ class Engine:
         with self._timings_lock:
             self.timings[stage] += seconds
 
-    def _block(self, model: Recommender, rows: int) -> np.ndarray | None:
-        """The ``[rows, items]`` float32 array ``model``'s dense scores are written to (None for
-        a model that cannot write into one), kept from block to block: a fresh 80 MB block (4k
-        users x 5k items) would be page-faulted in again at every chunk, 15-30 ms per block and
-        model. One set per thread: an engine shared by the threads of a
-        server (the pyfunc model) must not have two blocks written into the same array."""
-        if not isinstance(model, (*BUFFERED, MaskedScorer)):
-            return None
+    def _block(self, name: str, rows: int) -> np.ndarray:
+        """The ``[rows, items]`` float32 array model ``name``'s dense scores are written to, kept
+        from block to block: a fresh 80 MB block (4k users x 5k items) would be page-faulted in
+        again at every chunk, 15-30 ms per block and model. One set per thread: an engine shared
+        by the threads of a server (the pyfunc model) must not have two blocks written into the
+        same array."""
         blocks = self._local.__dict__.setdefault("blocks", {})
-        buf = blocks.get(model.name)
+        buf = blocks.get(name)
         if buf is None or len(buf) < rows:
-            buf = blocks[model.name] = np.empty((rows, self.p.n_items), dtype=np.float32)
+            buf = blocks[name] = np.empty((rows, self.p.n_items), dtype=np.float32)
         return buf[:rows]
 
     @contextmanager
@@ -611,15 +373,19 @@ class Engine:
 
     # ---- one block -------------------------------------------------------------------------------
 
-    def recommend(self, ph: PipelineHistories) -> pl.DataFrame:
-        """Rows ``user_id, item_id, score, rank, source, explain_*`` sorted by user_id, rank."""
-        with thread_limits(self.threads):
-            return self._recommend(ph)
+    def recommend(self, ph: PipelineHistories, exclude: sp.csr_matrix | None = None) -> pl.DataFrame:
+        """Rows ``user_id, item_id, score, rank, source, explain_*`` sorted by user_id, rank.
 
-    def _recommend(self, ph: PipelineHistories) -> pl.DataFrame:
+        ``exclude``: items no list may hold, row r for user r of ``ph``, in place of the seen
+        items of ``rules.filter_seen`` (the offline evaluation's per-user exclusions)."""
+        with thread_limits(self.threads):
+            return self._recommend(ph, exclude)
+
+    def _recommend(self, ph: PipelineHistories, exclude: sp.csr_matrix | None) -> pl.DataFrame:
         with self._timed("user_state"):
             scorers = self.p.scorers(ph, None if self.scorer == FUSED else [self.scorer])
         seen = ph.history.matrix if self.rules.rules.filter_seen else None
+        seen = seen if exclude is None else exclude
         self.rules.count_masked(len(ph.user_ids), ph.history.matrix)
         users = np.arange(len(ph.user_ids), dtype=np.int64)
         if self.scorer == FUSED:
@@ -630,33 +396,23 @@ class Engine:
 
     def _fused(self, users, ph, scorers, seen) -> pl.DataFrame:
         p = self.p
-        with self._timed("score"):
-            # Dense [users, items] blocks for the candidate sources only (and the model a masked
-            # source reuses); a model that is only a feature is scored per candidate pair.
-            blocks = set(p.n_candidates) | {m.inner.name for m in scorers.values() if isinstance(m, MaskedScorer)}
-            dense: dict[str, DenseScores] = {}
-            for n, m in scorers.items():
-                if isinstance(m, MaskedScorer) and m.inner.name in dense:  # text_new: text's block, masked
-                    dense[n] = DenseScores.masked(dense[m.inner.name], n, m.forbidden, self._block(m, len(users)))
-                elif n in blocks:
-                    dense[n] = DenseScores(m, users, self._block(m, len(users)))
-        with self._timed("candidates"):
-            cands = block_candidates(users, dense, p.n_candidates, seen, self.allowed, in_place=True)
-        with self._timed("features"):
-            features = {n: dense.get(n, m) for n, m in scorers.items() if getattr(m, "is_feature", True)}
-            feats = block_features(cands, ph.history, features, list(p.n_candidates), self.item_stats, p.now)
-        with self._timed("ranker"):
-            x = self._ranker_matrix(feats)
-            pred = self._booster().predict(x, num_iteration=p.ranker.best_iteration).astype(np.float32)
-        with self._timed("rules"):
-            rows, score = ranked_rows(feats[Columns.UserIdx].to_numpy(), pred, len(users))
-            keep = apply_rules_dense(feats[Columns.ItemIdx].to_numpy()[rows], score, self.rules, self.k)
-            _, rows, kept_score, kept_rank = kept_cells(keep, rows, score)
-            out = feats.select(Columns.UserIdx, Columns.ItemIdx)[rows].with_columns(
-                pl.Series(Columns.Score, kept_score),
-                pl.Series(Columns.Rank, kept_rank),
-                feats[Columns.Source].gather(rows),
-            )
+        user_stats = user_statistics(ph.history, p.now)
+        # The chunk is one block: its size is the export's memory bound (``chunk_size``).
+        out, x, rows = self.fused.recommend_block(
+            users,
+            scorers,
+            ph.history,
+            self.k,
+            seen,
+            self.allowed,
+            self.rules,
+            self.item_stats,
+            user_stats,
+            buffer=self._block,
+            matrix=self._ranker_matrix,
+            predict=lambda x: self._booster().predict(x, num_iteration=p.ranker.best_iteration),
+            timer=self._timed,
+        )
         if self.explain.top_features > 0:
             with self._timed("explain_features"):
                 out = self._feature_explanations(out, x, rows)
@@ -674,12 +430,11 @@ class Engine:
             top = np.empty((len(users), n), dtype=np.float32)
             for s in range(0, len(users), SLICE_ROWS):
                 part = users[s : s + SLICE_ROWS]
-                d = DenseScores(model, part)
-                # A fresh block (or DenseScores' float32 copy) is masked in place; a block that
+                d = ScoreBlock(model, part)
+                # A fresh block (or ScoreBlock's float32 copy) is masked in place; a block that
                 # shares memory with the model is copied first.
-                local = np.arange(len(part))
                 part_seen = None if seen is None else seen[s : s + len(part)]
-                got = masked_top_k(d, local, n, part_seen, self.allowed, in_place=d.scores.flags.owndata)
+                got = masked_top_k(d, n, part_seen, self.allowed, in_place=d.scores.flags.owndata)
                 items[s : s + len(part)], top[s : s + len(part)] = got
         with self._timed("rules"):
             rank = apply_rules_dense(items, top, self.rules, self.k)
@@ -863,4 +618,4 @@ def empty_output() -> pl.DataFrame:
     return pl.DataFrame(schema=OUTPUT_SCHEMA)
 
 
-__all__ = ["FUSED", "OUTPUT_SCHEMA", "Engine", "EngineRecipe", "ExplainOptions", "block_features", "empty_output"]
+__all__ = ["FUSED", "OUTPUT_SCHEMA", "Engine", "EngineRecipe", "ExplainOptions", "empty_output"]

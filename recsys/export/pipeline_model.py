@@ -29,8 +29,7 @@ from __future__ import annotations
 import json
 import platform
 import types
-from collections.abc import Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -44,9 +43,12 @@ from recsys.cf.models import ALS, BPR, ItemKNN, Popularity, user_rows
 from recsys.columns import Columns
 from recsys.data.dataset import IdMap
 from recsys.data.validation import ROW, parse_timestamp, require_non_null
-from recsys.errors import ConfigError, InputError
+from recsys.errors import PIPELINE_REPAIR as REPAIR
+from recsys.errors import ConfigError, InputError, reading
+from recsys.kernels import pair_scores
 from recsys.rank.ranker import LambdaMARTRanker
-from recsys.recommender import History, Recommender, recent_items
+from recsys.recommender import History, NewItemText, Recommender, fixed_block_matmul
+from recsys.text.history_tower import HistoryTower
 
 # torch (and the text modules built on it) and lightgbm are imported where a text part or the
 # ranker is loaded, not here: a single-stage factor export (ALS, BPR, item-kNN, popularity) and
@@ -54,7 +56,6 @@ from recsys.recommender import History, Recommender, recent_items
 # more for lightgbm's.
 if TYPE_CHECKING:
     from recsys.text.encoder import TwoTower
-    from recsys.text.recommender import TextRecommender
 
 FORMAT_VERSION = 1
 HISTORY_COLUMNS = [Columns.UserIdx, Columns.ItemIdx, Columns.Timestamp, Columns.Weight]
@@ -81,24 +82,6 @@ MODEL_FIELDS: dict[str, dict[str, Any]] = {"NewItemText": {"max_events": int}, "
 TOWER_OPTIONAL: dict[str, Any] = {"history_embeddings": bool}
 # Per kind, fields pipelines saved before they existed lack (read with ``.get``).
 MODEL_OPTIONAL: dict[str, dict[str, Any]] = {"ItemKNN": {"recency_decay": float | None}}
-# What a reader of a broken pipeline folder can do about it: the files are only ever written
-# together, by ``TrainedPipeline.save`` at the end of training.
-REPAIR = (
-    "the folder is not a complete saved pipeline (training writes every file of it when it saves "
-    "the pipeline): re-run training (python -m recsys.train), or point at a complete pipeline folder"
-)
-
-
-@contextmanager
-def reading(path: Path) -> Iterator[None]:
-    """Turns a failure to read or parse one pipeline file into an ``InputError`` naming it."""
-    try:
-        yield
-    except InputError:
-        raise
-    except Exception as e:  # numpy, polars, safetensors, lightgbm and torch each raise their own types
-        detail = (str(e).strip().splitlines() or [""])[0]
-        raise InputError(f"cannot be read ({type(e).__name__}: {detail}); {REPAIR}", file=str(path)) from e
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
@@ -183,32 +166,11 @@ def check_meta(meta: Mapping[str, Any], file: Path) -> None:
 
 # --- chunk-local scorers: the same scores as the trained models, for any set of users -------------
 
-# BLAS and torch pick kernels by the number of rows, and different kernels round differently in
-# the last bit, which can swap two near-tied items. Every user-side product is therefore computed
-# in blocks of exactly this many rows (zero-padded), so a user's scores do not depend on which
-# chunk, or how large a chunk, it was exported in.
-ROW_BLOCK = 256
-
-
-def fixed_block_matmul(u: np.ndarray, vt: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """``u @ vt`` computed ``ROW_BLOCK`` rows at a time, the last block zero-padded (into ``out``
-    if given: float32, C-ordered, of the result's shape)."""
-    if out is None:
-        out = np.empty((len(u), vt.shape[1]), dtype=np.float32)
-    pad = np.zeros((ROW_BLOCK, u.shape[1]), dtype=np.float32)
-    for s in range(0, len(u), ROW_BLOCK):
-        block = u[s : s + ROW_BLOCK]
-        if len(block) < ROW_BLOCK:
-            pad[:] = 0.0
-            pad[: len(block)] = block
-            out[s : s + len(block)] = (pad @ vt)[: len(block)]
-        else:
-            np.matmul(block, vt, out=out[s : s + ROW_BLOCK])  # same GEMM, no temporary
-    return out
-
 
 class FactorScorer(Recommender):
     """``user_factors @ item_factors.T`` for a block of users (ALS, BPR)."""
+
+    writes_into = True
 
     def __init__(self, name: str, user_factors: np.ndarray, item_factors: np.ndarray) -> None:
         self.name, self.user_factors, self.item_factors = name, user_factors, item_factors
@@ -219,9 +181,14 @@ class FactorScorer(Recommender):
     def score_users(self, users: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return fixed_block_matmul(self.user_factors[users], self.item_factors.T, out)
 
+    def score_pairs(self, users: np.ndarray, items: np.ndarray, chunk: int = 2048) -> np.ndarray:
+        return pair_scores(self.user_factors, self.item_factors, users, items)
+
 
 class KNNScorer(Recommender):
     """Item-kNN: the user's history row (binary, or ``recency_rows``) times the item-item similarity."""
+
+    writes_into = True
 
     def __init__(self, name: str, user_items: sp.csr_matrix, similarity: sp.csr_matrix) -> None:
         self.name, self.user_items, self.similarity = name, user_items, similarity
@@ -244,25 +211,14 @@ class ConstantScorer(Recommender):
     def fit(self, history: History) -> ConstantScorer:  # pragma: no cover
         return self
 
+    def constant_scores(self) -> np.ndarray:
+        return self.counts
+
     def score_users(self, users: np.ndarray) -> np.ndarray:
         return np.broadcast_to(self.counts, (len(users), len(self.counts)))
 
-
-class MaskedScorer(Recommender):
-    """Another scorer restricted to some items (the text tower among cold items: ``text_new``)."""
-
-    is_feature = False
-
-    def __init__(self, name: str, inner: Recommender, forbidden: np.ndarray) -> None:
-        self.name, self.inner, self.forbidden = name, inner, forbidden
-
-    def fit(self, history: History) -> MaskedScorer:  # pragma: no cover
-        return self
-
-    def score_users(self, users: np.ndarray) -> np.ndarray:
-        s = np.array(self.inner.score_users(users), dtype=np.float32, copy=True)
-        s[:, self.forbidden] = -np.inf
-        return s
+    def score_pairs(self, users: np.ndarray, items: np.ndarray, chunk: int = 2048) -> np.ndarray:
+        return np.asarray(self.counts, dtype=np.float32)[items]
 
 
 class EmbeddingScorer(Recommender):
@@ -274,8 +230,13 @@ class EmbeddingScorer(Recommender):
     def fit(self, history: History) -> EmbeddingScorer:  # pragma: no cover
         return self
 
+    writes_into = True
+
     def score_users(self, users: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return fixed_block_matmul(self.user_embeddings[users], self.item_embeddings.T, out)
+
+    def score_pairs(self, users: np.ndarray, items: np.ndarray, chunk: int = 2048) -> np.ndarray:
+        return pair_scores(self.user_embeddings, self.item_embeddings, users, items)
 
 
 def fold_in(item_factors: np.ndarray, user_items: sp.csr_matrix, regularization: float, alpha: float) -> np.ndarray:
@@ -298,99 +259,6 @@ def fold_in(item_factors: np.ndarray, user_items: sp.csr_matrix, regularization:
         yty = (y.T @ y).astype(np.float32)
         _als._least_squares(yty, ui.indptr, ui.indices, data, out, y, float(regularization), num_threads=1)
     return out
-
-
-@dataclass
-class HistoryTower:
-    """A text tower's serving side: ``recsys.text.encoder.UserEncoder``'s trained weights and the
-    catalogue's vectors, without the BERT that made them. Users come from histories, items are
-    fixed at training time.
-
-    The user encoder (attention pooling over the last ``max_history`` history vectors, a residual
-    linear layer, L2 normalisation) is evaluated here in numpy and a compiled loop, not torch: the
-    same weights and formula to float rounding (``tests/test_export_fast.py``), at about a fifth
-    of the cost per block (4,096 users: 27 ms against 140 ms), and an export process or worker
-    then never imports torch."""
-
-    weights: dict[str, np.ndarray]  # UserEncoder's state dict: position_bias, content.*, residual.weight
-    item_embeddings: np.ndarray  # [n_items, d] float32
-    history_embeddings: np.ndarray | None = None  # the frozen history side, when the tower has one
-
-    USER_ENCODER = "user_encoder.safetensors"
-    ITEMS = "item_embeddings.npy"
-    HISTORY = "history_embeddings.npy"
-
-    @property
-    def max_history(self) -> int:
-        return len(self.weights["position_bias"])
-
-    @classmethod
-    def files(cls, info: Mapping[str, Any]) -> list[str]:
-        """The files ``load`` reads, given what ``save`` returned (``info``). Pipelines saved
-        before ``save`` recorded ``history_embeddings`` read that file only when it is there."""
-        return [cls.USER_ENCODER, cls.ITEMS] + ([cls.HISTORY] if info.get("history_embeddings") else [])
-
-    @classmethod
-    def from_recommender(cls, m: TextRecommender) -> HistoryTower:
-        hist = m.net.history_embeddings
-        state = m.net.user_encoder.state_dict()
-        return cls(
-            {k: v.detach().cpu().numpy().astype(np.float32) for k, v in state.items()},
-            m.item_embeddings.numpy().astype(np.float32),
-            None if hist is None else hist.numpy().astype(np.float32),
-        )
-
-    def user_embeddings(self, seqs: Sequence[np.ndarray]) -> np.ndarray:
-        """``[len(seqs), d]`` unit user vectors from histories (item indices, oldest first)."""
-        from recsys.export.kernels import attention_pool
-
-        side = self.item_embeddings if self.history_embeddings is None else self.history_embeddings
-        side = np.ascontiguousarray(side, dtype=np.float32)
-        w = self.weights
-        # The content logit of a history item depends on the item alone: once per catalogue item.
-        item_logit = (side @ w["content.weight"][0] + w["content.bias"][0]).astype(np.float32)
-        recent = recent_items(seqs, self.max_history)
-        pooled = attention_pool(side, item_logit, w["position_bias"], recent)
-        out = pooled + fixed_block_matmul(pooled, np.ascontiguousarray(w["residual.weight"].T))
-        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-
-    def save(self, folder: Path) -> dict[str, Any]:
-        from safetensors.numpy import save_file
-
-        folder.mkdir(parents=True)
-        save_file({k: np.ascontiguousarray(v) for k, v in self.weights.items()}, str(folder / self.USER_ENCODER))
-        np.save(folder / self.ITEMS, self.item_embeddings, allow_pickle=False)
-        if self.history_embeddings is not None:
-            np.save(folder / self.HISTORY, self.history_embeddings, allow_pickle=False)
-        return {
-            "kind": "HistoryTower",
-            "max_history": self.max_history,
-            "history_embeddings": self.history_embeddings is not None,
-        }
-
-    @classmethod
-    def load(cls, folder: Path, max_history: int) -> HistoryTower:
-        from safetensors.numpy import load_file
-
-        with reading(folder / cls.ITEMS):
-            emb = np.load(folder / cls.ITEMS, allow_pickle=False)
-        file = folder / cls.USER_ENCODER
-        with reading(file):
-            weights = load_file(str(file))
-        d = emb.shape[1] if emb.ndim == 2 else -1
-        # What UserEncoder(d, max_history).load_state_dict would have checked.
-        shapes = {"position_bias": (max_history,), "content.weight": (1, d), "content.bias": (1,)}
-        shapes["residual.weight"] = (d, d)
-        got = {k: tuple(weights[k].shape) if k in weights else "missing" for k in shapes}
-        if bad := [f"{k}: {got[k]}, not {v}" for k, v in shapes.items() if got[k] != v]:
-            msg = f"does not hold a user encoder for {d}-wide item vectors ({'; '.join(bad)}); {REPAIR}"
-            raise InputError(msg, file=str(file))
-        weights = {k: np.ascontiguousarray(weights[k], dtype=np.float32) for k in shapes}
-        hist = None
-        if (folder / cls.HISTORY).is_file():
-            with reading(folder / cls.HISTORY):
-                hist = np.load(folder / cls.HISTORY, allow_pickle=False)
-        return cls(weights, emb, hist)
 
 
 # --- the pipeline --------------------------------------------------------------------------------
@@ -419,7 +287,7 @@ class TrainedPipeline:
     item_embeddings: np.ndarray | None  # [n_items, d] float32, from the fine-tuned item tower
     text_name: str | None
     ranker: LambdaMARTRanker | None
-    n_candidates: dict[str, int]
+    n_candidates: dict[str, int]  # in config order: the first source proposing an item is its ``source``
     event_weights: dict[str, float]
     now: int  # reference time: end of the stored history (user/item idle days are relative to it)
     meta: dict[str, Any] = field(default_factory=dict)
@@ -449,7 +317,7 @@ class TrainedPipeline:
         event_weights: Mapping[str, float],
         meta: Mapping[str, Any] | None = None,
     ) -> TrainedPipeline:
-        from recsys.text.recommender import NewItemText, TextRecommender
+        from recsys.text.recommender import TextRecommender
 
         factor, knn, const, new_items, towers, recency = {}, {}, {}, {}, {}, {}
         net, text_name, text_tower = None, None, None
@@ -600,7 +468,8 @@ class TrainedPipeline:
             "python": platform.python_version(),
             "info": self.meta,
         }
-        (path / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+        # Keys in insertion order: the candidate sources' order decides each row's ``source``.
+        (path / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
         if config_yaml is not None:
             (path / "config.yaml").write_text(config_yaml)
         return path
@@ -828,8 +697,8 @@ class TrainedPipeline:
             elif name in self.new_item_models:
                 if self.text_name not in out:
                     raise ConfigError(f"'{name}' needs the text tower '{self.text_name}' before it")
-                counts = np.bincount(self.history[Columns.ItemIdx].to_numpy(), minlength=self.n_items)
-                out[name] = MaskedScorer(name, out[self.text_name], counts > self.new_item_models[name])
+                stored = History(self.history, len(self.users), self.n_items)
+                out[name] = NewItemText(out[self.text_name], self.new_item_models[name]).fit(stored)
         return out
 
 

@@ -34,7 +34,7 @@ from recsys.columns import Columns
 from recsys.errors import InputError
 from recsys.export.engine import FUSED, Engine, ExplainOptions, empty_output
 from recsys.export.pipeline_model import REPAIR, TrainedPipeline, check_field, read_json_object
-from recsys.export.rules import BusinessRules
+from recsys.rank.rules import BusinessRules
 
 log = logging.getLogger(__name__)
 

@@ -1,19 +1,104 @@
-"""The candidate set: union of each source's top-N per user, with the rank each source gave."""
+"""The candidate set: union of each source's top-N per user, with the rank each source gave.
+
+One implementation for training, evaluation and serving: it works on one block of users at a
+time, on score blocks (``ScoreBlock``) that the features then read again instead of scoring
+the candidate pairs a second time.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
 from recsys.columns import Columns
-from recsys.recommender import Recommender
+from recsys.rank.rules import mask_items
+from recsys.recommender import History, Recommender
+from recsys.topk import top_k
+
+# Cells (users x items) of one model's score block: the users of a block are as many as keep
+# each model's block near 64 MB of float32 (4,096 users at 4,000 items), and at least 256.
+BLOCK_CELLS = 16_000_000
 
 
 def rank_column(source: str) -> str:
     return f"rank_{source}"
+
+
+def block_rows(n_items: int, most: int = 4096) -> int:
+    """Users per block for a catalogue of ``n_items``: a multiple of 256 in [256, ``most``]."""
+    return int(np.clip(BLOCK_CELLS // max(n_items, 1) // 256 * 256, 256, max(256, most)))
+
+
+class ScoreBlock(Recommender):
+    """One model's scores of a block of users against the whole catalogue, computed once and
+    shared by candidate generation and the features (``users`` are 0..n-1 of the block).
+
+    A model whose scores are one row for everybody (``Recommender.constant_scores``) keeps that
+    row only: its top-N needs no dense block (``constant_top_k``)."""
+
+    def __init__(self, model: Recommender, users: np.ndarray, out: np.ndarray | None = None) -> None:
+        """``out``: where to write the block, for the models that can (``writes_into``)."""
+        self.name = model.name
+        self.constant = model.constant_scores()
+        if self.constant is not None:
+            self.constant = np.asarray(self.constant, dtype=np.float32)
+            self.scores = np.broadcast_to(self.constant, (len(users), len(self.constant)))
+        elif out is not None and model.writes_into:
+            self.scores = model.score_users(users, out=out)
+        else:
+            self.scores = np.asarray(model.score_users(users), dtype=np.float32)
+
+    @classmethod
+    def masked(cls, base: ScoreBlock, name: str, forbidden: np.ndarray, out: np.ndarray | None = None) -> ScoreBlock:
+        """``base``'s block with the ``forbidden`` items at -inf (``Recommender.restricts``),
+        without scoring again."""
+        res = cls.__new__(cls)
+        res.name, res.constant = name, None
+        if out is None:
+            res.scores = np.array(base.scores, dtype=np.float32, copy=True)
+        else:
+            np.copyto(out, base.scores)
+            res.scores = out
+        res.scores[:, forbidden] = -np.inf
+        return res
+
+    def fit(self, history: History) -> ScoreBlock:  # pragma: no cover
+        return self
+
+    def score_users(self, users: np.ndarray) -> np.ndarray:
+        return self.scores[users]
+
+    def score_pairs(self, users: np.ndarray, items: np.ndarray, chunk: int = 2048) -> np.ndarray:
+        if self.constant is not None:
+            return self.constant[items]
+        return self.scores[users, items]
+
+
+def score_blocks(
+    models: Mapping[str, Recommender],
+    names: Collection[str],
+    users: np.ndarray,
+    buffer: Callable[[str, int], np.ndarray | None] | None = None,
+) -> dict[str, ScoreBlock]:
+    """``ScoreBlock`` of each model in ``names`` for ``users``; a model restricted to some items of
+    another (``Recommender.restricts``) reuses that model's block. ``buffer(name, rows)``: an
+    array to write the block into, or None (the export keeps them from block to block)."""
+    key = {id(m): n for n, m in models.items()}
+    inner = {n: key[id(models[n].restricts[0])] for n in names if models[n].restricts}
+    blocks: dict[str, ScoreBlock] = {}
+    for name in [*inner.values(), *names]:
+        m = models[name]
+        if name in blocks or m.restricts:
+            continue
+        out = buffer(name, len(users)) if buffer and m.writes_into and m.constant_scores() is None else None
+        blocks[name] = ScoreBlock(m, users, out)
+    for name, base in inner.items():
+        out = buffer(name, len(users)) if buffer else None
+        blocks[name] = ScoreBlock.masked(blocks[base], name, models[name].restricts[1], out)
+    return blocks
 
 
 def generate_candidates(
@@ -21,33 +106,107 @@ def generate_candidates(
     sources: Mapping[str, Recommender],
     n_per_source: Mapping[str, int],
     exclude: sp.csr_matrix | None,
+    allowed: np.ndarray | None = None,
+    in_place: bool = False,
 ) -> pl.DataFrame:
     """One row per distinct (user_idx, item_idx) that any source puts in its top-N.
 
-    Columns: user_idx, item_idx, ``rank_<source>`` (1-based, null where that source did not
-    propose the item), ``source`` (the first source, in config order, that proposed it).
-    Sorted by user_idx, item_idx.
+    ``sources``: the models, or their ``ScoreBlock`` of exactly these ``users`` (row r for user
+    ``users[r]``; ``score_blocks``), which the features then read again. ``exclude``: items no
+    list may hold, row u for user u (seen ones, not yet listed ones); ``allowed``: items any list
+    may hold (None: all). Columns: user_idx, item_idx, ``rank_<source>`` (1-based, null where that
+    source did not propose the item), ``source`` (the first source, in ``n_per_source`` order,
+    that proposed it). Sorted by user_idx, item_idx when ``users`` is sorted.
+
+    ``in_place``: mask excluded and forbidden items in the blocks themselves instead of a copy.
+    The features only read candidate pairs, which never include those items, so they see the
+    same values.
     """
-    frames = []
-    for name, n in n_per_source.items():
-        items, scores = sources[name].recommend(users, n, exclude=exclude)
-        k = items.shape[1]
-        ok = np.isfinite(scores).ravel()  # fewer than n unseen items -> -inf padding
-        frames.append(
-            pl.DataFrame(
-                {
-                    Columns.UserIdx: np.repeat(users, k)[ok].astype(np.int32),
-                    Columns.ItemIdx: items.ravel()[ok].astype(np.int32),
-                    rank_column(name): np.tile(np.arange(1, k + 1, dtype=np.int32), len(users))[ok],
-                }
-            )
-        )
-    keys = [Columns.UserIdx, Columns.ItemIdx]
-    out = frames[0]
-    for f in frames[1:]:
-        out = out.join(f, on=keys, how="full", coalesce=True)
+    users = np.asarray(users, dtype=np.int64)
+    blocks = {n: sources[n] for n in n_per_source}
+    blocks = {n: m if isinstance(m, ScoreBlock) else ScoreBlock(m, users) for n, m in blocks.items()}
+    seen = exclude[users] if exclude is not None else None
+    n_items = next(iter(blocks.values())).scores.shape[1]
+    keys, ranks, srcs = [], [], []
     names = list(n_per_source)
-    first = pl.coalesce([pl.when(pl.col(rank_column(s)).is_not_null()).then(pl.lit(s)) for s in names]).alias(
-        Columns.Source
-    )
-    return out.with_columns(first).sort(keys)
+    for s_id, name in enumerate(names):
+        items, top = masked_top_k(blocks[name], n_per_source[name], seen, allowed, in_place)
+        k = items.shape[1]
+        ok = np.isfinite(top).ravel()  # fewer than n allowed items -> -inf padding
+        keys.append((np.repeat(users, k) * n_items + items.ravel())[ok])
+        ranks.append(np.tile(np.arange(1, k + 1, dtype=np.int32), len(users))[ok])
+        srcs.append(np.full(int(ok.sum()), s_id, dtype=np.int8))
+    uniq, inv = np.unique(np.concatenate(keys), return_inverse=True)
+    first = np.full(len(uniq), len(names), dtype=np.int8)
+    cols: dict[str, pl.Series] = {
+        Columns.UserIdx: pl.Series(Columns.UserIdx, (uniq // n_items).astype(np.int32)),
+        Columns.ItemIdx: pl.Series(Columns.ItemIdx, (uniq % n_items).astype(np.int32)),
+    }
+    bounds = np.cumsum([0] + [len(x) for x in keys])
+    for s_id, name in enumerate(names):
+        pos = inv[bounds[s_id] : bounds[s_id + 1]]
+        r = np.zeros(len(uniq), dtype=np.int32)
+        r[pos] = ranks[s_id]
+        present = np.zeros(len(uniq), dtype=bool)
+        present[pos] = True
+        cols[rank_column(name)] = pl.Series(rank_column(name), r).set(~pl.Series(present), None)
+    # A source proposes an item at most once per user, so plain assignment in reverse source order
+    # leaves the first source at each row.
+    for s_id in reversed(range(len(names))):
+        first[inv[bounds[s_id] : bounds[s_id + 1]]] = s_id
+    src_names = pl.Series(Columns.Source, [*names, None], dtype=pl.String)
+    cols[Columns.Source] = src_names.gather(first.astype(np.int64))  # no Python string per row
+    return pl.DataFrame(list(cols.values()))
+
+
+def masked_top_k(
+    d: ScoreBlock, k: int, seen: sp.csr_matrix | None, allowed: np.ndarray | None, in_place: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """``top_k`` of every row of ``d`` with seen items (row r of ``seen`` is row r of ``d``) and
+    items outside ``allowed`` at -inf: the one masking step before every top-N (candidates and
+    single-model lists).
+
+    ``in_place``: mask ``d.scores`` itself when it can be (writeable, C-ordered) instead of a
+    copy; the caller vouches that nobody else reads those cells.
+    """
+    if d.constant is not None:  # one shared row: no dense block needed
+        return constant_top_k(d.constant, seen, len(d.scores), k, allowed)
+    sc = d.scores
+    if not (in_place and sc.flags.writeable and sc.flags.c_contiguous and sc.dtype == np.float32):
+        sc = np.array(sc, dtype=np.float32, order="C", copy=True)
+    return top_k(mask_items(sc, allowed, seen), k)
+
+
+def constant_top_k(
+    row: np.ndarray, seen: sp.csr_matrix | None, n_rows: int, k: int, allowed: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``top_k`` of ``row`` repeated ``n_rows`` times with seen (``seen`` rows) and forbidden
+    items at -inf -- the same items and order for every finite cell -- without the dense block.
+
+    ``top_k`` puts the items in one order once; a user's list is then the first k of that order
+    it has not seen, found in a window of k + (most items any of these users has seen). Cells
+    beyond a user's valid items hold item 0 and -inf (``top_k`` puts other -inf items there;
+    every caller drops non-finite cells).
+    """
+    k = min(k, len(row))
+    order = top_k(row[None, :], len(row))[0][0]
+    if allowed is not None:
+        order = order[allowed[order]]
+    order = order[np.isfinite(row[order])]
+    most_seen = int(np.diff(seen.indptr).max(initial=0)) if seen is not None else 0
+    window = order[: k + most_seen]
+    blocked = np.zeros((n_rows, len(window)), dtype=bool)
+    if seen is not None and seen.nnz:
+        where = np.full(len(row), -1, dtype=np.int64)
+        where[window] = np.arange(len(window))
+        r = np.repeat(np.arange(n_rows), np.diff(seen.indptr))
+        p = where[seen.indices]
+        blocked[r[p >= 0], p[p >= 0]] = True
+    take = ~blocked & (np.cumsum(~blocked, axis=1) <= k)
+    r, c = np.nonzero(take)  # row-major: each row's items in the shared order
+    pos = np.arange(len(r)) - np.searchsorted(r, np.arange(n_rows))[r]
+    idx = np.zeros((n_rows, k), dtype=np.int64)
+    top = np.full((n_rows, k), -np.inf, dtype=np.float32)
+    idx[r, pos] = window[c]
+    top[r, pos] = row[window[c]]
+    return idx, top

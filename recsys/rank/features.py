@@ -7,7 +7,7 @@ as of each user's cut where the stage has per-user cuts (``History.user_now``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import polars as pl
@@ -95,34 +95,67 @@ def build_features(
     scorers: Mapping[str, Recommender],
     sources: Sequence[str],
     item_stats: pl.DataFrame | None = None,
-    now: int | None = None,
-    pair_scores: Callable[[Recommender, np.ndarray, np.ndarray], np.ndarray] | None = None,
+    user_stats: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """Candidates + model scores, per-user standardised scores, ranks, item and user statistics.
 
-    Export passes ``item_stats`` and ``now`` of the whole training history (it works on blocks of
-    users) and a cheaper per-pair scorer; training and export then compute the same features.
+    ``scorers`` score the candidate pairs (``score_pairs``; a ``ScoreBlock`` reads the block the
+    candidates came from). Item statistics: as of each user's cut where ``history`` has per-user
+    cuts (``History.user_now``), else one row per item of ``item_stats`` (default
+    ``item_statistics(history)``). ``user_stats``: default ``user_statistics(history)``; callers
+    that work block by block pass both, computed once.
+
+    Computed with numpy on the candidates sorted by (user, item): the per-user standardised
+    scores as sums over each user's contiguous rows, the statistics as gathers. A user with one
+    candidate gets NaN z-scores, which the ranker reads as missing.
     """
+    keys = [Columns.UserIdx, Columns.ItemIdx]
     users = candidates[Columns.UserIdx].to_numpy().astype(np.int64)
     items = candidates[Columns.ItemIdx].to_numpy().astype(np.int64)
-    score = pair_scores or (lambda model, u, i: model.score_pairs(u, i))
-    scores = {f"score_{name}": score(model, users, items) for name, model in scorers.items()}
-    df = candidates.with_columns(pl.Series(k, v) for k, v in scores.items())
-    z = [
-        ((pl.col(c) - pl.col(c).mean().over(Columns.UserIdx)) / (pl.col(c).std().over(Columns.UserIdx) + 1e-6)).alias(
-            f"{c}_z"
-        )
-        for c in scores
-    ]
-    n_sources = pl.sum_horizontal([pl.col(rank_column(s)).is_not_null().cast(pl.Int8) for s in sources])
-    df = df.with_columns(*z, n_sources.alias("n_sources"))
-    if item_stats is None and history.user_now is not None:
-        df = df.with_columns(**item_statistics_at(history, items, history.user_now[users]))
+    if np.any(np.diff(users * (int(items.max(initial=0)) + 1) + items) < 0):  # not in (user, item) order
+        candidates = candidates.sort(keys)
+        users = candidates[Columns.UserIdx].to_numpy().astype(np.int64)
+        items = candidates[Columns.ItemIdx].to_numpy().astype(np.int64)
+    cols: dict[str, pl.Series] = {c: candidates[c] for c in candidates.columns}
+    # Each user's rows are contiguous: per-user sums by np.add.reduceat over the run starts.
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else np.zeros(0, np.int64)
+    counts = np.diff(np.r_[starts, len(users)])
+    scores = {f"score_{name}": model.score_pairs(users, items) for name, model in scorers.items()}
+    for name, v in scores.items():
+        cols[name] = pl.Series(name, v, dtype=pl.Float32)
+    for name, v in scores.items():
+        cols[f"{name}_z"] = pl.Series(f"{name}_z", _user_z(v, starts, counts), dtype=pl.Float32)
+    n_sources = np.zeros(len(users), dtype=np.int8)
+    for s in sources:
+        n_sources += candidates[rank_column(s)].is_not_null().to_numpy()
+    cols["n_sources"] = pl.Series("n_sources", n_sources)
+    if history.user_now is not None:
+        cols.update(item_statistics_at(history, items, history.user_now[users]))
     else:
         stats = item_statistics(history) if item_stats is None else item_stats
-        df = df.join(stats, on=Columns.ItemIdx, how="left")
-    df = df.join(user_statistics(history, now), on=Columns.UserIdx, how="left")
-    return df.sort(Columns.UserIdx, Columns.ItemIdx)
+        for c in stats.columns:  # one row per item, in item order
+            if c != Columns.ItemIdx:
+                cols[c] = stats[c].gather(items)
+    user_stats = user_statistics(history) if user_stats is None else user_stats
+    at = np.full(history.n_users, -1, dtype=np.int64)
+    at[user_stats[Columns.UserIdx].to_numpy()] = np.arange(user_stats.height)
+    rows = pl.Series(at[users]).set(pl.Series(at[users] < 0), None)  # no history: nulls
+    for c in user_stats.columns:
+        if c != Columns.UserIdx:
+            cols[c] = user_stats[c].gather(rows)
+    return pl.DataFrame(list(cols.values()))
+
+
+def _user_z(x: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``(x - mean) / (std + 1e-6)`` within each user's run of rows (sample std)."""
+    if len(x) == 0:
+        return x.astype(np.float32)
+    xd = x.astype(np.float64)
+    mean = np.add.reduceat(xd, starts) / counts
+    dev = xd - np.repeat(mean, counts)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        std = np.sqrt(np.add.reduceat(dev * dev, starts) / (counts - 1))
+        return (dev / (np.repeat(std, counts) + 1e-6)).astype(np.float32)
 
 
 def feature_columns(df: pl.DataFrame) -> list[str]:

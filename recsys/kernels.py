@@ -142,3 +142,15 @@ def pair_dots(left: np.ndarray, right: np.ndarray, rows: np.ndarray, cols: np.nd
             s += left[a, d] * right[b, d]
         out[j] = s
     return out
+
+
+def pair_scores(left: np.ndarray, right: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``pair_dots`` of user-side ``left`` and item-side ``right`` vectors: how factor and
+    embedding models score candidate pairs, in training, evaluation and serving alike."""
+    as_f32 = np.ascontiguousarray
+    return pair_dots(
+        as_f32(left, dtype=np.float32),
+        as_f32(right, dtype=np.float32),
+        np.asarray(rows, dtype=np.int64),
+        np.asarray(cols, dtype=np.int64),
+    )
