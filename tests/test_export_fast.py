@@ -13,8 +13,8 @@ from export_support import trained_run
 from recsys.columns import Columns
 from recsys.export import engine as engine_module
 from recsys.export.engine import Engine, ExplainOptions
-from recsys.rank.candidates import ScoreBlock, constant_top_k, generate_candidates
 from recsys.export.pipeline_model import TrainedPipeline
+from recsys.rank.candidates import ScoreBlock, constant_top_k, generate_candidates
 from recsys.rank.rules import BusinessRules, apply_rules
 from recsys.topk import top_k
 
