@@ -240,25 +240,25 @@ class EmbeddingScorer(Recommender):
 
 
 def fold_in(item_factors: np.ndarray, user_items: sp.csr_matrix, regularization: float, alpha: float) -> np.ndarray:
-    """ALS user factors for histories nobody trained on: one exact least-squares solve per user.
-
-    The same solve implicit's ALS makes for every user in its last half-iteration (confidence
-    ``alpha * weight``), so a known user's folded-in vector is close to its trained one.
+    """ALS user factors for histories nobody trained on: one exact least-squares solve per user,
+    by implicit's public ``recalculate_user`` (the solve its ALS makes for every user in its last
+    half-iteration, confidence ``alpha * weight``), so a known user's folded-in vector is close
+    to its trained one.
     """
-    from implicit.cpu import _als
+    from implicit.cpu.als import AlternatingLeastSquares
     from threadpoolctl import threadpool_limits
 
     y = np.ascontiguousarray(item_factors, dtype=np.float32)
     ui = sp.csr_matrix(user_items, dtype=np.float32)
     ui.sort_indices()
-    out = np.zeros((ui.shape[0], y.shape[1]), dtype=np.float32)
     if ui.shape[0] == 0:
-        return out
-    data = (alpha * ui.data).astype(np.float32)
+        return np.zeros((0, y.shape[1]), dtype=np.float32)
+    als = AlternatingLeastSquares(
+        factors=y.shape[1], regularization=float(regularization), alpha=float(alpha), num_threads=1
+    )
+    als.item_factors = y
     with threadpool_limits(1, "blas"):
-        yty = (y.T @ y).astype(np.float32)
-        _als._least_squares(yty, ui.indptr, ui.indices, data, out, y, float(regularization), num_threads=1)
-    return out
+        return np.asarray(als.recalculate_user(np.arange(ui.shape[0]), ui), dtype=np.float32)
 
 
 # --- the pipeline --------------------------------------------------------------------------------
