@@ -253,11 +253,11 @@ def fold_in(item_factors: np.ndarray, user_items: sp.csr_matrix, regularization:
     ui.sort_indices()
     if ui.shape[0] == 0:
         return np.zeros((0, y.shape[1]), dtype=np.float32)
-    als = AlternatingLeastSquares(
-        factors=y.shape[1], regularization=float(regularization), alpha=float(alpha), num_threads=1
-    )
-    als.item_factors = y
-    with threadpool_limits(1, "blas"):
+    with threadpool_limits(1, "blas"):  # implicit warns when BLAS has a thread pool of its own
+        als = AlternatingLeastSquares(
+            factors=y.shape[1], regularization=float(regularization), alpha=float(alpha), num_threads=1
+        )
+        als.item_factors = y
         return np.asarray(als.recalculate_user(np.arange(ui.shape[0]), ui), dtype=np.float32)
 
 
