@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
 
-    import recsys.export.engine as engine_module
+    import recsys.rank.explain as explain_module
     import recsys.rank.ranker as ranker_module
 
     fixed_init = ranker_module.LambdaMARTRanker.__init__
@@ -55,7 +55,7 @@ def main() -> None:
             engine = make_engine(folder, 100, "fused")
             ranker = engine.p.ranker
             kw = {} if cap is None else {"max_cached": cap}
-            engine._shap = engine_module.PatternTreeShap(ranker.booster, ranker.best_iteration, **kw)
+            engine._shap = explain_module.PatternTreeShap(ranker.booster, ranker.best_iteration, **kw)
             frames[name] = [engine.recommend(engine.p.histories(users)) for users in chunks]
             t = engine.timings
             result["runs"].setdefault(name, []).append(

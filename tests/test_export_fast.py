@@ -14,6 +14,7 @@ from recsys.columns import Columns
 from recsys.export import engine as engine_module
 from recsys.export.engine import Engine, ExplainOptions
 from recsys.export.pipeline_model import TrainedPipeline
+from recsys.rank import explain as explain_module
 from recsys.rank.candidates import ScoreBlock, constant_top_k, generate_candidates
 from recsys.rank.rules import BusinessRules, apply_rules
 from recsys.topk import top_k
@@ -168,7 +169,7 @@ def test_pattern_tree_shap_equals_pred_contrib(zero_as_missing):
     below LightGBM's zero threshold, values equal to split thresholds and repeated patterns."""
     import lightgbm as lgb
 
-    from recsys.export.engine import PatternTreeShap
+    from recsys.rank.explain import PatternTreeShap
 
     rng = np.random.default_rng(5)
     n, f = 3000, 6
@@ -219,13 +220,13 @@ def test_pattern_explanations_equal_the_plain_pred_contrib(pipeline, monkeypatch
         return Engine(p, BusinessRules().compile(p.items, p.now), 10, "fused", opts).recommend(p.histories(users))
 
     got = run()
-    plain = engine_module.PatternTreeShap.__init__
+    plain = explain_module.PatternTreeShap.__init__
 
     def no_patterns(self, booster, num_iteration):
         plain(self, booster, num_iteration)
         self.trees = None  # the fallback: one plain pred_contrib call
 
-    monkeypatch.setattr(engine_module.PatternTreeShap, "__init__", no_patterns)
+    monkeypatch.setattr(explain_module.PatternTreeShap, "__init__", no_patterns)
     ref = run()
     assert got.equals(ref)
     assert got["explain_features"].null_count() == 0
