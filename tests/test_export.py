@@ -8,9 +8,7 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -217,35 +215,6 @@ def test_a_factor_export_imports_neither_torch_nor_lightgbm():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
-
-
-def test_workers_import_lightgbm_without_its_sklearn_integration():
-    """A fused export's worker imports lightgbm without scikit-learn (1.3 s of its import); the
-    ranker predicts the same, a module imported before is kept, and the hidden ones import
-    normally afterwards."""
-    code = (
-        "import sys, numpy as np, polars\n"
-        "import pandas\n"  # imported before: must stay
-        "from recsys.export.batch import _import_lightgbm_bare\n"
-        "_import_lightgbm_bare()\n"
-        "import lightgbm.compat as c\n"
-        "assert not c.SKLEARN_INSTALLED and 'sklearn' not in sys.modules\n"
-        "assert sys.modules['pandas'] is pandas\n"
-        "import lightgbm as lgb\n"
-        f"b = lgb.Booster(model_file={str(trained_run().pipeline_dir / 'ranker' / 'lightgbm.txt')!r})\n"
-        "x = np.random.default_rng(0).normal(size=(50, b.num_feature()))\n"
-        "np.save(sys.argv[1], b.predict(x))\n"
-        "import sklearn.base\n"  # not hidden for good
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        got = Path(tmp) / "p.npy"
-        out = subprocess.run([sys.executable, "-c", code, str(got)], capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr
-        import lightgbm as lgb
-
-        b = lgb.Booster(model_file=str(trained_run().pipeline_dir / "ranker" / "lightgbm.txt"))
-        x = np.random.default_rng(0).normal(size=(50, b.num_feature()))
-        np.testing.assert_array_equal(np.load(got), b.predict(x))
 
 
 def test_output_schema_order_and_no_seen_items(pipeline, tmp_path):
