@@ -127,15 +127,13 @@ def export_recommendations(
     """
     out_path = check_output(out_path, layout)
     check_parallel(parallel)
-    if chunk_size < 1 or workers < 1:
-        raise ValueError(f"chunk_size and workers must be >= 1, got {chunk_size} and {workers}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     users = sorted(set(map(str, user_ids)))
     plan = _plan(engine, users, histories, dict(info or {}), chunk_size, layout)
-    fingerprint = hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    work = out_path.parent / f".{out_path.name}.parts-{fingerprint}"
-    work.mkdir(exist_ok=True)
-    (work / "plan.json").write_text(json.dumps(plan, indent=2, sort_keys=True, default=str))
+    work, fingerprint = _parts_folder(out_path, plan)
     if histories is not None:
         histories = histories.with_columns(pl.col(Columns.User).cast(pl.String))
     job = _Job(users, histories, work, chunk_size, final_parts=layout == "parts")
@@ -199,6 +197,17 @@ def _plan(
         "users_hash": hashlib.sha256("\n".join(users).encode()).hexdigest()[:16],
         "histories_hash": frame_hash(histories),
     }
+
+
+def _parts_folder(out_path: Path, plan: dict[str, Any]) -> tuple[Path, str]:
+    """The parts folder of ``plan`` beside ``out_path`` (kept from a killed run of the same plan),
+    and the plan's fingerprint that names it."""
+    fingerprint = hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    work = out_path.parent / f".{out_path.name}.parts-{fingerprint}"
+    work.mkdir(exist_ok=True)
+    (work / "plan.json").write_text(json.dumps(plan, indent=2, sort_keys=True, default=str))
+    return work, fingerprint
 
 
 def _progress_bar(total: int, already: int) -> Any:
