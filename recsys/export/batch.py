@@ -383,14 +383,13 @@ def _compute_parts(
             worker, timings = f.result()
             engine.timings.update(timings)
             finished(i, who.setdefault(worker, len(who) + 1))
-        # Two parts per worker: its next part is queued while the calling thread computes its own.
-        while pending and len(running) < 2 * pool_size:
+        while pending and len(running) < room():
             i = pending.popleft()
             running[submit(i)] = i
 
     try:
         with contextlib.ExitStack() as stack:
-            submit = _open_pool(stack, engine, job, pool_size, parallel)
+            submit, room = _open_pool(stack, engine, job, pool_size, parallel)
             stack.callback(lambda: [f.cancel() for f in running])  # on an error: no other part starts
             while pending:
                 i = pending.popleft()
@@ -409,17 +408,19 @@ def _compute_parts(
 
 def _open_pool(
     stack: contextlib.ExitStack, engine: Engine, job: _Job, n: int, parallel: str
-) -> Callable[[int], cf.Future] | None:
+) -> tuple[Callable[[int], cf.Future], Callable[[], int]]:
     """A pool of ``n`` workers, closed with ``stack`` (after its running parts); returns how to
-    submit part ``i`` to it (None: no pool)."""
+    submit part ``i`` to it and how many parts it may hold now: two per worker (its next part is
+    queued while the calling thread computes its own), one while its processes are still loading
+    (a part given to a worker cannot be taken back: the caller may be done before it is loaded)."""
     if n == 0:
-        return None
+        return lambda i: None, lambda: 0
     if parallel == "threads":
         # BLAS's thread pool is process-wide and only the first thread to limit it can: the
         # caller holds the engine's limits until the threads are done (``thread_limits``).
         stack.enter_context(thread_limits(engine.threads))
         threads = stack.enter_context(cf.ThreadPoolExecutor(n, thread_name_prefix="recsys-export"))
-        return lambda i: threads.submit(_in_thread, job, engine, i)
+        return lambda i: threads.submit(_in_thread, job, engine, i), lambda: 2 * n
     # spawn, not fork: polars' and OpenMP's thread pools do not survive a fork (a child can hang
     # on a pool whose threads stayed in the parent). The users and histories go with each part.
     processes = cf.ProcessPoolExecutor(
@@ -429,7 +430,11 @@ def _open_pool(
         initargs=(engine.recipe, job.work, job.final_parts),
     )
     stack.enter_context(processes)
-    return lambda i: processes.submit(_in_process, i, job.block(i), job.given(i))
+    loaded = [processes.submit(os.getpid) for _ in range(n)]  # done once a worker has built its engine
+    return (
+        lambda i: processes.submit(_in_process, i, job.block(i), job.given(i)),
+        lambda: 2 * n if any(f.done() for f in loaded) else n,
+    )
 
 
 def _in_thread(job: _Job, engine: Engine, i: int) -> tuple[str, dict]:
