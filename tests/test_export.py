@@ -459,6 +459,34 @@ def test_a_failing_thread_fails_the_export_with_its_own_error(pipeline, tmp_path
     assert not alive, "an export thread outlived the export"
 
 
+THREAD_ERROR_SCRIPT = """
+import threading
+from recsys.errors import InputError
+from recsys.export import batch
+
+class Job:
+    def compute(self, engine, i):
+        if threading.current_thread() is not threading.main_thread():
+            raise InputError("a bad row in this part")
+
+class Engine:
+    threads, timings = 1, {}
+
+try:
+    batch._compute_parts(Engine(), Job(), list(range(6)), 1, "threads", lambda i, who: None)
+except InputError as e:
+    print("InputError:", e)
+"""
+
+
+def test_a_thread_error_is_raised_as_it_was_in_a_fresh_interpreter():
+    """Regression: the pool's error handler named ``concurrent.futures.process``, which an export
+    with threads never imports, and turned a thread's error into an AttributeError."""
+    out = subprocess.run([sys.executable, "-c", THREAD_ERROR_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("InputError: a bad row in this part"), out.stdout
+
+
 def test_export_threads_run_at_the_engines_thread_limits(pipeline, monkeypatch, tmp_path):
     """Every export thread's BLAS and OpenMP run at the engine's 1 thread, and the caller's
     settings come back after. BLAS's pool is process-wide and threadpoolctl lets only the

@@ -402,7 +402,7 @@ def _compute_parts(
                 finished(i, 0)
             while running:
                 collect(block=True)
-    except cf.process.BrokenProcessPool as e:  # a worker process died, or failed to build its engine
+    except cf.BrokenExecutor as e:  # a worker process died, or failed to build its engine
         raise RuntimeError(f"an export worker failed ({e}); its traceback is in its output above") from e
 
 
