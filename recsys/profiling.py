@@ -8,6 +8,9 @@ Where that file is missing or read-only the recorded figure is the peak since th
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from recsys.errors import ConfigError, InputError
@@ -65,6 +68,20 @@ class StageTimings(dict):
         self.peak_mb[stage] = peak
         if self.peak_is_per_stage:
             reset_peak_rss()
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time the block as stage ``name`` (recorded only when the block finishes without error).
+
+        >>> t = StageTimings()
+        >>> with t.stage("fit"):
+        ...     pass
+        >>> list(t)
+        ['fit']
+        """
+        t0 = time.perf_counter()
+        yield
+        self[name] = time.perf_counter() - t0
 
     def metrics(self) -> dict[str, float]:
         """``time/<stage>_s`` and ``mem/<stage>_peak_mb`` for MLflow."""

@@ -8,9 +8,7 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -207,35 +205,6 @@ def test_a_factor_export_imports_neither_torch_nor_lightgbm():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
-
-
-def test_workers_import_lightgbm_without_its_sklearn_integration():
-    """A fused export's worker imports lightgbm without scikit-learn (1.3 s of its import); the
-    ranker predicts the same, a module imported before is kept, and the hidden ones import
-    normally afterwards."""
-    code = (
-        "import sys, numpy as np, polars\n"
-        "import pandas\n"  # imported before: must stay
-        "from recsys.export.batch import _import_lightgbm_bare\n"
-        "_import_lightgbm_bare()\n"
-        "import lightgbm.compat as c\n"
-        "assert not c.SKLEARN_INSTALLED and 'sklearn' not in sys.modules\n"
-        "assert sys.modules['pandas'] is pandas\n"
-        "import lightgbm as lgb\n"
-        f"b = lgb.Booster(model_file={str(trained_run().pipeline_dir / 'ranker' / 'lightgbm.txt')!r})\n"
-        "x = np.random.default_rng(0).normal(size=(50, b.num_feature()))\n"
-        "np.save(sys.argv[1], b.predict(x))\n"
-        "import sklearn.base\n"  # not hidden for good
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        got = Path(tmp) / "p.npy"
-        out = subprocess.run([sys.executable, "-c", code, str(got)], capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr
-        import lightgbm as lgb
-
-        b = lgb.Booster(model_file=str(trained_run().pipeline_dir / "ranker" / "lightgbm.txt"))
-        x = np.random.default_rng(0).normal(size=(50, b.num_feature()))
-        np.testing.assert_array_equal(np.load(got), b.predict(x))
 
 
 def test_output_schema_order_and_no_seen_items(pipeline, tmp_path):
@@ -478,6 +447,34 @@ def test_a_failing_thread_fails_the_export_with_its_own_error(pipeline, tmp_path
     assert not (tmp_path / "r.parquet").exists()
     alive = [t.name for t in threading.enumerate() if t.name.startswith("recsys-export")]
     assert not alive, "an export thread outlived the export"
+
+
+THREAD_ERROR_SCRIPT = """
+import threading
+from recsys.errors import InputError
+from recsys.export import batch
+
+class Job:
+    def compute(self, engine, i):
+        if threading.current_thread() is not threading.main_thread():
+            raise InputError("a bad row in this part")
+
+class Engine:
+    threads, timings = 1, {}
+
+try:
+    batch._compute_parts(Engine(), Job(), list(range(6)), 1, "threads", lambda i, who: None)
+except InputError as e:
+    print("InputError:", e)
+"""
+
+
+def test_a_thread_error_is_raised_as_it_was_in_a_fresh_interpreter():
+    """Regression: the pool's error handler named ``concurrent.futures.process``, which an export
+    with threads never imports, and turned a thread's error into an AttributeError."""
+    out = subprocess.run([sys.executable, "-c", THREAD_ERROR_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("InputError: a bad row in this part"), out.stdout
 
 
 def test_export_threads_run_at_the_engines_thread_limits(pipeline, monkeypatch, tmp_path):

@@ -26,17 +26,19 @@ to an uninterrupted run because each part depends only on its users and the mode
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
 import functools
 import hashlib
 import json
 import logging
+import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
-import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -48,7 +50,7 @@ import polars as pl
 
 from recsys.columns import Columns
 from recsys.errors import ConfigError
-from recsys.export.engine import FUSED, OUTPUT_SCHEMA, Engine, thread_limits
+from recsys.export.engine import OUTPUT_SCHEMA, Engine, EngineRecipe, thread_limits
 from recsys.export.writer import output_lock, write_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -110,17 +112,18 @@ def export_recommendations(
         info: recorded in the manifest and the fingerprint (model URI, run id, config hash ...).
         after_part: called (in the calling thread) with the part number after each part is
             written, whichever worker wrote it (tests use it).
-        workers: how many compute parts at once, each taking the next part not yet taken: the
-            calling thread plus ``workers - 1`` others (``parallel``). The output does not depend
-            on it (each part depends only on its users and the model).
+        workers: how many compute parts at once: the calling thread plus a pool of
+            ``workers - 1`` (``parallel``), each taking the next part not yet taken. The output
+            does not depend on it (each part depends only on its users and the model).
         layout: ``file`` (one parquet file) or ``parts`` (a folder of one parquet file per chunk).
-        parallel: ``threads``: the other workers are threads of this process sharing ``engine``
-            (the compiled loops, products, polars and parquet release the GIL); memory is one
-            more chunk per worker. ``processes``: they are processes started with ``spawn``,
-            each loading the pipeline again from ``engine.recipe`` (``Engine.load``); memory is
-            one more pipeline and chunk per worker. On 2 cores threads were 10-30 % faster
-            (docs/benchmarks.md); processes may scale further on many cores, where threads
-            would contend for the GIL.
+        parallel: ``threads``: the pool's threads share ``engine`` (the compiled loops, products,
+            polars and parquet release the GIL); memory is one more chunk per worker.
+            ``processes``: a ``spawn`` process pool, each process loading the pipeline again
+            from ``engine.recipe`` (``Engine.load``); memory is one more pipeline and chunk per
+            worker. On 2 cores threads were 10-30 % faster (docs/benchmarks.md); processes may
+            scale further on many cores, where threads would contend for the GIL. A script that
+            exports with processes needs the ``if __name__ == "__main__":`` guard (``spawn``
+            imports the main module in each worker).
     """
     out_path = check_output(out_path, layout)
     check_parallel(parallel)
@@ -128,10 +131,61 @@ def export_recommendations(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     users = sorted(set(map(str, user_ids)))
-    info = dict(info or {})
-    plan = {
+    plan = _plan(engine, users, histories, dict(info or {}), chunk_size, layout)
+    work, fingerprint = _parts_folder(out_path, plan)
+    if histories is not None:
+        histories = histories.with_columns(pl.col(Columns.User).cast(pl.String))
+    job = _Job(users, histories, work, chunk_size, final_parts=layout == "parts")
+    parts = [_part_file(work, i) for i in range(job.n_parts)]
+    done = [p.exists() for p in parts]
+    todo = [i for i in range(len(parts)) if not done[i]]
+    if sum(done):
+        log.info("resuming %s: %d of %d parts already written", out_path, sum(done), len(parts))
+    n_workers = max(min(workers, len(todo)), 1)
+    if n_workers > 1 and parallel == "processes" and engine.recipe is None:
+        raise ConfigError(
+            "parallel=processes needs an engine made by Engine.load (worker processes load the pipeline from its "
+            "folder); parallel=threads shares this one"
+        )
+    t0 = time.perf_counter()
+    by_worker = [0] * n_workers  # parts computed by the calling thread, then by each worker of the pool
+    publish = (_Publisher if layout == "file" else _FolderPublisher)(parts, work, engine.timings)
+    bar = _progress_bar(len(users), sum(len(job.block(i)) for i in range(len(parts)) if done[i])) if progress else None
+
+    def finished(i: int, who: int) -> None:
+        done[i] = True
+        by_worker[who] += 1
+        if bar is not None:
+            bar.update(len(job.block(i)))
+        if after_part is not None:
+            after_part(i)
+        publish.advance(done)  # the finished parts go to the output while the workers compute
+
+    try:
+        _compute_parts(engine, job, todo, n_workers - 1, parallel, finished)
+        if not all(done):
+            raise RuntimeError(f"export parts {[i for i in range(len(parts)) if not done[i]][:5]} were not written")
+        publish.advance(done)
+        publish.close(out_path)
+    finally:
+        publish.abort()
+        if bar is not None:
+            bar.close()
+    run = {"parts_resumed": len(parts) - len(todo), "workers": n_workers, "parallel": parallel}
+    run = {**run, "parts_by_process": by_worker, "fingerprint": fingerprint}
+    manifest = _manifest(engine, plan, out_path, work, len(parts), run, time.perf_counter() - t0)
+    manifest_path = out_path.with_name(out_path.name.removesuffix(".parquet") + ".manifest.json")
+    write_text_atomic(json.dumps(manifest, indent=2, default=str), manifest_path)  # ASCII: same bytes anywhere
+    shutil.rmtree(work, ignore_errors=True)
+    return ExportResult(out_path, manifest_path, manifest)
+
+
+def _plan(
+    engine: Engine, users: list[str], histories: pl.DataFrame | None, info: dict, chunk_size: int, layout: str
+) -> dict[str, Any]:
+    """What is exported: its hash names the parts folder, so a rerun with the same plan resumes."""
+    return {
         "info": info,
         "k": engine.k,
         "scorer": engine.scorer,
@@ -143,81 +197,33 @@ def export_recommendations(
         "users_hash": hashlib.sha256("\n".join(users).encode()).hexdigest()[:16],
         "histories_hash": frame_hash(histories),
     }
+
+
+def _parts_folder(out_path: Path, plan: dict[str, Any]) -> tuple[Path, str]:
+    """The parts folder of ``plan`` beside ``out_path`` (kept from a killed run of the same plan),
+    and the plan's fingerprint that names it."""
     fingerprint = hashlib.sha256(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    out_path.parent.mkdir(parents=True, exist_ok=True)
     work = out_path.parent / f".{out_path.name}.parts-{fingerprint}"
     work.mkdir(exist_ok=True)
     (work / "plan.json").write_text(json.dumps(plan, indent=2, sort_keys=True, default=str))
-    if histories is not None:
-        histories = histories.with_columns(pl.col(Columns.User).cast(pl.String))
+    return work, fingerprint
 
-    parts = [_part_file(work, i) for i in range((len(users) + chunk_size - 1) // chunk_size)]
-    done = [p.exists() for p in parts]
-    resumed = sum(done)
-    if resumed:
-        log.info("resuming %s: %d of %d parts already written", out_path, resumed, len(parts))
-    todo = [i for i in range(len(parts)) if not done[i]]
-    n_workers = min(workers, len(todo))
-    if n_workers > 1 and parallel == "processes" and engine.recipe is None:
-        raise ConfigError(
-            "parallel=processes needs an engine made by Engine.load (worker processes load the pipeline from its "
-            "folder); parallel=threads shares this one"
-        )
-    bar = None
-    t0 = time.perf_counter()
-    job = _Job(users, histories, work, chunk_size, todo, final_parts=layout == "parts")
-    by_process = [0] * max(n_workers, 1)  # parts computed by this process, then by each worker
-    pool = None
-    publisher = (
-        _Publisher(parts, work, engine.timings) if layout == "file" else _FolderPublisher(parts, work, engine.timings)
-    )
-    try:
-        if n_workers > 1:
-            pool = (_Threads if parallel == "threads" else _Workers)(engine, job, n_workers - 1)
-        if progress:
-            from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(users), unit="user", desc="export", smoothing=0.1)
-            bar.update(sum(len(job.block(i)) for i in range(len(parts)) if done[i]))
+def _progress_bar(total: int, already: int) -> Any:
+    from tqdm.auto import tqdm
 
-        def finished(i: int, who: int = 0) -> None:
-            done[i] = True
-            by_process[who] += 1
-            if bar is not None:
-                bar.update(len(job.block(i)))
-            if after_part is not None:
-                after_part(i)
+    bar = tqdm(total=total, unit="user", desc="export", smoothing=0.1)
+    bar.update(already)
+    return bar
 
-        counter = pool.counter if pool is not None else _LocalCounter()
-        while (j := _claim(counter, len(todo))) is not None:
-            job.compute(engine, todo[j])
-            finished(todo[j])
-            if pool is not None:
-                pool.poll(finished, block=False)
-            publisher.advance(done)  # the finished parts go to the output while the workers compute
-        if pool is not None:
-            pool.poll(finished, block=False)
-            pool.drop_idle()
-            while pool.running():
-                pool.poll(finished, block=True)
-                publisher.advance(done)
-            engine.timings.update(pool.timings)
-        if not all(done):
-            missing = [i for i in range(len(parts)) if not done[i]]
-            raise RuntimeError(f"export parts {missing[:5]} were not written")
-        elapsed_compute = time.perf_counter() - t0
-        publisher.advance(done)
-        publisher.close(out_path)
-    finally:
-        if pool is not None:
-            pool.stop()
-        publisher.abort()
-        if bar is not None:
-            bar.close()
-    elapsed = time.perf_counter() - t0
-    log.debug("computed in %.1f s, published in %.1f s", elapsed_compute, elapsed - elapsed_compute)
 
+def _manifest(
+    engine: Engine, plan: dict, out_path: Path, work: Path, n_parts: int, run: dict, seconds: float
+) -> dict[str, Any]:
+    """The manifest: the plan, the counts summed over the parts, how the export ran."""
     rows, removed, counts = 0, Counter(), Counter({name: 0 for name in SERVING_COUNTS})
-    for i in range(len(parts)):
+    for i in range(n_parts):
         stats = json.loads(_part_file(work, i, ".json").read_text())
         rows += stats["rows"]
         removed.update(stats["removed"])
@@ -230,33 +236,25 @@ def export_recommendations(
             counts["unknown_users_without_history"],
             counts["history_rows_with_unknown_items"],
         )
-    manifest = {
-        **info,
+    return {
+        **plan["info"],
         "output": str(out_path.resolve()),
         "k": engine.k,
         "scorer": engine.scorer,
-        "rules": engine.rules.rules.describe(),
+        "rules": plan["rules"],
         "removed_by_rule": dict(sorted(removed.items())),
-        "explain": vars(engine.explain),
+        "explain": plan["explain"],
         "rows": rows,
-        "users": len(users),
+        "users": plan["n_users"],
         **dict(counts),
-        "chunk_size": chunk_size,
-        "layout": layout,
-        "parts": len(parts),
-        "parts_resumed": resumed,
-        "workers": max(n_workers, 1),
-        "parallel": parallel,
-        "parts_by_process": by_process,
-        "fingerprint": fingerprint,
+        "chunk_size": plan["chunk_size"],
+        "layout": plan["layout"],
+        "parts": n_parts,
+        **run,
         "columns": list(OUTPUT_SCHEMA),
-        "seconds": round(elapsed, 3),
+        "seconds": round(seconds, 3),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    manifest_path = out_path.with_name(out_path.name.removesuffix(".parquet") + ".manifest.json")
-    write_text_atomic(json.dumps(manifest, indent=2, default=str), manifest_path)  # ASCII: same bytes anywhere
-    shutil.rmtree(work, ignore_errors=True)
-    return ExportResult(out_path, manifest_path, manifest)
 
 
 def check_parallel(parallel: str) -> None:
@@ -298,40 +296,52 @@ def _part_file(work: Path, i: int, suffix: str = ".parquet") -> Path:
 
 @dataclass
 class _Job:
-    """What every process needs to compute part ``i`` (picklable: sent to the workers)."""
+    """Which users each part holds, and where it goes."""
 
     users: list[str]
     histories: pl.DataFrame | None
     work: Path
     chunk_size: int
-    todo: list[int]
     final_parts: bool = False  # layout=parts: the parts are the output, compressed as published
+
+    @property
+    def n_parts(self) -> int:
+        return (len(self.users) + self.chunk_size - 1) // self.chunk_size
 
     def block(self, i: int) -> list[str]:
         """The users of part ``i``."""
         return self.users[i * self.chunk_size : (i + 1) * self.chunk_size]
 
+    def given(self, i: int) -> pl.DataFrame | None:
+        """The given history rows of part ``i``'s users."""
+        if self.histories is None:
+            return None
+        return self.histories.filter(pl.col(Columns.User).is_in(self.block(i)))
+
     def compute(self, engine: Engine, i: int) -> None:
-        block = self.block(i)
-        engine.rules.removed.clear()
-        given = None
-        if self.histories is not None:
-            given = self.histories.filter(pl.col(Columns.User).is_in(block))
-        t1 = time.perf_counter()
-        ph = engine.p.histories(block, given)
-        engine.add_time("history", time.perf_counter() - t1)
-        df = engine.recommend(ph)
-        t1 = time.perf_counter()
-        stats = {
-            "rows": df.height,
-            "users": len(block),
-            "removed": dict(engine.rules.removed),
-            **_serving_counts(engine, block, given, ph, df),
-        }
-        _part_file(self.work, i, ".json").write_text(json.dumps(stats, sort_keys=True))
-        # Written atomically: a part that exists is whole.
-        write_atomic(_part_file(self.work, i), lambda tmp: _write_part(df, tmp, self.final_parts))
-        engine.add_time("write_part", time.perf_counter() - t1)
+        _compute_part(engine, self.work, self.final_parts, i, self.block(i), self.given(i))
+
+
+def _compute_part(
+    engine: Engine, work: Path, final: bool, i: int, block: list[str], given: pl.DataFrame | None
+) -> None:
+    """Write part ``i``: its rows and its counts."""
+    engine.rules.removed.clear()
+    t1 = time.perf_counter()
+    ph = engine.p.histories(block, given)
+    engine.add_time("history", time.perf_counter() - t1)
+    df = engine.recommend(ph)
+    t1 = time.perf_counter()
+    stats = {
+        "rows": df.height,
+        "users": len(block),
+        "removed": dict(engine.rules.removed),
+        **_serving_counts(engine, block, given, ph, df),
+    }
+    _part_file(work, i, ".json").write_text(json.dumps(stats, sort_keys=True))
+    # Written atomically: a part that exists is whole.
+    write_atomic(_part_file(work, i), lambda tmp: _write_part(df, tmp, final))
+    engine.add_time("write_part", time.perf_counter() - t1)
 
 
 # Counted per part and summed in the manifest (``export_recommendations``).
@@ -356,282 +366,108 @@ def _serving_counts(engine: Engine, block: list[str], given: pl.DataFrame | None
     }
 
 
-class _LocalCounter:
-    """``multiprocessing.Value``'s interface for a process working alone."""
+def _compute_parts(
+    engine: Engine, job: _Job, todo: list[int], pool_size: int, parallel: str, finished: Callable[[int, int], None]
+) -> None:
+    """Compute the parts ``todo`` in the calling thread and a pool of ``pool_size`` workers
+    (``parallel``), each taking the next part not yet taken. ``finished(part, who)`` is called in
+    the calling thread; ``who`` is 0 for it, 1.. for the pool's workers in the order of their
+    first part. A worker's error is raised here, as it was raised, once the pool's running parts
+    are done."""
+    pending, running, who = deque(todo), {}, {}  # running: future -> part; who: worker -> its number
 
-    def __init__(self) -> None:
-        self.value = 0
+    def collect(block: bool) -> None:
+        ready, _ = cf.wait(running, timeout=None if block else 0, return_when=cf.FIRST_COMPLETED)
+        for f in ready:
+            i = running.pop(f)
+            worker, timings = f.result()
+            engine.timings.update(timings)
+            finished(i, who.setdefault(worker, len(who) + 1))
+        while pending and len(running) < room():
+            i = pending.popleft()
+            running[submit(i)] = i
 
-    def get_lock(self) -> contextlib.nullcontext:
-        return contextlib.nullcontext()
+    try:
+        with contextlib.ExitStack() as stack:
+            submit, room = _open_pool(stack, engine, job, pool_size, parallel)
+            stack.callback(lambda: [f.cancel() for f in running])  # on an error: no other part starts
+            while pending:
+                i = pending.popleft()
+                collect(block=False)
+                job.compute(engine, i)
+                finished(i, 0)
+            for f in [f for f in running if f.cancel()]:  # queued, not started: quicker done here
+                i = running.pop(f)
+                job.compute(engine, i)
+                finished(i, 0)
+            while running:
+                collect(block=True)
+    except cf.BrokenExecutor as e:  # a worker process died, or failed to build its engine
+        raise RuntimeError(f"an export worker failed ({e}); its traceback is in its output above") from e
 
 
-class _ThreadCounter(_LocalCounter):
-    """``multiprocessing.Value``'s interface for threads of one process."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._lock = threading.Lock()
-
-    def get_lock(self) -> threading.Lock:
-        return self._lock
-
-
-def _claim(counter: Any, n: int) -> int | None:
-    """The next index below ``n`` that no process has taken (``counter``: shared by them)."""
-    with counter.get_lock():
-        j = counter.value
-        counter.value = j + 1
-    return j if j < n else None
-
-
-class _Threads:
-    """``n`` threads of this process computing parts with the caller's engine (``_Workers``'
-    interface). A thread's error stops the others after their current part and is raised again
-    in the caller, as it was raised."""
-
-    def __init__(self, engine: Engine, job: _Job, n: int) -> None:
-        import queue
-
+def _open_pool(
+    stack: contextlib.ExitStack, engine: Engine, job: _Job, n: int, parallel: str
+) -> tuple[Callable[[int], cf.Future], Callable[[], int]]:
+    """A pool of ``n`` workers, closed with ``stack`` (after its running parts); returns how to
+    submit part ``i`` to it and how many parts it may hold now: two per worker (its next part is
+    queued while the calling thread computes its own), one while its processes are still loading
+    (a part given to a worker cannot be taken back: the caller may be done before it is loaded)."""
+    if n == 0:
+        return lambda i: None, lambda: 0
+    if parallel == "threads":
         # BLAS's thread pool is process-wide and only the first thread to limit it can: the
         # caller holds the engine's limits until the threads are done (``thread_limits``).
-        self._limits = contextlib.ExitStack()
-        self._limits.enter_context(thread_limits(engine.threads))
-        self.counter = _ThreadCounter()
-        self.timings: Counter = Counter()  # the threads add theirs to the shared engine's directly
-        self._events: queue.Queue = queue.Queue()
-        self._stop = threading.Event()
-        self._alive = n
-        self._error: BaseException | None = None
-        self._threads = [
-            threading.Thread(target=self._run, args=(engine, job, w), name=f"recsys-export-{w + 1}", daemon=True)
-            for w in range(n)
-        ]
-        for t in self._threads:
-            t.start()
-
-    def _run(self, engine: Engine, job: _Job, w: int) -> None:
-        try:
-            while not self._stop.is_set() and (j := _claim(self.counter, len(job.todo))) is not None:
-                job.compute(engine, job.todo[j])
-                self._events.put(("part", job.todo[j], w))
-        except BaseException as e:  # raised again by the caller's poll
-            self._stop.set()
-            self._events.put(("error", e, w))
-        finally:
-            self._events.put(("end", None, w))
-
-    def running(self) -> bool:
-        return self._alive > 0
-
-    def drop_idle(self) -> None:
-        """Threads start at once: none is ever still loading."""
-
-    def poll(self, finished: Callable[[int, int], None], block: bool) -> None:
-        import queue
-
-        while True:
-            try:
-                kind, value, w = self._events.get(block=block)
-            except queue.Empty:
-                return
-            block = False  # after the first event, only what is already waiting
-            if kind == "part":
-                finished(value, 1 + w)
-            elif kind == "error":
-                self._error = self._error or value
-            else:
-                self._alive -= 1
-            if self._error is not None:
-                self.stop()
-                raise self._error
-
-    def stop(self) -> None:
-        """Let the threads finish the part they are computing, and take no other."""
-        self._stop.set()
-        for t in self._threads:
-            t.join()
-        self._alive = 0
-        self._limits.close()
+        stack.enter_context(thread_limits(engine.threads))
+        threads = stack.enter_context(cf.ThreadPoolExecutor(n, thread_name_prefix="recsys-export"))
+        return lambda i: threads.submit(_in_thread, job, engine, i), lambda: 2 * n
+    # spawn, not fork: polars' and OpenMP's thread pools do not survive a fork (a child can hang
+    # on a pool whose threads stayed in the parent). The users and histories go with each part.
+    processes = cf.ProcessPoolExecutor(
+        n,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_start_worker,
+        initargs=(engine.recipe, job.work, job.final_parts),
+    )
+    stack.enter_context(processes)
+    loaded = [processes.submit(os.getpid) for _ in range(n)]  # done once a worker has built its engine
+    return (
+        lambda i: processes.submit(_in_process, i, job.block(i), job.given(i)),
+        lambda: 2 * n if any(f.done() for f in loaded) else n,
+    )
 
 
-class _Workers:
-    """``n`` worker processes taking parts from a shared counter; each reports the parts it
-    wrote, then its stage timings, through a pipe."""
-
-    def __init__(self, engine: Engine, job: _Job, n: int) -> None:
-        import multiprocessing as mp
-
-        # spawn, not fork: polars' and OpenMP's thread pools do not survive a fork (a child can
-        # hang on a pool whose threads stayed in the parent).
-        ctx = mp.get_context("spawn")
-        self.counter = ctx.Value("q", 0)
-        self.timings: Counter = Counter()
-        self.procs, self.conns, self.errors = [], [], []
-        self.ids = {}  # pipe -> worker number
-        self.ready = set()  # pipes of the workers that have loaded the pipeline
-        for w in range(n):
-            recv, send = ctx.Pipe(duplex=False)
-            job_recv, job_send = ctx.Pipe(duplex=False)
-            proc = ctx.Process(
-                target=_worker_main,
-                args=(job_recv, self.counter, send, os.getpid()),
-                name=f"recsys-export-{w + 1}",
-                daemon=True,
-            )
-            _start_without_main(proc)
-            send.close()
-            job_recv.close()
-            # The job (user list, histories, rules) goes through a pipe of our own, from a thread:
-            # the worker reads it only after its imports, and if it dies first the send fails
-            # instead of blocking (the start() of a large process object can block for ever).
-            threading.Thread(target=_send_job, args=(job_send, (engine.recipe, job)), daemon=True).start()
-            self.procs.append(proc)
-            self.conns.append(recv)
-            self.ids[recv] = w
-
-    def running(self) -> bool:
-        return bool(self.conns)
-
-    def drop_idle(self) -> None:
-        """Stop the workers still loading the pipeline: once every part is taken, they would
-        find none left (a small export can end before a worker is ready)."""
-        for conn in [c for c in self.conns if c not in self.ready]:
-            # Killed before its pipe is closed: a worker must not fail on a closed pipe first.
-            proc = self.procs[self.conns.index(conn)]
-            proc.kill()
-            proc.join()
-            self._forget(conn)
-
-    def _forget(self, conn: Any) -> Any:
-        """Close ``conn`` and stop tracking its worker; returns the worker's process."""
-        proc = self.procs.pop(self.conns.index(conn))
-        self.conns.remove(conn)
-        conn.close()
-        return proc
-
-    def poll(self, finished: Callable[[int, int], None], block: bool) -> None:
-        from multiprocessing.connection import wait
-
-        for conn in wait(self.conns, timeout=None if block else 0):
-            while conn in self.conns and conn.poll(0):  # every message waiting on this pipe
-                self._receive(conn, finished)
-
-    def _receive(self, conn: Any, finished: Callable[[int, int], None]) -> None:
-        try:
-            msg = conn.recv()
-        except EOFError:  # the worker is gone
-            proc = self._forget(conn)
-            proc.join(timeout=30)
-            if self.errors or proc.exitcode != 0:
-                detail = "\n".join(self.errors) or f"{proc.name} exited with code {proc.exitcode}"
-                raise RuntimeError(f"an export worker failed:\n{detail}") from None
-            return
-        kind = msg[0]
-        if kind == "part":
-            finished(msg[1], 1 + self.ids[conn])
-        elif kind == "ready":
-            self.ready.add(conn)
-        elif kind == "timings":
-            self.timings.update(msg[1])
-        elif kind == "error":
-            self.errors.append(msg[1])
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc.is_alive():
-                proc.kill()
-            proc.join()
-        for conn in self.conns:
-            conn.close()
+def _in_thread(job: _Job, engine: Engine, i: int) -> tuple[str, dict]:
+    """Part ``i`` in a pool thread, with the caller's engine (its timings are added there)."""
+    job.compute(engine, i)
+    return threading.current_thread().name, {}
 
 
-def _start_without_main(proc: Any) -> None:
-    """``proc.start()`` without the caller's ``__main__`` module: ``spawn`` would re-run the
-    caller's script in the worker (and fail on scripts without an ``if __name__ ==
-    "__main__"`` guard); the worker needs only ``recsys`` and what it is sent."""
-    import types
-
-    main = sys.modules["__main__"]
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        proc.start()
-    finally:
-        sys.modules["__main__"] = main
+_worker: dict[str, Any] = {}  # in a worker process: its engine and where parts go (``_start_worker``)
 
 
-def _send_job(conn: Any, job: Any) -> None:
-    try:
-        conn.send(job)
-    except OSError:  # the worker is gone: the parent learns it from the worker's pipe
-        pass
-    finally:
-        conn.close()
+def _start_worker(recipe: EngineRecipe, work: Path, final: bool) -> None:
+    """A worker process's initializer: exit with the export process, build the engine."""
+    t0 = time.perf_counter()
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
+    engine = recipe.build()
+    engine.timings["worker_start"] += time.perf_counter() - t0
+    _worker.update(engine=engine, work=work, final=final)
 
 
-def _worker_main(job_conn: Any, counter: Any, conn: Any, parent: int) -> None:
-    """A worker process: build the engine, then compute parts until none is left."""
-    _die_with_parent(parent)
-    try:
-        t0 = time.perf_counter()
-        recipe, job = job_conn.recv()
-        job_conn.close()
-        if recipe.scorer == FUSED:
-            _import_lightgbm_bare()
-        engine = recipe.build()
-        engine.timings["worker_start"] += time.perf_counter() - t0
-        conn.send(("ready",))
-        while (j := _claim(counter, len(job.todo))) is not None:
-            job.compute(engine, job.todo[j])
-            conn.send(("part", job.todo[j]))
-            if os.getppid() != parent:
-                return
-        conn.send(("timings", dict(engine.timings)))
-    except BaseException:
-        import traceback
-
-        conn.send(("error", traceback.format_exc()))
-        raise
-    finally:
-        conn.close()
+def _exit_with_parent() -> None:
+    """A killed export must not leave workers writing parts behind."""
+    multiprocessing.connection.wait([multiprocessing.parent_process().sentinel])
+    os._exit(1)
 
 
-# What lightgbm imports for its scikit-learn, pandas, dask and arrow integrations, if installed.
-LIGHTGBM_EXTRAS = ("sklearn", "pandas", "dask", "pyarrow", "cffi", "matplotlib", "graphviz")
-
-
-def _import_lightgbm_bare() -> None:
-    """Import lightgbm without the integrations in ``LIGHTGBM_EXTRAS``: a worker only calls
-    ``Booster.predict`` on numpy, and importing scikit-learn and pandas was 1.3 s of lightgbm's
-    1.6 s, by which a fused export's worker started later (docs/benchmarks.md). Only in the
-    export's own worker processes: lightgbm's scikit-learn API stays off in them for good.
-    Modules already imported are left as they are; the others can be imported normally after."""
-    if "lightgbm" in sys.modules:
-        return
-    hidden = [m for m in LIGHTGBM_EXTRAS if m not in sys.modules]
-    for m in hidden:
-        sys.modules[m] = None  # type: ignore[assignment]  # makes ``import m`` raise ImportError
-    try:
-        import lightgbm  # noqa: F401
-    finally:
-        for m in hidden:
-            if sys.modules.get(m, 0) is None:
-                del sys.modules[m]
-
-
-def _die_with_parent(parent: int) -> None:
-    """Have the kernel kill this process when its parent dies (a killed export must not leave
-    workers writing parts behind)."""
-    try:
-        import ctypes
-        import signal
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the workers check their parent between parts
-        pass
-    if os.getppid() != parent:  # the parent died before prctl
-        os._exit(1)
+def _in_process(i: int, block: list[str], given: pl.DataFrame | None) -> tuple[int, dict]:
+    """Part ``i`` in a worker process; returns the process id and the stage timings since its last part."""
+    engine = _worker["engine"]
+    _compute_part(engine, _worker["work"], _worker["final"], i, block, given)
+    timings = dict(engine.timings)
+    engine.timings.clear()
+    return os.getpid(), timings
 
 
 class _FolderPublisher:

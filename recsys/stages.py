@@ -1,0 +1,469 @@
+"""The stages of ``python -m recsys.train``, each a function of a small state that the previous one built.
+
+``prepare`` (check every input, build every part) -> ``log_inputs`` -> ``fit_validation`` (CF, the
+text tower's fine-tuning, the fusion ranker, all on train) -> ``evaluate_test`` (refit on train +
+validation, rank and score the test events) -> ``record`` (metrics, tables, evaluation bundle and
+report) -> ``export`` (the fused lists) -> ``deploy`` (the served pipeline). ``recsys.train.run``
+calls them in that order inside one MLflow run; a test can run one alone.
+
+The order of the calls that draw random numbers (the encoder's and text network's initial
+weights, the seeds) is part of the job's result: same seed, same metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from omegaconf import DictConfig, OmegaConf
+
+from recsys.columns import Columns
+from recsys.data.dataset import Dataset
+from recsys.data.split import Split
+from recsys.pipeline import FusionStage, HybridPipeline, StageResult
+from recsys.profiling import StageTimings
+from recsys.recommender import History, Recommender
+from recsys.text.fit import ResumeDir
+from recsys.text.recommender import TextRecommender
+from recsys.tracking import Tracker
+
+log = logging.getLogger("recsys.train")
+
+
+@dataclass
+class Job:
+    """What ``prepare`` checked and built: the inputs of every later stage."""
+
+    cfg: DictConfig
+    out_dir: Path
+    source: Any  # the data source (its ``report`` holds what the loader's repair policies did)
+    data: Dataset
+    split: Split
+    eval_split: Split  # ``split`` with its test part cut to ``eval.max_users`` users
+    val_users: np.ndarray
+    test_users: np.ndarray  # the evaluated ones
+    eval_users: int
+    all_test_users: int
+    encoder: Any
+    pipeline: HybridPipeline
+    fusion: FusionStage
+    tracker: Tracker
+    need_gb: float  # the estimated peak memory
+    as_of: bool  # eval.as_of_cut: histories cut at each stage's targets
+
+
+@dataclass
+class Fitted:
+    """The validation stage: models fitted on train, the ranker trained on the validation events."""
+
+    history: History
+    models: dict[str, Recommender]
+    text: TextRecommender  # the fine-tuned tower
+    zero_text: TextRecommender | None  # the untouched tower, when evaluated or a ranker feature
+    text_metrics: dict[str, float]  # text/* from fine-tuning
+    text_curve: list[tuple[int, float, float]]
+    resume: ResumeDir
+
+
+@dataclass
+class Evaluated:
+    """The test stage: models refitted on train + validation, the fused and single lists scored."""
+
+    history: History
+    models: dict[str, Recommender]
+    exclude: Any  # what no model may propose (csr matrix)
+    result: StageResult
+    tables: dict[str, pl.DataFrame]  # protocol -> metric table
+    impression_scores: pl.DataFrame | None
+
+
+def prepare(cfg: DictConfig, timings: StageTimings) -> Job:
+    """Seed, then everything that can fail on bad input, before any training (stage ``load``)."""
+    import lightning as L
+    import torch
+    from hydra.utils import instantiate
+
+    from recsys.evaluation.sampling import sample_test_users
+    from recsys.pipeline import check_split, stage_users
+    from recsys.profiling import check_memory
+    from recsys.text.options import budget, check_options
+
+    L.seed_everything(cfg.seed, workers=True)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with timings.stage("load"):
+        budget(cfg.text.get("budget_minutes"))
+        check_options(cfg.text.get("budget_minutes"), cfg.text.data, cfg.text.module)
+        source = instantiate(cfg.data)
+        data = source.load()
+        split = instantiate(cfg.split).split(data.interactions)
+        val_users, _ = check_split(data, split)
+        encoder = instantiate(cfg.encoder)
+        cf = {name: instantiate(node) for name, node in cfg.cf.items()}
+        ranker = instantiate(cfg.ranker)
+        fusion = FusionStage(dict(cfg.rank.n_candidates), ranker, cfg.rank.get("max_train_users"), seed=cfg.seed)
+        # eval.max_users: past that many test users, every model is evaluated on a seeded sample.
+        eval_split, eval_users, all_test_users = sample_test_users(split, cfg.eval.get("max_users"), cfg.seed)
+        test_users = stage_users(eval_split.test, "test")
+        need_gb = check_memory(
+            data.interactions.height,
+            data.n_items,
+            min(len(val_users), fusion.max_train_users or len(val_users)),
+            len(test_users),
+            sum(cfg.rank.n_candidates.values()),
+            cfg.get("memory_limit_gb"),
+        )
+        pipeline = HybridPipeline(cf, fusion, ks=list(cfg.eval.ks), max_k=cfg.eval.max_k)
+        tracker = instantiate(cfg.logger)
+    for name, k in (("export.k", cfg.export.k), ("eval.max_k", cfg.eval.max_k)):
+        if k > data.n_items:
+            log.warning("%s=%d is larger than the catalogue (%d items): lists will be shorter", name, k, data.n_items)
+    counts = (data.name, data.n_users, data.n_items, data.interactions.height, split.describe())
+    log.info("data %s: %d users, %d items, %d events; %s", *counts)
+    return Job(
+        cfg=cfg,
+        out_dir=out_dir,
+        source=source,
+        data=data,
+        split=split,
+        eval_split=eval_split,
+        val_users=val_users,
+        test_users=test_users,
+        eval_users=eval_users,
+        all_test_users=all_test_users,
+        encoder=encoder,
+        pipeline=pipeline,
+        fusion=fusion,
+        tracker=tracker,
+        need_gb=need_gb,
+        as_of=bool(cfg.eval.get("as_of_cut", True)),
+    )
+
+
+def log_inputs(job: Job) -> None:
+    """The run's parameters, its data (name, hash, origin, row counts), the loader's repairs and
+    the config, secrets masked in every copy."""
+    from recsys.export.writer import write_text_atomic
+    from recsys.tracking import mask_secrets
+
+    cfg, data, split, tracker = job.cfg, job.data, job.split, job.tracker
+    tracker.log_params(OmegaConf.to_container(cfg, resolve=True))
+    digest = data.fingerprint()
+    tracker.set_tags({"dataset": data.name, "dataset_hash": digest})
+    origin = next((str(cfg.data[k]) for k in ("interactions", "root", "directory") if cfg.data.get(k)), ".")
+    counts = {"users": data.n_users, "items": data.n_items, "events": data.interactions.height}
+    frame = data.interactions.select(Columns.User, Columns.Item, Columns.Timestamp, Columns.Event)
+    tracker.log_dataset(frame, data.name, digest, origin, {**counts, **split.describe()})
+    tracker.log_metrics({f"data/{k}": v for k, v in split.describe().items()})
+    # What the loader's repair policies did (items_without_text_kept, duplicates_dropped:<file> ...).
+    report = getattr(job.source, "report", {})
+    tracker.log_metrics({f"data/{re.sub(r'[^a-zA-Z0-9_/. -]', '_', k)}": v for k, v in report.items()})
+    config_yaml = OmegaConf.to_yaml(OmegaConf.create(mask_secrets(OmegaConf.to_container(cfg, resolve=True))))
+    tracker.log_artifact(write_text_atomic(config_yaml, job.out_dir / "config.yaml"))
+
+
+def fit_validation(job: Job, run_id: str, timings: StageTimings) -> Fitted:
+    """Fit on train: CF (``cf_fit_val``), the text tower's fine-tuning (``text_finetune``), its
+    item embeddings (``text_encode``), and the fusion ranker on the validation events (``ranker_fit``)."""
+    from hydra.utils import instantiate
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    from recsys.pipeline import stage_exclusion, stage_history
+    from recsys.text.fit import fine_tune, open_resume_dir, zero_shot_copy
+    from recsys.text.options import budget
+    from recsys.recommender import NewItemText
+
+    cfg, data, split = job.cfg, job.data, job.split
+    history = History(split.train, data.n_users, data.n_items)
+    history = stage_history(history, split.val) if job.as_of else history
+    with timings.stage("cf_fit_val"):
+        cf = job.pipeline.fit_cf(history)
+
+    with timings.stage("text_finetune"):
+        item_ids, item_lengths = job.encoder.tokenize(data.texts)
+        net = instantiate(cfg.text.net)(job.encoder)
+        # rank.text_zeroshot_feature: the untouched tower is a ranker feature too, beside the tuned one.
+        zs_feature = bool(cfg.rank.get("text_zeroshot_feature", False))
+        zero_net = zero_shot_copy(net) if cfg.eval.zeroshot or zs_feature else None
+        listed = (
+            data.items[Columns.AvailableFrom].cast(pl.Float64).fill_null(float("nan")).to_numpy()
+            if Columns.AvailableFrom in data.items.columns
+            else None
+        )
+        datamodule = instantiate(cfg.text.data)(
+            item_ids=item_ids, item_lengths=item_lengths, train=history, val=split.val, available_from=listed
+        )
+        # Checkpoints live in a folder named by the config and data, so the same command resumes.
+        resume = open_resume_dir(
+            cfg.text.resume_root if cfg.text.get("resume", False) else None,
+            OmegaConf.to_container(cfg, resolve=True),
+            [cfg.paths.output_dir, cfg.paths.mlruns_dir],
+            data.fingerprint(),
+        )
+        ckpt_dir = str(resume.path or job.out_dir / "checkpoints")
+        callbacks = [
+            instantiate(c, **({"dirpath": ckpt_dir} if "dirpath" in c else {})) for c in cfg.text.callbacks.values()
+        ]
+        logger = MLFlowLogger(experiment_name=job.tracker.experiment, tracking_uri=job.tracker.uri, run_id=run_id)
+        max_time = budget(cfg.text.get("budget_minutes"))
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, max_time=max_time)
+        net, text_metrics, text_curve = fine_tune(net, datamodule, instantiate(cfg.text.module), trainer, resume.path)
+        job.tracker.log_metrics(text_metrics)
+
+    with timings.stage("text_encode"):
+        text = TextRecommender.from_tokens(net, item_ids, item_lengths)
+        models = {**cf, "text": text.fit(history), "text_new": NewItemText(text).fit(history)}
+        zero_text = TextRecommender.from_tokens(zero_net, item_ids, item_lengths) if zero_net is not None else None
+        if zs_feature:
+            models["text_zeroshot"] = zero_text.fit(history)
+    with timings.stage("ranker_fit"):
+        exclude = stage_exclusion(history, data.items, split.val)
+        job.fusion.fit(job.val_users, models, history, split.val, exclude)
+    return Fitted(history, models, text, zero_text, text_metrics, text_curve, resume)
+
+
+def evaluate_test(job: Job, val: Fitted, timings: StageTimings) -> Evaluated:
+    """Refit CF on train + validation (``cf_fit_test``), rank the test users (``test_rank``) and
+    score every model on the untouched test events (``evaluate``)."""
+    from recsys.pipeline import stage_exclusion, stage_history
+    from recsys.recommender import NewItemText
+
+    cfg, data, split, targets = job.cfg, job.data, job.split, job.eval_split.test
+    with timings.stage("cf_fit_test"):
+        history = val.history.extend(split.val)
+        history = stage_history(history, split.test) if job.as_of else history
+        cf = job.pipeline.fit_cf(history)
+    with timings.stage("test_rank"):
+        val.text.fit(history)
+        models = {**cf, "text": val.text, "text_new": NewItemText(val.text).fit(history)}
+        if val.zero_text is not None:
+            val.zero_text.fit(history)
+            if "text_zeroshot" in val.models:
+                models["text_zeroshot"] = val.zero_text
+        exclude = stage_exclusion(history, data.items, targets)
+        fused = job.fusion.recommend(job.test_users, models, history, cfg.eval.max_k, exclude)
+    with timings.stage("evaluate"):
+        singles = {name: m for name, m in models.items() if m.is_feature}
+        if val.zero_text is not None:
+            singles["text_zeroshot"] = val.zero_text
+        evaluate = job.pipeline.evaluate
+        result = evaluate(job.test_users, targets, data.n_items, singles, history, fused, True, exclude)
+        tables = {"test": result.table}
+        if cfg.eval.published:
+            published = evaluate(job.test_users, targets, data.n_items, singles, history, fused, False)
+            tables["test_published"] = published.table
+        imp_scores = None
+        if data.impressions is not None:
+            imp_scores = _impressions(job, history, models, singles, exclude)
+    return Evaluated(history, models, exclude, result, tables, imp_scores)
+
+
+def _impressions(job: Job, history: History, models: dict, singles: dict, exclude: Any) -> pl.DataFrame | None:
+    """Every model's scores of the shown test impressions, their metrics logged
+    (``test_impressions/<model>/*``); None when no impression is left to score."""
+    from recsys.evaluation.impressions import impression_metrics, stage_impressions, summarize
+    from recsys.pipeline import impression_scores
+
+    imps, imp_counts = stage_impressions(job.data.impressions, job.eval_split.test, history.interactions)
+    log.info("test-stage impressions: %s", imp_counts)
+    job.tracker.log_metrics({f"data/impressions_{k}": v for k, v in imp_counts.items()})
+    if not imps.height:
+        return None
+    scores = impression_scores(imps, singles, job.fusion, models, history, exclude)
+    for name, part in scores.partition_by("model", as_dict=True).items():
+        summary = summarize(impression_metrics(part, ks=(5, 10)))
+        job.tracker.log_metrics({f"test_impressions/{name[0]}/{k}": v for k, v in summary.items()})
+    return scores
+
+
+def record(job: Job, val: Fitted, test: Evaluated, run_id: str, timings: StageTimings) -> dict[str, float]:
+    """Log the test and ranker metrics, ``metrics.csv`` and ``feature_importance.csv``; then the
+    evaluation bundle and report (``evaluation_report``). Returns the metrics logged."""
+    from recsys.evaluation.sampling import ci95_half_width
+    from recsys.export.writer import write_text_atomic
+
+    cfg, fusion, tracker, result = job.cfg, job.fusion, job.tracker, test.result
+    metrics = {
+        f"{prefix}/{row['model']}/{c}": row[c]
+        for prefix, tab in test.tables.items()
+        for row in tab.iter_rows(named=True)
+        for c in tab.columns[1:]
+    }
+    metrics["rank/candidate_recall_val"] = fusion.candidate_recall_val
+    metrics["rank/train_users"] = fusion.train_users
+    metrics["mem/estimated_peak_mb"] = job.need_gb * 1000
+    metrics["eval/users"], metrics["eval/users_total"] = job.eval_users, job.all_test_users
+    if job.eval_users < job.all_test_users:
+        first = f"ndcg_at_{cfg.eval.ks[0]}"
+        for name, per_user in result.metrics.items():
+            metrics[f"test/{name}/{first}_ci95"] = ci95_half_width(per_user[first], job.all_test_users)
+        log.warning(
+            "evaluated on a sample of %d of %d test users (eval.max_users); test/*/%s_ci95 is the "
+            "sampling error's 95%% half-width; recommendations.parquet holds the sampled users "
+            "(python -m recsys.recommend exports everyone)",
+            job.eval_users,
+            job.all_test_users,
+            first,
+        )
+    metrics["rank/best_iteration"] = fusion.ranker.best_iteration
+    if fusion.ranker.stop_score is not None:
+        metrics["rank/val_ndcg_heldout"] = fusion.ranker.stop_score
+    tracker.log_metrics(metrics)
+    table_all = pl.concat([tab.with_columns(pl.lit(p).alias("protocol")) for p, tab in test.tables.items()])
+    tracker.log_artifact(write_text_atomic(table_all.write_csv(), job.out_dir / "metrics.csv"))
+    importance = fusion.ranker.feature_importance().write_csv()
+    tracker.log_artifact(write_text_atomic(importance, job.out_dir / "feature_importance.csv"))
+    with timings.stage("evaluation_report"):
+        finetuning = {**val.text_metrics, "curve": val.text_curve, "budget_minutes": cfg.text.get("budget_minutes")}
+        save_evaluation(job, val, test, run_id, finetuning)
+    return metrics
+
+
+def export(job: Job, test: Evaluated, timings: StageTimings) -> Path:
+    """The fused top-``export.k`` of every evaluated test user, seen items removed (``export``)."""
+    from recsys.export.writer import recommendations_frame, write_parquet_atomic
+
+    with timings.stage("export"):
+        k, result = job.cfg.export.k, test.result
+        top = (result.recommended["fused"][:, :k], result.scores["fused"][:, :k], result.sources[:, :k])
+        recs = recommendations_frame(job.data, job.test_users, *top)
+        path = write_parquet_atomic(recs, job.out_dir / "recommendations.parquet")
+        job.tracker.log_artifact(path)
+    return path
+
+
+def log_timings(job: Job, timings: StageTimings) -> dict[str, float]:
+    """``time/*`` and ``mem/*`` of every stage, and the ranker's parts summed over both stages
+    (``time/fusion_*``, no memory window of their own), logged; returns them."""
+    out = {**timings.metrics(), **{f"time/fusion_{k}_s": v for k, v in job.fusion.timings.items()}}
+    job.tracker.log_metrics(out)
+    return out
+
+
+def print_summary(job: Job, test: Evaluated, run_id: str, model_uri: str, rec_path: Path, seconds: float) -> None:
+    """The test tables and where the run's outputs are, on stdout."""
+    with pl.Config(tbl_rows=20, tbl_cols=20, float_precision=4, tbl_hide_dataframe_shape=True):
+        print(f"\nTest metrics ({job.data.name}, {len(job.test_users)} users, full ranking, seen items removed):")
+        print(test.result.table)
+        if "test_published" in test.tables:
+            print("Published protocol (full ranking, history items NOT removed by the evaluator):")
+            print(test.tables["test_published"])
+    print(f"MLflow run {run_id}; model {model_uri}; recommendations: {rec_path}; total {seconds:.0f}s")
+
+
+def deploy(job: Job, test: Evaluated) -> str:
+    """Register what is served; returns its model URI.
+
+    With ``model.refit_all`` (default) the served pipeline learns from every event, the test
+    events included: CF refitted, histories and item statistics extended, the text towers'
+    weights and the ranker as evaluated. The evaluated test-stage pipeline is logged beside it as
+    ``model_evaluated`` (not registered), for the record. Without it, the evaluated pipeline is
+    the served one.
+    """
+    from recsys.export.pyfunc import log_trained_pipeline
+
+    cfg, data, fusion, out_dir = job.cfg, job.data, job.fusion, job.out_dir
+    node = cfg.get("model") or {}
+    if not node.get("refit_all", True):
+        return log_trained_pipeline(cfg, data, test.history, test.models, fusion, out_dir)
+    log_trained_pipeline(
+        cfg, data, test.history, test.models, fusion, out_dir, name="model_evaluated", folder="pipeline_evaluated"
+    )
+    hist_all = test.history.extend(job.split.test)
+    models_all = refit_models(job.pipeline, hist_all, test.models)
+    log.info("deploy: refitted on all %d events", hist_all.interactions.height)
+    return log_trained_pipeline(cfg, data, hist_all, models_all, fusion, out_dir)
+
+
+def refit_models(pipeline, history, models: dict) -> dict:
+    """``models`` for ``history``: CF refitted, the text towers (weights kept) reading it, in the
+    same order (the ranker's features follow it)."""
+    from recsys.recommender import NewItemText
+
+    cf = pipeline.fit_cf(history)
+    out = {}
+    for name, m in models.items():
+        if name in cf:
+            out[name] = cf[name]
+        elif isinstance(m, TextRecommender):
+            out[name] = TextRecommender(m.net, m.item_embeddings).fit(history)
+    for name, m in models.items():
+        if isinstance(m, NewItemText):
+            tower = next(k for k, v in models.items() if v is m.text)
+            out[name] = NewItemText(out[tower], m.max_events).fit(history)
+    return {name: out[name] for name in models}
+
+
+def feature_time(history, as_of_cut: bool) -> str:
+    """The protocol card's line on when time-dependent features were taken."""
+    if history.user_now is not None:
+        return "as of each user's cut: just before their first held-out event (per-user split)"
+    if as_of_cut:
+        return "as of the stage's end: one cut for everybody, every held-out event after it"
+    return (
+        "as of the stage's end (eval.as_of_cut=false): under a per-user split, time-dependent "
+        "features count other users' events from after a user's held-out one"
+    )
+
+
+def save_evaluation(job: Job, val: Fitted, test: Evaluated, run_id: str, finetuning: dict[str, Any]) -> None:
+    """The evaluation bundle (``evaluation/``) and, with ``eval.report``, the report (``report/``),
+    both logged to the run; ``python -m recsys.evaluate`` rebuilds the report from the bundle alone."""
+    from hydra.utils import instantiate
+
+    from recsys.evaluation.bundle import BUNDLE_DIR, make_protocol, read_bundle, write_bundle
+
+    cfg, data, split, tracker, result = job.cfg, job.data, job.eval_split, job.tracker, test.result
+    out_dir = job.out_dir
+    protocol = make_protocol(
+        run_id=run_id,
+        experiment=tracker.experiment,
+        data_name=data.name,
+        data_hash=data.fingerprint(),
+        n_users=data.n_users,
+        n_items=data.n_items,
+        split=OmegaConf.to_container(cfg.split, resolve=True),
+        split_counts=split.describe(),
+        seen_filtering=True,
+        availability_filtering=Columns.AvailableFrom in data.items.columns
+        and data.items[Columns.AvailableFrom].null_count() < data.items.height,
+        ks=list(cfg.eval.ks),
+        max_k=cfg.eval.max_k,
+        seed=cfg.seed,
+        targets=split.test,
+        models=list(result.recommended),
+        root=cfg.paths.root_dir,
+        feature_time=feature_time(test.history, job.as_of),
+    )
+    folder = out_dir / BUNDLE_DIR
+    files = write_bundle(
+        folder,
+        protocol=protocol,
+        users=result.users,
+        recommended=result.recommended,
+        scores=result.scores,
+        sources=result.sources,
+        targets=split.test,
+        history=test.history.interactions,
+        n_items=data.n_items,
+        item_embeddings=val.text.item_embeddings.numpy(),
+        feature_importance=job.fusion.ranker.feature_importance(),
+        impression_scores=test.impression_scores,
+        finetuning=finetuning,
+    )
+    for f in files:
+        tracker.log_artifact(f, BUNDLE_DIR)
+    if cfg.eval.report:
+        # Read back from disk: the report at the end of training is exactly the one the CLI makes.
+        report_dir = out_dir / "report"
+        for f in instantiate(cfg.eval.reporter).write(read_bundle(folder, run_id), report_dir):
+            tracker.log_artifact(f, str(Path("report") / f.parent.relative_to(report_dir)))
+            if f.suffix == ".png":  # the report's plots, also as images beside the run's charts
+                tracker.log_image(f, key=f"report/{f.stem}")
+        log.info("evaluation report: %s", out_dir / "report" / "report.html")

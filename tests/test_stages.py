@@ -1,0 +1,73 @@
+"""The training job's stages (``recsys.stages``), each run alone on tiny data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+from hydra import compose, initialize_config_dir
+
+import recsys.config  # noqa: F401  (registers the resolvers the configs use)
+from recsys.columns import Columns
+from recsys.errors import InputError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def smoke_cfg(root: Path, *overrides: str):
+    """``+experiment=smoke`` (smaller), every path under ``root``."""
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(
+            config_name="config",
+            overrides=[
+                "+experiment=smoke",
+                f"paths.mlruns_dir={root / 'mlruns'}",
+                f"paths.output_dir={root / 'out'}",
+                f"text.resume_root={root / 'checkpoints'}",
+                f"paths.data_dir={root / 'data'}",
+                "data.n_users=200",
+                "data.n_items=120",
+                "trainer.max_epochs=1",
+                "eval.zeroshot=false",
+                "model.register_name=null",
+                *overrides,
+            ],
+        )
+
+
+def test_prepare_rejects_a_job_too_large_for_memory_before_any_run(tmp_path):
+    from recsys.profiling import StageTimings
+    from recsys.stages import prepare
+
+    timings = StageTimings()
+    with pytest.raises(InputError, match="memory_limit_gb"):
+        prepare(smoke_cfg(tmp_path, "memory_limit_gb=0.001"), timings)
+    assert "load" not in timings  # the stage did not finish
+    assert not (tmp_path / "mlruns").exists()  # no MLflow run was started
+
+
+@pytest.mark.slow
+def test_validation_stage_alone_fits_the_ranker_without_seeing_validation_events(tmp_path):
+    from recsys.profiling import StageTimings
+    from recsys.stages import fit_validation, prepare
+
+    timings = StageTimings()
+    job = prepare(smoke_cfg(tmp_path, "rank.text_zeroshot_feature=true"), timings)
+    with job.tracker.start() as run_id:
+        fitted = fit_validation(job, run_id, timings)
+    fitted.resume.finish()
+
+    assert list(timings) == ["load", "cf_fit_val", "text_finetune", "text_encode", "ranker_fit"]
+    # Every CF model, both text towers and the untouched one (a ranker feature here), in that order.
+    assert list(fitted.models) == [*job.cfg.cf, "text", "text_new", "text_zeroshot"]
+    assert fitted.zero_text is fitted.models["text_zeroshot"]
+    assert fitted.zero_text is not fitted.text
+    key = [Columns.User, Columns.Item, Columns.Timestamp]
+    seen = fitted.history.interactions.select(key)
+    assert seen.height == job.split.train.height
+    assert job.split.val.height and not seen.join(job.split.val.select(key), on=key).height
+    assert job.fusion.train_users > 0 and job.fusion.ranker.best_iteration >= 1
+    assert 0 < job.fusion.candidate_recall_val <= 1
+    assert 0 <= fitted.text_metrics["text/val_ndcg_at_10_finetuned"] <= 1
+    assert isinstance(job.fusion.ranker.feature_importance(), pl.DataFrame)
