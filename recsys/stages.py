@@ -175,9 +175,9 @@ def fit_validation(job: Job, run_id: str, timings: StageTimings) -> Fitted:
     from lightning.pytorch.loggers import MLFlowLogger
 
     from recsys.pipeline import stage_exclusion, stage_history
+    from recsys.recommender import NewItemText
     from recsys.text.fit import fine_tune, open_resume_dir, zero_shot_copy
     from recsys.text.options import budget
-    from recsys.recommender import NewItemText
 
     cfg, data, split = job.cfg, job.data, job.split
     history = History(split.train, data.n_users, data.n_items)
