@@ -47,7 +47,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     )
     from recsys.profiling import StageTimings, check_memory
     from recsys.recommender import History
-    from recsys.text.fit import fine_tune, open_resume_dir, zero_shot_copy
+    from recsys.text.distributed import FineTuneJob, TrainerSpec, check_trainer, fine_tune_ranks
+    from recsys.text.fit import open_resume_dir, zero_shot_copy
     from recsys.text.options import budget, check_options
     from recsys.text.recommender import NewItemText, TextRecommender
     from recsys.tracking import mask_secrets
@@ -63,6 +64,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     t0 = time.perf_counter()
     text_budget = budget(cfg.text.get("budget_minutes"))
     check_options(cfg.text.get("budget_minutes"), cfg.text.data, cfg.text.module)
+    check_trainer(cfg.trainer)  # devices, strategy, launcher: before any data is loaded
     source = instantiate(cfg.data)
     data = source.load()
     split = instantiate(cfg.split).split(data.interactions)
@@ -156,8 +158,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
             instantiate(c, **({"dirpath": ckpt_dir} if "dirpath" in c else {})) for c in cfg.text.callbacks.values()
         ]
         logger = MLFlowLogger(experiment_name=tracker.experiment, tracking_uri=tracker.uri, run_id=run_id)
-        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, max_time=text_budget)
-        net, text_val, text_curve = fine_tune(net, datamodule, instantiate(cfg.text.module), trainer, resume.path)
+        trainer = TrainerSpec(OmegaConf.to_container(cfg.trainer, resolve=True), callbacks, text_budget)
+        job = FineTuneJob(net, datamodule, instantiate(cfg.text.module), trainer, resume.path)
+        net, text_val, text_curve = fine_tune_ranks(job, logger)  # trainer=ddp: on several processes
         tracker.log_metrics(text_val)
         timings["text_finetune"] = time.perf_counter() - t0
 
@@ -426,8 +429,11 @@ def check_objective(name: str | None) -> None:
 @hydra.main(config_path=recsys.config.CONFIG_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """Train; returns the validation metric named by ``optimized_metric`` (what a sweeper maximises)."""
+    from recsys.text.distributed import check_trainer, serve_worker
     from recsys.tracking import save_hydra_files
 
+    if exit_on_user_error(lambda: check_trainer(cfg.trainer)).is_worker:  # torchrun's ranks above 0
+        return exit_on_user_error(lambda: serve_worker(cfg.trainer))
     save_hydra_files(cfg)
     metrics = exit_on_user_error(lambda: run(cfg))
     name = cfg.get("optimized_metric")

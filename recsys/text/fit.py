@@ -175,6 +175,8 @@ def fine_tune(
                     state["global_step"],
                 )
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        if not trainer.is_global_zero:  # another rank of a distributed fit: rank 0 keeps the result
+            return net, {}, []
         best_path = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
         if best_path:
             best_score = float(ckpt.best_model_score)
