@@ -51,7 +51,8 @@ class SeedEachStep(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        torch.manual_seed(epoch_seed(self.seed, trainer.global_step, stream=1))
+        # + rank: DDP ranks drop different units (rank 0 draws what a single process draws).
+        torch.manual_seed(epoch_seed(self.seed, trainer.global_step, stream=1) + trainer.global_rank)
 
 
 def config_key(config: Mapping[str, Any], volatile: list[str], *extra: str) -> str:

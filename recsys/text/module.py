@@ -192,7 +192,8 @@ class TextTowerModule(L.LightningModule):
         loss_rows = F.cross_entropy(logits, labels, reduction="none")
         w = batch["weights"]
         loss = (loss_rows * w).sum() / w.sum()
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(w))
+        # sync_dist: under DDP the logged loss is the mean over the ranks' batches.
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(w), sync_dist=True)
         return loss
 
     # -- validation: full ranking over the catalogue, seen items removed ----------------------
@@ -225,11 +226,12 @@ class TextTowerModule(L.LightningModule):
         if not rows:
             return
         ndcg = torch.tensor(n_ndcg / rows)
-        self.log("val/ndcg_at_10", ndcg, prog_bar=True)
-        self.log("val/recall_at_10", n_hit / rows)
+        # Equal on every rank already; sync_dist only tells Lightning so.
+        self.log("val/ndcg_at_10", ndcg, prog_bar=True, sync_dist=True)
+        self.log("val/recall_at_10", n_hit / rows, sync_dist=True)
         # The long-tail check: validation targets among the least popular half of the events.
         tail_ndcg = torch.tensor(n_tail / tail_rows if tail_rows else 0.0)
-        self.log("val/ndcg_at_10_tail", tail_ndcg)
+        self.log("val/ndcg_at_10_tail", tail_ndcg, sync_dist=True)
         if not self.trainer.sanity_checking:
             self.val_curve.append((int(self.trainer.global_step), float(ndcg), float(tail_ndcg)))
 
