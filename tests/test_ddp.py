@@ -75,6 +75,20 @@ def test_each_rank_draws_its_own_equal_share_of_an_epoch():
     assert [len(EpochSampler(100, 64, rank=r, replicas=3)) for r in range(3)] == [33, 33, 33]
 
 
+def test_vectors_gathered_from_other_ranks_are_cache_hits(tokenizer_path):
+    from recsys.text.cache import ItemEmbeddingCache
+    from recsys.text.encoder import ItemEncoder
+
+    cache = ItemEmbeddingCache()
+    encoder = ItemEncoder.random(tokenizer=tokenizer_path, seed=0, embedding_cache=cache)
+    ids, lengths = encoder.tokenize([f"item {i} text {i * 7}" for i in range(20)])
+    elsewhere = encoder._encode_tokens(ids, lengths)  # as another rank computed them
+    cache.store(encoder, ids[10:], lengths[10:], elsewhere[10:])
+    got = encoder.base_vectors(ids, lengths)
+    assert cache.encoded_items == 10  # only this rank's half was encoded here
+    torch.testing.assert_close(got, elsewhere, atol=1e-6, rtol=0)
+
+
 # --- two processes against one --------------------------------------------------------------------
 
 

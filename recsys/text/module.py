@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from recsys.errors import ConfigError
-from recsys.text.distributed import encode_sharded, sum_over_ranks
+from recsys.text.distributed import encode_sharded, sum_over_ranks, world
 from recsys.text.encoder import ENCODE_BATCH, TwoTower
 from recsys.text.options import check_options
 
@@ -121,6 +121,8 @@ class TextTowerModule(L.LightningModule):
         if not self.train_bert:
             if self.base_cache is None:  # the BERT never changes: one catalogue pass per fit
                 vectors = encode_sharded(self._encode(enc.base_vectors), dm.item_ids, dm.item_lengths, self.device)
+                if world()[1] > 1 and enc.embedding_cache is not None:  # the job's later passes find them all
+                    enc.embedding_cache.store(enc, dm.item_ids, dm.item_lengths, vectors)
                 self.base_cache = vectors.to(self.device)
             with torch.no_grad():
                 self.item_cache = enc.adapt(self.base_cache).float()
