@@ -91,6 +91,7 @@ def prepare(cfg: DictConfig, timings: StageTimings) -> Job:
     from recsys.evaluation.sampling import sample_test_users
     from recsys.pipeline import check_split, stage_users
     from recsys.profiling import check_memory
+    from recsys.text.distributed import check_trainer
     from recsys.text.options import budget, check_options
 
     L.seed_everything(cfg.seed, workers=True)
@@ -100,6 +101,7 @@ def prepare(cfg: DictConfig, timings: StageTimings) -> Job:
     with timings.stage("load"):
         budget(cfg.text.get("budget_minutes"))
         check_options(cfg.text.get("budget_minutes"), cfg.text.data, cfg.text.module)
+        check_trainer(cfg.trainer)  # devices, strategy, launcher: before any data is loaded
         source = instantiate(cfg.data)
         data = source.load()
         split = instantiate(cfg.split).split(data.interactions)
@@ -176,7 +178,8 @@ def fit_validation(job: Job, run_id: str, timings: StageTimings) -> Fitted:
 
     from recsys.pipeline import stage_exclusion, stage_history
     from recsys.recommender import NewItemText
-    from recsys.text.fit import fine_tune, open_resume_dir, zero_shot_copy
+    from recsys.text.distributed import FineTuneJob, TrainerSpec, fine_tune_ranks
+    from recsys.text.fit import open_resume_dir, zero_shot_copy
     from recsys.text.options import budget
 
     cfg, data, split = job.cfg, job.data, job.split
@@ -212,8 +215,9 @@ def fit_validation(job: Job, run_id: str, timings: StageTimings) -> Fitted:
         ]
         logger = MLFlowLogger(experiment_name=job.tracker.experiment, tracking_uri=job.tracker.uri, run_id=run_id)
         max_time = budget(cfg.text.get("budget_minutes"))
-        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, max_time=max_time)
-        net, text_metrics, text_curve = fine_tune(net, datamodule, instantiate(cfg.text.module), trainer, resume.path)
+        trainer = TrainerSpec(OmegaConf.to_container(cfg.trainer, resolve=True), callbacks, max_time)
+        ft_job = FineTuneJob(net, datamodule, instantiate(cfg.text.module), trainer, resume.path)
+        net, text_metrics, text_curve = fine_tune_ranks(ft_job, logger)  # trainer=ddp: on several processes
         job.tracker.log_metrics(text_metrics)
 
     with timings.stage("text_encode"):

@@ -67,8 +67,11 @@ def check_objective(name: str | None) -> None:
 @hydra.main(config_path=recsys.config.CONFIG_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     """Train; returns the validation metric named by ``optimized_metric`` (what a sweeper maximises)."""
+    from recsys.text.distributed import check_trainer, serve_worker
     from recsys.tracking import save_hydra_files
 
+    if exit_on_user_error(lambda: check_trainer(cfg.trainer)).is_worker:  # torchrun's ranks above 0
+        return exit_on_user_error(lambda: serve_worker(cfg.trainer))
     save_hydra_files(cfg)
     metrics = exit_on_user_error(lambda: run(cfg))
     name = cfg.get("optimized_metric")

@@ -67,6 +67,7 @@ ELSEWHERE = {
     """-d '{"dataframe_records": [{"user_id": "U00001"}], "params": {"k": 5}}'""": "test_serve",
     **{command: "test_scale" for command in importlib.import_module("test_scale").README_COMMANDS},
     **{command: "test_spark" for command in importlib.import_module("test_spark").README_COMMANDS},
+    **{command: "test_ddp" for command in importlib.import_module("test_ddp").README_COMMANDS},
     **{command: "test_fresh" for command in importlib.import_module("test_fresh").README_COMMANDS},
 }
 

@@ -93,6 +93,14 @@ class ItemEmbeddingCache:
         np.savez(tmp, keys=keys, vectors=np.stack(list(table.values())).astype(np.float32))
         os.replace(tmp, path)  # readers see the old table or the new one, never half of one
 
+    def store(self, encoder: ItemEncoder, ids: torch.Tensor, lengths: torch.Tensor, vectors: torch.Tensor) -> None:
+        """Vectors of ``encoder``'s current weights computed elsewhere (other DDP ranks' shares of
+        the catalogue), so a later pass in this process finds them."""
+        weights = encoder.weights_fingerprint()
+        table = self._table(weights)
+        table.update(zip(item_keys(ids, lengths), vectors.float().numpy(), strict=True))
+        self._save(weights, table)
+
     def encode(
         self,
         encoder: ItemEncoder,

@@ -15,7 +15,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from recsys.columns import Columns
+from recsys.errors import ConfigError
 from recsys.recommender import History
+from recsys.text.distributed import world
 from recsys.text.encoder import pad_histories
 from recsys.text.options import check_data_options
 
@@ -56,10 +58,15 @@ class EpochSampler(Sampler[int]):
     checkpoint), so epoch 3 draws the same examples in the same order whether the run got there in
     one go or was killed and resumed. A sampler holding one generator that advances from epoch to
     epoch would restart at epoch 0's order after a resume.
+
+    Under DDP (``replicas`` processes) every rank draws from the same permutation and takes its own
+    block of it: the ranks' examples are disjoint and equally many (a rank with fewer steps would
+    leave the others waiting in the gradient all-reduce).
     """
 
-    def __init__(self, n: int, num_samples: int, seed: int = 0) -> None:
-        self.n, self.num_samples, self.seed = n, min(num_samples, n), seed
+    def __init__(self, n: int, num_samples: int, seed: int = 0, rank: int = 0, replicas: int = 1) -> None:
+        self.n, self.num_samples, self.seed = n, min(num_samples, n // replicas), seed
+        self.rank = rank
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -67,7 +74,8 @@ class EpochSampler(Sampler[int]):
 
     def __iter__(self):
         g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-        return iter(torch.randperm(self.n, generator=g)[: self.num_samples].tolist())
+        start = self.rank * self.num_samples
+        return iter(torch.randperm(self.n, generator=g)[start : start + self.num_samples].tolist())
 
     def __len__(self) -> int:
         return self.num_samples
@@ -197,7 +205,8 @@ class TextDataModule(L.LightningDataModule):
         return torch.randint(len(self.item_ids), (self.uniform_negatives,), generator=g)
 
     def train_dataloader(self) -> DataLoader:
-        sampler = EpochSampler(len(self.examples), self.steps_per_epoch * self.batch_size, self.seed)
+        rank, replicas = world()  # batch_size and steps_per_epoch are per process
+        sampler = EpochSampler(len(self.examples), self.steps_per_epoch * self.batch_size, self.seed, rank, replicas)
         return DataLoader(self.examples, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate)
 
     def val_dataloader(self) -> DataLoader:
@@ -215,6 +224,10 @@ class TextDataModule(L.LightningDataModule):
                 strict=True,
             )
         ]
+        rank, size = world()
+        if len(rows) < size:  # a rank without validation rows would skip validation and stall the others
+            raise ConfigError(f"{len(rows)} validation events for {size} fine-tuning processes: use fewer processes")
+        rows = rows[rank::size]  # each rank scores its share; the module sums the metric over ranks
         return DataLoader(rows, batch_size=self.val_batch_size, shuffle=False, collate_fn=self._collate_val)
 
     def _collate_val(self, rows: list[tuple[np.ndarray, int, int]]) -> dict[str, torch.Tensor]:

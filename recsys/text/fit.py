@@ -51,7 +51,8 @@ class SeedEachStep(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        torch.manual_seed(epoch_seed(self.seed, trainer.global_step, stream=1))
+        # + rank: DDP ranks drop different units (rank 0 draws what a single process draws).
+        torch.manual_seed(epoch_seed(self.seed, trainer.global_step, stream=1) + trainer.global_rank)
 
 
 def config_key(config: Mapping[str, Any], volatile: list[str], *extra: str) -> str:
@@ -175,6 +176,8 @@ def fine_tune(
                     state["global_step"],
                 )
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        if not trainer.is_global_zero:  # another rank of a distributed fit: rank 0 keeps the result
+            return net, {}, []
         best_path = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
         if best_path:
             best_score = float(ckpt.best_model_score)

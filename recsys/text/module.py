@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from recsys.errors import ConfigError
+from recsys.text.distributed import encode_sharded, sum_over_ranks, world
 from recsys.text.encoder import ENCODE_BATCH, TwoTower
 from recsys.text.options import check_options
 
@@ -116,16 +117,24 @@ class TextTowerModule(L.LightningModule):
     def refresh_cache(self) -> None:
         dm = self.trainer.datamodule
         enc = self.net.item_encoder
+        # Under DDP each rank encodes its share of the catalogue; every rank gets all of it.
         if not self.train_bert:
             if self.base_cache is None:  # the BERT never changes: one catalogue pass per fit
-                self.base_cache = enc.base_vectors(dm.item_ids, dm.item_lengths, self.encode_batch_size).to(self.device)
+                vectors = encode_sharded(self._encode(enc.base_vectors), dm.item_ids, dm.item_lengths, self.device)
+                if world()[1] > 1 and enc.embedding_cache is not None:  # the job's later passes find them all
+                    enc.embedding_cache.store(enc, dm.item_ids, dm.item_lengths, vectors)
+                self.base_cache = vectors.to(self.device)
             with torch.no_grad():
                 self.item_cache = enc.adapt(self.base_cache).float()
         else:
-            self.item_cache = enc.encode_tokens(dm.item_ids, dm.item_lengths, self.encode_batch_size).to(self.device)
+            vectors = encode_sharded(self._encode(enc.encode_tokens), dm.item_ids, dm.item_lengths, self.device)
+            self.item_cache = vectors.to(self.device)
         if self.net.frozen_history and self.net.history_embeddings is None:
             # The first pass (zero-shot validation or fit start) fixes the history side for good.
             self.net.history_embeddings = self.item_cache.detach().cpu().clone()
+
+    def _encode(self, encode):
+        return lambda ids, lengths: encode(ids, lengths, self.encode_batch_size)
 
     @property
     def history_cache(self) -> torch.Tensor:
@@ -185,7 +194,8 @@ class TextTowerModule(L.LightningModule):
         loss_rows = F.cross_entropy(logits, labels, reduction="none")
         w = batch["weights"]
         loss = (loss_rows * w).sum() / w.sum()
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(w))
+        # sync_dist: under DDP the logged loss is the mean over the ranks' batches.
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(w), sync_dist=True)
         return loss
 
     # -- validation: full ranking over the catalogue, seen items removed ----------------------
@@ -206,18 +216,24 @@ class TextTowerModule(L.LightningModule):
         self._val_tail.append(self.trainer.datamodule.tail.to(seen.device)[batch["targets"]])
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_ndcg:
-            return
-        per_row = torch.cat(self._val_ndcg)
-        ndcg = per_row.mean()
-        hit = torch.cat(self._val_hit).mean()
-        tail = torch.cat(self._val_tail)
+        per_row = torch.cat(self._val_ndcg) if self._val_ndcg else torch.zeros(0, device=self.device)
+        hit = torch.cat(self._val_hit) if self._val_hit else torch.zeros(0, device=self.device)
+        tail = torch.cat(self._val_tail) if self._val_tail else torch.zeros(0, dtype=torch.bool, device=self.device)
         self._val_ndcg, self._val_hit, self._val_tail = [], [], []
-        self.log("val/ndcg_at_10", ndcg, prog_bar=True)
-        self.log("val/recall_at_10", hit)
+        # Sums and counts over every rank's share of the validation users (DDP): all ranks log
+        # the same metric, so early stopping and the best checkpoint agree.
+        sums = [per_row.sum(), hit.sum(), float(len(per_row)), per_row[tail].sum(), tail.sum()]
+        total = sum_over_ranks(torch.stack([torch.as_tensor(x, dtype=torch.float64, device=self.device) for x in sums]))
+        n_ndcg, n_hit, rows, n_tail, tail_rows = total.tolist()
+        if not rows:
+            return
+        ndcg = torch.tensor(n_ndcg / rows)
+        # Equal on every rank already; sync_dist only tells Lightning so.
+        self.log("val/ndcg_at_10", ndcg, prog_bar=True, sync_dist=True)
+        self.log("val/recall_at_10", n_hit / rows, sync_dist=True)
         # The long-tail check: validation targets among the least popular half of the events.
-        tail_ndcg = per_row[tail].mean() if tail.any() else torch.tensor(0.0)
-        self.log("val/ndcg_at_10_tail", tail_ndcg)
+        tail_ndcg = torch.tensor(n_tail / tail_rows if tail_rows else 0.0)
+        self.log("val/ndcg_at_10_tail", tail_ndcg, sync_dist=True)
         if not self.trainer.sanity_checking:
             self.val_curve.append((int(self.trainer.global_step), float(ndcg), float(tail_ndcg)))
 
