@@ -31,6 +31,18 @@ def recent_items(histories: Sequence[np.ndarray], n: int) -> np.ndarray:
     return out
 
 
+def pair_dots(left: np.ndarray, right: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``left[rows[j]] . right[cols[j]]`` for every j (float32): a ranker feature costs its pairs
+    x the width, not a catalogue row per user. In slices of pairs, so the gathered vectors stay a
+    bounded temporary however many candidate rows there are."""
+    rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+    out = np.empty(len(rows), dtype=np.float32)
+    step = max(1, (1 << 22) // max(1, left.shape[1]))  # about 16 MB of each operand at a time
+    for s in range(0, len(rows), step):
+        out[s : s + step] = np.einsum("ij,ij->i", left[rows[s : s + step]], right[cols[s : s + step]])
+    return out
+
+
 @dataclass
 class History:
     """The events a model may learn from: one stage's train part, never its targets."""
@@ -92,13 +104,21 @@ class Recommender(ABC):
         """Scores of shape ``[len(users), n_items]`` (float32); higher is better."""
 
     def score_pairs(self, users: np.ndarray, items: np.ndarray, chunk: int = 2048) -> np.ndarray:
-        """Score of each ``(users[j], items[j])`` pair."""
+        """Score of each ``(users[j], items[j])`` pair, from ``score_users`` blocks of ``chunk`` users.
+
+        The pairs are grouped by user once, so each block reads only its own pairs: the cost is
+        the blocks' users x items plus the pairs, not pairs x blocks. Models whose score of a
+        pair is cheaper than a catalogue row (factor and embedding models) override it.
+        """
         out = np.empty(len(users), dtype=np.float32)
+        items = np.asarray(items)
         uniq, inverse = np.unique(users, return_inverse=True)
-        for start in range(0, len(uniq), chunk):
-            block = uniq[start : start + chunk]
-            scores = self.score_users(block)
-            sel = (inverse >= start) & (inverse < start + len(block))
+        order = np.argsort(inverse, kind="stable")
+        starts = np.arange(0, len(uniq), chunk)
+        bounds = np.searchsorted(inverse[order], np.r_[starts, len(uniq)])
+        for b, start in enumerate(starts):
+            scores = self.score_users(uniq[start : start + chunk])
+            sel = order[bounds[b] : bounds[b + 1]]
             out[sel] = scores[inverse[sel] - start, items[sel]]
         return out
 

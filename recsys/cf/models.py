@@ -16,7 +16,7 @@ import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
 from recsys.columns import Columns
-from recsys.recommender import History, Recommender
+from recsys.recommender import History, Recommender, pair_dots
 
 
 class _FactorModel(Recommender):
@@ -25,6 +25,9 @@ class _FactorModel(Recommender):
 
     def score_users(self, users: np.ndarray) -> np.ndarray:
         return self.user_factors[users] @ self.item_factors.T
+
+    def score_pairs(self, users: np.ndarray, items: np.ndarray, chunk: int = 2048) -> np.ndarray:
+        return pair_dots(self.user_factors, self.item_factors, users, items)
 
     def _store(self, model, history: History) -> None:
         self.user_factors = np.asarray(model.user_factors, dtype=np.float32)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from recsys.recommender import History, Recommender
+from recsys.recommender import History, Recommender, pair_dots
 from recsys.text.encoder import ENCODE_BATCH, TwoTower
 
 
@@ -43,6 +43,9 @@ class TextRecommender(Recommender):
 
     def score_users(self, users: np.ndarray) -> np.ndarray:
         return self.user_embeddings[users] @ self._items.T
+
+    def score_pairs(self, users: np.ndarray, items: np.ndarray, chunk: int = 2048) -> np.ndarray:
+        return pair_dots(self.user_embeddings, self._items, users, items)
 
 
 class NewItemText(Recommender):
