@@ -3,6 +3,7 @@
     python bench/scale.py                      # 1x and 10x the generated data set
     python bench/scale.py --sizes 1,10,100     # 100x: 300k users, 150k items, about 4.3 M events
     python bench/scale.py --sizes 1 -- encoder=tiny   # any further Hydra overrides after --
+    python bench/scale.py --profile /tmp/prof  # also a cProfile of each job: /tmp/prof/x<size>.prof
 
 Each size runs ``python -m recsys.train`` in a fresh process on the generated data set scaled by
 that factor (``data.n_users=3000*s data.n_items=1500*s``), writing into a temporary folder
@@ -11,7 +12,8 @@ the bench measures how the rest grows, the text budget is set apart). The job lo
 its seconds (``time/<stage>_s``) and its peak resident memory (``mem/<stage>_peak_mb``: the
 high-water mark since the previous stage ended, see ``recsys/profiling.py``); this script reads
 them back from the run and prints one table. Figures vary between runs on shared machines:
-compare the columns of one run (the growth column divides by the first size).
+compare the columns of one run (the growth column divides by the first size), and read them
+with the load average recorded at each job's start and end.
 """
 
 from __future__ import annotations
