@@ -3,6 +3,7 @@
     python bench/scale.py                      # 1x and 10x the generated data set
     python bench/scale.py --sizes 1,10,100     # 100x: 300k users, 150k items, about 4.3 M events
     python bench/scale.py --sizes 1 -- encoder=tiny   # any further Hydra overrides after --
+    python bench/scale.py --profile /tmp/prof  # also a cProfile of each job: /tmp/prof/x<size>.prof
 
 Each size runs ``python -m recsys.train`` in a fresh process on the generated data set scaled by
 that factor (``data.n_users=3000*s data.n_items=1500*s``), writing into a temporary folder
@@ -11,7 +12,8 @@ the bench measures how the rest grows, the text budget is set apart). The job lo
 its seconds (``time/<stage>_s``) and its peak resident memory (``mem/<stage>_peak_mb``: the
 high-water mark since the previous stage ended, see ``recsys/profiling.py``); this script reads
 them back from the run and prints one table. Figures vary between runs on shared machines:
-compare the columns of one run (the growth column divides by the first size).
+compare the columns of one run (the growth column divides by the first size), and read them
+with the load average recorded at each job's start and end.
 """
 
 from __future__ import annotations
@@ -49,12 +51,28 @@ PARTS: list[tuple[str, str]] = [
 ]
 
 
-def run_size(scale: int, root: Path, epochs: int, steps: int, overrides: list[str], timeout: float) -> dict:
-    """Run the job at ``scale`` x the default size; returns its metrics, wall time and sizes."""
+def run_size(
+    scale: int,
+    root: Path,
+    epochs: int,
+    steps: int,
+    overrides: list[str],
+    timeout: float,
+    profile: Path | None = None,
+) -> dict:
+    """Run the job at ``scale`` x the default size; returns its metrics, wall time and sizes.
+
+    ``profile``: run it under cProfile, writing ``<profile>/x<scale>.prof`` (``python -m pstats``).
+    """
     root.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    profiler = []
+    if profile is not None:
+        profile.mkdir(parents=True, exist_ok=True)
+        profiler = ["-m", "cProfile", "-o", str(profile / f"x{scale}.prof")]
     cmd = [
         sys.executable,
+        *profiler,
         "-m",
         "recsys.train",
         f"data.n_users={3000 * scale}",
@@ -68,10 +86,12 @@ def run_size(scale: int, root: Path, epochs: int, steps: int, overrides: list[st
         *overrides,
     ]
     print(f"[{scale}x] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    load_start = load_average()
     t0 = time.perf_counter()
     with open(root / "log.txt", "w") as log:
         proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
     wall = time.perf_counter() - t0
+    load_end = load_average()
     if proc.returncode != 0:
         tail = (root / "log.txt").read_text()[-3000:]
         raise SystemExit(f"[{scale}x] recsys.train failed (exit {proc.returncode}); log {root / 'log.txt'}:\n{tail}")
@@ -84,7 +104,19 @@ def run_size(scale: int, root: Path, epochs: int, steps: int, overrides: list[st
     run = client.search_runs(experiments, order_by=["attributes.start_time DESC"], max_results=1)[0]
     metrics = dict(run.data.metrics)
     events = sum(metrics.get(f"data/{s}_events", 0) for s in ("train", "val", "test"))
-    return {"scale": scale, "wall_s": wall, "events": int(events), "metrics": metrics, "run_id": run.info.run_id}
+    return {
+        "scale": scale,
+        "wall_s": wall,
+        "load": [load_start, load_end],
+        "events": int(events),
+        "metrics": metrics,
+        "run_id": run.info.run_id,
+    }
+
+
+def load_average() -> float:
+    """The machine's 1-minute load average (NaN where the OS has none): the figures depend on it."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
 def table(results: list[dict]) -> str:
@@ -128,6 +160,11 @@ def table(results: list[dict]) -> str:
         wall += [f"{r['wall_s']:,.1f}", ""]
     wall += [f"{r['wall_s'] / first['wall_s']:.1f}x" for r in results[1:]]
     lines.append("| " + " | ".join(wall) + " |")
+    load = ["load average (1 min), start / end"]
+    for r in results:
+        load += [" / ".join(f"{x:.1f}" for x in r["load"]), ""]
+    load += ["" for _ in results[1:]]
+    lines.append("| " + " | ".join(load) + " |")
     return "\n".join(lines)
 
 
@@ -144,19 +181,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", default=None, help="keep data, runs and logs here (default: a temp folder)")
     parser.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per size before giving up")
     parser.add_argument("--json", default=None, help="also write the figures here")
+    parser.add_argument("--profile", default=None, help="run each size under cProfile, writing x<size>.prof here")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     if any(s < 1 for s in sizes):
         parser.error("--sizes: whole multiples >= 1")
     with tempfile.TemporaryDirectory(prefix="recsys-scale-") as tmp:
         work = Path(args.workdir) if args.workdir else Path(tmp)
-        results = [run_size(s, work / f"x{s}", args.epochs, args.steps, extra, args.timeout) for s in sizes]
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        profile = Path(args.profile) if args.profile else None
+        results = [run_size(s, work / f"x{s}", args.epochs, args.steps, extra, args.timeout, profile) for s in sizes]
     print(
         f"\npython bench/scale.py --sizes {args.sizes} --epochs {args.epochs} --steps {args.steps}"
         + (f" -- {' '.join(extra)}" if extra else "")
     )
-    print(f"{os.cpu_count()} CPUs, load average {load:.1f} at the end\n")
+    print(f"{os.cpu_count()} CPUs, load average {load_average():.1f} at the end\n")
     print(table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

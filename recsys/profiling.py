@@ -90,15 +90,18 @@ class StageTimings(dict):
         return out
 
 
-# The peak-memory estimate of a training job, from row counts (calibrated on the generated data
-# set, 2-core machine: 1x measured 2.0 GB by bench/scale.py; 10x 6.5 GB before the ranker sample
-# cap). The libraries, the encoder and MLflow take about 2 GB whatever the data; the largest
-# table is the ranker's candidate frame (rows = users x candidates per user, ~35 feature columns
-# and the copies polars makes while joining them: about 1 KB a row); events cost about 300 B each
-# across the raw frame, the splits and the user x item matrices; each item about 5 KB (its tokens
-# and three 384-wide embedding tables).
+# The peak-memory estimate of a training job, from row counts, calibrated on the generated data
+# set with bench/scale.py (2-core machine): 1x measured 1.6 GB, 10x 4.0 GB (30k users, 4.7 M
+# candidate rows per stage). The libraries, the encoder and MLflow take up to 2 GB whatever the
+# data; the largest tables are the ranker's candidate frames (rows = users x candidates per user,
+# ~35 feature columns and the copies polars makes while joining them) and the evaluation's
+# top-100 lists of every model: together about 500 B per (user, candidate slot), where the slots
+# are the sum of rank.n_candidates (190) and the union holds ~160 distinct rows a user. Events
+# cost about 300 B each across the raw frame, the splits and the user x item matrices; each item
+# about 5 KB (its tokens and three 384-wide embedding tables). The estimate was 25 % above the
+# measured peak at 10x.
 BASE_GB = 2.0
-BYTES_PER_CANDIDATE_ROW = 1000
+BYTES_PER_CANDIDATE_ROW = 500
 BYTES_PER_EVENT = 300
 BYTES_PER_ITEM = 5000
 
@@ -112,7 +115,7 @@ def estimate_peak_gb(
     (``eval_users``) are not held together: the larger one counts.
 
     >>> round(estimate_peak_gb(42_000, 1_500, 3_000, 3_000, 170), 1)
-    2.5
+    2.3
     """
     rows = max(ranker_users, eval_users) * candidates_per_user
     extra = rows * BYTES_PER_CANDIDATE_ROW + n_events * BYTES_PER_EVENT + n_items * BYTES_PER_ITEM

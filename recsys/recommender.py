@@ -129,13 +129,21 @@ class Recommender(ABC):
         """Scores of shape ``[len(users), n_items]`` (float32); higher is better."""
 
     def score_pairs(self, users: np.ndarray, items: np.ndarray, chunk: int = 2048) -> np.ndarray:
-        """Score of each ``(users[j], items[j])`` pair."""
+        """Score of each ``(users[j], items[j])`` pair, from ``score_users`` blocks of ``chunk`` users.
+
+        The pairs are grouped by user once, so each block reads only its own pairs: the cost is
+        the blocks' users x items plus the pairs, not pairs x blocks. Models whose score of a
+        pair is cheaper than a catalogue row (factor and embedding models) override it.
+        """
         out = np.empty(len(users), dtype=np.float32)
+        items = np.asarray(items)
         uniq, inverse = np.unique(users, return_inverse=True)
-        for start in range(0, len(uniq), chunk):
-            block = uniq[start : start + chunk]
-            scores = self.score_users(block)
-            sel = (inverse >= start) & (inverse < start + len(block))
+        order = np.argsort(inverse, kind="stable")
+        starts = np.arange(0, len(uniq), chunk)
+        bounds = np.searchsorted(inverse[order], np.r_[starts, len(uniq)])
+        for b, start in enumerate(starts):
+            scores = self.score_users(uniq[start : start + chunk])
+            sel = order[bounds[b] : bounds[b + 1]]
             out[sel] = scores[inverse[sel] - start, items[sel]]
         return out
 

@@ -167,11 +167,11 @@ def test_memory_estimate_grows_with_the_rows_and_refuses_what_does_not_fit():
     from recsys.profiling import check_memory, estimate_peak_gb
 
     small = estimate_peak_gb(42_000, 1_500, 3_000, 3_000, 170)
-    assert estimate_peak_gb(420_000, 15_000, 30_000, 30_000, 170) > small + 4  # the candidate rows dominate
+    assert estimate_peak_gb(420_000, 15_000, 30_000, 30_000, 170) > small + 2  # the candidate rows dominate
     assert estimate_peak_gb(42_000, 1_500, 3_000, 30_000, 170) == estimate_peak_gb(42_000, 1_500, 30_000, 3_000, 170)
     assert check_memory(42_000, 1_500, 3_000, 3_000, 170, limit_gb=64) == small
     with pytest.raises(
-        InputError, match=r"needs about 7\.\d GB of memory and the limit is 4\.0 GB.*rank.max_train_users"
+        InputError, match=r"needs about 4\.\d GB of memory and the limit is 4\.0 GB.*rank.max_train_users"
     ):
         check_memory(420_000, 15_000, 30_000, 30_000, 170, limit_gb=4)
     with pytest.raises(ConfigError, match="memory_limit_gb"):
@@ -235,8 +235,34 @@ def test_readme_bench_command_prints_the_stage_table(tmp_path):
         row = next(line for line in table.splitlines() if line.startswith(f"| {label}"))
         seconds = float(row.split("|")[2].replace(",", ""))
         assert seconds >= 0, row
+    assert re.search(r"\| load average \(1 min\), start / end \| [\d.]+ / [\d.]+ \|", table)
     assert "data.n_users=3000" in proc.stderr and "encoder=tiny" in proc.stderr  # the command it ran
     assert (tmp_path / "x1" / "out" / "recommendations.parquet").exists()  # hydra.run.dir: nothing in the repo
+
+
+def test_bench_table_divides_each_stage_by_the_first_size_and_states_the_load():
+    """The growth column is each size's seconds over the first size's; memory is the largest window's."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from scale import table
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+
+    def result(scale, seconds, load):
+        metrics = {"time/load_s": seconds, "mem/load_peak_mb": 100.0 * scale, "time/total_s": 2 * seconds}
+        metrics |= {"time/cf_fit_val_s": seconds, "time/cf_fit_test_s": seconds, "mem/cf_fit_val_peak_mb": 5.0}
+        metrics["mem/cf_fit_test_peak_mb"] = 7.0
+        return {"scale": scale, "wall_s": 3 * seconds, "load": load, "events": 1000 * scale, "metrics": metrics}
+
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+        for line in table([result(1, 2.0, [0.5, 1.0]), result(10, 30.0, [1.0, 4.5])]).splitlines()[2:]
+    }
+    assert rows["data (generate, load, split)"] == ["2.0", "100", "30.0", "1,000", "15.0x"]
+    assert rows["CF (fit on train, refit on train+val)"] == ["4.0", "7", "60.0", "7", "15.0x"]
+    assert rows["text (fine-tune)"] == ["–", "–", "–", "–", "–"]
+    assert rows["events (train + val + test)"] == ["1,000", "", "10,000", "", "10.0x"]
+    assert rows["load average (1 min), start / end"][:3] == ["0.5 / 1.0", "", "1.0 / 4.5"]
 
 
 @pytest.mark.slow
