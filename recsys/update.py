@@ -139,117 +139,162 @@ def merge_items(old: pl.DataFrame, new: pl.DataFrame) -> Catalogue:
     return Catalogue(items, encode)
 
 
+def encode_with_saved_bert(text_folder: str, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``texts``' vectors by the model's saved BERT: ``(base, tuned)``, the BERT's pooled vectors
+    and the fine-tuned item side (the saved adapter on them; the same without one). Run in a
+    worker process by ``TextRefresher`` (torch and transformers are imported there only)."""
+    import json
+
+    import torch
+
+    from recsys.export.pipeline_model import load_adapter, load_bert
+    from recsys.text.encoder import ItemEncoder
+
+    folder = Path(text_folder)
+    max_length = int(json.loads((folder.parent / "meta.json").read_text())["text"]["max_length"])
+    bert, tok = load_bert(folder)
+    adapter = load_adapter(folder)
+    hidden = int(adapter["down.weight"].shape[0]) if adapter is not None else None
+    encoder = ItemEncoder(bert, tok, max_length=max_length, adapter_hidden=hidden)
+    if adapter is not None:
+        encoder.adapter.load_state_dict(adapter)
+    encoder.eval()
+    base = encoder.base_vectors(*encoder.tokenize(texts))
+    with torch.no_grad():
+        tuned = encoder.adapt(base).float()
+    return base.numpy(), tuned.numpy()
+
+
+def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
+    cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+    return float(cos.min()) if len(cos) else 1.0
+
+
 class TextRefresher:
-    """Item vectors for a changed catalogue: the fine-tuned tower's BERT (saved with the model)
-    for the item side, the pre-fine-tuning encoder (rebuilt from the model's config) for the
-    frozen history side and the zero-shot feature. Unchanged texts are looked up by the hash of
-    their tokens (``ItemEmbeddingCache``), so only new or changed texts run through a BERT;
-    ``encoded`` counts them."""
+    """Item vectors for a changed catalogue. Rows whose text is unchanged keep their stored
+    vectors (by index: ``merge_items`` keeps every known item's); only the new or changed texts
+    (``Catalogue.encode``) run through a BERT, and nothing is loaded when there are none.
 
-    def __init__(self, pipeline, config: DictConfig | None) -> None:
-        from recsys.export.pipeline_model import load_adapter, load_bert
-        from recsys.text.cache import ItemEmbeddingCache
-        from recsys.text.encoder import ItemEncoder
+    Item side: the fine-tuned tower's BERT and adapter, saved with the model. Frozen history side
+    and zero-shot feature: the pre-fine-tuning encoder. That is the saved BERT without its
+    adapter when this reproduces the stored vectors of up to 8 unchanged items (a frozen BERT:
+    one pass serves both sides), else the encoder rebuilt from the model's config (checked the
+    same way). ``encoded`` / ``encoded_base`` count the texts each side encoded.
 
-        self.p = pipeline
-        self.cache = ItemEmbeddingCache()
-        self.base_cache = ItemEmbeddingCache()
-        meta = pipeline.text_folder.parent / "meta.json"
+    ``start`` hands the encoding to a worker process, which imports torch and transformers (most
+    of its cost) while this process loads the model and refits CF; ``in_process`` encodes here,
+    the default when transformers is imported already (a caller that uses it: nothing to save).
+    """
+
+    CHECK_ROWS = 8
+
+    def __init__(self, folder: Path, config: DictConfig | None, in_process: bool | None = None) -> None:
+        import sys
+
+        self.text_folder = folder / "text"  # a saved pipeline's text tower, with its BERT in encoder/
+        self.config = config
+        self.in_process = "transformers" in sys.modules if in_process is None else in_process
+        self.encoded = 0
+        self.encoded_base = 0
+        self._pool = None
+        self._job = None
+        self._rows = np.zeros(0, dtype=np.int64)
+        self._check = np.zeros(0, dtype=np.int64)
+
+    @staticmethod
+    def stored_base(pipeline) -> np.ndarray | None:
+        """``pipeline``'s stored pre-fine-tuning item table (frozen history side or zero-shot feature)."""
+        t = pipeline.text_tower
+        if t.history_embeddings is not None:
+            return t.history_embeddings
+        return next(iter(pipeline.history_towers.values())).item_embeddings if pipeline.history_towers else None
+
+    def start(self, catalogue: Catalogue, n_items: int) -> None:
+        """Begin encoding ``catalogue``'s new and changed texts, and up to ``CHECK_ROWS`` of the
+        model's ``n_items`` whose text is unchanged (to check the history side against)."""
+        self._rows = catalogue.encode
+        if not len(self._rows):
+            return
+        unchanged = np.setdiff1d(np.arange(n_items), self._rows)
+        if len(unchanged):
+            pick = np.linspace(0, len(unchanged) - 1, min(self.CHECK_ROWS, len(unchanged))).astype(int)
+            self._check = unchanged[np.unique(pick)]
+        texts = catalogue.items[Columns.Text].gather(np.r_[self._rows, self._check]).to_list()
+        args = (str(self.text_folder), texts)
+        if self.in_process:
+            self._job = encode_with_saved_bert(*args)
+            return
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        self._job = self._pool.submit(encode_with_saved_bert, *args)
+
+    def _result(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._pool is None:
+            return self._job
+        try:
+            return self._job.result()
+        finally:
+            self._pool.shutdown()
+            self._pool = None
+
+    def base_from_config(self, pipeline, texts: list[str]) -> np.ndarray:
+        """``texts`` (then the check rows') by the encoder in the model's config, checked."""
+        from hydra.utils import instantiate
+
+        if self.config is None or "encoder" not in self.config:
+            raise ConfigError("the model's config.yaml has no encoder: cannot encode new texts for its history side")
         import json
 
-        self.max_length = int(json.loads(meta.read_text())["text"]["max_length"])
-        bert, tok = load_bert(pipeline.text_folder)
-        adapter = load_adapter(pipeline.text_folder)
-        hidden = int(adapter["down.weight"].shape[0]) if adapter is not None else None
-        self.tuned = ItemEncoder(
-            bert, tok, max_length=self.max_length, embedding_cache=self.cache, adapter_hidden=hidden
-        )
-        if adapter is not None:
-            self.tuned.adapter.load_state_dict(adapter)
-        self.config = config
-        self._base = None
-
-    @property
-    def encoded(self) -> int:
-        """Texts the fine-tuned tower encoded (the others came from the cache)."""
-        return self.cache.encoded_items
-
-    @property
-    def encoded_base(self) -> int:
-        """Texts the pre-fine-tuning encoder encoded (frozen history side, zero-shot feature)."""
-        return self.base_cache.encoded_items
-
-    def base(self):
-        """The text encoder as training started from it (``encoder`` in the model's config)."""
-        if self._base is None:
-            from hydra.utils import instantiate
-
-            if self.config is None or "encoder" not in self.config:
-                raise ConfigError(
-                    "the model's config.yaml has no encoder: cannot encode new texts for its history side"
-                )
-            enc = instantiate(self.config.encoder)
-            enc.max_length = self.max_length
-            self._check_base(enc)
-            enc.embedding_cache = self.base_cache
-            self._base = enc
-        return self._base
-
-    def _check_base(self, encoder, n: int = 8) -> None:
-        """The rebuilt encoder must give the stored vectors back (a config naming a model that
-        changed since training would mix two spaces)."""
-        t = self.p.text_tower
-        stored = t.history_embeddings if t.history_embeddings is not None else None
-        if stored is None and self.p.history_towers:
-            stored = next(iter(self.p.history_towers.values())).item_embeddings
-        if stored is None:
-            return
-        rows = np.linspace(0, self.p.n_items - 1, min(n, self.p.n_items)).astype(int)
-        texts = [self.p.items[Columns.Text][int(r)] for r in rows]
-        got = encoder.encode_tokens(*encoder.tokenize(texts)).numpy()
-        cos = np.sum(got * stored[rows], axis=1) / (
-            np.linalg.norm(got, axis=1) * np.linalg.norm(stored[rows], axis=1) + 1e-12
-        )
-        if float(cos.min()) < 0.999:
+        encoder = instantiate(self.config.encoder)
+        meta = json.loads((self.text_folder.parent / "meta.json").read_text())
+        encoder.max_length = int(meta["text"]["max_length"])
+        encoder.embedding_cache = None
+        check = pipeline.items[Columns.Text].gather(self._check).to_list()
+        got = encoder.encode_tokens(*encoder.tokenize(texts + check)).numpy()
+        cos = cosine_min(got[len(texts) :], self.stored_base(pipeline)[self._check])
+        if cos < 0.999:
             raise ConfigError(
                 "the encoder in the model's config.yaml does not reproduce the model's pre-fine-tuning item "
-                f"vectors (cosine {cos.min():.3f}): it has changed since training; retrain instead of updating"
+                f"vectors (cosine {cos:.3f}): it has changed since training; retrain instead of updating"
             )
+        return got[: len(texts)]
 
-    def vectors(self, encoder, old_texts: list[str], old: np.ndarray, texts: list[str]) -> np.ndarray:
-        """``texts``' vectors: the stored ``old`` one where the tokens are unchanged (keyed by their
-        hash, as the embedding cache keys them), the encoder's for the others."""
-        import torch
-
-        from recsys.text.cache import item_keys
-
-        known = {k: i for i, k in enumerate(item_keys(*encoder.tokenize(old_texts)))}
-        ids, lengths = encoder.tokenize(texts)
-        rows = [known.get(k, -1) for k in item_keys(ids, lengths)]
-        out = np.empty((len(texts), old.shape[1]), dtype=np.float32)
-        fresh = np.array([j for j, r in enumerate(rows) if r < 0], dtype=np.int64)
-        kept = np.array([j for j, r in enumerate(rows) if r >= 0], dtype=np.int64)
-        out[kept] = old[[rows[j] for j in kept]]
-        if len(fresh):
-            sel = torch.from_numpy(fresh)
-            out[fresh] = encoder.encode_tokens(ids[sel], lengths[sel]).numpy()
-        return out
-
-    def refresh(self, old_items: pl.DataFrame, items: pl.DataFrame) -> dict[str, Any]:
-        """``text_tower`` and ``history_towers`` for ``items`` (the updated catalogue)."""
+    def refresh(self, pipeline, catalogue: Catalogue) -> dict[str, Any]:
+        """``pipeline``'s ``text_tower``, ``item_embeddings`` and ``history_towers`` for
+        ``catalogue.items`` (``start`` first; this waits for its vectors)."""
         from recsys.export.pipeline_model import HistoryTower
 
-        p = self.p
-        old_texts, texts = old_items[Columns.Text].to_list(), items[Columns.Text].to_list()
+        p = pipeline
+        n_old, n, rows = p.n_items, catalogue.items.height, self._rows
+        tuned_new = base_new = None
+        if len(rows):
+            base, tuned = self._result()
+            tuned_new = tuned[: len(rows)]
+            self.encoded = len(rows)
+            stored = self.stored_base(p)
+            if stored is not None:
+                if cosine_min(base[len(rows) :], stored[self._check]) >= 0.999:
+                    base_new = base[: len(rows)]
+                else:  # a fine-tuned BERT: the history side comes from the encoder it started from
+                    base_new = self.base_from_config(p, catalogue.items[Columns.Text].gather(rows).to_list())
+                self.encoded_base = len(rows)
+
+        def table(old: np.ndarray, fresh: np.ndarray | None) -> np.ndarray:
+            out = np.empty((n, old.shape[1]), dtype=np.float32)
+            out[:n_old] = old
+            if fresh is not None:
+                out[rows] = fresh
+            return out
+
         t = p.text_tower
-        emb = self.vectors(self.tuned, old_texts, t.item_embeddings, texts)
-        hist = None
-        if t.history_embeddings is not None:
-            hist = self.vectors(self.base(), old_texts, t.history_embeddings, texts)
-        towers = {}
-        for name, tower in p.history_towers.items():
-            side = self.vectors(self.base(), old_texts, tower.item_embeddings, texts)
-            towers[name] = HistoryTower(tower.weights, side, tower.history_embeddings)
+        emb = table(t.item_embeddings, tuned_new)
+        hist = table(t.history_embeddings, base_new) if t.history_embeddings is not None else None
+        towers = {
+            name: HistoryTower(tower.weights, table(tower.item_embeddings, base_new), tower.history_embeddings)
+            for name, tower in p.history_towers.items()
+        }
         return {"text_tower": HistoryTower(t.weights, emb, hist), "item_embeddings": emb, "history_towers": towers}
 
 
@@ -274,7 +319,10 @@ def updated_pipeline(
     catalogue = catalogue or merge_items(p.items, new.items)
     items = catalogue.items
     if text_parts is None:
-        text_parts = texts.refresh(p.items, items) if p.text_tower is not None else {}
+        text_parts = {}
+        if p.text_tower is not None:
+            texts.start(catalogue, p.n_items)
+            text_parts = texts.refresh(p, catalogue)
     old_users = p.users.ids
     fresh_users = np.setdiff1d(np.asarray(new.events[Columns.User].unique().to_list(), dtype=object), old_users)
     users = IdMap(np.concatenate([old_users, np.sort(fresh_users)]).astype(object))
@@ -438,7 +486,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from hydra.utils import instantiate
 
     from recsys.data.files import FileDataSource
-    from recsys.export.pipeline_model import TrainedPipeline
+    from recsys.export.pipeline_model import TrainedPipeline, read_json_object
     from recsys.export.pyfunc import SERVING_FILE, log_pipeline, read_serving
     from recsys.recommend import resolve_model
     from recsys.tracking import tracking_uri
@@ -471,27 +519,26 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if new.events.height == 0:
         raise InputError("no new events: nothing to update", file=files.interactions_path)
     new_before, holdout = holdout_split(new, float(cfg.gate.holdout))
+    # The new and changed texts are encoded (in a worker) while the model is loaded and CF is
+    # refitted, for the challenger and for the gate's challenger without the holdout.
+    catalogue = merge_items(tables.items, new.items)
+    texts = TextRefresher(folder, config) if read_json_object(folder / "meta.json").get("text") else None
+    if texts is not None:
+        texts.start(catalogue, tables.n_items)
     champion = TrainedPipeline.load(folder)
     cf = {n: instantiate(node) for n, node in config.cf.items()} if config is not None and "cf" in config else {}
-    timings: dict[str, float] = {}
-
+    timings: dict[str, float] = {"load": time.perf_counter() - t_start}
     t0 = time.perf_counter()
-    texts = TextRefresher(champion, config) if champion.text_tower is not None else None
-    catalogue = merge_items(champion.items, new.items)
-    parts = texts.refresh(champion.items, catalogue.items) if texts is not None else {}
-    timings["text"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    challenger = updated_pipeline(champion, new, texts, cf, mode, catalogue, parts)
+    challenger = updated_pipeline(champion, new, texts, cf, mode, catalogue, {})
+    before = updated_pipeline(champion, new_before, texts, cf, mode, catalogue, {})
     timings["update"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    gate = run_gate(
-        champion,
-        updated_pipeline(champion, new_before, texts, cf, mode, catalogue, parts),
-        new_before,
-        holdout,
-        int(cfg.gate.k),
-        tolerance,
-    )
+    if texts is not None:
+        parts = texts.refresh(champion, catalogue)
+        challenger, before = dataclasses.replace(challenger, **parts), dataclasses.replace(before, **parts)
+    timings["text_wait"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    gate = run_gate(champion, before, new_before, holdout, int(cfg.gate.k), tolerance)
     timings["gate"] = time.perf_counter() - t0
 
     k = int(cfg.gate.k)
@@ -526,9 +573,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         }
         serving = read_serving(folder / SERVING_FILE)
         config_yaml = (folder / "config.yaml").read_text() if (folder / "config.yaml").is_file() else None
+        t0 = time.perf_counter()
+        uri = log_pipeline(challenger, out / "pipeline", serving, config_yaml, register_name=name, alias="challenger")
+        figures["time/log_s"] = time.perf_counter() - t0
         figures["time/total_s"] = time.perf_counter() - t_start
         mlflow.log_metrics(figures)
-        uri = log_pipeline(challenger, out / "pipeline", serving, config_yaml, register_name=name, alias="challenger")
         version = uri.rsplit("/", 1)[-1]
         if gate.promote:
             mlflow.MlflowClient().set_registered_model_alias(name, "champion", version)
