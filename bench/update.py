@@ -123,6 +123,7 @@ def main() -> None:
     ap.add_argument("--changed", type=int, default=10, help="held-out events' items given a changed text")
     ap.add_argument("--reuse", action="store_true", help="keep the trained model in --workdir, rerun the updates")
     ap.add_argument("--modes", default="refit,fold_in")
+    ap.add_argument("--update-code", type=Path, default=REPO, help="the checkout whose recsys.update is timed")
     ap.add_argument("overrides", nargs="*", help="extra overrides for the training command")
     a = ap.parse_args()
 
@@ -132,6 +133,8 @@ def main() -> None:
 
     work = a.workdir.resolve()
     mlruns = work / "mlruns"
+    if mlruns.exists() != a.reuse:
+        raise SystemExit(f"{mlruns} {'exists: remove it, or pass --reuse' if mlruns.exists() else 'is missing'}")
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     result: dict = {"share": a.share}
     ds = load(a.data)
@@ -154,8 +157,6 @@ def main() -> None:
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri(mlruns))
     if not a.reuse:
-        if mlruns.exists():
-            raise SystemExit(f"{mlruns} exists: remove it, or pass --reuse to update its model")
         train = [
             sys.executable,
             "-m",
@@ -191,7 +192,7 @@ def main() -> None:
             f"cf_mode={mode}",
         ]
         print("$", " ".join(update[1:]), flush=True)
-        r = timed(update, work / f"update_{mode}.log", env)
+        r = timed(update, work / f"update_{mode}.log", {**env, "PYTHONPATH": str(a.update_code.resolve())})
         exp = client.get_experiment_by_name("update")
         last = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)[0]
         r.update({k: v for k, v in last.data.metrics.items() if k.startswith(("gate/", "time/", "update/"))})

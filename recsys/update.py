@@ -306,10 +306,13 @@ def updated_pipeline(
     mode: str = "refit",
     catalogue: Catalogue | None = None,
     text_parts: Mapping[str, Any] | None = None,
+    warm_iterations: int | None = None,
 ):
     """``pipeline`` with ``new`` folded in (see the module docstring). ``cf``: the unfitted CF
-    models by name, as training instantiated them. ``catalogue`` / ``text_parts``: reuse a merge
-    and encoding already made for the same item rows."""
+    models by name, as training instantiated them. ``catalogue`` / ``text_parts``: the merged
+    items and their vectors (``TextRefresher.refresh``); None: made here. ``warm_iterations``
+    (refit): factor models continue from ``pipeline``'s factors for this many iterations
+    instead of a cold fit with the configured ones."""
     from recsys.cf.models import ALS, BPR, ItemKNN, Popularity
     from recsys.data.dataset import IdMap
     from recsys.export.pipeline_model import fold_in
@@ -345,7 +348,12 @@ def updated_pipeline(
             if mode == "refit":
                 if not isinstance(model, ALS | BPR):
                     raise ConfigError(f"the model's config has no factor model '{name}' to refit")
-                m = copy.deepcopy(model).fit(hist)
+                m = copy.deepcopy(model)
+                start = None
+                if warm_iterations is not None:
+                    f = p.factor_models[name]
+                    m.iterations, start = warm_iterations, (f["user_factors"], f["item_factors"])
+                m.fit(hist, start=start)
                 factor[name] = {**p.factor_models[name], "user_factors": m.user_factors, "item_factors": m.item_factors}
             else:
                 f = p.factor_models[name]
@@ -498,6 +506,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     tolerance = float(cfg.gate.tolerance)
     if tolerance < 0:
         raise ConfigError(f"gate.tolerance must be >= 0, got {tolerance}")
+    warm = cfg.get("warm_iterations")
+    if warm is not None and (not isinstance(warm, int) or isinstance(warm, bool) or warm < 1):
+        raise ConfigError(f"warm_iterations must be a whole number >= 1 or null, got {warm!r}")
     tracking = cfg.tracking_uri or tracking_uri(cfg.paths.mlruns_dir)
     name = model_name(str(cfg.model_uri), cfg.register_name)
     folder, source = resolve_model(str(cfg.model_uri), tracking)
@@ -529,8 +540,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     cf = {n: instantiate(node) for n, node in config.cf.items()} if config is not None and "cf" in config else {}
     timings: dict[str, float] = {"load": time.perf_counter() - t_start}
     t0 = time.perf_counter()
-    challenger = updated_pipeline(champion, new, texts, cf, mode, catalogue, {})
-    before = updated_pipeline(champion, new_before, texts, cf, mode, catalogue, {})
+    challenger = updated_pipeline(champion, new, texts, cf, mode, catalogue, {}, warm)
+    before = updated_pipeline(champion, new_before, texts, cf, mode, catalogue, {}, warm)
     timings["update"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if texts is not None:
@@ -563,7 +574,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     mlflow.set_experiment(str(cfg.experiment))
     with mlflow.start_run(run_name="update"):
         mlflow.log_params(
-            {"model_uri": str(cfg.model_uri), "champion_run": source.get("run_id"), "cf_mode": mode, "gate.k": k}
+            {
+                "model_uri": str(cfg.model_uri),
+                "champion_run": source.get("run_id"),
+                "cf_mode": mode,
+                "warm_iterations": warm,
+                "gate.k": k,
+            }
         )
         mlflow.log_params({f"gate.{key}": v for key, v in OmegaConf.to_container(cfg.gate).items() if key != "k"})
         challenger.meta = {
