@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -102,11 +103,12 @@ def inter_row(user: int, seq: list[int], j: int) -> str:
     return f"{user}\t{' '.join(map(str, seq[max(0, j - MAX_HISTORY) : j]))}\t{seq[j]}\n"
 
 
-def timed(cmd: list[str], log: Path, env: dict) -> dict:
-    """Wall time and peak RSS of one fresh process (``/usr/bin/time -v``)."""
+def timed(cmd: list[str], log: Path, env: dict, cwd: Path = REPO) -> dict:
+    """Wall time and peak RSS of one fresh process (``/usr/bin/time -v``), run in ``cwd`` (whose
+    ``recsys`` package ``python -m`` imports)."""
     t0 = time.perf_counter()
     with log.open("w") as f:
-        proc = subprocess.run(["/usr/bin/time", "-v", *cmd], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(["/usr/bin/time", "-v", *cmd], cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
     text = log.read_text()
     if proc.returncode != 0:
@@ -180,6 +182,7 @@ def main() -> None:
 
     version = champion.version
     for mode in a.modes.split(","):
+        shutil.rmtree(work / f"update_{mode}", ignore_errors=True)  # a rerun's (--reuse) output folder
         update = [
             sys.executable,
             "-m",
@@ -192,7 +195,8 @@ def main() -> None:
             f"cf_mode={mode}",
         ]
         print("$", " ".join(update[1:]), flush=True)
-        r = timed(update, work / f"update_{mode}.log", {**env, "PYTHONPATH": str(a.update_code.resolve())})
+        code = a.update_code.resolve()
+        r = timed(update, work / f"update_{mode}.log", {**env, "PYTHONPATH": str(code)}, cwd=code)
         exp = client.get_experiment_by_name("update")
         last = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)[0]
         r.update({k: v for k, v in last.data.metrics.items() if k.startswith(("gate/", "time/", "update/"))})

@@ -4,9 +4,10 @@ Brings a trained pipeline up to date with the events and items that came after i
 full retrain, and lets a gate decide whether it replaces the served model:
 
 1. the new files are validated against the model (clear errors, nothing registered);
-2. item texts that are new or changed are encoded, the others keep their vectors (a
-   content-hash cache: ``recsys.text.cache``); the text towers' weights and the ranker are kept;
-3. CF is refitted on every event (``cf_mode=refit``) or keeps its item side and folds the users in
+2. item texts that are new or changed are encoded (in a worker process, while the rest goes
+   on), the others keep their vectors; the text towers' weights and the ranker are kept;
+3. CF is refitted on every event (``cf_mode=refit``; ALS and BPR continue from the model's
+   factors for ``warm_iterations``) or keeps its item side and folds the users in
    (``cf_mode=fold_in``); histories, popularity and item statistics take the new events;
 4. the result is registered as a new version with alias ``challenger``;
 5. the gate: the newest ``gate.holdout`` share of the new events is held out, the update is
@@ -17,10 +18,12 @@ full retrain, and lets a gate decide whether it replaces the served model:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
 import os
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -170,6 +173,69 @@ def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
     return float(cos.min()) if len(cos) else 1.0
 
 
+class EncoderWorker:
+    """A process that imports torch and transformers as soon as it starts (most of the cost of
+    encoding a few texts), then runs one ``encode_with_saved_bert`` job it is sent. Started first
+    thing, it imports while this process reads the model and the new files. A daemon: it dies
+    with this process, whatever stops it."""
+
+    def __init__(self) -> None:
+        import multiprocessing
+
+        # By its import name, not ``__main__``'s (``python -m recsys.update`` may run under a wrapper).
+        from recsys.update import _encoder_worker
+
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no fork of polars' threads
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_encoder_worker, args=(child,), name="recsys-update-encoder", daemon=True)
+        self._proc.start()
+        child.close()
+
+    def submit(self, text_folder: str, texts: list[str]) -> None:
+        self._conn.send((text_folder, texts))
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            ok, value = self._conn.recv()
+        except EOFError:
+            code = self._proc.exitcode
+            raise RuntimeError(f"the text encoder process ended without a result (exit code {code})") from None
+        finally:
+            self.close()
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        """Let the process go: one still waiting for a job ends now, one that has answered ends
+        by itself (not waited for: tearing torch down takes a second or more)."""
+        if self._conn.closed:
+            return
+        if self._proc.is_alive():
+            with contextlib.suppress(OSError):  # it has just ended
+                self._conn.send(None)
+        self._conn.close()
+
+
+def _encoder_worker(conn) -> None:
+    """``EncoderWorker``'s process: imports, then one job (or ``None``: nothing to do)."""
+    import torch  # noqa: F401
+    import transformers.modeling_utils  # noqa: F401  (the bulk of loading any Hugging Face model)
+
+    import recsys.text.encoder  # noqa: F401
+
+    job = conn.recv()
+    if job is None:
+        return
+    try:
+        conn.send((True, encode_with_saved_bert(*job)))
+    except Exception as e:  # noqa: BLE001  (handed to the parent, which raises it)
+        try:
+            conn.send((False, e))
+        except Exception:  # noqa: BLE001  (an exception that does not pickle)
+            conn.send((False, RuntimeError(f"{type(e).__name__}: {e}")))
+
+
 class TextRefresher:
     """Item vectors for a changed catalogue. Rows whose text is unchanged keep their stored
     vectors (by index: ``merge_items`` keeps every known item's); only the new or changed texts
@@ -181,22 +247,18 @@ class TextRefresher:
     one pass serves both sides), else the encoder rebuilt from the model's config (checked the
     same way). ``encoded`` / ``encoded_base`` count the texts each side encoded.
 
-    ``start`` hands the encoding to a worker process, which imports torch and transformers (most
-    of its cost) while this process loads the model and refits CF; ``in_process`` encodes here,
-    the default when transformers is imported already (a caller that uses it: nothing to save).
+    With a ``worker`` (``EncoderWorker``), ``start`` hands it the encoding, which goes on while
+    this process loads the model and refits CF; without one it encodes in ``start``.
     """
 
     CHECK_ROWS = 8
 
-    def __init__(self, folder: Path, config: DictConfig | None, in_process: bool | None = None) -> None:
-        import sys
-
+    def __init__(self, folder: Path, config: DictConfig | None, worker: EncoderWorker | None = None) -> None:
         self.text_folder = folder / "text"  # a saved pipeline's text tower, with its BERT in encoder/
         self.config = config
-        self.in_process = "transformers" in sys.modules if in_process is None else in_process
+        self.worker = worker
         self.encoded = 0
         self.encoded_base = 0
-        self._pool = None
         self._job = None
         self._rows = np.zeros(0, dtype=np.int64)
         self._check = np.zeros(0, dtype=np.int64)
@@ -214,30 +276,21 @@ class TextRefresher:
         model's ``n_items`` whose text is unchanged (to check the history side against)."""
         self._rows = catalogue.encode
         if not len(self._rows):
+            if self.worker is not None:
+                self.worker.close()
             return
         unchanged = np.setdiff1d(np.arange(n_items), self._rows)
         if len(unchanged):
             pick = np.linspace(0, len(unchanged) - 1, min(self.CHECK_ROWS, len(unchanged))).astype(int)
             self._check = unchanged[np.unique(pick)]
         texts = catalogue.items[Columns.Text].gather(np.r_[self._rows, self._check]).to_list()
-        args = (str(self.text_folder), texts)
-        if self.in_process:
-            self._job = encode_with_saved_bert(*args)
-            return
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        self._job = self._pool.submit(encode_with_saved_bert, *args)
+        if self.worker is None:
+            self._job = encode_with_saved_bert(str(self.text_folder), texts)
+        else:
+            self.worker.submit(str(self.text_folder), texts)
 
     def _result(self) -> tuple[np.ndarray, np.ndarray]:
-        if self._pool is None:
-            return self._job
-        try:
-            return self._job.result()
-        finally:
-            self._pool.shutdown()
-            self._pool = None
+        return self._job if self.worker is None else self.worker.result()
 
     def base_from_config(self, pipeline, texts: list[str]) -> np.ndarray:
         """``texts`` (then the check rows') by the encoder in the model's config, checked."""
@@ -404,8 +457,8 @@ def holdout_split(new: NewData, share: float) -> tuple[NewData, pl.DataFrame]:
     return NewData(new.items, before, new.report), after
 
 
-def gate_ndcg(pipeline, known: pl.DataFrame, targets: pl.DataFrame, k: int) -> float:
-    """Mean NDCG@k of ``pipeline``'s fused lists for the users of ``targets``, each user ranked
+def gate_metrics(pipeline, known: pl.DataFrame, targets: pl.DataFrame, k: int) -> tuple[float, float]:
+    """Mean NDCG@k and Recall@k of ``pipeline``'s fused lists for the users of ``targets``, each user ranked
     from ``known`` (their events before the holdout), seen items removed. An item the pipeline
     does not know cannot be recommended (a miss), nor read in a history."""
     from recsys.evaluation.metrics import ranking_metrics
@@ -430,7 +483,8 @@ def gate_ndcg(pipeline, known: pl.DataFrame, targets: pl.DataFrame, k: int) -> f
     cols = [item_pos[i] for i in targets[Columns.Item].to_list()]
     relevant = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(users), len(item_pos)))
     relevant.data[:] = 1.0
-    return float(np.mean(ranking_metrics(lists, relevant, [k])[f"ndcg_at_{k}"]))
+    m = ranking_metrics(lists, relevant, [k])
+    return float(np.mean(m[f"ndcg_at_{k}"])), float(np.mean(m[f"recall_at_{k}"]))
 
 
 def stored_events(pipeline) -> pl.DataFrame:
@@ -454,10 +508,14 @@ def stored_events(pipeline) -> pl.DataFrame:
 
 @dataclass
 class GateResult:
+    """NDCG@k (decides) and Recall@k (reported) of champion and challenger on the holdout."""
+
     champion: float
     challenger: float
     tolerance: float
     n_users: int
+    champion_recall: float = float("nan")
+    challenger_recall: float = float("nan")
 
     @property
     def promote(self) -> bool:
@@ -470,11 +528,15 @@ def run_gate(
     """Champion and a challenger built without the holdout, on the same held-out events."""
     known = pl.concat([stored_events(champion), new_before.events])
     targets = holdout.select(Columns.User, Columns.Item).unique()
+    champion_ndcg, champion_recall = gate_metrics(champion, known, targets, k)
+    challenger_ndcg, challenger_recall = gate_metrics(challenger_before, known, targets, k)
     return GateResult(
-        champion=gate_ndcg(champion, known, targets, k),
-        challenger=gate_ndcg(challenger_before, known, targets, k),
+        champion=champion_ndcg,
+        challenger=challenger_ndcg,
         tolerance=tolerance,
         n_users=targets[Columns.User].n_unique(),
+        champion_recall=champion_recall,
+        challenger_recall=challenger_recall,
     )
 
 
@@ -491,14 +553,6 @@ def model_name(model_uri: str, configured: str | None) -> str:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Update as configured; returns the figures logged to MLflow."""
-    from hydra.utils import instantiate
-
-    from recsys.data.files import FileDataSource
-    from recsys.export.pipeline_model import TrainedPipeline, read_json_object
-    from recsys.export.pyfunc import SERVING_FILE, log_pipeline, read_serving
-    from recsys.recommend import resolve_model
-    from recsys.tracking import tracking_uri
-
     t_start = time.perf_counter()
     mode = str(cfg.cf_mode)
     if mode not in CF_MODES:
@@ -509,6 +563,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     warm = cfg.get("warm_iterations")
     if warm is not None and (not isinstance(warm, int) or isinstance(warm, bool) or warm < 1):
         raise ConfigError(f"warm_iterations must be a whole number >= 1 or null, got {warm!r}")
+    # Importing torch and transformers is most of what encoding a few new texts costs: a worker
+    # process does that from the start, while this one reads the model and the new files. A
+    # caller that has them imported already encodes in process.
+    worker = None if "transformers" in sys.modules else EncoderWorker()
+    try:
+        return _run(cfg, t_start, mode, tolerance, warm, worker)
+    finally:
+        if worker is not None:
+            worker.close()
+
+
+def _run(cfg: DictConfig, t_start: float, mode: str, tolerance: float, warm: int | None, worker) -> dict[str, Any]:
+    from hydra.utils import instantiate
+
+    from recsys.data.files import FileDataSource
+    from recsys.export.batch import _import_lightgbm_bare
+    from recsys.export.pipeline_model import TrainedPipeline, read_json_object
+    from recsys.export.pyfunc import SERVING_FILE, log_pipeline, read_serving
+    from recsys.recommend import resolve_model
+    from recsys.tracking import tracking_uri
+
     tracking = cfg.tracking_uri or tracking_uri(cfg.paths.mlruns_dir)
     name = model_name(str(cfg.model_uri), cfg.register_name)
     folder, source = resolve_model(str(cfg.model_uri), tracking)
@@ -533,9 +608,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # The new and changed texts are encoded (in a worker) while the model is loaded and CF is
     # refitted, for the challenger and for the gate's challenger without the holdout.
     catalogue = merge_items(tables.items, new.items)
-    texts = TextRefresher(folder, config) if read_json_object(folder / "meta.json").get("text") else None
-    if texts is not None:
+    texts = None
+    if read_json_object(folder / "meta.json").get("text"):
+        texts = TextRefresher(folder, config, worker)
         texts.start(catalogue, tables.n_items)
+    elif worker is not None:
+        worker.close()
+    # The ranker only predicts on numpy here: lightgbm without its scikit-learn integration, whose
+    # import is most of lightgbm's (as in the export's workers).
+    _import_lightgbm_bare()
     champion = TrainedPipeline.load(folder)
     cf = {n: instantiate(node) for n, node in config.cf.items()} if config is not None and "cf" in config else {}
     timings: dict[str, float] = {"load": time.perf_counter() - t_start}
@@ -556,6 +637,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     figures = {
         f"gate/champion_ndcg_at_{k}": gate.champion,
         f"gate/challenger_ndcg_at_{k}": gate.challenger,
+        f"gate/champion_recall_at_{k}": gate.champion_recall,
+        f"gate/challenger_recall_at_{k}": gate.challenger_recall,
         "gate/tolerance": tolerance,
         "gate/users": gate.n_users,
         "gate/promoted": float(gate.promote),

@@ -266,7 +266,7 @@ def test_texts_encoded_in_a_worker_process_are_those_encoded_in_process():
     the vectors are the in-process ones, and only the new and changed rows differ from the model's."""
     from omegaconf import OmegaConf
 
-    from recsys.update import TextRefresher, merge_items
+    from recsys.update import EncoderWorker, TextRefresher, merge_items
 
     p = champion()
     folder = trained_run().pipeline_dir
@@ -279,7 +279,7 @@ def test_texts_encoded_in_a_worker_process_are_those_encoded_in_process():
     config = OmegaConf.load(folder / "config.yaml")
     parts = {}
     for in_process in (True, False):
-        texts = TextRefresher(folder, config, in_process=in_process)
+        texts = TextRefresher(folder, config, None if in_process else EncoderWorker())
         texts.start(catalogue, p.n_items)
         parts[in_process] = texts.refresh(p, catalogue)
         assert (texts.encoded, texts.encoded_base) == (2, 2)
