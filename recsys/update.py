@@ -4,9 +4,10 @@ Brings a trained pipeline up to date with the events and items that came after i
 full retrain, and lets a gate decide whether it replaces the served model:
 
 1. the new files are validated against the model (clear errors, nothing registered);
-2. item texts that are new or changed are encoded, the others keep their vectors (a
-   content-hash cache: ``recsys.text.cache``); the text towers' weights and the ranker are kept;
-3. CF is refitted on every event (``cf_mode=refit``) or keeps its item side and folds the users in
+2. item texts that are new or changed are encoded (in a worker process, while the rest goes
+   on), the others keep their vectors; the text towers' weights and the ranker are kept;
+3. CF is refitted on every event (``cf_mode=refit``; ALS and BPR continue from the model's
+   factors for ``warm_iterations``) or keeps its item side and folds the users in
    (``cf_mode=fold_in``); histories, popularity and item statistics take the new events;
 4. the result is registered as a new version with alias ``challenger``;
 5. the gate: the newest ``gate.holdout`` share of the new events is held out, the update is
@@ -17,10 +18,12 @@ full retrain, and lets a gate decide whether it replaces the served model:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
 import os
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -139,117 +142,212 @@ def merge_items(old: pl.DataFrame, new: pl.DataFrame) -> Catalogue:
     return Catalogue(items, encode)
 
 
+def encode_with_saved_bert(text_folder: str, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``texts``' vectors by the model's saved BERT: ``(base, tuned)``, the BERT's pooled vectors
+    and the fine-tuned item side (the saved adapter on them; the same without one). Run in a
+    worker process by ``TextRefresher`` (torch and transformers are imported there only)."""
+    import json
+
+    import torch
+
+    from recsys.export.pipeline_model import load_adapter, load_bert
+    from recsys.text.encoder import ItemEncoder
+
+    folder = Path(text_folder)
+    max_length = int(json.loads((folder.parent / "meta.json").read_text())["text"]["max_length"])
+    bert, tok = load_bert(folder)
+    adapter = load_adapter(folder)
+    hidden = int(adapter["down.weight"].shape[0]) if adapter is not None else None
+    encoder = ItemEncoder(bert, tok, max_length=max_length, adapter_hidden=hidden)
+    if adapter is not None:
+        encoder.adapter.load_state_dict(adapter)
+    encoder.eval()
+    base = encoder.base_vectors(*encoder.tokenize(texts))
+    with torch.no_grad():
+        tuned = encoder.adapt(base).float()
+    return base.numpy(), tuned.numpy()
+
+
+def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
+    cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+    return float(cos.min()) if len(cos) else 1.0
+
+
+class EncoderWorker:
+    """A process that imports torch and transformers as soon as it starts (most of the cost of
+    encoding a few texts), then runs one ``encode_with_saved_bert`` job it is sent. Started first
+    thing, it imports while this process reads the model and the new files. A daemon: it dies
+    with this process, whatever stops it."""
+
+    def __init__(self) -> None:
+        import multiprocessing
+
+        # By its import name, not ``__main__``'s (``python -m recsys.update`` may run under a wrapper).
+        from recsys.update import _encoder_worker
+
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no fork of polars' threads
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_encoder_worker, args=(child,), name="recsys-update-encoder", daemon=True)
+        self._proc.start()
+        child.close()
+
+    def submit(self, text_folder: str, texts: list[str]) -> None:
+        self._conn.send((text_folder, texts))
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            ok, value = self._conn.recv()
+        except EOFError:
+            code = self._proc.exitcode
+            raise RuntimeError(f"the text encoder process ended without a result (exit code {code})") from None
+        finally:
+            self.close()
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        """Let the process go: one still waiting for a job ends now, one that has answered ends
+        by itself (not waited for: tearing torch down takes a second or more)."""
+        if self._conn.closed:
+            return
+        if self._proc.is_alive():
+            with contextlib.suppress(OSError):  # it has just ended
+                self._conn.send(None)
+        self._conn.close()
+
+
+def _encoder_worker(conn) -> None:
+    """``EncoderWorker``'s process: imports, then one job (or ``None``: nothing to do)."""
+    import torch  # noqa: F401
+    import transformers.modeling_utils  # noqa: F401  (the bulk of loading any Hugging Face model)
+
+    import recsys.text.encoder  # noqa: F401
+
+    job = conn.recv()
+    if job is None:
+        return
+    try:
+        conn.send((True, encode_with_saved_bert(*job)))
+    except Exception as e:  # noqa: BLE001  (handed to the parent, which raises it)
+        try:
+            conn.send((False, e))
+        except Exception:  # noqa: BLE001  (an exception that does not pickle)
+            conn.send((False, RuntimeError(f"{type(e).__name__}: {e}")))
+
+
 class TextRefresher:
-    """Item vectors for a changed catalogue: the fine-tuned tower's BERT (saved with the model)
-    for the item side, the pre-fine-tuning encoder (rebuilt from the model's config) for the
-    frozen history side and the zero-shot feature. Unchanged texts are looked up by the hash of
-    their tokens (``ItemEmbeddingCache``), so only new or changed texts run through a BERT;
-    ``encoded`` counts them."""
+    """Item vectors for a changed catalogue. Rows whose text is unchanged keep their stored
+    vectors (by index: ``merge_items`` keeps every known item's); only the new or changed texts
+    (``Catalogue.encode``) run through a BERT, and nothing is loaded when there are none.
 
-    def __init__(self, pipeline, config: DictConfig | None) -> None:
-        from recsys.export.pipeline_model import load_adapter, load_bert
-        from recsys.text.cache import ItemEmbeddingCache
-        from recsys.text.encoder import ItemEncoder
+    Item side: the fine-tuned tower's BERT and adapter, saved with the model. Frozen history side
+    and zero-shot feature: the pre-fine-tuning encoder. That is the saved BERT without its
+    adapter when this reproduces the stored vectors of up to 8 unchanged items (a frozen BERT:
+    one pass serves both sides), else the encoder rebuilt from the model's config (checked the
+    same way). ``encoded`` / ``encoded_base`` count the texts each side encoded.
 
-        self.p = pipeline
-        self.cache = ItemEmbeddingCache()
-        self.base_cache = ItemEmbeddingCache()
-        meta = pipeline.text_folder.parent / "meta.json"
+    With a ``worker`` (``EncoderWorker``), ``start`` hands it the encoding, which goes on while
+    this process loads the model and refits CF; without one it encodes in ``start``.
+    """
+
+    CHECK_ROWS = 8
+
+    def __init__(self, folder: Path, config: DictConfig | None, worker: EncoderWorker | None = None) -> None:
+        self.text_folder = folder / "text"  # a saved pipeline's text tower, with its BERT in encoder/
+        self.config = config
+        self.worker = worker
+        self.encoded = 0
+        self.encoded_base = 0
+        self._job = None
+        self._rows = np.zeros(0, dtype=np.int64)
+        self._check = np.zeros(0, dtype=np.int64)
+
+    @staticmethod
+    def stored_base(pipeline) -> np.ndarray | None:
+        """``pipeline``'s stored pre-fine-tuning item table (frozen history side or zero-shot feature)."""
+        t = pipeline.text_tower
+        if t.history_embeddings is not None:
+            return t.history_embeddings
+        return next(iter(pipeline.history_towers.values())).item_embeddings if pipeline.history_towers else None
+
+    def start(self, catalogue: Catalogue, n_items: int) -> None:
+        """Begin encoding ``catalogue``'s new and changed texts, and up to ``CHECK_ROWS`` of the
+        model's ``n_items`` whose text is unchanged (to check the history side against)."""
+        self._rows = catalogue.encode
+        if not len(self._rows):
+            if self.worker is not None:
+                self.worker.close()
+            return
+        unchanged = np.setdiff1d(np.arange(n_items), self._rows)
+        if len(unchanged):
+            pick = np.linspace(0, len(unchanged) - 1, min(self.CHECK_ROWS, len(unchanged))).astype(int)
+            self._check = unchanged[np.unique(pick)]
+        texts = catalogue.items[Columns.Text].gather(np.r_[self._rows, self._check]).to_list()
+        if self.worker is None:
+            self._job = encode_with_saved_bert(str(self.text_folder), texts)
+        else:
+            self.worker.submit(str(self.text_folder), texts)
+
+    def _result(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._job if self.worker is None else self.worker.result()
+
+    def base_from_config(self, pipeline, texts: list[str]) -> np.ndarray:
+        """``texts`` (then the check rows') by the encoder in the model's config, checked."""
+        from hydra.utils import instantiate
+
+        if self.config is None or "encoder" not in self.config:
+            raise ConfigError("the model's config.yaml has no encoder: cannot encode new texts for its history side")
         import json
 
-        self.max_length = int(json.loads(meta.read_text())["text"]["max_length"])
-        bert, tok = load_bert(pipeline.text_folder)
-        adapter = load_adapter(pipeline.text_folder)
-        hidden = int(adapter["down.weight"].shape[0]) if adapter is not None else None
-        self.tuned = ItemEncoder(
-            bert, tok, max_length=self.max_length, embedding_cache=self.cache, adapter_hidden=hidden
-        )
-        if adapter is not None:
-            self.tuned.adapter.load_state_dict(adapter)
-        self.config = config
-        self._base = None
-
-    @property
-    def encoded(self) -> int:
-        """Texts the fine-tuned tower encoded (the others came from the cache)."""
-        return self.cache.encoded_items
-
-    @property
-    def encoded_base(self) -> int:
-        """Texts the pre-fine-tuning encoder encoded (frozen history side, zero-shot feature)."""
-        return self.base_cache.encoded_items
-
-    def base(self):
-        """The text encoder as training started from it (``encoder`` in the model's config)."""
-        if self._base is None:
-            from hydra.utils import instantiate
-
-            if self.config is None or "encoder" not in self.config:
-                raise ConfigError(
-                    "the model's config.yaml has no encoder: cannot encode new texts for its history side"
-                )
-            enc = instantiate(self.config.encoder)
-            enc.max_length = self.max_length
-            self._check_base(enc)
-            enc.embedding_cache = self.base_cache
-            self._base = enc
-        return self._base
-
-    def _check_base(self, encoder, n: int = 8) -> None:
-        """The rebuilt encoder must give the stored vectors back (a config naming a model that
-        changed since training would mix two spaces)."""
-        t = self.p.text_tower
-        stored = t.history_embeddings if t.history_embeddings is not None else None
-        if stored is None and self.p.history_towers:
-            stored = next(iter(self.p.history_towers.values())).item_embeddings
-        if stored is None:
-            return
-        rows = np.linspace(0, self.p.n_items - 1, min(n, self.p.n_items)).astype(int)
-        texts = [self.p.items[Columns.Text][int(r)] for r in rows]
-        got = encoder.encode_tokens(*encoder.tokenize(texts)).numpy()
-        cos = np.sum(got * stored[rows], axis=1) / (
-            np.linalg.norm(got, axis=1) * np.linalg.norm(stored[rows], axis=1) + 1e-12
-        )
-        if float(cos.min()) < 0.999:
+        encoder = instantiate(self.config.encoder)
+        meta = json.loads((self.text_folder.parent / "meta.json").read_text())
+        encoder.max_length = int(meta["text"]["max_length"])
+        encoder.embedding_cache = None
+        check = pipeline.items[Columns.Text].gather(self._check).to_list()
+        got = encoder.encode_tokens(*encoder.tokenize(texts + check)).numpy()
+        cos = cosine_min(got[len(texts) :], self.stored_base(pipeline)[self._check])
+        if cos < 0.999:
             raise ConfigError(
                 "the encoder in the model's config.yaml does not reproduce the model's pre-fine-tuning item "
-                f"vectors (cosine {cos.min():.3f}): it has changed since training; retrain instead of updating"
+                f"vectors (cosine {cos:.3f}): it has changed since training; retrain instead of updating"
             )
+        return got[: len(texts)]
 
-    def vectors(self, encoder, old_texts: list[str], old: np.ndarray, texts: list[str]) -> np.ndarray:
-        """``texts``' vectors: the stored ``old`` one where the tokens are unchanged (keyed by their
-        hash, as the embedding cache keys them), the encoder's for the others."""
-        import torch
-
-        from recsys.text.cache import item_keys
-
-        known = {k: i for i, k in enumerate(item_keys(*encoder.tokenize(old_texts)))}
-        ids, lengths = encoder.tokenize(texts)
-        rows = [known.get(k, -1) for k in item_keys(ids, lengths)]
-        out = np.empty((len(texts), old.shape[1]), dtype=np.float32)
-        fresh = np.array([j for j, r in enumerate(rows) if r < 0], dtype=np.int64)
-        kept = np.array([j for j, r in enumerate(rows) if r >= 0], dtype=np.int64)
-        out[kept] = old[[rows[j] for j in kept]]
-        if len(fresh):
-            sel = torch.from_numpy(fresh)
-            out[fresh] = encoder.encode_tokens(ids[sel], lengths[sel]).numpy()
-        return out
-
-    def refresh(self, old_items: pl.DataFrame, items: pl.DataFrame) -> dict[str, Any]:
-        """``text_tower`` and ``history_towers`` for ``items`` (the updated catalogue)."""
+    def refresh(self, pipeline, catalogue: Catalogue) -> dict[str, Any]:
+        """``pipeline``'s ``text_tower``, ``item_embeddings`` and ``history_towers`` for
+        ``catalogue.items`` (``start`` first; this waits for its vectors)."""
         from recsys.export.pipeline_model import HistoryTower
 
-        p = self.p
-        old_texts, texts = old_items[Columns.Text].to_list(), items[Columns.Text].to_list()
+        p = pipeline
+        n_old, n, rows = p.n_items, catalogue.items.height, self._rows
+        tuned_new = base_new = None
+        if len(rows):
+            base, tuned = self._result()
+            tuned_new = tuned[: len(rows)]
+            self.encoded = len(rows)
+            stored = self.stored_base(p)
+            if stored is not None:
+                if cosine_min(base[len(rows) :], stored[self._check]) >= 0.999:
+                    base_new = base[: len(rows)]
+                else:  # a fine-tuned BERT: the history side comes from the encoder it started from
+                    base_new = self.base_from_config(p, catalogue.items[Columns.Text].gather(rows).to_list())
+                self.encoded_base = len(rows)
+
+        def table(old: np.ndarray, fresh: np.ndarray | None) -> np.ndarray:
+            out = np.empty((n, old.shape[1]), dtype=np.float32)
+            out[:n_old] = old
+            if fresh is not None:
+                out[rows] = fresh
+            return out
+
         t = p.text_tower
-        emb = self.vectors(self.tuned, old_texts, t.item_embeddings, texts)
-        hist = None
-        if t.history_embeddings is not None:
-            hist = self.vectors(self.base(), old_texts, t.history_embeddings, texts)
-        towers = {}
-        for name, tower in p.history_towers.items():
-            side = self.vectors(self.base(), old_texts, tower.item_embeddings, texts)
-            towers[name] = HistoryTower(tower.weights, side, tower.history_embeddings)
+        emb = table(t.item_embeddings, tuned_new)
+        hist = table(t.history_embeddings, base_new) if t.history_embeddings is not None else None
+        towers = {
+            name: HistoryTower(tower.weights, table(tower.item_embeddings, base_new), tower.history_embeddings)
+            for name, tower in p.history_towers.items()
+        }
         return {"text_tower": HistoryTower(t.weights, emb, hist), "item_embeddings": emb, "history_towers": towers}
 
 
@@ -261,10 +359,13 @@ def updated_pipeline(
     mode: str = "refit",
     catalogue: Catalogue | None = None,
     text_parts: Mapping[str, Any] | None = None,
+    warm_iterations: int | None = None,
 ):
     """``pipeline`` with ``new`` folded in (see the module docstring). ``cf``: the unfitted CF
-    models by name, as training instantiated them. ``catalogue`` / ``text_parts``: reuse a merge
-    and encoding already made for the same item rows."""
+    models by name, as training instantiated them. ``catalogue`` / ``text_parts``: the merged
+    items and their vectors (``TextRefresher.refresh``); None: made here. ``warm_iterations``
+    (refit): factor models continue from ``pipeline``'s factors for this many iterations
+    instead of a cold fit with the configured ones."""
     from recsys.cf.models import ALS, BPR, ItemKNN, Popularity
     from recsys.data.dataset import IdMap
     from recsys.export.pipeline_model import fold_in
@@ -274,7 +375,10 @@ def updated_pipeline(
     catalogue = catalogue or merge_items(p.items, new.items)
     items = catalogue.items
     if text_parts is None:
-        text_parts = texts.refresh(p.items, items) if p.text_tower is not None else {}
+        text_parts = {}
+        if p.text_tower is not None:
+            texts.start(catalogue, p.n_items)
+            text_parts = texts.refresh(p, catalogue)
     old_users = p.users.ids
     fresh_users = np.setdiff1d(np.asarray(new.events[Columns.User].unique().to_list(), dtype=object), old_users)
     users = IdMap(np.concatenate([old_users, np.sort(fresh_users)]).astype(object))
@@ -297,7 +401,12 @@ def updated_pipeline(
             if mode == "refit":
                 if not isinstance(model, ALS | BPR):
                     raise ConfigError(f"the model's config has no factor model '{name}' to refit")
-                m = copy.deepcopy(model).fit(hist)
+                m = copy.deepcopy(model)
+                start = None
+                if warm_iterations is not None:
+                    f = p.factor_models[name]
+                    m.iterations, start = warm_iterations, (f["user_factors"], f["item_factors"])
+                m.fit(hist, start=start)
                 factor[name] = {**p.factor_models[name], "user_factors": m.user_factors, "item_factors": m.item_factors}
             else:
                 f = p.factor_models[name]
@@ -348,8 +457,8 @@ def holdout_split(new: NewData, share: float) -> tuple[NewData, pl.DataFrame]:
     return NewData(new.items, before, new.report), after
 
 
-def gate_ndcg(pipeline, known: pl.DataFrame, targets: pl.DataFrame, k: int) -> float:
-    """Mean NDCG@k of ``pipeline``'s fused lists for the users of ``targets``, each user ranked
+def gate_metrics(pipeline, known: pl.DataFrame, targets: pl.DataFrame, k: int) -> tuple[float, float]:
+    """Mean NDCG@k and Recall@k of ``pipeline``'s fused lists for the users of ``targets``, each user ranked
     from ``known`` (their events before the holdout), seen items removed. An item the pipeline
     does not know cannot be recommended (a miss), nor read in a history."""
     from recsys.evaluation.metrics import ranking_metrics
@@ -374,7 +483,8 @@ def gate_ndcg(pipeline, known: pl.DataFrame, targets: pl.DataFrame, k: int) -> f
     cols = [item_pos[i] for i in targets[Columns.Item].to_list()]
     relevant = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(users), len(item_pos)))
     relevant.data[:] = 1.0
-    return float(np.mean(ranking_metrics(lists, relevant, [k])[f"ndcg_at_{k}"]))
+    m = ranking_metrics(lists, relevant, [k])
+    return float(np.mean(m[f"ndcg_at_{k}"])), float(np.mean(m[f"recall_at_{k}"]))
 
 
 def stored_events(pipeline) -> pl.DataFrame:
@@ -398,10 +508,14 @@ def stored_events(pipeline) -> pl.DataFrame:
 
 @dataclass
 class GateResult:
+    """NDCG@k (decides) and Recall@k (reported) of champion and challenger on the holdout."""
+
     champion: float
     challenger: float
     tolerance: float
     n_users: int
+    champion_recall: float = float("nan")
+    challenger_recall: float = float("nan")
 
     @property
     def promote(self) -> bool:
@@ -414,11 +528,15 @@ def run_gate(
     """Champion and a challenger built without the holdout, on the same held-out events."""
     known = pl.concat([stored_events(champion), new_before.events])
     targets = holdout.select(Columns.User, Columns.Item).unique()
+    champion_ndcg, champion_recall = gate_metrics(champion, known, targets, k)
+    challenger_ndcg, challenger_recall = gate_metrics(challenger_before, known, targets, k)
     return GateResult(
-        champion=gate_ndcg(champion, known, targets, k),
-        challenger=gate_ndcg(challenger_before, known, targets, k),
+        champion=champion_ndcg,
+        challenger=challenger_ndcg,
         tolerance=tolerance,
         n_users=targets[Columns.User].n_unique(),
+        champion_recall=champion_recall,
+        challenger_recall=challenger_recall,
     )
 
 
@@ -435,14 +553,6 @@ def model_name(model_uri: str, configured: str | None) -> str:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Update as configured; returns the figures logged to MLflow."""
-    from hydra.utils import instantiate
-
-    from recsys.data.files import FileDataSource
-    from recsys.export.pipeline_model import TrainedPipeline
-    from recsys.export.pyfunc import SERVING_FILE, log_pipeline, read_serving
-    from recsys.recommend import resolve_model
-    from recsys.tracking import tracking_uri
-
     t_start = time.perf_counter()
     mode = str(cfg.cf_mode)
     if mode not in CF_MODES:
@@ -450,6 +560,30 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     tolerance = float(cfg.gate.tolerance)
     if tolerance < 0:
         raise ConfigError(f"gate.tolerance must be >= 0, got {tolerance}")
+    warm = cfg.get("warm_iterations")
+    if warm is not None and (not isinstance(warm, int) or isinstance(warm, bool) or warm < 1):
+        raise ConfigError(f"warm_iterations must be a whole number >= 1 or null, got {warm!r}")
+    # Importing torch and transformers is most of what encoding a few new texts costs: a worker
+    # process does that from the start, while this one reads the model and the new files. A
+    # caller that has them imported already encodes in process.
+    worker = None if "transformers" in sys.modules else EncoderWorker()
+    try:
+        return _run(cfg, t_start, mode, tolerance, warm, worker)
+    finally:
+        if worker is not None:
+            worker.close()
+
+
+def _run(cfg: DictConfig, t_start: float, mode: str, tolerance: float, warm: int | None, worker) -> dict[str, Any]:
+    from hydra.utils import instantiate
+
+    from recsys.data.files import FileDataSource
+    from recsys.export.batch import _import_lightgbm_bare
+    from recsys.export.pipeline_model import TrainedPipeline, read_json_object
+    from recsys.export.pyfunc import SERVING_FILE, log_pipeline, read_serving
+    from recsys.recommend import resolve_model
+    from recsys.tracking import tracking_uri
+
     tracking = cfg.tracking_uri or tracking_uri(cfg.paths.mlruns_dir)
     name = model_name(str(cfg.model_uri), cfg.register_name)
     folder, source = resolve_model(str(cfg.model_uri), tracking)
@@ -471,33 +605,40 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if new.events.height == 0:
         raise InputError("no new events: nothing to update", file=files.interactions_path)
     new_before, holdout = holdout_split(new, float(cfg.gate.holdout))
+    # The new and changed texts are encoded (in a worker) while the model is loaded and CF is
+    # refitted, for the challenger and for the gate's challenger without the holdout.
+    catalogue = merge_items(tables.items, new.items)
+    texts = None
+    if read_json_object(folder / "meta.json").get("text"):
+        texts = TextRefresher(folder, config, worker)
+        texts.start(catalogue, tables.n_items)
+    elif worker is not None:
+        worker.close()
+    # The ranker only predicts on numpy here: lightgbm without its scikit-learn integration, whose
+    # import is most of lightgbm's (as in the export's workers).
+    _import_lightgbm_bare()
     champion = TrainedPipeline.load(folder)
     cf = {n: instantiate(node) for n, node in config.cf.items()} if config is not None and "cf" in config else {}
-    timings: dict[str, float] = {}
-
+    timings: dict[str, float] = {"load": time.perf_counter() - t_start}
     t0 = time.perf_counter()
-    texts = TextRefresher(champion, config) if champion.text_tower is not None else None
-    catalogue = merge_items(champion.items, new.items)
-    parts = texts.refresh(champion.items, catalogue.items) if texts is not None else {}
-    timings["text"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    challenger = updated_pipeline(champion, new, texts, cf, mode, catalogue, parts)
+    challenger = updated_pipeline(champion, new, texts, cf, mode, catalogue, {}, warm)
+    before = updated_pipeline(champion, new_before, texts, cf, mode, catalogue, {}, warm)
     timings["update"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    gate = run_gate(
-        champion,
-        updated_pipeline(champion, new_before, texts, cf, mode, catalogue, parts),
-        new_before,
-        holdout,
-        int(cfg.gate.k),
-        tolerance,
-    )
+    if texts is not None:
+        parts = texts.refresh(champion, catalogue)
+        challenger, before = dataclasses.replace(challenger, **parts), dataclasses.replace(before, **parts)
+    timings["text_wait"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    gate = run_gate(champion, before, new_before, holdout, int(cfg.gate.k), tolerance)
     timings["gate"] = time.perf_counter() - t0
 
     k = int(cfg.gate.k)
     figures = {
         f"gate/champion_ndcg_at_{k}": gate.champion,
         f"gate/challenger_ndcg_at_{k}": gate.challenger,
+        f"gate/champion_recall_at_{k}": gate.champion_recall,
+        f"gate/challenger_recall_at_{k}": gate.challenger_recall,
         "gate/tolerance": tolerance,
         "gate/users": gate.n_users,
         "gate/promoted": float(gate.promote),
@@ -516,7 +657,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     mlflow.set_experiment(str(cfg.experiment))
     with mlflow.start_run(run_name="update"):
         mlflow.log_params(
-            {"model_uri": str(cfg.model_uri), "champion_run": source.get("run_id"), "cf_mode": mode, "gate.k": k}
+            {
+                "model_uri": str(cfg.model_uri),
+                "champion_run": source.get("run_id"),
+                "cf_mode": mode,
+                "warm_iterations": warm,
+                "gate.k": k,
+            }
         )
         mlflow.log_params({f"gate.{key}": v for key, v in OmegaConf.to_container(cfg.gate).items() if key != "k"})
         challenger.meta = {
@@ -526,9 +673,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         }
         serving = read_serving(folder / SERVING_FILE)
         config_yaml = (folder / "config.yaml").read_text() if (folder / "config.yaml").is_file() else None
+        t0 = time.perf_counter()
+        uri = log_pipeline(challenger, out / "pipeline", serving, config_yaml, register_name=name, alias="challenger")
+        figures["time/log_s"] = time.perf_counter() - t0
         figures["time/total_s"] = time.perf_counter() - t_start
         mlflow.log_metrics(figures)
-        uri = log_pipeline(challenger, out / "pipeline", serving, config_yaml, register_name=name, alias="challenger")
         version = uri.rsplit("/", 1)[-1]
         if gate.promote:
             mlflow.MlflowClient().set_registered_model_alias(name, "champion", version)

@@ -240,3 +240,24 @@ def test_cf_fits_show_a_progress_bar_unless_told_not_to(make, block_world, capfd
     assert "3/3" in capfd.readouterr().err  # implicit's bar over the iterations
     make(False).fit(block_world.history)
     assert capfd.readouterr().err == ""
+
+
+@pytest.mark.parametrize("cls", [ALS, BPR])
+def test_a_warm_refit_continues_from_the_given_factors_and_learns_new_rows(block_world, cls):
+    """``fit(start=...)``: the earlier model's factors (without the last user and item) are the
+    starting point, so one iteration lands next to it, where a cold one does not; the new user
+    and item get rows of their own."""
+    h = block_world.history
+    last_user, last_item = h.n_users - 1, int(np.flatnonzero(h.item_counts)[-1])  # the last item with events
+    old = h.interactions.filter((pl.col(Columns.UserIdx) < last_user) & (pl.col(Columns.ItemIdx) < last_item))
+    earlier = cls(factors=8, iterations=30, seed=0).fit(History(old, last_user, last_item))
+    warm = cls(factors=8, iterations=1, seed=1).fit(h, start=(earlier.user_factors, earlier.item_factors))
+    cold = cls(factors=8, iterations=1, seed=1).fit(h)
+    assert warm.user_factors.shape == cold.user_factors.shape and warm.item_factors.shape == cold.item_factors.shape
+    before = earlier.score_users(np.arange(last_user)).ravel()
+
+    def agreement(m) -> float:
+        return float(np.corrcoef(before, m.score_users(np.arange(last_user))[:, :last_item].ravel())[0, 1])
+
+    assert agreement(warm) > 0.9 and agreement(warm) > agreement(cold) + 0.2, (agreement(warm), agreement(cold))
+    assert np.abs(warm.user_factors[last_user]).sum() > 0 and np.abs(warm.item_factors[last_item]).sum() > 0

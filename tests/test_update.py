@@ -258,3 +258,37 @@ def test_fold_in_keeps_the_item_side_and_folds_the_users_in(tmp_path):
     # on the weights it learned for popularity against CF, which knows nothing of the item).
     for name, row in q.constant_models.items():
         assert q.items[Columns.Item][int(np.argmax(row))] == "NEW-HIT", name
+
+
+@pytest.mark.slow
+def test_texts_encoded_in_a_worker_process_are_those_encoded_in_process():
+    """``python -m recsys.update`` encodes in a worker process (it has not imported transformers);
+    the vectors are the in-process ones, and only the new and changed rows differ from the model's."""
+    from omegaconf import OmegaConf
+
+    from recsys.update import EncoderWorker, TextRefresher, merge_items
+
+    p = champion()
+    folder = trained_run().pipeline_dir
+    changed_id = p.items[Columns.Item][0]
+    new = pl.DataFrame(
+        {Columns.Item: [changed_id, "NEW-X"], Columns.Text: ["An entirely different product", "Brand new yarn wool"]}
+    )
+    catalogue = merge_items(p.items, new)
+    assert catalogue.encode.tolist() == [0, p.n_items]
+    config = OmegaConf.load(folder / "config.yaml")
+    parts = {}
+    for in_process in (True, False):
+        texts = TextRefresher(folder, config, None if in_process else EncoderWorker())
+        texts.start(catalogue, p.n_items)
+        parts[in_process] = texts.refresh(p, catalogue)
+        assert (texts.encoded, texts.encoded_base) == (2, 2)
+    a, b = parts[True], parts[False]
+    np.testing.assert_allclose(a["item_embeddings"], b["item_embeddings"], atol=1e-6)
+    assert set(a["history_towers"]) == set(b["history_towers"]) == set(p.history_towers)
+    for name, tower in a["history_towers"].items():
+        np.testing.assert_allclose(tower.item_embeddings, b["history_towers"][name].item_embeddings, atol=1e-6)
+    emb = a["item_embeddings"]
+    np.testing.assert_array_equal(emb[1 : p.n_items], p.item_embeddings[1:])
+    assert not np.allclose(emb[0], p.item_embeddings[0])
+    assert emb.shape == (p.n_items + 1, p.item_embeddings.shape[1])

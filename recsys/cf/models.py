@@ -36,6 +36,19 @@ class _FactorModel(Recommender):
         self.item_factors = np.asarray(model.item_factors, dtype=np.float32).copy()
         self.item_factors[history.item_counts == 0] = 0.0
 
+    @staticmethod
+    def _warm(model, history: History, start: tuple[np.ndarray, np.ndarray], user_bias: bool = False) -> None:
+        """Start ``model`` from ``start`` (user and item factors of an earlier fit, whose users and
+        items are the first rows of ``history``'s): rows for users and items it lacks are zero
+        (with BPR's user bias column at 1, as implicit initialises it)."""
+        users = np.zeros((history.n_users, start[0].shape[1]), dtype=np.float32)
+        items = np.zeros((history.n_items, start[1].shape[1]), dtype=np.float32)
+        if user_bias:
+            users[:, -1] = 1.0
+        users[: len(start[0])] = start[0]
+        items[: len(start[1])] = start[1]
+        model.user_factors, model.item_factors = users, items
+
 
 class ALS(_FactorModel):
     """implicit ALS on event-weighted counts; confidence = 1 + alpha * weight.
@@ -58,7 +71,8 @@ class ALS(_FactorModel):
         self.factors, self.regularization, self.alpha = factors, regularization, alpha
         self.iterations, self.seed, self.progress = iterations, seed, progress
 
-    def fit(self, history: History) -> ALS:
+    def fit(self, history: History, start: tuple[np.ndarray, np.ndarray] | None = None) -> ALS:
+        """``start``: continue from these user and item factors (``_warm``) instead of random ones."""
         from implicit.cpu.als import AlternatingLeastSquares
 
         with threadpool_limits(1, "blas"):  # implicit checks the BLAS threads when constructed
@@ -69,6 +83,8 @@ class ALS(_FactorModel):
                 iterations=self.iterations,
                 random_state=self.seed,
             )
+            if start is not None:
+                self._warm(model, history, start)
             model.fit(history.matrix, show_progress=self.progress)
         self._store(model, history)
         return self
@@ -91,7 +107,8 @@ class BPR(_FactorModel):
         self.factors, self.learning_rate, self.regularization = factors, learning_rate, regularization
         self.iterations, self.seed, self.progress = iterations, seed, progress
 
-    def fit(self, history: History) -> BPR:
+    def fit(self, history: History, start: tuple[np.ndarray, np.ndarray] | None = None) -> BPR:
+        """``start``: continue from these user and item factors (``_warm``) instead of random ones."""
         from implicit.cpu.bpr import BayesianPersonalizedRanking
 
         model = BayesianPersonalizedRanking(
@@ -102,6 +119,8 @@ class BPR(_FactorModel):
             num_threads=1,
             random_state=self.seed,
         )
+        if start is not None:
+            self._warm(model, history, start, user_bias=True)
         with threadpool_limits(1, "blas"):
             model.fit(history.matrix, show_progress=self.progress)
         self._store(model, history)

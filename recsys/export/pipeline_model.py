@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import types
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -399,14 +400,18 @@ class TrainedPipeline:
         # Read before anything is written: a loaded pipeline whose BERT is gone leaves no folder.
         encoder = None  # the text tower's (BERT, tokenizer, max_length, temperature)
         adapter = None  # the item encoder's TextAdapter weights, when it has one
+        encoder_dir = None  # a loaded pipeline's saved BERT folder (BERT, tokenizer, adapter), copied as it is
         if self.net is not None:  # fresh from training
             enc = self.net.item_encoder
             encoder = (enc.bert, enc.tokenizer, enc.max_length, self.net.temperature)
             adapter = enc.adapter.state_dict() if enc.adapter is not None else None
-        elif self.text_folder is not None:  # a loaded pipeline: read its BERT now (serving never does)
+        elif self.text_folder is not None:  # a loaded pipeline: its BERT folder (serving never reads it)
             tm = read_json_object(self.text_folder.parent / "meta.json")["text"]
-            encoder = (*load_bert(self.text_folder), tm["max_length"], tm["temperature"])
-            adapter = load_adapter(self.text_folder)
+            encoder_dir = self.text_folder / "encoder"
+            if not encoder_dir.is_dir():
+                missing = f"missing the text tower's BERT ({encoder_dir.name}/); {REPAIR}"
+                raise InputError(missing, file=str(self.text_folder))
+            encoder = (None, None, tm["max_length"], tm["temperature"])
         (path / "cf").mkdir(parents=True, exist_ok=True)
         self.items.write_parquet(path / "items.parquet")
         self.users.to_frame(Columns.User, Columns.UserIdx).write_parquet(path / "users.parquet")
@@ -429,8 +434,11 @@ class TrainedPipeline:
             # The tower's serving side (user encoder weights, item vectors, the frozen history
             # side when there is one): taken from the trained tower, or loaded with the pipeline.
             tower = self.text_tower.save(path / "text")
-            bert.save_pretrained(path / "text" / "encoder", safe_serialization=True)
-            tok.save_pretrained(path / "text" / "encoder")
+            if encoder_dir is not None:
+                shutil.copytree(encoder_dir, path / "text" / "encoder")
+            else:
+                bert.save_pretrained(path / "text" / "encoder", safe_serialization=True)
+                tok.save_pretrained(path / "text" / "encoder")
             if adapter is not None:  # what new item texts go through after the BERT (recsys.update)
                 from safetensors.torch import save_file
 
@@ -717,8 +725,8 @@ def load_adapter(folder: Path) -> dict[str, Any] | None:
 
 
 def load_bert(folder: Path) -> tuple[Any, Any]:
-    """The text tower's BERT and tokenizer, saved under ``folder/encoder``: only saving a loaded
-    pipeline again reads them (its user side and vectors are already loaded, ``text_tower``)."""
+    """The text tower's BERT and tokenizer, saved under ``folder/encoder``: only ``recsys.update``
+    reads them, to encode new item texts (serving has the vectors, ``text_tower``)."""
     from transformers import AutoModel, AutoTokenizer
 
     enc_dir = folder / "encoder"
