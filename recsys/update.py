@@ -578,7 +578,6 @@ def _run(cfg: DictConfig, t_start: float, mode: str, tolerance: float, warm: int
     from hydra.utils import instantiate
 
     from recsys.data.files import FileDataSource
-    from recsys.export.batch import _import_lightgbm_bare
     from recsys.export.pipeline_model import TrainedPipeline, read_json_object
     from recsys.export.pyfunc import SERVING_FILE, log_pipeline, read_serving
     from recsys.recommend import resolve_model
@@ -614,9 +613,6 @@ def _run(cfg: DictConfig, t_start: float, mode: str, tolerance: float, warm: int
         texts.start(catalogue, tables.n_items)
     elif worker is not None:
         worker.close()
-    # The ranker only predicts on numpy here: lightgbm without its scikit-learn integration, whose
-    # import is most of lightgbm's (as in the export's workers).
-    _import_lightgbm_bare()
     champion = TrainedPipeline.load(folder)
     cf = {n: instantiate(node) for n, node in config.cf.items()} if config is not None and "cf" in config else {}
     timings: dict[str, float] = {"load": time.perf_counter() - t_start}
