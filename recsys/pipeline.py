@@ -16,7 +16,7 @@ import contextlib
 import copy
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -142,18 +142,22 @@ class FusionStage:
         history: History,
         exclude: sp.csr_matrix | None = None,
         include: pl.DataFrame | None = None,
+        keep: Callable[[pl.DataFrame], pl.DataFrame] | None = None,
     ) -> pl.DataFrame:
         """Candidates and features of ``users`` (sorted), block by block; ``exclude`` defaults to
         the history (seen items).
 
         ``include``: extra ``(user_idx, item_idx)`` pairs (Int32) added to the candidate set, with
-        null ``rank_<source>`` where no source proposed them.
+        null ``rank_<source>`` where no source proposed them. ``keep``: applied to each block's
+        candidates before their features are built (labels, a filter).
         """
         self.fused.check_sources(models)
         exclude = history.matrix if exclude is None else exclude
         item_stats, user_stats = self.fused.statistics(history)
         parts = [
-            self.fused.features(b, models, history, exclude, None, include, item_stats, user_stats, timer=self._timer)
+            self.fused.features(
+                b, models, history, exclude, None, include, item_stats, user_stats, timer=self._timer, keep=keep
+            )
             for b in self.fused.blocks(np.asarray(users, dtype=np.int64), history.n_items)
         ]
         return pl.concat(parts)
@@ -171,10 +175,9 @@ class FusionStage:
             users = np.sort(rng.choice(users, self.max_train_users, replace=False))
             log.info("ranker training on a sample of %d users (rank.max_train_users)", len(users))
         self.train_users = len(users)
-        df = self.labelled_frame(users, models, history, targets, exclude)
-        recall = candidate_recall(df)
+        df = self.labelled_frame(users, models, history, targets, exclude, taught_only=True)
+        recall = self.candidate_recall_val
         log.info("ranker training: %d candidate rows, candidate recall of the targets %.3f", df.height, recall)
-        self.candidate_recall_val = recall
         t0 = time.perf_counter()
         self.ranker.fit(df, feature_columns(df.drop("label")))
         self.timings["ranker_train"] += time.perf_counter() - t0
@@ -187,16 +190,32 @@ class FusionStage:
         history: History,
         targets: pl.DataFrame,
         exclude: sp.csr_matrix | None = None,
+        taught_only: bool = False,
     ) -> pl.DataFrame:
         """``frame`` plus ``label`` (1 where the candidate is one of the user's ``targets``): what the
-        ranker learns from."""
+        ranker learns from. Sets ``candidate_recall_val``: the share of users with candidates that
+        have a target among them.
+
+        ``taught_only``: only the users with a target among their candidates, the only ones that
+        teach the ranker anything (it drops the others): their features are never built (at 10x
+        the generated data, ~70 % of the rows).
+        """
         labels = targets.select(
             pl.col(Columns.UserIdx).cast(pl.Int32), pl.col(Columns.ItemIdx).cast(pl.Int32), pl.lit(1).alias("label")
         ).unique()
-        df = self.frame(users, models, history, exclude)
-        return df.join(labels, on=[Columns.UserIdx, Columns.ItemIdx], how="left").with_columns(
-            pl.col("label").fill_null(0)
-        )
+        counts = [0, 0]  # users with candidates, of whom with a target among them
+
+        def label(cands: pl.DataFrame) -> pl.DataFrame:
+            df = cands.join(labels, on=[Columns.UserIdx, Columns.ItemIdx], how="left")
+            df = df.with_columns(pl.col("label").fill_null(0).cast(pl.Int32))
+            hit = df.group_by(Columns.UserIdx).agg(pl.col("label").max())["label"]
+            counts[0] += hit.len()
+            counts[1] += int(hit.sum())
+            return df.filter(pl.col("label").max().over(Columns.UserIdx) > 0) if taught_only else df
+
+        df = self.frame(users, models, history, exclude, keep=label)
+        self.candidate_recall_val = counts[1] / max(counts[0], 1)
+        return df
 
     def score_pairs(
         self,

@@ -283,6 +283,29 @@ def test_fused_pair_scores_equal_the_ranked_lists_and_cover_pairs_outside_the_ca
     assert got.shape == (tiny_dataset.n_items,) and np.isfinite(got).all()
 
 
+def test_the_ranker_learns_the_same_from_only_the_users_it_can_learn_from(stage, tiny_dataset):
+    """Training builds features only for users with a target among their candidates: the ranker
+    is the one trained on every user's rows (it drops the others itself), and the candidate
+    recall still counts every user."""
+    from recsys.pipeline import FusionStage, candidate_recall
+
+    users, hist, models = stage
+    split = LeaveLastOutSplit().split(tiny_dataset.interactions)
+    n_cands = {"itemknn": 8, "popularity": 4}
+    fusion = FusionStage(n_cands, LambdaMARTRanker(n_estimators=20, min_child_samples=5, seed=0))
+    every = fusion.labelled_frame(users, models, hist, split.val)
+    recall_every = fusion.candidate_recall_val
+    assert recall_every == pytest.approx(candidate_recall(every))
+    taught = fusion.labelled_frame(users, models, hist, split.val, taught_only=True)
+    assert fusion.candidate_recall_val == recall_every < 1.0
+    assert 0 < taught.height < every.height
+    assert taught[Columns.UserIdx].n_unique() == round(recall_every * every[Columns.UserIdx].n_unique())
+    feats = feature_columns(every.drop("label"))
+    a = LambdaMARTRanker(n_estimators=20, min_child_samples=5, seed=0).fit(every, feats)
+    b = LambdaMARTRanker(n_estimators=20, min_child_samples=5, seed=0).fit(taught, feats)
+    np.testing.assert_array_equal(a.predict(every), b.predict(every))
+
+
 def test_average_models_predicts_and_explains_the_mean_of_its_models():
     import lightgbm as lgb
 

@@ -65,6 +65,7 @@ class FusedRecommender:
         user_stats: pl.DataFrame | None = None,
         buffer: Callable[[str, int], np.ndarray | None] | None = None,
         timer: Timer = _no_timer,
+        keep: Callable[[pl.DataFrame], pl.DataFrame] | None = None,
     ) -> pl.DataFrame:
         """Candidates and features of one block of ``users`` (sorted rows of ``history`` and
         ``exclude``).
@@ -73,7 +74,8 @@ class FusedRecommender:
         items any list may hold (None: all). ``include``: extra ``(user_idx, item_idx)`` pairs
         added to the candidate set, with null ``rank_<source>`` where no source proposed them.
         ``item_stats``/``user_stats``: as ``build_features`` takes them (pass them when calling
-        block by block, computed once).
+        block by block, computed once). ``keep``: applied to the candidates before their
+        features are built (the ranker's training adds labels and drops users it cannot learn from).
         """
         self.check_sources(models)
         users = np.asarray(users, dtype=np.int64)
@@ -86,6 +88,8 @@ class FusedRecommender:
                 keys = [Columns.UserIdx, Columns.ItemIdx]
                 extra = include.filter(pl.col(Columns.UserIdx).is_in(users.tolist())).unique()
                 cands = cands.join(extra, on=keys, how="full", coalesce=True).sort(keys)
+            if keep is not None:
+                cands = keep(cands)
         with timer("features"):
             # A source's block answers for its candidates; every other model scores the pairs.
             by_row = {n: _GlobalRows(b, users, history.n_users) for n, b in blocks.items()}
