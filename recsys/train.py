@@ -62,7 +62,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     # --- everything that can fail on bad input fails here, before any training -------------
     t0 = time.perf_counter()
     text_budget = budget(cfg.text.get("budget_minutes"))
-    check_options(cfg.text.get("budget_minutes"), cfg.text.data, cfg.text.module)
+    check_options(cfg.text.get("budget_minutes"), cfg.text.data, cfg.text.module, cfg.text.net)
     source = instantiate(cfg.data)
     data = source.load()
     split = instantiate(cfg.split).split(data.interactions)

@@ -9,9 +9,18 @@ from typing import Any
 from recsys.errors import ConfigError
 
 
-def check_options(budget_minutes: float | None, data: Mapping[str, Any], module: Mapping[str, Any]) -> None:
+def check_options(
+    budget_minutes: float | None,
+    data: Mapping[str, Any],
+    module: Mapping[str, Any],
+    net: Mapping[str, Any] | None = None,
+) -> None:
     """The text tower's options checked by name before any work starts (``ConfigError``)."""
     budget(budget_minutes)
+    if net is not None:
+        from recsys.text.sequence import check_user_tower
+
+        check_user_tower(net.get("user_tower", "mean"), net.get("sequence"))
     check_data_options(
         **{k: data[k] for k in ("batch_size", "steps_per_epoch", "val_users", "uniform_negatives") if k in data}
     )
