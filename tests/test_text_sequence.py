@@ -205,3 +205,21 @@ def test_a_bad_user_tower_stops_the_cli_before_training(tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     assert "text.user_tower" in out.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_the_sequence_tower_saves_and_loads_itself(tmp_path):
+    """What serving needs: one file rebuilds the tower, and the users it embeds are the same."""
+    from recsys.errors import InputError
+
+    torch.manual_seed(0)
+    tower = SequenceUserEncoder(16, 5, recency_decay=0.3, width=8, layers=2, heads=2).eval()
+    torch.nn.init.normal_(tower.out.weight)  # a trained branch, not the zero start
+    items = torch.nn.functional.normalize(torch.randn(30, 16), dim=-1)
+    histories = [np.array([3, 1, 4, 1, 5, 9, 2]), np.array([], dtype=np.int64), np.array([7])]
+    tower.save(tmp_path / "user_tower.safetensors")
+    loaded = SequenceUserEncoder.load(tmp_path / "user_tower.safetensors")
+    assert loaded.options() == tower.options() and not loaded.training
+    torch.testing.assert_close(loaded.embed_histories(items, histories), tower.embed_histories(items, histories))
+    (tmp_path / "bad.safetensors").write_bytes(b"\x08\x00\x00")
+    with pytest.raises(InputError, match="bad.safetensors"):
+        SequenceUserEncoder.load(tmp_path / "bad.safetensors")

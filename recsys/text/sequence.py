@@ -16,14 +16,17 @@ to D) is not such a sum; attention between the history items can express it.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys.errors import ConfigError
+from recsys.errors import ConfigError, InputError
 from recsys.text.encoder import UserEncoder, pad_histories
 
 #: ``text.user_tower`` values: the name of each user tower.
@@ -55,6 +58,8 @@ class SequenceUserEncoder(nn.Module):
         super().__init__()
         check_sequence_options(width=width, layers=layers, heads=heads, dropout=dropout)
         self.max_history = max_history
+        self._sequence = {"recency_decay": recency_decay, "width": width, "layers": layers, "heads": heads}
+        self._sequence["dropout"] = dropout
         self.pool = UserEncoder(dim, max_history, recency_decay)
         self.project = nn.Linear(dim, width)
         self.position = nn.Parameter(torch.randn(max_history, width) * 0.02)
@@ -65,6 +70,37 @@ class SequenceUserEncoder(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.out = nn.Linear(width, dim, bias=False)
         nn.init.zeros_(self.out.weight)  # step 0: exactly the pooling tower
+
+    def options(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this tower (``load``)."""
+        return {"dim": self.out.out_features, "max_history": self.max_history, **self._sequence}
+
+    def save(self, path: str | Path) -> None:
+        """The weights and the options that rebuild them, in one safetensors file (written to a
+        temporary name, then renamed)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(tmp), metadata={"options": json.dumps(self.options())})
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> SequenceUserEncoder:
+        """The tower ``save`` wrote, in eval mode (``InputError`` naming the file if it is not one)."""
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                options = json.loads((f.metadata() or {})["options"])
+            state = load_file(str(path))
+            tower = cls(**options)
+            tower.load_state_dict(state)
+        except Exception as e:  # a foreign, truncated or mismatched file
+            raise InputError(f"does not hold a sequence user tower ({e}); re-run training", file=str(path)) from e
+        return tower.eval()
 
     def forward(self, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``history``: [B, L, d] embeddings, most recent first; ``mask``: [B, L] bool."""
