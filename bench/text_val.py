@@ -48,7 +48,7 @@ def main() -> None:
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[f"+experiment={a.experiment}", f"paths.root_dir={ROOT}", *a.overrides])
-    check_options(None, cfg.text.data, cfg.text.module, cfg.text.net)
+    check_options(None, cfg.text.data, cfg.text.module, cfg.text.net, served=False)
     L.seed_everything(cfg.seed, verbose=False)
     data = instantiate(cfg.data).load()
     split = instantiate(cfg.split).split(data.interactions)

@@ -188,9 +188,18 @@ def test_the_sequence_tower_reads_order_once_trained():
 )
 def test_bad_user_tower_options_are_named_before_any_work(net, name):
     with pytest.raises(ConfigError, match=name.replace(".", r"\.")):
-        check_options(1.5, {}, {}, net)
+        check_options(1.5, {}, {}, net, served=False)
     with pytest.raises(ConfigError, match=name.replace(".", r"\.")):
         check_user_tower(net["user_tower"], net.get("sequence"))
+
+
+def test_the_job_refuses_a_user_tower_its_export_cannot_serve():
+    """The job exports the tower for serving, whose user side is the mean tower's formula: a
+    sequence tower would fail there, after all the training, so the job refuses it up front."""
+    with pytest.raises(ConfigError, match=r"text\.user_tower=sequence cannot be served"):
+        check_options(1.5, {}, {}, {"user_tower": "sequence"})
+    check_options(1.5, {}, {}, {"user_tower": "sequence"}, served=False)
+    check_options(1.5, {}, {}, {"user_tower": "mean"})
 
 
 @pytest.mark.slow
