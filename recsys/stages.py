@@ -100,7 +100,7 @@ def prepare(cfg: DictConfig, timings: StageTimings) -> Job:
     out_dir.mkdir(parents=True, exist_ok=True)
     with timings.stage("load"):
         budget(cfg.text.get("budget_minutes"))
-        check_options(cfg.text.get("budget_minutes"), cfg.text.data, cfg.text.module)
+        check_options(cfg.text.get("budget_minutes"), cfg.text.data, cfg.text.module, cfg.text.net)
         check_trainer(cfg.trainer)  # devices, strategy, launcher: before any data is loaded
         source = instantiate(cfg.data)
         data = source.load()

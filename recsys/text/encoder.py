@@ -22,7 +22,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -431,11 +431,15 @@ class UserEncoder(nn.Module):
 
     def forward(self, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``history``: [B, L, d] embeddings, most recent first; ``mask``: [B, L] bool."""
+        return F.normalize(self.pooled(history, mask), dim=-1)
+
+    def pooled(self, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The user vector before L2 normalisation."""
         logits = self.position_bias[: history.shape[1]] + self.content(history).squeeze(-1)
         logits = logits.masked_fill(~mask, -1e4)
         pooled = (torch.softmax(logits, dim=1).unsqueeze(-1) * history).sum(1)
         pooled = pooled * mask.any(1, keepdim=True)  # users without history get the zero vector
-        return F.normalize(pooled + self.residual(pooled), dim=-1)
+        return pooled + self.residual(pooled)
 
     def embed_histories(self, item_embeddings: torch.Tensor, histories: Sequence[np.ndarray]) -> torch.Tensor:
         """User vectors from histories (item indices, oldest first), looked up in ``item_embeddings``."""
@@ -455,12 +459,19 @@ class TwoTower(nn.Module):
         learn_temperature: bool = True,
         frozen_history: bool = False,
         recency_decay: float = 0.15,
+        user_tower: str = "mean",
+        sequence: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        from recsys.text.sequence import user_tower as make_user_tower
+
         self.item_encoder = item_encoder
         # recency_decay sets the zero-shot user vector (a recency-weighted mean of the history);
         # how fast interest decays is a property of the data: chosen per data set on validation.
-        self.user_encoder = UserEncoder(item_encoder.dim, max_history, recency_decay)
+        # user_tower="sequence" adds a transformer over the history that starts at zero
+        # (recsys.text.sequence), so both towers start as that mean.
+        self.user_tower = user_tower
+        self.user_encoder = make_user_tower(user_tower, item_encoder.dim, max_history, recency_decay, sequence)
         # frozen_history: the user side reads the catalogue as the encoder saw it before
         # fine-tuning (``history_embeddings``, set once), the item side is fine-tuned to that space.
         # Training and inference then see the same history vectors; with a shared, moving encoder

@@ -9,9 +9,31 @@ from typing import Any
 from recsys.errors import ConfigError
 
 
-def check_options(budget_minutes: float | None, data: Mapping[str, Any], module: Mapping[str, Any]) -> None:
-    """The text tower's options checked by name before any work starts (``ConfigError``)."""
+def check_options(
+    budget_minutes: float | None,
+    data: Mapping[str, Any],
+    module: Mapping[str, Any],
+    net: Mapping[str, Any] | None = None,
+    served: bool = True,
+) -> None:
+    """The text tower's options checked by name before any work starts (``ConfigError``).
+
+    ``served``: the tower will be exported for serving (the job), which reads the mean user tower
+    only; ``False`` for validation-only runs (``bench/text_val.py``).
+    """
     budget(budget_minutes)
+    if net is not None:
+        from recsys.text.sequence import check_user_tower
+
+        tower = net.get("user_tower", "mean")
+        check_user_tower(tower, net.get("sequence"))
+        if served and tower != "mean":
+            # Fail here, not at the model export after all the training.
+            raise ConfigError(
+                f"text.user_tower={tower} cannot be served yet: the exported pipeline's user tower "
+                "(recsys.export.pipeline_model.HistoryTower) evaluates the mean tower only; use "
+                "text.user_tower=mean in the job, or bench/text_val.py for validation runs"
+            )
     check_data_options(
         **{k: data[k] for k in ("batch_size", "steps_per_epoch", "val_users", "uniform_negatives") if k in data}
     )
