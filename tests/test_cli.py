@@ -145,15 +145,6 @@ def test_exported_recommendations(smoke_run):
     assert set(recs[Columns.User].unique().to_list()) == set(split.test[Columns.User].unique().to_list())
 
 
-def test_same_seed_same_metrics(smoke_run, tmp_path, repo_root):
-    again = smoke(tmp_path, repo_root)
-    first = (smoke_run.out / "metrics.csv").read_text()
-    assert (again.out / "metrics.csv").read_text() == first
-    assert pl.read_parquet(again.out / "recommendations.parquet").equals(
-        pl.read_parquet(smoke_run.out / "recommendations.parquet")
-    )
-
-
 def test_bad_input_is_one_clear_message(tmp_path, repo_root):
     bad = tmp_path / "events.csv"
     bad.write_text("user_id,item_id,timestamp,event\nu1,A,1,click\nu1,B,yesterday,click\n")

@@ -207,20 +207,6 @@ def test_the_job_refuses_a_user_tower_its_export_cannot_serve():
     check_options(1.5, {}, {}, {"user_tower": "mean"})
 
 
-@pytest.mark.slow
-def test_a_bad_user_tower_stops_the_cli_before_training(tmp_path):
-    """The real CLI: exit 2 and the option's name, before any data is generated or model fitted."""
-    import subprocess
-    import sys
-
-    cmd = [sys.executable, "-m", "recsys.train", "+experiment=smoke", f"paths.root_dir={tmp_path}",
-           f"hydra.run.dir={tmp_path}/out", "text.user_tower=lstm"]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2, out.stderr[-2000:]
-    assert "text.user_tower" in out.stderr
-    assert not (tmp_path / "data").exists()
-
-
 def test_the_sequence_tower_saves_and_loads_itself(tmp_path):
     """What serving needs: one file rebuilds the tower, and the users it embeds are the same."""
     from recsys.errors import InputError
