@@ -98,7 +98,7 @@ class StageTimings(dict):
 # top-100 lists of every model: together about 500 B per (user, candidate slot), where the slots
 # are the sum of rank.n_candidates (190) and the union holds ~160 distinct rows a user. Events
 # cost about 300 B each across the raw frame, the splits and the user x item matrices; each item
-# about 5 KB (its tokens and three 384-wide embedding tables). The estimate was 25 % above the
+# about 5 KB (its tokens and three 384-wide embedding tables). The estimate is 25 % above the
 # measured peak at 10x.
 BASE_GB = 2.0
 BYTES_PER_CANDIDATE_ROW = 500
