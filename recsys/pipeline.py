@@ -120,13 +120,19 @@ class FusionStage:
         if max_train_users is not None and (not isinstance(max_train_users, int) or max_train_users < 1):
             raise ConfigError(f"rank.max_train_users must be a whole number >= 1 or null, got {max_train_users!r}")
         self.fused = FusedRecommender(n_candidates, ranker)
-        self.n_candidates = self.fused.n_candidates
-        self.ranker = ranker
         self.max_train_users = max_train_users
         self.seed = seed
         self.train_users = 0
         # Seconds spent per part, summed over calls: bench/scale.py reports where the stage goes.
         self.timings: dict[str, float] = {"candidates_features": 0.0, "ranker_train": 0.0, "ranker_predict": 0.0}
+
+    @property
+    def n_candidates(self) -> dict[str, int]:
+        return self.fused.n_candidates
+
+    @property
+    def ranker(self) -> LambdaMARTRanker:
+        return self.fused.ranker
 
     @contextlib.contextmanager
     def _timer(self, step: str) -> Iterator[None]:
@@ -154,12 +160,20 @@ class FusionStage:
         self.fused.check_sources(models)
         exclude = history.matrix if exclude is None else exclude
         item_stats, user_stats = self.fused.statistics(history)
-        parts = [
-            self.fused.features(
-                b, models, history, exclude, None, include, item_stats, user_stats, timer=self._timer, keep=keep
+        if include is not None:  # sorted once, each block takes its own rows
+            include = include.unique().sort(Columns.UserIdx)
+            at = include[Columns.UserIdx].to_numpy()
+        parts = []
+        for b in self.fused.blocks(np.asarray(users, dtype=np.int64), history.n_items):
+            extra = None
+            if include is not None:
+                lo, hi = np.searchsorted(at, b[0], "left"), np.searchsorted(at, b[-1], "right")
+                extra = include.slice(int(lo), int(hi - lo))
+            parts.append(
+                self.fused.features(
+                    b, models, history, exclude, None, extra, item_stats, user_stats, timer=self._timer, keep=keep
+                )
             )
-            for b in self.fused.blocks(np.asarray(users, dtype=np.int64), history.n_items)
-        ]
         return pl.concat(parts)
 
     def fit(

@@ -46,6 +46,17 @@ def fixed_block_matmul(u: np.ndarray, vt: np.ndarray, out: np.ndarray | None = N
     return out
 
 
+def mask_items(scores: np.ndarray, allowed: np.ndarray | None, seen: sp.csr_matrix | None) -> np.ndarray:
+    """``scores`` (masked in place and returned) with items outside ``allowed`` and each row's
+    ``seen`` items (row r of ``seen`` is row r of ``scores``) at -inf: the one masking step before
+    every top-N (evaluated lists, candidates, exported lists)."""
+    if allowed is not None:
+        scores[:, ~allowed] = -np.inf
+    if seen is not None:
+        scores[np.repeat(np.arange(seen.shape[0]), np.diff(seen.indptr)), seen.indices] = -np.inf
+    return scores
+
+
 def recent_items(histories: Sequence[np.ndarray], n: int) -> np.ndarray:
     """``[len(histories), n]`` int64: the last ``n`` items of each history, most recent first,
     padded with -1."""
@@ -160,10 +171,7 @@ class Recommender(ABC):
         for start in range(0, len(users), chunk):
             block = users[start : start + chunk]
             scores = self.score_users(block).astype(np.float32, copy=True)
-            if exclude is not None:
-                rows = exclude[block]
-                scores[np.repeat(np.arange(len(block)), np.diff(rows.indptr)), rows.indices] = -np.inf
-            items, top = top_k(scores, k)
+            items, top = top_k(mask_items(scores, None, None if exclude is None else exclude[block]), k)
             all_items.append(items)
             all_scores.append(top)
         if not all_items:

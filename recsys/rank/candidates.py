@@ -14,8 +14,7 @@ import polars as pl
 import scipy.sparse as sp
 
 from recsys.columns import Columns
-from recsys.rank.rules import mask_items
-from recsys.recommender import History, Recommender
+from recsys.recommender import History, Recommender, mask_items
 from recsys.topk import top_k
 
 # Cells (users x items) of one model's score block: the users of a block are as many as keep

@@ -69,8 +69,8 @@ def item_statistics_at(history: History, items: np.ndarray, now: np.ndarray) -> 
 
 
 def user_statistics(history: History, now: int | None = None) -> pl.DataFrame:
-    """Per user: event count and days since the last event, as of ``now`` (default: each user's
-    ``History.user_now`` where the stage sets one, else the history's end)."""
+    """Per user, sorted by user_idx: event count and days since the last event, as of ``now``
+    (default: each user's ``History.user_now`` where the stage sets one, else the history's end)."""
     df = history.interactions
     if now is None and history.user_now is not None:
         at = pl.Series(history.user_now)[df[Columns.UserIdx].to_numpy()]
@@ -86,6 +86,7 @@ def user_statistics(history: History, now: int | None = None) -> pl.DataFrame:
             ((pl.col("_now").first() - pl.col(Columns.Timestamp).max()) / DAY).alias("user_idle_days"),
         )
         .with_columns(pl.col(Columns.UserIdx).cast(pl.Int32))
+        .sort(Columns.UserIdx)
     )
 
 
@@ -102,8 +103,8 @@ def build_features(
     ``scorers`` score the candidate pairs (``score_pairs``; a ``ScoreBlock`` reads the block the
     candidates came from). Item statistics: as of each user's cut where ``history`` has per-user
     cuts (``History.user_now``), else one row per item of ``item_stats`` (default
-    ``item_statistics(history)``). ``user_stats``: default ``user_statistics(history)``; callers
-    that work block by block pass both, computed once.
+    ``item_statistics(history)``). ``user_stats``: sorted by user_idx, as ``user_statistics``
+    returns it (its default); callers that work block by block pass both, computed once.
 
     Computed with numpy on the candidates sorted by (user, item): the per-user standardised
     scores as sums over each user's contiguous rows, the statistics as gathers. A user with one
@@ -137,9 +138,11 @@ def build_features(
             if c != Columns.ItemIdx:
                 cols[c] = stats[c].gather(items)
     user_stats = user_statistics(history) if user_stats is None else user_stats
-    at = np.full(history.n_users, -1, dtype=np.int64)
-    at[user_stats[Columns.UserIdx].to_numpy()] = np.arange(user_stats.height)
-    rows = pl.Series(at[users]).set(pl.Series(at[users] < 0), None)  # no history: nulls
+    # Found by binary search in the sorted ids: a block's cost stays with its rows, not all users.
+    ids = user_stats[Columns.UserIdx].to_numpy()
+    at = np.minimum(np.searchsorted(ids, users), max(len(ids) - 1, 0))
+    known = ids[at] == users if len(ids) else np.zeros(len(users), dtype=bool)
+    rows = pl.Series(at).set(pl.Series(~known), None)  # no history: nulls
     for c in user_stats.columns:
         if c != Columns.UserIdx:
             cols[c] = user_stats[c].gather(rows)

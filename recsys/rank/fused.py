@@ -92,7 +92,7 @@ class FusedRecommender:
                 cands = keep(cands)
         with timer("features"):
             # A source's block answers for its candidates; every other model scores the pairs.
-            by_row = {n: _GlobalRows(b, users, history.n_users) for n, b in blocks.items()}
+            by_row = {n: _GlobalRows(b, users) for n, b in blocks.items()}
             scorers = {n: by_row.get(n, m) for n, m in models.items() if m.is_feature}
             return build_features(cands, history, scorers, list(self.n_candidates), item_stats, user_stats)
 
@@ -152,9 +152,8 @@ class FusedRecommender:
         """
         feats = self.features(users, models, history, exclude, allowed, None, item_stats, user_stats, buffer, timer)
         with timer("ranker"):
-            x = matrix(feats) if matrix else feats.select(self.ranker.features).to_numpy()
-            pred = predict(x) if predict else self.ranker.booster.predict(x, num_iteration=self.ranker.best_iteration)
-            pred = np.asarray(pred, dtype=np.float32)
+            x = (matrix or self.ranker.matrix)(feats)
+            pred = np.asarray((predict or self.ranker.predict_matrix)(x), dtype=np.float32)
         with timer("rules"):
             out, rows = ranked_candidates(feats, pred, users, k, rules)
         return out, x, rows
@@ -184,21 +183,20 @@ def ranked_candidates(
 
 
 class _GlobalRows(Recommender):
-    """A block's ``ScoreBlock`` read with the users' own indices (the candidate frame's)."""
+    """A block's ``ScoreBlock`` read with the users' own indices (the candidate frame's);
+    ``users``: the block's users, sorted (row r of the block is ``users[r]``)."""
 
-    def __init__(self, block: Recommender, users: np.ndarray, n_users: int) -> None:
-        self.block = block
-        self.row = np.full(n_users, -1, dtype=np.int64)
-        self.row[users] = np.arange(len(users))
+    def __init__(self, block: Recommender, users: np.ndarray) -> None:
+        self.block, self.users = block, users
 
     def fit(self, history: History) -> _GlobalRows:  # pragma: no cover
         return self
 
     def score_users(self, users: np.ndarray) -> np.ndarray:  # pragma: no cover
-        return self.block.score_users(self.row[users])
+        return self.block.score_users(np.searchsorted(self.users, users))
 
     def score_pairs(self, users: np.ndarray, items: np.ndarray, chunk: int = 2048) -> np.ndarray:
-        return self.block.score_pairs(self.row[users], items)
+        return self.block.score_pairs(np.searchsorted(self.users, users), items)
 
 
 def empty_lists() -> pl.DataFrame:

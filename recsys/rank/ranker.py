@@ -152,9 +152,15 @@ class LambdaMARTRanker:
             free_raw_data=False,
         )
 
-    def predict(self, frame: pl.DataFrame) -> np.ndarray:
-        x = frame.select(self.features).to_numpy()
+    def matrix(self, frame: pl.DataFrame) -> np.ndarray:
+        """The ranker's input: ``features`` of ``frame`` as float64, nulls as NaN."""
+        return frame.select(self.features).to_numpy()
+
+    def predict_matrix(self, x: np.ndarray) -> np.ndarray:
         return self.booster.predict(x, num_iteration=self.best_iteration).astype(np.float32)
+
+    def predict(self, frame: pl.DataFrame) -> np.ndarray:
+        return self.predict_matrix(self.matrix(frame))
 
     def feature_importance(self) -> pl.DataFrame:
         gain = self.booster.feature_importance("gain", iteration=self.best_iteration)

@@ -31,6 +31,7 @@ import scipy.sparse as sp
 
 from recsys.columns import Columns
 from recsys.errors import ConfigError
+from recsys.recommender import mask_items
 from recsys.topk import top_k
 
 
@@ -160,16 +161,6 @@ class CompiledRules:
         if copy or scores.dtype != np.float32 or not scores.flags.writeable:
             scores = np.array(scores, dtype=np.float32, copy=True)
         return mask_items(scores, self.allowed_items, seen if self.rules.filter_seen else None)
-
-
-def mask_items(scores: np.ndarray, allowed: np.ndarray | None, seen: sp.csr_matrix | None) -> np.ndarray:
-    """``scores`` (masked in place and returned) with items outside ``allowed`` and each row's
-    ``seen`` items (row r of ``seen`` is row r of ``scores``) at -inf."""
-    if allowed is not None:
-        scores[:, ~allowed] = -np.inf
-    if seen is not None:
-        scores[np.repeat(np.arange(seen.shape[0]), np.diff(seen.indptr)), seen.indices] = -np.inf
-    return scores
 
 
 def apply_rules(frame: pl.DataFrame, rules: CompiledRules, k: int) -> pl.DataFrame:
