@@ -88,8 +88,8 @@ def build(folder: Path, n_users: int, n_items: int, events: int) -> dict:
     from recsys.cf.models import ALS, BPR, ItemKNN, Popularity
     from recsys.config import minilm_path
     from recsys.data.dataset import IdMap
-    from recsys.export.pipeline_model import TrainedPipeline
     from recsys.pipeline import FusionStage
+    from recsys.pipeline_model import TrainedPipeline
     from recsys.rank.ranker import LambdaMARTRanker
     from recsys.recommender import History
     from recsys.text.encoder import ItemEncoder, TwoTower
@@ -202,15 +202,15 @@ def bare_topk(folder: Path, k: int, chunk: int) -> dict:
     import torch
     from threadpoolctl import threadpool_limits
 
-    from recsys.export.pipeline_model import TrainedPipeline
+    from recsys.pipeline_model import TrainedPipeline
     from recsys.recommender import History
 
     p = TrainedPipeline.load(folder)
     seen = History(p.history, len(p.users), p.n_items).matrix
     out = {}
-    spaces = {"als": (p.factor_models["als"]["user_factors"], p.factor_models["als"]["item_factors"])}
+    spaces = {"als": (p.models["als"].user_factors, p.models["als"].item_factors)}
     ph = p.histories(list(p.users.ids))
-    spaces["text"] = (p.scorers(ph, ["text"])["text"].user_embeddings, p.item_embeddings)
+    spaces["text"] = (p.scorers(ph, ["text"])["text"].user_embeddings, p.models["text"].item_embeddings)
     default_threads = torch.get_num_threads()
     for threads in (1, default_threads):
         torch.set_num_threads(threads)

@@ -27,7 +27,6 @@ from hydra.utils import instantiate
 import recsys.config  # noqa: F401  (resolvers)
 from recsys.columns import Columns
 from recsys.evaluation.metrics import ranking_metrics
-from recsys.export.pipeline_model import PipelineHistories, TrainedPipeline
 from recsys.pipeline import (
     FusionStage,
     HybridPipeline,
@@ -35,9 +34,11 @@ from recsys.pipeline import (
     relevance_matrix,
     stage_exclusion,
 )
+from recsys.pipeline_model import PipelineHistories, TrainedPipeline
 from recsys.rank.features import feature_columns
 from recsys.rank.fused import ranked_arrays, ranked_candidates
 from recsys.recommender import History, NewItemText, Recommender
+from recsys.text.history_tower import HistoryTower
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -70,7 +71,8 @@ def text_models(pipeline: TrainedPipeline, history: History) -> dict[str, Recomm
     """The run's text towers (fine-tuned, and the further ones), scoring every user of ``history``."""
     n = history.n_users
     everyone = PipelineHistories([""] * n, np.full(n, -1), history)  # ids unused by text scorers
-    return pipeline.scorers(everyone, only=[pipeline.text_name, *pipeline.history_towers])
+    towers = [n for n, m in pipeline.models.items() if isinstance(m, HistoryTower)]
+    return pipeline.scorers(everyone, only=towers)
 
 
 def stage_models(cfg, pipeline: TrainedPipeline, history: History) -> dict[str, Recommender]:
@@ -104,7 +106,7 @@ def main() -> None:
     split = instantiate(cfg.split).split(data.interactions)
     history = History(split.train, data.n_users, data.n_items)
     pipeline = TrainedPipeline.load(Path(args.run) / "pipeline")
-    if not pipeline.history_towers:
+    if sum(isinstance(m, HistoryTower) for m in pipeline.models.values()) < 2:
         raise SystemExit("the run has no zero-shot tower: train it with rank.text_zeroshot_feature=true")
     users = split.val[Columns.UserIdx].unique().sort().to_numpy()
     rng = np.random.default_rng(cfg.seed if args.fold_seed is None else args.fold_seed)

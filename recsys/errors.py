@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import sys
-from collections.abc import Callable, Iterator, Mapping
+import types
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Union, get_args, get_origin
 
 T = TypeVar("T")
 
@@ -94,3 +96,63 @@ def reading(path: Path) -> Iterator[None]:
     except Exception as e:  # numpy, polars, safetensors, lightgbm and torch each raise their own types
         detail = (str(e).strip().splitlines() or [""])[0]
         raise InputError(f"cannot be read ({type(e).__name__}: {detail}); {PIPELINE_REPAIR}", file=str(path)) from e
+
+
+# --- the JSON files of a saved pipeline (meta.json, serving.json) ---------------------------------
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A pipeline JSON file (``meta.json``, ``serving.json``) as a dict; an ``InputError``
+    naming the file if it cannot be read or does not hold one JSON object."""
+    with reading(path):
+        data = json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise InputError(f"holds a JSON {type(data).__name__}, not an object; {PIPELINE_REPAIR}", file=str(path))
+    return data
+
+
+def fits(value: Any, hint: Any) -> bool:
+    """Whether ``value``, as parsed from JSON, has the type ``hint`` names (``int``, ``float``,
+    ``str``, ``bool``, ``None``, ``list[...]`` / ``Sequence[...]``, ``dict[str, ...]`` and unions
+    of them). JSON keeps booleans apart from numbers, so ``true`` is no int here, while an integer
+    is a valid float. A hint it does not know passes: the code that reads the value decides."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        return any(fits(value, a) for a in args)
+    if hint is None or hint is type(None):
+        return value is None
+    if hint is Any:
+        return True
+    if isinstance(value, bool):
+        return hint is bool
+    if hint is float:
+        return isinstance(value, int | float)
+    if origin in (list, Sequence):
+        return isinstance(value, list) and all(fits(v, args[0]) for v in value)
+    if origin in (dict, Mapping):
+        return isinstance(value, dict) and all(fits(v, args[1]) for v in value.values())
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def type_name(hint: Any) -> str:
+    """``hint`` as a message shows it: ``list[str]``, ``int | None``."""
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("collections.abc.", "")
+
+
+def check_field(file: Path, parent: Mapping[str, Any], path: str, hint: Any, required: bool = True) -> None:
+    """An ``InputError`` naming ``file`` and the dotted ``path`` if the last key of ``path`` is
+    missing from ``parent`` (when ``required``) or does not have the JSON type ``hint``."""
+    key = path.rsplit(".", 1)[-1]
+    if key not in parent:
+        if required:
+            raise InputError(
+                f"field '{path}' is missing (expected {type_name(hint)}); {PIPELINE_REPAIR}", file=str(file)
+            )
+        return
+    value = parent[key]
+    if not fits(value, hint):
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        raise InputError(
+            f"field '{path}' must be {type_name(hint)}, found {type(value).__name__} {shown}; {PIPELINE_REPAIR}",
+            file=str(file),
+        )

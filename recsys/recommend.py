@@ -68,8 +68,8 @@ def run(cfg: DictConfig):
     from recsys.data.tables import read_histories, read_user_list
     from recsys.export.batch import check_output, check_parallel, export_recommendations
     from recsys.export.engine import Engine, ExplainOptions
-    from recsys.export.pipeline_model import normalise_history
-    from recsys.export.writer import output_lock
+    from recsys.output import output_lock
+    from recsys.pipeline_model import normalise_history
     from recsys.tracking import tracking_uri
 
     engine_name = str(cfg.get("engine", "local"))

@@ -9,9 +9,11 @@ same known-answer checks.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import polars as pl
@@ -114,9 +116,17 @@ class History:
 
 
 class Recommender(ABC):
-    """Fit on a history, score users against every item."""
+    """Fit on a history, score users against every item.
+
+    A model that can be served also saves and loads itself (``save``, ``files``, ``load``: its
+    own files in a folder, numpy or safetensors, never pickle) and scores histories it was not
+    fitted on (``for_users``). The saved pipeline (``recsys.pipeline_model``) is a list of
+    such models, each under its ``kind``.
+    """
 
     name: str = "recommender"
+    #: the name a saved pipeline's meta.json gives this model's kind (None: cannot be saved)
+    kind: ClassVar[str | None] = None
     #: whether the fusion ranker gets this model's score as a feature (all but pure candidate sources)
     is_feature: bool = True
     #: whether ``score_users`` takes ``out=``: a float32 ``[len(users), n_items]`` array to fill
@@ -134,6 +144,33 @@ class Recommender(ABC):
 
     @abstractmethod
     def fit(self, history: History) -> Recommender: ...
+
+    def save(self, folder: Path) -> dict[str, Any]:
+        """Write this model's files into ``folder`` (which it creates) and return its entry for
+        the pipeline's meta.json: ``kind`` and what ``load`` needs besides the files."""
+        raise TypeError(f"a {type(self).__name__} cannot be saved in a pipeline")
+
+    @classmethod
+    def files(cls, info: Mapping[str, Any]) -> list[str]:
+        """The files ``load`` reads from the folder, given what ``save`` returned."""
+        return []
+
+    @classmethod
+    def load(cls, folder: Path, info: Mapping[str, Any]) -> Recommender:
+        """The model ``save`` wrote into ``folder`` (``info``: what it returned)."""
+        raise TypeError(f"a {cls.__name__} cannot be loaded from a pipeline")
+
+    def for_users(self, history: History, known: np.ndarray) -> Recommender:
+        """This model scoring the users of ``history`` (numbered 0..n-1, as ``history`` numbers
+        them), for serving: ``known[u]`` is user u's index among the users the model was fitted
+        on when ``history`` holds exactly that user's stored events, else -1. Default: the model
+        reads nothing user-specific (popularity)."""
+        return self
+
+    def item_space(self) -> np.ndarray | sp.csr_matrix | None:
+        """What explains a recommendation by the closest history item: unit item vectors
+        (dense) or an item x item similarity (sparse); None: no history item is responsible."""
+        return None
 
     @abstractmethod
     def score_users(self, users: np.ndarray) -> np.ndarray:
@@ -189,11 +226,22 @@ class NewItemText(Recommender):
     """
 
     name = "text_new"
+    kind = "NewItemText"
     is_feature = False
 
     def __init__(self, text: Recommender, max_events: int = 0) -> None:
         self.text = text
         self.max_events = max_events
+
+    def save(self, folder: Path) -> dict[str, Any]:
+        # No files: the text model is saved under its own name, ``warm`` is refitted on load.
+        return {"kind": self.kind, "max_events": int(self.max_events)}
+
+    def over(self, text: Recommender) -> NewItemText:
+        """The same restriction over ``text`` (the text model served for a block of users)."""
+        out = NewItemText(text, self.max_events)
+        out.warm = self.warm
+        return out
 
     def fit(self, history: History) -> NewItemText:
         """``text`` must already be fitted on the same history."""

@@ -151,7 +151,7 @@ def prepare(cfg: DictConfig, timings: StageTimings) -> Job:
 def log_inputs(job: Job) -> None:
     """The run's parameters, its data (name, hash, origin, row counts), the loader's repairs and
     the config, secrets masked in every copy."""
-    from recsys.export.writer import write_text_atomic
+    from recsys.atomic import write_text_atomic
     from recsys.tracking import mask_secrets
 
     cfg, data, split, tracker = job.cfg, job.data, job.split, job.tracker
@@ -289,8 +289,8 @@ def _impressions(job: Job, history: History, models: dict, singles: dict, exclud
 def record(job: Job, val: Fitted, test: Evaluated, run_id: str, timings: StageTimings) -> dict[str, float]:
     """Log the test and ranker metrics, ``metrics.csv`` and ``feature_importance.csv``; then the
     evaluation bundle and report (``evaluation_report``). Returns the metrics logged."""
+    from recsys.atomic import write_text_atomic
     from recsys.evaluation.sampling import ci95_half_width
-    from recsys.export.writer import write_text_atomic
 
     cfg, fusion, tracker, result = job.cfg, job.fusion, job.tracker, test.result
     metrics = {
@@ -331,7 +331,8 @@ def record(job: Job, val: Fitted, test: Evaluated, run_id: str, timings: StageTi
 
 def export(job: Job, test: Evaluated, timings: StageTimings) -> Path:
     """The fused top-``export.k`` of every evaluated test user, seen items removed (``export``)."""
-    from recsys.export.writer import recommendations_frame, write_parquet_atomic
+    from recsys.atomic import write_parquet_atomic
+    from recsys.output import recommendations_frame
 
     with timings.stage("export"):
         k, result = job.cfg.export.k, test.result

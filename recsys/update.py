@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import logging
 import os
 import sys
@@ -142,21 +141,16 @@ def merge_items(old: pl.DataFrame, new: pl.DataFrame) -> Catalogue:
     return Catalogue(items, encode)
 
 
-def encode_with_saved_bert(text_folder: str, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def encode_with_saved_bert(text_folder: str, max_length: int, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """``texts``' vectors by the model's saved BERT: ``(base, tuned)``, the BERT's pooled vectors
     and the fine-tuned item side (the saved adapter on them; the same without one). Run in a
     worker process by ``TextRefresher`` (torch and transformers are imported there only)."""
-    import json
-
     import torch
 
-    from recsys.export.pipeline_model import load_adapter, load_bert
     from recsys.text.encoder import ItemEncoder
+    from recsys.text.history_tower import load_bert
 
-    folder = Path(text_folder)
-    max_length = int(json.loads((folder.parent / "meta.json").read_text())["text"]["max_length"])
-    bert, tok = load_bert(folder)
-    adapter = load_adapter(folder)
+    bert, tok, adapter = load_bert(Path(text_folder))
     hidden = int(adapter["down.weight"].shape[0]) if adapter is not None else None
     encoder = ItemEncoder(bert, tok, max_length=max_length, adapter_hidden=hidden)
     if adapter is not None:
@@ -191,8 +185,8 @@ class EncoderWorker:
         self._proc.start()
         child.close()
 
-    def submit(self, text_folder: str, texts: list[str]) -> None:
-        self._conn.send((text_folder, texts))
+    def submit(self, text_folder: str, max_length: int, texts: list[str]) -> None:
+        self._conn.send((text_folder, max_length, texts))
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         try:
@@ -253,8 +247,11 @@ class TextRefresher:
 
     CHECK_ROWS = 8
 
-    def __init__(self, folder: Path, config: DictConfig | None, worker: EncoderWorker | None = None) -> None:
-        self.text_folder = folder / "text"  # a saved pipeline's text tower, with its BERT in encoder/
+    def __init__(
+        self, folder: Path, name: str, max_length: int, config: DictConfig | None, worker: EncoderWorker | None = None
+    ) -> None:
+        self.text_folder = folder / "models" / name  # the saved tower, with its BERT in encoder/
+        self.name, self.max_length = name, max_length
         self.config = config
         self.worker = worker
         self.encoded = 0
@@ -266,10 +263,13 @@ class TextRefresher:
     @staticmethod
     def stored_base(pipeline) -> np.ndarray | None:
         """``pipeline``'s stored pre-fine-tuning item table (frozen history side or zero-shot feature)."""
-        t = pipeline.text_tower
+        from recsys.text.history_tower import HistoryTower
+
+        t = pipeline.models[pipeline.text_name]
         if t.history_embeddings is not None:
             return t.history_embeddings
-        return next(iter(pipeline.history_towers.values())).item_embeddings if pipeline.history_towers else None
+        others = [m for m in pipeline.models.values() if isinstance(m, HistoryTower) and m is not t]
+        return others[0].item_embeddings if others else None
 
     def start(self, catalogue: Catalogue, n_items: int) -> None:
         """Begin encoding ``catalogue``'s new and changed texts, and up to ``CHECK_ROWS`` of the
@@ -285,9 +285,9 @@ class TextRefresher:
             self._check = unchanged[np.unique(pick)]
         texts = catalogue.items[Columns.Text].gather(np.r_[self._rows, self._check]).to_list()
         if self.worker is None:
-            self._job = encode_with_saved_bert(str(self.text_folder), texts)
+            self._job = encode_with_saved_bert(str(self.text_folder), self.max_length, texts)
         else:
-            self.worker.submit(str(self.text_folder), texts)
+            self.worker.submit(str(self.text_folder), self.max_length, texts)
 
     def _result(self) -> tuple[np.ndarray, np.ndarray]:
         return self._job if self.worker is None else self.worker.result()
@@ -298,11 +298,8 @@ class TextRefresher:
 
         if self.config is None or "encoder" not in self.config:
             raise ConfigError("the model's config.yaml has no encoder: cannot encode new texts for its history side")
-        import json
-
         encoder = instantiate(self.config.encoder)
-        meta = json.loads((self.text_folder.parent / "meta.json").read_text())
-        encoder.max_length = int(meta["text"]["max_length"])
+        encoder.max_length = self.max_length
         encoder.embedding_cache = None
         check = pipeline.items[Columns.Text].gather(self._check).to_list()
         got = encoder.encode_tokens(*encoder.tokenize(texts + check)).numpy()
@@ -315,9 +312,9 @@ class TextRefresher:
         return got[: len(texts)]
 
     def refresh(self, pipeline, catalogue: Catalogue) -> dict[str, Any]:
-        """``pipeline``'s ``text_tower``, ``item_embeddings`` and ``history_towers`` for
-        ``catalogue.items`` (``start`` first; this waits for its vectors)."""
-        from recsys.export.pipeline_model import HistoryTower
+        """``pipeline``'s text towers, by name, for ``catalogue.items`` (``start`` first; this
+        waits for its vectors)."""
+        from recsys.text.history_tower import HistoryTower
 
         p = pipeline
         n_old, n, rows = p.n_items, catalogue.items.height, self._rows
@@ -341,14 +338,13 @@ class TextRefresher:
                 out[rows] = fresh
             return out
 
-        t = p.text_tower
-        emb = table(t.item_embeddings, tuned_new)
+        t = p.models[p.text_name]
         hist = table(t.history_embeddings, base_new) if t.history_embeddings is not None else None
-        towers = {
-            name: HistoryTower(tower.weights, table(tower.item_embeddings, base_new), tower.history_embeddings)
-            for name, tower in p.history_towers.items()
-        }
-        return {"text_tower": HistoryTower(t.weights, emb, hist), "item_embeddings": emb, "history_towers": towers}
+        towers = {p.text_name: HistoryTower(t.weights, table(t.item_embeddings, tuned_new), hist, t.bert)}
+        for name, m in p.models.items():
+            if isinstance(m, HistoryTower) and m is not t:
+                towers[name] = HistoryTower(m.weights, table(m.item_embeddings, base_new), m.history_embeddings)
+        return towers
 
 
 def updated_pipeline(
@@ -366,9 +362,10 @@ def updated_pipeline(
     items and their vectors (``TextRefresher.refresh``); None: made here. ``warm_iterations``
     (refit): factor models continue from ``pipeline``'s factors for this many iterations
     instead of a cold fit with the configured ones."""
-    from recsys.cf.models import ALS, BPR, ItemKNN, Popularity
+    import scipy.sparse as sp
+
+    from recsys.cf.models import ALS, BPR, ItemKNN, Popularity, fold_in
     from recsys.data.dataset import IdMap
-    from recsys.export.pipeline_model import fold_in
     from recsys.recommender import History
 
     p = pipeline
@@ -376,7 +373,7 @@ def updated_pipeline(
     items = catalogue.items
     if text_parts is None:
         text_parts = {}
-        if p.text_tower is not None:
+        if p.text_name is not None:
             texts.start(catalogue, p.n_items)
             text_parts = texts.refresh(p, catalogue)
     old_users = p.users.ids
@@ -394,53 +391,37 @@ def updated_pipeline(
         .sort(Columns.UserIdx, Columns.Timestamp, maintain_order=True)
     )
     hist = History(history, len(users), items.height)
-    factor, knn, const = {}, {}, {}
-    for name in p.source_order:
+    models = dict(text_parts)
+    for name, m in p.models.items():
         model = cf.get(name)
-        if name in p.factor_models:
-            if mode == "refit":
-                if not isinstance(model, ALS | BPR):
-                    raise ConfigError(f"the model's config has no factor model '{name}' to refit")
-                m = copy.deepcopy(model)
-                start = None
-                if warm_iterations is not None:
-                    f = p.factor_models[name]
-                    m.iterations, start = warm_iterations, (f["user_factors"], f["item_factors"])
-                m.fit(hist, start=start)
-                factor[name] = {**p.factor_models[name], "user_factors": m.user_factors, "item_factors": m.item_factors}
-            else:
-                f = p.factor_models[name]
-                item_f = np.zeros((items.height, f["item_factors"].shape[1]), dtype=np.float32)
-                item_f[: p.n_items] = f["item_factors"]
-                touched = np.unique(events[Columns.UserIdx].to_numpy())
-                user_f = np.zeros((len(users), item_f.shape[1]), dtype=np.float32)
-                user_f[: len(old_users)] = f["user_factors"]
-                user_f[touched] = fold_in(item_f, hist.matrix[touched], f["regularization"], f["alpha"])
-                factor[name] = {**f, "user_factors": user_f, "item_factors": item_f}
-        elif name in p.knn_models:
-            if mode == "refit":
-                if not isinstance(model, ItemKNN):
-                    raise ConfigError(f"the model's config has no item-kNN model '{name}' to refit")
-                knn[name] = copy.deepcopy(model).fit(hist).similarity
-            else:
-                s = p.knn_models[name].tocoo()
-                import scipy.sparse as sp
-
-                knn[name] = sp.csr_matrix((s.data, (s.row, s.col)), shape=(items.height, items.height))
-        elif name in p.constant_models:
-            model = model if isinstance(model, Popularity) else Popularity()
-            const[name] = copy.deepcopy(model).fit(hist).counts
-    return dataclasses.replace(
-        p,
-        items=items,
-        users=users,
-        history=history,
-        factor_models=factor,
-        knn_models=knn,
-        constant_models=const,
-        now=int(history[Columns.Timestamp].max()),
-        **text_parts,
-    )
+        if isinstance(m, ALS | BPR) and mode == "refit":
+            if not isinstance(model, ALS | BPR):
+                raise ConfigError(f"the model's config has no factor model '{name}' to refit")
+            models[name] = copy.deepcopy(model)
+            start = None
+            if warm_iterations is not None:
+                models[name].iterations, start = warm_iterations, (m.user_factors, m.item_factors)
+            models[name].fit(hist, start=start)
+        elif isinstance(m, ALS | BPR):
+            item_f = np.zeros((items.height, m.item_factors.shape[1]), dtype=np.float32)
+            item_f[: p.n_items] = m.item_factors
+            touched = np.unique(events[Columns.UserIdx].to_numpy())
+            user_f = np.zeros((len(users), item_f.shape[1]), dtype=np.float32)
+            user_f[: len(old_users)] = m.user_factors
+            user_f[touched] = fold_in(item_f, hist.matrix[touched], m.regularization, m.alpha)
+            models[name] = copy.copy(m)
+            models[name].user_factors, models[name].item_factors = user_f, item_f
+        elif isinstance(m, ItemKNN) and mode == "refit":
+            if not isinstance(model, ItemKNN):
+                raise ConfigError(f"the model's config has no item-kNN model '{name}' to refit")
+            models[name] = copy.deepcopy(model).fit(hist)
+        elif isinstance(m, ItemKNN):
+            s = m.similarity.tocoo()
+            models[name] = copy.copy(m)
+            models[name].similarity = sp.csr_matrix((s.data, (s.row, s.col)), shape=(items.height, items.height))
+        elif isinstance(m, Popularity):
+            models[name] = copy.deepcopy(model if isinstance(model, Popularity) else Popularity()).fit(hist)
+    return p.replace(models, items=items, users=users, history=history, now=int(history[Columns.Timestamp].max()))
 
 
 # --- the gate -------------------------------------------------------------------------------------
@@ -578,8 +559,8 @@ def _run(cfg: DictConfig, t_start: float, mode: str, tolerance: float, warm: int
     from hydra.utils import instantiate
 
     from recsys.data.files import FileDataSource
-    from recsys.export.pipeline_model import TrainedPipeline, read_json_object
     from recsys.export.pyfunc import SERVING_FILE, log_pipeline, read_serving
+    from recsys.pipeline_model import TrainedPipeline, read_json_object
     from recsys.recommend import resolve_model
     from recsys.tracking import tracking_uri
 
@@ -608,8 +589,9 @@ def _run(cfg: DictConfig, t_start: float, mode: str, tolerance: float, warm: int
     # refitted, for the challenger and for the gate's challenger without the holdout.
     catalogue = merge_items(tables.items, new.items)
     texts = None
-    if read_json_object(folder / "meta.json").get("text"):
-        texts = TextRefresher(folder, config, worker)
+    saved = read_json_object(folder / "meta.json")["models"]
+    if text := next((n for n, m in saved.items() if m.get("bert")), None):
+        texts = TextRefresher(folder, text, int(saved[text]["bert"]["max_length"]), config, worker)
         texts.start(catalogue, tables.n_items)
     elif worker is not None:
         worker.close()
@@ -623,7 +605,7 @@ def _run(cfg: DictConfig, t_start: float, mode: str, tolerance: float, warm: int
     t0 = time.perf_counter()
     if texts is not None:
         parts = texts.refresh(champion, catalogue)
-        challenger, before = dataclasses.replace(challenger, **parts), dataclasses.replace(before, **parts)
+        challenger, before = challenger.replace(parts), before.replace(parts)
     timings["text_wait"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     gate = run_gate(champion, before, new_before, holdout, int(cfg.gate.k), tolerance)

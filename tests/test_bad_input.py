@@ -291,7 +291,7 @@ def test_encoder_path_missing_empty_or_not_a_bert(tmp_path, tokenizer_path):
 
 def test_k_larger_than_the_catalogue_gives_shorter_lists(tiny_dataset):
     """Documented repair: a list holds at most the items a user has not seen (no padding rows)."""
-    from recsys.export.writer import recommendations_frame
+    from recsys.output import recommendations_frame
     from recsys.topk import top_k
 
     n = tiny_dataset.n_items
@@ -317,13 +317,13 @@ def test_an_empty_user_list_for_export_is_an_error(tmp_path, content):
     assert path in str(info.value)
 
 
-# --- the saved pipeline folder (recsys.export.pipeline_model) -----------------------------------
+# --- the saved pipeline folder (recsys.pipeline_model) -----------------------------------
 
 
 @pytest.fixture
 def pipeline_copy(tmp_path) -> Path:
     """A private copy of the shared test run's saved pipeline (ALS, BPR, item-kNN, popularity,
-    the text tower, the ``text_zeroshot`` feature in text_extra/, the ranker), free to damage."""
+    the text tower, the ``text_zeroshot`` feature, the ranker), free to damage."""
     import shutil
 
     from export_support import trained_run
@@ -334,7 +334,7 @@ def pipeline_copy(tmp_path) -> Path:
 def load_fails(folder: Path, *names: str, file: Path | None = None) -> str:
     """``TrainedPipeline.load(folder)`` raises an InputError naming ``file`` (default: the
     folder) and each of ``names``, and says how to repair it; returns the message."""
-    from recsys.export.pipeline_model import TrainedPipeline
+    from recsys.pipeline_model import TrainedPipeline
 
     with pytest.raises(InputError) as info:
         TrainedPipeline.load(folder)
@@ -349,13 +349,13 @@ def load_fails(folder: Path, *names: str, file: Path | None = None) -> str:
 @pytest.mark.parametrize(
     "missing",
     [
-        "text/user_encoder.safetensors",
-        "text/item_embeddings.npy",
-        "text_extra/text_zeroshot/user_encoder.safetensors",
-        "text_extra/text_zeroshot/item_embeddings.npy",
-        "cf/als.npz",
-        "cf/itemknn.npz",
-        "cf/popularity.npz",
+        "models/text/user_encoder.safetensors",
+        "models/text/item_embeddings.npy",
+        "models/text_zeroshot/user_encoder.safetensors",
+        "models/text_zeroshot/item_embeddings.npy",
+        "models/als/model.npz",
+        "models/itemknn/model.npz",
+        "models/popularity/model.npz",
         "ranker/lightgbm.txt",
         "users.parquet",
     ],
@@ -366,14 +366,14 @@ def test_a_missing_pipeline_file_is_named_before_anything_is_read(pipeline_copy,
     assert "1 file(s)" in msg, msg  # the others are all there: only the deleted one is named
 
 
-@pytest.mark.parametrize("folder", ["text", "text_extra/text_zeroshot", "cf", "ranker"])
+@pytest.mark.parametrize("folder", ["models/text", "models/text_zeroshot", "models", "ranker"])
 def test_a_missing_pipeline_subfolder_names_every_file_load_needs_from_it(pipeline_copy, folder):
     import shutil
 
     gone = sorted(
         str(f.relative_to(pipeline_copy))
         for f in (pipeline_copy / folder).rglob("*")
-        # The BERT under text/encoder/ is read only when a loaded pipeline is saved again.
+        # The BERT under models/text/encoder/ is read only when a loaded pipeline is saved again.
         if f.is_file() and "encoder" not in f.relative_to(pipeline_copy).parts
     )
     shutil.rmtree(pipeline_copy / folder)
@@ -414,7 +414,7 @@ def edit_json(path: Path, edit) -> None:
     ("edit", "field", "found"),
     [
         (lambda m: m["ranker"].pop("features"), "ranker.features", "is missing (expected list[str])"),
-        (lambda m: m["text"].pop("max_history"), "text.max_history", "is missing (expected int)"),
+        (lambda m: m["models"]["text"].pop("max_history"), "models.text.max_history", "is missing (expected int)"),
         (lambda m: m["models"]["text_new"].pop("max_events"), "models.text_new.max_events", "is missing"),
         (lambda m: m["models"]["als"].pop("kind"), "models.als.kind", "is missing (expected str)"),
         # list("rank_als,rank_text") would silently make one feature of each character.
@@ -507,9 +507,9 @@ def test_what_a_serving_rule_points_at_is_checked_at_load(pipeline_copy, edit, m
 @pytest.mark.parametrize(
     ("damaged", "content"),
     [
-        ("cf/als.npz", b"not a zip archive"),
-        ("text/user_encoder.safetensors", b"\x08\x00\x00"),  # truncated header
-        ("text_extra/text_zeroshot/item_embeddings.npy", b"\x93NUMPY garbage"),
+        ("models/als/model.npz", b"not a zip archive"),
+        ("models/text/user_encoder.safetensors", b"\x08\x00\x00"),  # truncated header
+        ("models/text_zeroshot/item_embeddings.npy", b"\x93NUMPY garbage"),
         ("ranker/lightgbm.txt", b"not a LightGBM model"),
         ("history.parquet", b"PAR1 half a file"),
     ],
@@ -536,28 +536,29 @@ def test_corrupt_serving_json_is_named(pipeline_copy, content, match):
 def test_an_optional_looking_tower_file_that_was_saved_is_required(pipeline_copy, tmp_path):
     """A tower saved with its frozen history side needs it back: loading without it would
     silently score users differently."""
-    from recsys.export.pipeline_model import TrainedPipeline
+    from recsys.pipeline_model import TrainedPipeline
 
     p = TrainedPipeline.load(pipeline_copy)
-    tower = p.history_towers["text_zeroshot"]
+    tower = p.models["text_zeroshot"]
     tower.history_embeddings = tower.item_embeddings * 2.0
     folder = p.save(tmp_path / "with_history")
-    again = TrainedPipeline.load(folder).history_towers["text_zeroshot"]
+    again = TrainedPipeline.load(folder).models["text_zeroshot"]
     np.testing.assert_array_equal(again.history_embeddings, tower.history_embeddings)
-    (folder / "text_extra/text_zeroshot/history_embeddings.npy").unlink()
-    load_fails(folder, "text_extra/text_zeroshot/history_embeddings.npy")
+    (folder / "models/text_zeroshot/history_embeddings.npy").unlink()
+    load_fails(folder, "models/text_zeroshot/history_embeddings.npy")
 
 
 def test_saving_a_loaded_pipeline_again_without_its_bert_is_named(pipeline_copy, tmp_path):
     import shutil
 
-    from recsys.export.pipeline_model import TrainedPipeline
+    from recsys.pipeline_model import TrainedPipeline
 
-    shutil.rmtree(pipeline_copy / "text" / "encoder")
+    shutil.rmtree(pipeline_copy / "models" / "text" / "encoder")
     p = TrainedPipeline.load(pipeline_copy)  # serving does not need the BERT
     with pytest.raises(InputError, match="BERT") as info:
         p.save(tmp_path / "again")
-    assert info.value.file == str(pipeline_copy / "text") and "re-run training" in str(info.value)
+    assert info.value.file == str(pipeline_copy / "models" / "text" / "encoder")
+    assert "re-run training" in str(info.value)
     assert not (tmp_path / "again").exists()  # nothing half-written
 
 
@@ -586,11 +587,9 @@ def test_cli_config_pointing_at_a_missing_file(tmp_path):
 def test_cli_export_from_an_incomplete_pipeline_folder(pipeline_copy, tmp_path):
     from reliability_support import run_recommend
 
-    (pipeline_copy / "text_extra" / "text_zeroshot" / "user_encoder.safetensors").unlink()
+    (pipeline_copy / "models" / "text_zeroshot" / "user_encoder.safetensors").unlink()
     proc = run_recommend(tmp_path, f"model_uri={pipeline_copy}", f"output={tmp_path / 'recs.parquet'}")
-    assert_clean_failure(
-        proc, str(pipeline_copy), "text_extra/text_zeroshot/user_encoder.safetensors", "re-run training"
-    )
+    assert_clean_failure(proc, str(pipeline_copy), "models/text_zeroshot/user_encoder.safetensors", "re-run training")
     assert not (tmp_path / "recs.parquet").exists()
 
 

@@ -10,8 +10,8 @@ import polars as pl
 from export_support import MODEL_NAME, trained_run
 
 from recsys.columns import Columns
-from recsys.export.pipeline_model import TrainedPipeline
 from recsys.export.pyfunc import PipelineModel, serving_defaults
+from recsys.pipeline_model import TrainedPipeline
 
 
 def test_served_model_holds_each_users_last_event_and_it_changes_their_lists():

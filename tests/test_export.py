@@ -20,7 +20,7 @@ from recsys.columns import Columns
 from recsys.errors import ConfigError
 from recsys.export.batch import export_recommendations
 from recsys.export.engine import Engine, ExplainOptions
-from recsys.export.pipeline_model import TrainedPipeline
+from recsys.pipeline_model import TrainedPipeline
 from recsys.rank.rules import BusinessRules, apply_rules
 
 # --- rules on a tiny known case ---------------------------------------------------------------
@@ -140,9 +140,9 @@ def test_saved_pipeline_scores_as_the_trained_models(pipeline):
     """Save/load loses nothing any model scores with (the second text tower included): the loaded
     pipeline, over the stored histories, gives every training model's scores."""
     p = pipeline
-    assert "text_zeroshot" in p.history_towers and "score_text_zeroshot" in p.ranker.features
+    assert p.models["text_zeroshot"].bert is None and "score_text_zeroshot" in p.ranker.features
     # the order-aware item-kNN models keep their recency decay (scores below would differ without it)
-    assert p.knn_recency == {"itemknn_recent": 0.5, "itemknn_next": 0.5}
+    assert p.models["itemknn_recent"].recency_decay == p.models["itemknn_next"].recency_decay == 0.5
     scorers = p.scorers(p.histories(list(p.users.ids)))
     users = np.arange(len(p.users))
     with np.load(trained_run().train_scores) as trained:
@@ -155,12 +155,12 @@ def test_saved_pipeline_scores_as_the_trained_models(pipeline):
 def test_loaded_pipeline_serves_without_its_bert_and_saves_it_again(pipeline, tmp_path):
     """Serving reads only the text tower's user side and item vectors; saving again still writes
     the BERT (the loaded folder's files, as they are) and gives the same scores back."""
-    assert pipeline.net is None and pipeline.text_tower is not None
+    bert = pipeline.models["text"].bert
+    assert bert.net is None and bert.folder == trained_run().pipeline_dir / "models" / "text" / "encoder"
     folder = pipeline.save(tmp_path / "again")
-    assert (folder / "text" / "encoder" / "model.safetensors").is_file()
-    source = pipeline.text_folder / "encoder"
-    for f in source.iterdir():
-        assert (folder / "text" / "encoder" / f.name).read_bytes() == f.read_bytes(), f.name
+    assert (folder / "models" / "text" / "encoder" / "model.safetensors").is_file()
+    for f in bert.folder.iterdir():
+        assert (folder / "models" / "text" / "encoder" / f.name).read_bytes() == f.read_bytes(), f.name
     again = TrainedPipeline.load(folder)
     users = list(pipeline.users.ids[:50])
     a, b = pipeline.scorers(pipeline.histories(users)), again.scorers(again.histories(users))
@@ -176,9 +176,7 @@ def test_single_stage_engine_reads_only_its_model(pipeline, tmp_path, scorer):
     rules = BusinessRules(max_per_category=3)
     part = loaded_engine(scorer=scorer, rules=rules)
     assert part.p.ranker is None and part.p.only is not None and scorer in part.p.only
-    assert (part.p.text_tower is not None) == (scorer in ("text", "text_new"))
-    loaded = set(part.p.factor_models) | set(part.p.knn_models) | set(part.p.history_towers)
-    assert loaded <= {scorer}
+    assert set(part.p.models) == ({scorer, "text"} if scorer == "text_new" else {scorer})
     users = list(pipeline.users.ids) + ["nobody"]
     whole = Engine(pipeline, rules.compile(pipeline.items, pipeline.now), 10, scorer, ExplainOptions())
     a = export_recommendations(part, users, tmp_path / "a.parquet", chunk_size=64, progress=False)
@@ -316,7 +314,7 @@ KILL_SCRIPT = """
 import glob, os, signal, sys
 from recsys.export.batch import export_recommendations
 from recsys.export.engine import Engine, ExplainOptions
-from recsys.export.pipeline_model import TrainedPipeline
+from recsys.pipeline_model import TrainedPipeline
 from recsys.rank.rules import BusinessRules
 p = TrainedPipeline.load(sys.argv[1])
 e = Engine(p, BusinessRules().compile(p.items, p.now), 10, "fused", ExplainOptions())

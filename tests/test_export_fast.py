@@ -11,9 +11,8 @@ import torch
 from export_support import trained_run
 
 from recsys.columns import Columns
-from recsys.export import engine as engine_module
 from recsys.export.engine import Engine, ExplainOptions
-from recsys.export.pipeline_model import TrainedPipeline
+from recsys.pipeline_model import TrainedPipeline
 from recsys.rank import explain as explain_module
 from recsys.rank.candidates import ScoreBlock, constant_top_k, generate_candidates
 from recsys.rank.rules import BusinessRules, apply_rules
@@ -103,9 +102,9 @@ def test_cached_similarity_explanations_equal_the_batched_product(pipeline, monk
         e = Engine(p, BusinessRules().compile(p.items, p.now), 10, "fused", ExplainOptions(top_features=0))
         return e.recommend(p.histories(users))
 
-    monkeypatch.setattr(engine_module, "CACHE_MIN_WIDTH", 10**9)  # never cached: batched product
+    monkeypatch.setattr(explain_module, "CACHE_MIN_WIDTH", 10**9)  # never cached: batched product
     ref = run()
-    monkeypatch.setattr(engine_module, "CACHE_MIN_WIDTH", 0)  # always cached
+    monkeypatch.setattr(explain_module, "CACHE_MIN_WIDTH", 0)  # always cached
     got = run()
     assert got.drop("explain_similarity").equals(ref.drop("explain_similarity"))
     assert ref["explain_item"].null_count() < ref.height
@@ -237,8 +236,8 @@ def test_numpy_user_tower_equals_the_torch_user_encoder(tmp_path, frozen):
     """The export's user tower (numpy + a compiled pooling loop) against ``UserEncoder`` with
     random trained-looking weights: empty histories, histories longer than ``max_history``, a
     frozen history side; after a save/load round trip too."""
-    from recsys.export.pipeline_model import HistoryTower
     from recsys.text.encoder import UserEncoder
+    from recsys.text.history_tower import HistoryTower
 
     rng = np.random.default_rng(3)
     n_items, d, max_history = 50, 16, 6
@@ -253,19 +252,18 @@ def test_numpy_user_tower_equals_the_torch_user_encoder(tmp_path, frozen):
     tower = HistoryTower(weights, items, side)
     with torch.no_grad():
         expected = enc.embed_histories(torch.from_numpy(items if side is None else side), seqs).numpy()
-    got = tower.user_embeddings(seqs)
+    got = tower.encode_users(seqs)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     assert not got[-1].any()  # no history: the zero vector
-    tower.save(tmp_path / "tower")
-    again = HistoryTower.load(tmp_path / "tower", max_history)
-    np.testing.assert_array_equal(again.user_embeddings(seqs), got)
+    again = HistoryTower.load(tmp_path / "again", tower.save(tmp_path / "again"))
+    np.testing.assert_array_equal(again.encode_users(seqs), got)
 
 
 def test_a_user_encoder_of_the_wrong_shape_is_named(tmp_path):
     from safetensors.numpy import save_file
 
     from recsys.errors import InputError
-    from recsys.export.pipeline_model import HistoryTower
+    from recsys.text.history_tower import HistoryTower
 
     d = 8
     tower = HistoryTower(
@@ -277,12 +275,12 @@ def test_a_user_encoder_of_the_wrong_shape_is_named(tmp_path):
         },
         np.ones((4, d), np.float32),
     )
-    tower.save(tmp_path / "t")
+    saved = tower.save(tmp_path / "t")
     with pytest.raises(InputError, match=r"position_bias: \(5,\), not \(7,\)"):
-        HistoryTower.load(tmp_path / "t", 7)
+        HistoryTower.load(tmp_path / "t", {**saved, "max_history": 7})
     save_file({"position_bias": np.zeros(5, np.float32)}, str(tmp_path / "t" / HistoryTower.USER_ENCODER))
     with pytest.raises(InputError, match="residual.weight: missing") as info:
-        HistoryTower.load(tmp_path / "t", 5)
+        HistoryTower.load(tmp_path / "t", saved)
     assert info.value.file == str(tmp_path / "t" / HistoryTower.USER_ENCODER)
 
 
@@ -293,7 +291,7 @@ def test_histories_gather_equals_a_filter_and_sort(pipeline, shuffled):
     some users' and unknown users, from a stored history in any row order."""
     import dataclasses
 
-    from recsys.export.pipeline_model import HISTORY_COLUMNS
+    from recsys.pipeline_model import HISTORY_COLUMNS
 
     p = pipeline
     if shuffled:

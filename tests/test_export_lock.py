@@ -13,13 +13,13 @@ from reliability_support import env, run_recommend
 from test_bad_input import assert_clean_failure
 
 from recsys.errors import ConfigError
-from recsys.export.writer import lock_path, output_lock
+from recsys.output import lock_path, output_lock
 
 
 def test_a_held_output_lock_refuses_a_second_holder_and_is_reentrant(tmp_path):
     out = tmp_path / "recs.parquet"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys,time\nfrom recsys.export.writer import output_lock\n"
+        [sys.executable, "-c", "import sys,time\nfrom recsys.output import output_lock\n"
          f"with output_lock({str(out)!r}):\n    print('held', flush=True)\n    sys.stdin.readline()"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env(),
     )  # fmt: skip

@@ -19,7 +19,7 @@ from recsys.rank.rules import BusinessRules
 def pipeline():
     from export_support import trained_run
 
-    from recsys.export.pipeline_model import TrainedPipeline
+    from recsys.pipeline_model import TrainedPipeline
 
     return TrainedPipeline.load(trained_run().pipeline_dir)
 

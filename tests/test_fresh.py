@@ -40,7 +40,7 @@ def readme_args(command: str, tmp_path: Path) -> list[str]:
 
 
 def test_train_update_gate_and_serve_as_the_readme_says(tmp_path):
-    from recsys.export.pipeline_model import TrainedPipeline
+    from recsys.pipeline_model import TrainedPipeline
 
     cli(
         "recsys.train",

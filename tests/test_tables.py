@@ -231,14 +231,14 @@ def test_histories_with_iso_timestamps_are_read(tmp_path):
     )
     df = read_histories(path, WEIGHTS, now=NOW)
     assert df[Columns.Timestamp].to_list() == [1_704_067_200, 1_704_067_201]
-    from recsys.export.pipeline_model import normalise_history
+    from recsys.pipeline_model import normalise_history
 
     assert normalise_history(df, WEIGHTS)[Columns.Timestamp].to_list() == [1_704_067_200, 1_704_067_201]
 
 
 def test_normalise_history_refuses_an_empty_user_id_in_memory():
     """The in-memory path (``mlflow.pyfunc`` predict, the export's chunks) checks ids too."""
-    from recsys.export.pipeline_model import normalise_history
+    from recsys.pipeline_model import normalise_history
 
     given = pl.DataFrame({"user_id": ["new", None], "item_id": ["A", "B"]})
     with pytest.raises(InputError, match="history table.*empty value"):
@@ -246,7 +246,7 @@ def test_normalise_history_refuses_an_empty_user_id_in_memory():
 
 
 def test_normalise_history_reads_iso_timestamps_in_memory():
-    from recsys.export.pipeline_model import normalise_history
+    from recsys.pipeline_model import normalise_history
 
     given = pl.DataFrame({"user_id": ["new"], "item_id": ["A"], "timestamp": ["2024-01-01T00:00:00Z"]})
     assert normalise_history(given, WEIGHTS)[Columns.Timestamp].to_list() == [1_704_067_200]
@@ -336,7 +336,7 @@ def test_cli_export_with_iso_histories_and_with_an_empty_user_id(tmp_path):
     from reliability_support import run_recommend
     from test_bad_input import assert_clean_failure
 
-    from recsys.export.pipeline_model import TrainedPipeline
+    from recsys.pipeline_model import TrainedPipeline
 
     model = trained_run().pipeline_dir
     a, b = TrainedPipeline.load(model).items[Columns.Item].to_list()[:2]

@@ -10,10 +10,11 @@ import polars as pl
 import pytest
 from export_support import REPO, trained_run
 
+from recsys.cf.models import ALS, BPR, ItemKNN
 from recsys.columns import Columns
 from recsys.errors import InputError
 from recsys.export.engine import Engine, ExplainOptions
-from recsys.export.pipeline_model import TrainedPipeline
+from recsys.pipeline_model import TrainedPipeline
 from recsys.rank.rules import BusinessRules
 
 NAME = "recsys_update_test"
@@ -102,8 +103,8 @@ def test_changed_text_is_reencoded_unchanged_is_not_and_a_new_hit_is_recommended
     assert out["update/encoded_items_base"] == 2
     assert out["update/new_items"] == 1
     q = TrainedPipeline.load(tmp_path / "out" / "pipeline")
-    vec = dict(zip(q.items[Columns.Item].to_list(), q.item_embeddings, strict=True))
-    before = dict(zip(p.items[Columns.Item].to_list(), p.item_embeddings, strict=True))
+    vec = dict(zip(q.items[Columns.Item].to_list(), q.models["text"].item_embeddings, strict=True))
+    before = dict(zip(p.items[Columns.Item].to_list(), p.models["text"].item_embeddings, strict=True))
     ids = old[Columns.Item].to_list()
     assert not np.allclose(vec[ids[0]], before[ids[0]])  # a new vector for the new text
     for item in ids[1:]:
@@ -245,19 +246,21 @@ def test_fold_in_keeps_the_item_side_and_folds_the_users_in(tmp_path):
     e, i = write(tmp_path, events, new_item("NEW-HIT"))
     run(config(tmp_path, e, i, "cf_mode=fold_in"))
     q = TrainedPipeline.load(tmp_path / "out" / "pipeline")
-    for name, f in p.factor_models.items():
-        g = q.factor_models[name]
-        np.testing.assert_array_equal(g["item_factors"][: p.n_items], f["item_factors"])
-        assert not g["item_factors"][p.n_items :].any()  # CF has not learnt the new item
-        np.testing.assert_array_equal(g["user_factors"][buyers:], f["user_factors"][buyers:])
-        assert not np.allclose(g["user_factors"][:buyers], f["user_factors"][:buyers])
-    for name, s in p.knn_models.items():
-        assert (q.knn_models[name][: p.n_items, : p.n_items] != s).nnz == 0
+    assert {n for n, m in p.models.items() if isinstance(m, ALS | BPR)} == {"als", "bpr"}
+    for name in ("als", "bpr"):
+        f, g = p.models[name], q.models[name]
+        np.testing.assert_array_equal(g.item_factors[: p.n_items], f.item_factors)
+        assert not g.item_factors[p.n_items :].any()  # CF has not learnt the new item
+        np.testing.assert_array_equal(g.user_factors[buyers:], f.user_factors[buyers:])
+        assert not np.allclose(g.user_factors[:buyers], f.user_factors[:buyers])
+    knn = [n for n, m in p.models.items() if isinstance(m, ItemKNN)]
+    for name in knn:
+        assert (q.models[name].similarity[: p.n_items, : p.n_items] != p.models[name].similarity).nnz == 0
     # The item statistics took the events: the new item is what most users bought lately, so it is
     # the popularity models' first item for the others (whether the ranker then lists it depends
     # on the weights it learned for popularity against CF, which knows nothing of the item).
-    for name, row in q.constant_models.items():
-        assert q.items[Columns.Item][int(np.argmax(row))] == "NEW-HIT", name
+    for name in ("popularity", "recent_popularity"):
+        assert q.items[Columns.Item][int(np.argmax(q.models[name].counts))] == "NEW-HIT", name
 
 
 @pytest.mark.slow
@@ -279,16 +282,16 @@ def test_texts_encoded_in_a_worker_process_are_those_encoded_in_process():
     config = OmegaConf.load(folder / "config.yaml")
     parts = {}
     for in_process in (True, False):
-        texts = TextRefresher(folder, config, None if in_process else EncoderWorker())
+        bert = p.models["text"].bert
+        texts = TextRefresher(folder, "text", bert.max_length, config, None if in_process else EncoderWorker())
         texts.start(catalogue, p.n_items)
         parts[in_process] = texts.refresh(p, catalogue)
         assert (texts.encoded, texts.encoded_base) == (2, 2)
     a, b = parts[True], parts[False]
-    np.testing.assert_allclose(a["item_embeddings"], b["item_embeddings"], atol=1e-6)
-    assert set(a["history_towers"]) == set(b["history_towers"]) == set(p.history_towers)
-    for name, tower in a["history_towers"].items():
-        np.testing.assert_allclose(tower.item_embeddings, b["history_towers"][name].item_embeddings, atol=1e-6)
-    emb = a["item_embeddings"]
-    np.testing.assert_array_equal(emb[1 : p.n_items], p.item_embeddings[1:])
-    assert not np.allclose(emb[0], p.item_embeddings[0])
-    assert emb.shape == (p.n_items + 1, p.item_embeddings.shape[1])
+    assert set(a) == set(b) == {"text", "text_zeroshot"}
+    for name, tower in a.items():
+        np.testing.assert_allclose(tower.item_embeddings, b[name].item_embeddings, atol=1e-6)
+    emb, old = a["text"].item_embeddings, p.models["text"].item_embeddings
+    np.testing.assert_array_equal(emb[1 : p.n_items], old[1:])
+    assert not np.allclose(emb[0], old[0])
+    assert emb.shape == (p.n_items + 1, old.shape[1])

@@ -8,7 +8,11 @@ implicit leaves BPR's random initial vectors for them, which would score cold it
 
 from __future__ import annotations
 
+import copy
 import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import polars as pl
@@ -16,14 +20,75 @@ import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
 from recsys.columns import Columns
+from recsys.errors import reading
 from recsys.kernels import pair_scores
 from recsys.recommender import History, Recommender, fixed_block_matmul
 
+MODEL_FILE = "model.npz"
 
-class _FactorModel(Recommender):
+
+def read_npz(file: Path) -> dict[str, np.ndarray]:
+    """Every array of a model's ``.npz`` (no pickle); an ``InputError`` naming the file if it
+    cannot be read."""
+    with reading(file), np.load(file, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+class _Saved(Recommender):
+    """Saves its constructor's arguments (``PARAMS``) in meta.json and its arrays in one npz."""
+
+    PARAMS: ClassVar[tuple[str, ...]] = ()
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def restore(self, arrays: Mapping[str, np.ndarray]) -> None:
+        raise NotImplementedError
+
+    def save(self, folder: Path) -> dict[str, Any]:
+        folder.mkdir(parents=True)
+        np.savez(folder / MODEL_FILE, **self.arrays())
+        return {"kind": self.kind, **{k: getattr(self, k) for k in self.PARAMS}}
+
+    @classmethod
+    def files(cls, info: Mapping[str, Any]) -> list[str]:
+        return [MODEL_FILE]
+
+    @classmethod
+    def load(cls, folder: Path, info: Mapping[str, Any]) -> Recommender:
+        model = cls(**{k: info[k] for k in cls.PARAMS})
+        arrays = read_npz(folder / MODEL_FILE)
+        with reading(folder / MODEL_FILE):  # a missing array is this file's fault
+            model.restore(arrays)
+        return model
+
+
+class _FactorModel(_Saved):
     user_factors: np.ndarray
     item_factors: np.ndarray
     writes_into = True
+    alpha: float = 1.0  # the fold-in's confidence scale (ALS sets its own)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"user_factors": self.user_factors, "item_factors": self.item_factors}
+
+    def restore(self, arrays: Mapping[str, np.ndarray]) -> None:
+        self.user_factors, self.item_factors = arrays["user_factors"], arrays["item_factors"]
+
+    def for_users(self, history: History, known: np.ndarray) -> _FactorModel:
+        """Known users keep their trained factors; the others are folded in (``fold_in``)."""
+        uf = np.zeros((history.n_users, self.item_factors.shape[1]), dtype=np.float32)
+        old = known >= 0
+        uf[old] = self.user_factors[known[old]]
+        if len(new := np.flatnonzero(~old)):
+            uf[new] = fold_in(self.item_factors, history.matrix[new], self.regularization, self.alpha)
+        out = copy.copy(self)
+        out.user_factors = uf
+        return out
+
+    def item_space(self) -> np.ndarray:
+        v = self.item_factors
+        return np.ascontiguousarray(v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12), dtype=np.float32)
 
     def score_users(self, users: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return fixed_block_matmul(self.user_factors[users], self.item_factors.T, out)
@@ -58,6 +123,8 @@ class ALS(_FactorModel):
     """
 
     name = "als"
+    kind = "ALS"
+    PARAMS = ("factors", "regularization", "alpha", "iterations", "seed")
 
     def __init__(
         self,
@@ -94,6 +161,8 @@ class BPR(_FactorModel):
     """implicit BPR. One thread: its Hogwild updates make multi-threaded runs non-reproducible."""
 
     name = "bpr"
+    kind = "BPR"
+    PARAMS = ("factors", "learning_rate", "regularization", "iterations", "seed")
 
     def __init__(
         self,
@@ -127,7 +196,7 @@ class BPR(_FactorModel):
         return self
 
 
-class ItemKNN(Recommender):
+class ItemKNN(_Saved):
     """Item-item cosine neighbours (implicit's CosineRecommender); user score = sum of similarities.
 
     ``recency_decay`` (0 < d <= 1) weights the user's history items by ``d ** k``, k = how many
@@ -137,6 +206,8 @@ class ItemKNN(Recommender):
     """
 
     name = "itemknn"
+    kind = "ItemKNN"
+    PARAMS = ("neighbours", "binary", "recency_decay")
 
     def __init__(
         self, neighbours: int = 100, binary: bool = True, recency_decay: float | None = None, progress: bool = True
@@ -170,6 +241,24 @@ class ItemKNN(Recommender):
             out.fill(0.0)  # toarray adds the product's entries into it
         return (self.user_items[users] @ self.similarity).toarray(out=out)
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        s = self.similarity
+        return {"data": s.data, "indices": s.indices, "indptr": s.indptr, "shape": np.asarray(s.shape)}
+
+    def restore(self, arrays: Mapping[str, np.ndarray]) -> None:
+        a = arrays
+        self.similarity = sp.csr_matrix((a["data"], a["indices"], a["indptr"]), shape=tuple(a["shape"]))
+
+    def for_users(self, history: History, known: np.ndarray) -> ItemKNN:
+        out = copy.copy(self)
+        out.user_items = user_rows(history, self.recency_decay, self.binary)
+        return out
+
+    def item_space(self) -> sp.csr_matrix:
+        s = self.similarity.astype(np.float32)  # a copy: sorted for the explanations' binary search
+        s.sort_indices()
+        return s
+
 
 class SequentialKNN(ItemKNN):
     """Item-kNN whose neighbours are what users moved on to: item j -> item i counts the users
@@ -180,6 +269,7 @@ class SequentialKNN(ItemKNN):
     """
 
     name = "itemknn_next"
+    # Saved and loaded as an ItemKNN (its kind): the window only matters when fitting.
 
     def __init__(self, neighbours: int = 100, window: int = 3, recency_decay: float | None = 0.5) -> None:
         if window < 1:
@@ -251,7 +341,7 @@ def recency_rows(history: History, decay: float) -> sp.csr_matrix:
     return m
 
 
-class Popularity(Recommender):
+class Popularity(_Saved):
     """Event-weighted item counts: all of them, or only the last ``window_days`` of the history,
     each event weighted ``0.5 ** (age_days / half_life_days)`` if a half-life is set.
 
@@ -262,6 +352,16 @@ class Popularity(Recommender):
     """
 
     name = "popularity"
+    kind = "Popularity"
+    PARAMS = ("window_days", "half_life_days")
+    user_now = None  # a loaded model serves ``counts`` to everybody
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"counts": np.asarray(self.counts, dtype=np.float32)}
+
+    def restore(self, arrays: Mapping[str, np.ndarray]) -> None:
+        self.counts = arrays["counts"]
+        self.n_items = len(self.counts)
 
     def __init__(self, window_days: float | None = None, half_life_days: float | None = None) -> None:
         if window_days is not None and window_days <= 0:
@@ -337,3 +437,24 @@ class Popularity(Recommender):
         if self.user_now is None:
             return np.broadcast_to(self.counts, (len(users), len(self.counts)))
         return self.counts_at(self.user_now[np.asarray(users, dtype=np.int64)])
+
+
+def fold_in(item_factors: np.ndarray, user_items: sp.csr_matrix, regularization: float, alpha: float) -> np.ndarray:
+    """ALS user factors for histories nobody trained on: one exact least-squares solve per user,
+    by implicit's public ``recalculate_user`` (the solve its ALS makes for every user in its last
+    half-iteration, confidence ``alpha * weight``), so a known user's folded-in vector is close
+    to its trained one.
+    """
+    from implicit.cpu.als import AlternatingLeastSquares
+
+    y = np.ascontiguousarray(item_factors, dtype=np.float32)
+    ui = sp.csr_matrix(user_items, dtype=np.float32)
+    ui.sort_indices()
+    if ui.shape[0] == 0:
+        return np.zeros((0, y.shape[1]), dtype=np.float32)
+    with threadpool_limits(1, "blas"):  # implicit warns when BLAS has a thread pool of its own
+        als = AlternatingLeastSquares(
+            factors=y.shape[1], regularization=float(regularization), alpha=float(alpha), num_threads=1
+        )
+        als.item_factors = y
+        return np.asarray(als.recalculate_user(np.arange(ui.shape[0]), ui), dtype=np.float32)

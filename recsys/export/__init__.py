@@ -1,5 +1,2 @@
-"""Batch export of recommendations."""
-
-from recsys.export.writer import recommendations_frame, write_parquet_atomic
-
-__all__ = ["recommendations_frame", "write_parquet_atomic"]
+"""Recommendations for many users: the engine over a saved pipeline, batch and Spark exports, the
+MLflow pyfunc model."""

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
-import functools
 import hashlib
 import json
 import logging
@@ -48,10 +47,12 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from recsys.atomic import write_atomic, write_text_atomic
 from recsys.columns import Columns
 from recsys.errors import ConfigError
-from recsys.export.engine import OUTPUT_SCHEMA, Engine, EngineRecipe, thread_limits
-from recsys.export.writer import output_lock, write_atomic, write_text_atomic
+from recsys.export.engine import OUTPUT_SCHEMA, Engine, EngineRecipe
+from recsys.output import output_lock
+from recsys.threads import thread_limits
 
 log = logging.getLogger(__name__)
 
@@ -75,19 +76,6 @@ def frame_hash(df: pl.DataFrame | None) -> str | None:
     return h.hexdigest()[:16]
 
 
-def _holding_output_lock(export: Callable[..., ExportResult]) -> Callable[..., ExportResult]:
-    """Run ``export`` holding the output's lock (``output_lock``): two exports to one output at a
-    time would share one parts folder and delete it under each other."""
-
-    @functools.wraps(export)
-    def locked(engine: Engine, user_ids: Sequence[str], out_path: str | Path, *args: Any, **kwargs: Any):
-        with output_lock(out_path):
-            return export(engine, user_ids, out_path, *args, **kwargs)
-
-    return locked
-
-
-@_holding_output_lock
 def export_recommendations(
     engine: Engine,
     user_ids: Sequence[str],
@@ -131,6 +119,15 @@ def export_recommendations(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    # Two exports to one output would share one parts folder and delete it under each other.
+    with output_lock(out_path):
+        return _export(
+            engine, user_ids, out_path, histories, chunk_size, info, progress, after_part, workers, layout, parallel
+        )
+
+
+def _export(engine, user_ids, out_path, histories, chunk_size, info, progress, after_part, workers, layout, parallel):
+    """``export_recommendations``, its arguments checked, holding the output's lock."""
     users = sorted(set(map(str, user_ids)))
     plan = _plan(engine, users, histories, dict(info or {}), chunk_size, layout)
     work, fingerprint = _parts_folder(out_path, plan)

@@ -7,7 +7,6 @@ state (factors, embeddings, item statistics) is shared, computed once.
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from collections import Counter
@@ -22,24 +21,17 @@ import scipy.sparse as sp
 
 from recsys.columns import Columns
 from recsys.errors import ConfigError
-from recsys.export.pipeline_model import PipelineHistories, TrainedPipeline
-from recsys.kernels import DENSE, DOT, SPARSE, kept_cells, nearest_history
+from recsys.kernels import kept_cells
+from recsys.pipeline_model import PipelineHistories, TrainedPipeline
 from recsys.rank.candidates import ScoreBlock, masked_top_k
-from recsys.rank.explain import PatternTreeShap
+from recsys.rank.explain import HistoryExplainer, PatternTreeShap, feature_explanations, no_explanations
 from recsys.rank.features import item_statistics, user_statistics
 from recsys.rank.fused import FusedRecommender
 from recsys.rank.rules import BusinessRules, CompiledRules, apply_rules_dense
-from recsys.recommender import ROW_BLOCK, History, Recommender, recent_items
+from recsys.recommender import ROW_BLOCK, History, Recommender
+from recsys.threads import thread_limits
 
 FUSED = "fused"
-# History explanations need, per row, the cosine of the recommended item with ~20 history items
-# (``kernels.nearest_history``). In wide spaces (the text tower) a cached item x item cosine
-# matrix makes that one lookup per pair instead of a 384-wide dot product; in narrow ones
-# (ALS/BPR factors) the dot product costs about what the lookup does (measured at width 64), so
-# they skip the cache, which costs n_items^2 float32 per space (100 MB at 5,000 items), hence
-# also the item limit.
-CACHE_MIN_WIDTH = 128
-CACHE_MAX_ITEMS = 6000
 # Users scored at a time by a single-stage export (``Engine._single``): a multiple of ROW_BLOCK,
 # so that the products are the same GEMM calls as over the whole chunk.
 SLICE_ROWS = ROW_BLOCK
@@ -142,20 +134,9 @@ class Engine:
         self.allowed = rules.allowed_items
         self.item_ids = pipeline.item_ids
         self._item_series = pl.Series(self.item_ids.tolist(), dtype=pl.String)
-        self._unit = {}
-        self._similarity: dict[str, np.ndarray] = {}
-        self._knn: dict[str, sp.csr_matrix] = {}
+        self.explainer = HistoryExplainer(pipeline.models, self.explain.history_items)
         self._local = threading.local()  # per calling thread: its ``_block`` arrays, ranker copy, SHAP
         self._owner = threading.get_ident()  # the thread that uses the pipeline's own ranker
-        self._cache_lock = threading.Lock()  # the item x item caches are built once, by one thread
-        for name, f in pipeline.factor_models.items():
-            v = f["item_factors"]
-            self._unit[name] = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
-        if pipeline.item_embeddings is not None:
-            self._unit[pipeline.text_name] = pipeline.item_embeddings
-        for name, tower in pipeline.history_towers.items():
-            self._unit[name] = tower.item_embeddings
-        self._unit = {n: np.ascontiguousarray(v, dtype=np.float32) for n, v in self._unit.items()}
 
     @classmethod
     def load(
@@ -172,30 +153,6 @@ class Engine:
         Unlike the constructor, it can be rebuilt in a worker process (``export_recommendations
         (workers=...)``)."""
         return EngineRecipe(str(Path(folder).resolve()), rules, int(k), scorer, explain, overfetch, threads).build()
-
-    def _item_similarity(self, name: str) -> np.ndarray:
-        """Cosine of every item pair in ``name``'s space, computed once per engine: explaining a
-        row is then one lookup per history item instead of a product in the embedding width."""
-        with self._cache_lock:
-            if name not in self._similarity:
-                unit = np.ascontiguousarray(self._unit[name], dtype=np.float32)
-                self._similarity[name] = unit @ unit.T
-            return self._similarity[name]
-
-    def _cached(self, name: str) -> bool:
-        """Whether rows of ``name``'s embedding space are explained from the cached item x item
-        cosine matrix rather than the batched product (see ``CACHE_MIN_WIDTH``)."""
-        return self._unit[name].shape[1] >= CACHE_MIN_WIDTH and self.p.n_items <= CACHE_MAX_ITEMS
-
-    def _knn_sorted(self, name: str) -> sp.csr_matrix:
-        """Item-kNN model ``name``'s similarity matrix with sorted column indices (the
-        explanations' binary search needs them), float32; sorted once per engine."""
-        with self._cache_lock:
-            if name not in self._knn:
-                s = self.p.knn_models[name].tocsr().astype(np.float32)
-                s.sort_indices()
-                self._knn[name] = s
-            return self._knn[name]
 
     def _booster(self):
         """The ranker's booster for the calling thread: the pipeline's own for the thread that
@@ -341,41 +298,17 @@ class Engine:
 
     def _feature_explanations(self, df: pl.DataFrame, x: np.ndarray, rows: np.ndarray) -> pl.DataFrame:
         """``x[rows]``: the ranker's feature rows of ``df`` (only the explained ones are read)."""
-        p, opt = self.p, self.explain
+        opt = self.explain
         sel = df[Columns.Rank].to_numpy() <= (opt.feature_ranks or np.iinfo(np.int32).max)
-        names = np.asarray(p.ranker.features, dtype=object)
-        text = np.full(df.height, None, dtype=object)
-        if sel.any():
-            contrib = self._tree_shap()(x[rows[sel]])
-            n_top = min(opt.top_features, contrib.shape[1])
-            order = np.argsort(-np.abs(contrib), axis=1, kind="stable")[:, :n_top]
-            vals = np.take_along_axis(contrib, order, 1)
-            tmp = pl.DataFrame(
-                {
-                    **{f"n{j}": names[order[:, j]].tolist() for j in range(n_top)},
-                    **{f"v{j}": vals[:, j].astype(np.float64) for j in range(n_top)},
-                },
-                schema={**{f"n{j}": pl.String for j in range(n_top)}, **{f"v{j}": pl.Float64 for j in range(n_top)}},
-            )
-            parts = [
-                pl.concat_str(
-                    pl.col(f"n{j}"),
-                    pl.lit(":"),
-                    pl.when(pl.col(f"v{j}") >= 0).then(pl.lit("+")).otherwise(pl.lit("")),
-                    pl.col(f"v{j}").round(3).cast(pl.String),
-                )
-                for j in range(n_top)
-            ]
-            joined = tmp.select(pl.concat_str(parts, separator=";").alias("x"))["x"].to_numpy()
-            text[sel] = joined
-        return df.with_columns(pl.Series("explain_features", text.tolist(), dtype=pl.String))
+        contrib = self._tree_shap()(x[rows[sel]]) if sel.any() else None
+        return df.with_columns(feature_explanations(df, contrib, sel, self.p.ranker.features, opt.top_features))
 
     def _finish(self, df: pl.DataFrame, ph: PipelineHistories, scorers) -> pl.DataFrame:
         if self.explain.enabled:
             with self._timed("explain_history"):
-                item, sim = self._history_explanations(df, ph)
+                item, sim = self.explainer(df, ph.history.sequences)
         else:
-            item, sim = _no_explanations(df.height)
+            item, sim = no_explanations(df.height)
         if "explain_features" not in df.columns:
             df = df.with_columns(pl.lit(None, dtype=pl.String).alias("explain_features"))
         t0 = time.perf_counter()
@@ -406,88 +339,6 @@ class Engine:
             out = out.with_columns(key).sort("_key", Columns.Rank, maintain_order=True).drop("_key")
         self.add_time("output_frame", time.perf_counter() - t0)
         return out
-
-    def _history_explanations(self, df: pl.DataFrame, ph: PipelineHistories) -> tuple[np.ndarray, np.ndarray]:
-        """Per row, the history item closest to the recommended item in its source's space
-        (item index, -1 for none) and that similarity."""
-        best_item, best_sim = _no_explanations(df.height)
-        if df.height == 0:
-            return best_item, best_sim
-        hist = recent_items(ph.history.sequences, self.explain.history_items)
-        mask = hist >= 0
-        rows_u = df[Columns.UserIdx].to_numpy().astype(np.int64)
-        rows_i = df[Columns.ItemIdx].to_numpy().astype(np.int64)
-        src = df[Columns.Source]
-        none = np.zeros(0, dtype=np.int32)  # the CSR arguments, for the kinds that take none
-        if self.scorer != FUSED:  # a single-stage list: one source, every row (no string unique)
-            names, whole = [self.scorer], True
-        else:
-            names = src.unique().drop_nulls().sort().to_list()
-            whole = len(names) == 1 and src.null_count() == 0
-        for name in names:
-            if whole:
-                sel, u, i = None, rows_u, rows_i
-            else:
-                sel = np.flatnonzero((src == name).fill_null(False).to_numpy())
-                u, i = rows_u[sel], rows_i[sel]
-            if name in self._unit and self._cached(name):
-                item, sim = nearest_history(DENSE, self._item_similarity(name), none, none, hist, mask, u, i)
-            elif name in self._unit:
-                item, sim = nearest_history(DOT, self._unit[name], none, none, hist, mask, u, i)
-            elif name in self.p.knn_models:
-                s = self._knn_sorted(name)
-                item, sim = nearest_history(SPARSE, s.data[:, None], s.indptr, s.indices, hist, mask, u, i)
-            else:  # popularity: no history item is responsible
-                continue
-            if whole:
-                return item, sim
-            best_item[sel], best_sim[sel] = item, sim
-        return best_item, best_sim
-
-
-def _no_explanations(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """History explanations of ``n`` rows that have none: item -1, similarity NaN (null in the output)."""
-    return np.full(n, -1, dtype=np.int64), np.full(n, np.nan, dtype=np.float32)
-
-
-@contextmanager
-def thread_limits(n: int) -> Iterator[None]:
-    """torch, BLAS and OpenMP at ``n`` threads inside, as ``Engine.recommend`` runs.
-
-    OpenMP's setting is per thread, so each caller sets its own. BLAS (OpenBLAS's pthreads
-    pool) is process-wide: threadpoolctl lets only the first thread to limit it do so and makes
-    the others' calls no-ops, so threads sharing an engine rely on the thread that started them
-    holding this around them (the batch export does). torch's setting is process-wide too: the
-    first caller in sets it and the last one out restores it."""
-    from threadpoolctl import threadpool_limits
-
-    with _torch_threads(n), threadpool_limits(n):
-        yield
-
-
-_TORCH_LOCK = threading.Lock()
-_torch_state: list = [0, None]  # callers inside, the setting the first one found
-
-
-@contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    # An export that never loaded a text part never imported torch: nothing to limit.
-    torch = sys.modules.get("torch")
-    if torch is None:
-        yield
-        return
-    with _TORCH_LOCK:
-        if _torch_state[0] == 0:
-            _torch_state[1] = torch.get_num_threads()
-            torch.set_num_threads(n)
-        _torch_state[0] += 1
-    try:
-        yield
-    finally:
-        with _TORCH_LOCK:
-            _torch_state[0] -= 1
-            if _torch_state[0] == 0:
-                torch.set_num_threads(_torch_state[1])
 
 
 OUTPUT_SCHEMA: dict[str, pl.DataType] = {

@@ -1,7 +1,7 @@
 """The trained pipeline as one MLflow pyfunc model, logged and registered by the training run.
 
 The model is a ``loader_module`` pyfunc: MLflow stores the pipeline folder
-(``recsys.export.pipeline_model``) as the model's data and a copy of the ``recsys`` package as
+(``recsys.pipeline_model``) as the model's data and a copy of the ``recsys`` package as
 its code, and calls ``_load_pyfunc(data_path)`` to load it. Nothing is pickled -- not even the
 Python model object (a ``python_model=`` pyfunc would be cloudpickled).
 
@@ -33,7 +33,7 @@ import polars as pl
 from recsys.columns import Columns
 from recsys.errors import InputError
 from recsys.export.engine import FUSED, Engine, ExplainOptions, empty_output
-from recsys.export.pipeline_model import REPAIR, TrainedPipeline, check_field, read_json_object
+from recsys.pipeline_model import REPAIR, TrainedPipeline, check_field, read_json_object
 from recsys.rank.rules import BusinessRules
 
 log = logging.getLogger(__name__)

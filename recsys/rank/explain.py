@@ -1,10 +1,118 @@
-"""Why the ranker scored a row as it did: LightGBM's TreeSHAP contributions, computed once per
-decision pattern of each tree (``PatternTreeShap``), which the export turns into each row's
-``explain_features``."""
+"""Why a row was recommended: the history item closest to it in the space of the model that
+proposed it (``HistoryExplainer``), and the ranker features that pushed its score most
+(``feature_explanations``, from LightGBM's TreeSHAP computed once per decision pattern of each
+tree, ``PatternTreeShap``)."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Mapping, Sequence
+
 import numpy as np
+import polars as pl
+import scipy.sparse as sp
+
+from recsys.columns import Columns
+from recsys.kernels import DENSE, DOT, SPARSE, nearest_history
+from recsys.recommender import Recommender, recent_items
+
+# History explanations need, per row, the cosine of the recommended item with ~20 history items
+# (``kernels.nearest_history``). In wide spaces (the text tower) a cached item x item cosine
+# matrix makes that one lookup per pair instead of a 384-wide dot product; in narrow ones
+# (ALS/BPR factors) the dot product costs about what the lookup does (measured at width 64), so
+# they skip the cache, which costs n_items^2 float32 per space (100 MB at 5,000 items), hence
+# also the item limit.
+CACHE_MIN_WIDTH = 128
+CACHE_MAX_ITEMS = 6000
+
+
+def no_explanations(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """History explanations of ``n`` rows that have none: item -1, similarity NaN (null in the output)."""
+    return np.full(n, -1, dtype=np.int64), np.full(n, np.nan, dtype=np.float32)
+
+
+class HistoryExplainer:
+    """Per row, the history item closest to the recommended item in the space of the row's
+    source (``Recommender.item_space``), and that similarity. Each space is built once, on first
+    use, and shared by the threads that call it."""
+
+    def __init__(self, models: Mapping[str, Recommender], history_items: int = 20) -> None:
+        self.models, self.history_items = models, history_items
+        self._spaces: dict[str, tuple | None] = {}
+        self._lock = threading.Lock()
+
+    def _space(self, name: str) -> tuple[int, np.ndarray, np.ndarray, np.ndarray] | None:
+        """``nearest_history``'s (kind, table, indptr, indices) for model ``name``; None: none
+        (popularity: no history item is responsible)."""
+        with self._lock:
+            if name not in self._spaces:
+                self._spaces[name] = self._build(self.models[name].item_space())
+            return self._spaces[name]
+
+    @staticmethod
+    def _build(space: np.ndarray | sp.csr_matrix | None) -> tuple[int, np.ndarray, np.ndarray, np.ndarray] | None:
+        none = np.zeros(0, dtype=np.int32)
+        if space is None:
+            return None
+        if sp.issparse(space):
+            return SPARSE, space.data[:, None], space.indptr, space.indices
+        if space.shape[1] >= CACHE_MIN_WIDTH and len(space) <= CACHE_MAX_ITEMS:
+            return DENSE, space @ space.T, none, none
+        return DOT, space, none, none
+
+    def __call__(self, df: pl.DataFrame, sequences: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """``df``: rows ``user_idx, item_idx, source``; ``sequences``: each user's history."""
+        best_item, best_sim = no_explanations(df.height)
+        if df.height == 0:
+            return best_item, best_sim
+        hist = recent_items(sequences, self.history_items)
+        mask = hist >= 0
+        rows_u = df[Columns.UserIdx].to_numpy().astype(np.int64)
+        rows_i = df[Columns.ItemIdx].to_numpy().astype(np.int64)
+        src = df[Columns.Source]
+        names = src.unique().drop_nulls().sort().to_list()
+        whole = len(names) == 1 and src.null_count() == 0  # one source: every row, no selection
+        for name in names:
+            if (space := self._space(name)) is None:
+                continue
+            if whole:
+                return nearest_history(*space, hist, mask, rows_u, rows_i)
+            sel = np.flatnonzero((src == name).fill_null(False).to_numpy())
+            best_item[sel], best_sim[sel] = nearest_history(*space, hist, mask, rows_u[sel], rows_i[sel])
+        return best_item, best_sim
+
+
+def feature_explanations(
+    df: pl.DataFrame, contributions: np.ndarray, selected: np.ndarray, names: Sequence[str], top: int
+) -> pl.Series:
+    """``explain_features`` of ``df``'s rows: for the ``selected`` ones (whose TreeSHAP
+    ``contributions`` are given, in order), the ``top`` features by absolute contribution as
+    ``name:+0.123`` joined by ``;``; null for the others."""
+    names = np.asarray(names, dtype=object)
+    text = np.full(df.height, None, dtype=object)
+    if selected.any():
+        n_top = min(top, contributions.shape[1])
+        order = np.argsort(-np.abs(contributions), axis=1, kind="stable")[:, :n_top]
+        vals = np.take_along_axis(contributions, order, 1)
+        tmp = pl.DataFrame(
+            {
+                **{f"n{j}": names[order[:, j]].tolist() for j in range(n_top)},
+                **{f"v{j}": vals[:, j].astype(np.float64) for j in range(n_top)},
+            },
+            schema={**{f"n{j}": pl.String for j in range(n_top)}, **{f"v{j}": pl.Float64 for j in range(n_top)}},
+        )
+        parts = [
+            pl.concat_str(
+                pl.col(f"n{j}"),
+                pl.lit(":"),
+                pl.when(pl.col(f"v{j}") >= 0).then(pl.lit("+")).otherwise(pl.lit("")),
+                pl.col(f"v{j}").round(3).cast(pl.String),
+            )
+            for j in range(n_top)
+        ]
+        text[selected] = tmp.select(pl.concat_str(parts, separator=";").alias("x"))["x"].to_numpy()
+    return pl.Series("explain_features", text.tolist(), dtype=pl.String)
+
 
 # LightGBM treats |x| <= this as 0 (it passes only larger values to the trees): its kZeroThreshold,
 # the float 1e-35 read as a double.

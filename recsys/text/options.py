@@ -31,7 +31,7 @@ def check_options(
             # Fail here, not at the model export after all the training.
             raise ConfigError(
                 f"text.user_tower={tower} cannot be served yet: the exported pipeline's user tower "
-                "(recsys.export.pipeline_model.HistoryTower) evaluates the mean tower only; use "
+                "(recsys.pipeline_model.HistoryTower) evaluates the mean tower only; use "
                 "text.user_tower=mean in the job, or bench/text_val.py for validation runs"
             )
     check_data_options(

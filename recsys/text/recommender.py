@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from recsys.kernels import pair_scores
-from recsys.recommender import History, Recommender, fixed_block_matmul
+from recsys.recommender import History, Recommender
 from recsys.text.encoder import ENCODE_BATCH, TwoTower
 from recsys.text.history_tower import HistoryTower
 
@@ -32,15 +31,17 @@ class TextRecommender(Recommender):
         return cls(net, net.item_encoder.encode_tokens(item_ids, item_lengths, batch_size, progress=True))
 
     def fit(self, history: History) -> TextRecommender:
-        """User vectors from ``history`` by the serving implementation of the user tower
-        (``HistoryTower``): the scores evaluated are the scores served."""
-        self.tower = HistoryTower.from_recommender(self)
-        self._items = self.tower.item_embeddings
-        self.user_embeddings = self.tower.user_embeddings(history.sequences)
+        """Scores by the serving implementation of the tower (``HistoryTower``, what a saved
+        pipeline holds): the scores evaluated are the scores served."""
+        self.tower = HistoryTower.from_recommender(self).fit(history)
+        self.user_embeddings = self.tower.user_embeddings
         return self
 
     def score_users(self, users: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        return fixed_block_matmul(self.user_embeddings[users], self._items.T, out)
+        return self.tower.score_users(users, out)
 
     def score_pairs(self, users: np.ndarray, items: np.ndarray, chunk: int = 2048) -> np.ndarray:
-        return pair_scores(self.user_embeddings, self._items, users, items)
+        return self.tower.score_pairs(users, items)
+
+    def item_space(self) -> np.ndarray:
+        return self.tower.item_space()

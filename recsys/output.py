@@ -1,4 +1,5 @@
-"""Recommendation tables: ``user_id, item_id, score, rank, source`` from index arrays."""
+"""What every stage that writes recommendations shares: the table ``user_id, item_id, score,
+rank, source`` from index arrays, and the lock that keeps two writers off one output."""
 
 from __future__ import annotations
 
@@ -11,22 +12,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from recsys.atomic import write_atomic, write_parquet_atomic, write_text_atomic
 from recsys.columns import RECOMMENDATION_SCHEMA, Columns
 from recsys.data.dataset import Dataset
 from recsys.errors import ConfigError
 
 _HELD: dict[Path, int] = {}  # output lock file -> how many times this process holds it
-
-# The atomic writers are re-exported for recsys.export.batch and recsys.train.
-__all__ = [
-    "lock_path",
-    "output_lock",
-    "recommendations_frame",
-    "write_atomic",
-    "write_parquet_atomic",
-    "write_text_atomic",
-]
 
 
 def recommendations_frame(
