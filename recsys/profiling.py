@@ -91,15 +91,16 @@ class StageTimings(dict):
 
 
 # The peak-memory estimate of a training job, from row counts, calibrated on the generated data
-# set with bench/scale.py (2-core machine): 1x measured 1.6 GB, 10x 4.0 GB (30k users, 4.7 M
-# candidate rows per stage). The libraries, the encoder and MLflow take up to 2 GB whatever the
-# data; the largest tables are the ranker's candidate frames (rows = users x candidates per user,
-# ~35 feature columns and the copies polars makes while joining them) and the evaluation's
-# top-100 lists of every model: together about 500 B per (user, candidate slot), where the slots
-# are the sum of rank.n_candidates (190) and the union holds ~160 distinct rows a user. Events
-# cost about 300 B each across the raw frame, the splits and the user x item matrices; each item
-# about 5 KB (its tokens and three 384-wide embedding tables). The estimate is 25 % above the
-# measured peak at 10x.
+# set with bench/scale.py (2-core machine; at 10x 30k users, 4.7 M candidate rows per stage).
+# The libraries, the encoder and MLflow take up to 2 GB whatever the data; the largest tables are
+# the ranker's candidate frames (rows = users x candidates per user, ~35 feature columns and the
+# copies polars makes while joining them) and the evaluation's top-100 lists of every model:
+# together about 500 B per (user, candidate slot), where the slots are the sum of
+# rank.n_candidates (190) and the union holds ~160 distinct rows a user. Events cost about 300 B
+# each across the raw frame, the splits and the user x item matrices; each item about 5 KB (its
+# tokens and three 384-wide embedding tables). These figures were fitted when the evaluation
+# built all its lists at once (4.0 GB at 10x); it now builds them a model at a time and 10x
+# measures 3.2 GB (1x 1.6 GB): the estimate, 5.1 GB there, errs high by about 55 %.
 BASE_GB = 2.0
 BYTES_PER_CANDIDATE_ROW = 500
 BYTES_PER_EVENT = 300

@@ -65,3 +65,17 @@ def test_same_seed_same_interval_and_columns_share_resamples():
 def test_wrong_length_is_refused():
     with pytest.raises(ValueError, match="expected 10 rows"):
         PairedBootstrap(10, 20).interval(np.zeros(11))
+
+
+def test_weights_built_in_blocks_equal_one_draw_of_every_resample(monkeypatch):
+    """The weights are drawn a block of resamples at a time (memory); they must be those of one
+    [B, n] draw from the same seed, or every interval of a report would change."""
+    import recsys.evaluation.bootstrap as bootstrap
+
+    n, b, seed = 37, 50, 7
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n, size=(b, n)) + np.arange(b)[:, None] * n
+    expected = np.bincount(draws.ravel(), minlength=b * n).reshape(b, n) / n
+    monkeypatch.setattr(bootstrap, "_BLOCK_DRAWS", 3 * n + 1)  # blocks of 3 resamples, the last one of 2
+    assert np.array_equal(PairedBootstrap(n, n_resamples=b, seed=seed).weights, expected)
+    assert np.allclose(expected.sum(1), 1.0)

@@ -170,3 +170,44 @@ def test_render_escapes_and_embeds():
     assert "data:image/png;base64,iVBORw0KGgpmYWtl" in html
     md = to_markdown(doc)
     assert "![c](plots/f.png)" in md and "| <b> | 0.5000 |" in md and "**fused beats ALS**" in md
+
+
+def test_bundle_written_in_parts_reads_back_every_list(tmp_path, monkeypatch):
+    """The recommendations file is written a block of users at a time: reading it back must give
+    every model's lists (padding included), scores and the fused lists' sources."""
+    import polars as pl
+
+    import recsys.evaluation.bundle as bundle_mod
+    from recsys.columns import Columns
+
+    monkeypatch.setattr(bundle_mod, "_PART_USERS", 3)  # 8 users: parts of 3, 3 and 2
+    rng = np.random.default_rng(0)
+    users = np.array([2, 5, 6, 9, 11, 12, 20, 31])
+    recommended, scores = {}, {}
+    for name in ("fused", "als", "popularity"):
+        items = rng.integers(0, 40, size=(len(users), 6))
+        items[1, 4:] = -1  # a short list
+        sc = np.where(items >= 0, rng.random(items.shape), np.nan).astype(np.float32)
+        recommended[name], scores[name] = items, sc
+    sources = rng.choice(np.array(["als", "itemknn", "text"], dtype=object), size=(len(users), 6))
+    targets = pl.DataFrame({Columns.UserIdx: users, Columns.ItemIdx: rng.integers(0, 40, len(users))})
+    history = pl.DataFrame({Columns.UserIdx: users, Columns.ItemIdx: rng.integers(0, 40, len(users))})
+    protocol = bundle_mod.make_protocol(
+        run_id="r", experiment="e", data_name="d", data_hash="h", n_users=40, n_items=40, split={},
+        split_counts={}, seen_filtering=True, availability_filtering=False, ks=[5], max_k=6, seed=0,
+        targets=targets, models=list(recommended), root=tmp_path,
+    )  # fmt: skip
+    bundle_mod.write_bundle(
+        tmp_path, protocol=protocol, users=users, recommended=recommended, scores=scores, sources=sources,
+        targets=targets, history=history, n_items=40,
+    )  # fmt: skip
+    b = bundle_mod.read_bundle(tmp_path)
+    whole = b.recommendations.lazy().collect()
+    assert whole.equals(bundle_mod.recommendation_frame(users, recommended, scores, sources))
+    for name in recommended:
+        items, sc = b.lists(name)
+        assert np.array_equal(items, recommended[name])
+        assert np.array_equal(sc, scores[name], equal_nan=True)
+    fused = whole.filter(pl.col("model") == "fused").sort(Columns.UserIdx, Columns.Rank)
+    keep = recommended["fused"].ravel() >= 0
+    assert fused[Columns.Source].cast(pl.String).to_list() == sources.ravel()[keep].tolist()

@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,6 +127,46 @@ def targets_hash(targets: pl.DataFrame) -> str:
     return hashlib.sha256(pairs.write_csv().encode()).hexdigest()[:16]
 
 
+# Users per part of ``recommendation_parts``: the long table is built and written a part at a
+# time (~0.8 M rows of one model), never whole (24 M rows at 10x the generated data).
+_PART_USERS = 8192
+
+
+def recommendation_parts(
+    users: np.ndarray,
+    recommended: Mapping[str, np.ndarray],
+    scores: Mapping[str, np.ndarray],
+    sources: np.ndarray | None = None,
+    fused: str = "fused",
+) -> Iterator[pl.DataFrame]:
+    """The rows of ``recommendation_frame``, in its order, as consecutive parts: one model's lists
+    of up to ``_PART_USERS`` users each."""
+    users = np.asarray(users)
+    for name in sorted(recommended):
+        all_items, all_scores = recommended[name], scores[name]
+        k = all_items.shape[1]
+        for lo in range(0, max(len(users), 1), _PART_USERS):
+            items = all_items[lo : lo + _PART_USERS]
+            keep = items.ravel() >= 0
+            df = pl.DataFrame(
+                {
+                    Columns.UserIdx: np.repeat(users[lo : lo + _PART_USERS], k)[keep].astype(np.int32),
+                    MODEL: pl.repeat(name, int(keep.sum()), dtype=pl.String, eager=True),
+                    Columns.Rank: np.tile(np.arange(1, k + 1, dtype=np.int16), len(items))[keep],
+                    Columns.ItemIdx: items.ravel()[keep].astype(np.int32),
+                    Columns.Score: np.asarray(all_scores[lo : lo + _PART_USERS], dtype=np.float32).ravel()[keep],
+                }
+            )
+            if name == fused and sources is not None:
+                # Strings through codes: converting ~1 M Python strings one by one takes seconds.
+                part = sources[lo : lo + _PART_USERS, :k].ravel()[keep].astype(str)
+                labels, codes = np.unique(part, return_inverse=True)
+                source = pl.Series(Columns.Source, labels.tolist(), dtype=pl.String).gather(codes)
+            else:
+                source = pl.repeat(None, df.height, dtype=pl.String, eager=True).alias(Columns.Source)
+            yield df.with_columns(source).with_columns(pl.col(MODEL, Columns.Source).cast(pl.Categorical))
+
+
 def recommendation_frame(
     users: np.ndarray,
     recommended: Mapping[str, np.ndarray],
@@ -135,28 +175,33 @@ def recommendation_frame(
     fused: str = "fused",
 ) -> pl.DataFrame:
     """Long table of every model's lists (-1 padding dropped), sorted by model, user, rank."""
-    parts = []
-    for name in sorted(recommended):
-        items = recommended[name]
-        k = items.shape[1]
-        keep = items.ravel() >= 0
-        df = pl.DataFrame(
-            {
-                Columns.UserIdx: np.repeat(users, k)[keep].astype(np.int32),
-                MODEL: pl.repeat(name, int(keep.sum()), dtype=pl.String, eager=True),
-                Columns.Rank: np.tile(np.arange(1, k + 1, dtype=np.int16), len(users))[keep],
-                Columns.ItemIdx: items.ravel()[keep].astype(np.int32),
-                Columns.Score: np.asarray(scores[name], dtype=np.float32).ravel()[keep],
-            }
-        )
-        if name == fused and sources is not None:
-            # Strings through codes: converting ~1 M Python strings one by one takes seconds.
-            labels, codes = np.unique(sources[:, :k].ravel()[keep].astype(str), return_inverse=True)
-            source = pl.Series(Columns.Source, labels.tolist(), dtype=pl.String).gather(codes)
-        else:
-            source = pl.repeat(None, df.height, dtype=pl.String, eager=True).alias(Columns.Source)
-        parts.append(df.with_columns(source))
-    return pl.concat(parts).with_columns(pl.col(MODEL, Columns.Source).cast(pl.Categorical))
+    return pl.concat(list(recommendation_parts(users, recommended, scores, sources, fused)))
+
+
+def write_recommendations(
+    path: str | Path,
+    users: np.ndarray,
+    recommended: Mapping[str, np.ndarray],
+    scores: Mapping[str, np.ndarray],
+    sources: np.ndarray | None = None,
+) -> Path:
+    """``recommendation_frame`` written to ``path`` (atomically) a part at a time, one row group
+    each: the memory of one part, not of the whole table and its parquet copy."""
+    import pyarrow.parquet as pq
+
+    def write(tmp: Path) -> None:
+        writer = None
+        try:
+            for part in recommendation_parts(users, recommended, scores, sources):
+                table = part.to_arrow()
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
+                writer.write_table(table.cast(writer.schema))
+        finally:
+            if writer is not None:
+                writer.close()
+
+    return write_atomic(path, write)
 
 
 def write_bundle(
@@ -182,7 +227,7 @@ def write_bundle(
     """
     folder = Path(folder)
     out = [
-        write_parquet_atomic(recommendation_frame(users, recommended, scores, sources), folder / FILES[0]),
+        write_recommendations(folder / FILES[0], users, recommended, scores, sources),
         write_parquet_atomic(
             targets.select(pl.col(Columns.UserIdx).cast(pl.Int32), pl.col(Columns.ItemIdx).cast(pl.Int32)).sort(
                 Columns.UserIdx, Columns.ItemIdx
@@ -233,7 +278,10 @@ class Bundle:
     """A bundle read back from a folder."""
 
     protocol: Protocol
-    recommendations: pl.DataFrame
+    # Every model's lists: ``read_bundle`` gives a scan of the file, of which ``lists`` reads one
+    # model's rows at a time (a report holds one model's long table, not all of them: 24 M rows at
+    # 10x the generated data); ``.lazy().collect()`` reads everything.
+    recommendations: pl.LazyFrame | pl.DataFrame
     targets: pl.DataFrame
     items: pl.DataFrame
     users: pl.DataFrame
@@ -256,7 +304,7 @@ class Bundle:
         if model not in self.models:
             raise InputError(f"run {self.protocol.run_id}: no model '{model}' in its evaluation bundle ({self.models})")
         users = self.user_index
-        df = self.recommendations.filter(pl.col(MODEL) == model)
+        df = self.recommendations.lazy().filter(pl.col(MODEL) == model).collect()
         items = np.full((len(users), self.protocol.max_k), -1, dtype=np.int64)
         scores = np.full(items.shape, np.nan, dtype=np.float32)
         row = np.searchsorted(users, df[Columns.UserIdx].to_numpy())
@@ -287,7 +335,7 @@ def read_bundle(folder: str | Path, run_id: str = "?") -> Bundle:
     emb_path, imp_path = folder / "item_embeddings.npy", folder / "feature_importance.csv"
     return Bundle(
         protocol=protocol,
-        recommendations=pl.read_parquet(folder / FILES[0]),
+        recommendations=pl.scan_parquet(folder / FILES[0]),
         targets=pl.read_parquet(folder / FILES[1]),
         items=pl.read_parquet(folder / FILES[2]).sort(Columns.ItemIdx),
         users=pl.read_parquet(folder / FILES[3]).sort(Columns.UserIdx),

@@ -224,7 +224,7 @@ class Reporter:
             self._beyond(ev, numbers),
             self._ablation(ev, boot, numbers),
             self._segments(ev, numbers),
-            self._finetuning(ev, bundle, numbers),
+            self._finetuning(ev, bundle, boot, numbers),
             self._ranker(bundle, numbers),
             self._protocol(bundle),
             self._scores(ev),
@@ -466,7 +466,9 @@ class Reporter:
             out.setdefault(sg.kind, []).append((sg, int(n_rel.sum()), vals))
         return out
 
-    def _finetuning(self, ev: Evaluation, bundle: Bundle, numbers: dict[str, Any]) -> Section | None:
+    def _finetuning(
+        self, ev: Evaluation, bundle: Bundle, boot: PairedBootstrap, numbers: dict[str, Any]
+    ) -> Section | None:
         """The fine-tuned text tower against its zero-shot start, on every segment."""
         if not {"text", "text_zeroshot"} <= set(ev.per_user):
             return None
@@ -493,7 +495,8 @@ class Reporter:
                 "each segment (the same test users and targets for both towers)."
             )
         )
-        boot = self.bootstrap(len(ev.n_relevant))
+        # ``boot``: the report's resamples of every test user (the same as a new one would draw, at
+        # no second [n_bootstrap, users] weight matrix).
         overall = boot.interval(ev.per_user["text"][h], ev.per_user["text_zeroshot"][h])
         rows = [["all test users", len(ev.n_relevant), ev.mean("text_zeroshot", h), ev.mean("text", h),
                  f"{overall.mean:+.4f}", f"{overall.low:+.4f}..{overall.high:+.4f}"]]  # fmt: skip
