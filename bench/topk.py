@@ -4,7 +4,7 @@
     python bench/topk.py --rows 1024 --rounds 3
 
 The argsort gives the same result (best first, ties to the lower item index, NaN last) and is the
-reference ``tests/test_topk.py`` checks ``top_k`` against. Each case is a float32 block shaped like
+reference ``tests/rank/test_topk.py`` checks ``top_k`` against. Each case is a float32 block shaped like
 one the export or the evaluation ranks: ALS-like scores with a few seen items at -inf, item-kNN's
 mostly-zero rows, popularity counts (ties everywhere), a small catalogue with k near its size.
 Both functions run on one thread, alternating, ``--rounds`` times; the table gives the median

@@ -3,7 +3,7 @@ attention pooling, per-pair dot products, gathering the cells a list kept.
 
 A row at a time in compiled code keeps the work in cache, where whole-block numpy passes (gathers
 of ``[rows, history]`` item vectors, a mask per column) would read and write large temporaries.
-``tests/test_export_fast.py`` checks each against plain numpy or torch code: the same tie order,
+``tests/export/test_export_fast.py`` checks each against plain numpy or torch code: the same tie order,
 first position on ties.
 
 The kernels are compiled on first use and cached on disk (``cache=True``); each runs on one

@@ -1,4 +1,4 @@
-"""Bad input beyond tests/test_data.py and tests/test_loaders.py: each case ends in an InputError /
+"""Bad input beyond tests/data/test_data.py and tests/data/test_loaders.py: each case ends in an InputError /
 ConfigError naming the file, the column and an example row, or in a documented repair whose count
 is reported. A few go through the real CLI (exit code 2, one line on stderr, no traceback).
 

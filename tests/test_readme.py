@@ -62,12 +62,12 @@ ELSEWHERE = {
     "recsys-evaluate experiment_name=smoke": "test_install",
     "python -m recsys.train -m +experiment=bert_ranker hparams_search=ranker": "test_sweep",
     "MLFLOW_TRACKING_URI=sqlite:///mlruns/mlflow.db mlflow models serve -m models:/recsys@champion "
-    "--env-manager local -h 127.0.0.1 -p 5001": "test_serve",
+    "--env-manager local -h 127.0.0.1 -p 5001": "export.test_serve",
     "curl -s http://127.0.0.1:5001/invocations -H 'Content-Type: application/json' "
-    """-d '{"dataframe_records": [{"user_id": "U00001"}], "params": {"k": 5}}'""": "test_serve",
+    """-d '{"dataframe_records": [{"user_id": "U00001"}], "params": {"k": 5}}'""": "export.test_serve",
     **{command: "test_scale" for command in importlib.import_module("test_scale").README_COMMANDS},
-    **{command: "test_spark" for command in importlib.import_module("test_spark").README_COMMANDS},
-    **{command: "test_ddp" for command in importlib.import_module("test_ddp").README_COMMANDS},
+    **{command: "export.test_spark" for command in importlib.import_module("export.test_spark").README_COMMANDS},
+    **{command: "text.test_ddp" for command in importlib.import_module("text.test_ddp").README_COMMANDS},
     **{command: "test_fresh" for command in importlib.import_module("test_fresh").README_COMMANDS},
 }
 

@@ -127,7 +127,7 @@ class PatternTreeShap:
     tree. Per tree, the rows are grouped by their decision pattern (a few bits per split), LightGBM
     computes the contributions of one row per pattern (``start_iteration=t, num_iteration=1``),
     and every row takes its pattern's values; the trees' values are summed. Same values as one
-    ``pred_contrib`` call up to float rounding of the sum over trees (``tests/test_export_fast.py``
+    ``pred_contrib`` call up to float rounding of the sum over trees (``tests/export/test_export_fast.py``
     compares); on the export's rows there are about 4x fewer patterns than rows per tree.
 
     The decisions are LightGBM's ``NumericalDecision`` (NaN and zero as missing values, the

@@ -203,7 +203,7 @@ def apply_rules_dense(items: np.ndarray, scores: np.ndarray, rules: CompiledRule
     """``apply_rules`` on ranked lists: ``items``/``scores`` ``[n_users, n]``, each row already
     ordered by (score desc, item asc) as ``top_k`` returns it. Returns the rank (from 1) of
     every cell, 0 where a rule or the cut at ``k`` removed it; counts go to ``rules.removed``
-    (``tests/test_rules.py`` checks both against a plain Python loop).
+    (``tests/rank/test_rules.py`` checks both against a plain Python loop).
 
     One compiled pass over the block (``list_rules``): no long frame, no sort.
     """

@@ -3,7 +3,7 @@ applied in numpy and a compiled loop, over the catalogue's vectors, without torc
 
 Evaluation (``TextRecommender``) and serving (the saved pipeline) both score users with it, so
 the text scores that are evaluated are the ones that are served; the torch ``UserEncoder`` is
-the training graph (``tests/test_export_fast.py`` checks both give the same vectors).
+the training graph (``tests/export/test_export_fast.py`` checks both give the same vectors).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class HistoryTower(Recommender):
 
     The user encoder (attention pooling over the last ``max_history`` history vectors, a residual
     linear layer, L2 normalisation) is evaluated here in numpy and a compiled loop, not torch: the
-    same weights and formula to float rounding (``tests/test_export_fast.py``), at about a fifth
+    same weights and formula to float rounding (``tests/export/test_export_fast.py``), at about a fifth
     of the cost per block (4,096 users: 27 ms against 140 ms), and an export process or worker
     then never imports torch.
 

@@ -9,7 +9,7 @@ layout, for the length of one ``scaled_dot_product_attention`` call per layer.
 
 The HF module stays the storage (its state dict, checkpoints and ``save_pretrained`` are
 unchanged); this is only another way to run it, equal to ``BertModel`` followed by masked mean
-pooling up to float rounding (``tests/test_text_packed.py``), in training (dropout included) and
+pooling up to float rounding (``tests/text/test_text_packed.py``), in training (dropout included) and
 inference. Architectures it does not cover fall back to the HF forward (``supports_packing``).
 """
 

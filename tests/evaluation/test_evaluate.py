@@ -20,7 +20,7 @@ from recsys.errors import InputError
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SECTIONS = ("headline", "accuracy", "impressions", "beyond", "ablation", "segments", "ranker", "protocol", "scores")
 CHROMIUM = Path("/usr/bin/chromium")
 

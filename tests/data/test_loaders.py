@@ -17,7 +17,7 @@ from recsys.columns import Columns, SplitParts
 from recsys.data import FixedSplit, LeaveLastOutSplit, MindDataSource, MovieLensDataSource, RecBoleDataSource
 from recsys.errors import ConfigError, InputError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO / ".." / "shared" / "data"
 
 

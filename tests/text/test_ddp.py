@@ -21,7 +21,7 @@ from recsys.recommender import History
 from recsys.text.datamodule import EpochSampler, TextDataModule
 from recsys.text.distributed import FineTuneJob, TrainerSpec, check_trainer, fine_tune_ranks
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # --- settings that cannot work: a clear error before any data is loaded -------------------------
 

@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 from recsys.columns import Columns
 from recsys.evaluation.impressions import impression_metrics, summarize
 
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 
 
 def frame(impressions: dict[str, tuple[list[int], list[float]]]) -> pl.DataFrame:
