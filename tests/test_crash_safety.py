@@ -91,6 +91,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_kill_9_while_writing_never_exposes_a_partial_file(tmp_path):
     path = tmp_path / "recommendations.parquet"
     expected = frames()

@@ -11,6 +11,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import pytest
 from export_support import MODEL_NAME, trained_run
 from server_support import free_port, running
 
@@ -35,6 +36,7 @@ def post(base: str, path: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
+@pytest.mark.slow
 def test_mlflow_ui_shows_the_run_and_the_registered_model():
     run = trained_run()
     port = free_port()

@@ -7,11 +7,15 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import polars as pl
+import pytest
 from export_support import MODEL_NAME, trained_run
 
 from recsys.columns import Columns
 from recsys.export.pyfunc import PipelineModel, serving_defaults
 from recsys.pipeline_model import TrainedPipeline
+
+# Each test reads the shared trained run's MLflow store (model registry, cards): end to end.
+pytestmark = pytest.mark.slow
 
 
 def test_served_model_holds_each_users_last_event_and_it_changes_their_lists():

@@ -335,6 +335,7 @@ def output_bytes(path) -> list[bytes]:
     return [f.read_bytes() for f in sorted(path.iterdir())] if path.is_dir() else [path.read_bytes()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["file", "parts"])
 def test_kill_and_resume_gives_identical_bytes(pipeline, tmp_path, layout):
     out = tmp_path / "recs.parquet"
@@ -371,6 +372,7 @@ def loaded_engine(k: int = 10, scorer: str = "fused", rules: BusinessRules | Non
     return Engine.load(trained_run().pipeline_dir, rules or BusinessRules(), k, scorer, ExplainOptions())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["threads", "processes"])
 @pytest.mark.parametrize("scorer", ["fused", "als"])
 def test_workers_give_the_same_bytes(tmp_path, scorer, parallel):
@@ -611,6 +613,7 @@ export_recommendations(e, users, out, chunk_size=20, progress=False, after_part=
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["threads", "processes"])
 def test_kill_and_resume_with_workers_gives_identical_bytes(pipeline, tmp_path, parallel):
     out = tmp_path / "recs.parquet"

@@ -35,6 +35,7 @@ def test_model_is_registered_with_alias_and_explicit_requirements(run):
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".bin"))], "nothing pickled"
 
 
+@pytest.mark.slow
 def test_predict_equals_cli_export_for_the_same_users(run, tmp_path):
     """Known users (stored history), a known user with a new history, and a brand-new user."""
     users_df = pl.read_parquet(run.pipeline_dir / "users.parquet")

@@ -55,6 +55,7 @@ def test_layouts():
     assert (launched.world_size, launched.rank, launched.local_rank, launched.is_worker) == (4, 3, 1, True)
 
 
+@pytest.mark.slow
 def test_the_job_checks_ddp_settings_before_loading_data(tmp_path):
     """Exit 2 with one line naming the setting; the missing data file is never reached."""
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1"}

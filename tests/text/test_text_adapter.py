@@ -176,6 +176,7 @@ def test_the_job_checks_text_options_before_any_work(data, module, name):
         check_options(1.5, data, module)
 
 
+@pytest.mark.slow
 def test_a_bad_text_option_stops_the_cli_before_training(tmp_path):
     """The real CLI: exit 2 and the option's name, before any data is generated or model fitted."""
     import subprocess

@@ -40,6 +40,7 @@ def spy_compiled_batches(enc: ItemEncoder) -> list[int]:
 
 
 @needs_cxx
+@pytest.mark.slow
 def test_compiled_passes_give_the_eager_vectors_and_follow_new_weights(tokenizer_path):
     enc = ItemEncoder.random(tokenizer=tokenizer_path, seed=3, compile=True)
     plain = ItemEncoder.random(tokenizer=tokenizer_path, seed=3, compile=False)
@@ -71,6 +72,7 @@ def test_compiled_passes_give_the_eager_vectors_and_follow_new_weights(tokenizer
     assert twin.compiler.mode is True and twin.compiler.compiles == 0
 
 
+@pytest.mark.slow
 @needs_cxx
 def test_auto_compiles_only_passes_of_at_least_min_items(tokenizer_path):
     enc = ItemEncoder.random(tokenizer=tokenizer_path, seed=0, compile="auto", compile_min_items=10)
