@@ -46,6 +46,30 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("filterwarnings", line)
 
 
+# What trains the shared run (``export_support.trained_run``), directly or through a helper.
+TRAINS = ("trained_run(", "champion(", "loaded_engine(")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that trains is ``slow``: one that reads the shared trained run (in its body or in
+    a fixture it uses) trains it when it is the first, so ``pytest -m "not slow"`` never does."""
+    import inspect
+
+    for item in items:
+        funcs = [getattr(item, "function", None)]
+        info = getattr(item, "_fixtureinfo", None)
+        for defs in info.name2fixturedefs.values() if info else ():
+            funcs += [d.func for d in defs]
+        sources = []
+        for f in funcs:
+            try:
+                sources.append(inspect.getsource(f) if f is not None else "")
+            except (OSError, TypeError):
+                continue
+        if any(needle in src for src in sources for needle in TRAINS):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     """The repository root (the folder holding ``conf/`` and ``recsys/``)."""

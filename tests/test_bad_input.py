@@ -593,6 +593,7 @@ def test_cli_export_from_an_incomplete_pipeline_folder(pipeline_copy, tmp_path):
     assert not (tmp_path / "recs.parquet").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["folder", "file"])
 def test_cli_export_refuses_a_bad_layout_before_loading_the_model(tmp_path, layout):
     """``layout=folder`` (no such layout), or ``layout=file`` onto an existing folder: refused by
@@ -612,6 +613,7 @@ def test_cli_export_refuses_a_bad_layout_before_loading_the_model(tmp_path, layo
     assert list((tmp_path / "recs.parquet").iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("override", "expected"),
     [

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EVALUATION = sorted(f"recsys.evaluation.{p.stem}" for p in (REPO_ROOT / "recsys" / "evaluation").glob("[!_]*.py"))
 
@@ -22,6 +24,7 @@ def loaded_after_import(modules: list[str]) -> set[str]:
     return set(json.loads(out.stdout))
 
 
+@pytest.mark.slow
 def test_evaluation_imports_no_layer_above_it():
     assert EVALUATION, "no evaluation modules found"
     loaded = loaded_after_import(EVALUATION)

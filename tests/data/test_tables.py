@@ -275,6 +275,7 @@ def test_histories_path_that_is_a_folder(tmp_path):
     fails(lambda: read_histories(str(tmp_path), WEIGHTS), "is a folder", str(tmp_path))
 
 
+@pytest.mark.slow
 def test_cli_export_output_under_an_existing_file_is_refused(tmp_path):
     """Regression: ``output=`` below a file was a ``FileExistsError`` traceback after loading the model."""
     from reliability_support import run_recommend

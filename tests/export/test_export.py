@@ -191,6 +191,7 @@ def test_single_stage_engine_reads_only_its_model(pipeline, tmp_path, scorer):
         loaded_engine(scorer="nope")
 
 
+@pytest.mark.slow
 def test_a_factor_export_imports_neither_torch_nor_lightgbm():
     """What makes a single-stage ALS export's worker processes start in a fraction of a second
     (CHANGELOG.md, 2026-11-26): loading its engine, in a fresh interpreter, imports neither."""

@@ -36,6 +36,7 @@ def test_a_held_output_lock_refuses_a_second_holder_and_is_reentrant(tmp_path):
     assert not lock_path(out).exists()
 
 
+@pytest.mark.slow
 def test_cli_export_to_an_output_being_written_is_refused(tmp_path):
     """The lock is taken before the model loads (the model URI here does not even exist)."""
     out = tmp_path / "recs.parquet"

@@ -56,6 +56,7 @@ def read_parts(folder: Path) -> pl.DataFrame:
     return pl.read_parquet(sorted(folder.glob("*.parquet"))).sort(Columns.User, Columns.Rank)
 
 
+@pytest.mark.slow
 def test_no_java_is_a_clear_error_before_the_model_is_loaded(tmp_path):
     proc = recommend(
         "engine=spark", f"model_uri={tmp_path / 'no-such-model'}", env={"JAVA_HOME": str(tmp_path / "no-java")}
@@ -114,6 +115,7 @@ def test_spark_rows_equal_the_local_export_and_a_rerun_after_a_kill_gives_the_sa
     assert_frame_equal(read_parts(out), got)
 
 
+@pytest.mark.slow
 def test_spark_extra_installs_pyspark_from_what_is_installed(tmp_path):
     """The README's ``pip install -e ".[spark]"``, as a dry run with no index: every requirement,
     pyspark included, is met by the installed packages."""
