@@ -93,7 +93,7 @@ def trained_run() -> TrainedRun:
         elif "history" in evaluated:  # the served pipeline: the evaluated history + the test events
             keys = [Columns.UserIdx, Columns.ItemIdx, Columns.Timestamp]
             test = history.interactions.join(evaluated["history"].interactions, on=keys, how="anti")
-            sp.save_npz(root / "test_exclusion.npz", stage_exclusion(evaluated["history"], data.items, test))
+            sp.save_npz(root / "test_exclusion.npz", stage_exclusion(evaluated["history"], data.items, test).tocsr())
         # What every served model scored, so tests can check that save/load loses nothing.
         if kw.get("name", "model") == "model":
             users = np.arange(history.n_users)

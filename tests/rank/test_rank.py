@@ -245,7 +245,7 @@ def test_stage_exclusion_removes_seen_and_not_yet_listed_items():
     )
     items = pl.DataFrame({Columns.ItemIdx: [0, 1, 2, 3], Columns.AvailableFrom: [None, None, 50, 500]})
     targets = pl.DataFrame({Columns.UserIdx: [0, 1], Columns.Timestamp: [100, 1000]})
-    ex = stage_exclusion(history, items, targets).toarray().astype(bool)
+    ex = stage_exclusion(history, items, targets).tocsr().toarray().astype(bool)
     assert ex[0].tolist() == [True, False, False, True]  # seen item 0; item 3 not listed yet at t=100
     assert ex[1].tolist() == [False, False, False, False]  # everything exists at t=1000
     # Without the column only seen items are excluded.
