@@ -36,7 +36,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -69,17 +69,6 @@ META_FIELDS: dict[str, Any] = {
 RANKER_FIELDS: dict[str, Any] = {"features": list[str], "best_iteration": int}
 
 
-def model_fields(kind: type[Recommender]) -> dict[str, Any]:
-    """The meta.json entries a model of ``kind`` is loaded from and their types: the arguments
-    its constructor takes, as annotated (``PARAMS``), or those its ``load`` reads."""
-    if kind is HistoryTower:
-        return {"max_history": int, "history_embeddings": bool, "bert": dict | None}
-    if kind is NewItemText:
-        return {"max_events": int, "restricts": str}
-    hints = get_type_hints(kind.__init__)
-    return {k: hints[k] for k in kind.PARAMS}
-
-
 def check_meta(meta: Mapping[str, Any], file: Path) -> None:
     """Every field ``load`` reads from ``meta.json``, present and of the right type, so a
     hand-edited entry fails here by name rather than deep in ``load``."""
@@ -91,7 +80,7 @@ def check_meta(meta: Mapping[str, Any], file: Path) -> None:
             raise InputError(
                 f"models.{name}.kind '{info['kind']}' is none of {sorted(KINDS)}; {REPAIR}", file=str(file)
             )
-        for key, hint in model_fields(KINDS[info["kind"]]).items():
+        for key, hint in KINDS[info["kind"]].saved_fields().items():
             check_field(file, info, f"models.{name}.{key}", hint)
     for key, hint in RANKER_FIELDS.items() if meta["ranker"] else ():
         check_field(file, meta["ranker"], f"ranker.{key}", hint)

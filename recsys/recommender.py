@@ -156,6 +156,12 @@ class Recommender(ABC):
         return []
 
     @classmethod
+    def saved_fields(cls) -> dict[str, Any]:
+        """The entries of what ``save`` returned that ``load`` reads, with their JSON types (the
+        saved pipeline checks them before anything is loaded)."""
+        return {}
+
+    @classmethod
     def load(cls, folder: Path, info: Mapping[str, Any]) -> Recommender:
         """The model ``save`` wrote into ``folder`` (``info``: what it returned)."""
         raise TypeError(f"a {cls.__name__} cannot be loaded from a pipeline")
@@ -236,6 +242,11 @@ class NewItemText(Recommender):
     def save(self, folder: Path) -> dict[str, Any]:
         # No files: the text model is saved under its own name, ``warm`` is refitted on load.
         return {"kind": self.kind, "max_events": int(self.max_events)}
+
+    @classmethod
+    def saved_fields(cls) -> dict[str, Any]:
+        # ``restricts``: the text model's name, which the saved pipeline adds.
+        return {"max_events": int, "restricts": str}
 
     def over(self, text: Recommender) -> NewItemText:
         """The same restriction over ``text`` (the text model served for a block of users)."""

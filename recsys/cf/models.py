@@ -12,7 +12,7 @@ import copy
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_type_hints
 
 import numpy as np
 import polars as pl
@@ -53,6 +53,12 @@ class _Saved(Recommender):
     @classmethod
     def files(cls, info: Mapping[str, Any]) -> list[str]:
         return [MODEL_FILE]
+
+    @classmethod
+    def saved_fields(cls) -> dict[str, Any]:
+        """The constructor's arguments in ``PARAMS``, as annotated."""
+        hints = get_type_hints(cls.__init__)
+        return {k: hints[k] for k in cls.PARAMS}
 
     @classmethod
     def load(cls, folder: Path, info: Mapping[str, Any]) -> Recommender:

@@ -121,61 +121,58 @@ def export_recommendations(
         raise ValueError(f"workers must be >= 1, got {workers}")
     # Two exports to one output would share one parts folder and delete it under each other.
     with output_lock(out_path):
-        return _export(
-            engine, user_ids, out_path, histories, chunk_size, info, progress, after_part, workers, layout, parallel
+        users = sorted(set(map(str, user_ids)))
+        plan = _plan(engine, users, histories, dict(info or {}), chunk_size, layout)
+        work, fingerprint = _parts_folder(out_path, plan)
+        if histories is not None:
+            histories = histories.with_columns(pl.col(Columns.User).cast(pl.String))
+        job = _Job(users, histories, work, chunk_size, final_parts=layout == "parts")
+        parts = [_part_file(work, i) for i in range(job.n_parts)]
+        done = [p.exists() for p in parts]
+        todo = [i for i in range(len(parts)) if not done[i]]
+        if sum(done):
+            log.info("resuming %s: %d of %d parts already written", out_path, sum(done), len(parts))
+        n_workers = max(min(workers, len(todo)), 1)
+        if n_workers > 1 and parallel == "processes" and engine.recipe is None:
+            raise ConfigError(
+                "parallel=processes needs an engine made by Engine.load (worker processes load the pipeline from its "
+                "folder); parallel=threads shares this one"
+            )
+        t0 = time.perf_counter()
+        by_worker = [0] * n_workers  # parts computed by the calling thread, then by each worker of the pool
+        publish = (_Publisher if layout == "file" else _FolderPublisher)(parts, work, engine.timings)
+        bar = (
+            _progress_bar(len(users), sum(len(job.block(i)) for i in range(len(parts)) if done[i]))
+            if progress
+            else None
         )
 
+        def finished(i: int, who: int) -> None:
+            done[i] = True
+            by_worker[who] += 1
+            if bar is not None:
+                bar.update(len(job.block(i)))
+            if after_part is not None:
+                after_part(i)
+            publish.advance(done)  # the finished parts go to the output while the workers compute
 
-def _export(engine, user_ids, out_path, histories, chunk_size, info, progress, after_part, workers, layout, parallel):
-    """``export_recommendations``, its arguments checked, holding the output's lock."""
-    users = sorted(set(map(str, user_ids)))
-    plan = _plan(engine, users, histories, dict(info or {}), chunk_size, layout)
-    work, fingerprint = _parts_folder(out_path, plan)
-    if histories is not None:
-        histories = histories.with_columns(pl.col(Columns.User).cast(pl.String))
-    job = _Job(users, histories, work, chunk_size, final_parts=layout == "parts")
-    parts = [_part_file(work, i) for i in range(job.n_parts)]
-    done = [p.exists() for p in parts]
-    todo = [i for i in range(len(parts)) if not done[i]]
-    if sum(done):
-        log.info("resuming %s: %d of %d parts already written", out_path, sum(done), len(parts))
-    n_workers = max(min(workers, len(todo)), 1)
-    if n_workers > 1 and parallel == "processes" and engine.recipe is None:
-        raise ConfigError(
-            "parallel=processes needs an engine made by Engine.load (worker processes load the pipeline from its "
-            "folder); parallel=threads shares this one"
-        )
-    t0 = time.perf_counter()
-    by_worker = [0] * n_workers  # parts computed by the calling thread, then by each worker of the pool
-    publish = (_Publisher if layout == "file" else _FolderPublisher)(parts, work, engine.timings)
-    bar = _progress_bar(len(users), sum(len(job.block(i)) for i in range(len(parts)) if done[i])) if progress else None
-
-    def finished(i: int, who: int) -> None:
-        done[i] = True
-        by_worker[who] += 1
-        if bar is not None:
-            bar.update(len(job.block(i)))
-        if after_part is not None:
-            after_part(i)
-        publish.advance(done)  # the finished parts go to the output while the workers compute
-
-    try:
-        _compute_parts(engine, job, todo, n_workers - 1, parallel, finished)
-        if not all(done):
-            raise RuntimeError(f"export parts {[i for i in range(len(parts)) if not done[i]][:5]} were not written")
-        publish.advance(done)
-        publish.close(out_path)
-    finally:
-        publish.abort()
-        if bar is not None:
-            bar.close()
-    run = {"parts_resumed": len(parts) - len(todo), "workers": n_workers, "parallel": parallel}
-    run = {**run, "parts_by_process": by_worker, "fingerprint": fingerprint}
-    manifest = _manifest(engine, plan, out_path, work, len(parts), run, time.perf_counter() - t0)
-    manifest_path = out_path.with_name(out_path.name.removesuffix(".parquet") + ".manifest.json")
-    write_text_atomic(json.dumps(manifest, indent=2, default=str), manifest_path)  # ASCII: same bytes anywhere
-    shutil.rmtree(work, ignore_errors=True)
-    return ExportResult(out_path, manifest_path, manifest)
+        try:
+            _compute_parts(engine, job, todo, n_workers - 1, parallel, finished)
+            if not all(done):
+                raise RuntimeError(f"export parts {[i for i in range(len(parts)) if not done[i]][:5]} were not written")
+            publish.advance(done)
+            publish.close(out_path)
+        finally:
+            publish.abort()
+            if bar is not None:
+                bar.close()
+        run = {"parts_resumed": len(parts) - len(todo), "workers": n_workers, "parallel": parallel}
+        run = {**run, "parts_by_process": by_worker, "fingerprint": fingerprint}
+        manifest = _manifest(engine, plan, out_path, work, len(parts), run, time.perf_counter() - t0)
+        manifest_path = out_path.with_name(out_path.name.removesuffix(".parquet") + ".manifest.json")
+        write_text_atomic(json.dumps(manifest, indent=2, default=str), manifest_path)  # ASCII: same bytes anywhere
+        shutil.rmtree(work, ignore_errors=True)
+        return ExportResult(out_path, manifest_path, manifest)
 
 
 def _plan(

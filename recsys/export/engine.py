@@ -306,7 +306,7 @@ class Engine:
     def _finish(self, df: pl.DataFrame, ph: PipelineHistories, scorers) -> pl.DataFrame:
         if self.explain.enabled:
             with self._timed("explain_history"):
-                item, sim = self.explainer(df, ph.history.sequences)
+                item, sim = self.explainer(df, ph.history.sequences, None if self.scorer == FUSED else self.scorer)
         else:
             item, sim = no_explanations(df.height)
         if "explain_features" not in df.columns:

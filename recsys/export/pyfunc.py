@@ -31,9 +31,10 @@ import numpy as np
 import polars as pl
 
 from recsys.columns import Columns
-from recsys.errors import InputError
+from recsys.errors import PIPELINE_REPAIR as REPAIR
+from recsys.errors import InputError, check_field, read_json_object
 from recsys.export.engine import FUSED, Engine, ExplainOptions, empty_output
-from recsys.pipeline_model import REPAIR, TrainedPipeline, check_field, read_json_object
+from recsys.pipeline_model import TrainedPipeline
 from recsys.rank.rules import BusinessRules
 
 log = logging.getLogger(__name__)

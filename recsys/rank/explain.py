@@ -60,8 +60,12 @@ class HistoryExplainer:
             return DENSE, space @ space.T, none, none
         return DOT, space, none, none
 
-    def __call__(self, df: pl.DataFrame, sequences: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """``df``: rows ``user_idx, item_idx, source``; ``sequences``: each user's history."""
+    def __call__(
+        self, df: pl.DataFrame, sequences: Sequence[np.ndarray], source: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``df``: rows ``user_idx, item_idx, source``; ``sequences``: each user's history.
+        ``source``: every row's, when one model made the lists (a single-stage export): the
+        rows' sources are then not read."""
         best_item, best_sim = no_explanations(df.height)
         if df.height == 0:
             return best_item, best_sim
@@ -70,8 +74,11 @@ class HistoryExplainer:
         rows_u = df[Columns.UserIdx].to_numpy().astype(np.int64)
         rows_i = df[Columns.ItemIdx].to_numpy().astype(np.int64)
         src = df[Columns.Source]
-        names = src.unique().drop_nulls().sort().to_list()
-        whole = len(names) == 1 and src.null_count() == 0  # one source: every row, no selection
+        if source is not None:
+            names, whole = [source], True
+        else:
+            names = src.unique().drop_nulls().sort().to_list()
+            whole = len(names) == 1 and src.null_count() == 0  # one source: every row, no selection
         for name in names:
             if (space := self._space(name)) is None:
                 continue

@@ -117,6 +117,10 @@ class HistoryTower(Recommender):
         return [cls.USER_ENCODER, cls.ITEMS] + ([cls.HISTORY] if info["history_embeddings"] else [])
 
     @classmethod
+    def saved_fields(cls) -> dict[str, Any]:
+        return {"max_history": int, "history_embeddings": bool, "bert": dict | None}
+
+    @classmethod
     def from_recommender(cls, m: TextRecommender, with_bert: bool = False) -> HistoryTower:
         """``m``'s serving side; ``with_bert``: saved with the BERT its item vectors came from."""
         hist = m.net.history_embeddings
