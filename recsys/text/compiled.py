@@ -1,8 +1,8 @@
 """Compiled catalogue passes: a copy of the BERT through ``torch.compile`` (inductor).
 
 Why: a CPU catalogue pass is ~74 % GEMM time; the rest is bias copies, GELU, residual adds,
-LayerNorm, attention and head transposes between them (docs/benchmarks.md, "Issue #6, sixth
-round"). Inductor keeps the GEMMs (MKL's ``mm``) and fuses the elementwise work between them
+LayerNorm, attention and head transposes between them (CHANGELOG.md, "Text tower:
+compiled catalogue passes"). Inductor keeps the GEMMs (MKL's ``mm``) and fuses the elementwise work between them
 into a few C++ loops: GELU, residual add + LayerNorm, the biases (the GEMMs run without them,
 ``_MatmulThenBias``), and, with attention written as plain matmul + softmax (``eager`` attention)
 instead of SDPA's CPU kernel, the mask and the softmax.

@@ -52,8 +52,8 @@ ENCODE_BATCH = 128
 # padding costs more: training batches padded by at least this share (a MiniLM step on the
 # generated data pads 22 % in one length bucket: packed, 1.15-1.27x per step against HF's forward
 # with two buckets). Catalogue passes (no gradient) never pack: their length-sorted batches pad
-# ~2 %, and packed they measured 0.97x on the CPU and 0.6-0.8x on an H200 (docs/benchmarks.md,
-# "Issue #6, fourth round").
+# ~2 %, and packed they measured 0.97x on the CPU and 0.6-0.8x on an H200 (CHANGELOG.md,
+# "Text tower: packed training forward").
 PACK_MIN_PADDING = 0.05
 
 

@@ -1,0 +1,138 @@
+"""How far can a text tower get on the generated data? The zero-shot tower against scorers that
+know each item's hidden topic and facet exactly.
+
+    python bench/text_ceiling.py                      # the default job's data and split
+    python bench/text_ceiling.py split=global_time    # any Hydra override of the job
+
+The generator (``recsys.data.synthetic``) draws each event's topic from the user's topic mix and
+then an item of that topic with weight ``popularity x group x facet x freshness``. Only the topic
+and the facet show in an item's text (its category and its facet words); popularity, taste group
+and freshness do not. A text model scored on its own (no popularity) can at best rank the items of
+the user's likely (topic, facet) classes first, in no particular order inside a class. This script
+decodes every item's topic and facet from its title and scores users by their history's shares
+(the last ``text.max_history`` items, recency-weighted like the zero-shot tower), ties broken at
+random:
+
+* ``oracle: topic``: the topic share only;
+* ``oracle: topic + facet``: the topic share times the user's facet share, the best any
+  popularity-free text scorer can do here;
+* ``oracle: topic + facet + popularity``: the same, ties broken by training popularity (what the
+  text tower learns when it is trained without ``text.module.popularity_debias``).
+
+Beside them: the job's zero-shot text tower (``text_zeroshot``) and popularity. Each stage is
+scored as the job scores it: validation targets from the training history, test targets from
+training + validation, full ranking, seen and not-yet-listed items removed. Prints NDCG@10 and
+Recall@10 per scorer and stage, and the paired 95 % interval of each oracle minus the zero-shot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+ROOT = Path(__file__).resolve().parents[1]
+K = 10
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", help="Hydra overrides of the default job")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    import recsys.config  # noqa: F401  (registers the config resolvers)
+    from recsys.cf.models import Popularity
+    from recsys.data.synthetic import TOPICS
+    from recsys.evaluation.bootstrap import PairedBootstrap
+    from recsys.evaluation.metrics import ranking_metrics, relevance_matrix
+    from recsys.pipeline import stage_exclusion, stage_history
+    from recsys.recommender import History, Recommender
+    from recsys.text.recommender import TextRecommender
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["+experiment=bert_ranker", f"paths.root_dir={ROOT}", *a.overrides])
+    if cfg.data.get("_target_", "").rsplit(".", 1)[-1] != "GeneratedDataSource":
+        sys.exit("text_ceiling.py decodes the generated data's topics and facets: use the generated data")
+    data = instantiate(cfg.data).load()
+    split = instantiate(cfg.split).split(data.interactions)
+
+    # Each topic's 15 words are its 3 facets of 5; a title ends with two words of the item's facet.
+    word = {w: (t, j // 5) for t, name in enumerate(TOPICS) for j, w in enumerate(TOPICS[name])}
+    last = [word[title.split()[-1]] for title in data.items["title"].to_list()]
+    topic, facet = (np.array(x) for x in zip(*last, strict=True))
+    n_topics = len(TOPICS)
+
+    class Oracle(Recommender):
+        name = "oracle"
+
+        def __init__(self, use_facet: bool, use_popularity: bool, decay: float, max_history: int) -> None:
+            self.use_facet, self.use_popularity = use_facet, use_popularity
+            self.decay, self.max_history = decay, max_history
+
+        def fit(self, history: History) -> Oracle:
+            prefs = []
+            for seq in history.sequences:
+                h = seq[-self.max_history :]
+                w = np.exp(-self.decay * np.arange(len(h))[::-1]) if len(h) else np.ones(0)
+                total = max(w.sum(), 1e-12)
+                t = np.bincount(topic[h], weights=w, minlength=n_topics) / total
+                f = np.bincount(facet[h], weights=w, minlength=3) / total
+                prefs.append(np.log(t + 1e-3)[topic] + (np.log(f + 1e-3)[facet] if self.use_facet else 0.0))
+            self.prefs = np.array(prefs, dtype=np.float64)
+            counts = history.item_counts
+            # Inside a class: by popularity, or at random (a seeded jitter far below a class's gap).
+            tie = np.log1p(counts) if self.use_popularity else np.random.default_rng(0).random(len(counts))
+            self.tie = 1e-4 * tie / max(float(tie.max()), 1e-12)
+            return self
+
+        def score_users(self, users: np.ndarray) -> np.ndarray:
+            return (self.prefs[users] + self.tie).astype(np.float32)
+
+    enc = instantiate(cfg.encoder)
+    ids, lens = enc.tokenize(data.texts)
+    net = instantiate(cfg.text.net)(enc)  # untrained: the job's zero-shot tower
+    zero = TextRecommender.from_tokens(net, ids, lens)
+    decay, max_history = float(cfg.text.recency_decay), int(cfg.text.max_history)
+    scorers: dict[str, Recommender] = {
+        "text_zeroshot (the job's)": zero,
+        "popularity": Popularity(),
+        "oracle: topic": Oracle(False, False, decay, max_history),
+        "oracle: topic + facet": Oracle(True, False, decay, max_history),
+        "oracle: topic + facet + popularity": Oracle(True, True, decay, max_history),
+    }
+    as_of = bool(cfg.eval.get("as_of_cut", True))
+    train = History(split.train, data.n_users, data.n_items)
+    stages = {"validation": (train, split.val), "test": (train.extend(split.val), split.test)}
+    print(f"generated data, split={cfg.split._target_.rsplit('.', 1)[-1]}, NDCG@{K} / Recall@{K}, full ranking")
+    for stage, (history, targets) in stages.items():
+        history = stage_history(history, targets) if as_of else history
+        users = np.unique(targets["user_idx"].to_numpy())
+        exclude = stage_exclusion(history, data.items, targets)
+        relevant = relevance_matrix(targets, users, data.n_items)
+        per_user = {}
+        for name, model in scorers.items():
+            recs, _ = model.fit(history).recommend(users, K, exclude=exclude)
+            per_user[name] = ranking_metrics(recs, relevant, ks=(K,))
+        boot = PairedBootstrap(len(users), seed=0)
+        base = per_user["text_zeroshot (the job's)"][f"ndcg_at_{K}"]
+        print(f"\n{stage}: {len(users)} users")
+        print(f"| scorer | NDCG@{K} | Recall@{K} | x zero-shot | minus zero-shot (paired 95 % CI) |")
+        print("|---|---|---|---|---|")
+        for name, m in per_user.items():
+            ndcg, recall = m[f"ndcg_at_{K}"], m[f"recall_at_{K}"]
+            ci = boot.interval(ndcg, base)
+            print(
+                f"| {name} | {ndcg.mean():.4f} | {recall.mean():.4f} | {ndcg.mean() / max(base.mean(), 1e-12):.2f} "
+                f"| {ci.mean:+.4f} ({ci.low:+.4f}..{ci.high:+.4f}) |"
+            )
+
+
+if __name__ == "__main__":
+    pl.Config.set_tbl_rows(50)
+    main()
