@@ -64,6 +64,10 @@ VARIANTS: dict[str, tuple[dict, dict, bool]] = {
     "both_bags5": ({"bags": 5}, {}, False),
     "both_bags10": ({"bags": 10}, {}, False),
     "both_bags5_lr02": ({**LR02, "bags": 5}, {}, False),
+    "finetuned_leaves15": ({"num_leaves": 15, "min_child_samples": 50}, {}, True),
+    "finetuned_leaves7": ({"num_leaves": 7}, {}, True),
+    "finetuned_bags5": ({"bags": 5}, {}, True),
+    "finetuned_lr02": (LR02, {}, True),
 }
 
 
@@ -98,6 +102,9 @@ def main() -> None:
         help="also train each variant with a second labelled stage: history = train minus each user's "
         "last training event, target = that event (more labels for the ranker)",
     )
+    ap.add_argument(
+        "--singles", default="als,itemknn", help="single models scored on the same validation users (comma-separated)"
+    )
     args = ap.parse_args()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=[f"+experiment={args.experiment}", *args.overrides])
@@ -106,7 +113,9 @@ def main() -> None:
     split = instantiate(cfg.split).split(data.interactions)
     history = History(split.train, data.n_users, data.n_items)
     pipeline = TrainedPipeline.load(Path(args.run) / "pipeline")
-    if sum(isinstance(m, HistoryTower) for m in pipeline.models.values()) < 2:
+    names = args.variants.split(",")
+    needs_zs = any(not VARIANTS[n][2] for n in names)
+    if needs_zs and sum(isinstance(m, HistoryTower) for m in pipeline.models.values()) < 2:
         raise SystemExit("the run has no zero-shot tower: train it with rank.text_zeroshot_feature=true")
     users = split.val[Columns.UserIdx].unique().sort().to_numpy()
     rng = np.random.default_rng(cfg.seed if args.fold_seed is None else args.fold_seed)
@@ -122,9 +131,15 @@ def main() -> None:
     stages = [(h, t, m, stage_exclusion(h, data.items, t)) for h, t, m in stages]
     print(f"setup {time.perf_counter() - t0:.0f} s; {len(users)} validation users in two halves\n")
     print("| variant | val NDCG@10 | val Recall@10 | candidate recall | ranker fit s |\n|---|---|---|---|---|")
+    # The single models on the same users (full ranking, the job's exclusions): what fused must beat.
+    _, val_targets, val_models, val_exclude = stages[0]
+    relevant = relevance_matrix(val_targets, users, data.n_items)
+    for name in args.singles.split(",") if args.singles else []:
+        m = ranking_metrics(val_models[name].recommend(users, 10, exclude=val_exclude)[0], relevant, (10,))
+        print(f"| single: {name} | {m['ndcg_at_10'].mean():.4f} | {m['recall_at_10'].mean():.4f} | | |", flush=True)
     frames: dict[tuple, pl.DataFrame] = {}
     extra: dict[tuple, pl.DataFrame] = {}
-    for name in args.variants.split(","):
+    for name in names:
         ranker_over, extra_sources, drop_zs = VARIANTS[name]
         n_cand = {**cfg.rank.n_candidates, **extra_sources}
         key = tuple(sorted(n_cand.items()))
