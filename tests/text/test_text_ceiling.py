@@ -13,9 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # a subprocess on the default data size: ~15 s
 def test_text_ceiling_orders_the_oracles(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "bench/text_ceiling.py", "encoder=tiny", f"paths.data_dir={tmp_path}"],
