@@ -32,7 +32,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
@@ -48,6 +47,7 @@ def main() -> None:
     torch.set_num_threads(1)
     import recsys.config  # noqa: F401  (registers the config resolvers)
     from recsys.cf.models import Popularity
+    from recsys.columns import Columns
     from recsys.data.synthetic import TOPICS
     from recsys.evaluation.bootstrap import PairedBootstrap
     from recsys.evaluation.metrics import ranking_metrics, relevance_matrix
@@ -85,14 +85,19 @@ def main() -> None:
                 f = np.bincount(facet[h], weights=w, minlength=3) / total
                 prefs.append(np.log(t + 1e-3)[topic] + (np.log(f + 1e-3)[facet] if self.use_facet else 0.0))
             self.prefs = np.array(prefs, dtype=np.float64)
-            counts = history.item_counts
-            # Inside a class: by popularity, or at random (a seeded jitter far below a class's gap).
-            tie = np.log1p(counts) if self.use_popularity else np.random.default_rng(0).random(len(counts))
-            self.tie = 1e-4 * tie / max(float(tie.max()), 1e-12)
+            # Inside a class: by popularity as the job's popularity model counts it (up to each
+            # user's cut), or at random (a seeded jitter); either far below a class's gap.
+            self.popularity = Popularity().fit(history) if self.use_popularity else None
+            self.jitter = np.random.default_rng(0).random(history.n_items)
             return self
 
         def score_users(self, users: np.ndarray) -> np.ndarray:
-            return (self.prefs[users] + self.tie).astype(np.float32)
+            if self.popularity is None:
+                tie = np.broadcast_to(self.jitter, (len(users), len(self.jitter)))
+            else:
+                tie = np.log1p(self.popularity.score_users(users).astype(np.float64))
+            tie = 1e-4 * tie / np.maximum(tie.max(axis=1, keepdims=True), 1e-12)
+            return (self.prefs[users] + tie).astype(np.float32)
 
     enc = instantiate(cfg.encoder)
     ids, lens = enc.tokenize(data.texts)
@@ -112,7 +117,7 @@ def main() -> None:
     print(f"generated data, split={cfg.split._target_.rsplit('.', 1)[-1]}, NDCG@{K} / Recall@{K}, full ranking")
     for stage, (history, targets) in stages.items():
         history = stage_history(history, targets) if as_of else history
-        users = np.unique(targets["user_idx"].to_numpy())
+        users = np.unique(targets[Columns.UserIdx].to_numpy())
         exclude = stage_exclusion(history, data.items, targets)
         relevant = relevance_matrix(targets, users, data.n_items)
         per_user = {}
@@ -134,5 +139,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    pl.Config.set_tbl_rows(50)
     main()
