@@ -54,25 +54,39 @@ def stage(tiny_dataset):
 
 
 def fitted(stage, max_train_users, seed=0):
+    """The fitted stage and the frame its ranker learned from."""
     users, hist, models, split = stage
     ranker = LambdaMARTRanker(n_estimators=10, min_child_samples=5, seed=0)
     fusion = FusionStage({"itemknn": 8, "popularity": 4}, ranker, max_train_users, seed=seed)
-    seen: list[np.ndarray] = []
-    frame = fusion.frame
-    fusion.frame = lambda u, *a, **k: (seen.append(u), frame(u, *a, **k))[1]  # which users reach the ranker
-    return fusion.fit(users, models, hist, split.val), seen[0]
+    learned: list[pl.DataFrame] = []
+    fit = ranker.fit
+    ranker.fit = lambda df, *a, **k: (learned.append(df), fit(df, *a, **k))[1]
+    return fusion.fit(users, models, hist, split.val), learned[0]
 
 
 @pytest.mark.slow
-def test_ranker_trains_on_a_seeded_sample_of_at_most_max_train_users(stage):
-    users = stage[0]
-    fusion, trained_on = fitted(stage, 20)
-    assert fusion.train_users == 20 == len(trained_on)
-    assert set(trained_on) <= set(users) and (np.diff(trained_on) > 0).all()
-    assert (fitted(stage, 20)[1] == trained_on).all()  # same seed, same sample
-    everyone, all_users = fitted(stage, 10 * len(users))  # a cap above the count changes nothing
-    assert everyone.train_users == len(users) and (all_users == users).all()
+def test_ranker_learns_from_the_first_max_train_users_taught_users_in_a_seeded_order(stage):
+    users, hist, models, split = stage
+    everyone, every_row = fitted(stage, None)
+    taught = set(every_row[Columns.UserIdx].unique().to_list())  # a target among their candidates
+    assert everyone.train_users == len(taught) < len(users) and everyone.examined_users == len(users)
+
+    fusion, rows = fitted(stage, 20)
+    order = np.random.default_rng(0).permutation(users)
+    first = [u for u in order if u in taught][:20]
+    assert fusion.train_users == 20 and sorted(rows[Columns.UserIdx].unique().to_list()) == sorted(first)
+    assert 20 <= fusion.examined_users <= list(order).index(first[-1]) + 1 + 1024  # stops once found
+    # A user's rows do not depend on which users were built beside them.
+    key = [Columns.UserIdx, Columns.ItemIdx]
+    expected = every_row.filter(pl.col(Columns.UserIdx).is_in(first)).sort(key)
+    assert rows.sort(key).equals(expected.select(rows.columns))
+    assert fitted(stage, 20)[1].sort(key).equals(rows.sort(key))  # same seed, same users
+    other = set(fitted(stage, 20, seed=1)[1][Columns.UserIdx].unique().to_list())
+    assert other != set(first) and other <= taught
+    above, _ = fitted(stage, 10 * len(users))  # a cap above the count changes nothing
+    assert above.train_users == len(taught) and above.examined_users == len(users)
     assert fusion.timings["candidates_features"] > 0 and fusion.timings["ranker_train"] > 0
+    assert 0 < fusion.candidate_recall_val <= 1
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, "many"])
@@ -147,7 +161,8 @@ def test_cli_logs_stage_profiles_and_samples_as_configured(tmp_path, repo_root):
     client = mlflow.MlflowClient(tracking_uri=tracking_uri(tmp_path / "mlruns"))
     run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
     m = run.data.metrics
-    assert m["rank/train_users"] == 60 and m["eval/users"] == 80 and m["eval/users_total"] == 300
+    assert m["rank/train_users"] == 60 <= m["rank/examined_users"] <= 300
+    assert m["eval/users"] == 80 and m["eval/users_total"] == 300
     assert 0 < m["test/fused/ndcg_at_10_ci95"] < 0.5 and "test/als/ndcg_at_10_ci95" in m
     assert pl.read_parquet(tmp_path / "out" / "recommendations.parquet")[Columns.User].n_unique() == 80
     stages = ["load", "cf_fit_val", "text_finetune", "text_encode", "ranker_fit", "cf_fit_test", "test_rank"]
