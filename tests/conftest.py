@@ -68,6 +68,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 continue
         if any(needle in src for src in sources for needle in TRAINS):
             item.add_marker(pytest.mark.slow)
+    # Files with the most slow tests first: the xdist workers take whole files in this order
+    # (--dist loadfile), and a long file handed out last would leave the other worker idle.
+    slow: dict[Path, int] = {}
+    for item in items:
+        slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
+    items.sort(key=lambda item: -slow[item.path])  # stable: each file keeps its own order
 
 
 @pytest.fixture(scope="session")
