@@ -114,6 +114,13 @@ def main() -> None:
     history = History(split.train, data.n_users, data.n_items)
     pipeline = TrainedPipeline.load(Path(args.run) / "pipeline")
     names = args.variants.split(",")
+    if sorted(set(names) - set(VARIANTS)):
+        raise SystemExit(f"--variants: unknown {sorted(set(names) - set(VARIANTS))}; known: {', '.join(VARIANTS)}")
+    # The models a validation stage has (stage_models): CF from the config, the run's text towers.
+    known = {*cfg.cf, *pipeline.models, "text_new"}
+    singles = args.singles.split(",") if args.singles else []
+    if sorted(set(singles) - known):
+        raise SystemExit(f"--singles: no model named {sorted(set(singles) - known)}; known: {sorted(known)}")
     needs_zs = any(not VARIANTS[n][2] for n in names)
     if needs_zs and sum(isinstance(m, HistoryTower) for m in pipeline.models.values()) < 2:
         raise SystemExit("the run has no zero-shot tower: train it with rank.text_zeroshot_feature=true")
@@ -134,7 +141,7 @@ def main() -> None:
     # The single models on the same users (full ranking, the job's exclusions): what fused must beat.
     _, val_targets, val_models, val_exclude = stages[0]
     relevant = relevance_matrix(val_targets, users, data.n_items)
-    for name in args.singles.split(",") if args.singles else []:
+    for name in singles:
         m = ranking_metrics(val_models[name].recommend(users, 10, exclude=val_exclude)[0], relevant, (10,))
         print(f"| single: {name} | {m['ndcg_at_10'].mean():.4f} | {m['recall_at_10'].mean():.4f} | | |", flush=True)
     frames: dict[tuple, pl.DataFrame] = {}
