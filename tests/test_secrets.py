@@ -73,3 +73,20 @@ def test_no_file_a_run_writes_holds_a_secret():
     leaks = [str(p) for p in files if SECRET.encode() in p.read_bytes()]
     assert not leaks, leaks
     assert SECRET not in ref.log
+
+
+@pytest.mark.slow
+def test_secrets_are_masked_in_logged_params():
+    """MLflow params: secrets masked, the rest as given (the reference run shared with the test above)."""
+    import mlflow
+    from reliability_support import SECRET, reference_run
+
+    from recsys.tracking import tracking_uri
+
+    ref = reference_run()
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri(ref.root / "mlruns"))
+    run_id = ref.log.split("MLflow run ")[1].split(";")[0]
+    params = client.get_run(run_id).data.params
+    assert params["service.api_token"] == "***"
+    assert params["seed"] == "42"  # other params are logged as they are
+    assert not [k for k, v in params.items() if SECRET in v]
