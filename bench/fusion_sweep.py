@@ -114,13 +114,13 @@ def main() -> None:
     history = History(split.train, data.n_users, data.n_items)
     pipeline = TrainedPipeline.load(Path(args.run) / "pipeline")
     names = args.variants.split(",")
-    if sorted(set(names) - set(VARIANTS)):
-        raise SystemExit(f"--variants: unknown {sorted(set(names) - set(VARIANTS))}; known: {', '.join(VARIANTS)}")
+    if unknown := sorted(set(names) - set(VARIANTS)):
+        raise SystemExit(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
     # The models a validation stage has (stage_models): CF from the config, the run's text towers.
     known = {*cfg.cf, *pipeline.models, "text_new"}
     singles = args.singles.split(",") if args.singles else []
-    if sorted(set(singles) - known):
-        raise SystemExit(f"--singles: no model named {sorted(set(singles) - known)}; known: {sorted(known)}")
+    if unknown := sorted(set(singles) - known):
+        raise SystemExit(f"--singles: no model named {unknown}; known: {sorted(known)}")
     needs_zs = any(not VARIANTS[n][2] for n in names)
     if needs_zs and sum(isinstance(m, HistoryTower) for m in pipeline.models.values()) < 2:
         raise SystemExit("the run has no zero-shot tower: train it with rank.text_zeroshot_feature=true")

@@ -148,8 +148,16 @@ class FusionStage:
         self.seed = seed
         self.train_users = 0  # users the ranker learned from (a target among their candidates)
         self.examined_users = 0  # users whose candidates were built to find them
+        # Of the users of the last labelled frame(s) with candidates, how many had a target among them.
+        self.recall_counts = (0, 0)
         # Seconds spent per part, summed over calls: bench/scale.py reports where the stage goes.
         self.timings: dict[str, float] = {"candidates_features": 0.0, "ranker_train": 0.0, "ranker_predict": 0.0}
+
+    @property
+    def candidate_recall_val(self) -> float:
+        """The share of users with candidates that have a target among them (``recall_counts``)."""
+        with_candidates, hit = self.recall_counts
+        return hit / max(with_candidates, 1)
 
     @property
     def n_candidates(self) -> dict[str, int]:
@@ -248,13 +256,10 @@ class FusionStage:
             raise InputError("no validation users: the ranker has nothing to learn from")
         df = pl.concat(parts)
         if cap is not None and taught > cap:  # the first ``cap`` taught users in the seeded order
-            rank = pl.DataFrame({Columns.UserIdx: order.astype(np.int32), "_order": np.arange(len(order))}).join(
-                df.select(pl.col(Columns.UserIdx).unique()), on=Columns.UserIdx
-            )
-            first = rank.sort("_order").head(cap)[Columns.UserIdx]
-            df = df.filter(pl.col(Columns.UserIdx).is_in(first.implode()))
+            first = order[np.isin(order, df[Columns.UserIdx].unique().to_numpy())][:cap]
+            df = df.filter(pl.col(Columns.UserIdx).is_in(pl.Series(first.astype(np.int32)).implode()))
             taught = cap
-        self.candidate_recall_val = hits / max(seen, 1)
+        self.recall_counts = (seen, hits)
         self.train_users, self.examined_users = taught, examined
         if cap is not None:
             log.info(
@@ -276,8 +281,8 @@ class FusionStage:
         taught_only: bool = False,
     ) -> pl.DataFrame:
         """``frame`` plus ``label`` (1 where the candidate is one of the user's ``targets``): what the
-        ranker learns from. Sets ``candidate_recall_val``: the share of users with candidates that
-        have a target among them.
+        ranker learns from. Sets ``recall_counts`` (hence ``candidate_recall_val``): the users with
+        candidates, and of them those with a target among them.
 
         ``taught_only``: only the users with a target among their candidates, the only ones that
         teach the ranker anything (it drops the others): their features are never built (at 10x
@@ -298,7 +303,6 @@ class FusionStage:
 
         df = self.frame(users, models, history, exclude, keep=label)
         self.recall_counts = (counts[0], counts[1])
-        self.candidate_recall_val = counts[1] / max(counts[0], 1)
         return df
 
     def score_pairs(
