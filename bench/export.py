@@ -88,7 +88,7 @@ def build(folder: Path, n_users: int, n_items: int, events: int) -> dict:
     from recsys.cf.models import ALS, BPR, ItemKNN, Popularity
     from recsys.config import minilm_path
     from recsys.data.dataset import IdMap
-    from recsys.pipeline import FusionStage
+    from recsys.pipeline import FusionStage, LabelledStage
     from recsys.pipeline_model import TrainedPipeline
     from recsys.rank.ranker import LambdaMARTRanker
     from recsys.recommender import History
@@ -121,7 +121,7 @@ def build(folder: Path, n_users: int, n_items: int, events: int) -> dict:
     fusion = FusionStage(n_cand, LambdaMARTRanker(n_estimators=100, early_stopping_rounds=20))
     val_users = np.arange(min(3000, n_users))
     targets = last.filter(pl.col(Columns.UserIdx).is_in(val_users.tolist()))
-    fusion.fit(val_users, models, hist, targets)
+    fusion.fit(LabelledStage(val_users, models, hist, targets))
     users = IdMap(np.asarray([f"U{u:07d}" for u in range(n_users)], dtype=object))
     pipe = TrainedPipeline.from_training(
         items, users, hist, models, n_cand, fusion.ranker, {"click": 1.0, "purchase": 4.0}

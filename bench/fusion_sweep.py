@@ -9,8 +9,12 @@ stage does. The test split is never read: the validation users are cut in two se
 ranker is fitted on one and scored (full-ranking NDCG@10 / Recall@10 over the catalogue, seen items
 removed, candidate recall included) on the other, then the other way round, and the table reports
 the mean over all validation users. Every variant is scored on the same users and the same folds.
-A variant's ranker settings override the experiment's ``ranker`` config: since 2026-11-26 the
-``scientific`` preset has ``bags: 5``, so every variant there is bagged unless it sets ``bags``.
+A variant's ranker settings override the experiment's ``ranker`` config (``bags: 5`` by default).
+
+``--label-stages N`` adds the job's earlier labelled stages (``rank.label_stages``) to every
+ranker's training: each user's last N - 1 training events, CF refitted on the events before them,
+the run's towers reading those histories. The run must have been trained with at least that
+many stages, so that its text tower never learned those targets.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 import polars as pl
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 import recsys.config  # noqa: F401  (resolvers)
 from recsys.columns import Columns
@@ -31,8 +36,10 @@ from recsys.pipeline import (
     FusionStage,
     HybridPipeline,
     candidate_recall,
+    earlier_stages,
     relevance_matrix,
     stage_exclusion,
+    stage_history,
 )
 from recsys.pipeline_model import PipelineHistories, TrainedPipeline
 from recsys.rank.features import feature_columns
@@ -97,10 +104,17 @@ def main() -> None:
         "--fold-seed", type=int, default=None, help="seed of the two validation halves (default: the config's)"
     )
     ap.add_argument(
-        "--extra-stage",
-        action="store_true",
-        help="also train each variant with a second labelled stage: history = train minus each user's "
-        "last training event, target = that event (more labels for the ranker)",
+        "--label-stages",
+        type=int,
+        default=None,
+        help="labelled stages each ranker learns from (default: the config's rank.label_stages): the "
+        "validation half, and each user's last N - 1 training events with CF refitted before them",
+    )
+    ap.add_argument(
+        "--stage-cap",
+        type=int,
+        default=None,
+        help="taught users per earlier stage (default: the config's rank.max_earlier_users; 0: all)",
     )
     ap.add_argument(
         "--singles", default="als,itemknn", help="single models scored on the same validation users (comma-separated)"
@@ -113,6 +127,18 @@ def main() -> None:
     split = instantiate(cfg.split).split(data.interactions)
     history = History(split.train, data.n_users, data.n_items)
     pipeline = TrainedPipeline.load(Path(args.run) / "pipeline")
+    n_stages = cfg.rank.label_stages if args.label_stages is None else args.label_stages
+    if n_stages < 1:
+        raise SystemExit(f"--label-stages must be >= 1, got {n_stages}")
+    # The run's text tower must not have learned the earlier stages' targets (TextDataModule.skip_last).
+    run_cfg = Path(args.run) / ".hydra" / "config.yaml"
+    run_stages = OmegaConf.load(run_cfg).rank.get("label_stages", 1) if run_cfg.exists() else 1
+    if n_stages > run_stages:
+        raise SystemExit(
+            f"--label-stages {n_stages}: the run's text tower was fine-tuned on the targets of those stages "
+            f"(it was trained with rank.label_stages={run_stages}); train the run with rank.label_stages={n_stages}"
+        )
+    stage_cap = cfg.rank.max_earlier_users if args.stage_cap is None else args.stage_cap
     names = args.variants.split(",")
     if unknown := sorted(set(names) - set(VARIANTS)):
         raise SystemExit(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
@@ -130,11 +156,10 @@ def main() -> None:
     halves = [users[fold == 0], users[fold == 1]]
     # (history, targets, models, exclusion) of each labelled stage
     stages = [(history, split.val, stage_models(cfg, pipeline, history))]
-    if args.extra_stage:
-        back = pl.int_range(pl.len()).reverse().over(Columns.UserIdx)
-        earlier = History(split.train.filter(back > 0), data.n_users, data.n_items)
-        last = split.train.filter((back == 0) & (pl.len().over(Columns.UserIdx) > 1))
-        stages.append((earlier, last, stage_models(cfg, pipeline, earlier)))
+    for events, targets in earlier_stages(split.train, n_stages - 1):
+        earlier = History(events, data.n_users, data.n_items)
+        earlier = stage_history(earlier, targets) if cfg.eval.as_of_cut else earlier
+        stages.append((earlier, targets, stage_models(cfg, pipeline, earlier)))
     stages = [(h, t, m, stage_exclusion(h, data.items, t)) for h, t, m in stages]
     print(f"setup {time.perf_counter() - t0:.0f} s; {len(users)} validation users in two halves\n")
     print("| variant | val NDCG@10 | val Recall@10 | candidate recall | ranker fit s |\n|---|---|---|---|---|")
@@ -151,22 +176,25 @@ def main() -> None:
         n_cand = {**cfg.rank.n_candidates, **extra_sources}
         key = tuple(sorted(n_cand.items()))
         if key not in frames:
-            fusion = FusionStage(n_cand, None)
-            labelled = [
-                fusion.labelled_frame(t[Columns.UserIdx].unique().sort().to_numpy(), m, h, t, ex)
-                for h, t, m, ex in stages
+            fusion = FusionStage(n_cand, None, seed=cfg.seed)
+            h, t, m, ex = stages[0]
+            frames[key] = fusion.labelled_frame(t[Columns.UserIdx].unique().sort().to_numpy(), m, h, t, ex)
+            # The earlier stages as the job builds them: the first taught users in a seeded order.
+            earlier_frames = [
+                fusion.taught_frame(
+                    t[Columns.UserIdx].unique().sort().to_numpy(), m, h, t, ex, stage_cap or None
+                ).with_columns(pl.lit(k, dtype=pl.Int8).alias(Columns.Stage))
+                for k, (h, t, m, ex) in enumerate(stages[1:], start=1)
             ]
-            frames[key] = labelled[0]
-            if args.extra_stage:
-                # Its own query ids: the same user is another ranking problem in this stage.
-                extra[key] = labelled[1].with_columns((pl.col(Columns.UserIdx) + data.n_users).cast(pl.Int32))
+            extra[key] = pl.concat(earlier_frames) if earlier_frames else None
         df = frames[key]
         feats = [c for c in feature_columns(df) if not (drop_zs and c.startswith("score_text_zeroshot"))]
         ndcg, recall, fit_s = [], [], 0.0
         for a, b in ((0, 1), (1, 0)):
             ranker = instantiate(cfg.ranker, **ranker_over)
             part = df.filter(pl.col(Columns.UserIdx).is_in(halves[a].tolist()))
-            if args.extra_stage:
+            if extra[key] is not None:
+                part = part.with_columns(pl.lit(0, dtype=pl.Int8).alias(Columns.Stage))
                 part = pl.concat([part, extra[key].select(part.columns)])
             t1 = time.perf_counter()
             ranker.fit(part, feats)

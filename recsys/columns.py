@@ -32,6 +32,9 @@ class Columns:
     Impression = "impression_id"
     # 0-based place of a candidate in its impression's list, as shown.
     Position = "position"
+    # Which labelled stage a ranker training row comes from (0 = validation, k = each user's k-th
+    # last training event): with the user, one ranking problem (query).
+    Stage = "stage"
 
 
 class SplitParts:

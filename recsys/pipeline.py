@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -117,18 +118,52 @@ def stage_history(history: History, targets: pl.DataFrame) -> History:
     return History(df, history.n_users, history.n_items, user_now=now)
 
 
+def earlier_stages(train: pl.DataFrame, n: int) -> list[tuple[pl.DataFrame, pl.DataFrame]]:
+    """``n`` more labelled stages for the ranker inside ``train`` (sorted by user, then time):
+    stage ``k`` holds out each user's ``k``-th last training event as the target and keeps the
+    events before it as the history (a target needs at least one earlier event). Returned as
+    ``(history events, targets)`` for k = 1..n.
+
+    One held-out event per user is few labels where candidate recall is low (10x the generated
+    data: a third of the users teach the ranker). The text tower must not learn these targets
+    (``TextDataModule(skip_last=n)``), or the ranker would over-trust its scores on them.
+
+    >>> df = pl.DataFrame({"user_idx": [0, 0, 0, 1], "item_idx": [1, 2, 3, 1], "timestamp": [1, 2, 3, 1]})
+    >>> [(h["item_idx"].to_list(), t["item_idx"].to_list()) for h, t in earlier_stages(df, 2)]
+    [([1, 2], [3]), ([1], [2])]
+    """
+    back = pl.int_range(pl.len()).reverse().over(Columns.UserIdx)  # 0 = the user's last event
+    size = pl.len().over(Columns.UserIdx)
+    return [(train.filter(back >= k), train.filter((back == k - 1) & (size > k))) for k in range(1, n + 1)]
+
+
+@dataclass
+class LabelledStage:
+    """What the ranker learns from at one stage: the users, the models fitted on ``history``,
+    the held-out ``targets`` and what no model may propose (``exclude``)."""
+
+    users: np.ndarray
+    models: Mapping[str, Recommender]
+    history: History
+    targets: pl.DataFrame
+    exclude: sp.csr_matrix | None = None
+
+
 class FusionStage:
     """Trains the fused recommender's ranker and runs it at a stage (``FusedRecommender``).
 
     Args:
         n_candidates: per source, how many of its top items enter the candidate set.
         ranker: the fusion ranker (trained in ``fit``).
-        max_train_users: the ranker learns from at most this many users whose target is among
-            their candidates, the only users that teach it (None: every user). The users are
-            taken in a seeded random order, candidates built a chunk at a time, until that many
-            are found: the cost follows the labels wanted, whatever share of users has one (at
-            100x the generated data 6 %, at 1x 77 %).
+        max_train_users: the ranker learns from at most this many validation users whose target
+            is among their candidates, the only users that teach it (None: every user). The
+            users are taken in a seeded random order, candidates built a chunk at a time, until
+            that many are found: the cost follows the labels wanted, whatever share of users has
+            one (at 100x the generated data 6 %, at 1x 77 %).
         seed: of that order.
+        label_stages: labelled stages the ranker learns from: the validation events, and
+            ``label_stages - 1`` earlier ones inside train (``earlier_stages``).
+        max_earlier_users: the same cap for each earlier stage (None: every user).
     """
 
     # Where each step of ``FusedRecommender`` counts in ``timings``.
@@ -140,12 +175,19 @@ class FusionStage:
         ranker: LambdaMARTRanker,
         max_train_users: int | None = None,
         seed: int = 0,
+        label_stages: int = 1,
+        max_earlier_users: int | None = None,
     ) -> None:
-        if max_train_users is not None and (not isinstance(max_train_users, int) or max_train_users < 1):
-            raise ConfigError(f"rank.max_train_users must be a whole number >= 1 or null, got {max_train_users!r}")
+        for name, cap in (("max_train_users", max_train_users), ("max_earlier_users", max_earlier_users)):
+            if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
+                raise ConfigError(f"rank.{name} must be a whole number >= 1 or null, got {cap!r}")
+        if not isinstance(label_stages, int) or isinstance(label_stages, bool) or label_stages < 1:
+            raise ConfigError(f"rank.label_stages must be a whole number >= 1, got {label_stages!r}")
         self.fused = FusedRecommender(n_candidates, ranker)
         self.max_train_users = max_train_users
         self.seed = seed
+        self.label_stages = label_stages
+        self.max_earlier_users = max_earlier_users
         self.train_users = 0  # users the ranker learned from (a target among their candidates)
         self.examined_users = 0  # users whose candidates were built to find them
         # Of the users of the last labelled frame(s) with candidates, how many had a target among them.
@@ -209,15 +251,30 @@ class FusionStage:
             )
         return pl.concat(parts)
 
-    def fit(
-        self,
-        users: np.ndarray,
-        models: Mapping[str, Recommender],
-        history: History,
-        targets: pl.DataFrame,
-        exclude: sp.csr_matrix | None = None,
-    ) -> FusionStage:
-        df = self._taught_frame(np.asarray(users, dtype=np.int64), models, history, targets, exclude)
+    def fit(self, validation: LabelledStage, earlier: Iterable[LabelledStage] = ()) -> FusionStage:
+        """Train the ranker on the ``validation`` stage and the ``earlier`` ones (``label_stages``
+        in all; an iterable, so that a caller can build each stage's models only when it is
+        reached and drop them after)."""
+        frames, taught, examined = [], 0, 0
+        n_stages = 0
+        for k, stage in enumerate(itertools.chain([validation], earlier)):
+            if k >= self.label_stages:
+                raise ValueError(f"more labelled stages than rank.label_stages={self.label_stages}")
+            n_stages += 1
+            users = np.asarray(stage.users, dtype=np.int64)
+            if k and not len(users):
+                log.warning("labelled stage %d has no users (none has %d training events): skipped", k, k + 1)
+                continue
+            cap = self.max_train_users if k == 0 else self.max_earlier_users
+            df = self.taught_frame(users, stage.models, stage.history, stage.targets, stage.exclude, cap)
+            frames.append(df.with_columns(pl.lit(k, dtype=pl.Int8).alias(Columns.Stage)))
+            taught, examined = taught + self.train_users, examined + self.examined_users
+            if k == 0:
+                recall_counts = self.recall_counts  # candidate_recall_val: the validation stage's
+        if n_stages != self.label_stages:
+            raise ValueError(f"{n_stages} labelled stages given, rank.label_stages={self.label_stages}")
+        self.recall_counts, self.train_users, self.examined_users = recall_counts, taught, examined
+        df = pl.concat(frames)
         recall = self.candidate_recall_val
         log.info("ranker training: %d candidate rows, candidate recall of the targets %.3f", df.height, recall)
         t0 = time.perf_counter()
@@ -225,19 +282,19 @@ class FusionStage:
         self.timings["ranker_train"] += time.perf_counter() - t0
         return self
 
-    def _taught_frame(
+    def taught_frame(
         self,
         users: np.ndarray,
         models: Mapping[str, Recommender],
         history: History,
         targets: pl.DataFrame,
         exclude: sp.csr_matrix | None,
+        cap: int | None,
     ) -> pl.DataFrame:
-        """The labelled rows of the first ``max_train_users`` taught users in a seeded order of
-        ``users`` (all of them without a cap). Chunks are sized from the share found so far, so
-        a sparse data set costs a few chunks, not a pass per block; the result does not depend
-        on the chunks (each user's rows are built from that user alone)."""
-        cap = self.max_train_users
+        """The labelled rows of the first ``cap`` taught users in a seeded order of ``users``
+        (all of them without a cap). Chunks are sized from the share found so far, so a sparse
+        data set costs a few chunks, not a pass per block; the result does not depend on the
+        chunks (each user's rows are built from that user alone)."""
         order = users if cap is None else np.random.default_rng(self.seed).permutation(users)
         parts, seen, hits, examined, taught = [], 0, 0, 0, 0
         while examined < len(order) and (cap is None or taught < cap):
@@ -263,8 +320,7 @@ class FusionStage:
         self.train_users, self.examined_users = taught, examined
         if cap is not None:
             log.info(
-                "ranker training on %d users with a target among their candidates, of %d examined "
-                "(rank.max_train_users=%d)",
+                "ranker training on %d users with a target among their candidates, of %d examined (cap %d)",
                 taught,
                 examined,
                 cap,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from recsys.columns import Columns
 from recsys.data.dataset import Dataset
 from recsys.data.split import Split
-from recsys.pipeline import FusionStage, HybridPipeline, StageResult
+from recsys.pipeline import FusionStage, HybridPipeline, LabelledStage, StageResult
 from recsys.profiling import StageTimings
 from recsys.recommender import History, Recommender
 from recsys.text.fit import ResumeDir
@@ -109,14 +110,23 @@ def prepare(cfg: DictConfig, timings: StageTimings) -> Job:
         encoder = instantiate(cfg.encoder)
         cf = {name: instantiate(node) for name, node in cfg.cf.items()}
         ranker = instantiate(cfg.ranker)
-        fusion = FusionStage(dict(cfg.rank.n_candidates), ranker, cfg.rank.get("max_train_users"), seed=cfg.seed)
+        fusion = FusionStage(
+            dict(cfg.rank.n_candidates),
+            ranker,
+            cfg.rank.get("max_train_users"),
+            seed=cfg.seed,
+            label_stages=cfg.rank.get("label_stages", 1),
+            max_earlier_users=cfg.rank.get("max_earlier_users"),
+        )
         # eval.max_users: past that many test users, every model is evaluated on a seeded sample.
         eval_split, eval_users, all_test_users = sample_test_users(split, cfg.eval.get("max_users"), cfg.seed)
         test_users = stage_users(eval_split.test, "test")
         need_gb = check_memory(
             data.interactions.height,
             data.n_items,
-            min(len(val_users), fusion.max_train_users or len(val_users)),
+            # ranker users: each labelled stage's (about as many as validation has), up to its cap
+            min(len(val_users), fusion.max_train_users or len(val_users))
+            + (fusion.label_stages - 1) * min(len(val_users), fusion.max_earlier_users or len(val_users)),
             len(test_users),
             sum(cfg.rank.n_candidates.values()),
             cfg.get("memory_limit_gb"),
@@ -199,8 +209,15 @@ def fit_validation(job: Job, run_id: str, timings: StageTimings) -> Fitted:
             if Columns.AvailableFrom in data.items.columns
             else None
         )
+        # The ranker's earlier labelled stages hold out each user's last training events: the
+        # tower must not learn them, or the ranker would over-trust its scores there.
         datamodule = instantiate(cfg.text.data)(
-            item_ids=item_ids, item_lengths=item_lengths, train=history, val=split.val, available_from=listed
+            item_ids=item_ids,
+            item_lengths=item_lengths,
+            train=history,
+            val=split.val,
+            available_from=listed,
+            skip_last=job.fusion.label_stages - 1,
         )
         # Checkpoints live in a folder named by the config and data, so the same command resumes.
         resume = open_resume_dir(
@@ -228,8 +245,29 @@ def fit_validation(job: Job, run_id: str, timings: StageTimings) -> Fitted:
             models["text_zeroshot"] = zero_text.fit(history)
     with timings.stage("ranker_fit"):
         exclude = stage_exclusion(history, data.items, split.val)
-        job.fusion.fit(job.val_users, models, history, split.val, exclude)
+        validation = LabelledStage(job.val_users, models, history, split.val, exclude)
+        job.fusion.fit(validation, _earlier_stages(job, text, zero_text if zs_feature else None))
     return Fitted(history, models, text, zero_text, text_metrics, text_curve, resume)
+
+
+def _earlier_stages(job: Job, text: TextRecommender, zero_text: TextRecommender | None) -> Iterator[LabelledStage]:
+    """The ranker's labelled stages inside train (``rank.label_stages`` - 1), each with CF fitted
+    on its own history and the text towers reading it; built one at a time, when the ranker
+    reaches it."""
+    from recsys.pipeline import earlier_stages, stage_exclusion, stage_history
+    from recsys.recommender import NewItemText
+
+    data = job.data
+    for events, targets in earlier_stages(job.split.train, job.fusion.label_stages - 1):
+        history = History(events, data.n_users, data.n_items)
+        history = stage_history(history, targets) if job.as_of else history
+        models = job.pipeline.fit_cf(history)
+        tuned = TextRecommender(text.net, text.item_embeddings).fit(history)
+        models.update(text=tuned, text_new=NewItemText(tuned).fit(history))
+        if zero_text is not None:
+            models["text_zeroshot"] = TextRecommender(zero_text.net, zero_text.item_embeddings).fit(history)
+        users = targets[Columns.UserIdx].unique().sort().to_numpy()
+        yield LabelledStage(users, models, history, targets, stage_exclusion(history, data.items, targets))
 
 
 def evaluate_test(job: Job, val: Fitted, timings: StageTimings) -> Evaluated:

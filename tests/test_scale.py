@@ -27,7 +27,7 @@ from recsys.columns import Columns
 from recsys.data.split import LeaveLastOutSplit, Split
 from recsys.errors import ConfigError
 from recsys.evaluation.sampling import ci95_half_width, sample_test_users
-from recsys.pipeline import FusionStage
+from recsys.pipeline import FusionStage, LabelledStage
 from recsys.profiling import StageTimings, peak_rss_mb
 from recsys.rank.ranker import LambdaMARTRanker
 from recsys.recommender import History
@@ -61,7 +61,7 @@ def fitted(stage, max_train_users, seed=0):
     learned: list[pl.DataFrame] = []
     fit = ranker.fit
     ranker.fit = lambda df, *a, **k: (learned.append(df), fit(df, *a, **k))[1]
-    return fusion.fit(users, models, hist, split.val), learned[0]
+    return fusion.fit(LabelledStage(users, models, hist, split.val)), learned[0]
 
 
 @pytest.mark.slow
@@ -89,10 +89,57 @@ def test_ranker_learns_from_the_first_max_train_users_taught_users_in_a_seeded_o
     assert 0 < fusion.candidate_recall_val <= 1
 
 
+@pytest.mark.slow
+def test_earlier_labelled_stages_have_their_own_cap_and_queries(stage, tiny_dataset):
+    from recsys.pipeline import earlier_stages
+
+    users, hist, models, split = stage
+    ((events, targets),) = earlier_stages(split.train, 1)
+    earlier_hist = History(events, tiny_dataset.n_users, tiny_dataset.n_items)
+    earlier_models = {"popularity": Popularity().fit(earlier_hist), "itemknn": ItemKNN(neighbours=10).fit(earlier_hist)}
+    earlier = LabelledStage(targets[Columns.UserIdx].unique().sort().to_numpy(), earlier_models, earlier_hist, targets)
+    ranker = LambdaMARTRanker(n_estimators=10, min_child_samples=5, bags=2, seed=0)
+    fusion = FusionStage({"itemknn": 8, "popularity": 4}, ranker, 21, seed=0, label_stages=2, max_earlier_users=7)
+    learned: list[pl.DataFrame] = []
+    fit = ranker.fit
+    ranker.fit = lambda df, *a, **k: (learned.append(df), fit(df, *a, **k))[1]
+    fusion.fit(LabelledStage(users, models, hist, split.val), [earlier])
+    frame = learned[0]
+    per_stage = frame.group_by(Columns.Stage).agg(pl.col(Columns.UserIdx).n_unique()).sort(Columns.Stage)
+    assert per_stage[Columns.UserIdx].to_list() == [21, 7]  # each stage's cap of taught users
+    assert fusion.train_users == 28
+    # Stage 1's labels are each user's last training event; its candidates never a seen item.
+    pair = [Columns.UserIdx, Columns.ItemIdx]
+    labels = frame.filter((pl.col(Columns.Stage) == 1) & (pl.col("label") == 1)).select(pair)
+    assert labels.join(targets.select(pl.col(pair).cast(pl.Int32)), on=pair).height == labels.height
+    seen = events.select(pl.col(pair).cast(pl.Int32))
+    assert not frame.filter(pl.col(Columns.Stage) == 1).join(seen, on=pair).height
+    # The validation stage alone sets the candidate recall that the job logs.
+    alone = FusionStage({"itemknn": 8, "popularity": 4}, LambdaMARTRanker(n_estimators=5), 21, seed=0)
+    alone.fit(LabelledStage(users, models, hist, split.val))
+    assert fusion.candidate_recall_val == alone.candidate_recall_val
+    # One query per user and stage: the booster's groups count both stages of a user.
+    queries = frame.select(Columns.UserIdx, Columns.Stage).unique().height
+    assert len(ranker._dataset(frame, "label").construct().get_group()) == queries == 28
+
+    with pytest.raises(ValueError, match="1 labelled stages given, rank.label_stages=2"):
+        FusionStage({"popularity": 4}, LambdaMARTRanker(), label_stages=2).fit(
+            LabelledStage(users, models, hist, split.val)
+        )
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "two"])
+def test_bad_label_stages_are_config_errors(bad):
+    with pytest.raises(ConfigError, match="rank.label_stages must be a whole number >= 1"):
+        FusionStage({"popularity": 4}, LambdaMARTRanker(), label_stages=bad)
+
+
 @pytest.mark.parametrize("bad", [0, -3, 2.5, "many"])
 def test_bad_sample_sizes_are_config_errors(bad):
     with pytest.raises(ConfigError, match="rank.max_train_users"):
         FusionStage({"popularity": 4}, LambdaMARTRanker(), bad)
+    with pytest.raises(ConfigError, match="rank.max_earlier_users must be a whole number >= 1 or null"):
+        FusionStage({"popularity": 4}, LambdaMARTRanker(), label_stages=2, max_earlier_users=bad)
     empty = pl.DataFrame({Columns.UserIdx: [0]})
     with pytest.raises(ConfigError, match="eval.max_users"):
         sample_test_users(Split(empty, empty, empty), bad, seed=0)

@@ -53,7 +53,10 @@ def test_validation_stage_alone_fits_the_ranker_without_seeing_validation_events
     from recsys.stages import fit_validation, prepare
 
     timings = StageTimings()
-    job = prepare(smoke_cfg(tmp_path, "rank.text_zeroshot_feature=true"), timings)
+    job = prepare(smoke_cfg(tmp_path, "rank.text_zeroshot_feature=true", "rank.label_stages=2"), timings)
+    learned: list[pl.DataFrame] = []
+    fit = job.fusion.ranker.fit
+    job.fusion.ranker.fit = lambda df, *a, **k: (learned.append(df), fit(df, *a, **k))[1]
     with job.tracker.start() as run_id:
         fitted = fit_validation(job, run_id, timings)
     fitted.resume.finish()
@@ -71,3 +74,22 @@ def test_validation_stage_alone_fits_the_ranker_without_seeing_validation_events
     assert 0 < job.fusion.candidate_recall_val <= 1
     assert 0 <= fitted.text_metrics["text/val_ndcg_at_10_finetuned"] <= 1
     assert isinstance(job.fusion.ranker.feature_importance(), pl.DataFrame)
+
+    # rank.label_stages=2: the ranker also learns each user's last training event as a target, from
+    # candidates built on the training events before it; the validation events stay the labels of
+    # stage 0 only.
+    frame = learned[0]
+    assert set(frame[Columns.Stage].unique().to_list()) == {0, 1}
+    labels = frame.filter(pl.col("label") == 1)
+    pair = [Columns.UserIdx, Columns.ItemIdx]
+    train = job.split.train.with_columns(pl.col(pair).cast(pl.Int32))
+    last = train.group_by(Columns.UserIdx, maintain_order=True).last().select(pair)
+    val = job.split.val.select(pl.col(pair).cast(pl.Int32))
+    earlier = labels.filter(pl.col(Columns.Stage) == 1).select(pair)
+    assert earlier.height and earlier.join(last, on=pair).height == earlier.height
+    stage0 = labels.filter(pl.col(Columns.Stage) == 0).select(pair)
+    assert stage0.height and stage0.join(val, on=pair).height == stage0.height
+    # A candidate of stage 1 is never an event the user had before that target.
+    cand1 = frame.filter(pl.col(Columns.Stage) == 1).select(pair)
+    before = train.join(last, on=pair, how="anti").select(pair)
+    assert not cand1.join(before, on=pair).height

@@ -163,5 +163,5 @@ def _user_z(x: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray
 
 def feature_columns(df: pl.DataFrame) -> list[str]:
     """Every column except keys and labels, in a fixed order."""
-    skip = {Columns.UserIdx, Columns.ItemIdx, Columns.Source, "label"}
+    skip = {Columns.UserIdx, Columns.ItemIdx, Columns.Source, Columns.Stage, "label"}
     return [c for c in df.columns if c not in skip]

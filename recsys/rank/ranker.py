@@ -14,9 +14,10 @@ from recsys.errors import InputError
 class LambdaMARTRanker:
     """Learns to order each user's candidates so the held-out next item comes first.
 
-    Trained on one stage's candidates with that stage's held-out targets as labels; a seeded
-    ``early_stopping_fraction`` of those users is held back to choose the number of trees, so
-    the trees are not picked on the rows they were fitted on. With ``refit_full`` the final model
+    Trained on the candidates of one or more labelled stages with their held-out targets as
+    labels (one query per user and stage); a seeded ``early_stopping_fraction`` of those users
+    is held back to choose the number of trees, so the trees are not picked on the rows they
+    were fitted on. With ``refit_full`` the final model
     is then retrained on all users with that many trees (scaled by ``1 / (1 - fraction)`` for the
     larger data): one target per user makes labels scarce, and the held-back fifth is worth
     having (Amazon-Scientific: fused NDCG@10 0.1051 -> 0.1058 in the same setting).
@@ -72,8 +73,11 @@ class LambdaMARTRanker:
         import lightgbm as lgb
 
         self.features = list(features)
-        # Users whose target is not among the candidates teach nothing to a ranker.
-        frame = frame.filter(pl.col(label).sum().over(Columns.UserIdx) > 0).sort(Columns.UserIdx, Columns.ItemIdx)
+        # One query per user and labelled stage (``Columns.Stage``, when the frame has several);
+        # users, not queries, are held back or cut into folds, so a user's stages stay together.
+        query = query_keys(frame)
+        # Queries whose target is not among the candidates teach nothing to a ranker.
+        frame = frame.filter(pl.col(label).sum().over(query) > 0).sort(*query, Columns.ItemIdx)
         if frame.height == 0:
             raise InputError(
                 "no validation target is among the candidates: the ranker has nothing to learn "
@@ -142,7 +146,7 @@ class LambdaMARTRanker:
     def _dataset(self, df: pl.DataFrame, label: str, reference=None):
         import lightgbm as lgb
 
-        groups = df.group_by(Columns.UserIdx, maintain_order=True).len()["len"].to_numpy()
+        groups = df.group_by(query_keys(df), maintain_order=True).len()["len"].to_numpy()
         return lgb.Dataset(
             df.select(self.features).to_numpy(),
             label=df[label].to_numpy(),
@@ -167,6 +171,11 @@ class LambdaMARTRanker:
         return pl.DataFrame({"feature": self.features, "gain": gain.astype(np.float64)}).sort(
             "gain", "feature", descending=[True, False]
         )
+
+
+def query_keys(frame: pl.DataFrame) -> list[str]:
+    """The columns that make one ranking problem: the user, and the labelled stage if present."""
+    return [Columns.UserIdx, Columns.Stage] if Columns.Stage in frame.columns else [Columns.UserIdx]
 
 
 def average_models(models: Sequence[str]) -> str:

@@ -11,7 +11,7 @@ from recsys.columns import Columns
 from recsys.data import GlobalTimeSplit, LeaveLastOutSplit
 from recsys.data.split import Split
 from recsys.errors import ConfigError
-from recsys.pipeline import FusionStage, check_split
+from recsys.pipeline import FusionStage, LabelledStage, check_split
 from recsys.rank.ranker import LambdaMARTRanker
 from recsys.recommender import History
 
@@ -149,7 +149,7 @@ def test_no_stage_sees_its_targets(tiny_dataset, splitter):
     # The fusion ranker learns from the validation stage only: labels = split.val, never test.
     models = {"popularity": Popularity().fit(hist_val), "itemknn": ItemKNN(neighbours=20).fit(hist_val)}
     ranker = SpyRanker(n_estimators=5, min_child_samples=1, early_stopping_fraction=0.0)
-    FusionStage({"itemknn": 20, "popularity": 20}, ranker).fit(val_users, models, hist_val, split.val)
+    FusionStage({"itemknn": 20, "popularity": 20}, ranker).fit(LabelledStage(val_users, models, hist_val, split.val))
     frame = ranker.seen_frame
     labelled = pairs(frame.filter(pl.col("label") == 1))
     assert labelled, "no validation target among the candidates: the check below would be vacuous"

@@ -264,12 +264,12 @@ def test_generated_items_are_listed_before_their_first_event(tmp_path):
 
 
 def test_fused_pair_scores_equal_the_ranked_lists_and_cover_pairs_outside_the_candidates(stage, tiny_dataset):
-    from recsys.pipeline import FusionStage
+    from recsys.pipeline import FusionStage, LabelledStage
 
     users, hist, models = stage
     split = LeaveLastOutSplit().split(tiny_dataset.interactions)
     ranker = LambdaMARTRanker(n_estimators=20, min_child_samples=5, seed=0)
-    fusion = FusionStage({"itemknn": 8, "popularity": 4}, ranker).fit(users, models, hist, split.val)
+    fusion = FusionStage({"itemknn": 8, "popularity": 4}, ranker).fit(LabelledStage(users, models, hist, split.val))
     items, scores, _ = fusion.recommend(users, models, hist, 5)
     ok = items >= 0
     pairs = pl.DataFrame({Columns.UserIdx: np.repeat(users, 5)[ok.ravel()], Columns.ItemIdx: items[ok]})
