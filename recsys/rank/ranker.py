@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import polars as pl
@@ -44,9 +46,12 @@ class LambdaMARTRanker:
         refit_full: bool = True,
         bags: int = 1,
         seed: int = 0,
+        n_jobs: int | None = None,
     ) -> None:
         if bags < 1:
             raise ValueError(f"ranker.bags must be >= 1, got {bags}")
+        if n_jobs is not None and (not isinstance(n_jobs, int) or isinstance(n_jobs, bool) or n_jobs < 1):
+            raise ValueError(f"ranker.n_jobs must be a whole number >= 1 or null, got {n_jobs!r}")
         self.params = dict(
             objective="lambdarank",
             learning_rate=learning_rate,
@@ -67,6 +72,9 @@ class LambdaMARTRanker:
         self.refit_full = refit_full
         self.bags = bags
         self.seed = seed
+        # Bags trained at once, each on one thread (LightGBM releases the GIL): the models do not
+        # depend on it. None: the cores this process may use.
+        self.n_jobs = n_jobs or usable_cores()
         self.stop_score: float | None = None
 
     def fit(self, frame: pl.DataFrame, features: Sequence[str], label: str = "label") -> LambdaMARTRanker:
@@ -99,7 +107,7 @@ class LambdaMARTRanker:
             self.params, train, num_boost_round=self.n_estimators, valid_sets=valid_sets, callbacks=callbacks
         )
         self.best_iteration = int(self.booster.best_iteration or self.n_estimators)
-        self.stop_score = self._stop_score([self.booster]) if stop_part.height else None
+        self.stop_score = self._stop_score(self.booster) if stop_part.height else None
         if self.refit_full and stop_part.height:
             rounds = max(1, round(self.best_iteration / (1.0 - self.early_stopping_fraction)))
             self.booster = lgb.train(self.params, self._dataset(frame, label), num_boost_round=rounds)
@@ -114,14 +122,14 @@ class LambdaMARTRanker:
                 f"ranker.bags={self.bags} needs at least {2 * self.bags} users with a target, got {len(users)}"
             )
         # One binning for every bag (bins from all rows), so the merged model has one feature map.
-        everything = self._dataset(frame, label)
+        everything = self._dataset(frame, label, keep_raw=False).construct()
         fold_of = dict(zip(rng.permutation(users).tolist(), np.arange(len(users)) % self.bags, strict=True))
         fold = frame[Columns.UserIdx].replace_strict(fold_of, return_dtype=pl.Int64)
-        boosters, scored = [], []
-        for k in range(self.bags):
+
+        def fit_bag(k: int) -> tuple[str, float]:
             part = fold == k
-            train = self._dataset(frame.filter(~part), label, reference=everything)
-            stop = self._dataset(frame.filter(part), label, reference=everything)
+            train = self._dataset(frame.filter(~part), label, reference=everything, keep_raw=False)
+            stop = self._dataset(frame.filter(part), label, reference=everything, keep_raw=False)
             booster = lgb.train(
                 {**self.params, "seed": self.seed + k},
                 train,
@@ -129,21 +137,25 @@ class LambdaMARTRanker:
                 valid_sets=[stop],
                 callbacks=[lgb.early_stopping(self.early_stopping_rounds, verbose=False)],
             )
-            boosters.append(booster.model_to_string(num_iteration=booster.best_iteration or self.n_estimators))
-            scored.append(booster)
-        self.stop_score = self._stop_score(scored)
-        self.booster = lgb.Booster(model_str=average_models(boosters))
+            model = booster.model_to_string(num_iteration=booster.best_iteration or self.n_estimators)
+            score = self._stop_score(booster)
+            booster.free_dataset()  # a finished bag's data is not kept while the others train
+            return model, score
+
+        with ThreadPoolExecutor(max_workers=min(self.n_jobs, self.bags)) as pool:
+            models, scores = zip(*pool.map(fit_bag, range(self.bags)), strict=True)
+        self.stop_score = float(np.mean(scores))
+        self.booster = lgb.Booster(model_str=average_models(models))
         self.best_iteration = self.booster.num_trees()
         return self
 
-    def _stop_score(self, boosters) -> float:
-        """NDCG@``eval_at`` of the users held back for early stopping (each bag's own fold), at the
-        chosen number of trees, averaged over the boosters: the ranker's out-of-sample validation
-        score among the candidates, what ``hparams_search=ranker`` maximises."""
-        key = f"ndcg@{self.params['eval_at'][0]}"
-        return float(np.mean([b.best_score["valid_0"][key] for b in boosters]))
+    def _stop_score(self, booster) -> float:
+        """NDCG@``eval_at`` of the users held back for early stopping (a bag's own fold), at the
+        chosen number of trees: the ranker's out-of-sample validation score among the candidates,
+        what ``hparams_search=ranker`` maximises (averaged over the bags)."""
+        return float(booster.best_score["valid_0"][f"ndcg@{self.params['eval_at'][0]}"])
 
-    def _dataset(self, df: pl.DataFrame, label: str, reference=None):
+    def _dataset(self, df: pl.DataFrame, label: str, reference=None, keep_raw: bool = True):
         import lightgbm as lgb
 
         groups = df.group_by(query_keys(df), maintain_order=True).len()["len"].to_numpy()
@@ -153,7 +165,7 @@ class LambdaMARTRanker:
             group=groups,
             feature_name=self.features,
             reference=reference,
-            free_raw_data=False,
+            free_raw_data=not keep_raw,
         )
 
     def matrix(self, frame: pl.DataFrame) -> np.ndarray:
@@ -171,6 +183,11 @@ class LambdaMARTRanker:
         return pl.DataFrame({"feature": self.features, "gain": gain.astype(np.float64)}).sort(
             "gain", "feature", descending=[True, False]
         )
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def query_keys(frame: pl.DataFrame) -> list[str]:

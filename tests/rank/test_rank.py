@@ -330,9 +330,11 @@ def test_bagged_ranker_averages_one_model_per_fold_and_is_deterministic():
     train, test = planted(300, seed=0), planted(100, seed=1)
     features = ["noise_a", "signal", "noise_b"]
     kw = dict(n_estimators=40, min_child_samples=5, early_stopping_rounds=5, seed=0)
-    bagged = LambdaMARTRanker(bags=3, **kw).fit(train, features)
-    again = LambdaMARTRanker(bags=3, **kw).fit(train, features)
+    bagged = LambdaMARTRanker(bags=3, n_jobs=3, **kw).fit(train, features)  # the bags at once
+    again = LambdaMARTRanker(bags=3, n_jobs=1, **kw).fit(train, features)  # the bags one after another
     single = LambdaMARTRanker(**kw).fit(train, features)
+    assert bagged.booster.model_to_string() == again.booster.model_to_string()
+    assert bagged.stop_score == again.stop_score
     np.testing.assert_array_equal(bagged.predict(test), again.predict(test))
     assert bagged.best_iteration == bagged.booster.num_trees()
     assert not np.allclose(bagged.predict(test), single.predict(test))
@@ -342,5 +344,7 @@ def test_bagged_ranker_averages_one_model_per_fold_and_is_deterministic():
     assert ranked.group_by(Columns.UserIdx, maintain_order=True).first()["label"].mean() >= 0.9
     with pytest.raises(ValueError, match="bags"):
         LambdaMARTRanker(bags=0)
+    with pytest.raises(ValueError, match="ranker.n_jobs must be a whole number >= 1 or null"):
+        LambdaMARTRanker(n_jobs=0)
     with pytest.raises(Exception, match="at least 6 users"):
         LambdaMARTRanker(bags=3, **kw).fit(planted(2, seed=0), features)
