@@ -114,7 +114,8 @@ def main() -> None:
         "--stage-cap",
         type=int,
         default=None,
-        help="taught users per earlier stage (default: the config's rank.max_earlier_users; 0: all)",
+        help="taught users per earlier stage (default: the config's rank.max_earlier_users, among at most "
+        "rank.max_earlier_examined users; 0: all, among all)",
     )
     ap.add_argument(
         "--singles", default="als,itemknn", help="single models scored on the same validation users (comma-separated)"
@@ -139,6 +140,7 @@ def main() -> None:
             f"(it was trained with rank.label_stages={run_stages}); train the run with rank.label_stages={n_stages}"
         )
     stage_cap = cfg.rank.max_earlier_users if args.stage_cap is None else args.stage_cap
+    max_examined = None if args.stage_cap == 0 else cfg.rank.get("max_earlier_examined")
     names = args.variants.split(",")
     if unknown := sorted(set(names) - set(VARIANTS)):
         raise SystemExit(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
@@ -182,7 +184,7 @@ def main() -> None:
             # The earlier stages as the job builds them: the first taught users in a seeded order.
             earlier_frames = [
                 fusion.taught_frame(
-                    t[Columns.UserIdx].unique().sort().to_numpy(), m, h, t, ex, stage_cap or None
+                    t[Columns.UserIdx].unique().sort().to_numpy(), m, h, t, ex, stage_cap or None, max_examined
                 ).with_columns(pl.lit(k, dtype=pl.Int8).alias(Columns.Stage))
                 for k, (h, t, m, ex) in enumerate(stages[1:], start=1)
             ]

@@ -166,6 +166,10 @@ class FusionStage:
         label_stages: labelled stages the ranker learns from: the validation events, and
             ``label_stages - 1`` earlier ones inside train (``earlier_stages``).
         max_earlier_users: the same cap for each earlier stage (None: every user).
+        max_earlier_examined: each earlier stage looks for them among at most this many users of
+            the seeded order (None: all). Building candidates is what a stage costs, and where few
+            users have a target among their candidates (100x: a few %), finding
+            ``max_earlier_users`` would take a pass over every user.
     """
 
     # Where each step of ``FusedRecommender`` counts in ``timings``.
@@ -179,8 +183,14 @@ class FusionStage:
         seed: int = 0,
         label_stages: int = 1,
         max_earlier_users: int | None = None,
+        max_earlier_examined: int | None = None,
     ) -> None:
-        for name, cap in (("max_train_users", max_train_users), ("max_earlier_users", max_earlier_users)):
+        caps = {
+            "max_train_users": max_train_users,
+            "max_earlier_users": max_earlier_users,
+            "max_earlier_examined": max_earlier_examined,
+        }
+        for name, cap in caps.items():
             if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
                 raise ConfigError(f"rank.{name} must be a whole number >= 1 or null, got {cap!r}")
         if not isinstance(label_stages, int) or isinstance(label_stages, bool) or label_stages < 1:
@@ -190,8 +200,11 @@ class FusionStage:
         self.seed = seed
         self.label_stages = label_stages
         self.max_earlier_users = max_earlier_users
-        self.train_users = 0  # users the ranker learned from (a target among their candidates)
-        self.examined_users = 0  # users whose candidates were built to find them
+        self.max_earlier_examined = max_earlier_examined
+        # Users the ranker learned from (a target among their candidates) and users whose
+        # candidates were built to find them, summed over the labelled stages.
+        self.train_users = 0
+        self.examined_users = 0
         # Of the users of the last labelled frame(s) with candidates, how many had a target among them.
         self.recall_counts = (0, 0)
         # Seconds spent per part, summed over calls: bench/scale.py reports where the stage goes.
@@ -267,8 +280,11 @@ class FusionStage:
             if k and not len(users):
                 log.warning("labelled stage %d has no users (none has %d training events): skipped", k, k + 1)
                 continue
-            cap = self.max_train_users if k == 0 else self.max_earlier_users
-            df = self.taught_frame(users, stage.models, stage.history, stage.targets, stage.exclude, cap)
+            if k:  # an earlier stage: its own caps, on taught and on examined users
+                cap, look = self.max_earlier_users, self.max_earlier_examined
+            else:
+                cap, look = self.max_train_users, None
+            df = self.taught_frame(users, stage.models, stage.history, stage.targets, stage.exclude, cap, look)
             frames.append(df.with_columns(pl.lit(k, dtype=pl.Int8).alias(Columns.Stage)))
             taught, examined = taught + self.train_users, examined + self.examined_users
             if k == 0:
@@ -292,12 +308,15 @@ class FusionStage:
         targets: pl.DataFrame,
         exclude: sp.csr_matrix | None,
         cap: int | None,
+        max_examined: int | None = None,
     ) -> pl.DataFrame:
         """The labelled rows of the first ``cap`` taught users in a seeded order of ``users``
-        (all of them without a cap). Chunks are sized from the share found so far, so a sparse
-        data set costs a few chunks, not a pass per block; the result does not depend on the
-        chunks (each user's rows are built from that user alone)."""
-        order = users if cap is None else np.random.default_rng(self.seed).permutation(users)
+        (all of them without a cap), among the first ``max_examined`` users of that order. Chunks
+        are sized from the share found so far, so a sparse data set costs a few chunks, not a
+        pass per block; the result does not depend on the chunks (each user's rows are built from
+        that user alone)."""
+        order = users if cap is None and max_examined is None else np.random.default_rng(self.seed).permutation(users)
+        order = order[:max_examined]
         parts, seen, hits, examined, taught = [], 0, 0, 0, 0
         while examined < len(order) and (cap is None or taught < cap):
             if cap is None:

@@ -117,6 +117,7 @@ def prepare(cfg: DictConfig, timings: StageTimings) -> Job:
             seed=cfg.seed,
             label_stages=cfg.rank.get("label_stages", 1),
             max_earlier_users=cfg.rank.get("max_earlier_users"),
+            max_earlier_examined=cfg.rank.get("max_earlier_examined"),
         )
         # eval.max_users: past that many test users, every model is evaluated on a seeded sample.
         eval_split, eval_users, all_test_users = sample_test_users(split, cfg.eval.get("max_users"), cfg.seed)

@@ -122,6 +122,21 @@ def test_earlier_labelled_stages_have_their_own_cap_and_queries(stage, tiny_data
     queries = frame.select(Columns.UserIdx, Columns.Stage).unique().height
     assert len(ranker._dataset(frame, "label").construct().get_group()) == queries == 28
 
+    # max_earlier_examined: the earlier stage's taught users come from the first N of its order.
+    few = FusionStage(
+        {"itemknn": 8, "popularity": 4},
+        LambdaMARTRanker(n_estimators=5),
+        21,
+        label_stages=2,
+        max_earlier_users=7,
+        max_earlier_examined=9,
+    )
+    few.fit(LabelledStage(users, models, hist, split.val), [earlier])
+    first = np.random.default_rng(0).permutation(earlier.users)[:9]
+    assert few.examined_users == alone.examined_users + 9 and 21 < few.train_users <= 21 + 7
+    taught_first = frame.filter(pl.col(Columns.Stage) == 1)[Columns.UserIdx].unique().to_list()
+    assert set(taught_first) - set(first.tolist())  # without the limit, users past the first 9 teach
+
     with pytest.raises(ValueError, match="1 labelled stages given, rank.label_stages=2"):
         FusionStage({"popularity": 4}, LambdaMARTRanker(), label_stages=2).fit(
             LabelledStage(users, models, hist, split.val)
@@ -140,6 +155,8 @@ def test_bad_sample_sizes_are_config_errors(bad):
         FusionStage({"popularity": 4}, LambdaMARTRanker(), bad)
     with pytest.raises(ConfigError, match="rank.max_earlier_users must be a whole number >= 1 or null"):
         FusionStage({"popularity": 4}, LambdaMARTRanker(), label_stages=2, max_earlier_users=bad)
+    with pytest.raises(ConfigError, match="rank.max_earlier_examined must be a whole number >= 1 or null"):
+        FusionStage({"popularity": 4}, LambdaMARTRanker(), label_stages=2, max_earlier_examined=bad)
     empty = pl.DataFrame({Columns.UserIdx: [0]})
     with pytest.raises(ConfigError, match="eval.max_users"):
         sample_test_users(Split(empty, empty, empty), bad, seed=0)

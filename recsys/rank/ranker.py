@@ -19,10 +19,10 @@ class LambdaMARTRanker:
     Trained on the candidates of one or more labelled stages with their held-out targets as
     labels (one query per user and stage); a seeded ``early_stopping_fraction`` of those users
     is held back to choose the number of trees, so the trees are not picked on the rows they
-    were fitted on. With ``refit_full`` the final model
-    is then retrained on all users with that many trees (scaled by ``1 / (1 - fraction)`` for the
-    larger data): one target per user makes labels scarce, and the held-back fifth is worth
-    having (Amazon-Scientific: fused NDCG@10 0.1051 -> 0.1058 in the same setting).
+    were fitted on. With ``refit_full`` the final model is then retrained on all users with that
+    many trees (scaled by ``1 / (1 - fraction)`` for the larger data): one target per user makes
+    labels scarce, and the held-back fifth is worth having (Amazon-Scientific: fused NDCG@10
+    0.1051 -> 0.1058 in the same setting).
 
     With ``bags`` > 1 it is a cross-validated bag instead: the users are cut into ``bags`` seeded
     folds, one model per fold is fitted on the other folds and early-stopped on its own, and the
