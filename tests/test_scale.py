@@ -217,6 +217,7 @@ def test_cli_logs_stage_profiles_and_samples_as_configured(tmp_path, repo_root):
         "eval.report=false",
         "model.register_name=null",
         "rank.max_train_users=60",
+        "rank.max_earlier_users=40",
         "eval.max_users=80",
         repo_root=repo_root,
     )
@@ -225,7 +226,8 @@ def test_cli_logs_stage_profiles_and_samples_as_configured(tmp_path, repo_root):
     client = mlflow.MlflowClient(tracking_uri=tracking_uri(tmp_path / "mlruns"))
     run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
     m = run.data.metrics
-    assert m["rank/train_users"] == 60 <= m["rank/examined_users"] <= 300
+    # Summed over the two labelled stages: 60 validation users and 40 of the earlier stage's.
+    assert m["rank/train_users"] == 60 + 40 <= m["rank/examined_users"] <= 2 * 300
     assert m["eval/users"] == 80 and m["eval/users_total"] == 300
     assert 0 < m["test/fused/ndcg_at_10_ci95"] < 0.5 and "test/als/ndcg_at_10_ci95" in m
     assert pl.read_parquet(tmp_path / "out" / "recommendations.parquet")[Columns.User].n_unique() == 80
