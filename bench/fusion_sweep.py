@@ -35,11 +35,11 @@ from recsys.evaluation.metrics import ranking_metrics
 from recsys.pipeline import (
     FusionStage,
     HybridPipeline,
+    LabelledStage,
     candidate_recall,
-    earlier_stages,
+    earlier_labelled_stages,
     relevance_matrix,
     stage_exclusion,
-    stage_history,
 )
 from recsys.pipeline_model import PipelineHistories, TrainedPipeline
 from recsys.rank.features import feature_columns
@@ -156,20 +156,20 @@ def main() -> None:
     rng = np.random.default_rng(cfg.seed if args.fold_seed is None else args.fold_seed)
     fold = rng.permutation(len(users)) % 2
     halves = [users[fold == 0], users[fold == 1]]
-    # (history, targets, models, exclusion) of each labelled stage
-    stages = [(history, split.val, stage_models(cfg, pipeline, history))]
-    for events, targets in earlier_stages(split.train, n_stages - 1):
-        earlier = History(events, data.n_users, data.n_items)
-        earlier = stage_history(earlier, targets) if cfg.eval.as_of_cut else earlier
-        stages.append((earlier, targets, stage_models(cfg, pipeline, earlier)))
-    stages = [(h, t, m, stage_exclusion(h, data.items, t)) for h, t, m in stages]
+    # The validation stage (CF on train, as the job's), then the job's earlier stages.
+    val_exclude = stage_exclusion(history, data.items, split.val)
+    validation = LabelledStage(users, stage_models(cfg, pipeline, history), history, split.val, val_exclude)
+    earlier = list(
+        earlier_labelled_stages(
+            split.train, n_stages - 1, data, cfg.eval.as_of_cut, lambda h: stage_models(cfg, pipeline, h)
+        )
+    )
     print(f"setup {time.perf_counter() - t0:.0f} s; {len(users)} validation users in two halves\n")
     print("| variant | val NDCG@10 | val Recall@10 | candidate recall | ranker fit s |\n|---|---|---|---|---|")
     # The single models on the same users (full ranking, the job's exclusions): what fused must beat.
-    _, val_targets, val_models, val_exclude = stages[0]
-    relevant = relevance_matrix(val_targets, users, data.n_items)
+    relevant = relevance_matrix(split.val, users, data.n_items)
     for name in singles:
-        m = ranking_metrics(val_models[name].recommend(users, 10, exclude=val_exclude)[0], relevant, (10,))
+        m = ranking_metrics(validation.models[name].recommend(users, 10, exclude=val_exclude)[0], relevant, (10,))
         print(f"| single: {name} | {m['ndcg_at_10'].mean():.4f} | {m['recall_at_10'].mean():.4f} | | |", flush=True)
     frames: dict[tuple, pl.DataFrame] = {}
     extra: dict[tuple, pl.DataFrame] = {}
@@ -179,14 +179,14 @@ def main() -> None:
         key = tuple(sorted(n_cand.items()))
         if key not in frames:
             fusion = FusionStage(n_cand, None, seed=cfg.seed)
-            h, t, m, ex = stages[0]
-            frames[key] = fusion.labelled_frame(t[Columns.UserIdx].unique().sort().to_numpy(), m, h, t, ex)
+            v = validation
+            frames[key] = fusion.labelled_frame(v.users, v.models, v.history, v.targets, v.exclude)
             # The earlier stages as the job builds them: the first taught users in a seeded order.
             earlier_frames = [
                 fusion.taught_frame(
-                    t[Columns.UserIdx].unique().sort().to_numpy(), m, h, t, ex, stage_cap or None, max_examined
+                    e.users, e.models, e.history, e.targets, e.exclude, stage_cap or None, max_examined
                 ).with_columns(pl.lit(k, dtype=pl.Int8).alias(Columns.Stage))
-                for k, (h, t, m, ex) in enumerate(stages[1:], start=1)
+                for k, e in enumerate(earlier, start=1)
             ]
             extra[key] = pl.concat(earlier_frames) if earlier_frames else None
         df = frames[key]

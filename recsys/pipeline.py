@@ -151,6 +151,25 @@ class LabelledStage:
     exclude: sp.csr_matrix | None = None
 
 
+def earlier_labelled_stages(
+    train: pl.DataFrame,
+    n: int,
+    data: Dataset,
+    as_of: bool,
+    models: Callable[[History], Mapping[str, Recommender]],
+) -> Iterator[LabelledStage]:
+    """The ``n`` stages of ``earlier_stages`` as the ranker learns from them, built one at a time
+    (a stage's models are fitted only when it is reached): each stage's history (with every
+    user's cut when ``as_of``, as ``stage_history``), ``models(history)`` and its exclusions. The
+    training job and ``bench/fusion_sweep.py`` both build them here."""
+    for events, targets in earlier_stages(train, n):
+        history = History(events, data.n_users, data.n_items)
+        history = stage_history(history, targets) if as_of else history
+        fitted = models(history)
+        users = targets[Columns.UserIdx].unique().sort().to_numpy()
+        yield LabelledStage(users, fitted, history, targets, stage_exclusion(history, data.items, targets))
+
+
 class FusionStage:
     """Trains the fused recommender's ranker and runs it at a stage (``FusedRecommender``).
 
@@ -271,11 +290,9 @@ class FusionStage:
         in all; an iterable, so that a caller can build each stage's models only when it is
         reached and drop them after)."""
         frames, taught, examined = [], 0, 0
-        n_stages = 0
         for k, stage in enumerate(itertools.chain([validation], earlier)):
             if k >= self.label_stages:
                 raise ValueError(f"more labelled stages than rank.label_stages={self.label_stages}")
-            n_stages += 1
             users = np.asarray(stage.users, dtype=np.int64)
             if k and not len(users):
                 log.warning("labelled stage %d has no users (none has %d training events): skipped", k, k + 1)
@@ -289,8 +306,8 @@ class FusionStage:
             taught, examined = taught + self.train_users, examined + self.examined_users
             if k == 0:
                 recall_counts = self.recall_counts  # candidate_recall_val: the validation stage's
-        if n_stages != self.label_stages:
-            raise ValueError(f"{n_stages} labelled stages given, rank.label_stages={self.label_stages}")
+        if k + 1 != self.label_stages:  # the validation stage is always there, so k is set
+            raise ValueError(f"{k + 1} labelled stages given, rank.label_stages={self.label_stages}")
         self.recall_counts, self.train_users, self.examined_users = recall_counts, taught, examined
         df = pl.concat(frames)
         recall = self.candidate_recall_val

@@ -255,20 +255,19 @@ def _earlier_stages(job: Job, text: TextRecommender, zero_text: TextRecommender 
     """The ranker's labelled stages inside train (``rank.label_stages`` - 1), each with CF fitted
     on its own history and the text towers reading it; built one at a time, when the ranker
     reaches it."""
-    from recsys.pipeline import earlier_stages, stage_exclusion, stage_history
+    from recsys.pipeline import earlier_labelled_stages
     from recsys.recommender import NewItemText
 
-    data = job.data
-    for events, targets in earlier_stages(job.split.train, job.fusion.label_stages - 1):
-        history = History(events, data.n_users, data.n_items)
-        history = stage_history(history, targets) if job.as_of else history
-        models = job.pipeline.fit_cf(history)
+    def models(history: History) -> dict[str, Recommender]:
+        fitted = job.pipeline.fit_cf(history)
         tuned = TextRecommender(text.net, text.item_embeddings).fit(history)
-        models.update(text=tuned, text_new=NewItemText(tuned).fit(history))
+        fitted.update(text=tuned, text_new=NewItemText(tuned).fit(history))
         if zero_text is not None:
-            models["text_zeroshot"] = TextRecommender(zero_text.net, zero_text.item_embeddings).fit(history)
-        users = targets[Columns.UserIdx].unique().sort().to_numpy()
-        yield LabelledStage(users, models, history, targets, stage_exclusion(history, data.items, targets))
+            fitted["text_zeroshot"] = TextRecommender(zero_text.net, zero_text.item_embeddings).fit(history)
+        return fitted
+
+    n = job.fusion.label_stages - 1
+    return earlier_labelled_stages(job.split.train, n, job.data, job.as_of, models)
 
 
 def evaluate_test(job: Job, val: Fitted, timings: StageTimings) -> Evaluated:
