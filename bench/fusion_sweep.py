@@ -13,8 +13,8 @@ A variant's ranker settings override the experiment's ``ranker`` config (``bags:
 
 ``--label-stages N`` adds the job's earlier labelled stages (``rank.label_stages``) to every
 ranker's training: each user's last N - 1 training events, CF refitted on the events before them,
-the run's towers reading those histories. The run must have been trained with at least that
-many stages, so that its text tower never learned those targets.
+the run's towers reading those histories (the towers learn from every training event, whatever
+the number of stages).
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import numpy as np
 import polars as pl
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 import recsys.config  # noqa: F401  (resolvers)
 from recsys.columns import Columns
@@ -131,14 +130,6 @@ def main() -> None:
     n_stages = cfg.rank.label_stages if args.label_stages is None else args.label_stages
     if n_stages < 1:
         raise SystemExit(f"--label-stages must be >= 1, got {n_stages}")
-    # The run's text tower must not have learned the earlier stages' targets (TextDataModule.skip_last).
-    run_cfg = Path(args.run) / ".hydra" / "config.yaml"
-    run_stages = OmegaConf.load(run_cfg).rank.get("label_stages", 1) if run_cfg.exists() else 1
-    if n_stages > run_stages:
-        raise SystemExit(
-            f"--label-stages {n_stages}: the run's text tower was fine-tuned on the targets of those stages "
-            f"(it was trained with rank.label_stages={run_stages}); train the run with rank.label_stages={n_stages}"
-        )
     stage_cap = cfg.rank.max_earlier_users if args.stage_cap is None else args.stage_cap
     max_examined = None if args.stage_cap == 0 else cfg.rank.get("max_earlier_examined")
     names = args.variants.split(",")

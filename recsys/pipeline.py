@@ -127,8 +127,9 @@ def earlier_stages(train: pl.DataFrame, n: int) -> list[tuple[pl.DataFrame, pl.D
     ``(history events, targets)`` for k = 1..n.
 
     One held-out event per user is few labels where candidate recall is low (10x the generated
-    data: a third of the users teach the ranker). The text tower must not learn these targets
-    (``TextDataModule(skip_last=n)``), or the ranker would over-trust its scores on them.
+    data: a third of the users teach the ranker). The text tower is fine-tuned on these events
+    too: holding them out of its training did not keep the ranker from over-trusting it, it cost
+    fused validation NDCG@10 (docs/design.md, "Labels from two stages").
 
     >>> df = pl.DataFrame({"user_idx": [0, 0, 0, 1], "item_idx": [1, 2, 3, 1], "timestamp": [1, 2, 3, 1]})
     >>> [(h["item_idx"].to_list(), t["item_idx"].to_list()) for h, t in earlier_stages(df, 2)]

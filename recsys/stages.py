@@ -210,15 +210,12 @@ def fit_validation(job: Job, run_id: str, timings: StageTimings) -> Fitted:
             if Columns.AvailableFrom in data.items.columns
             else None
         )
-        # The ranker's earlier labelled stages hold out each user's last training events: the
-        # tower must not learn them, or the ranker would over-trust its scores there.
         datamodule = instantiate(cfg.text.data)(
             item_ids=item_ids,
             item_lengths=item_lengths,
             train=history,
             val=split.val,
             available_from=listed,
-            skip_last=job.fusion.label_stages - 1,
         )
         # Checkpoints live in a folder named by the config and data, so the same command resumes.
         resume = open_resume_dir(

@@ -250,10 +250,6 @@ def test_single_event_users_train_but_are_not_evaluated(tmp_path):
     examples = NextItemExamples(History(split.train, data.n_users, data.n_items), max_history=5)
     users = split.train[Columns.UserIdx].to_numpy()
     assert u2 not in users[examples.positions]  # no (history -> next item) pair without a history
-    # skip_last: each user's last training event is never a target (the ranker's earlier stage).
-    skipped = NextItemExamples(History(split.train, data.n_users, data.n_items), max_history=5, skip_last=1)
-    last = np.flatnonzero(np.r_[users[1:] != users[:-1], True])
-    assert set(skipped.positions) == set(examples.positions) - set(last)
 
 
 def test_only_single_event_users_is_an_error_before_training(tmp_path):

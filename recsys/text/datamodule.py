@@ -23,19 +23,16 @@ from recsys.text.options import check_data_options
 
 
 class NextItemExamples(Dataset):
-    """Every (history prefix -> next event) pair of the training history, except that the last
-    ``skip_last`` events of each user are never targets (they stay out of every prefix too)."""
+    """Every (history prefix -> next event) pair of the training history."""
 
-    def __init__(self, history: History, max_history: int, skip_last: int = 0) -> None:
+    def __init__(self, history: History, max_history: int) -> None:
         df = history.interactions
         self.items = df[Columns.ItemIdx].to_numpy().astype(np.int64)
         self.weights = df[Columns.Weight].to_numpy().astype(np.float32)
         users = df[Columns.UserIdx].to_numpy()
         starts = np.searchsorted(users, users, side="left")
-        ends = np.searchsorted(users, users, side="right")
         # A target needs at least one earlier event of the same user.
-        at = np.arange(len(users))
-        self.positions = np.flatnonzero((at > starts) & (at < ends - skip_last))
+        self.positions = np.flatnonzero(np.arange(len(users)) > starts)
         self.starts = starts
         self.max_history = max_history
 
@@ -105,9 +102,6 @@ class TextDataModule(L.LightningDataModule):
         uniform_negatives: catalogue items drawn uniformly per step as extra negatives beside the
             batch's targets (mixed negatives): in-batch negatives alone are popular items, and a
             tower trained only against them learns little about the long tail.
-        skip_last: the last this many training events of each user are never targets: the
-            ranker's earlier labelled stages hold them out (``rank.label_stages``), and a tower
-            that learned them would score them too well there.
     """
 
     def __init__(
@@ -126,13 +120,10 @@ class TextDataModule(L.LightningDataModule):
         available_from: np.ndarray | None = None,
         item_tokens: bool = True,
         uniform_negatives: int = 0,
-        skip_last: int = 0,
     ) -> None:
         super().__init__()
         check_data_options(batch_size=batch_size, steps_per_epoch=steps_per_epoch, val_users=val_users,
                       uniform_negatives=uniform_negatives)  # fmt: skip
-        if skip_last < 0:
-            raise ConfigError(f"skip_last must be >= 0, got {skip_last}")
         self.item_tokens = bool(item_tokens)
         self.uniform_negatives = min(int(uniform_negatives), len(item_ids))
         self.item_ids, self.item_lengths = item_ids, item_lengths
@@ -145,7 +136,7 @@ class TextDataModule(L.LightningDataModule):
         self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
         self.max_history, self.encode_history = max_history, encode_history
         self.val_users, self.val_batch_size, self.seed = val_users, val_batch_size, seed
-        self.examples = NextItemExamples(train, max_history, skip_last)
+        self.examples = NextItemExamples(train, max_history)
         # log of each item's chance to be a candidate, up to a constant: batch_size * its share of
         # training targets (in-batch negatives) plus uniform_negatives / n_items (the uniform
         # draw). The module subtracts it (logQ correction, Yi et al., RecSys 2019).
