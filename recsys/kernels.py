@@ -6,14 +6,15 @@ of ``[rows, history]`` item vectors, a mask per column) would read and write lar
 ``tests/export/test_export_fast.py`` checks each against plain numpy or torch code: the same tie order,
 first position on ties.
 
-The kernels are compiled on first use and cached on disk (``cache=True``); each runs on one
+The kernels are compiled on first use and cached on disk (``cache=True``, recsys.jit); each runs on one
 thread and releases the GIL (``nogil``), so the export's worker threads run them side by side.
 """
 
 from __future__ import annotations
 
-import numba
 import numpy as np
+
+from recsys.jit import njit
 
 # Floating-point freedoms for the dot products: reordering the sum (so it vectorises) and fused
 # multiply-adds, but not numba's full fastmath, which assumes no NaN or infinity (-inf marks
@@ -24,7 +25,7 @@ FAST = {"reassoc", "contract", "nsz"}
 DOT, DENSE, SPARSE = 0, 1, 2
 
 
-@numba.njit(cache=True, nogil=True, fastmath=FAST)
+@njit(cache=True, nogil=True, fastmath=FAST)
 def nearest_history(
     kind: int,
     table: np.ndarray,
@@ -72,7 +73,7 @@ def nearest_history(
     return best_item, best_val
 
 
-@numba.njit(cache=True, nogil=True, fastmath=FAST)
+@njit(cache=True, nogil=True, fastmath=FAST)
 def attention_pool(side: np.ndarray, item_logit: np.ndarray, position_bias: np.ndarray, hist: np.ndarray) -> np.ndarray:
     """``recsys.text.encoder.UserEncoder``'s pooling: per user u, the softmax over its history
     positions l (``hist[u, l] >= 0``, most recent first) of ``position_bias[l] +
@@ -105,7 +106,7 @@ def attention_pool(side: np.ndarray, item_logit: np.ndarray, position_bias: np.n
     return out
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def kept_cells(
     rank: np.ndarray, idx: np.ndarray, val: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -130,7 +131,7 @@ def kept_cells(
     return rows, out_idx, out_val, out_rank
 
 
-@numba.njit(cache=True, nogil=True, fastmath=FAST)
+@njit(cache=True, nogil=True, fastmath=FAST)
 def pair_dots(left: np.ndarray, right: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """``left[rows[j]] . right[cols[j]]`` for every j (float32), without gathering the vectors
     into ``[pairs, width]`` arrays first (two such gathers cost 3x the products at width 64)."""

@@ -17,7 +17,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -29,9 +29,11 @@ from recsys.data.split import Split
 from recsys.pipeline import FusionStage, HybridPipeline, LabelledStage, StageResult
 from recsys.profiling import StageTimings
 from recsys.recommender import History, Recommender
-from recsys.text.fit import ResumeDir
 from recsys.text.recommender import TextRecommender
 from recsys.tracking import Tracker
+
+if TYPE_CHECKING:
+    from recsys.text.fit import ResumeDir
 
 log = logging.getLogger("recsys.train")
 
@@ -83,20 +85,33 @@ class Evaluated:
     impression_scores: pl.DataFrame | None
 
 
+def job_memory(cfg: DictConfig, n_events: int, n_items: int, val_users: int, test_users: int) -> float:
+    """The job's estimated peak memory (GB, ``recsys.profiling.check_memory``), which refuses a
+    job that will not fit; the ranker learns from each labelled stage's users (about as many as
+    validation has), up to its cap."""
+    from recsys.profiling import check_memory
+
+    rank = cfg.rank
+    stages = rank.get("label_stages", 1)
+    ranker_users = min(val_users, rank.get("max_train_users") or val_users)
+    ranker_users += (stages - 1) * min(val_users, rank.get("max_earlier_users") or val_users)
+    cands = sum(rank.n_candidates.values())
+    return check_memory(n_events, n_items, ranker_users, test_users, cands, cfg.get("memory_limit_gb"))
+
+
 def prepare(cfg: DictConfig, timings: StageTimings) -> Job:
-    """Seed, then everything that can fail on bad input, before any training (stage ``load``)."""
-    import lightning as L
-    import torch
+    """Everything that can fail on bad input, then seed, before any training (stage ``load``).
+
+    Lightning is imported only after the settings and the data have been checked: its import
+    alone takes ~10 s on 2 cores, and a typo should fail in about one.
+    """
     from hydra.utils import instantiate
 
     from recsys.evaluation.sampling import sample_test_users
     from recsys.pipeline import check_split, stage_users
-    from recsys.profiling import check_memory
     from recsys.text.distributed import check_trainer
     from recsys.text.options import budget, check_options
 
-    L.seed_everything(cfg.seed, workers=True)
-    torch.use_deterministic_algorithms(True, warn_only=True)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with timings.stage("load"):
@@ -104,9 +119,19 @@ def prepare(cfg: DictConfig, timings: StageTimings) -> Job:
         check_options(cfg.text.get("budget_minutes"), cfg.text.data, cfg.text.module, cfg.text.net)
         check_trainer(cfg.trainer)  # devices, strategy, launcher: before any data is loaded
         source = instantiate(cfg.data)
+        planned = getattr(source, "planned_counts", None)
+        if planned is not None:  # generated data: its size is known before a row is drawn
+            n_users, n_items, n_events = planned()
+            job_memory(cfg, n_events, n_items, n_users, min(n_users, cfg.eval.get("max_users") or n_users))
         data = source.load()
         split = instantiate(cfg.split).split(data.interactions)
         val_users, _ = check_split(data, split)
+
+        import lightning as L
+        import torch
+
+        L.seed_everything(cfg.seed, workers=True)
+        torch.use_deterministic_algorithms(True, warn_only=True)
         encoder = instantiate(cfg.encoder)
         cf = {name: instantiate(node) for name, node in cfg.cf.items()}
         ranker = instantiate(cfg.ranker)
@@ -122,16 +147,7 @@ def prepare(cfg: DictConfig, timings: StageTimings) -> Job:
         # eval.max_users: past that many test users, every model is evaluated on a seeded sample.
         eval_split, eval_users, all_test_users = sample_test_users(split, cfg.eval.get("max_users"), cfg.seed)
         test_users = stage_users(eval_split.test, "test")
-        need_gb = check_memory(
-            data.interactions.height,
-            data.n_items,
-            # ranker users: each labelled stage's (about as many as validation has), up to its cap
-            min(len(val_users), fusion.max_train_users or len(val_users))
-            + (fusion.label_stages - 1) * min(len(val_users), fusion.max_earlier_users or len(val_users)),
-            len(test_users),
-            sum(cfg.rank.n_candidates.values()),
-            cfg.get("memory_limit_gb"),
-        )
+        need_gb = job_memory(cfg, data.interactions.height, data.n_items, len(val_users), len(test_users))
         pipeline = HybridPipeline(cf, fusion, ks=list(cfg.eval.ks), max_k=cfg.eval.max_k)
         tracker = instantiate(cfg.logger)
     for name, k in (("export.k", cfg.export.k), ("eval.max_k", cfg.eval.max_k)):

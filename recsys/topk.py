@@ -14,6 +14,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from recsys.jit import njit
+
 
 def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Row-wise top-k of a ``[rows, items]`` array: ``(indices int64, values)``, each ``[rows,
@@ -91,7 +93,7 @@ def _select(a, n, k):
     return a[target]
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def best_keys(scores: np.ndarray, bits: np.ndarray, out: np.ndarray) -> np.ndarray:
     """For each row of ``scores`` (float32; ``bits``: its ``view(np.uint32)``), the sort keys of
     its k best cells (k = ``out.shape[1]``), unsorted, in ``out``. Returns the rows where that
@@ -157,7 +159,7 @@ def _cells_above(row, t, survivors, or_equal) -> int:
     return c
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def decode_keys(keys: np.ndarray, bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Item indices and float32 values of sorted sort keys ``[rows, k]`` (``_key`` undone), the
     value read back from the row's own ``bits`` (``scores.view(np.uint32)``) where the key made

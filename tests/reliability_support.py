@@ -56,6 +56,19 @@ def run_cli(root: Path, out: str, *overrides: str, timeout: int = 300) -> subpro
     )
 
 
+def train_in_process(root: Path, out: str, *overrides: str) -> dict[str, float]:
+    """``recsys.train.run`` on the config ``command(root, out, *overrides)`` would compose: the job
+    without the ~15 s a fresh interpreter spends importing (the CLI wrapper has its own tests)."""
+    from hydra import compose, initialize_config_dir
+
+    import recsys.config
+    from recsys.train import run
+
+    args = [a for a in command(root, out, *overrides)[3:] if not a.startswith("hydra.run.dir=")]
+    with initialize_config_dir(config_dir=recsys.config.CONFIG_DIR, version_base="1.3"):
+        return run(compose("config", overrides=[*args, f"paths.output_dir={root / out}"]))
+
+
 def run_recommend(root: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """``python -m recsys.recommend`` from ``root``, with its MLflow store under ``root``."""
     cmd = [sys.executable, "-m", "recsys.recommend", f"paths.mlruns_dir={root / 'mlruns'}", *overrides]

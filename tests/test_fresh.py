@@ -1,29 +1,34 @@
-"""README, "Keeping a model fresh": train -> deploy -> update -> gate -> serve, as commands."""
+"""README, "Keeping a model fresh": train -> deploy -> update -> gate -> serve, as commands.
+
+The commands run in process (``run(cfg)`` of each entry point, with the config Hydra composes
+from the command's arguments): the CLI wrappers around them are tested in tests/test_cli.py and
+tests/test_install.py.
+"""
 
 from __future__ import annotations
 
-import os
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import polars as pl
 import pytest
+from hydra import compose, initialize_config_dir
 
+import recsys.config
 from recsys.columns import Columns
 
 pytestmark = pytest.mark.slow
 
 
-def cli(module: str, root: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cwd = root / "cwd"
-    cwd.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", module, f"paths.mlruns_dir={root / 'mlruns'}", *overrides]
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{module}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
-    return proc
+def cli(module: str, root: Path, *overrides: str):
+    """``python -m recsys.<module> paths.mlruns_dir=... <overrides>``, in process."""
+    import importlib
+
+    entry = importlib.import_module(f"recsys.{module}")
+    config = {"train": "config"}.get(module, module)
+    args = [f"paths.mlruns_dir={root / 'mlruns'}", f"paths.root_dir={root / 'cwd'}", *overrides]
+    with initialize_config_dir(config_dir=recsys.config.CONFIG_DIR, version_base="1.3"):
+        return entry.run(compose(config, overrides=args))
 
 
 # The README's commands, verbatim (tests/test_readme.py checks that they are the README's); the
@@ -39,11 +44,11 @@ def readme_args(command: str, tmp_path: Path) -> list[str]:
     return [a.replace("/data/", f"{tmp_path}/") for a in shlex.split(command)[3:]]
 
 
-def test_train_update_gate_and_serve_as_the_readme_says(tmp_path):
+def test_train_update_gate_and_serve_as_the_readme_says(tmp_path, capsys):
     from recsys.pipeline_model import TrainedPipeline
 
     cli(
-        "recsys.train",
+        "train",
         tmp_path,
         "+experiment=smoke",
         *readme_args(README_COMMANDS[0], tmp_path),
@@ -73,11 +78,14 @@ def test_train_update_gate_and_serve_as_the_readme_says(tmp_path):
     events.write_csv(tmp_path / "events_since.csv")
     items.write_csv(tmp_path / "items_changed.csv")
 
-    update = cli("recsys.update", tmp_path, *readme_args(README_COMMANDS[1], tmp_path), f"output={tmp_path / 'update'}")
-    assert "recsys version 2 @challenger" in update.stdout and "promoted to @champion" in update.stdout, update.stdout
+    capsys.readouterr()
+    update = cli("update", tmp_path, *readme_args(README_COMMANDS[1], tmp_path), f"output={tmp_path / 'update'}")
+    printed = capsys.readouterr().out
+    assert "recsys version 2 @challenger" in printed and "promoted to @champion" in printed, printed
+    assert update["version"] == "2" and update["promoted"]
 
     out = tmp_path / "recommendations.parquet"
-    cli("recsys.recommend", tmp_path, "model_uri=models:/recsys@champion", f"output={out}", "layout=file")
+    cli("recommend", tmp_path, "model_uri=models:/recsys@champion", f"output={out}", "layout=file", "progress=false")
     recs = pl.read_parquet(out)
     others = served.users.ids[len(served.users) // 2 :].tolist()
     reached = recs.filter(pl.col(Columns.Item) == "NEW-1")[Columns.User].unique().to_list()

@@ -1,13 +1,13 @@
 """Costs that grow no faster than the work: a capped ranker sample, sampled evaluation, stage profiles.
 
 The README's "Larger data" commands are run here (tests/test_readme.py checks they are the
-README's). The 10x and 100x training commands run in process, data generation and all, up to
-the job's up-front memory estimate, with ``memory_limit_gb=1`` so they stop there with the
-one-line error instead of training for hours; the error names the event count, which checks the
-scale. ``bench/scale.py --sizes 1 -- encoder=tiny`` runs for real with the tiny data appended
-(later Hydra overrides win); its 1x/10x and 100x forms run with ``-- memory_limit_gb=1``: the
-first size's job starts at its real size and stops at the memory estimate, and the bench stops
-with its error.
+README's). The 10x and 100x training commands run in process up to the job's up-front memory
+estimate (from the generator's planned size, before any data is drawn), with
+``memory_limit_gb=1`` so they stop there with the one-line error instead of training for hours;
+the error names the event count, which checks the scale. ``bench/scale.py --sizes 1 --
+encoder=tiny`` runs for real with the tiny data appended (later Hydra overrides win); its
+1x/10x and 100x forms run with ``-- memory_limit_gb=1``: the first size's job stops at the
+memory estimate of its real size, and the bench stops with its error.
 """
 
 from __future__ import annotations
@@ -202,30 +202,26 @@ def test_stage_timings_record_each_stage_peak_memory():
 
 
 @pytest.mark.slow
-def test_cli_logs_stage_profiles_and_samples_as_configured(tmp_path, repo_root):
+def test_job_logs_stage_profiles_and_samples_as_configured(tmp_path, caplog):
     """The real job with a capped ranker sample and a sampled evaluation: what it logs says so."""
-    import mlflow
-    from test_cli import run_cli
+    import logging
 
-    from recsys.tracking import tracking_uri
+    from reliability_support import train_in_process
 
-    proc = run_cli(
-        tmp_path,
-        "+experiment=smoke",
-        "trainer.max_epochs=1",
-        "eval.zeroshot=false",
-        "eval.report=false",
-        "model.register_name=null",
-        "rank.max_train_users=60",
-        "rank.max_earlier_users=40",
-        "eval.max_users=80",
-        repo_root=repo_root,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "evaluated on a sample of 80 of 300 test users" in proc.stdout + proc.stderr
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri(tmp_path / "mlruns"))
-    run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
-    m = run.data.metrics
+    with caplog.at_level(logging.INFO, logger="recsys"):
+        m = train_in_process(
+            tmp_path,
+            "out",
+            "+experiment=smoke",
+            "trainer.max_epochs=1",
+            "eval.zeroshot=false",
+            "eval.report=false",
+            "model.register_name=null",
+            "rank.max_train_users=60",
+            "rank.max_earlier_users=40",
+            "eval.max_users=80",
+        )
+    assert "evaluated on a sample of 80 of 300 test users" in caplog.text
     # Summed over the two labelled stages: 60 validation users and 40 of the earlier stage's.
     assert m["rank/train_users"] == 60 + 40 <= m["rank/examined_users"] <= 2 * 300
     assert m["eval/users"] == 80 and m["eval/users_total"] == 300
@@ -275,7 +271,7 @@ def test_cli_refuses_a_job_that_will_not_fit_before_training(tmp_path, repo_root
 )
 def test_readme_larger_data_commands_stop_at_the_memory_estimate(command, min_events, tmp_path):
     """The README's 10x and 100x jobs, in process up to the memory estimate (``memory_limit_gb=1``):
-    the data is generated and split at full size, then the job stops before any training."""
+    the generator's planned size is checked before a row is drawn."""
     from hydra import compose, initialize_config_dir
 
     import recsys.config
@@ -292,6 +288,7 @@ def test_readme_larger_data_commands_stop_at_the_memory_estimate(command, min_ev
     events = int(re.search(r"\(([\d,]+) events", str(err.value)).group(1).replace(",", ""))
     assert min_events <= events <= 2 * min_events
     assert not (tmp_path / "mlruns").exists()  # stopped before any run was logged
+    assert not list(tmp_path.rglob("*.parquet"))  # and before the data was generated
 
 
 def bench(command: str, tmp_path, *extra: str) -> subprocess.CompletedProcess:

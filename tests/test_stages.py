@@ -45,6 +45,28 @@ def test_prepare_rejects_a_job_too_large_for_memory_before_any_run(tmp_path):
         prepare(smoke_cfg(tmp_path, "memory_limit_gb=0.001"), timings)
     assert "load" not in timings  # the stage did not finish
     assert not (tmp_path / "mlruns").exists()  # no MLflow run was started
+    assert not list((tmp_path / "data").rglob("*.parquet"))  # generated data: refused before it is drawn
+
+
+def test_prepare_estimates_files_from_their_real_row_counts(tmp_path):
+    from recsys.data.synthetic import generate
+    from recsys.profiling import StageTimings
+    from recsys.stages import prepare
+
+    events, items = generate(n_users=150, n_items=90, seed=3)
+    events.write_csv(tmp_path / "events.csv")
+    items.write_csv(tmp_path / "items.csv")
+    files = ["data=files", f"data.interactions={tmp_path / 'events.csv'}", f"data.items={tmp_path / 'items.csv'}"]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        overrides = [
+            *files,
+            f"paths.root_dir={tmp_path}",
+            f"paths.output_dir={tmp_path / 'out'}",
+            "memory_limit_gb=0.001",
+        ]
+        cfg = compose("config", overrides=overrides)
+    with pytest.raises(InputError, match=rf"\({events.height:,} events, 90 items"):
+        prepare(cfg, StageTimings())
 
 
 @pytest.mark.slow

@@ -329,6 +329,16 @@ class GeneratedDataSource:
         self.text_fields = list(text_fields)
         self.event_weights = event_weights
 
+    def planned_counts(self) -> tuple[int, int, int]:
+        """``(users, items, expected events)`` before anything is generated, for up-front checks.
+
+        Each user draws ``max(3, Geometric(1 / mean_events))`` events (``generate``), whose mean is
+        ``1/p + 2 P(G=1) + P(G=2)``; over thousands of users the total lands within a percent.
+        """
+        p = 1.0 / self.spec["mean_events"]
+        per_user = 1.0 / p + 2.0 * p + (1.0 - p) * p
+        return self.spec["n_users"], self.spec["n_items"], round(self.spec["n_users"] * per_user)
+
     def paths(self) -> tuple[Path, Path]:
         spec = {**self.spec, "generator_version": GENERATOR_VERSION}
         key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]

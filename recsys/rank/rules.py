@@ -24,13 +24,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numba
 import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
 from recsys.columns import Columns
 from recsys.errors import ConfigError
+from recsys.jit import njit
 from recsys.recommender import mask_items
 from recsys.topk import top_k
 
@@ -222,7 +222,7 @@ def apply_rules_dense(items: np.ndarray, scores: np.ndarray, rules: CompiledRule
     return rank
 
 
-@numba.njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True)
 def list_rules(
     items: np.ndarray,
     scores: np.ndarray,

@@ -289,11 +289,13 @@ def test_cli_export_output_under_an_existing_file_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_trains_with_items_without_text_kept_and_logs_the_count(tmp_path):
+def test_training_with_items_without_text_kept_logs_the_count(tmp_path, caplog):
     """data.missing_text=keep through the whole job: the run finishes, the count is logged to
     MLflow and in the log."""
+    import logging
+
     import mlflow
-    from reliability_support import run_cli
+    from reliability_support import train_in_process
 
     from recsys.data.synthetic import generate
     from recsys.tracking import tracking_uri
@@ -303,25 +305,25 @@ def test_cli_trains_with_items_without_text_kept_and_logs_the_count(tmp_path):
     items = items.with_columns(pl.when(blank).then(pl.lit("")).otherwise(pl.col(c)).alias(c) for c in TEXT_FIELDS)
     inter.write_parquet(tmp_path / "e.parquet")
     items.write_parquet(tmp_path / "i.parquet")
-    proc = run_cli(
-        tmp_path,
-        "out",
-        "+experiment=smoke",
-        "data=files",
-        f"data.interactions={tmp_path / 'e.parquet'}",
-        f"data.items={tmp_path / 'i.parquet'}",
-        f"data.text_fields=[{','.join(TEXT_FIELDS)}]",
-        "data.missing_text=keep",
-        "trainer.max_epochs=1",
-        "eval.zeroshot=false",
-        "eval.report=false",
-        "model.register_name=null",
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "kept 10 item(s) with no text" in proc.stdout + proc.stderr
-    run_id = (proc.stdout + proc.stderr).split("MLflow run ")[1].split(";")[0]
+    with caplog.at_level(logging.INFO, logger="recsys"):
+        metrics = train_in_process(
+            tmp_path,
+            "out",
+            "+experiment=smoke",
+            "data=files",
+            f"data.interactions={tmp_path / 'e.parquet'}",
+            f"data.items={tmp_path / 'i.parquet'}",
+            f"data.text_fields=[{','.join(TEXT_FIELDS)}]",
+            "data.missing_text=keep",
+            "trainer.max_epochs=1",
+            "eval.zeroshot=false",
+            "eval.report=false",
+            "model.register_name=null",
+        )
+    assert "kept 10 item(s) with no text" in caplog.text
     client = mlflow.MlflowClient(tracking_uri=tracking_uri(tmp_path / "mlruns"))
-    assert client.get_run(run_id).data.metrics["data/items_without_text_kept"] == 10
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.data.metrics["data/items_without_text_kept"] == 10 and metrics["test/fused/ndcg_at_10"] > 0
 
 
 TEXT_FIELDS = ("title", "category", "description")
