@@ -6,8 +6,9 @@ of ``[rows, history]`` item vectors, a mask per column) would read and write lar
 ``tests/export/test_export_fast.py`` checks each against plain numpy or torch code: the same tie order,
 first position on ties.
 
-The kernels are compiled on first use and cached on disk (``cache=True``, recsys.jit); each runs on one
-thread and releases the GIL (``nogil``), so the export's worker threads run them side by side.
+The kernels are compiled on first use and cached on disk (``cache=True``, ``recsys.jit``); each
+runs on one thread and releases the GIL (``nogil``), so the export's worker threads run them side
+by side.
 """
 
 from __future__ import annotations

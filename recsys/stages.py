@@ -103,7 +103,7 @@ def prepare(cfg: DictConfig, timings: StageTimings) -> Job:
     """Everything that can fail on bad input, then seed, before any training (stage ``load``).
 
     Lightning is imported only after the settings and the data have been checked: its import
-    alone takes ~10 s on 2 cores, and a typo should fail in about one.
+    alone takes ~10 s on 2 cores, and a typo should fail in seconds.
     """
     from hydra.utils import instantiate
 
