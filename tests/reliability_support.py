@@ -48,25 +48,50 @@ def command(root: Path, out: str, *overrides: str) -> list[str]:
     ]
 
 
-def run_cli(root: Path, out: str, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
+# A short smoke job: one epoch, no zero-shot evaluation, no report, nothing registered.
+QUICK = (
+    "+experiment=smoke",
+    "trainer.max_epochs=1",
+    "eval.zeroshot=false",
+    "eval.report=false",
+    "model.register_name=null",
+)
+
+
+def run_cli(
+    root: Path, out: str, *overrides: str, timeout: int = 300, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     cwd = root / "cwd"
     cwd.mkdir(parents=True, exist_ok=True)
     return subprocess.run(
-        command(root, out, *overrides), cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout
+        command(root, out, *overrides),
+        cwd=cwd,
+        env={**env(), **(extra_env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
-def train_in_process(root: Path, out: str, *overrides: str) -> dict[str, float]:
-    """``recsys.train.run`` on the config ``command(root, out, *overrides)`` would compose: the job
-    without the ~15 s a fresh interpreter spends importing (the CLI wrapper has its own tests)."""
+def run_in_process(module: str, *overrides: str):
+    """``python -m recsys.<module> <overrides>`` as ``run(cfg)`` of the entry point, with the config
+    Hydra composes from them: the job without the ~15 s a fresh interpreter spends importing (the
+    CLI wrappers have their own tests)."""
+    import importlib
+
     from hydra import compose, initialize_config_dir
 
     import recsys.config
-    from recsys.train import run
 
-    args = [a for a in command(root, out, *overrides)[3:] if not a.startswith("hydra.run.dir=")]
+    entry = importlib.import_module(f"recsys.{module}")
     with initialize_config_dir(config_dir=recsys.config.CONFIG_DIR, version_base="1.3"):
-        return run(compose("config", overrides=[*args, f"paths.output_dir={root / out}"]))
+        return entry.run(compose({"train": "config"}.get(module, module), overrides=list(overrides)))
+
+
+def train_in_process(root: Path, out: str, *overrides: str) -> dict[str, float]:
+    """``recsys.train.run`` on the config ``command(root, out, *overrides)`` would compose."""
+    args = [a for a in command(root, out, *overrides)[3:] if not a.startswith("hydra.run.dir=")]
+    return run_in_process("train", *args, f"paths.output_dir={root / out}")
 
 
 def run_recommend(root: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:

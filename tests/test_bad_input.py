@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from reliability_support import command, env
+from reliability_support import run_cli
 
 from recsys.columns import Columns
 from recsys.data import FileDataSource, LeaveLastOutSplit
@@ -577,16 +577,13 @@ def assert_clean_failure(proc, *needles: str) -> None:
 @pytest.mark.slow
 def test_cli_config_pointing_at_a_missing_file(tmp_path):
     """Named before Lightning is even imported (~10 s): here importing it would fail the job."""
-    import subprocess
-
     _, items = files(tmp_path)
     missing = str(tmp_path / "exports" / "events.csv")
     poisoned = tmp_path / "poisoned" / "lightning"
     poisoned.mkdir(parents=True)
     (poisoned / "__init__.py").write_text("raise ImportError('lightning imported before the data was checked')\n")
-    cmd = command(tmp_path, "out", "data=files", f"data.interactions={missing}", f"data.items={items}")
-    environ = {**env(), "PYTHONPATH": str(poisoned.parent)}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=300)
+    overrides = ["data=files", f"data.interactions={missing}", f"data.items={items}"]
+    proc = run_cli(tmp_path, "out", *overrides, extra_env={"PYTHONPATH": str(poisoned.parent)})
     assert_clean_failure(proc, missing, "file not found")
     assert not (tmp_path / "mlruns" / "mlflow.db").exists()  # failed before any run was started
 

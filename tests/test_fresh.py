@@ -12,9 +12,8 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from hydra import compose, initialize_config_dir
+from reliability_support import run_in_process
 
-import recsys.config
 from recsys.columns import Columns
 
 pytestmark = pytest.mark.slow
@@ -22,13 +21,7 @@ pytestmark = pytest.mark.slow
 
 def cli(module: str, root: Path, *overrides: str):
     """``python -m recsys.<module> paths.mlruns_dir=... <overrides>``, in process."""
-    import importlib
-
-    entry = importlib.import_module(f"recsys.{module}")
-    config = {"train": "config"}.get(module, module)
-    args = [f"paths.mlruns_dir={root / 'mlruns'}", f"paths.root_dir={root / 'cwd'}", *overrides]
-    with initialize_config_dir(config_dir=recsys.config.CONFIG_DIR, version_base="1.3"):
-        return entry.run(compose(config, overrides=args))
+    return run_in_process(module, f"paths.mlruns_dir={root / 'mlruns'}", f"paths.root_dir={root / 'cwd'}", *overrides)
 
 
 # The README's commands, verbatim (tests/test_readme.py checks that they are the README's); the

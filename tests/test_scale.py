@@ -206,17 +206,13 @@ def test_job_logs_stage_profiles_and_samples_as_configured(tmp_path, caplog):
     """The real job with a capped ranker sample and a sampled evaluation: what it logs says so."""
     import logging
 
-    from reliability_support import train_in_process
+    from reliability_support import QUICK, train_in_process
 
     with caplog.at_level(logging.INFO, logger="recsys"):
         m = train_in_process(
             tmp_path,
             "out",
-            "+experiment=smoke",
-            "trainer.max_epochs=1",
-            "eval.zeroshot=false",
-            "eval.report=false",
-            "model.register_name=null",
+            *QUICK,
             "rank.max_train_users=60",
             "rank.max_earlier_users=40",
             "eval.max_users=80",

@@ -295,7 +295,7 @@ def test_training_with_items_without_text_kept_logs_the_count(tmp_path, caplog):
     import logging
 
     import mlflow
-    from reliability_support import train_in_process
+    from reliability_support import QUICK, train_in_process
 
     from recsys.data.synthetic import generate
     from recsys.tracking import tracking_uri
@@ -309,16 +309,12 @@ def test_training_with_items_without_text_kept_logs_the_count(tmp_path, caplog):
         metrics = train_in_process(
             tmp_path,
             "out",
-            "+experiment=smoke",
+            *QUICK,
             "data=files",
             f"data.interactions={tmp_path / 'e.parquet'}",
             f"data.items={tmp_path / 'i.parquet'}",
             f"data.text_fields=[{','.join(TEXT_FIELDS)}]",
             "data.missing_text=keep",
-            "trainer.max_epochs=1",
-            "eval.zeroshot=false",
-            "eval.report=false",
-            "model.register_name=null",
         )
     assert "kept 10 item(s) with no text" in caplog.text
     client = mlflow.MlflowClient(tracking_uri=tracking_uri(tmp_path / "mlruns"))
