@@ -47,7 +47,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 # What trains the shared run (``export_support.trained_run``), directly or through a helper.
-TRAINS = ("trained_run(", "champion(", "loaded_engine(")
+TRAINS = ("trained_run(", "champion(", "loaded_engine(", "reference_run(")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

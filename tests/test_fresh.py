@@ -1,7 +1,7 @@
 """README, "Keeping a model fresh": train -> deploy -> update -> gate -> serve, as commands.
 
 The commands run in process (``run(cfg)`` of each entry point, with the config Hydra composes
-from the command's arguments): the CLI wrappers around them are tested in tests/test_cli.py and
+from the command's arguments): the CLI wrappers around them are tested in tests/test_reliability.py and
 tests/test_install.py.
 """
 

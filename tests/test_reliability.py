@@ -5,10 +5,14 @@
   uninterrupted run ended: the same metrics, feature importances, MLflow metrics and export
   bytes (same config and seed, two processes: the determinism check too);
 - kill -9 during a write never leaves a partial file under the final name;
-- secrets passed as config values never reach the disk or MLflow's params."""
+- secrets passed as config values never reach the disk or MLflow's params;
+- what the job prints, logs and writes: a table row per model, the MLflow run (params, metrics,
+  artifacts, dataset input, report images), metrics.csv and the exported recommendations, and
+  nothing in the launch directory; bad input is one clear message."""
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -17,9 +21,10 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from reliability_support import SECRET, SMOKE, checked, command, env, reference_run, run_cli, session_root
+from reliability_support import SECRET, SMOKE, Run, checked, command, env, reference_run, run_cli, session_root
 
 from recsys.atomic import write_parquet_atomic
+from recsys.columns import Columns
 from recsys.text.datamodule import EpochSampler
 from recsys.text.fit import config_key
 
@@ -92,6 +97,7 @@ def test_writer_failing_halfway_leaves_the_old_file(tmp_path, monkeypatch):
 WRITER = """
 import sys, polars as pl
 from recsys.atomic import write_parquet_atomic
+from recsys.columns import Columns
 n = 200_000
 frames = [pl.DataFrame({"user_id": [f"u{i}" for i in range(n)], "score": [float(v)] * n}) for v in (1, 2)]
 print("ready", flush=True)
@@ -191,3 +197,135 @@ def test_secrets_are_masked_in_logged_params():
     assert params["service.api_token"] == "***"
     assert params["seed"] == "42"  # other params are logged as they are
     assert not [k for k, v in params.items() if SECRET in v]
+
+
+MODELS = ("popularity", "als", "bpr", "text", "fused")
+
+
+@pytest.fixture(scope="module")
+def smoke_run() -> Run:
+    return reference_run()
+
+
+def mlruns(run: Run) -> Path:
+    return run.root / "mlruns"
+
+
+def logged_run(run: Run):
+    """The MLflow run the job printed (the store may also hold the reliability tests' runs)."""
+    import mlflow
+
+    from recsys.tracking import tracking_uri
+
+    run_id = re.search(r"MLflow run (\w+);", run.proc.stdout).group(1)
+    return mlflow.MlflowClient(tracking_uri=tracking_uri(mlruns(run))), run_id
+
+
+@pytest.mark.slow
+def test_prints_a_row_per_model(smoke_run):
+    lines = smoke_run.proc.stdout.splitlines()
+    for model in MODELS:
+        rows = [line for line in lines if line.strip("│┆| ").split(" ")[0] == model]
+        assert len(rows) == 1, f"no table row for {model}:\n{smoke_run.proc.stdout}"
+        numbers = [float(x) for x in rows[0].replace("┆", " ").replace("│", " ").split()[1:]]
+        assert numbers and all(0.0 <= x <= 1.0 for x in numbers)
+
+
+@pytest.mark.slow
+def test_nothing_written_into_the_launch_directory(smoke_run):
+    assert list((smoke_run.root / "cwd").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_mlflow_run_has_params_metrics_and_artifacts(smoke_run):
+    client, run_id = logged_run(smoke_run)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "smoke"
+
+    params = run.data.params
+    assert params["seed"] == "42"  # the flattened config
+    assert "data.n_users" in params and "trainer.max_epochs" in params
+
+    metrics = run.data.metrics
+    for model in MODELS:
+        assert 0.0 <= metrics[f"test/{model}/ndcg_at_10"] <= 1.0
+    assert "test/fused/recall_at_20" in metrics
+    epochs = int(params["trainer.max_epochs"])
+    loss = client.get_metric_history(run.info.run_id, "train/loss_epoch")
+    val = client.get_metric_history(run.info.run_id, "val/ndcg_at_10")
+    assert 1 <= len(loss) <= epochs  # one per epoch (early stopping may end sooner)
+    assert len(val) >= len(loss)  # per epoch, plus the zero-shot validation before training
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "metrics.csv", "recommendations.parquet"} <= artifacts
+
+
+@pytest.mark.slow
+def test_metrics_csv_matches_the_logged_metrics(smoke_run):
+    table = pl.read_csv(smoke_run.out / "metrics.csv")
+    assert set(MODELS) <= set(table["model"].to_list())
+    client, run_id = logged_run(smoke_run)
+    run = client.get_run(run_id)
+    for row in table.iter_rows(named=True):
+        assert run.data.metrics[f"test/{row['model']}/ndcg_at_10"] == pytest.approx(row["ndcg_at_10"])
+
+
+@pytest.mark.slow
+def test_exported_recommendations(smoke_run):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    recs = pl.read_parquet(smoke_run.out / "recommendations.parquet")
+    assert recs.columns[:5] == [Columns.User, Columns.Item, Columns.Score, Columns.Rank, Columns.Source]
+    assert recs.height > 0
+    assert recs.equals(recs.sort(Columns.User, Columns.Rank))
+    cfg = OmegaConf.load(smoke_run.out / "config.yaml")  # the resolved config of the run
+    k = int(cfg.export.k)
+    per_user = recs.group_by(Columns.User).agg(
+        pl.col(Columns.Rank), pl.col(Columns.Score), pl.col(Columns.Item).n_unique().alias("n_items")
+    )
+    for ranks, scores, n_items in per_user.select(Columns.Rank, Columns.Score, "n_items").iter_rows():
+        assert ranks == list(range(1, len(ranks) + 1)) and len(ranks) <= k
+        assert n_items == len(ranks)
+        assert all(a >= b for a, b in zip(scores, scores[1:], strict=False))
+    assert per_user.filter(pl.col(Columns.Rank).list.len() == k).height > 0.9 * per_user.height
+    assert set(recs[Columns.Source].unique().to_list()) <= set(cfg.rank.n_candidates)
+
+    # No item the user has seen in train + validation (the test stage's history).
+    data = instantiate(cfg.data).load()
+    split = instantiate(cfg.split).split(data.interactions)
+    seen = pl.concat([split.train, split.val]).select(Columns.User, Columns.Item).unique()
+    assert recs.join(seen, on=[Columns.User, Columns.Item], how="inner").height == 0
+    # Exported users are exactly the test users.
+    assert set(recs[Columns.User].unique().to_list()) == set(split.test[Columns.User].unique().to_list())
+
+
+@pytest.mark.slow
+def test_bad_input_is_one_clear_message(tmp_path):
+    bad = tmp_path / "events.csv"
+    bad.write_text("user_id,item_id,timestamp,event\nu1,A,1,click\nu1,B,yesterday,click\n")
+    items = tmp_path / "items.csv"
+    items.write_text("item_id,title,description\nA,a telescope,x\nB,a skillet,y\n")
+    proc = run_cli(tmp_path, "out", "data=files", f"data.interactions={bad}", f"data.items={items}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert str(bad) in proc.stderr
+    assert "'timestamp'" in proc.stderr and "yesterday" in proc.stderr
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists()  # failed before any run was started
+
+
+@pytest.mark.slow
+def test_mlflow_run_has_the_dataset_input_and_the_report_images(smoke_run):
+    client, run_id = logged_run(smoke_run)
+    run = client.get_run(run_id)
+    (entry,) = run.inputs.dataset_inputs
+    tags = {t.key: t.value for t in entry.tags}
+    assert entry.dataset.name == "generated" and entry.dataset.digest == run.data.tags["dataset_hash"]
+    assert tags["mlflow.data.context"] == "training"
+    assert int(tags["events"]) == int(tags["train_events"]) + int(tags["val_events"]) + int(tags["test_events"])
+    assert int(tags["users"]) > 0 and int(tags["items"]) > 0
+    assert '"num_rows": ' + tags["events"] in entry.dataset.profile
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    for plot in ("curves", "feature_importance", "scores", "segments"):
+        assert any(f"report~{plot}+" in p and p.endswith(".png") for p in images), images

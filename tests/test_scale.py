@@ -252,10 +252,10 @@ def test_memory_estimate_grows_with_the_rows_and_refuses_what_does_not_fit():
 
 
 @pytest.mark.slow
-def test_cli_refuses_a_job_that_will_not_fit_before_training(tmp_path, repo_root):
-    from test_cli import run_cli
+def test_cli_refuses_a_job_that_will_not_fit_before_training(tmp_path):
+    from reliability_support import run_cli
 
-    proc = run_cli(tmp_path, "+experiment=smoke", "memory_limit_gb=0.5", repo_root=repo_root)
+    proc = run_cli(tmp_path, "out", "+experiment=smoke", "memory_limit_gb=0.5")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "needs about" in proc.stderr and "the limit is 0.5 GB" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "mlruns").exists() or not list((tmp_path / "mlruns").rglob("*.ckpt"))
