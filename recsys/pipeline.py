@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -225,6 +224,7 @@ class FusionStage:
         # candidates were built to find them, summed over the labelled stages.
         self.train_users = 0
         self.examined_users = 0
+        self.stages_used = 0  # labelled stages the ranker learned from (see ``fit``)
         # Of the users of the last labelled frame(s) with candidates, how many had a target among them.
         self.recall_counts = (0, 0)
         # Seconds spent per part, summed over calls: bench/scale.py reports where the stage goes.
@@ -291,24 +291,35 @@ class FusionStage:
         in all; an iterable, so that a caller can build each stage's models only when it is
         reached and drop them after)."""
         frames, taught, examined = [], 0, 0
-        for k, stage in enumerate(itertools.chain([validation], earlier)):
-            if k >= self.label_stages:
-                raise ValueError(f"more labelled stages than rank.label_stages={self.label_stages}")
+        rest, stage, k = iter(earlier), validation, 0
+        while stage is not None:
             users = np.asarray(stage.users, dtype=np.int64)
             if k and not len(users):
                 log.warning("labelled stage %d has no users (none has %d training events): skipped", k, k + 1)
-                continue
-            if k:  # an earlier stage: its own caps, on taught and on examined users
-                cap, look = self.max_earlier_users, self.max_earlier_examined
             else:
-                cap, look = self.max_train_users, None
-            df = self.taught_frame(users, stage.models, stage.history, stage.targets, stage.exclude, cap, look)
-            frames.append(df.with_columns(pl.lit(k, dtype=pl.Int8).alias(Columns.Stage)))
-            taught, examined = taught + self.train_users, examined + self.examined_users
-            if k == 0:
-                recall_counts = self.recall_counts  # candidate_recall_val: the validation stage's
-        if k + 1 != self.label_stages:  # the validation stage is always there, so k is set
-            raise ValueError(f"{k + 1} labelled stages given, rank.label_stages={self.label_stages}")
+                if k:  # an earlier stage: its own caps, on taught and on examined users
+                    cap, look = self.max_earlier_users, self.max_earlier_examined
+                else:
+                    cap, look = self.max_train_users, None
+                df = self.taught_frame(users, stage.models, stage.history, stage.targets, stage.exclude, cap, look)
+                frames.append(df.with_columns(pl.lit(k, dtype=pl.Int8).alias(Columns.Stage)))
+                taught, examined = taught + self.train_users, examined + self.examined_users
+                if k == 0:
+                    recall_counts = self.recall_counts  # candidate_recall_val: the validation stage's
+                self.stages_used = k + 1
+            if self.max_train_users is not None and taught >= self.max_train_users:
+                # The earlier stages make up for a validation stage short of labels; one that fills
+                # max_train_users has enough (100x the generated data: an earlier stage cost 10
+                # min and moved nothing). ``rest`` is lazy: a skipped stage's CF is never fitted.
+                if self.label_stages > 1:
+                    log.info("validation stage filled rank.max_train_users=%d: earlier stages skipped", taught)
+                break
+            stage, k = next(rest, None), k + 1
+            if stage is not None and k >= self.label_stages:
+                raise ValueError(f"more labelled stages than rank.label_stages={self.label_stages}")
+        else:
+            if k != self.label_stages:
+                raise ValueError(f"{k} labelled stages given, rank.label_stages={self.label_stages}")
         self.recall_counts, self.train_users, self.examined_users = recall_counts, taught, examined
         df = pl.concat(frames)
         recall = self.candidate_recall_val

@@ -353,6 +353,7 @@ def record(job: Job, val: Fitted, test: Evaluated, run_id: str, timings: StageTi
     metrics["rank/candidate_recall_val"] = fusion.candidate_recall_val
     metrics["rank/train_users"] = fusion.train_users
     metrics["rank/examined_users"] = fusion.examined_users
+    metrics["rank/label_stages_used"] = fusion.stages_used
     metrics["mem/estimated_peak_mb"] = job.need_gb * 1000
     metrics["eval/users"], metrics["eval/users_total"] = job.eval_users, job.all_test_users
     if job.eval_users < job.all_test_users:

@@ -98,44 +98,54 @@ def test_earlier_labelled_stages_have_their_own_cap_and_queries(stage, tiny_data
     earlier_hist = History(events, tiny_dataset.n_users, tiny_dataset.n_items)
     earlier_models = {"popularity": Popularity().fit(earlier_hist), "itemknn": ItemKNN(neighbours=10).fit(earlier_hist)}
     earlier = LabelledStage(targets[Columns.UserIdx].unique().sort().to_numpy(), earlier_models, earlier_hist, targets)
+    val_stage = LabelledStage(users, models, hist, split.val)
+    # The validation stage alone (every taught user: no cap) sets the candidate recall the job logs.
+    alone = FusionStage({"itemknn": 8, "popularity": 4}, LambdaMARTRanker(n_estimators=5), None, seed=0)
+    n_val = alone.fit(val_stage).train_users
     ranker = LambdaMARTRanker(n_estimators=10, min_child_samples=5, bags=2, seed=0)
-    fusion = FusionStage({"itemknn": 8, "popularity": 4}, ranker, 21, seed=0, label_stages=2, max_earlier_users=7)
+    fusion = FusionStage({"itemknn": 8, "popularity": 4}, ranker, None, seed=0, label_stages=2, max_earlier_users=7)
     learned: list[pl.DataFrame] = []
     fit = ranker.fit
     ranker.fit = lambda df, *a, **k: (learned.append(df), fit(df, *a, **k))[1]
-    fusion.fit(LabelledStage(users, models, hist, split.val), [earlier])
+    fusion.fit(val_stage, [earlier])
     frame = learned[0]
     per_stage = frame.group_by(Columns.Stage).agg(pl.col(Columns.UserIdx).n_unique()).sort(Columns.Stage)
-    assert per_stage[Columns.UserIdx].to_list() == [21, 7]  # each stage's cap of taught users
-    assert fusion.train_users == 28
+    assert per_stage[Columns.UserIdx].to_list() == [n_val, 7]  # the earlier stage's cap of taught users
+    assert fusion.train_users == n_val + 7 and fusion.stages_used == 2
     # Stage 1's labels are each user's last training event; its candidates never a seen item.
     pair = [Columns.UserIdx, Columns.ItemIdx]
     labels = frame.filter((pl.col(Columns.Stage) == 1) & (pl.col("label") == 1)).select(pair)
     assert labels.join(targets.select(pl.col(pair).cast(pl.Int32)), on=pair).height == labels.height
     seen = events.select(pl.col(pair).cast(pl.Int32))
     assert not frame.filter(pl.col(Columns.Stage) == 1).join(seen, on=pair).height
-    # The validation stage alone sets the candidate recall that the job logs.
-    alone = FusionStage({"itemknn": 8, "popularity": 4}, LambdaMARTRanker(n_estimators=5), 21, seed=0)
-    alone.fit(LabelledStage(users, models, hist, split.val))
     assert fusion.candidate_recall_val == alone.candidate_recall_val
     # One query per user and stage: the booster's groups count both stages of a user.
     queries = frame.select(Columns.UserIdx, Columns.Stage).unique().height
-    assert len(ranker._dataset(frame, "label").construct().get_group()) == queries == 28
+    assert len(ranker._dataset(frame, "label").construct().get_group()) == queries == n_val + 7
 
     # max_earlier_examined: the earlier stage's taught users come from the first N of its order.
     few = FusionStage(
         {"itemknn": 8, "popularity": 4},
         LambdaMARTRanker(n_estimators=5),
-        21,
+        None,
         label_stages=2,
         max_earlier_users=7,
         max_earlier_examined=9,
     )
-    few.fit(LabelledStage(users, models, hist, split.val), [earlier])
+    few.fit(val_stage, [earlier])
     first = np.random.default_rng(0).permutation(earlier.users)[:9]
-    assert few.examined_users == alone.examined_users + 9 and 21 < few.train_users <= 21 + 7
+    assert few.examined_users == alone.examined_users + 9 and n_val < few.train_users <= n_val + 7
     taught_first = frame.filter(pl.col(Columns.Stage) == 1)[Columns.UserIdx].unique().to_list()
     assert set(taught_first) - set(first.tolist())  # without the limit, users past the first 9 teach
+
+    # A validation stage that fills max_train_users needs no earlier stage: none is built.
+    def never():
+        raise AssertionError("an earlier stage was built")
+        yield
+
+    filled = FusionStage({"itemknn": 8, "popularity": 4}, LambdaMARTRanker(n_estimators=5), 21, label_stages=2)
+    filled.fit(val_stage, never())
+    assert n_val > 21 and filled.train_users == 21 and filled.stages_used == 1
 
     with pytest.raises(ValueError, match="1 labelled stages given, rank.label_stages=2"):
         FusionStage({"popularity": 4}, LambdaMARTRanker(), label_stages=2).fit(
@@ -214,12 +224,12 @@ def test_job_logs_stage_profiles_and_samples_as_configured(tmp_path, caplog):
             "out",
             *QUICK,
             "rank.max_train_users=60",
-            "rank.max_earlier_users=40",
             "eval.max_users=80",
         )
     assert "evaluated on a sample of 80 of 300 test users" in caplog.text
-    # Summed over the two labelled stages: 60 validation users and 40 of the earlier stage's.
-    assert m["rank/train_users"] == 60 + 40 <= m["rank/examined_users"] <= 2 * 300
+    # 60 validation users fill the cap: the earlier labelled stage is skipped.
+    assert m["rank/train_users"] == 60 <= m["rank/examined_users"] <= 300 and m["rank/label_stages_used"] == 1
+    assert "validation stage filled rank.max_train_users=60: earlier stages skipped" in caplog.text
     assert m["eval/users"] == 80 and m["eval/users_total"] == 300
     assert 0 < m["test/fused/ndcg_at_10_ci95"] < 0.5 and "test/als/ndcg_at_10_ci95" in m
     assert pl.read_parquet(tmp_path / "out" / "recommendations.parquet")[Columns.User].n_unique() == 80
