@@ -289,7 +289,8 @@ class FusionStage:
     def fit(self, validation: LabelledStage, earlier: Iterable[LabelledStage] = ()) -> FusionStage:
         """Train the ranker on the ``validation`` stage and the ``earlier`` ones (``label_stages``
         in all; an iterable, so that a caller can build each stage's models only when it is
-        reached and drop them after)."""
+        reached and drop them after). The earlier stages are reached only while the validation
+        stage has fewer than ``max_train_users`` taught users (``stages_used``: how many ran)."""
         frames, taught, examined = [], 0, 0
         rest, stage, k = iter(earlier), validation, 0
         while stage is not None:
