@@ -119,6 +119,13 @@ def main() -> None:
     ap.add_argument(
         "--singles", default="als,itemknn", help="single models scored on the same validation users (comma-separated)"
     )
+    ap.add_argument(
+        "--blend",
+        default="",
+        help="also score each variant as ranker + w * s * score_<--blend-model> for these w (comma-separated; "
+        "s: the ratio of their standard deviations on the ranker's training rows)",
+    )
+    ap.add_argument("--blend-model", default="als")
     args = ap.parse_args()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=[f"+experiment={args.experiment}", *args.overrides])
@@ -182,7 +189,10 @@ def main() -> None:
             extra[key] = pl.concat(earlier_frames) if earlier_frames else None
         df = frames[key]
         feats = [c for c in feature_columns(df) if not (drop_zs and c.startswith("score_text_zeroshot"))]
+        weights = [0.0] + [float(w) for w in args.blend.split(",") if w]
         ndcg, recall, fit_s = [], [], 0.0
+        blended: dict[float, list] = {w: [] for w in weights[1:]}
+        col = f"score_{args.blend_model}"
         for a, b in ((0, 1), (1, 0)):
             ranker = instantiate(cfg.ranker, **ranker_over)
             part = df.filter(pl.col(Columns.UserIdx).is_in(halves[a].tolist()))
@@ -194,16 +204,26 @@ def main() -> None:
             fit_s += time.perf_counter() - t1
             held = df.filter(pl.col(Columns.UserIdx).is_in(halves[b].tolist())).sort(Columns.UserIdx, Columns.ItemIdx)
             users = np.sort(halves[b])
-            items = ranked_arrays(ranked_candidates(held, ranker.predict(held), users, 10)[0], users, 10)[0]
+            pred = ranker.predict(held)
             targets = split.val.filter(pl.col(Columns.UserIdx).is_in(halves[b].tolist()))
-            m = ranking_metrics(items, relevance_matrix(targets, users, data.n_items), (10,))
-            ndcg.append(m["ndcg_at_10"])
-            recall.append(m["recall_at_10"])
+            rel = relevance_matrix(targets, users, data.n_items)
+            scale = np.std(ranker.predict(part)) / max(float(part[col].std()), 1e-12) if weights[1:] else 0.0
+            for w in weights:
+                score = pred + w * scale * held[col].to_numpy() if w else pred
+                items = ranked_arrays(ranked_candidates(held, score, users, 10)[0], users, 10)[0]
+                m = ranking_metrics(items, rel, (10,))
+                if w:
+                    blended[w].append(m["ndcg_at_10"])
+                else:
+                    ndcg.append(m["ndcg_at_10"])
+                    recall.append(m["recall_at_10"])
         print(
             f"| {name} | {np.concatenate(ndcg).mean():.4f} | {np.concatenate(recall).mean():.4f} "
             f"| {candidate_recall(df):.3f} | {fit_s:.0f} |",
             flush=True,
         )
+        for w, parts in blended.items():
+            print(f"| {name} + {w:g} x {args.blend_model} | {np.concatenate(parts).mean():.4f} | | | |", flush=True)
 
 
 if __name__ == "__main__":
