@@ -15,6 +15,10 @@ A variant's ranker settings override the experiment's ``ranker`` config (``bags:
 ranker's training: each user's last N - 1 training events, CF refitted on the events before them,
 the run's towers reading those histories (the towers learn from every training event, whatever
 the number of stages).
+
+``--oracle`` (generated data only) adds the ceiling: the generator's own next-event probabilities
+(``bench/generator_oracle.py``) ranking the whole catalogue, and ranking each variant's candidates
+(what a perfect ranker would make of them).
 """
 
 from __future__ import annotations
@@ -126,6 +130,12 @@ def main() -> None:
         "s: the ratio of their standard deviations on the ranker's training rows)",
     )
     ap.add_argument("--blend-model", default="als")
+    ap.add_argument(
+        "--oracle",
+        action="store_true",
+        help="generated data only: also rank by the generator's own probabilities (bench/generator_oracle.py), "
+        "over the whole catalogue and over each variant's candidates",
+    )
     args = ap.parse_args()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=[f"+experiment={args.experiment}", *args.overrides])
@@ -150,7 +160,7 @@ def main() -> None:
     needs_zs = any(not VARIANTS[n][2] for n in names)
     if needs_zs and sum(isinstance(m, HistoryTower) for m in pipeline.models.values()) < 2:
         raise SystemExit("the run has no zero-shot tower: train it with rank.text_zeroshot_feature=true")
-    users = split.val[Columns.UserIdx].unique().sort().to_numpy()
+    users = val_users = split.val[Columns.UserIdx].unique().sort().to_numpy()
     rng = np.random.default_rng(cfg.seed if args.fold_seed is None else args.fold_seed)
     fold = rng.permutation(len(users)) % 2
     halves = [users[fold == 0], users[fold == 1]]
@@ -169,6 +179,13 @@ def main() -> None:
     for name in singles:
         m = ranking_metrics(validation.models[name].recommend(users, 10, exclude=val_exclude)[0], relevant, (10,))
         print(f"| single: {name} | {m['ndcg_at_10'].mean():.4f} | {m['recall_at_10'].mean():.4f} | | |", flush=True)
+    oracle = None
+    if args.oracle:
+        from generator_oracle import GeneratorOracle
+
+        oracle = GeneratorOracle(instantiate(cfg.data).world(), data, split.val).fit(history)
+        m = ranking_metrics(oracle.recommend(users, 10, exclude=val_exclude)[0], relevant, (10,))
+        print(f"| generator (every item) | {m['ndcg_at_10'].mean():.4f} | {m['recall_at_10'].mean():.4f} | | |")
     frames: dict[tuple, pl.DataFrame] = {}
     extra: dict[tuple, pl.DataFrame] = {}
     for name in names:
@@ -187,6 +204,13 @@ def main() -> None:
                 for k, e in enumerate(earlier, start=1)
             ]
             extra[key] = pl.concat(earlier_frames) if earlier_frames else None
+            if oracle is not None:  # the best any ranker could do with these candidates
+                every = frames[key].sort(Columns.UserIdx, Columns.ItemIdx)
+                score = oracle.score_pairs(every[Columns.UserIdx].to_numpy(), every[Columns.ItemIdx].to_numpy())
+                top = ranked_candidates(every, score, val_users, 10)[0]
+                m = ranking_metrics(ranked_arrays(top, val_users, 10)[0], relevant, (10,))
+                ndcg_o, recall_o = m["ndcg_at_10"].mean(), m["recall_at_10"].mean()
+                print(f"| generator over {name}'s candidates | {ndcg_o:.4f} | {recall_o:.4f} | | |", flush=True)
         df = frames[key]
         feats = [c for c in feature_columns(df) if not (drop_zs and c.startswith("score_text_zeroshot"))]
         weights = [0.0] + [float(w) for w in args.blend.split(",") if w]

@@ -1,8 +1,9 @@
-"""How far can a text tower get on the generated data? The zero-shot tower against scorers that
-know each item's hidden topic and facet exactly.
+"""How far can a text tower get on the generated data, and how far can any model get? The
+zero-shot tower and ALS against scorers that know the generator's hidden variables.
 
     python bench/text_ceiling.py                      # the default job's data and split
     python bench/text_ceiling.py split=global_time    # any Hydra override of the job
+    python bench/text_ceiling.py --scorers als,generator --base als data.n_users=30000 data.n_items=15000
 
 The generator (``recsys.data.synthetic``) draws each event's topic from the user's topic mix and
 then an item of that topic with weight ``popularity x group x facet x freshness``. Only the topic
@@ -17,12 +18,17 @@ random:
 * ``oracle: topic + facet``: the topic share times the user's facet share, the best any
   popularity-free text scorer can do here;
 * ``oracle: topic + facet + popularity``: the same, ties broken by training popularity (what the
-  text tower learns when it is trained without ``text.module.popularity_debias``).
+  text tower learns when it is trained without ``text.module.popularity_debias``);
+* ``generator``: the generator's own probability of each item being the user's next event
+  (``World.next_event_log_probs``: the user's true topics, facet and taste group, every item's
+  popularity and freshness at the target's time). No model can be expected to rank better, so it
+  is the ceiling for every model of the job, the fused ranker included.
 
-Beside them: the job's zero-shot text tower (``text_zeroshot``) and popularity. Each stage is
-scored as the job scores it: validation targets from the training history, test targets from
-training + validation, full ranking, seen and not-yet-listed items removed. Prints NDCG@10 and
-Recall@10 per scorer and stage, and the paired 95 % interval of each oracle minus the zero-shot.
+Beside them: the job's zero-shot text tower (``text_zeroshot``), ALS as the job configures it
+(``cf.als``) and popularity. Each stage is scored as the job scores it: validation targets from
+the training history, test targets from training + validation, full ranking, seen and
+not-yet-listed items removed. Prints NDCG@10 and Recall@10 per scorer and stage, and the paired
+95 % interval of each scorer minus the base (``--base``, the zero-shot tower by default).
 """
 
 from __future__ import annotations
@@ -38,13 +44,22 @@ from hydra.utils import instantiate
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 10
+SCORERS = ["text_zeroshot", "als", "popularity", "oracle_topic", "oracle_facet", "oracle_facet_pop", "generator"]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="Hydra overrides of the default job")
+    p.add_argument("--scorers", default=",".join(SCORERS), help=f"comma-separated subset of {','.join(SCORERS)}")
+    p.add_argument("--base", default="text_zeroshot", help="the scorer the paired intervals subtract")
     a = p.parse_args()
+    chosen = a.scorers.split(",")
+    unknown = sorted(set(chosen + [a.base]) - set(SCORERS))
+    if unknown or a.base not in chosen:
+        p.error(f"unknown scorer(s) {unknown} (choose from {', '.join(SCORERS)}); --base must be among --scorers")
     torch.set_num_threads(1)
+    from generator_oracle import GeneratorOracle
+
     import recsys.config  # noqa: F401  (registers the config resolvers)
     from recsys.cf.models import Popularity
     from recsys.columns import Columns
@@ -99,18 +114,26 @@ def main() -> None:
             tie = 1e-4 * tie / np.maximum(tie.max(axis=1, keepdims=True), 1e-12)
             return (self.prefs[users] + tie).astype(np.float32)
 
-    enc = instantiate(cfg.encoder)
-    ids, lens = enc.tokenize(data.texts)
-    net = instantiate(cfg.text.net)(enc)  # untrained: the job's zero-shot tower
-    zero = TextRecommender.from_tokens(net, ids, lens)
+    world = instantiate(cfg.data).world()
+
+    def scorers_for(targets) -> dict[str, Recommender]:
+        make = {
+            "text_zeroshot": lambda: zero,
+            "als": lambda: instantiate(cfg.cf.als),
+            "popularity": Popularity,
+            "oracle_topic": lambda: Oracle(False, False, decay, max_history),
+            "oracle_facet": lambda: Oracle(True, False, decay, max_history),
+            "oracle_facet_pop": lambda: Oracle(True, True, decay, max_history),
+            "generator": lambda: GeneratorOracle(world, data, targets),
+        }
+        return {name: make[name]() for name in chosen}
+
     decay, max_history = float(cfg.text.recency_decay), int(cfg.text.max_history)
-    scorers: dict[str, Recommender] = {
-        "text_zeroshot (the job's)": zero,
-        "popularity": Popularity(),
-        "oracle: topic": Oracle(False, False, decay, max_history),
-        "oracle: topic + facet": Oracle(True, False, decay, max_history),
-        "oracle: topic + facet + popularity": Oracle(True, True, decay, max_history),
-    }
+    if "text_zeroshot" in chosen:
+        enc = instantiate(cfg.encoder)
+        ids, lens = enc.tokenize(data.texts)
+        net = instantiate(cfg.text.net)(enc)  # untrained: the job's zero-shot tower
+        zero = TextRecommender.from_tokens(net, ids, lens)
     as_of = bool(cfg.eval.get("as_of_cut", True))
     train = History(split.train, data.n_users, data.n_items)
     stages = {"validation": (train, split.val), "test": (train.extend(split.val), split.test)}
@@ -121,13 +144,13 @@ def main() -> None:
         exclude = stage_exclusion(history, data.items, targets)
         relevant = relevance_matrix(targets, users, data.n_items)
         per_user = {}
-        for name, model in scorers.items():
+        for name, model in scorers_for(targets).items():
             recs, _ = model.fit(history).recommend(users, K, exclude=exclude)
             per_user[name] = ranking_metrics(recs, relevant, ks=(K,))
         boot = PairedBootstrap(len(users), seed=0)
-        base = per_user["text_zeroshot (the job's)"][f"ndcg_at_{K}"]
+        base = per_user[a.base][f"ndcg_at_{K}"]
         print(f"\n{stage}: {len(users)} users")
-        print(f"| scorer | NDCG@{K} | Recall@{K} | x zero-shot | minus zero-shot (paired 95 % CI) |")
+        print(f"| scorer | NDCG@{K} | Recall@{K} | x {a.base} | minus {a.base} (paired 95 % CI) |")
         print("|---|---|---|---|---|")
         for name, m in per_user.items():
             ndcg, recall = m[f"ndcg_at_{K}"], m[f"recall_at_{K}"]

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,135 @@ GENERATOR_VERSION = 7
 BRAND_SYLLABLES = "zor vex tal mir quo bel dra kin lum pax rio sen tov ulm yar".split()
 
 
+# Events fall in the 180 days from BASE_TS; the generator's times are fractions of SPAN.
+BASE_TS = 1_700_000_000
+SPAN = 180 * 24 * 3600
+TOPIC_NOISE = 0.05  # share of events whose topic is drawn uniformly
+
+
+@dataclass(frozen=True)
+class World:
+    """The generator's hidden state: every item's topic, facet, taste group, popularity and release,
+    and every user's topics, facet and taste group. ``generate`` draws the events from it, and
+    ``next_event_log_probs`` gives the exact chance of each item being a user's next pick: the
+    ceiling of any model on this data (``bench/text_ceiling.py``)."""
+
+    item_topic: np.ndarray
+    item_group: np.ndarray
+    item_facet: np.ndarray
+    item_pop: np.ndarray
+    release: np.ndarray  # fraction of SPAN; 0 for items listed from the start
+    titles: list[str]
+    descriptions: list[str]
+    user_topics: np.ndarray  # [user, 2]: main and second topic
+    user_mix: np.ndarray  # chance that an event's topic is the main one (unless it is noise)
+    user_group: np.ndarray
+    user_facet: np.ndarray
+    n_groups: int
+    group_affinity: float
+    facet_affinity: float
+    topic_noise: float
+
+    @property
+    def n_topics(self) -> int:
+        return len(TOPICS)
+
+    @classmethod
+    def draw(
+        cls,
+        rng: np.random.Generator,
+        n_users: int,
+        n_items: int,
+        n_groups: int,
+        late_item_share: float,
+        group_affinity: float,
+        facet_affinity: float,
+        topic_noise: float,
+    ) -> World:
+        n_topics = len(TOPICS)
+        item_topic = rng.integers(0, n_topics, n_items)
+        item_group = rng.integers(0, n_groups, n_items)
+        item_pop = rng.lognormal(0.0, 1.0, n_items)
+        # Late items come in two release waves, each just before one of the users' last two visits,
+        # so both the validation and the test events meet items nobody has touched before.
+        late = rng.random(n_items) < late_item_share
+        wave = np.where(
+            rng.random(n_items) < 0.5, rng.uniform(0.95, 0.955, n_items), rng.uniform(0.977, 0.979, n_items)
+        )
+        release = np.where(late, wave, 0.0)
+        brands = ["".join(rng.choice(BRAND_SYLLABLES, 2)).capitalize() for _ in range(40)]
+        item_facet = rng.integers(0, 3, n_items)
+        titles, descriptions = _item_texts(rng, item_topic, item_facet, brands)
+        # Users: one main topic, sometimes a second one; one hidden taste group.
+        user_topics = np.stack([rng.integers(0, n_topics, n_users), rng.integers(0, n_topics, n_users)], 1)
+        user_mix = rng.uniform(0.75, 1.0, n_users)
+        user_group = rng.integers(0, n_groups, n_users)
+        user_facet = rng.integers(0, 3, n_users)
+        return cls(
+            item_topic, item_group, item_facet, item_pop, release, titles, descriptions,
+            user_topics, user_mix, user_group, user_facet, n_groups, group_affinity, facet_affinity, topic_noise,
+        )  # fmt: skip
+
+    def items_frame(self) -> pl.DataFrame:
+        # The shop knows when it listed each item: late items carry their release time.
+        listed = pl.Series(np.where(self.release > 0, BASE_TS + (self.release * SPAN).astype(np.int64), 0))
+        return pl.DataFrame(
+            {
+                Columns.Item: [f"I{i:05d}" for i in range(len(self.item_topic))],
+                "title": self.titles,
+                "description": self.descriptions,
+                "category": np.array(list(TOPICS))[self.item_topic].tolist(),
+                Columns.AvailableFrom: listed.cast(pl.Int64),
+            }
+        ).with_columns(
+            pl.when(pl.Series(self.release > 0)).then(pl.col(Columns.AvailableFrom)).alias(Columns.AvailableFrom)
+        )
+
+    def sampler(self) -> ItemSampler:
+        return ItemSampler(
+            self.item_topic, self.item_group, self.item_facet, self.item_pop, self.release,
+            self.n_topics, self.n_groups, self.group_affinity, self.facet_affinity,
+        )  # fmt: skip
+
+    def next_event_log_probs(self, users: np.ndarray, t: np.ndarray, seen: Sequence[np.ndarray]) -> np.ndarray:
+        """``log P(item)`` of an event of ``users[j]`` at time ``t[j]`` (a fraction of SPAN) who
+        already has the items ``seen[j]``: ``[len(users), n_items]``, ``-inf`` where the generator
+        cannot pick the item (seen, or not released yet).
+
+        As ``generate`` draws it: a topic from the user's mix, then an item of that topic with
+        weight ``pop x group x facet x freshness``, normalised over the topic's released items the
+        user does not have yet."""
+        users = np.asarray(users)
+        t = np.asarray(t, dtype=np.float64)[:, None]
+        g, f = self.user_group[users][:, None], self.user_facet[users][:, None]
+        fresh = (self.release[None, :] > 0) & (t - self.release[None, :] < ItemSampler.FRESH_FOR)
+        weight = (
+            self.item_pop[None, :]
+            * np.where(self.item_group[None, :] == g, self.group_affinity, 1.0)
+            * np.where(self.item_facet[None, :] == f, self.facet_affinity, 1.0)
+            * np.where(fresh, ItemSampler.FRESH_BOOST, 1.0)
+            * (self.release[None, :] <= t)
+        )
+        rows = np.repeat(np.arange(len(users)), [len(s) for s in seen])
+        cols = np.concatenate([np.asarray(s, dtype=np.int64) for s in seen]) if len(rows) else rows
+        weight[rows, cols] = 0.0
+        n_topics = self.n_topics
+        mass = np.zeros((len(users), n_topics))
+        for k in range(n_topics):
+            mass[:, k] = weight[:, self.item_topic == k].sum(axis=1)
+        mix = self.user_mix[users]
+        p_topic = np.full((len(users), n_topics), self.topic_noise / n_topics)
+        np.add.at(p_topic, (np.arange(len(users)), self.user_topics[users, 0]), (1 - self.topic_noise) * mix)
+        np.add.at(p_topic, (np.arange(len(users)), self.user_topics[users, 1]), (1 - self.topic_noise) * (1 - mix))
+        # A topic with nothing left to pick drops the event (``generate``): an event that happened
+        # came from one of the others.
+        p_topic *= mass > 0
+        p_topic /= np.maximum(p_topic.sum(axis=1, keepdims=True), 1e-300)
+        share = p_topic / np.maximum(mass, 1e-300)
+        with np.errstate(divide="ignore"):
+            return np.log(weight * share[:, self.item_topic])
+
+
 def generate(
     n_users: int = 3000,
     n_items: int = 1500,
@@ -63,7 +193,7 @@ def generate(
     late_item_share: float = 0.1,
     group_affinity: float = 4.0,
     facet_affinity: float = 6.0,
-    topic_noise: float = 0.05,
+    topic_noise: float = TOPIC_NOISE,
     seed: int = 7,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Return ``(interactions, items)`` frames in the schema of ``recsys.columns``.
@@ -75,41 +205,10 @@ def generate(
     are drawn at once with numpy (cost linear in the events: about 4 s per million on 2 cores).
     """
     rng = np.random.default_rng(seed)
-    topics = list(TOPICS)
-    n_topics = len(topics)
-
-    item_topic = rng.integers(0, n_topics, n_items)
-    item_group = rng.integers(0, n_groups, n_items)
-    item_pop = rng.lognormal(0.0, 1.0, n_items)
-    # Late items come in two release waves, each just before one of the users' last two visits,
-    # so both the validation and the test events meet items nobody has touched before.
-    late = rng.random(n_items) < late_item_share
-    wave = np.where(rng.random(n_items) < 0.5, rng.uniform(0.95, 0.955, n_items), rng.uniform(0.977, 0.979, n_items))
-    release = np.where(late, wave, 0.0)
-    base_ts = 1_700_000_000
-    span = 180 * 24 * 3600
-    brands = ["".join(rng.choice(BRAND_SYLLABLES, 2)).capitalize() for _ in range(40)]
-    item_facet = rng.integers(0, 3, n_items)
-    item_ids = [f"I{i:05d}" for i in range(n_items)]
-    titles, descriptions = _item_texts(rng, item_topic, item_facet, brands)
-    # The shop knows when it listed each item: late items carry their release time.
-    listed = np.where(release > 0, base_ts + (release * span).astype(np.int64), 0)
-    items = pl.DataFrame(
-        {
-            Columns.Item: item_ids,
-            "title": titles,
-            "description": descriptions,
-            "category": np.array(topics)[item_topic].tolist(),
-            Columns.AvailableFrom: pl.Series(listed, dtype=pl.Int64),
-        }
-    ).with_columns(pl.when(pl.Series(release > 0)).then(pl.col(Columns.AvailableFrom)).alias(Columns.AvailableFrom))
-
-    # Users: one main topic, sometimes a second one; one hidden taste group.
-    user_topics = np.stack([rng.integers(0, n_topics, n_users), rng.integers(0, n_topics, n_users)], 1)
-    user_mix = rng.uniform(0.75, 1.0, n_users)
-    user_group = rng.integers(0, n_groups, n_users)
-    user_facet = rng.integers(0, 3, n_users)
+    world = World.draw(rng, n_users, n_items, n_groups, late_item_share, group_affinity, facet_affinity, topic_noise)
     n_events = np.maximum(3, rng.geometric(1.0 / mean_events, n_users))
+    user_group, user_facet, user_topics = world.user_group, world.user_facet, world.user_topics
+    n_topics = world.n_topics
 
     # Events laid out user by user, in time order: earlier visits spread over the months, two
     # more visits in the final week.
@@ -122,26 +221,24 @@ def generate(
     t[pos == n_events[ev_user] - 1] = rng.uniform(0.98, 1.0, n_users)
     t = t[np.lexsort((t, ev_user))]  # ev_user is sorted already, so it is unchanged
     noise = rng.random(total) < topic_noise
-    main = rng.random(total) < user_mix[ev_user]
+    main = rng.random(total) < world.user_mix[ev_user]
     topic = np.where(
         noise, rng.integers(0, n_topics, total), np.where(main, user_topics[ev_user, 0], user_topics[ev_user, 1])
     )
-    sampler = ItemSampler(
-        item_topic, item_group, item_facet, item_pop, release, n_topics, n_groups, group_affinity, facet_affinity
-    )
-    item = sampler.draw_without_repeats(rng, topic, user_group[ev_user] * 3 + user_facet[ev_user], t, n_events, start)
+    cls = user_group[ev_user] * 3 + user_facet[ev_user]
+    item = world.sampler().draw_without_repeats(rng, topic, cls, t, n_events, start)
     keep = item >= 0  # an event whose topic has nothing left to pick is dropped
     ev_user, item, t = ev_user[keep], item[keep], t[keep]
-    purchase = rng.random(len(item)) < np.where(item_group[item] == user_group[ev_user], 0.35, 0.1)
+    purchase = rng.random(len(item)) < np.where(world.item_group[item] == user_group[ev_user], 0.35, 0.1)
     interactions = pl.DataFrame(
-        {"_u": ev_user, "_i": item, Columns.Timestamp: base_ts + (t * span).astype(np.int64), "_p": purchase}
+        {"_u": ev_user, "_i": item, Columns.Timestamp: BASE_TS + (t * SPAN).astype(np.int64), "_p": purchase}
     ).select(
         pl.concat_str(pl.lit("U"), pl.col("_u").cast(pl.String).str.zfill(5)).alias(Columns.User),
         pl.concat_str(pl.lit("I"), pl.col("_i").cast(pl.String).str.zfill(5)).alias(Columns.Item),
         pl.col(Columns.Timestamp).cast(pl.Int64),
         pl.when(pl.col("_p")).then(pl.lit(Events.Purchase)).otherwise(pl.lit(Events.Click)).alias(Columns.Event),
     )
-    return interactions, items
+    return interactions, world.items_frame()
 
 
 def _item_texts(
@@ -356,6 +453,13 @@ class GeneratedDataSource:
                 os.replace(tmp, path)  # atomic: a killed run never leaves a half file
             (inter_path.parent / "spec.json").write_text(json.dumps(self.spec, indent=2))
         return inter_path, items_path
+
+    def world(self) -> World:
+        """The hidden state this data set was drawn from: the same seed replays the same draws."""
+        s = self.spec
+        rng = np.random.default_rng(s["seed"])
+        args = (s["n_users"], s["n_items"], s["n_groups"], s["late_item_share"], s["group_affinity"])
+        return World.draw(rng, *args, s["facet_affinity"], TOPIC_NOISE)
 
     def load(self) -> Dataset:
         inter_path, items_path = self.ensure()

@@ -81,3 +81,64 @@ def test_generated_events_are_in_time_order_per_user_with_two_final_week_visits(
     span = 180 * 24 * 3600
     last_two = inter.group_by(Columns.User).agg(pl.col(Columns.Timestamp).sort().tail(2).min())
     assert (last_two[Columns.Timestamp] >= 1_700_000_000 + int(0.95 * span)).mean() > 0.98
+
+
+def test_the_world_replays_the_generated_data_and_its_probabilities_explain_the_last_events(tmp_path):
+    """``GeneratedDataSource.world()`` replays the hidden state (the items it writes are the data
+    set's), its next-event probabilities sum to one, and the true world gives each user's last
+    event a higher likelihood than worlds with one setting changed: the ceiling scorer of
+    ``bench/text_ceiling.py`` is the generator's own distribution, not an approximation of it."""
+    from dataclasses import replace
+
+    from recsys.data.synthetic import BASE_TS, SPAN, GeneratedDataSource
+
+    source = GeneratedDataSource(str(tmp_path), n_users=3000, n_items=120, seed=5)
+    data = source.load()
+    world = source.world()
+    items = world.items_frame()
+    assert items[Columns.Item].to_list() == data.items[Columns.Item].to_list()
+    assert items["title"].to_list() == data.items["title"].to_list()
+
+    events = (
+        data.interactions.with_columns(pl.col(Columns.User).str.slice(1).cast(pl.Int64).alias("u"))
+        .with_columns(pl.col(Columns.Item).str.slice(1).cast(pl.Int64).alias("i"))
+        .group_by("u", maintain_order=True)
+        .agg("i", pl.col(Columns.Timestamp).last().alias("ts"))
+    )
+    users = events["u"].to_numpy()
+    histories = [np.array(h, dtype=np.int64) for h in events["i"].to_list()]
+    last = np.array([h[-1] for h in histories])
+    t = (events["ts"].to_numpy() - BASE_TS) / SPAN
+    seen = [h[:-1] for h in histories]
+
+    def mean_log_likelihood(w) -> float:
+        return float(w.next_event_log_probs(users, t, seen)[np.arange(len(users)), last].mean())
+
+    logp = world.next_event_log_probs(users, t, seen)
+    np.testing.assert_allclose(np.exp(logp).sum(axis=1), 1.0, rtol=1e-9)
+    assert np.isfinite(logp[np.arange(len(users)), last]).all()  # every real event was possible
+    assert np.isneginf(logp[0, seen[0]]).all()  # a user's earlier items cannot come again
+
+    # Calibrated: as many last events fall on fresh, same-group and same-facet items as predicted.
+    probs = np.exp(logp)
+    fresh = (world.release[None, :] > 0) & (t[:, None] - world.release[None, :] < 0.03)
+    for in_class in (
+        fresh,
+        world.item_group[None, :] == world.user_group[users][:, None],
+        world.item_facet[None, :] == world.user_facet[users][:, None],
+    ):
+        p_class = (probs * in_class).sum(axis=1)
+        observed = in_class[np.arange(len(users)), last].sum()
+        assert abs(observed - p_class.sum()) < 4 * np.sqrt((p_class * (1 - p_class)).sum())
+
+    true = mean_log_likelihood(world)
+    for changed in (
+        replace(world, group_affinity=world.group_affinity / 2),
+        replace(world, group_affinity=world.group_affinity * 2),
+        replace(world, facet_affinity=world.facet_affinity / 2),
+        replace(world, facet_affinity=world.facet_affinity * 2),
+        replace(world, topic_noise=0.3),
+        replace(world, user_group=np.roll(world.user_group, 1)),
+        replace(world, release=np.zeros_like(world.release)),  # no release times: no freshness
+    ):
+        assert mean_log_likelihood(changed) < true
