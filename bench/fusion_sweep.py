@@ -34,6 +34,7 @@ from hydra.utils import instantiate
 
 import recsys.config  # noqa: F401  (resolvers)
 from recsys.columns import Columns
+from recsys.evaluation.bootstrap import PairedBootstrap
 from recsys.evaluation.metrics import ranking_metrics
 from recsys.pipeline import (
     FusionStage,
@@ -78,6 +79,9 @@ VARIANTS: dict[str, tuple[dict, dict, bool]] = {
     "finetuned_leaves7": ({"num_leaves": 7}, {}, True),
     "finetuned_bags5": ({"bags": 5}, {}, True),
     "finetuned_lr02": (LR02, {}, True),
+    "finetuned_lambdarank": ({"objective": "lambdarank"}, {}, True),
+    "finetuned_xendcg": ({"objective": "rank_xendcg"}, {}, True),
+    "finetuned_binary": ({"objective": "binary"}, {}, True),
 }
 
 
@@ -95,6 +99,11 @@ def stage_models(cfg, pipeline: TrainedPipeline, history: History) -> dict[str, 
     cf = HybridPipeline({n: instantiate(node) for n, node in cfg.cf.items()}, None).fit_cf(history)
     texts = text_models(pipeline, history)
     return {**cf, **texts, "text_new": NewItemText(texts[pipeline.text_name]).fit(history)}
+
+
+def paired(boot: PairedBootstrap, x: np.ndarray, reference: np.ndarray) -> str:
+    ci = boot.interval(x, reference)
+    return f"{ci.mean:+.4f} ({ci.low:+.4f}..{ci.high:+.4f})"
 
 
 def main() -> None:
@@ -173,21 +182,27 @@ def main() -> None:
         )
     )
     print(f"setup {time.perf_counter() - t0:.0f} s; {len(users)} validation users in two halves\n")
-    print("| variant | val NDCG@10 | val Recall@10 | candidate recall | ranker fit s |\n|---|---|---|---|---|")
+    first = names[0]
+    print(
+        f"| variant | val NDCG@10 | val Recall@10 | candidate recall | ranker fit s | minus {first} (paired 95 % CI) |"
+    )
+    print("|---|---|---|---|---|---|")
     # The single models on the same users (full ranking, the job's exclusions): what fused must beat.
     relevant = relevance_matrix(split.val, users, data.n_items)
     for name in singles:
         m = ranking_metrics(validation.models[name].recommend(users, 10, exclude=val_exclude)[0], relevant, (10,))
-        print(f"| single: {name} | {m['ndcg_at_10'].mean():.4f} | {m['recall_at_10'].mean():.4f} | | |", flush=True)
+        print(f"| single: {name} | {m['ndcg_at_10'].mean():.4f} | {m['recall_at_10'].mean():.4f} | | | |", flush=True)
     oracle = None
     if args.oracle:
         from generator_oracle import GeneratorOracle
 
         oracle = GeneratorOracle(instantiate(cfg.data).world(), data, split.val).fit(history)
         m = ranking_metrics(oracle.recommend(users, 10, exclude=val_exclude)[0], relevant, (10,))
-        print(f"| generator (every item) | {m['ndcg_at_10'].mean():.4f} | {m['recall_at_10'].mean():.4f} | | |")
+        print(f"| generator (every item) | {m['ndcg_at_10'].mean():.4f} | {m['recall_at_10'].mean():.4f} | | | |")
     frames: dict[tuple, pl.DataFrame] = {}
     extra: dict[tuple, pl.DataFrame] = {}
+    reference = None  # the first variant's per-user NDCG@10, in the same user order as every other's
+    boot = PairedBootstrap(len(val_users), seed=0)
     for name in names:
         ranker_over, extra_sources, drop_zs = VARIANTS[name]
         n_cand = {**cfg.rank.n_candidates, **extra_sources}
@@ -210,7 +225,7 @@ def main() -> None:
                 top = ranked_candidates(every, score, val_users, 10)[0]
                 m = ranking_metrics(ranked_arrays(top, val_users, 10)[0], relevant, (10,))
                 ndcg_o, recall_o = m["ndcg_at_10"].mean(), m["recall_at_10"].mean()
-                print(f"| generator over {name}'s candidates | {ndcg_o:.4f} | {recall_o:.4f} | | |", flush=True)
+                print(f"| generator over {name}'s candidates | {ndcg_o:.4f} | {recall_o:.4f} | | | |", flush=True)
         df = frames[key]
         feats = [c for c in feature_columns(df) if not (drop_zs and c.startswith("score_text_zeroshot"))]
         weights = [0.0] + [float(w) for w in args.blend.split(",") if w]
@@ -241,13 +256,20 @@ def main() -> None:
                 else:
                     ndcg.append(m["ndcg_at_10"])
                     recall.append(m["recall_at_10"])
+        per_user = np.concatenate(ndcg)
+        reference = per_user if reference is None else reference
+
         print(
-            f"| {name} | {np.concatenate(ndcg).mean():.4f} | {np.concatenate(recall).mean():.4f} "
-            f"| {candidate_recall(df):.3f} | {fit_s:.0f} |",
+            f"| {name} | {per_user.mean():.4f} | {np.concatenate(recall).mean():.4f} "
+            f"| {candidate_recall(df):.3f} | {fit_s:.0f} | {paired(boot, per_user, reference)} |",
             flush=True,
         )
         for w, parts in blended.items():
-            print(f"| {name} + {w:g} x {args.blend_model} | {np.concatenate(parts).mean():.4f} | | | |", flush=True)
+            x = np.concatenate(parts)
+            print(
+                f"| {name} + {w:g} x {args.blend_model} | {x.mean():.4f} | | | | {paired(boot, x, reference)} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -255,7 +255,7 @@ class Engine:
             user_stats,
             buffer=self._block,
             matrix=self._ranker_matrix,
-            predict=lambda x: self._booster().predict(x, num_iteration=p.ranker.best_iteration),
+            predict=lambda x: p.ranker.predict_matrix(x, booster=self._booster()),
             timer=self._timed,
         )
         if self.explain.top_features > 0:

@@ -5,12 +5,21 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 
 from recsys.columns import Columns
 from recsys.errors import InputError
+
+if TYPE_CHECKING:
+    import lightgbm as lgb
+
+
+# LightGBM objectives over the same query groups: LambdaRank's pairwise NDCG gradients, the
+# listwise softmax cross-entropy, or one logistic loss per row (the groups then only stop early).
+OBJECTIVES = ("lambdarank", "rank_xendcg", "binary")
 
 
 class LambdaMARTRanker:
@@ -47,13 +56,16 @@ class LambdaMARTRanker:
         bags: int = 1,
         seed: int = 0,
         n_jobs: int | None = None,
+        objective: str = "lambdarank",
     ) -> None:
+        if objective not in OBJECTIVES:
+            raise ValueError(f"ranker.objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
         if bags < 1:
             raise ValueError(f"ranker.bags must be >= 1, got {bags}")
         if n_jobs is not None and (not isinstance(n_jobs, int) or isinstance(n_jobs, bool) or n_jobs < 1):
             raise ValueError(f"ranker.n_jobs must be a whole number >= 1 or null, got {n_jobs!r}")
         self.params = dict(
-            objective="lambdarank",
+            objective=objective,
             learning_rate=learning_rate,
             num_leaves=num_leaves,
             min_data_in_leaf=min_child_samples,
@@ -172,8 +184,11 @@ class LambdaMARTRanker:
         """The ranker's input: ``features`` of ``frame`` as float64, nulls as NaN."""
         return frame.select(self.features).to_numpy()
 
-    def predict_matrix(self, x: np.ndarray) -> np.ndarray:
-        return self.booster.predict(x, num_iteration=self.best_iteration).astype(np.float32)
+    def predict_matrix(self, x: np.ndarray, booster: lgb.Booster | None = None) -> np.ndarray:
+        """The trees' raw score (for ``binary`` the log-odds, not the probability): the score that
+        TreeSHAP's contributions add up to. ``booster``: a copy of this one (one per thread)."""
+        booster = self.booster if booster is None else booster
+        return booster.predict(x, num_iteration=self.best_iteration, raw_score=True).astype(np.float32)
 
     def predict(self, frame: pl.DataFrame) -> np.ndarray:
         return self.predict_matrix(self.matrix(frame))

@@ -171,10 +171,12 @@ def planted(n_users: int, n_cands: int = 20, seed: int = 0) -> pl.DataFrame:
     )
 
 
-def test_ranker_learns_a_planted_signal():
+@pytest.mark.parametrize("objective", ["lambdarank", "rank_xendcg", "binary"])
+def test_ranker_learns_a_planted_signal(objective):
     train, test = planted(300, seed=0), planted(100, seed=1)
     features = ["noise_a", "signal", "noise_b"]
-    ranker = LambdaMARTRanker(n_estimators=60, min_child_samples=5, early_stopping_rounds=10, seed=0)
+    kw = dict(min_child_samples=5, early_stopping_rounds=10, seed=0, objective=objective)
+    ranker = LambdaMARTRanker(n_estimators=60, **kw)
     ranker.fit(train, features)
     scores = ranker.predict(test)
     assert scores.shape == (test.height,) and np.isfinite(scores).all()
@@ -344,6 +346,8 @@ def test_bagged_ranker_averages_one_model_per_fold_and_is_deterministic():
     assert ranked.group_by(Columns.UserIdx, maintain_order=True).first()["label"].mean() >= 0.9
     with pytest.raises(ValueError, match="bags"):
         LambdaMARTRanker(bags=0)
+    with pytest.raises(ValueError, match="ranker.objective must be one of lambdarank, rank_xendcg, binary, got 'ndcg'"):
+        LambdaMARTRanker(objective="ndcg")
     with pytest.raises(ValueError, match="ranker.n_jobs must be a whole number >= 1 or null"):
         LambdaMARTRanker(n_jobs=0)
     with pytest.raises(Exception, match="at least 6 users"):
