@@ -1,4 +1,4 @@
-"""The fusion ranker: LightGBM LambdaMART with one query group per user."""
+"""The fusion ranker: LightGBM trees over one query group per user (LambdaRank, softmax or logistic loss)."""
 
 from __future__ import annotations
 
