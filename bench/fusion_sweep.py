@@ -149,7 +149,8 @@ def main() -> None:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=[f"+experiment={args.experiment}", *args.overrides])
     t0 = time.perf_counter()
-    data = instantiate(cfg.data).load()
+    source = instantiate(cfg.data)
+    data = source.load()
     split = instantiate(cfg.split).split(data.interactions)
     history = History(split.train, data.n_users, data.n_items)
     pipeline = TrainedPipeline.load(Path(args.run) / "pipeline")
@@ -169,7 +170,7 @@ def main() -> None:
     needs_zs = any(not VARIANTS[n][2] for n in names)
     if needs_zs and sum(isinstance(m, HistoryTower) for m in pipeline.models.values()) < 2:
         raise SystemExit("the run has no zero-shot tower: train it with rank.text_zeroshot_feature=true")
-    users = val_users = split.val[Columns.UserIdx].unique().sort().to_numpy()
+    users = split.val[Columns.UserIdx].unique().sort().to_numpy()
     rng = np.random.default_rng(cfg.seed if args.fold_seed is None else args.fold_seed)
     fold = rng.permutation(len(users)) % 2
     halves = [users[fold == 0], users[fold == 1]]
@@ -196,13 +197,13 @@ def main() -> None:
     if args.oracle:
         from generator_oracle import GeneratorOracle
 
-        oracle = GeneratorOracle(instantiate(cfg.data).world(), data, split.val).fit(history)
+        oracle = GeneratorOracle(source.world(), data, split.val).fit(history)
         m = ranking_metrics(oracle.recommend(users, 10, exclude=val_exclude)[0], relevant, (10,))
         print(f"| generator (every item) | {m['ndcg_at_10'].mean():.4f} | {m['recall_at_10'].mean():.4f} | | | |")
     frames: dict[tuple, pl.DataFrame] = {}
     extra: dict[tuple, pl.DataFrame] = {}
     reference = None  # the first variant's per-user NDCG@10, in the same user order as every other's
-    boot = PairedBootstrap(len(val_users), seed=0)
+    boot = PairedBootstrap(len(users), seed=0)
     for name in names:
         ranker_over, extra_sources, drop_zs = VARIANTS[name]
         n_cand = {**cfg.rank.n_candidates, **extra_sources}
@@ -222,8 +223,8 @@ def main() -> None:
             if oracle is not None:  # the best any ranker could do with these candidates
                 every = frames[key].sort(Columns.UserIdx, Columns.ItemIdx)
                 score = oracle.score_pairs(every[Columns.UserIdx].to_numpy(), every[Columns.ItemIdx].to_numpy())
-                top = ranked_candidates(every, score, val_users, 10)[0]
-                m = ranking_metrics(ranked_arrays(top, val_users, 10)[0], relevant, (10,))
+                top = ranked_candidates(every, score, users, 10)[0]
+                m = ranking_metrics(ranked_arrays(top, users, 10)[0], relevant, (10,))
                 ndcg_o, recall_o = m["ndcg_at_10"].mean(), m["recall_at_10"].mean()
                 print(f"| generator over {name}'s candidates | {ndcg_o:.4f} | {recall_o:.4f} | | | |", flush=True)
         df = frames[key]
@@ -242,14 +243,14 @@ def main() -> None:
             ranker.fit(part, feats)
             fit_s += time.perf_counter() - t1
             held = df.filter(pl.col(Columns.UserIdx).is_in(halves[b].tolist())).sort(Columns.UserIdx, Columns.ItemIdx)
-            users = np.sort(halves[b])
+            held_users = np.sort(halves[b])
             pred = ranker.predict(held)
             targets = split.val.filter(pl.col(Columns.UserIdx).is_in(halves[b].tolist()))
-            rel = relevance_matrix(targets, users, data.n_items)
+            rel = relevance_matrix(targets, held_users, data.n_items)
             scale = np.std(ranker.predict(part)) / max(float(part[col].std()), 1e-12) if weights[1:] else 0.0
             for w in weights:
                 score = pred + w * scale * held[col].to_numpy() if w else pred
-                items = ranked_arrays(ranked_candidates(held, score, users, 10)[0], users, 10)[0]
+                items = ranked_arrays(ranked_candidates(held, score, held_users, 10)[0], held_users, 10)[0]
                 m = ranking_metrics(items, rel, (10,))
                 if w:
                     blended[w].append(m["ndcg_at_10"])

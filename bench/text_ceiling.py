@@ -74,7 +74,8 @@ def main() -> None:
         cfg = compose("config", overrides=["+experiment=bert_ranker", f"paths.root_dir={ROOT}", *a.overrides])
     if cfg.data.get("_target_", "").rsplit(".", 1)[-1] != "GeneratedDataSource":
         sys.exit("text_ceiling.py decodes the generated data's topics and facets: use the generated data")
-    data = instantiate(cfg.data).load()
+    source = instantiate(cfg.data)
+    data = source.load()
     split = instantiate(cfg.split).split(data.interactions)
 
     # Each topic's 15 words are its 3 facets of 5; a title ends with two words of the item's facet.
@@ -114,7 +115,7 @@ def main() -> None:
             tie = 1e-4 * tie / np.maximum(tie.max(axis=1, keepdims=True), 1e-12)
             return (self.prefs[users] + tie).astype(np.float32)
 
-    world = instantiate(cfg.data).world()
+    world = source.world() if "generator" in chosen else None
 
     def scorers_for(targets) -> dict[str, Recommender]:
         make = {

@@ -62,6 +62,27 @@ SPAN = 180 * 24 * 3600
 TOPIC_NOISE = 0.05  # share of events whose topic is drawn uniformly
 
 
+def class_weight(
+    pop: np.ndarray,
+    item_group: np.ndarray,
+    item_facet: np.ndarray,
+    group: int | np.ndarray,
+    facet: int | np.ndarray,
+    group_affinity: float,
+    facet_affinity: float,
+) -> np.ndarray:
+    """An item's weight for a user of ``group`` and ``facet`` (broadcast): ``pop x group_affinity^[same
+    group] x facet_affinity^[same facet]``."""
+    return pop * np.where(item_group == group, group_affinity, 1.0) * np.where(item_facet == facet, facet_affinity, 1.0)
+
+
+def time_factor(release: np.ndarray, t: float | np.ndarray) -> np.ndarray:
+    """At time ``t`` (broadcast): 0 before an item's release, ``FRESH_BOOST`` for a late item released
+    less than ``FRESH_FOR`` ago, else 1."""
+    fresh = (release > 0) & (t - release < ItemSampler.FRESH_FOR)
+    return (release <= t) * np.where(fresh, ItemSampler.FRESH_BOOST, 1.0)
+
+
 @dataclass(frozen=True)
 class World:
     """The generator's hidden state: every item's topic, facet, taste group, popularity and release,
@@ -157,14 +178,9 @@ class World:
         users = np.asarray(users)
         t = np.asarray(t, dtype=np.float64)[:, None]
         g, f = self.user_group[users][:, None], self.user_facet[users][:, None]
-        fresh = (self.release[None, :] > 0) & (t - self.release[None, :] < ItemSampler.FRESH_FOR)
-        weight = (
-            self.item_pop[None, :]
-            * np.where(self.item_group[None, :] == g, self.group_affinity, 1.0)
-            * np.where(self.item_facet[None, :] == f, self.facet_affinity, 1.0)
-            * np.where(fresh, ItemSampler.FRESH_BOOST, 1.0)
-            * (self.release[None, :] <= t)
-        )
+        weight = class_weight(
+            self.item_pop, self.item_group, self.item_facet, g, f, self.group_affinity, self.facet_affinity
+        ) * time_factor(self.release, t)
         rows = np.repeat(np.arange(len(users)), [len(s) for s in seen])
         cols = np.concatenate([np.asarray(s, dtype=np.int64) for s in seen]) if len(rows) else rows
         weight[rows, cols] = 0.0
@@ -305,10 +321,7 @@ class ItemSampler:
         classes = [(g, f) for g in range(n_groups) for f in range(3)]
         g_sorted, f_sorted, pop_sorted = item_group[self.order], item_facet[self.order], item_pop[self.order]
         weights = np.stack(
-            [
-                pop_sorted * np.where(g_sorted == g, group_affinity, 1.0) * np.where(f_sorted == f, facet_affinity, 1.0)
-                for g, f in classes
-            ]
+            [class_weight(pop_sorted, g_sorted, f_sorted, g, f, group_affinity, facet_affinity) for g, f in classes]
         )
         self.weights = weights  # [class, sorted item], for the exact fallback
         self.cum = np.concatenate([[0.0], np.cumsum(weights.ravel())])
@@ -336,11 +349,7 @@ class ItemSampler:
         """One item excluding ``seen``, by its full weight vector (-1 if no weight is left)."""
         lo, hi = self.topic_start[topic], self.topic_start[topic + 1]
         rel = self.release_sorted[lo:hi]
-        w = (
-            self.weights[cls, lo:hi]
-            * (rel <= t)
-            * np.where((rel > 0) & (t - rel < self.FRESH_FOR), self.FRESH_BOOST, 1.0)
-        )
+        w = self.weights[cls, lo:hi] * time_factor(rel, t)
         w[np.isin(self.order[lo:hi], seen)] = 0.0
         if w.sum() <= 0:
             return -1
