@@ -11,7 +11,7 @@ import numpy as np
 import polars as pl
 
 from recsys.columns import Columns
-from recsys.errors import InputError
+from recsys.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
     import lightgbm as lgb
@@ -58,8 +58,8 @@ class LambdaMARTRanker:
         n_jobs: int | None = None,
         objective: str = "lambdarank",
     ) -> None:
-        if objective not in OBJECTIVES:
-            raise ValueError(f"ranker.objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+        if objective not in OBJECTIVES:  # a config value: one line and exit 2 from the entry points
+            raise ConfigError(f"ranker.objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
         if bags < 1:
             raise ValueError(f"ranker.bags must be >= 1, got {bags}")
         if n_jobs is not None and (not isinstance(n_jobs, int) or isinstance(n_jobs, bool) or n_jobs < 1):

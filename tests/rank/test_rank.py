@@ -10,6 +10,7 @@ import scipy.sparse as sp
 from recsys.cf import ItemKNN, Popularity
 from recsys.columns import Columns
 from recsys.data import LeaveLastOutSplit
+from recsys.errors import ConfigError
 from recsys.rank.candidates import generate_candidates, rank_column
 from recsys.rank.features import build_features, feature_columns, item_statistics
 from recsys.rank.ranker import LambdaMARTRanker
@@ -346,7 +347,9 @@ def test_bagged_ranker_averages_one_model_per_fold_and_is_deterministic():
     assert ranked.group_by(Columns.UserIdx, maintain_order=True).first()["label"].mean() >= 0.9
     with pytest.raises(ValueError, match="bags"):
         LambdaMARTRanker(bags=0)
-    with pytest.raises(ValueError, match="ranker.objective must be one of lambdarank, rank_xendcg, binary, got 'ndcg'"):
+    with pytest.raises(
+        ConfigError, match="ranker.objective must be one of lambdarank, rank_xendcg, binary, got 'ndcg'"
+    ):
         LambdaMARTRanker(objective="ndcg")
     with pytest.raises(ValueError, match="ranker.n_jobs must be a whole number >= 1 or null"):
         LambdaMARTRanker(n_jobs=0)
