@@ -58,12 +58,13 @@ class LambdaMARTRanker:
         n_jobs: int | None = None,
         objective: str = "lambdarank",
     ) -> None:
-        if objective not in OBJECTIVES:  # a config value: one line and exit 2 from the entry points
+        # Config values: one line and exit 2 from the entry points.
+        if objective not in OBJECTIVES:
             raise ConfigError(f"ranker.objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-        if bags < 1:
-            raise ValueError(f"ranker.bags must be >= 1, got {bags}")
+        if isinstance(bags, bool) or not isinstance(bags, int) or bags < 1:
+            raise ConfigError(f"ranker.bags must be a whole number >= 1, got {bags!r}")
         if n_jobs is not None and (not isinstance(n_jobs, int) or isinstance(n_jobs, bool) or n_jobs < 1):
-            raise ValueError(f"ranker.n_jobs must be a whole number >= 1 or null, got {n_jobs!r}")
+            raise ConfigError(f"ranker.n_jobs must be a whole number >= 1 or null, got {n_jobs!r}")
         self.params = dict(
             objective=objective,
             learning_rate=learning_rate,

@@ -345,13 +345,15 @@ def test_bagged_ranker_averages_one_model_per_fold_and_is_deterministic():
         Columns.UserIdx, "score", descending=[False, True]
     )
     assert ranked.group_by(Columns.UserIdx, maintain_order=True).first()["label"].mean() >= 0.9
-    with pytest.raises(ValueError, match="bags"):
+    with pytest.raises(ConfigError, match="ranker.bags must be a whole number >= 1, got 0"):
         LambdaMARTRanker(bags=0)
+    with pytest.raises(ConfigError, match="ranker.bags must be a whole number >= 1, got 1.5"):
+        LambdaMARTRanker(bags=1.5)
     with pytest.raises(
         ConfigError, match="ranker.objective must be one of lambdarank, rank_xendcg, binary, got 'ndcg'"
     ):
         LambdaMARTRanker(objective="ndcg")
-    with pytest.raises(ValueError, match="ranker.n_jobs must be a whole number >= 1 or null"):
+    with pytest.raises(ConfigError, match="ranker.n_jobs must be a whole number >= 1 or null"):
         LambdaMARTRanker(n_jobs=0)
     with pytest.raises(Exception, match="at least 6 users"):
         LambdaMARTRanker(bags=3, **kw).fit(planted(2, seed=0), features)
