@@ -4,6 +4,8 @@ zero-shot tower and ALS against scorers that know the generator's hidden variabl
     python bench/text_ceiling.py                      # the default job's data and split
     python bench/text_ceiling.py split=global_time    # any Hydra override of the job
     python bench/text_ceiling.py --scorers als,generator --base als data.n_users=30000 data.n_items=15000
+    python bench/text_ceiling.py --scorers als,generator --base als data.n_users=300000 \
+        data.n_items=150000 eval.max_users=20000   # 100x, 20,000 users a stage (~20 min, 13 GB)
 
 The generator (``recsys.data.synthetic``) draws each event's topic from the user's topic mix and
 then an item of that topic with weight ``popularity x group x facet x freshness``. Only the topic
@@ -19,6 +21,10 @@ random:
   popularity-free text scorer can do here;
 * ``oracle: topic + facet + popularity``: the same, ties broken by training popularity (what the
   text tower learns when it is trained without ``text.module.popularity_debias``);
+* ``oracle: topic + facet x popularity`` (``oracle_facet_logpop``): the topic and facet shares
+  times the item's popularity, ``log shares + log(1 + training events)``, across classes too, as
+  a popularity-debiased tower's score plus the item's log popularity would rank (at 100x each
+  class holds 5,000 items, so inside a class popularity decides);
 * ``generator``: the generator's own probability of each item being the user's next event
   (``World.next_event_log_probs``: the user's true topics, facet and taste group, every item's
   popularity and freshness at the target's time). No model can be expected to rank better, so it
@@ -27,13 +33,15 @@ random:
 Beside them: the job's zero-shot text tower (``text_zeroshot``), ALS as the job configures it
 (``cf.als``) and popularity. Each stage is scored as the job scores it: validation targets from
 the training history, test targets from training + validation, full ranking, seen and
-not-yet-listed items removed. Prints NDCG@10 and Recall@10 per scorer and stage, and the paired
-95 % interval of each scorer minus the base (``--base``, the zero-shot tower by default).
+not-yet-listed items removed, on at most ``eval.max_users`` users a stage (the job's seeded
+sample). Prints NDCG@10 and Recall@10 per scorer and stage, and the paired 95 % interval of each
+scorer minus the base (``--base``, the zero-shot tower by default).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -44,7 +52,10 @@ from hydra.utils import instantiate
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 10
-SCORERS = ["text_zeroshot", "als", "popularity", "oracle_topic", "oracle_facet", "oracle_facet_pop", "generator"]
+SCORERS = [
+    "text_zeroshot", "als", "popularity", "oracle_topic", "oracle_facet", "oracle_facet_pop",
+    "oracle_facet_logpop", "generator",
+]  # fmt: skip
 
 
 def main() -> None:
@@ -66,6 +77,7 @@ def main() -> None:
     from recsys.data.synthetic import TOPICS
     from recsys.evaluation.bootstrap import PairedBootstrap
     from recsys.evaluation.metrics import ranking_metrics, relevance_matrix
+    from recsys.evaluation.sampling import sample_test_users
     from recsys.pipeline import stage_exclusion, stage_history
     from recsys.recommender import History, Recommender
     from recsys.text.recommender import TextRecommender
@@ -87,20 +99,22 @@ def main() -> None:
     class Oracle(Recommender):
         name = "oracle"
 
-        def __init__(self, use_facet: bool, use_popularity: bool, decay: float, max_history: int) -> None:
-            self.use_facet, self.use_popularity = use_facet, use_popularity
+        def __init__(
+            self, use_facet: bool, use_popularity: bool, decay: float, max_history: int, prior: bool = False
+        ) -> None:
+            self.use_facet, self.use_popularity, self.prior = use_facet, use_popularity, prior
             self.decay, self.max_history = decay, max_history
 
         def fit(self, history: History) -> Oracle:
-            prefs = []
+            # Per user, the log shares of the topics and facets (users x items is 360 GB at 100x).
+            t_log, f_log = [], []
             for seq in history.sequences:
                 h = seq[-self.max_history :]
                 w = np.exp(-self.decay * np.arange(len(h))[::-1]) if len(h) else np.ones(0)
                 total = max(w.sum(), 1e-12)
-                t = np.bincount(topic[h], weights=w, minlength=n_topics) / total
-                f = np.bincount(facet[h], weights=w, minlength=3) / total
-                prefs.append(np.log(t + 1e-3)[topic] + (np.log(f + 1e-3)[facet] if self.use_facet else 0.0))
-            self.prefs = np.array(prefs, dtype=np.float64)
+                t_log.append(np.log(np.bincount(topic[h], weights=w, minlength=n_topics) / total + 1e-3))
+                f_log.append(np.log(np.bincount(facet[h], weights=w, minlength=3) / total + 1e-3))
+            self.topic_log, self.facet_log = np.array(t_log), np.array(f_log)
             # Inside a class: by popularity as the job's popularity model counts it (up to each
             # user's cut), or at random (a seeded jitter); either far below a class's gap.
             self.popularity = Popularity().fit(history) if self.use_popularity else None
@@ -112,8 +126,12 @@ def main() -> None:
                 tie = np.broadcast_to(self.jitter, (len(users), len(self.jitter)))
             else:
                 tie = np.log1p(self.popularity.score_users(users).astype(np.float64))
-            tie = 1e-4 * tie / np.maximum(tie.max(axis=1, keepdims=True), 1e-12)
-            return (self.prefs[users] + tie).astype(np.float32)
+            if not self.prior:
+                tie = 1e-4 * tie / np.maximum(tie.max(axis=1, keepdims=True), 1e-12)
+            prefs = self.topic_log[users][:, topic]
+            if self.use_facet:
+                prefs = prefs + self.facet_log[users][:, facet]
+            return (prefs + tie).astype(np.float32)
 
     world = source.world() if "generator" in chosen else None
 
@@ -125,6 +143,7 @@ def main() -> None:
             "oracle_topic": lambda: Oracle(False, False, decay, max_history),
             "oracle_facet": lambda: Oracle(True, False, decay, max_history),
             "oracle_facet_pop": lambda: Oracle(True, True, decay, max_history),
+            "oracle_facet_logpop": lambda: Oracle(True, True, decay, max_history, prior=True),
             "generator": lambda: GeneratorOracle(world, data, targets),
         }
         return {name: make[name]() for name in chosen}
@@ -137,7 +156,12 @@ def main() -> None:
         zero = TextRecommender.from_tokens(net, ids, lens)
     as_of = bool(cfg.eval.get("as_of_cut", True))
     train = History(split.train, data.n_users, data.n_items)
-    stages = {"validation": (train, split.val), "test": (train.extend(split.val), split.test)}
+    # As the job evaluates: past eval.max_users users, a stage is scored on a seeded sample of them
+    # (the job's own test sample), since full ranking costs users x items.
+    max_users, seed = cfg.eval.get("max_users"), int(cfg.seed)
+    val = sample_test_users(dataclasses.replace(split, test=split.val), max_users, seed)[0].test
+    test = sample_test_users(split, max_users, seed)[0].test
+    stages = {"validation": (train, val), "test": (train.extend(split.val), test)}
     print(f"generated data, split={cfg.split._target_.rsplit('.', 1)[-1]}, NDCG@{K} / Recall@{K}, full ranking")
     for stage, (history, targets) in stages.items():
         history = stage_history(history, targets) if as_of else history

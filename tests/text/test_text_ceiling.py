@@ -4,7 +4,8 @@ size with the tiny random encoder (its zero-shot row is then meaningless; the or
 What is checked is what docs/design.md concludes from the script: the facet is in the text and
 worth knowing (topic + facet beats the topic alone), popularity is most of what is left (adding
 it to the oracle beats the oracle without it), and the generator's own probabilities rank above
-every other scorer, ALS included, at both stages.
+every other scorer, ALS included, at both stages. Each stage is scored on the job's seeded sample
+of ``eval.max_users`` users, as the job evaluates.
 """
 
 from __future__ import annotations
@@ -22,21 +23,22 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.slow  # a subprocess on the default data size: ~20 s
 def test_text_ceiling_orders_the_oracles(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "bench/text_ceiling.py", "encoder=tiny", f"paths.data_dir={tmp_path}"],
+        [sys.executable, "bench/text_ceiling.py", "encoder=tiny", f"paths.data_dir={tmp_path}", "eval.max_users=2500"],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    stages = re.split(r"^(validation|test): \d+ users$", out.stdout, flags=re.M)[1:]
-    assert [stages[0], stages[2]] == ["validation", "test"], out.stdout
-    for table in stages[1::2]:
+    stages = re.split(r"^(validation|test): (\d+) users$", out.stdout, flags=re.M)[1:]
+    assert [stages[0], stages[3]] == ["validation", "test"], out.stdout
+    assert [stages[1], stages[4]] == ["2500", "2500"], out.stdout  # of about 3,000 each
+    for table in stages[2::3]:
         ndcg = {
             m.group(1).strip(): float(m.group(2))
             for m in re.finditer(r"^\| ([^|]+) \| ([0-9.]+) \|", table, flags=re.M)
         }
-        assert len(ndcg) == 7, table
+        assert len(ndcg) == 8, table
         assert ndcg["oracle_facet"] > 1.5 * ndcg["oracle_topic"], table
         assert ndcg["oracle_facet_pop"] > 1.3 * ndcg["oracle_facet"], table
         assert ndcg["popularity"] < ndcg["oracle_topic"], table
