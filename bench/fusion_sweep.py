@@ -19,11 +19,15 @@ the number of stages).
 ``--oracle`` (generated data only) adds the ceiling: the generator's own next-event probabilities
 (``bench/generator_oracle.py``) ranking the whole catalogue, and ranking each variant's candidates
 (what a perfect ranker would make of them).
+
+``--max-users N`` scores a seeded sample of N validation users (the job's sampling of test users):
+at 100x the generated data has 300,000.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -36,6 +40,7 @@ import recsys.config  # noqa: F401  (resolvers)
 from recsys.columns import Columns
 from recsys.evaluation.bootstrap import PairedBootstrap
 from recsys.evaluation.metrics import ranking_metrics
+from recsys.evaluation.sampling import sample_test_users
 from recsys.pipeline import (
     FusionStage,
     HybridPipeline,
@@ -140,6 +145,12 @@ def main() -> None:
     )
     ap.add_argument("--blend-model", default="als")
     ap.add_argument(
+        "--max-users",
+        type=int,
+        default=None,
+        help="score a seeded sample of this many validation users (default: all; at 100x, 300k are too many)",
+    )
+    ap.add_argument(
         "--oracle",
         action="store_true",
         help="generated data only: also rank by the generator's own probabilities (bench/generator_oracle.py), "
@@ -152,6 +163,10 @@ def main() -> None:
     source = instantiate(cfg.data)
     data = source.load()
     split = instantiate(cfg.split).split(data.interactions)
+    if args.max_users is not None:  # the validation targets of a seeded sample of users, as the job samples test
+        split = dataclasses.replace(
+            split, val=sample_test_users(dataclasses.replace(split, test=split.val), args.max_users, cfg.seed)[0].test
+        )
     history = History(split.train, data.n_users, data.n_items)
     pipeline = TrainedPipeline.load(Path(args.run) / "pipeline")
     n_stages = cfg.rank.label_stages if args.label_stages is None else args.label_stages
