@@ -40,7 +40,7 @@ import recsys.config  # noqa: F401  (resolvers)
 from recsys.columns import Columns
 from recsys.evaluation.bootstrap import PairedBootstrap
 from recsys.evaluation.metrics import ranking_metrics
-from recsys.evaluation.sampling import sample_test_users
+from recsys.evaluation.sampling import sample_users
 from recsys.pipeline import (
     FusionStage,
     HybridPipeline,
@@ -164,9 +164,9 @@ def main() -> None:
     data = source.load()
     split = instantiate(cfg.split).split(data.interactions)
     if args.max_users is not None:  # the validation targets of a seeded sample of users, as the job samples test
-        split = dataclasses.replace(
-            split, val=sample_test_users(dataclasses.replace(split, test=split.val), args.max_users, cfg.seed)[0].test
-        )
+        if args.max_users < 1:
+            raise SystemExit(f"--max-users must be >= 1, got {args.max_users}")
+        split = dataclasses.replace(split, val=sample_users(split.val, args.max_users, cfg.seed)[0])
     history = History(split.train, data.n_users, data.n_items)
     pipeline = TrainedPipeline.load(Path(args.run) / "pipeline")
     n_stages = cfg.rank.label_stages if args.label_stages is None else args.label_stages

@@ -41,7 +41,6 @@ scorer minus the base (``--base``, the zero-shot tower by default).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -77,7 +76,7 @@ def main() -> None:
     from recsys.data.synthetic import TOPICS
     from recsys.evaluation.bootstrap import PairedBootstrap
     from recsys.evaluation.metrics import ranking_metrics, relevance_matrix
-    from recsys.evaluation.sampling import sample_test_users
+    from recsys.evaluation.sampling import sample_test_users, sample_users
     from recsys.pipeline import stage_exclusion, stage_history
     from recsys.recommender import History, Recommender
     from recsys.text.recommender import TextRecommender
@@ -159,8 +158,8 @@ def main() -> None:
     # As the job evaluates: past eval.max_users users, a stage is scored on a seeded sample of them
     # (the job's own test sample), since full ranking costs users x items.
     max_users, seed = cfg.eval.get("max_users"), int(cfg.seed)
-    val = sample_test_users(dataclasses.replace(split, test=split.val), max_users, seed)[0].test
-    test = sample_test_users(split, max_users, seed)[0].test
+    test = sample_test_users(split, max_users, seed)[0].test  # checks eval.max_users
+    val = sample_users(split.val, max_users, seed)[0]
     stages = {"validation": (train, val), "test": (train.extend(split.val), test)}
     print(f"generated data, split={cfg.split._target_.rsplit('.', 1)[-1]}, NDCG@{K} / Recall@{K}, full ranking")
     for stage, (history, targets) in stages.items():

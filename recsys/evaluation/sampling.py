@@ -31,13 +31,25 @@ def sample_test_users(split: Split, max_users: int | None, seed: int) -> tuple[S
     """
     if max_users is not None and (not isinstance(max_users, int) or max_users < 1):
         raise ConfigError(f"eval.max_users must be a whole number >= 1 or null, got {max_users!r}")
-    users = split.test[Columns.UserIdx].unique().sort().to_numpy()
+    test, sampled, total = sample_users(split.test, max_users, seed)
+    return (split if test is split.test else dataclasses.replace(split, test=test)), sampled, total
+
+
+def sample_users(targets: pl.DataFrame, max_users: int | None, seed: int) -> tuple[pl.DataFrame, int, int]:
+    """The rows of ``targets`` of a seeded sample of ``max_users`` of its users (``targets`` itself
+    when it has no more, or ``max_users`` is None); returns ``(rows, sampled, total)``.
+
+    >>> t = pl.DataFrame({"user_idx": [0, 1, 1, 2, 3]})
+    >>> rows, n, total = sample_users(t, 2, seed=0)
+    >>> (rows["user_idx"].n_unique(), n, total)
+    (2, 2, 4)
+    """
+    users = targets[Columns.UserIdx].unique().sort().to_numpy()
     total = len(users)
     if max_users is None or total <= max_users:
-        return split, total, total
+        return targets, total, total
     keep = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
-    test = split.test.filter(pl.col(Columns.UserIdx).is_in(keep.tolist()))
-    return dataclasses.replace(split, test=test), max_users, total
+    return targets.filter(pl.col(Columns.UserIdx).is_in(keep.tolist())), max_users, total
 
 
 def ci95_half_width(per_user: np.ndarray, total: int) -> float:
