@@ -98,10 +98,10 @@ def main() -> None:
     class Oracle(Recommender):
         name = "oracle"
 
-        def __init__(
-            self, use_facet: bool, use_popularity: bool, decay: float, max_history: int, prior: bool = False
-        ) -> None:
-            self.use_facet, self.use_popularity, self.prior = use_facet, use_popularity, prior
+        def __init__(self, use_facet: bool, popularity: str | None, decay: float, max_history: int) -> None:
+            # popularity: None (random ties), "tie" (breaks ties inside a class), "prior" (log
+            # popularity added to the class shares, so it ranks across classes too).
+            self.use_facet, self.popularity = use_facet, popularity
             self.decay, self.max_history = decay, max_history
 
         def fit(self, history: History) -> Oracle:
@@ -114,18 +114,18 @@ def main() -> None:
                 t_log.append(np.log(np.bincount(topic[h], weights=w, minlength=n_topics) / total + 1e-3))
                 f_log.append(np.log(np.bincount(facet[h], weights=w, minlength=3) / total + 1e-3))
             self.topic_log, self.facet_log = np.array(t_log), np.array(f_log)
-            # Inside a class: by popularity as the job's popularity model counts it (up to each
-            # user's cut), or at random (a seeded jitter); either far below a class's gap.
-            self.popularity = Popularity().fit(history) if self.use_popularity else None
+            # Popularity as the job's popularity model counts it (up to each user's cut); ties
+            # without it at random (a seeded jitter), far below a class's gap.
+            self.counts = Popularity().fit(history) if self.popularity else None
             self.jitter = np.random.default_rng(0).random(history.n_items)
             return self
 
         def score_users(self, users: np.ndarray) -> np.ndarray:
-            if self.popularity is None:
+            if self.counts is None:
                 tie = np.broadcast_to(self.jitter, (len(users), len(self.jitter)))
             else:
-                tie = np.log1p(self.popularity.score_users(users).astype(np.float64))
-            if not self.prior:
+                tie = np.log1p(self.counts.score_users(users).astype(np.float64))
+            if self.popularity != "prior":
                 tie = 1e-4 * tie / np.maximum(tie.max(axis=1, keepdims=True), 1e-12)
             prefs = self.topic_log[users][:, topic]
             if self.use_facet:
@@ -139,10 +139,10 @@ def main() -> None:
             "text_zeroshot": lambda: zero,
             "als": lambda: instantiate(cfg.cf.als),
             "popularity": Popularity,
-            "oracle_topic": lambda: Oracle(False, False, decay, max_history),
-            "oracle_facet": lambda: Oracle(True, False, decay, max_history),
-            "oracle_facet_pop": lambda: Oracle(True, True, decay, max_history),
-            "oracle_facet_logpop": lambda: Oracle(True, True, decay, max_history, prior=True),
+            "oracle_topic": lambda: Oracle(False, None, decay, max_history),
+            "oracle_facet": lambda: Oracle(True, None, decay, max_history),
+            "oracle_facet_pop": lambda: Oracle(True, "tie", decay, max_history),
+            "oracle_facet_logpop": lambda: Oracle(True, "prior", decay, max_history),
             "generator": lambda: GeneratorOracle(world, data, targets),
         }
         return {name: make[name]() for name in chosen}
