@@ -48,7 +48,7 @@ from recsys.data.validation import ROW, parse_timestamp, require_non_null
 from recsys.errors import PIPELINE_REPAIR as REPAIR
 from recsys.errors import ConfigError, InputError, check_field, read_json_object, reading
 from recsys.rank.ranker import LambdaMARTRanker
-from recsys.recommender import History, NewItemText, Recommender
+from recsys.recommender import DerivedScores, History, NewItemText, PopularText, Recommender
 from recsys.text.history_tower import HistoryTower
 
 FORMAT_VERSION = 2
@@ -56,7 +56,9 @@ HISTORY_COLUMNS = [Columns.UserIdx, Columns.ItemIdx, Columns.Timestamp, Columns.
 TABLES = ("items.parquet", "users.parquet", "history.parquet")
 RANKER_FILE = "ranker/lightgbm.txt"
 # Every kind a pipeline can hold, by the name meta.json gives it (``Recommender.kind``).
-KINDS: dict[str, type[Recommender]] = {m.kind: m for m in (ALS, BPR, ItemKNN, Popularity, HistoryTower, NewItemText)}
+KINDS: dict[str, type[Recommender]] = {
+    m.kind: m for m in (ALS, BPR, ItemKNN, Popularity, HistoryTower, NewItemText, PopularText)
+}
 # What ``load`` reads from meta.json, with its JSON type (checked before anything else is read).
 META_FIELDS: dict[str, Any] = {
     "models": dict[str, dict],
@@ -136,9 +138,9 @@ class TrainedPipeline:
                 raise ConfigError(f"cannot save model '{name}' of type {type(m).__name__} in a pipeline")
             else:
                 served[name] = m
-        for name, m in models.items():  # a restriction over a text model: over its serving side
-            if isinstance(m, NewItemText):
-                served[name] = m.over(served[next(n for n, o in models.items() if o is m.text)])
+        for name, m in models.items():  # a model derived from a text model: over its serving side
+            if isinstance(m, DerivedScores):
+                served[name] = m.over(served[next(n for n, o in models.items() if o is m.base)])
         df = history.interactions
         hist = df.select(
             pl.col(Columns.UserIdx).cast(pl.Int32),
@@ -176,19 +178,19 @@ class TrainedPipeline:
         return next((n for n, m in self.models.items() if isinstance(m, HistoryTower) and m.bert), None)
 
     @property
-    def restricted(self) -> dict[str, str]:
-        """Each model that is another's scores over some items (``Recommender.restricts``) -> that one."""
+    def derived(self) -> dict[str, str]:
+        """Each model whose scores are another's rewritten (``Recommender.derived_from``) -> that one."""
         name = {id(m): n for n, m in self.models.items()}
-        return {n: name[id(m.restricts[0])] for n, m in self.models.items() if m.restricts}
+        return {n: name[id(m.derived_from)] for n, m in self.models.items() if m.derived_from is not None}
 
     def replace(self, models: Mapping[str, Recommender], **changes: Any) -> TrainedPipeline:
         """This pipeline with ``models`` in place of those of the same names and ``changes`` to
-        its other fields; each restriction (``text_new``) is rebuilt over its (new) base model
-        and refitted on the (new) history."""
+        its other fields; each derived model (``text_new``, ``text_popular``) is rebuilt over its
+        (new) base model and refitted on the (new) history."""
         out = dataclasses.replace(self, models={n: models.get(n, m) for n, m in self.models.items()}, **changes)
         stored = History(out.history, len(out.users), out.n_items)
-        for name, base in self.restricted.items():
-            out.models[name] = NewItemText(out.models[base], self.models[name].max_events).fit(stored)
+        for name, base in self.derived.items():
+            out.models[name] = self.models[name].over(out.models[base]).fit(stored)
         return out
 
     # ---- save / load -------------------------------------------------------------------------------
@@ -214,12 +216,12 @@ class TrainedPipeline:
         self.items.write_parquet(path / "items.parquet")
         self.users.to_frame(Columns.User, Columns.UserIdx).write_parquet(path / "users.parquet")
         self.history.write_parquet(path / "history.parquet")
-        restricted = self.restricted
+        derived = self.derived
         infos = {}
         for name, m in self.models.items():
             infos[name] = m.save(path / "models" / name)
-            if name in restricted:
-                infos[name]["restricts"] = restricted[name]
+            if name in derived:
+                infos[name]["restricts"] = derived[name]  # the model it is derived from
         ranker_meta = None
         if self.ranker is not None:
             (path / RANKER_FILE).parent.mkdir()
@@ -255,7 +257,7 @@ class TrainedPipeline:
     def load(cls, path: str | Path, models: Collection[str] | None = None) -> TrainedPipeline:
         """Read a folder written by ``save``. Reads no pickle (numpy with ``allow_pickle=False``).
 
-        ``models``: read only these models (and the one a restriction among them needs), and no
+        ``models``: read only these models (and the one a derived model among them is derived from), and no
         ranker: what a single-stage export scores with. Such a pipeline recommends with those
         models only and cannot be saved. Default: everything.
 
@@ -288,11 +290,12 @@ class TrainedPipeline:
         for name, info in meta["models"].items():
             if name not in wanted:
                 continue
-            if info["kind"] == NewItemText.kind:  # no files: the restriction is refitted on the history
+            kind = KINDS[info["kind"]]
+            if issubclass(kind, DerivedScores):  # no files: refitted on the stored history
                 stored = History(history, len(users), items.height)
-                loaded[name] = NewItemText(loaded[info["restricts"]], info["max_events"]).fit(stored)
+                loaded[name] = kind.from_saved(loaded[info["restricts"]], info).fit(stored)
             else:
-                loaded[name] = KINDS[info["kind"]].load(path / "models" / name, info)
+                loaded[name] = kind.load(path / "models" / name, info)
         ranker = None
         if meta["ranker"] and models is None:
             import lightgbm as lgb
@@ -317,7 +320,7 @@ class TrainedPipeline:
 
     @staticmethod
     def _needed(meta: Mapping[str, Any], models: Collection[str] | None) -> set[str]:
-        """``models`` (None: all) and the models a restriction among them scores through."""
+        """``models`` (None: all) and the models the derived ones among them are derived from."""
         if models is None:
             return set(meta["models"])
         if unknown := sorted(set(models) - set(meta["models"])):
@@ -385,13 +388,13 @@ class TrainedPipeline:
         """Every model (or those in ``only``, plus what they need), scoring the users of ``ph``
         (chunk-local indices) by its ``for_users``. A single-stage export asks for one model and
         skips the others' user-side work (the text tower over every history, ALS fold-ins)."""
-        restricted = self.restricted
+        derived = self.derived
         wanted = set(self.models if only is None else only)
-        wanted |= {restricted[n] for n in wanted if n in restricted}
+        wanted |= {derived[n] for n in wanted if n in derived}
         out: dict[str, Recommender] = {}
         for name, m in self.models.items():
-            if name in restricted and name in wanted:
-                out[name] = m.over(out[restricted[name]])
+            if name in derived and name in wanted:
+                out[name] = m.over(out[derived[name]])
             elif name in wanted:
                 out[name] = m.for_users(ph.history, ph.known)
         return out

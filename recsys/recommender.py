@@ -8,6 +8,7 @@ same known-answer checks.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -133,9 +134,9 @@ class Recommender(ABC):
     writes_into: bool = False
 
     @property
-    def restricts(self) -> tuple[Recommender, np.ndarray] | None:
-        """``(another model, forbidden items)`` when this model's scores are that model's with
-        some items removed (``text_new``): its score block is derived, not computed again."""
+    def derived_from(self) -> Recommender | None:
+        """The model whose scores this one rewrites (``DerivedScores``: ``text_new``,
+        ``text_popular``): its score block is derived from that model's, not computed again."""
         return None
 
     def constant_scores(self) -> np.ndarray | None:
@@ -222,48 +223,128 @@ class Recommender(ABC):
         return np.concatenate(all_items), np.concatenate(all_scores)
 
 
-class NewItemText(Recommender):
+class DerivedScores(Recommender):
+    """A model whose scores are another model's (``base``, the text tower) rewritten: ``derive``
+    turns ``base``'s score block into this model's in place, so a block of users is scored once
+    for both (``recsys.rank.candidates.score_blocks``).
+
+    A candidate source, not a ranker feature (its scores are the base's and statistics the
+    ranker has already), hence ``is_feature = False``. Saved without files: the saved pipeline
+    records the base's name (``restricts``) and the model is refitted on the stored history
+    when loaded (``from_saved``)."""
+
+    is_feature = False
+    #: the constructor's arguments besides ``base``, with their JSON types: what ``save`` records
+    PARAMS: ClassVar[dict[str, type]] = {}
+
+    def __init__(self, base: Recommender) -> None:
+        self.base = base
+
+    def save(self, folder: Path) -> dict[str, Any]:
+        return {"kind": self.kind, **{p: t(getattr(self, p)) for p, t in self.PARAMS.items()}}
+
+    @classmethod
+    def saved_fields(cls) -> dict[str, Any]:
+        # ``restricts``: the base model's name, which the saved pipeline adds.
+        return {**cls.PARAMS, "restricts": str}
+
+    @classmethod
+    def from_saved(cls, base: Recommender, info: Mapping[str, Any]) -> DerivedScores:
+        """The unfitted model over ``base`` that ``save`` described (``info``)."""
+        return cls(base, **{p: info[p] for p in cls.PARAMS})
+
+    @property
+    def derived_from(self) -> Recommender:
+        return self.base
+
+    @abstractmethod
+    def derive(self, scores: np.ndarray, users: np.ndarray) -> np.ndarray:
+        """This model's scores of ``users`` from ``scores`` (``base``'s float32 block of the same
+        users, which it may overwrite): returns ``scores``."""
+
+    def over(self, base: Recommender) -> DerivedScores:
+        """The same model, fitted state kept, over ``base`` (the base served for a block of users)."""
+        out = copy.copy(self)
+        out.base = base
+        return out
+
+    def item_space(self) -> np.ndarray | sp.csr_matrix | None:
+        # A derived source's items are explained in its base's space (text-embedding cosine).
+        return self.base.item_space()
+
+    def score_users(self, users: np.ndarray) -> np.ndarray:
+        return self.derive(np.array(self.base.score_users(users), dtype=np.float32, copy=True), users)
+
+
+class NewItemText(DerivedScores):
     """A model (the text tower) restricted to items with at most ``max_events`` events in the history.
 
     A candidate source for cold start: new items compete with hundreds of warm items of the same
     topic in the plain text ranking and rarely reach its top-N; here they compete only with each
-    other, and the ranker decides how many of them deserve a slot. Not a ranker feature (its
-    scores are the text tower's, already there), hence ``is_feature = False``.
+    other, and the ranker decides how many of them deserve a slot.
     """
 
     name = "text_new"
     kind = "NewItemText"
-    is_feature = False
+    PARAMS = {"max_events": int}
 
-    def __init__(self, text: Recommender, max_events: int = 0) -> None:
-        self.text = text
+    def __init__(self, base: Recommender, max_events: int = 0) -> None:
+        super().__init__(base)
         self.max_events = max_events
 
-    def save(self, folder: Path) -> dict[str, Any]:
-        # No files: the text model is saved under its own name, ``warm`` is refitted on load.
-        return {"kind": self.kind, "max_events": int(self.max_events)}
-
-    @classmethod
-    def saved_fields(cls) -> dict[str, Any]:
-        # ``restricts``: the text model's name, which the saved pipeline adds.
-        return {"max_events": int, "restricts": str}
-
-    def over(self, text: Recommender) -> NewItemText:
-        """The same restriction over ``text`` (the text model served for a block of users)."""
-        out = NewItemText(text, self.max_events)
-        out.warm = self.warm
-        return out
-
     def fit(self, history: History) -> NewItemText:
-        """``text`` must already be fitted on the same history."""
+        """``base`` must already be fitted on the same history."""
         self.warm = history.item_counts > self.max_events
         return self
 
-    @property
-    def restricts(self) -> tuple[Recommender, np.ndarray]:
-        return self.text, self.warm
-
-    def score_users(self, users: np.ndarray) -> np.ndarray:
-        scores = np.array(self.text.score_users(users), dtype=np.float32, copy=True)
+    def derive(self, scores: np.ndarray, users: np.ndarray) -> np.ndarray:
         scores[:, self.warm] = -np.inf
         return scores
+
+
+class PopularText(DerivedScores):
+    """The text tower's estimate of how likely a user is to pick each item: its score over its
+    temperature plus the item's log event count (as of the user's cut where the history has
+    per-user cuts).
+
+    The tower learns preference over popularity (``text.module.popularity_debias``: its training
+    logits carry each candidate's log share of the targets), so its own ranking leaves popularity
+    out; adding the log count back gives the full softmax's logit, ``log P(item | user)`` up to a
+    per-user constant. A candidate source for large catalogues: where each text class holds
+    thousands of items, the ones a user will pick are mostly its popular ones.
+    """
+
+    name = "text_popular"
+    kind = "PopularText"
+    PARAMS = {"temperature": float}
+
+    def __init__(self, base: Recommender, temperature: float) -> None:
+        if not temperature > 0:
+            raise ValueError(f"PopularText needs the text tower's temperature > 0, got {temperature}")
+        super().__init__(base)
+        self.temperature = float(temperature)
+
+    def fit(self, history: History) -> PopularText:
+        """``base`` must already be fitted on the same history."""
+        from recsys.cf.models import Popularity
+
+        self.popularity = Popularity().fit(history)
+        counts = self.popularity.constant_scores()  # one row for everybody unless per-user cuts
+        self.log_counts = None if counts is None else np.log1p(counts).astype(np.float32)
+        return self
+
+    def derive(self, scores: np.ndarray, users: np.ndarray) -> np.ndarray:
+        scores *= np.float32(1.0 / self.temperature)
+        if self.log_counts is not None:
+            scores += self.log_counts
+        else:
+            scores += np.log1p(self.popularity.score_users(users)).astype(np.float32)
+        return scores
+
+
+def derived_models(text: Recommender, temperature: float, history: History) -> dict[str, DerivedScores]:
+    """The candidate sources derived from the (fitted) text tower, fitted on ``history``."""
+    return {
+        "text_new": NewItemText(text).fit(history),
+        "text_popular": PopularText(text, temperature).fit(history),
+    }

@@ -204,7 +204,7 @@ def fit_validation(job: Job, run_id: str, timings: StageTimings) -> Fitted:
     from lightning.pytorch.loggers import MLFlowLogger
 
     from recsys.pipeline import stage_exclusion, stage_history
-    from recsys.recommender import NewItemText
+    from recsys.recommender import derived_models
     from recsys.text.distributed import FineTuneJob, TrainerSpec, fine_tune_ranks
     from recsys.text.fit import open_resume_dir, zero_shot_copy
     from recsys.text.options import budget
@@ -253,7 +253,7 @@ def fit_validation(job: Job, run_id: str, timings: StageTimings) -> Fitted:
 
     with timings.stage("text_encode"):
         text = TextRecommender.from_tokens(net, item_ids, item_lengths)
-        models = {**cf, "text": text.fit(history), "text_new": NewItemText(text).fit(history)}
+        models = {**cf, "text": text.fit(history), **derived_models(text, text.net.temperature, history)}
         zero_text = TextRecommender.from_tokens(zero_net, item_ids, item_lengths) if zero_net is not None else None
         if zs_feature:
             models["text_zeroshot"] = zero_text.fit(history)
@@ -269,12 +269,12 @@ def _earlier_stages(job: Job, text: TextRecommender, zero_text: TextRecommender 
     on its own history and the text towers reading it; built one at a time, when the ranker
     reaches it."""
     from recsys.pipeline import earlier_labelled_stages
-    from recsys.recommender import NewItemText
+    from recsys.recommender import derived_models
 
     def models(history: History) -> dict[str, Recommender]:
         fitted = job.pipeline.fit_cf(history)
         tuned = TextRecommender(text.net, text.item_embeddings).fit(history)
-        fitted.update(text=tuned, text_new=NewItemText(tuned).fit(history))
+        fitted.update(text=tuned, **derived_models(tuned, tuned.net.temperature, history))
         if zero_text is not None:
             fitted["text_zeroshot"] = TextRecommender(zero_text.net, zero_text.item_embeddings).fit(history)
         return fitted
@@ -287,7 +287,7 @@ def evaluate_test(job: Job, val: Fitted, timings: StageTimings) -> Evaluated:
     """Refit CF on train + validation (``cf_fit_test``), rank the test users (``test_rank``) and
     score every model on the untouched test events (``evaluate``)."""
     from recsys.pipeline import stage_exclusion, stage_history
-    from recsys.recommender import NewItemText
+    from recsys.recommender import derived_models
 
     cfg, data, split, targets = job.cfg, job.data, job.split, job.eval_split.test
     with timings.stage("cf_fit_test"):
@@ -296,7 +296,7 @@ def evaluate_test(job: Job, val: Fitted, timings: StageTimings) -> Evaluated:
         cf = job.pipeline.fit_cf(history)
     with timings.stage("test_rank"):
         val.text.fit(history)
-        models = {**cf, "text": val.text, "text_new": NewItemText(val.text).fit(history)}
+        models = {**cf, "text": val.text, **derived_models(val.text, val.text.net.temperature, history)}
         if val.zero_text is not None:
             val.zero_text.fit(history)
             if "text_zeroshot" in val.models:
@@ -442,7 +442,7 @@ def deploy(job: Job, test: Evaluated) -> str:
 def refit_models(pipeline, history, models: dict) -> dict:
     """``models`` for ``history``: CF refitted, the text towers (weights kept) reading it, in the
     same order (the ranker's features follow it)."""
-    from recsys.recommender import NewItemText
+    from recsys.recommender import DerivedScores
 
     cf = pipeline.fit_cf(history)
     out = {}
@@ -452,9 +452,9 @@ def refit_models(pipeline, history, models: dict) -> dict:
         elif isinstance(m, TextRecommender):
             out[name] = TextRecommender(m.net, m.item_embeddings).fit(history)
     for name, m in models.items():
-        if isinstance(m, NewItemText):
-            tower = next(k for k, v in models.items() if v is m.text)
-            out[name] = NewItemText(out[tower], m.max_events).fit(history)
+        if isinstance(m, DerivedScores):
+            tower = next(k for k, v in models.items() if v is m.base)
+            out[name] = m.over(out[tower]).fit(history)
     return {name: out[name] for name in models}
 
 

@@ -416,6 +416,11 @@ def edit_json(path: Path, edit) -> None:
         (lambda m: m["ranker"].pop("features"), "ranker.features", "is missing (expected list[str])"),
         (lambda m: m["models"]["text"].pop("max_history"), "models.text.max_history", "is missing (expected int)"),
         (lambda m: m["models"]["text_new"].pop("max_events"), "models.text_new.max_events", "is missing"),
+        (
+            lambda m: m["models"]["text_popular"].update(temperature="0.05"),
+            "models.text_popular.temperature",
+            "must be float, found str",
+        ),
         (lambda m: m["models"]["als"].pop("kind"), "models.als.kind", "is missing (expected str)"),
         # list("rank_als,rank_text") would silently make one feature of each character.
         (lambda m: m["ranker"].update(features="rank_als,rank_text"), "ranker.features", "found str 'rank_als,"),

@@ -14,7 +14,7 @@ import pytest
 
 from recsys.cf import ALS, BPR, ItemKNN, Popularity, SequentialKNN
 from recsys.columns import Columns
-from recsys.recommender import History, Recommender
+from recsys.recommender import History, NewItemText, PopularText, Recommender
 from recsys.text.recommender import TextRecommender
 
 
@@ -34,9 +34,14 @@ MODELS = {
     "popularity": lambda h, r: Popularity().fit(h),
     "text": lambda h, r: fit_text(r, trained=True),
     "text_untrained": lambda h, r: fit_text(r, trained=False),
+    "text_popular": lambda h, r: popular_text(fit_text(r, trained=True), h),
 }
 # Models that must find the blocks (popularity and an untrained tower cannot).
-KNOWS_BLOCKS = {"als", "bpr", "itemknn", "itemknn_next", "itemknn_recent", "text"}
+KNOWS_BLOCKS = {"als", "bpr", "itemknn", "itemknn_next", "itemknn_recent", "text", "text_popular"}
+
+
+def popular_text(text: TextRecommender, history: History) -> PopularText:
+    return PopularText(text, text.net.temperature).fit(history)
 
 
 @pytest.fixture(params=list(MODELS))
@@ -261,3 +266,54 @@ def test_a_warm_refit_continues_from_the_given_factors_and_learns_new_rows(block
 
     assert agreement(warm) > 0.9 and agreement(warm) > agreement(cold) + 0.2, (agreement(warm), agreement(cold))
     assert np.abs(warm.user_factors[last_user]).sum() > 0 and np.abs(warm.item_factors[last_item]).sum() > 0
+
+
+def test_popular_text_adds_the_log_count_as_of_each_users_cut_to_the_tempered_text_score(request, block_world):
+    """``text_popular`` = text score / temperature + log(1 + the item's events up to the user's cut):
+    an item's events after a user's cut (``History.user_now``) never raise it for that user."""
+    text = fit_text(request, trained=True)
+    h = block_world.history
+    df = h.interactions
+    late = int(df[Columns.Timestamp].max()) + 1000
+    # Item 0 gets 50 more events after everybody's cut; user 1's cut is before them, user 0's after.
+    extra = events([2] * 50, [0] * 50, [late + i for i in range(50)])
+    now = np.full(h.n_users, late + 100, dtype=np.int64)
+    now[1] = late - 1
+    cut = History(
+        pl.concat([df, extra.cast(df.schema)]).sort(Columns.UserIdx, Columns.Timestamp, maintain_order=True),
+        h.n_users,
+        h.n_items,
+        user_now=now,
+    )
+    text.fit(cut)
+    model = PopularText(text, 0.25).fit(cut)
+    users = np.array([0, 1])
+    counts = Popularity().fit(cut).counts_at(now[users])
+    want = text.score_users(users) / np.float32(0.25) + np.log1p(counts)
+    np.testing.assert_allclose(model.score_users(users), want, rtol=1e-5, atol=1e-5)
+    assert counts[0, 0] == counts[1, 0] + 50  # user 1 is scored without the 50 late events
+    # Served (no per-user cuts): everybody gets the counts as of the history's end.
+    served = PopularText(text, 0.25).fit(History(cut.interactions, h.n_users, h.n_items))
+    end = np.log1p(cut.item_counts.astype(np.float32))
+    got = served.score_users(users) - text.score_users(users) / np.float32(0.25)
+    np.testing.assert_allclose(got, np.repeat(end[None, :], 2, axis=0), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan")])
+def test_popular_text_refuses_a_temperature_that_is_not_positive(request, temperature):
+    with pytest.raises(ValueError, match="temperature > 0"):
+        PopularText(fit_text(request, trained=True), temperature)
+
+
+def test_derived_sources_are_explained_in_the_text_space(request, block_world):
+    """An item that ``text_new`` or ``text_popular`` proposed is explained by the closest history
+    item in the text tower's space, as one the text tower proposed."""
+    from recsys.rank.explain import HistoryExplainer
+
+    text = fit_text(request, trained=True)
+    h = block_world.history
+    models = {"text": text, "text_new": NewItemText(text).fit(h), "text_popular": popular_text(text, h)}
+    rows = pl.DataFrame({Columns.UserIdx: [0, 0, 0], Columns.ItemIdx: [5, 5, 5], Columns.Source: list(models)})
+    item, sim = HistoryExplainer(models)(rows, h.sequences)
+    assert (item >= 0).all() and np.isfinite(sim).all()
+    assert len(set(item.tolist())) == 1 and np.ptp(sim) == 0

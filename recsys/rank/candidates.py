@@ -14,7 +14,7 @@ import polars as pl
 import scipy.sparse as sp
 
 from recsys.columns import Columns
-from recsys.recommender import History, Recommender, mask_items
+from recsys.recommender import DerivedScores, History, Recommender, mask_items
 from recsys.topk import top_k
 
 # Cells (users x items) of one model's score block: the users of a block are as many as keep
@@ -51,17 +51,18 @@ class ScoreBlock(Recommender):
             self.scores = np.asarray(model.score_users(users), dtype=np.float32)
 
     @classmethod
-    def masked(cls, base: ScoreBlock, name: str, forbidden: np.ndarray, out: np.ndarray | None = None) -> ScoreBlock:
-        """``base``'s block with the ``forbidden`` items at -inf (``Recommender.restricts``),
-        without scoring again."""
+    def derived(
+        cls, base: ScoreBlock, model: DerivedScores, users: np.ndarray, out: np.ndarray | None = None
+    ) -> ScoreBlock:
+        """``model``'s block (``Recommender.derived_from``) from ``base``'s, without scoring again."""
         res = cls.__new__(cls)
-        res.name, res.constant = name, None
+        res.name, res.constant = model.name, None
         if out is None:
             res.scores = np.array(base.scores, dtype=np.float32, copy=True)
         else:
             np.copyto(out, base.scores)
             res.scores = out
-        res.scores[:, forbidden] = -np.inf
+        res.scores = model.derive(res.scores, users)
         return res
 
     def fit(self, history: History) -> ScoreBlock:  # pragma: no cover
@@ -82,21 +83,21 @@ def score_blocks(
     users: np.ndarray,
     buffer: Callable[[str, int], np.ndarray | None] | None = None,
 ) -> dict[str, ScoreBlock]:
-    """``ScoreBlock`` of each model in ``names`` for ``users``; a model restricted to some items of
-    another (``Recommender.restricts``) reuses that model's block. ``buffer(name, rows)``: an
+    """``ScoreBlock`` of each model in ``names`` for ``users``; a model whose scores are another's
+    rewritten (``Recommender.derived_from``) reuses that model's block. ``buffer(name, rows)``: an
     array to write the block into, or None (the export keeps them from block to block)."""
     key = {id(m): n for n, m in models.items()}
-    inner = {n: key[id(models[n].restricts[0])] for n in names if models[n].restricts}
+    inner = {n: key[id(models[n].derived_from)] for n in names if models[n].derived_from is not None}
     blocks: dict[str, ScoreBlock] = {}
     for name in [*inner.values(), *names]:
         m = models[name]
-        if name in blocks or m.restricts:
+        if name in blocks or m.derived_from is not None:
             continue
         out = buffer(name, len(users)) if buffer and m.writes_into and m.constant_scores() is None else None
         blocks[name] = ScoreBlock(m, users, out)
     for name, base in inner.items():
         out = buffer(name, len(users)) if buffer else None
-        blocks[name] = ScoreBlock.masked(blocks[base], name, models[name].restricts[1], out)
+        blocks[name] = ScoreBlock.derived(blocks[base], models[name], users, out)
     return blocks
 
 

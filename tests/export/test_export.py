@@ -169,14 +169,15 @@ def test_loaded_pipeline_serves_without_its_bert_and_saves_it_again(pipeline, tm
         np.testing.assert_array_equal(np.asarray(a[name].score_users(rows)), np.asarray(b[name].score_users(rows)))
 
 
-@pytest.mark.parametrize("scorer", ["als", "itemknn", "text", "text_new"])
+@pytest.mark.parametrize("scorer", ["als", "itemknn", "text", "text_new", "text_popular"])
 def test_single_stage_engine_reads_only_its_model(pipeline, tmp_path, scorer):
-    """``Engine.load`` for one model reads that model (and the text tower ``text_new`` scores
-    through) and no ranker, and exports exactly what the whole pipeline exports with it."""
+    """``Engine.load`` for one model reads that model (and the text tower that ``text_new`` and
+    ``text_popular`` derive their scores from) and no ranker, and exports exactly what the whole
+    pipeline exports with it."""
     rules = BusinessRules(max_per_category=3)
     part = loaded_engine(scorer=scorer, rules=rules)
     assert part.p.ranker is None and part.p.only is not None and scorer in part.p.only
-    assert set(part.p.models) == ({scorer, "text"} if scorer == "text_new" else {scorer})
+    assert set(part.p.models) == ({scorer, "text"} if scorer.startswith("text_") else {scorer})
     users = list(pipeline.users.ids) + ["nobody"]
     whole = Engine(pipeline, rules.compile(pipeline.items, pipeline.now), 10, scorer, ExplainOptions())
     a = export_recommendations(part, users, tmp_path / "a.parquet", chunk_size=64, progress=False)

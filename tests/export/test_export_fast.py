@@ -14,7 +14,7 @@ from recsys.columns import Columns
 from recsys.export.engine import Engine, ExplainOptions
 from recsys.pipeline_model import TrainedPipeline
 from recsys.rank import explain as explain_module
-from recsys.rank.candidates import ScoreBlock, constant_top_k, generate_candidates
+from recsys.rank.candidates import ScoreBlock, constant_top_k, generate_candidates, score_blocks
 from recsys.rank.rules import BusinessRules, apply_rules
 from recsys.topk import top_k
 
@@ -66,6 +66,23 @@ def test_in_place_candidates_equal_copied_ones(pipeline):
     u, i = ref[Columns.UserIdx].to_numpy(), ref[Columns.ItemIdx].to_numpy()
     for name in fresh:
         np.testing.assert_array_equal(masked[name].score_pairs(u, i), fresh[name].score_pairs(u, i))
+
+
+def test_derived_blocks_equal_the_models_own_scores(pipeline):
+    """``text_new`` and ``text_popular`` rewrite a copy of the text block (``score_blocks``, as
+    candidates and the export build them): the same cells as their own ``score_users``, and the
+    text block itself is left as it was."""
+    p = pipeline
+    scorers = p.scorers(p.histories(list(p.users.ids)))
+    users = np.arange(len(p.users))
+    derived = sorted(p.derived)
+    assert derived == ["text_new", "text_popular"] and {p.derived[n] for n in derived} == {"text"}
+    blocks = score_blocks(scorers, [*derived, "text"], users)
+    np.testing.assert_array_equal(blocks["text"].scores, scorers["text"].score_users(users))
+    for name in derived:
+        np.testing.assert_array_equal(blocks[name].scores, scorers[name].score_users(users))
+    popular = blocks["text_popular"].scores
+    assert np.isfinite(popular).all() and not np.array_equal(popular, blocks["text"].scores)
 
 
 @pytest.mark.parametrize("scorer", ["als", "popularity", "itemknn"])
