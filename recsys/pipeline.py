@@ -312,8 +312,13 @@ class FusionStage:
                 # The earlier stages make up for a validation stage short of labels; one that fills
                 # max_train_users has enough (100x the generated data: an earlier stage cost 10
                 # min and moved nothing). ``rest`` is lazy: a skipped stage's CF is never fitted.
-                if self.label_stages > 1:
-                    log.info("validation stage filled rank.max_train_users=%d: earlier stages skipped", taught)
+                if k + 1 < self.label_stages:
+                    filled = "the validation stage" if k == 0 else f"labelled stages 0-{k}"
+                    skipped = self.label_stages - k - 1
+                    log.info(
+                        "%s filled rank.max_train_users=%d (%d taught users): %d earlier stage(s) skipped",
+                        filled, self.max_train_users, taught, skipped,
+                    )  # fmt: skip
                 break
             stage, k = next(rest, None), k + 1
             if stage is not None and k >= self.label_stages:

@@ -229,7 +229,8 @@ def test_job_logs_stage_profiles_and_samples_as_configured(tmp_path, caplog):
     assert "evaluated on a sample of 80 of 300 test users" in caplog.text
     # 60 validation users fill the cap: the earlier labelled stage is skipped.
     assert m["rank/train_users"] == 60 <= m["rank/examined_users"] <= 300 and m["rank/label_stages_used"] == 1
-    assert "validation stage filled rank.max_train_users=60: earlier stages skipped" in caplog.text
+    filled = "the validation stage filled rank.max_train_users=60 (60 taught users): 1 earlier stage(s) skipped"
+    assert filled in caplog.text
     assert m["eval/users"] == 80 and m["eval/users_total"] == 300
     assert 0 < m["test/fused/ndcg_at_10_ci95"] < 0.5 and "test/als/ndcg_at_10_ci95" in m
     assert pl.read_parquet(tmp_path / "out" / "recommendations.parquet")[Columns.User].n_unique() == 80
