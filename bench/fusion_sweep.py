@@ -18,7 +18,9 @@ the number of stages).
 
 ``--oracle`` (generated data only) adds the ceiling: the generator's own next-event probabilities
 (``bench/generator_oracle.py``) ranking the whole catalogue, and ranking each variant's candidates
-(what a perfect ranker would make of them).
+(what a perfect ranker would make of them); and the same with the user's hidden state inferred
+from the history (``posterior``: what a ranker that knew every item perfectly could reach), and
+with each item's popularity counted from its training events too (``posterior_counts``).
 
 ``--max-users N`` scores a seeded sample of N validation users (the job's sampling of test users):
 at 100x the generated data has 300,000.
@@ -49,11 +51,12 @@ from recsys.pipeline import (
     earlier_labelled_stages,
     relevance_matrix,
     stage_exclusion,
+    stage_history,
 )
 from recsys.pipeline_model import PipelineHistories, TrainedPipeline
 from recsys.rank.features import feature_columns
 from recsys.rank.fused import ranked_arrays, ranked_candidates
-from recsys.recommender import History, NewItemText, Recommender
+from recsys.recommender import History, Recommender, derived_models
 from recsys.text.history_tower import HistoryTower
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -87,6 +90,16 @@ VARIANTS: dict[str, tuple[dict, dict, bool]] = {
     "finetuned_lambdarank": ({"objective": "lambdarank"}, {}, True),
     "finetuned_xendcg": ({"objective": "rank_xendcg"}, {}, True),
     "finetuned_binary": ({"objective": "binary"}, {}, True),
+    "finetuned_textpop30": ({}, {"text_popular": 30}, True),
+    "finetuned_textpop50": ({}, {"text_popular": 50}, True),
+    "finetuned_textpop100": ({}, {"text_popular": 100}, True),
+    "finetuned_textpop50_text20": ({}, {"text_popular": 50, "text": 20}, True),
+    "finetuned_item_rate": ({}, {}, True),
+}
+# Features a variant adds to the frames (derived from their columns), by variant name.
+EXTRA_FEATURES: dict[str, dict[str, pl.Expr]] = {
+    # Events per day since the item's first event: popularity per unit of exposure.
+    "finetuned_item_rate": {"item_rate": pl.col("item_events") / (pl.col("item_age_days").fill_null(0.0) + 1.0)},
 }
 
 
@@ -103,7 +116,8 @@ def stage_models(cfg, pipeline: TrainedPipeline, history: History) -> dict[str, 
     ``history``, the run's text towers reading it."""
     cf = HybridPipeline({n: instantiate(node) for n, node in cfg.cf.items()}, None).fit_cf(history)
     texts = text_models(pipeline, history)
-    return {**cf, **texts, "text_new": NewItemText(texts[pipeline.text_name]).fit(history)}
+    temperature = pipeline.models[pipeline.text_name].bert.temperature
+    return {**cf, **texts, **derived_models(texts[pipeline.text_name], temperature, history)}
 
 
 def paired(boot: PairedBootstrap, x: np.ndarray, reference: np.ndarray) -> str:
@@ -168,6 +182,8 @@ def main() -> None:
             raise SystemExit(f"--max-users must be >= 1, got {args.max_users}")
         split = dataclasses.replace(split, val=sample_users(split.val, args.max_users, cfg.seed)[0])
     history = History(split.train, data.n_users, data.n_items)
+    # As the job's validation stage: time-dependent statistics as of each user's cut.
+    history = stage_history(history, split.val) if cfg.eval.as_of_cut else history
     pipeline = TrainedPipeline.load(Path(args.run) / "pipeline")
     n_stages = cfg.rank.label_stages if args.label_stages is None else args.label_stages
     if n_stages < 1:
@@ -178,7 +194,7 @@ def main() -> None:
     if unknown := sorted(set(names) - set(VARIANTS)):
         raise SystemExit(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
     # The models a validation stage has (stage_models): CF from the config, the run's text towers.
-    known = {*cfg.cf, *pipeline.models, "text_new"}
+    known = {*cfg.cf, *pipeline.models, "text_new", "text_popular"}
     singles = args.singles.split(",") if args.singles else []
     if unknown := sorted(set(singles) - known):
         raise SystemExit(f"--singles: no model named {unknown}; known: {sorted(known)}")
@@ -208,13 +224,19 @@ def main() -> None:
     for name in singles:
         m = ranking_metrics(validation.models[name].recommend(users, 10, exclude=val_exclude)[0], relevant, (10,))
         print(f"| single: {name} | {m['ndcg_at_10'].mean():.4f} | {m['recall_at_10'].mean():.4f} | | | |", flush=True)
-    oracle = None
+    oracles = {}
     if args.oracle:
-        from generator_oracle import GeneratorOracle
+        from generator_oracle import GeneratorOracle, PosteriorOracle
 
-        oracle = GeneratorOracle(source.world(), data, split.val).fit(history)
-        m = ranking_metrics(oracle.recommend(users, 10, exclude=val_exclude)[0], relevant, (10,))
-        print(f"| generator (every item) | {m['ndcg_at_10'].mean():.4f} | {m['recall_at_10'].mean():.4f} | | | |")
+        world = source.world()
+        oracles = {
+            "generator": GeneratorOracle(world, data, split.val),
+            "posterior": PosteriorOracle(world, data, split.val),
+            "posterior_counts": PosteriorOracle(world, data, split.val, counted_popularity=True),
+        }
+        for o_name, oracle in oracles.items():
+            m = ranking_metrics(oracle.fit(history).recommend(users, 10, exclude=val_exclude)[0], relevant, (10,))
+            print(f"| {o_name} (every item) | {m['ndcg_at_10'].mean():.4f} | {m['recall_at_10'].mean():.4f} | | | |")
     frames: dict[tuple, pl.DataFrame] = {}
     extra: dict[tuple, pl.DataFrame] = {}
     reference = None  # the first variant's per-user NDCG@10, in the same user order as every other's
@@ -235,14 +257,17 @@ def main() -> None:
                 for k, e in enumerate(earlier, start=1)
             ]
             extra[key] = pl.concat(earlier_frames) if earlier_frames else None
-            if oracle is not None:  # the best any ranker could do with these candidates
+            for o_name, oracle in oracles.items():  # the best any ranker could do with these candidates
                 every = frames[key].sort(Columns.UserIdx, Columns.ItemIdx)
                 score = oracle.score_pairs(every[Columns.UserIdx].to_numpy(), every[Columns.ItemIdx].to_numpy())
                 top = ranked_candidates(every, score, users, 10)[0]
                 m = ranking_metrics(ranked_arrays(top, users, 10)[0], relevant, (10,))
                 ndcg_o, recall_o = m["ndcg_at_10"].mean(), m["recall_at_10"].mean()
-                print(f"| generator over {name}'s candidates | {ndcg_o:.4f} | {recall_o:.4f} | | | |", flush=True)
+                print(f"| {o_name} over {name}'s candidates | {ndcg_o:.4f} | {recall_o:.4f} | | | |", flush=True)
         df = frames[key]
+        extra_cols = EXTRA_FEATURES.get(name, {})
+        if extra_cols:
+            df = df.with_columns(**extra_cols)
         feats = [c for c in feature_columns(df) if not (drop_zs and c.startswith("score_text_zeroshot"))]
         weights = [0.0] + [float(w) for w in args.blend.split(",") if w]
         ndcg, recall, fit_s = [], [], 0.0
@@ -253,7 +278,7 @@ def main() -> None:
             part = df.filter(pl.col(Columns.UserIdx).is_in(halves[a].tolist()))
             if extra[key] is not None:
                 part = part.with_columns(pl.lit(0, dtype=pl.Int8).alias(Columns.Stage))
-                part = pl.concat([part, extra[key].select(part.columns)])
+                part = pl.concat([part, extra[key].with_columns(**extra_cols).select(part.columns)])
             t1 = time.perf_counter()
             ranker.fit(part, feats)
             fit_s += time.perf_counter() - t1

@@ -29,6 +29,12 @@ random:
   (``World.next_event_log_probs``: the user's true topics, facet and taste group, every item's
   popularity and freshness at the target's time). No model can be expected to rank better, so it
   is the ceiling for every model of the job, the fused ranker included.
+* ``posterior``: the same probabilities with the user's hidden state (topics, mix, taste group,
+  facet) integrated over its posterior given the user's history (``PosteriorOracle``): every item's
+  hidden variables known, the user's inferred as well as the history allows. A model that learned
+  the item side perfectly could reach it; what lies between it and ``generator`` no model can
+  learn from the histories. ``posterior_counts``: the same with each item's popularity counted
+  from its training events (plus one), as a model must estimate it.
 
 Beside them: the job's zero-shot text tower (``text_zeroshot``), ALS as the job configures it
 (``cf.als``) and popularity. Each stage is scored as the job scores it: validation targets from
@@ -53,7 +59,7 @@ ROOT = Path(__file__).resolve().parents[1]
 K = 10
 SCORERS = [
     "text_zeroshot", "als", "popularity", "oracle_topic", "oracle_facet", "oracle_facet_pop",
-    "oracle_facet_logpop", "generator",
+    "oracle_facet_logpop", "posterior", "posterior_counts", "generator",
 ]  # fmt: skip
 
 
@@ -68,7 +74,7 @@ def main() -> None:
     if unknown or a.base not in chosen:
         p.error(f"unknown scorer(s) {unknown} (choose from {', '.join(SCORERS)}); --base must be among --scorers")
     torch.set_num_threads(1)
-    from generator_oracle import GeneratorOracle
+    from generator_oracle import GeneratorOracle, PosteriorOracle
 
     import recsys.config  # noqa: F401  (registers the config resolvers)
     from recsys.cf.models import Popularity
@@ -132,7 +138,7 @@ def main() -> None:
                 prefs = prefs + self.facet_log[users][:, facet]
             return (prefs + tie).astype(np.float32)
 
-    world = source.world() if "generator" in chosen else None
+    world = source.world() if {"generator", "posterior", "posterior_counts"} & set(chosen) else None
 
     def scorers_for(targets) -> dict[str, Recommender]:
         make = {
@@ -143,6 +149,8 @@ def main() -> None:
             "oracle_facet": lambda: Oracle(True, None, decay, max_history),
             "oracle_facet_pop": lambda: Oracle(True, "tie", decay, max_history),
             "oracle_facet_logpop": lambda: Oracle(True, "prior", decay, max_history),
+            "posterior": lambda: PosteriorOracle(world, data, targets),
+            "posterior_counts": lambda: PosteriorOracle(world, data, targets, counted_popularity=True),
             "generator": lambda: GeneratorOracle(world, data, targets),
         }
         return {name: make[name]() for name in chosen}

@@ -142,3 +142,36 @@ def test_the_world_replays_the_generated_data_and_its_probabilities_explain_the_
         replace(world, release=np.zeros_like(world.release)),  # no release times: no freshness
     ):
         assert mean_log_likelihood(changed) < true
+
+
+def test_the_posterior_oracle_infers_each_users_hidden_class_from_the_history(tmp_path):
+    """``bench/generator_oracle.py``'s ``PosteriorOracle`` knows the items but not the users: from
+    a user's history alone it puts most of its posterior on the user's true taste group and facet
+    and main topic, and its predictive probabilities over the items the user can still pick sum
+    to one."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+    from generator_oracle import PosteriorOracle
+
+    from recsys.data.synthetic import GeneratedDataSource
+    from recsys.recommender import History
+
+    source = GeneratedDataSource(str(tmp_path), n_users=3000, n_items=1500, seed=5)
+    data = source.load()
+    world = source.world()
+    df = data.interactions.sort(Columns.UserIdx, Columns.Timestamp)
+    last = df.group_by(Columns.UserIdx, maintain_order=True).last()
+    history = History(df.join(last, on=[Columns.UserIdx, Columns.Timestamp], how="anti"), data.n_users, data.n_items)
+    oracle = PosteriorOracle(world, data, last).fit(history)
+    n_events = np.diff(history.matrix.indptr)
+    long = n_events >= 20
+    truth = world.user_group[oracle.user_number] * 3 + world.user_facet[oracle.user_number]
+    guess = oracle.post_gf.reshape(data.n_users, -1).argmax(axis=1)
+    assert long.sum() > 300 and (guess == truth)[long].mean() > 0.8  # 12 classes: chance is 0.08
+    main = world.user_topics[oracle.user_number, 0]
+    assert (oracle.topic_share.argmax(axis=1) == main)[long].mean() > 0.9
+    users = np.arange(200)
+    p = np.exp(oracle.score_users(users).astype(np.float64))
+    np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-4)
