@@ -343,8 +343,13 @@ class PopularText(DerivedScores):
 
 
 def derived_models(text: Recommender, temperature: float, history: History) -> dict[str, DerivedScores]:
-    """The candidate sources derived from the (fitted) text tower, fitted on ``history``."""
+    """The candidate sources derived from the (fitted) text tower, fitted on ``history``
+    (``DERIVED_SOURCES``, in that order)."""
     return {
         "text_new": NewItemText(text).fit(history),
         "text_popular": PopularText(text, temperature).fit(history),
     }
+
+
+#: the names ``derived_models`` gives, known before any model is fitted (the job's config check)
+DERIVED_SOURCES = ("text_new", "text_popular")

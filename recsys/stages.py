@@ -109,6 +109,7 @@ def prepare(cfg: DictConfig, timings: StageTimings) -> Job:
 
     from recsys.evaluation.sampling import sample_test_users
     from recsys.pipeline import check_split, stage_users
+    from recsys.recommender import DERIVED_SOURCES
     from recsys.text.distributed import check_trainer
     from recsys.text.options import budget, check_options
 
@@ -144,6 +145,9 @@ def prepare(cfg: DictConfig, timings: StageTimings) -> Job:
             max_earlier_users=cfg.rank.get("max_earlier_users"),
             max_earlier_examined=cfg.rank.get("max_earlier_examined"),
         )
+        # Every candidate source by name, before any training: CF, the text towers, what derives from them.
+        text_models = ["text", *DERIVED_SOURCES] + (["text_zeroshot"] if cfg.rank.get("text_zeroshot_feature") else [])
+        fusion.fused.check_sources(dict.fromkeys([*cf, *text_models]))
         # eval.max_users: past that many test users, every model is evaluated on a seeded sample.
         eval_split, eval_users, all_test_users = sample_test_users(split, cfg.eval.get("max_users"), cfg.seed)
         test_users = stage_users(eval_split.test, "test")

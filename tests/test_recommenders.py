@@ -14,7 +14,7 @@ import pytest
 
 from recsys.cf import ALS, BPR, ItemKNN, Popularity, SequentialKNN
 from recsys.columns import Columns
-from recsys.recommender import History, NewItemText, PopularText, Recommender
+from recsys.recommender import DERIVED_SOURCES, History, NewItemText, PopularText, Recommender, derived_models
 from recsys.text.recommender import TextRecommender
 
 
@@ -303,6 +303,11 @@ def test_popular_text_adds_the_log_count_as_of_each_users_cut_to_the_tempered_te
 def test_popular_text_refuses_a_temperature_that_is_not_positive(request, temperature):
     with pytest.raises(ValueError, match="temperature > 0"):
         PopularText(fit_text(request, trained=True), temperature)
+
+
+def test_derived_models_are_named_as_the_job_checks_them_before_training(request, block_world):
+    text = fit_text(request, trained=True)
+    assert tuple(derived_models(text, text.net.temperature, block_world.history)) == DERIVED_SOURCES
 
 
 def test_derived_sources_are_explained_in_the_text_space(request, block_world):

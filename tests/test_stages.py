@@ -48,6 +48,25 @@ def test_prepare_rejects_a_job_too_large_for_memory_before_any_run(tmp_path):
     assert not list((tmp_path / "data").rglob("*.parquet"))  # generated data: refused before it is drawn
 
 
+@pytest.mark.parametrize(
+    ("override", "ok"),
+    [("+rank.n_candidates.text_pop=10", False), ("+rank.n_candidates.text_popular=10", True)],
+)
+def test_prepare_checks_the_candidate_sources_by_name_before_any_training(tmp_path, override, ok):
+    """A misspelt source stops the job in ``prepare``, not after fine-tuning; every model the job
+    will build (the text tower's derived sources too) is a known name."""
+    from recsys.errors import ConfigError
+    from recsys.profiling import StageTimings
+    from recsys.stages import prepare
+
+    if ok:
+        assert "text_popular" in prepare(smoke_cfg(tmp_path, override), StageTimings()).fusion.n_candidates
+        return
+    with pytest.raises(ConfigError, match=r"unknown sources \['text_pop'\]; known: \[.*'text_popular'"):
+        prepare(smoke_cfg(tmp_path, override), StageTimings())
+    assert not (tmp_path / "mlruns").exists()  # no MLflow run was started
+
+
 def test_prepare_estimates_files_from_their_real_row_counts(tmp_path):
     from recsys.data.synthetic import generate
     from recsys.profiling import StageTimings
