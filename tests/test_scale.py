@@ -238,7 +238,8 @@ def test_job_logs_stage_profiles_and_samples_as_configured(tmp_path, caplog):
     stages += ["evaluate", "evaluation_report", "export", "model_save"]
     for stage in stages:
         assert m[f"time/{stage}_s"] >= 0 and m[f"mem/{stage}_peak_mb"] > 50, stage
-    assert m["mem/total_peak_mb"] == max(m[f"mem/{s}_peak_mb"] for s in stages)
+    # The total is the largest window, or the short tail after the last stage if that grew a page.
+    assert 0 <= m["mem/total_peak_mb"] - max(m[f"mem/{s}_peak_mb"] for s in stages) < 64
     assert sum(m[f"time/{s}_s"] for s in stages) <= m["time/total_s"]
     assert (
         m["time/fusion_candidates_features_s"] + m["time/fusion_ranker_train_s"]
