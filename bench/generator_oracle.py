@@ -7,14 +7,13 @@ can be expected to rank better."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import polars as pl
+import scipy.sparse as sp
 
 from recsys.columns import Columns
 from recsys.data import Dataset
-from recsys.data.synthetic import BASE_TS, SPAN, World, time_factor
+from recsys.data.synthetic import BASE_TS, SPAN, ItemSampler, World, time_factor
 from recsys.recommender import History, Recommender
 
 USERS_PER_PASS = 256  # [users, items] float64 temporaries: ~40 MB each at 150,000 items
@@ -69,16 +68,14 @@ class PosteriorOracle(GeneratorOracle):
 
     def __init__(self, world: World, data: Dataset, targets: pl.DataFrame, counted_popularity: bool = False) -> None:
         """``counted_popularity``: each item's popularity estimated from its events in the history
-        (plus one), as a model must, instead of the generator's own."""
+        (``counted``), as a model must, instead of the generator's own."""
         super().__init__(world, data, targets)
         self.counted_popularity = counted_popularity
 
     def fit(self, history: History) -> PosteriorOracle:
         super().fit(history)
         w = self.world
-        if self.counted_popularity:
-            w = dataclasses.replace(w, item_pop=self.counted(history))
-        self.world = w
+        self.item_pop = self.counted(history) if self.counted_popularity else w.item_pop
         n_topics, n_groups = w.n_topics, w.n_groups
         # Events per user by item topic, taste group and facet: the posterior's sufficient statistics.
         counts = np.zeros((history.n_users, n_topics * n_groups * 3))
@@ -92,7 +89,7 @@ class PosteriorOracle(GeneratorOracle):
         g_eye, f_eye = np.eye(n_groups), np.eye(3)
         # mass[k, g, f]: the topic's total weight for a user of group g and facet f.
         pop_by = np.zeros((n_topics, n_groups, 3))
-        np.add.at(pop_by, (w.item_topic, w.item_group, w.item_facet), w.item_pop)
+        np.add.at(pop_by, (w.item_topic, w.item_group, w.item_facet), self.item_pop)
         ga, fa = np.log(w.group_affinity), np.log(w.facet_affinity)
         aff = np.exp(ga * g_eye[:, None, :, None] + fa * f_eye[None, :, None, :])  # [g, f, grp, fac]
         mass = np.einsum("kab,gfab->kgf", pop_by, aff)
@@ -114,6 +111,11 @@ class PosteriorOracle(GeneratorOracle):
         self.topic_share = post_t @ p_topic  # [user, k]: the expected topic probabilities
         self.aff = aff.reshape(n_groups * 3, n_groups * 3)  # [(g, f), (grp, fac)]
         self.item_class = (w.item_topic * n_groups + w.item_group) * 3 + w.item_facet
+        # [item, (topic, group, facet) class]: sums a block's item weights by class in one product.
+        n_items = len(self.item_class)
+        self.in_class = sp.csr_matrix(
+            (np.ones(n_items), (np.arange(n_items), self.item_class)), shape=(n_items, n_topics * n_groups * 3)
+        )
         return self
 
     def counted(self, history: History) -> np.ndarray:
@@ -126,10 +128,10 @@ class PosteriorOracle(GeneratorOracle):
         t = np.sort((history.interactions[Columns.Timestamp].to_numpy() - BASE_TS) / SPAN)
         after = lambda x: 1.0 - np.searchsorted(t, x) / max(len(t), 1)  # noqa: E731
         late = w.release > 0
-        fresh_for = 0.03
         exposure = np.ones(len(counts))
-        r = w.release[late]
-        exposure[late] = 6.0 * (after(r) - after(r + fresh_for)) + after(r + fresh_for)
+        # time_factor averaged over the history's events: FRESH_BOOST while fresh, then 1.
+        r, fresh_for = w.release[late], ItemSampler.FRESH_FOR
+        exposure[late] = ItemSampler.FRESH_BOOST * (after(r) - after(r + fresh_for)) + after(r + fresh_for)
         rate = counts.sum() / exposure.sum()  # events per unit of exposure, over all items
         return (counts + 1.0) / (exposure + 1.0 / rate)
 
@@ -137,16 +139,14 @@ class PosteriorOracle(GeneratorOracle):
         w = self.world
         n_topics, n_classes = w.n_topics, w.n_groups * 3
         out = np.empty((len(users), len(self.item_number)), dtype=np.float32)
-        onehot = np.zeros((len(w.item_topic), n_topics * n_classes))
-        onehot[np.arange(len(w.item_topic)), self.item_class] = 1.0
         for s in range(0, len(users), USERS_PER_PASS):
             block = users[s : s + USERS_PER_PASS]
-            base = w.item_pop[None, :] * time_factor(w.release, self.when[block][:, None])
+            base = self.item_pop[None, :] * time_factor(w.release, self.when[block][:, None])
             for r, u in enumerate(block):
                 base[r, self.seen[u]] = 0.0
             # Released, unseen weight per (topic, group, facet) class, then per topic for each
             # user class (g, f): mass[b, k, (g, f)].
-            by_class = (base @ onehot).reshape(len(block), n_topics, n_classes)
+            by_class = np.asarray(self.in_class.T @ base.T).T.reshape(len(block), n_topics, n_classes)
             mass = by_class @ self.aff.T
             post = self.post_gf[block].reshape(len(block), 1, n_classes)
             # coef[b, k, (grp, fac)] = sum over (g, f) of post x affinity / mass.

@@ -34,7 +34,7 @@ random:
   hidden variables known, the user's inferred as well as the history allows. A model that learned
   the item side perfectly could reach it; what lies between it and ``generator`` no model can
   learn from the histories. ``posterior_counts``: the same with each item's popularity counted
-  from its training events (plus one), as a model must estimate it.
+  from its training events per unit of exposure, as a model must estimate it.
 
 Beside them: the job's zero-shot text tower (``text_zeroshot``), ALS as the job configures it
 (``cf.als``) and popularity. Each stage is scored as the job scores it: validation targets from
