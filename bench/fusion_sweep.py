@@ -56,7 +56,7 @@ from recsys.pipeline import (
 from recsys.pipeline_model import PipelineHistories, TrainedPipeline
 from recsys.rank.features import feature_columns
 from recsys.rank.fused import ranked_arrays, ranked_candidates
-from recsys.recommender import History, Recommender, derived_models
+from recsys.recommender import DERIVED_SOURCES, History, Recommender, derived_models
 from recsys.text.history_tower import HistoryTower
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -194,7 +194,7 @@ def main() -> None:
     if unknown := sorted(set(names) - set(VARIANTS)):
         raise SystemExit(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
     # The models a validation stage has (stage_models): CF from the config, the run's text towers.
-    known = {*cfg.cf, *pipeline.models, "text_new", "text_popular"}
+    known = {*cfg.cf, *pipeline.models, *DERIVED_SOURCES}
     singles = args.singles.split(",") if args.singles else []
     if unknown := sorted(set(singles) - known):
         raise SystemExit(f"--singles: no model named {unknown}; known: {sorted(known)}")

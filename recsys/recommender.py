@@ -328,9 +328,11 @@ class PopularText(DerivedScores):
         """``base`` must already be fitted on the same history."""
         from recsys.cf.models import Popularity
 
-        self.popularity = Popularity().fit(history)
-        counts = self.popularity.constant_scores()  # one row for everybody unless per-user cuts
+        popularity = Popularity().fit(history)
+        counts = popularity.constant_scores()  # one row for everybody unless per-user cuts
         self.log_counts = None if counts is None else np.log1p(counts).astype(np.float32)
+        # The events themselves only where each user's counts are as of their own cut.
+        self.popularity = popularity if counts is None else None
         return self
 
     def derive(self, scores: np.ndarray, users: np.ndarray) -> np.ndarray:
@@ -345,11 +347,8 @@ class PopularText(DerivedScores):
 def derived_models(text: Recommender, temperature: float, history: History) -> dict[str, DerivedScores]:
     """The candidate sources derived from the (fitted) text tower, fitted on ``history``
     (``DERIVED_SOURCES``, in that order)."""
-    return {
-        "text_new": NewItemText(text).fit(history),
-        "text_popular": PopularText(text, temperature).fit(history),
-    }
+    return {m.name: m.fit(history) for m in (NewItemText(text), PopularText(text, temperature))}
 
 
 #: the names ``derived_models`` gives, known before any model is fitted (the job's config check)
-DERIVED_SOURCES = ("text_new", "text_popular")
+DERIVED_SOURCES = (NewItemText.name, PopularText.name)
