@@ -40,6 +40,7 @@ from hydra.utils import instantiate
 
 import recsys.config  # noqa: F401  (resolvers)
 from recsys.columns import Columns
+from recsys.data import listing_times
 from recsys.evaluation.bootstrap import PairedBootstrap
 from recsys.evaluation.metrics import ranking_metrics
 from recsys.evaluation.sampling import sample_users
@@ -95,7 +96,10 @@ VARIANTS: dict[str, tuple[dict, dict, bool]] = {
     "finetuned_textpop100": ({}, {"text_popular": 100}, True),
     "finetuned_textpop50_text20": ({}, {"text_popular": 50, "text": 20}, True),
     "finetuned_item_rate": ({}, {}, True),
+    "finetuned_no_listed": ({}, {}, True),
 }
+# Features a variant leaves out, by variant name.
+DROP_FEATURES: dict[str, set[str]] = {"finetuned_no_listed": {"item_listed_days"}}
 # Features a variant adds to the frames (derived from their columns), by variant name.
 EXTRA_FEATURES: dict[str, dict[str, pl.Expr]] = {
     # Events per day since the item's first event: popularity per unit of exposure.
@@ -169,6 +173,11 @@ def main() -> None:
         action="store_true",
         help="generated data only: also rank by the generator's own probabilities (bench/generator_oracle.py), "
         "over the whole catalogue and over each variant's candidates",
+    )
+    ap.add_argument(
+        "--no-listed",
+        action="store_true",
+        help="leave out the item_listed_days feature (as a job on a catalogue without listing times)",
     )
     args = ap.parse_args()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -246,7 +255,8 @@ def main() -> None:
         n_cand = {**cfg.rank.n_candidates, **extra_sources}
         key = tuple(sorted(n_cand.items()))
         if key not in frames:
-            fusion = FusionStage(n_cand, None, seed=cfg.seed)
+            listed = None if args.no_listed else listing_times(data.items)
+            fusion = FusionStage(n_cand, None, seed=cfg.seed, listed=listed)
             v = validation
             frames[key] = fusion.labelled_frame(v.users, v.models, v.history, v.targets, v.exclude)
             # The earlier stages as the job builds them: the first taught users in a seeded order.
@@ -268,7 +278,10 @@ def main() -> None:
         extra_cols = EXTRA_FEATURES.get(name, {})
         if extra_cols:
             df = df.with_columns(**extra_cols)
-        feats = [c for c in feature_columns(df) if not (drop_zs and c.startswith("score_text_zeroshot"))]
+        dropped = DROP_FEATURES.get(name, set())
+        feats = [
+            c for c in feature_columns(df) if not (drop_zs and c.startswith("score_text_zeroshot")) and c not in dropped
+        ]
         weights = [0.0] + [float(w) for w in args.blend.split(",") if w]
         ndcg, recall, fit_s = [], [], 0.0
         blended: dict[float, list] = {w: [] for w in weights[1:]}

@@ -66,16 +66,22 @@ class PosteriorOracle(GeneratorOracle):
 
     name = "posterior"
 
-    def __init__(self, world: World, data: Dataset, targets: pl.DataFrame, counted_popularity: bool = False) -> None:
+    def __init__(
+        self, world: World, data: Dataset, targets: pl.DataFrame, counted_popularity: bool = False, pmi: bool = False
+    ) -> None:
         """``counted_popularity``: each item's popularity estimated from its events in the history
-        (``counted``), as a model must, instead of the generator's own."""
+        (``counted``), as a model must, instead of the generator's own. ``pmi``: the score less the
+        item's log popularity, ``log p(item | user) - log p(item)`` up to a per-user constant: what
+        a tower trained with ``text.module.popularity_debias=1`` learns, so its ceiling (ties inside
+        a class, the same release and popularity-free weight, broken at random)."""
         super().__init__(world, data, targets)
-        self.counted_popularity = counted_popularity
+        self.counted_popularity, self.pmi = counted_popularity, pmi
 
     def fit(self, history: History) -> PosteriorOracle:
         super().fit(history)
         w = self.world
         self.item_pop = self.counted(history) if self.counted_popularity else w.item_pop
+        self.jitter = np.random.default_rng(0).random(len(self.item_pop))  # pmi's ties, at random
         n_topics, n_groups = w.n_topics, w.n_groups
         # Events per user by item topic, taste group and facet: the posterior's sufficient statistics.
         counts = np.zeros((history.n_users, n_topics * n_groups * 3))
@@ -155,6 +161,8 @@ class PosteriorOracle(GeneratorOracle):
             p = base * np.take_along_axis(coef.reshape(len(block), -1), self.item_class[None, :], axis=1)
             with np.errstate(divide="ignore"):
                 logp = np.log(p)
+            if self.pmi:
+                logp = logp - np.log(self.item_pop)[None, :] + 1e-6 * self.jitter[None, :]
             out[s : s + len(block)] = np.maximum(logp[:, self.item_number], -1e30)  # dense item order
         return out
 

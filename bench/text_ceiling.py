@@ -34,7 +34,9 @@ random:
   hidden variables known, the user's inferred as well as the history allows. A model that learned
   the item side perfectly could reach it; what lies between it and ``generator`` no model can
   learn from the histories. ``posterior_counts``: the same with each item's popularity counted
-  from its training events per unit of exposure, as a model must estimate it.
+  from its training events per unit of exposure, as a model must estimate it. ``posterior_pmi``:
+  ``posterior`` less each item's log popularity, what a tower trained with
+  ``text.module.popularity_debias=1`` learns (``log p(item | user) - log p(item)``): its ceiling.
 
 Beside them: the job's zero-shot text tower (``text_zeroshot``), ALS as the job configures it
 (``cf.als``) and popularity. Each stage is scored as the job scores it: validation targets from
@@ -59,7 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 K = 10
 SCORERS = [
     "text_zeroshot", "als", "popularity", "oracle_topic", "oracle_facet", "oracle_facet_pop",
-    "oracle_facet_logpop", "posterior", "posterior_counts", "generator",
+    "oracle_facet_logpop", "posterior", "posterior_counts", "posterior_pmi", "generator",
 ]  # fmt: skip
 
 
@@ -138,7 +140,7 @@ def main() -> None:
                 prefs = prefs + self.facet_log[users][:, facet]
             return (prefs + tie).astype(np.float32)
 
-    world = source.world() if {"generator", "posterior", "posterior_counts"} & set(chosen) else None
+    world = source.world() if {"generator", "posterior", "posterior_counts", "posterior_pmi"} & set(chosen) else None
 
     def scorers_for(targets) -> dict[str, Recommender]:
         make = {
@@ -151,6 +153,7 @@ def main() -> None:
             "oracle_facet_logpop": lambda: Oracle(True, "prior", decay, max_history),
             "posterior": lambda: PosteriorOracle(world, data, targets),
             "posterior_counts": lambda: PosteriorOracle(world, data, targets, counted_popularity=True),
+            "posterior_pmi": lambda: PosteriorOracle(world, data, targets, pmi=True),
             "generator": lambda: GeneratorOracle(world, data, targets),
         }
         return {name: make[name]() for name in chosen}

@@ -26,7 +26,7 @@ import polars as pl
 import scipy.sparse as sp
 
 from recsys.columns import Columns
-from recsys.data.dataset import Dataset
+from recsys.data.dataset import Dataset, listing_times
 from recsys.data.split import Split
 from recsys.errors import ConfigError, InputError
 from recsys.evaluation.metrics import metric_table, ranking_metrics, relevance_matrix
@@ -87,9 +87,9 @@ def stage_exclusion(history: History, items: pl.DataFrame, targets: pl.DataFrame
     """
     seen = history.matrix.copy()
     seen.data[:] = 1.0
-    if Columns.AvailableFrom not in items.columns or items[Columns.AvailableFrom].null_count() == items.height:
+    listed = listing_times(items)
+    if listed is None:
         return seen
-    listed = items.sort(Columns.ItemIdx)[Columns.AvailableFrom].to_numpy().astype(np.float64)
     listed = np.nan_to_num(listed, nan=-np.inf)
     at = targets.group_by(Columns.UserIdx).agg(pl.col(Columns.Timestamp).min())
     cut = np.full(seen.shape[0], np.inf)  # users without a target: nothing is in their future
@@ -189,6 +189,8 @@ class FusionStage:
             the seeded order (None: all). Building candidates is what a stage costs, and where few
             users have a target among their candidates (100x: a few %), finding
             ``max_earlier_users`` would take a pass over every user.
+        listed: the catalogue's listing times (``recsys.data.listing_times``), for the ranker's
+            ``item_listed_days`` feature (None: the catalogue has none, nor the feature).
     """
 
     # Where each step of ``FusedRecommender`` counts in ``timings``.
@@ -203,6 +205,7 @@ class FusionStage:
         label_stages: int = 1,
         max_earlier_users: int | None = None,
         max_earlier_examined: int | None = None,
+        listed: np.ndarray | None = None,
     ) -> None:
         caps = {
             "max_train_users": max_train_users,
@@ -214,7 +217,7 @@ class FusionStage:
                 raise ConfigError(f"rank.{name} must be a whole number >= 1 or null, got {cap!r}")
         if not isinstance(label_stages, int) or isinstance(label_stages, bool) or label_stages < 1:
             raise ConfigError(f"rank.label_stages must be a whole number >= 1, got {label_stages!r}")
-        self.fused = FusedRecommender(n_candidates, ranker)
+        self.fused = FusedRecommender(n_candidates, ranker, listed)
         self.max_train_users = max_train_users
         self.seed = seed
         self.label_stages = label_stages

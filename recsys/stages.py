@@ -24,7 +24,7 @@ import polars as pl
 from omegaconf import DictConfig, OmegaConf
 
 from recsys.columns import Columns
-from recsys.data.dataset import Dataset
+from recsys.data.dataset import Dataset, listing_times
 from recsys.data.split import Split
 from recsys.pipeline import FusionStage, HybridPipeline, LabelledStage, StageResult
 from recsys.profiling import StageTimings
@@ -144,6 +144,7 @@ def prepare(cfg: DictConfig, timings: StageTimings) -> Job:
             label_stages=cfg.rank.get("label_stages", 1),
             max_earlier_users=cfg.rank.get("max_earlier_users"),
             max_earlier_examined=cfg.rank.get("max_earlier_examined"),
+            listed=listing_times(data.items),
         )
         # Every candidate source by name, before any training: CF, the text towers, what derives from them.
         text_models = ["text", *DERIVED_SOURCES] + (["text_zeroshot"] if cfg.rank.get("text_zeroshot_feature") else [])
@@ -225,11 +226,7 @@ def fit_validation(job: Job, run_id: str, timings: StageTimings) -> Fitted:
         # rank.text_zeroshot_feature: the untouched tower is a ranker feature too, beside the tuned one.
         zs_feature = bool(cfg.rank.get("text_zeroshot_feature", False))
         zero_net = zero_shot_copy(net) if cfg.eval.zeroshot or zs_feature else None
-        listed = (
-            data.items[Columns.AvailableFrom].cast(pl.Float64).fill_null(float("nan")).to_numpy()
-            if Columns.AvailableFrom in data.items.columns
-            else None
-        )
+        listed = listing_times(data.items)
         datamodule = instantiate(cfg.text.data)(
             item_ids=item_ids,
             item_lengths=item_lengths,
@@ -493,8 +490,7 @@ def save_evaluation(job: Job, val: Fitted, test: Evaluated, run_id: str, finetun
         split=OmegaConf.to_container(cfg.split, resolve=True),
         split_counts=split.describe(),
         seen_filtering=True,
-        availability_filtering=Columns.AvailableFrom in data.items.columns
-        and data.items[Columns.AvailableFrom].null_count() < data.items.height,
+        availability_filtering=listing_times(data.items) is not None,
         ks=list(cfg.eval.ks),
         max_k=cfg.eval.max_k,
         seed=cfg.seed,

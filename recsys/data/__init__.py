@@ -1,6 +1,6 @@
 """Data: loaders per format, validation, id maps, splits and the generated default data set."""
 
-from recsys.data.dataset import Dataset, IdMap
+from recsys.data.dataset import Dataset, IdMap, listing_times
 from recsys.data.files import FileDataSource
 from recsys.data.mind import MindDataSource
 from recsys.data.movielens import MovieLensDataSource
@@ -20,4 +20,5 @@ __all__ = [
     "MovieLensDataSource",
     "RecBoleDataSource",
     "Split",
+    "listing_times",
 ]

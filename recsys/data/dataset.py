@@ -42,6 +42,15 @@ class IdMap:
         return {v: i for i, v in enumerate(self.ids)}
 
 
+def listing_times(items: pl.DataFrame) -> np.ndarray | None:
+    """Each item's listing time (``available_from``, unix seconds) in ``item_idx`` order, NaN for
+    items listed from the start; None when the catalogue gives no listing time at all."""
+    if Columns.AvailableFrom not in items.columns or items[Columns.AvailableFrom].null_count() == items.height:
+        return None
+    listed = items.sort(Columns.ItemIdx)[Columns.AvailableFrom]
+    return listed.cast(pl.Float64).fill_null(float("nan")).to_numpy()
+
+
 @dataclass(frozen=True)
 class Dataset:
     """Interactions and items after validation, with dense indices attached.
