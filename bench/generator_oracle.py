@@ -67,15 +67,26 @@ class PosteriorOracle(GeneratorOracle):
     name = "posterior"
 
     def __init__(
-        self, world: World, data: Dataset, targets: pl.DataFrame, counted_popularity: bool = False, pmi: bool = False
+        self,
+        world: World,
+        data: Dataset,
+        targets: pl.DataFrame,
+        counted_popularity: bool = False,
+        pmi: bool = False,
+        clock: bool = True,
+        groups: bool = True,
     ) -> None:
         """``counted_popularity``: each item's popularity estimated from its events in the history
         (``counted``), as a model must, instead of the generator's own. ``pmi``: the score less the
         item's log popularity, ``log p(item | user) - log p(item)`` up to a per-user constant: what
         a tower trained with ``text.module.popularity_debias=1`` learns, so its ceiling (ties inside
-        a class, the same release and popularity-free weight, broken at random)."""
+        a class, the same release and popularity-free weight, broken at random). ``clock=False``:
+        the score less the item's freshness at the target's time (a model without a clock, as the
+        text tower is; items not yet released stay out). ``groups=False``: the user's taste group
+        unknown (integrated out), as for a model that cannot tell the items' groups apart, which
+        the text does not show."""
         super().__init__(world, data, targets)
-        self.counted_popularity, self.pmi = counted_popularity, pmi
+        self.counted_popularity, self.pmi, self.clock, self.groups = counted_popularity, pmi, clock, groups
 
     def fit(self, history: History) -> PosteriorOracle:
         super().fit(history)
@@ -105,6 +116,8 @@ class PosteriorOracle(GeneratorOracle):
             - np.einsum("uk,kgf->ugf", by_topic, np.log(mass))
         )
         self.post_gf = softmax(ll.reshape(len(ll), -1)).reshape(ll.shape)  # [user, g, f]
+        if not self.groups:  # the facet's posterior, spread evenly over the groups
+            self.post_gf = np.broadcast_to(self.post_gf.mean(axis=1, keepdims=True), ll.shape).copy()
         # Topics: main t1, second t2, mix m; an event's topic is noise / n_topics + (1 - noise) x
         # (m [k = t1] + (1 - m) [k = t2]).
         t_eye = np.eye(n_topics)
@@ -163,6 +176,9 @@ class PosteriorOracle(GeneratorOracle):
                 logp = np.log(p)
             if self.pmi:
                 logp = logp - np.log(self.item_pop)[None, :] + 1e-6 * self.jitter[None, :]
+            if not self.clock:
+                fresh = time_factor(w.release, self.when[block][:, None])
+                logp = logp - np.log(np.where(fresh > 0, fresh, 1.0))
             out[s : s + len(block)] = np.maximum(logp[:, self.item_number], -1e30)  # dense item order
         return out
 

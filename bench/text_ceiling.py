@@ -34,9 +34,12 @@ random:
   hidden variables known, the user's inferred as well as the history allows. A model that learned
   the item side perfectly could reach it; what lies between it and ``generator`` no model can
   learn from the histories. ``posterior_counts``: the same with each item's popularity counted
-  from its training events per unit of exposure, as a model must estimate it. ``posterior_pmi``:
+  from its training events per unit of exposure, as a model must estimate it, and
+  ``posterior_counts_static`` that without the items' freshness. ``posterior_pmi``:
   ``posterior`` less each item's log popularity, what a tower trained with
   ``text.module.popularity_debias=1`` learns (``log p(item | user) - log p(item)``): its ceiling.
+  ``posterior_pmi_static``: the same without the items' freshness (the tower has no clock);
+  ``posterior_pmi_text``: without freshness nor taste groups, what the text shows (topic, facet).
 
 Beside them: the job's zero-shot text tower (``text_zeroshot``), ALS as the job configures it
 (``cf.als``) and popularity. Each stage is scored as the job scores it: validation targets from
@@ -61,7 +64,8 @@ ROOT = Path(__file__).resolve().parents[1]
 K = 10
 SCORERS = [
     "text_zeroshot", "als", "popularity", "oracle_topic", "oracle_facet", "oracle_facet_pop",
-    "oracle_facet_logpop", "posterior", "posterior_counts", "posterior_pmi", "generator",
+    "oracle_facet_logpop", "posterior", "posterior_counts",
+    "posterior_counts_static", "posterior_pmi", "posterior_pmi_static", "posterior_pmi_text", "generator",
 ]  # fmt: skip
 
 
@@ -140,7 +144,7 @@ def main() -> None:
                 prefs = prefs + self.facet_log[users][:, facet]
             return (prefs + tie).astype(np.float32)
 
-    world = source.world() if {"generator", "posterior", "posterior_counts", "posterior_pmi"} & set(chosen) else None
+    world = source.world() if any(n.startswith(("generator", "posterior")) for n in chosen) else None
 
     def scorers_for(targets) -> dict[str, Recommender]:
         make = {
@@ -153,7 +157,10 @@ def main() -> None:
             "oracle_facet_logpop": lambda: Oracle(True, "prior", decay, max_history),
             "posterior": lambda: PosteriorOracle(world, data, targets),
             "posterior_counts": lambda: PosteriorOracle(world, data, targets, counted_popularity=True),
+            "posterior_counts_static": lambda: PosteriorOracle(world, data, targets, True, clock=False),
             "posterior_pmi": lambda: PosteriorOracle(world, data, targets, pmi=True),
+            "posterior_pmi_static": lambda: PosteriorOracle(world, data, targets, pmi=True, clock=False),
+            "posterior_pmi_text": lambda: PosteriorOracle(world, data, targets, pmi=True, clock=False, groups=False),
             "generator": lambda: GeneratorOracle(world, data, targets),
         }
         return {name: make[name]() for name in chosen}

@@ -74,10 +74,10 @@ def item_statistics_at(
         "item_age_days": pl.Series("item_age_days", (now - first) / DAY).set(pl.Series(~has), None),
         "item_idle_days": pl.Series("item_idle_days", (now - last) / DAY).set(pl.Series(~has), None),
         "item_share": pl.Series("item_share", n / np.maximum(total, 1), dtype=pl.Float64),
-    } | ({} if listed is None else {"item_listed_days": listed_days(listed, items, now)})
+    } | ({} if listed is None else {"item_listed_days": _listed_days(listed, items, now)})
 
 
-def listed_days(listed: np.ndarray, items: np.ndarray, now: np.ndarray) -> pl.Series:
+def _listed_days(listed: np.ndarray, items: np.ndarray, now: np.ndarray) -> pl.Series:
     """Days from each item's listing to ``now`` (null where it was listed from the start)."""
     return pl.Series("item_listed_days", (now - listed[items]) / DAY, dtype=pl.Float64).fill_nan(None)
 
