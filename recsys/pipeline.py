@@ -189,8 +189,6 @@ class FusionStage:
             the seeded order (None: all). Building candidates is what a stage costs, and where few
             users have a target among their candidates (100x: a few %), finding
             ``max_earlier_users`` would take a pass over every user.
-        listed: the catalogue's listing times (``recsys.data.listing_times``), for the ranker's
-            ``item_listed_days`` feature (None: the catalogue has none, nor the feature).
     """
 
     # Where each step of ``FusedRecommender`` counts in ``timings``.
@@ -205,7 +203,6 @@ class FusionStage:
         label_stages: int = 1,
         max_earlier_users: int | None = None,
         max_earlier_examined: int | None = None,
-        listed: np.ndarray | None = None,
     ) -> None:
         caps = {
             "max_train_users": max_train_users,
@@ -217,7 +214,7 @@ class FusionStage:
                 raise ConfigError(f"rank.{name} must be a whole number >= 1 or null, got {cap!r}")
         if not isinstance(label_stages, int) or isinstance(label_stages, bool) or label_stages < 1:
             raise ConfigError(f"rank.label_stages must be a whole number >= 1, got {label_stages!r}")
-        self.fused = FusedRecommender(n_candidates, ranker, listed)
+        self.fused = FusedRecommender(n_candidates, ranker)
         self.max_train_users = max_train_users
         self.seed = seed
         self.label_stages = label_stages

@@ -8,7 +8,6 @@ import pytest
 
 from recsys.cf.models import Popularity
 from recsys.columns import Columns
-from recsys.data import listing_times
 from recsys.pipeline import stage_history
 from recsys.rank.candidates import rank_column
 from recsys.rank.features import DAY, build_features, item_statistics, item_statistics_at
@@ -92,40 +91,6 @@ def test_item_statistics_are_the_as_of_statistics_at_the_end():
     pairs = item_statistics_at(history, np.arange(4), np.full(4, end))
     for name, col in pairs.items():
         assert table[name].to_list() == col.to_list(), name
-
-
-def test_item_listed_days_counts_from_the_listing_to_each_users_cut():
-    history, targets = leaky_world()
-    staged = stage_history(history, targets)
-    # Items 0 and 1 were listed from the start (no time); item 2 on day 8, item 3 on day 95.
-    items = pl.DataFrame(
-        {Columns.ItemIdx: [3, 2, 1, 0], Columns.AvailableFrom: [int(95 * DAY), int(8 * DAY), None, None]}
-    )
-    listed = listing_times(items)
-    assert listed is not None and listed[:2].tolist() == [pytest.approx(np.nan, nan_ok=True)] * 2
-    assert listed[2:].tolist() == [8 * DAY, 95 * DAY]  # in item_idx order
-    cands = pl.DataFrame(
-        {Columns.UserIdx: np.array([0, 0, 1], np.int32), Columns.ItemIdx: np.array([0, 2, 3], np.int32)}
-    )
-    df = build_features(cands, staged, {}, [], listed=listed)
-    now = staged.user_now[[0, 0, 1]]
-    assert df["item_listed_days"].to_list() == [
-        None,
-        pytest.approx((now[1] - 8 * DAY) / DAY),
-        pytest.approx((now[2] - 95 * DAY) / DAY),
-    ]
-    # Under a global cut the statistics table gives the same as of the history's end.
-    end = int(history.interactions[Columns.Timestamp].max())
-    table = item_statistics(history, listed)
-    assert table["item_listed_days"].to_list()[1:] == [
-        None,
-        pytest.approx((end - 8 * DAY) / DAY),
-        pytest.approx((end - 95 * DAY) / DAY),
-    ]
-    # A catalogue without listing times has no such column (nor does a job trained on one).
-    assert listing_times(items.with_columns(pl.lit(None, pl.Int64).alias(Columns.AvailableFrom))) is None
-    assert listing_times(items.drop(Columns.AvailableFrom)) is None
-    assert "item_listed_days" not in build_features(cands, staged, {}, []).columns
 
 
 @pytest.mark.parametrize(("window", "half_life"), [(None, None), (3.0, None), (None, 2.0), (30.0, 5.0)])

@@ -20,7 +20,6 @@ import polars as pl
 import scipy.sparse as sp
 
 from recsys.columns import Columns
-from recsys.data.dataset import listing_times
 from recsys.errors import ConfigError
 from recsys.kernels import kept_cells
 from recsys.pipeline_model import PipelineHistories, TrainedPipeline
@@ -128,11 +127,10 @@ class Engine:
             raise ConfigError("this pipeline has no ranker: choose a single model as scorer")
         if scorer != FUSED and scorer not in pipeline.model_names:
             raise ConfigError(f"unknown scorer '{scorer}'; choose {FUSED} or one of {pipeline.model_names}")
-        listed = listing_times(pipeline.items)
-        self.fused = FusedRecommender(pipeline.n_candidates, pipeline.ranker, listed) if pipeline.ranker else None
+        self.fused = FusedRecommender(pipeline.n_candidates, pipeline.ranker) if pipeline.ranker else None
         # Item-side state, computed once for every block.
         n_users = len(pipeline.users)
-        self.item_stats = item_statistics(History(pipeline.history, n_users, pipeline.n_items), listed)
+        self.item_stats = item_statistics(History(pipeline.history, n_users, pipeline.n_items))
         self.allowed = rules.allowed_items
         self.item_ids = pipeline.item_ids
         self._item_series = pl.Series(self.item_ids.tolist(), dtype=pl.String)

@@ -19,31 +19,22 @@ from recsys.recommender import History, Recommender
 DAY = 86400.0
 
 
-def item_statistics(history: History, listed: np.ndarray | None = None) -> pl.DataFrame:
-    """Popularity and recency of every item, as of the end of ``history`` (one row per item);
-    ``listed``: as ``item_statistics_at`` takes it."""
+def item_statistics(history: History) -> pl.DataFrame:
+    """Popularity and recency of every item, as of the end of ``history`` (one row per item)."""
     df = history.interactions
     now = int(df[Columns.Timestamp].max()) if df.height else 0
     items = np.arange(history.n_items, dtype=np.int64)
-    stats = item_statistics_at(history, items, np.full(len(items), now, dtype=np.int64), listed)
+    stats = item_statistics_at(history, items, np.full(len(items), now, dtype=np.int64))
     return pl.DataFrame({Columns.ItemIdx: items.astype(np.int32), **stats})
 
 
-def item_statistics_at(
-    history: History, items: np.ndarray, now: np.ndarray, listed: np.ndarray | None = None
-) -> dict[str, pl.Series]:
+def item_statistics_at(history: History, items: np.ndarray, now: np.ndarray) -> dict[str, pl.Series]:
     """Popularity and recency of ``items[j]`` counting only the events at or before ``now[j]``.
 
     Under a per-user split (leave-last-out) each user's features are taken as of that user's own
     cut (``History.user_now``): the other users' later events stay out, so no statistic tells the
     ranker which items were active in the user's era (docs/design.md, "Time"). Items without an
     event by then: zero counts, unknown age and idle time (LightGBM routes nulls itself).
-
-    ``listed``: the catalogue's listing times (``recsys.data.listing_times``, NaN: listed from the
-    start). With them, ``item_listed_days`` is the days from an item's listing to ``now[j]``,
-    null for items listed from the start, negative for one listed after the history's end but
-    before the user's next visit (evaluation only: an item not yet listed is never a candidate).
-    A new listing has no events yet, so the event counts cannot tell it from an item nobody wants.
     """
     df = history.interactions
     it = df[Columns.ItemIdx].to_numpy().astype(np.int64)
@@ -74,12 +65,7 @@ def item_statistics_at(
         "item_age_days": pl.Series("item_age_days", (now - first) / DAY).set(pl.Series(~has), None),
         "item_idle_days": pl.Series("item_idle_days", (now - last) / DAY).set(pl.Series(~has), None),
         "item_share": pl.Series("item_share", n / np.maximum(total, 1), dtype=pl.Float64),
-    } | ({} if listed is None else {"item_listed_days": _listed_days(listed, items, now)})
-
-
-def _listed_days(listed: np.ndarray, items: np.ndarray, now: np.ndarray) -> pl.Series:
-    """Days from each item's listing to ``now`` (null where it was listed from the start)."""
-    return pl.Series("item_listed_days", (now - listed[items]) / DAY, dtype=pl.Float64).fill_nan(None)
+    }
 
 
 def user_statistics(history: History, now: int | None = None) -> pl.DataFrame:
@@ -111,16 +97,14 @@ def build_features(
     sources: Sequence[str],
     item_stats: pl.DataFrame | None = None,
     user_stats: pl.DataFrame | None = None,
-    listed: np.ndarray | None = None,
 ) -> pl.DataFrame:
     """Candidates + model scores, per-user standardised scores, ranks, item and user statistics.
 
     ``scorers`` score the candidate pairs (``score_pairs``; a ``ScoreBlock`` reads the block the
     candidates came from). Item statistics: as of each user's cut where ``history`` has per-user
     cuts (``History.user_now``), else one row per item of ``item_stats`` (default
-    ``item_statistics(history, listed)``, with the same ``listed``). ``user_stats``: sorted by
-    user_idx, as ``user_statistics`` returns it (its default); callers that work block by block
-    pass both, computed once. ``listed``: the catalogue's listing times (``item_statistics_at``).
+    ``item_statistics(history)``). ``user_stats``: sorted by user_idx, as ``user_statistics``
+    returns it (its default); callers that work block by block pass both, computed once.
 
     Computed with numpy on the candidates sorted by (user, item): the per-user standardised
     scores as sums over each user's contiguous rows, the statistics as gathers. A user with one
@@ -147,9 +131,9 @@ def build_features(
         n_sources += candidates[rank_column(s)].is_not_null().to_numpy()
     cols["n_sources"] = pl.Series("n_sources", n_sources)
     if history.user_now is not None:
-        cols.update(item_statistics_at(history, items, history.user_now[users], listed))
+        cols.update(item_statistics_at(history, items, history.user_now[users]))
     else:
-        stats = item_statistics(history, listed) if item_stats is None else item_stats
+        stats = item_statistics(history) if item_stats is None else item_stats
         for c in stats.columns:  # one row per item, in item order
             if c != Columns.ItemIdx:
                 cols[c] = stats[c].gather(items)

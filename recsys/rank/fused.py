@@ -37,16 +37,11 @@ class FusedRecommender:
     Args:
         n_candidates: per source, how many of its top items enter the candidate set.
         ranker: the LambdaMART ranker (trained by ``recsys.pipeline.FusionStage``).
-        listed: the catalogue's listing times (``recsys.data.listing_times``; None: it has none),
-            for the ``item_listed_days`` feature.
     """
 
-    def __init__(
-        self, n_candidates: Mapping[str, int], ranker: LambdaMARTRanker, listed: np.ndarray | None = None
-    ) -> None:
+    def __init__(self, n_candidates: Mapping[str, int], ranker: LambdaMARTRanker) -> None:
         self.n_candidates = dict(n_candidates)
         self.ranker = ranker
-        self.listed = listed
 
     def check_sources(self, models: Mapping[str, Recommender]) -> None:
         if unknown := set(self.n_candidates) - set(models):
@@ -99,7 +94,7 @@ class FusedRecommender:
             # A source's block answers for its candidates; every other model scores the pairs.
             by_row = {n: _GlobalRows(b, users) for n, b in blocks.items()}
             scorers = {n: by_row.get(n, m) for n, m in models.items() if m.is_feature}
-            return build_features(cands, history, scorers, list(self.n_candidates), item_stats, user_stats, self.listed)
+            return build_features(cands, history, scorers, list(self.n_candidates), item_stats, user_stats)
 
     def recommend(
         self,
@@ -125,10 +120,11 @@ class FusedRecommender:
         ]
         return pl.concat(parts) if parts else empty_lists()
 
-    def statistics(self, history: History, now: int | None = None) -> tuple[pl.DataFrame | None, pl.DataFrame]:
+    @staticmethod
+    def statistics(history: History, now: int | None = None) -> tuple[pl.DataFrame | None, pl.DataFrame]:
         """The item and user statistics of ``history`` as of ``now`` (default: its end), once for
         all blocks (no item statistics where ``history`` has per-user cuts: computed per row)."""
-        item_stats = None if history.user_now is not None else item_statistics(history, self.listed)
+        item_stats = None if history.user_now is not None else item_statistics(history)
         return item_stats, user_statistics(history, now)
 
     def recommend_block(

@@ -9,7 +9,7 @@ import scipy.sparse as sp
 
 from recsys.cf import ItemKNN, Popularity
 from recsys.columns import Columns
-from recsys.data import LeaveLastOutSplit
+from recsys.data import LeaveLastOutSplit, listing_times
 from recsys.errors import ConfigError
 from recsys.rank.candidates import generate_candidates, rank_column
 from recsys.rank.features import build_features, feature_columns, item_statistics
@@ -254,6 +254,14 @@ def test_stage_exclusion_removes_seen_and_not_yet_listed_items():
     # Without the column only seen items are excluded.
     plain = stage_exclusion(history, items.drop(Columns.AvailableFrom), targets).toarray().astype(bool)
     assert plain[0].tolist() == [True, False, False, False]
+    # Listing times in item order whatever the table's order, NaN for items listed from the start;
+    # a catalogue without any is one without the column.
+    listed = listing_times(items.reverse())
+    assert listed is not None and np.isnan(listed[:2]).all() and listed[2:].tolist() == [50.0, 500.0]
+    assert listing_times(items.with_columns(pl.lit(None, pl.Int64).alias(Columns.AvailableFrom))) is None
+    assert listing_times(items.drop(Columns.AvailableFrom)) is None
+    nulls = items.with_columns(pl.lit(None, pl.Int64).alias(Columns.AvailableFrom))
+    assert (stage_exclusion(history, nulls, targets).toarray().astype(bool) == plain).all()
 
 
 def test_generated_items_are_listed_before_their_first_event(tmp_path):
