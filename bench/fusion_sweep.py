@@ -12,9 +12,10 @@ the mean over all validation users. Every variant is scored on the same users an
 A variant's ranker settings override the experiment's ``ranker`` config (``bags: 5`` by default).
 
 ``--label-stages N`` adds the job's earlier labelled stages (``rank.label_stages``) to every
-ranker's training: each user's last N - 1 training events, CF refitted on the events before them,
-the run's towers reading those histories (the towers learn from every training event, whatever
-the number of stages).
+ranker's training but the ``*_one_stage`` variants' (the validation stage alone, so that one run
+compares the two on the same users): each user's last N - 1 training events, CF refitted on the
+events before them, the run's towers reading those histories (the towers learn from every
+training event, whatever the number of stages).
 
 ``--oracle`` (generated data only) adds the ceiling: the generator's own next-event probabilities
 (``bench/generator_oracle.py``) ranking the whole catalogue, and ranking each variant's candidates
@@ -101,7 +102,14 @@ VARIANTS: dict[str, tuple[dict, dict, bool]] = {
     "finetuned_textpop100": ({}, {"text_popular": 100}, True),
     "finetuned_textpop50_text20": ({}, {"text_popular": 50, "text": 20}, True),
     "finetuned_item_rate": ({}, {}, True),
+    "both_one_stage": ({}, {}, False),
+    "both_textpop30": ({}, {"text_popular": 30}, False),
+    "both_textpop50": ({}, {"text_popular": 50}, False),
+    "finetuned_one_stage": ({}, {}, True),
 }
+# Variants whose rankers learn from the validation stage alone, beside others that also learn from
+# the earlier stages of ``--label-stages N``: one run compares the two on the same users.
+VALIDATION_STAGE_ONLY = {"both_one_stage", "finetuned_one_stage"}
 # Features a variant adds to the frames (derived from their columns), by variant name.
 EXTRA_FEATURES: dict[str, dict[str, pl.Expr]] = {
     # Events per day since the item's first event: popularity per unit of exposure.
@@ -282,7 +290,7 @@ def main() -> None:
         for a, b in ((0, 1), (1, 0)):
             ranker = instantiate(cfg.ranker, **ranker_over)
             part = df.filter(pl.col(Columns.UserIdx).is_in(halves[a].tolist()))
-            if extra[key] is not None:
+            if extra[key] is not None and name not in VALIDATION_STAGE_ONLY:
                 part = part.with_columns(pl.lit(0, dtype=pl.Int8).alias(Columns.Stage))
                 part = pl.concat([part, extra[key].with_columns(**extra_cols).select(part.columns)])
             t1 = time.perf_counter()
