@@ -48,7 +48,7 @@ from recsys.data.validation import ROW, parse_timestamp, require_non_null
 from recsys.errors import PIPELINE_REPAIR as REPAIR
 from recsys.errors import ConfigError, InputError, check_field, read_json_object, reading
 from recsys.rank.ranker import LambdaMARTRanker
-from recsys.recommender import DerivedScores, History, NewItemText, PopularText, Recommender
+from recsys.recommender import DerivedScores, History, NewItemText, PopularText, Recommender, derived_bases
 from recsys.text.history_tower import HistoryTower
 
 FORMAT_VERSION = 2
@@ -138,9 +138,8 @@ class TrainedPipeline:
                 raise ConfigError(f"cannot save model '{name}' of type {type(m).__name__} in a pipeline")
             else:
                 served[name] = m
-        for name, m in models.items():  # a model derived from a text model: over its serving side
-            if isinstance(m, DerivedScores):
-                served[name] = m.over(served[next(n for n, o in models.items() if o is m.base)])
+        for name, base in derived_bases(models).items():  # derived from a text model: over its serving side
+            served[name] = models[name].over(served[base])
         df = history.interactions
         hist = df.select(
             pl.col(Columns.UserIdx).cast(pl.Int32),
@@ -180,8 +179,7 @@ class TrainedPipeline:
     @property
     def derived(self) -> dict[str, str]:
         """Each model whose scores are another's rewritten (``Recommender.derived_from``) -> that one."""
-        name = {id(m): n for n, m in self.models.items()}
-        return {n: name[id(m.derived_from)] for n, m in self.models.items() if m.derived_from is not None}
+        return derived_bases(self.models)
 
     def replace(self, models: Mapping[str, Recommender], **changes: Any) -> TrainedPipeline:
         """This pipeline with ``models`` in place of those of the same names and ``changes`` to

@@ -344,6 +344,13 @@ class PopularText(DerivedScores):
         return scores
 
 
+def derived_bases(models: Mapping[str, Recommender]) -> dict[str, str]:
+    """Each model of ``models`` whose scores another one's rewrite (``Recommender.derived_from``)
+    -> that one's name, in ``models``' order."""
+    name = {id(m): n for n, m in models.items()}
+    return {n: name[id(m.derived_from)] for n, m in models.items() if m.derived_from is not None}
+
+
 def derived_models(text: Recommender, temperature: float, history: History) -> dict[str, DerivedScores]:
     """The candidate sources derived from the (fitted) text tower, fitted on ``history``
     (``DERIVED_SOURCES``, in that order)."""

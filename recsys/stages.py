@@ -442,7 +442,7 @@ def deploy(job: Job, test: Evaluated) -> str:
 def refit_models(pipeline, history, models: dict) -> dict:
     """``models`` for ``history``: CF refitted, the text towers (weights kept) reading it, in the
     same order (the ranker's features follow it)."""
-    from recsys.recommender import DerivedScores
+    from recsys.recommender import derived_bases
 
     cf = pipeline.fit_cf(history)
     out = {}
@@ -451,10 +451,8 @@ def refit_models(pipeline, history, models: dict) -> dict:
             out[name] = cf[name]
         elif isinstance(m, TextRecommender):
             out[name] = TextRecommender(m.net, m.item_embeddings).fit(history)
-    for name, m in models.items():
-        if isinstance(m, DerivedScores):
-            tower = next(k for k, v in models.items() if v is m.base)
-            out[name] = m.over(out[tower]).fit(history)
+    for name, tower in derived_bases(models).items():
+        out[name] = models[name].over(out[tower]).fit(history)
     return {name: out[name] for name in models}
 
 

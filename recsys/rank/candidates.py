@@ -14,7 +14,7 @@ import polars as pl
 import scipy.sparse as sp
 
 from recsys.columns import Columns
-from recsys.recommender import DerivedScores, History, Recommender, mask_items
+from recsys.recommender import DerivedScores, History, Recommender, derived_bases, mask_items
 from recsys.topk import top_k
 
 # Cells (users x items) of one model's score block: the users of a block are as many as keep
@@ -86,8 +86,8 @@ def score_blocks(
     """``ScoreBlock`` of each model in ``names`` for ``users``; a model whose scores are another's
     rewritten (``Recommender.derived_from``) reuses that model's block. ``buffer(name, rows)``: an
     array to write the block into, or None (the export keeps them from block to block)."""
-    key = {id(m): n for n, m in models.items()}
-    inner = {n: key[id(models[n].derived_from)] for n in names if models[n].derived_from is not None}
+    bases = derived_bases(models)
+    inner = {n: bases[n] for n in names if n in bases}
     blocks: dict[str, ScoreBlock] = {}
     for name in [*inner.values(), *names]:
         m = models[name]
