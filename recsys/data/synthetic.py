@@ -8,8 +8,10 @@ It carries both kinds of signal so that a hybrid has something to prove:
   history mean already leans toward the user's facet (``bench/text_ceiling.py`` measures how
   close it gets to a scorer that knows topics and facets exactly).
 * **collaborative**: every item also belongs to a hidden *taste group* that cuts across topics
-  and never shows in the text; users strongly prefer items of their own group. Only
+  and does not show in the text; users strongly prefer items of their own group. Only
   co-occurrence (CF) can find it. Popularity is skewed (log-normal), also invisible in text.
+  With ``group_brand_share`` above 0, that share of the items carries a brand of their group:
+  then the text tells the group in made-up words whose link only fine-tuning can learn.
 * **time and cold start**: events are spread over six months; every user comes back twice in the
   final week, each time just after a wave of new items is released, which are "hot" while new.
   So many last events (the validation and test splits) fall on items that have
@@ -33,6 +35,7 @@ import polars as pl
 from recsys.columns import Columns, Events
 from recsys.data.dataset import Dataset
 from recsys.data.files import FileDataSource
+from recsys.errors import ConfigError
 
 TOPICS: dict[str, list[str]] = {
     "astronomy": "telescope galaxy orbit comet nebula planet lunar eclipse star observatory meteor asteroid cosmic lens eyepiece".split(),
@@ -121,6 +124,7 @@ class World:
         group_affinity: float,
         facet_affinity: float,
         topic_noise: float,
+        group_brand_share: float = 0.0,
     ) -> World:
         n_topics = len(TOPICS)
         item_topic = rng.integers(0, n_topics, n_items)
@@ -141,6 +145,9 @@ class World:
         user_mix = rng.uniform(0.75, 1.0, n_users)
         user_group = rng.integers(0, n_groups, n_users)
         user_facet = rng.integers(0, 3, n_users)
+        if group_brand_share > 0:
+            # From a child generator: the events are the same draws as at 0, only titles change.
+            titles = _group_brands(rng.spawn(1)[0], titles, item_group, brands, n_groups, group_brand_share)
         return cls(
             item_topic, item_group, item_facet, item_pop, release, titles, descriptions,
             user_topics, user_mix, user_group, user_facet, n_groups, group_affinity, facet_affinity, topic_noise,
@@ -211,6 +218,7 @@ def generate(
     facet_affinity: float = 6.0,
     topic_noise: float = TOPIC_NOISE,
     seed: int = 7,
+    group_brand_share: float = 0.0,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Return ``(interactions, items)`` frames in the schema of ``recsys.columns``.
 
@@ -221,7 +229,9 @@ def generate(
     are drawn at once with numpy (cost linear in the events: about 4 s per million on 2 cores).
     """
     rng = np.random.default_rng(seed)
-    world = World.draw(rng, n_users, n_items, n_groups, late_item_share, group_affinity, facet_affinity, topic_noise)
+    world = World.draw(
+        rng, n_users, n_items, n_groups, late_item_share, group_affinity, facet_affinity, topic_noise, group_brand_share
+    )
     n_events = np.maximum(3, rng.geometric(1.0 / mean_events, n_users))
     user_group, user_facet, user_topics = world.user_group, world.user_facet, world.user_topics
     n_topics = world.n_topics
@@ -286,6 +296,23 @@ def _item_texts(
     )
     body = np.take_along_axis(body, np.argsort(rng.random(body.shape), axis=1), axis=1)
     return titles, [" ".join(words) for words in body.tolist()]
+
+
+def _group_brands(
+    rng: np.random.Generator, titles: list[str], item_group: np.ndarray, brands: list[str], n_groups: int, share: float
+) -> list[str]:
+    """Give a ``share`` of the items a brand of their taste group (brand k belongs to group k mod
+    ``n_groups``) in place of the random one their title starts with.
+
+    Then the text says something about the group, but not in words a pretrained encoder relates:
+    it sees that two items share a brand, not that two brands share buyers. Only fine-tuning on
+    the interactions can learn which brands go together.
+    """
+    names = list(dict.fromkeys(brands))  # the 40 random names can repeat; a brand has one group
+    n = len(titles)
+    chosen = rng.random(n) < share
+    pick = item_group + n_groups * rng.integers(0, len(names) // n_groups, n)
+    return [f"{names[pick[i]]} {title.split(' ', 1)[1]}" if chosen[i] else title for i, title in enumerate(titles)]
 
 
 class ItemSampler:
@@ -418,6 +445,7 @@ class GeneratedDataSource:
         group_affinity: float = 4.0,
         facet_affinity: float = 6.0,
         seed: int = 7,
+        group_brand_share: float = 0.0,
         text_fields: Sequence[str] = ("title", "category", "description"),
         event_weights: Mapping[str, float] | None = None,
     ) -> None:
@@ -432,6 +460,12 @@ class GeneratedDataSource:
             facet_affinity=facet_affinity,
             seed=seed,
         )
+        if isinstance(group_brand_share, bool) or not isinstance(group_brand_share, int | float):
+            raise ConfigError(f"data.group_brand_share must be a number in [0, 1], got {group_brand_share!r}")
+        if not 0.0 <= group_brand_share <= 1.0:
+            raise ConfigError(f"data.group_brand_share must be in [0, 1], got {group_brand_share}")
+        if group_brand_share:  # only when set, so the default data set keeps its cache folder
+            self.spec["group_brand_share"] = float(group_brand_share)
         self.text_fields = list(text_fields)
         self.event_weights = event_weights
 
@@ -468,7 +502,7 @@ class GeneratedDataSource:
         s = self.spec
         rng = np.random.default_rng(s["seed"])
         args = (s["n_users"], s["n_items"], s["n_groups"], s["late_item_share"], s["group_affinity"])
-        return World.draw(rng, *args, s["facet_affinity"], TOPIC_NOISE)
+        return World.draw(rng, *args, s["facet_affinity"], TOPIC_NOISE, s.get("group_brand_share", 0.0))
 
     def load(self) -> Dataset:
         inter_path, items_path = self.ensure()

@@ -128,9 +128,9 @@ class TextDataModule(L.LightningDataModule):
         self.uniform_negatives = min(int(uniform_negatives), len(item_ids))
         self.item_ids, self.item_lengths = item_ids, item_lengths
         # When each item was first listed (NaN = always): validation, like the test evaluation,
-        # never ranks an item for a moment before it existed.
+        # never ranks an item for a moment before it existed. A copy: the input may be read-only.
         self.available_from = (
-            None if available_from is None else torch.from_numpy(np.asarray(available_from, dtype=np.float64))
+            None if available_from is None else torch.tensor(np.asarray(available_from, dtype=np.float64))
         )
         self.train, self.val = train, val
         self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch

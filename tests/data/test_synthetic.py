@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
+import pytest
 
 from recsys.columns import Columns
 from recsys.data.synthetic import ItemSampler, generate
@@ -175,3 +176,42 @@ def test_the_posterior_oracle_infers_each_users_hidden_class_from_the_history(tm
     users = np.arange(200)
     p = np.exp(oracle.score_users(users).astype(np.float64))
     np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-4)
+
+
+def test_group_brands_change_only_titles_and_tell_the_taste_group(tmp_path):
+    """``group_brand_share`` rewrites the brand (a title's first word) of that share of the items
+    to a brand of their hidden taste group; the events and every other text stay the same draws,
+    the default data set keeps its cache folder, and an impossible share is refused up front."""
+    from recsys.data.synthetic import GeneratedDataSource
+    from recsys.errors import ConfigError
+
+    plain = GeneratedDataSource(str(tmp_path), n_users=400, n_items=300, seed=3)
+    branded = GeneratedDataSource(str(tmp_path), n_users=400, n_items=300, seed=3, group_brand_share=1.0)
+    half = GeneratedDataSource(str(tmp_path), n_users=400, n_items=300, seed=3, group_brand_share=0.5)
+    assert (
+        plain.paths()
+        == GeneratedDataSource(str(tmp_path), n_users=400, n_items=300, seed=3, group_brand_share=0.0).paths()
+    )
+    assert len({plain.paths(), branded.paths(), half.paths()}) == 3
+    a, b, c = plain.load(), branded.load(), half.load()
+    cols = [Columns.User, Columns.Item, Columns.Timestamp, Columns.Event]
+    assert a.interactions.select(cols).equals(b.interactions.select(cols))
+    assert a.items["description"].to_list() == b.items["description"].to_list()
+    rest = [t.split(" ", 1)[1] for t in a.items["title"]]
+    assert rest == [t.split(" ", 1)[1] for t in b.items["title"]]
+
+    group = branded.world().item_group
+
+    def brand_purity(titles) -> float:  # share of items whose brand's most common group is theirs
+        brand = np.array([t.split(" ", 1)[0] for t in titles])
+        frame = pl.DataFrame({"brand": brand, "group": group})
+        top = frame.group_by("brand").agg(pl.col("group").mode().first().alias("top"))
+        return float((frame.join(top, on="brand")["top"] == frame["group"]).mean())
+
+    # Random brands name a group by chance only (with ~7 items a brand, the mode fits some by luck).
+    assert brand_purity(b.items["title"]) == 1.0
+    assert brand_purity(a.items["title"]) < 0.6
+    assert brand_purity(a.items["title"]) < brand_purity(c.items["title"]) < brand_purity(b.items["title"])
+    for bad in (1.5, -0.1, float("nan"), "half"):
+        with pytest.raises(ConfigError, match="group_brand_share"):
+            GeneratedDataSource(str(tmp_path), group_brand_share=bad)
