@@ -106,6 +106,10 @@ VARIANTS: dict[str, tuple[dict, dict, bool]] = {
     "both_textpop30": ({}, {"text_popular": 30}, False),
     "both_textpop50": ({}, {"text_popular": 50}, False),
     "finetuned_one_stage": ({}, {}, True),
+    "both_binary": ({"objective": "binary"}, {}, False),
+    "both_next30": ({}, {"itemknn_next": 30}, False),
+    "both_next60": ({}, {"itemknn_next": 60}, False),
+    "both_binary_leaves31": ({"objective": "binary", "num_leaves": 31, "min_child_samples": 100}, {}, False),
 }
 # Variants whose rankers learn from the validation stage alone, beside others that also learn from
 # the earlier stages of ``--label-stages N``: one run compares the two on the same users.
