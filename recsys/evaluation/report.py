@@ -479,7 +479,14 @@ class Reporter:
             s.blocks.append(
                 Text(
                     f"Fine-tuning took {ft.get('text/minutes', float('nan')):.1f} min and "
-                    f"{int(ft.get('text/steps', 0)):,} steps (budget: {ft.get('budget_minutes')} min). Validation "
+                    f"{int(ft.get('text/steps', 0)):,} steps (budget: {ft.get('budget_minutes')} min"
+                    + (
+                        f" for training, which took {ft['text/train_minutes']:.1f}; the zero-shot validation, the "
+                        f"BERT's catalogue pass included, {ft['text/zeroshot_minutes']:.1f}"
+                        if "text/train_minutes" in ft and "text/zeroshot_minutes" in ft
+                        else ""
+                    )
+                    + "). Validation "
                     f"NDCG@10: zero-shot {ft.get('text/val_ndcg_at_10_zeroshot', float('nan')):.4f}, fine-tuned "
                     f"{ft.get('text/val_ndcg_at_10_finetuned', float('nan')):.4f}"
                     + (

@@ -87,6 +87,11 @@ def test_training_writes_bundle_and_report_with_every_section(tiny_run):
     md = (root / "out" / "report" / "report.md").read_text()
     for title in ("## Headline", "## Accuracy at K", "## Segments", "## Protocol card", "## Ablation"):
         assert title in md
+    # The time budget bounds training; the report tells it apart from the catalogue pass before it.
+    took = re.search(r"Fine-tuning took ([\d.]+) min .* which took ([\d.]+); the zero-shot validation.* ([\d.]+)\)", md)
+    assert took is not None
+    total, train, zero_shot = map(float, took.groups())
+    assert abs(train + zero_shot - total) <= 0.15
     client = mlflow.MlflowClient(tracking_uri=tracking_uri(root / "mlruns"))
     logged = {f.path for f in client.list_artifacts(run_id, "report")}
     assert {"report/report.html", "report/report.md", "report/metrics.json", "report/plots"} <= logged

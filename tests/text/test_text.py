@@ -279,7 +279,9 @@ def test_fine_tune_restores_the_best_checkpoint(block_world, tiny_encoder, tmp_p
 
     assert out is net and not net.training
     ndcgs = {"text/val_ndcg_at_10_zeroshot", "text/val_ndcg_at_10_finetuned", "text/kept_zeroshot"}
-    assert set(metrics) == ndcgs | {"text/steps", "text/minutes"}
+    assert set(metrics) == ndcgs | {"text/steps", "text/minutes", "text/zeroshot_minutes", "text/train_minutes"}
+    parts = metrics["text/zeroshot_minutes"] + metrics["text/train_minutes"]
+    assert metrics["text/train_minutes"] > 0 and parts == pytest.approx(metrics["text/minutes"], rel=0.05, abs=1e-3)
     assert all(0.0 <= metrics[k] <= 1.0 for k in ndcgs)
     assert metrics["text/steps"] == 9  # 3 epochs of 3 steps
     assert metrics["text/val_ndcg_at_10_finetuned"] == pytest.approx(float(ckpt.best_model_score))
