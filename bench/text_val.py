@@ -22,7 +22,6 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-import polars as pl
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
@@ -41,7 +40,7 @@ def main() -> None:
     a = p.parse_intermixed_args()
     torch.set_num_threads(a.threads)
     import recsys.config  # noqa: F401  (registers the config resolvers)
-    from recsys.columns import Columns
+    from recsys.data import listing_times
     from recsys.recommender import History
     from recsys.text.fit import fine_tune
     from recsys.text.options import check_options
@@ -57,9 +56,7 @@ def main() -> None:
         enc.embedding_cache.directory = Path(a.cache)
     ids, lens = enc.tokenize(data.texts)
     net = instantiate(cfg.text.net)(enc)
-    listed = None
-    if Columns.AvailableFrom in data.items.columns:
-        listed = data.items[Columns.AvailableFrom].cast(pl.Float64).fill_null(float("nan")).to_numpy()
+    listed = listing_times(data.items)  # as the job reads them
     dm = instantiate(cfg.text.data)(
         item_ids=ids,
         item_lengths=lens,

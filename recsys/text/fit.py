@@ -208,14 +208,15 @@ def fine_tune(
             zero_score,
         )
     net.eval()
+    t_end = time.perf_counter()
     metrics = {
         "text/val_ndcg_at_10_zeroshot": zero_score,
         "text/val_ndcg_at_10_finetuned": float(best_score),
         "text/kept_zeroshot": float(kept_zero_shot),
         "text/steps": float(steps),
-        "text/minutes": (time.perf_counter() - t0) / 60.0,
+        "text/minutes": (t_end - t0) / 60.0,
         "text/zeroshot_minutes": (t_train - t0) / 60.0,
-        "text/train_minutes": (time.perf_counter() - t_train) / 60.0,
+        "text/train_minutes": (t_end - t_train) / 60.0,
     }
     return net, metrics, [(0, zero_score, float(zero.get("val/ndcg_at_10_tail", float("nan")))), *curve]
 
