@@ -3,7 +3,7 @@
 The report is rebuilt from the run's evaluation bundle (``evaluation/`` artifacts), so it needs
 neither the models nor a GPU, and the same bundle and seed always give the same numbers.
 
-    python -m recsys.evaluate run_id=3f2a...                       # one run
+    python -m recsys.evaluate run_id=3f2a...                       # one run (a unique id prefix will do)
     python -m recsys.evaluate experiment_name=bert_ranker          # the latest run of an experiment
     python -m recsys.evaluate 'compare=[<run_a>,<run_b>]'          # run B against run A
 """
@@ -23,6 +23,8 @@ from recsys.errors import ConfigError, InputError, exit_on_user_error
 
 log = logging.getLogger("recsys.evaluate")
 
+MIN_PREFIX = 4  # shortest run-id prefix looked up
+
 
 class RunStore:
     """The MLflow runs of a tracking URI: find a run, fetch its bundle, log a report to it."""
@@ -35,13 +37,39 @@ class RunStore:
         self.uri = uri
         self.client = mlflow.MlflowClient(tracking_uri=uri)
 
-    def check_run(self, run_id: str) -> None:
+    def resolve(self, run_id: str) -> str:
+        """The full id of ``run_id``, or of the one run whose id starts with it (the docs and
+        logs quote the first 8 characters, as git does with commits)."""
         from mlflow.exceptions import MlflowException
 
         try:
-            self.client.get_run(run_id)
+            return self.client.get_run(run_id).info.run_id
         except MlflowException as e:
-            raise InputError(f"run {run_id} not found in {self.uri}") from e
+            missing = InputError(f"run {run_id} not found in {self.uri}")
+            prefix = run_id.lower()
+            if len(prefix) < MIN_PREFIX or any(c not in "0123456789abcdef" for c in prefix):
+                raise missing from e
+        matches = sorted(r for r in self._run_ids() if r.startswith(prefix))
+        if not matches:
+            raise missing
+        if len(matches) > 1:
+            raise InputError(
+                f"run id {run_id} is the start of {len(matches)} runs in {self.uri} "
+                f"({', '.join(matches[:5])}{', ...' if len(matches) > 5 else ''}): give more of the id"
+            )
+        return matches[0]
+
+    def _run_ids(self) -> list[str]:
+        """Every active run's id, all experiments."""
+        exps = [e.experiment_id for e in self.client.search_experiments()]
+        ids, token = [], None
+        while exps:
+            page = self.client.search_runs(exps, max_results=1000, page_token=token)
+            ids += [r.info.run_id for r in page]
+            token = page.token
+            if not token:
+                break
+        return ids
 
     def has_bundle(self, run_id: str) -> bool:
         from recsys.evaluation.bundle import BUNDLE_DIR
@@ -70,7 +98,6 @@ class RunStore:
 
         from recsys.evaluation.bundle import BUNDLE_DIR, read_bundle
 
-        self.check_run(run_id)
         if not self.has_bundle(run_id):
             raise InputError(
                 f"run {run_id} has no evaluation bundle ({BUNDLE_DIR}/protocol.json): it was trained before "
@@ -107,12 +134,16 @@ def run(cfg: DictConfig) -> list[Path]:
             ids = [str(x) for x in cfg.compare]
             if len(ids) != 2:
                 raise ConfigError(f"compare needs two run ids, compare=[<run_a>,<run_b>]; got {ids}")
+            ids = [store.resolve(r) for r in ids]
             a, b = (store.bundle(r, Path(tmp) / f"run{i}") for i, r in enumerate(ids))
             doc, numbers = compare_document(reporter, a, b)
             files = write_document(doc, numbers, out)
             target, folder = ids[1], f"report/compare_{ids[0]}"
         else:
-            run_id = str(cfg.run_id) if cfg.run_id is not None else store.latest(str(cfg.experiment_name))
+            if cfg.run_id is not None:
+                run_id = store.resolve(str(cfg.run_id))
+            else:
+                run_id = store.latest(str(cfg.experiment_name))
             files = reporter.write(store.bundle(run_id, Path(tmp)), out)
             target, folder = run_id, "report"
     if cfg.log_to_mlflow:

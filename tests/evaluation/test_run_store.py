@@ -1,0 +1,52 @@
+"""``RunStore.resolve``: a full run id, or a unique prefix of one; clear errors otherwise."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow.exceptions import MlflowException
+
+from recsys.errors import InputError
+from recsys.evaluate import RunStore
+
+IDS = ["3606c738aa11", "3606c7ffbb22", "4b4cb49c0000"]
+
+
+class _Run:
+    def __init__(self, run_id: str) -> None:
+        self.info = type("Info", (), {"run_id": run_id})()
+
+
+class _Client:
+    def get_run(self, run_id: str) -> _Run:
+        if run_id not in IDS:
+            raise MlflowException(f"Run '{run_id}' not found")
+        return _Run(run_id)
+
+
+@pytest.fixture
+def store(monkeypatch) -> RunStore:
+    s = RunStore.__new__(RunStore)  # no tracking server: the client is a stand-in
+    s.uri, s.client = "sqlite:///mlruns/mlflow.db", _Client()
+    monkeypatch.setattr(s, "_run_ids", lambda: list(IDS))
+    return s
+
+
+def test_full_id_and_unique_prefix(store):
+    assert store.resolve("4b4cb49c0000") == "4b4cb49c0000"
+    assert store.resolve("4b4cb49c") == "4b4cb49c0000"
+    assert store.resolve("3606C738") == "3606c738aa11"  # case does not matter
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ("3606c7", "run id 3606c7 is the start of 2 runs in sqlite:///mlruns/mlflow.db (3606c738aa11, 3606c7ffbb22)"),
+        ("deadbeef", "run deadbeef not found in sqlite:///mlruns/mlflow.db"),
+        ("4b4", "run 4b4 not found"),  # too short to be taken as a prefix
+        ("4b4c-zz", "run 4b4c-zz not found"),  # not hexadecimal
+    ],
+)
+def test_ambiguous_or_unknown_ids_are_named(store, given, message):
+    with pytest.raises(InputError, match="give more of the id" if "start of" in message else "not found") as e:
+        store.resolve(given)
+    assert message in str(e.value)
