@@ -112,6 +112,17 @@ class RunStore:
             self.client.log_artifact(run_id, str(f), str(Path(folder) / sub))
 
 
+def run_id_text(value: object) -> str:
+    """A run id from the command line as text. Hydra reads an unquoted ``1234e567`` (a possible id
+    prefix) as a float, which cannot be turned back into the id: that is an error with the fix."""
+    if isinstance(value, float | bool):
+        raise ConfigError(
+            f"a run id was read as the number {value!r}: quote it, e.g. run_id=\"'1234e567'\" or "
+            '\'compare=["<run A>","<run B>"]\''
+        )
+    return str(value)
+
+
 def run(cfg: DictConfig) -> list[Path]:
     """Write the report (or comparison) described by ``cfg``; returns the files written."""
     from hydra.utils import instantiate
@@ -131,7 +142,7 @@ def run(cfg: DictConfig) -> list[Path]:
     out = Path(cfg.output_dir)
     with tempfile.TemporaryDirectory(prefix="recsys-evaluate-") as tmp:
         if cfg.compare is not None:
-            ids = [str(x) for x in cfg.compare]
+            ids = [run_id_text(x) for x in cfg.compare]
             if len(ids) != 2:
                 raise ConfigError(f"compare needs two run ids, compare=[<run_a>,<run_b>]; got {ids}")
             ids = [store.resolve(r) for r in ids]
@@ -141,7 +152,7 @@ def run(cfg: DictConfig) -> list[Path]:
             target, folder = ids[1], f"report/compare_{ids[0]}"
         else:
             if cfg.run_id is not None:
-                run_id = store.resolve(str(cfg.run_id))
+                run_id = store.resolve(run_id_text(cfg.run_id))
             else:
                 run_id = store.latest(str(cfg.experiment_name))
             files = reporter.write(store.bundle(run_id, Path(tmp)), out)

@@ -151,7 +151,8 @@ def test_a_run_id_prefix_finds_the_run(tiny_run, tmp_path):
     """The docs and logs quote 8 characters of a run id; the entry point takes them."""
     root, run_id = tiny_run
     evaluate(root, tmp_path / "full", f"run_id={run_id}", "log_to_mlflow=false")
-    evaluate(root, tmp_path / "short", f"run_id={run_id[:8].upper()}", "log_to_mlflow=false")
+    # Quoted: unquoted, Hydra reads a prefix such as 1234e567 as a number (tests/evaluation/test_run_store.py).
+    evaluate(root, tmp_path / "short", f"run_id='{run_id[:8].upper()}'", "log_to_mlflow=false")
     full = json.loads((tmp_path / "full" / "metrics.json").read_text())
     assert json.loads((tmp_path / "short" / "metrics.json").read_text()) == full
     assert full["protocol"]["run_id"] == run_id

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from mlflow.exceptions import MlflowException
 
-from recsys.errors import InputError
-from recsys.evaluate import RunStore
+from recsys.errors import ConfigError, InputError
+from recsys.evaluate import RunStore, run_id_text
 
 IDS = ["3606c738aa11", "3606c7ffbb22", "4b4cb49c0000"]
 
@@ -50,3 +50,18 @@ def test_ambiguous_or_unknown_ids_are_named(store, given, message):
     with pytest.raises(InputError, match="give more of the id" if "start of" in message else "not found") as e:
         store.resolve(given)
     assert message in str(e.value)
+
+
+def test_a_run_id_read_as_a_number_says_how_to_quote_it():
+    """Hydra reads run_id=1234e567 as a float (here inf): the error says to quote it."""
+    from hydra import compose, initialize_config_dir
+
+    from recsys.config import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        unquoted = compose("evaluate", ["run_id=1234e567"]).run_id
+        quoted = compose("evaluate", ["run_id='1234e567'"]).run_id
+    assert isinstance(unquoted, float)
+    with pytest.raises(ConfigError, match="quote it"):
+        run_id_text(unquoted)
+    assert run_id_text(quoted) == "1234e567" and run_id_text(12345678) == "12345678"
