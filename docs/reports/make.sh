@@ -14,8 +14,9 @@ case "$name" in
   *) echo "unknown report '$name' (default, scientific, ml100k or mind)" >&2; exit 2 ;;
 esac
 cd "$(dirname "$0")/../.."
+# The run id is quoted for Hydra, which reads an id such as 1234e567... as a number.
 if [ $# -ge 2 ]; then
-  source=(run_id="$2")
+  source=(run_id="'$2'")
 else
   # The run id from the job's last line ("MLflow run <id>; ..."), not "the latest run of the
   # experiment": someone else may have started one since.
@@ -24,7 +25,7 @@ else
   run_id=$(sed -n 's/^MLflow run \([0-9a-f]*\);.*/\1/p' "$log")
   rm -f "$log"
   [ -n "$run_id" ] || { echo "no run id in the training output" >&2; exit 1; }
-  source=(run_id="$run_id")
+  source=(run_id="'$run_id'")
 fi
 rm -rf "docs/reports/$name"
 python -m recsys.evaluate "${source[@]}" output_dir="docs/reports/$name"
