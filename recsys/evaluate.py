@@ -44,14 +44,13 @@ class RunStore:
 
         try:
             return self.client.get_run(run_id).info.run_id
-        except MlflowException as e:
-            missing = InputError(f"run {run_id} not found in {self.uri}")
-            prefix = run_id.lower()
-            if len(prefix) < MIN_PREFIX or any(c not in "0123456789abcdef" for c in prefix):
-                raise missing from e
-        matches = sorted(r for r in self._run_ids() if r.startswith(prefix))
+        except MlflowException:
+            pass  # not a full id: perhaps a prefix of one
+        prefix = run_id.lower()
+        is_prefix = len(prefix) >= MIN_PREFIX and all(c in "0123456789abcdef" for c in prefix)
+        matches = sorted(r for r in self._run_ids() if r.startswith(prefix)) if is_prefix else []
         if not matches:
-            raise missing
+            raise InputError(f"run {run_id} not found in {self.uri}")
         if len(matches) > 1:
             raise InputError(
                 f"run id {run_id} is the start of {len(matches)} runs in {self.uri} "
