@@ -78,6 +78,53 @@ def exit_on_user_error(run: Callable[[], T]) -> T:
         sys.exit(2)
 
 
+# --- config values checked by name (one wording everywhere) -----------------------------------
+
+
+def require_whole(name: str, value: Any, low: int = 1, *, optional: bool = False) -> None:
+    """A ``ConfigError`` naming ``name`` unless ``value`` is an integer >= ``low`` (``None`` too
+    when ``optional``). ``True`` and ``2.0`` are not whole numbers here: YAML and Hydra's override
+    grammar keep booleans and floats apart from integers, so either is a typo."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        null = " or null" if optional else ""
+        raise ConfigError(f"{name} must be a whole number >= {low}{null}, got {value!r}")
+
+
+def require_number(
+    name: str,
+    value: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    optional: bool = False,
+) -> None:
+    """A ``ConfigError`` naming ``name`` unless ``value`` is an int or float within the bounds
+    (``low_open`` / ``high_open``: the bound itself is excluded; ``None`` passes when
+    ``optional``)."""
+    if value is None and optional:
+        return
+    number = not isinstance(value, bool) and isinstance(value, int | float)
+    inside = number and (
+        (low is None or (value > low if low_open else value >= low))
+        and (high is None or (value < high if high_open else value <= high))
+    )
+    if not inside:
+        if low is not None and high is not None:
+            bounds = f" in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        elif low is not None:
+            bounds = f" {'>' if low_open else '>='} {low}"
+        elif high is not None:
+            bounds = f" {'<' if high_open else '<='} {high}"
+        else:
+            bounds = ""
+        null = " or null" if optional else ""
+        raise ConfigError(f"{name} must be a number{bounds}{null}, got {value!r}")
+
+
 # What a reader of a broken pipeline folder can do about it: the files are only ever written
 # together, by ``TrainedPipeline.save`` at the end of training.
 PIPELINE_REPAIR = (

@@ -28,7 +28,7 @@ import scipy.sparse as sp
 from recsys.columns import Columns
 from recsys.data.dataset import Dataset, listing_times
 from recsys.data.split import Split
-from recsys.errors import ConfigError, InputError
+from recsys.errors import InputError, require_whole
 from recsys.evaluation.metrics import metric_table, ranking_metrics, relevance_matrix
 from recsys.rank.features import feature_columns
 from recsys.rank.fused import FusedRecommender, ranked_arrays
@@ -210,10 +210,8 @@ class FusionStage:
             "max_earlier_examined": max_earlier_examined,
         }
         for name, cap in caps.items():
-            if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
-                raise ConfigError(f"rank.{name} must be a whole number >= 1 or null, got {cap!r}")
-        if not isinstance(label_stages, int) or isinstance(label_stages, bool) or label_stages < 1:
-            raise ConfigError(f"rank.label_stages must be a whole number >= 1, got {label_stages!r}")
+            require_whole(f"rank.{name}", cap, optional=True)
+        require_whole("rank.label_stages", label_stages)
         self.fused = FusedRecommender(n_candidates, ranker)
         self.max_train_users = max_train_users
         self.seed = seed

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from recsys.errors import ConfigError, InputError
+from recsys.errors import InputError, require_number
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -150,8 +150,7 @@ def check_memory(
 ) -> float:
     """The estimated peak (GB); an ``InputError`` before any training when it exceeds ``limit_gb``
     (default: ``memory_limit_gb()``), naming the counts and the settings that lower it."""
-    if limit_gb is not None and (isinstance(limit_gb, bool) or not isinstance(limit_gb, int | float) or limit_gb <= 0):
-        raise ConfigError(f"memory_limit_gb must be a number of GB > 0 or null, got {limit_gb!r}")
+    require_number("memory_limit_gb", limit_gb, 0, low_open=True, optional=True)
     need = estimate_peak_gb(n_events, n_items, ranker_users, eval_users, candidates_per_user)
     limit = memory_limit_gb() if limit_gb is None else limit_gb
     if limit is not None and need > limit:

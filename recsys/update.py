@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import recsys.config  # noqa: E402,F401  (registers resolvers)
 from recsys.columns import Columns  # noqa: E402
-from recsys.errors import ConfigError, InputError, exit_on_user_error  # noqa: E402
+from recsys.errors import ConfigError, InputError, exit_on_user_error, require_whole  # noqa: E402
 
 log = logging.getLogger("recsys.update")
 
@@ -542,8 +542,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if tolerance < 0:
         raise ConfigError(f"gate.tolerance must be >= 0, got {tolerance}")
     warm = cfg.get("warm_iterations")
-    if warm is not None and (not isinstance(warm, int) or isinstance(warm, bool) or warm < 1):
-        raise ConfigError(f"warm_iterations must be a whole number >= 1 or null, got {warm!r}")
+    require_whole("warm_iterations", warm, optional=True)
     # Importing torch and transformers is most of what encoding a few new texts costs: a worker
     # process does that from the start, while this one reads the model and the new files. A
     # caller that has them imported already encodes in process.

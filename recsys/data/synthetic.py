@@ -35,7 +35,7 @@ import polars as pl
 from recsys.columns import Columns, Events
 from recsys.data.dataset import Dataset
 from recsys.data.files import FileDataSource
-from recsys.errors import ConfigError
+from recsys.errors import require_number
 
 TOPICS: dict[str, list[str]] = {
     "astronomy": "telescope galaxy orbit comet nebula planet lunar eclipse star observatory meteor asteroid cosmic lens eyepiece".split(),
@@ -460,10 +460,7 @@ class GeneratedDataSource:
             facet_affinity=facet_affinity,
             seed=seed,
         )
-        if isinstance(group_brand_share, bool) or not isinstance(group_brand_share, int | float):
-            raise ConfigError(f"data.group_brand_share must be a number in [0, 1], got {group_brand_share!r}")
-        if not 0.0 <= group_brand_share <= 1.0:
-            raise ConfigError(f"data.group_brand_share must be in [0, 1], got {group_brand_share}")
+        require_number("data.group_brand_share", group_brand_share, 0, 1)
         if group_brand_share:  # only when set, so the default data set keeps its cache folder
             self.spec["group_brand_share"] = float(group_brand_share)
         self.text_fields = list(text_fields)

@@ -16,7 +16,7 @@ import polars as pl
 
 from recsys.columns import Columns
 from recsys.data.split import Split
-from recsys.errors import ConfigError
+from recsys.errors import require_whole
 
 
 def sample_test_users(split: Split, max_users: int | None, seed: int) -> tuple[Split, int, int]:
@@ -29,8 +29,7 @@ def sample_test_users(split: Split, max_users: int | None, seed: int) -> tuple[S
     >>> (s.test.height, n, total)
     (2, 2, 4)
     """
-    if max_users is not None and (not isinstance(max_users, int) or max_users < 1):
-        raise ConfigError(f"eval.max_users must be a whole number >= 1 or null, got {max_users!r}")
+    require_whole("eval.max_users", max_users, optional=True)
     test, sampled, total = sample_users(split.test, max_users, seed)
     return (split if test is split.test else dataclasses.replace(split, test=test)), sampled, total
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys.columns import Columns
-from recsys.errors import ConfigError, InputError
+from recsys.errors import ConfigError, InputError, require_whole
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +144,7 @@ def export_spark(
     users = sorted(set(users))
     if not users:
         raise InputError("no users to score")
-    if partitions is not None and partitions < 1:
-        raise ConfigError(f"spark.partitions must be a whole number >= 1 or null, got {partitions!r}")
+    require_whole("spark.partitions", partitions, optional=True)
     # Parts of ~20k users: each task's model call is long enough to amortise its overhead, and
     # there are enough tasks to keep every executor busy.
     n_parts = partitions or max(spark.sparkContext.defaultParallelism, math.ceil(len(users) / 20_000))
@@ -239,8 +238,7 @@ def run_from_config(cfg) -> dict[str, Any]:
         raise ConfigError("engine=spark scores the histories stored with the model; histories= needs engine=local")
     spark_cfg = OmegaConf.to_container(cfg.spark, resolve=True) if "spark" in cfg else {}
     partitions = spark_cfg.get("partitions")
-    if partitions is not None and (not isinstance(partitions, int) or partitions < 1):
-        raise ConfigError(f"spark.partitions must be a whole number >= 1 or null, got {partitions!r}")
+    require_whole("spark.partitions", partitions, optional=True)
     users = read_user_list(str(cfg.users)) if cfg.users else None
     tracking = cfg.tracking_uri or tracking_uri(cfg.paths.mlruns_dir)
     conf = {str(key): str(v) for key, v in (spark_cfg.get("conf") or {}).items()}

@@ -11,7 +11,7 @@ import numpy as np
 import polars as pl
 
 from recsys.columns import Columns
-from recsys.errors import ConfigError, InputError
+from recsys.errors import ConfigError, InputError, require_whole
 
 if TYPE_CHECKING:
     import lightgbm as lgb
@@ -61,10 +61,8 @@ class LambdaMARTRanker:
         # Config values: one line and exit 2 from the entry points.
         if objective not in OBJECTIVES:
             raise ConfigError(f"ranker.objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-        if isinstance(bags, bool) or not isinstance(bags, int) or bags < 1:
-            raise ConfigError(f"ranker.bags must be a whole number >= 1, got {bags!r}")
-        if n_jobs is not None and (not isinstance(n_jobs, int) or isinstance(n_jobs, bool) or n_jobs < 1):
-            raise ConfigError(f"ranker.n_jobs must be a whole number >= 1 or null, got {n_jobs!r}")
+        require_whole("ranker.bags", bags)
+        require_whole("ranker.n_jobs", n_jobs, optional=True)
         self.params = dict(
             objective=objective,
             learning_rate=learning_rate,

@@ -26,7 +26,7 @@ import logging
 import torch
 from torch import nn
 
-from recsys.errors import ConfigError
+from recsys.errors import ConfigError, require_whole
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,7 @@ class InferenceCompiler:
     def __init__(self, mode: bool | str = "auto", min_items: int = 200_000) -> None:
         if not (mode is True or mode is False or mode == "auto"):
             raise ConfigError(f"encoder.compile must be true, false or 'auto', got {mode!r}")
-        if isinstance(min_items, bool) or not isinstance(min_items, int) or min_items < 1:
-            raise ConfigError(f"encoder.compile_min_items must be a positive integer, got {min_items!r}")
+        require_whole("encoder.compile_min_items", min_items)
         self.mode, self.min_items = mode, min_items
         self._weights: str | None = None
         self._module: nn.Module | None = None

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from recsys.errors import ConfigError
+from recsys.errors import ConfigError, require_whole
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,7 @@ def check_trainer(trainer: Mapping[str, Any], env: Mapping[str, str] | None = No
         )
     devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
     for name, v in (("devices", devices), ("num_nodes", nodes)):
-        if isinstance(v, bool) or not (isinstance(v, int) and v >= 1):
-            raise ConfigError(f"trainer.{name} must be a whole number >= 1, got {v!r}")
+        require_whole(f"trainer.{name}", v)
     accelerator = trainer.get("accelerator", "auto")
     gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     if accelerator not in ("cpu", "gpu", "cuda", "auto"):

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys.errors import ConfigError
+from recsys.errors import ConfigError, require_number, require_whole
 from recsys.recommender import recent_items
 from recsys.text.compiled import InferenceCompiler
 from recsys.text.packed import packed_mean_pool, supports_packing
@@ -146,10 +146,13 @@ class ItemEncoder(nn.Module):
         super().__init__()
         self.bert = bert
         self.tokenizer = tokenizer
-        if max_length != "auto" and not (isinstance(max_length, int) and max_length > 0):
+        if max_length != "auto" and (
+            isinstance(max_length, bool) or not (isinstance(max_length, int) and max_length > 0)
+        ):
             raise ConfigError(f"encoder.max_length must be a positive integer or 'auto', got {max_length!r}")
         self.max_length: int | str = max_length
         self.max_length_percentile = max_length_percentile
+        require_whole("encoder.num_layers", num_layers, optional=True)
         if num_layers is not None:
             layers = bert.encoder.layer
             if not 1 <= num_layers <= len(layers):
@@ -158,17 +161,15 @@ class ItemEncoder(nn.Module):
             bert.config.num_hidden_layers = num_layers
         self.precision = dict(precision) if precision is not None else dict(DEFAULT_PRECISION)
         self.embedding_cache = embedding_cache
+        require_number("encoder.dropout", dropout, 0, 1, high_open=True, optional=True)
         if dropout is not None:
-            if not 0.0 <= dropout < 1.0:
-                raise ConfigError(f"encoder.dropout must be in [0, 1), got {dropout}")
             for m in bert.modules():
                 if isinstance(m, nn.Dropout):
                     m.p = float(dropout)  # BERT's sdpa attention reads its dropout module's p too
             bert.config.hidden_dropout_prob = bert.config.attention_probs_dropout_prob = float(dropout)
         self.packed = bool(packed) and supports_packing(bert)
         self.compiler = InferenceCompiler(compile, compile_min_items)
-        if adapter_hidden is not None and not (isinstance(adapter_hidden, int) and adapter_hidden > 0):
-            raise ConfigError(f"encoder.adapter_hidden must be a positive integer or null, got {adapter_hidden!r}")
+        require_whole("encoder.adapter_hidden", adapter_hidden, optional=True)
         self.adapter = TextAdapter(self.dim, adapter_hidden) if adapter_hidden else None
 
     @classmethod

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
-from recsys.errors import ConfigError
+from recsys.errors import ConfigError, require_number, require_whole
 
 
 def check_options(
@@ -37,27 +37,20 @@ def check_options(
     check_data_options(
         **{k: data[k] for k in ("batch_size", "steps_per_epoch", "val_users", "uniform_negatives") if k in data}
     )
-    threads = module.get("train_threads")
-    if threads is not None and (isinstance(threads, bool) or not (isinstance(threads, int) and threads > 0)):
-        raise ConfigError(f"text.module.train_threads must be a positive whole number or null, got {threads!r}")
+    require_whole("text.module.train_threads", module.get("train_threads"), optional=True)
     for name in ("popularity_debias", "logq_correction", "lr_adapter"):
-        v = module.get(name)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or v < 0):
-            raise ConfigError(f"text.module.{name} must be a number >= 0, got {v!r}")
+        require_number(f"text.module.{name}", module.get(name), 0, optional=True)
 
 
 def check_data_options(**options: object) -> None:
     """``ConfigError`` naming the ``text.data`` option with a bad value."""
     for name, v in options.items():
-        low = 0 if name == "uniform_negatives" else 1
-        if isinstance(v, bool) or not (isinstance(v, int) and v >= low):
-            raise ConfigError(f"text.data.{name} must be a whole number >= {low}, got {v!r}")
+        require_whole(f"text.data.{name}", v, 0 if name == "uniform_negatives" else 1)
 
 
 def budget(minutes: float | None) -> timedelta | None:
     """``text.budget_minutes`` as the Trainer's ``max_time`` (``None``: no time limit)."""
     if minutes is None:
         return None
-    if isinstance(minutes, bool) or not isinstance(minutes, int | float) or not minutes > 0:
-        raise ConfigError(f"text.budget_minutes must be a positive number of minutes or null, got {minutes!r}")
+    require_number("text.budget_minutes", minutes, 0, low_open=True, optional=True)
     return timedelta(minutes=float(minutes))

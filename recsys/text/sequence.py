@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys.errors import ConfigError, InputError
+from recsys.errors import ConfigError, InputError, require_number, require_whole
 from recsys.text.encoder import UserEncoder, pad_histories
 
 #: ``text.user_tower`` values: the name of each user tower.
@@ -125,15 +125,11 @@ class SequenceUserEncoder(nn.Module):
 def check_sequence_options(**options: Any) -> None:
     """``ConfigError`` naming the ``text.sequence`` option with a bad value."""
     for name in ("width", "layers", "heads"):
-        v = options.get(name)
-        if v is not None and (isinstance(v, bool) or not (isinstance(v, int) and v >= 1)):
-            raise ConfigError(f"text.sequence.{name} must be a whole number >= 1, got {v!r}")
+        require_whole(f"text.sequence.{name}", options.get(name), optional=True)
     width, heads = options.get("width"), options.get("heads")
     if width is not None and heads is not None and width % heads:
         raise ConfigError(f"text.sequence.width ({width}) must be a multiple of text.sequence.heads ({heads})")
-    d = options.get("dropout")
-    if d is not None and (isinstance(d, bool) or not isinstance(d, int | float) or not 0 <= d < 1):
-        raise ConfigError(f"text.sequence.dropout must be a number in [0, 1), got {d!r}")
+    require_number("text.sequence.dropout", options.get("dropout"), 0, 1, high_open=True, optional=True)
     unknown = set(options) - {"width", "layers", "heads", "dropout"}
     if unknown:
         raise ConfigError(f"unknown text.sequence option(s): {', '.join(sorted(unknown))}")

@@ -105,8 +105,8 @@ def test_a_failing_compile_falls_back_to_eager_with_a_warning(tokenizer_path, mo
     [
         ({"compile": "yes"}, "encoder.compile must be true, false or 'auto'"),
         ({"compile": 1}, "encoder.compile must be true, false or 'auto'"),
-        ({"compile_min_items": 0}, "encoder.compile_min_items must be a positive integer"),
-        ({"compile_min_items": 2.5}, "encoder.compile_min_items must be a positive integer"),
+        ({"compile_min_items": 0}, "encoder.compile_min_items must be a whole number >= 1"),
+        ({"compile_min_items": 2.5}, "encoder.compile_min_items must be a whole number >= 1"),
     ],
 )
 def test_bad_compile_options_are_refused_by_name(tokenizer_path, kwargs, message):

@@ -1,0 +1,88 @@
+"""The two checks every numeric config value goes through (``recsys.errors.require_whole`` and
+``require_number``), and settings that reach them from the places that read config."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+
+from recsys.errors import ConfigError, require_number, require_whole
+
+
+@pytest.mark.parametrize("value", [1, 7, 10**9])
+def test_a_whole_number_at_or_above_the_bound_passes(value):
+    require_whole("x.n", value)
+
+
+@pytest.mark.parametrize(
+    ("value", "low", "optional", "message"),
+    [
+        (0, 1, False, "x.n must be a whole number >= 1, got 0"),
+        (-1, 0, False, "x.n must be a whole number >= 0, got -1"),
+        (True, 1, False, "x.n must be a whole number >= 1, got True"),
+        (2.0, 1, False, "x.n must be a whole number >= 1, got 2.0"),
+        ("3", 1, False, "x.n must be a whole number >= 1, got '3'"),
+        (None, 1, False, "x.n must be a whole number >= 1, got None"),
+        (0, 1, True, "x.n must be a whole number >= 1 or null, got 0"),
+    ],
+)
+def test_anything_else_is_a_config_error_that_names_the_setting(value, low, optional, message):
+    with pytest.raises(ConfigError) as e:
+        require_whole("x.n", value, low, optional=optional)
+    assert str(e.value) == message
+
+
+def test_none_passes_only_where_the_setting_is_optional():
+    require_whole("x.n", None, optional=True)
+    require_number("x.f", None, 0, optional=True)
+    with pytest.raises(ConfigError, match="x.f must be a number >= 0, got None"):
+        require_number("x.f", None, 0)
+
+
+@pytest.mark.parametrize(
+    ("value", "kwargs"),
+    [
+        (0, {"low": 0}),
+        (0.5, {"low": 0, "high": 1, "high_open": True}),
+        (1, {"low": 0, "high": 1}),
+        (1e-9, {"low": 0, "low_open": True}),
+        (-3.5, {}),
+    ],
+)
+def test_a_number_within_its_bounds_passes(value, kwargs):
+    require_number("x.f", value, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("value", "kwargs", "message"),
+    [
+        (1, {"low": 0, "high": 1, "high_open": True}, "x.f must be a number in [0, 1), got 1"),
+        (0, {"low": 0, "low_open": True}, "x.f must be a number > 0, got 0"),
+        (-0.1, {"low": 0}, "x.f must be a number >= 0, got -0.1"),
+        (2, {"high": 1, "high_open": True}, "x.f must be a number < 1, got 2"),
+        (1.5, {"low": 0, "high": 1}, "x.f must be a number in [0, 1], got 1.5"),
+        (False, {"low": 0}, "x.f must be a number >= 0, got False"),
+        ("0.5", {}, "x.f must be a number, got '0.5'"),
+        (0, {"low": 0, "low_open": True, "optional": True}, "x.f must be a number > 0 or null, got 0"),
+    ],
+)
+def test_a_number_outside_its_bounds_is_a_config_error(value, kwargs, message):
+    with pytest.raises(ConfigError) as e:
+        require_number("x.f", value, **kwargs)
+    assert str(e.value) == message
+
+
+def test_settings_that_took_a_boolean_for_a_count_now_refuse_it(tokenizer_path):
+    """``True`` is an int to Python; before these checks ``eval.max_users=true`` sampled one test
+    user and ``encoder.adapter_hidden=true`` built a one-unit adapter."""
+    from recsys.data.split import Split
+    from recsys.evaluation.sampling import sample_test_users
+    from recsys.text.encoder import ItemEncoder
+
+    t = pl.DataFrame({"user_idx": [0, 1, 2], "item_idx": [5, 6, 7]})
+    with pytest.raises(ConfigError, match="eval.max_users must be a whole number >= 1 or null, got True"):
+        sample_test_users(Split(t.head(0), t.head(0), t), True, seed=0)
+    with pytest.raises(ConfigError, match="encoder.adapter_hidden must be a whole number >= 1 or null, got True"):
+        ItemEncoder.random(tokenizer_path, adapter_hidden=True)
+    with pytest.raises(ConfigError, match=r"encoder.dropout must be a number in \[0, 1\) or null, got 'high'"):
+        ItemEncoder.random(tokenizer_path, dropout="high")
