@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -28,6 +28,17 @@ from recsys.topk import top_k
 # in blocks of exactly this many rows (zero-padded), so a user's scores do not depend on which
 # block, or how large a block, it was scored in: evaluation and every export chunk agree.
 ROW_BLOCK = 256
+
+# Cells (users x items) of one model's score block: the users of a block are as many as keep
+# each model's block near 64 MB of float32 (4,096 users at 4,000 items), and at least 256, so
+# that a block's memory does not grow with the catalogue (2,048 users at 150,000 items held
+# 1.2 GB per copy of the block).
+BLOCK_CELLS = 16_000_000
+
+
+def block_rows(n_items: int, most: int = 4096) -> int:
+    """Users per block for a catalogue of ``n_items``: a multiple of 256 in [256, ``most``]."""
+    return int(np.clip(BLOCK_CELLS // max(n_items, 1) // 256 * 256, 256, max(256, most)))
 
 
 def fixed_block_matmul(u: np.ndarray, vt: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -183,8 +194,9 @@ class Recommender(ABC):
     def score_users(self, users: np.ndarray) -> np.ndarray:
         """Scores of shape ``[len(users), n_items]`` (float32); higher is better."""
 
-    def score_pairs(self, users: np.ndarray, items: np.ndarray, chunk: int = 2048) -> np.ndarray:
-        """Score of each ``(users[j], items[j])`` pair, from ``score_users`` blocks of ``chunk`` users.
+    def score_pairs(self, users: np.ndarray, items: np.ndarray, chunk: int | None = None) -> np.ndarray:
+        """Score of each ``(users[j], items[j])`` pair, from ``score_users`` blocks of ``chunk``
+        users (default: ``block_rows`` of the catalogue, found from the first block).
 
         The pairs are grouped by user once, so each block reads only its own pairs: the cost is
         the blocks' users x items plus the pairs, not pairs x blocks. Models whose score of a
@@ -194,27 +206,40 @@ class Recommender(ABC):
         items = np.asarray(items)
         uniq, inverse = np.unique(users, return_inverse=True)
         order = np.argsort(inverse, kind="stable")
-        starts = np.arange(0, len(uniq), chunk)
-        bounds = np.searchsorted(inverse[order], np.r_[starts, len(uniq)])
-        for b, start in enumerate(starts):
-            scores = self.score_users(uniq[start : start + chunk])
-            sel = order[bounds[b] : bounds[b + 1]]
+        # Each block's pairs: the positions in ``order`` whose user falls in [start, stop).
+        sorted_users = inverse[order]
+        for start, stop, scores in self._score_blocks(uniq, chunk):
+            sel = order[np.searchsorted(sorted_users, start) : np.searchsorted(sorted_users, stop)]
             out[sel] = scores[inverse[sel] - start, items[sel]]
         return out
+
+    def _score_blocks(self, users: np.ndarray, chunk: int | None) -> Iterator[tuple[int, int, np.ndarray]]:
+        """``(start, stop, score_users(users[start:stop]))`` over ``users``, ``chunk`` users at a
+        time, or (``None``) ``ROW_BLOCK`` first and then ``block_rows`` of the catalogue those
+        scores show: the block's memory stays near ``BLOCK_CELLS`` cells whatever the catalogue."""
+        start, step = 0, chunk or ROW_BLOCK
+        while start < len(users):
+            stop = min(start + step, len(users))
+            scores = self.score_users(users[start:stop])
+            yield start, stop, scores
+            start = stop
+            if chunk is None:
+                step = block_rows(scores.shape[1])
 
     def recommend(
         self,
         users: np.ndarray,
         k: int,
         exclude: sp.csr_matrix | None = None,
-        chunk: int = 2048,
+        chunk: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` items per user, best first, skipping items set in ``exclude`` rows."""
+        """Top-``k`` items per user, best first, skipping items set in ``exclude`` rows; scored
+        ``chunk`` users at a time (default: ``block_rows`` of the catalogue)."""
         users = np.asarray(users, dtype=np.int64)
         all_items, all_scores = [], []
-        for start in range(0, len(users), chunk):
-            block = users[start : start + chunk]
-            scores = self.score_users(block).astype(np.float32, copy=True)
+        for start, stop, scores in self._score_blocks(users, chunk):
+            block = users[start:stop]
+            scores = scores.astype(np.float32, copy=True)
             items, top = top_k(mask_items(scores, None, None if exclude is None else exclude[block]), k)
             all_items.append(items)
             all_scores.append(top)

@@ -14,7 +14,15 @@ import pytest
 
 from recsys.cf import ALS, BPR, ItemKNN, Popularity, SequentialKNN
 from recsys.columns import Columns
-from recsys.recommender import DERIVED_SOURCES, History, NewItemText, PopularText, Recommender, derived_models
+from recsys.recommender import (
+    BLOCK_CELLS,
+    DERIVED_SOURCES,
+    History,
+    NewItemText,
+    PopularText,
+    Recommender,
+    derived_models,
+)
 from recsys.text.recommender import TextRecommender
 
 
@@ -322,3 +330,40 @@ def test_derived_sources_are_explained_in_the_text_space(request, block_world):
     item, sim = HistoryExplainer(models)(rows, h.sequences)
     assert (item >= 0).all() and np.isfinite(sim).all()
     assert len(set(item.tolist())) == 1 and np.ptp(sim) == 0
+
+
+class _RecordingScores(Recommender):
+    """Seeded random scores for ``n_items`` items; records how many users each call scored."""
+
+    def __init__(self, n_items: int) -> None:
+        self.n_items, self.calls = n_items, []
+
+    def fit(self, history):
+        return self
+
+    def score_users(self, users):
+        self.calls.append(len(users))
+        rng = np.random.default_rng(0)
+        base = rng.random(self.n_items, dtype=np.float32)
+        return base[None, :] + np.asarray(users, dtype=np.float32)[:, None] % 7
+
+
+@pytest.mark.parametrize(("n_items", "blocks"), [(1_000, [256, 4096, 648]), (150_000, [256] * 19 + [136])])
+def test_score_blocks_follow_the_catalogue_not_a_fixed_user_count(n_items, blocks):
+    """A block of 2,048 users was 1.2 GB of float32 at 150,000 items; now a block holds about
+    BLOCK_CELLS cells (at least 256 users, at most 4,096) whatever the catalogue."""
+    model = _RecordingScores(n_items)
+    users = np.arange(5_000)
+    items, scores = model.recommend(users, 5)
+    assert model.calls == blocks
+    assert max(c * n_items for c in model.calls[1:]) <= max(BLOCK_CELLS, 256 * n_items)
+    model.calls = []
+    items_fixed, scores_fixed = model.recommend(users, 5, chunk=2048)
+    assert model.calls == [2048, 2048, 904]
+    np.testing.assert_array_equal(items, items_fixed)
+    np.testing.assert_array_equal(scores, scores_fixed)
+    pairs_users = np.array([4_999, 0, 300, 300])
+    pairs_items = np.array([3, 1, 2, n_items - 1])
+    np.testing.assert_array_equal(
+        model.score_pairs(pairs_users, pairs_items), model.score_users(pairs_users)[np.arange(4), pairs_items]
+    )

@@ -99,7 +99,7 @@ class _FactorModel(_Saved):
     def score_users(self, users: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return fixed_block_matmul(self.user_factors[users], self.item_factors.T, out)
 
-    def score_pairs(self, users: np.ndarray, items: np.ndarray, chunk: int = 2048) -> np.ndarray:
+    def score_pairs(self, users: np.ndarray, items: np.ndarray, chunk: int | None = None) -> np.ndarray:
         return pair_scores(self.user_factors, self.item_factors, users, items)
 
     def _store(self, model, history: History) -> None:
@@ -434,7 +434,7 @@ class Popularity(_Saved):
     def constant_scores(self) -> np.ndarray | None:
         return self.counts if self.user_now is None else None
 
-    def score_pairs(self, users: np.ndarray, items: np.ndarray, chunk: int = 2048) -> np.ndarray:
+    def score_pairs(self, users: np.ndarray, items: np.ndarray, chunk: int | None = None) -> np.ndarray:
         if self.user_now is None:
             return self.counts[np.asarray(items, dtype=np.int64)].astype(np.float32)
         return super().score_pairs(users, items, chunk)

@@ -17,18 +17,9 @@ from recsys.columns import Columns
 from recsys.recommender import DerivedScores, History, Recommender, derived_bases, mask_items
 from recsys.topk import top_k
 
-# Cells (users x items) of one model's score block: the users of a block are as many as keep
-# each model's block near 64 MB of float32 (4,096 users at 4,000 items), and at least 256.
-BLOCK_CELLS = 16_000_000
-
 
 def rank_column(source: str) -> str:
     return f"rank_{source}"
-
-
-def block_rows(n_items: int, most: int = 4096) -> int:
-    """Users per block for a catalogue of ``n_items``: a multiple of 256 in [256, ``most``]."""
-    return int(np.clip(BLOCK_CELLS // max(n_items, 1) // 256 * 256, 256, max(256, most)))
 
 
 class ScoreBlock(Recommender):
@@ -71,7 +62,7 @@ class ScoreBlock(Recommender):
     def score_users(self, users: np.ndarray) -> np.ndarray:
         return self.scores[users]
 
-    def score_pairs(self, users: np.ndarray, items: np.ndarray, chunk: int = 2048) -> np.ndarray:
+    def score_pairs(self, users: np.ndarray, items: np.ndarray, chunk: int | None = None) -> np.ndarray:
         if self.constant is not None:
             return self.constant[items]
         return self.scores[users, items]

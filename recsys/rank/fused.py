@@ -18,11 +18,11 @@ import scipy.sparse as sp
 from recsys.columns import Columns
 from recsys.errors import ConfigError
 from recsys.kernels import kept_cells
-from recsys.rank.candidates import block_rows, generate_candidates, score_blocks
+from recsys.rank.candidates import generate_candidates, score_blocks
 from recsys.rank.features import build_features, item_statistics, user_statistics
 from recsys.rank.ranker import LambdaMARTRanker
 from recsys.rank.rules import CompiledRules, apply_rules_dense, ranked_rows
-from recsys.recommender import History, Recommender
+from recsys.recommender import History, Recommender, block_rows
 
 Timer = Callable[[str], contextlib.AbstractContextManager]
 
@@ -195,7 +195,7 @@ class _GlobalRows(Recommender):
     def score_users(self, users: np.ndarray) -> np.ndarray:  # pragma: no cover
         return self.block.score_users(np.searchsorted(self.users, users))
 
-    def score_pairs(self, users: np.ndarray, items: np.ndarray, chunk: int = 2048) -> np.ndarray:
+    def score_pairs(self, users: np.ndarray, items: np.ndarray, chunk: int | None = None) -> np.ndarray:
         return self.block.score_pairs(np.searchsorted(self.users, users), items)
 
 
