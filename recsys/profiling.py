@@ -90,21 +90,21 @@ class StageTimings(dict):
         return out
 
 
-# The peak-memory estimate of a training job, from row counts, calibrated on the generated data
-# set with bench/scale.py (2-core machine; at 10x 30k users, 4.7 M candidate rows per stage).
-# The libraries, the encoder and MLflow take up to 2 GB whatever the data; the largest tables are
-# the ranker's candidate frames (rows = users x candidates per user, ~35 feature columns and the
-# copies polars makes while joining them) and the evaluation's top-100 lists of every model:
-# together about 500 B per (user, candidate slot), where the slots are the sum of
-# rank.n_candidates (190) and the union holds ~160 distinct rows a user. Events cost about 300 B
-# each across the raw frame, the splits and the user x item matrices; each item about 5 KB (its
-# tokens and three 384-wide embedding tables). These figures were fitted when the evaluation
-# built all its lists at once (4.0 GB at 10x); it now builds them a model at a time and 10x
-# measures 3.2 GB (1x 1.6 GB): the estimate, 5.1 GB there, errs high by about 55 %.
-BASE_GB = 2.0
-BYTES_PER_CANDIDATE_ROW = 500
-BYTES_PER_EVENT = 300
-BYTES_PER_ITEM = 5000
+# The peak-memory estimate of a training job, from row counts. The libraries, the encoder and
+# MLflow take about 1.5 GB whatever the data. Candidate rows (users x the sum of
+# rank.n_candidates, 190 slots of which the union holds ~160 a user): the ranker's frames, ~35
+# feature columns and the copies polars makes while joining them. Events: the raw frame, the
+# splits, each stage's user x item matrices and CF factors, and the histories the saved pipelines
+# hold. Items: their tokens, the embedding tables and the item-kNN neighbours. The constants were
+# fitted to the per-stage peaks of one `python bench/scale.py --sizes 1,10,100` run (2-core
+# machine: 1.8, 4.2 and 10.7 GB, where the old 2 GB + 500 B a row + 300 B an event + 5 KB an item
+# said 2.6, 5.1 and 8.8) and rounded up: they say 2.1, 4.6 and 11.1 GB there, and 2.3 GB for
+# Amazon-Scientific's job (1.9 GB measured). At 100x the peak is the model save (its CF refit on
+# every event and the saved pipelines), no longer the evaluation.
+BASE_GB = 1.5
+BYTES_PER_CANDIDATE_ROW = 450
+BYTES_PER_EVENT = 1000
+BYTES_PER_ITEM = 7000
 
 
 def estimate_peak_gb(
@@ -116,7 +116,7 @@ def estimate_peak_gb(
     (``eval_users``) are not held together: the larger one counts.
 
     >>> round(estimate_peak_gb(42_000, 1_500, 3_000, 3_000, 170), 1)
-    2.3
+    1.8
     """
     rows = max(ranker_users, eval_users) * candidates_per_user
     extra = rows * BYTES_PER_CANDIDATE_ROW + n_events * BYTES_PER_EVENT + n_items * BYTES_PER_ITEM
