@@ -337,6 +337,43 @@ def test_average_models_predicts_and_explains_the_mean_of_its_models():
     np.testing.assert_allclose(merged.predict(x, pred_contrib=True), contrib, rtol=1e-7, atol=1e-9)
 
 
+def test_each_bag_learns_from_a_subset_of_the_binned_rows_as_from_its_own_rows():
+    """A bag trains on a LightGBM subset of the whole frame's binned Dataset (no matrix of its
+    own): the same model as one built from the fold's rows binned with the whole frame's bins."""
+    import lightgbm as lgb
+
+    from recsys.rank.ranker import average_models
+
+    frame, features, bags = planted(300, seed=0), ["noise_a", "signal", "noise_b"], 3
+    kw = dict(n_estimators=40, min_child_samples=5, early_stopping_rounds=5, seed=0, n_jobs=1)
+    ranker = LambdaMARTRanker(bags=bags, **kw).fit(frame, features)
+    # The folds as the ranker draws them: users in a seeded order, dealt round-robin.
+    order = np.random.default_rng(0).permutation(np.arange(300)).tolist()
+    fold = frame[Columns.UserIdx].replace_strict(dict(zip(order, np.arange(300) % bags, strict=True))).to_numpy()
+
+    def rows(keep, reference=None):
+        part = frame.filter(pl.Series(keep))
+        groups = part.group_by(Columns.UserIdx, maintain_order=True).len()["len"].to_numpy()
+        x, y = part.select(features).to_numpy(), part["label"].to_numpy()
+        return lgb.Dataset(x, label=y, group=groups, feature_name=features, reference=reference)
+
+    whole = rows(np.ones(frame.height, dtype=bool)).construct()
+    models = []
+    for k in range(bags):
+        booster = lgb.train(
+            {**ranker.params, "seed": k},
+            rows(fold != k, whole),
+            num_boost_round=40,
+            valid_sets=[rows(fold == k, whole)],
+            callbacks=[lgb.early_stopping(5, verbose=False)],
+        )
+        models.append(booster.model_to_string(num_iteration=booster.best_iteration or 40))
+    expected = lgb.Booster(model_str=average_models(models))
+    x = frame.select(features).to_numpy()
+    np.testing.assert_array_equal(ranker.booster.predict(x), expected.predict(x))
+    assert ranker.booster.num_trees() == expected.num_trees()
+
+
 def test_bagged_ranker_averages_one_model_per_fold_and_is_deterministic():
     train, test = planted(300, seed=0), planted(100, seed=1)
     features = ["noise_a", "signal", "noise_b"]
