@@ -97,13 +97,13 @@ class StageTimings(dict):
 # splits, each stage's user x item matrices and CF factors, and the histories the saved pipelines
 # hold. Items: their tokens, the embedding tables and the item-kNN neighbours. The constants were
 # fitted to the per-stage peaks of one `python bench/scale.py --sizes 1,10,100` run (2-core
-# machine: 1.8, 4.2 and 10.7 GB, where the old 2 GB + 500 B a row + 300 B an event + 5 KB an item
-# said 2.6, 5.1 and 8.8) and rounded up: they say 2.1, 4.6 and 11.1 GB there, and 2.3 GB for
-# Amazon-Scientific's job (1.9 GB measured). At 100x the peak is the model save (its CF refit on
-# every event and the saved pipelines), no longer the evaluation.
+# machine: 1.7, 3.5 and 10.7 GB; an exact fit is 1.38 GB + 251 B a row + 1.37 KB an event at
+# 7 KB an item) and rounded up: they say 1.9, 3.9 and 11.4 GB there (7-12 % high), and 2.1 GB for
+# Amazon-Scientific's job (1.86 GB measured). The peak is the evaluation report at 10x and the model save at 100x
+# (its CF refit on every event and the saved pipelines); the ranker's rows no longer are.
 BASE_GB = 1.5
-BYTES_PER_CANDIDATE_ROW = 450
-BYTES_PER_EVENT = 1000
+BYTES_PER_CANDIDATE_ROW = 300
+BYTES_PER_EVENT = 1400
 BYTES_PER_ITEM = 7000
 
 
@@ -116,7 +116,7 @@ def estimate_peak_gb(
     (``eval_users``) are not held together: the larger one counts.
 
     >>> round(estimate_peak_gb(42_000, 1_500, 3_000, 3_000, 170), 1)
-    1.8
+    1.7
     """
     rows = max(ranker_users, eval_users) * candidates_per_user
     extra = rows * BYTES_PER_CANDIDATE_ROW + n_events * BYTES_PER_EVENT + n_items * BYTES_PER_ITEM
