@@ -37,14 +37,18 @@ def run(cfg: DictConfig) -> dict[str, float]:
         fitted = stages.fit_validation(job, run_id, timings)  # fit on train
         evaluated = stages.evaluate_test(job, fitted, timings)  # refit on train + val, score test
         metrics = stages.record(job, fitted, evaluated, run_id, timings)
+        metrics.update(fitted.text_metrics)  # logged after fine-tuning; returned for optimized_metric
+        resume = fitted.resume
+        # The validation stage's models and history are done with: let them go before the model
+        # save refits CF on every event and loads each saved pipeline back.
+        del fitted
         rec_path = stages.export(job, evaluated, timings)
         with timings.stage("model_save"):
             model_uri = stages.deploy(job, evaluated)
         timings["total"] = time.perf_counter() - t_start
         metrics.update(stages.log_timings(job, timings))
-        metrics.update(fitted.text_metrics)  # logged after fine-tuning; returned for optimized_metric
         stages.print_summary(job, evaluated, run_id, model_uri, rec_path, timings["total"])
-        fitted.resume.finish(keep_best_in=job.out_dir / "checkpoints")  # done: a rerun starts afresh
+        resume.finish(keep_best_in=job.out_dir / "checkpoints")  # done: a rerun starts afresh
     return metrics
 
 
