@@ -96,14 +96,14 @@ class StageTimings(dict):
 # feature columns and the copies polars makes while joining them. Events: the raw frame, the
 # splits, each stage's user x item matrices and CF factors, and the histories the saved pipelines
 # hold. Items: their tokens, the embedding tables and the item-kNN neighbours. The constants were
-# fitted to the per-stage peaks of one `python bench/scale.py --sizes 1,10,100` run (2-core
-# machine: 1.7, 3.5 and 10.7 GB; an exact fit is 1.38 GB + 251 B a row + 1.37 KB an event at
-# 7 KB an item) and rounded up: they say 1.9, 3.9 and 11.4 GB there (7-12 % high), and 2.1 GB for
-# Amazon-Scientific's job (1.86 GB measured). The peak is the evaluation report at 10x and the model save at 100x
-# (its CF refit on every event and the saved pipelines); the ranker's rows no longer are.
+# fitted to the per-stage peaks of `python bench/scale.py` runs (2-core machine: 1.7, 3.5 and
+# 9.1 GB at 1x, 10x and 100x; an exact fit is 1.36 GB + 285 B a row + 940 B an event at 7 KB an
+# item) and rounded up: they say 1.9, 3.7 and 9.7 GB there (6-9 % high), and 2.1 GB for
+# Amazon-Scientific's job (1.86 GB measured). The peak is the evaluation report at 10x and the
+# model save at 100x (its CF refit on every event and the saved pipelines, loaded back once each).
 BASE_GB = 1.5
 BYTES_PER_CANDIDATE_ROW = 300
-BYTES_PER_EVENT = 1400
+BYTES_PER_EVENT = 1000
 BYTES_PER_ITEM = 7000
 
 
