@@ -40,7 +40,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import recsys.config  # noqa: E402,F401  (registers resolvers)
 from recsys.columns import Columns  # noqa: E402
-from recsys.errors import ConfigError, InputError, exit_on_user_error, require_whole  # noqa: E402
+from recsys.errors import ConfigError, InputError, exit_on_user_error, require_number, require_whole  # noqa: E402
 
 log = logging.getLogger("recsys.update")
 
@@ -538,9 +538,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     mode = str(cfg.cf_mode)
     if mode not in CF_MODES:
         raise ConfigError(f"cf_mode must be one of {list(CF_MODES)}, got {mode!r}")
+    require_number("gate.tolerance", cfg.gate.tolerance, 0)
     tolerance = float(cfg.gate.tolerance)
-    if tolerance < 0:
-        raise ConfigError(f"gate.tolerance must be >= 0, got {tolerance}")
     warm = cfg.get("warm_iterations")
     require_whole("warm_iterations", warm, optional=True)
     # Importing torch and transformers is most of what encoding a few new texts costs: a worker

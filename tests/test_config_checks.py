@@ -86,3 +86,26 @@ def test_settings_that_took_a_boolean_for_a_count_now_refuse_it(tokenizer_path):
         ItemEncoder.random(tokenizer_path, adapter_hidden=True)
     with pytest.raises(ConfigError, match=r"encoder.dropout must be a number in \[0, 1\) or null, got 'high'"):
         ItemEncoder.random(tokenizer_path, dropout="high")
+
+
+def test_weights_and_the_update_gate_refuse_what_is_not_a_number_by_name(tmp_path):
+    """Before these checks ``data.weight=heavy`` and ``gate.tolerance=lots`` failed in ``float()``
+    with a ValueError naming no setting."""
+    from omegaconf import OmegaConf
+
+    from recsys import update
+    from recsys.data.files import FileDataSource
+    from recsys.data.recbole import RecBoleDataSource
+
+    with pytest.raises(ConfigError, match="data.weight must be a number > 0, got 'heavy'"):
+        RecBoleDataSource(str(tmp_path), weight="heavy")
+    with pytest.raises(ConfigError, match="data.weight must be a number > 0, got 0"):
+        RecBoleDataSource(str(tmp_path), weight=0)
+    with pytest.raises(ConfigError, match="data.event_weights.click must be a number > 0, got -1"):
+        FileDataSource("i.csv", "items.csv", event_weights={"click": -1})
+    with pytest.raises(ConfigError, match="data.event_weights.view must be a number > 0, got 'x'"):
+        FileDataSource("i.csv", "items.csv", event_weights={"view": "x"})
+    for tolerance, shown in (("lots", "'lots'"), (-0.5, "-0.5")):
+        cfg = OmegaConf.create({"cf_mode": "refit", "gate": {"tolerance": tolerance}})
+        with pytest.raises(ConfigError, match=f"gate.tolerance must be a number >= 0, got {shown}"):
+            update.run(cfg)

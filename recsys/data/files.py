@@ -13,7 +13,7 @@ from recsys.data import validation as v
 from recsys.data.dataset import Dataset, IdMap
 from recsys.data.raw import check_policy, handle_duplicates
 from recsys.data.tables import read_table, require_scalar
-from recsys.errors import ConfigError, InputError
+from recsys.errors import ConfigError, InputError, require_number
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,7 @@ class FileDataSource:
         if not self.text_fields:
             raise ConfigError("data.text_fields is empty: name at least one item column to encode")
         for event, w in self.event_weights.items():
-            if not w > 0:
-                raise ConfigError(f"data.event_weights.{event} must be > 0, got {w}")
+            require_number(f"data.event_weights.{event}", w, 0, low_open=True)
 
     def _rename(self, df: pl.DataFrame) -> pl.DataFrame:
         mapping = {src: ours for ours, src in self.column_map.items() if src in df.columns and src != ours}

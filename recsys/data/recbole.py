@@ -18,7 +18,7 @@ from recsys.data.raw import (
     read_delimited,
     require_text,
 )
-from recsys.errors import ConfigError, InputError
+from recsys.errors import InputError, require_number
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +89,10 @@ class RecBoleDataSource:
         self.root = Path(root)
         self.dataset = dataset
         self.event = event
+        require_number("data.weight", weight, 0, low_open=True)
         self.weight = float(weight)
         self.duplicates = check_policy("duplicates", duplicates, DUPLICATE_POLICIES)
         self.name = name
-        if not self.weight > 0:
-            raise ConfigError(f"data.weight must be > 0, got {weight}")
         # Rows touched by a repair policy, by what was done; filled by load().
         self.report: dict[str, int] = {}
 
