@@ -23,7 +23,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import recsys.config  # noqa: E402  (registers resolvers; CONFIG_DIR)
-from recsys.errors import ConfigError, InputError, exit_on_user_error  # noqa: E402
+from recsys.errors import ConfigError, InputError, exit_on_user_error, require_whole  # noqa: E402
 
 log = logging.getLogger("recsys.recommend")
 
@@ -49,15 +49,9 @@ def resolve_model(model_uri: str, tracking: str | None) -> tuple[Path, dict]:
 
 
 def positive_int(cfg: DictConfig, key: str) -> int:
-    """``cfg[key]`` as an int >= 1, or a ``ConfigError`` naming the setting."""
-    value = cfg[key]
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        number = None
-    if number is None or number < 1 or number != value:
-        raise ConfigError(f"{key} must be a whole number >= 1, got {value!r}")
-    return number
+    """``cfg[key]`` as an int >= 1, or a ``ConfigError`` naming the setting (``require_whole``)."""
+    require_whole(key, cfg[key])
+    return cfg[key]
 
 
 def run(cfg: DictConfig):

@@ -631,6 +631,7 @@ def test_cli_export_refuses_a_bad_layout_before_loading_the_model(tmp_path, layo
         ("workers=0", "workers must be a whole number >= 1, got 0"),
         ("chunk_size=many", "chunk_size must be a whole number >= 1, got 'many'"),
         ("k=2.5", "k must be a whole number >= 1, got 2.5"),
+        ("k=true", "k must be a whole number >= 1, got True"),
     ],
 )
 def test_cli_export_refuses_bad_settings_before_loading_the_model(tmp_path, override, expected):
