@@ -30,6 +30,7 @@ from recsys.data.dataset import Dataset, listing_times
 from recsys.data.split import Split
 from recsys.errors import InputError, require_whole
 from recsys.evaluation.metrics import metric_table, ranking_metrics, relevance_matrix
+from recsys.progress import user_bar
 from recsys.rank.features import feature_columns
 from recsys.rank.fused import FusedRecommender, ranked_arrays
 from recsys.rank.ranker import LambdaMARTRanker
@@ -272,16 +273,19 @@ class FusionStage:
             include = include.unique().sort(Columns.UserIdx)
             at = include[Columns.UserIdx].to_numpy()
         parts = []
-        for b in self.fused.blocks(np.asarray(users, dtype=np.int64), history.n_items):
-            extra = None
-            if include is not None:
-                lo, hi = np.searchsorted(at, b[0], "left"), np.searchsorted(at, b[-1], "right")
-                extra = include.slice(int(lo), int(hi - lo))
-            parts.append(
-                self.fused.features(
-                    b, models, history, exclude, None, extra, item_stats, user_stats, timer=self._timer, keep=keep
+        users = np.asarray(users, dtype=np.int64)
+        with user_bar("candidates and features", len(users), history.n_items) as bar:
+            for b in self.fused.blocks(users, history.n_items):
+                extra = None
+                if include is not None:
+                    lo, hi = np.searchsorted(at, b[0], "left"), np.searchsorted(at, b[-1], "right")
+                    extra = include.slice(int(lo), int(hi - lo))
+                parts.append(
+                    self.fused.features(
+                        b, models, history, exclude, None, extra, item_stats, user_stats, timer=self._timer, keep=keep
+                    )
                 )
-            )
+                bar.update(len(b))
         return pl.concat(parts)
 
     def fit(self, validation: LabelledStage, earlier: Iterable[LabelledStage] = ()) -> FusionStage:
@@ -510,14 +514,13 @@ class HybridPipeline:
         """
         relevant = relevance_matrix(targets, users, n_items)
         recommended, scores, metrics = {}, {}, {}
-        for name, model in singles.items():
-            if exclude_seen:
-                items, sc = model.recommend(users, self.max_k, exclude=history.matrix if exclude is None else exclude)
-            else:
-                items, sc = model.recommend(users, self.max_k)
-            items = np.where(np.isfinite(sc), items, -1)
-            recommended[name], scores[name] = items, sc
-            metrics[name] = ranking_metrics(items, relevant, self.ks)
+        with user_bar("evaluate", len(users), n_items, len(singles)) as bar:
+            for name, model in singles.items():
+                seen = (history.matrix if exclude is None else exclude) if exclude_seen else None
+                items, sc = model.recommend(users, self.max_k, exclude=seen, progress=bar.update)
+                items = np.where(np.isfinite(sc), items, -1)
+                recommended[name], scores[name] = items, sc
+                metrics[name] = ranking_metrics(items, relevant, self.ks)
         items, sc, sources = fused
         recommended["fused"], scores["fused"] = items, sc
         metrics["fused"] = ranking_metrics(items, relevant, self.ks)

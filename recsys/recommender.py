@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -232,9 +232,11 @@ class Recommender(ABC):
         k: int,
         exclude: sp.csr_matrix | None = None,
         chunk: int | None = None,
+        progress: Callable[[int], Any] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` items per user, best first, skipping items set in ``exclude`` rows; scored
-        ``chunk`` users at a time (default: ``block_rows`` of the catalogue)."""
+        ``chunk`` users at a time (default: ``block_rows`` of the catalogue). ``progress`` is
+        called with each block's number of users once it is done (a progress bar's ``update``)."""
         users = np.asarray(users, dtype=np.int64)
         all_items, all_scores = [], []
         for start, stop, scores in self._score_blocks(users, chunk):
@@ -243,6 +245,8 @@ class Recommender(ABC):
             items, top = top_k(mask_items(scores, None, None if exclude is None else exclude[block]), k)
             all_items.append(items)
             all_scores.append(top)
+            if progress is not None:
+                progress(stop - start)
         if not all_items:
             return np.zeros((0, k), dtype=np.int64), np.zeros((0, k), dtype=np.float32)
         return np.concatenate(all_items), np.concatenate(all_scores)

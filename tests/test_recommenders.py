@@ -348,6 +348,27 @@ class _RecordingScores(Recommender):
         return base[None, :] + np.asarray(users, dtype=np.float32)[:, None] % 7
 
 
+def test_long_loops_report_each_scored_block_to_a_progress_bar(capsys):
+    """``recommend`` tells its caller each block's users (the evaluation's bar counts them);
+    ``user_bar`` prints only for loops of at least ``MIN_CELLS`` users x items x passes, so the
+    default data set's sub-second loops stay quiet and the 10x and 100x ones show progress."""
+    from recsys.progress import MIN_CELLS, user_bar
+
+    model = _RecordingScores(150_000)
+    done: list[int] = []
+    model.recommend(np.arange(1_000), 5, progress=done.append)
+    assert done == model.calls == [256, 256, 256, 232]
+    with user_bar("quiet loop", 3_000, 1_500, passes=7) as bar:  # the default data's evaluation
+        bar.update(3_000 * 7)
+        assert bar.disable
+    assert "quiet loop" not in capsys.readouterr().err
+    users = int(MIN_CELLS // 15_000) + 1
+    with user_bar("loud loop", users, 15_000) as bar:
+        bar.update(users)
+        assert not bar.disable and bar.n == bar.total == users
+    assert "loud loop" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("n_items", "blocks"), [(1_000, [256, 4096, 648]), (150_000, [256] * 19 + [136])])
 def test_score_blocks_follow_the_catalogue_not_a_fixed_user_count(n_items, blocks):
     """A block of 2,048 users was 1.2 GB of float32 at 150,000 items; now a block holds about

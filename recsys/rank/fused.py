@@ -18,6 +18,7 @@ import scipy.sparse as sp
 from recsys.columns import Columns
 from recsys.errors import ConfigError
 from recsys.kernels import kept_cells
+from recsys.progress import user_bar
 from recsys.rank.candidates import generate_candidates, score_blocks
 from recsys.rank.features import build_features, item_statistics, user_statistics
 from recsys.rank.ranker import LambdaMARTRanker
@@ -114,10 +115,15 @@ class FusedRecommender:
         ``block_users`` users at a time (``recommend_block``)."""
         self.check_sources(models)
         item_stats, user_stats = self.statistics(history, now)
-        parts = [
-            self.recommend_block(b, models, history, k, exclude, allowed, rules, item_stats, user_stats, timer=timer)[0]
-            for b in self.blocks(np.asarray(users, dtype=np.int64), history.n_items, block_users)
-        ]
+        users = np.asarray(users, dtype=np.int64)
+        parts = []
+        with user_bar("fused ranking", len(users), history.n_items) as bar:
+            for b in self.blocks(users, history.n_items, block_users):
+                block = self.recommend_block(
+                    b, models, history, k, exclude, allowed, rules, item_stats, user_stats, timer=timer
+                )
+                parts.append(block[0])
+                bar.update(len(b))
         return pl.concat(parts) if parts else empty_lists()
 
     @staticmethod

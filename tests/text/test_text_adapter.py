@@ -129,6 +129,16 @@ def test_without_learning_the_tuned_tower_is_the_zero_shot_one(tokenizer_path):
     assert out["tuned"] == pytest.approx(out["zero"], abs=1e-6)
 
 
+def test_the_catalogue_pass_while_fine_tuning_shows_a_progress_bar(tokenizer_path, capfd):
+    """The frozen BERT's catalogue pass (the zero-shot validation) is minutes at 150k items."""
+    encoder = ItemEncoder.random(tokenizer=tokenizer_path, seed=0, adapter_hidden=16)
+    ids, lengths = encoder.tokenize(["red tool kit", "blue glass jar"])
+    module = TextTowerModule(net=TwoTower(encoder, max_history=10), train_bert=False)
+    capfd.readouterr()
+    vectors = module._encode(encoder.base_vectors)(ids, lengths)
+    assert vectors.shape[0] == 2 and "encode items" in capfd.readouterr().err
+
+
 def test_adapter_starts_as_the_identity(tokenizer_path):
     z = torch.nn.functional.normalize(torch.randn(7, 32), dim=-1)
     torch.testing.assert_close(TextAdapter(32, 16)(z), z)
