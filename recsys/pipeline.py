@@ -273,19 +273,16 @@ class FusionStage:
             include = include.unique().sort(Columns.UserIdx)
             at = include[Columns.UserIdx].to_numpy()
         parts = []
-        users = np.asarray(users, dtype=np.int64)
-        with user_bar("candidates and features", len(users), history.n_items) as bar:
-            for b in self.fused.blocks(users, history.n_items):
-                extra = None
-                if include is not None:
-                    lo, hi = np.searchsorted(at, b[0], "left"), np.searchsorted(at, b[-1], "right")
-                    extra = include.slice(int(lo), int(hi - lo))
-                parts.append(
-                    self.fused.features(
-                        b, models, history, exclude, None, extra, item_stats, user_stats, timer=self._timer, keep=keep
-                    )
+        for b in self.fused.blocks(np.asarray(users, dtype=np.int64), history.n_items, desc="candidates and features"):
+            extra = None
+            if include is not None:
+                lo, hi = np.searchsorted(at, b[0], "left"), np.searchsorted(at, b[-1], "right")
+                extra = include.slice(int(lo), int(hi - lo))
+            parts.append(
+                self.fused.features(
+                    b, models, history, exclude, None, extra, item_stats, user_stats, timer=self._timer, keep=keep
                 )
-                bar.update(len(b))
+            )
         return pl.concat(parts)
 
     def fit(self, validation: LabelledStage, earlier: Iterable[LabelledStage] = ()) -> FusionStage:
@@ -514,9 +511,9 @@ class HybridPipeline:
         """
         relevant = relevance_matrix(targets, users, n_items)
         recommended, scores, metrics = {}, {}, {}
+        seen = (history.matrix if exclude is None else exclude) if exclude_seen else None
         with user_bar("evaluate", len(users), n_items, len(singles)) as bar:
             for name, model in singles.items():
-                seen = (history.matrix if exclude is None else exclude) if exclude_seen else None
                 items, sc = model.recommend(users, self.max_k, exclude=seen, progress=bar.update)
                 items = np.where(np.isfinite(sc), items, -1)
                 recommended[name], scores[name] = items, sc

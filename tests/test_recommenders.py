@@ -367,6 +367,13 @@ def test_long_loops_report_each_scored_block_to_a_progress_bar(capsys):
         bar.update(users)
         assert not bar.disable and bar.n == bar.total == users
     assert "loud loop" in capsys.readouterr().err
+    # The fused ranker's loops (candidates and features, the test users' ranking) count the
+    # blocks of ``FusedRecommender.blocks`` as each is done.
+    from recsys.rank.fused import FusedRecommender
+
+    blocks = list(FusedRecommender({}, None).blocks(np.arange(users), 15_000, desc="loud blocks"))
+    np.testing.assert_array_equal(np.concatenate(blocks), np.arange(users))
+    assert len(blocks) > 1 and "loud blocks" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("n_items", "blocks"), [(1_000, [256, 4096, 648]), (150_000, [256] * 19 + [136])])

@@ -48,11 +48,17 @@ class FusedRecommender:
         if unknown := set(self.n_candidates) - set(models):
             raise ConfigError(f"rank.n_candidates names unknown sources {sorted(unknown)}; known: {sorted(models)}")
 
-    def blocks(self, users: np.ndarray, n_items: int, block_users: int | None = None) -> Iterator[np.ndarray]:
-        """``users`` in blocks of ``block_users`` (default: ``block_rows(n_items)``)."""
+    def blocks(
+        self, users: np.ndarray, n_items: int, block_users: int | None = None, desc: str = "users"
+    ) -> Iterator[np.ndarray]:
+        """``users`` in blocks of ``block_users`` (default: ``block_rows(n_items)``), counted on a
+        progress bar named ``desc`` (``recsys.progress.user_bar``: large loops only) as each
+        block is done."""
         step = block_users or block_rows(n_items)
-        for s in range(0, len(users), step):
-            yield users[s : s + step]
+        with user_bar(desc, len(users), n_items) as bar:
+            for s in range(0, len(users), step):
+                yield users[s : s + step]
+                bar.update(min(step, len(users) - s))
 
     def features(
         self,
@@ -115,15 +121,10 @@ class FusedRecommender:
         ``block_users`` users at a time (``recommend_block``)."""
         self.check_sources(models)
         item_stats, user_stats = self.statistics(history, now)
-        users = np.asarray(users, dtype=np.int64)
-        parts = []
-        with user_bar("fused ranking", len(users), history.n_items) as bar:
-            for b in self.blocks(users, history.n_items, block_users):
-                block = self.recommend_block(
-                    b, models, history, k, exclude, allowed, rules, item_stats, user_stats, timer=timer
-                )
-                parts.append(block[0])
-                bar.update(len(b))
+        parts = [
+            self.recommend_block(b, models, history, k, exclude, allowed, rules, item_stats, user_stats, timer=timer)[0]
+            for b in self.blocks(np.asarray(users, dtype=np.int64), history.n_items, block_users, "fused ranking")
+        ]
         return pl.concat(parts) if parts else empty_lists()
 
     @staticmethod
