@@ -31,10 +31,11 @@ from recsys.data.split import Split
 from recsys.errors import InputError, require_whole
 from recsys.evaluation.metrics import metric_table, ranking_metrics, relevance_matrix
 from recsys.progress import user_bar
+from recsys.rank.candidates import ScoreBlock
 from recsys.rank.features import feature_columns
-from recsys.rank.fused import FusedRecommender, ranked_arrays
+from recsys.rank.fused import BlockReader, FusedRecommender, ranked_arrays
 from recsys.rank.ranker import LambdaMARTRanker
-from recsys.recommender import History, Recommender, top_k
+from recsys.recommender import History, Recommender, top_k, top_k_unseen
 
 log = logging.getLogger(__name__)
 
@@ -444,12 +445,51 @@ class FusionStage:
         history: History,
         k: int,
         exclude: sp.csr_matrix | None = None,
+        on_blocks: BlockReader | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Each user's fused top-``k`` as ``[len(users), k]`` items (-1 = none), scores and sources."""
+        """Each user's fused top-``k`` as ``[len(users), k]`` items (-1 = none), scores and sources.
+        ``on_blocks``: shown each block's score blocks (``BlockLists``)."""
         exclude = history.matrix if exclude is None else exclude
         users = np.asarray(users, dtype=np.int64)
-        lists = self.fused.recommend(users, models, history, k, exclude, timer=self._timer)
+        lists = self.fused.recommend(users, models, history, k, exclude, timer=self._timer, on_blocks=on_blocks)
         return ranked_arrays(lists, users, k)
+
+
+class BlockLists:
+    """Single models' top-``k`` lists read off the fused ranking's score blocks (its ``on_blocks``):
+    for a model that is a candidate source, the lists ``Recommender.recommend`` gives (the same
+    scores, masking and ``top_k_unseen``) without scoring every user x item a second time.
+
+    Args:
+        names: the models wanted; those that are no source of the ranking are simply not listed.
+        k: the length of each list.
+        exclude: the items each user's lists skip (row u for user u), as ``recommend`` takes it.
+    """
+
+    def __init__(self, names: Iterable[str], k: int, exclude: sp.csr_matrix | Exclusion | None) -> None:
+        self.names, self.k, self.exclude = set(names), k, exclude
+        self.users: list[np.ndarray] = []
+        self.parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+
+    def __call__(self, users: np.ndarray, blocks: Mapping[str, ScoreBlock]) -> None:
+        seen = None if self.exclude is None else self.exclude[users]
+        self.users.append(users)
+        for name in sorted(self.names & blocks.keys()):
+            d = blocks[name]
+            # The candidates may have masked this block in place already; masking again is a no-op.
+            got = top_k_unseen(d.scores, self.k, seen, constant=d.constant, in_place=True)
+            self.parts.setdefault(name, []).append(got)
+
+    def lists(self, users: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Each listed model's ``(items, scores)`` for ``users``, the users the ranking was given."""
+        seen = np.concatenate(self.users) if self.users else np.zeros(0, dtype=np.int64)
+        if not np.array_equal(seen, users):
+            raise ValueError("the lists were read for other users than those asked for")
+        return {
+            name: (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+            for name, parts in self.parts.items()
+            if len(parts) == len(self.users)
+        }
 
 
 def candidate_recall(labelled: pl.DataFrame) -> float:
@@ -501,8 +541,12 @@ class HybridPipeline:
         fused: tuple[np.ndarray, np.ndarray, np.ndarray],
         exclude_seen: bool = True,
         exclude: sp.csr_matrix | None = None,
+        listed: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
     ) -> StageResult:
         """Score each model's top-``max_k`` lists on ``targets``.
+
+        ``listed``: lists already made for some of ``singles`` (``BlockLists``, from the fused
+        ranking's score blocks, with the same exclusion); the other models are scored here.
 
         ``exclude_seen=False`` is the *published* protocol of sequential-recommendation papers:
         the evaluator does not remove history items from single models' rankings. The fused
@@ -512,9 +556,13 @@ class HybridPipeline:
         relevant = relevance_matrix(targets, users, n_items)
         recommended, scores, metrics = {}, {}, {}
         seen = (history.matrix if exclude is None else exclude) if exclude_seen else None
-        with user_bar("evaluate", len(users), n_items, len(singles)) as bar:
+        listed = (listed or {}) if exclude_seen else {}  # they skip the history: not the published protocol
+        with user_bar("evaluate", len(users), n_items, len(set(singles) - set(listed))) as bar:
             for name, model in singles.items():
-                items, sc = model.recommend(users, self.max_k, exclude=seen, progress=bar.update)
+                if name in listed:
+                    items, sc = listed[name]
+                else:
+                    items, sc = model.recommend(users, self.max_k, exclude=seen, progress=bar.update)
                 items = np.where(np.isfinite(sc), items, -1)
                 recommended[name], scores[name] = items, sc
                 metrics[name] = ranking_metrics(items, relevant, self.ks)

@@ -71,6 +71,68 @@ def mask_items(scores: np.ndarray, allowed: np.ndarray | None, seen: sp.csr_matr
     return scores
 
 
+def top_k_unseen(
+    scores: np.ndarray,
+    k: int,
+    seen: sp.csr_matrix | None,
+    allowed: np.ndarray | None = None,
+    *,
+    constant: np.ndarray | None = None,
+    in_place: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``top_k`` of every row of ``scores`` with each row's ``seen`` items (row r of ``seen`` is
+    row r of ``scores``) and items outside ``allowed`` at -inf: the one top-N after masking, for
+    evaluated lists, candidates and exported lists.
+
+    ``constant``: the one row every user of the block gets (``Recommender.constant_scores``);
+    its lists come from that row (``constant_top_k``) without reading the dense block, which may
+    be a broadcast view. ``in_place``: mask ``scores`` itself when it can be (writeable,
+    C-ordered float32) instead of a copy; the caller vouches that nobody else reads those cells.
+    Any other block is copied C-ordered: ``top_k`` reads rows, and a column-ordered block (a
+    broadcast row's copy keeps the broadcast's order) cost 16x more per cell at 150,000 items.
+    """
+    if constant is not None:
+        return constant_top_k(constant, seen, len(scores), k, allowed)
+    if not (in_place and scores.flags.writeable and scores.flags.c_contiguous and scores.dtype == np.float32):
+        scores = np.array(scores, dtype=np.float32, order="C", copy=True)
+    return top_k(mask_items(scores, allowed, seen), k)
+
+
+def constant_top_k(
+    row: np.ndarray, seen: sp.csr_matrix | None, n_rows: int, k: int, allowed: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``top_k`` of ``row`` repeated ``n_rows`` times with seen (``seen`` rows) and forbidden
+    items at -inf -- the same items and order for every finite cell -- without the dense block.
+
+    ``top_k`` puts the items in one order once; a user's list is then the first k of that order
+    it has not seen, found in a window of k + (most items any of these users has seen). Cells
+    beyond a user's valid items hold item 0 and -inf (``top_k`` puts other -inf items there;
+    every caller drops non-finite cells).
+    """
+    k = min(k, len(row))
+    order = top_k(row[None, :], len(row))[0][0]
+    if allowed is not None:
+        order = order[allowed[order]]
+    order = order[np.isfinite(row[order])]
+    most_seen = int(np.diff(seen.indptr).max(initial=0)) if seen is not None else 0
+    window = order[: k + most_seen]
+    blocked = np.zeros((n_rows, len(window)), dtype=bool)
+    if seen is not None and seen.nnz:
+        where = np.full(len(row), -1, dtype=np.int64)
+        where[window] = np.arange(len(window))
+        r = np.repeat(np.arange(n_rows), np.diff(seen.indptr))
+        p = where[seen.indices]
+        blocked[r[p >= 0], p[p >= 0]] = True
+    take = ~blocked & (np.cumsum(~blocked, axis=1) <= k)
+    r, c = np.nonzero(take)  # row-major: each row's items in the shared order
+    pos = np.arange(len(r)) - np.searchsorted(r, np.arange(n_rows))[r]
+    idx = np.zeros((n_rows, k), dtype=np.int64)
+    top = np.full((n_rows, k), -np.inf, dtype=np.float32)
+    idx[r, pos] = window[c]
+    top[r, pos] = row[window[c]]
+    return idx, top
+
+
 def recent_items(histories: Sequence[np.ndarray], n: int) -> np.ndarray:
     """``[len(histories), n]`` int64: the last ``n`` items of each history, most recent first,
     padded with -1."""
@@ -213,14 +275,20 @@ class Recommender(ABC):
             out[sel] = scores[inverse[sel] - start, items[sel]]
         return out
 
-    def _score_blocks(self, users: np.ndarray, chunk: int | None) -> Iterator[tuple[int, int, np.ndarray]]:
+    def _score_blocks(
+        self, users: np.ndarray, chunk: int | None, constant: np.ndarray | None = None
+    ) -> Iterator[tuple[int, int, np.ndarray]]:
         """``(start, stop, score_users(users[start:stop]))`` over ``users``, ``chunk`` users at a
         time, or (``None``) ``ROW_BLOCK`` first and then ``block_rows`` of the catalogue those
-        scores show: the block's memory stays near ``BLOCK_CELLS`` cells whatever the catalogue."""
+        scores show: the block's memory stays near ``BLOCK_CELLS`` cells whatever the catalogue.
+        ``constant``: the model's one shared row, broadcast instead of scored."""
         start, step = 0, chunk or ROW_BLOCK
         while start < len(users):
             stop = min(start + step, len(users))
-            scores = self.score_users(users[start:stop])
+            if constant is None:
+                scores = self.score_users(users[start:stop])
+            else:
+                scores = np.broadcast_to(constant, (stop - start, len(constant)))
             yield start, stop, scores
             start = stop
             if chunk is None:
@@ -238,11 +306,14 @@ class Recommender(ABC):
         ``chunk`` users at a time (default: ``block_rows`` of the catalogue). ``progress`` is
         called with each block's number of users once it is done (a progress bar's ``update``)."""
         users = np.asarray(users, dtype=np.int64)
+        constant = self.constant_scores()
+        if constant is not None:
+            constant = np.asarray(constant, dtype=np.float32)
         all_items, all_scores = [], []
-        for start, stop, scores in self._score_blocks(users, chunk):
+        for start, stop, scores in self._score_blocks(users, chunk, constant):
             block = users[start:stop]
-            scores = scores.astype(np.float32, copy=True)
-            items, top = top_k(mask_items(scores, None, None if exclude is None else exclude[block]), k)
+            seen = None if exclude is None else exclude[block]
+            items, top = top_k_unseen(scores, k, seen, constant=constant)
             all_items.append(items)
             all_scores.append(top)
             if progress is not None:

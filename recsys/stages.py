@@ -286,7 +286,7 @@ def _earlier_stages(job: Job, text: TextRecommender, zero_text: TextRecommender 
 def evaluate_test(job: Job, val: Fitted, timings: StageTimings) -> Evaluated:
     """Refit CF on train + validation (``cf_fit_test``), rank the test users (``test_rank``) and
     score every model on the untouched test events (``evaluate``)."""
-    from recsys.pipeline import stage_exclusion, stage_history
+    from recsys.pipeline import BlockLists, stage_exclusion, stage_history
     from recsys.recommender import derived_models
 
     cfg, data, split, targets = job.cfg, job.data, job.split, job.eval_split.test
@@ -302,13 +302,16 @@ def evaluate_test(job: Job, val: Fitted, timings: StageTimings) -> Evaluated:
             if "text_zeroshot" in val.models:
                 models["text_zeroshot"] = val.zero_text
         exclude = stage_exclusion(history, data.items, targets)
-        fused = job.fusion.recommend(job.test_users, models, history, cfg.eval.max_k, exclude)
-    with timings.stage("evaluate"):
         singles = {name: m for name, m in models.items() if m.is_feature}
         if val.zero_text is not None:
             singles["text_zeroshot"] = val.zero_text
+        # The candidate sources' own lists come from the score blocks the fused ranking reads.
+        shared = BlockLists(singles, cfg.eval.max_k, exclude)
+        fused = job.fusion.recommend(job.test_users, models, history, cfg.eval.max_k, exclude, on_blocks=shared)
+    with timings.stage("evaluate"):
         evaluate = job.pipeline.evaluate
-        result = evaluate(job.test_users, targets, data.n_items, singles, history, fused, True, exclude)
+        listed = shared.lists(job.test_users)
+        result = evaluate(job.test_users, targets, data.n_items, singles, history, fused, True, exclude, listed)
         tables = {"test": result.table}
         if cfg.eval.published:
             published = evaluate(job.test_users, targets, data.n_items, singles, history, fused, False)

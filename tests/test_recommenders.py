@@ -24,6 +24,7 @@ from recsys.recommender import (
     derived_models,
 )
 from recsys.text.recommender import TextRecommender
+from recsys.topk import top_k
 
 
 def fit_text(request, trained: bool) -> Recommender:
@@ -173,6 +174,30 @@ def test_popularity_window_counts_recent_events_only():
     h = History(events([0, 1, 2, 0], [0, 0, 0, 1], [0, 0, 0, 30 * 86400]), 3, 2)
     assert Popularity().fit(h).counts.tolist() == [3.0, 1.0]
     assert Popularity(window_days=7).fit(h).counts.tolist() == [0.0, 1.0]
+
+
+def test_a_shared_score_row_is_ranked_once_not_scored_per_user(block_world):
+    """Popularity gives every user one row: its lists come from that row's order
+    (``constant_top_k``) without a dense users x items block, which at 150,000 items cost 16x
+    a scored block's time per cell (a broadcast row's copy is column-ordered). The lists equal
+    the dense block's masked top-k, ties and all."""
+    h = block_world.history
+    model = Popularity().fit(h)
+    counts = model.score_users(np.array([0]))[0].copy()
+    users = np.arange(h.n_users)
+
+    def no_dense_block(users):
+        raise AssertionError("a dense block was scored")
+
+    model.score_users = no_dense_block
+    items, scores = model.recommend(users, 12, exclude=h.matrix, chunk=7)
+    dense = np.tile(counts.astype(np.float32), (len(users), 1))
+    dense[h.matrix.nonzero()] = -np.inf
+    want_items, want_scores = top_k(dense, 12)
+    finite = np.isfinite(want_scores)
+    np.testing.assert_array_equal(np.isfinite(scores), finite)
+    np.testing.assert_array_equal(items[finite], want_items[finite])
+    np.testing.assert_array_equal(scores[finite], want_scores[finite])
 
 
 @pytest.mark.parametrize("model", [ALS(factors=4, iterations=5, seed=0), BPR(factors=4, iterations=5, seed=0)])

@@ -14,8 +14,7 @@ import polars as pl
 import scipy.sparse as sp
 
 from recsys.columns import Columns
-from recsys.recommender import DerivedScores, History, Recommender, derived_bases, mask_items
-from recsys.topk import top_k
+from recsys.recommender import DerivedScores, History, Recommender, derived_bases, top_k_unseen
 
 
 def rank_column(source: str) -> str:
@@ -153,51 +152,6 @@ def generate_candidates(
 def masked_top_k(
     d: ScoreBlock, k: int, seen: sp.csr_matrix | None, allowed: np.ndarray | None, in_place: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``top_k`` of every row of ``d`` with seen items (row r of ``seen`` is row r of ``d``) and
-    items outside ``allowed`` at -inf: the one masking step before every top-N (candidates and
-    single-model lists).
-
-    ``in_place``: mask ``d.scores`` itself when it can be (writeable, C-ordered) instead of a
-    copy; the caller vouches that nobody else reads those cells.
-    """
-    if d.constant is not None:  # one shared row: no dense block needed
-        return constant_top_k(d.constant, seen, len(d.scores), k, allowed)
-    sc = d.scores
-    if not (in_place and sc.flags.writeable and sc.flags.c_contiguous and sc.dtype == np.float32):
-        sc = np.array(sc, dtype=np.float32, order="C", copy=True)
-    return top_k(mask_items(sc, allowed, seen), k)
-
-
-def constant_top_k(
-    row: np.ndarray, seen: sp.csr_matrix | None, n_rows: int, k: int, allowed: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """``top_k`` of ``row`` repeated ``n_rows`` times with seen (``seen`` rows) and forbidden
-    items at -inf -- the same items and order for every finite cell -- without the dense block.
-
-    ``top_k`` puts the items in one order once; a user's list is then the first k of that order
-    it has not seen, found in a window of k + (most items any of these users has seen). Cells
-    beyond a user's valid items hold item 0 and -inf (``top_k`` puts other -inf items there;
-    every caller drops non-finite cells).
-    """
-    k = min(k, len(row))
-    order = top_k(row[None, :], len(row))[0][0]
-    if allowed is not None:
-        order = order[allowed[order]]
-    order = order[np.isfinite(row[order])]
-    most_seen = int(np.diff(seen.indptr).max(initial=0)) if seen is not None else 0
-    window = order[: k + most_seen]
-    blocked = np.zeros((n_rows, len(window)), dtype=bool)
-    if seen is not None and seen.nnz:
-        where = np.full(len(row), -1, dtype=np.int64)
-        where[window] = np.arange(len(window))
-        r = np.repeat(np.arange(n_rows), np.diff(seen.indptr))
-        p = where[seen.indices]
-        blocked[r[p >= 0], p[p >= 0]] = True
-    take = ~blocked & (np.cumsum(~blocked, axis=1) <= k)
-    r, c = np.nonzero(take)  # row-major: each row's items in the shared order
-    pos = np.arange(len(r)) - np.searchsorted(r, np.arange(n_rows))[r]
-    idx = np.zeros((n_rows, k), dtype=np.int64)
-    top = np.full((n_rows, k), -np.inf, dtype=np.float32)
-    idx[r, pos] = window[c]
-    top[r, pos] = row[window[c]]
-    return idx, top
+    """``top_k_unseen`` of a score block (its shared row when it has one): the one masking step
+    before every top-N (candidates and single-model lists)."""
+    return top_k_unseen(d.scores, k, seen, allowed, constant=d.constant, in_place=in_place)

@@ -19,13 +19,16 @@ from recsys.columns import Columns
 from recsys.errors import ConfigError
 from recsys.kernels import kept_cells
 from recsys.progress import user_bar
-from recsys.rank.candidates import generate_candidates, score_blocks
+from recsys.rank.candidates import ScoreBlock, generate_candidates, score_blocks
 from recsys.rank.features import build_features, item_statistics, user_statistics
 from recsys.rank.ranker import LambdaMARTRanker
 from recsys.rank.rules import CompiledRules, apply_rules_dense, ranked_rows
 from recsys.recommender import History, Recommender, block_rows
 
 Timer = Callable[[str], contextlib.AbstractContextManager]
+# Shown each block's users and its sources' score blocks, after the candidates (which may have
+# masked a block's excluded items in place).
+BlockReader = Callable[[np.ndarray, Mapping[str, ScoreBlock]], None]
 
 
 def _no_timer(stage: str) -> contextlib.AbstractContextManager:
@@ -73,6 +76,7 @@ class FusedRecommender:
         buffer: Callable[[str, int], np.ndarray | None] | None = None,
         timer: Timer = _no_timer,
         keep: Callable[[pl.DataFrame], pl.DataFrame] | None = None,
+        on_blocks: BlockReader | None = None,
     ) -> pl.DataFrame:
         """Candidates and features of one block of ``users`` (sorted rows of ``history`` and
         ``exclude``).
@@ -83,6 +87,8 @@ class FusedRecommender:
         ``item_stats``/``user_stats``: as ``build_features`` takes them (pass them when calling
         block by block, computed once). ``keep``: applied to the candidates before their
         features are built (the ranker's training adds labels and drops users it cannot learn from).
+        ``on_blocks(users, blocks)``: shown the sources' score blocks once the features are built
+        (the evaluation takes those models' own lists from them instead of scoring them again).
         """
         self.check_sources(models)
         users = np.asarray(users, dtype=np.int64)
@@ -101,7 +107,10 @@ class FusedRecommender:
             # A source's block answers for its candidates; every other model scores the pairs.
             by_row = {n: _GlobalRows(b, users) for n, b in blocks.items()}
             scorers = {n: by_row.get(n, m) for n, m in models.items() if m.is_feature}
-            return build_features(cands, history, scorers, list(self.n_candidates), item_stats, user_stats)
+            feats = build_features(cands, history, scorers, list(self.n_candidates), item_stats, user_stats)
+        if on_blocks is not None:
+            on_blocks(users, blocks)
+        return feats
 
     def recommend(
         self,
@@ -115,14 +124,17 @@ class FusedRecommender:
         now: int | None = None,
         block_users: int | None = None,
         timer: Timer = _no_timer,
+        on_blocks: BlockReader | None = None,
     ) -> pl.DataFrame:
         """Top-``k`` of every user in ``users`` (sorted): ``user_idx, item_idx, score, rank, source``
         ordered by user, then rank; ties in score go to the lower item index. Blocks of
-        ``block_users`` users at a time (``recommend_block``)."""
+        ``block_users`` users at a time (``recommend_block``); ``on_blocks``: as ``features``."""
         self.check_sources(models)
         item_stats, user_stats = self.statistics(history, now)
         parts = [
-            self.recommend_block(b, models, history, k, exclude, allowed, rules, item_stats, user_stats, timer=timer)[0]
+            self.recommend_block(
+                b, models, history, k, exclude, allowed, rules, item_stats, user_stats, timer=timer, on_blocks=on_blocks
+            )[0]
             for b in self.blocks(np.asarray(users, dtype=np.int64), history.n_items, block_users, "fused ranking")
         ]
         return pl.concat(parts) if parts else empty_lists()
@@ -149,6 +161,7 @@ class FusedRecommender:
         matrix: Callable[[pl.DataFrame], np.ndarray] | None = None,
         predict: Callable[[np.ndarray], np.ndarray] | None = None,
         timer: Timer = _no_timer,
+        on_blocks: BlockReader | None = None,
     ) -> tuple[pl.DataFrame, np.ndarray, np.ndarray]:
         """One block of ``recommend``; also returns the ranker's feature matrix ``x`` and, per
         output row, its row of ``x`` (the export explains rows from them).
@@ -157,7 +170,9 @@ class FusedRecommender:
         (default: ``ranker.features`` as float64 with nulls as NaN; the booster at its best
         iteration): the export passes its own, with buffers kept from block to block.
         """
-        feats = self.features(users, models, history, exclude, allowed, None, item_stats, user_stats, buffer, timer)
+        feats = self.features(
+            users, models, history, exclude, allowed, None, item_stats, user_stats, buffer, timer, on_blocks=on_blocks
+        )
         with timer("ranker"):
             x = (matrix or self.ranker.matrix)(feats)
             pred = np.asarray((predict or self.ranker.predict_matrix)(x), dtype=np.float32)

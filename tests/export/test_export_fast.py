@@ -14,8 +14,9 @@ from recsys.columns import Columns
 from recsys.export.engine import Engine, ExplainOptions
 from recsys.pipeline_model import TrainedPipeline
 from recsys.rank import explain as explain_module
-from recsys.rank.candidates import ScoreBlock, constant_top_k, generate_candidates, score_blocks
+from recsys.rank.candidates import ScoreBlock, generate_candidates, score_blocks
 from recsys.rank.rules import BusinessRules, apply_rules
+from recsys.recommender import constant_top_k
 from recsys.topk import top_k
 
 

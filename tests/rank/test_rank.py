@@ -294,6 +294,30 @@ def test_fused_pair_scores_equal_the_ranked_lists_and_cover_pairs_outside_the_ca
     assert got.shape == (tiny_dataset.n_items,) and np.isfinite(got).all()
 
 
+def test_the_sources_lists_read_off_the_fused_rankings_blocks_equal_their_own(stage, tiny_dataset):
+    """The evaluation takes each candidate source's top-k from the score blocks the fused
+    ranking scored (``BlockLists``) instead of scoring every user x item again: the lists must
+    be those ``Recommender.recommend`` gives, whatever the blocks and the in-place masking."""
+    from recsys.pipeline import BlockLists, FusionStage, LabelledStage
+
+    users, hist, models = stage
+    split = LeaveLastOutSplit().split(tiny_dataset.interactions)
+    ranker = LambdaMARTRanker(n_estimators=5, min_child_samples=5, seed=0)
+    fusion = FusionStage({"itemknn": 8, "popularity": 4}, ranker).fit(LabelledStage(users, models, hist, split.val))
+    shared = BlockLists(["itemknn", "popularity", "not_a_source"], 30, hist.matrix)
+    fusion.fused.recommend(users, models, hist, 5, hist.matrix, block_users=7, on_blocks=shared)
+    lists = shared.lists(users)
+    assert sorted(lists) == ["itemknn", "popularity"] and len(shared.users) > 1
+    for name, (items, scores) in lists.items():
+        want_items, want_scores = models[name].recommend(users, 30, exclude=hist.matrix)
+        finite = np.isfinite(want_scores)
+        np.testing.assert_array_equal(np.isfinite(scores), finite)
+        np.testing.assert_array_equal(items[finite], want_items[finite])
+        np.testing.assert_array_equal(scores[finite], want_scores[finite])
+    with pytest.raises(ValueError, match="other users"):
+        shared.lists(users[::-1])
+
+
 def test_the_ranker_learns_the_same_from_only_the_users_it_can_learn_from(stage, tiny_dataset):
     """Training builds features only for users with a target among their candidates: the ranker
     is the one trained on every user's rows (it drops the others itself), and the candidate
