@@ -477,8 +477,8 @@ class BlockLists:
         for name in sorted(self.names & blocks.keys()):
             d = blocks[name]
             # The candidates may have masked this block in place already; masking again is a no-op.
-            got = top_k_unseen(d.scores, self.k, seen, constant=d.constant, in_place=True)
-            self.parts.setdefault(name, []).append(got)
+            items, scores = top_k_unseen(d.scores, self.k, seen, constant=d.constant, in_place=True)
+            self.parts.setdefault(name, []).append((items.astype(np.int32), scores))
 
     def lists(self, users: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Each listed model's ``(items, scores)`` for ``users``, the users the ranking was given."""
@@ -563,7 +563,7 @@ class HybridPipeline:
                     items, sc = listed[name]
                 else:
                     items, sc = model.recommend(users, self.max_k, exclude=seen, progress=bar.update)
-                items = np.where(np.isfinite(sc), items, -1)
+                items = np.where(np.isfinite(sc), items, -1).astype(np.int32)  # 0.4 GB a model at 300k users
                 recommended[name], scores[name] = items, sc
                 metrics[name] = ranking_metrics(items, relevant, self.ks)
         items, sc, sources = fused

@@ -299,13 +299,13 @@ class Bundle:
         return self.users[Columns.UserIdx].to_numpy()
 
     def lists(self, model: str) -> tuple[np.ndarray, np.ndarray]:
-        """``[n_users, max_k]`` item indices (padded with -1) and scores (NaN) of ``model``,
+        """``[n_users, max_k]`` int32 item indices (padded with -1) and scores (NaN) of ``model``,
         rows in ``user_index`` order."""
         if model not in self.models:
             raise InputError(f"run {self.protocol.run_id}: no model '{model}' in its evaluation bundle ({self.models})")
         users = self.user_index
         df = self.recommendations.lazy().filter(pl.col(MODEL) == model).collect()
-        items = np.full((len(users), self.protocol.max_k), -1, dtype=np.int64)
+        items = np.full((len(users), self.protocol.max_k), -1, dtype=np.int32)  # as stored
         scores = np.full(items.shape, np.nan, dtype=np.float32)
         row = np.searchsorted(users, df[Columns.UserIdx].to_numpy())
         col = df[Columns.Rank].to_numpy().astype(np.int64) - 1

@@ -68,14 +68,17 @@ def test_wrong_length_is_refused():
 
 
 def test_weights_built_in_blocks_equal_one_draw_of_every_resample(monkeypatch):
-    """The weights are drawn a block of resamples at a time (memory); they must be those of one
+    """The counts are drawn a block of resamples at a time (memory); they must be those of one
     [B, n] draw from the same seed, or every interval of a report would change."""
     import recsys.evaluation.bootstrap as bootstrap
 
     n, b, seed = 37, 50, 7
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, n, size=(b, n)) + np.arange(b)[:, None] * n
-    expected = np.bincount(draws.ravel(), minlength=b * n).reshape(b, n) / n
+    expected = np.bincount(draws.ravel(), minlength=b * n).reshape(b, n)
     monkeypatch.setattr(bootstrap, "_BLOCK_DRAWS", 3 * n + 1)  # blocks of 3 resamples, the last one of 2
-    assert np.array_equal(PairedBootstrap(n, n_resamples=b, seed=seed).weights, expected)
-    assert np.allclose(expected.sum(1), 1.0)
+    boot = PairedBootstrap(n, n_resamples=b, seed=seed)
+    assert np.array_equal(boot.counts, expected) and (expected.sum(1) == n).all()
+    # Means taken a few resamples at a time are the one product of every resample's weights.
+    values = rng.random((n, 3))
+    np.testing.assert_allclose(boot.resampled_means(values), (expected / n) @ values, rtol=1e-12)
