@@ -19,6 +19,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import rankdata
 
+from recsys.jit import njit
+
 
 def gini(exposure: np.ndarray) -> float:
     """Gini coefficient of non-negative counts.
@@ -33,7 +35,7 @@ def gini(exposure: np.ndarray) -> float:
     return float(2 * np.sum(np.arange(1, n + 1) * x) / (n * total) - (n + 1) / n)
 
 
-def intra_list_diversity(lists: np.ndarray, embeddings: np.ndarray, chunk: int = 2048) -> float:
+def intra_list_diversity(lists: np.ndarray, embeddings: np.ndarray) -> float:
     """Mean over lists (with at least two items) of ``1 - mean pairwise cosine``.
 
     >>> e = np.eye(3)
@@ -41,22 +43,31 @@ def intra_list_diversity(lists: np.ndarray, embeddings: np.ndarray, chunk: int =
     (1.0, 0.0)
     """
     emb = np.asarray(embeddings, dtype=np.float32)
-    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    values = []
-    for s in range(0, len(lists), chunk):
-        block = lists[s : s + chunk]
-        valid = block >= 0
-        v = emb[np.where(valid, block, 0)] * valid[..., None]
-        n = valid.sum(1).astype(np.float64)
-        pairs = n * (n - 1)
-        # Sum of cosines over ordered pairs i != j = |sum_i v_i|^2 - n for n unit vectors:
-        # O(k d) per list instead of the k x k Gram matrix.
-        total = v.sum(1)
-        off_diag = np.einsum("nd,nd->n", total, total).astype(np.float64) - n
-        ok = pairs > 0
-        values.append(1.0 - off_diag[ok] / pairs[ok])
-    allv = np.concatenate(values) if values else np.zeros(0)
-    return float(allv.mean()) if len(allv) else float("nan")
+    emb = np.ascontiguousarray(emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12))
+    lists = np.ascontiguousarray(lists, dtype=np.int64)
+    off_diag = np.zeros(len(lists), dtype=np.float64)
+    n = np.zeros(len(lists), dtype=np.float64)
+    _pair_cosines(lists, emb, off_diag, n)
+    pairs = n * (n - 1)
+    ok = pairs > 0
+    return float((1.0 - off_diag[ok] / pairs[ok]).mean()) if ok.any() else float("nan")
+
+
+@njit(cache=True, nogil=True)
+def _pair_cosines(lists: np.ndarray, emb: np.ndarray, off_diag: np.ndarray, n: np.ndarray) -> None:
+    # Sum of cosines over ordered pairs i != j = |sum_i v_i|^2 - n for n unit vectors: O(k d) per
+    # list instead of the k x k Gram matrix, and no [lists, k, d] gather (8 x 6.6 s at 300,000 users).
+    total = np.zeros(emb.shape[1], dtype=np.float32)
+    for r in range(lists.shape[0]):
+        total[:] = 0.0
+        count = 0
+        for j in range(lists.shape[1]):
+            item = lists[r, j]
+            if item >= 0:
+                count += 1
+                total += emb[item]
+        off_diag[r] = float(np.dot(total, total)) - count
+        n[r] = count
 
 
 def beyond_accuracy(lists: np.ndarray, train_count: np.ndarray, embeddings: np.ndarray | None) -> dict[str, float]:

@@ -104,7 +104,8 @@ def verdict(a: str, b: str, metric: str, ci: Interval) -> str:
 
 @dataclass
 class Evaluation:
-    """Per-user metrics of every model of one bundle (rows in ``bundle.user_index`` order)."""
+    """Per-user metrics of every model of one bundle (rows in ``bundle.user_index`` order);
+    ``scores``: each list's first ``beyond_k`` scores."""
 
     bundle: Bundle
     relevant: list[np.ndarray]
@@ -176,7 +177,8 @@ class Reporter:
         for model in ordered(bundle.models):
             items, scores = bundle.lists(model)
             hits = hits_matrix(items, matrix)
-            ev.lists[model], ev.scores[model], ev.hits[model] = items, scores, hits
+            # Only the score plot reads scores, at beyond_k: 12 MB a model at 300,000 users, not 120.
+            ev.lists[model], ev.scores[model], ev.hits[model] = items, scores[:, : self.beyond_k].copy(), hits
             ev.per_user[model] = metrics_from_hits(hits, n_rel, self.ks)
             ev.curves[model] = curves(hits, n_rel)
         return ev
