@@ -31,11 +31,11 @@ from recsys.data.split import Split
 from recsys.errors import InputError, require_whole
 from recsys.evaluation.metrics import metric_table, ranking_metrics, relevance_matrix
 from recsys.progress import user_bar
-from recsys.rank.candidates import ScoreBlock
+from recsys.rank.candidates import ScoreBlock, masked_top_k
 from recsys.rank.features import feature_columns
 from recsys.rank.fused import BlockReader, FusedRecommender, ranked_arrays
 from recsys.rank.ranker import LambdaMARTRanker
-from recsys.recommender import History, Recommender, top_k, top_k_unseen
+from recsys.recommender import History, Recommender, top_k
 
 log = logging.getLogger(__name__)
 
@@ -458,7 +458,8 @@ class FusionStage:
 class BlockLists:
     """Single models' top-``k`` lists read off the fused ranking's score blocks (its ``on_blocks``):
     for a model that is a candidate source, the lists ``Recommender.recommend`` gives (the same
-    scores, masking and ``top_k_unseen``) without scoring every user x item a second time.
+    scores, masking and ``top_k_unseen``, through the candidates' ``masked_top_k``) without
+    scoring every user x item a second time.
 
     Args:
         names: the models wanted; those that are no source of the ranking are simply not listed.
@@ -475,15 +476,14 @@ class BlockLists:
         seen = None if self.exclude is None else self.exclude[users]
         self.users.append(users)
         for name in sorted(self.names & blocks.keys()):
-            d = blocks[name]
             # The candidates may have masked this block in place already; masking again is a no-op.
-            items, scores = top_k_unseen(d.scores, self.k, seen, constant=d.constant, in_place=True)
+            items, scores = masked_top_k(blocks[name], self.k, seen, None, in_place=True)
             self.parts.setdefault(name, []).append((items.astype(np.int32), scores))
 
     def lists(self, users: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Each listed model's ``(items, scores)`` for ``users``, the users the ranking was given."""
-        seen = np.concatenate(self.users) if self.users else np.zeros(0, dtype=np.int64)
-        if not np.array_equal(seen, users):
+        read = np.concatenate(self.users) if self.users else np.zeros(0, dtype=np.int64)
+        if not np.array_equal(read, users):
             raise ValueError("the lists were read for other users than those asked for")
         return {
             name: (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
