@@ -35,7 +35,7 @@ from recsys.rank.candidates import ScoreBlock, masked_top_k
 from recsys.rank.features import feature_columns
 from recsys.rank.fused import BlockReader, FusedRecommender, ranked_arrays
 from recsys.rank.ranker import LambdaMARTRanker
-from recsys.recommender import History, Recommender, top_k
+from recsys.recommender import BlockBuffers, History, Recommender, top_k
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ class FusionStage:
         if include is not None:  # sorted once, each block takes its own rows
             include = include.unique().sort(Columns.UserIdx)
             at = include[Columns.UserIdx].to_numpy()
-        parts = []
+        parts, buffer = [], BlockBuffers(history.n_items)
         for b in self.fused.blocks(np.asarray(users, dtype=np.int64), history.n_items, desc="candidates and features"):
             extra = None
             if include is not None:
@@ -281,7 +281,7 @@ class FusionStage:
                 extra = include.slice(int(lo), int(hi - lo))
             parts.append(
                 self.fused.features(
-                    b, models, history, exclude, None, extra, item_stats, user_stats, timer=self._timer, keep=keep
+                    b, models, history, exclude, None, extra, item_stats, user_stats, buffer, self._timer, keep=keep
                 )
             )
         return pl.concat(parts)

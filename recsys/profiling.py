@@ -8,6 +8,9 @@ Where that file is missing or read-only the recorded figure is the peak since th
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,12 +42,37 @@ def reset_peak_rss() -> bool:
     return True
 
 
+@functools.cache
+def _malloc_trim():  # glibc's malloc_trim, or None (musl, macOS, Windows)
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
+
+
+def release_free_memory() -> bool:
+    """Hand the heap memory freed so far back to the OS; False where the C library cannot.
+
+    glibc keeps freed blocks for reuse, and after a large array is freed it serves arrays of up
+    to 32 MB from that heap instead of fresh mappings: a stage's temporaries then stay resident
+    under the next stage's. Trimming at each stage's end keeps them out of the later peaks
+    (at 10x the report's peak falls by a third, docs/design.md "Scale"); it takes milliseconds.
+    """
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
 class StageTimings(dict):
     """``{stage: seconds}``; setting an entry closes that stage and records its peak memory.
 
     Stages are contiguous: a stage's memory window runs from the previous ``timings[...] = ``
     (or the creation of this object) to its own, so work between two timed blocks is charged to
-    the next stage. ``total`` is not a window: its peak is the largest of all.
+    the next stage. ``total`` is not a window: its peak is the largest of all. Closing a stage
+    returns the memory it freed to the OS (``release_free_memory``).
 
     >>> t = StageTimings()
     >>> t["load"] = 1.5
@@ -66,6 +94,7 @@ class StageTimings(dict):
             self.peak_mb[stage] = max([peak, *self.peak_mb.values()])
             return
         self.peak_mb[stage] = peak
+        release_free_memory()
         if self.peak_is_per_stage:
             reset_peak_rss()
 

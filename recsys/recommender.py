@@ -41,6 +41,26 @@ def block_rows(n_items: int, most: int = 4096) -> int:
     return int(np.clip(BLOCK_CELLS // max(n_items, 1) // 256 * 256, 256, max(256, most)))
 
 
+class BlockBuffers:
+    """The ``[rows, n_items]`` float32 arrays that models' score blocks are written into, one per
+    model name, kept from block to block (``buffer`` of ``score_blocks``; ``Recommender``'s own
+    blocks). A fresh block is page-faulted in again every time: at 150,000 items a 256-user block
+    is 154 MB, and faulting it in cost several times the pass that fills it (docs/design.md,
+    "Scale"). One set per thread: two blocks in flight must not share an array.
+    """
+
+    def __init__(self, n_items: int) -> None:
+        self.n_items = int(n_items)
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def __call__(self, name: str, rows: int) -> np.ndarray:
+        """Model ``name``'s array for a block of ``rows`` users (its first ``rows`` rows)."""
+        buf = self._arrays.get(name)
+        if buf is None or len(buf) < rows:
+            buf = self._arrays[name] = np.empty((rows, self.n_items), dtype=np.float32)
+        return buf[:rows]
+
+
 def fixed_block_matmul(u: np.ndarray, vt: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``u @ vt`` computed ``ROW_BLOCK`` rows at a time, the last block zero-padded (into ``out``
     if given: float32, C-ordered, of the result's shape)."""
@@ -204,6 +224,7 @@ class Recommender(ABC):
     #: whether the fusion ranker gets this model's score as a feature (all but pure candidate sources)
     is_feature: bool = True
     #: whether ``score_users`` takes ``out=``: a float32 ``[len(users), n_items]`` array to fill
+    #: (without ``out``, such a model returns a fresh array, never memory it keeps)
     writes_into: bool = False
 
     @property
@@ -281,18 +302,25 @@ class Recommender(ABC):
         """``(start, stop, score_users(users[start:stop]))`` over ``users``, ``chunk`` users at a
         time, or (``None``) ``ROW_BLOCK`` first and then ``block_rows`` of the catalogue those
         scores show: the block's memory stays near ``BLOCK_CELLS`` cells whatever the catalogue.
-        ``constant``: the model's one shared row, broadcast instead of scored."""
+        ``constant``: the model's one shared row, broadcast instead of scored. A model that
+        ``writes_into`` given memory writes every block after the first into the same array:
+        each block is read before the next is scored, and the caller may mask it in place."""
         start, step = 0, chunk or ROW_BLOCK
+        buffers = None  # a model that writes into given memory reuses one block's (BlockBuffers)
         while start < len(users):
             stop = min(start + step, len(users))
-            if constant is None:
-                scores = self.score_users(users[start:stop])
-            else:
+            if constant is not None:
                 scores = np.broadcast_to(constant, (stop - start, len(constant)))
+            elif buffers is not None:
+                scores = self.score_users(users[start:stop], out=buffers(self.name, stop - start))
+            else:
+                scores = self.score_users(users[start:stop])
             yield start, stop, scores
             start = stop
             if chunk is None:
                 step = block_rows(scores.shape[1])
+            if buffers is None and constant is None and self.writes_into and start < len(users):
+                buffers = BlockBuffers(scores.shape[1])
 
     def recommend(
         self,
@@ -313,7 +341,10 @@ class Recommender(ABC):
         for start, stop, scores in self._score_blocks(users, chunk, constant):
             block = users[start:stop]
             seen = None if exclude is None else exclude[block]
-            items, top = top_k_unseen(scores, k, seen, constant=constant)
+            # A block the model wrote into memory of its own (a fresh array or the kept one)
+            # is masked in place; one that shares memory with the model is copied first.
+            mine = self.writes_into or scores.flags.owndata
+            items, top = top_k_unseen(scores, k, seen, constant=constant, in_place=mine)
             all_items.append(items)
             all_scores.append(top)
             if progress is not None:

@@ -28,7 +28,7 @@ from recsys.rank.explain import HistoryExplainer, PatternTreeShap, feature_expla
 from recsys.rank.features import item_statistics, user_statistics
 from recsys.rank.fused import FusedRecommender
 from recsys.rank.rules import BusinessRules, CompiledRules, apply_rules_dense
-from recsys.recommender import ROW_BLOCK, History, Recommender
+from recsys.recommender import ROW_BLOCK, BlockBuffers, History, Recommender
 from recsys.threads import thread_limits
 
 FUSED = "fused"
@@ -200,15 +200,12 @@ class Engine:
 
     def _block(self, name: str, rows: int) -> np.ndarray:
         """The ``[rows, items]`` float32 array model ``name``'s dense scores are written to, kept
-        from block to block: a fresh 80 MB block (4k users x 5k items) would be page-faulted in
-        again at every chunk, 15-30 ms per block and model. One set per thread: an engine shared
-        by the threads of a server (the pyfunc model) must not have two blocks written into the
-        same array."""
-        blocks = self._local.__dict__.setdefault("blocks", {})
-        buf = blocks.get(name)
-        if buf is None or len(buf) < rows:
-            buf = blocks[name] = np.empty((rows, self.p.n_items), dtype=np.float32)
-        return buf[:rows]
+        from block to block (``BlockBuffers``). One set per thread: an engine shared by the
+        threads of a server (the pyfunc model) must not have two blocks written into the same
+        array."""
+        if getattr(self._local, "blocks", None) is None:
+            self._local.blocks = BlockBuffers(self.p.n_items)
+        return self._local.blocks(name, rows)
 
     @contextmanager
     def _timed(self, stage: str) -> Iterator[None]:

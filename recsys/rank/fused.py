@@ -23,7 +23,7 @@ from recsys.rank.candidates import ScoreBlock, generate_candidates, score_blocks
 from recsys.rank.features import build_features, item_statistics, user_statistics
 from recsys.rank.ranker import LambdaMARTRanker
 from recsys.rank.rules import CompiledRules, apply_rules_dense, ranked_rows
-from recsys.recommender import History, Recommender, block_rows
+from recsys.recommender import BlockBuffers, History, Recommender, block_rows
 
 Timer = Callable[[str], contextlib.AbstractContextManager]
 # Shown each block's users and its sources' score blocks, after the candidates (which may have
@@ -131,9 +131,11 @@ class FusedRecommender:
         ``block_users`` users at a time (``recommend_block``); ``on_blocks``: as ``features``."""
         self.check_sources(models)
         item_stats, user_stats = self.statistics(history, now)
+        buffer = BlockBuffers(history.n_items)
+        stats = (item_stats, user_stats)
         parts = [
             self.recommend_block(
-                b, models, history, k, exclude, allowed, rules, item_stats, user_stats, timer=timer, on_blocks=on_blocks
+                b, models, history, k, exclude, allowed, rules, *stats, buffer, timer=timer, on_blocks=on_blocks
             )[0]
             for b in self.blocks(np.asarray(users, dtype=np.int64), history.n_items, block_users, "fused ranking")
         ]
