@@ -36,6 +36,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         stages.log_inputs(job)
         fitted = stages.fit_validation(job, run_id, timings)  # fit on train
         evaluated = stages.evaluate_test(job, fitted, timings)  # refit on train + val, score test
+        fitted.drop_cf()  # before the report: only the towers and fine-tuning figures are read on
         metrics = stages.record(job, fitted, evaluated, run_id, timings)
         metrics.update(fitted.text_metrics)  # logged after fine-tuning; returned for optimized_metric
         resume = fitted.resume

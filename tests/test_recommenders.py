@@ -140,6 +140,22 @@ def test_later_blocks_are_scored_into_one_kept_array(block_world, model):
     assert not np.take_along_axis(h.matrix.toarray() > 0, items, 1).any()
 
 
+@pytest.mark.parametrize("cold_share", [0.02, 0.5])
+def test_new_item_text_keeps_the_base_scores_of_cold_items_only(cold_share):
+    """``text_new``'s block: the base's scores where an item is cold, -inf elsewhere, whether
+    built by a mask over a copy (many cold items) or from the cold columns alone (few), into
+    given memory or not; the base block is left as it was."""
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((9, 400)).astype(np.float32)
+    model = NewItemText(None)
+    model.warm = rng.random(400) >= cold_share
+    want = np.where(model.warm, -np.inf, base).astype(np.float32)
+    before = base.copy()
+    for out in (None, np.full_like(base, 7.0)):
+        np.testing.assert_array_equal(model.derive_into(base, np.arange(9), out), want)
+    np.testing.assert_array_equal(base, before)
+
+
 def test_score_pairs_agrees_with_score_users(fitted, block_world):
     name, model = fitted
     rng = np.random.default_rng(0)

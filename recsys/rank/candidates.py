@@ -47,12 +47,7 @@ class ScoreBlock(Recommender):
         """``model``'s block (``Recommender.derived_from``) from ``base``'s, without scoring again."""
         res = cls.__new__(cls)
         res.name, res.constant = model.name, None
-        if out is None:
-            res.scores = np.array(base.scores, dtype=np.float32, copy=True)
-        else:
-            np.copyto(out, base.scores)
-            res.scores = out
-        res.scores = model.derive(res.scores, users)
+        res.scores = model.derive_into(base.scores, users, out)
         return res
 
     def fit(self, history: History) -> ScoreBlock:  # pragma: no cover
