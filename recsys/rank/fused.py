@@ -132,10 +132,20 @@ class FusedRecommender:
         self.check_sources(models)
         item_stats, user_stats = self.statistics(history, now)
         buffer = BlockBuffers(history.n_items)
-        stats = (item_stats, user_stats)
         parts = [
             self.recommend_block(
-                b, models, history, k, exclude, allowed, rules, *stats, buffer, timer=timer, on_blocks=on_blocks
+                b,
+                models,
+                history,
+                k,
+                exclude,
+                allowed,
+                rules,
+                item_stats,
+                user_stats,
+                buffer,
+                timer=timer,
+                on_blocks=on_blocks,
             )[0]
             for b in self.blocks(np.asarray(users, dtype=np.int64), history.n_items, block_users, "fused ranking")
         ]
