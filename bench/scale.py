@@ -8,7 +8,10 @@
 Each size runs ``python -m recsys.train`` in a fresh process on the generated data set scaled by
 that factor (``data.n_users=3000*s data.n_items=1500*s``), writing into a temporary folder
 (data, MLflow store, outputs), with a short text-tower budget (``--epochs`` x ``--steps`` steps;
-the bench measures how the rest grows, the text budget is set apart). The job logs, per stage,
+the bench measures how the rest grows, the text budget is set apart) and every test user
+evaluated (``eval.max_users=null``): the job's default sample of 50,000 users leaves the 100x
+comparison of fused against ALS, 0.0002 apart, inside its interval. ``-- eval.max_users=50000``
+runs the job's default instead (later overrides win). The job logs, per stage,
 its seconds (``time/<stage>_s``) and its peak resident memory (``mem/<stage>_peak_mb``: the
 high-water mark since the previous stage ended, see ``recsys/profiling.py``); this script reads
 them back from the run and prints one table. Figures vary between runs on shared machines:
@@ -83,6 +86,7 @@ def run_size(
         f"paths.mlruns_dir={root / 'mlruns'}",
         f"hydra.run.dir={root / 'out'}",  # the run folder (paths.output_dir), with its .hydra/ record
         f"text.resume_root={root / 'checkpoints'}",
+        "eval.max_users=null",  # every test user (the module docstring says why)
         *overrides,
     ]
     print(f"[{scale}x] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)

@@ -120,18 +120,22 @@ class StageTimings(dict):
 
 
 # The peak-memory estimate of a training job, from row counts. The libraries, the encoder and
-# MLflow take about 1.5 GB whatever the data. Candidate rows (users x the sum of
-# rank.n_candidates, 190 slots of which the union holds ~160 a user): the ranker's frames, ~35
-# feature columns and the copies polars makes while joining them. Events: the raw frame, the
-# splits, each stage's user x item matrices and CF factors, and the histories the saved pipelines
-# hold. Items: their tokens, the embedding tables and the item-kNN neighbours. The constants were
-# fitted to the per-stage peaks of `python bench/scale.py` runs (2-core machine: 1.7, 3.5 and
-# 9.1 GB at 1x, 10x and 100x; an exact fit is 1.36 GB + 285 B a row + 940 B an event at 7 KB an
-# item) and rounded up: they say 1.9, 3.7 and 9.7 GB there (6-9 % high), and 2.1 GB for
-# Amazon-Scientific's job (1.86 GB measured). The peak is the evaluation report at 10x and the
-# model save at 100x (its CF refit on every event and the saved pipelines, loaded back once each).
-BASE_GB = 1.5
-BYTES_PER_CANDIDATE_ROW = 300
+# MLflow take about 1 GB whatever the data. The ranker's candidate rows (its taught users x the sum
+# of rank.n_candidates, 190 slots of which the union holds ~160 a user): its frames, ~35 feature
+# columns, the copies polars makes while joining them and LightGBM's dataset, all held while it
+# trains. Evaluated users: the test stage ranks them a block at a time, so what grows with them is
+# what it keeps, each model's top-eval.max_k lists (8 models x 100 items and scores) and their
+# metrics, and the copies made while joining the blocks' lists. Events: the raw frame, the splits,
+# each stage's user x item matrices and CF factors, and the histories the saved pipelines hold.
+# Items: their tokens, the embedding tables and the item-kNN neighbours. Fitted to the peaks of
+# `python bench/scale.py` runs (2-core machine, 2026-12-05: 1.59, 3.42 and 11.14 GB at 1x, 10x and
+# 100x with every test user evaluated, 8.01 GB at 100x on the default sample of 50,000) and of
+# Amazon-Scientific's job (1.86 GB), and rounded up: they say 1.78, 3.63, 11.93, 8.68 and 2.16 GB
+# there, 6-16 % high. The peak is ranker training at 1x and 10x, the evaluation at 100x with every
+# user, the model save (CF refit on every event, each saved pipeline loaded back once) on the sample.
+BASE_GB = 1.0
+BYTES_PER_CANDIDATE_ROW = 600
+BYTES_PER_EVALUATED_USER = 13_000
 BYTES_PER_EVENT = 1000
 BYTES_PER_ITEM = 7000
 
@@ -141,14 +145,18 @@ def estimate_peak_gb(
 ) -> float:
     """Estimated peak resident memory (GB) of ``recsys.train`` from its row counts.
 
-    The candidate frames of the validation stage (``ranker_users``) and the test stage
-    (``eval_users``) are not held together: the larger one counts.
+    The ranker holds the candidate rows of its ``ranker_users`` while it trains; the test stage
+    builds the ``eval_users``' candidates a block at a time and keeps their lists.
 
-    >>> round(estimate_peak_gb(42_000, 1_500, 3_000, 3_000, 170), 1)
-    1.7
+    >>> round(estimate_peak_gb(42_000, 1_500, 6_000, 3_000, 190), 2)
+    1.78
     """
-    rows = max(ranker_users, eval_users) * candidates_per_user
-    extra = rows * BYTES_PER_CANDIDATE_ROW + n_events * BYTES_PER_EVENT + n_items * BYTES_PER_ITEM
+    extra = (
+        ranker_users * candidates_per_user * BYTES_PER_CANDIDATE_ROW
+        + eval_users * BYTES_PER_EVALUATED_USER
+        + n_events * BYTES_PER_EVENT
+        + n_items * BYTES_PER_ITEM
+    )
     return BASE_GB + extra / 1e9
 
 

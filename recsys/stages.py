@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from recsys.columns import Columns
 from recsys.data.dataset import Dataset, listing_times
 from recsys.data.split import Split
+from recsys.errors import ConfigError
 from recsys.pipeline import FusionStage, HybridPipeline, LabelledStage, StageResult
 from recsys.profiling import StageTimings
 from recsys.recommender import History, Recommender
@@ -104,6 +105,20 @@ def job_memory(cfg: DictConfig, n_events: int, n_items: int, val_users: int, tes
     return check_memory(n_events, n_items, ranker_users, test_users, cands, cfg.get("memory_limit_gb"))
 
 
+def check_run_folder(out_dir: Path, refit_all: bool = True) -> None:
+    """A ``ConfigError`` when the run folder already holds a pipeline the job would save: saving
+    is the job's last stage and never overwrites one, so a rerun into a used folder (a fixed
+    ``hydra.run.dir``) would otherwise stop only after all the training."""
+    for folder in ("pipeline_evaluated", "pipeline") if refit_all else ("pipeline",):
+        path = out_dir / folder
+        if path.is_dir() and any(path.iterdir()):
+            raise ConfigError(
+                f"the run folder {out_dir} already holds a saved pipeline ({path}), which this job "
+                "would not overwrite when it saves its own at the end; give the run a new folder "
+                "(hydra.run.dir=...) or move that one away"
+            )
+
+
 def prepare(cfg: DictConfig, timings: StageTimings) -> Job:
     """Everything that can fail on bad input, then seed, before any training (stage ``load``).
 
@@ -119,6 +134,7 @@ def prepare(cfg: DictConfig, timings: StageTimings) -> Job:
     from recsys.text.options import budget, check_options
 
     out_dir = Path(cfg.paths.output_dir)
+    check_run_folder(out_dir, (cfg.get("model") or {}).get("refit_all", True))
     out_dir.mkdir(parents=True, exist_ok=True)
     with timings.stage("load"):
         budget(cfg.text.get("budget_minutes"))

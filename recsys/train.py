@@ -6,6 +6,7 @@ evaluation on test -> exported recommendations, all logged to MLflow under ``mlr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -33,19 +34,25 @@ def run(cfg: DictConfig) -> dict[str, float]:
     timings = StageTimings()  # seconds and peak memory per stage (time/*, mem/*)
     job = stages.prepare(cfg, timings)  # everything that can fail on bad input fails here
     with job.tracker.start() as run_id:
-        stages.log_inputs(job)
-        fitted = stages.fit_validation(job, run_id, timings)  # fit on train
-        evaluated = stages.evaluate_test(job, fitted, timings)  # refit on train + val, score test
-        fitted.drop_cf()  # before the report: only the towers and fine-tuning figures are read on
-        metrics = stages.record(job, fitted, evaluated, run_id, timings)
-        metrics.update(fitted.text_metrics)  # logged after fine-tuning; returned for optimized_metric
-        resume = fitted.resume
-        # The validation stage's models and history are done with: let them go before the model
-        # save refits CF on every event and loads each saved pipeline back.
-        del fitted
-        rec_path = stages.export(job, evaluated, timings)
-        with timings.stage("model_save"):
-            model_uri = stages.deploy(job, evaluated)
+        try:
+            stages.log_inputs(job)
+            fitted = stages.fit_validation(job, run_id, timings)  # fit on train
+            evaluated = stages.evaluate_test(job, fitted, timings)  # refit on train + val, score test
+            fitted.drop_cf()  # before the report: only the towers and fine-tuning figures are read on
+            metrics = stages.record(job, fitted, evaluated, run_id, timings)
+            metrics.update(fitted.text_metrics)  # logged after fine-tuning; returned for optimized_metric
+            resume = fitted.resume
+            # The validation stage's models and history are done with: let them go before the model
+            # save refits CF on every event and loads each saved pipeline back.
+            del fitted
+            rec_path = stages.export(job, evaluated, timings)
+            with timings.stage("model_save"):
+                model_uri = stages.deploy(job, evaluated)
+        except Exception:
+            # A failed run still records where its time and memory went, stage by stage so far.
+            with contextlib.suppress(Exception):
+                stages.log_timings(job, timings)
+            raise
         timings["total"] = time.perf_counter() - t_start
         metrics.update(stages.log_timings(job, timings))
         stages.print_summary(job, evaluated, run_id, model_uri, rec_path, timings["total"])

@@ -8,6 +8,7 @@ The full list, with what each case produces, is in docs/reliability.md.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -259,6 +260,22 @@ def test_only_single_event_users_is_an_error_before_training(tmp_path):
     data = FileDataSource(events, items).load()
     with pytest.raises(InputError, match="validation split is empty"):
         check_split(data, LeaveLastOutSplit().split(data.interactions))
+
+
+@pytest.mark.parametrize("folder", ["pipeline", "pipeline_evaluated"])
+def test_a_run_folder_holding_a_saved_pipeline_is_refused_before_any_work(tmp_path, folder):
+    """Saving the pipelines is the job's last stage and never overwrites one: a rerun into a used
+    run folder (a fixed ``hydra.run.dir``) is refused before the data is read, not after training."""
+    from reliability_support import QUICK, train_in_process
+
+    earlier = tmp_path / "out" / folder
+    earlier.mkdir(parents=True)
+    (earlier / "meta.json").write_text("{}")
+    match = rf"already holds a saved pipeline \({re.escape(str(earlier))}\).*hydra\.run\.dir"
+    with pytest.raises(ConfigError, match=match):
+        train_in_process(tmp_path, "out", *QUICK)
+    assert (earlier / "meta.json").read_text() == "{}"  # left as it was
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "data").exists()
 
 
 # --- the encoder ----------------------------------------------------------------------------------
