@@ -193,14 +193,26 @@ class TrainedPipeline:
 
     # ---- save / load -------------------------------------------------------------------------------
 
+    @staticmethod
+    def check_target(path: str | Path, setting: str | None = None) -> None:
+        """A ``ConfigError`` unless ``save`` may write ``path`` (absent, or an empty folder): a
+        saved pipeline is never overwritten. The entry points call it before their long work,
+        naming the ``setting`` that chooses the folder."""
+        path = Path(path)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            where = f" ({setting}=...)" if setting else ""
+            raise ConfigError(
+                f"pipeline folder {path} exists and is not empty: a saved pipeline is never "
+                f"overwritten; give the job a new output folder{where} or move that one away"
+            )
+
     def save(self, path: str | Path, config_yaml: str | None = None) -> Path:
         """Write the folder (see the module docstring) under a temporary name, then rename it:
         a failure leaves nothing behind. ``path`` must not exist or be empty."""
         path = Path(path)
         if self.only is not None:
             raise ConfigError(f"this pipeline was loaded with only {sorted(self.only)}: load it whole to save it")
-        if path.exists() and any(path.iterdir()):
-            raise ConfigError(f"pipeline folder {path} exists and is not empty")
+        self.check_target(path)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             self._write(tmp, config_yaml)

@@ -26,7 +26,6 @@ from omegaconf import DictConfig, OmegaConf
 from recsys.columns import Columns
 from recsys.data.dataset import Dataset, listing_times
 from recsys.data.split import Split
-from recsys.errors import ConfigError
 from recsys.pipeline import FusionStage, HybridPipeline, LabelledStage, StageResult
 from recsys.profiling import StageTimings
 from recsys.recommender import History, Recommender
@@ -106,17 +105,13 @@ def job_memory(cfg: DictConfig, n_events: int, n_items: int, val_users: int, tes
 
 
 def check_run_folder(out_dir: Path, refit_all: bool = True) -> None:
-    """A ``ConfigError`` when the run folder already holds a pipeline the job would save: saving
-    is the job's last stage and never overwrites one, so a rerun into a used folder (a fixed
-    ``hydra.run.dir``) would otherwise stop only after all the training."""
+    """The pipelines the job saves into its run folder at the end may not exist there yet
+    (``TrainedPipeline.check_target``): a rerun into a used folder (a fixed ``hydra.run.dir``)
+    would otherwise stop only after all the training."""
+    from recsys.pipeline_model import TrainedPipeline
+
     for folder in ("pipeline_evaluated", "pipeline") if refit_all else ("pipeline",):
-        path = out_dir / folder
-        if path.is_dir() and any(path.iterdir()):
-            raise ConfigError(
-                f"the run folder {out_dir} already holds a saved pipeline ({path}), which this job "
-                "would not overwrite when it saves its own at the end; give the run a new folder "
-                "(hydra.run.dir=...) or move that one away"
-            )
+        TrainedPipeline.check_target(out_dir / folder, "hydra.run.dir")
 
 
 def prepare(cfg: DictConfig, timings: StageTimings) -> Job:

@@ -563,6 +563,7 @@ def _run(cfg: DictConfig, t_start: float, mode: str, tolerance: float, warm: int
     from recsys.tracking import tracking_uri
 
     tracking = cfg.tracking_uri or tracking_uri(cfg.paths.mlruns_dir)
+    TrainedPipeline.check_target(Path(cfg.output) / "pipeline", "output")  # where the challenger goes
     name = model_name(str(cfg.model_uri), cfg.register_name)
     folder, source = resolve_model(str(cfg.model_uri), tracking)
     # The tables alone (no models, no ranker) to check the new files against, before any long work.

@@ -271,7 +271,7 @@ def test_a_run_folder_holding_a_saved_pipeline_is_refused_before_any_work(tmp_pa
     earlier = tmp_path / "out" / folder
     earlier.mkdir(parents=True)
     (earlier / "meta.json").write_text("{}")
-    match = rf"already holds a saved pipeline \({re.escape(str(earlier))}\).*hydra\.run\.dir"
+    match = rf"pipeline folder {re.escape(str(earlier))} exists and is not empty.*\(hydra\.run\.dir=\.\.\.\)"
     with pytest.raises(ConfigError, match=match):
         train_in_process(tmp_path, "out", *QUICK)
     assert (earlier / "meta.json").read_text() == "{}"  # left as it was

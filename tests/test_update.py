@@ -236,6 +236,28 @@ def test_bad_input_names_file_column_and_row_and_registers_nothing(tmp_path, cas
     assert not (tmp_path / "out").exists()
 
 
+def test_an_output_folder_holding_a_saved_pipeline_is_refused_before_any_work(tmp_path):
+    """The challenger is saved to ``output/pipeline`` last and never over an earlier one: a rerun
+    with the same ``output`` is refused before the model or the new files are read."""
+    from hydra import compose, initialize_config_dir
+
+    from recsys.errors import ConfigError
+    from recsys.update import run
+
+    earlier = tmp_path / "out" / "pipeline"
+    earlier.mkdir(parents=True)
+    (earlier / "meta.json").write_text("{}")
+    missing = tmp_path / "missing"  # no model, no files: an error if anything read them
+    overrides = [f"model_uri={missing}", f"output={tmp_path / 'out'}", f"paths.mlruns_dir={tmp_path / 'mlruns'}"]
+    overrides += [f"data.interactions={missing}.csv", f"data.items={missing}.csv"]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="update", overrides=overrides)
+    with pytest.raises(ConfigError, match=r"pipeline folder .*out/pipeline exists and is not empty.*\(output=\.\.\.\)"):
+        run(cfg)
+    assert (earlier / "meta.json").read_text() == "{}"
+    assert not (tmp_path / "mlruns").exists()
+
+
 @pytest.mark.slow
 def test_fold_in_keeps_the_item_side_and_folds_the_users_in(tmp_path):
     from recsys.update import run
