@@ -104,13 +104,23 @@ def job_memory(cfg: DictConfig, n_events: int, n_items: int, val_users: int, tes
     return check_memory(n_events, n_items, ranker_users, test_users, cands, cfg.get("memory_limit_gb"))
 
 
-def check_run_folder(out_dir: Path, refit_all: bool = True) -> None:
-    """The pipelines the job saves into its run folder at the end may not exist there yet
+# The run folder's subfolders ``deploy`` saves pipelines to: the served one, and with
+# ``model.refit_all`` the evaluated one beside it.
+SERVED_FOLDER, EVALUATED_FOLDER = "pipeline", "pipeline_evaluated"
+
+
+def refits_all(cfg: DictConfig) -> bool:
+    """``model.refit_all`` (default true): the served pipeline is refitted on every event."""
+    return bool((cfg.get("model") or {}).get("refit_all", True))
+
+
+def check_run_folder(cfg: DictConfig, out_dir: Path) -> None:
+    """The pipelines ``deploy`` saves into the run folder at the end may not exist there yet
     (``TrainedPipeline.check_target``): a rerun into a used folder (a fixed ``hydra.run.dir``)
     would otherwise stop only after all the training."""
     from recsys.pipeline_model import TrainedPipeline
 
-    for folder in ("pipeline_evaluated", "pipeline") if refit_all else ("pipeline",):
+    for folder in (EVALUATED_FOLDER, SERVED_FOLDER) if refits_all(cfg) else (SERVED_FOLDER,):
         TrainedPipeline.check_target(out_dir / folder, "hydra.run.dir")
 
 
@@ -129,7 +139,7 @@ def prepare(cfg: DictConfig, timings: StageTimings) -> Job:
     from recsys.text.options import budget, check_options
 
     out_dir = Path(cfg.paths.output_dir)
-    check_run_folder(out_dir, (cfg.get("model") or {}).get("refit_all", True))
+    check_run_folder(cfg, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with timings.stage("load"):
         budget(cfg.text.get("budget_minutes"))
@@ -446,16 +456,15 @@ def deploy(job: Job, test: Evaluated) -> str:
     from recsys.export.pyfunc import log_trained_pipeline
 
     cfg, data, fusion, out_dir = job.cfg, job.data, job.fusion, job.out_dir
-    node = cfg.get("model") or {}
-    if not node.get("refit_all", True):
-        return log_trained_pipeline(cfg, data, test.history, test.models, fusion, out_dir)
+    if not refits_all(cfg):
+        return log_trained_pipeline(cfg, data, test.history, test.models, fusion, out_dir, folder=SERVED_FOLDER)
     log_trained_pipeline(
-        cfg, data, test.history, test.models, fusion, out_dir, name="model_evaluated", folder="pipeline_evaluated"
+        cfg, data, test.history, test.models, fusion, out_dir, name="model_evaluated", folder=EVALUATED_FOLDER
     )
     hist_all = test.history.extend(job.split.test)
     models_all = refit_models(job.pipeline, hist_all, test.models)
     log.info("deploy: refitted on all %d events", hist_all.interactions.height)
-    return log_trained_pipeline(cfg, data, hist_all, models_all, fusion, out_dir)
+    return log_trained_pipeline(cfg, data, hist_all, models_all, fusion, out_dir, folder=SERVED_FOLDER)
 
 
 def refit_models(pipeline, history, models: dict) -> dict:
