@@ -101,7 +101,10 @@ class TextDataModule(L.LightningDataModule):
             items, for the adapter on frozen BERT vectors.
         uniform_negatives: catalogue items drawn uniformly per step as extra negatives beside the
             batch's targets (mixed negatives): in-batch negatives alone are popular items, and a
-            tower trained only against them learns little about the long tail.
+            tower trained only against them learns little about the long tail. Drawn where the
+            batch's items are looked up or encoded with its history items (``item_tokens=False``
+            or ``encode_history``); a BERT path that encodes only the targets draws none, and its
+            logQ correction counts the in-batch negatives alone.
     """
 
     def __init__(
@@ -125,7 +128,10 @@ class TextDataModule(L.LightningDataModule):
         check_data_options(batch_size=batch_size, steps_per_epoch=steps_per_epoch, val_users=val_users,
                       uniform_negatives=uniform_negatives)  # fmt: skip
         self.item_tokens = bool(item_tokens)
-        self.uniform_negatives = min(int(uniform_negatives), len(item_ids))
+        # The draw joins the batch's item set, which exists only where history items are in it;
+        # log_q below must count only negatives that are drawn.
+        drawn = bool(encode_history) or not self.item_tokens
+        self.uniform_negatives = min(int(uniform_negatives), len(item_ids)) if drawn else 0
         self.item_ids, self.item_lengths = item_ids, item_lengths
         # When each item was first listed (NaN = always): validation, like the test evaluation,
         # never ranks an item for a moment before it existed. A copy: the input may be read-only.

@@ -201,11 +201,13 @@ def fine_tune(
     kept_zero_shot = best_score <= zero_score
     if kept_zero_shot:
         net.load_state_dict(initial)
+        rate = "lr_encoder" if module.train_bert else "lr_adapter"
         log.warning(
             "fine-tuning did not beat the zero-shot encoder on validation (ndcg@10 %.4f <= %.4f): keeping the "
-            "zero-shot weights (try a lower text.module.lr_adapter, or a larger text.budget_minutes)",
+            "zero-shot weights (try a lower text.module.%s, or a larger text.budget_minutes)",
             best_score,
             zero_score,
+            rate,
         )
     net.eval()
     t_end = time.perf_counter()

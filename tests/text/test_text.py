@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import lightning as L
 import numpy as np
@@ -290,7 +291,7 @@ def test_fine_tune_restores_the_best_checkpoint(block_world, tiny_encoder, tmp_p
     assert_holds_the_best_checkpoint(net, ckpt)
 
 
-def test_fine_tune_keeps_the_zero_shot_weights_when_no_epoch_beats_them(block_world, tiny_encoder, tmp_path):
+def test_fine_tune_keeps_the_zero_shot_weights_when_no_epoch_beats_them(block_world, tiny_encoder, tmp_path, caplog):
     """Step 0 competes: a fine-tuning that only hurts (lr far too high) must not replace it."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -320,8 +321,11 @@ def test_fine_tune_keeps_the_zero_shot_weights_when_no_epoch_beats_them(block_wo
                 super().on_validation_epoch_end()
 
     factory = lambda net: NeverBetter(net=net, lr_encoder=1e-3, lr_head=1e-2, warmup_steps=1)  # noqa: E731
-    _, metrics, _ = fine_tune(net, dm, factory, t)
+    with caplog.at_level(logging.WARNING, logger="recsys.text.fit"):
+        _, metrics, _ = fine_tune(net, dm, factory, t)
     assert metrics["text/kept_zeroshot"] == 1.0
+    # The hint names the learning rate of the weights this path trains (the BERT's here).
+    assert "text.module.lr_encoder" in caplog.text and "lr_adapter" not in caplog.text
     assert metrics["text/val_ndcg_at_10_finetuned"] <= metrics["text/val_ndcg_at_10_zeroshot"]
     for key, value in net.state_dict().items():
         torch.testing.assert_close(value, before[key], atol=0, rtol=0)

@@ -172,6 +172,27 @@ def test_bad_datamodule_options_are_named(tokenizer_path):
         TextDataModule(item_ids=ids, item_lengths=lengths, train=h, val=h.interactions, steps_per_epoch=0)
 
 
+def test_the_logq_correction_counts_only_the_negatives_drawn(tokenizer_path):
+    """The uniform draw joins batches that carry catalogue indices (the adapter path); a BERT
+    path encoding only its targets draws none, so its logQ is the in-batch share alone."""
+    texts, h = key_world(items_per_key=3, users_per_key=2, events=3)
+    encoder = ItemEncoder.random(tokenizer=tokenizer_path, seed=0)
+    ids, lengths = encoder.tokenize(texts)
+
+    def module(**kw):
+        return TextDataModule(
+            item_ids=ids, item_lengths=lengths, train=h, val=h.interactions, batch_size=8, uniform_negatives=4, **kw
+        )
+
+    indices, tokens, encoded = module(item_tokens=False), module(item_tokens=True), module(encode_history=True)
+    assert indices.uniform_negatives == encoded.uniform_negatives == 4 and tokens.uniform_negatives == 0
+    torch.testing.assert_close(tokens.log_q, tokens.log_popularity)  # in-batch: log share, up to log B
+    assert bool((indices.log_q > indices.log_popularity).all())
+    rows = [(h.sequences[u][:-1], int(h.sequences[u][-1]), 1.0) for u in range(4)]
+    assert "negatives" not in tokens.collate(rows)
+    assert "negatives" in indices.collate(rows)
+
+
 @pytest.mark.parametrize(
     ("data", "module", "name"),
     [
