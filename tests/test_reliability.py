@@ -232,6 +232,15 @@ def test_prints_a_row_per_model(smoke_run):
 
 
 @pytest.mark.slow
+def test_prints_none_of_the_known_harmless_library_messages(smoke_run):
+    # recsys.quiet and fine_tune's own resume folder: Lightning's logger tip, its LeafSpec
+    # deprecation and its warning that the resume folder (holding the run's lock) is not empty.
+    out = smoke_run.proc.stdout + smoke_run.proc.stderr
+    for message in ("litlogger", "LeafSpec", "exists and is not empty"):
+        assert message not in out, out[-3000:]
+
+
+@pytest.mark.slow
 def test_nothing_written_into_the_launch_directory(smoke_run):
     assert list((smoke_run.root / "cwd").iterdir()) == []
 

@@ -132,6 +132,9 @@ class TrainerSpec:
     def build(self, logger: Any) -> Any:
         from hydra.utils import instantiate
 
+        from recsys.quiet import quiet_lightning
+
+        quiet_lightning()
         return instantiate(self.config, callbacks=self.callbacks, logger=logger, max_time=self.max_time)
 
 

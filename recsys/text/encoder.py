@@ -190,6 +190,9 @@ class ItemEncoder(nn.Module):
         """A local folder (or, with internet, a hub name) holding a BERT-style model."""
         from transformers import AutoModel
 
+        from recsys.quiet import quiet_pooler_report
+
+        quiet_pooler_report()  # the checkpoint's pooler is left out on purpose (add_pooling_layer=False)
         tokenizer = load_tokenizer(name_or_path)
         try:
             bert = AutoModel.from_pretrained(name_or_path, add_pooling_layer=False)

@@ -12,13 +12,16 @@ See docs/reliability.md.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -148,7 +151,8 @@ def fine_tune(
     """
     module = module_factory(net=net)
     t0 = time.perf_counter()
-    zero = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
+    with _own_folder(resume_dir):
+        zero = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     module.val_curve.clear()  # the curve starts at step 0 with this score, added below
     # The zero-shot validation holds the BERT's catalogue pass (minutes at 10^5 items); the time
     # budget (the Trainer's max_time) bounds what follows, so both are logged apart.
@@ -178,7 +182,8 @@ def fine_tune(
                     trainer.max_epochs,
                     state["global_step"],
                 )
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        with _own_folder(resume_dir):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         if not trainer.is_global_zero:  # another rank of a distributed fit: rank 0 keeps the result
             return net, {}, []
         best_path = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
@@ -221,6 +226,18 @@ def fine_tune(
         "text/train_minutes": (t_end - t_train) / 60.0,
     }
     return net, metrics, [(0, zero_score, float(zero.get("val/ndcg_at_10_tail", float("nan")))), *curve]
+
+
+@contextlib.contextmanager
+def _own_folder(resume_dir: Path | None):
+    """Without Lightning's warning that the checkpoint folder is not empty when that folder is
+    the resume folder: it always holds the run's lock, and on a rerun the checkpoint this run
+    resumes from (which the log names)."""
+    with warnings.catch_warnings():
+        if resume_dir is not None:
+            name = re.escape(str(resume_dir.name))
+            warnings.filterwarnings("ignore", message=f"Checkpoint directory .*{name} exists and is not empty")
+        yield
 
 
 def _monitor_checkpoint(trainer: L.Trainer):

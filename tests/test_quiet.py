@@ -1,0 +1,36 @@
+"""recsys.quiet drops the known harmless library messages it names, and nothing else."""
+
+from __future__ import annotations
+
+import logging
+
+from recsys.quiet import is_pooler_only_load_report, quiet_pooler_report
+
+POOLER = """BertModel LOAD REPORT from: /models/minilm
+Key                 | Status     |  |
+--------------------+------------+--+-
+pooler.dense.weight | UNEXPECTED |  |
+pooler.dense.bias   | UNEXPECTED |  |
+
+Notes:
+- UNEXPECTED:\tcan be ignored when loading from different task/architecture"""
+
+MISSING = POOLER.replace("pooler.dense.bias   | UNEXPECTED", "encoder.layer.0.attention.self.query.weight | MISSING")
+
+
+def test_only_a_report_of_the_unexpected_pooler_is_recognised():
+    assert is_pooler_only_load_report(POOLER)
+    assert not is_pooler_only_load_report(MISSING)  # a missing weight must be seen
+    assert not is_pooler_only_load_report("some other transformers warning")
+    assert not is_pooler_only_load_report("BertModel LOAD REPORT from: x\nKey | Status\n---+---")
+
+
+def test_the_filter_drops_the_pooler_report_and_passes_others(caplog):
+    quiet_pooler_report()
+    quiet_pooler_report()  # idempotent: one filter
+    logger = logging.getLogger("transformers.modeling_utils")
+    assert sum(f.__class__.__name__ == "_Drop" for f in logger.filters) == 1
+    with caplog.at_level(logging.WARNING, logger="transformers.modeling_utils"):
+        logger.warning(POOLER)
+        logger.warning(MISSING)
+    assert len(caplog.records) == 1 and "MISSING" in caplog.records[0].getMessage()
