@@ -1,10 +1,14 @@
-"""OmegaConf resolvers used by ``conf/``; importing this module registers them."""
+"""Where the configs live, the OmegaConf resolvers ``conf/`` uses (importing this module registers
+them), and the entry points' check of their command-line overrides."""
 
 from __future__ import annotations
 
+import difflib
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -39,3 +43,57 @@ def minilm_path() -> str:
 for name, fn in (("project_root", project_root), ("minilm_path", minilm_path)):
     if not OmegaConf.has_resolver(name):
         OmegaConf.register_new_resolver(name, fn)
+
+
+def check_cli_overrides(config_name: str, argv: Sequence[str] | None = None) -> None:
+    """Exit 2 with the nearest setting names when an override names a setting the config lacks.
+
+    Hydra's own message for ``trainer.max_epoch=5`` suggests ``+trainer.max_epoch=5``, which adds
+    a key nothing reads: the job then fails late (an unknown Trainer argument) or ignores the
+    value. The overrides are composed once more before Hydra starts (about 0.1 s); anything else
+    that fails here is left to Hydra's report. Not checked: a multirun (sweep syntax) or an extra
+    config folder (``--config-dir``), which only Hydra's own composition sees.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a.startswith("-") for a in args):
+        return
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        try:
+            compose(config_name, overrides=args)
+            return
+        except ConfigCompositionException as e:
+            cause = e.__cause__
+            if not isinstance(cause, (ConfigAttributeError, ConfigKeyError)) or not cause.full_key:
+                return
+            key = str(cause.full_key)
+            if key.startswith("hydra."):  # Hydra's own settings: its report knows them best
+                return
+        except Exception:
+            return
+        bad = [a for a in args if a.split("=", 1)[0].lstrip("~") == key]
+        try:
+            cfg = compose(config_name, overrides=[a for a in args if a not in bad])
+        except Exception:
+            return
+    print(f"error: {unknown_setting_message(cfg, key)}", file=sys.stderr)
+    sys.exit(2)
+
+
+def unknown_setting_message(cfg: DictConfig, key: str) -> str:
+    """``key`` is no setting of ``cfg``: the nearest names, or the settings of its parent."""
+    parent, _, name = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    if not isinstance(node, DictConfig):
+        return f"no setting '{key}' in the config ('{parent}' has no settings)"
+    names = [str(k) for k in node]
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    where = f"{parent}." if parent else ""
+    if close:
+        hint = "did you mean " + " or ".join(f"'{where}{c}'" for c in close) + "?"
+    else:
+        hint = f"settings under '{parent or 'the top level'}': {', '.join(sorted(names))}"
+    return f"no setting '{key}' in the config ({hint})"

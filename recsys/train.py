@@ -77,7 +77,7 @@ def check_objective(name: str | None) -> None:
 
 
 @hydra.main(config_path=recsys.config.CONFIG_DIR, config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> float | None:
+def _main(cfg: DictConfig) -> float | None:
     """Train; returns the validation metric named by ``optimized_metric`` (what a sweeper maximises)."""
     from recsys.text.distributed import check_trainer, serve_worker
     from recsys.tracking import save_hydra_files
@@ -88,6 +88,12 @@ def main(cfg: DictConfig) -> float | None:
     metrics = exit_on_user_error(lambda: run(cfg))
     name = cfg.get("optimized_metric")
     return float(metrics[name]) if name is not None else None
+
+
+def main() -> None:
+    """The command line: an override naming no setting is refused with the nearest names first."""
+    recsys.config.check_cli_overrides("config")
+    _main()
 
 
 if __name__ == "__main__":

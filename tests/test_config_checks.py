@@ -109,3 +109,43 @@ def test_weights_and_the_update_gate_refuse_what_is_not_a_number_by_name(tmp_pat
         cfg = OmegaConf.create({"cf_mode": "refit", "gate": {"tolerance": tolerance}})
         with pytest.raises(ConfigError, match=f"gate.tolerance must be a number >= 0, got {shown}"):
             update.run(cfg)
+
+
+# --- command-line overrides that name no setting ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("module", "override", "nearest"),
+    [
+        ("recsys.train", "trainer.max_epoch=5", "'trainer.max_epochs'"),
+        ("recsys.train", "text.budget_minute=0.1", "'text.budget_minutes'"),
+        ("recsys.evaluate", "reporter.n_bootstraps=100", "'reporter.n_bootstrap'"),
+    ],
+)
+def test_a_misspelled_override_is_refused_with_the_nearest_setting(tmp_path, module, override, nearest):
+    """Before Hydra starts (whose own hint, '+key=value', adds a key nothing reads): exit 2, the
+    nearest names, and nothing written."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", module, override], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    key = override.split("=")[0]
+    assert f"error: no setting '{key}' in the config (did you mean {nearest}?)" in proc.stderr
+    assert "Traceback" not in proc.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_without_a_near_name_the_message_lists_the_settings_there():
+    from omegaconf import OmegaConf
+
+    from recsys.config import unknown_setting_message
+
+    cfg = OmegaConf.create({"rules": {"k": 10, "min_score": None}, "seed": 0})
+    assert (
+        unknown_setting_message(cfg, "rules.zzz")
+        == "no setting 'rules.zzz' in the config (settings under 'rules': k, min_score)"
+    )
+    assert "did you mean 'rules.min_score'?" in unknown_setting_message(cfg, "rules.min_scor")
+    assert "did you mean 'seed'?" in unknown_setting_message(cfg, "sede")
