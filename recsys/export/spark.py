@@ -158,7 +158,8 @@ def export_spark(
     tmp = output.rstrip("/") + INPROGRESS
     scored.write.mode("overwrite").parquet(tmp)
     _commit(spark, tmp, output)
-    log.info("%d users scored on Spark -> %s (%d partitions)", len(users), output, n_parts)
+    # The entry points print the one completion line; a library caller gets the dict.
+    log.debug("%d users scored on Spark -> %s (%d partitions)", len(users), output, n_parts)
     return {"output": output, "users": len(users), "partitions": n_parts}
 
 

@@ -9,6 +9,7 @@ HDFS) swapped for local ones.
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import subprocess
@@ -75,7 +76,7 @@ def compose(*overrides: str):
 
 
 @pytest.mark.slow
-def test_spark_rows_equal_the_local_export_and_a_rerun_after_a_kill_gives_the_same(tmp_path):
+def test_spark_rows_equal_the_local_export_and_a_rerun_after_a_kill_gives_the_same(tmp_path, caplog, capsys):
     """One process, as the CLI runs: ``recsys.recommend.run`` with engine=local, then engine=spark
     over what a killed rerun finds: an older finished output and a half-written temporary folder."""
     spark_ready()
@@ -107,8 +108,12 @@ def test_spark_rows_equal_the_local_export_and_a_rerun_after_a_kill_gives_the_sa
     readme = [a.replace("output=outputs/recommend/spark", f"output={out}") for a in readme[3:]]
     assert f"output={out}" in readme and "spark.master='local[2]'" in readme
     spark = compose(*common, "spark.partitions=3", *readme)
-    info = recommend_run(spark)
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO):
+        info = recommend_run(spark)
     assert info["users"] == len(users) and info["partitions"] == 3
+    said = capsys.readouterr().out + caplog.text
+    assert said.count("users scored") == 1, said  # one completion line, not a log line as well
     got = read_parts(out)
     assert got[Columns.User].n_unique() == len(users)
     assert_frame_equal(got.select(expected.columns), expected)  # same rows, same column types
