@@ -29,7 +29,7 @@ class InputError(Exception):
         row: int | None = None,
         example: Mapping[str, Any] | None = None,
     ) -> None:
-        self.file, self.column, self.row, self.example = file, column, row, example
+        self.message, self.file, self.column, self.row, self.example = message, file, column, row, example
         parts = []
         if file is not None:
             parts.append(f"file {file}")

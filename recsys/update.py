@@ -62,20 +62,21 @@ def read_new_data(pipeline, source, duplicates: str = "drop") -> NewData:
     and events already in the model are dropped or refused as ``duplicates`` says."""
     from recsys.data import validation as v
 
-    items = source.load_items()
     known = pl.Series(Columns.Item, pipeline.item_ids.tolist(), dtype=pl.String)
-    all_ids = pl.concat([known, items[Columns.Item]]).unique()
-    events = source.load_interactions(all_ids)
+    # A header-only item file is an update without new or changed items (README).
+    items, events = source.load_tables(known, allow_empty_items=True)
     old = events.filter(pl.col(Columns.Timestamp) < pipeline.now)
     if old.height:
         row, ex = v.example(events, pl.col(Columns.Timestamp) < pipeline.now)
-        raise InputError(
-            f"{old.height} event(s) are older than the model's data (it ends at {pipeline.now}): an update "
-            "takes the events since the model was trained; retrain to change the past",
-            file=source.interactions_path,
-            column=Columns.Timestamp,
-            row=row,
-            example=ex,
+        raise source.in_file_terms(
+            InputError(
+                f"{old.height} event(s) are older than the model's data (it ends at {pipeline.now}): an update "
+                "takes the events since the model was trained; retrain to change the past",
+                file=source.interactions_path,
+                column=Columns.Timestamp,
+                row=row,
+                example=ex,
+            )
         )
     # Events the model already holds (same user, item, time and weight) are duplicates too.
     stored = pipeline.history.select(
@@ -91,12 +92,14 @@ def read_new_data(pipeline, source, duplicates: str = "drop") -> NewData:
             first = seen.sort(v.ROW).row(0, named=True)
             row = first.pop(v.ROW)
             ex = {c: first[c] for c in events.columns if c in first}
-            raise InputError(
-                f"{seen.height} event(s) are already in the model; set data.duplicates=drop to drop them",
-                file=source.interactions_path,
-                column=Columns.User,
-                row=row,
-                example=ex,
+            raise source.in_file_terms(
+                InputError(
+                    f"{seen.height} event(s) are already in the model; set data.duplicates=drop to drop them",
+                    file=source.interactions_path,
+                    column=Columns.User,
+                    row=row,
+                    example=ex,
+                )
             )
         log.info("%s: dropped %d event(s) the model already holds", source.interactions_path, seen.height)
         source.report["duplicates_of_model_events_dropped"] = seen.height

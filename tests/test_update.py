@@ -236,6 +236,58 @@ def test_bad_input_names_file_column_and_row_and_registers_nothing(tmp_path, cas
     assert not (tmp_path / "out").exists()
 
 
+def header_only_items(tmp: Path, columns: list[str] = ITEM_COLUMNS) -> Path:
+    path = tmp / "hdr.csv"
+    path.write_text(",".join(columns) + "\n")
+    return path
+
+
+def test_a_header_only_item_file_is_an_update_without_new_items(tmp_path):
+    """README: the item file "may hold header only". It was refused as an empty table."""
+    from recsys.data.files import FileDataSource
+    from recsys.update import read_new_data
+
+    p = champion()
+    e = tmp_path / "events.csv"
+    events_frame(hit_events(p, p.item_ids[0], 3, p.now + 60)).write_csv(e)
+    new = read_new_data(p, FileDataSource(str(e), str(header_only_items(tmp_path)), event_weights=p.event_weights))
+    assert new.items.height == 0 and new.events.height == 3
+    no_title = header_only_items(tmp_path, ["item_id", "description"])  # the header is still checked
+    with pytest.raises(InputError) as err:
+        read_new_data(p, FileDataSource(str(e), str(no_title), event_weights=p.event_weights))
+    assert err.value.file == str(no_title) and err.value.column == "title", str(err.value)
+
+
+@pytest.mark.slow  # trains the shared run through config()
+def test_a_missing_events_file_is_named_not_the_item_file(tmp_path):
+    from recsys.update import run
+
+    missing = tmp_path / "events_since.csv"
+    with pytest.raises(InputError, match="not found") as err:
+        run(config(tmp_path, missing, header_only_items(tmp_path)))
+    assert err.value.file == str(missing) and "hdr.csv" not in str(err.value), str(err.value)
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_update_errors_name_the_columns_as_the_file_does(tmp_path):
+    """With ``data.column_map`` the checks against the model speak of ``time``, not ``timestamp``."""
+    from recsys.data.files import FileDataSource
+    from recsys.update import read_new_data
+
+    p = champion()
+    names = {"user_id": "customer", "item_id": "sku", "timestamp": "time"}
+    e = tmp_path / "events.csv"
+    events_frame([(p.users.ids[0], p.item_ids[0], p.now - 86400)]).rename(names).write_csv(e)
+    items = header_only_items(tmp_path, ["sku", *ITEM_COLUMNS[1:]])
+    source = FileDataSource(str(e), str(items), event_weights=p.event_weights, column_map=names)
+    with pytest.raises(InputError, match="older than the model") as err:
+        read_new_data(p, source)
+    msg = str(err.value)
+    assert err.value.column == "time" and "column 'time'" in msg and "maps timestamp to 'time'" in msg, msg
+    assert {"customer", "sku", "time", "event"} <= set(err.value.example), msg
+    assert not set(names) & set(err.value.example), msg
+
+
 def test_an_output_folder_holding_a_saved_pipeline_is_refused_before_any_work(tmp_path):
     """The challenger is saved to ``output/pipeline`` last and never over an earlier one: a rerun
     with the same ``output`` is refused before the model or the new files are read."""

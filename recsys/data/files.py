@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import polars as pl
 
@@ -33,6 +34,8 @@ class FileDataSource:
             empty fields are skipped.
         event_weights: weight of each event type; an event type not listed is an error.
         column_map: our column name -> the name in your files, e.g. ``{user_id: customer}``.
+            Files are checked under their own column names, so every error names a column as
+            the file does (and says which of ours it stands for); renamed after the checks.
         text_separator: put between text fields.
         name: shown in logs and reports.
         duplicates: interaction rows repeating an earlier row in every column, and item rows
@@ -86,87 +89,175 @@ class FileDataSource:
         for event, w in self.event_weights.items():
             require_number(f"data.event_weights.{event}", w, 0, low_open=True)
 
-    def _rename(self, df: pl.DataFrame) -> pl.DataFrame:
-        mapping = {src: ours for ours, src in self.column_map.items() if src in df.columns and src != ours}
-        return df.rename(mapping)
+    def _in_file(self, column: str) -> str:
+        """Our ``column`` as the files name it."""
+        return self.column_map.get(column, column)
 
-    def load_items(self) -> pl.DataFrame:
-        path = self.items_path
-        df = self._rename(read_table(path))
-        v.require_columns(df, [Columns.Item, *self.text_fields], path)
-        require_scalar(df, [Columns.Item, *self.text_fields], path)
-        v.require_id_dtype(df, Columns.Item, path)
-        df = df.with_columns(pl.col(Columns.Item).cast(pl.String))
-        policy = "drop" if self.duplicates == "keep" else self.duplicates
-        df = handle_duplicates(df, [c for c in df.columns if c != v.ROW], policy, path, self.report)
-        v.require_non_null(df, Columns.Item, path)
-        v.require_unique(df, Columns.Item, path)
-        text = pl.concat_str(
-            # Blank fields count as missing, so they neither add a stray separator nor pass as text.
-            [pl.col(f).cast(pl.String).str.strip_chars().replace("", None) for f in self.text_fields],
-            separator=self.text_separator,
-            ignore_nulls=True,
-        ).str.strip_chars()
-        df = df.with_columns(text.fill_null("").alias(Columns.Text))
-        if Columns.AvailableFrom in df.columns:
-            df = v.parse_timestamp(df, Columns.AvailableFrom, path)
-        empty = pl.col(Columns.Text) == ""
-        n_empty = df.select(empty.sum()).item()
-        if n_empty and self.missing_text == "error":
-            row, ex = v.example(df, empty)
-            raise InputError(
-                f"{n_empty} item(s) have no text in any of the text fields {self.text_fields} "
-                "(set data.missing_text=drop or keep)",
-                file=path,
-                column=self.text_fields[0],
-                row=row,
-                example=ex,
-            )
-        if n_empty:
-            verb = "dropped" if self.missing_text == "drop" else "kept"
-            log.warning("%s: %s %d item(s) with no text in %s", path, verb, n_empty, self.text_fields)
-            self.report[f"items_without_text_{verb}"] = n_empty
-            if self.missing_text == "drop":
-                self._no_text = df.filter(empty)[Columns.Item]
-                df = df.filter(~empty)
+    def _renamed(self) -> dict[str, str]:
+        """The file's name -> ours, for the columns ``column_map`` renames."""
+        return {src: ours for ours, src in self.column_map.items() if src != ours}
+
+    def _rename(self, df: pl.DataFrame) -> pl.DataFrame:
+        return df.rename({src: ours for src, ours in self._renamed().items() if src in df.columns})
+
+    def _noted(self, error: InputError) -> InputError:
+        """``error`` with the column mapping spelled out when its column is one ``column_map``
+        renames: the user knows the file's name, the message should also say what it stands for."""
+        ours = self._renamed().get(error.column)
+        if ours is None:
+            return error
+        message = f"{error.message} (data.column_map maps {ours} to '{error.column}')"
+        return type(error)(message, file=error.file, column=error.column, row=error.row, example=error.example)
+
+    @contextmanager
+    def _file_terms(self) -> Iterator[None]:
+        """Checks inside run on the file's own column names; a failing one gets the mapping noted."""
+        try:
+            yield
+        except InputError as e:
+            noted = self._noted(e)
+            if noted is e:
+                raise
+            raise noted from e
+
+    def in_file_terms(self, error: InputError) -> InputError:
+        """``error`` about a loaded frame (our column names), told as the file has it: the column
+        and the example row's keys as the file names them, the mapping noted. For checks made
+        after loading, such as ``recsys.update``'s against the model."""
+        example = None
+        if error.example is not None:
+            example = {self._in_file(k): val for k, val in error.example.items()}
+        column = None if error.column is None else self._in_file(error.column)
+        moved = type(error)(error.message, file=error.file, column=column, row=error.row, example=example)
+        return self._noted(moved)
+
+    def _read(self, path: str, needed: Sequence[str], allow_empty: bool = False) -> pl.DataFrame:
+        """``path`` with the ``needed`` columns (the file's names), still under the file's names."""
+        df = read_table(path, allow_empty)
+        v.require_columns(df, needed, path)
+        for src, ours in self._renamed().items():
+            if src in df.columns and ours in df.columns and ours not in self._renamed():
+                # The rename after the checks would clash; which one is meant is the user's call.
+                raise InputError(
+                    f"the file has a column '{ours}' too, and data.column_map maps {ours} to '{src}': drop or "
+                    "rename one of the two",
+                    file=path,
+                    column=src,
+                )
         return df
 
-    def load_interactions(self, item_ids: pl.Series) -> pl.DataFrame:
+    def load_items(self, allow_empty: bool = False) -> pl.DataFrame:
+        """The item file, checked on its own. ``allow_empty``: a file with a header and no rows
+        is accepted (an update without new items); its header is checked all the same."""
+        path = self.items_path
+        item = self._in_file(Columns.Item)
+        fields = [self._in_file(f) for f in self.text_fields]
+        with self._file_terms():
+            df = self._read(path, [item, *fields], allow_empty)
+            require_scalar(df, [item, *fields], path)
+            v.require_id_dtype(df, item, path)
+            df = df.with_columns(pl.col(item).cast(pl.String))
+            policy = "drop" if self.duplicates == "keep" else self.duplicates
+            df = handle_duplicates(df, [c for c in df.columns if c != v.ROW], policy, path, self.report)
+            v.require_non_null(df, item, path)
+            v.require_unique(df, item, path)
+            text = pl.concat_str(
+                # Blank fields count as missing, so they neither add a stray separator nor pass as text.
+                [pl.col(f).cast(pl.String).str.strip_chars().replace("", None) for f in fields],
+                separator=self.text_separator,
+                ignore_nulls=True,
+            ).str.strip_chars()
+            df = df.with_columns(text.fill_null("").alias(Columns.Text))
+            available = self._in_file(Columns.AvailableFrom)
+            if available in df.columns:
+                df = v.parse_timestamp(df, available, path)
+            empty = pl.col(Columns.Text) == ""
+            n_empty = df.select(empty.sum()).item()
+            if n_empty and self.missing_text == "error":
+                row, ex = v.example(df, empty)
+                raise InputError(
+                    f"{n_empty} item(s) have no text in any of the text fields {fields} "
+                    "(set data.missing_text=drop or keep)",
+                    file=path,
+                    column=fields[0],
+                    row=row,
+                    example=ex,
+                )
+        if n_empty:
+            verb = "dropped" if self.missing_text == "drop" else "kept"
+            log.warning("%s: %s %d item(s) with no text in %s", path, verb, n_empty, fields)
+            self.report[f"items_without_text_{verb}"] = n_empty
+            if self.missing_text == "drop":
+                self._no_text = df.filter(empty)[item].alias(Columns.Item)
+                df = df.filter(~empty)
+        return self._rename(df)
+
+    def _read_interactions(self) -> pl.DataFrame:
+        """The interaction file checked on its own (columns, ids, times, event types); the file's
+        column names."""
         path = self.interactions_path
-        df = self._rename(read_table(path))
-        v.require_columns(df, INTERACTION_SCHEMA, path)
-        require_scalar(df, list(INTERACTION_SCHEMA), path)
-        for col in (Columns.User, Columns.Item):
-            v.require_id_dtype(df, col, path)
-        for col in (Columns.User, Columns.Item, Columns.Event):
-            df = df.with_columns(pl.col(col).cast(pl.String))
-            v.require_non_null(df, col, path)
-        v.require_non_null(df, Columns.Timestamp, path)
-        df = v.parse_timestamp(df, Columns.Timestamp, path)
-        v.require_in(df, Columns.Event, self.event_weights, path)
-        if len(self._no_text):
-            gone = pl.col(Columns.Item).is_in(self._no_text.implode())
-            n = df.select(gone.sum()).item()
-            if n:
-                log.warning("%s: dropped %d interaction(s) with items that have no text", path, n)
-                self.report["interactions_with_items_without_text_dropped"] = n
-                df = df.filter(~gone)
-        v.require_known(df, Columns.Item, item_ids, path, self.items_path)
-        df = self._future(df, path)
-        if self.duplicates != "keep":
-            df = handle_duplicates(df, [c for c in df.columns if c != v.ROW], self.duplicates, path, self.report)
+        user, item, ts, event = (self._in_file(c) for c in INTERACTION_SCHEMA)
+        with self._file_terms():
+            df = self._read(path, [user, item, ts, event])
+            require_scalar(df, [user, item, ts, event], path)
+            for col in (user, item):
+                v.require_id_dtype(df, col, path)
+            for col in (user, item, event):
+                df = df.with_columns(pl.col(col).cast(pl.String))
+                v.require_non_null(df, col, path)
+            v.require_non_null(df, ts, path)
+            df = v.parse_timestamp(df, ts, path)
+            v.require_in(df, event, self.event_weights, path)
+        return df
+
+    def _check_interactions(self, df: pl.DataFrame, item_ids: pl.Series) -> pl.DataFrame:
+        """``_read_interactions``' frame against the items (``item_ids``: every id an event may
+        name), then the time and duplicate policies; renamed to our column names."""
+        path = self.interactions_path
+        item, ts = self._in_file(Columns.Item), self._in_file(Columns.Timestamp)
+        with self._file_terms():
+            if len(self._no_text):
+                gone = pl.col(item).is_in(self._no_text.implode())
+                n = df.select(gone.sum()).item()
+                if n:
+                    log.warning("%s: dropped %d interaction(s) with items that have no text", path, n)
+                    self.report["interactions_with_items_without_text_dropped"] = n
+                    df = df.filter(~gone)
+            v.require_known(df, item, item_ids, path, self.items_path)
+            df = self._future(df, ts, path)
+            if self.duplicates != "keep":
+                key = [c for c in df.columns if c != v.ROW]
+                df = handle_duplicates(df, key, self.duplicates, path, self.report)
+        df = self._rename(df)
         weights = pl.col(Columns.Event).replace_strict(self.event_weights, return_dtype=pl.Float32)
         return df.with_columns(weights.alias(Columns.Weight))
 
-    def _future(self, df: pl.DataFrame, path: str) -> pl.DataFrame:
+    def load_interactions(self, item_ids: pl.Series) -> pl.DataFrame:
+        """The interactions, checked on their own and then against ``item_ids``."""
+        return self._check_interactions(self._read_interactions(), item_ids)
+
+    def load_tables(
+        self, known_items: pl.Series | None = None, allow_empty_items: bool = False
+    ) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """Items and interactions. Each file is checked on its own first, the interaction file
+        first (a missing or broken one is named as such, whatever the item file holds), then
+        against each other: an event's item has a row in the item file or is in ``known_items``
+        (a model's catalogue, for an update). ``allow_empty_items``: see ``load_items``."""
+        events = self._read_interactions()
+        items = self.load_items(allow_empty_items)
+        ids = items[Columns.Item]
+        if known_items is not None:
+            ids = pl.concat([known_items.cast(pl.String), ids]).unique()
+        return items, self._check_interactions(events, ids)
+
+    def _future(self, df: pl.DataFrame, column: str, path: str) -> pl.DataFrame:
         now = int(time.time()) if self.now is None else int(self.now)
-        return v.check_future(df, Columns.Timestamp, path, self.future_timestamps, now, self.report)
+        return v.check_future(df, column, path, self.future_timestamps, now, self.report)
 
     def load(self) -> Dataset:
         self.report = {}
         self._no_text = pl.Series(Columns.Item, [], dtype=pl.String)
-        items = self.load_items()
-        inter = self.load_interactions(items[Columns.Item])
+        items, inter = self.load_tables()
         users = IdMap.from_values(inter[Columns.User])
         item_ids = IdMap.from_values(items[Columns.Item])
         inter = (

@@ -273,6 +273,117 @@ def test_custom_event_weights(tmp_path):
         FileDataSource(events, items).load()  # default weights know click and purchase only
 
 
+# --- data.column_map: errors speak of the columns as the file names them --------------------------
+
+SHOP_MAP = {"user_id": "customer", "item_id": "sku", "timestamp": "time"}
+SHOP_EVENTS = "customer,sku,time,event\nx,P1,5,click\nx,P2,6,click\n"
+SHOP_ITEMS = "sku,title,description\nP1,Mug,hot\nP2,Cup,cold\n"
+
+# (name, events file, items file, column_map, the column named, texts the message must hold)
+MAPPED_CASES = [
+    (
+        "column missing, not in the map",
+        SHOP_EVENTS,
+        SHOP_ITEMS,
+        {"user_id": "customer", "item_id": "sku"},
+        "timestamp",
+        ["columns present: ['customer', 'sku', 'time', 'event']"],
+    ),
+    (
+        "mapped column missing",
+        SHOP_EVENTS,
+        SHOP_ITEMS,
+        {**SHOP_MAP, "timestamp": "ts"},
+        "ts",
+        ["columns present: ['customer', 'sku', 'time', 'event']", "maps timestamp to 'ts'"],
+    ),
+    (
+        "duplicate mapped item id",
+        SHOP_EVENTS,
+        "sku,title,description\nP1,Mug,hot\nP1,Mug,cold\nP2,Cup,x\n",
+        SHOP_MAP,
+        "sku",
+        ["share an id", "maps item_id to 'sku'", "'sku': 'P1'"],
+    ),
+    (
+        "unparsable mapped timestamp",
+        "customer,sku,time,event\nx,P1,5,click\nx,P2,yesterday,click\n",
+        SHOP_ITEMS,
+        SHOP_MAP,
+        "time",
+        ["maps timestamp to 'time'", "'customer': 'x'", "'time': 'yesterday'"],
+    ),
+    (
+        "event for a mapped item with no row",
+        "customer,sku,time,event\nx,P1,5,click\nx,P9,6,click\n",
+        SHOP_ITEMS,
+        SHOP_MAP,
+        "sku",
+        ["no row in", "'sku': 'P9'"],
+    ),
+    (
+        "repeated event",
+        "customer,sku,time,event\nx,P1,5,click\nx,P1,5,click\n",
+        SHOP_ITEMS,
+        SHOP_MAP,
+        "customer",
+        ["same ['customer', 'sku', 'time', 'event']"],
+    ),
+    (
+        "a mapped column and ours both in the file",
+        "customer,sku,time,timestamp,event\nx,P1,5,7,click\n",
+        SHOP_ITEMS,
+        SHOP_MAP,
+        "time",
+        ["a column 'timestamp' too"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "events", "items", "column_map", "column", "texts"), MAPPED_CASES, ids=[c[0] for c in MAPPED_CASES]
+)
+def test_data_column_map_errors_name_the_files_own_columns(tmp_path, case, events, items, column_map, column, texts):
+    """With ``data.column_map`` the user's file says ``customer, sku, time``: an error naming
+    ``user_id`` or listing columns the file does not have sends them looking for nothing."""
+    e, i = write(tmp_path / "e.csv", events), write(tmp_path / "i.csv", items)
+    with pytest.raises(InputError) as info:
+        FileDataSource(e, i, column_map=column_map, duplicates="error").load()
+    err, msg = info.value, str(info.value)
+    assert err.column == column and f"column '{column}'" in msg, msg
+    for text in texts:
+        assert text in msg, msg
+    assert not any(ours in (err.example or {}) for ours in SHOP_MAP), msg  # the example row as the file has it
+
+
+def test_data_events_file_is_checked_before_and_apart_from_the_item_file(tmp_path):
+    """A missing interaction file is named as missing, not hidden behind the item file's problem."""
+    items = write(tmp_path / "i.csv", "item_id,title,description\n")  # header only: an error for training
+    missing = str(tmp_path / "nope.csv")
+    with pytest.raises(InputError, match="not found") as info:
+        FileDataSource(missing, items).load()
+    assert info.value.file == missing and items not in str(info.value)
+    bad_time = write(tmp_path / "e.csv", "user_id,item_id,timestamp,event\nu,A,later,click\n")
+    with pytest.raises(InputError) as info:
+        FileDataSource(bad_time, items).load()
+    assert info.value.file == bad_time and info.value.column == "timestamp"
+
+
+def test_data_header_only_item_file_is_allowed_where_asked_and_its_header_still_checked(tmp_path):
+    events = write(tmp_path / "e.csv", "customer,sku,time,event\nx,P1,5,click\n")
+    header = write(tmp_path / "i.csv", "sku,title,description\n")
+    src = FileDataSource(events, header, column_map=SHOP_MAP)
+    items, inter = src.load_tables(pl.Series(["P1"]), allow_empty_items=True)
+    assert items.height == 0 and Columns.Item in items.columns and Columns.Text in items.columns
+    assert inter[Columns.Item].to_list() == ["P1"] and inter[Columns.Timestamp].to_list() == [5]
+    no_title = write(tmp_path / "j.csv", "sku,description\n")
+    with pytest.raises(InputError) as info:
+        FileDataSource(events, no_title, column_map=SHOP_MAP).load_tables(pl.Series(["P1"]), allow_empty_items=True)
+    assert info.value.file == no_title and info.value.column == "title"
+    with pytest.raises(InputError, match="empty"):
+        FileDataSource(events, header, column_map=SHOP_MAP).load()  # training needs items
+
+
 # --- the generated data set ------------------------------------------------------------------------
 
 SMALL = dict(n_users=120, n_items=80)
