@@ -119,8 +119,14 @@ def run(cfg: DictConfig):
 
 
 @hydra.main(config_path=recsys.config.CONFIG_DIR, config_name="recommend", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> None:
     exit_on_user_error(lambda: run(cfg))
+
+
+def main() -> None:
+    """The command line: an override naming no setting is refused with the nearest names first."""
+    recsys.config.check_cli_overrides("recommend")
+    _main()
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-import recsys.config  # noqa: E402,F401  (registers resolvers)
+import recsys.config  # noqa: E402  (registers resolvers; CONFIG_DIR)
 from recsys.columns import Columns  # noqa: E402
 from recsys.errors import ConfigError, InputError, exit_on_user_error, require_number, require_whole  # noqa: E402
 
@@ -671,9 +671,15 @@ def _run(cfg: DictConfig, t_start: float, mode: str, tolerance: float, warm: int
     return {**figures, "version": version, "promoted": gate.promote}
 
 
-@hydra.main(config_path="../conf", config_name="update", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+@hydra.main(config_path=recsys.config.CONFIG_DIR, config_name="update", version_base="1.3")
+def _main(cfg: DictConfig) -> None:
     exit_on_user_error(lambda: run(cfg))
+
+
+def main() -> None:
+    """The command line: an override naming no setting is refused with the nearest names first."""
+    recsys.config.check_cli_overrides("update")
+    _main()
 
 
 if __name__ == "__main__":

@@ -120,6 +120,8 @@ def test_weights_and_the_update_gate_refuse_what_is_not_a_number_by_name(tmp_pat
         ("recsys.train", "trainer.max_epoch=5", "'trainer.max_epochs'"),
         ("recsys.train", "text.budget_minute=0.1", "'text.budget_minutes'"),
         ("recsys.evaluate", "reporter.n_bootstraps=100", "'reporter.n_bootstrap'"),
+        ("recsys.recommend", "rules.max_per_categry=3", "'rules.max_per_category'"),
+        ("recsys.update", "gate.tolerence=0.1", "'gate.tolerance'"),
     ],
 )
 def test_a_misspelled_override_is_refused_with_the_nearest_setting(tmp_path, module, override, nearest):
