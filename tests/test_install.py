@@ -103,3 +103,10 @@ def test_console_scripts_train_recommend_evaluate_from_an_empty_folder(venv, tmp
     report = run([str(venv / EVALUATE[0]), *EVALUATE[1:], "reporter.n_bootstrap=100"], work)
     assert "report:" in report.stdout
     assert list((work / "outputs" / "evaluate").glob("*/report.html"))
+
+
+def test_the_update_entry_reads_the_shipped_configs(venv, tmp_path):
+    """``python -m recsys.update`` from the wheel: its configs are the package's, as for the
+    console scripts (it looked for a ``conf/`` beside the package, which a wheel does not have)."""
+    out = run([str(venv / "python"), "-m", "recsys.update", "--cfg", "job"], tmp_path).stdout
+    assert "gate:" in out and "cf_mode:" in out
