@@ -33,6 +33,13 @@ def resolve_model(model_uri: str, tracking: str | None) -> tuple[Path, dict]:
     local = Path(model_uri)
     if (local / "meta.json").is_file():
         return local, {"model_uri": str(local.resolve()), "run_id": None}
+    if local.is_dir():
+        from recsys.stages import EVALUATED_FOLDER, SERVED_FOLDER
+
+        # A training run's folder holds its saved pipelines one level down.
+        inside = [local / name for name in (SERVED_FOLDER, EVALUATED_FOLDER) if (local / name / "meta.json").is_file()]
+        hint = f": use model_uri={inside[0]}" if inside else " (no meta.json in it)"
+        raise InputError(f"model_uri={model_uri} is a folder but not a saved pipeline{hint}")
     import mlflow
     from mlflow.exceptions import MlflowException
 

@@ -665,3 +665,18 @@ def test_cli_export_refuses_bad_settings_before_loading_the_model(tmp_path, over
     assert_clean_failure(proc, expected)
     assert "no-such-pipeline" not in proc.stderr + proc.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_folder_given_as_model_uri_points_at_the_pipeline_inside(tmp_path):
+    """``model_uri=outputs/<date>`` (the run folder, not its ``pipeline/``): the error names the
+    saved pipeline one level down, before MLflow reads the path as an artifact URI."""
+    from recsys.recommend import resolve_model
+
+    run = tmp_path / "2026-12-05_10-00-00"
+    (run / "pipeline").mkdir(parents=True)
+    (run / "pipeline" / "meta.json").write_text("{}")
+    with pytest.raises(InputError, match=f"is a folder but not a saved pipeline: use model_uri={run / 'pipeline'}"):
+        resolve_model(str(run), None)
+    with pytest.raises(InputError, match=r"is a folder but not a saved pipeline \(no meta.json in it\)"):
+        resolve_model(str(tmp_path), None)  # a folder holding neither
+    assert resolve_model(str(run / "pipeline"), None)[0] == run / "pipeline"
