@@ -48,7 +48,8 @@ RECOMMEND = [
     "python -m recsys.recommend model_uri=models:/recsys@champion",
     "python -m recsys.recommend model_uri=models:/recsys@champion users=ids.txt k=50 rules.max_per_category=3",
     "python -m recsys.recommend model_uri=models:/recsys@champion histories=new_users.csv",
-    "python -m recsys.recommend model_uri=models:/recsys@champion layout=file",
+    "python -m recsys.recommend model_uri=models:/recsys@champion layout=file "
+    "output=outputs/recommend/one_file.parquet",
 ]
 # README commands another test module runs: its README_COMMANDS lists them verbatim.
 ELSEWHERE = {
@@ -195,11 +196,12 @@ def test_readme_commands_run(workspace, monkeypatch):
     # Point @champion back at the main job's model for the recommend commands.
     first = [v for v in client.search_model_versions("name='recsys'") if v.run_id == runs[0]][0]
     client.set_registered_model_alias("recsys", "champion", first.version)
-    for i, command in enumerate(RECOMMEND):
+    # In sequence, each to the output it names or the default one: as a user runs them, so that a
+    # command refused because of what an earlier one left there fails here.
+    for command in RECOMMEND:
         args = args_of(command, "python -m recsys.recommend")
-        out = root / f"rec{i}" / "recommendations.parquet"
         with initialize_config_dir(config_dir=recsys.config.CONFIG_DIR, version_base="1.3"):
-            cfg = compose("recommend", overrides=[*paths, f"output={out}", "progress=false", *args])
+            cfg = compose("recommend", overrides=[*paths, "progress=false", *args])
         result = recommend.run(cfg)
         recs = pl.read_parquet(result.path)
         assert recs.height > 0 and recs["rank"].min() == 1

@@ -172,6 +172,7 @@ def export_recommendations(
         manifest_path = out_path.with_name(out_path.name.removesuffix(".parquet") + ".manifest.json")
         write_text_atomic(json.dumps(manifest, indent=2, default=str), manifest_path)  # ASCII: same bytes anywhere
         shutil.rmtree(work, ignore_errors=True)
+        warn_short_lists(manifest, manifest_path)
         return ExportResult(out_path, manifest_path, manifest)
 
 
@@ -217,11 +218,14 @@ def _manifest(
 ) -> dict[str, Any]:
     """The manifest: the plan, the counts summed over the parts, how the export ran."""
     rows, removed, counts = 0, Counter(), Counter({name: 0 for name in SERVING_COUNTS})
+    ranges = []
     for i in range(n_parts):
         stats = json.loads(_part_file(work, i, ".json").read_text())
         rows += stats["rows"]
         removed.update(stats["removed"])
         counts.update({name: stats.get(name, 0) for name in SERVING_COUNTS})
+        if stats.get("score_range") is not None:  # absent in parts written before it was counted
+            ranges.append(stats["score_range"])
     if counts["unknown_users_without_history"] or counts["history_rows_with_unknown_items"]:
         log.warning(
             "%s: %d unknown user(s) without history (served non-personal lists); %d history row(s) with an unknown "
@@ -237,6 +241,7 @@ def _manifest(
         "scorer": engine.scorer,
         "rules": plan["rules"],
         "removed_by_rule": dict(sorted(removed.items())),
+        "score_range": [min(r[0] for r in ranges), max(r[1] for r in ranges)] if ranges else None,
         "explain": plan["explain"],
         "rows": rows,
         "users": plan["n_users"],
@@ -249,6 +254,60 @@ def _manifest(
         "seconds": round(seconds, 3),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+
+
+# The rules that run on the ranked lists, after the top-N, and so can leave a list shorter than
+# k (the item rules and seen filtering are masks before it), with the setting behind each count
+# of ``removed_by_rule`` (``apply_rules_dense``): what ``warn_short_lists`` names.
+LIST_RULE_SETTINGS = {
+    "min_score": "rules.min_score",
+    "category_cap": "rules.max_per_category",
+    "item_rules_late": "rules.allowlist/blocklist/availability",
+}
+
+
+def warn_short_lists(manifest: dict[str, Any], manifest_path: Path) -> None:
+    """Log the manifest's ``lists_shorter_than_k``, which a reader of the output would otherwise
+    find only there: a warning with what each list rule removed when some lists are short, an
+    error naming the rule likely responsible when every list is empty. The export still
+    succeeds (a short list is what the rules asked for), but an empty output is rarely what was
+    meant: a ``rules.min_score`` read as a probability removes every row of the fused ranker,
+    whose scores are LambdaMART raw scores, negative in the reported case (around -3.5)."""
+    short, users, k = manifest["lists_shorter_than_k"], manifest["users"], manifest["k"]
+    if not short:
+        return
+    counts = manifest["removed_by_rule"]
+    removed = sorted(((counts[name], name) for name in LIST_RULE_SETTINGS if counts.get(name)), reverse=True)
+    by_rule = ", ".join(f"{LIST_RULE_SETTINGS[name]} removed {n}" for n, name in removed)
+    scale = ""
+    if counts.get("min_score") and (span := manifest.get("score_range")) is not None:
+        scale = (
+            f"; the {manifest['scorer']} scorer's scores range from {span[0]:.4g} to {span[1]:.4g} (its own scale, "
+            "not a probability: docs/export.md)"
+        )
+    if manifest["rows"]:
+        log.warning(
+            "%d of %d list(s) shorter than k=%d: %s%s (counts in %s)",
+            short,
+            users,
+            k,
+            by_rule
+            or "no list rule removed anything; the catalogue less the user's history and the masked items "
+            "holds fewer than k",
+            scale,
+            manifest_path,
+        )
+        return
+    if counts.get("min_score"):
+        cause = (
+            f"rules.min_score={manifest['rules'].get('min_score')} removed all {counts['min_score']} candidates the "
+            f"other rules left{scale}. Lower rules.min_score or set it to null"
+        )
+    elif removed:
+        cause = f"{LIST_RULE_SETTINGS[removed[0][1]]} removed the most candidates ({by_rule})"
+    else:
+        cause = f"no list rule removed anything; the model had no candidates left (removed_by_rule: {dict(counts)})"
+    log.error("no recommendations: every one of the %d list(s) is empty. %s. Manifest: %s", users, cause, manifest_path)
 
 
 def check_parallel(parallel: str) -> None:
@@ -320,7 +379,7 @@ def _compute_part(
     engine: Engine, work: Path, final: bool, i: int, block: list[str], given: pl.DataFrame | None
 ) -> None:
     """Write part ``i``: its rows and its counts."""
-    engine.rules.removed.clear()
+    engine.rules.clear_counts()
     t1 = time.perf_counter()
     ph = engine.p.histories(block, given)
     engine.add_time("history", time.perf_counter() - t1)
@@ -330,6 +389,7 @@ def _compute_part(
         "rows": df.height,
         "users": len(block),
         "removed": dict(engine.rules.removed),
+        "score_range": engine.rules.score_range,
         **_serving_counts(engine, block, given, ph, df),
     }
     _part_file(work, i, ".json").write_text(json.dumps(stats, sort_keys=True))

@@ -25,7 +25,7 @@ import logging
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import TYPE_CHECKING, Any, get_type_hints
 
 import numpy as np
 import polars as pl
@@ -33,13 +33,19 @@ import polars as pl
 from recsys.columns import Columns
 from recsys.errors import PIPELINE_REPAIR as REPAIR
 from recsys.errors import InputError, check_field, read_json_object
-from recsys.export.engine import FUSED, Engine, ExplainOptions, empty_output
+from recsys.export.engine import EXPLAIN_COLUMNS, FUSED, Engine, ExplainOptions, empty_output
 from recsys.pipeline_model import TrainedPipeline
 from recsys.rank.rules import BusinessRules
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
 SERVING_FILE = "serving.json"
+# The output columns that may hold missing values (the explanations: none for a user without
+# history, no feature contributions past ``explain.feature_ranks``): what ``to_pandas`` keeps as None.
+NULLABLE_COLUMNS = tuple(EXPLAIN_COLUMNS)
 # The serving.json sections ``PipelineModel.engine`` passes as keyword arguments, and the class
 # each goes to: its fields are the allowed keys and their annotations the allowed types.
 SERVING_SECTIONS = {"rules": BusinessRules, "explain": ExplainOptions}
@@ -136,7 +142,19 @@ class PipelineModel:
                 column=Columns.User,
             )
         out = recommend_frame(self.engine(int(k), scorer), df, int(self.serving.get("chunk_size", 4096)))
-        return out if isinstance(model_input, pl.DataFrame) else out.to_pandas()
+        return out if isinstance(model_input, pl.DataFrame) else to_pandas(out)
+
+
+def to_pandas(out: pl.DataFrame) -> pd.DataFrame:
+    """``out`` as pandas, with the columns that can be missing (``NULLABLE_COLUMNS``) backed by
+    pyarrow, so that a missing value is ``None`` there. NumPy-backed, pandas holds it as NaN (its
+    default strings too, from pandas 3), which the REST server (``to_dict`` then ``json.dump``)
+    writes as a bare ``NaN`` token that strict JSON parsers reject; ``None`` is written ``null``.
+    The other columns are never missing and keep pandas' default dtypes."""
+    frame = out.to_pandas()
+    for name in NULLABLE_COLUMNS:
+        frame[name] = out[name].to_pandas(use_pyarrow_extension_array=True)
+    return frame
 
 
 def split_input(df: pl.DataFrame) -> tuple[list[str], pl.DataFrame | None]:

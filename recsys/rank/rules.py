@@ -132,6 +132,29 @@ class CompiledRules:
         return counts
 
     @property
+    def score_range(self) -> tuple[float, float] | None:
+        """The lowest and highest finite score of the ranked lists the list rules ran on while
+        ``min_score`` is set, seen by the calling thread since it last cleared its counts
+        (``clear_counts``); ``None`` without ``min_score``. Scores are on the scorer's own scale
+        (a LambdaMART raw score for the fused ranker), so a ``min_score`` outside this range
+        keeps every row or none: the export's warning names the range."""
+        return getattr(self._counts, "score_range", None)
+
+    def clear_counts(self) -> None:
+        """Forget what the calling thread counted: ``removed`` and ``score_range``."""
+        self.removed.clear()
+        self._counts.score_range = None
+
+    def note_scores(self, scores: np.ndarray) -> None:
+        """Widen the calling thread's ``score_range`` to the finite values of ``scores``."""
+        finite = scores[np.isfinite(scores)]
+        if finite.size:
+            lo, hi = float(finite.min()), float(finite.max())
+            if (seen := self.score_range) is not None:
+                lo, hi = min(lo, seen[0]), max(hi, seen[1])
+            self._counts.score_range = (lo, hi)
+
+    @property
     def allowed_items(self) -> np.ndarray | None:
         """Bool mask of items the item rules allow (``None``: all)."""
         if not self.item_rules:
@@ -215,6 +238,8 @@ def apply_rules_dense(items: np.ndarray, scores: np.ndarray, rules: CompiledRule
     rank, removed = list_rules(
         np.ascontiguousarray(items, dtype=np.int64), np.ascontiguousarray(scores), allowed, min_score, category, cap, k
     )
+    if rules.rules.min_score is not None:  # only then: a pass over the block the default rules skip
+        rules.note_scores(scores)
     active = (len(allowed) > 0, rules.rules.min_score is not None, rules.category is not None)
     for name, on, n in zip(("item_rules_late", "min_score", "category_cap"), active, removed.tolist(), strict=True):
         if on:  # an active rule is counted even when it removed nothing (as apply_rules does)
