@@ -69,9 +69,9 @@ def main() -> None:
     engine = make_engine(folder, 100, "fused")
     plain_explain = engine._feature_explanations
 
-    def capture(df, x):
-        captured["x"] = x[df["rank"].to_numpy() <= 3]
-        return plain_explain(df, x)
+    def capture(df, x, rows):
+        captured["x"] = x[rows[df["rank"].to_numpy() <= 3]]
+        return plain_explain(df, x, rows)
 
     engine._feature_explanations = capture
     engine.recommend(engine.p.histories(chunks[0]))

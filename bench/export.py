@@ -2,7 +2,7 @@
 
     python bench/export.py                      # 100k users, 5k items, top-100 (several minutes)
     python bench/export.py --users 20000        # quicker
-    python bench/export.py --workers 1          # one process (default 2, as conf/recommend.yaml)
+    python bench/export.py --workers 1          # one worker (default 2 threads, as conf/recommend.yaml)
 
 One run builds a pipeline on a generated catalogue (5k items with text, ``--users`` users, ~10
 events each: ALS, BPR, item-kNN, popularity, a text tower with a 384-wide one-layer random BERT --
@@ -313,7 +313,9 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=10)
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--chunk", type=int, default=4096)
-    ap.add_argument("--workers", type=int, default=2, help="export processes (the default of recommend.yaml)")
+    ap.add_argument(
+        "--workers", type=int, default=2, help="export workers, threads or processes (--parallel; recommend.yaml)"
+    )
     ap.add_argument(
         "--layout", default="parts", choices=["file", "parts"], help="output layout of every export (recommend.yaml)"
     )

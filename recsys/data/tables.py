@@ -251,7 +251,9 @@ def read_histories(path: str, event_weights: Mapping[str, float], now: int | Non
     if Columns.Timestamp in df.columns:
         v.require_non_null(df, Columns.Timestamp, path)
         df = v.parse_timestamp(df, Columns.Timestamp, path)
-        v.check_future(df, Columns.Timestamp, path, "error", int(time.time()) if now is None else now, {})
+        # Always an error here: an export has no policy to keep or drop them.
+        now = int(time.time()) if now is None else now
+        v.check_future(df, Columns.Timestamp, path, "error", now, {}, setting=None)
     if Columns.Event in df.columns and Columns.Weight not in df.columns:
         df = df.with_columns(pl.col(Columns.Event).cast(pl.String))
         v.require_non_null(df, Columns.Event, path)

@@ -196,10 +196,17 @@ def parse_timestamp(df: pl.DataFrame, column: str, file: str) -> pl.DataFrame:
 
 
 def check_future(
-    df: pl.DataFrame, column: str, file: str, policy: str, now: int, report: dict[str, int]
+    df: pl.DataFrame,
+    column: str,
+    file: str,
+    policy: str,
+    now: int,
+    report: dict[str, int],
+    setting: str | None = "data.future_timestamps",
 ) -> pl.DataFrame:
     """Rows more than ``FUTURE_SLACK_S`` after ``now`` (Unix seconds): an error (``policy``
-    ``error``), kept or dropped (both counted in ``report`` and logged)."""
+    ``error``), kept or dropped (both counted in ``report`` and logged). ``setting``: the option
+    that chooses the policy, named in the error (``None`` where there is none to set)."""
     future = pl.col(column) > now + FUTURE_SLACK_S
     n = df.select(future.sum()).item()
     if n == 0:
@@ -216,8 +223,8 @@ def check_future(
         when = datetime.fromtimestamp(min(seconds, 253_402_300_799), UTC).isoformat()
         ex[column] = f"{seconds} (read as {when})"
         raise InputError(
-            f"{n} row(s) are after the current time ({datetime.fromtimestamp(now, UTC).isoformat()}): {hint}; "
-            "or set data.future_timestamps=keep or drop",
+            f"{n} row(s) are after the current time ({datetime.fromtimestamp(now, UTC).isoformat()}): {hint}"
+            + (f"; or set {setting}=keep or drop" if setting else ""),
             file=file,
             column=column,
             row=row,

@@ -271,6 +271,15 @@ def test_bad_histories_are_named_like_training_input(tmp_path, content, match, r
     fails(lambda: read_histories(path, WEIGHTS, now=NOW), match, path, row=row, column=column)
 
 
+def test_a_future_history_row_names_no_setting_the_export_lacks(tmp_path):
+    """The training files' hint (``data.future_timestamps``) is no setting of ``recsys.recommend``."""
+    path = write(tmp_path / "h.csv", "user_id,item_id,timestamp\nnew,A,4070908800\n")  # 2099
+    err = fails(
+        lambda: read_histories(path, WEIGHTS, now=NOW), "after the current time", path, row=1, column="timestamp"
+    )
+    assert "future_timestamps" not in str(err) and "check the source's clock" in str(err)
+
+
 def test_histories_path_that_is_a_folder(tmp_path):
     fails(lambda: read_histories(str(tmp_path), WEIGHTS), "is a folder", str(tmp_path))
 
