@@ -34,3 +34,17 @@ def test_the_filter_drops_the_pooler_report_and_passes_others(caplog):
         logger.warning(POOLER)
         logger.warning(MISSING)
     assert len(caplog.records) == 1 and "MISSING" in caplog.records[0].getMessage()
+
+
+def test_loading_the_shipped_minilm_prints_neither_report_nor_bar(capfd, caplog):
+    from transformers.utils import logging as hf_logging
+
+    from recsys.config import minilm_path
+    from recsys.text.encoder import ItemEncoder
+
+    with caplog.at_level(logging.INFO):
+        ItemEncoder.from_pretrained(minilm_path())
+    out, err = capfd.readouterr()
+    said = out + err + caplog.text
+    assert "LOAD REPORT" not in said and "Loading weights" not in said, said[-2000:]
+    assert hf_logging.is_progress_bar_enabled()  # the bar is switched back on for other loads

@@ -194,10 +194,18 @@ class ItemEncoder(nn.Module):
 
         quiet_pooler_report()  # the checkpoint's pooler is left out on purpose (add_pooling_layer=False)
         tokenizer = load_tokenizer(name_or_path)
+        from transformers.utils import logging as hf_logging
+
+        # Its "Loading weights" bar takes a line of every run for a load of under a second.
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
         try:
             bert = AutoModel.from_pretrained(name_or_path, add_pooling_layer=False)
         except Exception as e:
             raise ConfigError(f"cannot load a BERT model from '{name_or_path}': {str(e).splitlines()[0]}") from e
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
         if not hasattr(bert, "embeddings") or not hasattr(bert.config, "hidden_size"):
             raise ConfigError(f"'{name_or_path}' is not a BERT-style encoder ({type(bert).__name__})")
         # from_pretrained returns eval mode; switch back so dropout is on while fine-tuning.
