@@ -10,6 +10,9 @@ else, so that a warning a user does see is worth reading:
   logs to MLflow.
 * Lightning's own use of a deprecated torch pytree class (``LeafSpec``), a warning on every fit
   that no setting of ours can change.
+* Lightning's second copy of each of its messages: its package logger prints them (``INFO: ...``)
+  and, where the application has configured logging (Hydra's job logging), the root logger prints
+  them again. There they go to the root logger only (and so into the job's log file too).
 """
 
 from __future__ import annotations
@@ -58,4 +61,10 @@ def quiet_lightning() -> None:
     for logger in {rank_zero.log, logging.getLogger("lightning.fabric.utilities.rank_zero")}:
         if _TIP not in logger.filters:
             logger.addFilter(_TIP)
+    if logging.getLogger().handlers:  # configured by the application: one copy, the root's
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+            logger = logging.getLogger(name)
+            for handler in list(logger.handlers):
+                logger.removeHandler(handler)
+            logger.propagate = True
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")

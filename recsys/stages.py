@@ -157,6 +157,9 @@ def prepare(cfg: DictConfig, timings: StageTimings) -> Job:
         import lightning as L
         import torch
 
+        from recsys.quiet import quiet_lightning
+
+        quiet_lightning()
         L.seed_everything(cfg.seed, workers=True)
         torch.use_deterministic_algorithms(True, warn_only=True)
         encoder = instantiate(cfg.encoder)

@@ -238,6 +238,8 @@ def test_prints_none_of_the_known_harmless_library_messages(smoke_run):
     out = smoke_run.proc.stdout + smoke_run.proc.stderr
     for message in ("litlogger", "LeafSpec", "exists and is not empty"):
         assert message not in out, out[-3000:]
+    # Lightning's messages once, in the job's log format (its own handler printed them again).
+    assert out.count("Seed set to") == 1 and "INFO: " not in out, out[-3000:]
 
 
 @pytest.mark.slow
