@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import difflib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -43,6 +44,25 @@ def minilm_path() -> str:
 for name, fn in (("project_root", project_root), ("minilm_path", minilm_path)):
     if not OmegaConf.has_resolver(name):
         OmegaConf.register_new_resolver(name, fn)
+
+
+def entry_point(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
+    """An entry point's ``main``: Hydra's ``main`` on ``config_name`` of the shipped configs, after
+    ``check_cli_overrides`` has refused an override naming no setting."""
+
+    def wrap(task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
+        import hydra
+
+        run = hydra.main(config_path=CONFIG_DIR, config_name=config_name, version_base="1.3")(task)
+
+        def main() -> Any:
+            check_cli_overrides(config_name)
+            return run()
+
+        main.__doc__ = task.__doc__
+        return main
+
+    return wrap
 
 
 def check_cli_overrides(config_name: str, argv: Sequence[str] | None = None) -> None:

@@ -15,7 +15,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 import recsys.config  # (registers resolvers; CONFIG_DIR)
@@ -163,15 +162,9 @@ def run(cfg: DictConfig) -> list[Path]:
     return files
 
 
-@hydra.main(config_path=recsys.config.CONFIG_DIR, config_name="evaluate", version_base="1.3")
-def _main(cfg: DictConfig) -> None:
+@recsys.config.entry_point("evaluate")
+def main(cfg: DictConfig) -> None:
     exit_on_user_error(lambda: run(cfg))
-
-
-def main() -> None:
-    """The command line: an override naming no setting is refused with the nearest names first."""
-    recsys.config.check_cli_overrides("evaluate")
-    _main()
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import recsys.config  # noqa: E402  (registers resolvers; CONFIG_DIR)
@@ -125,15 +124,9 @@ def run(cfg: DictConfig):
     return result
 
 
-@hydra.main(config_path=recsys.config.CONFIG_DIR, config_name="recommend", version_base="1.3")
-def _main(cfg: DictConfig) -> None:
+@recsys.config.entry_point("recommend")
+def main(cfg: DictConfig) -> None:
     exit_on_user_error(lambda: run(cfg))
-
-
-def main() -> None:
-    """The command line: an override naming no setting is refused with the nearest names first."""
-    recsys.config.check_cli_overrides("recommend")
-    _main()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 import recsys.config  # noqa: E402  (registers resolvers; CONFIG_DIR)
@@ -76,8 +75,8 @@ def check_objective(name: str | None) -> None:
         )
 
 
-@hydra.main(config_path=recsys.config.CONFIG_DIR, config_name="config", version_base="1.3")
-def _main(cfg: DictConfig) -> float | None:
+@recsys.config.entry_point("config")
+def main(cfg: DictConfig) -> float | None:
     """Train; returns the validation metric named by ``optimized_metric`` (what a sweeper maximises)."""
     from recsys.text.distributed import check_trainer, serve_worker
     from recsys.tracking import save_hydra_files
@@ -88,12 +87,6 @@ def _main(cfg: DictConfig) -> float | None:
     metrics = exit_on_user_error(lambda: run(cfg))
     name = cfg.get("optimized_metric")
     return float(metrics[name]) if name is not None else None
-
-
-def main() -> None:
-    """The command line: an override naming no setting is refused with the nearest names first."""
-    recsys.config.check_cli_overrides("config")
-    _main()
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import hydra  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
@@ -671,15 +670,9 @@ def _run(cfg: DictConfig, t_start: float, mode: str, tolerance: float, warm: int
     return {**figures, "version": version, "promoted": gate.promote}
 
 
-@hydra.main(config_path=recsys.config.CONFIG_DIR, config_name="update", version_base="1.3")
-def _main(cfg: DictConfig) -> None:
+@recsys.config.entry_point("update")
+def main(cfg: DictConfig) -> None:
     exit_on_user_error(lambda: run(cfg))
-
-
-def main() -> None:
-    """The command line: an override naming no setting is refused with the nearest names first."""
-    recsys.config.check_cli_overrides("update")
-    _main()
 
 
 if __name__ == "__main__":
