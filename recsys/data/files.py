@@ -232,10 +232,6 @@ class FileDataSource:
         weights = pl.col(Columns.Event).replace_strict(self.event_weights, return_dtype=pl.Float32)
         return df.with_columns(weights.alias(Columns.Weight))
 
-    def load_interactions(self, item_ids: pl.Series) -> pl.DataFrame:
-        """The interactions, checked on their own and then against ``item_ids``."""
-        return self._check_interactions(self._read_interactions(), item_ids)
-
     def load_tables(
         self, known_items: pl.Series | None = None, allow_empty_items: bool = False
     ) -> tuple[pl.DataFrame, pl.DataFrame]:
