@@ -52,6 +52,7 @@ from recsys.columns import Columns
 from recsys.errors import ConfigError
 from recsys.export.engine import OUTPUT_SCHEMA, Engine, EngineRecipe
 from recsys.output import output_lock
+from recsys.rank.rules import LIST_RULE_SETTINGS
 from recsys.threads import thread_limits
 
 log = logging.getLogger(__name__)
@@ -254,16 +255,6 @@ def _manifest(
         "seconds": round(seconds, 3),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-
-
-# The rules that run on the ranked lists, after the top-N, and so can leave a list shorter than
-# k (the item rules and seen filtering are masks before it), with the setting behind each count
-# of ``removed_by_rule`` (``apply_rules_dense``): what ``warn_short_lists`` names.
-LIST_RULE_SETTINGS = {
-    "min_score": "rules.min_score",
-    "category_cap": "rules.max_per_category",
-    "item_rules_late": "rules.allowlist/blocklist/availability",
-}
 
 
 def warn_short_lists(manifest: dict[str, Any], manifest_path: Path) -> None:

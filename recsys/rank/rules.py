@@ -222,6 +222,16 @@ def ranked_rows(users: np.ndarray, scores: np.ndarray, n_users: int) -> tuple[np
     return np.take_along_axis(rows, order, 1), score
 
 
+# The rules that run on the ranked lists, after the top-N, and so can leave a list shorter than k
+# (the item rules and seen filtering are masks before it), in the order ``list_rules`` counts
+# them, with the setting behind each count of ``removed``: what the export's warning names.
+LIST_RULE_SETTINGS = {
+    "item_rules_late": "rules.allowlist/blocklist/availability",
+    "min_score": "rules.min_score",
+    "category_cap": "rules.max_per_category",
+}
+
+
 def apply_rules_dense(items: np.ndarray, scores: np.ndarray, rules: CompiledRules, k: int) -> np.ndarray:
     """``apply_rules`` on ranked lists: ``items``/``scores`` ``[n_users, n]``, each row already
     ordered by (score desc, item asc) as ``top_k`` returns it. Returns the rank (from 1) of
@@ -241,7 +251,7 @@ def apply_rules_dense(items: np.ndarray, scores: np.ndarray, rules: CompiledRule
     if rules.rules.min_score is not None:  # only then: a pass over the block the default rules skip
         rules.note_scores(scores)
     active = (len(allowed) > 0, rules.rules.min_score is not None, rules.category is not None)
-    for name, on, n in zip(("item_rules_late", "min_score", "category_cap"), active, removed.tolist(), strict=True):
+    for name, on, n in zip(LIST_RULE_SETTINGS, active, removed.tolist(), strict=True):
         if on:  # an active rule is counted even when it removed nothing (as apply_rules does)
             rules.removed[name] += n
     return rank
