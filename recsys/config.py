@@ -84,6 +84,7 @@ def check_cli_overrides(config_name: str, argv: Sequence[str] | None = None) -> 
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         try:
             compose(config_name, overrides=args)
+            _check_added_keys(config_name, args)
             return
         except ConfigCompositionException as e:
             cause = e.__cause__
@@ -103,17 +104,94 @@ def check_cli_overrides(config_name: str, argv: Sequence[str] | None = None) -> 
     sys.exit(2)
 
 
+# Settings whose keys are names the user chooses, so ``+`` may add one: a model, a candidate
+# source, an event type, a column, a callback, a Spark setting.
+OPEN_MAPS = ("cf", "rank.n_candidates", "data.event_weights", "data.column_map", "text.callbacks", "spark.conf")
+
+
+def _check_added_keys(config_name: str, args: list[str]) -> None:
+    """Exit 2 when a ``+key=value`` adds a key nothing reads (``+text.budget_minute=0.1``, Hydra's
+    own suggestion for a misspelling). An added key is read when it names a config group
+    (``+experiment=...``), a new entry of an ``OPEN_MAPS`` setting, or an argument of the class a
+    ``_target_`` node builds (``+trainer.limit_val_batches=2``: any ``lightning.Trainer``
+    argument). A new top-level key is the user's own, for their interpolations or configs, unless
+    it is one letter or so from a setting (``+sede=1``)."""
+    from hydra import compose
+
+    def checked(a: str) -> bool:
+        key = a.lstrip("+").split("=", 1)[0]
+        if not a.startswith("+") or "=" not in a or key.startswith("hydra") or "/" in key:
+            return False  # Hydra's own settings and groups: its report knows them best
+        return not (Path(CONFIG_DIR) / key.replace(".", "/")).is_dir()  # not a config group
+
+    added = [a for a in args if checked(a)]
+    if not added:
+        return
+    try:
+        base = compose(config_name, overrides=[a for a in args if a not in added])
+    except Exception:  # it needs what the additions add: left to the job
+        return
+    for a in added:
+        if unread := _unread(base, a.lstrip("+").split("=", 1)[0]):
+            hint = _nearest(base, unread, added=True)
+            print(f"error: '{a.split('=', 1)[0]}' adds a setting nothing reads ({hint})", file=sys.stderr)
+            sys.exit(2)
+
+
+def _unread(cfg: DictConfig, key: str) -> str | None:
+    """The part of ``key`` the job would not read once added to ``cfg`` (see
+    ``_check_added_keys``), or None when it reads the whole."""
+    parts = key.split(".")
+    for i in range(len(parts)):
+        parent, name = ".".join(parts[:i]), parts[i]
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if not isinstance(node, DictConfig):
+            return None  # below a value: Hydra's own error says so
+        if name in node:
+            continue
+        if parent in OPEN_MAPS:
+            return None
+        if not parent:  # a new top-level key is the user's own (``+db.url=...`` for ``${db.url}``)
+            return name if difflib.get_close_matches(name, [str(k) for k in node], n=1, cutoff=0.75) else None
+        params = _target_arguments(node) or set()
+        return None if name in params or "**" in params else ".".join(parts[: i + 1])
+    return None  # already there: Hydra refuses to add it
+
+
+def _target_arguments(node: DictConfig) -> set[str] | None:
+    """The keyword arguments of what ``node``'s ``_target_`` builds (``"**"`` when it takes any),
+    or None when the node builds nothing or its target cannot be imported here."""
+    import inspect
+
+    target = node.get("_target_") if "_target_" in node else None
+    if not isinstance(target, str):
+        return None
+    try:
+        from hydra.utils import get_object
+
+        params = inspect.signature(get_object(target)).parameters.values()
+    except Exception:
+        return None
+    return {"**" if p.kind is p.VAR_KEYWORD else p.name for p in params if p.kind is not p.VAR_POSITIONAL}
+
+
 def unknown_setting_message(cfg: DictConfig, key: str) -> str:
     """``key`` is no setting of ``cfg``: the nearest names, or the settings of its parent."""
+    return f"no setting '{key}' in the config ({_nearest(cfg, key)})"
+
+
+def _nearest(cfg: DictConfig, key: str, added: bool = False) -> str:
+    """The names nearest ``key``'s last part among its parent's settings (for an ``added`` key,
+    also the arguments of what the parent builds, which only ``+`` can set), or the parent's
+    settings when none is near."""
     parent, _, name = key.rpartition(".")
     node = OmegaConf.select(cfg, parent) if parent else cfg
     if not isinstance(node, DictConfig):
-        return f"no setting '{key}' in the config ('{parent}' has no settings)"
+        return f"'{parent}' has no settings"
     names = [str(k) for k in node]
-    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    arguments = sorted((_target_arguments(node) or set()) - {"**", "self", *names}) if added else []
+    close = difflib.get_close_matches(name, names + arguments, n=3, cutoff=0.6)
     where = f"{parent}." if parent else ""
     if close:
-        hint = "did you mean " + " or ".join(f"'{where}{c}'" for c in close) + "?"
-    else:
-        hint = f"settings under '{parent or 'the top level'}': {', '.join(sorted(names))}"
-    return f"no setting '{key}' in the config ({hint})"
+        return "did you mean " + " or ".join(f"'{'+' * (c in arguments)}{where}{c}'" for c in close) + "?"
+    return f"settings under '{parent or 'the top level'}': {', '.join(sorted(names))}"

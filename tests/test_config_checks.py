@@ -139,6 +139,61 @@ def test_a_misspelled_override_is_refused_with_the_nearest_setting(tmp_path, mod
     assert "Traceback" not in proc.stderr and list(tmp_path.iterdir()) == []
 
 
+def test_an_added_key_nothing_reads_is_refused(tmp_path):
+    """Regression: ``+text.budget_minute=0.1`` (Hydra's own hint for the misspelling) composed, and
+    the job ran its default budget without a word."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "recsys.train", "+experiment=smoke", "+text.budget_minute=0.1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (
+        "error: '+text.budget_minute' adds a setting nothing reads (did you mean 'text.budget_minutes'?)" in proc.stderr
+    )
+    assert "Traceback" not in proc.stderr and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("config", "override", "refused"),
+    [
+        ("config", "+trainer.max_epoch=5", "did you mean 'trainer.max_epochs' or '+trainer.min_epochs'"),
+        ("config", "++data.n_user=5", "did you mean 'data.n_users'?"),
+        ("config", "+encoder.max_lenght=16", "did you mean 'encoder.max_length'?"),
+        ("config", "+sede=1", "did you mean 'seed'?"),
+        ("recommend", "+rules.max_per_categry=3", "did you mean 'rules.max_per_category'?"),
+        ("update", "+gate.tolerence=0.1", "did you mean 'gate.tolerance'?"),
+        # read: a Trainer argument, entries of the settings that hold names, the user's own keys
+        ("config", "+trainer.limit_val_batches=2", None),
+        ("config", "+cf.als2._target_=recsys.cf.ALS", None),
+        ("config", "+rank.n_candidates.bpr=30", None),
+        ("config", "+data.event_weights.view=0.5", None),
+        ("config", "+text.callbacks.mine._target_=x.Y", None),
+        ("config", "+db.url=postgres://h/x", None),
+        ("config", "++seed=3", None),
+        ("config", "+hydra.job.env_set.X=1", None),
+        ("recommend", "+spark.conf.spark.executor.memory=8g", None),
+    ],
+)
+def test_which_added_keys_are_read(capsys, config, override, refused):
+    from recsys.config import check_cli_overrides
+
+    args = ["+experiment=bert_ranker", override] if config == "config" else [override]
+    if refused is None:
+        check_cli_overrides(config, args)
+        return
+    with pytest.raises(SystemExit) as e:
+        check_cli_overrides(config, args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: '{override.split('=')[0]}' adds a setting nothing reads ({refused}" in err
+
+
 def test_without_a_near_name_the_message_lists_the_settings_there():
     from omegaconf import OmegaConf
 
