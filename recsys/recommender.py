@@ -99,10 +99,12 @@ def top_k_unseen(
     *,
     constant: np.ndarray | None = None,
     in_place: bool = False,
+    blank: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``top_k`` of every row of ``scores`` with each row's ``seen`` items (row r of ``seen`` is
     row r of ``scores``) and items outside ``allowed`` at -inf: the one top-N after masking, for
-    evaluated lists, candidates and exported lists.
+    evaluated lists, candidates and exported lists. ``blank``: rows with no list at all (the
+    users the model has no history of, ``Recommender.users_without_history``).
 
     ``constant``: the one row every user of the block gets (``Recommender.constant_scores``);
     its lists come from that row (``constant_top_k``) without reading the dense block, which may
@@ -112,10 +114,14 @@ def top_k_unseen(
     broadcast row's copy keeps the broadcast's order) cost 16x more per cell at 150,000 items.
     """
     if constant is not None:
-        return constant_top_k(constant, seen, len(scores), k, allowed)
-    if not (in_place and scores.flags.writeable and scores.flags.c_contiguous and scores.dtype == np.float32):
-        scores = np.array(scores, dtype=np.float32, order="C", copy=True)
-    return top_k(mask_items(scores, allowed, seen), k)
+        items, top = constant_top_k(constant, seen, len(scores), k, allowed)
+    else:
+        if not (in_place and scores.flags.writeable and scores.flags.c_contiguous and scores.dtype == np.float32):
+            scores = np.array(scores, dtype=np.float32, order="C", copy=True)
+        items, top = top_k(mask_items(scores, allowed, seen), k)
+    if blank is not None and blank.any():
+        top[blank] = -np.inf  # every caller drops the non-finite cells
+    return items, top
 
 
 def constant_top_k(
@@ -237,6 +243,25 @@ class Recommender(ABC):
         """The one score row every user gets, when there is one (popularity); else None."""
         return None
 
+    #: per user of the history last fitted or served (``fit``, ``for_users``), whether it holds
+    #: no event of that user; None: the model does not read users' histories (popularity)
+    without_history: np.ndarray | None = None
+
+    def note_history(self, history: History) -> None:
+        """Remember which users ``history`` holds no event of: a model that scores a user from
+        their history has nothing to score them by, and gives them no list and no feature
+        (``users_without_history``), instead of a row of equal scores whose ties the top-N
+        would break by item index."""
+        self.without_history = np.diff(history.matrix.indptr) == 0
+
+    def users_without_history(self, users: np.ndarray) -> np.ndarray | None:
+        """Which of ``users`` this model has nothing to score by (``note_history``), or None
+        when it scores them all."""
+        if self.without_history is None:
+            return None
+        blank = self.without_history[np.asarray(users, dtype=np.int64)]
+        return blank if blank.any() else None
+
     @abstractmethod
     def fit(self, history: History) -> Recommender: ...
 
@@ -344,7 +369,8 @@ class Recommender(ABC):
             # A block the model wrote into memory of its own (a fresh array or the kept one)
             # is masked in place; one that shares memory with the model is copied first.
             mine = self.writes_into or scores.flags.owndata
-            items, top = top_k_unseen(scores, k, seen, constant=constant, in_place=mine)
+            blank = self.users_without_history(block)
+            items, top = top_k_unseen(scores, k, seen, constant=constant, in_place=mine, blank=blank)
             all_items.append(items)
             all_scores.append(top)
             if progress is not None:
@@ -410,6 +436,9 @@ class DerivedScores(Recommender):
     def item_space(self) -> np.ndarray | sp.csr_matrix | None:
         # A derived source's items are explained in its base's space (text-embedding cosine).
         return self.base.item_space()
+
+    def users_without_history(self, users: np.ndarray) -> np.ndarray | None:
+        return self.base.users_without_history(users)
 
     def score_users(self, users: np.ndarray) -> np.ndarray:
         return self.derive_into(self.base.score_users(users), users)

@@ -27,11 +27,10 @@ from recsys.text.recommender import TextRecommender
 from recsys.topk import top_k
 
 
-def fit_text(request, trained: bool) -> Recommender:
-    world = request.getfixturevalue("block_world")
+def fit_text(request, trained: bool, history: History) -> Recommender:
     untrained_net, trained_net, ids, lengths = request.getfixturevalue("block_towers")
     net = trained_net if trained else untrained_net
-    return TextRecommender.from_tokens(net, ids, lengths).fit(world.history)
+    return TextRecommender.from_tokens(net, ids, lengths).fit(history)
 
 
 MODELS = {
@@ -41,9 +40,9 @@ MODELS = {
     "itemknn_recent": lambda h, r: ItemKNN(neighbours=50, recency_decay=0.5).fit(h),
     "itemknn_next": lambda h, r: SequentialKNN(neighbours=50).fit(h),
     "popularity": lambda h, r: Popularity().fit(h),
-    "text": lambda h, r: fit_text(r, trained=True),
-    "text_untrained": lambda h, r: fit_text(r, trained=False),
-    "text_popular": lambda h, r: popular_text(fit_text(r, trained=True), h),
+    "text": lambda h, r: fit_text(r, True, h),
+    "text_untrained": lambda h, r: fit_text(r, False, h),
+    "text_popular": lambda h, r: popular_text(fit_text(r, True, h), h),
 }
 # Models that must find the blocks (popularity and an untrained tower cannot).
 KNOWS_BLOCKS = {"als", "bpr", "itemknn", "itemknn_next", "itemknn_recent", "text", "text_popular"}
@@ -114,6 +113,34 @@ def test_recommend_excludes_seen(fitted, block_world):
     items_c, scores_c = model.recommend(users, k, exclude=h.matrix, chunk=7)
     np.testing.assert_allclose(scores_c, scores, rtol=1e-6)  # BLAS may round another block size differently
     assert not np.take_along_axis(seen[users], items_c, 1).any()
+
+
+def test_a_user_without_history_gets_no_list_from_a_model_that_reads_histories(request, block_world):
+    """Regression: ALS, item-kNN and the text tower scored a user with no event all alike, and the
+    top-N's tie rule made their list the first items of the catalogue (counted in evaluation,
+    proposed as candidates, exported). Such a user gets no list and missing features; a model
+    that reads no history (popularity) still lists them."""
+    from recsys.rank.candidates import ScoreBlock, generate_candidates
+    from recsys.rank.features import build_features
+
+    h = block_world.history
+    with_empty = History(h.interactions, h.n_users + 2, h.n_items)  # users n, n+1: no event
+    users = np.array([0, h.n_users, h.n_users + 1, 1])
+    for name, make in MODELS.items():
+        model = make(with_empty, request)
+        items, scores = model.recommend(users, 5)
+        reads = name != "popularity"
+        assert np.isfinite(scores[[0, 3]]).all(), name
+        assert np.isfinite(scores[[1, 2]]).any() != reads, name
+        blank = model.users_without_history(users)
+        assert (blank is not None and blank.tolist() == [False, True, True, False]) == reads, name
+        block = ScoreBlock(model, users)
+        cands = generate_candidates(users, {name: block}, {name: 5}, None)
+        assert set(cands[Columns.UserIdx].to_list()) == ({0, 1} if reads else set(users.tolist())), name
+    als = MODELS["als"](with_empty, request)
+    pairs = pl.DataFrame({Columns.UserIdx: [0, 0, h.n_users, h.n_users], Columns.ItemIdx: [0, 1, 0, 1]})
+    feats = build_features(pairs, with_empty, {"als": als}, [])
+    assert feats["score_als"].is_nan().to_list() == [False, False, True, True]
 
 
 @pytest.mark.parametrize("model", [ALS(factors=4, iterations=3, seed=0), ItemKNN(neighbours=5)])

@@ -90,6 +90,7 @@ class _FactorModel(_Saved):
             uf[new] = fold_in(self.item_factors, history.matrix[new], self.regularization, self.alpha)
         out = copy.copy(self)
         out.user_factors = uf
+        out.note_history(history)
         return out
 
     def item_space(self) -> np.ndarray:
@@ -103,6 +104,7 @@ class _FactorModel(_Saved):
         return pair_scores(self.user_factors, self.item_factors, users, items)
 
     def _store(self, model, history: History) -> None:
+        self.note_history(history)
         self.user_factors = np.asarray(model.user_factors, dtype=np.float32)
         self.item_factors = np.asarray(model.item_factors, dtype=np.float32).copy()
         self.item_factors[history.item_counts == 0] = 0.0
@@ -238,6 +240,7 @@ class ItemKNN(_Saved):
             model.fit(m, show_progress=self.progress)
         self.similarity = sp.csr_matrix(model.similarity, dtype=np.float32)
         self.user_items = user_rows(history, self.recency_decay, self.binary)
+        self.note_history(history)
         return self
 
     writes_into = True
@@ -258,6 +261,7 @@ class ItemKNN(_Saved):
     def for_users(self, history: History, known: np.ndarray) -> ItemKNN:
         out = copy.copy(self)
         out.user_items = user_rows(history, self.recency_decay, self.binary)
+        out.note_history(history)
         return out
 
     def item_space(self) -> sp.csr_matrix:
@@ -301,6 +305,7 @@ class SequentialKNN(ItemKNN):
         coo.data = (coo.data / np.sqrt(events[coo.row] * events[coo.col])).astype(np.float32)
         self.similarity = top_per_row(coo, self.neighbours)
         self.user_items = user_rows(history, self.recency_decay)
+        self.note_history(history)
         return self
 
 

@@ -68,7 +68,10 @@ class GlobalTimeSplit:
     """One time line for everybody: events before ``val_quantile`` -> train, then val, then test.
 
     Cut points are quantiles of the timestamps. Validation and test events of users with no
-    earlier history are kept (they count as misses for every model, honestly).
+    earlier history are kept: every model that scores a user from their history (CF, the text
+    tower) gives them no list, so they count as its misses; popularity and the fused ranker,
+    which falls back on it, do list them (``Recommender.users_without_history``). The text
+    tower's validation leaves them out (they score the same at every step).
     """
 
     def __init__(self, val_quantile: float = 0.8, test_quantile: float = 0.9) -> None:

@@ -31,6 +31,7 @@ class ScoreBlock(Recommender):
     def __init__(self, model: Recommender, users: np.ndarray, out: np.ndarray | None = None) -> None:
         """``out``: where to write the block, for the models that can (``writes_into``)."""
         self.name = model.name
+        self.blank = model.users_without_history(users)
         self.constant = model.constant_scores()
         if self.constant is not None:
             self.constant = np.asarray(self.constant, dtype=np.float32)
@@ -46,7 +47,7 @@ class ScoreBlock(Recommender):
     ) -> ScoreBlock:
         """``model``'s block (``Recommender.derived_from``) from ``base``'s, without scoring again."""
         res = cls.__new__(cls)
-        res.name, res.constant = model.name, None
+        res.name, res.constant, res.blank = model.name, None, base.blank
         res.scores = model.derive_into(base.scores, users, out)
         return res
 
@@ -55,6 +56,9 @@ class ScoreBlock(Recommender):
 
     def score_users(self, users: np.ndarray) -> np.ndarray:
         return self.scores[users]
+
+    def users_without_history(self, users: np.ndarray) -> np.ndarray | None:
+        return None if self.blank is None else self.blank[users]
 
     def score_pairs(self, users: np.ndarray, items: np.ndarray, chunk: int | None = None) -> np.ndarray:
         if self.constant is not None:
@@ -149,4 +153,4 @@ def masked_top_k(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``top_k_unseen`` of a score block (its shared row when it has one): the one masking step
     before every top-N (candidates and single-model lists)."""
-    return top_k_unseen(d.scores, k, seen, allowed, constant=d.constant, in_place=in_place)
+    return top_k_unseen(d.scores, k, seen, allowed, constant=d.constant, in_place=in_place, blank=d.blank)

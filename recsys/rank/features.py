@@ -121,7 +121,7 @@ def build_features(
     # Each user's rows are contiguous: per-user sums by np.add.reduceat over the run starts.
     starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else np.zeros(0, np.int64)
     counts = np.diff(np.r_[starts, len(users)])
-    scores = {f"score_{name}": model.score_pairs(users, items) for name, model in scorers.items()}
+    scores = {f"score_{name}": _pair_scores(model, users, items) for name, model in scorers.items()}
     for name, v in scores.items():
         cols[name] = pl.Series(name, v, dtype=pl.Float32)
     for name, v in scores.items():
@@ -147,6 +147,18 @@ def build_features(
         if c != Columns.UserIdx:
             cols[c] = user_stats[c].gather(rows)
     return pl.DataFrame(list(cols.values()))
+
+
+def _pair_scores(model: Recommender, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """``model``'s scores of the pairs, NaN (missing, to the ranker) for a user it has no
+    history of: a factor model's zero vector or an item-kNN's empty row scores 0 everywhere,
+    which is no score."""
+    v = np.asarray(model.score_pairs(users, items), dtype=np.float32)
+    blank = model.users_without_history(users)
+    if blank is not None:
+        v = v.copy() if not v.flags.writeable else v
+        v[blank] = np.nan
+    return v
 
 
 def _user_z(x: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:

@@ -232,6 +232,9 @@ class _GlobalRows(Recommender):
     def score_pairs(self, users: np.ndarray, items: np.ndarray, chunk: int | None = None) -> np.ndarray:
         return self.block.score_pairs(np.searchsorted(self.users, users), items)
 
+    def users_without_history(self, users: np.ndarray) -> np.ndarray | None:
+        return self.block.users_without_history(np.searchsorted(self.users, users))
+
 
 def empty_lists() -> pl.DataFrame:
     return pl.DataFrame(

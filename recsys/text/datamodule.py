@@ -6,6 +6,7 @@ batch encodes every *unique* item it needs once, trimmed to the longest one in t
 
 from __future__ import annotations
 
+import logging
 import zlib
 
 import lightning as L
@@ -15,11 +16,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from recsys.columns import Columns
-from recsys.errors import ConfigError
+from recsys.errors import ConfigError, InputError
 from recsys.recommender import History
 from recsys.text.distributed import world
 from recsys.text.encoder import pad_histories
 from recsys.text.options import check_data_options
+
+log = logging.getLogger(__name__)
 
 
 class NextItemExamples(Dataset):
@@ -142,6 +145,7 @@ class TextDataModule(L.LightningDataModule):
         self.batch_size, self.steps_per_epoch = batch_size, steps_per_epoch
         self.max_history, self.encode_history = max_history, encode_history
         self.val_users, self.val_batch_size, self.seed = val_users, val_batch_size, seed
+        self._told_without_history = False
         self.examples = NextItemExamples(train, max_history)
         # log of each item's chance to be a candidate, up to a constant: batch_size * its share of
         # training targets (in-batch negatives) plus uniform_negatives / n_items (the uniform
@@ -218,6 +222,23 @@ class TextDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         df = self.val
         users = df[Columns.UserIdx].unique().sort().to_numpy()
+        # A user without training events has nothing for the tower to read: every item scores
+        # alike for them, at every step, so they would only dilute the metric and the sample.
+        with_history = np.array([len(self.train.sequences[u]) > 0 for u in users], dtype=bool)
+        if not with_history.all():
+            if not with_history.any():
+                raise InputError(
+                    f"none of the {len(users)} validation users has an event before their validation events: "
+                    "the text tower has no history to validate on (a time cut before most users' first event?)"
+                )
+            if not self._told_without_history:
+                log.info(
+                    "text tower validation: %d of %d validation users have no earlier event and are left out",
+                    int((~with_history).sum()),
+                    len(users),
+                )
+                self._told_without_history = True
+            users = users[with_history]
         if len(users) > self.val_users:
             users = np.sort(np.random.default_rng(self.seed).choice(users, self.val_users, replace=False))
         targets = df.filter(pl.col(Columns.UserIdx).is_in(users)).sort(Columns.UserIdx, Columns.Timestamp)

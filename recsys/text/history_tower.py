@@ -135,6 +135,7 @@ class HistoryTower(Recommender):
 
     def fit(self, history: History) -> HistoryTower:
         self.user_embeddings = self.encode_users(history.sequences)
+        self.note_history(history)
         return self
 
     def for_users(self, history: History, known: np.ndarray) -> HistoryTower:

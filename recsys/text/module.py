@@ -30,6 +30,13 @@ from recsys.text.encoder import ENCODE_BATCH, TwoTower
 from recsys.text.options import check_options
 
 
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's 0-based rank of its target, every other item scoring the same counted above it
+    (equal scores are no evidence for the target), and whether the target's score is finite."""
+    target = scores.gather(1, targets[:, None])
+    return (scores >= target).sum(1) - 1, torch.isfinite(target.squeeze(1))
+
+
 class TextTowerModule(L.LightningModule):
     """Args:
     net: the two-tower network (its BERT weights are trained, not frozen).
@@ -211,9 +218,8 @@ class TextTowerModule(L.LightningModule):
         scores[rows[seen >= 0], seen[seen >= 0]] = -torch.inf
         if "unavailable" in batch:
             scores = scores.masked_fill(batch["unavailable"].to(scores.device), -torch.inf)
-        target = scores.gather(1, batch["targets"][:, None])
-        rank = (scores > target).sum(1)  # 0-based rank of the target
-        hit = (rank < 10) & torch.isfinite(target.squeeze(1))
+        rank, finite = target_ranks(scores, batch["targets"])
+        hit = (rank < 10) & finite
         self._val_ndcg.append(torch.where(hit, 1.0 / torch.log2(rank.float() + 2.0), 0.0))
         self._val_hit.append(hit.float())
         self._val_tail.append(self.trainer.datamodule.tail.to(seen.device)[batch["targets"]])

@@ -45,3 +45,6 @@ class TextRecommender(Recommender):
 
     def item_space(self) -> np.ndarray:
         return self.tower.item_space()
+
+    def users_without_history(self, users: np.ndarray) -> np.ndarray | None:
+        return self.tower.users_without_history(users)
