@@ -438,8 +438,18 @@ def log_timings(job: Job, timings: StageTimings) -> dict[str, float]:
 
 def print_summary(job: Job, test: Evaluated, run_id: str, model_uri: str, rec_path: Path, seconds: float) -> None:
     """The test tables and where the run's outputs are, on stdout."""
+    from recsys.evaluation.bundle import split_description
+
+    split = ", ".join(f"{k}={v}" for k, v in split_description(job.cfg.split).items() if k != "type")
+    split = f"{split_description(job.cfg.split)['type']}({split})"
+    earlier = pl.concat([job.split.train[Columns.UserIdx], job.split.val[Columns.UserIdx]]).unique()
+    new_users = int((~np.isin(job.test_users, earlier.to_numpy())).sum())
+    without = f", {new_users} of them without earlier events (no list from CF or the text tower)" if new_users else ""
     with pl.Config(tbl_rows=20, tbl_cols=20, float_precision=4, tbl_hide_dataframe_shape=True):
-        print(f"\nTest metrics ({job.data.name}, {len(job.test_users)} users, full ranking, seen items removed):")
+        print(
+            f"\nTest metrics ({job.data.name}, {split}, {len(job.test_users)} users{without}; "
+            "full ranking, seen items removed):"
+        )
         print(test.result.table)
         if "test_published" in test.tables:
             print("Published protocol (full ranking, history items NOT removed by the evaluator):")
