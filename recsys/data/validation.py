@@ -47,7 +47,20 @@ def require_columns(df: pl.DataFrame, columns: Iterable[str], file: str) -> None
     for col in columns:
         if col not in df.columns:
             present = [c for c in df.columns if c != ROW]
-            raise InputError(f"required column is missing; columns present: {present}", file=file, column=col)
+            hint = separator_hint(present, file)
+            raise InputError(f"required column is missing; columns present: {present}{hint}", file=file, column=col)
+
+
+def separator_hint(present: list[str], file: str) -> str:
+    """What to do when the whole header was read as one column: the file's separator is not the
+    one its suffix names (``.csv``: comma, ``.tsv``: tab)."""
+    if len(present) != 1:
+        return ""
+    for sep, name in (("\t", "tab"), (",", "comma"), (";", "semicolon"), ("|", "'|'")):
+        if sep in present[0]:
+            fix = {"\t": "name it .tsv", ",": "name it .csv"}.get(sep, "save it comma-separated as .csv")
+            return f" (the header reads as one column: the file is {name}-separated; {fix})"
+    return ""
 
 
 def require_non_null(df: pl.DataFrame, column: str, file: str) -> None:

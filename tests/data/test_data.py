@@ -264,6 +264,24 @@ def test_unsupported_suffix(tmp_path):
     assert events in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "says"),
+    [
+        ("events.csv", "user_id\titem_id\ttimestamp\tevent\nu\ti1\t5\tclick\n", "tab-separated; name it .tsv"),
+        ("events.tsv", "user_id,item_id,timestamp,event\nu,i1,5,click\n", "comma-separated; name it .csv"),
+        ("events.csv", "user_id;item_id;timestamp;event\nu;i1;5;click\n", "semicolon-separated; save it comma"),
+    ],
+)
+def test_a_file_whose_separator_is_not_its_suffixs_says_so(tmp_path, name, content, says):
+    """Regression: a TSV saved as .csv got only 'required column is missing; columns present:
+    ['user_id\\titem_id...']' (the separator follows the suffix)."""
+    (tmp_path / name).write_text(content)
+    (tmp_path / "items.csv").write_text("item_id,title\ni1,Mug\n")
+    with pytest.raises(InputError, match="the header reads as one column") as e:
+        FileDataSource(str(tmp_path / name), str(tmp_path / "items.csv")).load()
+    assert says in str(e.value) and name in str(e.value)
+
+
 def test_custom_event_weights(tmp_path):
     events = write(tmp_path / "e.csv", "user_id,item_id,timestamp,event\nu,A,1,view\nu,A,2,cart\n")
     items = write(tmp_path / "i.csv", "item_id,title,description\nA,a,x\n")
