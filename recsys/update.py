@@ -11,7 +11,8 @@ full retrain, and lets a gate decide whether it replaces the served model:
    (``cf_mode=fold_in``); histories, popularity and item statistics take the new events;
 4. the result is registered as a new version with alias ``challenger``;
 5. the gate: the newest ``gate.holdout`` share of the new events is held out, the update is
-   rebuilt without them, and champion and that challenger rank for the held-out users. The
+   rebuilt without them, and champion and that challenger rank for the held-out users, from the
+   same histories and as of the same moment (the last event before the holdout). The
    ``champion`` alias moves to the new version only if the challenger's NDCG@k is not worse than
    the champion's by more than ``gate.tolerance``. Both figures are logged to MLflow.
 """
@@ -440,17 +441,32 @@ def holdout_split(new: NewData, share: float) -> tuple[NewData, pl.DataFrame]:
     return NewData(new.items, before, new.report), after
 
 
-def gate_metrics(pipeline, known: pl.DataFrame, targets: pl.DataFrame, k: int) -> tuple[float, float]:
+def gate_metrics(
+    pipeline, known: pl.DataFrame, targets: pl.DataFrame, k: int, at: int | None = None
+) -> tuple[float, float]:
     """Mean NDCG@k and Recall@k of ``pipeline``'s fused lists for the users of ``targets``, each user ranked
     from ``known`` (their events before the holdout), seen items removed. An item the pipeline
-    does not know cannot be recommended (a miss), nor read in a history."""
+    does not know cannot be recommended (a miss), nor read in a history.
+
+    ``at`` (default: the end of ``known``): the moment the lists are made for, the holdout's
+    start. The users' idle days and the items' availability windows are taken as of it, whatever
+    the pipeline's own ``now`` (the end of its stored history): the champion's ends before the
+    events the gate gives it, and as of its ``now`` its users would have had negative idle days
+    and items listed since would have stayed out. The item statistics stay the pipeline's own
+    (what it knows of the items: the champion has not seen the new events)."""
+    import dataclasses
+
     from recsys.evaluation.metrics import ranking_metrics
     from recsys.export.engine import Engine, ExplainOptions
     from recsys.rank.rules import BusinessRules
 
     users = sorted(targets[Columns.User].unique().to_list())
     given = known.filter(pl.col(Columns.User).is_in(users))
-    rules = BusinessRules().compile(pipeline.items, pipeline.now)
+    at = int(known[Columns.Timestamp].max()) if at is None else int(at)
+    # The engine reads the user features' and the rules' moment from ``now``: a shallow copy
+    # with the gate's moment, the pipeline itself untouched (the challenger is saved later).
+    pipeline = dataclasses.replace(pipeline, now=at)
+    rules = BusinessRules().compile(pipeline.items, at)
     engine = Engine(pipeline, rules, k, explain=ExplainOptions(enabled=False, top_features=0))
     recs = engine.recommend(pipeline.histories(users, given))
     pos = {u: j for j, u in enumerate(users)}
@@ -508,11 +524,13 @@ class GateResult:
 def run_gate(
     champion, challenger_before, new_before: NewData, holdout: pl.DataFrame, k: int, tolerance: float
 ) -> GateResult:
-    """Champion and a challenger built without the holdout, on the same held-out events."""
+    """Champion and a challenger built without the holdout, on the same held-out events, both as
+    of the same moment: the last event before the holdout (``gate_metrics``)."""
     known = pl.concat([stored_events(champion), new_before.events])
     targets = holdout.select(Columns.User, Columns.Item).unique()
-    champion_ndcg, champion_recall = gate_metrics(champion, known, targets, k)
-    challenger_ndcg, challenger_recall = gate_metrics(challenger_before, known, targets, k)
+    at = int(known[Columns.Timestamp].max())
+    champion_ndcg, champion_recall = gate_metrics(champion, known, targets, k, at)
+    challenger_ndcg, challenger_recall = gate_metrics(challenger_before, known, targets, k, at)
     return GateResult(
         champion=champion_ndcg,
         challenger=challenger_ndcg,

@@ -369,3 +369,33 @@ def test_texts_encoded_in_a_worker_process_are_those_encoded_in_process():
     np.testing.assert_array_equal(emb[1 : p.n_items], old[1:])
     assert not np.allclose(emb[0], old[0])
     assert emb.shape == (p.n_items + 1, old.shape[1])
+
+
+def test_gate_ranks_champion_and_challenger_as_of_the_same_moment():
+    """The gate ranked each pipeline as of its own ``now`` (the end of its stored history): the
+    champion's availability windows were checked, and its users' idle days counted, at the
+    champion's end, though the histories the gate gave it ran on to the holdout; the
+    challenger's at the holdout's start. Two pipelines that know the same events and differ only
+    in ``now`` scored differently; they must score the same."""
+    import dataclasses
+
+    from recsys.update import NewData, run_gate
+
+    p = champion()
+    hit = p.item_ids[int(np.argmax(p.models["popularity"].counts))]
+    # The most popular item, listed (again) a day before the champion's end.
+    items = p.items.with_columns(
+        pl.when(pl.col(Columns.Item) == hit).then(pl.lit(p.now - 86400)).otherwise(None).alias("available_from")
+    )
+    champ = dataclasses.replace(p, items=items)
+    earlier = dataclasses.replace(p, items=items, now=p.now - 2 * 86400)  # the same events, an earlier clock
+    seen = stored(p).filter(pl.col(Columns.Item) == hit)[Columns.User].unique()
+    fresh = [u for u in p.users.ids.tolist() if u not in set(seen.to_list())][:40]
+    before = events_frame([(u, p.item_ids[0], p.now + 60 + j) for j, u in enumerate(fresh)])
+    before = before.select(
+        Columns.User, Columns.Item, Columns.Timestamp, pl.lit(1.0, dtype=pl.Float32).alias(Columns.Weight)
+    )
+    holdout = events_frame([(u, hit, p.now + 86400 + j) for j, u in enumerate(fresh)])
+    gate = run_gate(champ, earlier, NewData(p.items.head(0), before, {}), holdout, 10, 0.0)
+    assert gate.champion_recall > 0  # the hit is in some lists: the windows matter
+    assert gate.challenger == gate.champion and gate.challenger_recall == gate.champion_recall, gate
