@@ -45,6 +45,12 @@ from recsys.errors import ConfigError, InputError, exit_on_user_error, require_n
 log = logging.getLogger("recsys.update")
 
 CF_MODES = ("refit", "fold_in")
+# The update has no data.missing_text: a new item needs a text (it reaches users through the text
+# tower), and a known item's row is there to change its text. So the error says what to change.
+MISSING_TEXT_HELP = (
+    "an update encodes each new or changed item's text: give these items a text, or leave their rows "
+    "out of this file (an item the model has keeps its text; a new item's events must then wait for it)"
+)
 
 
 @dataclass
@@ -599,6 +605,7 @@ def _run(cfg: DictConfig, t_start: float, mode: str, tolerance: float, warm: int
         text_separator=str(data_cfg.get("text_separator", ". ")),
         duplicates=str(cfg.data.duplicates),
         future_timestamps=str(cfg.data.future_timestamps),
+        missing_text_help=MISSING_TEXT_HELP,
     )
     new = read_new_data(tables, files, str(cfg.data.duplicates))
     if new.events.height == 0:

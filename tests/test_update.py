@@ -399,3 +399,17 @@ def test_gate_ranks_champion_and_challenger_as_of_the_same_moment():
     gate = run_gate(champ, earlier, NewData(p.items.head(0), before, {}), holdout, 10, 0.0)
     assert gate.champion_recall > 0  # the hit is in some lists: the windows matter
     assert gate.challenger == gate.champion and gate.challenger_recall == gate.champion_recall, gate
+
+
+def test_a_new_item_without_text_says_what_an_update_can_do(tmp_path):
+    """The error said ``set data.missing_text=drop or keep``, a setting the update does not have
+    (both ``data.missing_text=...`` and ``+data.missing_text=...`` are refused)."""
+    from recsys.update import run
+
+    events, items, *_ = bad_cases(champion())["new item without text"]
+    e, i = write(tmp_path, events, items)
+    with pytest.raises(InputError) as err:
+        run(config(tmp_path, e, i))
+    msg = str(err.value)
+    assert "data.missing_text" not in msg, msg
+    assert "give these items a text, or leave their rows out of this file" in msg, msg

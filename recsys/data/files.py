@@ -51,6 +51,9 @@ class FileDataSource:
             stays, with the empty string as its text: every such item gets the same text
             vector, so the text tower cannot tell them apart and they reach users through
             their interactions (CF); counted). Counts are logged and kept in ``report``.
+        missing_text_help: what the ``error`` of ``missing_text`` tells the user to do. The
+            default names the ``data.missing_text`` setting of training; a command without that
+            setting (``python -m recsys.update``) says what its user can do instead.
 
     Columns other than the ones named here are kept as they are (``Dataset.interactions`` and
     ``Dataset.items`` carry them), so features added later can read them.
@@ -69,6 +72,7 @@ class FileDataSource:
         future_timestamps: str = "error",
         now: int | None = None,
         missing_text: str = "error",
+        missing_text_help: str = "set data.missing_text=drop or keep",
     ) -> None:
         self.interactions_path = str(interactions)
         self.items_path = str(items)
@@ -81,6 +85,7 @@ class FileDataSource:
         self.future_timestamps = check_policy("future_timestamps", future_timestamps, FUTURE_POLICIES)
         self.now = now
         self.missing_text = check_policy("missing_text", missing_text, MISSING_TEXT_POLICIES)
+        self.missing_text_help = missing_text_help
         # Rows touched by a repair policy, and facts worth knowing, by what; filled by load().
         self.report: dict[str, int] = {}
         self._no_text = pl.Series(Columns.Item, [], dtype=pl.String)  # items missing_text=drop left out
@@ -176,8 +181,7 @@ class FileDataSource:
             if n_empty and self.missing_text == "error":
                 row, ex = v.example(df, empty)
                 raise InputError(
-                    f"{n_empty} item(s) have no text in any of the text fields {fields} "
-                    "(set data.missing_text=drop or keep)",
+                    f"{n_empty} item(s) have no text in any of the text fields {fields} ({self.missing_text_help})",
                     file=path,
                     column=fields[0],
                     row=row,
