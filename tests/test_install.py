@@ -107,6 +107,8 @@ def test_console_scripts_train_recommend_evaluate_from_an_empty_folder(venv, tmp
 
 def test_the_update_entry_reads_the_shipped_configs(venv, tmp_path):
     """``python -m recsys.update`` from the wheel: its configs are the package's, as for the
-    console scripts (it looked for a ``conf/`` beside the package, which a wheel does not have)."""
+    console scripts (it looked for a ``conf/`` beside the package, which a wheel does not have).
+    ``recsys-update``, its console script, was missing: the same config."""
     out = run([str(venv / "python"), "-m", "recsys.update", "--cfg", "job"], tmp_path).stdout
     assert "gate:" in out and "cf_mode:" in out
+    assert run([str(venv / "recsys-update"), "--cfg", "job"], tmp_path).stdout == out
