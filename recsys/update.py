@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -71,13 +72,16 @@ def read_new_data(pipeline, source, duplicates: str = "drop") -> NewData:
     known = pl.Series(Columns.Item, pipeline.item_ids.tolist(), dtype=pl.String)
     # A header-only item file is an update without new or changed items (README).
     items, events = source.load_tables(known, allow_empty_items=True)
+    # The loader added ``weight`` (from ``event``): the example rows show the columns as sent.
+    sent = [c for c in events.columns if c != Columns.Weight]
     old = events.filter(pl.col(Columns.Timestamp) < pipeline.now)
     if old.height:
-        row, ex = v.example(events, pl.col(Columns.Timestamp) < pipeline.now)
+        row, ex = v.example(events.select(sent), pl.col(Columns.Timestamp) < pipeline.now)
+        end = datetime.fromtimestamp(pipeline.now, UTC).isoformat()
         raise source.in_file_terms(
             InputError(
-                f"{old.height} event(s) are older than the model's data (it ends at {pipeline.now}): an update "
-                "takes the events since the model was trained; retrain to change the past",
+                f"{old.height} event(s) are older than the model's data (it ends at {pipeline.now}, {end}): an "
+                "update takes the events since the model was trained; retrain to change the past",
                 file=source.interactions_path,
                 column=Columns.Timestamp,
                 row=row,
@@ -97,7 +101,7 @@ def read_new_data(pipeline, source, duplicates: str = "drop") -> NewData:
         if duplicates == "error":
             first = seen.sort(v.ROW).row(0, named=True)
             row = first.pop(v.ROW)
-            ex = {c: first[c] for c in events.columns if c in first}
+            ex = {c: first[c] for c in sent if c in first}
             raise source.in_file_terms(
                 InputError(
                     f"{seen.height} event(s) are already in the model; set data.duplicates=drop to drop them",

@@ -413,3 +413,46 @@ def test_a_new_item_without_text_says_what_an_update_can_do(tmp_path):
     msg = str(err.value)
     assert "data.missing_text" not in msg, msg
     assert "give these items a text, or leave their rows out of this file" in msg, msg
+
+
+def test_update_error_examples_are_the_file_rows_and_the_model_end_is_also_iso(tmp_path):
+    """The "older than the model's data" error gave the model's end in Unix seconds only, and its
+    example row, like that of "already in the model", showed a ``weight`` column the file does
+    not have (the loader derives it from ``event``)."""
+    from datetime import UTC, datetime
+
+    from recsys.data.files import FileDataSource
+    from recsys.update import read_new_data
+
+    p = champion()
+    sent = {"user_id", "item_id", "timestamp", "event"}
+    items = header_only_items(tmp_path)
+    cases = {"older": (events_frame([(p.users.ids[0], p.item_ids[0], p.now - 86400)]), "older than the model")}
+    cases["held"] = (held_event(p), "already in the model")
+    for name, (events, match) in cases.items():
+        e = tmp_path / f"{name}.csv"
+        events.write_csv(e)
+        source = FileDataSource(str(e), str(items), event_weights=p.event_weights)
+        with pytest.raises(InputError, match=match) as err:
+            read_new_data(p, source, "error")
+        assert set(err.value.example) == sent, str(err.value)
+    err = pytest.raises(InputError, read_new_data, p, FileDataSource(str(tmp_path / "older.csv"), str(items)))
+    end = datetime.fromtimestamp(p.now, UTC).isoformat()
+    assert f"(it ends at {p.now}, {end})" in str(err.value), str(err.value)
+
+
+def test_an_event_for_an_unknown_item_says_it_is_neither_in_the_model_nor_in_the_item_file(tmp_path):
+    """The error said the id "has no row in items.csv", as if the item file were the only place
+    an update's item may be: it may be in the model's catalogue too."""
+    from recsys.data.files import FileDataSource
+    from recsys.update import read_new_data
+
+    p = champion()
+    e = tmp_path / "events.csv"
+    events_frame([(p.users.ids[0], "NOWHERE", p.now + 60)]).write_csv(e)
+    items = header_only_items(tmp_path)
+    with pytest.raises(InputError) as err:
+        read_new_data(p, FileDataSource(str(e), str(items), event_weights=p.event_weights))
+    msg = str(err.value)
+    assert f"neither in the model's catalogue nor in {items} (add its row, with its text, to that file)" in msg, msg
+    assert err.value.example[Columns.Item] == "NOWHERE", msg

@@ -172,6 +172,7 @@ class FileDataSource:
                 separator=self.text_separator,
                 ignore_nulls=True,
             ).str.strip_chars()
+            sent = df.columns  # the example row below shows these, not the joined text
             df = df.with_columns(text.fill_null("").alias(Columns.Text))
             available = self._in_file(Columns.AvailableFrom)
             if available in df.columns:
@@ -180,6 +181,7 @@ class FileDataSource:
             n_empty = df.select(empty.sum()).item()
             if n_empty and self.missing_text == "error":
                 row, ex = v.example(df, empty)
+                ex = {c: ex[c] for c in sent if c in ex}
                 raise InputError(
                     f"{n_empty} item(s) have no text in any of the text fields {fields} ({self.missing_text_help})",
                     file=path,
@@ -214,9 +216,10 @@ class FileDataSource:
             v.require_in(df, event, self.event_weights, path)
         return df
 
-    def _check_interactions(self, df: pl.DataFrame, item_ids: pl.Series) -> pl.DataFrame:
+    def _check_interactions(self, df: pl.DataFrame, item_ids: pl.Series, also: str | None = None) -> pl.DataFrame:
         """``_read_interactions``' frame against the items (``item_ids``: every id an event may
-        name), then the time and duplicate policies; renamed to our column names."""
+        name; ``also``: where those not in the item file come from), then the time and duplicate
+        policies; renamed to our column names."""
         path = self.interactions_path
         item, ts = self._in_file(Columns.Item), self._in_file(Columns.Timestamp)
         with self._file_terms():
@@ -227,7 +230,7 @@ class FileDataSource:
                     log.warning("%s: dropped %d interaction(s) with items that have no text", path, n)
                     self.report["interactions_with_items_without_text_dropped"] = n
                     df = df.filter(~gone)
-            v.require_known(df, item, item_ids, path, self.items_path)
+            v.require_known(df, item, item_ids, path, self.items_path, also)
             df = self._future(df, ts, path)
             if self.duplicates != "keep":
                 key = [c for c in df.columns if c != v.ROW]
@@ -246,9 +249,10 @@ class FileDataSource:
         events = self._read_interactions()
         items = self.load_items(allow_empty_items)
         ids = items[Columns.Item]
-        if known_items is not None:
-            ids = pl.concat([known_items.cast(pl.String), ids]).unique()
-        return items, self._check_interactions(events, ids)
+        if known_items is None:
+            return items, self._check_interactions(events, ids)
+        ids = pl.concat([known_items.cast(pl.String), ids]).unique()
+        return items, self._check_interactions(events, ids, also="the model's catalogue")
 
     def _future(self, df: pl.DataFrame, column: str, path: str) -> pl.DataFrame:
         now = int(time.time()) if self.now is None else int(self.now)

@@ -116,13 +116,22 @@ def require_unique(df: pl.DataFrame, column: str, file: str) -> None:
         raise InputError(f"{n_bad} row(s) share an id with another row", file=file, column=column, row=row, example=ex)
 
 
-def require_known(df: pl.DataFrame, column: str, known: pl.Series, file: str, known_file: str) -> None:
+def require_known(
+    df: pl.DataFrame, column: str, known: pl.Series, file: str, known_file: str, also: str | None = None
+) -> None:
+    """Every ``column`` value of ``df`` is in ``known``: the ids of ``known_file`` and, where
+    ``also`` names another source of ids (an update: the model's catalogue), of that too."""
     mask = ~pl.col(column).is_in(known.implode())
     n_bad = df.select(mask.sum()).item()
     if n_bad:
         row, ex = example(df, mask)
+        where = (
+            f"has no row in {known_file}"
+            if also is None
+            else f"is neither in {also} nor in {known_file} (add its row, with its text, to that file)"
+        )
         raise InputError(
-            f"{n_bad} row(s) refer to an id that has no row in {known_file}",
+            f"{n_bad} row(s) refer to an id that {where}",
             file=file,
             column=column,
             row=row,

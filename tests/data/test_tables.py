@@ -164,6 +164,14 @@ def test_missing_text_error_is_the_default_and_names_the_policy(tmp_path):
     assert "1 item(s)" in str(err)
 
 
+def test_missing_text_example_is_the_file_row(tmp_path):
+    """The example row showed a ``text`` column the file does not have (the joined text fields)."""
+    e = write(tmp_path / "events.csv", "user_id,item_id,timestamp,event\n" + NO_TEXT_EVENTS)
+    i = write(tmp_path / "items.csv", NO_TEXT)
+    err = fails(FileDataSource(e, i).load, "no text", i, row=2)
+    assert err.example == {"item_id": "B", "title": None, "description": None}, str(err)
+
+
 def test_missing_text_drop_leaves_out_the_item_and_its_events_counted(tmp_path, caplog):
     e = write(tmp_path / "events.csv", "user_id,item_id,timestamp,event\n" + NO_TEXT_EVENTS)
     i = write(tmp_path / "items.csv", NO_TEXT)
