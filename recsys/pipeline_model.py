@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import shutil
+import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -44,7 +45,7 @@ import polars as pl
 from recsys.cf.models import ALS, BPR, ItemKNN, Popularity
 from recsys.columns import Columns
 from recsys.data.dataset import IdMap
-from recsys.data.validation import ROW, parse_timestamp, require_non_null
+from recsys.data.validation import ROW, check_future, parse_timestamp, require_non_null
 from recsys.errors import PIPELINE_REPAIR as REPAIR
 from recsys.errors import ConfigError, InputError, check_field, read_json_object, reading
 from recsys.rank.ranker import LambdaMARTRanker
@@ -55,6 +56,8 @@ FORMAT_VERSION = 2
 HISTORY_COLUMNS = [Columns.UserIdx, Columns.ItemIdx, Columns.Timestamp, Columns.Weight]
 TABLES = ("items.parquet", "users.parquet", "history.parquet")
 RANKER_FILE = "ranker/lightgbm.txt"
+# What given history rows do to a known user's stored history (``TrainedPipeline.histories``).
+HISTORIES_MODES = ("extend", "replace")
 # Every kind a pipeline can hold, by the name meta.json gives it (``Recommender.kind``).
 KINDS: dict[str, type[Recommender]] = {
     m.kind: m for m in (ALS, BPR, ItemKNN, Popularity, HistoryTower, NewItemText, PopularText)
@@ -342,19 +345,28 @@ class TrainedPipeline:
 
     # ---- serving ---------------------------------------------------------------------------------
 
-    def histories(self, user_ids: list[str], given: pl.DataFrame | None = None) -> PipelineHistories:
-        """Users to serve, each with the history passed in ``given`` (which replaces the stored
-        one) or else the stored one (users unknown and without history get an empty one).
+    def histories(
+        self, user_ids: list[str], given: pl.DataFrame | None = None, mode: str = "replace"
+    ) -> PipelineHistories:
+        """Users to serve, each with the history passed in ``given`` and/or the stored one (users
+        unknown and without history get an empty one).
 
-        ``given``: ``user_id, item_id`` and optionally ``timestamp`` (default: row order) and
-        ``event`` (default: the lightest event type) or ``weight``.
+        ``given``: ``user_id, item_id`` and optionally ``timestamp`` (default: "just now", see
+        ``normalise_history``) and ``event`` (default: the lightest event type) or ``weight``.
+        ``mode`` (``HISTORIES_MODES``) says what ``given`` rows do to a known user's stored
+        history: ``replace`` it (what the pyfunc model does by default) or ``extend`` it (the stored
+        events plus the given ones: what ``python -m recsys.recommend histories=`` does by default,
+        so that seen filtering covers both). Either way a user with given rows is folded in (no
+        trained factors), as the history its factors were fitted on is not the one served.
         """
+        mode = check_histories_mode(mode)
         gidx = self.users.index(user_ids)
         n = len(user_ids)
         frames = []
         supplied = np.zeros(n, dtype=bool)
+        given_rows = None
         if given is not None and given.height:
-            g = normalise_history(given, self.event_weights)
+            g = normalise_history(given, self.event_weights, now=self.now)
             pos = pl.DataFrame(
                 {Columns.User: list(user_ids), Columns.UserIdx: np.arange(n, dtype=np.int32)},
                 schema={Columns.User: pl.String, Columns.UserIdx: pl.Int32},
@@ -362,8 +374,9 @@ class TrainedPipeline:
             item_map = self.items.select(Columns.Item, pl.col(Columns.ItemIdx).cast(pl.Int32))
             g = g.join(pos, on=Columns.User, how="inner").join(item_map, on=Columns.Item, how="inner")
             supplied[g[Columns.UserIdx].unique().to_numpy()] = True
-            frames.append(g.select(HISTORY_COLUMNS))
-        stored = np.flatnonzero((gidx >= 0) & ~supplied)
+            given_rows = g.select(HISTORY_COLUMNS)
+        # extend: every known user's stored rows; replace: only those of users given none.
+        stored = np.flatnonzero((gidx >= 0) & (~supplied if mode == "replace" else True))
         if len(stored):
             # The stored users' row ranges, gathered in chunk order: already sorted by (chunk
             # user, timestamp), as the sort below would leave them. Filtering the whole stored
@@ -376,6 +389,10 @@ class TrainedPipeline:
             part = {c: v[rows] for c, v in cols.items()}
             part[Columns.UserIdx] = np.repeat(stored, lengths).astype(cols[Columns.UserIdx].dtype)
             frames.append(pl.DataFrame(part, schema=self.history.select(HISTORY_COLUMNS).schema))
+        if given_rows is not None:
+            # After the stored rows: with extend, a given event at the same second as a stored one
+            # stays after it in the stable sort below (the given events are the newer ones).
+            frames.append(given_rows)
         df = pl.concat(frames) if frames else self.history.select(HISTORY_COLUMNS).head(0)
         if given is not None and given.height:
             df = df.sort(Columns.UserIdx, Columns.Timestamp, maintain_order=True)
@@ -410,18 +427,50 @@ class TrainedPipeline:
         return out
 
 
-def normalise_history(df: pl.DataFrame, event_weights: Mapping[str, float]) -> pl.DataFrame:
-    """``user_id, item_id, timestamp, weight`` from a user-supplied history table."""
+def check_histories_mode(mode: str, setting: str = "histories_mode") -> str:
+    """``mode`` if it is one of ``HISTORIES_MODES``, else a ``ConfigError`` naming ``setting``."""
+    if mode not in HISTORIES_MODES:
+        raise ConfigError(
+            f"{setting} must be one of {list(HISTORIES_MODES)}, got {mode!r}: extend adds the given events to a "
+            "known user's stored history, replace serves the given events alone"
+        )
+    return mode
+
+
+def normalise_history(
+    df: pl.DataFrame, event_weights: Mapping[str, float], now: int | None = None, file: str = "history table"
+) -> pl.DataFrame:
+    """``user_id, item_id, timestamp, weight`` from a user-supplied history table (``file``
+    names it in errors).
+
+    Every entry point's given histories pass here (the pyfunc model, REST, ``histories=`` of the
+    CLI and ``TrainedPipeline.histories``), so they are refused alike: an empty id, an event type
+    the model does not know, a timestamp that is no integer Unix seconds / ISO 8601 / datetime,
+    or one more than a day after this machine's clock or ``now``, whichever is later
+    (milliseconds read as seconds land there).
+
+    Without a ``timestamp`` column the rows happened "just now", in row order: row ``i`` of a
+    user's ``n`` rows is stamped ``now - (n - 1 - i)`` seconds. ``now``: the pipeline's ``now``
+    (the end of its stored history, what the ranker's idle-days features count from); None: this
+    machine's clock. Stamping them 0, 1, 2 ... instead dated them 1970, and the ranker saw a user
+    idle for 56 years."""
     for col in (Columns.User, Columns.Item):
         if col not in df.columns:
-            raise InputError(f"history table has no '{col}' column (columns: {df.columns})", column=col)
+            raise InputError(f"{file} has no '{col}' column (columns: {df.columns})", column=col)
     out = df.with_columns(pl.col(Columns.User).cast(pl.String), pl.col(Columns.Item).cast(pl.String))
     for col in (Columns.User, Columns.Item):
-        require_non_null(out, col, "history table")  # a null user id would be served as "None"
+        require_non_null(out, col, file)  # a null user id would be served as "None"
     if Columns.Timestamp not in out.columns:
-        out = out.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias(Columns.Timestamp))
+        now = int(time.time()) if now is None else int(now)
+        per_user = pl.int_range(pl.len(), dtype=pl.Int64).over(Columns.User)
+        count = pl.len().over(Columns.User).cast(pl.Int64)
+        out = out.with_columns((now - (count - 1 - per_user)).alias(Columns.Timestamp))
     else:
-        out = parse_timestamp(out, Columns.Timestamp, "history table")
+        out = parse_timestamp(out, Columns.Timestamp, file)
+        # Refused here, not only by the CLI's file reader: pyfunc, REST and the Python API too.
+        # Up to the pipeline's own end time is never "the future" (rows stamped "just now" by
+        # an earlier call come back here), even where its data is dated ahead of this clock.
+        check_future(out, Columns.Timestamp, file, "error", max(int(time.time()), now or 0), {}, setting=None)
     if Columns.Weight not in out.columns:
         if Columns.Event in out.columns:
             unknown = out.filter(~pl.col(Columns.Event).is_in(list(event_weights)))

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -23,6 +25,9 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 import recsys.config  # noqa: E402  (registers resolvers; CONFIG_DIR)
 from recsys.errors import ConfigError, InputError, exit_on_user_error, require_whole  # noqa: E402
+
+if TYPE_CHECKING:
+    from recsys.data.tables import ColumnMap
 
 log = logging.getLogger("recsys.recommend")
 
@@ -60,6 +65,30 @@ def positive_int(cfg: DictConfig, key: str) -> int:
     return cfg[key]
 
 
+def check_column_map(value) -> None:
+    """``column_map`` is null or a mapping of our column names to the file's, else a ``ConfigError``."""
+    if value is None:
+        return
+    if not isinstance(value, Mapping | DictConfig) or not all(isinstance(v, str) for v in value.values()):
+        raise ConfigError(
+            f"column_map must be null (the model's data.column_map) or a mapping such as "
+            f"'column_map={{user_id: customer, item_id: sku}}', got {value!r}"
+        )
+
+
+def column_map(value, folder: Path) -> ColumnMap:
+    """The file column names ``histories=`` and a ``users=`` table are read with: ``value`` (the
+    ``column_map`` setting) or, when it is null, the ``data.column_map`` the model was trained
+    with (its ``config.yaml``), as ``python -m recsys.update`` reads its new files."""
+    from recsys.data.tables import ColumnMap
+
+    if value is not None:
+        return ColumnMap(dict(value), "column_map")
+    config = OmegaConf.load(folder / "config.yaml") if (folder / "config.yaml").is_file() else None
+    saved = config.data.get("column_map") if config is not None and "data" in config else None
+    return ColumnMap(dict(saved or {}), "the model's data.column_map (set column_map=... to override)")
+
+
 def run(cfg: DictConfig):
     """Export as configured; returns the ``ExportResult``."""
     from hydra.utils import instantiate
@@ -69,7 +98,7 @@ def run(cfg: DictConfig):
     from recsys.export.batch import check_output, check_parallel, export_recommendations
     from recsys.export.engine import Engine, ExplainOptions
     from recsys.output import output_lock
-    from recsys.pipeline_model import normalise_history
+    from recsys.pipeline_model import check_histories_mode, normalise_history
     from recsys.tracking import tracking_uri
 
     engine_name = str(cfg.get("engine", "local"))
@@ -83,6 +112,8 @@ def run(cfg: DictConfig):
     check_output(cfg.output, str(cfg.layout))
     check_parallel(str(cfg.parallel))
     k, chunk_size, workers, threads = (positive_int(cfg, key) for key in ("k", "chunk_size", "workers", "threads"))
+    histories_mode = check_histories_mode(str(cfg.histories_mode))
+    check_column_map(cfg.column_map)
     # Held from before the model loads: a second export to this output is refused at once.
     with output_lock(cfg.output):
         tracking = cfg.tracking_uri or tracking_uri(cfg.paths.mlruns_dir)
@@ -92,12 +123,13 @@ def run(cfg: DictConfig):
         engine = Engine.load(folder, instantiate(cfg.rules), k, str(cfg.scorer), explain, threads=threads)
         pipeline = engine.p
 
+        columns = column_map(cfg.column_map, folder)
         histories = None
         if cfg.histories:
-            raw = read_histories(str(cfg.histories), pipeline.event_weights)
-            histories = normalise_history(raw, pipeline.event_weights)
+            raw = read_histories(str(cfg.histories), pipeline.event_weights, column_map=columns)
+            histories = normalise_history(raw, pipeline.event_weights, now=pipeline.now, file=str(cfg.histories))
         if cfg.users:
-            users = read_user_list(str(cfg.users))
+            users = read_user_list(str(cfg.users), columns)
         else:
             users = list(pipeline.users.ids)
             if histories is not None:
@@ -115,6 +147,7 @@ def run(cfg: DictConfig):
             workers=workers,
             layout=str(cfg.layout),
             parallel=str(cfg.parallel),
+            histories_mode=histories_mode,
         )
     m = result.manifest
     print(

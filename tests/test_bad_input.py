@@ -652,6 +652,8 @@ def test_cli_export_refuses_a_bad_layout_before_loading_the_model(tmp_path, layo
         ("chunk_size=many", "chunk_size must be a whole number >= 1, got 'many'"),
         ("k=2.5", "k must be a whole number >= 1, got 2.5"),
         ("k=true", "k must be a whole number >= 1, got True"),
+        ("histories_mode=append", "histories_mode must be one of ['extend', 'replace'], got 'append'"),
+        ("column_map=customer", "column_map must be null (the model's data.column_map) or a mapping"),
     ],
 )
 def test_cli_export_refuses_bad_settings_before_loading_the_model(tmp_path, override, expected):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 
 import polars as pl
 
@@ -13,7 +13,7 @@ from recsys.columns import INTERACTION_SCHEMA, Columns
 from recsys.data import validation as v
 from recsys.data.dataset import Dataset, IdMap
 from recsys.data.raw import check_policy, handle_duplicates
-from recsys.data.tables import read_table, require_scalar
+from recsys.data.tables import ColumnMap, read_table, require_scalar
 from recsys.errors import ConfigError, InputError, require_number
 
 log = logging.getLogger(__name__)
@@ -94,36 +94,28 @@ class FileDataSource:
         for event, w in self.event_weights.items():
             require_number(f"data.event_weights.{event}", w, 0, low_open=True)
 
+    @property
+    def _map(self) -> ColumnMap:
+        return ColumnMap(self.column_map)
+
     def _in_file(self, column: str) -> str:
         """Our ``column`` as the files name it."""
-        return self.column_map.get(column, column)
+        return self._map.in_file(column)
 
     def _renamed(self) -> dict[str, str]:
         """The file's name -> ours, for the columns ``column_map`` renames."""
-        return {src: ours for ours, src in self.column_map.items() if src != ours}
+        return self._map.renamed()
 
     def _rename(self, df: pl.DataFrame) -> pl.DataFrame:
-        return df.rename({src: ours for src, ours in self._renamed().items() if src in df.columns})
+        return self._map.rename(df)
 
     def _noted(self, error: InputError) -> InputError:
-        """``error`` with the column mapping spelled out when its column is one ``column_map``
-        renames: the user knows the file's name, the message should also say what it stands for."""
-        ours = self._renamed().get(error.column)
-        if ours is None:
-            return error
-        message = f"{error.message} (data.column_map maps {ours} to '{error.column}')"
-        return type(error)(message, file=error.file, column=error.column, row=error.row, example=error.example)
+        """``error`` with the column mapping spelled out (``ColumnMap.noted``)."""
+        return self._map.noted(error)
 
-    @contextmanager
-    def _file_terms(self) -> Iterator[None]:
+    def _file_terms(self) -> AbstractContextManager[None]:
         """Checks inside run on the file's own column names; a failing one gets the mapping noted."""
-        try:
-            yield
-        except InputError as e:
-            noted = self._noted(e)
-            if noted is e:
-                raise
-            raise noted from e
+        return self._map.file_terms()
 
     def in_file_terms(self, error: InputError) -> InputError:
         """``error`` about a loaded frame (our column names), told as the file has it: the column
@@ -140,15 +132,7 @@ class FileDataSource:
         """``path`` with the ``needed`` columns (the file's names), still under the file's names."""
         df = read_table(path, allow_empty)
         v.require_columns(df, needed, path)
-        for src, ours in self._renamed().items():
-            if src in df.columns and ours in df.columns and ours not in self._renamed():
-                # The rename after the checks would clash; which one is meant is the user's call.
-                raise InputError(
-                    f"the file has a column '{ours}' too, and data.column_map maps {ours} to '{src}': drop or "
-                    "rename one of the two",
-                    file=path,
-                    column=src,
-                )
+        self._map.check_clash(df, path)
         return df
 
     def load_items(self, allow_empty: bool = False) -> pl.DataFrame:

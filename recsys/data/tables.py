@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import csv
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -21,6 +23,60 @@ from recsys.data import validation as v
 from recsys.errors import InputError
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet")
+
+
+@dataclass(frozen=True)
+class ColumnMap:
+    """Our column name -> the name a file gives it (``data.column_map``, e.g. ``{user_id:
+    customer}``). Files are checked under their own names, so every error names a column as the
+    file does, with the mapping spelled out (``noted``); renamed to ours after the checks.
+    ``setting``: where the mapping comes from, as the messages name it."""
+
+    mapping: Mapping[str, str] = field(default_factory=dict)
+    setting: str = "data.column_map"
+
+    def in_file(self, column: str) -> str:
+        """Our ``column`` as the file names it."""
+        return self.mapping.get(column, column)
+
+    def renamed(self) -> dict[str, str]:
+        """The file's name -> ours, for the columns the mapping renames."""
+        return {src: ours for ours, src in self.mapping.items() if src != ours}
+
+    def rename(self, df: pl.DataFrame) -> pl.DataFrame:
+        return df.rename({src: ours for src, ours in self.renamed().items() if src in df.columns})
+
+    def check_clash(self, df: pl.DataFrame, path: str) -> None:
+        """A file holding both a column the mapping renames and one with our name: the rename
+        after the checks would clash, and which one is meant is the user's call."""
+        for src, ours in self.renamed().items():
+            if src in df.columns and ours in df.columns and ours not in self.renamed():
+                raise InputError(
+                    f"the file has a column '{ours}' too, and {self.setting} maps {ours} to '{src}': drop or "
+                    "rename one of the two",
+                    file=path,
+                    column=src,
+                )
+
+    def noted(self, error: InputError) -> InputError:
+        """``error`` with the column mapping spelled out when its column is one the mapping
+        renames: the user knows the file's name, the message should also say what it stands for."""
+        ours = self.renamed().get(error.column)
+        if ours is None:
+            return error
+        message = f"{error.message} ({self.setting} maps {ours} to '{error.column}')"
+        return type(error)(message, file=error.file, column=error.column, row=error.row, example=error.example)
+
+    @contextmanager
+    def file_terms(self) -> Iterator[None]:
+        """Checks inside run on the file's own column names; a failing one gets the mapping noted."""
+        try:
+            yield
+        except InputError as e:
+            noted = self.noted(e)
+            if noted is e:
+                raise
+            raise noted from e
 
 
 def separator_of(path: Path) -> str:
@@ -214,17 +270,20 @@ def read_ids(path: str, column: str, allow_empty: bool = False) -> pl.DataFrame:
     return df
 
 
-def read_user_list(path: str) -> list[str]:
-    """User ids from a table with a ``user_id`` column (``.csv``, ``.tsv``, ``.parquet``) or a text
-    file with one id per line (any other suffix), in file order."""
+def read_user_list(path: str, column_map: ColumnMap | None = None) -> list[str]:
+    """User ids from a table with a ``user_id`` column (``.csv``, ``.tsv``, ``.parquet``; named
+    as ``column_map`` says) or a text file with one id per line (any other suffix), in file order."""
     p = Path(path)
     if p.is_dir():
         raise InputError("is a folder, not a file: name the user list itself", file=path)
     if not p.is_file():
         raise InputError("users file not found", file=path)
     if p.suffix.lower() in (".csv", ".tsv", ".parquet"):
+        cmap = column_map or ColumnMap()
+        user = cmap.in_file(Columns.User)
         empty_text = p.suffix.lower() != ".parquet" and not p.read_bytes().strip()
-        users = [] if empty_text else read_ids(path, Columns.User, allow_empty=True)[Columns.User].to_list()
+        with cmap.file_terms():
+            users = [] if empty_text else read_ids(path, user, allow_empty=True)[user].to_list()
     else:
         require_utf8(p, "\n", header=False)
         users = [line.strip() for line in _text(p).splitlines() if line.strip()]
@@ -236,28 +295,38 @@ def read_user_list(path: str) -> list[str]:
     return users
 
 
-def read_histories(path: str, event_weights: Mapping[str, float], now: int | None = None) -> pl.DataFrame:
+def read_histories(
+    path: str, event_weights: Mapping[str, float], now: int | None = None, column_map: ColumnMap | None = None
+) -> pl.DataFrame:
     """``user_id, item_id[, timestamp][, event | weight]`` rows for ``recsys.recommend histories=``,
     checked as the training interactions are: ids present and non-empty, timestamps integer Unix
-    seconds or ISO 8601 and not in the future, events among the pipeline's ``event_weights``."""
-    df = read_table(path)
-    v.require_columns(df, [Columns.User, Columns.Item], path)
-    present = [c for c in (Columns.User, Columns.Item, Columns.Timestamp, Columns.Event) if c in df.columns]
-    require_scalar(df, present, path)
-    for col in (Columns.User, Columns.Item):
-        v.require_id_dtype(df, col, path)
-        df = df.with_columns(pl.col(col).cast(pl.String))
-        v.require_non_null(df, col, path)
-    if Columns.Timestamp in df.columns:
-        v.require_non_null(df, Columns.Timestamp, path)
-        df = v.parse_timestamp(df, Columns.Timestamp, path)
-        # Always an error here: an export has no policy to keep or drop them.
-        now = int(time.time()) if now is None else now
-        v.check_future(df, Columns.Timestamp, path, "error", now, {}, setting=None)
-    if Columns.Event in df.columns and Columns.Weight not in df.columns:
-        df = df.with_columns(pl.col(Columns.Event).cast(pl.String))
-        v.require_non_null(df, Columns.Event, path)
-        v.require_in(df, Columns.Event, event_weights, path, "the event types the model was trained with")
-    if Columns.Weight in df.columns:
-        df = v.cast_column(df, Columns.Weight, pl.Float32, path)
-    return df.drop(v.ROW)
+    seconds or ISO 8601 and not in the future, events among the pipeline's ``event_weights``.
+    ``column_map``: the file's names for our columns (the model's ``data.column_map``, as the
+    training files had them); the checks name the file's columns, the result has ours."""
+    cmap = column_map or ColumnMap()
+    user, item, ts, event, weight = (
+        cmap.in_file(c) for c in (Columns.User, Columns.Item, Columns.Timestamp, Columns.Event, Columns.Weight)
+    )
+    with cmap.file_terms():
+        df = read_table(path)
+        v.require_columns(df, [user, item], path)
+        cmap.check_clash(df, path)
+        present = [c for c in (user, item, ts, event) if c in df.columns]
+        require_scalar(df, present, path)
+        for col in (user, item):
+            v.require_id_dtype(df, col, path)
+            df = df.with_columns(pl.col(col).cast(pl.String))
+            v.require_non_null(df, col, path)
+        if ts in df.columns:
+            v.require_non_null(df, ts, path)
+            df = v.parse_timestamp(df, ts, path)
+            # Always an error here: an export has no policy to keep or drop them.
+            now = int(time.time()) if now is None else now
+            v.check_future(df, ts, path, "error", now, {}, setting=None)
+        if event in df.columns and weight not in df.columns:
+            df = df.with_columns(pl.col(event).cast(pl.String))
+            v.require_non_null(df, event, path)
+            v.require_in(df, event, event_weights, path, "the event types the model was trained with")
+        if weight in df.columns:
+            df = v.cast_column(df, weight, pl.Float32, path)
+    return cmap.rename(df.drop(v.ROW))

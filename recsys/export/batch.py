@@ -52,6 +52,7 @@ from recsys.columns import Columns
 from recsys.errors import ConfigError
 from recsys.export.engine import OUTPUT_SCHEMA, Engine, EngineRecipe
 from recsys.output import output_lock
+from recsys.pipeline_model import check_histories_mode
 from recsys.rank.rules import LIST_RULE_SETTINGS
 from recsys.threads import thread_limits
 
@@ -89,14 +90,17 @@ def export_recommendations(
     workers: int = 1,
     layout: str = "file",
     parallel: str = "threads",
+    histories_mode: str = "extend",
 ) -> ExportResult:
     """Write top-K for ``user_ids`` (exported in sorted order) to ``out_path`` plus a manifest.
 
     Args:
         engine: the loaded pipeline with its rules, K and scorer.
-        user_ids: users to export; each gets its stored history unless ``histories`` has rows
-            for it (which then replace it -- new users need them).
-        histories: ``user_id, item_id[, timestamp, event]`` rows.
+        user_ids: users to export (a sequence of ids: a lone ``str`` is refused, as it would be
+            read as one user per character); each gets its stored history and the rows
+            ``histories`` has for it (``histories_mode``) -- new users need them.
+        histories: ``user_id, item_id[, timestamp, event]`` rows (``TrainedPipeline.histories``:
+            without a timestamp they happened "just now", at the pipeline's ``now``).
         chunk_size: users per part (memory grows with it, not with the number of users).
         info: recorded in the manifest and the fingerprint (model URI, run id, config hash ...).
         after_part: called (in the calling thread) with the part number after each part is
@@ -113,9 +117,18 @@ def export_recommendations(
             scale further on many cores, where threads would contend for the GIL. A script that
             exports with processes needs the ``if __name__ == "__main__":`` guard (``spawn``
             imports the main module in each worker).
+        histories_mode: ``extend`` (a known user's stored events plus its ``histories`` rows,
+            all filtered as seen; as ``python -m recsys.recommend``) or ``replace`` (its
+            ``histories`` rows alone, as the pyfunc model serves a request's rows).
     """
+    if isinstance(user_ids, str | bytes):
+        raise TypeError(
+            f"user_ids must be a sequence of user ids, got the string {user_ids!r} (it would be read one "
+            f"character per user): pass [{user_ids!r}]"
+        )
     out_path = check_output(out_path, layout)
     check_parallel(parallel)
+    check_histories_mode(histories_mode)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if workers < 1:
@@ -123,11 +136,11 @@ def export_recommendations(
     # Two exports to one output would share one parts folder and delete it under each other.
     with output_lock(out_path):
         users = sorted(set(map(str, user_ids)))
-        plan = _plan(engine, users, histories, dict(info or {}), chunk_size, layout)
+        plan = _plan(engine, users, histories, dict(info or {}), chunk_size, layout, histories_mode)
         work, fingerprint = _parts_folder(out_path, plan)
         if histories is not None:
             histories = histories.with_columns(pl.col(Columns.User).cast(pl.String))
-        job = _Job(users, histories, work, chunk_size, final_parts=layout == "parts")
+        job = _Job(users, histories, work, chunk_size, final_parts=layout == "parts", histories_mode=histories_mode)
         parts = [_part_file(work, i) for i in range(job.n_parts)]
         done = [p.exists() for p in parts]
         todo = [i for i in range(len(parts)) if not done[i]]
@@ -178,7 +191,13 @@ def export_recommendations(
 
 
 def _plan(
-    engine: Engine, users: list[str], histories: pl.DataFrame | None, info: dict, chunk_size: int, layout: str
+    engine: Engine,
+    users: list[str],
+    histories: pl.DataFrame | None,
+    info: dict,
+    chunk_size: int,
+    layout: str,
+    histories_mode: str,
 ) -> dict[str, Any]:
     """What is exported: its hash names the parts folder, so a rerun with the same plan resumes."""
     return {
@@ -192,6 +211,8 @@ def _plan(
         "n_users": len(users),
         "users_hash": hashlib.sha256("\n".join(users).encode()).hexdigest()[:16],
         "histories_hash": frame_hash(histories),
+        # Only with histories: a plan without them keeps the fingerprint it had (a rerun resumes).
+        **({"histories_mode": histories_mode} if histories is not None else {}),
     }
 
 
@@ -347,6 +368,7 @@ class _Job:
     work: Path
     chunk_size: int
     final_parts: bool = False  # layout=parts: the parts are the output, compressed as published
+    histories_mode: str = "extend"  # what ``histories`` rows do to a stored history (``TrainedPipeline.histories``)
 
     @property
     def n_parts(self) -> int:
@@ -363,16 +385,16 @@ class _Job:
         return self.histories.filter(pl.col(Columns.User).is_in(self.block(i)))
 
     def compute(self, engine: Engine, i: int) -> None:
-        _compute_part(engine, self.work, self.final_parts, i, self.block(i), self.given(i))
+        _compute_part(engine, self.work, self.final_parts, i, self.block(i), self.given(i), self.histories_mode)
 
 
 def _compute_part(
-    engine: Engine, work: Path, final: bool, i: int, block: list[str], given: pl.DataFrame | None
+    engine: Engine, work: Path, final: bool, i: int, block: list[str], given: pl.DataFrame | None, mode: str
 ) -> None:
-    """Write part ``i``: its rows and its counts."""
+    """Write part ``i``: its rows and its counts (``mode``: ``TrainedPipeline.histories``)."""
     engine.rules.clear_counts()
     t1 = time.perf_counter()
-    ph = engine.p.histories(block, given)
+    ph = engine.p.histories(block, given, mode)
     engine.add_time("history", time.perf_counter() - t1)
     df = engine.recommend(ph)
     t1 = time.perf_counter()
@@ -477,7 +499,7 @@ def _open_pool(
     stack.enter_context(processes)
     loaded = [processes.submit(os.getpid) for _ in range(n)]  # done once a worker has built its engine
     return (
-        lambda i: processes.submit(_in_process, i, job.block(i), job.given(i)),
+        lambda i: processes.submit(_in_process, i, job.block(i), job.given(i), job.histories_mode),
         lambda: 2 * n if any(f.done() for f in loaded) else n,
     )
 
@@ -506,10 +528,10 @@ def _exit_with_parent() -> None:
     os._exit(1)
 
 
-def _in_process(i: int, block: list[str], given: pl.DataFrame | None) -> tuple[int, dict]:
+def _in_process(i: int, block: list[str], given: pl.DataFrame | None, mode: str) -> tuple[int, dict]:
     """Part ``i`` in a worker process; returns the process id and the stage timings since its last part."""
     engine = _worker["engine"]
-    _compute_part(engine, _worker["work"], _worker["final"], i, block, given)
+    _compute_part(engine, _worker["work"], _worker["final"], i, block, given, mode)
     timings = dict(engine.timings)
     engine.timings.clear()
     return os.getpid(), timings

@@ -10,10 +10,12 @@ histories, and returns the same rows ``python -m recsys.recommend`` writes for t
 
 * ``user_id`` only (or ``item_id`` null): the stored history of a known user;
 * ``user_id, item_id[, timestamp, event]`` rows: that history replaces the stored one (a new
-  user gets recommendations through ALS fold-in and the text tower).
+  user gets recommendations through ALS fold-in and the text tower); with the param
+  ``histories_mode=extend`` it is added to the stored one instead, as ``python -m
+  recsys.recommend histories=`` does by default.
 
-``params``: ``k`` and ``scorer`` (``fused`` or one model name); the business rules are the ones
-saved with the model (``serving.json``, by default seen filtering only).
+``params``: ``k``, ``scorer`` (``fused`` or one model name) and ``histories_mode``; the business
+rules are the ones saved with the model (``serving.json``, by default seen filtering only).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from recsys.columns import Columns
 from recsys.errors import PIPELINE_REPAIR as REPAIR
 from recsys.errors import InputError, check_field, read_json_object
 from recsys.export.engine import EXPLAIN_COLUMNS, FUSED, Engine, ExplainOptions, empty_output
-from recsys.pipeline_model import TrainedPipeline
+from recsys.pipeline_model import HISTORIES_MODES, TrainedPipeline
 from recsys.rank.rules import BusinessRules
 
 if TYPE_CHECKING:
@@ -109,12 +111,23 @@ class PipelineModel:
             self._engines[key] = Engine(self.pipeline, rules, k, scorer, explain)
         return self._engines[key]
 
-    def predict(self, model_input, params: Mapping[str, Any] | None = None):
-        """``model_input``: pandas/polars frame with ``user_id`` (+ optional history columns).
+    def predict(self, model_input: pd.DataFrame | pl.DataFrame, params: Mapping[str, Any] | None = None):
+        """``model_input``: a pandas frame (what MLflow's pyfunc wrapper and the REST server pass;
+        a polars frame works when this object is called directly, and a dict of equal-length
+        lists is taken as the frame it spells) with ``user_id`` and optionally the history
+        columns ``item_id``, ``timestamp``, ``event``. Returns the recommendations as the same kind
+        of frame (pandas for a dict). Without a timestamp the rows happened "just now", in row
+        order (``normalise_history``); a time more than a day ahead of this machine's clock
+        (milliseconds read as seconds) is refused.
 
-        A bad request (a user neither known nor given a history, ``k`` < 1, an unknown scorer, a
-        bad history row) raises an ``MlflowException(INVALID_PARAMETER_VALUE)`` carrying the
-        ``InputError``'s message: ``mlflow models serve`` answers it with a 400 and that message.
+        ``params``: ``k``, ``scorer`` and ``histories_mode`` (``replace``, the default: a user's
+        rows replace its stored history; ``extend``: they are added to it, and seen filtering
+        covers both).
+
+        A bad request (a user neither known nor given a history, ``k`` < 1, an unknown scorer or
+        histories_mode, a bad history row) raises an ``MlflowException(INVALID_PARAMETER_VALUE)``
+        carrying the ``InputError``'s message: ``mlflow models serve`` answers it with a 400 and
+        that message.
         """
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
@@ -130,7 +143,10 @@ class PipelineModel:
         if isinstance(k, bool) or not isinstance(k, int | float) or k != int(k) or k < 1:
             raise InputError(f"param k must be a whole number >= 1, got {k!r}")
         scorer = str(params.get("scorer") or self.serving["scorer"])
-        df = model_input if isinstance(model_input, pl.DataFrame) else pl.from_pandas(model_input)
+        mode = str(params.get("histories_mode") or "replace")
+        if mode not in HISTORIES_MODES:
+            raise InputError(f"param histories_mode must be one of {list(HISTORIES_MODES)}, got {mode!r}")
+        df = input_frame(model_input)
         users, hist = split_input(df)
         given = set() if hist is None else set(hist[Columns.User].unique().to_list())
         known = self.pipeline.users.index([u for u in users if u not in given]) >= 0
@@ -141,8 +157,33 @@ class PipelineModel:
                 f"send their history as {Columns.Item}[, {Columns.Timestamp}, {Columns.Event}] rows",
                 column=Columns.User,
             )
-        out = recommend_frame(self.engine(int(k), scorer), df, int(self.serving.get("chunk_size", 4096)))
+        out = recommend_frame(self.engine(int(k), scorer), df, int(self.serving.get("chunk_size", 4096)), mode)
         return out if isinstance(model_input, pl.DataFrame) else to_pandas(out)
+
+
+def input_frame(model_input: Any) -> pl.DataFrame:
+    """``predict``'s input as polars: a pandas or polars frame, or a dict of equal-length lists
+    (column -> values); anything else, or a dict polars cannot make a table of, is an
+    ``InputError`` saying what to send."""
+    import pandas as pd
+
+    if isinstance(model_input, pl.DataFrame):
+        return model_input
+    if isinstance(model_input, pd.DataFrame):
+        return pl.from_pandas(model_input)
+    if isinstance(model_input, Mapping):
+        try:
+            return pl.DataFrame(dict(model_input))
+        except Exception as e:  # polars raises several types (shape, type) for a dict it cannot take
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(
+                f"the input dict is no table ({first}): send a pandas DataFrame, or a dict of equal-length lists "
+                f"such as {{'{Columns.User}': ['U00001', 'new'], '{Columns.Item}': [None, 'I00010']}}"
+            ) from e
+    raise InputError(
+        f"the input is a {type(model_input).__name__}: send a pandas DataFrame with a '{Columns.User}' column "
+        f"(and optionally {Columns.Item}, {Columns.Timestamp}, {Columns.Event})"
+    )
 
 
 def to_pandas(out: pl.DataFrame) -> pd.DataFrame:
@@ -170,13 +211,15 @@ def split_input(df: pl.DataFrame) -> tuple[list[str], pl.DataFrame | None]:
     return users, (hist.drop(drop) if hist.height else None)
 
 
-def recommend_frame(engine: Engine, df: pl.DataFrame, chunk_size: int = 4096) -> pl.DataFrame:
+def recommend_frame(engine: Engine, df: pl.DataFrame, chunk_size: int = 4096, mode: str = "replace") -> pl.DataFrame:
+    """The recommendations for ``df``'s users, ``chunk_size`` at a time; ``mode``: what their
+    history rows do to a stored history (``TrainedPipeline.histories``)."""
     users, hist = split_input(df)
     frames = []
     for start in range(0, len(users), chunk_size):
         block = users[start : start + chunk_size]
         given = hist.filter(pl.col(Columns.User).is_in(block)) if hist is not None else None
-        frames.append(engine.recommend(engine.p.histories(block, given)))
+        frames.append(engine.recommend(engine.p.histories(block, given, mode)))
     return pl.concat(frames) if frames else empty_output()
 
 
@@ -242,7 +285,9 @@ def signature():
         ]
     )
     # No defaults: a request without them gets the model's (serving.json); k=0 is then an error, not "unset".
-    params = ParamSchema([ParamSpec("k", "long", None), ParamSpec("scorer", "string", None)])
+    params = ParamSchema(
+        [ParamSpec("k", "long", None), ParamSpec("scorer", "string", None), ParamSpec("histories_mode", "string", None)]
+    )
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 

@@ -229,8 +229,8 @@ def run_from_config(cfg) -> dict[str, Any]:
     """``python -m recsys.recommend engine=spark``: the same settings as the local export, on Spark."""
     from omegaconf import OmegaConf
 
-    from recsys.data.tables import read_user_list
-    from recsys.recommend import positive_int
+    from recsys.data.tables import ColumnMap, read_user_list
+    from recsys.recommend import check_column_map, positive_int
     from recsys.tracking import tracking_uri
 
     check_spark()  # before the model is resolved: a missing runtime is a one-line error
@@ -240,7 +240,11 @@ def run_from_config(cfg) -> dict[str, Any]:
     spark_cfg = OmegaConf.to_container(cfg.spark, resolve=True) if "spark" in cfg else {}
     partitions = spark_cfg.get("partitions")
     require_whole("spark.partitions", partitions, optional=True)
-    users = read_user_list(str(cfg.users)) if cfg.users else None
+    check_column_map(cfg.get("column_map"))
+    # The column_map setting only: the model's saved one is in its folder, which only the Spark
+    # job downloads (docs/export.md says so).
+    columns = ColumnMap(dict(cfg.column_map), "column_map") if cfg.get("column_map") else None
+    users = read_user_list(str(cfg.users), columns) if cfg.users else None
     tracking = cfg.tracking_uri or tracking_uri(cfg.paths.mlruns_dir)
     conf = {str(key): str(v) for key, v in (spark_cfg.get("conf") or {}).items()}
     spark = session(spark_cfg.get("master"), conf=conf)

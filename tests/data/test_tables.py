@@ -260,6 +260,66 @@ def test_normalise_history_reads_iso_timestamps_in_memory():
     assert normalise_history(given, WEIGHTS)[Columns.Timestamp].to_list() == [1_704_067_200]
 
 
+def test_normalise_history_without_timestamps_dates_the_rows_just_now():
+    """Regression: rows without a ``timestamp`` were stamped 0, 1, 2 ... (1970), so the ranker
+    saw the user idle for 56 years. Now row i of a user's n rows is ``now - (n - 1 - i)``, per
+    user and in row order, ``now`` being the pipeline's."""
+    from recsys.pipeline_model import normalise_history
+
+    given = pl.DataFrame({"user_id": ["a", "b", "a", "a", "b"], "item_id": ["A", "B", "C", "D", "E"]})
+    out = normalise_history(given, WEIGHTS, now=NOW)
+    assert out[Columns.User].to_list() == ["a", "b", "a", "a", "b"]  # row order kept
+    assert out[Columns.Timestamp].to_list() == [NOW - 2, NOW - 1, NOW - 1, NOW, NOW]
+
+
+@pytest.mark.parametrize("stamp", [1_704_067_200_000, 1_704_067_200_000.0])
+def test_normalise_history_refuses_milliseconds_in_memory(stamp):
+    """Regression: the CLI's file reader refused millisecond timestamps, the in-memory path
+    (pyfunc, REST, ``export_recommendations``, ``TrainedPipeline.histories``) took them as
+    seconds in the year 55970. Now every entry point refuses them with the same hint."""
+    from recsys.pipeline_model import normalise_history
+
+    given = pl.DataFrame({"user_id": ["new"], "item_id": ["A"], "timestamp": [stamp]})
+    with pytest.raises(InputError, match="milliseconds \\(divide by 1000\\)") as info:
+        normalise_history(given, WEIGHTS, now=NOW)
+    assert info.value.column == Columns.Timestamp and info.value.file == "history table"
+
+
+def test_histories_and_users_are_read_with_a_column_map(tmp_path):
+    """Regression: ``histories=`` ignored the model's ``data.column_map``, so a histories file
+    in the training files' own column names was refused for lacking ``user_id``. Read with the
+    map, the checks name the file's columns (the mapping noted) and the rows come out in ours."""
+    from recsys.data.tables import ColumnMap
+
+    cmap = ColumnMap({"user_id": "customer", "item_id": "sku", "timestamp": "time"}, "column_map")
+    path = write(tmp_path / "h.csv", "customer,sku,time,event\nnew,A,1704067200,click\nnew,B,1704067201,purchase\n")
+    df = read_histories(path, WEIGHTS, now=NOW, column_map=cmap)
+    assert df.columns == [Columns.User, Columns.Item, Columns.Timestamp, Columns.Event]
+    assert df[Columns.Item].to_list() == ["A", "B"]
+    bad = write(tmp_path / "bad.csv", "customer,sku,time\nnew,A,1704067200000\n")
+    err = fails(lambda: read_histories(bad, WEIGHTS, now=NOW, column_map=cmap), "milliseconds", bad, 1, "time")
+    assert "column_map maps timestamp to 'time'" in str(err)
+    both = write(tmp_path / "both.csv", "customer,user_id,sku\nnew,x,A\n")
+    fails(lambda: read_histories(both, WEIGHTS, now=NOW, column_map=cmap), "has a column 'user_id' too", both)
+    users = write(tmp_path / "users.csv", "customer\nU1\nU2\n")
+    assert read_user_list(users, cmap) == ["U1", "U2"]
+    err = fails(
+        lambda: read_user_list(write(tmp_path / "u.csv", "user_id\nU1\n"), cmap), "missing", str(tmp_path / "u.csv")
+    )
+    assert err.column == "customer"
+
+
+def test_recommend_reads_files_with_the_models_column_map_unless_set(tmp_path):
+    """``column_map: null`` (the default) is the ``data.column_map`` saved in the model's
+    ``config.yaml``, as ``recsys.update`` reads its files; a set ``column_map`` wins."""
+    from recsys.recommend import column_map
+
+    (tmp_path / "config.yaml").write_text("data:\n  column_map:\n    user_id: customer\n")
+    assert column_map(None, tmp_path).mapping == {"user_id": "customer"}
+    assert column_map({"user_id": "client"}, tmp_path).mapping == {"user_id": "client"}
+    assert column_map(None, tmp_path / "no-config").mapping == {}
+
+
 @pytest.mark.parametrize(
     ("content", "match", "row", "column"),
     [

@@ -229,6 +229,112 @@ def test_output_schema_order_and_no_seen_items(pipeline, tmp_path):
     assert not list(tmp_path.glob(".r.parquet*")), "temporary parts left behind"
 
 
+def test_given_histories_extend_the_stored_ones_unless_replace_is_asked(pipeline, tmp_path):
+    """Regression: ``histories=`` replaced a known user's stored history in the batch export
+    (the docs said it extends it), so the items the user already had came back in its list.
+    ``export_recommendations`` (and so the CLI) now extends by default: the stored events plus
+    the given ones, all filtered as seen; ``histories_mode="replace"`` is the old behaviour."""
+    p = pipeline
+    counts = p.history.group_by(Columns.UserIdx).len().sort("len", descending=True)
+    user = str(p.users.ids[int(counts[Columns.UserIdx][0])])
+    stored = set(p.item_ids[p.history.filter(pl.col(Columns.UserIdx) == counts[Columns.UserIdx][0])[Columns.ItemIdx]])
+    new = [i for i in p.item_ids.tolist() if i not in stored][:2]
+    given = pl.DataFrame({Columns.User: [user, user], Columns.Item: new})
+    eng = engine(p, k=50)
+
+    def listed(mode: str | None) -> set[str]:
+        kw = {} if mode is None else {"histories_mode": mode}
+        out = export_recommendations(eng, [user], tmp_path / f"{mode}.parquet", histories=given, progress=False, **kw)
+        return set(pl.read_parquet(out.path)[Columns.Item].to_list())
+
+    extended, replaced = listed(None), listed("replace")
+    assert not extended & (stored | set(new)), "extend (the default): stored and given items are both seen"
+    assert replaced & stored and not replaced & set(new), "replace: only the given items are seen"
+    ph = p.histories([user], given, "extend")
+    assert (
+        ph.history.interactions.height
+        == len(p.history.filter(pl.col(Columns.UserIdx) == counts[Columns.UserIdx][0])) + 2
+    )
+    assert ph.known.tolist() == [-1]  # folded in: its trained factors were fitted without the new events
+    with pytest.raises(ConfigError, match=r"histories_mode must be one of \['extend', 'replace'\], got 'append'"):
+        p.histories([user], given, "append")
+
+
+def test_a_history_without_timestamps_is_served_as_just_now(pipeline):
+    """Regression: rows without a timestamp were dated 1970 (0, 1, 2 ...), so the ranker's
+    idle-days features saw a user idle for 56 years. They now mean "just now": the same list as
+    the same rows stamped at the pipeline's ``now``, in row order."""
+    p = pipeline
+    bare = pl.DataFrame({Columns.User: ["newcomer"] * 3, Columns.Item: p.item_ids[:3].tolist()})
+    stamped = bare.with_columns(pl.Series(Columns.Timestamp, [p.now - 2, p.now - 1, p.now]))
+    e = engine(p, k=10)
+    got, expected = e.recommend(p.histories(["newcomer"], bare)), e.recommend(p.histories(["newcomer"], stamped))
+    assert got.height == 10
+    assert got.equals(expected)
+
+
+def test_millisecond_timestamps_are_refused_by_the_python_api(pipeline, tmp_path):
+    """Regression: only the CLI's file reader refused milliseconds; ``TrainedPipeline.histories``
+    and ``export_recommendations`` served them as seconds in the year 55970."""
+    from recsys.errors import InputError
+
+    p = pipeline
+    given = pl.DataFrame({Columns.User: ["newcomer"], Columns.Item: [p.item_ids[0]], Columns.Timestamp: [p.now * 1000]})
+    with pytest.raises(InputError, match="divide by 1000"):
+        p.histories(["newcomer"], given)
+    with pytest.raises(InputError, match="divide by 1000"):
+        export_recommendations(engine(p), ["newcomer"], tmp_path / "r.parquet", histories=given, progress=False)
+
+
+def test_a_string_of_user_ids_is_refused(pipeline, tmp_path):
+    """Regression: ``export_recommendations(engine, "U00001", ...)`` exported the users 'U',
+    '0', '1' (a str is a sequence of characters); it is a TypeError saying what to pass."""
+    user = str(pipeline.users.ids[0])
+    with pytest.raises(TypeError, match=rf"got the string '{user}'.*pass \['{user}'\]"):
+        export_recommendations(engine(pipeline), user, tmp_path / "r.parquet", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_reads_histories_and_users_with_the_models_column_map(pipeline, tmp_path):
+    """Regression: ``histories=`` (and a ``users=`` table) ignored the model's
+    ``data.column_map``, which ``recsys.update`` applies: files in the training files' column
+    names were refused. Now they are read with it, and a ``column_map`` setting replaces it."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import recsys.config
+    from recsys import recommend
+
+    run = trained_run()
+    folder = tmp_path / "model"  # the trained pipeline, but for a config.yaml with a column map
+    folder.mkdir()
+    for f in run.pipeline_dir.iterdir():
+        if f.name != "config.yaml":
+            (folder / f.name).symlink_to(f)
+    config = OmegaConf.load(run.pipeline_dir / "config.yaml")
+    config.data.column_map = {"user_id": "customer", "item_id": "sku"}
+    OmegaConf.save(config, folder / "config.yaml")
+    user, item = str(pipeline.users.ids[0]), str(pipeline.item_ids[0])
+    (tmp_path / "h.csv").write_text(f"customer,sku\n{user},{item}\nnewbie,{item}\n")
+    (tmp_path / "u.csv").write_text(f"customer\n{user}\nnewbie\n")
+    (tmp_path / "h2.csv").write_text(f"client,sku\nnewbie,{item}\n")
+
+    def export(*args: str):
+        overrides = [f"model_uri={folder}", "progress=false", "workers=1", "k=5", *args]
+        with initialize_config_dir(config_dir=recsys.config.CONFIG_DIR, version_base="1.3"):
+            return recommend.run(compose("recommend", overrides=overrides))
+
+    out = export(f"histories={tmp_path / 'h.csv'}", f"users={tmp_path / 'u.csv'}", f"output={tmp_path / 'a.parquet'}")
+    recs = pl.read_parquet(out.path)
+    assert set(recs[Columns.User]) == {user, "newbie"} and item not in set(recs[Columns.Item])
+    out = export(
+        f"histories={tmp_path / 'h2.csv'}",
+        "column_map={user_id: client, item_id: sku}",
+        f"output={tmp_path / 'b.parquet'}",
+    )
+    assert "newbie" in set(pl.read_parquet(out.path)[Columns.User])
+
+
 def test_threads_sharing_an_engine_get_their_own_blocks(pipeline):
     """The engine keeps its dense score arrays from block to block (``Engine._block``), one set
     per thread: two threads recommending with one engine (a server's pyfunc model) get what

@@ -72,11 +72,13 @@ def test_predict_equals_cli_export_for_the_same_users(run, tmp_path):
     request = pd.concat(
         [histories.to_pandas(), pd.DataFrame({Columns.User: known[1:]})], ignore_index=True
     )  # item_id null for users 1..5: their stored history
-    got = pl.from_pandas(model.predict(request, params={"k": 15}))
+    # The CLI extends a known user's stored history with the file's rows (histories_mode=extend,
+    # its default); the pyfunc model does so when asked (it replaces it by default).
+    got = pl.from_pandas(model.predict(request, params={"k": 15, "histories_mode": "extend"}))
     assert set(cli[Columns.User]) == {*known, "zz_new"}
     assert cli.filter(pl.col(Columns.User) == "zz_new").height == 15
     assert_frame_equal(got.select(cli.columns), cli)
-    # The replaced history changed that user's list; the stored one still gives the training export.
+    # The extended history changed that user's list; the stored one still gives the training export.
     plain = pl.from_pandas(model.predict(pd.DataFrame({Columns.User: [known[0]]}), params={"k": 15}))
     assert plain[Columns.Item].to_list() != cli.filter(pl.col(Columns.User) == known[0])[Columns.Item].to_list()
 
