@@ -33,6 +33,7 @@ import numpy as np
 import polars as pl
 
 from recsys.columns import Columns
+from recsys.data.validation import ROW, require_non_null
 from recsys.errors import PIPELINE_REPAIR as REPAIR
 from recsys.errors import InputError, check_field, read_json_object
 from recsys.export.engine import EXPLAIN_COLUMNS, FUSED, Engine, ExplainOptions, empty_output
@@ -116,18 +117,23 @@ class PipelineModel:
         a polars frame works when this object is called directly, and a dict of equal-length
         lists is taken as the frame it spells) with ``user_id`` and optionally the history
         columns ``item_id``, ``timestamp``, ``event``. Returns the recommendations as the same kind
-        of frame (pandas for a dict). Without a timestamp the rows happened "just now", in row
-        order (``normalise_history``); a time more than a day ahead of this machine's clock
+        of frame (pandas for a dict).
+
+        ``timestamp``: Unix seconds as integers or whole floats (``df["timestamp"].astype(float)``
+        works everywhere), ISO 8601 strings or datetimes; the signature takes any of them (its
+        ``timestamp`` column is of MLflow's ``AnyType``; models logged before it was declared
+        ``double`` accept floats only). Without a timestamp the rows happened "just now", in row
+        order (``normalise_history``). A time more than a day ahead of this machine's clock
         (milliseconds read as seconds) is refused.
 
         ``params``: ``k``, ``scorer`` and ``histories_mode`` (``replace``, the default: a user's
         rows replace its stored history; ``extend``: they are added to it, and seen filtering
         covers both).
 
-        A bad request (a user neither known nor given a history, ``k`` < 1, an unknown scorer or
-        histories_mode, a bad history row) raises an ``MlflowException(INVALID_PARAMETER_VALUE)``
-        carrying the ``InputError``'s message: ``mlflow models serve`` answers it with a 400 and
-        that message.
+        A bad request (a user neither known nor given a history, a row without ``user_id``, ``k``
+        < 1, an unknown scorer or histories_mode, a bad history row) raises an
+        ``MlflowException(INVALID_PARAMETER_VALUE)`` carrying the ``InputError``'s message:
+        ``mlflow models serve`` answers it with a 400 and that message.
         """
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
@@ -199,11 +205,16 @@ def to_pandas(out: pl.DataFrame) -> pd.DataFrame:
 
 
 def split_input(df: pl.DataFrame) -> tuple[list[str], pl.DataFrame | None]:
-    """Users (sorted) and the history rows (``None`` if the frame holds no items)."""
+    """Users (sorted) and the history rows (``None`` if the frame holds no items). A row without
+    a ``user_id`` is refused (an ``InputError`` naming its row, 1-based in the request), not
+    dropped: a request whose rows silently go missing answers for fewer users than it asked."""
     if Columns.User not in df.columns:
         raise InputError(f"input has no '{Columns.User}' column (columns: {df.columns})", column=Columns.User)
+    if ROW not in df.columns:
+        df = df.with_row_index(ROW, offset=1)  # so that an error names the request's row
     df = df.with_columns(pl.col(Columns.User).cast(pl.String))
-    users = sorted(df[Columns.User].drop_nulls().unique().to_list())
+    require_non_null(df, Columns.User, "request")
+    users = sorted(df[Columns.User].unique().to_list())
     if Columns.Item not in df.columns:
         return users, None
     hist = df.filter(pl.col(Columns.Item).is_not_null())
@@ -261,14 +272,16 @@ def check_section(path: Path, serving: Mapping[str, Any], section: str, cls: typ
 
 def signature():
     from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
 
     inputs = Schema(
         [
             ColSpec("string", Columns.User),
             ColSpec("string", Columns.Item, required=False),
-            # double, not long: pandas turns an integer column with missing values into floats.
-            ColSpec("double", Columns.Timestamp, required=False),
+            # Any type: double refused integer seconds (pandas' int64, what JSON numbers become),
+            # long refused floats (pandas turns an integer column with a gap into floats), and
+            # both refused ISO strings and datetimes. ``normalise_history`` checks every form.
+            ColSpec(AnyType(), Columns.Timestamp, required=False),
             ColSpec("string", Columns.Event, required=False),
         ]
     )

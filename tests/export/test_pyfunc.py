@@ -90,3 +90,60 @@ def test_bad_input_is_a_clear_error(run):
     with pytest.raises(Exception, match="event outside"):
         model.predict(pd.DataFrame({Columns.User: ["u"], Columns.Item: ["x"], Columns.Event: ["view"]}))
     assert issubclass(InputError, Exception)
+
+
+def test_timestamps_as_int_seconds_iso_strings_or_datetimes_are_accepted(run):
+    """Regression: the signature declared ``timestamp`` double, so MLflow refused integer
+    seconds (``Can not safely convert int64 to float64``), ISO strings and datetimes before
+    ``predict`` ran. Every form of the same times now gives the same rows; milliseconds are
+    refused as the CLI refuses them."""
+    from mlflow.exceptions import MlflowException
+
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
+    items = pl.read_parquet(run.pipeline_dir / "items.parquet")[Columns.Item].sort().to_list()[:2]
+    seconds = [1_700_000_000, 1_700_000_060]
+    forms = [
+        seconds,
+        [float(t) for t in seconds],
+        ["2023-11-14T22:13:20Z", "2023-11-14T22:14:20Z"],
+        pd.to_datetime(seconds, unit="s"),
+    ]
+    outs = [
+        model.predict(pd.DataFrame({Columns.User: ["new", "new"], Columns.Item: items, Columns.Timestamp: ts}))
+        for ts in forms
+    ]
+    for out in outs[1:]:
+        pd.testing.assert_frame_equal(out, outs[0])
+    with pytest.raises(MlflowException, match="divide by 1000"):
+        ms = [t * 1000 for t in seconds]
+        model.predict(pd.DataFrame({Columns.User: ["new", "new"], Columns.Item: items, Columns.Timestamp: ms}))
+
+
+def test_a_row_without_user_id_is_refused_not_dropped(run):
+    """Regression: ``split_input`` dropped a row whose ``user_id`` is null, so the request was
+    answered for fewer users than it named; it is now refused as a history row's empty id is,
+    naming the request's row (a 400 over REST, tests/export/test_serve.py)."""
+    from mlflow.exceptions import MlflowException
+
+    model = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
+    known = pl.read_parquet(run.pipeline_dir / "users.parquet")[Columns.User].sort().to_list()[0]
+    with pytest.raises(MlflowException, match=r"column 'user_id', row 2: 1 row\(s\) have an empty value"):
+        model.predict(pd.DataFrame({Columns.User: [known, None]}))
+
+
+def test_a_dict_of_lists_is_taken_as_a_frame_and_a_ragged_one_is_a_clear_error(run):
+    """Regression: a dict input failed with a raw polars error when the model object was called
+    directly (MLflow's wrapper turns a dict into a pandas frame first). A dict of equal-length
+    lists is now the frame it spells; one polars cannot make a table of is an ``InputError``."""
+    from recsys.errors import InputError
+    from recsys.export.pyfunc import _load_pyfunc
+
+    model = _load_pyfunc(str(run.pipeline_dir))
+    known = pl.read_parquet(run.pipeline_dir / "users.parquet")[Columns.User].sort().to_list()[:2]
+    got = model.predict({Columns.User: known}, params={"k": 3})
+    pd.testing.assert_frame_equal(got, model.predict(pd.DataFrame({Columns.User: known}), params={"k": 3}))
+    with pytest.raises(Exception, match="the input dict is no table") as info:
+        model.predict({Columns.User: known, Columns.Item: ["I00001"]})
+    assert isinstance(info.value.__cause__, InputError)
+    with pytest.raises(Exception, match="the input is a list: send a pandas DataFrame"):
+        model.predict([known])

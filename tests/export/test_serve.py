@@ -116,6 +116,12 @@ def test_served_rows_equal_pyfunc_predict(server):
     assert status == 200, answer
     same_rows(answer["predictions"], model.predict(pd.DataFrame(history)))
 
+    # Integer Unix seconds, as JSON numbers arrive (the signature refused them as not double).
+    timed = [{"user_id": "new", "item_id": "I00010", "timestamp": 1_700_000_000, "event": "click"}]
+    status, answer = post(f"{base}/invocations", {"dataframe_records": timed})
+    assert status == 200, answer
+    same_rows(answer["predictions"], model.predict(pd.DataFrame(timed)))
+
 
 @pytest.mark.parametrize(
     ("body", "message"),
@@ -125,6 +131,14 @@ def test_served_rows_equal_pyfunc_predict(server):
         ({"dataframe_records": [{"user_id": "U00001"}], "params": {"k": 0}}, "k must be a whole number >= 1"),
         ({"dataframe_records": [{"user_id": "U00001"}], "params": {"k": -3}}, "k must be a whole number >= 1"),
         ({"dataframe_records": [{"user_id": "U00001"}], "params": {"scorer": "nope"}}, "unknown scorer 'nope'"),
+        (
+            {"dataframe_records": [{"user_id": "U00001"}], "params": {"histories_mode": "append"}},
+            "histories_mode must be one of ['extend', 'replace'], got 'append'",
+        ),
+        (  # a row without its user was dropped, and the answer held fewer users than asked for
+            {"dataframe_records": [{"user_id": "U00001"}, {"user_id": None, "item_id": "I00010"}]},
+            "column 'user_id', row 2: 1 row(s) have an empty value",
+        ),
     ],
 )
 def test_bad_requests_get_a_400_and_the_server_keeps_serving(server, body, message):
