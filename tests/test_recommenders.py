@@ -214,7 +214,7 @@ def test_users_get_their_own_block_first(block_model, block_world):
 
 def test_untrained_text_tower_does_not_know_the_blocks(request, block_world):
     # The control for the known-answer test above: the right answer comes from training.
-    model = fit_text(request, trained=False)
+    model = fit_text(request, False, request.getfixturevalue("block_world").history)
     h = block_world.history
     items, _ = model.recommend(np.arange(h.n_users), 10, exclude=h.matrix)
     same = block_world.block_of_item[items] == block_world.block_of_user[:, None]
@@ -371,7 +371,7 @@ def test_a_warm_refit_continues_from_the_given_factors_and_learns_new_rows(block
 def test_popular_text_adds_the_log_count_as_of_each_users_cut_to_the_tempered_text_score(request, block_world):
     """``text_popular`` = text score / temperature + log(1 + the item's events up to the user's cut):
     an item's events after a user's cut (``History.user_now``) never raise it for that user."""
-    text = fit_text(request, trained=True)
+    text = fit_text(request, True, request.getfixturevalue("block_world").history)
     h = block_world.history
     df = h.interactions
     late = int(df[Columns.Timestamp].max()) + 1000
@@ -402,11 +402,11 @@ def test_popular_text_adds_the_log_count_as_of_each_users_cut_to_the_tempered_te
 @pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan")])
 def test_popular_text_refuses_a_temperature_that_is_not_positive(request, temperature):
     with pytest.raises(ValueError, match="temperature > 0"):
-        PopularText(fit_text(request, trained=True), temperature)
+        PopularText(fit_text(request, True, request.getfixturevalue("block_world").history), temperature)
 
 
 def test_derived_models_are_named_as_the_job_checks_them_before_training(request, block_world):
-    text = fit_text(request, trained=True)
+    text = fit_text(request, True, request.getfixturevalue("block_world").history)
     assert tuple(derived_models(text, text.net.temperature, block_world.history)) == DERIVED_SOURCES
 
 
@@ -415,7 +415,7 @@ def test_derived_sources_are_explained_in_the_text_space(request, block_world):
     item in the text tower's space, as one the text tower proposed."""
     from recsys.rank.explain import HistoryExplainer
 
-    text = fit_text(request, trained=True)
+    text = fit_text(request, True, request.getfixturevalue("block_world").history)
     h = block_world.history
     models = {"text": text, "text_new": NewItemText(text).fit(h), "text_popular": popular_text(text, h)}
     rows = pl.DataFrame({Columns.UserIdx: [0, 0, 0], Columns.ItemIdx: [5, 5, 5], Columns.Source: list(models)})
