@@ -250,8 +250,8 @@ def _manifest(
             ranges.append(stats["score_range"])
     if counts["unknown_users_without_history"] or counts["history_rows_with_unknown_items"]:
         log.warning(
-            "%s: %d unknown user(s) without history (served non-personal lists); %d history row(s) with an unknown "
-            "item ignored",
+            "%s: %d unknown user(s) without history (non-personal lists from the fused and popularity scorers, none "
+            "from the others); %d history row(s) with an unknown item ignored",
             out_path,
             counts["unknown_users_without_history"],
             counts["history_rows_with_unknown_items"],
@@ -290,6 +290,13 @@ def warn_short_lists(manifest: dict[str, Any], manifest_path: Path) -> None:
         return
     counts = manifest["removed_by_rule"]
     removed = sorted(((counts[name], name) for name in LIST_RULE_SETTINGS if counts.get(name)), reverse=True)
+    cold = manifest.get("unknown_users_without_history", 0)
+    cold_note = (
+        f"; {cold} of the users are unknown to the model and given no history: the {manifest['scorer']} scorer has "
+        "no list for them if it reads histories (every scorer but fused and the popularity ones do)"
+        if cold
+        else ""
+    )
     by_rule = ", ".join(f"{LIST_RULE_SETTINGS[name]} removed {n}" for n, name in removed)
     scale = ""
     if counts.get("min_score") and (span := manifest.get("score_range")) is not None:
@@ -306,7 +313,7 @@ def warn_short_lists(manifest: dict[str, Any], manifest_path: Path) -> None:
             by_rule
             or "no list rule removed anything; the catalogue less the user's history and the masked items "
             "holds fewer than k",
-            scale,
+            scale + cold_note,
             manifest_path,
         )
         return
@@ -315,10 +322,19 @@ def warn_short_lists(manifest: dict[str, Any], manifest_path: Path) -> None:
             f"rules.min_score={manifest['rules'].get('min_score')} removed all {counts['min_score']} candidates the "
             f"other rules left{scale}. Lower rules.min_score or set it to null"
         )
+    elif cold == users:
+        cause = (
+            f"every user is unknown to the model and given no history; the {manifest['scorer']} scorer reads a "
+            "user's history, so it has no list for them (the fused scorer lists them from popularity; or pass "
+            "their events with histories=)"
+        )
     elif removed:
-        cause = f"{LIST_RULE_SETTINGS[removed[0][1]]} removed the most candidates ({by_rule})"
+        cause = f"{LIST_RULE_SETTINGS[removed[0][1]]} removed the most candidates ({by_rule}){cold_note}"
     else:
-        cause = f"no list rule removed anything; the model had no candidates left (removed_by_rule: {dict(counts)})"
+        cause = (
+            f"no list rule removed anything; the model had no candidates left (removed_by_rule: {dict(counts)})"
+            f"{cold_note}"
+        )
     log.error("no recommendations: every one of the %d list(s) is empty. %s. Manifest: %s", users, cause, manifest_path)
 
 

@@ -27,10 +27,11 @@ def pipeline():
     return TrainedPipeline.load(trained_run().pipeline_dir)
 
 
-def export(pipeline, tmp_path, rules: BusinessRules, k: int = 5, scorer: str = "fused"):
+def export(pipeline, tmp_path, rules: BusinessRules, k: int = 5, scorer: str = "fused", users=None):
     p = pipeline
     engine = Engine(p, rules.compile(p.items, p.now), k, scorer, ExplainOptions(enabled=False, top_features=0))
-    return export_recommendations(engine, list(p.users.ids[:6]), tmp_path / "r.parquet", chunk_size=4, progress=False)
+    users = list(p.users.ids[:6]) if users is None else users
+    return export_recommendations(engine, users, tmp_path / "r.parquet", chunk_size=4, progress=False)
 
 
 def messages(caplog, level: int) -> list[str]:
@@ -84,3 +85,16 @@ def test_the_category_cap_of_the_readme_example_is_a_warning_naming_it(pipeline,
     assert "6 of 6 list(s) shorter than k=50" in warning
     assert f"rules.max_per_category removed {m['removed_by_rule']['category_cap']}" in warning
     assert m["score_range"] is None  # only counted while rules.min_score is set
+
+
+def test_users_without_history_explain_an_empty_export_of_a_history_reading_scorer(pipeline, tmp_path, caplog):
+    """Unknown users given no history get no list from ALS (it reads histories); the error said
+    only that 'the model had no candidates left'. Fused still lists them, from popularity."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    m = export(pipeline, tmp_path / "als", BusinessRules(), scorer="als", users=["nobody", "no-one"]).manifest
+    assert m["rows"] == 0 and m["unknown_users_without_history"] == 2
+    (error,) = messages(caplog, logging.ERROR)
+    assert "every user is unknown to the model and given no history; the als scorer reads" in error
+    caplog.clear()
+    m = export(pipeline, tmp_path / "fused", BusinessRules(), users=["nobody"]).manifest
+    assert m["rows"] == 5 and messages(caplog, logging.ERROR) == []
