@@ -194,6 +194,30 @@ def test_which_added_keys_are_read(capsys, config, override, refused):
     assert f"error: '{override.split('=')[0]}' adds a setting nothing reads ({refused}" in err
 
 
+@pytest.mark.parametrize(
+    ("module", "says"),
+    [
+        ("recsys.train", "python -m recsys.train +experiment=NAME"),
+        ("recsys.recommend", "python -m recsys.recommend [model_uri=...]"),
+        ("recsys.evaluate", "python -m recsys.evaluate run_id=ID"),
+        ("recsys.update", "python -m recsys.update data.interactions=EVENTS"),
+    ],
+)
+def test_help_says_what_the_command_does_and_lists_only_its_settings(tmp_path, module, says):
+    """Regression: every entry point's --help said '<name> is powered by Hydra' and listed the
+    training job's config groups, which ``+experiment=smoke`` then showed the export cannot take."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith(says) and "powered by Hydra" not in proc.stdout
+    assert ("experiment: bert_ranker" in proc.stdout) == (module == "recsys.train")
+    assert "== Settings (key=value) ==" in proc.stdout and list(tmp_path.iterdir()) == []
+
+
 def test_without_a_near_name_the_message_lists_the_settings_there():
     from omegaconf import OmegaConf
 
