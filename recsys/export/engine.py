@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +113,8 @@ class Engine:
         overfetch: int = 3,
         threads: int = 1,
     ) -> None:
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:  # 2.5 was taken as 2
+            raise ConfigError(f"k must be a whole number >= 1, got {k!r}")
         self.p, self.rules, self.k, self.scorer = pipeline, rules, int(k), scorer
         self.threads = int(threads)
         self.explain = explain or ExplainOptions()
@@ -121,8 +123,6 @@ class Engine:
         self._timings_lock = threading.Lock()
         # Set by ``Engine.load``: lets the batch export start worker processes with the same engine.
         self.recipe: EngineRecipe | None = None
-        if k < 1:
-            raise ConfigError(f"k must be >= 1, got {k}")
         if scorer == FUSED and pipeline.ranker is None:
             raise ConfigError("this pipeline has no ranker: choose a single model as scorer")
         if scorer != FUSED and scorer not in pipeline.model_names:
@@ -149,10 +149,15 @@ class Engine:
         overfetch: int = 3,
         threads: int = 1,
     ) -> Engine:
-        """The engine of the pipeline saved in ``folder``, with ``rules`` compiled against it.
+        """The engine of the pipeline saved in ``folder``, with ``rules`` compiled against it
+        (``BusinessRules``, or a mapping of its settings: ``{"filter_seen": True}``).
         Unlike the constructor, it can be rebuilt in a worker process (``export_recommendations
         (workers=...)``)."""
-        return EngineRecipe(str(Path(folder).resolve()), rules, int(k), scorer, explain, overfetch, threads).build()
+        if isinstance(rules, Mapping):
+            rules = BusinessRules(**rules)
+        elif not isinstance(rules, BusinessRules):
+            raise TypeError(f"rules must be a BusinessRules or a mapping of its settings, got {type(rules).__name__}")
+        return EngineRecipe(str(Path(folder).resolve()), rules, k, scorer, explain, overfetch, threads).build()
 
     def _booster(self):
         """The ranker's booster for the calling thread: the pipeline's own for the thread that

@@ -480,6 +480,19 @@ def loaded_engine(k: int = 10, scorer: str = "fused", rules: BusinessRules | Non
     return Engine.load(trained_run().pipeline_dir, rules or BusinessRules(), k, scorer, ExplainOptions())
 
 
+def test_engine_load_refuses_a_fractional_k_and_takes_rules_as_a_mapping():
+    """Regression: ``Engine.load(folder, rules, k=2.5)`` served lists of 2 (the pyfunc path refuses
+    2.5), and rules given as a dict failed with ``'dict' object has no attribute 'compile'``."""
+    folder = trained_run().pipeline_dir
+    for k in (2.5, True, 0):
+        with pytest.raises(ConfigError, match=f"k must be a whole number >= 1, got {k!r}"):
+            Engine.load(folder, BusinessRules(), k)
+    engine = Engine.load(folder, {"filter_seen": True, "max_per_category": 2}, np.int64(3))
+    assert engine.k == 3 and engine.rules.rules.max_per_category == 2
+    with pytest.raises(TypeError, match="rules must be a BusinessRules or a mapping"):
+        Engine.load(folder, [("filter_seen", True)], 3)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["threads", "processes"])
 @pytest.mark.parametrize("scorer", ["fused", "als"])
