@@ -95,6 +95,16 @@ def check_cli_overrides(config_name: str, argv: Sequence[str] | None = None) -> 
                 return
         except Exception:
             return
+        parent = key.rpartition(".")[0]
+        if parent in OPEN_MAPS and any(a.split("=", 1)[0] == parent for a in args):
+            # ``data.event_weights={watch: 1}``: Hydra's hint, ``+data.event_weights=...``, merges
+            # into the defaults, which the user may have meant to replace.
+            print(
+                f"error: '{parent}' holds names of your choosing, and '{key.rpartition('.')[2]}' is not among them "
+                f"yet: '+{parent}={{...}}' adds entries to it, '~{parent}' '+{parent}={{...}}' replaces it",
+                file=sys.stderr,
+            )
+            sys.exit(2)
         bad = [a for a in args if a.split("=", 1)[0].lstrip("~") == key]
         try:
             cfg = compose(config_name, overrides=[a for a in args if a not in bad])

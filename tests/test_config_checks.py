@@ -194,6 +194,21 @@ def test_which_added_keys_are_read(capsys, config, override, refused):
     assert f"error: '{override.split('=')[0]}' adds a setting nothing reads ({refused}" in err
 
 
+def test_a_map_of_names_set_whole_says_how_to_add_or_replace(capsys):
+    """Regression: ``data.event_weights={watch: 1.0}`` got Hydra's hint ``+data.event_weights=...``,
+    which merges the user's events into the defaults (click, purchase) without saying so."""
+    from recsys.config import check_cli_overrides
+
+    with pytest.raises(SystemExit) as e:
+        check_cli_overrides("config", ["+experiment=smoke", "data.event_weights={watch: 1.0, love: 3.0}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "'data.event_weights' holds names of your choosing" in err
+    add, replace = "'+data.event_weights={...}' adds entries to it", "'~data.event_weights' '+data.event_weights={...}'"
+    assert f"{add}, {replace} replaces it" in err
+    check_cli_overrides("config", ["+experiment=smoke", "~data.event_weights", "+data.event_weights={watch: 1.0}"])
+
+
 @pytest.mark.parametrize(
     ("module", "says"),
     [
