@@ -455,29 +455,60 @@ class NewItemText(DerivedScores):
     name = "text_new"
     kind = "NewItemText"
     PARAMS = {"max_events": int}
+    user_now: np.ndarray | None = None  # the fitted history's per-user cuts (None: its end for all)
+    warm_from: np.ndarray | None = None  # per item, when it stops being new (with ``user_now``)
 
     def __init__(self, base: Recommender, max_events: int = 0) -> None:
         super().__init__(base)
         self.max_events = max_events
 
     def fit(self, history: History) -> NewItemText:
-        """``base`` must already be fitted on the same history."""
-        self.warm = history.item_counts > self.max_events
+        """``base`` must already be fitted on the same history. Where the history has per-user
+        cuts (``History.user_now``), an item is new for a user while it has at most
+        ``max_events`` events as of that user's cut, as every other statistic is counted: other
+        users' later events must not take it out of an earlier user's pool."""
+        self.warm = history.item_counts > self.max_events  # as of the history's end
+        self.user_now = history.user_now
+        self.warm_from = None
+        if self.user_now is not None:
+            # Each item's time of its (max_events + 1)-th event: warm for a user cut at or after it.
+            df = history.interactions.select(Columns.ItemIdx, Columns.Timestamp)
+            df = df.sort(Columns.ItemIdx, Columns.Timestamp)
+            items, times = df[Columns.ItemIdx].to_numpy(), df[Columns.Timestamp].to_numpy().astype(np.int64)
+            start = np.searchsorted(items, np.arange(history.n_items))
+            at = start + self.max_events
+            has = at < np.searchsorted(items, np.arange(history.n_items), side="right")
+            self.warm_from = np.full(history.n_items, np.iinfo(np.int64).max, dtype=np.int64)
+            self.warm_from[has] = times[at[has]]
         return self
 
+    def _warm_for(self, users: np.ndarray, items: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """``[len(users), items]``: whether each item is warm as of each user's cut."""
+        cut = self.user_now[np.asarray(users, dtype=np.int64)]
+        return self.warm_from[items][None, :] <= cut[:, None]
+
     def derive(self, scores: np.ndarray, users: np.ndarray) -> np.ndarray:
-        scores[:, self.warm] = -np.inf
+        if self.warm_from is None:
+            scores[:, self.warm] = -np.inf
+        else:
+            scores[self._warm_for(users)] = -np.inf
         return scores
 
     def derive_into(self, base: np.ndarray, users: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        cold = np.flatnonzero(~self.warm)
+        if self.warm_from is None:
+            cold = np.flatnonzero(~self.warm)
+        else:  # new for some user of the block: new as of the earliest cut
+            cold = np.flatnonzero(self.warm_from > self.user_now[np.asarray(users, dtype=np.int64)].min(initial=0))
         if len(cold) > len(self.warm) // 8:  # many new items: a copy and a mask cost less
             return super().derive_into(base, users, out)
         # Few new items (1 % at 100x): the block is -inf but for their columns, never copied
         # whole and then masked (3x the time there).
         out = np.empty(base.shape, dtype=np.float32) if out is None else out
         out.fill(-np.inf)
-        out[:, cold] = base[:, cold]
+        part = base[:, cold]  # a copy
+        if self.warm_from is not None:
+            part[self._warm_for(users, cold)] = -np.inf
+        out[:, cold] = part
         return out
 
 

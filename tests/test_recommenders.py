@@ -183,6 +183,36 @@ def test_new_item_text_keeps_the_base_scores_of_cold_items_only(cold_share):
     np.testing.assert_array_equal(base, before)
 
 
+@pytest.mark.parametrize("max_events", [0, 2])
+@pytest.mark.parametrize(
+    ("with_events", "n_events", "earliest_cut"),
+    [(10, 300, 0), (390, 8000, 950)],  # many new items (copy and mask), few (their columns only)
+)
+def test_new_item_text_counts_each_users_new_items_as_of_their_cut(max_events, with_events, n_events, earliest_cut):
+    """Regression: with per-user cuts (leave-last-out, ``eval.as_of_cut``) ``text_new`` counted
+    the stage's events up to its end, so an item new at a user's cut that other users touched
+    later left that user's pool (on MovieLens-100k 23 of 38 test targets new at the cut)."""
+    rng = np.random.default_rng(3)
+    n_users, n_items = 12, 400
+    late = [390, 391, 391, 392, 392, 392] * 3  # first touched between the cuts
+    df = events(
+        rng.integers(0, n_users, n_events).tolist() + [0] * len(late),
+        rng.integers(0, with_events, n_events).tolist() + late,  # items past 392: no event
+        rng.integers(0, 1000, n_events).tolist() + rng.integers(960, 1000, len(late)).tolist(),
+    ).sort(Columns.UserIdx, Columns.Timestamp)
+    cuts = rng.integers(earliest_cut, 1000, n_users).astype(np.int64)
+    history = History(df, n_users, n_items, user_now=cuts)
+    model = NewItemText(None, max_events=max_events).fit(history)
+    base = rng.standard_normal((n_users, n_items)).astype(np.float32)
+    users = np.arange(n_users)
+    item, ts = df[Columns.ItemIdx].to_numpy(), df[Columns.Timestamp].to_numpy()
+    counts = np.array([[np.sum((item == i) & (ts <= cuts[u])) for i in range(n_items)] for u in users])
+    want = np.where(counts > max_events, -np.inf, base).astype(np.float32)
+    np.testing.assert_array_equal(model.derive_into(base, users), want)
+    np.testing.assert_array_equal(model.derive(base.copy(), users), want)
+    assert (counts <= max_events).sum() > (~model.warm).sum() * n_users  # the stage's end said fewer
+
+
 def test_score_pairs_agrees_with_score_users(fitted, block_world):
     name, model = fitted
     rng = np.random.default_rng(0)
