@@ -536,6 +536,7 @@ def save_evaluation(job: Job, val: Fitted, test: Evaluated, run_id: str, finetun
         models=list(result.recommended),
         root=cfg.paths.root_dir,
         feature_time=feature_time(test.history, job.as_of),
+        test_users_sampled_from=job.all_test_users if job.eval_users < job.all_test_users else None,
     )
     folder = out_dir / BUNDLE_DIR
     files = write_bundle(

@@ -259,6 +259,13 @@ def test_job_logs_stage_profiles_and_samples_as_configured(tmp_path, caplog):
     assert m["eval/users"] == 80 and m["eval/users_total"] == 300
     assert 0 < m["test/fused/ndcg_at_10_ci95"] < 0.5 and "test/als/ndcg_at_10_ci95" in m
     assert pl.read_parquet(tmp_path / "out" / "recommendations.parquet")[Columns.User].n_unique() == 80
+    # The protocol card and the report's subtitle say the figures are a sample's (they said "80 test users").
+    from recsys.evaluation.bundle import read_bundle
+    from recsys.evaluation.report import sampled
+
+    protocol = read_bundle(tmp_path / "out" / "evaluation").protocol
+    assert protocol.n_test_users == 80 and protocol.test_users_sampled_from == 300
+    assert "a seeded random sample of the 300" in sampled(protocol)
     stages = ["load", "cf_fit_val", "text_finetune", "text_encode", "ranker_fit", "cf_fit_test", "test_rank"]
     stages += ["evaluate", "evaluation_report", "export", "model_save"]
     for stage in stages:

@@ -85,6 +85,9 @@ class Protocol:
     candidates: str = "full catalogue ranking (no sampled negatives)"
     # When the time-dependent features and statistics were taken (``recsys.pipeline.stage_history``).
     feature_time: str = "not recorded"
+    # The test users the evaluated ones were drawn from (``eval.max_users``, a seeded sample
+    # drawn without looking at outcomes); None: every test user was evaluated.
+    test_users_sampled_from: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -372,6 +375,7 @@ def make_protocol(
     models: Sequence[str],
     root: str | Path,
     feature_time: str = "not recorded",
+    test_users_sampled_from: int | None = None,
 ) -> Protocol:
     sha, dirty = git_version(root)
     return Protocol(
@@ -395,4 +399,5 @@ def make_protocol(
         n_test_events=int(targets.height),
         models=list(models),
         feature_time=feature_time,
+        test_users_sampled_from=test_users_sampled_from,
     )

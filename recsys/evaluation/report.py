@@ -24,7 +24,7 @@ from recsys.errors import ConfigError
 from recsys.evaluation import plots
 from recsys.evaluation.beyond import beyond_accuracy
 from recsys.evaluation.bootstrap import Interval, PairedBootstrap
-from recsys.evaluation.bundle import Bundle
+from recsys.evaluation.bundle import Bundle, Protocol
 from recsys.evaluation.impressions import impression_metrics, summarize
 from recsys.evaluation.metrics import curves, hits_matrix, metrics_from_hits, relevance_matrix
 from recsys.evaluation.render import Document, Figure, Section, Table, Text, figures, to_html, to_markdown
@@ -234,7 +234,7 @@ class Reporter:
         doc = Document(
             title=f"Offline evaluation: {p.data_name} ({p.experiment})",
             subtitle=(
-                f"run {p.run_id} · {p.n_test_users:,} test users · {p.candidates} · "
+                f"run {p.run_id} · {p.n_test_users:,} test users{sampled(p)} · {p.candidates} · "
                 f"seen items {'removed' if p.seen_filtering else 'kept'} · code {p.git_sha[:10]}"
                 f"{' (uncommitted changes)' if p.git_dirty else ''}"
             ),
@@ -583,6 +583,13 @@ class Reporter:
         """``report.html``, ``report.md``, ``plots/*.png`` and ``metrics.json`` in ``folder``."""
         doc, numbers = self.document(bundle)
         return write_document(doc, numbers, folder)
+
+
+def sampled(p: Protocol) -> str:
+    """The subtitle's note on an evaluation of a sample of the test users (``eval.max_users``)."""
+    if not p.test_users_sampled_from:
+        return ""
+    return f" (a seeded random sample of the {p.test_users_sampled_from:,}, drawn without looking at outcomes)"
 
 
 def protocol_rows(bundle: Bundle) -> list[list[Any]]:
