@@ -57,12 +57,24 @@ def entry_point(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Cal
 
         def main() -> Any:
             check_cli_overrides(config_name)
+            quiet_progress_off_terminal()
             return run()
 
         main.__doc__ = task.__doc__
         return main
 
     return wrap
+
+
+def quiet_progress_off_terminal(interval_s: float = 30.0) -> None:
+    """Progress bars (ours, implicit's, the export's) redraw at most every ``interval_s`` seconds
+    when stderr is not a terminal: in a log file each redraw is a new record (a default job wrote
+    49 KB of them for 78 lines of log). A terminal keeps tqdm's own pace; ``TQDM_MININTERVAL`` set
+    by the user wins. tqdm reads it when first imported, which the entry points do later."""
+    import os
+
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_MININTERVAL", str(interval_s))
 
 
 def check_cli_overrides(config_name: str, argv: Sequence[str] | None = None) -> None:

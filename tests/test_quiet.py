@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from recsys.quiet import is_pooler_only_load_report, quiet_pooler_report
 
@@ -48,3 +49,20 @@ def test_loading_the_shipped_minilm_prints_neither_report_nor_bar(capfd, caplog)
     said = out + err + caplog.text
     assert "LOAD REPORT" not in said and "Loading weights" not in said, said[-2000:]
     assert hf_logging.is_progress_bar_enabled()  # the bar is switched back on for other loads
+
+
+def test_progress_bars_redraw_slowly_off_a_terminal(monkeypatch):
+    """A job's log redirected to a file held a record per bar redraw (49 KB of a default job's
+    78-line log); off a terminal tqdm's pace becomes one redraw in 30 s, unless the user set it."""
+    from recsys.config import quiet_progress_off_terminal
+
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    quiet_progress_off_terminal()
+    assert "TQDM_MININTERVAL" not in os.environ
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False)
+    quiet_progress_off_terminal()
+    assert os.environ["TQDM_MININTERVAL"] == "30.0"
+    monkeypatch.setenv("TQDM_MININTERVAL", "2")
+    quiet_progress_off_terminal()
+    assert os.environ["TQDM_MININTERVAL"] == "2"

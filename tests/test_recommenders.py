@@ -370,11 +370,17 @@ def test_sequential_knn_counts_what_came_next_within_the_window():
 
 
 @pytest.mark.parametrize("make", [lambda p: ALS(iterations=3, progress=p), lambda p: BPR(iterations=3, progress=p)])
-def test_cf_fits_show_a_progress_bar_unless_told_not_to(make, block_world, capfd):
+def test_cf_fits_show_a_progress_bar_unless_told_not_to(make, block_world, capfd, monkeypatch):
     make(True).fit(block_world.history)
     assert "3/3" in capfd.readouterr().err  # implicit's bar over the iterations
     make(False).fit(block_world.history)
     assert capfd.readouterr().err == ""
+    # By default only on a terminal: BPR's bar redraws every iteration, a record each in a log file.
+    make(None).fit(block_world.history)
+    assert capfd.readouterr().err == ""  # captured: not a terminal
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    make(None).fit(block_world.history)
+    assert "3/3" in capfd.readouterr().err
 
 
 @pytest.mark.parametrize("cls", [ALS, BPR])

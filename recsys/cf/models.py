@@ -9,6 +9,7 @@ implicit leaves BPR's random initial vectors for them, which would score cold it
 from __future__ import annotations
 
 import copy
+import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,6 +26,13 @@ from recsys.kernels import pair_scores
 from recsys.recommender import History, Recommender, fixed_block_matmul
 
 MODEL_FILE = "model.npz"
+
+
+def show_progress(progress: bool | None) -> bool:
+    """Whether a fit shows implicit's bar: as asked, or (None) when stderr is a terminal. BPR's
+    bar redraws at every iteration whatever tqdm's pace (its postfix), which in a log file is a
+    record per iteration."""
+    return sys.stderr.isatty() if progress is None else bool(progress)
 
 
 def read_npz(file: Path) -> dict[str, np.ndarray]:
@@ -127,7 +135,7 @@ class ALS(_FactorModel):
     """implicit ALS on event-weighted counts; confidence = 1 + alpha * weight.
 
     ``progress``: implicit's progress bar over the iterations (as for BPR and item-kNN), like the
-    other long steps of a run.
+    other long steps of a run; None (the default): when stderr is a terminal (``show_progress``).
     """
 
     name = "als"
@@ -141,7 +149,7 @@ class ALS(_FactorModel):
         alpha: float = 10.0,
         iterations: int = 15,
         seed: int = 0,
-        progress: bool = True,
+        progress: bool | None = None,
     ) -> None:
         self.factors, self.regularization, self.alpha = factors, regularization, alpha
         self.iterations, self.seed, self.progress = iterations, seed, progress
@@ -160,7 +168,7 @@ class ALS(_FactorModel):
             )
             if start is not None:
                 self._warm(model, history, start)
-            model.fit(history.matrix, show_progress=self.progress)
+            model.fit(history.matrix, show_progress=show_progress(self.progress))
         self._store(model, history)
         return self
 
@@ -179,7 +187,7 @@ class BPR(_FactorModel):
         regularization: float = 0.01,
         iterations: int = 100,
         seed: int = 0,
-        progress: bool = True,
+        progress: bool | None = None,
     ) -> None:
         self.factors, self.learning_rate, self.regularization = factors, learning_rate, regularization
         self.iterations, self.seed, self.progress = iterations, seed, progress
@@ -199,7 +207,7 @@ class BPR(_FactorModel):
         if start is not None:
             self._warm(model, history, start, user_bias=True)
         with threadpool_limits(1, "blas"):
-            model.fit(history.matrix, show_progress=self.progress)
+            model.fit(history.matrix, show_progress=show_progress(self.progress))
         self._store(model, history)
         return self
 
@@ -218,7 +226,11 @@ class ItemKNN(_Saved):
     PARAMS = ("neighbours", "binary", "recency_decay")
 
     def __init__(
-        self, neighbours: int = 100, binary: bool = True, recency_decay: float | None = None, progress: bool = True
+        self,
+        neighbours: int = 100,
+        binary: bool = True,
+        recency_decay: float | None = None,
+        progress: bool | None = None,
     ) -> None:
         if neighbours < 1:
             raise ValueError(f"{type(self).__name__} neighbours must be >= 1, got {neighbours}")
@@ -237,7 +249,7 @@ class ItemKNN(_Saved):
         with threadpool_limits(1, "blas"), warnings.catch_warnings():
             # implicit converts its own intermediate COO matrix and warns about it.
             warnings.filterwarnings("ignore", message="Method expects CSR input")
-            model.fit(m, show_progress=self.progress)
+            model.fit(m, show_progress=show_progress(self.progress))
         self.similarity = sp.csr_matrix(model.similarity, dtype=np.float32)
         self.user_items = user_rows(history, self.recency_decay, self.binary)
         self.note_history(history)
