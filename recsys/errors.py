@@ -13,6 +13,11 @@ from typing import Any, TypeVar, Union, get_args, get_origin
 T = TypeVar("T")
 
 
+class InMemory(str):
+    """The name of a table that is no file (a request's rows, a frame passed in Python): errors
+    name it as it is ("the request, column 'user_id'"), not as "file the request"."""
+
+
 class InputError(Exception):
     """Bad input found before any long work starts.
 
@@ -32,7 +37,7 @@ class InputError(Exception):
         self.message, self.file, self.column, self.row, self.example = message, file, column, row, example
         parts = []
         if file is not None:
-            parts.append(f"file {file}")
+            parts.append(str(file) if isinstance(file, InMemory) else f"file {file}")
         if column is not None:
             parts.append(f"column '{column}'")
         if row is not None:

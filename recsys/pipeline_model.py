@@ -47,7 +47,7 @@ from recsys.columns import Columns
 from recsys.data.dataset import IdMap
 from recsys.data.validation import ROW, check_future, parse_timestamp, require_non_null
 from recsys.errors import PIPELINE_REPAIR as REPAIR
-from recsys.errors import ConfigError, InputError, check_field, read_json_object, reading
+from recsys.errors import ConfigError, InMemory, InputError, check_field, read_json_object, reading
 from recsys.rank.ranker import LambdaMARTRanker
 from recsys.recommender import DerivedScores, History, NewItemText, PopularText, Recommender, derived_bases
 from recsys.text.history_tower import HistoryTower
@@ -438,7 +438,10 @@ def check_histories_mode(mode: str, setting: str = "histories_mode") -> str:
 
 
 def normalise_history(
-    df: pl.DataFrame, event_weights: Mapping[str, float], now: int | None = None, file: str = "history table"
+    df: pl.DataFrame,
+    event_weights: Mapping[str, float],
+    now: int | None = None,
+    file: str = InMemory("the given history"),
 ) -> pl.DataFrame:
     """``user_id, item_id, timestamp, weight`` from a user-supplied history table (``file``
     names it in errors).

@@ -35,7 +35,7 @@ import polars as pl
 from recsys.columns import Columns
 from recsys.data.validation import ROW, require_non_null
 from recsys.errors import PIPELINE_REPAIR as REPAIR
-from recsys.errors import InputError, check_field, read_json_object
+from recsys.errors import InMemory, InputError, check_field, read_json_object
 from recsys.export.engine import EXPLAIN_COLUMNS, FUSED, Engine, ExplainOptions, empty_output
 from recsys.pipeline_model import HISTORIES_MODES, TrainedPipeline
 from recsys.rank.rules import BusinessRules
@@ -213,7 +213,7 @@ def split_input(df: pl.DataFrame) -> tuple[list[str], pl.DataFrame | None]:
     if ROW not in df.columns:
         df = df.with_row_index(ROW, offset=1)  # so that an error names the request's row
     df = df.with_columns(pl.col(Columns.User).cast(pl.String))
-    require_non_null(df, Columns.User, "request")
+    require_non_null(df, Columns.User, InMemory("the request"))
     users = sorted(df[Columns.User].unique().to_list())
     if Columns.Item not in df.columns:
         return users, None

@@ -249,8 +249,10 @@ def test_normalise_history_refuses_an_empty_user_id_in_memory():
     from recsys.pipeline_model import normalise_history
 
     given = pl.DataFrame({"user_id": ["new", None], "item_id": ["A", "B"]})
-    with pytest.raises(InputError, match="history table.*empty value"):
+    with pytest.raises(InputError) as info:
         normalise_history(given, WEIGHTS)
+    # Named as what it is: it said "file history table, column 'user_id'".
+    assert str(info.value).startswith("the given history, column 'user_id': 1 row(s) have an empty value")
 
 
 def test_normalise_history_reads_iso_timestamps_in_memory():
@@ -282,7 +284,7 @@ def test_normalise_history_refuses_milliseconds_in_memory(stamp):
     given = pl.DataFrame({"user_id": ["new"], "item_id": ["A"], "timestamp": [stamp]})
     with pytest.raises(InputError, match="milliseconds \\(divide by 1000\\)") as info:
         normalise_history(given, WEIGHTS, now=NOW)
-    assert info.value.column == Columns.Timestamp and info.value.file == "history table"
+    assert info.value.column == Columns.Timestamp and info.value.file == "the given history"
 
 
 def test_histories_and_users_are_read_with_a_column_map(tmp_path):
