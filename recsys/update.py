@@ -42,6 +42,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 import recsys.config  # noqa: E402  (registers resolvers; CONFIG_DIR)
 from recsys.columns import Columns  # noqa: E402
 from recsys.errors import ConfigError, InputError, exit_on_user_error, require_number, require_whole  # noqa: E402
+from recsys.evaluation.bootstrap import Interval, PairedBootstrap  # noqa: E402
 
 log = logging.getLogger("recsys.update")
 
@@ -453,9 +454,9 @@ def holdout_split(new: NewData, share: float) -> tuple[NewData, pl.DataFrame]:
 
 def gate_metrics(
     pipeline, known: pl.DataFrame, targets: pl.DataFrame, k: int, at: int | None = None
-) -> tuple[float, float]:
-    """Mean NDCG@k and Recall@k of ``pipeline``'s fused lists for the users of ``targets``, each user ranked
-    from ``known`` (their events before the holdout), seen items removed. An item the pipeline
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-user NDCG@k and Recall@k (the users of ``targets``, sorted) of ``pipeline``'s fused
+    lists, each user ranked from ``known`` (their events before the holdout), seen items removed. An item the pipeline
     does not know cannot be recommended (a miss), nor read in a history.
 
     ``at`` (default: the end of ``known``): the moment the lists are made for, the holdout's
@@ -493,7 +494,7 @@ def gate_metrics(
     relevant = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(users), len(item_pos)))
     relevant.data[:] = 1.0
     m = ranking_metrics(lists, relevant, [k])
-    return float(np.mean(m[f"ndcg_at_{k}"])), float(np.mean(m[f"recall_at_{k}"]))
+    return m[f"ndcg_at_{k}"], m[f"recall_at_{k}"]
 
 
 def stored_events(pipeline) -> pl.DataFrame:
@@ -525,10 +526,21 @@ class GateResult:
     n_users: int
     champion_recall: float = float("nan")
     challenger_recall: float = float("nan")
+    # challenger - champion NDCG@k over the same users, with its paired 95 % bootstrap interval:
+    # reported beside the decision, which a gate of a few dozen users often makes on noise.
+    difference: Interval | None = None
 
     @property
     def promote(self) -> bool:
         return self.challenger >= self.champion - self.tolerance
+
+    def describe(self, k: int) -> str:
+        """The printed verdict's figures: both NDCG@k, the paired difference and the tolerance."""
+        diff = "" if self.difference is None else f", {self.difference} over {self.n_users} users"
+        return (
+            f"gate NDCG@{k} champion {self.champion:.4f} vs challenger {self.challenger:.4f}{diff} "
+            f"(tolerance {self.tolerance})"
+        )
 
 
 def run_gate(
@@ -541,13 +553,16 @@ def run_gate(
     at = int(known[Columns.Timestamp].max())
     champion_ndcg, champion_recall = gate_metrics(champion, known, targets, k, at)
     challenger_ndcg, challenger_recall = gate_metrics(challenger_before, known, targets, k, at)
+    n = len(champion_ndcg)
+    difference = PairedBootstrap(n, seed=0).interval(challenger_ndcg, champion_ndcg) if n else None
     return GateResult(
-        champion=champion_ndcg,
-        challenger=challenger_ndcg,
+        champion=float(np.mean(champion_ndcg)) if n else float("nan"),
+        challenger=float(np.mean(challenger_ndcg)) if n else float("nan"),
         tolerance=tolerance,
-        n_users=targets[Columns.User].n_unique(),
-        champion_recall=champion_recall,
-        challenger_recall=challenger_recall,
+        n_users=n,
+        champion_recall=float(np.mean(champion_recall)) if n else float("nan"),
+        challenger_recall=float(np.mean(challenger_recall)) if n else float("nan"),
+        difference=difference,
     )
 
 
@@ -649,6 +664,15 @@ def _run(cfg: DictConfig, t_start: float, mode: str, tolerance: float, warm: int
         f"gate/challenger_recall_at_{k}": gate.challenger_recall,
         "gate/tolerance": tolerance,
         "gate/users": gate.n_users,
+        **(
+            {}
+            if gate.difference is None
+            else {
+                f"gate/difference_ndcg_at_{k}": gate.difference.mean,
+                f"gate/difference_ndcg_at_{k}_ci95_low": gate.difference.low,
+                f"gate/difference_ndcg_at_{k}_ci95_high": gate.difference.high,
+            }
+        ),
         "gate/promoted": float(gate.promote),
         "update/new_events": new.events.height,
         "update/new_items": int(catalogue.items.height - champion.n_items),
@@ -693,8 +717,8 @@ def _run(cfg: DictConfig, t_start: float, mode: str, tolerance: float, warm: int
     verdict = "promoted to @champion" if gate.promote else "champion kept"
     print(
         f"update: {new.events.height} events, {figures['update/new_items']} new items, "
-        f"{figures['update/encoded_items']} texts encoded; {name} version {version} @challenger; gate NDCG@{k} "
-        f"champion {gate.champion:.4f} vs challenger {gate.challenger:.4f} (tolerance {tolerance}): {verdict}"
+        f"{figures['update/encoded_items']} texts encoded; {name} version {version} @challenger; "
+        f"{gate.describe(k)}: {verdict}"
     )
     return {**figures, "version": version, "promoted": gate.promote}
 

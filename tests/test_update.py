@@ -133,6 +133,10 @@ def test_gate_promotes_a_better_challenger(tmp_path):
     out = run(config(tmp_path, e, i, f"gate.holdout={40 / len(rows)}"))
     assert out["gate/users"] == 40
     assert out["gate/challenger_ndcg_at_10"] > out["gate/champion_ndcg_at_10"]
+    # The paired difference and its interval, logged beside the verdict: clearly above 0 here.
+    diff = out["gate/challenger_ndcg_at_10"] - out["gate/champion_ndcg_at_10"]
+    assert out["gate/difference_ndcg_at_10"] == pytest.approx(diff)
+    assert 0 < out["gate/difference_ndcg_at_10_ci95_low"] <= diff <= out["gate/difference_ndcg_at_10_ci95_high"]
     assert out["promoted"]
     client = mlflow.MlflowClient()
     version = out["version"]
@@ -399,6 +403,9 @@ def test_gate_ranks_champion_and_challenger_as_of_the_same_moment():
     gate = run_gate(champ, earlier, NewData(p.items.head(0), before, {}), holdout, 10, 0.0)
     assert gate.champion_recall > 0  # the hit is in some lists: the windows matter
     assert gate.challenger == gate.champion and gate.challenger_recall == gate.champion_recall, gate
+    # The paired difference over the same users: exactly zero here, reported with the verdict.
+    assert gate.n_users == 40 and (gate.difference.low, gate.difference.high) == (0.0, 0.0)
+    assert "+0.0000 (95% CI +0.0000..+0.0000) over 40 users (tolerance 0.0)" in gate.describe(10)
 
 
 def test_a_new_item_without_text_says_what_an_update_can_do(tmp_path):
