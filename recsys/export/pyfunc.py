@@ -176,7 +176,18 @@ def input_frame(model_input: Any) -> pl.DataFrame:
     if isinstance(model_input, pl.DataFrame):
         return model_input
     if isinstance(model_input, pd.DataFrame):
-        return pl.from_pandas(model_input)
+        df = model_input
+        if len(df) == 1 and len(df.columns) and all(_is_sequence(v) for v in df.iloc[0]):
+            # MLflow's pyfunc wrapper turns a dict of lists into one row holding the lists.
+            lengths = {len(v) for v in df.iloc[0]}
+            if len(lengths) != 1:
+                raise InputError(f"the input dict's lists differ in length ({sorted(lengths)}): one value per row")
+            df = pd.DataFrame({c: list(df[c].iloc[0]) for c in df.columns})
+        if Columns.Timestamp in df.columns and df[Columns.Timestamp].dtype == object:
+            # Seconds and ISO strings in one column (JSON mixes them freely): as text, which
+            # ``parse_timestamp`` reads as it reads a CSV column (pyarrow refused the mix).
+            df = df.assign(**{Columns.Timestamp: df[Columns.Timestamp].map(_timestamp_text)})
+        return pl.from_pandas(df)
     if isinstance(model_input, Mapping):
         try:
             return pl.DataFrame(dict(model_input))
@@ -190,6 +201,30 @@ def input_frame(model_input: Any) -> pl.DataFrame:
         f"the input is a {type(model_input).__name__}: send a pandas DataFrame with a '{Columns.User}' column "
         f"(and optionally {Columns.Item}, {Columns.Timestamp}, {Columns.Event})"
     )
+
+
+def _is_sequence(value: Any) -> bool:
+    return isinstance(value, list | tuple | np.ndarray)
+
+
+def _timestamp_text(value: Any) -> str | None:
+    """One cell of a mixed ``timestamp`` column as the text a CSV would hold: whole seconds as
+    digits, a datetime in ISO 8601, a string as it is, a missing value as None."""
+    import datetime
+
+    import pandas as pd
+
+    if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NaT:
+        return None
+    if isinstance(value, bool):
+        return str(value)  # refused by the parser, as in a file
+    if isinstance(value, int | np.integer):
+        return str(int(value))
+    if isinstance(value, float | np.floating):
+        return str(int(value)) if float(value).is_integer() else str(value)
+    if isinstance(value, datetime.datetime | pd.Timestamp):
+        return value.isoformat()
+    return str(value)
 
 
 def to_pandas(out: pl.DataFrame) -> pd.DataFrame:

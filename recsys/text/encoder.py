@@ -105,6 +105,26 @@ class TextAdapter(nn.Module):
         return F.normalize(z + self.up(F.gelu(self.down(z))), dim=-1)
 
 
+def load_bert_model(name_or_path: str, **kwargs: Any) -> nn.Module:
+    """``AutoModel.from_pretrained`` without its pooler (``add_pooling_layer=False``) and without
+    the noise of that load: transformers' report of the pooler left out on purpose, and its
+    "Loading weights" bar, a line of every run (in a log file, of every worker) for a load of
+    under a second. Training and ``recsys.update`` load the BERT here."""
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    from recsys.quiet import quiet_pooler_report
+
+    quiet_pooler_report()
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return AutoModel.from_pretrained(name_or_path, add_pooling_layer=False, **kwargs)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
 class ItemEncoder(nn.Module):
     """BERT + masked mean pooling + L2 norm (+ an optional ``TextAdapter``). Holds its tokenizer.
 
@@ -188,24 +208,11 @@ class ItemEncoder(nn.Module):
         adapter_hidden: int | None = None,
     ) -> ItemEncoder:
         """A local folder (or, with internet, a hub name) holding a BERT-style model."""
-        from transformers import AutoModel
-
-        from recsys.quiet import quiet_pooler_report
-
-        quiet_pooler_report()  # the checkpoint's pooler is left out on purpose (add_pooling_layer=False)
         tokenizer = load_tokenizer(name_or_path)
-        from transformers.utils import logging as hf_logging
-
-        # Its "Loading weights" bar takes a line of every run for a load of under a second.
-        bar = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
         try:
-            bert = AutoModel.from_pretrained(name_or_path, add_pooling_layer=False)
+            bert = load_bert_model(name_or_path)
         except Exception as e:
             raise ConfigError(f"cannot load a BERT model from '{name_or_path}': {str(e).splitlines()[0]}") from e
-        finally:
-            if bar:
-                hf_logging.enable_progress_bar()
         if not hasattr(bert, "embeddings") or not hasattr(bert.config, "hidden_size"):
             raise ConfigError(f"'{name_or_path}' is not a BERT-style encoder ({type(bert).__name__})")
         # from_pretrained returns eval mode; switch back so dropout is on while fine-tuning.

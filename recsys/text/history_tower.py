@@ -62,13 +62,15 @@ class TowerBert:
 def load_bert(folder: Path) -> tuple[Any, Any, dict[str, Any] | None]:
     """A saved tower's BERT, tokenizer and item adapter weights (None: it has none), from
     ``folder/encoder``: only ``recsys.update`` reads them, to encode new item texts."""
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from recsys.text.encoder import load_bert_model
 
     enc_dir = folder / "encoder"
     if not enc_dir.is_dir():
         raise InputError(f"missing the text tower's BERT ({enc_dir.name}/); {REPAIR}", file=str(folder))
     with reading(enc_dir):
-        bert = AutoModel.from_pretrained(str(enc_dir), add_pooling_layer=False, use_safetensors=True)
+        bert = load_bert_model(str(enc_dir), use_safetensors=True)
         tok = AutoTokenizer.from_pretrained(str(enc_dir))
     adapter = None
     if (file := enc_dir / ADAPTER_FILE).is_file():

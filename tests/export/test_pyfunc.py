@@ -114,6 +114,10 @@ def test_timestamps_as_int_seconds_iso_strings_or_datetimes_are_accepted(run):
     ]
     for out in outs[1:]:
         pd.testing.assert_frame_equal(out, outs[0])
+    # Regression: seconds and an ISO string in one column (JSON mixes them) failed in pyarrow.
+    mixed = pd.Series([seconds[0], "2023-11-14T22:14:20Z"], dtype=object)
+    got = model.predict(pd.DataFrame({Columns.User: ["new", "new"], Columns.Item: items, Columns.Timestamp: mixed}))
+    pd.testing.assert_frame_equal(got, outs[0])
     with pytest.raises(MlflowException, match="divide by 1000"):
         ms = [t * 1000 for t in seconds]
         model.predict(pd.DataFrame({Columns.User: ["new", "new"], Columns.Item: items, Columns.Timestamp: ms}))
@@ -147,3 +151,7 @@ def test_a_dict_of_lists_is_taken_as_a_frame_and_a_ragged_one_is_a_clear_error(r
     assert isinstance(info.value.__cause__, InputError)
     with pytest.raises(Exception, match="the input is a list: send a pandas DataFrame"):
         model.predict([known])
+    # Through MLflow's wrapper, which makes the dict one row holding the lists (a polars
+    # InvalidOperationError before): the same rows.
+    wrapped = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
+    pd.testing.assert_frame_equal(wrapped.predict({Columns.User: known}, params={"k": 3}), got)
