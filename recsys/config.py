@@ -83,8 +83,9 @@ def check_cli_overrides(config_name: str, argv: Sequence[str] | None = None) -> 
     Hydra's own message for ``trainer.max_epoch=5`` suggests ``+trainer.max_epoch=5``, which adds
     a key nothing reads: the job then fails late (an unknown Trainer argument) or ignores the
     value. The overrides are composed once more before Hydra starts (about 0.1 s); anything else
-    that fails here is left to Hydra's report. Not checked: a multirun (sweep syntax) or an extra
-    config folder (``--config-dir``), which only Hydra's own composition sees.
+    that fails here is left to Hydra's report. Not checked: a command line with any ``-`` flag
+    (a multirun's ``-m`` and sweep syntax, ``--config-dir``, whose folder only Hydra's own
+    composition sees, ``--cfg``, ``--help``).
     """
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException

@@ -445,7 +445,8 @@ class DerivedScores(Recommender):
 
 
 class NewItemText(DerivedScores):
-    """A model (the text tower) restricted to items with at most ``max_events`` events in the history.
+    """A model (the text tower) restricted to items with at most ``max_events`` events in the
+    history (as of each user's cut where the history has per-user cuts, ``fit``).
 
     A candidate source for cold start: new items compete with hundreds of warm items of the same
     topic in the plain text ranking and rarely reach its top-N; here they compete only with each

@@ -14,7 +14,9 @@ full retrain, and lets a gate decide whether it replaces the served model:
    rebuilt without them, and champion and that challenger rank for the held-out users, from the
    same histories and as of the same moment (the last event before the holdout). The
    ``champion`` alias moves to the new version only if the challenger's NDCG@k is not worse than
-   the champion's by more than ``gate.tolerance``. Both figures are logged to MLflow.
+   the champion's by more than ``gate.tolerance``. Both figures, their paired difference and its
+   95 % bootstrap interval over the held-out users are printed beside the verdict and logged to
+   MLflow (``gate/difference_ndcg_at_<k>``).
 """
 
 from __future__ import annotations

@@ -197,7 +197,8 @@ class FileDataSource:
                 v.require_non_null(df, col, path)
             v.require_non_null(df, ts, path)
             df = v.parse_timestamp(df, ts, path)
-            v.require_in(df, event, self.event_weights, path)
+            add = "add event types with '+data.event_weights={{{value}: 1.0}}'"
+            v.require_in(df, event, self.event_weights, path, add)
         return df
 
     def _check_interactions(self, df: pl.DataFrame, item_ids: pl.Series, also: str | None = None) -> pl.DataFrame:

@@ -92,15 +92,18 @@ def require_in(
     column: str,
     allowed: Iterable[str],
     file: str,
-    hint: str = "set data.event_weights to add event types",
+    hint: str | None = None,
 ) -> None:
+    """An ``InputError`` unless every value of ``column`` is one of ``allowed``; ``hint`` (what to
+    do) may name the first bad value as ``{value}``."""
     allowed = list(allowed)
     mask = ~pl.col(column).is_in(allowed)
     n_bad = df.select(mask.sum()).item()
     if n_bad:
         row, ex = example(df, mask)
+        hint = "" if hint is None else f" ({hint.format(value=ex.get(column))})"
         raise InputError(
-            f"{n_bad} row(s) have a value outside {allowed} ({hint})",
+            f"{n_bad} row(s) have a value outside {allowed}{hint}",
             file=file,
             column=column,
             row=row,

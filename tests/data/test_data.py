@@ -287,8 +287,10 @@ def test_custom_event_weights(tmp_path):
     items = write(tmp_path / "i.csv", "item_id,title,description\nA,a,x\n")
     data = FileDataSource(events, items, event_weights={"view": 0.5, "cart": 2.0}).load()
     assert data.interactions[Columns.Weight].to_list() == [0.5, 2.0]
-    with pytest.raises(InputError, match="view"):
+    with pytest.raises(InputError, match="view") as info:
         FileDataSource(events, items).load()  # default weights know click and purchase only
+    # The hint is an override that works: 'set data.event_weights' (its old words) is refused whole.
+    assert "(add event types with '+data.event_weights={view: 1.0}')" in str(info.value)
 
 
 # --- data.column_map: errors speak of the columns as the file names them --------------------------
