@@ -445,11 +445,11 @@ def print_summary(job: Job, test: Evaluated, run_id: str, model_uri: str, rec_pa
     earlier = pl.concat([job.split.train[Columns.UserIdx], job.split.val[Columns.UserIdx]]).unique()
     new_users = int((~np.isin(job.test_users, earlier.to_numpy())).sum())
     without = f", {new_users} of them without earlier events (no list from CF or the text tower)" if new_users else ""
+    users = f"{len(job.test_users)} users"
+    if job.eval_users < job.all_test_users:
+        users = f"{len(job.test_users)} of {job.all_test_users} users (a seeded sample)"
     with pl.Config(tbl_rows=20, tbl_cols=20, float_precision=4, tbl_hide_dataframe_shape=True):
-        print(
-            f"\nTest metrics ({job.data.name}, {split}, {len(job.test_users)} users{without}; "
-            "full ranking, seen items removed):"
-        )
+        print(f"\nTest metrics ({job.data.name}, {split}, {users}{without}; full ranking, seen items removed):")
         print(test.result.table)
         if "test_published" in test.tables:
             print("Published protocol (full ranking, history items NOT removed by the evaluator):")

@@ -237,7 +237,7 @@ def test_closing_a_stage_returns_the_heap_it_freed_to_the_os():
 
 
 @pytest.mark.slow
-def test_job_logs_stage_profiles_and_samples_as_configured(tmp_path, caplog):
+def test_job_logs_stage_profiles_and_samples_as_configured(tmp_path, caplog, capsys):
     """The real job with a capped ranker sample and a sampled evaluation: what it logs says so."""
     import logging
 
@@ -252,6 +252,7 @@ def test_job_logs_stage_profiles_and_samples_as_configured(tmp_path, caplog):
             "eval.max_users=80",
         )
     assert "evaluated on a sample of 80 of 300 test users" in caplog.text
+    assert ", 80 of 300 users (a seeded sample);" in capsys.readouterr().out  # the printed table's heading
     # 60 validation users fill the cap: the earlier labelled stage is skipped.
     assert m["rank/train_users"] == 60 <= m["rank/examined_users"] <= 300 and m["rank/label_stages_used"] == 1
     filled = "the validation stage filled rank.max_train_users=60 (60 taught users): 1 earlier stage(s) skipped"
