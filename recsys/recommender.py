@@ -208,6 +208,11 @@ class History:
     def item_counts(self) -> np.ndarray:
         return np.bincount(self.interactions[Columns.ItemIdx].to_numpy(), minlength=self.n_items)
 
+    @cached_property
+    def user_counts(self) -> np.ndarray:
+        """Events per user (0: a user this history holds nothing of)."""
+        return np.bincount(self.interactions[Columns.UserIdx].to_numpy(), minlength=self.n_users)
+
     def extend(self, more: pl.DataFrame) -> History:
         """This history plus ``more`` events (e.g. train + validation for the test stage); its
         ``user_now`` is unset (the next stage sets its own)."""
@@ -252,7 +257,7 @@ class Recommender(ABC):
         their history has nothing to score them by, and gives them no list and no feature
         (``users_without_history``), instead of a row of equal scores whose ties the top-N
         would break by item index."""
-        self.without_history = np.diff(history.matrix.indptr) == 0
+        self.without_history = history.user_counts == 0
 
     def users_without_history(self, users: np.ndarray) -> np.ndarray | None:
         """Which of ``users`` this model has nothing to score by (``note_history``), or None
@@ -473,14 +478,15 @@ class NewItemText(DerivedScores):
         self.warm_from = None
         if self.user_now is not None:
             # Each item's time of its (max_events + 1)-th event: warm for a user cut at or after it.
-            df = history.interactions.select(Columns.ItemIdx, Columns.Timestamp)
-            df = df.sort(Columns.ItemIdx, Columns.Timestamp)
-            items, times = df[Columns.ItemIdx].to_numpy(), df[Columns.Timestamp].to_numpy().astype(np.int64)
-            start = np.searchsorted(items, np.arange(history.n_items))
-            at = start + self.max_events
-            has = at < np.searchsorted(items, np.arange(history.n_items), side="right")
+            # The events sorted by item, then time: item i's run starts at the sum of the counts
+            # before it, and an item warm at the end (``warm``) has that event.
+            by_item = history.interactions.select(Columns.ItemIdx, Columns.Timestamp).sort(
+                Columns.ItemIdx, Columns.Timestamp
+            )
+            times = by_item[Columns.Timestamp].to_numpy()
+            start = np.concatenate([[0], np.cumsum(history.item_counts)[:-1]])
             self.warm_from = np.full(history.n_items, np.iinfo(np.int64).max, dtype=np.int64)
-            self.warm_from[has] = times[at[has]]
+            self.warm_from[self.warm] = times[start[self.warm] + self.max_events]
         return self
 
     def _warm_for(self, users: np.ndarray, items: np.ndarray | slice = slice(None)) -> np.ndarray:
@@ -498,8 +504,10 @@ class NewItemText(DerivedScores):
     def derive_into(self, base: np.ndarray, users: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         if self.warm_from is None:
             cold = np.flatnonzero(~self.warm)
-        else:  # new for some user of the block: new as of the earliest cut
-            cold = np.flatnonzero(self.warm_from > self.user_now[np.asarray(users, dtype=np.int64)].min(initial=0))
+        elif len(users):  # new for some user of the block: new as of the earliest cut
+            cold = np.flatnonzero(self.warm_from > self.user_now[np.asarray(users, dtype=np.int64)].min())
+        else:
+            cold = np.zeros(0, dtype=np.int64)
         if len(cold) > len(self.warm) // 8:  # many new items: a copy and a mask cost less
             return super().derive_into(base, users, out)
         # Few new items (1 % at 100x): the block is -inf but for their columns, never copied

@@ -440,8 +440,8 @@ def print_summary(job: Job, test: Evaluated, run_id: str, model_uri: str, rec_pa
     """The test tables and where the run's outputs are, on stdout."""
     from recsys.evaluation.bundle import split_description
 
-    split = ", ".join(f"{k}={v}" for k, v in split_description(job.cfg.split).items() if k != "type")
-    split = f"{split_description(job.cfg.split)['type']}({split})"
+    desc = split_description(job.cfg.split)
+    split = f"{desc.pop('type')}({', '.join(f'{k}={v}' for k, v in desc.items())})"
     earlier = pl.concat([job.split.train[Columns.UserIdx], job.split.val[Columns.UserIdx]]).unique()
     new_users = int((~np.isin(job.test_users, earlier.to_numpy())).sum())
     without = f", {new_users} of them without earlier events (no list from CF or the text tower)" if new_users else ""

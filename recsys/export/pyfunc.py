@@ -37,7 +37,7 @@ from recsys.data.validation import ROW, require_non_null
 from recsys.errors import PIPELINE_REPAIR as REPAIR
 from recsys.errors import InMemory, InputError, check_field, read_json_object
 from recsys.export.engine import EXPLAIN_COLUMNS, FUSED, Engine, ExplainOptions, empty_output
-from recsys.pipeline_model import HISTORIES_MODES, TrainedPipeline
+from recsys.pipeline_model import TrainedPipeline, check_histories_mode
 from recsys.rank.rules import BusinessRules
 
 if TYPE_CHECKING:
@@ -149,9 +149,7 @@ class PipelineModel:
         if isinstance(k, bool) or not isinstance(k, int | float) or k != int(k) or k < 1:
             raise InputError(f"param k must be a whole number >= 1, got {k!r}")
         scorer = str(params.get("scorer") or self.serving["scorer"])
-        mode = str(params.get("histories_mode") or "replace")
-        if mode not in HISTORIES_MODES:
-            raise InputError(f"param histories_mode must be one of {list(HISTORIES_MODES)}, got {mode!r}")
+        mode = check_histories_mode(str(params.get("histories_mode") or "replace"), "param histories_mode")
         df = input_frame(model_input)
         users, hist = split_input(df)
         given = set() if hist is None else set(hist[Columns.User].unique().to_list())

@@ -155,10 +155,7 @@ def _pair_scores(model: Recommender, users: np.ndarray, items: np.ndarray) -> np
     which is no score."""
     v = np.asarray(model.score_pairs(users, items), dtype=np.float32)
     blank = model.users_without_history(users)
-    if blank is not None:
-        v = v.copy() if not v.flags.writeable else v
-        v[blank] = np.nan
-    return v
+    return v if blank is None else np.where(blank, np.float32(np.nan), v)
 
 
 def _user_z(x: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:

@@ -224,7 +224,7 @@ class TextDataModule(L.LightningDataModule):
         users = df[Columns.UserIdx].unique().sort().to_numpy()
         # A user without training events has nothing for the tower to read: every item scores
         # alike for them, at every step, so they would only dilute the metric and the sample.
-        with_history = np.array([len(self.train.sequences[u]) > 0 for u in users], dtype=bool)
+        with_history = self.train.user_counts[users] > 0
         if not with_history.all():
             if not with_history.any():
                 raise InputError(
