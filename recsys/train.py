@@ -61,7 +61,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
 # What ``optimized_metric`` may name: validation scores only, so a sweep never chooses on test.
 VALIDATION_OBJECTIVES = (
-    "rank/val_ndcg_heldout",  # the ranker's NDCG@eval_at on the validation users held back for early stopping
+    "rank/val_ndcg_heldout",  # the ranker's NDCG@eval_at on the validation stage's users held back from it
     "rank/candidate_recall_val",  # share of validation targets among the candidates
     "text/val_ndcg_at_10_finetuned",  # the fine-tuned text tower, full-catalogue NDCG@10 on validation
     "text/val_ndcg_at_10_zeroshot",

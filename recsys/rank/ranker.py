@@ -118,7 +118,7 @@ class LambdaMARTRanker:
             self.params, train, num_boost_round=self.n_estimators, valid_sets=valid_sets, callbacks=callbacks
         )
         self.best_iteration = int(self.booster.best_iteration or self.n_estimators)
-        self.stop_score = self._stop_score(self.booster) if stop_part.height else None
+        self.stop_score = self._stop_score(self.booster, stop_part, label) if stop_part.height else None
         if self.refit_full and stop_part.height:
             rounds = max(1, round(self.best_iteration / (1.0 - self.early_stopping_fraction)))
             self.booster = lgb.train(self.params, self._dataset(frame, label), num_boost_round=rounds)
@@ -152,7 +152,7 @@ class LambdaMARTRanker:
                 callbacks=[lgb.early_stopping(self.early_stopping_rounds, verbose=False)],
             )
             model = booster.model_to_string(num_iteration=booster.best_iteration or self.n_estimators)
-            score = self._stop_score(booster)
+            score = self._stop_score(booster, frame.filter(pl.Series(part)), label)
             booster.free_dataset()  # a finished bag's data is not kept while the others train
             return model, score
 
@@ -163,11 +163,21 @@ class LambdaMARTRanker:
         self.best_iteration = self.booster.num_trees()
         return self
 
-    def _stop_score(self, booster) -> float:
+    def _stop_score(self, booster, held: pl.DataFrame, label: str) -> float:
         """NDCG@``eval_at`` of the users held back for early stopping (a bag's own fold), at the
         chosen number of trees: the ranker's out-of-sample validation score among the candidates,
-        what ``hparams_search=ranker`` maximises (averaged over the bags)."""
-        return float(booster.best_score["valid_0"][f"ndcg@{self.params['eval_at'][0]}"])
+        what ``hparams_search=ranker`` maximises (averaged over the bags).
+
+        Only the validation stage's queries count. An earlier labelled stage's target is an event
+        the text tower was fine-tuned on, so its text score there is better than the tower can do
+        on events it never saw; those queries still stop the trees, but a score that a sweep
+        picks settings by reads only held-out events."""
+        if Columns.Stage in held.columns:
+            held = held.filter(pl.col(Columns.Stage) == 0)
+        if held.height == 0:  # every held-back user has its target in an earlier stage only
+            return float("nan")
+        scores = booster.predict(self.matrix(held), num_iteration=booster.best_iteration or None, raw_score=True)
+        return ndcg_at(held, scores, label, self.params["eval_at"][0])
 
     def _dataset(self, df: pl.DataFrame, label: str, reference=None, keep_raw: bool = True):
         import lightgbm as lgb
@@ -205,6 +215,29 @@ class LambdaMARTRanker:
 def usable_cores() -> int:
     """The cores this process may run on (its CPU affinity where the OS tells it)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def ndcg_at(frame: pl.DataFrame, scores: np.ndarray, label: str, k: int) -> float:
+    """Mean NDCG@``k`` over ``frame``'s queries (``query_keys``) ordered by ``scores``, binary
+    relevance, ties in row order (as LightGBM's own metric, which this reproduces)."""
+    ranked = (
+        frame.select(*query_keys(frame), pl.col(label).alias("_rel"))
+        .with_columns(pl.Series("_score", scores, dtype=pl.Float64), pl.int_range(pl.len()).alias("_row"))
+        .sort("_score", "_row", descending=[True, False])
+        .with_columns(pl.int_range(pl.len()).over(query_keys(frame)).alias("_rank"))
+    )
+    per_query = ranked.group_by(query_keys(frame), maintain_order=True).agg(
+        ((pl.col("_rel") > 0) & (pl.col("_rank") < k))
+        .cast(pl.Float64)
+        .truediv((pl.col("_rank") + 2).log(2))
+        .sum()
+        .alias("dcg"),
+        (pl.col("_rel") > 0).sum().alias("n_rel"),
+    )
+    discounts = np.cumsum(1.0 / np.log2(np.arange(k) + 2))
+    n_rel = per_query["n_rel"].to_numpy()
+    ideal = np.where(n_rel > 0, discounts[np.clip(n_rel, 1, k) - 1], 1.0)
+    return float(np.mean(np.where(n_rel > 0, per_query["dcg"].to_numpy() / ideal, 1.0)))
 
 
 def query_keys(frame: pl.DataFrame) -> list[str]:

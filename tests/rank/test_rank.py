@@ -426,3 +426,28 @@ def test_bagged_ranker_averages_one_model_per_fold_and_is_deterministic():
         LambdaMARTRanker(n_jobs=0)
     with pytest.raises(Exception, match="at least 6 users"):
         LambdaMARTRanker(bags=3, **kw).fit(planted(2, seed=0), features)
+
+
+@pytest.mark.parametrize("bags", [1, 3])
+def test_stop_score_is_lightgbms_ndcg_of_the_validation_stage_only(bags):
+    """One stage: ``stop_score`` is LightGBM's own NDCG@10 of the held-back users. Two stages:
+    only the validation stage (0) counts; an earlier stage whose targets a feature gives away
+    (as the text tower's score does for events it was fine-tuned on) must not lift it."""
+    features = ["noise_a", "signal", "noise_b"]
+    kw = dict(n_estimators=40, min_child_samples=5, early_stopping_rounds=5, seed=0, n_jobs=1, bags=bags)
+    one = planted(300, seed=0)
+    ranker = LambdaMARTRanker(refit_full=False, **kw).fit(one, features)
+    if bags == 1:  # (a refitted or bagged booster has no best_score of its own)
+        assert ranker.stop_score == pytest.approx(ranker.booster.best_score["valid_0"]["ndcg@10"], abs=1e-9)
+    # The validation stage: the signal is swamped; the earlier stage: the signal is the label.
+    noisy = planted(300, seed=1).with_columns(
+        (pl.col("label") + pl.Series(np.random.default_rng(2).normal(scale=3.0, size=300 * 20))).alias("signal"),
+        pl.lit(0, dtype=pl.Int8).alias(Columns.Stage),
+    )
+    leaky = planted(300, seed=2).with_columns(
+        pl.col("label").cast(pl.Float64).alias("signal"), pl.lit(1, dtype=pl.Int8).alias(Columns.Stage)
+    )
+    both = LambdaMARTRanker(**kw).fit(pl.concat([noisy, leaky]), features)
+    alone = LambdaMARTRanker(**kw).fit(noisy.drop(Columns.Stage), features)
+    assert alone.stop_score < 0.45  # a noisy stage scores 0.27-0.33 on its own...
+    assert both.stop_score < 0.45  # ...and the leaky stage does not lift it (counted in: 0.63-0.66)
