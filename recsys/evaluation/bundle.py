@@ -317,8 +317,13 @@ class Bundle:
         return items, scores
 
     def relevant_items(self) -> list[np.ndarray]:
-        """Per user (``user_index`` order), the item indices of their test targets."""
-        t = self.targets.sort(Columns.UserIdx, Columns.ItemIdx)
+        """Per user (``user_index`` order), the distinct item indices of their test targets.
+
+        Distinct: relevance is binary (``relevance_matrix`` merges a user's repeated target), so
+        an item a user picked twice in the test period is one relevant item. Counted twice, the
+        segments' ideal DCG and recall denominators held it twice, and a perfect list scored
+        below 1 in the item segments while the same user scored 1 overall."""
+        t = self.targets.unique([Columns.UserIdx, Columns.ItemIdx]).sort(Columns.UserIdx, Columns.ItemIdx)
         users = t[Columns.UserIdx].to_numpy()
         bounds = np.searchsorted(users, np.r_[self.user_index.astype(np.int64), np.iinfo(np.int64).max], side="left")
         items = t[Columns.ItemIdx].to_numpy().astype(np.int64)

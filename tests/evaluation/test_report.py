@@ -211,3 +211,54 @@ def test_bundle_written_in_parts_reads_back_every_list(tmp_path, monkeypatch):
     fused = whole.filter(pl.col("model") == "fused").sort(Columns.UserIdx, Columns.Rank)
     keep = recommended["fused"].ravel() >= 0
     assert fused[Columns.Source].cast(pl.String).to_list() == sources.ravel()[keep].tolist()
+
+
+def small_bundle(
+    folder, targets, history, recommended: dict[str, np.ndarray], sampled_from: int | None = None, finetuning=None
+):
+    """A bundle of a few users over 10 items, read back from ``folder``."""
+    import polars as pl
+
+    import recsys.evaluation.bundle as bundle_mod
+    from recsys.columns import Columns
+
+    targets = pl.DataFrame({Columns.UserIdx: targets[0], Columns.ItemIdx: targets[1]})
+    history = pl.DataFrame({Columns.UserIdx: history[0], Columns.ItemIdx: history[1]})
+    users = np.unique(targets[Columns.UserIdx].to_numpy())
+    k = next(iter(recommended.values())).shape[1]
+    scores = {m: -np.arange(k, dtype=np.float32)[None].repeat(len(users), 0) for m in recommended}
+    protocol = bundle_mod.make_protocol(
+        run_id="r", experiment="e", data_name="d", data_hash="h", n_users=int(users.max()) + 1, n_items=10,
+        split={}, split_counts={}, seen_filtering=True, availability_filtering=False, ks=[5], max_k=k, seed=0,
+        targets=targets, models=list(recommended), root=folder, test_users_sampled_from=sampled_from,
+    )  # fmt: skip
+    bundle_mod.write_bundle(
+        folder, protocol=protocol, users=users, recommended=recommended, scores=scores, sources=None,
+        targets=targets, history=history, n_items=10, finetuning=finetuning,
+    )  # fmt: skip
+    return bundle_mod.read_bundle(folder)
+
+
+def test_item_segments_count_a_repeated_target_once(tmp_path):
+    """User 0 picked the cold item 3 twice in the test period. Relevance is binary: fused ranks
+    item 3 first, NDCG@10 1 for that user overall, and so 1 in the cold segment too (the segment
+    once counted the item twice: ideal DCG of two relevant items, 0.613)."""
+    from recsys.evaluation.report import Reporter
+
+    lists = {
+        "fused": np.array([[3, 0, 1, 2, 4, 5, 6, 7, 8, 9], [4, 0, 1, 2, 3, 5, 6, 7, 8, 9]]),
+        "als": np.array([[0, 3, 1, 2, 4, 5, 6, 7, 8, 9], [0, 1, 4, 2, 3, 5, 6, 7, 8, 9]]),
+    }
+    bundle = small_bundle(tmp_path, ([0, 0, 1], [3, 3, 4]), ([0, 1, 1], [7, 4, 5]), lists)
+    reporter = Reporter(ks=(5, 10), n_bootstrap=50)
+    _, numbers = reporter.document(bundle)
+    assert numbers["models"]["fused"]["ndcg_at_10"] == pytest.approx(1.0)
+    segments = {(s["kind"], s["segment"]): s for s in numbers["segments"]}
+    cold = segments[("target item", "cold")]
+    assert cold["users"] == 1 and cold["target_events"] == 1
+    assert cold["ndcg_at_10"]["fused"] == pytest.approx(1.0)
+    assert cold["ndcg_at_10"]["als"] == pytest.approx(1 / np.log2(3))
+    # The item segments and the user segments count the same targets.
+    for kind in ("target item", "target item popularity"):
+        assert sum(s["target_events"] for s in numbers["segments"] if s["kind"] == kind) == 2
+    assert sum(s["target_events"] for s in numbers["segments"] if s["kind"] == "user history length") == 2
