@@ -16,7 +16,7 @@ from recsys.errors import InputError
 from recsys.evaluation import plots
 from recsys.evaluation.bundle import MUST_MATCH, Bundle
 from recsys.evaluation.render import Document, Figure, Section, Table, Text
-from recsys.evaluation.report import METRIC_LABEL, METRICS, Reporter, display, label, ordered, verdict
+from recsys.evaluation.report import METRIC_LABEL, METRICS, Reporter, display, label, ordered, sampled, verdict
 
 
 def check_comparable(a: Bundle, b: Bundle) -> None:
@@ -46,7 +46,10 @@ def compare_document(reporter: Reporter, a: Bundle, b: Bundle) -> tuple[Document
     head = Section("headline", "Headline")
     head.blocks.append(
         Text(
-            f"B = run {id_b}, A = run {id_a}; Δ = B − A per test user, averaged over {len(ev_a.n_relevant):,} users, "
+            # sampled(): runs of eval.max_users are judged on a sample (the same one: their
+            # targets hash agrees), which the comparison says as the single-run report does.
+            f"B = run {id_b}, A = run {id_a}; Δ = B − A per test user, averaged over {len(ev_a.n_relevant):,} "
+            f"users{sampled(a.protocol)}, "
             f"95 % paired bootstrap interval ({reporter.n_bootstrap} resamples, seed {reporter.seed})."
         )
     )
@@ -91,7 +94,10 @@ def compare_document(reporter: Reporter, a: Bundle, b: Bundle) -> tuple[Document
     )
     doc = Document(
         title=f"Comparison: {a.protocol.data_name}, run B {id_b[:8]} vs run A {id_a[:8]}",
-        subtitle=f"A = {id_a} ({a.protocol.experiment}) · B = {id_b} ({b.protocol.experiment}) · K = {k}",
+        subtitle=(
+            f"A = {id_a} ({a.protocol.experiment}) · B = {id_b} ({b.protocol.experiment}) · "
+            f"{a.protocol.n_test_users:,} test users{sampled(a.protocol)} · K = {k}"
+        ),
         sections=[head, detail, card],
     )
     numbers["metric_labels"] = {n: label(n) for n in names}

@@ -262,3 +262,22 @@ def test_item_segments_count_a_repeated_target_once(tmp_path):
     for kind in ("target item", "target item popularity"):
         assert sum(s["target_events"] for s in numbers["segments"] if s["kind"] == kind) == 2
     assert sum(s["target_events"] for s in numbers["segments"] if s["kind"] == "user history length") == 2
+
+
+def test_comparison_of_sampled_runs_says_the_users_are_a_sample(tmp_path):
+    """Two runs of eval.max_users are compared on a sample of the test users: the comparison's
+    subtitle and headline say so, as the single run's report does (not only a protocol row)."""
+    from recsys.evaluation.compare import compare_document
+    from recsys.evaluation.report import Reporter
+
+    lists = {"fused": np.tile(np.arange(10), (2, 1)), "als": np.tile(np.arange(10)[::-1], (2, 1))}
+    args = (([0, 1], [3, 4]), ([0, 1], [7, 5]), lists)
+    a = small_bundle(tmp_path / "a", *args, sampled_from=300)
+    b = small_bundle(tmp_path / "b", *args, sampled_from=300)
+    doc, _ = compare_document(Reporter(ks=(5, 10), n_bootstrap=20), a, b)
+    note = "a seeded random sample of the 300"
+    assert "2 test users" in doc.subtitle and note in doc.subtitle
+    assert note in doc.sections[0].blocks[0].text
+    plain = small_bundle(tmp_path / "c", *args)
+    doc, _ = compare_document(Reporter(ks=(5, 10), n_bootstrap=20), plain, plain)
+    assert "random sample" not in doc.subtitle + doc.sections[0].blocks[0].text
