@@ -392,7 +392,8 @@ class Reporter:
                 "User segments (history length = events before the test stage) split the test users. Item "
                 "segments split the catalogue, and so the test events: a segment scores each user who has a "
                 "target in it, counting only those targets as relevant. Cold = the item had no event in the "
-                "training history. Popularity deciles are over the warm items, ties sharing a decile. "
+                "history the test stage's models learnt from (train + validation). Popularity deciles are over "
+                "the warm items, ties sharing a decile. "
                 f"Δ = fused minus ALS on {label(h)}, paired 95 % bootstrap interval within the segment."
             )
         )
@@ -478,10 +479,14 @@ class Reporter:
         s = Section("finetuning", "Fine-tuning: the text tower against its zero-shot start")
         ft = bundle.finetuning or {}
         if ft:
+            # text.budget_minutes=null (a run of fixed length) has no time budget: said so, not
+            # printed as "budget: None min".
+            limit = ft.get("budget_minutes")
+            budget = "no time budget" if limit is None else f"budget: {limit} min"
             s.blocks.append(
                 Text(
                     f"Fine-tuning took {ft.get('text/minutes', float('nan')):.1f} min and "
-                    f"{int(ft.get('text/steps', 0)):,} steps (budget: {ft.get('budget_minutes')} min"
+                    f"{int(ft.get('text/steps', 0)):,} steps ({budget}"
                     + (
                         f" for training, which took {ft['text/train_minutes']:.1f}; the zero-shot validation, the "
                         f"BERT's catalogue pass included, {ft['text/zeroshot_minutes']:.1f}"

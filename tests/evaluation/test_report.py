@@ -281,3 +281,24 @@ def test_comparison_of_sampled_runs_says_the_users_are_a_sample(tmp_path):
     plain = small_bundle(tmp_path / "c", *args)
     doc, _ = compare_document(Reporter(ks=(5, 10), n_bootstrap=20), plain, plain)
     assert "random sample" not in doc.subtitle + doc.sections[0].blocks[0].text
+
+
+def test_finetuning_text_of_a_run_without_time_budget(tmp_path):
+    """text.budget_minutes=null: the fine-tuning section says there was no time budget (it printed
+    "budget: None min"); the segments define cold by the test stage's history, train + validation."""
+    from recsys.evaluation.report import Reporter
+
+    lists = {m: np.tile(np.arange(10), (2, 1)) for m in ("fused", "als", "text", "text_zeroshot")}
+    ft = {"text/minutes": 0.5, "text/steps": 10.0, "text/train_minutes": 0.4, "text/zeroshot_minutes": 0.1,
+          "text/val_ndcg_at_10_zeroshot": 0.1, "text/val_ndcg_at_10_finetuned": 0.2, "text/kept_zeroshot": 0.0,
+          "curve": [[0, 0.1, 0.1], [10, 0.2, 0.2]]}  # fmt: skip
+    texts = {}
+    for budget in (None, 1.5):
+        bundle = small_bundle(tmp_path / str(budget), ([0, 1], [3, 4]), ([0, 1], [7, 5]), lists,
+                              finetuning={**ft, "budget_minutes": budget})  # fmt: skip
+        doc, _ = Reporter(ks=(5, 10), n_bootstrap=20).document(bundle)
+        sections = {s.key: s for s in doc.sections}
+        texts[budget] = sections["finetuning"].blocks[0].text
+        assert "train + validation" in sections["segments"].blocks[0].text
+    assert "None" not in texts[None] and "no time budget for training, which took 0.4" in texts[None]
+    assert "budget: 1.5 min for training, which took 0.4" in texts[1.5]
