@@ -91,10 +91,12 @@ class MindDataSource:
       error naming the file, column and row (full MIND, where every news has a row).
 
     **Validation**: rows repeating an earlier row (behaviors: the whole line; news: the whole
-    row) are dropped and counted (``duplicates="drop"``) or rejected (``"error"``); an impression
-    id or news id used twice with different content, an unparsable time, an impression token
-    other than ``<news id>-0`` / ``<news id>-1``, a wrong number of fields and bytes that are not
-    UTF-8 are errors naming the file, column and row.
+    row) are dropped and counted (``duplicates="drop"``) or rejected (``"error"``), and so is a
+    candidate listed twice with the same label in one impression (the first is kept); an
+    impression id or news id used twice with different content, a candidate listed both clicked
+    and not clicked in one impression, an unparsable time, an impression token other than
+    ``<news id>-0`` / ``<news id>-1``, a wrong number of fields and bytes that are not UTF-8 are
+    errors naming the file, column and row.
 
     Parameters
     ----------
@@ -244,6 +246,7 @@ class MindDataSource:
                 row=row,
                 example=ex,
             )
+        tokens = self._repeated_candidates(tokens)
         return tokens.select(
             v.ROW,
             Columns.Impression,
@@ -253,6 +256,46 @@ class MindDataSource:
             (pl.col("_label") == "1").alias(Columns.Clicked),
             pl.col(Columns.Position).cast(pl.Int32),
         )
+
+    def _repeated_candidates(self, tokens: pl.DataFrame) -> pl.DataFrame:
+        """Candidates listed more than once in one impression (``tokens``: one row per token).
+
+        Shown clicked and not clicked at once, the labels contradict each other: the impression
+        would count a forced tie in its AUC and the click would be both a positive and a negative,
+        so it is always an error. The same token twice would make two clicks at one instant and
+        weigh the candidate twice in the impression's metrics: it follows ``duplicates`` (the
+        first is kept).
+        """
+        per_item = pl.len().over(v.ROW, Columns.Item)
+        mixed = (per_item > 1) & (pl.col("_label").n_unique().over(v.ROW, Columns.Item) > 1)
+        shown = tokens.select(v.ROW, Columns.Impression, Columns.Item, "impressions")
+        file = str(self.behaviors_path)
+        if tokens.select(mixed.any()).item():
+            row, ex = v.example(shown, tokens.select(mixed).to_series())
+            raise InputError(
+                f"news {ex[Columns.Item]!r} is listed both clicked and not clicked in one impression",
+                file=file,
+                column="impressions",
+                row=row,
+                example=ex,
+            )
+        repeat = pl.int_range(pl.len()).over(v.ROW, Columns.Item) > 0  # rows keep their file order
+        n = tokens.select(repeat.sum()).item()
+        if n == 0:
+            return tokens
+        if self.duplicates == "error":
+            row, ex = v.example(shown, tokens.select(repeat).to_series())
+            raise InputError(
+                f"{n} candidate(s) are listed more than once in their impression; set data.duplicates=drop "
+                "to keep the first",
+                file=file,
+                column="impressions",
+                row=row,
+                example=ex,
+            )
+        log.info("%s: dropped %d candidate(s) listed more than once in their impression", file, n)
+        self.report["repeated_candidates_dropped"] = n
+        return tokens.filter(~repeat)
 
     def _require_news(self, df: pl.DataFrame, known: pl.Series, column: str, what: str) -> pl.DataFrame:
         """Apply the missing-text policy to ``df`` (rows of ``behaviors.tsv`` exploded); ``what``: report key."""

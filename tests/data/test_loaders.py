@@ -385,6 +385,34 @@ def test_mind_rejects_malformed_behaviors(tmp_path, row, column, match, at):
     assert err.row == at
 
 
+def test_mind_news_listed_twice_in_one_impression(tmp_path):
+    """A candidate shown twice in one impression: the same label twice is a duplicate (dropped
+    and counted, or an error), clicked and not clicked at once is always an error."""
+    same = ("4", "U3", "11/11/2019 9:00:00 AM", "", "N1-1 N3-0 N1-1")
+    src = MindDataSource(write_mind(tmp_path / "same", behaviors=[*BEHAVIORS, same]))
+    data = src.load()
+    imp = data.impressions.filter(pl.col(Columns.Impression) == "4")
+    assert imp.select(Columns.Item, Columns.Clicked).rows() == [("N1", True), ("N3", False)]
+    # one click of N1 by U3, not two at the same instant
+    assert data.interactions.filter(pl.col(Columns.User) == "U3")[Columns.Item].to_list() == ["N1"]
+    assert src.report["repeated_candidates_dropped"] == 1
+    err = expect_input_error(
+        MindDataSource(tmp_path / "same", duplicates="error").load,
+        "more than once",
+        file="behaviors.tsv",
+        column="impressions",
+    )
+    assert err.row == 4 and err.example[Columns.Item] == "N1"
+    both = ("4", "U3", "11/11/2019 9:00:00 AM", "", "N1-1 N3-0 N1-0")
+    err = expect_input_error(
+        MindDataSource(write_mind(tmp_path / "both", behaviors=[*BEHAVIORS, both])).load,
+        "both clicked and not clicked",
+        file="behaviors.tsv",
+        column="impressions",
+    )
+    assert err.row == 4 and err.example[Columns.Item] == "N1"
+
+
 def test_mind_duplicates_and_bytes(tmp_path):
     root = write_mind(tmp_path, behaviors=[*BEHAVIORS, BEHAVIORS[1]])
     src = MindDataSource(root)
