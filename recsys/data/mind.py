@@ -36,6 +36,18 @@ NEWS_FIELDS = (
 )
 TIME_FORMAT = "%m/%d/%Y %I:%M:%S %p"  # "11/15/2019 8:55:22 AM"; MIND gives no time zone, read as UTC
 MISSING_TEXT_POLICIES = ("drop", "category_only", "error")
+# Fields that name a news item's section rather than say what it reports: text from them alone
+# does not count as the item having text (category_only falls back on the category).
+SECTION_FIELDS = ("category", "subcategory")
+
+
+def none_of(fields: Sequence[str]) -> str:
+    """``['title', 'abstract']`` -> ``'neither title nor abstract'``, for messages."""
+    if len(fields) == 1:
+        return f"no {fields[0]}"
+    if len(fields) == 2:
+        return f"neither {fields[0]} nor {fields[1]}"
+    return "none of " + ", ".join(fields)
 
 
 def join_fields(fields: Sequence[str], separator: str) -> pl.Expr:
@@ -77,18 +89,20 @@ class MindDataSource:
     one clicked (cold items).
 
     **Items without text** (``missing_text``): a news item *has text* if it has a ``news.tsv`` row
-    whose title or abstract is not empty. In the shared sample only about 4 % of the referenced
-    news have a row at all.
+    in which one of the ``text_fields`` other than category and subcategory (by default title
+    and abstract; with ``text_fields=[abstract]`` the abstract alone) is not empty; text fields
+    that are only the category or subcategory count every row with one. In the shared sample
+    only about 4 % of the referenced news have a row at all.
 
     * ``drop`` (default): news without text are left out of the catalogue, and their history
       clicks, impression clicks and impression candidates are dropped; the counts are logged at
       INFO and kept in ``report``. Impressions may lose candidates (some all of them).
-    * ``category_only``: a news row with an empty title and abstract is kept with its category
-      as text. News with no row at all are still dropped as in ``drop``: we know nothing about
-      them, and a made-up text (the id, a placeholder) would teach the text tower noise and let
-      it match unrelated items on the placeholder.
-    * ``error``: any referenced news without a row, or a row without title and abstract, is an
-      error naming the file, column and row (full MIND, where every news has a row).
+    * ``category_only``: a news row without text is kept with its category as text. News with
+      no row at all are still dropped as in ``drop``: we know nothing about them, and a made-up
+      text (the id, a placeholder) would teach the text tower noise and let it match unrelated
+      items on the placeholder.
+    * ``error``: any referenced news without a row, or a row without text, is an error naming
+      the file, column and row (full MIND, where every news has a row).
 
     **Validation**: rows repeating an earlier row (behaviors: the whole line; news: the whole
     row) are dropped and counted (``duplicates="drop"``) or rejected (``"error"``), and so is a
@@ -135,6 +149,7 @@ class MindDataSource:
             raise ConfigError(
                 f"data.text_fields must be columns of news.tsv {list(NEWS_FIELDS[1:])}, got {text_fields}"
             )
+        self.body_fields = [f for f in self.text_fields if f not in SECTION_FIELDS]
         self.text_separator = text_separator
         self.duplicates = check_policy("duplicates", duplicates, DUPLICATE_POLICIES)
         self.behaviors_path = self.root / behaviors_file
@@ -149,20 +164,24 @@ class MindDataSource:
         v.require_non_null(df, Columns.Item, file)
         v.require_unique(df, Columns.Item, file)
         df = df.with_columns(pl.col(f).str.strip_chars() for f in NEWS_FIELDS[1:5])
-        no_body = (pl.col("title") == "") & (pl.col("abstract") == "")
+        # Judged on the fields the text is made of: with text_fields=[abstract] a row with only a
+        # title would otherwise pass here and then stop the run as "empty text" under every policy.
+        no_body = pl.lit(bool(self.body_fields))
+        for f in self.body_fields:
+            no_body = no_body & (pl.col(f).str.strip_chars() == "")
         n_no_body = df.select(no_body.sum()).item()
+        missing = none_of(self.body_fields)
         if n_no_body and self.missing_text == "error":
             row, ex = v.example(df, no_body)
             raise InputError(
-                f"{n_no_body} news row(s) have neither title nor abstract (set data.missing_text=drop or "
-                "category_only)",
+                f"{n_no_body} news row(s) have {missing} (set data.missing_text=drop or category_only)",
                 file=file,
-                column="title",
+                column=self.body_fields[0],
                 row=row,
                 example=ex,
             )
         if n_no_body and self.missing_text == "drop":
-            log.info("%s: dropped %d news row(s) with neither title nor abstract", file, n_no_body)
+            log.info("%s: dropped %d news row(s) with %s", file, n_no_body, missing)
             self.report["news_without_text_dropped"] = n_no_body
             df = df.filter(~no_body)
         text = join_fields(self.text_fields, self.text_separator)
@@ -304,10 +323,11 @@ class MindDataSource:
         if n == 0:
             return df
         if self.missing_text == "error":
+            why = f"no row, or {none_of(self.body_fields)}" if self.body_fields else "no row"
             row, ex = v.example(df.select(v.ROW, Columns.User, Columns.Item), missing)
             raise InputError(
-                f"{n} {what.replace('_', ' ')} refer to news without text in {self.news_path} (no row, or neither "
-                "title nor abstract); set data.missing_text=drop to drop them",
+                f"{n} {what.replace('_', ' ')} refer to news without text in {self.news_path} ({why}); "
+                "set data.missing_text=drop to drop them",
                 file=str(self.behaviors_path),
                 column=column,
                 row=row,

@@ -351,6 +351,29 @@ def test_mind_category_only_keeps_news_rows_without_title(tmp_path):
     assert src.report["news_without_text"] == 1
 
 
+def test_mind_missing_text_follows_the_text_fields(tmp_path):
+    """With text_fields=[abstract] a news with a title but no abstract has no text: the policy
+    applies to it (it used to pass as having text and then fail with 'empty text' under every
+    policy)."""
+    root = write_mind(tmp_path)
+    src = MindDataSource(root, text_fields=["abstract"])
+    data = src.load()
+    assert data.items[Columns.Item].to_list() == ["N1", "N4"]
+    assert data.items[Columns.Text].to_list() == ["A player won.", "Paris in spring"]
+    assert src.report["news_without_text_dropped"] == 2
+    kept = MindDataSource(root, text_fields=["abstract"], missing_text="category_only").load()
+    assert kept.items.filter(pl.col(Columns.Item) == "N3")[Columns.Text].item() == "finance"
+    err = expect_input_error(
+        MindDataSource(root, text_fields=["abstract"], missing_text="error").load,
+        "no abstract",
+        file="news.tsv",
+        column="abstract",
+    )
+    assert err.row == 2
+    # Text from the category alone: every row with a category has text.
+    assert MindDataSource(root, text_fields=["category"]).load().n_items == 4
+
+
 def test_mind_error_policy_names_the_reference(tmp_path):
     root = write_mind(tmp_path, news=[NEWS[0], NEWS[2], NEWS[3]])
     err = expect_input_error(
