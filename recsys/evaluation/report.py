@@ -316,7 +316,8 @@ class Reporter:
             Text(
                 "Per impression of the test users (shown at or after their first held-out event; candidates already "
                 "in their history dropped), every model scores the candidates shown; AUC, MRR and nDCG@5/10 per "
-                "impression, averaged over the impressions where each is defined (AUC needs a click and a non-click)."
+                "impression, averaged over the impressions where each is defined: MRR and nDCG over those with a "
+                "click, AUC over those with a click and a non-click."
             )
         )
         present = ordered(scores["model"].unique().to_list())
@@ -325,7 +326,9 @@ class Reporter:
             per = impression_metrics(scores.filter(pl.col("model") == m), ks=(5, 10))
             table[m] = summarize(per)
         numbers["impressions"] = table
-        cols = ["model", "AUC", "MRR", "nDCG@5", "nDCG@10", "impressions", "with AUC"]
+        # The impressions without a click count in none of the means: the clicked count is
+        # what MRR and nDCG are averaged over.
+        cols = ["model", "AUC", "MRR", "nDCG@5", "nDCG@10", "impressions", "with a click", "with AUC"]
         rows = [
             [
                 display(m),
@@ -334,6 +337,7 @@ class Reporter:
                 t["ndcg_at_5"],
                 t["ndcg_at_10"],
                 t["n_impressions"],
+                t["n_impressions_clicked"],
                 t["n_impressions_auc"],
             ]
             for m, t in table.items()

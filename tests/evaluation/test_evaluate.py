@@ -359,3 +359,11 @@ def test_impression_section_reports_each_models_impression_metrics(tiny_run):
     want = summarize(impression_metrics(scores.filter(pl.col("model") == "fused"), ks=(5, 10)))
     assert numbers["impressions"]["fused"] == want
     assert numbers["impressions"]["fused"]["auc"] > numbers["impressions"]["als"]["auc"]  # the planted click signal
+    # MRR and nDCG are averaged over the impressions with a click: the table says how many.
+    unclicked = pl.when(pl.col("impression_id") < 10).then(False).otherwise(pl.col("clicked")).alias("clicked")
+    doc, _ = Reporter(n_bootstrap=50).document(
+        dataclasses.replace(bundle, impression_scores=scores.with_columns(unclicked))
+    )
+    table = next(s for s in doc.sections if s.key == "impressions").blocks[-1]
+    counts = dict(zip(table.columns, table.rows[-1], strict=True))
+    assert (counts["impressions"], counts["with a click"], counts["with AUC"]) == (30, 20, 20)
