@@ -68,8 +68,9 @@ class NewData:
 
 def read_new_data(pipeline, source, duplicates: str = "drop") -> NewData:
     """The update's files, checked against the model: every event's item has a text row (in the
-    model or the new item file), new items have text, no event is older than the model's data,
-    and events already in the model are dropped or refused as ``duplicates`` says."""
+    model or the new item file), new items have text, events already in the model (whatever their
+    time) are dropped or refused as ``duplicates`` says, and no other event is older than the
+    model's data."""
     from recsys.data import validation as v
 
     known = pl.Series(Columns.Item, pipeline.item_ids.tolist(), dtype=pl.String)
@@ -77,9 +78,22 @@ def read_new_data(pipeline, source, duplicates: str = "drop") -> NewData:
     items, events = source.load_tables(known, allow_empty_items=True)
     # The loader added ``weight`` (from ``event``): the example rows show the columns as sent.
     sent = [c for c in events.columns if c != Columns.Weight]
-    old = events.filter(pl.col(Columns.Timestamp) < pipeline.now)
+    # Events the model already holds (same user, item, time and weight) are duplicates, whatever
+    # their time: a rerun of an update, or a file overlapping the last one, repeats them. They are
+    # told apart first, so that they meet ``duplicates`` and not the "older than the model" check
+    # (which said "retrain to change the past" of events that are already in the model).
+    stored = pipeline.history.select(
+        pl.Series(Columns.User, pipeline.users.ids[pipeline.history[Columns.UserIdx].to_numpy()].tolist()),
+        pl.Series(Columns.Item, pipeline.item_ids[pipeline.history[Columns.ItemIdx].to_numpy()].tolist()),
+        Columns.Timestamp,
+        Columns.Weight,
+    )
+    key = [Columns.User, Columns.Item, Columns.Timestamp, Columns.Weight]
+    seen = events.join(stored, on=key, how="semi").sort(v.ROW)
+    unseen = events.join(stored, on=key, how="anti").sort(v.ROW)
+    old = unseen.filter(pl.col(Columns.Timestamp) < pipeline.now)
     if old.height:
-        row, ex = v.example(events.select(sent), pl.col(Columns.Timestamp) < pipeline.now)
+        row, ex = v.example(unseen.select(sent), pl.col(Columns.Timestamp) < pipeline.now)
         end = datetime.fromtimestamp(pipeline.now, UTC).isoformat()
         raise source.in_file_terms(
             InputError(
@@ -91,18 +105,9 @@ def read_new_data(pipeline, source, duplicates: str = "drop") -> NewData:
                 example=ex,
             )
         )
-    # Events the model already holds (same user, item, time and weight) are duplicates too.
-    stored = pipeline.history.select(
-        pl.Series(Columns.User, pipeline.users.ids[pipeline.history[Columns.UserIdx].to_numpy()].tolist()),
-        pl.Series(Columns.Item, pipeline.item_ids[pipeline.history[Columns.ItemIdx].to_numpy()].tolist()),
-        Columns.Timestamp,
-        Columns.Weight,
-    )
-    key = [Columns.User, Columns.Item, Columns.Timestamp, Columns.Weight]
-    seen = events.join(stored, on=key, how="semi")
     if seen.height:
         if duplicates == "error":
-            first = seen.sort(v.ROW).row(0, named=True)
+            first = seen.row(0, named=True)
             row = first.pop(v.ROW)
             ex = {c: first[c] for c in sent if c in first}
             raise source.in_file_terms(
@@ -116,7 +121,7 @@ def read_new_data(pipeline, source, duplicates: str = "drop") -> NewData:
             )
         log.info("%s: dropped %d event(s) the model already holds", source.interactions_path, seen.height)
         source.report["duplicates_of_model_events_dropped"] = seen.height
-        events = events.join(stored, on=key, how="anti")
+        events = unseen
     events = events.sort(Columns.Timestamp, v.ROW).select(key)
     return NewData(items.drop(v.ROW), events, dict(source.report))
 
@@ -630,7 +635,9 @@ def _run(cfg: DictConfig, t_start: float, mode: str, tolerance: float, warm: int
     )
     new = read_new_data(tables, files, str(cfg.data.duplicates))
     if new.events.height == 0:
-        raise InputError("no new events: nothing to update", file=files.interactions_path)
+        held = new.report.get("duplicates_of_model_events_dropped", 0)
+        why = f": all {held} event(s) are already in the model (was this update applied before?)" if held else ""
+        raise InputError(f"no new events{why}: nothing to update", file=files.interactions_path)
     new_before, holdout = holdout_split(new, float(cfg.gate.holdout))
     # The new and changed texts are encoded (in a worker) while the model is loaded and CF is
     # refitted, for the challenger and for the gate's challenger without the holdout.

@@ -463,3 +463,39 @@ def test_an_event_for_an_unknown_item_says_it_is_neither_in_the_model_nor_in_the
     msg = str(err.value)
     assert f"neither in the model's catalogue nor in {items} (add its row, with its text, to that file)" in msg, msg
     assert err.value.example[Columns.Item] == "NOWHERE", msg
+
+
+def test_events_the_model_holds_are_duplicates_whatever_their_time(tmp_path):
+    """A rerun of an update, or a file overlapping the last one, repeats events the model holds.
+    ``data.duplicates`` (default drop) says what to do with them; they were refused as "older
+    than the model's data ... retrain to change the past" unless they were at the model's end."""
+    from recsys.data.files import FileDataSource
+    from recsys.update import read_new_data
+
+    p = champion()
+    names = {w: e for e, w in p.event_weights.items()}
+    held = stored(p).filter(pl.col(Columns.Timestamp) < p.now - 86400).head(3)
+    repeated = held.select(
+        Columns.User, Columns.Item, Columns.Timestamp, pl.col(Columns.Weight).replace_strict(names).alias(Columns.Event)
+    )
+    fresh = events_frame(hit_events(p, p.item_ids[0], 2, p.now + 60))
+    e = tmp_path / "events.csv"
+    pl.concat([repeated, fresh]).write_csv(e)
+    items = header_only_items(tmp_path)
+
+    new = read_new_data(p, FileDataSource(str(e), str(items), event_weights=p.event_weights))
+    assert new.events.select(Columns.User, Columns.Item, Columns.Timestamp).equals(
+        fresh.select(Columns.User, Columns.Item, Columns.Timestamp)
+    )
+    assert new.report["duplicates_of_model_events_dropped"] == 3
+
+    with pytest.raises(InputError, match="3 event\\(s\\) are already in the model") as err:
+        read_new_data(p, FileDataSource(str(e), str(items), event_weights=p.event_weights), duplicates="error")
+    assert err.value.row == 1 and err.value.column == Columns.User, str(err.value)
+
+    # A new event older than the model is still refused, named by its own row.
+    older = events_frame([(p.users.ids[0], p.item_ids[1], p.now - 1)])
+    pl.concat([repeated, older]).write_csv(e)
+    with pytest.raises(InputError, match="1 event\\(s\\) are older than the model's data") as err:
+        read_new_data(p, FileDataSource(str(e), str(items), event_weights=p.event_weights))
+    assert err.value.row == 4, str(err.value)
