@@ -584,6 +584,24 @@ def model_name(model_uri: str, configured: str | None) -> str:
     raise ConfigError(f"register_name is needed to register an update of '{model_uri}' (not a models:/ URI)")
 
 
+def pinned_uri(model_uri: str, tracking: str) -> str:
+    """``model_uri`` with a registry alias replaced by the version it points at now
+    (``models:/recsys@champion`` -> ``models:/recsys/3``); any other URI as it is. What the update
+    records as where it came from: the alias moves (to this very update, when the gate promotes
+    it), so the alias alone would not say which version was updated."""
+    if not model_uri.startswith("models:/") or "@" not in model_uri:
+        return model_uri
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    name, alias = model_uri[len("models:/") :].split("@", 1)
+    try:
+        version = mlflow.MlflowClient(tracking_uri=tracking).get_model_version_by_alias(name, alias).version
+    except MlflowException as e:
+        raise InputError(f"cannot resolve '{model_uri}' in {tracking}: {str(e).splitlines()[0]}") from e
+    return f"models:/{name}/{version}"
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Update as configured; returns the figures logged to MLflow."""
     t_start = time.perf_counter()
@@ -617,7 +635,9 @@ def _run(cfg: DictConfig, t_start: float, mode: str, tolerance: float, warm: int
     tracking = cfg.tracking_uri or tracking_uri(cfg.paths.mlruns_dir)
     TrainedPipeline.check_target(Path(cfg.output) / "pipeline", "output")  # where the challenger goes
     name = model_name(str(cfg.model_uri), cfg.register_name)
-    folder, source = resolve_model(str(cfg.model_uri), tracking)
+    # The version behind an alias, pinned before the model is read: the lineage the update records.
+    updated_from = pinned_uri(str(cfg.model_uri), tracking)
+    folder, source = resolve_model(updated_from, tracking)
     # The tables alone (no models, no ranker) to check the new files against, before any long work.
     tables = TrainedPipeline.load(folder, models=[])
     config = OmegaConf.load(folder / "config.yaml") if (folder / "config.yaml").is_file() else None
@@ -700,6 +720,7 @@ def _run(cfg: DictConfig, t_start: float, mode: str, tolerance: float, warm: int
         mlflow.log_params(
             {
                 "model_uri": str(cfg.model_uri),
+                "updated_from": updated_from,
                 "champion_run": source.get("run_id"),
                 "cf_mode": mode,
                 "warm_iterations": warm,
@@ -709,7 +730,7 @@ def _run(cfg: DictConfig, t_start: float, mode: str, tolerance: float, warm: int
         mlflow.log_params({f"gate.{key}": v for key, v in OmegaConf.to_container(cfg.gate).items() if key != "k"})
         challenger.meta = {
             **champion.meta,
-            "updated_from": str(cfg.model_uri),
+            "updated_from": updated_from,
             "run_id": mlflow.active_run().info.run_id,
         }
         serving = read_serving(folder / SERVING_FILE)

@@ -499,3 +499,30 @@ def test_events_the_model_holds_are_duplicates_whatever_their_time(tmp_path):
     with pytest.raises(InputError, match="1 event\\(s\\) are older than the model's data") as err:
         read_new_data(p, FileDataSource(str(e), str(items), event_weights=p.event_weights))
     assert err.value.row == 4, str(err.value)
+
+
+@pytest.mark.slow
+def test_an_update_from_an_alias_records_the_version_it_updated(tmp_path):
+    """``updated_from`` (the saved pipeline's meta.json, the update run's params) was the URI as
+    given, ``models:/NAME@challenger``: the alias moves on (here to this very update), so the
+    lineage named no version. It is now the version the alias pointed at."""
+    import json
+
+    from recsys.update import run
+
+    p = champion()
+    first = tmp_path / "first"
+    e, i = write(first.parent, events_frame(hit_events(p, p.item_ids[0], 10, p.now + 60)), new_item("NEW-1"))
+    v1 = run(config(first, e, i))["version"]
+    mlruns = f"paths.mlruns_dir={first / 'mlruns'}"
+    e2 = tmp_path / "events2.csv"
+    events_frame(hit_events(p, "NEW-1", 10, p.now + 86400)).write_csv(e2)
+    out = run(
+        config(tmp_path / "second", e2, header_only_items(tmp_path), f"model_uri=models:/{NAME}@challenger", mlruns)
+    )
+    client = mlflow.MlflowClient()
+    assert client.get_model_version_by_alias(NAME, "challenger").version == int(out["version"]) != int(v1)
+    meta = json.loads((tmp_path / "second" / "out" / "pipeline" / "meta.json").read_text())
+    assert meta["info"]["updated_from"] == f"models:/{NAME}/{v1}", meta["info"]
+    params = client.get_run(meta["info"]["run_id"]).data.params
+    assert params["updated_from"] == f"models:/{NAME}/{v1}" and params["model_uri"] == f"models:/{NAME}@challenger"
