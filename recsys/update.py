@@ -750,6 +750,15 @@ def _run(cfg: DictConfig, t_start: float, mode: str, tolerance: float, warm: int
         f"{figures['update/encoded_items']} texts encoded; {name} version {version} @challenger; "
         f"{gate.describe(k)}: {verdict}"
     )
+    if not gate.promote:
+        # A daily feed sends only the day's events: the next update of @champion would then leave
+        # these out for good (once it is promoted they are older than the model), and its events
+        # may name items only this update's item file held.
+        print(
+            f"update: @champion does not hold these {new.events.height} events and "
+            f"{figures['update/new_items']} new items: send them again with the next update of it "
+            f"({files.interactions_path}, {files.items_path})"
+        )
     return {**figures, "version": version, "promoted": gate.promote}
 
 

@@ -145,7 +145,7 @@ def test_gate_promotes_a_better_challenger(tmp_path):
 
 
 @pytest.mark.slow
-def test_gate_keeps_the_champion_when_the_challenger_is_worse(tmp_path):
+def test_gate_keeps_the_champion_when_the_challenger_is_worse(tmp_path, capsys):
     """The held-out events are exactly the champion's own first choices, and the events before
     them push the challenger elsewhere: the champion scores NDCG 1, the challenger less."""
     from recsys.update import run
@@ -169,6 +169,10 @@ def test_gate_keeps_the_champion_when_the_challenger_is_worse(tmp_path):
     assert out["gate/champion_ndcg_at_10"] == pytest.approx(1.0)
     assert out["gate/challenger_ndcg_at_10"] < out["gate/champion_ndcg_at_10"]
     assert not out["promoted"]
+    # The champion lacks these events: the next update of it must send them again, and says so.
+    printed = capsys.readouterr().out
+    assert f"@champion does not hold these {len(before) + len(after)} events and 0 new items" in printed
+    assert str(e) in printed
     client = mlflow.MlflowClient()
     assert client.get_model_version_by_alias(NAME, "challenger").version == int(out["version"])
     with pytest.raises(mlflow.exceptions.MlflowException):
