@@ -27,7 +27,7 @@ import scipy.sparse as sp
 
 from recsys.columns import Columns
 from recsys.data.dataset import Dataset, listing_times
-from recsys.data.split import Split
+from recsys.data.split import Split, moments_from_end
 from recsys.errors import InputError, require_whole
 from recsys.evaluation.metrics import metric_table, ranking_metrics, relevance_matrix
 from recsys.progress import user_bar
@@ -131,8 +131,9 @@ def stage_history(history: History, targets: pl.DataFrame) -> History:
 
 def earlier_stages(train: pl.DataFrame, n: int) -> list[tuple[pl.DataFrame, pl.DataFrame]]:
     """``n`` more labelled stages for the ranker inside ``train`` (sorted by user, then time):
-    stage ``k`` holds out each user's ``k``-th last training event as the target and keeps the
-    events before it as the history (a target needs at least one earlier event). Returned as
+    stage ``k`` holds out each user's ``k``-th last training moment as the target (the events
+    sharing that timestamp, as ``LeaveLastOutSplit`` holds them out) and keeps the events
+    before it as the history (a target needs at least one earlier moment). Returned as
     ``(history events, targets)`` for k = 1..n.
 
     One held-out event per user is few labels where candidate recall is low (10x the generated
@@ -143,10 +144,17 @@ def earlier_stages(train: pl.DataFrame, n: int) -> list[tuple[pl.DataFrame, pl.D
     >>> df = pl.DataFrame({"user_idx": [0, 0, 0, 1], "item_idx": [1, 2, 3, 1], "timestamp": [1, 2, 3, 1]})
     >>> [(h["item_idx"].to_list(), t["item_idx"].to_list()) for h, t in earlier_stages(df, 2)]
     [([1, 2], [3]), ([1], [2])]
+    >>> tied = pl.DataFrame({"user_idx": [0] * 4, "item_idx": [1, 2, 3, 4], "timestamp": [1, 2, 3, 3]})
+    >>> [(h["item_idx"].to_list(), t["item_idx"].to_list()) for h, t in earlier_stages(tied, 1)]
+    [([1, 2], [3, 4])]
     """
-    back = pl.int_range(pl.len()).reverse().over(Columns.UserIdx)  # 0 = the user's last event
-    size = pl.len().over(Columns.UserIdx)
-    return [(train.filter(back >= k), train.filter((back == k - 1) & (size > k))) for k in range(1, n + 1)]
+    train = train.with_columns(moments_from_end())
+    back = pl.col("_from_end")  # 0 = the user's last moment
+    size = pl.col(Columns.Timestamp).n_unique().over(Columns.UserIdx)
+    return [
+        (train.filter(back >= k).drop("_from_end"), train.filter((back == k - 1) & (size > k)).drop("_from_end"))
+        for k in range(1, n + 1)
+    ]
 
 
 @dataclass

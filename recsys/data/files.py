@@ -261,8 +261,13 @@ class FileDataSource:
         )
         n_tied = per_user.filter((pl.col("n") > 1) & (pl.col("times") == 1)).height
         if n_tied:
-            # Not an error: their order (and so which event is held out) is the file's row order.
-            log.info("%s: %d user(s) have all their events at one time; file order decides", self.name, n_tied)
+            # Not an error: they teach the models, but a per-user split holds out whole moments
+            # (LeaveLastOutSplit), so a user with one moment is never evaluated.
+            log.info(
+                "%s: %d user(s) have all their events at one time (kept in train, not evaluated by leave_last_out)",
+                self.name,
+                n_tied,
+            )
             self.report["users_with_all_events_at_one_time"] = n_tied
         return Dataset(
             interactions=inter.drop(v.ROW),

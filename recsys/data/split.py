@@ -28,16 +28,25 @@ class Split:
 
 
 class LeaveLastOutSplit:
-    """Per user, by time: the last ``n_test`` events -> test, the ``n_val`` before -> validation.
+    """Per user, by time: the last ``n_test`` moments -> test, the ``n_val`` before -> validation.
 
-    Users with fewer than ``n_val + n_test + min_train`` events keep everything in train (they
-    still teach the models, but are not evaluated). Ties in time keep file order.
+    A moment is one timestamp of the user's: events that share it (a batch of ratings entered in
+    one second, the clicks of one news impression) are held out together. Their order is
+    unknown, and leaving some of them in the history would show every model events of the very
+    moment it predicts, which deployment never sees (MovieLens-100k: 32 % of the test users had
+    history events in their target's second). Users with fewer than ``n_val + n_test +
+    min_train`` moments keep everything in train (they still teach the models, but are not
+    evaluated). Without ties every moment is one event.
 
     >>> import polars as pl
     >>> df = pl.DataFrame({"user_idx": [0, 0, 0, 1], "item_idx": [1, 2, 3, 1], "timestamp": [1, 2, 3, 1]})
     >>> s = LeaveLastOutSplit().split(df)
     >>> s.test["item_idx"].to_list(), s.val["item_idx"].to_list(), s.train["item_idx"].to_list()
     ([3], [2], [1, 1])
+    >>> tied = pl.DataFrame({"user_idx": [0] * 4, "item_idx": [1, 2, 3, 4], "timestamp": [1, 2, 3, 3]})
+    >>> s = LeaveLastOutSplit().split(tied)
+    >>> s.test["item_idx"].to_list(), s.val["item_idx"].to_list(), s.train["item_idx"].to_list()
+    ([3, 4], [2], [1])
     """
 
     def __init__(self, n_val: int = 1, n_test: int = 1, min_train: int = 1) -> None:
@@ -48,10 +57,10 @@ class LeaveLastOutSplit:
         self.n_val, self.n_test, self.min_train = n_val, n_test, min_train
 
     def split(self, interactions: pl.DataFrame) -> Split:
-        # Position counted from the end of each user's time line: 0 = last event.
+        # Moments counted from the end of each user's time line: 0 = the last timestamp.
         df = interactions.sort(Columns.UserIdx, Columns.Timestamp, maintain_order=True).with_columns(
-            (pl.len().over(Columns.UserIdx) - 1 - pl.int_range(pl.len()).over(Columns.UserIdx)).alias("_from_end"),
-            pl.len().over(Columns.UserIdx).alias("_n"),
+            moments_from_end(),
+            pl.col(Columns.Timestamp).n_unique().over(Columns.UserIdx).alias("_n"),
         )
         eligible = pl.col("_n") >= self.n_val + self.n_test + self.min_train
         is_test = eligible & (pl.col("_from_end") < self.n_test)
@@ -62,6 +71,12 @@ class LeaveLastOutSplit:
             val=df.filter(is_val).drop(drop),
             test=df.filter(is_test).drop(drop),
         )
+
+
+def moments_from_end() -> pl.Expr:
+    """``_from_end``: how many of the user's distinct timestamps come after each event's (0 = the
+    user's last moment); events sharing a timestamp share it, as they are held out together."""
+    return (pl.col(Columns.Timestamp).rank("dense", descending=True).over(Columns.UserIdx) - 1).alias("_from_end")
 
 
 class GlobalTimeSplit:

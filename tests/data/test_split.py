@@ -41,15 +41,16 @@ def events(tiny_dataset) -> pl.DataFrame:
 def test_leave_last_out_parts(events):
     split = LeaveLastOutSplit(n_val=1, n_test=1, min_train=1).split(events)
     check_partition(events, split)
-    # Brute force, user by user: test = last event by time, val = the one before.
+    # Brute force, user by user: test = the events of the last timestamp, val = of the one before.
     for (u,), user_events in events.group_by(Columns.UserIdx):
-        ordered = user_events.sort(Columns.Timestamp, "_event_id")["_event_id"].to_list()
-        test = split.test.filter(pl.col(Columns.UserIdx) == u)["_event_id"].to_list()
-        val = split.val.filter(pl.col(Columns.UserIdx) == u)["_event_id"].to_list()
-        if len(ordered) >= 3:
-            assert test == ordered[-1:] and val == ordered[-2:-1]
+        times = sorted(set(user_events[Columns.Timestamp].to_list()))
+        at = {t: set(user_events.filter(pl.col(Columns.Timestamp) == t)["_event_id"].to_list()) for t in times}
+        test = set(split.test.filter(pl.col(Columns.UserIdx) == u)["_event_id"].to_list())
+        val = set(split.val.filter(pl.col(Columns.UserIdx) == u)["_event_id"].to_list())
+        if len(times) >= 3:
+            assert test == at[times[-1]] and val == at[times[-2]]
         else:
-            assert test == [] and val == []
+            assert test == set() and val == set()
 
 
 def test_leave_last_out_several_and_short_users():
@@ -71,19 +72,29 @@ def test_leave_last_out_several_and_short_users():
     assert split.describe()["test_users"] == 1
 
 
-def test_leave_last_out_ties_keep_file_order(tmp_path):
+def test_leave_last_out_holds_out_a_moment_whole(tmp_path):
+    """Events sharing the user's last timestamp (a batch of ratings, one impression's clicks) are
+    all test targets: none stays in the history the models read at that moment."""
     from recsys.data import FileDataSource
+    from recsys.pipeline import earlier_stages
 
     (tmp_path / "e.csv").write_text(
-        "user_id,item_id,timestamp,event\nu,C,5,click\nu,A,5,click\nu,B,5,click\nu,D,1,click\n"
+        "user_id,item_id,timestamp,event\n"
+        "u,C,5,click\nu,A,5,click\nu,B,5,click\nu,D,1,click\nu,E,3,click\nu,F,3,click\nu,G,2,click\n"
+        "v,A,7,click\nv,B,7,click\nv,C,7,click\nv,D,8,click\n"  # two moments: not evaluated
     )
-    (tmp_path / "i.csv").write_text("item_id,title,description\nA,a,x\nB,b,y\nC,c,z\nD,d,w\n")
+    (tmp_path / "i.csv").write_text("item_id,title,description\n" + "".join(f"{c},{c},x\n" for c in "ABCDEFG"))
     data = FileDataSource(str(tmp_path / "e.csv"), str(tmp_path / "i.csv")).load()
-    split = LeaveLastOutSplit().split(data.interactions)
-    # Three events at t=5 in file order C, A, B: B is "last", A the one before.
-    assert split.test[Columns.Item].to_list() == ["B"]
-    assert split.val[Columns.Item].to_list() == ["A"]
-    assert split.train[Columns.Item].to_list() == ["D", "C"]
+    events = with_ids(data.interactions)
+    split = LeaveLastOutSplit().split(events)
+    check_partition(events, split)
+    assert split.test[Columns.Item].to_list() == ["C", "A", "B"]  # the t=5 moment, in file order
+    assert split.val[Columns.Item].to_list() == ["E", "F"]
+    assert split.train[Columns.Item].to_list() == ["D", "G", "A", "B", "C", "D"]
+    # The ranker's earlier labelled stage cuts the training history the same way.
+    ((history, targets),) = earlier_stages(split.train, 1)
+    assert targets[Columns.Item].to_list() == ["G", "D"]  # u's t=2, v's t=8 (after its t=7 moment)
+    assert history[Columns.Item].to_list() == ["D", "A", "B", "C"]
 
 
 def test_global_time_split(events):
