@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -83,17 +83,47 @@ def check_cli_overrides(config_name: str, argv: Sequence[str] | None = None) -> 
     Hydra's own message for ``trainer.max_epoch=5`` suggests ``+trainer.max_epoch=5``, which adds
     a key nothing reads: the job then fails late (an unknown Trainer argument) or ignores the
     value. The overrides are composed once more before Hydra starts (about 0.1 s); anything else
-    that fails here is left to Hydra's report. Not checked: a command line with any ``-`` flag
-    (a multirun's ``-m`` and sweep syntax, ``--config-dir``, whose folder only Hydra's own
+    that fails here is left to Hydra's report. A multirun (``-m``) is checked the same way: its
+    fixed overrides as above, and the keys it sweeps, on the command line (``seed=1,2``,
+    ``ranker.num_leaves=choice(15,31)``) or in the sweeper's search space
+    (``hydra.sweeper.params``), must name settings too (``check_swept_keys``); otherwise every
+    trial would fail, or run without the setting, only after the sweep had started. Not checked: a
+    command line with any other ``-`` flag (``--config-dir``, whose folder only Hydra's own
     composition sees, ``--cfg``, ``--help``).
     """
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if a not in MULTIRUN_FLAGS]
+    if any(a.startswith("-") for a in args):
+        return
+    swept = _swept(args)
+    if swept is None:  # not Hydra's override syntax: its own report says where
+        return
+    plain = [a for a in args if a not in swept]
+    _check_fixed_overrides(config_name, plain)
+    check_swept_keys(config_name, plain, swept)
+
+
+# The flags that make a command line a multirun (a sweep): the check drops them.
+MULTIRUN_FLAGS = ("-m", "--multirun")
+
+
+def _swept(args: list[str]) -> list[str] | None:
+    """The overrides of ``args`` that sweep (``seed=1,2``, ``x=choice(1,2)``, ``x=interval(0,1)``),
+    or None when Hydra's parser refuses one."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(args)
+    except Exception:
+        return None
+    return [a for a, o in zip(args, parsed, strict=True) if o.is_sweep_override()]
+
+
+def _check_fixed_overrides(config_name: str, args: list[str]) -> None:
+    """Exit 2 naming the nearest settings when one of ``args`` (no sweeps) names no setting."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import ConfigCompositionException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-    args = list(sys.argv[1:] if argv is None else argv)
-    if any(a.startswith("-") for a in args):
-        return
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         try:
             compose(config_name, overrides=args)
@@ -125,6 +155,49 @@ def check_cli_overrides(config_name: str, argv: Sequence[str] | None = None) -> 
             return
     print(f"error: {unknown_setting_message(cfg, key)}", file=sys.stderr)
     sys.exit(2)
+
+
+def check_swept_keys(config_name: str, fixed: list[str], swept: list[str]) -> None:
+    """Exit 2 when a key a sweep sets names no setting: ``swept`` command-line sweeps, and the
+    keys of ``hydra.sweeper.params`` (the Optuna search space of ``hparams_search=...`` or the
+    user's own), against the config ``fixed`` composes. A ``+key`` must be read (as
+    ``_check_added_keys`` says); config groups (``encoder=tiny,minilm``) are Hydra's to check."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        try:
+            cfg = compose(config_name, overrides=fixed, return_hydra_config=True)
+        except Exception:  # it needs what the sweeps add: left to Hydra
+            return
+    space = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
+    keys = [(a.split("=", 1)[0], "") for a in swept]
+    keys += [(str(k), "hydra.sweeper.params: ") for k in space]
+    with open_dict(cfg):
+        del cfg["hydra"]  # the job's settings only, as the other checks see them
+    for written, where in keys:
+        key = written.lstrip("+~")
+        if written.startswith("~") or key.startswith("hydra") or "/" in key or "@" in key:
+            continue
+        if (Path(CONFIG_DIR) / key.replace(".", "/")).is_dir():  # a config group
+            continue
+        if written.startswith("+"):
+            if unread := _unread(cfg, key):
+                hint = _nearest(cfg, unread, added=True)
+                print(f"error: {where}'{written}' adds a setting nothing reads ({hint})", file=sys.stderr)
+                sys.exit(2)
+        elif _absent(cfg, key):
+            print(f"error: {where}{unknown_setting_message(cfg, key)}", file=sys.stderr)
+            sys.exit(2)
+
+
+def _absent(cfg: DictConfig, key: str) -> bool:
+    """Whether ``cfg`` has no setting ``key`` (a value of None, or one that does not resolve
+    here, is a setting)."""
+    absent = object()
+    try:
+        return OmegaConf.select(cfg, key, default=absent, throw_on_resolution_failure=False) is absent
+    except Exception:
+        return False
 
 
 # Settings whose keys are names the user chooses, so ``+`` may add one: a model, a candidate

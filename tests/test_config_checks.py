@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import polars as pl
 import pytest
 
@@ -245,3 +247,77 @@ def test_without_a_near_name_the_message_lists_the_settings_there():
     )
     assert "did you mean 'rules.min_score'?" in unknown_setting_message(cfg, "rules.min_scor")
     assert "did you mean 'seed'?" in unknown_setting_message(cfg, "sede")
+
+
+# --- sweeps (-m): the keys they fix and the keys they search --------------------------------------
+
+SWEEP = ["-m", "+experiment=smoke", "hparams_search=ranker"]
+
+
+@pytest.mark.parametrize(
+    ("override", "refused"),
+    [
+        (
+            "trainer.max_epoch=1",
+            "error: no setting 'trainer.max_epoch' in the config (did you mean 'trainer.max_epochs'?)",
+        ),
+        (
+            "+text.budget_minute=0.1",
+            "error: '+text.budget_minute' adds a setting nothing reads (did you mean 'text.budget_minutes'?)",
+        ),
+        (
+            "ranker.num_leafs=choice(15,31)",
+            "error: no setting 'ranker.num_leafs' in the config (did you mean 'ranker.num_leaves'?)",
+        ),
+        (
+            "text.budget_minute=0.1,0.2",
+            "error: no setting 'text.budget_minute' in the config (did you mean 'text.budget_minutes'?)",
+        ),
+        (
+            "+text.budget_minute=interval(0.1,0.2)",
+            "error: '+text.budget_minute' adds a setting nothing reads (did you mean 'text.budget_minutes'?)",
+        ),
+    ],
+)
+def test_a_sweep_naming_no_setting_is_refused_before_it_starts(capsys, override, refused):
+    """Regression: ``-m`` skipped the check. ``+text.budget_minute=0.1`` ran every trial at the
+    default budget without a word; ``trainer.max_epoch=1`` and a misspelled swept key got Hydra's
+    hint to add the key with '+' after the MLflow parent run had started (and stayed RUNNING)."""
+    from recsys.config import check_cli_overrides
+
+    with pytest.raises(SystemExit) as e:
+        check_cli_overrides("config", [*SWEEP, override])
+    assert e.value.code == 2
+    assert refused in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["ranker.num_leaves=choice(15,31)", "text.temperature=interval(0.05,0.2)", "seed=1,2", "++seed=3,4"],
+        ["encoder=tiny,minilm", "+rank.n_candidates.bpr=10,20", "+trainer.limit_val_batches=2,3"],
+        ["hparams_search=text", "trainer=ddp", "trainer.devices=1"],
+    ],
+)
+def test_a_sweep_over_settings_passes(overrides):
+    from recsys.config import check_cli_overrides
+
+    check_cli_overrides("config", [*SWEEP, *overrides])
+    check_cli_overrides("config", ["--multirun", "+experiment=smoke", *overrides])
+
+
+def test_a_search_space_naming_no_setting_is_refused(tmp_path, capsys):
+    """A user's ``hparams_search`` file whose ``hydra.sweeper.params`` misspells a setting."""
+    from recsys.config import CONFIG_DIR, check_cli_overrides
+
+    shipped = (Path(CONFIG_DIR) / "hparams_search" / "ranker.yaml").read_text()
+    (tmp_path / "hparams_search").mkdir()
+    (tmp_path / "hparams_search" / "mine.yaml").write_text(shipped.replace("ranker.num_leaves:", "ranker.num_leafs:"))
+    args = ["+experiment=smoke", f"hydra.searchpath=[file://{tmp_path}]", "hparams_search=mine"]
+    with pytest.raises(SystemExit) as e:
+        check_cli_overrides("config", args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: hydra.sweeper.params: no setting 'ranker.num_leafs' in the config" in err
+    assert "did you mean 'ranker.num_leaves'?" in err
