@@ -6,13 +6,22 @@ validation metric named by ``optimized_metric`` (never a test metric: ``recsys.t
 those). This callback, listed under ``hydra.callbacks`` by the presets, opens the parent run,
 hands its id to the trials through the environment (``logger.parent_run_id`` reads it), records
 each trial's objective on the parent and, at the end, the best trial's settings.
+
+A sweep without a validation objective is refused before the parent run starts. A trial that
+fails is a failed Optuna trial (``recsys.train`` raises rather than exits inside a sweep), and the
+sweeper stops the sweep when more than ``hydra.sweeper.max_failure_rate`` of a batch of trials
+failed (Hydra's default, 0: at the first; the presets run batches of one, so 1.0 goes on); the
+parent run then ends FAILED, with the best trial so far recorded, rather than staying RUNNING.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +44,22 @@ class MLflowSweep(Callback):
         self.parent: str | None = None
         self.best: tuple[float, int, list[str], str | None] | None = None
         self.trials = 0
+        self.failed = 0
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         import mlflow
 
+        from recsys.errors import ConfigError, exit_on_user_error
+        from recsys.train import VALIDATION_OBJECTIVES, check_objective
+
+        def check() -> None:
+            # Every trial would run in full and the sweeper fail at the end ("No trials are
+            # completed yet"), or every trial stop on the objective: say so before any of them.
+            if config.get("optimized_metric") is None:
+                raise ConfigError(f"a sweep needs optimized_metric: one of {list(VALIDATION_OBJECTIVES)}")
+            check_objective(config.get("optimized_metric"))
+
+        exit_on_user_error(check)  # SystemExit: Hydra turns a callback's exceptions into warnings
         tracker = Tracker(config.paths.mlruns_dir, config.logger.experiment)
         self.client = mlflow.MlflowClient(tracking_uri=tracker.uri)
         self.sweep_dir = Path(config.hydra.sweep.dir)
@@ -61,10 +82,16 @@ class MLflowSweep(Callback):
         for key, value in params.items():
             self.client.log_param(self.parent, key, value[:6000])
         os.environ[PARENT_ENV] = self.parent
+        # Hydra calls on_multirun_end only when the sweep returns: a sweep stopped by failed trials
+        # (or Ctrl-C) ends the parent run at exit instead.
+        atexit.register(self._abandoned)
         log.info("sweep: MLflow parent run %s (experiment %s)", self.parent, config.logger.experiment)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        if self.parent is None or job_return.status.name != "COMPLETED" or job_return.return_value is None:
+        if self.parent is None:
+            return
+        if job_return.status.name != "COMPLETED" or job_return.return_value is None:
+            self.failed += 1
             return
         value = float(job_return.return_value)
         trial = int(config.hydra.job.num)
@@ -89,10 +116,27 @@ class MLflowSweep(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.parent is None:
             return
+        atexit.unregister(self._abandoned)
         os.environ.pop(PARENT_ENV, None)
         results = self.sweep_dir / RESULTS_FILE
         if results.is_file():
             self.client.log_artifact(self.parent, str(results))
+        self._record_best()
+        self.client.set_terminated(self.parent)
+        self.parent = None
+
+    def _abandoned(self) -> None:
+        """At exit of a sweep that stopped early: the best trial so far, and the parent run FAILED."""
+        if self.parent is None:
+            return
+        with contextlib.suppress(Exception):
+            self._record_best()
+            self.client.set_terminated(self.parent, status="FAILED")
+            print(f"sweep stopped: MLflow parent run {self.parent} marked FAILED", file=sys.stderr)
+        self.parent = None
+
+    def _record_best(self) -> None:
+        self.client.set_tag(self.parent, "failed_trials", str(self.failed))
         if self.best is not None:
             value, trial, overrides, run_id = self.best
             self.client.set_tag(self.parent, "best_trial", str(trial))
@@ -101,7 +145,7 @@ class MLflowSweep(Callback):
             best = {"trial": trial, "run_id": run_id, "value": value, "overrides": overrides}
             self.client.log_text(self.parent, OmegaConf.to_yaml(OmegaConf.create(best)), "best.yaml")
             print(
-                f"\nBest of {self.trials} trials ({self.metric} = {value:.4f}): trial {trial}, MLflow run "
+                f"\nBest of {self.trials} trials{f' ({self.failed} failed)' if self.failed else ''} "
+                f"({self.metric} = {value:.4f}): trial {trial}, MLflow run "
                 f"{run_id}, folder {self.sweep_dir / str(trial)}\n  overrides: {' '.join(overrides)}"
             )
-        self.client.set_terminated(self.parent)

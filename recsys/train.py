@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -17,7 +20,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from omegaconf import DictConfig  # noqa: E402
 
 import recsys.config  # noqa: E402  (registers resolvers; CONFIG_DIR)
-from recsys.errors import ConfigError, exit_on_user_error  # noqa: E402
+from recsys.errors import ConfigError, exit_on_user_error, user_message  # noqa: E402
+
+T = TypeVar("T")
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -75,6 +80,32 @@ def check_objective(name: str | None) -> None:
         )
 
 
+def in_sweep() -> bool:
+    """Whether this job is a trial of a Hydra multirun (``-m``, ``hparams_search=...``)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+class TrialFailed(Exception):
+    """A sweep's trial stopped on a data or config problem (the message is the one-line error)."""
+
+
+def fail_trial_on_user_error(job: Callable[[], T]) -> T:
+    """``exit_on_user_error`` for a sweep's trial: the one-line error, then an exception rather
+    than exit 2, so that Hydra records a failed trial and the sweeper applies
+    ``hydra.sweeper.max_failure_rate`` (an exit would end the whole sweep whatever it says)."""
+    try:
+        return job()
+    except Exception as e:
+        message = user_message(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        raise TrialFailed(message) from None  # the message says it all: no traceback of the cause
+
+
 @recsys.config.entry_point("config")
 def main(cfg: DictConfig) -> float | None:
     """Train; returns the validation metric named by ``optimized_metric`` (what a sweeper maximises)."""
@@ -84,7 +115,7 @@ def main(cfg: DictConfig) -> float | None:
     if exit_on_user_error(lambda: check_trainer(cfg.trainer)).is_worker:  # torchrun's ranks above 0
         return exit_on_user_error(lambda: serve_worker(cfg.trainer))
     save_hydra_files(cfg)
-    metrics = exit_on_user_error(lambda: run(cfg))
+    metrics = (fail_trial_on_user_error if in_sweep() else exit_on_user_error)(lambda: run(cfg))
     name = cfg.get("optimized_metric")
     return float(metrics[name]) if name is not None else None
 

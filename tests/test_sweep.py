@@ -33,6 +33,7 @@ def train(root: Path, args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("RECSYS_SWEEP_PARENT_RUN", None)
     cmd = [sys.executable, "-m", "recsys.train", *args, f"paths.root_dir={root}"]
+    root.mkdir(parents=True, exist_ok=True)
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -79,3 +80,34 @@ def test_a_test_metric_is_refused_as_objective(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "not a validation metric" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "mlruns").exists()  # refused before any run started
+
+
+def test_a_sweep_without_an_objective_is_refused_before_it_starts(tmp_path):
+    """Regression: ``optimized_metric=null`` ran every trial in full, then the sweeper failed with
+    a traceback ('No trials are completed yet'), leaving the parent run RUNNING."""
+    proc = train(tmp_path, ["-m", "+experiment=smoke", "hparams_search=ranker", "optimized_metric=null"])
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "error: a sweep needs optimized_metric: one of ['rank/val_ndcg_heldout'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "multirun").exists()
+
+
+def test_a_failing_trial_is_a_failed_trial_and_the_parent_run_ends(tmp_path):
+    """Regression: a trial's config error exited the whole process (exit 2) whatever
+    ``hydra.sweeper.max_failure_rate`` said, and no sweep that stopped early ended its MLflow
+    parent run, which stayed RUNNING. Now each trial fails on its own (the one-line error), the
+    sweeper goes on within its failure rate, and the parent ends FAILED, counting the failures."""
+    import mlflow
+
+    from recsys.tracking import tracking_uri
+
+    common = ["-m", "+experiment=smoke", "hparams_search=ranker", "hydra.sweeper.n_trials=2", "ranker.bags=0", *SMALL]
+    proc = train(tmp_path / "tolerant", [*common, "hydra.sweeper.max_failure_rate=1.0"])
+    assert proc.stderr.count("error: ranker.bags must be a whole number >= 1, got 0") == 2, proc.stderr[-3000:]
+    proc = train(tmp_path / "strict", common)  # Hydra's default rate, 0: the first failure stops it
+    assert proc.returncode != 0 and proc.stderr.count("error: ranker.bags must be") == 1, proc.stderr[-3000:]
+    for root, failed in (("tolerant", "2"), ("strict", "1")):
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri(tmp_path / root / "mlruns"))
+        runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+        (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        assert parent.info.status == "FAILED" and parent.data.tags["failed_trials"] == failed
