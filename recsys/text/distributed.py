@@ -93,10 +93,10 @@ def check_trainer(trainer: Mapping[str, Any], env: Mapping[str, str] | None = No
                 f"set trainer.devices<={have}" + (" or trainer.accelerator=cpu" if not have else "")
             )
     else:
-        have = os.cpu_count() or 1
+        have = usable_cores()
         if devices > have:
             raise ConfigError(
-                f"trainer.devices={devices} CPU processes but this machine has {have} CPU core(s): "
+                f"trainer.devices={devices} CPU processes but this process may use {have} CPU core(s): "
                 f"set trainer.devices<={have}"
             )
     world = devices * nodes
@@ -118,6 +118,13 @@ def check_trainer(trainer: Mapping[str, Any], env: Mapping[str, str] | None = No
             f"(torchrun --nnodes={nodes} --nproc_per_node={devices} ...; README 'On a cluster')"
         )
     return Ranks(world, 0, 0, launched=False, backend=backend)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity where the OS tells it. A batch
+    scheduler's allocation (Slurm's cpuset) or ``taskset`` gives a process fewer cores than the
+    machine has, which ``os.cpu_count()`` counts."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass

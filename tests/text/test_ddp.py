@@ -46,6 +46,18 @@ def test_settings_that_cannot_work_are_a_config_error(trainer, env, message):
         check_trainer(trainer, env)
 
 
+def test_cpu_processes_are_counted_against_the_cores_this_process_may_use(monkeypatch):
+    """Regression: the check counted the machine's cores (``os.cpu_count``), so under a batch
+    scheduler's or ``taskset``'s allocation of 1 core ``trainer.devices=2`` passed."""
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no CPU affinity on this OS")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    with pytest.raises(ConfigError, match="trainer.devices=2 CPU processes but this process may use 1 CPU core"):
+        check_trainer({"strategy": "ddp", "devices": 2, "accelerator": "cpu"}, {})
+    check_trainer({"strategy": "ddp", "devices": 1, "accelerator": "cpu"}, {})
+
+
 def test_layouts():
     assert check_trainer({"devices": 1, "accelerator": "cpu"}, {}).world_size == 1
     one_node = check_trainer({"strategy": "ddp", "devices": 2, "accelerator": "cpu"}, {})
