@@ -6,6 +6,7 @@ want more cores run more workers (the batch export's ``workers``) instead.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -25,6 +26,13 @@ def thread_limits(n: int) -> Iterator[None]:
 
     with _torch_threads(n), threadpool_limits(n):
         yield
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity where the OS tells it. A batch
+    scheduler's allocation (Slurm's cpuset) or ``taskset`` gives a process fewer cores than the
+    machine has, which ``os.cpu_count()`` counts."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 _TORCH_LOCK = threading.Lock()

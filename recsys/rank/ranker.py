@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -12,6 +11,7 @@ import polars as pl
 
 from recsys.columns import Columns
 from recsys.errors import ConfigError, InputError, require_whole
+from recsys.threads import usable_cores
 
 if TYPE_CHECKING:
     import lightgbm as lgb
@@ -210,11 +210,6 @@ class LambdaMARTRanker:
         return pl.DataFrame({"feature": self.features, "gain": gain.astype(np.float64)}).sort(
             "gain", "feature", descending=[True, False]
         )
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity where the OS tells it)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def ndcg_at(frame: pl.DataFrame, scores: np.ndarray, label: str, k: int) -> float:

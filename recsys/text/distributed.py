@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from recsys.errors import ConfigError, require_whole
+from recsys.threads import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -118,13 +119,6 @@ def check_trainer(trainer: Mapping[str, Any], env: Mapping[str, str] | None = No
             f"(torchrun --nnodes={nodes} --nproc_per_node={devices} ...; README 'On a cluster')"
         )
     return Ranks(world, 0, 0, launched=False, backend=backend)
-
-
-def usable_cores() -> int:
-    """The cores this process may run on: its CPU affinity where the OS tells it. A batch
-    scheduler's allocation (Slurm's cpuset) or ``taskset`` gives a process fewer cores than the
-    machine has, which ``os.cpu_count()`` counts."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass
