@@ -6,7 +6,8 @@ Two stages share one protocol:
   fine-tuned on it (and early-stopped on the validation events), and the ranker learns to
   order each user's candidates so that the validation item comes first. With
   ``rank.label_stages`` > 1 it also learns from earlier stages inside train (each user's last
-  training events held out, CF refitted before them, the text tower never trained on them).
+  training moment held out, CF refitted before it; the text tower was fine-tuned on those events,
+  which held out lost on validation: ``earlier_stages``).
 * **test stage** -- history = train + validation. CF models are refitted on it, the text tower
   reads the longer histories (its weights stay as trained), the ranker trained above orders
   the candidates, and every model is scored on the test events, which nothing has seen.
