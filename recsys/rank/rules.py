@@ -29,7 +29,7 @@ import polars as pl
 import scipy.sparse as sp
 
 from recsys.columns import Columns
-from recsys.errors import ConfigError
+from recsys.errors import ConfigError, require_number
 from recsys.jit import njit
 from recsys.recommender import mask_items
 from recsys.topk import top_k
@@ -77,7 +77,15 @@ class BusinessRules:
         }
 
     def compile(self, items: pl.DataFrame, now: int) -> CompiledRules:
-        """Bind the rules to a catalogue (``item_id, item_idx, ...`` sorted by item_idx)."""
+        """Bind the rules to a catalogue (``item_id, item_idx, ...`` sorted by item_idx).
+
+        The settings are checked here, the one place every entry point (CLI, pyfunc model,
+        Spark) binds them: a value of the wrong type would otherwise surface as a raw polars or
+        Python error in the middle of an export (``rules.min_score`` only in the first block)."""
+        require_number("rules.min_score", self.min_score, optional=True)
+        if self.at is not None and (isinstance(self.at, bool) or not isinstance(self.at, int | np.integer)):
+            # int("2024-05-01") was a ValueError traceback; the window compares Unix seconds.
+            raise ConfigError(f"rules.at must be a time in whole Unix seconds or null, got {self.at!r}")
         n = items.height
         ids = items[Columns.Item].cast(pl.String)
         item_rules: dict[str, np.ndarray] = {}
@@ -101,12 +109,25 @@ class BusinessRules:
             item_rules["time_window"] = window
         category = None
         if self.max_per_category is not None:
+            if isinstance(self.max_per_category, bool) or not isinstance(self.max_per_category, int | np.integer):
+                # 2.5 would be cut to 2 by the compiled cap, "3" would fail there as a TypeError.
+                raise ConfigError(f"rules.max_per_category must be a whole number >= 1, got {self.max_per_category!r}")
             if self.max_per_category < 1:
                 raise ConfigError(f"rules.max_per_category must be >= 1, got {self.max_per_category}")
             if self.category_column not in items.columns:
                 raise ConfigError(
                     f"rules.max_per_category is set but the items have no '{self.category_column}' column "
                     f"(set rules.category_column; columns: {items.columns})"
+                )
+            dtype = items.schema[self.category_column]
+            if dtype.is_nested():
+                # One category per item is what the cap counts (MovieLens' ``genres`` is a list
+                # of them): casting a list to a string is a polars error, not a category.
+                scalar = [c for c, t in items.schema.items() if not t.is_nested() and c != Columns.ItemIdx]
+                raise ConfigError(
+                    f"rules.category_column='{self.category_column}' is a {dtype} column, but the per-category "
+                    f"cap needs one category per item: name a column holding one value per item "
+                    f"(scalar columns: {scalar})"
                 )
             category = items[self.category_column].cast(pl.String).fill_null("").cast(pl.Categorical).to_physical()
             category = category.to_numpy().astype(np.int64)

@@ -174,3 +174,29 @@ def test_apply_rules_on_an_empty_frame():
     out = apply_rules(frame, compiled(BusinessRules(max_per_category=1)), 5)
     assert out.height == 0
     assert out.columns == [Columns.UserIdx, Columns.ItemIdx, Columns.Score, Columns.Rank]
+
+
+@pytest.mark.parametrize(
+    ("rules", "message"),
+    [
+        # MovieLens' items carry their genres as a list: casting it was a raw polars error.
+        (
+            BusinessRules(max_per_category=2, category_column="genres"),
+            r"rules.category_column='genres' is a List\(String\) column.*one category per item.*'category'",
+        ),
+        # Found only when the first block was ranked (float('abc')), after the model had loaded.
+        (BusinessRules(min_score="abc"), "rules.min_score must be a number or null, got 'abc'"),
+        (BusinessRules(at="2024-05-01"), "rules.at must be a time in whole Unix seconds or null, got '2024-05-01'"),
+        (BusinessRules(max_per_category=2.5), "rules.max_per_category must be a whole number >= 1, got 2.5"),
+    ],
+)
+def test_rules_of_the_wrong_type_are_a_config_error_naming_the_setting(rules, message):
+    """Every entry point binds the rules with ``compile``, so a setting of the wrong type is one
+    ``ConfigError`` there (the CLI's ``error:`` line, exit 2), not a traceback mid-export."""
+    from recsys.errors import ConfigError
+
+    items = catalogue().with_columns(pl.Series("genres", [["Drama", "War"]] * N_ITEMS))
+    with pytest.raises(ConfigError, match=message):
+        rules.compile(items, now=100)
+    # numpy integers (a time read from meta.json or an array) stay valid times and caps
+    BusinessRules(at=np.int64(100), max_per_category=np.int64(2)).compile(items, now=100)
