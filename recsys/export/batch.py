@@ -38,7 +38,7 @@ import shutil
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,7 +50,7 @@ import polars as pl
 from recsys.atomic import write_atomic, write_text_atomic
 from recsys.columns import Columns
 from recsys.errors import ConfigError
-from recsys.export.engine import OUTPUT_SCHEMA, Engine, EngineRecipe
+from recsys.export.engine import FUSED, OUTPUT_SCHEMA, Engine, EngineRecipe
 from recsys.output import output_lock
 from recsys.pipeline_model import check_histories_mode
 from recsys.rank.rules import LIST_RULE_SETTINGS
@@ -186,7 +186,7 @@ def export_recommendations(
         manifest_path = out_path.with_name(out_path.name.removesuffix(".parquet") + ".manifest.json")
         write_text_atomic(json.dumps(manifest, indent=2, default=str), manifest_path)  # ASCII: same bytes anywhere
         shutil.rmtree(work, ignore_errors=True)
-        warn_short_lists(manifest, manifest_path)
+        warn_short_lists(manifest, manifest_path, engine.p.n_candidates if engine.scorer == FUSED else None)
         return ExportResult(out_path, manifest_path, manifest)
 
 
@@ -278,13 +278,21 @@ def _manifest(
     }
 
 
-def warn_short_lists(manifest: dict[str, Any], manifest_path: Path) -> None:
+def warn_short_lists(
+    manifest: dict[str, Any], manifest_path: Path, candidates: Mapping[str, int] | None = None
+) -> None:
     """Log the manifest's ``lists_shorter_than_k``, which a reader of the output would otherwise
     find only there: a warning with what each list rule removed when some lists are short, an
     error naming the rule likely responsible when every list is empty. The export still
     succeeds (a short list is what the rules asked for), but an empty output is rarely what was
     meant: a ``rules.min_score`` read as a probability removes every row of the fused ranker,
-    whose scores are LambdaMART raw scores, negative in the reported case (around -3.5)."""
+    whose scores are LambdaMART raw scores, negative in the reported case (around -3.5).
+
+    ``candidates``: the fused scorer's ``rank.n_candidates`` (``None`` for a single model). The
+    fused scorer ranks only each user's candidates, so past their number (e.g. ``k=200`` with the
+    default sources, at most 190, fewer where sources agree) every list is short though no rule
+    removed anything and the catalogue is far larger: the warning then names that, not the
+    catalogue."""
     short, users, k = manifest["lists_shorter_than_k"], manifest["users"], manifest["k"]
     if not short:
         return
@@ -298,6 +306,16 @@ def warn_short_lists(manifest: dict[str, Any], manifest_path: Path) -> None:
         else ""
     )
     by_rule = ", ".join(f"{LIST_RULE_SETTINGS[name]} removed {n}" for n, name in removed)
+    no_rule = (
+        "no list rule removed anything; the catalogue less the user's history and the masked items holds fewer than k"
+    )
+    if candidates:
+        no_rule = (
+            f"no list rule removed anything; the fused scorer ranks only each user's candidates, the union of each "
+            f"source's top-N (rank.n_candidates: {dict(candidates)}, at most {sum(candidates.values())} items, fewer "
+            "where sources propose the same item; a user without history gets only the popularity sources'), so a k "
+            "beyond them leaves lists short (a single scorer, e.g. scorer=als, ranks the whole catalogue)"
+        )
     scale = ""
     if counts.get("min_score") and (span := manifest.get("score_range")) is not None:
         scale = (
@@ -310,9 +328,7 @@ def warn_short_lists(manifest: dict[str, Any], manifest_path: Path) -> None:
             short,
             users,
             k,
-            by_rule
-            or "no list rule removed anything; the catalogue less the user's history and the masked items "
-            "holds fewer than k",
+            by_rule or no_rule,
             scale + cold_note,
             manifest_path,
         )

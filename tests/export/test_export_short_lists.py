@@ -98,3 +98,25 @@ def test_users_without_history_explain_an_empty_export_of_a_history_reading_scor
     caplog.clear()
     m = export(pipeline, tmp_path / "fused", BusinessRules(), users=["nobody"]).manifest
     assert m["rows"] == 5 and messages(caplog, logging.ERROR) == []
+
+
+def test_a_k_beyond_the_fused_candidates_is_a_warning_naming_them_not_the_catalogue(pipeline, tmp_path, caplog):
+    """The fused scorer ranks only each user's candidates (the union of ``rank.n_candidates``):
+    ``k=200`` on MovieLens-100k (1,682 items, candidates 190 at most) left every list at 124-158
+    rows, and the warning blamed 'the catalogue less the user's history', which held 1,500+."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    p = pipeline
+    k = sum(p.n_candidates.values()) + 1
+    m = export(p, tmp_path / "fused", BusinessRules(), k=k).manifest
+    assert m["lists_shorter_than_k"] == 6 and m["rows"] <= 6 * (k - 1)
+    (warning,) = messages(caplog, logging.WARNING)
+    assert "6 of 6 list(s) shorter than k=" in warning
+    assert f"rank.n_candidates: {dict(p.n_candidates)}, at most {k - 1} items" in warning
+    assert "the catalogue less" not in warning
+    caplog.clear()
+    # What it says of a single scorer stays (ALS ranks the whole catalogue: full lists where it has k items).
+    k_als = p.n_items + 1
+    m = export(p, tmp_path / "als", BusinessRules(), k=k_als, scorer="als").manifest
+    (warning,) = messages(caplog, logging.WARNING)
+    assert "the catalogue less the user's history and the masked items holds fewer than k" in warning
+    assert "rank.n_candidates" not in warning
