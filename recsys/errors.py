@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 import sys
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -92,7 +93,8 @@ def require_whole(name: str, value: Any, low: int = 1, *, optional: bool = False
     grammar keep booleans and floats apart from integers, so either is a typo."""
     if value is None and optional:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    # numbers.Integral: numpy's integers too (a value read from a table or an array).
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         null = " or null" if optional else ""
         raise ConfigError(f"{name} must be a whole number >= {low}{null}, got {value!r}")
 

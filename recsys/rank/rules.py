@@ -29,7 +29,7 @@ import polars as pl
 import scipy.sparse as sp
 
 from recsys.columns import Columns
-from recsys.errors import ConfigError, require_number
+from recsys.errors import ConfigError, require_number, require_whole
 from recsys.jit import njit
 from recsys.recommender import mask_items
 from recsys.topk import top_k
@@ -109,11 +109,8 @@ class BusinessRules:
             item_rules["time_window"] = window
         category = None
         if self.max_per_category is not None:
-            if isinstance(self.max_per_category, bool) or not isinstance(self.max_per_category, int | np.integer):
-                # 2.5 would be cut to 2 by the compiled cap, "3" would fail there as a TypeError.
-                raise ConfigError(f"rules.max_per_category must be a whole number >= 1, got {self.max_per_category!r}")
-            if self.max_per_category < 1:
-                raise ConfigError(f"rules.max_per_category must be >= 1, got {self.max_per_category}")
+            # 2.5 would be cut to 2 by the compiled cap, "3" would fail there as a TypeError.
+            require_whole("rules.max_per_category", self.max_per_category)
             if self.category_column not in items.columns:
                 raise ConfigError(
                     f"rules.max_per_category is set but the items have no '{self.category_column}' column "
