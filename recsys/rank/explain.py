@@ -83,10 +83,23 @@ class HistoryExplainer:
             if (space := self._space(name)) is None:
                 continue
             if whole:
-                return nearest_history(*space, hist, mask, rows_u, rows_i)
+                return nearest(space, hist, mask, rows_u, rows_i)
             sel = np.flatnonzero((src == name).fill_null(False).to_numpy())
-            best_item[sel], best_sim[sel] = nearest_history(*space, hist, mask, rows_u[sel], rows_i[sel])
+            best_item[sel], best_sim[sel] = nearest(space, hist, mask, rows_u[sel], rows_i[sel])
         return best_item, best_sim
+
+
+def nearest(space: tuple, hist: np.ndarray, mask: np.ndarray, users: np.ndarray, items: np.ndarray):
+    """``nearest_history`` in ``space``; in an item-kNN space (``SPARSE``) an item that is no
+    neighbour of any of the recent history items has no explanation. Item-kNN scores the whole
+    history, while the explanation reads its last ``history_items``: for a heavy user none of
+    those may be a neighbour, and the kernel's tie rule then named the first of them at
+    similarity 0, an unrelated item (MovieLens: 5 of 2,052 item-kNN rows)."""
+    item, sim = nearest_history(*space, hist, mask, users, items)
+    if space[0] == SPARSE:
+        unrelated = ~(sim > 0)
+        item[unrelated], sim[unrelated] = -1, np.nan
+    return item, sim
 
 
 def feature_explanations(

@@ -332,3 +332,22 @@ def test_histories_gather_equals_a_filter_and_sort(pipeline, shuffled):
     assert got.history.interactions.equals(ref)
     assert got.history.interactions.filter(pl.col(Columns.UserIdx) == 0).height == 2  # given replaced stored
     assert h.height > 300
+
+
+def test_an_item_knn_row_without_a_neighbour_in_the_recent_history_has_no_explanation():
+    """Item-kNN scores the whole history; the explanation reads its last ``history_items``. An
+    item that is no neighbour of any of those has no explaining item (null), not the first of
+    them at similarity 0 (MovieLens: heavy users were shown an unrelated film "because of" it)."""
+    import scipy.sparse as sp
+
+    from recsys.rank.explain import HistoryExplainer
+
+    class Knn:  # item 0 is a neighbour of item 5 only; item 1 of item 2
+        def item_space(self):
+            return sp.csr_matrix(([0.4, 0.7], ([5, 2], [0, 1])), shape=(6, 6), dtype=np.float32)
+
+    rows = pl.DataFrame({Columns.UserIdx: [0, 0, 1], Columns.ItemIdx: [0, 1, 0], Columns.Source: ["itemknn"] * 3})
+    # User 0: item 5 long ago (beyond the 2 recent items read), then 2 and 3; user 1: 3, 5.
+    item, sim = HistoryExplainer({"itemknn": Knn()}, history_items=2)(rows, [np.array([5, 2, 3]), np.array([3, 5])])
+    assert item.tolist() == [-1, 2, 5]
+    assert np.isnan(sim[0]) and sim[1:].tolist() == pytest.approx([0.7, 0.4])
