@@ -121,14 +121,19 @@ def feature_explanations(
             },
             schema={**{f"n{j}": pl.String for j in range(n_top)}, **{f"v{j}": pl.Float64 for j in range(n_top)}},
         )
+        # Three decimals always ("+0.320", not "+0.32"), from whole thousandths, so that a value
+        # that rounds to zero reads "+0.000" (a rounded float printed "-0.0").
+        milli = [(pl.col(f"v{j}") * 1000).round(0).cast(pl.Int64) for j in range(n_top)]
         parts = [
             pl.concat_str(
                 pl.col(f"n{j}"),
                 pl.lit(":"),
-                pl.when(pl.col(f"v{j}") >= 0).then(pl.lit("+")).otherwise(pl.lit("")),
-                pl.col(f"v{j}").round(3).cast(pl.String),
+                pl.when(m >= 0).then(pl.lit("+")).otherwise(pl.lit("-")),
+                (m.abs() // 1000).cast(pl.String),
+                pl.lit("."),
+                (m.abs() % 1000).cast(pl.String).str.zfill(3),
             )
-            for j in range(n_top)
+            for j, m in enumerate(milli)
         ]
         text[selected] = tmp.select(pl.concat_str(parts, separator=";").alias("x"))["x"].to_numpy()
     return pl.Series("explain_features", text.tolist(), dtype=pl.String)

@@ -351,3 +351,13 @@ def test_an_item_knn_row_without_a_neighbour_in_the_recent_history_has_no_explan
     item, sim = HistoryExplainer({"itemknn": Knn()}, history_items=2)(rows, [np.array([5, 2, 3]), np.array([3, 5])])
     assert item.tolist() == [-1, 2, 5]
     assert np.isnan(sim[0]) and sim[1:].tolist() == pytest.approx([0.7, 0.4])
+
+
+def test_feature_explanations_read_three_decimals_and_no_negative_zero():
+    """``name:+0.123`` as documented: "+0.320", not "+0.32"; a contribution that rounds to zero
+    reads "+0.000", not "-0.0"; features by absolute contribution."""
+    from recsys.rank.explain import feature_explanations
+
+    contributions = np.array([[0.32, -0.0001, 1.23456], [-2.5, 0.0004, 0.1]])
+    text = feature_explanations(pl.DataFrame({"r": [0, 1]}), contributions, np.array([True, True]), ["x", "y", "z"], 3)
+    assert text.to_list() == ["z:+1.235;x:+0.320;y:+0.000", "x:-2.500;z:+0.100;y:+0.000"]
