@@ -31,13 +31,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+KEY_BYTES = 16  # an item key's length: a blake2b digest of its token ids
+
 
 def item_keys(ids: torch.Tensor, lengths: torch.Tensor) -> list[bytes]:
-    """One 16-byte hash per item of its real (non-pad) token ids."""
+    """One ``KEY_BYTES``-byte hash per item of its real (non-pad) token ids."""
     arr = ids.to(torch.int32).numpy()
     return [
-        hashlib.blake2b(arr[j, : int(n)].tobytes(), digest_size=16).digest() for j, n in enumerate(lengths.tolist())
+        hashlib.blake2b(arr[j, : int(n)].tobytes(), digest_size=KEY_BYTES).digest()
+        for j, n in enumerate(lengths.tolist())
     ]
+
+
+def _stored_key(k: np.bytes_) -> bytes:
+    """A key as read back from a table file. The file holds them as numpy ``S16`` strings, which
+    drop trailing zero bytes when read, so a key ending in ``b"\\x00"`` (one item in 256) would
+    never match its item again and be re-encoded by every run: pad it back to full length."""
+    return bytes(k).ljust(KEY_BYTES, b"\x00")
 
 
 class ItemEmbeddingCache:
@@ -72,7 +82,7 @@ class ItemEmbeddingCache:
         if path is not None and path.is_file():
             try:
                 with np.load(path, allow_pickle=False) as f:
-                    table = dict(zip((bytes(k) for k in f["keys"]), f["vectors"], strict=True))
+                    table = dict(zip((_stored_key(k) for k in f["keys"]), f["vectors"], strict=True))
             except Exception as e:  # a damaged file is only a cache miss
                 log.warning("ignoring unreadable embedding cache %s (%s)", path, e)
         self._tables[weights] = table
@@ -89,7 +99,7 @@ class ItemEmbeddingCache:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-        keys = np.array(list(table), dtype="S16")
+        keys = np.array(list(table), dtype=f"S{KEY_BYTES}")
         np.savez(tmp, keys=keys, vectors=np.stack(list(table.values())).astype(np.float32))
         os.replace(tmp, path)  # readers see the old table or the new one, never half of one
 

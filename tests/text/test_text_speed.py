@@ -192,6 +192,30 @@ def test_cache_misses_when_truncation_changes(tokenizer_path):
     assert sum(calls) == long_texts > 0
 
 
+def test_cache_folder_finds_keys_ending_in_a_zero_byte(tokenizer_path, tmp_path):
+    """Regression: the table file stored keys as numpy ``S16`` strings, which drop trailing zero
+    bytes when read back, so an item whose key ends in ``b"\\x00"`` (one in 256) missed the
+    folder's cache in every later run and was encoded again."""
+    from recsys.text.cache import item_keys
+
+    enc = ItemEncoder.random(tokenizer=tokenizer_path, seed=0)
+    texts = [f"catalogue item {i}" for i in range(2000)]
+    keys = item_keys(*enc.tokenize(texts))
+    texts = [t for t, k in zip(texts, keys, strict=True) if k.endswith(b"\x00")][:3] + TEXTS
+    assert len(texts) > len(TEXTS)
+
+    def run() -> tuple[torch.Tensor, int]:  # a new process: a new cache on the same folder
+        cache = ItemEmbeddingCache(directory=str(tmp_path / "emb"))
+        vectors = ItemEncoder.random(tokenizer=tokenizer_path, seed=0, embedding_cache=cache).encode(texts)
+        return vectors, cache.encoded_items
+
+    first, encoded = run()
+    assert encoded == len(texts)
+    again, encoded = run()
+    assert encoded == 0
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+
+
 # --- options ------------------------------------------------------------------------------------
 
 
