@@ -136,7 +136,7 @@ def prepare(cfg: DictConfig, timings: StageTimings) -> Job:
     from recsys.pipeline import check_split, stage_users
     from recsys.recommender import DERIVED_SOURCES
     from recsys.text.distributed import check_trainer
-    from recsys.text.options import budget, check_options
+    from recsys.text.options import budget, check_freeze_layers, check_options
 
     out_dir = Path(cfg.paths.output_dir)
     check_run_folder(cfg, out_dir)
@@ -163,6 +163,8 @@ def prepare(cfg: DictConfig, timings: StageTimings) -> Job:
         L.seed_everything(cfg.seed, workers=True)
         torch.use_deterministic_algorithms(True, warn_only=True)
         encoder = instantiate(cfg.encoder)
+        if freeze := cfg.text.module.get("freeze_layers"):  # the layer count, known now (encoder.num_layers)
+            check_freeze_layers(freeze, len(encoder.bert.encoder.layer))
         cf = {name: instantiate(node) for name, node in cfg.cf.items()}
         ranker = instantiate(cfg.ranker)
         fusion = FusionStage(

@@ -171,6 +171,8 @@ class ItemEncoder(nn.Module):
         ):
             raise ConfigError(f"encoder.max_length must be a positive integer or 'auto', got {max_length!r}")
         self.max_length: int | str = max_length
+        # Checked here, when the job builds the encoder, not at the catalogue's tokenisation after the CF fit.
+        require_number("encoder.max_length_percentile", max_length_percentile, 0, 100)
         self.max_length_percentile = max_length_percentile
         require_whole("encoder.num_layers", num_layers, optional=True)
         if num_layers is not None:

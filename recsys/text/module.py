@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from recsys.errors import ConfigError
 from recsys.text.distributed import encode_sharded, sum_over_ranks, world
 from recsys.text.encoder import ENCODE_BATCH, TwoTower
-from recsys.text.options import check_options
+from recsys.text.options import FROZEN_HISTORY_NEEDS_BERT, check_freeze_layers, check_options
 
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,18 +97,12 @@ class TextTowerModule(L.LightningModule):
         bert = self.net.item_encoder.bert
         if not self.train_bert:
             if self.net.frozen_history:
-                # The adapter moves the history vectors too; frozen ones would differ from the
-                # vectors the served tower reads.
-                raise ConfigError(
-                    "text.frozen_history=true needs text.module.train_bert=true (the adapter path "
-                    "reads history items through the adapter): set text.frozen_history=false"
-                )
+                raise ConfigError(FROZEN_HISTORY_NEEDS_BERT)
             bert.requires_grad_(False)
         if freeze_embeddings:
             bert.embeddings.word_embeddings.weight.requires_grad_(False)
         if freeze_layers:
-            if not 0 < freeze_layers <= len(bert.encoder.layer):
-                raise ValueError(f"freeze_layers must be in 0..{len(bert.encoder.layer)}, got {freeze_layers}")
+            check_freeze_layers(freeze_layers, len(bert.encoder.layer))
             # Nothing below the first trained layer needs a gradient, so autograd skips their backward.
             for m in (bert.embeddings, *bert.encoder.layer[:freeze_layers]):
                 m.requires_grad_(False)

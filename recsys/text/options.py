@@ -34,12 +34,44 @@ def check_options(
                 "(recsys.pipeline_model.HistoryTower) evaluates the mean tower only; use "
                 "text.user_tower=mean in the job, or bench/text_val.py for validation runs"
             )
+        # Used only when the network and module are built, after the CF fit: refused here instead.
+        if "max_history" in net:
+            require_whole("text.max_history", net["max_history"])
+        if "temperature" in net:
+            require_number("text.temperature", net["temperature"], 0, low_open=True)
+        if net.get("frozen_history") and not module.get("train_bert", True):
+            raise ConfigError(FROZEN_HISTORY_NEEDS_BERT)
     check_data_options(
-        **{k: data[k] for k in ("batch_size", "steps_per_epoch", "val_users", "uniform_negatives") if k in data}
+        **{
+            k: data[k]
+            for k in ("batch_size", "steps_per_epoch", "val_users", "uniform_negatives", "val_batch_size")
+            if k in data
+        }
     )
     require_whole("text.module.train_threads", module.get("train_threads"), optional=True)
-    for name in ("popularity_debias", "logq_correction", "lr_adapter"):
+    require_whole("text.module.freeze_layers", module.get("freeze_layers"), 0, optional=True)
+    for name in ("popularity_debias", "logq_correction", "lr_adapter", "lr_encoder", "lr_head", "weight_decay"):
         require_number(f"text.module.{name}", module.get(name), 0, optional=True)
+
+
+# The adapter moves the history vectors too; frozen ones would differ from the vectors the served
+# tower reads. Refused by the job's first check and by ``TextTowerModule``.
+FROZEN_HISTORY_NEEDS_BERT = (
+    "text.frozen_history=true needs text.module.train_bert=true (the adapter path "
+    "reads history items through the adapter): set text.frozen_history=false"
+)
+
+
+def check_freeze_layers(freeze_layers: int | None, n_layers: int) -> None:
+    """``ConfigError`` unless ``text.module.freeze_layers`` is within the encoder's ``n_layers``
+    transformer layers (after ``encoder.num_layers``): the job checks it as soon as the encoder is
+    built, before any model is fitted."""
+    require_whole("text.module.freeze_layers", freeze_layers, 0, optional=True)
+    if freeze_layers is not None and freeze_layers > n_layers:
+        raise ConfigError(
+            f"text.module.freeze_layers must be in 0..{n_layers} (the encoder's transformer layers), "
+            f"got {freeze_layers}"
+        )
 
 
 def check_data_options(**options: object) -> None:

@@ -200,11 +200,52 @@ def test_the_logq_correction_counts_only_the_negatives_drawn(tokenizer_path):
         ({"batch_size": 0}, {}, "text.data.batch_size"),
         ({}, {"train_threads": 0}, "text.module.train_threads"),
         ({}, {"popularity_debias": -1}, "text.module.popularity_debias"),
+        # Regression: these were refused (or crashed) only after the CF fit, without their name.
+        ({"val_batch_size": 0}, {}, "text.data.val_batch_size"),
+        ({}, {"freeze_layers": -1}, "text.module.freeze_layers"),
+        ({}, {"lr_head": -1.0}, "text.module.lr_head"),
+        ({}, {"lr_encoder": -1.0}, "text.module.lr_encoder"),
+        ({}, {"weight_decay": -0.1}, "text.module.weight_decay"),
     ],
 )
 def test_the_job_checks_text_options_before_any_work(data, module, name):
     with pytest.raises(ConfigError, match=name.replace(".", r"\.")):
         check_options(1.5, data, module)
+
+
+@pytest.mark.parametrize(
+    ("net", "module", "name"),
+    [
+        ({"temperature": 0.0}, {}, "text.temperature"),
+        ({"max_history": 0}, {}, "text.max_history"),
+        ({"frozen_history": True}, {"train_bert": False}, "text.frozen_history"),
+    ],
+)
+def test_the_job_checks_text_network_options_before_any_work(net, module, name):
+    """Regression: a zero temperature, an empty history window and a frozen history side without a
+    trained BERT were refused (or crashed) only when the network or module was built, after the CF fit."""
+    with pytest.raises(ConfigError, match=name.replace(".", r"\.")):
+        check_options(1.5, {}, module, net)
+    check_options(1.5, {}, {"train_bert": True}, {"frozen_history": True})
+
+
+def test_freeze_layers_is_checked_against_the_encoder_by_name(tokenizer_path):
+    """Regression: more frozen layers than the encoder has was a bare ``ValueError`` without the
+    setting's name, raised when the module was built after the CF fit."""
+    from recsys.text.options import check_freeze_layers
+
+    with pytest.raises(ConfigError, match=r"text\.module\.freeze_layers must be in 0\.\.2"):
+        check_freeze_layers(3, 2)
+    check_freeze_layers(2, 2)
+    net = TwoTower(ItemEncoder.random(tokenizer=tokenizer_path, adapter_hidden=8))  # 2 layers
+    with pytest.raises(ConfigError, match=r"text\.module\.freeze_layers"):
+        TextTowerModule(net=net, train_bert=True, freeze_layers=3)
+
+
+def test_max_length_percentile_is_checked_by_name(tokenizer_path):
+    """Regression: a percentile outside 0..100 was numpy's ``ValueError`` at tokenisation, after the CF fit."""
+    with pytest.raises(ConfigError, match=r"encoder\.max_length_percentile"):
+        ItemEncoder(ItemEncoder.random(tokenizer=tokenizer_path).bert, None, "auto", max_length_percentile=150.0)
 
 
 @pytest.mark.slow
@@ -219,6 +260,21 @@ def test_a_bad_text_option_stops_the_cli_before_training(tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     assert "text.data.uniform_negatives" in out.stderr
     assert not (tmp_path / "data").exists()  # the generated data set was not even made
+
+
+@pytest.mark.slow
+def test_too_many_frozen_layers_stop_the_cli_before_any_model_is_fitted(tmp_path):
+    """Regression: ``text.module.freeze_layers`` past the encoder's layers (2 in the tiny BERT) was
+    a ``ValueError`` traceback after the MLflow run was opened and CF was fitted."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "recsys.train", "+experiment=smoke", f"paths.root_dir={tmp_path}",
+           f"hydra.run.dir={tmp_path}/out", "text.module.freeze_layers=5"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "error: text.module.freeze_layers must be in 0..2" in out.stderr
+    assert "fitted" not in out.stdout + out.stderr  # no CF model was fitted
 
 
 def test_frozen_history_needs_a_trained_bert(tokenizer_path):
