@@ -75,7 +75,8 @@ def metric_curves(curves: Mapping[str, Mapping[str, np.ndarray]], ks: Sequence[i
 
 def validation_curve(steps: Sequence[int], values: Sequence[float], tail: Sequence[float]) -> bytes:
     """The text tower's validation NDCG@10 against its training step (step 0: zero-shot), for all
-    targets and for the long tail (targets among the least popular half of the events)."""
+    targets and for the long tail (targets among the least popular items holding half of the
+    training targets)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(10, 3.6))
     ax.plot(steps, values, marker="o", color=colour("text"), lw=1.8, label="fine-tuned, all targets")

@@ -154,8 +154,8 @@ class TextDataModule(L.LightningDataModule):
         share = (counts + 1.0) / (counts.sum() + len(counts))
         self.log_q = torch.from_numpy(np.log(share + self.uniform_negatives / (batch_size * len(counts)))).float()
         self.log_popularity = torch.from_numpy(np.log(share)).float()
-        # The long tail for validation's check: items in the least popular half of the training
-        # targets' events (cold items included).
+        # The long tail for validation's check: the least popular items that together hold half
+        # of the training targets (the next-item events; cold items included).
         order = np.argsort(counts, kind="stable")
         cum = np.cumsum(counts[order])
         self.tail = torch.zeros(len(counts), dtype=torch.bool)

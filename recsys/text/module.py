@@ -234,7 +234,8 @@ class TextTowerModule(L.LightningModule):
         # Equal on every rank already; sync_dist only tells Lightning so.
         self.log("val/ndcg_at_10", ndcg, prog_bar=True, sync_dist=True)
         self.log("val/recall_at_10", n_hit / rows, sync_dist=True)
-        # The long-tail check: validation targets among the least popular half of the events.
+        # The long-tail check: validation targets among the least popular items holding half of
+        # the training targets (``TextDataModule.tail``).
         tail_ndcg = torch.tensor(n_tail / tail_rows if tail_rows else 0.0)
         self.log("val/ndcg_at_10_tail", tail_ndcg, sync_dist=True)
         if not self.trainer.sanity_checking:
