@@ -213,26 +213,25 @@ class LambdaMARTRanker:
 
 
 def ndcg_at(frame: pl.DataFrame, scores: np.ndarray, label: str, k: int) -> float:
-    """Mean NDCG@``k`` over ``frame``'s queries (``query_keys``) ordered by ``scores``, binary
-    relevance, ties in row order (as LightGBM's own metric, which this reproduces)."""
-    ranked = (
-        frame.select(*query_keys(frame), pl.col(label).alias("_rel"))
+    """Mean NDCG@``k`` over ``frame``'s queries (``query_keys``, each with a positive label)
+    ordered by ``scores``, binary relevance, ties in row order (as LightGBM's own metric, which
+    this reproduces), by the evaluation's ``metrics_from_hits``."""
+    from recsys.evaluation.metrics import metrics_from_hits
+
+    keys = query_keys(frame)
+    per_query = (
+        frame.select(*keys, (pl.col(label) > 0).alias("_rel"))
         .with_columns(pl.Series("_score", scores, dtype=pl.Float64), pl.int_range(pl.len()).alias("_row"))
         .sort("_score", "_row", descending=[True, False])
-        .with_columns(pl.int_range(pl.len()).over(query_keys(frame)).alias("_rank"))
+        .group_by(keys, maintain_order=True)
+        .agg(pl.col("_rel").head(k).alias("top"), pl.col("_rel").sum().alias("n_rel"))
     )
-    per_query = ranked.group_by(query_keys(frame), maintain_order=True).agg(
-        ((pl.col("_rel") > 0) & (pl.col("_rank") < k))
-        .cast(pl.Float64)
-        .truediv((pl.col("_rank") + 2).log(2))
-        .sum()
-        .alias("dcg"),
-        (pl.col("_rel") > 0).sum().alias("n_rel"),
-    )
-    discounts = np.cumsum(1.0 / np.log2(np.arange(k) + 2))
-    n_rel = per_query["n_rel"].to_numpy()
-    ideal = np.where(n_rel > 0, discounts[np.clip(n_rel, 1, k) - 1], 1.0)
-    return float(np.mean(np.where(n_rel > 0, per_query["dcg"].to_numpy() / ideal, 1.0)))
+    lengths = per_query["top"].list.len().to_numpy().astype(np.int64)
+    hits = np.zeros((per_query.height, k), dtype=bool)
+    rows = np.repeat(np.arange(per_query.height), lengths)
+    cols = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    hits[rows, cols] = per_query["top"].explode().to_numpy()
+    return float(metrics_from_hits(hits, per_query["n_rel"].to_numpy(), [k])[f"ndcg_at_{k}"].mean())
 
 
 def query_keys(frame: pl.DataFrame) -> list[str]:
