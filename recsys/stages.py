@@ -236,12 +236,11 @@ def fit_validation(job: Job, run_id: str, timings: StageTimings) -> Fitted:
     """Fit on train: CF (``cf_fit_val``), the text tower's fine-tuning (``text_finetune``), its
     item embeddings (``text_encode``), and the fusion ranker on the validation events (``ranker_fit``)."""
     from hydra.utils import instantiate
-    from lightning.pytorch.loggers import MLFlowLogger
 
     from recsys.pipeline import stage_exclusion, stage_history
     from recsys.recommender import derived_models
     from recsys.text.distributed import FineTuneJob, TrainerSpec, fine_tune_ranks
-    from recsys.text.fit import open_resume_dir, zero_shot_copy
+    from recsys.text.fit import RunLogger, open_resume_dir, zero_shot_copy
     from recsys.text.options import budget
 
     cfg, data, split = job.cfg, job.data, job.split
@@ -275,7 +274,7 @@ def fit_validation(job: Job, run_id: str, timings: StageTimings) -> Fitted:
         callbacks = [
             instantiate(c, **({"dirpath": ckpt_dir} if "dirpath" in c else {})) for c in cfg.text.callbacks.values()
         ]
-        logger = MLFlowLogger(experiment_name=job.tracker.experiment, tracking_uri=job.tracker.uri, run_id=run_id)
+        logger = RunLogger(experiment_name=job.tracker.experiment, tracking_uri=job.tracker.uri, run_id=run_id)
         max_time = budget(cfg.text.get("budget_minutes"))
         trainer = TrainerSpec(OmegaConf.to_container(cfg.trainer, resolve=True), callbacks, max_time)
         ft_job = FineTuneJob(net, datamodule, instantiate(cfg.text.module), trainer, resume.path)

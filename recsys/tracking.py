@@ -2,11 +2,13 @@
 
 The backend is a sqlite database plus an artifact folder inside ``mlruns/``: MLflow 3.17
 refuses the plain folder store. Paths are absolute, built from the configured folder, so the
-launch directory does not matter.
+launch directory does not matter; a store moved or copied elsewhere keeps pointing at its old
+folder, so it is refused (``check_artifact_location``).
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -47,6 +49,49 @@ def tracking_uri(mlruns_dir: str | Path) -> str:
 
 def artifact_root(mlruns_dir: str | Path) -> str:
     return (Path(mlruns_dir).resolve() / "artifacts").as_uri()
+
+
+STORE_LOCK = ".store.lock"  # beside mlflow.db: serialises creating the database and experiments
+
+
+@contextmanager
+def store_lock(mlruns_dir: str | Path) -> Iterator[None]:
+    """A blocking ``flock`` on ``mlruns/.store.lock`` while the block runs. Two jobs starting at
+    once on a fresh folder would otherwise both create ``mlflow.db`` (one fails in MLflow's
+    schema migration) or both create the same experiment (one fails: it exists). The file stays;
+    the kernel releases the lock when the holder exits, also on ``kill -9``."""
+    fd = os.open(Path(mlruns_dir) / STORE_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def check_artifact_location(location: str, mlruns_dir: str | Path, experiment: str) -> None:
+    """Refuse an experiment whose (local) artifact folder lies outside ``mlruns_dir``.
+
+    MLflow stores absolute artifact paths: after the project (or ``mlruns/``) is copied or moved,
+    the database still names the old folder, and a new run would write its model, report and
+    files there (into the original of a copy, or a re-created old path), not beside the database.
+    A remote artifact store (``s3://`` ...) is the user's choice and is left alone."""
+    from urllib.parse import urlparse
+
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    from recsys.errors import ConfigError
+
+    if urlparse(location).scheme not in ("", "file"):
+        return
+    folder = Path(local_file_uri_to_path(location)).resolve()
+    home = Path(mlruns_dir).resolve()
+    if not folder.is_relative_to(home):
+        raise ConfigError(
+            f"MLflow experiment {experiment!r} in {home / 'mlflow.db'} keeps its artifacts in {folder}, outside "
+            f"{home}: the folder was moved or copied (MLflow stores absolute artifact paths), and this run's "
+            "model and files would be written to the old place. Move the folder back, or log to a new "
+            "experiment name (its artifacts then go to this folder's artifacts/)"
+        )
 
 
 def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -175,10 +220,12 @@ class Tracker:
 
         self.mlruns_dir.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(self.uri)
-        exp = mlflow.get_experiment_by_name(self.experiment)
-        if exp is not None:
-            return exp.experiment_id
-        return mlflow.create_experiment(self.experiment, artifact_location=artifact_root(self.mlruns_dir))
+        with store_lock(self.mlruns_dir):  # MLflow creates mlflow.db on the first call below
+            exp = mlflow.get_experiment_by_name(self.experiment)
+            if exp is None:
+                return mlflow.create_experiment(self.experiment, artifact_location=artifact_root(self.mlruns_dir))
+        check_artifact_location(exp.artifact_location, self.mlruns_dir, self.experiment)
+        return exp.experiment_id
 
     @contextmanager
     def start(self) -> Iterator[str]:

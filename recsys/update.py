@@ -623,6 +623,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             worker.close()
 
 
+def update_experiment(tracking: str | None, mlruns_dir: str, name: str) -> str:
+    """The id of the update runs' experiment ``name``; sets the tracking URI.
+
+    With the project's own backend (``tracking_uri: null``) it is made as training makes its
+    experiments, artifacts in ``mlruns/artifacts``. ``mlflow.set_experiment`` alone would give a
+    new experiment MLflow's default artifact root, ``./mlruns`` of the folder the command was
+    launched from: the challenger model then landed outside ``paths.mlruns_dir``."""
+    import mlflow
+
+    if tracking is None:
+        from recsys.tracking import Tracker
+
+        return Tracker(mlruns_dir, name).experiment_id()
+    mlflow.set_tracking_uri(tracking)
+    return mlflow.set_experiment(name).experiment_id
+
+
 def _run(cfg: DictConfig, t_start: float, mode: str, tolerance: float, warm: int | None, worker) -> dict[str, Any]:
     from hydra.utils import instantiate
 
@@ -714,8 +731,7 @@ def _run(cfg: DictConfig, t_start: float, mode: str, tolerance: float, warm: int
     out.mkdir(parents=True, exist_ok=True)
     import mlflow
 
-    mlflow.set_tracking_uri(tracking)
-    mlflow.set_experiment(str(cfg.experiment))
+    mlflow.set_experiment(experiment_id=update_experiment(cfg.tracking_uri, cfg.paths.mlruns_dir, str(cfg.experiment)))
     with mlflow.start_run(run_name="update"):
         mlflow.log_params(
             {

@@ -28,6 +28,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import MLFlowLogger
 
 from recsys.text.datamodule import TextDataModule, epoch_seed
 from recsys.text.encoder import TwoTower
@@ -37,6 +38,19 @@ log = logging.getLogger(__name__)
 
 LAST = "last.ckpt"
 DONE = "done.json"  # written when training finished: a rerun reuses the result instead of training again
+
+
+class RunLogger(MLFlowLogger):
+    """Lightning's MLflow logger writing into a run that the job owns (``Tracker.start``).
+
+    Lightning's ``finalize`` at the end of ``fit`` marks the run FINISHED (or FAILED): the job
+    then showed as finished in MLflow during ranking, evaluation and the model save, and one
+    killed after fine-tuning stayed FINISHED, without its test metrics or model. The run's status
+    is left to its owner, which ends it when the whole job ends (FAILED on an error)."""
+
+    def finalize(self, status: str = "success") -> None:
+        if self._initialized and self._checkpoint_callback:  # what the base does besides ending the run
+            self._scan_and_log_checkpoints(self._checkpoint_callback)
 
 
 class SeedEachStep(L.Callback):

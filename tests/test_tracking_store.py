@@ -1,0 +1,87 @@
+"""Where the MLflow store puts artifacts: a moved or copied store, the update's experiment, two
+jobs creating the store at once, and the run's status while the job runs."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import shutil
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from recsys.errors import ConfigError
+from recsys.tracking import Tracker, tracking_uri
+
+
+def artifact_folder(mlruns: Path, experiment: str) -> Path:
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    exp = mlflow.MlflowClient(tracking_uri(mlruns)).get_experiment_by_name(experiment)
+    return Path(local_file_uri_to_path(exp.artifact_location))
+
+
+def test_a_copied_store_is_refused_rather_than_writing_into_the_original(tmp_path):
+    """MLflow keeps absolute artifact paths: a run in a copy of the project wrote its model and
+    files into the original folder's mlruns/artifacts (after a move, into a re-created old path)."""
+    first = tmp_path / "project é" / "mlruns"
+    Tracker(str(first), "smoke").experiment_id()
+    copy = tmp_path / "copy of project" / "mlruns"
+    shutil.copytree(first, copy)
+    with pytest.raises(ConfigError, match="outside") as err:
+        Tracker(str(copy), "smoke").experiment_id()
+    assert str(first.resolve()) in str(err.value)
+    Tracker(str(first), "smoke").experiment_id()  # the original is fine
+    Tracker(str(copy), "another").experiment_id()  # a new experiment in the copy is its own
+    assert artifact_folder(copy, "another").is_relative_to(copy.resolve())
+
+
+def test_the_update_experiment_keeps_its_artifacts_in_mlruns_whatever_the_launch_folder(tmp_path, monkeypatch):
+    """mlflow.set_experiment gave the update experiment ./mlruns/<id> of the launch folder."""
+    from recsys.update import update_experiment
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    mlruns = tmp_path / "project" / "mlruns"
+    update_experiment(None, str(mlruns), "update")
+    assert artifact_folder(mlruns, "update") == (mlruns / "artifacts").resolve()
+    assert not (elsewhere / "mlruns").exists()
+
+
+def _open(mlruns: str, barrier, out) -> None:
+    barrier.wait()
+    try:
+        out.put(Tracker(mlruns, "smoke").experiment_id())
+    except Exception as e:  # the failure itself is what the test reports
+        out.put(f"{type(e).__name__}: {e}")
+
+
+def test_jobs_creating_a_fresh_store_at_once_all_get_the_experiment(tmp_path):
+    """Two jobs started together on a fresh mlruns/: one failed in MLflow's schema migration."""
+    ctx = mp.get_context("fork")
+    n = 4
+    barrier, out = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=_open, args=(str(tmp_path / "mlruns"), barrier, out)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join()
+    assert len(set(results)) == 1, results
+    assert results[0].isdigit(), results
+
+
+def test_the_run_stays_running_after_fine_tuning_until_the_job_ends(tmp_path):
+    """Lightning's logger ended the job's run at the end of fit: a job killed after fine-tuning
+    stayed FINISHED in MLflow, without its test metrics and model."""
+    from recsys.text.fit import RunLogger
+
+    tracker = Tracker(str(tmp_path / "mlruns"), "smoke")
+    client = mlflow.MlflowClient(tracker.uri)
+    with tracker.start() as run_id:
+        logger = RunLogger(experiment_name="smoke", tracking_uri=tracker.uri, run_id=run_id)
+        logger.log_metrics({"text/loss": 1.0}, step=0)
+        logger.finalize("success")
+        assert client.get_run(run_id).info.status == "RUNNING"
+    assert client.get_run(run_id).info.status == "FINISHED"
