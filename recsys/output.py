@@ -44,14 +44,21 @@ def lock_path(out_path: str | Path) -> Path:
     return out_path.with_name(f".{out_path.name}.lock")
 
 
+EXPORT_BUSY = (
+    "another export is writing {out} now (lock {lock} held by process {holder}); wait for it to finish or "
+    "choose another output"
+)
+
+
 @contextmanager
-def output_lock(out_path: str | Path) -> Iterator[Path]:
+def output_lock(out_path: str | Path, busy: str = EXPORT_BUSY) -> Iterator[Path]:
     """Hold an exclusive ``flock`` on ``.<output name>.lock`` beside ``out_path`` while writing it:
     a second process exporting to the same output is refused at once with a ``ConfigError``
     naming the lock (two writers would share and delete each other's parts folder). The kernel
     releases the lock when the holder exits, also on ``kill -9`` (the file then stays, empty or
     with the dead pid, and is reused). Re-entrant within one process (flock would refuse a second
-    descriptor of the same process)."""
+    descriptor of the same process). ``busy``: the refusal, formatted with ``out``, ``lock`` and
+    ``holder`` (the holder's pid)."""
     lock = lock_path(out_path).absolute()
     if lock in _HELD:
         _HELD[lock] += 1
@@ -60,7 +67,7 @@ def output_lock(out_path: str | Path) -> Iterator[Path]:
         finally:
             _HELD[lock] -= 1
         return
-    fd = _acquire(lock, out_path)
+    fd = _acquire(lock, out_path, busy)
     _HELD[lock] = 1
     try:
         os.ftruncate(fd, 0)
@@ -72,7 +79,7 @@ def output_lock(out_path: str | Path) -> Iterator[Path]:
         os.close(fd)  # closing the descriptor releases the flock
 
 
-def _acquire(lock: Path, out_path: str | Path) -> int:
+def _acquire(lock: Path, out_path: str | Path, busy: str) -> int:
     """An open descriptor of ``lock`` holding its flock, or a ``ConfigError`` if another holds it."""
     while True:
         try:
@@ -85,10 +92,7 @@ def _acquire(lock: Path, out_path: str | Path) -> int:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise ConfigError(
-                f"another export is writing {out_path} now (lock {lock} held by process {holder}); wait for it to "
-                "finish or choose another output"
-            ) from None
+            raise ConfigError(busy.format(out=out_path, lock=lock, holder=holder)) from None
         try:
             same = os.stat(lock).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:

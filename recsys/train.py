@@ -10,7 +10,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -114,10 +114,37 @@ def main(cfg: DictConfig) -> float | None:
 
     if exit_on_user_error(lambda: check_trainer(cfg.trainer)).is_worker:  # torchrun's ranks above 0
         return exit_on_user_error(lambda: serve_worker(cfg.trainer))
-    save_hydra_files(cfg)
-    metrics = (fail_trial_on_user_error if in_sweep() else exit_on_user_error)(lambda: run(cfg))
+    with run_folder_lock():
+        save_hydra_files(cfg)
+        metrics = (fail_trial_on_user_error if in_sweep() else exit_on_user_error)(lambda: run(cfg))
     name = cfg.get("optimized_metric")
     return float(metrics[name]) if name is not None else None
+
+
+# Hydra names a run folder by the second it started (``outputs/<date>_<time>``): two jobs started
+# in the same second got one folder and wrote over each other's config, report and model files
+# (the second then failed late on "pipeline_evaluated exists").
+RUN_FOLDER_BUSY = (
+    "another job started in the same second is using the run folder {out} (lock {lock} held by process "
+    "{holder}); start this one again, or give it its own folder with hydra.run.dir=..."
+)
+
+
+@contextlib.contextmanager
+def run_folder_lock() -> Iterator[None]:
+    """Hold the run folder's lock for the whole job (refused at once, exit 2, if another job
+    holds it); nothing outside a Hydra job."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from recsys.output import output_lock
+
+    if not HydraConfig.initialized():
+        yield
+        return
+    folder = HydraConfig.get().runtime.output_dir
+    with contextlib.ExitStack() as held:
+        exit_on_user_error(lambda: held.enter_context(output_lock(folder, RUN_FOLDER_BUSY)))
+        yield
 
 
 if __name__ == "__main__":

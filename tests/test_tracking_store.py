@@ -85,3 +85,26 @@ def test_the_run_stays_running_after_fine_tuning_until_the_job_ends(tmp_path):
         logger.finalize("success")
         assert client.get_run(run_id).info.status == "RUNNING"
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_second_job_in_a_run_folder_in_use_is_refused_at_once(tmp_path):
+    """Hydra names the run folder by the second: two jobs started in the same second shared it
+    and wrote over each other's config, report and model files. The second is now refused at
+    once (the first holds the folder's lock), before it writes anything there."""
+    import subprocess
+    import sys
+
+    from recsys.output import output_lock
+    from recsys.train import RUN_FOLDER_BUSY
+
+    folder = tmp_path / "outputs" / "2026-12-06_01-04-27"
+    with output_lock(folder, RUN_FOLDER_BUSY):  # the first job, running
+        done = subprocess.run(
+            [sys.executable, "-m", "recsys.train", "+experiment=smoke", f"hydra.run.dir={folder}",
+             f"paths.root_dir={tmp_path}"],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "another job started in the same second is using the run folder" in done.stderr
+    assert "hydra.run.dir" in done.stderr
+    assert not (folder / ".hydra").exists()  # nothing of the second job's written over the first's
