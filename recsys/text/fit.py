@@ -213,13 +213,24 @@ def fine_tune(
             os.replace(tmp, done)
     if best_path:
         # weights_only=True: a checkpoint is never unpickled as arbitrary Python objects.
-        state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
-        module.load_state_dict(state)
-        log.info("restored best text-tower checkpoint %s (val ndcg@10 %.4f)", best_path, best_score)
+        best = torch.load(best_path, map_location="cpu", weights_only=True)
+        module.load_state_dict(best["state_dict"])
+        # The checkpoint holds the trained weights; its score is that of the point between them
+        # and the zero-shot start that its validation chose (``text.module.interpolation``).
+        module.apply_interpolation(float(best.get("interpolation", 1.0)))
+        log.info(
+            "restored best text-tower checkpoint %s (val ndcg@10 %.4f, interpolation %g)",
+            best_path,
+            best_score,
+            module.alpha,
+        )
+    else:  # the last weights stay: their score is that of the last validation's point
+        module.apply_interpolation(module.alpha)
     zero_score = float(zero["val/ndcg_at_10"])
     kept_zero_shot = best_score <= zero_score
     if kept_zero_shot:
         net.load_state_dict(initial)
+        module.alpha = 0.0
         rate = "lr_encoder" if module.train_bert else "lr_adapter"
         log.warning(
             "fine-tuning did not beat the zero-shot encoder on validation (ndcg@10 %.4f <= %.4f): keeping the "
@@ -234,6 +245,8 @@ def fine_tune(
         "text/val_ndcg_at_10_zeroshot": zero_score,
         "text/val_ndcg_at_10_finetuned": float(best_score),
         "text/kept_zeroshot": float(kept_zero_shot),
+        # How far from the zero-shot start the kept weights lie (1: the trained ones; 0: the start).
+        "text/interpolation": float(module.alpha),
         "text/steps": float(steps),
         "text/minutes": (t_end - t0) / 60.0,
         "text/zeroshot_minutes": (t_train - t0) / 60.0,

@@ -19,15 +19,17 @@ Two ways to train the item side:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 
 from recsys.errors import ConfigError
 from recsys.text.distributed import encode_sharded, sum_over_ranks, world
 from recsys.text.encoder import ENCODE_BATCH, TwoTower
-from recsys.text.options import FROZEN_HISTORY_NEEDS_BERT, check_freeze_layers, check_options
+from recsys.text.options import FROZEN_HISTORY_NEEDS_BERT, check_freeze_layers, check_interpolation, check_options
 
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,6 +65,13 @@ class TextTowerModule(L.LightningModule):
         Its matrices are small: more threads add synchronisation, and on a busy machine
         oversubscribed OpenMP threads made a step 5-15x slower.
     lr_adapter: learning rate of the item encoder's adapter.
+    interpolation: each validation scores the weights ``a`` of the way from the zero-shot start
+        to the trained ones, ``start + a * (trained - start)``, for every ``a`` here, and keeps
+        the best (``val/interpolation``); the best checkpoint carries its ``a``, and
+        ``apply_interpolation`` moves the restored weights there (refine, don't overwrite: on
+        Amazon-Scientific the trained weights lose to their start while half-way scores above
+        it). ``(1.0,)``: the trained weights only. The adapter path only: with ``train_bert``
+        each ``a`` would cost a BERT catalogue pass.
     """
 
     def __init__(
@@ -82,9 +91,11 @@ class TextTowerModule(L.LightningModule):
         lr_adapter: float = 1e-3,
         popularity_debias: float = 0.0,
         train_threads: int | None = None,
+        interpolation: Sequence[float] = (1.0,),
     ) -> None:
         super().__init__()
         self.net = net
+        self.interpolation = check_interpolation(interpolation, train_bert)
         self.train_bert, self.lr_adapter = bool(train_bert), lr_adapter
         self.popularity_debias = float(popularity_debias)
         check_options(None, {}, {"train_threads": train_threads, "popularity_debias": popularity_debias})
@@ -106,13 +117,41 @@ class TextTowerModule(L.LightningModule):
             # Nothing below the first trained layer needs a gradient, so autograd skips their backward.
             for m in (bert.embeddings, *bert.encoder.layer[:freeze_layers]):
                 m.requires_grad_(False)
+        # The zero-shot start of every trained tensor, for ``interpolation``.
+        self.start = {n: p.detach().clone() for n, p in self._trained()} if self.interpolation != [1.0] else {}
+        self.alpha = 1.0  # the interpolation of the last validation's best score
         self.item_cache: torch.Tensor | None = None
         self.base_cache: torch.Tensor | None = None  # the frozen BERT's catalogue vectors
         #: (global step, validation NDCG@10, its long-tail part) after every validation
         self.val_curve: list[tuple[int, float, float]] = []
-        self._val_ndcg: list[torch.Tensor] = []
-        self._val_hit: list[torch.Tensor] = []
-        self._val_tail: list[torch.Tensor] = []
+        self._val: dict[float, list[list[torch.Tensor]]] = {}  # per interpolation: NDCG, hit, tail rows
+        self._caches: dict[float, torch.Tensor] = {}
+        self._trained_copy: dict[str, torch.Tensor] = {}
+
+    # -- weights between the zero-shot start and the trained ones ------------------------------
+    def _trained(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.net.named_parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def _set_interpolation(self, alpha: float, trained: dict[str, torch.Tensor]) -> None:
+        for n, p in self._trained():
+            if alpha == 1.0:  # bit for bit: start + (trained - start) rounds, and training goes on from here
+                p.copy_(trained[n])
+            else:
+                start = self.start[n].to(p.device)
+                p.copy_(start + alpha * (trained[n] - start))
+
+    def apply_interpolation(self, alpha: float) -> None:
+        """Move the (restored best) trained weights ``alpha`` of the way from their start."""
+        if alpha != 1.0:
+            self._set_interpolation(alpha, {n: p.detach().clone() for n, p in self._trained()})
+        self.alpha = alpha
+
+    def _alphas(self) -> list[float]:
+        # Before any step (the zero-shot validation) every point of the line is the start.
+        if self.start and self.trainer.state.fn == TrainerFn.FITTING:
+            return self.interpolation
+        return [1.0]
 
     # -- item embeddings of the whole catalogue, for history items and validation -------------
     def refresh_cache(self) -> None:
@@ -157,14 +196,13 @@ class TextTowerModule(L.LightningModule):
             torch.set_num_threads(self._threads_before)
             self._threads_before = None
 
-    def on_validation_epoch_start(self) -> None:
-        self.refresh_cache()
-
     # The frozen history side is data, not a parameter: it travels in the checkpoint so a
     # resumed run reads the same history vectors as the run it continues.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.net.history_embeddings is not None:
             checkpoint["history_embeddings"] = self.net.history_embeddings
+        # Saved after a validation: the best checkpoint's weights are those of its best ``a``.
+        checkpoint["interpolation"] = self.alpha
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "history_embeddings" in checkpoint:
@@ -203,33 +241,65 @@ class TextTowerModule(L.LightningModule):
         return loss
 
     # -- validation: full ranking over the catalogue, seen items removed ----------------------
+    def on_validation_epoch_start(self) -> None:
+        self.refresh_cache()
+        alphas = self._alphas()
+        self._val = {a: [[], [], []] for a in alphas}
+        self._caches = {1.0: self.item_cache}
+        if alphas != [1.0]:
+            # Each point's catalogue vectors once per validation (the adapter over the frozen
+            # BERT's vectors: a small MLP), then the trained weights back for training.
+            trained = {n: p.detach().clone() for n, p in self._trained()}
+            for a in alphas:
+                if a != 1.0:
+                    self._set_interpolation(a, trained)
+                    with torch.no_grad():
+                        self._caches[a] = self.net.item_encoder.adapt(self.base_cache).float()
+            self._set_interpolation(1.0, trained)
+            self._trained_copy = trained
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        hist = self.history_cache[batch["history"].clamp(min=0)]
-        users = self.net.user_encoder(hist, batch["history_mask"])
-        scores = users @ self.item_cache.T
         seen = batch["seen"]
-        rows = torch.arange(len(seen), device=seen.device)[:, None].expand_as(seen)
-        scores[rows[seen >= 0], seen[seen >= 0]] = -torch.inf
-        if "unavailable" in batch:
-            scores = scores.masked_fill(batch["unavailable"].to(scores.device), -torch.inf)
-        rank, finite = target_ranks(scores, batch["targets"])
-        hit = (rank < 10) & finite
-        self._val_ndcg.append(torch.where(hit, 1.0 / torch.log2(rank.float() + 2.0), 0.0))
-        self._val_hit.append(hit.float())
-        self._val_tail.append(self.trainer.datamodule.tail.to(seen.device)[batch["targets"]])
+        tail = self.trainer.datamodule.tail.to(seen.device)[batch["targets"]]
+        for a, rows_out in self._val.items():
+            if a != 1.0:
+                self._set_interpolation(a, self._trained_copy)
+            items = self._caches[a]
+            hist = (items if self.net.history_embeddings is None else self.history_cache)[batch["history"].clamp(min=0)]
+            users = self.net.user_encoder(hist, batch["history_mask"])
+            if a != 1.0:
+                self._set_interpolation(1.0, self._trained_copy)
+            scores = users @ items.T
+            rows = torch.arange(len(seen), device=seen.device)[:, None].expand_as(seen)
+            scores[rows[seen >= 0], seen[seen >= 0]] = -torch.inf
+            if "unavailable" in batch:
+                scores = scores.masked_fill(batch["unavailable"].to(scores.device), -torch.inf)
+            rank, finite = target_ranks(scores, batch["targets"])
+            hit = (rank < 10) & finite
+            rows_out[0].append(torch.where(hit, 1.0 / torch.log2(rank.float() + 2.0), 0.0))
+            rows_out[1].append(hit.float())
+            rows_out[2].append(tail)
 
     def on_validation_epoch_end(self) -> None:
-        per_row = torch.cat(self._val_ndcg) if self._val_ndcg else torch.zeros(0, device=self.device)
-        hit = torch.cat(self._val_hit) if self._val_hit else torch.zeros(0, device=self.device)
-        tail = torch.cat(self._val_tail) if self._val_tail else torch.zeros(0, dtype=torch.bool, device=self.device)
-        self._val_ndcg, self._val_hit, self._val_tail = [], [], []
+        results = {}
+        for a, (ndcg_rows, hit_rows, tail_rows_) in self._val.items():
+            per_row = torch.cat(ndcg_rows) if ndcg_rows else torch.zeros(0, device=self.device)
+            hit = torch.cat(hit_rows) if hit_rows else torch.zeros(0, device=self.device)
+            tail = torch.cat(tail_rows_) if tail_rows_ else torch.zeros(0, dtype=torch.bool, device=self.device)
+            results[a] = [per_row.sum(), hit.sum(), float(len(per_row)), per_row[tail].sum(), tail.sum()]
+        self._val, self._caches, self._trained_copy = {}, {}, {}
         # Sums and counts over every rank's share of the validation users (DDP): all ranks log
-        # the same metric, so early stopping and the best checkpoint agree.
-        sums = [per_row.sum(), hit.sum(), float(len(per_row)), per_row[tail].sum(), tail.sum()]
-        total = sum_over_ranks(torch.stack([torch.as_tensor(x, dtype=torch.float64, device=self.device) for x in sums]))
-        n_ndcg, n_hit, rows, n_tail, tail_rows = total.tolist()
-        if not rows:
+        # the same metric and pick the same interpolation, so early stopping and the best
+        # checkpoint agree.
+        alphas = list(results)
+        flat = [torch.as_tensor(x, dtype=torch.float64, device=self.device) for a in alphas for x in results[a]]
+        total = sum_over_ranks(torch.stack(flat)).view(len(alphas), 5).tolist()
+        if not total[0][2]:
             return
+        # The best point; ties go to the trained weights (1.0 comes last in the sorted grid).
+        best = max(range(len(alphas)), key=lambda i: (total[i][0], alphas[i]))
+        n_ndcg, n_hit, rows, n_tail, tail_rows = total[best]
+        self.alpha = alphas[best]
         ndcg = torch.tensor(n_ndcg / rows)
         # Equal on every rank already; sync_dist only tells Lightning so.
         self.log("val/ndcg_at_10", ndcg, prog_bar=True, sync_dist=True)
@@ -238,6 +308,8 @@ class TextTowerModule(L.LightningModule):
         # the training targets (``TextDataModule.tail``).
         tail_ndcg = torch.tensor(n_tail / tail_rows if tail_rows else 0.0)
         self.log("val/ndcg_at_10_tail", tail_ndcg, sync_dist=True)
+        if len(alphas) > 1:
+            self.log("val/interpolation", self.alpha, sync_dist=True)
         if not self.trainer.sanity_checking:
             self.val_curve.append((int(self.trainer.global_step), float(ndcg), float(tail_ndcg)))
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -50,6 +50,8 @@ def check_options(
     )
     require_whole("text.module.train_threads", module.get("train_threads"), optional=True)
     require_whole("text.module.freeze_layers", module.get("freeze_layers"), 0, optional=True)
+    if "interpolation" in module:
+        check_interpolation(module["interpolation"], module.get("train_bert", True))
     for name in ("popularity_debias", "logq_correction", "lr_adapter", "lr_encoder", "lr_head", "weight_decay"):
         require_number(f"text.module.{name}", module.get(name), 0, optional=True)
 
@@ -60,6 +62,24 @@ FROZEN_HISTORY_NEEDS_BERT = (
     "text.frozen_history=true needs text.module.train_bert=true (the adapter path "
     "reads history items through the adapter): set text.frozen_history=false"
 )
+
+
+def check_interpolation(values: Any, train_bert: bool) -> list[float]:
+    """``text.module.interpolation`` as a sorted list of distinct numbers in (0, 2], or a
+    ``ConfigError`` naming it."""
+    name = "text.module.interpolation"
+    if isinstance(values, str | bytes) or not isinstance(values, Sequence) or not values:
+        raise ConfigError(f"{name} must be a non-empty list of numbers in (0, 2] like [0.25, 0.5, 1.0], got {values!r}")
+    for v in values:
+        require_number(name, v, 0, 2, low_open=True)
+    grid = sorted({float(v) for v in values})
+    if train_bert and grid != [1.0]:
+        # Each point would need its own BERT catalogue pass at every validation.
+        raise ConfigError(
+            f"{name}={list(values)} needs the adapter path (text.module.train_bert=false); with "
+            f"train_bert=true set {name}=[1.0]"
+        )
+    return grid
 
 
 def check_freeze_layers(freeze_layers: int | None, n_layers: int) -> None:

@@ -283,7 +283,9 @@ def test_fine_tune_restores_the_best_checkpoint(block_world, tiny_encoder, tmp_p
 
     assert out is net and not net.training
     ndcgs = {"text/val_ndcg_at_10_zeroshot", "text/val_ndcg_at_10_finetuned", "text/kept_zeroshot"}
-    assert set(metrics) == ndcgs | {"text/steps", "text/minutes", "text/zeroshot_minutes", "text/train_minutes"}
+    extra = {"text/steps", "text/minutes", "text/zeroshot_minutes", "text/train_minutes", "text/interpolation"}
+    assert set(metrics) == ndcgs | extra
+    assert metrics["text/interpolation"] == 1.0  # this module validates the trained weights only
     parts = metrics["text/zeroshot_minutes"] + metrics["text/train_minutes"]
     assert metrics["text/train_minutes"] > 0 and parts == pytest.approx(metrics["text/minutes"], rel=0.05, abs=1e-3)
     assert all(0.0 <= metrics[k] <= 1.0 for k in ndcgs)
@@ -318,7 +320,7 @@ def test_fine_tune_keeps_the_zero_shot_weights_when_no_epoch_beats_them(block_wo
 
         def on_validation_epoch_end(self) -> None:
             if self.trainer.state.fn == "fit":
-                self._val_ndcg, self._val_hit, self._val_tail = [], [], []
+                self._val = {}
                 self.log("val/ndcg_at_10", 0.0)
             else:
                 super().on_validation_epoch_end()

@@ -66,7 +66,9 @@ def heldout_ndcg(net: TwoTower, ids, lengths, history: History, targets: pl.Data
     return float(np.where(rank < 10, 1.0 / np.log2(rank + 2.0), 0.0).mean())
 
 
-def train_on_key_world(tokenizer_path: str, lr: float = 3e-3, epochs: int = 6):
+def train_on_key_world(
+    tokenizer_path: str, lr: float = 3e-3, epochs: int = 6, interpolation=(1.0,), checkpoint_dir=None
+):
     L.seed_everything(0, verbose=False)
     texts, h = key_world()
     split = LeaveLastOutSplit(n_val=1, n_test=1).split(h.interactions)
@@ -88,7 +90,8 @@ def train_on_key_world(tokenizer_path: str, lr: float = 3e-3, epochs: int = 6):
     )
     trainer = L.Trainer(
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=checkpoint_dir is not None,
+        callbacks=[] if checkpoint_dir is None else [best_checkpoint(checkpoint_dir)],
         enable_progress_bar=False,
         enable_model_summary=False,
         accelerator="cpu",
@@ -97,7 +100,9 @@ def train_on_key_world(tokenizer_path: str, lr: float = 3e-3, epochs: int = 6):
     )
 
     def factory(net):
-        return TextTowerModule(net=net, train_bert=False, lr_adapter=lr, lr_head=lr, warmup_steps=1)
+        return TextTowerModule(
+            net=net, train_bert=False, lr_adapter=lr, lr_head=lr, warmup_steps=1, interpolation=interpolation
+        )
 
     bert_before = {k: v.clone() for k, v in encoder.bert.state_dict().items()}
     net, metrics, curve = fine_tune(net, dm, factory, trainer)
@@ -108,7 +113,28 @@ def train_on_key_world(tokenizer_path: str, lr: float = 3e-3, epochs: int = 6):
         "metrics": metrics,
         "curve": curve,
         "bert_unchanged": all(torch.equal(v, bert_before[k]) for k, v in encoder.bert.state_dict().items()),
+        "net": net,
+        "zero_net": zero,
+        "datamodule": dm,
     }
+
+
+def best_checkpoint(folder):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return ModelCheckpoint(dirpath=folder, filename="best", monitor="val/ndcg_at_10", mode="max")
+
+
+def validate_as_is(net: TwoTower, dm: TextDataModule) -> float:
+    """Validation NDCG@10 of ``net``'s weights as they are (no interpolation)."""
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    module = TextTowerModule(net=net, train_bert=False)
+    return float(trainer.validate(module, datamodule=dm, verbose=False)[0]["val/ndcg_at_10"])
+
+
+def trained_tensors(net: TwoTower) -> dict[str, torch.Tensor]:
+    """The tensors the adapter path trains (the BERT's stay frozen)."""
+    return {k: v for k, v in net.state_dict().items() if not k.startswith("item_encoder.bert.")}
 
 
 def test_fine_tuning_learns_a_preference_the_zero_shot_tower_misses(tokenizer_path):
@@ -127,6 +153,38 @@ def test_without_learning_the_tuned_tower_is_the_zero_shot_one(tokenizer_path):
     measured there comes from training and not from the evaluation."""
     out = train_on_key_world(tokenizer_path, lr=0.0, epochs=1)
     assert out["tuned"] == pytest.approx(out["zero"], abs=1e-6)
+
+
+def test_the_kept_weights_are_the_interpolation_their_validation_chose(tokenizer_path, tmp_path):
+    """Each validation scores points between the zero-shot start and the trained weights; the
+    network ends at the best checkpoint's point, and its validation score is that point's."""
+    out = train_on_key_world(tokenizer_path, lr=3e-2, epochs=3, interpolation=[0.25, 0.5, 1.0], checkpoint_dir=tmp_path)
+    best = torch.load(tmp_path / "best.ckpt", map_location="cpu", weights_only=True)
+    alpha = best["interpolation"]
+    assert alpha in (0.25, 0.5, 1.0) and out["metrics"]["text/interpolation"] == alpha
+    assert out["metrics"]["text/kept_zeroshot"] == 0.0
+    start, raw = trained_tensors(out["zero_net"]), best["state_dict"]
+    for k, v in trained_tensors(out["net"]).items():
+        expected = start[k] + alpha * (raw[f"net.{k}"] - start[k])
+        torch.testing.assert_close(v, expected, rtol=1e-6, atol=1e-7)
+    # The kept weights score what their validation said (not the trained weights' score).
+    assert validate_as_is(out["net"], out["datamodule"]) == pytest.approx(
+        out["metrics"]["text/val_ndcg_at_10_finetuned"], abs=1e-6
+    )
+
+
+def test_validating_the_interpolation_leaves_training_unchanged(tokenizer_path):
+    """The points are scored on borrowed weights: training goes on from the trained ones, so it
+    follows the same path as without interpolation and each check scores at least as high."""
+    plain = train_on_key_world(tokenizer_path, lr=3e-2, epochs=2)
+    grid = train_on_key_world(tokenizer_path, lr=3e-2, epochs=2, interpolation=[0.5, 1.0])
+    assert [s for s, _, _ in grid["curve"]] == [s for s, _, _ in plain["curve"]]
+    assert all(g >= p - 1e-9 for (_, g, _), (_, p, _) in zip(grid["curve"], plain["curve"]))
+    # Without a checkpoint the last weights stay, moved to the last check's point.
+    alpha = grid["metrics"]["text/interpolation"]
+    start, trained = trained_tensors(plain["zero_net"]), trained_tensors(plain["net"])
+    for k, v in trained_tensors(grid["net"]).items():
+        torch.testing.assert_close(v, start[k] + alpha * (trained[k] - start[k]), rtol=1e-5, atol=1e-6)
 
 
 def test_the_catalogue_pass_while_fine_tuning_shows_a_progress_bar(tokenizer_path, capfd):
@@ -206,6 +264,12 @@ def test_the_logq_correction_counts_only_the_negatives_drawn(tokenizer_path):
         ({}, {"lr_head": -1.0}, "text.module.lr_head"),
         ({}, {"lr_encoder": -1.0}, "text.module.lr_encoder"),
         ({}, {"weight_decay": -0.1}, "text.module.weight_decay"),
+        ({}, {"interpolation": [0.0, 1.0]}, "text.module.interpolation"),
+        ({}, {"interpolation": []}, "text.module.interpolation"),
+        ({}, {"interpolation": "half"}, "text.module.interpolation"),
+        ({}, {"interpolation": [0.5, 3]}, "text.module.interpolation"),
+        # Each point would need its own BERT catalogue pass at every validation.
+        ({}, {"interpolation": [0.5, 1.0], "train_bert": True}, "text.module.interpolation"),
     ],
 )
 def test_the_job_checks_text_options_before_any_work(data, module, name):
