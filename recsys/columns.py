@@ -28,6 +28,11 @@ class Columns:
     AvailableFrom = "available_from"
     # Which part of a data set's own fixed split an event belongs to (``SplitParts``).
     Split = "split"
+    # Optional interaction column: False for an event logged without a time of its own (MIND's
+    # history clicks), whose timestamp is a stand-in that only keeps it in order before the
+    # user's dated events. A time cut cannot place such an event, so ``GlobalTimeSplit`` keeps
+    # it in training and never makes it a target. Absent = every event is dated.
+    Dated = "dated"
     # Groups the candidates shown together in one impression (one page view of a news feed).
     Impression = "impression_id"
     # 0-based place of a candidate in its impression's list, as shown.

@@ -115,7 +115,10 @@ def stage_history(history: History, targets: pl.DataFrame) -> History:
     history holds other users' events from after a user's held-out one; time-dependent features
     and statistics (popularity, item recency, user idle time) then count only events up to each
     user's own cut. Under a global cut every target lies after the history, and ``user_now``
-    stays unset (the history's end, for everybody).
+    stays unset (the history's end, for everybody), unless the history holds undated events
+    whose stand-in times pass the cut (MIND's history clicks, ``Columns.Dated``): then each
+    user's cut leaves the stand-ins after it out of the time-dependent features (they happened
+    earlier, but when is unknown, so they are not counted rather than counted as recent).
     """
     df = history.interactions
     if not df.height or not targets.height:

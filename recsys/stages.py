@@ -501,7 +501,9 @@ def refit_models(pipeline, history, models: dict) -> dict:
 def feature_time(history, as_of_cut: bool) -> str:
     """The protocol card's line on when time-dependent features were taken."""
     if history.user_now is not None:
-        return "as of each user's cut: just before their first held-out event (per-user split)"
+        # A per-user split, or a global cut whose training side holds undated events with stand-in
+        # times after it (MIND's history clicks): either way each user is judged at their own cut.
+        return "as of each user's cut: just before their first held-out event"
     if as_of_cut:
         return "as of the stage's end: one cut for everybody, every held-out event after it"
     return (

@@ -77,7 +77,11 @@ class MindDataSource:
       list, in seconds (the last history click at ``time - 1``, the first at ``time - len``), so
       their order is kept and they come before the impression. A user's history is repeated on
       each of their rows; the k-th click of a news item by a user is taken once, at the earliest
-      time any row implies for it (repeated clicks in one history stay separate events).
+      time any row implies for it (repeated clicks in one history stay separate events). MIND
+      built the histories from the weeks before the behaviors log (a user's list is the same on
+      each of their rows), so these times are stand-ins: the events carry ``dated=False``
+      (``Columns.Dated``), and ``split=global_time`` keeps them in training and cuts on the
+      impression clicks alone, so that validation and test hold impression clicks only.
     * *impression clicks*: every candidate marked ``-1`` is also a click, at the impression time.
 
     **Impressions** (``Dataset.impressions``): ``impression_id, user_id, item_id, timestamp,
@@ -370,6 +374,7 @@ class MindDataSource:
                 Columns.Timestamp,
                 pl.lit(Events.Click).alias(Columns.Event),
                 pl.lit(1.0, dtype=pl.Float32).alias(Columns.Weight),
+                (pl.col("_from") == "impression").alias(Columns.Dated),
             )
         )
         if inter.height == 0:

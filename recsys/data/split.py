@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import polars as pl
@@ -9,6 +10,8 @@ import polars as pl
 from recsys.columns import Columns, SplitParts
 from recsys.data import validation as v
 from recsys.errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -20,11 +23,17 @@ class Split:
     test: pl.DataFrame
 
     def describe(self) -> dict[str, int]:
-        return {
+        parts = (("train", self.train), ("val", self.val), ("test", self.test))
+        counts = {
             f"{name}_{what}": n
-            for name, df in (("train", self.train), ("val", self.val), ("test", self.test))
+            for name, df in parts
             for what, n in (("events", df.height), ("users", df[Columns.UserIdx].n_unique()))
         }
+        if self.train.schema.get(Columns.Dated) == pl.Boolean:
+            # Says what the targets are: under a per-user split a MIND user's test event is their
+            # last history click (no time of its own) when no impression click of theirs is left.
+            counts |= {f"{name}_undated_events": int((~df[Columns.Dated]).sum()) for name, df in parts}
+        return counts
 
 
 class LeaveLastOutSplit:
@@ -87,6 +96,20 @@ class GlobalTimeSplit:
     tower) gives them no list, so they count as its misses; popularity and the fused ranker,
     which falls back on it, do list them (``Recommender.users_without_history``). The text
     tower's validation leaves them out (they score the same at every step).
+
+    Events without a time of their own (``Columns.Dated`` false: MIND's history clicks) stay in
+    train whatever their stand-in timestamp, and the cut points are quantiles of the dated
+    events alone: a stand-in time says nothing about when the event happened (MIND places a
+    user's history just before their first impression, so a cut on those times held out the
+    history of users first seen late: 540 of the sample's 554 test events), and deployment is
+    asked for the dated events (MIND: the clicks on impressions). The sources that mark events
+    undated vouch that they happened before the user's dated ones (MIND: before the log).
+
+    >>> dated = [True, False, True, True, False, True]  # the stand-ins at 8 and 6 stay in train
+    >>> df = pl.DataFrame({"user_idx": [0, 0, 0, 1, 1, 1], "timestamp": [1, 8, 9, 2, 6, 7], "dated": dated})
+    >>> s = GlobalTimeSplit(0.5, 0.9).split(df)
+    >>> s.train["timestamp"].to_list(), s.val["timestamp"].to_list(), s.test["timestamp"].to_list()
+    ([1, 8, 6], [2], [9, 7])
     """
 
     def __init__(self, val_quantile: float = 0.8, test_quantile: float = 0.9) -> None:
@@ -96,15 +119,53 @@ class GlobalTimeSplit:
 
     def split(self, interactions: pl.DataFrame) -> Split:
         df = interactions.sort(Columns.UserIdx, Columns.Timestamp, maintain_order=True)
-        ts = df[Columns.Timestamp]
+        dated = dated_events(df)
+        ts = df.filter(dated)[Columns.Timestamp]
+        if ts.is_empty():
+            raise InputError(
+                f"split=global_time cuts on event times, and no event has one (column '{Columns.Dated}' is false "
+                "everywhere); use split=leave_last_out",
+                column=Columns.Dated,
+            )
         t_val = ts.quantile(self.val_quantile, "lower")
         t_test = ts.quantile(self.test_quantile, "lower")
         t = pl.col(Columns.Timestamp)
-        return Split(
-            train=df.filter(t < t_val),
-            val=df.filter((t >= t_val) & (t < t_test)),
-            test=df.filter(t >= t_test),
+        split = Split(
+            train=df.filter(~dated | (t < t_val)),
+            val=df.filter(dated & (t >= t_val) & (t < t_test)),
+            test=df.filter(dated & (t >= t_test)),
         )
+        if n_undated := df.height - ts.len():
+            log.info(
+                "split=global_time: %d of %d events have no time of their own ('%s' false, e.g. MIND's history "
+                "clicks) and stay in train (%d of them have stand-in times after the validation cut); the cuts "
+                "are quantiles of the %d dated events, and validation (%d) and test (%d) hold dated events only",
+                n_undated,
+                df.height,
+                Columns.Dated,
+                df.filter(~dated & (t >= t_val)).height,
+                ts.len(),
+                split.val.height,
+                split.test.height,
+            )
+        return split
+
+
+def dated_events(df: pl.DataFrame) -> pl.Expr:
+    """True for the events of ``df`` with a time of their own (all, without a ``Columns.Dated``)."""
+    if Columns.Dated not in df.columns:
+        return pl.lit(True)
+    col = df[Columns.Dated]
+    if col.dtype != pl.Boolean or col.null_count():
+        bad = pl.col(Columns.Dated).is_null() if col.dtype == pl.Boolean else pl.lit(True)
+        _, ex = v.example(df, bad)
+        raise InputError(
+            f"column '{Columns.Dated}' must be true or false on every event (false: no time of its own), "
+            f"got {col.dtype} with {col.null_count()} null(s)",
+            column=Columns.Dated,
+            example=ex,
+        )
+    return pl.col(Columns.Dated)
 
 
 class FixedSplit:

@@ -14,7 +14,14 @@ import polars as pl
 import pytest
 
 from recsys.columns import Columns, SplitParts
-from recsys.data import FixedSplit, LeaveLastOutSplit, MindDataSource, MovieLensDataSource, RecBoleDataSource
+from recsys.data import (
+    FixedSplit,
+    GlobalTimeSplit,
+    LeaveLastOutSplit,
+    MindDataSource,
+    MovieLensDataSource,
+    RecBoleDataSource,
+)
 from recsys.errors import ConfigError, InputError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -342,6 +349,31 @@ def test_mind_drop_policy(tmp_path, caplog):
     assert imp[Columns.ItemIdx].is_not_null().all() and imp[Columns.UserIdx].is_not_null().all()
 
 
+def test_mind_global_time_split_tests_impression_clicks(tmp_path):
+    """History clicks carry no time (MIND lists the weeks before the log): they are marked
+    undated, and a time cut keeps them in train, however late their user is first seen."""
+    late = ("4", "U3", "11/13/2019 9:00:00 AM", "N1 N3 N4", "N1-1 N4-0")  # U3 first seen last
+    data = MindDataSource(write_mind(tmp_path, behaviors=[*BEHAVIORS, late])).load()
+    inter = data.interactions
+    assert inter.select(Columns.User, Columns.Item, Columns.Dated).rows() == [
+        ("U1", "N1", False),
+        ("U1", "N3", False),
+        ("U1", "N4", True),
+        ("U2", "N3", True),
+        ("U2", "N4", True),
+        ("U3", "N1", False),
+        ("U3", "N3", False),
+        ("U3", "N4", False),
+        ("U3", "N1", True),
+    ]
+    split = GlobalTimeSplit(val_quantile=0.5, test_quantile=0.75).split(inter)
+    # A cut on all nine times put U3's stand-in history (just before 11/13 9:00) in test.
+    assert split.train.filter(~pl.col(Columns.Dated)).height == 5
+    assert split.val.select(Columns.User, Columns.Item).rows() == [("U2", "N3"), ("U2", "N4")]
+    assert split.test.select(Columns.User, Columns.Item).rows() == [("U1", "N4"), ("U3", "N1")]
+    assert split.describe()["test_undated_events"] == 0
+
+
 def test_mind_category_only_keeps_news_rows_without_title(tmp_path):
     src = MindDataSource(write_mind(tmp_path), missing_text="category_only")
     data = src.load()
@@ -527,6 +559,20 @@ def test_real_mind_counts_and_drop_report():
     assert imp[Columns.Impression].n_unique() == len({i for i, _ in kept}) == 2396
     assert int(imp[Columns.Clicked].sum()) == sum(c for _, c in kept)
     assert imp.height + src.report["impression_candidates_dropped"] == 189_359  # all candidates in the file
+
+
+def test_real_mind_global_time_split_holds_out_impression_clicks_only():
+    """The audit's figure: cut on all times, 540 of the 554 test events were history clicks."""
+    data = MindDataSource(shared("mind-small-sample")).load()
+    dated = data.interactions[Columns.Dated]
+    assert (int(dated.sum()), int((~dated).sum())) == (175, 5354)  # impression clicks, history clicks
+    split = GlobalTimeSplit().split(data.interactions)
+    assert split.val[Columns.Dated].all() and split.test[Columns.Dated].all()
+    assert (split.val.height, split.test.height, split.train.height) == (17, 19, 5493)
+    # Their history clicks are in train, so CF and the text tower can score 9 of the 18 test
+    # users (the rest clicked no news with text before); the cut on all times left 1 of 259.
+    test_users = split.test[Columns.UserIdx].unique()
+    assert (test_users.len(), int(test_users.is_in(split.train[Columns.UserIdx].implode()).sum())) == (18, 9)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from recsys.cf import ItemKNN, Popularity
 from recsys.columns import Columns
 from recsys.data import GlobalTimeSplit, LeaveLastOutSplit
 from recsys.data.split import Split
-from recsys.errors import ConfigError
+from recsys.errors import ConfigError, InputError
 from recsys.pipeline import FusionStage, LabelledStage, check_split
 from recsys.rank.ranker import LambdaMARTRanker
 from recsys.recommender import History
@@ -106,6 +106,45 @@ def test_global_time_split(events):
     n = events.height
     assert 0.6 * n < split.train.height < 0.8 * n
     assert 0.05 * n < split.test.height < 0.25 * n
+
+
+def test_global_time_split_keeps_undated_events_in_train():
+    """Events without a time of their own (MIND's history clicks) are never targets: their
+    stand-in times neither place them after a cut nor move the cut points."""
+    late = 1_000  # stand-ins of a user first seen late, after every dated event
+    df = with_ids(
+        pl.DataFrame(
+            {
+                Columns.UserIdx: [0] * 10 + [1] * 30,
+                Columns.ItemIdx: list(range(40)),
+                Columns.Timestamp: list(range(1, 11)) + list(range(late, late + 30)),
+                Columns.Dated: [True] * 10 + [False] * 29 + [True],
+            }
+        )
+    )
+    split = GlobalTimeSplit(val_quantile=0.7, test_quantile=0.8).split(df)
+    check_partition(df, split)
+    undated = event_ids(df.filter(~pl.col(Columns.Dated)))
+    assert undated <= event_ids(split.train)
+    # Cut on the 11 dated times (1..10 and the late user's impression): quantiles of those alone.
+    assert split.val[Columns.Timestamp].to_list() == [8]
+    assert split.test[Columns.Timestamp].to_list() == [9, 10, late + 29]
+    counts = split.describe()
+    assert [counts[f"{part}_undated_events"] for part in ("train", "val", "test")] == [29, 0, 0]
+    # Without the column every event is dated (the cut on all 40 times puts the stand-ins in test).
+    plain = GlobalTimeSplit(val_quantile=0.7, test_quantile=0.8).split(df.drop(Columns.Dated))
+    assert not event_ids(plain.test) <= event_ids(df.filter(pl.col(Columns.Dated)))
+    assert "train_undated_events" not in plain.describe()
+
+
+def test_global_time_split_needs_dated_events():
+    df = pl.DataFrame({Columns.UserIdx: [0, 0], Columns.Timestamp: [1, 2], Columns.Dated: [False, False]})
+    with pytest.raises(InputError, match="split=global_time .* no event has one") as info:
+        GlobalTimeSplit().split(df)
+    assert info.value.column == Columns.Dated and "split=leave_last_out" in str(info.value)
+    for bad in ([True, None], ["yes", "no"]):
+        with pytest.raises(InputError, match="must be true or false"):
+            GlobalTimeSplit().split(df.with_columns(pl.Series(Columns.Dated, bad)))
 
 
 @pytest.mark.parametrize(
