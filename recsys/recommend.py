@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("recsys.recommend")
 
+# What an updated model's meta.json adds to the manifest: the version it was updated from and the
+# training it descends from (its own ``run_id`` and ``dataset_hash`` are the update's).
+UPDATE_INFO = ("updated_from", "training_run_id", "training_dataset_hash")
+
 
 def resolve_model(model_uri: str, tracking: str | None) -> tuple[Path, dict]:
     """Local pipeline folder and what the manifest records about where it came from."""
@@ -135,6 +139,9 @@ def run(cfg: DictConfig):
             if histories is not None:
                 users += histories[Columns.User].unique().to_list()
         info = {**source, **{k: pipeline.meta.get(k) for k in ("run_id", "dataset", "dataset_hash", "config_hash")}}
+        # An updated model's lineage (recsys.update.provenance). Only when present: the manifest,
+        # and the fingerprint that resumes a killed export, of a trained model stay as they were.
+        info.update({k: pipeline.meta[k] for k in UPDATE_INFO if k in pipeline.meta})
         info["run_id"] = source.get("run_id") or info.get("run_id")
         result = export_recommendations(
             engine,

@@ -9,7 +9,9 @@ full retrain, and lets a gate decide whether it replaces the served model:
 3. CF is refitted on every event (``cf_mode=refit``; ALS and BPR continue from the model's
    factors for ``warm_iterations``) or keeps its item side and folds the users in
    (``cf_mode=fold_in``); histories, popularity and item statistics take the new events;
-4. the result is registered as a new version with alias ``challenger``;
+4. the result is registered as a new version with alias ``challenger``; its ``meta.json`` names
+   the data it was fitted on (``dataset_hash``, chained from the updated model's;
+   ``training_dataset_hash`` and ``training_run_id``: the training it descends from);
 5. the gate: the newest ``gate.holdout`` share of the new events is held out, the update is
    rebuilt without them, and champion and that challenger rank for the held-out users, from the
    same histories and as of the same moment (the last event before the holdout). The
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import logging
 import os
 import sys
@@ -576,6 +579,42 @@ def run_gate(
 # --- the command ----------------------------------------------------------------------------------
 
 
+def dataset_hash(parent: str | None, new: NewData) -> str:
+    """The ``dataset_hash`` of an update: the content hash of what it was fitted on, its parent's
+    ``dataset_hash`` chained with the update's events (duplicates of the parent's dropped) and its
+    item rows (by id). The same model updated with the same files gets the same hash; any other
+    data, a different one. Training's hash (``Dataset.fingerprint``) names the data set it read,
+    so an update keeping it named data the served model had not all seen."""
+    h = hashlib.sha256(str(parent).encode())
+    h.update(new.events.select(Columns.User, Columns.Item, Columns.Timestamp, Columns.Weight).write_csv().encode())
+    h.update(new.items.select(Columns.Item, Columns.Text).sort(Columns.Item).write_csv().encode())
+    return h.hexdigest()[:16]
+
+
+def provenance(parent: Mapping[str, Any], new: NewData, run_id: str, updated_from: str) -> dict[str, Any]:
+    """The ``meta.json`` info of an update of a pipeline whose info is ``parent``: what the served
+    model was fitted on (``dataset_hash``, ``run_id``: this update's) and what its training was
+    (``training_run_id``, ``training_dataset_hash``, the same through a chain of updates).
+    ``dataset`` and ``config_hash`` stay the training's: the data set's name and the model's
+    configuration, which an update does not change."""
+    if "training_dataset_hash" in parent:
+        first = {k: parent.get(k) for k in ("training_run_id", "training_dataset_hash")}
+    else:
+        # An update made before these keys has the training's dataset_hash but its own run_id.
+        trained = "updated_from" not in parent
+        first = {
+            "training_run_id": parent.get("run_id") if trained else None,
+            "training_dataset_hash": parent.get("dataset_hash"),
+        }
+    return {
+        **parent,
+        **first,
+        "dataset_hash": dataset_hash(parent.get("dataset_hash"), new),
+        "updated_from": updated_from,
+        "run_id": run_id,
+    }
+
+
 def model_name(model_uri: str, configured: str | None) -> str:
     if configured:
         return configured
@@ -741,14 +780,15 @@ def _run(cfg: DictConfig, t_start: float, mode: str, tolerance: float, warm: int
                 "cf_mode": mode,
                 "warm_iterations": warm,
                 "gate.k": k,
+                "data.interactions": files.interactions_path,
+                "data.items": files.items_path,
             }
         )
         mlflow.log_params({f"gate.{key}": v for key, v in OmegaConf.to_container(cfg.gate).items() if key != "k"})
-        challenger.meta = {
-            **champion.meta,
-            "updated_from": updated_from,
-            "run_id": mlflow.active_run().info.run_id,
-        }
+        challenger.meta = provenance(champion.meta, new, mlflow.active_run().info.run_id, updated_from)
+        mlflow.set_tags(
+            {"dataset": str(challenger.meta.get("dataset")), "dataset_hash": challenger.meta["dataset_hash"]}
+        )
         serving = read_serving(folder / SERVING_FILE)
         config_yaml = (folder / "config.yaml").read_text() if (folder / "config.yaml").is_file() else None
         t0 = time.perf_counter()

@@ -530,3 +530,71 @@ def test_an_update_from_an_alias_records_the_version_it_updated(tmp_path):
     assert meta["info"]["updated_from"] == f"models:/{NAME}/{v1}", meta["info"]
     params = client.get_run(meta["info"]["run_id"]).data.params
     assert params["updated_from"] == f"models:/{NAME}/{v1}" and params["model_uri"] == f"models:/{NAME}@challenger"
+
+
+def test_an_update_records_the_data_it_was_fitted_on_and_the_training_it_descends_from():
+    """An update's meta.json kept the training's dataset_hash: the exported manifest of an updated
+    model named data that lacked the update's events. Its hash now chains the parent's with the
+    update's events and items; the training's stays, as training_dataset_hash."""
+    from recsys.update import NewData, provenance
+
+    trained = {"run_id": "train-run", "dataset": "generated", "dataset_hash": "f9c3a043c64708fd", "config_hash": "c"}
+    events = events_frame([("U1", "I1", 100), ("U2", "I2", 160)]).select(
+        Columns.User, Columns.Item, Columns.Timestamp, pl.lit(1.0, dtype=pl.Float32).alias(Columns.Weight)
+    )
+    items = pl.DataFrame({Columns.Item: ["I9"], Columns.Text: ["Brand new yarn wool"]})
+    new = NewData(items, events, {})
+    first = provenance(trained, new, "update-run", "models:/recsys/1")
+    assert first["dataset_hash"] != trained["dataset_hash"]
+    assert first["run_id"] == "update-run" and first["updated_from"] == "models:/recsys/1"
+    assert first["training_dataset_hash"] == trained["dataset_hash"]
+    assert first["training_run_id"] == "train-run"
+    assert first["dataset"] == "generated" and first["config_hash"] == "c"
+    # The same data gives the same hash; other events, or other item texts, another.
+    assert provenance(trained, new, "another-run", "models:/recsys/1")["dataset_hash"] == first["dataset_hash"]
+    fewer = NewData(items, events.head(1), {})
+    assert provenance(trained, fewer, "update-run", "models:/recsys/1")["dataset_hash"] != first["dataset_hash"]
+    renamed = NewData(items.with_columns(pl.lit("Old yarn").alias(Columns.Text)), events, {})
+    assert provenance(trained, renamed, "update-run", "models:/recsys/1")["dataset_hash"] != first["dataset_hash"]
+    # An update of the update chains on from it and still names the training.
+    second = provenance(first, new, "update-run-2", "models:/recsys/2")
+    assert second["dataset_hash"] not in (first["dataset_hash"], trained["dataset_hash"])
+    assert second["training_dataset_hash"] == trained["dataset_hash"] and second["training_run_id"] == "train-run"
+    # An update made before these keys: its dataset_hash was the training's, its run_id its own.
+    old = {**trained, "run_id": "old-update-run", "updated_from": "models:/recsys/1"}
+    after_old = provenance(old, new, "update-run-3", "models:/recsys/2")
+    assert after_old["training_dataset_hash"] == trained["dataset_hash"] and after_old["training_run_id"] is None
+
+
+@pytest.mark.slow
+def test_the_export_of_an_updated_model_names_the_data_the_update_was_fitted_on(tmp_path):
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    from recsys.recommend import run as recommend
+    from recsys.update import run
+
+    p = champion()
+    e, i = write(tmp_path, events_frame(hit_events(p, p.item_ids[0], 10, p.now + 60)), new_item("NEW-1"))
+    version = run(config(tmp_path, e, i))["version"]
+    meta = json.loads((tmp_path / "out" / "pipeline" / "meta.json").read_text())["info"]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(
+            config_name="recommend",
+            overrides=[
+                f"model_uri=models:/{NAME}/{version}",
+                f"paths.mlruns_dir={tmp_path / 'mlruns'}",
+                f"output={tmp_path / 'recs' / 'recommendations.parquet'}",
+                "k=5",
+                "progress=false",
+            ],
+        )
+    manifest = recommend(cfg).manifest
+    assert manifest["dataset_hash"] == meta["dataset_hash"] != p.meta["dataset_hash"]
+    assert manifest["training_dataset_hash"] == p.meta["dataset_hash"]
+    assert manifest["training_run_id"] == p.meta["run_id"]
+    assert manifest["run_id"] == meta["run_id"] != p.meta["run_id"]  # the update's run
+    assert manifest["updated_from"] == str(trained_run().pipeline_dir)
+    client = mlflow.MlflowClient()
+    assert client.get_run(meta["run_id"]).data.tags["dataset_hash"] == meta["dataset_hash"]
