@@ -9,12 +9,16 @@ folder, so it is refused (``check_artifact_location``).
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import re
+import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("recsys.tracking")
 
 MASK = "***"
 # A key is split into words at separators and camelCase humps, lower-cased. Whole words only for
@@ -66,6 +70,92 @@ def store_lock(mlruns_dir: str | Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the flock
+
+
+RUNNING_FOLDER = ".running"  # in mlruns/: ``<run id>.lock``, held by the process of a run in progress
+
+
+def _run_lock(mlruns_dir: str | Path, run_id: str) -> Path:
+    return Path(mlruns_dir) / RUNNING_FOLDER / f"{run_id}.lock"
+
+
+@contextmanager
+def tracked_run(mlruns_dir: str | Path, experiment_id: str, **start: Any) -> Iterator[Any]:
+    """``mlflow.start_run(experiment_id=..., **start)``, with the run's lock held while it runs.
+
+    A job killed while its run is open (``kill -9``, SIGTERM, the machine going down) leaves
+    the run ``RUNNING`` in the store for ever: MLflow has no heartbeat. Each run therefore holds
+    an ``flock`` on ``mlruns/.running/<run id>.lock``, which the kernel releases when its process
+    dies, and a job that starts a run first ends the runs of its experiment whose lock is free
+    (``end_abandoned_runs``). The lock is taken under a temporary name and renamed to the run's:
+    the run's file only ever appears locked, so a job starting beside it cannot take a live run
+    for a dead one. The run is ended (FINISHED, or FAILED on an exception) before its lock is
+    let go, so a lock found free with its run still ``RUNNING`` means the process died."""
+    import mlflow
+
+    end_abandoned_runs(mlruns_dir, experiment_id)
+    folder = Path(mlruns_dir) / RUNNING_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=folder)
+    lock = pending = Path(name)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a fresh file: nobody else holds it
+        with mlflow.start_run(experiment_id=experiment_id, **start) as run:
+            lock = _run_lock(mlruns_dir, run.info.run_id)
+            os.rename(pending, lock)
+            yield run
+    finally:
+        lock.unlink(missing_ok=True)  # after the run ended: its status is written before the lock is free
+        os.close(fd)
+
+
+def end_abandoned_runs(mlruns_dir: str | Path, experiment_id: str) -> list[str]:
+    """Mark ``KILLED`` the runs of the experiment left ``RUNNING`` by a process that is gone:
+    those whose ``tracked_run`` lock this process can take. A run without a lock file (started
+    before locks were kept, by another machine's store folder, or a sweep's parent run, which
+    ends itself) is left alone. Returns the ids it ended."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    try:
+        running = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'")
+    except MlflowException as e:  # a tidy-up: the job goes on without it
+        log.warning("could not look for abandoned MLflow runs: %s", str(e).splitlines()[0])
+        return []
+    ended = []
+    for run in running:
+        run_id = run.info.run_id
+        lock = _run_lock(mlruns_dir, run_id)
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except OSError:  # none (most runs): nothing says whether its process is alive
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its process is alive
+            # Read again with the lock held: a run that has just ended normally let its lock go
+            # after it was marked FINISHED or FAILED.
+            if client.get_run(run_id).info.status != "RUNNING":
+                continue
+            client.set_tag(
+                run_id,
+                "ended_by",
+                "its process ended without closing the run (killed?): marked KILLED when the next run of "
+                "this experiment started",
+            )
+            client.set_terminated(run_id, status="KILLED")
+            lock.unlink(missing_ok=True)
+            ended.append(run_id)
+        except MlflowException as e:  # deleted meanwhile, say: left as it is
+            log.warning("could not end abandoned MLflow run %s: %s", run_id, str(e).splitlines()[0])
+        finally:
+            os.close(fd)
+    for run_id in ended:
+        log.warning("MLflow run %s was left RUNNING by a process that is gone: marked KILLED", run_id)
+    return ended
 
 
 def check_artifact_location(location: str, mlruns_dir: str | Path, experiment: str) -> None:
@@ -229,11 +319,10 @@ class Tracker:
 
     @contextmanager
     def start(self) -> Iterator[str]:
-        """Start (and end) the run, a child of ``parent_run_id`` if given; yields its id."""
-        import mlflow
-
+        """Start (and end) the run, a child of ``parent_run_id`` if given; yields its id. Runs of
+        the experiment left RUNNING by a killed job are marked KILLED first (``tracked_run``)."""
         exp_id = self.experiment_id()
-        with mlflow.start_run(experiment_id=exp_id, run_name=self.run_name, parent_run_id=self.parent_run_id) as run:
+        with tracked_run(self.mlruns_dir, exp_id, run_name=self.run_name, parent_run_id=self.parent_run_id) as run:
             self.run_id = run.info.run_id
             yield run.info.run_id
 

@@ -9,16 +9,17 @@ full retrain, and lets a gate decide whether it replaces the served model:
 3. CF is refitted on every event (``cf_mode=refit``; ALS and BPR continue from the model's
    factors for ``warm_iterations``) or keeps its item side and folds the users in
    (``cf_mode=fold_in``); histories, popularity and item statistics take the new events;
-4. the result is registered as a new version with alias ``challenger``; its ``meta.json`` names
-   the data it was fitted on (``dataset_hash``, chained from the updated model's;
-   ``training_dataset_hash`` and ``training_run_id``: the training it descends from);
-5. the gate: the newest ``gate.holdout`` share of the new events is held out, the update is
-   rebuilt without them, and champion and that challenger rank for the held-out users, from the
-   same histories and as of the same moment (the last event before the holdout). The
-   ``champion`` alias moves to the new version only if the challenger's NDCG@k is not worse than
-   the champion's by more than ``gate.tolerance``. Both figures, their paired difference and its
-   95 % bootstrap interval over the held-out users are printed beside the verdict and logged to
-   MLflow (``gate/difference_ndcg_at_<k>``).
+4. the result is registered as a new version with alias ``challenger``, created with the gate's
+   verdict as its tags (``gate``: passed or failed; ``gate_result``: the figures), and its
+   ``meta.json`` names the data it was fitted on (``dataset_hash``, chained from the updated
+   model's; ``training_dataset_hash`` and ``training_run_id``: the training it descends from);
+5. the gate, decided before anything is registered: the newest ``gate.holdout`` share of the
+   new events is held out, the update is rebuilt without them, and champion and that challenger
+   rank for the held-out users, from the same histories and as of the same moment (the last
+   event before the holdout). The ``champion`` alias moves to the new version only if the
+   challenger's NDCG@k is not worse than the champion's by more than ``gate.tolerance``. Both
+   figures, their paired difference and its 95 % bootstrap interval over the held-out users are
+   printed beside the verdict and logged to MLflow (``gate/difference_ndcg_at_<k>``).
 """
 
 from __future__ import annotations
@@ -770,8 +771,16 @@ def _run(cfg: DictConfig, t_start: float, mode: str, tolerance: float, warm: int
     out.mkdir(parents=True, exist_ok=True)
     import mlflow
 
-    mlflow.set_experiment(experiment_id=update_experiment(cfg.tracking_uri, cfg.paths.mlruns_dir, str(cfg.experiment)))
-    with mlflow.start_run(run_name="update"):
+    from recsys.tracking import tracked_run
+
+    experiment = update_experiment(cfg.tracking_uri, cfg.paths.mlruns_dir, str(cfg.experiment))
+    # The gate has decided before anything is written: the run gets its figures and the version its
+    # verdict first, so a job killed at any point after leaves nothing that hides either. A killed
+    # run is marked KILLED by the next run of the experiment (tracked_run); the version has the
+    # verdict from its creation, and only @champion says what is served.
+    gate_tag = "passed" if gate.promote else "failed"
+    with tracked_run(cfg.paths.mlruns_dir, experiment, run_name="update") as active:
+        run_id = active.info.run_id
         mlflow.log_params(
             {
                 "model_uri": str(cfg.model_uri),
@@ -785,20 +794,30 @@ def _run(cfg: DictConfig, t_start: float, mode: str, tolerance: float, warm: int
             }
         )
         mlflow.log_params({f"gate.{key}": v for key, v in OmegaConf.to_container(cfg.gate).items() if key != "k"})
-        challenger.meta = provenance(champion.meta, new, mlflow.active_run().info.run_id, updated_from)
+        mlflow.log_metrics(figures)
+        challenger.meta = provenance(champion.meta, new, run_id, updated_from)
         mlflow.set_tags(
             {"dataset": str(challenger.meta.get("dataset")), "dataset_hash": challenger.meta["dataset_hash"]}
         )
         serving = read_serving(folder / SERVING_FILE)
         config_yaml = (folder / "config.yaml").read_text() if (folder / "config.yaml").is_file() else None
         t0 = time.perf_counter()
-        uri = log_pipeline(challenger, out / "pipeline", serving, config_yaml, register_name=name, alias="challenger")
+        version_tags = {"gate": gate_tag, "gate_result": gate.describe(k), "updated_from": updated_from}
+        uri = log_pipeline(
+            challenger,
+            out / "pipeline",
+            serving,
+            config_yaml,
+            register_name=name,
+            alias="challenger",
+            version_tags=version_tags,
+        )
         figures["time/log_s"] = time.perf_counter() - t0
         figures["time/total_s"] = time.perf_counter() - t_start
-        mlflow.log_metrics(figures)
         version = uri.rsplit("/", 1)[-1]
         if gate.promote:
             mlflow.MlflowClient().set_registered_model_alias(name, "champion", version)
+        mlflow.log_metrics({key: figures[key] for key in ("time/log_s", "time/total_s")})
         mlflow.set_tags({"gate": "promoted" if gate.promote else "kept champion", "model_version": version})
     verdict = "promoted to @champion" if gate.promote else "champion kept"
     print(

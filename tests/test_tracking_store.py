@@ -108,3 +108,58 @@ def test_a_second_job_in_a_run_folder_in_use_is_refused_at_once(tmp_path):
     assert "another job started in the same second is using the run folder" in done.stderr
     assert "hydra.run.dir" in done.stderr
     assert not (folder / ".hydra").exists()  # nothing of the second job's written over the first's
+
+
+def _hold_a_run(mlruns: str, out, release) -> None:
+    """A job with its run open: reports the run's id, then is killed (``release`` None) or waits."""
+    import os
+    import signal
+
+    with Tracker(mlruns, "smoke").start() as run_id:
+        out.put(run_id)
+        if release is None:
+            os.kill(os.getpid(), signal.SIGKILL)  # as kill -9 would: nothing of the job's own runs after
+        release.wait(120)
+
+
+def test_a_run_left_running_by_a_killed_job_is_marked_killed_by_the_next_job(tmp_path):
+    """MLflow has no heartbeat: a job killed with its run open left it RUNNING for ever, so the
+    store could not tell a killed run from one in progress. The next job of the experiment now
+    marks it KILLED, and leaves a run whose process is alive, or one it knows nothing about (a
+    sweep's parent run, a run from before run locks), as it is."""
+    mlruns = str(tmp_path / "mlruns")
+    tracker = Tracker(mlruns, "smoke")
+    client = mlflow.MlflowClient(tracker.uri)
+    unknown = client.create_run(tracker.experiment_id()).info.run_id  # RUNNING, without a lock
+    ctx = mp.get_context("fork")
+    out, release = ctx.SimpleQueue(), ctx.Event()  # SimpleQueue: put has written when it returns
+    killed = ctx.Process(target=_hold_a_run, args=(mlruns, out, None))
+    killed.start()
+    dead = out.get()
+    killed.join(120)
+    assert killed.exitcode == -9
+    assert client.get_run(dead).info.status == "RUNNING"  # until a job of the experiment starts
+    alive = ctx.Process(target=_hold_a_run, args=(mlruns, out, release))
+    alive.start()
+    try:
+        live = out.get()
+        assert client.get_run(dead).info.status == "KILLED"  # by the job that has just started
+        assert "killed" in client.get_run(dead).data.tags["ended_by"]
+        with tracker.start() as run_id:
+            assert client.get_run(live).info.status == "RUNNING"
+            assert client.get_run(unknown).info.status == "RUNNING"
+    finally:
+        release.set()
+        alive.join(60)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert client.get_run(live).info.status == "FINISHED"  # its job ended it, and nobody else
+    assert list((tmp_path / "mlruns" / ".running").iterdir()) == []  # no lock outlives its run
+
+
+def test_a_run_that_failed_ends_failed_and_lets_its_lock_go(tmp_path):
+    mlruns = str(tmp_path / "mlruns")
+    tracker = Tracker(mlruns, "smoke")
+    with pytest.raises(RuntimeError), tracker.start() as run_id:
+        raise RuntimeError("the job failed")
+    assert mlflow.MlflowClient(tracker.uri).get_run(run_id).info.status == "FAILED"
+    assert list((tmp_path / "mlruns" / ".running").iterdir()) == []

@@ -21,10 +21,8 @@ NAME = "recsys_update_test"
 ITEM_COLUMNS = ["item_id", "title", "category", "description"]
 
 
-def config(tmp: Path, events: Path, items: Path, *extra: str):
-    from hydra import compose, initialize_config_dir
-
-    overrides = [
+def overrides(tmp: Path, events: Path, items: Path, *extra: str) -> list[str]:
+    return [
         f"model_uri={trained_run().pipeline_dir}",
         f"register_name={NAME}",
         f"paths.mlruns_dir={tmp / 'mlruns'}",
@@ -33,8 +31,13 @@ def config(tmp: Path, events: Path, items: Path, *extra: str):
         f"data.items={items}",
         *extra,
     ]
+
+
+def config(tmp: Path, events: Path, items: Path, *extra: str):
+    from hydra import compose, initialize_config_dir
+
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="update", overrides=overrides)
+        return compose(config_name="update", overrides=overrides(tmp, events, items, *extra))
 
 
 def champion() -> TrainedPipeline:
@@ -598,3 +601,58 @@ def test_the_export_of_an_updated_model_names_the_data_the_update_was_fitted_on(
     assert manifest["updated_from"] == str(trained_run().pipeline_dir)
     client = mlflow.MlflowClient()
     assert client.get_run(meta["run_id"]).data.tags["dataset_hash"] == meta["dataset_hash"]
+
+
+# The update in a process of its own, killed (as by kill -9) once its model version is registered,
+# when it sets the version's first alias.
+KILLED_AFTER_REGISTERING = """
+import os, signal, sys
+
+import mlflow
+from hydra import compose, initialize_config_dir
+
+from recsys.update import run
+
+
+def kill(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+mlflow.MlflowClient.set_registered_model_alias = kill
+with initialize_config_dir(config_dir=sys.argv[1], version_base="1.3"):
+    run(compose(config_name="update", overrides=sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow
+def test_an_update_killed_after_registering_leaves_its_verdict_and_its_run_is_ended_next_time(tmp_path):
+    """Killed between registering its version and the gate's alias moves, an update left a version
+    with nothing saying whether it had passed the gate, and its MLflow run RUNNING for ever. The
+    version now carries the verdict from its creation, and the next update marks the run KILLED."""
+    import subprocess
+    import sys
+
+    from recsys.tracking import tracking_uri
+    from recsys.update import run
+
+    p = champion()
+    e, i = write(tmp_path, events_frame(hit_events(p, p.item_ids[0], 10, p.now + 60)), new_item("NEW-1"))
+    args = overrides(tmp_path, e, i, f"output={tmp_path / 'killed'}")
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_REGISTERING, str(REPO / "conf"), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    client = mlflow.MlflowClient(tracking_uri(tmp_path / "mlruns"))
+    (version,) = client.search_model_versions(f"name='{NAME}'")
+    assert not version.aliases  # killed before @challenger (and @champion) were set
+    assert version.tags["gate"] in ("passed", "failed"), version.tags
+    assert version.tags["gate_result"].startswith("gate NDCG@10 champion"), version.tags
+    killed = client.get_run(version.run_id)
+    assert killed.info.status == "RUNNING"
+    assert "gate/champion_ndcg_at_10" in killed.data.metrics  # the gate's figures came first
+    out = run(config(tmp_path, e, i))
+    assert client.get_run(version.run_id).info.status == "KILLED"
+    assert client.get_model_version(NAME, out["version"]).tags["gate"] == ("passed" if out["promoted"] else "failed")

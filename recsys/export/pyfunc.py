@@ -345,18 +345,24 @@ def log_pipeline(
     register_name: str | None = None,
     alias: str | None = None,
     name: str = "model",
+    version_tags: Mapping[str, str] | None = None,
 ) -> str:
     """Save ``pipeline`` under ``folder``, log it to the active MLflow run as one pyfunc model,
-    register it (if ``register_name``) and point ``alias`` at the new version. Returns its URI."""
+    register it (if ``register_name``) and point ``alias`` at the new version. Returns its URI.
+    ``version_tags``: tags the version is created with, in the same registry write (a job killed
+    just after never leaves the version without them)."""
     import mlflow
 
     folder = Path(folder)
     pipeline.save(folder, config_yaml=config_yaml)
     (folder / SERVING_FILE).write_text(json.dumps(dict(serving), indent=2, sort_keys=True))
-    info = _log(mlflow, folder, name, register_name, input_example(pipeline))
+    info = _log(mlflow, folder, name, example=input_example(pipeline))
     uri = info.model_uri
     if register_name:
-        version = info.registered_model_version
+        # What log_model(registered_model_name=...) does, with the tags it cannot pass to the version.
+        version = mlflow.register_model(
+            info.model_uri, register_name, tags=dict(version_tags) if version_tags else None
+        ).version
         if alias:
             mlflow.MlflowClient().set_registered_model_alias(register_name, alias, str(version))
         uri = f"models:/{register_name}/{version}"
@@ -372,7 +378,7 @@ def input_example(pipeline: TrainedPipeline) -> tuple[Any, dict[str, Any]]:
     return pd.DataFrame({Columns.User: [str(u) for u in pipeline.users.ids[:2]]}), {"k": 5}
 
 
-def _log(mlflow, folder: Path, name: str = "model", register_name: str | None = None, example=None):
+def _log(mlflow, folder: Path, name: str = "model", example=None):
     import warnings
 
     from recsys.config import PACKAGE_DIR
@@ -388,7 +394,6 @@ def _log(mlflow, folder: Path, name: str = "model", register_name: str | None = 
             code_paths=[str(PACKAGE_DIR)],
             pip_requirements=pip_requirements(),
             signature=signature(),
-            registered_model_name=register_name or None,
         )
 
 
