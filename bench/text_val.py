@@ -3,6 +3,8 @@
     python bench/text_val.py bert_ranker --steps 600 text.user_tower=sequence
     python bench/text_val.py scientific --steps 600 text.user_tower=sequence text.sequence.layers=2
     python bench/text_val.py bert_ranker --steps 600 split=global_time
+    python bench/text_val.py scientific --steps 2000 text.callbacks.early_stopping.patience=100 \
+        'text.module.interpolation=[0.5]'     # one point of the line from the zero-shot start
 
 Runs the job's data loading, split and ``fine_tune`` (step-0 competition, best checkpoint by
 validation NDCG@10, the job's early stopping) with a step cap instead of the time budget, so that
@@ -93,6 +95,7 @@ def main() -> None:
         "steps": int(m["text/steps"]),
         "steps_per_s": round(m["text/steps"] / secs, 2),
         "kept_zeroshot": int(m["text/kept_zeroshot"]),
+        "interpolation": m["text/interpolation"],  # the kept point between the start and the trained weights
     }
     curve_s = [(s, round(v, 4), round(tl, 4)) for s, v, tl in curve if not np.isnan(v)]
     print("RESULT", a.experiment, " ".join(a.overrides), json.dumps(out), "curve", curve_s, flush=True)

@@ -503,7 +503,7 @@ class Reporter:
                     + (
                         " — no fine-tuned epoch beat the zero-shot weights, which were kept."
                         if ft.get("text/kept_zeroshot")
-                        else "."
+                        else _interpolation_note(ft.get("text/interpolation"))
                     )
                 )
             )
@@ -638,3 +638,11 @@ def write_document(doc: Document, numbers: dict[str, Any], folder: str | Path) -
     out.append(write_text_atomic(json.dumps(_json_safe(numbers), indent=2, sort_keys=True), folder / "metrics.json"))
     out.append(write_text_atomic(to_html(doc), folder / "report.html"))
     return out
+
+
+def _interpolation_note(alpha: float | None) -> str:
+    """The end of the fine-tuning sentence: where between the zero-shot start and the trained
+    weights the kept ones lie (``text.module.interpolation``), when not at the trained ones."""
+    if alpha is None or alpha == 1.0:
+        return "."
+    return f" (weights {alpha:g} of the way from the zero-shot start to the trained ones: text.module.interpolation)."

@@ -302,3 +302,21 @@ def test_finetuning_text_of_a_run_without_time_budget(tmp_path):
         assert "train + validation" in sections["segments"].blocks[0].text
     assert "None" not in texts[None] and "no time budget for training, which took 0.4" in texts[None]
     assert "budget: 1.5 min for training, which took 0.4" in texts[1.5]
+
+
+def test_finetuning_text_names_the_point_between_start_and_trained_weights(tmp_path):
+    """text.module.interpolation: the section says where the kept weights lie when they are not
+    the trained ones, and says nothing of it when they are."""
+    from recsys.evaluation.report import Reporter
+
+    lists = {m: np.tile(np.arange(10), (2, 1)) for m in ("fused", "als", "text", "text_zeroshot")}
+    ft = {"text/minutes": 0.5, "text/steps": 10.0, "text/val_ndcg_at_10_zeroshot": 0.1,
+          "text/val_ndcg_at_10_finetuned": 0.2, "text/kept_zeroshot": 0.0, "budget_minutes": 1.5}  # fmt: skip
+    texts = {}
+    for alpha in (0.5, 1.0):
+        bundle = small_bundle(tmp_path / str(alpha), ([0, 1], [3, 4]), ([0, 1], [7, 5]), lists,
+                              finetuning={**ft, "text/interpolation": alpha})  # fmt: skip
+        doc, _ = Reporter(ks=(5, 10), n_bootstrap=20).document(bundle)
+        texts[alpha] = {s.key: s for s in doc.sections}["finetuning"].blocks[0].text
+    assert "weights 0.5 of the way from the zero-shot start to the trained ones" in texts[0.5]
+    assert "of the way" not in texts[1.0] and texts[1.0].endswith("fine-tuned 0.2000.")
