@@ -72,6 +72,9 @@ class TextTowerModule(L.LightningModule):
         Amazon-Scientific the trained weights lose to their start while half-way scores above
         it). ``(1.0,)``: the trained weights only. The adapter path only: with ``train_bert``
         each ``a`` would cost a BERT catalogue pass.
+    interpolation_min_z: a point other than the trained weights is kept at a check only if its
+        mean per-row validation gain over them exceeds this many paired standard errors (the
+        best of several points would otherwise pick noise on a small validation set).
     """
 
     def __init__(
@@ -92,10 +95,13 @@ class TextTowerModule(L.LightningModule):
         popularity_debias: float = 0.0,
         train_threads: int | None = None,
         interpolation: Sequence[float] = (1.0,),
+        interpolation_min_z: float = 2.0,
     ) -> None:
         super().__init__()
         self.net = net
         self.interpolation = check_interpolation(interpolation, train_bert)
+        check_options(None, {}, {"interpolation_min_z": interpolation_min_z})
+        self.interpolation_min_z = float(interpolation_min_z)
         self.train_bert, self.lr_adapter = bool(train_bert), lr_adapter
         self.popularity_debias = float(popularity_debias)
         check_options(None, {}, {"train_threads": train_threads, "popularity_debias": popularity_debias})
@@ -282,23 +288,31 @@ class TextTowerModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         results = {}
+        reference = torch.cat(self._val[1.0][0]) if 1.0 in self._val and self._val[1.0][0] else None
         for a, (ndcg_rows, hit_rows, tail_rows_) in self._val.items():
             per_row = torch.cat(ndcg_rows) if ndcg_rows else torch.zeros(0, device=self.device)
             hit = torch.cat(hit_rows) if hit_rows else torch.zeros(0, device=self.device)
             tail = torch.cat(tail_rows_) if tail_rows_ else torch.zeros(0, dtype=torch.bool, device=self.device)
-            results[a] = [per_row.sum(), hit.sum(), float(len(per_row)), per_row[tail].sum(), tail.sum()]
+            # Per-row difference to the trained weights, for the paired test below.
+            diff = per_row - reference if reference is not None else torch.zeros_like(per_row)
+            results[a] = [per_row.sum(), hit.sum(), float(len(per_row)), per_row[tail].sum(), tail.sum(),
+                          diff.sum(), (diff * diff).sum()]  # fmt: skip
         self._val, self._caches, self._trained_copy = {}, {}, {}
         # Sums and counts over every rank's share of the validation users (DDP): all ranks log
         # the same metric and pick the same interpolation, so early stopping and the best
         # checkpoint agree.
         alphas = list(results)
         flat = [torch.as_tensor(x, dtype=torch.float64, device=self.device) for a in alphas for x in results[a]]
-        total = sum_over_ranks(torch.stack(flat)).view(len(alphas), 5).tolist()
+        total = sum_over_ranks(torch.stack(flat)).view(len(alphas), 7).tolist()
         if not total[0][2]:
             return
-        # The best point; ties go to the trained weights (1.0 comes last in the sorted grid).
-        best = max(range(len(alphas)), key=lambda i: (total[i][0], alphas[i]))
-        n_ndcg, n_hit, rows, n_tail, tail_rows = total[best]
+        # A point short of the trained weights is kept only where it beats them by more than
+        # ``interpolation_min_z`` paired standard errors over the validation rows: the best of
+        # several points at every check would otherwise pick noise on a small validation set.
+        # Ties go to the trained weights (1.0 comes last in the sorted grid).
+        eligible = [i for i, a in enumerate(alphas) if a == 1.0 or reference is None or self._beats_trained(total[i])]
+        best = max(eligible, key=lambda i: (total[i][0], alphas[i]))
+        n_ndcg, n_hit, rows, n_tail, tail_rows = total[best][:5]
         self.alpha = alphas[best]
         ndcg = torch.tensor(n_ndcg / rows)
         # Equal on every rank already; sync_dist only tells Lightning so.
@@ -312,6 +326,16 @@ class TextTowerModule(L.LightningModule):
             self.log("val/interpolation", self.alpha, sync_dist=True)
         if not self.trainer.sanity_checking:
             self.val_curve.append((int(self.trainer.global_step), float(ndcg), float(tail_ndcg)))
+
+    def _beats_trained(self, sums: list[float]) -> bool:
+        """Whether a point's mean per-row gain over the trained weights exceeds
+        ``interpolation_min_z`` of its standard error (``sums``: a row of the validation sums)."""
+        rows, d_sum, d_sq = sums[2], sums[5], sums[6]
+        if rows < 2:
+            return False
+        mean = d_sum / rows
+        var = max(d_sq / rows - mean * mean, 0.0) * rows / (rows - 1)
+        return mean > self.interpolation_min_z * math.sqrt(var / rows)
 
     def configure_optimizers(self):
         enc = self.net.item_encoder

@@ -52,7 +52,8 @@ def check_options(
     require_whole("text.module.freeze_layers", module.get("freeze_layers"), 0, optional=True)
     if "interpolation" in module:
         check_interpolation(module["interpolation"], module.get("train_bert", True))
-    for name in ("popularity_debias", "logq_correction", "lr_adapter", "lr_encoder", "lr_head", "weight_decay"):
+    rates = ("lr_adapter", "lr_encoder", "lr_head", "weight_decay")
+    for name in ("interpolation_min_z", "popularity_debias", "logq_correction", *rates):
         require_number(f"text.module.{name}", module.get(name), 0, optional=True)
 
 

@@ -67,7 +67,7 @@ def heldout_ndcg(net: TwoTower, ids, lengths, history: History, targets: pl.Data
 
 
 def train_on_key_world(
-    tokenizer_path: str, lr: float = 3e-3, epochs: int = 6, interpolation=(1.0,), checkpoint_dir=None
+    tokenizer_path: str, lr: float = 3e-3, epochs: int = 6, interpolation=(1.0,), checkpoint_dir=None, min_z=0.0
 ):
     L.seed_everything(0, verbose=False)
     texts, h = key_world()
@@ -101,7 +101,13 @@ def train_on_key_world(
 
     def factory(net):
         return TextTowerModule(
-            net=net, train_bert=False, lr_adapter=lr, lr_head=lr, warmup_steps=1, interpolation=interpolation
+            net=net,
+            train_bert=False,
+            lr_adapter=lr,
+            lr_head=lr,
+            warmup_steps=1,
+            interpolation=interpolation,
+            interpolation_min_z=min_z,
         )
 
     bert_before = {k: v.clone() for k, v in encoder.bert.state_dict().items()}
@@ -187,6 +193,34 @@ def test_validating_the_interpolation_leaves_training_unchanged(tokenizer_path):
         torch.testing.assert_close(v, start[k] + alpha * (trained[k] - start[k]), rtol=1e-5, atol=1e-6)
 
 
+def test_a_point_short_of_the_trained_weights_must_beat_them_beyond_noise(tokenizer_path):
+    """``interpolation_min_z``: the mean per-row gain over the trained weights against its paired
+    standard error. A steady small gain passes, a larger but noisy one does not."""
+    encoder = ItemEncoder.random(tokenizer=tokenizer_path, seed=0, adapter_hidden=16)
+    module = TextTowerModule(net=TwoTower(encoder, max_history=10), train_bert=False, interpolation=[0.5, 1.0])
+
+    def sums(diff):
+        d = np.asarray(diff, dtype=float)
+        return [0.0, 0.0, float(len(d)), 0.0, 0.0, float(d.sum()), float((d * d).sum())]
+
+    assert module._beats_trained(sums([0.01] * 50))  # no spread: any gain is beyond noise
+    noisy = [0.5, -0.4] * 25  # mean +0.05, standard error about 0.064
+    assert not module._beats_trained(sums(noisy))
+    module.interpolation_min_z = 0.5
+    assert module._beats_trained(sums(noisy))
+    assert not module._beats_trained(sums([-0.01] * 50)) and not module._beats_trained(sums([0.3]))
+
+
+def test_with_an_unreachable_margin_the_trained_weights_are_kept(tokenizer_path):
+    """The control: a margin no point can pass leaves the trained weights, as without the grid."""
+    plain = train_on_key_world(tokenizer_path, lr=3e-2, epochs=2)
+    strict = train_on_key_world(tokenizer_path, lr=3e-2, epochs=2, interpolation=[0.25, 0.5, 1.0], min_z=1e9)
+    assert strict["metrics"]["text/interpolation"] == 1.0
+    assert strict["curve"] == plain["curve"]
+    for k, v in trained_tensors(strict["net"]).items():
+        torch.testing.assert_close(v, trained_tensors(plain["net"])[k], rtol=0, atol=0)
+
+
 def test_the_catalogue_pass_while_fine_tuning_shows_a_progress_bar(tokenizer_path, capfd):
     """The frozen BERT's catalogue pass (the zero-shot validation) is minutes at 150k items."""
     encoder = ItemEncoder.random(tokenizer=tokenizer_path, seed=0, adapter_hidden=16)
@@ -268,6 +302,7 @@ def test_the_logq_correction_counts_only_the_negatives_drawn(tokenizer_path):
         ({}, {"interpolation": []}, "text.module.interpolation"),
         ({}, {"interpolation": "half"}, "text.module.interpolation"),
         ({}, {"interpolation": [0.5, 3]}, "text.module.interpolation"),
+        ({}, {"interpolation_min_z": -1}, "text.module.interpolation_min_z"),
         # Each point would need its own BERT catalogue pass at every validation.
         ({}, {"interpolation": [0.5, 1.0], "train_bert": True}, "text.module.interpolation"),
     ],
