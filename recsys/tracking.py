@@ -154,7 +154,8 @@ def end_abandoned_runs(mlruns_dir: str | Path, experiment_id: str) -> list[str]:
         finally:
             os.close(fd)
     for run_id in ended:
-        log.warning("MLflow run %s was left RUNNING by a process that is gone: marked KILLED", run_id)
+        # Worded so that it never reads as the job's own "MLflow run <id>; ..." line, which scripts parse.
+        log.warning("marked KILLED: run %s of this experiment, left RUNNING by a process that is gone", run_id)
     return ended
 
 

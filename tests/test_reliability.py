@@ -131,7 +131,7 @@ def mlflow_metrics(log: str) -> dict[str, float]:
     from recsys.tracking import tracking_uri
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri(session_root() / "mlruns"))
-    metrics = client.get_run(log.split("MLflow run ")[1].split(";")[0]).data.metrics
+    metrics = client.get_run(re.search(r"^MLflow run (\w+);", log, re.M).group(1)).data.metrics
     got = {k: v for k, v in metrics.items() if k.startswith(("test/", "text/")) and not k.endswith("minutes")}
     assert got
     return got
@@ -192,7 +192,7 @@ def test_secrets_are_masked_in_logged_params():
 
     ref = reference_run()
     client = mlflow.MlflowClient(tracking_uri=tracking_uri(ref.root / "mlruns"))
-    run_id = ref.log.split("MLflow run ")[1].split(";")[0]
+    run_id = re.search(r"^MLflow run (\w+);", ref.log, re.M).group(1)
     params = client.get_run(run_id).data.params
     assert params["service.api_token"] == "***"
     assert params["seed"] == "42"  # other params are logged as they are
