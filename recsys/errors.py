@@ -71,9 +71,10 @@ def user_message(error: BaseException) -> str | None:
     return None if cause is None else str(cause)
 
 
-def exit_on_user_error(run: Callable[[], T]) -> T:
+def exit_on_user_error(run: Callable[[], T], raise_as: Callable[[str], Exception] | None = None) -> T:
     """Run an entry point's job and return what it returns; a data or config problem becomes one
-    line on stderr and exit 2."""
+    line on stderr and exit 2, or, with ``raise_as``, that exception of the message (no traceback
+    of the cause: the message says it all)."""
     try:
         return run()
     except Exception as e:
@@ -81,6 +82,8 @@ def exit_on_user_error(run: Callable[[], T]) -> T:
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)
+        if raise_as is not None:
+            raise raise_as(message) from None
         sys.exit(2)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -20,7 +19,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from omegaconf import DictConfig  # noqa: E402
 
 import recsys.config  # noqa: E402  (registers resolvers; CONFIG_DIR)
-from recsys.errors import ConfigError, exit_on_user_error, user_message  # noqa: E402
+from recsys.errors import ConfigError, exit_on_user_error  # noqa: E402
 
 T = TypeVar("T")
 
@@ -96,14 +95,7 @@ def fail_trial_on_user_error(job: Callable[[], T]) -> T:
     """``exit_on_user_error`` for a sweep's trial: the one-line error, then an exception rather
     than exit 2, so that Hydra records a failed trial and the sweeper applies
     ``hydra.sweeper.max_failure_rate`` (an exit would end the whole sweep whatever it says)."""
-    try:
-        return job()
-    except Exception as e:
-        message = user_message(e)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        raise TrialFailed(message) from None  # the message says it all: no traceback of the cause
+    return exit_on_user_error(job, raise_as=TrialFailed)
 
 
 @recsys.config.entry_point("config")
