@@ -18,6 +18,7 @@ Two ways to train the item side:
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 
@@ -131,8 +132,8 @@ class TextTowerModule(L.LightningModule):
         #: (global step, validation NDCG@10, its long-tail part) after every validation
         self.val_curve: list[tuple[int, float, float]] = []
         self._val: dict[float, list[list[torch.Tensor]]] = {}  # per interpolation: NDCG, hit, tail rows
-        self._caches: dict[float, torch.Tensor] = {}
-        self._trained_copy: dict[str, torch.Tensor] = {}
+        # per interpolation: its catalogue vectors and user tower, during a validation
+        self._points: dict[float, tuple[torch.Tensor, torch.nn.Module]] = {}
 
     # -- weights between the zero-shot start and the trained ones ------------------------------
     def _trained(self) -> list[tuple[str, torch.nn.Parameter]]:
@@ -251,30 +252,26 @@ class TextTowerModule(L.LightningModule):
         self.refresh_cache()
         alphas = self._alphas()
         self._val = {a: [[], [], []] for a in alphas}
-        self._caches = {1.0: self.item_cache}
+        # Each point's catalogue vectors (the adapter over the frozen BERT's vectors: a small MLP)
+        # and user tower, made once per validation; then the trained weights back for training.
+        self._points = {1.0: (self.item_cache, self.net.user_encoder)}
         if alphas != [1.0]:
-            # Each point's catalogue vectors once per validation (the adapter over the frozen
-            # BERT's vectors: a small MLP), then the trained weights back for training.
             trained = {n: p.detach().clone() for n, p in self._trained()}
             for a in alphas:
                 if a != 1.0:
                     self._set_interpolation(a, trained)
                     with torch.no_grad():
-                        self._caches[a] = self.net.item_encoder.adapt(self.base_cache).float()
+                        items = self.net.item_encoder.adapt(self.base_cache).float()
+                    self._points[a] = (items, copy.deepcopy(self.net.user_encoder))
             self._set_interpolation(1.0, trained)
-            self._trained_copy = trained
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         seen = batch["seen"]
         tail = self.trainer.datamodule.tail.to(seen.device)[batch["targets"]]
         for a, rows_out in self._val.items():
-            if a != 1.0:
-                self._set_interpolation(a, self._trained_copy)
-            items = self._caches[a]
+            items, user_encoder = self._points[a]
             hist = (items if self.net.history_embeddings is None else self.history_cache)[batch["history"].clamp(min=0)]
-            users = self.net.user_encoder(hist, batch["history_mask"])
-            if a != 1.0:
-                self._set_interpolation(1.0, self._trained_copy)
+            users = user_encoder(hist, batch["history_mask"])
             scores = users @ items.T
             rows = torch.arange(len(seen), device=seen.device)[:, None].expand_as(seen)
             scores[rows[seen >= 0], seen[seen >= 0]] = -torch.inf
@@ -297,7 +294,7 @@ class TextTowerModule(L.LightningModule):
             diff = per_row - reference if reference is not None else torch.zeros_like(per_row)
             results[a] = [per_row.sum(), hit.sum(), float(len(per_row)), per_row[tail].sum(), tail.sum(),
                           diff.sum(), (diff * diff).sum()]  # fmt: skip
-        self._val, self._caches, self._trained_copy = {}, {}, {}
+        self._val, self._points = {}, {}
         # Sums and counts over every rank's share of the validation users (DDP): all ranks log
         # the same metric and pick the same interpolation, so early stopping and the best
         # checkpoint agree.
