@@ -50,21 +50,32 @@ def ordered_history_labels(edges: Sequence[int] = HISTORY_EDGES) -> list[str]:
     return history_bucket_labels(np.array([0, *edges])).tolist()
 
 
+def popularity_decile_numbers(train_count: np.ndarray) -> np.ndarray:
+    """Per item: 0 (no training event) or its decile 1 (least popular) .. 10 among the warm items.
+    Items with equal counts share a decile (average rank), so ties never split arbitrarily; a
+    decile may then be empty or larger than a tenth.
+
+    >>> popularity_decile_numbers(np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10])).tolist()[:3]
+    [0, 1, 2]
+    """
+    counts = np.asarray(train_count)
+    out = np.zeros(len(counts), dtype=np.int64)
+    warm = counts > 0
+    if warm.any():
+        pct = (rankdata(counts[warm], method="average") - 0.5) / warm.sum()
+        out[warm] = np.floor(pct * 10).astype(np.int64) + 1
+    return out
+
+
 def popularity_deciles(train_count: np.ndarray) -> np.ndarray:
     """Per item: ``cold`` (no training event) or decile ``D1`` (least popular) .. ``D10`` among
-    the warm items. Items with equal counts share a decile (average rank), so ties never split
-    arbitrarily; a decile may then be empty or larger than a tenth.
+    the warm items (``popularity_decile_numbers``).
 
     >>> popularity_deciles(np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10])).tolist()[:3]
     ['cold', 'D1', 'D2']
     """
-    counts = np.asarray(train_count)
-    out = np.full(len(counts), "cold", dtype=object)
-    warm = counts > 0
-    if warm.any():
-        pct = (rankdata(counts[warm], method="average") - 0.5) / warm.sum()
-        out[warm] = [f"D{d}" for d in (np.floor(pct * 10).astype(int) + 1)]
-    return out
+    numbers = popularity_decile_numbers(train_count)
+    return np.where(numbers == 0, "cold", np.char.add("D", numbers.astype(str))).astype(object)
 
 
 def decile_order() -> list[str]:

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from recsys.columns import Columns
 from recsys.errors import ConfigError, InputError
+from recsys.evaluation.segments import popularity_decile_numbers
 from recsys.recommender import History
 from recsys.text.distributed import world
 from recsys.text.encoder import pad_histories
@@ -26,12 +27,14 @@ log = logging.getLogger(__name__)
 
 
 class NextItemExamples(Dataset):
-    """Every (history prefix -> next event) pair of the training history."""
+    """Every (history prefix -> next event) pair of the training history: rows of (history items,
+    target item, event weight, event time)."""
 
     def __init__(self, history: History, max_history: int) -> None:
         df = history.interactions
         self.items = df[Columns.ItemIdx].to_numpy().astype(np.int64)
         self.weights = df[Columns.Weight].to_numpy().astype(np.float32)
+        self.times = df[Columns.Timestamp].to_numpy().astype(np.float64)
         users = df[Columns.UserIdx].to_numpy()
         starts = np.searchsorted(users, users, side="left")
         # A target needs at least one earlier event of the same user.
@@ -42,10 +45,10 @@ class NextItemExamples(Dataset):
     def __len__(self) -> int:
         return len(self.positions)
 
-    def __getitem__(self, j: int) -> tuple[np.ndarray, int, float]:
+    def __getitem__(self, j: int) -> tuple[np.ndarray, int, float, float]:
         p = self.positions[j]
         lo = max(self.starts[p], p - self.max_history)
-        return self.items[lo:p], int(self.items[p]), float(self.weights[p])
+        return self.items[lo:p], int(self.items[p]), float(self.weights[p]), float(self.times[p])
 
 
 def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
@@ -137,7 +140,8 @@ class TextDataModule(L.LightningDataModule):
         self.uniform_negatives = min(int(uniform_negatives), len(item_ids)) if drawn else 0
         self.item_ids, self.item_lengths = item_ids, item_lengths
         # When each item was first listed (NaN = always): validation, like the test evaluation,
-        # never ranks an item for a moment before it existed. A copy: the input may be read-only.
+        # never ranks an item for a moment before it existed, and training never offers one as a
+        # negative of an earlier event. A copy: the input may be read-only.
         self.available_from = (
             None if available_from is None else torch.tensor(np.asarray(available_from, dtype=np.float64))
         )
@@ -147,12 +151,17 @@ class TextDataModule(L.LightningDataModule):
         self.val_users, self.val_batch_size, self.seed = val_users, val_batch_size, seed
         self._told_without_history = False
         self.examples = NextItemExamples(train, max_history)
-        # log of each item's chance to be a candidate, up to a constant: batch_size * its share of
-        # training targets (in-batch negatives) plus uniform_negatives / n_items (the uniform
-        # draw). The module subtracts it (logQ correction, Yi et al., RecSys 2019).
+        # log of each item's chance to be a candidate of a step: the batch's targets (each drawn
+        # with the item's share of training targets) and the uniform draw, de-duplicated, so the
+        # chance is 1 - (1 - share)^batch_size * (1 - 1/n_items)^uniform_negatives. The module
+        # subtracts it (logQ correction, Yi et al., RecSys 2019). The expected count
+        # (batch_size * share + ...) is the same for rare items, but exceeds 1 for popular ones,
+        # which are in every step's candidates once: it pushed their logits down by its log, so
+        # the tower learned to lift them (docs/design.md, "The chance of being a candidate").
         counts = np.bincount(self.examples.items[self.examples.positions], minlength=len(item_ids))
         share = (counts + 1.0) / (counts.sum() + len(counts))
-        self.log_q = torch.from_numpy(np.log(share + self.uniform_negatives / (batch_size * len(counts)))).float()
+        missed = batch_size * np.log1p(-share) + self.uniform_negatives * np.log1p(-1.0 / len(counts))
+        self.log_q = torch.from_numpy(np.log(-np.expm1(missed))).float()
         self.log_popularity = torch.from_numpy(np.log(share)).float()
         # The long tail for validation's check: the least popular items that together hold half
         # of the training targets (the next-item events; cold items included).
@@ -160,6 +169,10 @@ class TextDataModule(L.LightningDataModule):
         cum = np.cumsum(counts[order])
         self.tail = torch.zeros(len(counts), dtype=torch.bool)
         self.tail[torch.from_numpy(order[cum <= cum[-1] / 2])] = True
+        # Each item's popularity decile by its training events (0: none), as the report's segment
+        # table has it for the test: the module's decile check (``decile_min_z``) reads it.
+        events = np.bincount(self.examples.items, minlength=len(counts))
+        self.decile = torch.from_numpy(popularity_decile_numbers(events))
 
     def _gather_items(self, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Unique items, their dynamically padded tokens, and each input's position among them."""
@@ -170,7 +183,7 @@ class TextDataModule(L.LightningDataModule):
         mask = (torch.arange(width) < lengths[:, None]).long()
         return uniq, ids, mask, inverse
 
-    def collate(self, rows: list[tuple[np.ndarray, int, float]]) -> dict[str, torch.Tensor]:
+    def collate(self, rows: list[tuple[np.ndarray, int, float, float]]) -> dict[str, torch.Tensor]:
         hist, hmask = pad_histories([r[0] for r in rows], self.max_history)
         targets = torch.tensor([r[1] for r in rows], dtype=torch.long)
         batch = {
@@ -198,6 +211,14 @@ class TextDataModule(L.LightningDataModule):
             candidates, ids, mask, inverse = self._gather_items(targets)
             batch["target_pos"] = inverse
         batch["candidate_logq"] = self.log_q[candidates]
+        if self.available_from is not None:
+            # A candidate listed after a row's event was no choice then: it is no negative of that
+            # row (the softmax of the moment, as validation and the test score it). Otherwise the
+            # items listed late, which the last events want most, are pushed down by every older
+            # event: on the generated data the tuned tower lost 0.009 validation NDCG@10 on
+            # targets without a training event (docs/design.md).
+            times = torch.tensor([r[3] for r in rows], dtype=torch.float64)
+            batch["candidate_unavailable"] = self.available_from[candidates][None, :] > times[:, None]
         batch["candidate_log_popularity"] = self.log_popularity[candidates]
         if self.item_tokens:
             batch["item_input_ids"], batch["item_attention_mask"] = ids, mask

@@ -40,6 +40,37 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Ten
     return (scores >= target).sum(1) - 1, torch.isfinite(target.squeeze(1))
 
 
+def validation_sums(
+    per_row: dict[float, torch.Tensor],
+    hits: dict[float, torch.Tensor],
+    tail: torch.Tensor,
+    deciles: torch.Tensor,
+    start: torch.Tensor | None,
+) -> torch.Tensor:
+    """One validation's sums, a row per point (``per_row``: each point's NDCG@10 per validation
+    row; ``hits``: its hits@10): NDCG, hits, rows, long-tail NDCG and rows; then for every point
+    the per-row difference to it (sum, sum of squares); then, with the zero-shot ``start``'s rows,
+    per decile-check group (``check_groups``) its rows and the difference's sum and sum of squares.
+    Sums, so DDP's ranks add theirs up."""
+    sums = []
+    for a in per_row:
+        sums += [per_row[a].sum(), hits[a].sum(), float(len(per_row[a])), per_row[a][tail].sum(), tail.sum()]
+        for b in per_row:
+            d = per_row[a] - per_row[b]
+            sums += [d.sum(), (d * d).sum()]
+        if start is not None:
+            d = per_row[a] - start.to(per_row[a].device)
+            for group in check_groups(deciles, tail):
+                sums += [float(group.sum()), d[group].sum(), (d[group] ** 2).sum()]
+    return torch.stack([torch.as_tensor(x, dtype=torch.float64).cpu() for x in sums]) if sums else torch.zeros(0)
+
+
+def check_groups(deciles: torch.Tensor, tail: torch.Tensor) -> list[torch.Tensor]:
+    """The row groups of the decile check: each popularity decile (0: targets without a training
+    event) and the long tail, which pools the deciles a popularity drift hits first."""
+    return [*(deciles == k for k in range(11)), tail]
+
+
 class TextTowerModule(L.LightningModule):
     """Args:
     net: the two-tower network (its BERT weights are trained, not frozen).
@@ -76,6 +107,12 @@ class TextTowerModule(L.LightningModule):
     interpolation_min_z: a point other than the trained weights is kept at a check only if its
         mean per-row validation gain over them exceeds this many paired standard errors (the
         best of several points would otherwise pick noise on a small validation set).
+    decile_min_z: a point (a check's trained weights or one of its interpolations) is kept only
+        if neither a popularity decile of the validation targets (by training events; items
+        without any are one more) nor the long tail scores below the zero-shot start by more
+        than this many paired standard errors: the report's test of the towers, asked on
+        validation. ``None``: no check. Where no point passes, the check scores as the start
+        (and cannot beat it).
     """
 
     def __init__(
@@ -97,12 +134,14 @@ class TextTowerModule(L.LightningModule):
         train_threads: int | None = None,
         interpolation: Sequence[float] = (1.0,),
         interpolation_min_z: float = 2.0,
+        decile_min_z: float | None = None,
     ) -> None:
         super().__init__()
         self.net = net
         self.interpolation = check_interpolation(interpolation, train_bert)
-        check_options(None, {}, {"interpolation_min_z": interpolation_min_z})
+        check_options(None, {}, {"interpolation_min_z": interpolation_min_z, "decile_min_z": decile_min_z})
         self.interpolation_min_z = float(interpolation_min_z)
+        self.decile_min_z = None if decile_min_z is None else float(decile_min_z)
         self.train_bert, self.lr_adapter = bool(train_bert), lr_adapter
         self.popularity_debias = float(popularity_debias)
         check_options(None, {}, {"train_threads": train_threads, "popularity_debias": popularity_debias})
@@ -132,6 +171,11 @@ class TextTowerModule(L.LightningModule):
         #: (global step, validation NDCG@10, its long-tail part) after every validation
         self.val_curve: list[tuple[int, float, float]] = []
         self._val: dict[float, list[list[torch.Tensor]]] = {}  # per interpolation: NDCG, hit, tail rows
+        self._val_deciles: list[torch.Tensor] = []  # each validation row's target decile
+        # The zero-shot validation's rows (this rank's share, in its order) and logged scores: the
+        # decile check compares every later point with them.
+        self._start_rows: torch.Tensor | None = None
+        self._start_scores: tuple[float, float, float] | None = None
         # per interpolation: its catalogue vectors and user tower, during a validation
         self._points: dict[float, tuple[torch.Tensor, torch.nn.Module]] = {}
 
@@ -240,6 +284,11 @@ class TextTowerModule(L.LightningModule):
         labels = batch["target_pos"]
         if negatives is not None:
             labels = torch.searchsorted(negatives, labels)
+        if "candidate_unavailable" in batch:
+            unavailable = batch["candidate_unavailable"].clone()
+            # A row's own target always counts, even where its event predates the item's listing.
+            unavailable[torch.arange(len(labels), device=labels.device), labels] = False
+            logits = logits.masked_fill(unavailable.to(logits.device), -torch.inf)
         loss_rows = F.cross_entropy(logits, labels, reduction="none")
         w = batch["weights"]
         loss = (loss_rows * w).sum() / w.sum()
@@ -252,6 +301,7 @@ class TextTowerModule(L.LightningModule):
         self.refresh_cache()
         alphas = self._alphas()
         self._val = {a: [[], [], []] for a in alphas}
+        self._val_deciles = []
         # Each point's catalogue vectors (the adapter over the frozen BERT's vectors: a small MLP)
         # and user tower, made once per validation; then the trained weights back for training.
         self._points = {1.0: (self.item_cache, self.net.user_encoder)}
@@ -268,6 +318,7 @@ class TextTowerModule(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         seen = batch["seen"]
         tail = self.trainer.datamodule.tail.to(seen.device)[batch["targets"]]
+        self._val_deciles.append(self.trainer.datamodule.decile.to(seen.device)[batch["targets"]])
         for a, rows_out in self._val.items():
             items, user_encoder = self._points[a]
             hist = (items if self.net.history_embeddings is None else self.history_cache)[batch["history"].clamp(min=0)]
@@ -284,55 +335,106 @@ class TextTowerModule(L.LightningModule):
             rows_out[2].append(tail)
 
     def on_validation_epoch_end(self) -> None:
-        results = {}
-        reference = torch.cat(self._val[1.0][0]) if 1.0 in self._val and self._val[1.0][0] else None
-        for a, (ndcg_rows, hit_rows, tail_rows_) in self._val.items():
-            per_row = torch.cat(ndcg_rows) if ndcg_rows else torch.zeros(0, device=self.device)
-            hit = torch.cat(hit_rows) if hit_rows else torch.zeros(0, device=self.device)
-            tail = torch.cat(tail_rows_) if tail_rows_ else torch.zeros(0, dtype=torch.bool, device=self.device)
-            # Per-row difference to the trained weights, for the paired test below.
-            diff = per_row - reference if reference is not None else torch.zeros_like(per_row)
-            results[a] = [per_row.sum(), hit.sum(), float(len(per_row)), per_row[tail].sum(), tail.sum(),
-                          diff.sum(), (diff * diff).sum()]  # fmt: skip
-        self._val, self._points = {}, {}
+        alphas = list(self._val)
+
+        def cat(parts: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=self.device)
+
+        per_row = {a: cat(v[0]) for a, v in self._val.items()}
+        hits = {a: cat(v[1]) for a, v in self._val.items()}
+        tail = cat(self._val[alphas[0]][2], torch.bool) if alphas else cat([], torch.bool)
+        deciles = cat(self._val_deciles, torch.long)
+        self._val, self._points, self._val_deciles = {}, {}, []
+        fitting = self.trainer.state.fn == TrainerFn.FITTING
+        checking = (
+            self.decile_min_z is not None
+            and fitting
+            and self._start_rows is not None
+            and len(self._start_rows) == len(deciles)
+        )
         # Sums and counts over every rank's share of the validation users (DDP): all ranks log
-        # the same metric and pick the same interpolation, so early stopping and the best
-        # checkpoint agree.
-        alphas = list(results)
-        flat = [torch.as_tensor(x, dtype=torch.float64, device=self.device) for a in alphas for x in results[a]]
-        total = sum_over_ranks(torch.stack(flat)).view(len(alphas), 7).tolist()
-        if not total[0][2]:
+        # the same metric and pick the same point, so early stopping and the best checkpoint agree.
+        start = self._start_rows if checking else None
+        sums = validation_sums(per_row, hits, tail, deciles, start)
+        total = sum_over_ranks(sums.to(self.device)).view(len(alphas), -1).tolist() if len(sums) else []
+        if not total or not total[0][2]:
             return
-        # A point short of the trained weights is kept only where it beats them by more than
-        # ``interpolation_min_z`` paired standard errors over the validation rows: the best of
-        # several points at every check would otherwise pick noise on a small validation set.
-        # Ties go to the trained weights (1.0 comes last in the sorted grid).
-        eligible = [i for i, a in enumerate(alphas) if a == 1.0 or reference is None or self._beats_trained(total[i])]
-        best = max(eligible, key=lambda i: (total[i][0], alphas[i]))
-        n_ndcg, n_hit, rows, n_tail, tail_rows = total[best][:5]
-        self.alpha = alphas[best]
-        ndcg = torch.tensor(n_ndcg / rows)
+        if not fitting:  # the zero-shot validation: what every point is checked against
+            self._start_rows = per_row[alphas[0]].detach().clone()
+            row = total[0]
+            self._start_scores = (row[0] / row[2], row[1] / row[2], row[3] / row[4] if row[4] else 0.0)
+        best, worst = self._choose(alphas, total, checking)
+        if best is not None:
+            n_ndcg, n_hit, rows, n_tail, tail_rows = total[alphas.index(best)][:5]
+            self.alpha, kept_z = best, worst[best]
+            scores = (n_ndcg / rows, n_hit / rows, n_tail / tail_rows if tail_rows else 0.0)
+        else:  # every point lost a decile: this check is worth the start, which it cannot beat
+            self.alpha, kept_z = 0.0, 0.0
+            scores = self._start_scores
+        ndcg, recall, tail_ndcg = (torch.tensor(float(x)) for x in scores)
         # Equal on every rank already; sync_dist only tells Lightning so.
         self.log("val/ndcg_at_10", ndcg, prog_bar=True, sync_dist=True)
-        self.log("val/recall_at_10", n_hit / rows, sync_dist=True)
+        self.log("val/recall_at_10", recall, sync_dist=True)
         # The long-tail check: validation targets among the least popular items holding half of
         # the training targets (``TextDataModule.tail``).
-        tail_ndcg = torch.tensor(n_tail / tail_rows if tail_rows else 0.0)
         self.log("val/ndcg_at_10_tail", tail_ndcg, sync_dist=True)
-        if len(alphas) > 1:
+        if checking:
+            self.log("val/decile_min_z", kept_z, sync_dist=True)  # the kept point's lowest decile
+        if len(alphas) > 1 or checking:
             self.log("val/interpolation", self.alpha, sync_dist=True)
         if not self.trainer.sanity_checking:
             self.val_curve.append((int(self.trainer.global_step), float(ndcg), float(tail_ndcg)))
 
-    def _beats_trained(self, sums: list[float]) -> bool:
-        """Whether a point's mean per-row gain over the trained weights exceeds
-        ``interpolation_min_z`` of its standard error (``sums``: a row of the validation sums)."""
-        rows, d_sum, d_sq = sums[2], sums[5], sums[6]
+    def _choose(
+        self, alphas: list[float], total: list[list[float]], checking: bool
+    ) -> tuple[float | None, dict[float, float]]:
+        """The point a validation keeps (``None``: none passes the decile check) and each point's
+        lowest z-score in that check. ``total``: per point, the rank-summed validation sums.
+
+        The decile check first; then a point short of the largest passing one is kept only where
+        it beats that one by more than ``interpolation_min_z`` paired standard errors over the
+        validation rows (the best of several points at every check would otherwise pick noise
+        on a small validation set). Ties go to the larger point."""
+        n = len(alphas)
+        worst = {a: self._worst_decile_z(total[i][5 + 2 * n :]) if checking else math.inf for i, a in enumerate(alphas)}
+        passing = [a for a in alphas if not checking or worst[a] >= -self.decile_min_z]
+        if not passing:
+            return None, worst
+        ref = max(passing)
+        r = alphas.index(ref)
+        rows = total[0][2]
+        eligible = [
+            a
+            for i, a in enumerate(alphas)
+            if a in passing and (a == ref or self._beats(*total[i][5 + 2 * r : 7 + 2 * r], rows))
+        ]
+        return max(eligible, key=lambda a: (total[alphas.index(a)][0], a)), worst
+
+    def _beats(self, d_sum: float, d_sq: float, rows: float) -> bool:
+        """Whether a mean per-row gain (``d_sum``, ``d_sq``: the sum of the differences and of
+        their squares) exceeds ``interpolation_min_z`` of its standard error."""
         if rows < 2:
             return False
         mean = d_sum / rows
         var = max(d_sq / rows - mean * mean, 0.0) * rows / (rows - 1)
         return mean > self.interpolation_min_z * math.sqrt(var / rows)
+
+    @staticmethod
+    def _worst_decile_z(sums: list[float]) -> float:
+        """The lowest z-score (mean difference to the start over its standard error) among the
+        groups (``check_groups``): ``sums`` holds (rows, sum, sum of squares) per group. A group
+        of fewer than two rows says nothing; one whose rows all moved alike counts by its sign."""
+        worst = math.inf
+        for k in range(0, len(sums), 3):
+            n, d_sum, d_sq = sums[k : k + 3]
+            if n < 2:
+                continue
+            mean = d_sum / n
+            var = max(d_sq / n - mean * mean, 0.0) * n / (n - 1)
+            se = math.sqrt(var / n)
+            z = mean / se if se > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))
+            worst = min(worst, z)
+        return worst
 
     def configure_optimizers(self):
         enc = self.net.item_encoder

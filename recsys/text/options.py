@@ -53,7 +53,7 @@ def check_options(
     if "interpolation" in module:
         check_interpolation(module["interpolation"], module.get("train_bert", True))
     rates = ("lr_adapter", "lr_encoder", "lr_head", "weight_decay")
-    for name in ("interpolation_min_z", "popularity_debias", "logq_correction", *rates):
+    for name in ("interpolation_min_z", "decile_min_z", "popularity_debias", "logq_correction", *rates):
         require_number(f"text.module.{name}", module.get(name), 0, optional=True)
 
 

@@ -179,7 +179,7 @@ def test_next_item_examples_use_only_earlier_events(block_world):
     # Each user has 8 events -> 7 (prefix -> next) pairs.
     assert len(dm.examples) == h.n_users * 7
     for j in range(0, len(dm.examples), 5):
-        hist, target, _ = dm.examples[j]
+        hist, target, _, _ = dm.examples[j]
         seq = None
         for s in h.sequences:
             idx = np.flatnonzero(s == target)

@@ -67,7 +67,13 @@ def heldout_ndcg(net: TwoTower, ids, lengths, history: History, targets: pl.Data
 
 
 def train_on_key_world(
-    tokenizer_path: str, lr: float = 3e-3, epochs: int = 6, interpolation=(1.0,), checkpoint_dir=None, min_z=0.0
+    tokenizer_path: str,
+    lr: float = 3e-3,
+    epochs: int = 6,
+    interpolation=(1.0,),
+    checkpoint_dir=None,
+    min_z=0.0,
+    decile_min_z=None,
 ):
     L.seed_everything(0, verbose=False)
     texts, h = key_world()
@@ -108,6 +114,7 @@ def train_on_key_world(
             warmup_steps=1,
             interpolation=interpolation,
             interpolation_min_z=min_z,
+            decile_min_z=decile_min_z,
         )
 
     bert_before = {k: v.clone() for k, v in encoder.bert.state_dict().items()}
@@ -199,16 +206,59 @@ def test_a_point_short_of_the_trained_weights_must_beat_them_beyond_noise(tokeni
     encoder = ItemEncoder.random(tokenizer=tokenizer_path, seed=0, adapter_hidden=16)
     module = TextTowerModule(net=TwoTower(encoder, max_history=10), train_bert=False, interpolation=[0.5, 1.0])
 
-    def sums(diff):
+    def beats(diff):
         d = np.asarray(diff, dtype=float)
-        return [0.0, 0.0, float(len(d)), 0.0, 0.0, float(d.sum()), float((d * d).sum())]
+        return module._beats(float(d.sum()), float((d * d).sum()), float(len(d)))
 
-    assert module._beats_trained(sums([0.01] * 50))  # no spread: any gain is beyond noise
+    assert beats([0.01] * 50)  # no spread: any gain is beyond noise
     noisy = [0.5, -0.4] * 25  # mean +0.05, standard error about 0.064
-    assert not module._beats_trained(sums(noisy))
+    assert not beats(noisy)
     module.interpolation_min_z = 0.5
-    assert module._beats_trained(sums(noisy))
-    assert not module._beats_trained(sums([-0.01] * 50)) and not module._beats_trained(sums([0.3]))
+    assert beats(noisy)
+    assert not beats([-0.01] * 50) and not beats([0.3])
+
+
+def test_the_decile_check_keeps_no_point_that_loses_a_popularity_decile(tokenizer_path):
+    """``decile_min_z``: a point that falls below the zero-shot start in a popularity decile or the
+    long tail beyond the margin is not kept, even where it scores best overall; a passing point
+    short of it need not beat it; where no point passes, none is kept."""
+    from recsys.text.module import validation_sums
+
+    encoder = ItemEncoder.random(tokenizer=tokenizer_path, seed=0, adapter_hidden=16)
+    module = TextTowerModule(
+        net=TwoTower(encoder, max_history=10), train_bert=False, interpolation=[0.5, 1.0], decile_min_z=2.0
+    )
+    rng = np.random.default_rng(0)
+    deciles = torch.arange(1100) % 11
+    tail = deciles <= 4
+    start = torch.from_numpy(rng.uniform(0.0, 0.5, 1100))
+    noise = torch.from_numpy(rng.normal(0.0, 0.01, 1100))
+    steady = start + 0.02 + noise  # a little better everywhere
+    popular = start + torch.where(deciles == 10, 0.6, -0.03) + noise  # best overall, loses deciles 0-9
+
+    def choose(half, trained):
+        per_row = {0.5: half, 1.0: trained}
+        hits = {a: (v > 0.3).double() for a, v in per_row.items()}
+        total = validation_sums(per_row, hits, tail, deciles, start).view(2, -1).tolist()
+        return module._choose([0.5, 1.0], total, checking=True)
+
+    best, worst = choose(steady, popular)
+    assert best == 0.5 and worst[1.0] < -2 < worst[0.5]  # 0.5 scores less than 1.0 overall, yet is kept
+    assert choose(popular, popular)[0] is None
+    best, worst = choose(popular, steady)
+    assert best == 1.0
+    module.decile_min_z = 100.0  # a margin every point passes: the best overall again
+    assert choose(steady, popular)[0] == 1.0
+    # Without the start's rows (no check) the sums hold no groups, and the best point wins.
+    total = validation_sums({1.0: popular}, {1.0: popular}, tail, deciles, None).view(1, -1).tolist()
+    assert len(total[0]) == 5 + 2 and module._choose([1.0], total, checking=False)[0] == 1.0
+
+
+def test_fine_tuning_with_the_decile_check_still_learns_a_preference(tokenizer_path):
+    """The key world's preference is the same at every popularity: the check lets it through."""
+    out = train_on_key_world(tokenizer_path, decile_min_z=2.0)
+    assert out["metrics"]["text/kept_zeroshot"] == 0
+    assert out["tuned"] > out["zero"] + 0.05, out
 
 
 def test_with_an_unreachable_margin_the_trained_weights_are_kept(tokenizer_path):
@@ -278,11 +328,78 @@ def test_the_logq_correction_counts_only_the_negatives_drawn(tokenizer_path):
 
     indices, tokens, encoded = module(item_tokens=False), module(item_tokens=True), module(encode_history=True)
     assert indices.uniform_negatives == encoded.uniform_negatives == 4 and tokens.uniform_negatives == 0
-    torch.testing.assert_close(tokens.log_q, tokens.log_popularity)  # in-batch: log share, up to log B
-    assert bool((indices.log_q > indices.log_popularity).all())
+    share = tokens.log_popularity.double().exp()
+    in_batch = torch.log(-torch.expm1(8 * torch.log1p(-share)))  # 1 - (1 - share)^B: no draw
+    torch.testing.assert_close(tokens.log_q.double(), in_batch, rtol=1e-5, atol=1e-6)
+    assert bool((indices.log_q > tokens.log_q).all())
     rows = [(h.sequences[u][:-1], int(h.sequences[u][-1]), 1.0) for u in range(4)]
     assert "negatives" not in tokens.collate(rows)
     assert "negatives" in indices.collate(rows)
+
+
+def test_the_logq_correction_is_each_items_chance_of_being_a_candidate(tokenizer_path):
+    """A step's candidates are its distinct targets and uniform draws, so an item's chance to be one
+    is at most 1: the expected count (batch x share, over 3 for the popular items here) pushed
+    the popular items' logits down by its log, and the tower learned to lift them back up."""
+    texts, h = key_world(items_per_key=5, users_per_key=25, events=5)
+    encoder = ItemEncoder.random(tokenizer=tokenizer_path, seed=0)
+    ids, lengths = encoder.tokenize(texts)
+    dm = TextDataModule(item_ids=ids, item_lengths=lengths, train=h, val=h.interactions, batch_size=64,
+                        item_tokens=False, uniform_negatives=4)  # fmt: skip
+    rng = np.random.default_rng(0)
+    seen = np.zeros(h.n_items)
+    steps = 1500
+    for _ in range(steps):
+        batch = dm.collate([dm.examples[j] for j in rng.integers(len(dm.examples), size=64)])
+        seen[batch["item_index"][batch["negatives"]].numpy()] += 1
+    chance = dm.log_q.double().exp().numpy()
+    assert chance.max() < 1 and (64 * dm.log_popularity.exp().numpy()).max() > 3
+    # The share is smoothed by one event per item, the draw counted exactly: close, not equal.
+    np.testing.assert_allclose(seen / steps, chance, atol=0.05)
+
+
+def test_an_item_listed_after_an_event_is_no_negative_of_it(tokenizer_path):
+    """A training row's softmax holds only the items listed by its event's time (validation and
+    the test rank those alone): an item listed later gets no gradient from earlier rows, where
+    before every older event pushed it down."""
+    texts, h = key_world(items_per_key=8, users_per_key=2, events=4)
+    unused = np.setdiff1d(np.arange(h.n_items), h.interactions[Columns.ItemIdx].to_numpy())
+    assert len(unused) >= 2
+    encoder = ItemEncoder.random(tokenizer=tokenizer_path, seed=0, adapter_hidden=16)
+    ids, lengths = encoder.tokenize(texts)
+    listed = np.full(h.n_items, np.nan)
+    listed[unused] = 1_002.0  # events happen at 1_000 .. 1_003
+
+    def late_item_gradient(available_from, rows):
+        dm = TextDataModule(item_ids=ids, item_lengths=lengths, train=h, val=h.interactions, batch_size=8,
+                            max_history=5, item_tokens=False, uniform_negatives=h.n_items,
+                            available_from=available_from)  # fmt: skip
+        batch = dm.collate(rows)
+        module = TextTowerModule(TwoTower(encoder, max_history=5), train_bert=False, warmup_steps=1)
+        module.log = lambda *a, **k: None
+        module.base_cache = torch.randn(h.n_items, encoder.dim, generator=torch.Generator().manual_seed(0))
+        module.base_cache.requires_grad_(True)
+        loss = module.training_step(batch, 0)
+        assert torch.isfinite(loss)
+        loss.backward()
+        return batch, module.base_cache.grad[unused].abs().sum()
+
+    examples = TextDataModule(item_ids=ids, item_lengths=lengths, train=h, val=h.interactions, max_history=5).examples
+    rows = [examples[j] for j in range(len(examples))]
+    early = [r for r in rows if r[3] < 1_002]
+    batch, grad = late_item_gradient(listed, early)
+    candidates = batch["item_index"][batch["negatives"]]
+    assert batch["candidate_unavailable"].all(0).tolist() == np.isin(candidates, unused).tolist()
+    assert grad == 0
+    _, grad = late_item_gradient(None, early)  # without listing times they are everyone's negatives
+    assert grad > 0
+    # Rows at or after the listing may choose the item, so it is their negative again.
+    later = [r for r in rows if r[3] >= 1_002]
+    batch, grad = late_item_gradient(listed, later)
+    assert not batch["candidate_unavailable"].any() and grad > 0
+    # A target listed after its own event (inconsistent data) still counts: the loss stays finite.
+    listed[early[0][1]] = 2_000.0
+    late_item_gradient(listed, early)
 
 
 @pytest.mark.parametrize(
@@ -292,6 +409,8 @@ def test_the_logq_correction_counts_only_the_negatives_drawn(tokenizer_path):
         ({"batch_size": 0}, {}, "text.data.batch_size"),
         ({}, {"train_threads": 0}, "text.module.train_threads"),
         ({}, {"popularity_debias": -1}, "text.module.popularity_debias"),
+        ({}, {"decile_min_z": -1}, "text.module.decile_min_z"),
+        ({}, {"decile_min_z": "strict"}, "text.module.decile_min_z"),
         # Regression: these were refused (or crashed) only after the CF fit, without their name.
         ({"val_batch_size": 0}, {}, "text.data.val_batch_size"),
         ({}, {"freeze_layers": -1}, "text.module.freeze_layers"),

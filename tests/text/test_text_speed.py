@@ -62,7 +62,7 @@ def naive_loss(module: TextTowerModule, dm: TextDataModule, rows: list, history_
     cand_vecs = torch.stack([one(i) for i in candidates])
     scale = net.log_inv_temperature.exp()
     losses, weights = [], []
-    for hist, target, w in rows:
+    for hist, target, w, *_ in rows:
         recent = list(hist[-dm.max_history :])[::-1]
         hv = torch.stack([history_table[i] if history_table is not None else one(i) for i in recent])
         user = net.user_encoder(hv[None], torch.ones(1, len(recent), dtype=torch.bool))[0]
