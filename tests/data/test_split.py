@@ -234,7 +234,7 @@ def test_text_tower_trains_on_train_and_validates_on_val(tiny_dataset):
     example_pairs = set()
     for j in range(len(ex)):
         p = ex.positions[j]
-        hist, target, _ = ex[j]
+        hist, target, _, _ = ex[j]
         u = int(split.train[Columns.UserIdx][int(p)])
         example_pairs.add((u, target))
         assert {(u, int(i)) for i in hist} <= train_pairs
