@@ -104,14 +104,21 @@ class Protocol:
         return {k: (mine[k], theirs[k]) for k in MUST_MATCH if mine[k] != theirs[k]}
 
 
+# Run outputs kept in the repository, not code: docs/reports/make.sh writes one report into the tree
+# before the next report's job starts, which must not mark that job's code as changed.
+GENERATED_PATHS = ("docs/reports",)
+
+
 def git_version(root: str | Path) -> tuple[str, bool]:
-    """``(HEAD sha, working tree has uncommitted changes)``; ``("unknown", False)`` outside git."""
+    """``(HEAD sha, working tree has uncommitted changes)``; ``("unknown", False)`` outside git.
+    Changes under ``GENERATED_PATHS`` do not count."""
     try:
         sha = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
         ).stdout.strip()
+        excluded = [f":(top,exclude){p}" for p in GENERATED_PATHS]
         status = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", ":(top)", *excluded],
             capture_output=True,
             text=True,
             timeout=30,

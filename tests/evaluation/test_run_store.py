@@ -65,3 +65,30 @@ def test_a_run_id_read_as_a_number_says_how_to_quote_it():
     with pytest.raises(ConfigError, match="quote it"):
         run_id_text(unquoted)
     assert run_id_text(quoted) == "1234e567" and run_id_text(12345678) == "12345678"
+
+
+def test_a_changed_report_does_not_mark_the_code_as_changed(tmp_path):
+    """docs/reports/make.sh writes each report into the tree before the next job starts: only changes
+    outside the generated reports make a run's code "uncommitted changes"."""
+    import subprocess
+
+    from recsys.evaluation.bundle import git_version
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "docs" / "reports" / "default").mkdir(parents=True)
+    report, code = tmp_path / "docs" / "reports" / "default" / "report.md", tmp_path / "code.py"
+    report.write_text("old report\n")
+    code.write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "start")
+    sha, dirty = git_version(tmp_path)
+    assert len(sha) == 40 and not dirty
+    report.write_text("new report\n")
+    assert not git_version(tmp_path)[1]
+    assert not git_version(tmp_path / "docs")[1]  # asked from a subfolder, the same answer
+    code.write_text("x = 2\n")
+    assert git_version(tmp_path)[1]
+    assert git_version(tmp_path / "docs")[1]
