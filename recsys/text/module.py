@@ -65,6 +65,14 @@ def validation_sums(
     return torch.stack([torch.as_tensor(x, dtype=torch.float64).cpu() for x in sums]) if sums else torch.zeros(0)
 
 
+def mean_and_se(n: float, d_sum: float, d_sq: float) -> tuple[float, float]:
+    """Mean and standard error of ``n`` >= 2 per-row differences given their sum and the sum of
+    their squares (what DDP's ranks can add up)."""
+    mean = d_sum / n
+    var = max(d_sq / n - mean * mean, 0.0) * n / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
 def check_groups(deciles: torch.Tensor, tail: torch.Tensor) -> list[torch.Tensor]:
     """The row groups of the decile check: each popularity decile (0: targets without a training
     event) and the long tail, which pools the deciles a popularity drift hits first."""
@@ -104,9 +112,10 @@ class TextTowerModule(L.LightningModule):
         Amazon-Scientific the trained weights lose to their start while half-way scores above
         it). ``(1.0,)``: the trained weights only. The adapter path only: with ``train_bert``
         each ``a`` would cost a BERT catalogue pass.
-    interpolation_min_z: a point other than the trained weights is kept at a check only if its
-        mean per-row validation gain over them exceeds this many paired standard errors (the
-        best of several points would otherwise pick noise on a small validation set).
+    interpolation_min_z: a point short of the largest one that passes the decile check (the
+        trained weights, where they pass) is kept at a check only if its mean per-row validation
+        gain over that one exceeds this many paired standard errors (the best of several points
+        would otherwise pick noise on a small validation set).
     decile_min_z: a point (a check's trained weights or one of its interpolations) is kept only
         if neither a popularity decile of the validation targets (by training events; items
         without any are one more) nor the long tail scores below the zero-shot start by more
@@ -170,7 +179,8 @@ class TextTowerModule(L.LightningModule):
         self.base_cache: torch.Tensor | None = None  # the frozen BERT's catalogue vectors
         #: (global step, validation NDCG@10, its long-tail part) after every validation
         self.val_curve: list[tuple[int, float, float]] = []
-        self._val: dict[float, list[list[torch.Tensor]]] = {}  # per interpolation: NDCG, hit, tail rows
+        self._val: dict[float, list[list[torch.Tensor]]] = {}  # per interpolation: NDCG and hit rows
+        self._val_tail: list[torch.Tensor] = []  # whether each validation row's target is long-tail
         self._val_deciles: list[torch.Tensor] = []  # each validation row's target decile
         # The zero-shot validation's rows (this rank's share, in its order) and logged scores: the
         # decile check compares every later point with them.
@@ -300,8 +310,8 @@ class TextTowerModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self.refresh_cache()
         alphas = self._alphas()
-        self._val = {a: [[], [], []] for a in alphas}
-        self._val_deciles = []
+        self._val = {a: [[], []] for a in alphas}
+        self._val_tail, self._val_deciles = [], []
         # Each point's catalogue vectors (the adapter over the frozen BERT's vectors: a small MLP)
         # and user tower, made once per validation; then the trained weights back for training.
         self._points = {1.0: (self.item_cache, self.net.user_encoder)}
@@ -317,7 +327,7 @@ class TextTowerModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         seen = batch["seen"]
-        tail = self.trainer.datamodule.tail.to(seen.device)[batch["targets"]]
+        self._val_tail.append(self.trainer.datamodule.tail.to(seen.device)[batch["targets"]])
         self._val_deciles.append(self.trainer.datamodule.decile.to(seen.device)[batch["targets"]])
         for a, rows_out in self._val.items():
             items, user_encoder = self._points[a]
@@ -332,7 +342,6 @@ class TextTowerModule(L.LightningModule):
             hit = (rank < 10) & finite
             rows_out[0].append(torch.where(hit, 1.0 / torch.log2(rank.float() + 2.0), 0.0))
             rows_out[1].append(hit.float())
-            rows_out[2].append(tail)
 
     def on_validation_epoch_end(self) -> None:
         alphas = list(self._val)
@@ -342,9 +351,9 @@ class TextTowerModule(L.LightningModule):
 
         per_row = {a: cat(v[0]) for a, v in self._val.items()}
         hits = {a: cat(v[1]) for a, v in self._val.items()}
-        tail = cat(self._val[alphas[0]][2], torch.bool) if alphas else cat([], torch.bool)
+        tail = cat(self._val_tail, torch.bool)
         deciles = cat(self._val_deciles, torch.long)
-        self._val, self._points, self._val_deciles = {}, {}, []
+        self._val, self._points, self._val_tail, self._val_deciles = {}, {}, [], []
         fitting = self.trainer.state.fn == TrainerFn.FITTING
         checking = (
             self.decile_min_z is not None
@@ -415,9 +424,8 @@ class TextTowerModule(L.LightningModule):
         their squares) exceeds ``interpolation_min_z`` of its standard error."""
         if rows < 2:
             return False
-        mean = d_sum / rows
-        var = max(d_sq / rows - mean * mean, 0.0) * rows / (rows - 1)
-        return mean > self.interpolation_min_z * math.sqrt(var / rows)
+        mean, se = mean_and_se(rows, d_sum, d_sq)
+        return mean > self.interpolation_min_z * se
 
     @staticmethod
     def _worst_decile_z(sums: list[float]) -> float:
@@ -429,9 +437,7 @@ class TextTowerModule(L.LightningModule):
             n, d_sum, d_sq = sums[k : k + 3]
             if n < 2:
                 continue
-            mean = d_sum / n
-            var = max(d_sq / n - mean * mean, 0.0) * n / (n - 1)
-            se = math.sqrt(var / n)
+            mean, se = mean_and_se(n, d_sum, d_sq)
             z = mean / se if se > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))
             worst = min(worst, z)
         return worst
