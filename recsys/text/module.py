@@ -53,6 +53,7 @@ def validation_sums(
     per decile-check group (``check_groups``) its rows and the difference's sum and sum of squares.
     Sums, so DDP's ranks add theirs up."""
     sums = []
+    groups = check_groups(deciles, tail) if start is not None else []
     for a in per_row:
         sums += [per_row[a].sum(), hits[a].sum(), float(len(per_row[a])), per_row[a][tail].sum(), tail.sum()]
         for b in per_row:
@@ -60,7 +61,7 @@ def validation_sums(
             sums += [d.sum(), (d * d).sum()]
         if start is not None:
             d = per_row[a] - start.to(per_row[a].device)
-            for group in check_groups(deciles, tail):
+            for group in groups:
                 sums += [float(group.sum()), d[group].sum(), (d[group] ** 2).sum()]
     return torch.stack([torch.as_tensor(x, dtype=torch.float64).cpu() for x in sums]) if sums else torch.zeros(0)
 
