@@ -69,47 +69,55 @@ from recsys.text.history_tower import HistoryTower
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 LR02 = {"learning_rate": 0.02, "n_estimators": 1000, "early_stopping_rounds": 80}
-# name -> (ranker overrides, candidate sources (added, or their counts changed), drop the zero-shot feature)
-VARIANTS: dict[str, tuple[dict, dict, bool]] = {
-    "finetuned_only": ({}, {}, True),
-    "both_towers": ({}, {}, False),
-    "both_leaves7": ({"num_leaves": 7}, {}, False),
-    "both_leaves31": ({"num_leaves": 31, "min_child_samples": 100}, {}, False),
-    "both_lr02": (LR02, {}, False),
-    "both_zs_source30": ({}, {"text_zeroshot": 30}, False),
-    "both_zs_source50": ({}, {"text_zeroshot": 50}, False),
-    "both_zs30_lr02": (LR02, {"text_zeroshot": 30}, False),
-    "both_zs50_lr02": (LR02, {"text_zeroshot": 50}, False),
-    "both_zs30_lr02_leaves7": ({**LR02, "num_leaves": 7}, {"text_zeroshot": 30}, False),
-    "finetuned_only_lr02": (LR02, {}, True),
-    "both_als100": ({}, {"als": 100}, False),
-    "both_knn60": ({}, {"itemknn": 60}, False),
-    "both_cand_x2": ({}, {"als": 100, "text": 100, "itemknn": 60}, False),
-    "both_cand_x2_lr02": (LR02, {"als": 100, "text": 100, "itemknn": 60}, False),
-    "both_cand_small": ({}, {"als": 30, "text": 30, "itemknn": 20}, False),
-    "both_bags5": ({"bags": 5}, {}, False),
-    "both_bags10": ({"bags": 10}, {}, False),
-    "both_bags5_lr02": ({**LR02, "bags": 5}, {}, False),
-    "finetuned_leaves15": ({"num_leaves": 15, "min_child_samples": 50}, {}, True),
-    "finetuned_leaves7": ({"num_leaves": 7}, {}, True),
-    "finetuned_bags5": ({"bags": 5}, {}, True),
-    "finetuned_lr02": (LR02, {}, True),
-    "finetuned_lambdarank": ({"objective": "lambdarank"}, {}, True),
-    "finetuned_xendcg": ({"objective": "rank_xendcg"}, {}, True),
-    "finetuned_binary": ({"objective": "binary"}, {}, True),
-    "finetuned_textpop30": ({}, {"text_popular": 30}, True),
-    "finetuned_textpop50": ({}, {"text_popular": 50}, True),
-    "finetuned_textpop100": ({}, {"text_popular": 100}, True),
-    "finetuned_textpop50_text20": ({}, {"text_popular": 50, "text": 20}, True),
-    "finetuned_item_rate": ({}, {}, True),
-    "both_one_stage": ({}, {}, False),
-    "both_textpop30": ({}, {"text_popular": 30}, False),
-    "both_textpop50": ({}, {"text_popular": 50}, False),
-    "finetuned_one_stage": ({}, {}, True),
-    "both_binary": ({"objective": "binary"}, {}, False),
-    "both_next30": ({}, {"itemknn_next": 30}, False),
-    "both_next60": ({}, {"itemknn_next": 60}, False),
-    "both_binary_leaves31": ({"objective": "binary", "num_leaves": 31, "min_child_samples": 100}, {}, False),
+# name -> (ranker overrides, candidate sources (added, or their counts changed), feature-name prefixes
+# left out of the ranker's features)
+ZS = ("score_text_zeroshot",)  # the zero-shot tower's features: the *finetuned* variants go without
+# A model added to ``cf`` by ``--overrides`` (EASE below) is a feature of every variant but these.
+NO_EASE = ("score_ease", "rank_ease")
+VARIANTS: dict[str, tuple[dict, dict, tuple[str, ...]]] = {
+    "finetuned_only": ({}, {}, ZS),
+    "both_towers": ({}, {}, ()),
+    "both_leaves7": ({"num_leaves": 7}, {}, ()),
+    "both_leaves31": ({"num_leaves": 31, "min_child_samples": 100}, {}, ()),
+    "both_lr02": (LR02, {}, ()),
+    "both_zs_source30": ({}, {"text_zeroshot": 30}, ()),
+    "both_zs_source50": ({}, {"text_zeroshot": 50}, ()),
+    "both_zs30_lr02": (LR02, {"text_zeroshot": 30}, ()),
+    "both_zs50_lr02": (LR02, {"text_zeroshot": 50}, ()),
+    "both_zs30_lr02_leaves7": ({**LR02, "num_leaves": 7}, {"text_zeroshot": 30}, ()),
+    "finetuned_only_lr02": (LR02, {}, ZS),
+    "both_als100": ({}, {"als": 100}, ()),
+    "both_knn60": ({}, {"itemknn": 60}, ()),
+    "both_cand_x2": ({}, {"als": 100, "text": 100, "itemknn": 60}, ()),
+    "both_cand_x2_lr02": (LR02, {"als": 100, "text": 100, "itemknn": 60}, ()),
+    "both_cand_small": ({}, {"als": 30, "text": 30, "itemknn": 20}, ()),
+    "both_bags5": ({"bags": 5}, {}, ()),
+    "both_bags10": ({"bags": 10}, {}, ()),
+    "both_bags5_lr02": ({**LR02, "bags": 5}, {}, ()),
+    "finetuned_leaves15": ({"num_leaves": 15, "min_child_samples": 50}, {}, ZS),
+    "finetuned_leaves7": ({"num_leaves": 7}, {}, ZS),
+    "finetuned_bags5": ({"bags": 5}, {}, ZS),
+    "finetuned_lr02": (LR02, {}, ZS),
+    "finetuned_lambdarank": ({"objective": "lambdarank"}, {}, ZS),
+    "finetuned_xendcg": ({"objective": "rank_xendcg"}, {}, ZS),
+    "finetuned_binary": ({"objective": "binary"}, {}, ZS),
+    "finetuned_textpop30": ({}, {"text_popular": 30}, ZS),
+    "finetuned_textpop50": ({}, {"text_popular": 50}, ZS),
+    "finetuned_textpop100": ({}, {"text_popular": 100}, ZS),
+    "finetuned_textpop50_text20": ({}, {"text_popular": 50, "text": 20}, ZS),
+    "finetuned_item_rate": ({}, {}, ZS),
+    "both_one_stage": ({}, {}, ()),
+    "both_textpop30": ({}, {"text_popular": 30}, ()),
+    "both_textpop50": ({}, {"text_popular": 50}, ()),
+    "finetuned_one_stage": ({}, {}, ZS),
+    "both_binary": ({"objective": "binary"}, {}, ()),
+    "both_next30": ({}, {"itemknn_next": 30}, ()),
+    "both_next60": ({}, {"itemknn_next": 60}, ()),
+    "both_binary_leaves31": ({"objective": "binary", "num_leaves": 31, "min_child_samples": 100}, {}, ()),
+    "both_no_ease": ({}, {}, NO_EASE),
+    "finetuned_no_ease": ({}, {}, ZS + NO_EASE),
+    "both_ease_source30": ({}, {"ease": 30}, ()),
+    "both_ease_source50": ({}, {"ease": 50}, ()),
 }
 # Variants whose rankers learn from the validation stage alone, beside others that also learn from
 # the earlier stages of ``--label-stages N``: one run compares the two on the same users.
@@ -216,7 +224,7 @@ def main() -> None:
     singles = args.singles.split(",") if args.singles else []
     if unknown := sorted(set(singles) - known):
         raise SystemExit(f"--singles: no model named {unknown}; known: {sorted(known)}")
-    needs_zs = any(not VARIANTS[n][2] for n in names)
+    needs_zs = any(ZS[0] not in VARIANTS[n][2] for n in names)
     if needs_zs and sum(isinstance(m, HistoryTower) for m in pipeline.models.values()) < 2:
         raise SystemExit("the run has no zero-shot tower: train it with rank.text_zeroshot_feature=true")
     users = split.val[Columns.UserIdx].unique().sort().to_numpy()
@@ -260,7 +268,7 @@ def main() -> None:
     reference = None  # the first variant's per-user NDCG@10, in the same user order as every other's
     boot = PairedBootstrap(len(users), seed=0)
     for name in names:
-        ranker_over, extra_sources, drop_zs = VARIANTS[name]
+        ranker_over, extra_sources, dropped = VARIANTS[name]
         n_cand = {**cfg.rank.n_candidates, **extra_sources}
         key = tuple(sorted(n_cand.items()))
         if key not in frames:
@@ -286,7 +294,7 @@ def main() -> None:
         extra_cols = EXTRA_FEATURES.get(name, {})
         if extra_cols:
             df = df.with_columns(**extra_cols)
-        feats = [c for c in feature_columns(df) if not (drop_zs and c.startswith("score_text_zeroshot"))]
+        feats = [c for c in feature_columns(df) if not c.startswith(dropped)]
         weights = [0.0] + [float(w) for w in args.blend.split(",") if w]
         ndcg, recall, fit_s = [], [], 0.0
         blended: dict[float, list] = {w: [] for w in weights[1:]}

@@ -66,6 +66,7 @@ def trained_run() -> TrainedRun:
         # a recency-weighted item-kNN beside the plain one: loading must restore its decay
         "+cf.itemknn_recent={_target_:recsys.cf.ItemKNN,neighbours:50,recency_decay:0.5}",
         "+cf.itemknn_next={_target_:recsys.cf.SequentialKNN,neighbours:50}",
+        "+cf.ease={_target_:recsys.cf.EASE,regularization:10,neighbours:50,recency_decay:0.5}",
         f"model.register_name={MODEL_NAME}",
         "model.alias=champion",
         # One cut for everybody: features as of the stage's end, as served (the export test

@@ -11,9 +11,12 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
+import scipy.sparse as sp
 
-from recsys.cf import ALS, BPR, ItemKNN, Popularity, SequentialKNN
+from recsys.cf import ALS, BPR, EASE, ItemKNN, Popularity, SequentialKNN
+from recsys.cf.models import top_per_dense_row, top_per_row
 from recsys.columns import Columns
+from recsys.errors import ConfigError
 from recsys.recommender import (
     BLOCK_CELLS,
     DERIVED_SOURCES,
@@ -39,13 +42,14 @@ MODELS = {
     "itemknn": lambda h, r: ItemKNN(neighbours=50).fit(h),
     "itemknn_recent": lambda h, r: ItemKNN(neighbours=50, recency_decay=0.5).fit(h),
     "itemknn_next": lambda h, r: SequentialKNN(neighbours=50).fit(h),
+    "ease": lambda h, r: EASE(regularization=10.0, neighbours=50).fit(h),
     "popularity": lambda h, r: Popularity().fit(h),
     "text": lambda h, r: fit_text(r, True, h),
     "text_untrained": lambda h, r: fit_text(r, False, h),
     "text_popular": lambda h, r: popular_text(fit_text(r, True, h), h),
 }
 # Models that must find the blocks (popularity and an untrained tower cannot).
-KNOWS_BLOCKS = {"als", "bpr", "itemknn", "itemknn_next", "itemknn_recent", "text", "text_popular"}
+KNOWS_BLOCKS = {"als", "bpr", "ease", "itemknn", "itemknn_next", "itemknn_recent", "text", "text_popular"}
 
 
 def popular_text(text: TextRecommender, history: History) -> PopularText:
@@ -367,6 +371,62 @@ def test_sequential_knn_counts_what_came_next_within_the_window():
     # Directional: nothing leads back; and only the top neighbour per item is kept with k=1.
     top1 = SequentialKNN(neighbours=1, window=2, recency_decay=None).fit(History(df, 2, 4)).similarity.toarray()
     np.testing.assert_allclose(top1, np.where(want == want.max(1, keepdims=True), want, 0) * (want > 0), rtol=1e-6)
+
+
+def test_ease_weights_are_each_items_ridge_regression_on_the_other_items():
+    # EASE's closed form B = -P / diag(P) (zero diagonal) is, column by column, the ridge
+    # regression of item j's column of X on the other items' columns: checked by solving those.
+    rng = np.random.default_rng(0)
+    n_users, n_items, lam = 30, 6, 3.0
+    x = (rng.random((n_users, n_items)) < 0.4).astype(float)
+    u, i = np.nonzero(x)
+    h = History(
+        events(u.tolist(), i.tolist(), list(range(len(u)))).sort(Columns.UserIdx, Columns.Timestamp), n_users, n_items
+    )
+    got = EASE(regularization=lam, neighbours=n_items).fit(h).similarity.toarray()
+    want = np.zeros((n_items, n_items))
+    for j in range(n_items):
+        others = [k for k in range(n_items) if k != j]
+        a = x[:, others]
+        want[others, j] = np.linalg.solve(a.T @ a + lam * np.eye(n_items - 1), a.T @ x[:, j])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    assert (got < 0).any()  # unlike a cosine: neighbours that explain each other away
+    # Kept: the `neighbours` largest weights of each row, as an ItemKNN keeps its similarities.
+    top2 = EASE(regularization=lam, neighbours=2).fit(h).similarity
+    assert np.diff(top2.indptr).max() == 2
+    np.testing.assert_allclose(top2.toarray().max(1), want.max(1), rtol=1e-4)
+
+
+@pytest.mark.parametrize("k", [1, 3, 7, 9])
+def test_top_per_dense_row_keeps_what_the_sparse_top_keeps(k):
+    rng = np.random.default_rng(1)
+    m = rng.normal(size=(11, 7))
+    m[4] = 0.0  # an all-zero row (an item without events) stores nothing
+    got = top_per_dense_row(m, k, chunk=3)  # several chunks, the last one short
+    want = top_per_row(sp.coo_matrix(m), k)
+    assert got.has_sorted_indices and got.nnz == want.nnz
+    np.testing.assert_allclose(got.toarray(), want.toarray(), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"regularization": 0.0}, ConfigError, "EASE regularization must be > 0"),
+        ({"max_items": 0}, ConfigError, "EASE max_items must be a whole number >= 1"),
+        ({"max_items": 2.5}, ConfigError, "EASE max_items must be a whole number"),
+        ({"neighbours": 0}, ValueError, "neighbours must be >= 1"),  # ItemKNN's checks
+        ({"recency_decay": 1.5}, ValueError, "recency_decay must be in"),
+    ],
+)
+def test_ease_bad_settings_are_refused(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        EASE(**kwargs)
+
+
+def test_ease_refuses_a_catalogue_past_max_items_before_the_dense_inversion(block_world):
+    n = block_world.history.n_items
+    with pytest.raises(ConfigError, match=rf"{n:,} items need about .* GB .* past its max_items \({n - 1:,}\)"):
+        EASE(max_items=n - 1).fit(block_world.history)
 
 
 @pytest.mark.parametrize("make", [lambda p: ALS(iterations=3, progress=p), lambda p: BPR(iterations=3, progress=p)])

@@ -1,5 +1,6 @@
-"""Collaborative filtering: implicit ALS / BPR / item-kNN (cosine or sequential) and popularity behind one interface."""
+"""Collaborative filtering behind one interface: implicit ALS / BPR / item-kNN (cosine or sequential), EASE,
+popularity."""
 
-from recsys.cf.models import ALS, BPR, ItemKNN, Popularity, SequentialKNN
+from recsys.cf.models import ALS, BPR, EASE, ItemKNN, Popularity, SequentialKNN
 
-__all__ = ["ALS", "BPR", "ItemKNN", "Popularity", "SequentialKNN"]
+__all__ = ["ALS", "BPR", "EASE", "ItemKNN", "Popularity", "SequentialKNN"]
