@@ -63,7 +63,7 @@ from recsys.pipeline import (
 from recsys.pipeline_model import PipelineHistories, TrainedPipeline
 from recsys.rank.features import feature_columns
 from recsys.rank.fused import ranked_arrays, ranked_candidates
-from recsys.recommender import DERIVED_SOURCES, History, Recommender, derived_models
+from recsys.recommender import DERIVED_SOURCES, History, Recommender, derived_models, nearest_models
 from recsys.text.history_tower import HistoryTower
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -74,6 +74,7 @@ LR02 = {"learning_rate": 0.02, "n_estimators": 1000, "early_stopping_rounds": 80
 ZS = ("score_text_zeroshot",)  # the zero-shot tower's features: the *finetuned* variants go without
 # A model added to ``cf`` by ``--overrides`` (EASE below) is a feature of every variant but these.
 NO_EASE = ("score_ease", "rank_ease")
+NO_NEAREST = ("score_text_nearest", "score_text_zeroshot_nearest")  # rank.text_nearest_feature
 VARIANTS: dict[str, tuple[dict, dict, tuple[str, ...]]] = {
     "finetuned_only": ({}, {}, ZS),
     "both_towers": ({}, {}, ()),
@@ -115,6 +116,8 @@ VARIANTS: dict[str, tuple[dict, dict, tuple[str, ...]]] = {
     "both_next60": ({}, {"itemknn_next": 60}, ()),
     "both_binary_leaves31": ({"objective": "binary", "num_leaves": 31, "min_child_samples": 100}, {}, ()),
     "both_no_ease": ({}, {}, NO_EASE),
+    "both_no_nearest": ({}, {}, NO_NEAREST),
+    "finetuned_no_nearest": ({}, {}, ZS + NO_NEAREST),
     "finetuned_no_ease": ({}, {}, ZS + NO_EASE),
     "both_ease_source30": ({}, {"ease": 30}, ()),
     "both_ease_source50": ({}, {"ease": 50}, ()),
@@ -143,7 +146,12 @@ def stage_models(cfg, pipeline: TrainedPipeline, history: History) -> dict[str, 
     cf = HybridPipeline({n: instantiate(node) for n, node in cfg.cf.items()}, None).fit_cf(history)
     texts = text_models(pipeline, history)
     temperature = pipeline.models[pipeline.text_name].bert.temperature
-    return {**cf, **texts, **derived_models(texts[pipeline.text_name], temperature, history)}
+    models = {**cf, **texts, **derived_models(texts[pipeline.text_name], temperature, history)}
+    # The towers' nearest-history-item cosines (rank.text_nearest_feature), as the job adds them;
+    # from the towers, so a run trained without them is swept with them too.
+    if cfg.rank.get("text_nearest_feature", False):
+        models |= nearest_models(texts, history, cfg.text.max_history)
+    return models
 
 
 def paired(boot: PairedBootstrap, x: np.ndarray, reference: np.ndarray) -> str:
@@ -221,6 +229,8 @@ def main() -> None:
         raise SystemExit(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
     # The models a validation stage has (stage_models): CF from the config, the run's text towers.
     known = {*cfg.cf, *pipeline.models, *DERIVED_SOURCES}
+    if cfg.rank.get("text_nearest_feature", False):
+        known |= {f"{n}_nearest" for n, m in pipeline.models.items() if isinstance(m, HistoryTower)}
     singles = args.singles.split(",") if args.singles else []
     if unknown := sorted(set(singles) - known):
         raise SystemExit(f"--singles: no model named {unknown}; known: {sorted(known)}")

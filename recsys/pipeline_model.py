@@ -49,7 +49,15 @@ from recsys.data.validation import ROW, check_future, parse_timestamp, require_n
 from recsys.errors import PIPELINE_REPAIR as REPAIR
 from recsys.errors import ConfigError, InMemory, InputError, check_field, read_json_object, reading
 from recsys.rank.ranker import LambdaMARTRanker
-from recsys.recommender import DerivedScores, History, NewItemText, PopularText, Recommender, derived_bases
+from recsys.recommender import (
+    DerivedScores,
+    History,
+    NearestText,
+    NewItemText,
+    PopularText,
+    Recommender,
+    derived_bases,
+)
 from recsys.text.history_tower import HistoryTower
 
 FORMAT_VERSION = 2
@@ -60,7 +68,7 @@ RANKER_FILE = "ranker/lightgbm.txt"
 HISTORIES_MODES = ("extend", "replace")
 # Every kind a pipeline can hold, by the name meta.json gives it (``Recommender.kind``).
 KINDS: dict[str, type[Recommender]] = {
-    m.kind: m for m in (ALS, BPR, ItemKNN, Popularity, HistoryTower, NewItemText, PopularText)
+    m.kind: m for m in (ALS, BPR, ItemKNN, Popularity, HistoryTower, NewItemText, PopularText, NearestText)
 }
 # What ``load`` reads from meta.json, with its JSON type (checked before anything else is read).
 META_FIELDS: dict[str, Any] = {
@@ -420,8 +428,8 @@ class TrainedPipeline:
         wanted |= {derived[n] for n in wanted if n in derived}
         out: dict[str, Recommender] = {}
         for name, m in self.models.items():
-            if name in derived and name in wanted:
-                out[name] = m.over(out[derived[name]])
+            if name in derived and name in wanted:  # over the base served here, reading the given histories
+                out[name] = m.over(out[derived[name]]).for_users(ph.history, ph.known)
             elif name in wanted:
                 out[name] = m.for_users(ph.history, ph.known)
         return out

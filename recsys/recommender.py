@@ -563,6 +563,81 @@ class PopularText(DerivedScores):
         return scores
 
 
+class NearestText(DerivedScores):
+    """The cosine of an item with the closest of the user's last ``history_items`` history items
+    in a text tower's item space: how much the item looks like one thing the user took, where the
+    tower's own score says how much it looks like the user's recency-weighted mix. A product
+    often follows one of several interests (a second roll of the grit just bought, beside the
+    lab glass bought before); the mean of both says neither. It is the similarity the history
+    explanations report (``recsys.rank.explain``, ``kernels.nearest_history``), so a row's
+    ``explain_history`` names the item this feature measured.
+
+    A ranker feature over a tower (``rank.text_nearest_feature``), not a candidate source by
+    default; saved without files, like the other models over the text tower, and refitted on the
+    stored history when loaded. Users without history get NaN (missing, to the ranker).
+    """
+
+    name = "text_nearest"
+    kind = "NearestText"
+    is_feature = True
+    PARAMS = {"history_items": int}
+
+    def __init__(self, base: Recommender, history_items: int = 20) -> None:
+        if history_items < 1:
+            raise ValueError(f"NearestText history_items must be >= 1, got {history_items}")
+        super().__init__(base)
+        self.history_items = history_items
+        self._space: tuple | None = None
+        self._space_of: np.ndarray | None = None  # the vectors ``_space`` was built from
+
+    def fit(self, history: History) -> NearestText:
+        """The last ``history_items`` items of every user of ``history`` (``base`` scores the
+        same users)."""
+        self.recent = recent_items(history.sequences, self.history_items)
+        return self
+
+    def for_users(self, history: History, known: np.ndarray) -> NearestText:
+        return copy.copy(self).fit(history)
+
+    def space(self) -> tuple:
+        """``nearest_history``'s view of the base's item vectors, built once per base."""
+        from recsys.rank.explain import nearest_space
+
+        vectors = self.base.item_space()
+        if self._space is None or self._space_of is not vectors:
+            self._space = nearest_space(np.ascontiguousarray(vectors, dtype=np.float32))
+            self._space_of = vectors
+        return self._space
+
+    def score_users(self, users: np.ndarray) -> np.ndarray:
+        n_items = len(self.space()[1])
+        return self.derive(np.empty((len(users), n_items), dtype=np.float32), users)
+
+    def score_pairs(self, users: np.ndarray, items: np.ndarray, chunk: int | None = None) -> np.ndarray:
+        from recsys.kernels import nearest_history
+
+        hist = self.recent
+        users = np.asarray(users, dtype=np.int64)
+        return nearest_history(*self.space(), hist, hist >= 0, users, np.asarray(items, dtype=np.int64))[1]
+
+    def derive(self, scores: np.ndarray, users: np.ndarray) -> np.ndarray:
+        """Every item's score for ``users`` (``scores``, the base's block, is overwritten): the
+        maximum over the history positions of the cosine rows of those history items."""
+        from recsys.kernels import DENSE
+
+        kind, table = self.space()[:2]
+        hist = self.recent[np.asarray(users, dtype=np.int64)]
+        scores.fill(-np.inf)
+        for h in range(hist.shape[1]):
+            rows = np.flatnonzero(hist[:, h] >= 0)
+            if len(rows) == 0:
+                break  # histories are filled from position 0
+            items = hist[rows, h]
+            sims = table[items] if kind == DENSE else table[items] @ table.T
+            scores[rows] = np.maximum(scores[rows], sims)
+        return scores
+
+
 def derived_bases(models: Mapping[str, Recommender]) -> dict[str, str]:
     """Each model of ``models`` whose scores another one's rewrite (``Recommender.derived_from``)
     -> that one's name, in ``models``' order."""
@@ -574,6 +649,12 @@ def derived_models(text: Recommender, temperature: float, history: History) -> d
     """The candidate sources derived from the (fitted) text tower, fitted on ``history``
     (``DERIVED_SOURCES``, in that order)."""
     return {m.name: m.fit(history) for m in (NewItemText(text), PopularText(text, temperature))}
+
+
+def nearest_models(towers: Mapping[str, Recommender], history: History, history_items: int) -> dict[str, NearestText]:
+    """``NearestText`` over each fitted text tower of ``towers``, named ``<tower>_nearest`` and
+    fitted on ``history`` (``rank.text_nearest_feature``)."""
+    return {f"{name}_nearest": NearestText(m, history_items).fit(history) for name, m in towers.items()}
 
 
 #: the names ``derived_models`` gives, known before any model is fitted (the job's config check)

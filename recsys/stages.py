@@ -177,7 +177,9 @@ def prepare(cfg: DictConfig, timings: StageTimings) -> Job:
             max_earlier_examined=cfg.rank.get("max_earlier_examined"),
         )
         # Every candidate source by name, before any training: CF, the text towers, what derives from them.
-        text_models = ["text", *DERIVED_SOURCES] + (["text_zeroshot"] if cfg.rank.get("text_zeroshot_feature") else [])
+        towers = ["text"] + (["text_zeroshot"] if cfg.rank.get("text_zeroshot_feature") else [])
+        nearest = [f"{t}_nearest" for t in towers] if cfg.rank.get("text_nearest_feature") else []
+        text_models = [*towers, *DERIVED_SOURCES, *nearest]
         fusion.fused.check_sources(dict.fromkeys([*cf, *text_models]))
         # eval.max_users: past that many test users, every model is evaluated on a seeded sample.
         eval_split, eval_users, all_test_users = sample_test_users(split, cfg.eval.get("max_users"), cfg.seed)
@@ -287,6 +289,7 @@ def fit_validation(job: Job, run_id: str, timings: StageTimings) -> Fitted:
         zero_text = TextRecommender.from_tokens(zero_net, item_ids, item_lengths) if zero_net is not None else None
         if zs_feature:
             models["text_zeroshot"] = zero_text.fit(history)
+        models |= _nearest(cfg, models, history)
     with timings.stage("ranker_fit"):
         exclude = stage_exclusion(history, data.items, split.val)
         validation = LabelledStage(job.val_users, models, history, split.val, exclude)
@@ -307,10 +310,21 @@ def _earlier_stages(job: Job, text: TextRecommender, zero_text: TextRecommender 
         fitted.update(text=tuned, **derived_models(tuned, tuned.net.temperature, history))
         if zero_text is not None:
             fitted["text_zeroshot"] = TextRecommender(zero_text.net, zero_text.item_embeddings).fit(history)
-        return fitted
+        return fitted | _nearest(job.cfg, fitted, history)
 
     n = job.fusion.label_stages - 1
     return earlier_labelled_stages(job.split.train, n, job.data, job.as_of, models)
+
+
+def _nearest(cfg: DictConfig, models: dict[str, Recommender], history: History) -> dict[str, Recommender]:
+    """With ``rank.text_nearest_feature``: each text tower's closest-history-item cosine
+    (``NearestText``) as a ranker feature, fitted on ``history``; else nothing."""
+    from recsys.recommender import nearest_models
+
+    if not cfg.rank.get("text_nearest_feature", False):
+        return {}
+    towers = {n: models[n] for n in ("text", "text_zeroshot") if n in models}
+    return nearest_models(towers, history, cfg.text.max_history)
 
 
 def evaluate_test(job: Job, val: Fitted, timings: StageTimings) -> Evaluated:
@@ -331,6 +345,7 @@ def evaluate_test(job: Job, val: Fitted, timings: StageTimings) -> Evaluated:
             val.zero_text.fit(history)
             if "text_zeroshot" in val.models:
                 models["text_zeroshot"] = val.zero_text
+        models |= _nearest(cfg, models, history)
         exclude = stage_exclusion(history, data.items, targets)
         singles = {name: m for name, m in models.items() if m.is_feature}
         if val.zero_text is not None:

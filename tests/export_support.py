@@ -62,6 +62,7 @@ def trained_run() -> TrainedRun:
         "trainer.max_epochs=1",
         "eval.zeroshot=false",
         "rank.text_zeroshot_feature=true",  # a second text tower in the saved pipeline
+        "rank.text_nearest_feature=true",  # a feature over each tower, read from the served histories
         "text.recency_decay=0.3",  # not the UserEncoder default: loading must restore it
         # a recency-weighted item-kNN beside the plain one: loading must restore its decay
         "+cf.itemknn_recent={_target_:recsys.cf.ItemKNN,neighbours:50,recency_decay:0.5}",

@@ -21,6 +21,7 @@ from recsys.recommender import (
     BLOCK_CELLS,
     DERIVED_SOURCES,
     History,
+    NearestText,
     NewItemText,
     PopularText,
     Recommender,
@@ -47,9 +48,20 @@ MODELS = {
     "text": lambda h, r: fit_text(r, True, h),
     "text_untrained": lambda h, r: fit_text(r, False, h),
     "text_popular": lambda h, r: popular_text(fit_text(r, True, h), h),
+    "text_nearest": lambda h, r: NearestText(fit_text(r, True, h), 5).fit(h),
 }
 # Models that must find the blocks (popularity and an untrained tower cannot).
-KNOWS_BLOCKS = {"als", "bpr", "ease", "itemknn", "itemknn_next", "itemknn_recent", "text", "text_popular"}
+KNOWS_BLOCKS = {
+    "als",
+    "bpr",
+    "ease",
+    "itemknn",
+    "itemknn_next",
+    "itemknn_recent",
+    "text",
+    "text_popular",
+    "text_nearest",
+}
 
 
 def popular_text(text: TextRecommender, history: History) -> PopularText:
@@ -493,6 +505,34 @@ def test_popular_text_adds_the_log_count_as_of_each_users_cut_to_the_tempered_te
     end = np.log1p(cut.item_counts.astype(np.float32))
     got = served.score_users(users) - text.score_users(users) / np.float32(0.25)
     np.testing.assert_allclose(got, np.repeat(end[None, :], 2, axis=0), rtol=1e-5, atol=1e-4)
+
+
+def test_nearest_text_is_the_cosine_of_the_closest_recent_history_item(request, block_world):
+    text = fit_text(request, True, block_world.history)
+    m = NearestText(text, history_items=3).fit(block_world.history)
+    vectors = text.item_space()
+    seqs = block_world.history.sequences
+    rng = np.random.default_rng(0)
+    users = rng.integers(0, block_world.history.n_users, 200)
+    items = rng.integers(0, block_world.history.n_items, 200)
+    want = [max(vectors[i] @ vectors[j] for j in seqs[u][-3:]) for u, i in zip(users, items, strict=True)]
+    np.testing.assert_allclose(m.score_pairs(users, items), want, rtol=1e-5, atol=1e-6)
+    # Only the last history_items count: with one, the last item alone.
+    last = NearestText(text, history_items=1).fit(block_world.history).score_pairs(users, items)
+    np.testing.assert_allclose(
+        last, [vectors[i] @ vectors[seqs[u][-1]] for u, i in zip(users, items, strict=True)], rtol=1e-5, atol=1e-6
+    )
+    # A user without history: NaN (missing, to the ranker), and no list.
+    df = block_world.history.interactions.filter(pl.col(Columns.UserIdx) != 0)
+    empty = History(df, block_world.history.n_users, block_world.history.n_items)
+    served = NearestText(text, history_items=3).for_users(empty, np.arange(empty.n_users))
+    assert np.isnan(served.score_pairs(np.array([0]), np.array([1])))[0]
+    assert np.isfinite(served.score_pairs(np.array([1]), np.array([1])))[0]
+
+
+def test_nearest_text_refuses_an_empty_window(request, block_world):
+    with pytest.raises(ValueError, match="history_items must be >= 1"):
+        NearestText(fit_text(request, True, block_world.history), history_items=0)
 
 
 @pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan")])

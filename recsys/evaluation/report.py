@@ -45,6 +45,8 @@ ORDER = (
     "itemknn_next",
     "text_zeroshot",
     "text",
+    "text_zeroshot_nearest",
+    "text_nearest",
     FUSED,
 )
 DISPLAY = {
@@ -57,6 +59,8 @@ DISPLAY = {
     "itemknn_next": "item-kNN (next)",
     "text_zeroshot": "text (zero-shot)",
     "text": "text",
+    "text_zeroshot_nearest": "text (zero-shot, nearest item)",
+    "text_nearest": "text (nearest item)",
     FUSED: "fused",
 }
 METRICS = ("recall", "ndcg", "mrr", "hitrate", "precision", "map")

@@ -31,6 +31,20 @@ def no_explanations(n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.full(n, -1, dtype=np.int64), np.full(n, np.nan, dtype=np.float32)
 
 
+def nearest_space(space: np.ndarray | sp.csr_matrix | None) -> tuple[int, np.ndarray, np.ndarray, np.ndarray] | None:
+    """``kernels.nearest_history``'s (kind, table, indptr, indices) for a model's ``item_space``;
+    None: none (popularity: no history item is responsible). A wide dense space of a catalogue
+    up to ``CACHE_MAX_ITEMS`` gets its item x item cosine matrix (``DENSE``)."""
+    none = np.zeros(0, dtype=np.int32)
+    if space is None:
+        return None
+    if sp.issparse(space):
+        return SPARSE, space.data[:, None], space.indptr, space.indices
+    if space.shape[1] >= CACHE_MIN_WIDTH and len(space) <= CACHE_MAX_ITEMS:
+        return DENSE, space @ space.T, none, none
+    return DOT, space, none, none
+
+
 class HistoryExplainer:
     """Per row, the history item closest to the recommended item in the space of the row's
     source (``Recommender.item_space``), and that similarity. Each space is built once, on first
@@ -46,19 +60,8 @@ class HistoryExplainer:
         (popularity: no history item is responsible)."""
         with self._lock:
             if name not in self._spaces:
-                self._spaces[name] = self._build(self.models[name].item_space())
+                self._spaces[name] = nearest_space(self.models[name].item_space())
             return self._spaces[name]
-
-    @staticmethod
-    def _build(space: np.ndarray | sp.csr_matrix | None) -> tuple[int, np.ndarray, np.ndarray, np.ndarray] | None:
-        none = np.zeros(0, dtype=np.int32)
-        if space is None:
-            return None
-        if sp.issparse(space):
-            return SPARSE, space.data[:, None], space.indptr, space.indices
-        if space.shape[1] >= CACHE_MIN_WIDTH and len(space) <= CACHE_MAX_ITEMS:
-            return DENSE, space @ space.T, none, none
-        return DOT, space, none, none
 
     def __call__(
         self, df: pl.DataFrame, sequences: Sequence[np.ndarray], source: str | None = None

@@ -141,6 +141,7 @@ def test_saved_pipeline_scores_as_the_trained_models(pipeline):
     pipeline, over the stored histories, gives every training model's scores."""
     p = pipeline
     assert p.models["text_zeroshot"].bert is None and "score_text_zeroshot" in p.ranker.features
+    assert {"score_text_nearest", "score_text_zeroshot_nearest"} <= set(p.ranker.features)
     # the order-aware item-kNN models keep their recency decay (scores below would differ without it)
     assert p.models["itemknn_recent"].recency_decay == p.models["itemknn_next"].recency_decay == 0.5
     assert p.models["ease"].recency_decay == 0.5 and (p.models["ease"].similarity.data < 0).any()  # EASE weights

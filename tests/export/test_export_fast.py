@@ -71,15 +71,19 @@ def test_in_place_candidates_equal_copied_ones(pipeline):
 
 def test_derived_blocks_equal_the_models_own_scores(pipeline):
     """``text_new`` and ``text_popular`` rewrite a copy of the text block (``score_blocks``, as
-    candidates and the export build them): the same cells as their own ``score_users``, and the
-    text block itself is left as it was."""
+    candidates and the export build them), and a ``NearestText`` (a feature, but a source if
+    named so) writes its own into that copy: the same cells as their own ``score_users``, and the
+    towers' blocks themselves are left as they were."""
     p = pipeline
     scorers = p.scorers(p.histories(list(p.users.ids)))
     users = np.arange(len(p.users))
     derived = sorted(p.derived)
-    assert derived == ["text_new", "text_popular"] and {p.derived[n] for n in derived} == {"text"}
-    blocks = score_blocks(scorers, [*derived, "text"], users)
-    np.testing.assert_array_equal(blocks["text"].scores, scorers["text"].score_users(users))
+    bases = {"text_new": "text", "text_popular": "text", "text_nearest": "text"}
+    bases["text_zeroshot_nearest"] = "text_zeroshot"
+    assert p.derived == bases
+    blocks = score_blocks(scorers, [*derived, "text", "text_zeroshot"], users)
+    for tower in ("text", "text_zeroshot"):
+        np.testing.assert_array_equal(blocks[tower].scores, scorers[tower].score_users(users))
     for name in derived:
         np.testing.assert_array_equal(blocks[name].scores, scorers[name].score_users(users))
     popular = blocks["text_popular"].scores
