@@ -58,6 +58,7 @@ class Job:
     tracker: Tracker
     need_gb: float  # the estimated peak memory
     as_of: bool  # eval.as_of_cut: histories cut at each stage's targets
+    code: tuple[str, bool]  # the git commit and whether the tree had changes, as the job started
 
 
 @dataclass
@@ -132,7 +133,11 @@ def prepare(cfg: DictConfig, timings: StageTimings) -> Job:
     """
     from hydra.utils import instantiate
 
+    from recsys.evaluation.bundle import git_version
     from recsys.evaluation.sampling import sample_test_users
+
+    # The code this run trains with is the tree as it starts, not as the evaluation is written.
+    code = git_version(cfg.paths.root_dir)
     from recsys.pipeline import check_split, stage_users
     from recsys.recommender import DERIVED_SOURCES
     from recsys.text.distributed import check_trainer
@@ -209,6 +214,7 @@ def prepare(cfg: DictConfig, timings: StageTimings) -> Job:
         tracker=tracker,
         need_gb=need_gb,
         as_of=bool(cfg.eval.get("as_of_cut", True)),
+        code=code,
     )
 
 
@@ -555,6 +561,7 @@ def save_evaluation(job: Job, val: Fitted, test: Evaluated, run_id: str, finetun
         root=cfg.paths.root_dir,
         feature_time=feature_time(test.history, job.as_of),
         test_users_sampled_from=job.all_test_users if job.eval_users < job.all_test_users else None,
+        code=job.code,
     )
     folder = out_dir / BUNDLE_DIR
     files = write_bundle(

@@ -388,8 +388,11 @@ def make_protocol(
     root: str | Path,
     feature_time: str = "not recorded",
     test_users_sampled_from: int | None = None,
+    code: tuple[str, bool] | None = None,
 ) -> Protocol:
-    sha, dirty = git_version(root)
+    """The protocol card. ``code``: ``git_version`` as the run started (the tree may change while it
+    runs: a report written, a doc edited); None: asked of ``root`` now."""
+    sha, dirty = git_version(root) if code is None else code
     return Protocol(
         run_id=run_id,
         experiment=experiment,

@@ -92,3 +92,23 @@ def test_a_changed_report_does_not_mark_the_code_as_changed(tmp_path):
     code.write_text("x = 2\n")
     assert git_version(tmp_path)[1]
     assert git_version(tmp_path / "docs")[1]
+
+
+def test_the_protocol_names_the_code_as_the_run_started(tmp_path):
+    """A job asks git as it starts and hands that to the protocol card: a file edited while it
+    trains does not make the run's code "uncommitted changes" (nor a clean one of a dirty start)."""
+    import polars as pl
+
+    from recsys.columns import Columns
+    from recsys.evaluation.bundle import make_protocol
+
+    targets = pl.DataFrame({Columns.UserIdx: [0], Columns.ItemIdx: [1]})
+    common = dict(
+        run_id="r", experiment="e", data_name="d", data_hash="h", n_users=1, n_items=2, split={},
+        split_counts={}, seen_filtering=True, availability_filtering=False, ks=[1], max_k=1, seed=0,
+        targets=targets, models=["als"], root=tmp_path,
+    )  # fmt: skip
+    assert make_protocol(**common, code=("a" * 40, False)).git_dirty is False
+    assert make_protocol(**common, code=("b" * 40, True)).git_sha == "b" * 40
+    assert make_protocol(**common, code=("b" * 40, True)).git_dirty is True
+    assert make_protocol(**common).git_sha == "unknown"  # not given: asked of root now (no git here)
