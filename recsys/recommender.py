@@ -587,8 +587,9 @@ class NearestText(DerivedScores):
             raise ValueError(f"NearestText history_items must be >= 1, got {history_items}")
         super().__init__(base)
         self.history_items = history_items
-        self._space: tuple | None = None
-        self._space_of: np.ndarray | None = None  # the vectors ``_space`` was built from
+        # (the vectors, their ``nearest_space``): one dict shared by the copies ``over`` and
+        # ``for_users`` make, so serving builds a catalogue's cosine matrix once, not per block.
+        self._spaces: dict[str, tuple[np.ndarray, tuple]] = {}
 
     def fit(self, history: History) -> NearestText:
         """The last ``history_items`` items of every user of ``history`` (``base`` scores the
@@ -604,10 +605,11 @@ class NearestText(DerivedScores):
         from recsys.rank.explain import nearest_space
 
         vectors = self.base.item_space()
-        if self._space is None or self._space_of is not vectors:
-            self._space = nearest_space(np.ascontiguousarray(vectors, dtype=np.float32))
-            self._space_of = vectors
-        return self._space
+        built = self._spaces.get("space")
+        if built is None or built[0] is not vectors:
+            built = (vectors, nearest_space(np.ascontiguousarray(vectors, dtype=np.float32)))
+            self._spaces["space"] = built
+        return built[1]
 
     def score_users(self, users: np.ndarray) -> np.ndarray:
         n_items = len(self.space()[1])

@@ -530,6 +530,23 @@ def test_nearest_text_is_the_cosine_of_the_closest_recent_history_item(request, 
     assert np.isfinite(served.score_pairs(np.array([1]), np.array([1])))[0]
 
 
+def test_nearest_text_builds_its_space_once_for_every_served_block(request, block_world, monkeypatch):
+    import recsys.rank.explain as explain
+
+    built = []
+    real = explain.nearest_space
+    monkeypatch.setattr(explain, "nearest_space", lambda v: built.append(1) or real(v))
+    text = fit_text(request, True, block_world.history)
+    users, items = np.arange(5), np.arange(5)
+    want = NearestText(text, history_items=3).fit(block_world.history).score_pairs(users, items)
+    built.clear()
+    m = NearestText(text, history_items=3).fit(block_world.history)  # as loaded: never scored itself
+    for _ in range(3):  # as the export serves block after block: over the tower, for the block's users
+        block = m.over(text).for_users(block_world.history, np.arange(block_world.history.n_users))
+        np.testing.assert_array_equal(block.score_pairs(users, items), want)
+    assert len(built) == 1
+
+
 def test_nearest_text_refuses_an_empty_window(request, block_world):
     with pytest.raises(ValueError, match="history_items must be >= 1"):
         NearestText(fit_text(request, True, block_world.history), history_items=0)
