@@ -63,7 +63,8 @@ from recsys.pipeline import (
 from recsys.pipeline_model import PipelineHistories, TrainedPipeline
 from recsys.rank.features import feature_columns
 from recsys.rank.fused import ranked_arrays, ranked_candidates
-from recsys.recommender import DERIVED_SOURCES, History, Recommender, derived_models, nearest_models
+from recsys.recommender import DERIVED_SOURCES, History, Recommender, derived_models, nearest_name
+from recsys.stages import nearest_features
 from recsys.text.history_tower import HistoryTower
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -149,9 +150,7 @@ def stage_models(cfg, pipeline: TrainedPipeline, history: History) -> dict[str, 
     models = {**cf, **texts, **derived_models(texts[pipeline.text_name], temperature, history)}
     # The towers' nearest-history-item cosines (rank.text_nearest_feature), as the job adds them;
     # from the towers, so a run trained without them is swept with them too.
-    if cfg.rank.get("text_nearest_feature", False):
-        models |= nearest_models(texts, history, cfg.text.max_history)
-    return models
+    return models | nearest_features(cfg, models, history)
 
 
 def paired(boot: PairedBootstrap, x: np.ndarray, reference: np.ndarray) -> str:
@@ -230,7 +229,7 @@ def main() -> None:
     # The models a validation stage has (stage_models): CF from the config, the run's text towers.
     known = {*cfg.cf, *pipeline.models, *DERIVED_SOURCES}
     if cfg.rank.get("text_nearest_feature", False):
-        known |= {f"{n}_nearest" for n, m in pipeline.models.items() if isinstance(m, HistoryTower)}
+        known |= {nearest_name(n) for n, m in pipeline.models.items() if isinstance(m, HistoryTower)}
     singles = args.singles.split(",") if args.singles else []
     if unknown := sorted(set(singles) - known):
         raise SystemExit(f"--singles: no model named {unknown}; known: {sorted(known)}")

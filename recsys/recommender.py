@@ -622,8 +622,12 @@ class NearestText(DerivedScores):
         users = np.asarray(users, dtype=np.int64)
         return nearest_history(*self.space(), hist, hist >= 0, users, np.asarray(items, dtype=np.int64))[1]
 
+    def derive_into(self, base: np.ndarray, users: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        # The base's block is never read (these scores are no rewrite of it): not copied either.
+        return self.derive(np.empty(base.shape, dtype=np.float32) if out is None else out, users)
+
     def derive(self, scores: np.ndarray, users: np.ndarray) -> np.ndarray:
-        """Every item's score for ``users`` (``scores``, the base's block, is overwritten): the
+        """Every item's score for ``users``, written over ``scores`` (whatever it holds): the
         maximum over the history positions of the cosine rows of those history items."""
         from recsys.kernels import DENSE
 
@@ -653,10 +657,15 @@ def derived_models(text: Recommender, temperature: float, history: History) -> d
     return {m.name: m.fit(history) for m in (NewItemText(text), PopularText(text, temperature))}
 
 
+def nearest_name(tower: str) -> str:
+    """The name of the ``NearestText`` over the text tower named ``tower``."""
+    return f"{tower}_nearest"
+
+
 def nearest_models(towers: Mapping[str, Recommender], history: History, history_items: int) -> dict[str, NearestText]:
-    """``NearestText`` over each fitted text tower of ``towers``, named ``<tower>_nearest`` and
-    fitted on ``history`` (``rank.text_nearest_feature``)."""
-    return {f"{name}_nearest": NearestText(m, history_items).fit(history) for name, m in towers.items()}
+    """``NearestText`` over each fitted text tower of ``towers`` (``nearest_name``), fitted on
+    ``history`` (``rank.text_nearest_feature``)."""
+    return {nearest_name(name): NearestText(m, history_items).fit(history) for name, m in towers.items()}
 
 
 #: the names ``derived_models`` gives, known before any model is fitted (the job's config check)

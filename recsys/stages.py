@@ -135,13 +135,13 @@ def prepare(cfg: DictConfig, timings: StageTimings) -> Job:
 
     from recsys.evaluation.bundle import git_version
     from recsys.evaluation.sampling import sample_test_users
+    from recsys.pipeline import check_split, stage_users
+    from recsys.recommender import DERIVED_SOURCES, nearest_name
+    from recsys.text.distributed import check_trainer
+    from recsys.text.options import budget, check_freeze_layers, check_options
 
     # The code this run trains with is the tree as it starts, not as the evaluation is written.
     code = git_version(cfg.paths.root_dir)
-    from recsys.pipeline import check_split, stage_users
-    from recsys.recommender import DERIVED_SOURCES
-    from recsys.text.distributed import check_trainer
-    from recsys.text.options import budget, check_freeze_layers, check_options
 
     out_dir = Path(cfg.paths.output_dir)
     check_run_folder(cfg, out_dir)
@@ -183,7 +183,7 @@ def prepare(cfg: DictConfig, timings: StageTimings) -> Job:
         )
         # Every candidate source by name, before any training: CF, the text towers, what derives from them.
         towers = ["text"] + (["text_zeroshot"] if cfg.rank.get("text_zeroshot_feature") else [])
-        nearest = [f"{t}_nearest" for t in towers] if cfg.rank.get("text_nearest_feature") else []
+        nearest = [nearest_name(t) for t in towers] if cfg.rank.get("text_nearest_feature") else []
         text_models = [*towers, *DERIVED_SOURCES, *nearest]
         fusion.fused.check_sources(dict.fromkeys([*cf, *text_models]))
         # eval.max_users: past that many test users, every model is evaluated on a seeded sample.
@@ -295,7 +295,7 @@ def fit_validation(job: Job, run_id: str, timings: StageTimings) -> Fitted:
         zero_text = TextRecommender.from_tokens(zero_net, item_ids, item_lengths) if zero_net is not None else None
         if zs_feature:
             models["text_zeroshot"] = zero_text.fit(history)
-        models |= _nearest(cfg, models, history)
+        models |= nearest_features(cfg, models, history)
     with timings.stage("ranker_fit"):
         exclude = stage_exclusion(history, data.items, split.val)
         validation = LabelledStage(job.val_users, models, history, split.val, exclude)
@@ -316,15 +316,16 @@ def _earlier_stages(job: Job, text: TextRecommender, zero_text: TextRecommender 
         fitted.update(text=tuned, **derived_models(tuned, tuned.net.temperature, history))
         if zero_text is not None:
             fitted["text_zeroshot"] = TextRecommender(zero_text.net, zero_text.item_embeddings).fit(history)
-        return fitted | _nearest(job.cfg, fitted, history)
+        return fitted | nearest_features(job.cfg, fitted, history)
 
     n = job.fusion.label_stages - 1
     return earlier_labelled_stages(job.split.train, n, job.data, job.as_of, models)
 
 
-def _nearest(cfg: DictConfig, models: dict[str, Recommender], history: History) -> dict[str, Recommender]:
+def nearest_features(cfg: DictConfig, models: dict[str, Recommender], history: History) -> dict[str, Recommender]:
     """With ``rank.text_nearest_feature``: each text tower's closest-history-item cosine
-    (``NearestText``) as a ranker feature, fitted on ``history``; else nothing."""
+    (``NearestText``) as a ranker feature, fitted on ``history``; else nothing. Every labelled
+    stage, the test stage and ``bench/fusion_sweep.py`` add them here."""
     from recsys.recommender import nearest_models
 
     if not cfg.rank.get("text_nearest_feature", False):
@@ -351,7 +352,7 @@ def evaluate_test(job: Job, val: Fitted, timings: StageTimings) -> Evaluated:
             val.zero_text.fit(history)
             if "text_zeroshot" in val.models:
                 models["text_zeroshot"] = val.zero_text
-        models |= _nearest(cfg, models, history)
+        models |= nearest_features(cfg, models, history)
         exclude = stage_exclusion(history, data.items, targets)
         singles = {name: m for name, m in models.items() if m.is_feature}
         if val.zero_text is not None:
