@@ -14,7 +14,7 @@ pipeline/
   users.parquet        user_id, user_idx of the users known at training time
   history.parquet      user_idx, item_idx, timestamp, weight: the history it was fitted on (every event
                        when served after training, train + val for the evaluated pipeline)
-  models/<name>/       each model's own files: model.npz (ALS, BPR, item-kNN, popularity), or a
+  models/<name>/       each model's own files: model.npz (ALS, BPR, item-kNN, popularity, SASRec), or a
                        text tower's user encoder and item vectors (safetensors, npy), the first
                        one with its BERT in encoder/ (save_pretrained)
   ranker/lightgbm.txt  the LightGBM model as text
@@ -22,7 +22,8 @@ pipeline/
 
 At serving time every user-side quantity is derived from the history passed in (or the stored
 one), by each model's ``for_users``: ALS/BPR keep the trained factors of known users with their
-stored history and fold in anybody else; item-kNN and the text tower read the history directly.
+stored history and fold in anybody else; item-kNN, SASRec and the text tower read the history
+directly.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import numpy as np
 import polars as pl
 
 from recsys.cf.models import ALS, BPR, ItemKNN, Popularity
+from recsys.cf.sasrec import SASRec
 from recsys.columns import Columns
 from recsys.data.dataset import IdMap
 from recsys.data.validation import ROW, check_future, parse_timestamp, require_non_null
@@ -68,7 +70,7 @@ RANKER_FILE = "ranker/lightgbm.txt"
 HISTORIES_MODES = ("extend", "replace")
 # Every kind a pipeline can hold, by the name meta.json gives it (``Recommender.kind``).
 KINDS: dict[str, type[Recommender]] = {
-    m.kind: m for m in (ALS, BPR, ItemKNN, Popularity, HistoryTower, NewItemText, PopularText, NearestText)
+    m.kind: m for m in (ALS, BPR, ItemKNN, Popularity, SASRec, HistoryTower, NewItemText, PopularText, NearestText)
 }
 # What ``load`` reads from meta.json, with its JSON type (checked before anything else is read).
 META_FIELDS: dict[str, Any] = {

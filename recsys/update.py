@@ -390,6 +390,7 @@ def updated_pipeline(
     import scipy.sparse as sp
 
     from recsys.cf.models import ALS, BPR, ItemKNN, Popularity, fold_in
+    from recsys.cf.sasrec import SASRec
     from recsys.data.dataset import IdMap
     from recsys.recommender import History
 
@@ -444,6 +445,12 @@ def updated_pipeline(
             s = m.similarity.tocoo()
             models[name] = copy.copy(m)
             models[name].similarity = sp.csr_matrix((s.data, (s.row, s.col)), shape=(items.height, items.height))
+        elif isinstance(m, SASRec) and mode == "refit":
+            if not isinstance(model, SASRec):
+                raise ConfigError(f"the model's config has no SASRec model '{name}' to refit")
+            models[name] = copy.deepcopy(model).fit(hist)
+        elif isinstance(m, SASRec):  # the network kept; users are read from their histories when served
+            models[name] = m.with_items(items.height)
         elif isinstance(m, Popularity):
             models[name] = copy.deepcopy(model if isinstance(model, Popularity) else Popularity()).fit(hist)
     return p.replace(models, items=items, users=users, history=history, now=int(history[Columns.Timestamp].max()))

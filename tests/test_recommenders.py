@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 import scipy.sparse as sp
 
-from recsys.cf import ALS, BPR, EASE, ItemKNN, Popularity, SequentialKNN
+from recsys.cf import ALS, BPR, EASE, ItemKNN, Popularity, SASRec, SequentialKNN
 from recsys.cf.models import top_per_dense_row, top_per_row
 from recsys.columns import Columns
 from recsys.errors import ConfigError
@@ -44,6 +44,7 @@ MODELS = {
     "itemknn_recent": lambda h, r: ItemKNN(neighbours=50, recency_decay=0.5).fit(h),
     "itemknn_next": lambda h, r: SequentialKNN(neighbours=50).fit(h),
     "ease": lambda h, r: EASE(regularization=10.0, neighbours=50).fit(h),
+    "sasrec": lambda h, r: SASRec(dim=16, layers=1, max_history=8, dropout=0.1, epochs=100, seed=0).fit(h),
     "popularity": lambda h, r: Popularity().fit(h),
     "text": lambda h, r: fit_text(r, True, h),
     "text_untrained": lambda h, r: fit_text(r, False, h),
@@ -58,6 +59,7 @@ KNOWS_BLOCKS = {
     "itemknn",
     "itemknn_next",
     "itemknn_recent",
+    "sasrec",
     "text",
     "text_popular",
     "text_nearest",
@@ -441,10 +443,17 @@ def test_ease_refuses_a_catalogue_past_max_items_before_the_dense_inversion(bloc
         EASE(max_items=n - 1).fit(block_world.history)
 
 
-@pytest.mark.parametrize("make", [lambda p: ALS(iterations=3, progress=p), lambda p: BPR(iterations=3, progress=p)])
-def test_cf_fits_show_a_progress_bar_unless_told_not_to(make, block_world, capfd, monkeypatch):
+@pytest.mark.parametrize(
+    ("make", "bar"),
+    [
+        (lambda p: ALS(iterations=3, progress=p), "3/3"),  # implicit's bar over the iterations
+        (lambda p: BPR(iterations=3, progress=p), "3/3"),
+        (lambda p: SASRec(dim=8, layers=1, epochs=3, progress=p), "sasrec epochs"),  # its own, over the epochs
+    ],
+)
+def test_cf_fits_show_a_progress_bar_unless_told_not_to(make, bar, block_world, capfd, monkeypatch):
     make(True).fit(block_world.history)
-    assert "3/3" in capfd.readouterr().err  # implicit's bar over the iterations
+    assert bar in capfd.readouterr().err
     make(False).fit(block_world.history)
     assert capfd.readouterr().err == ""
     # By default only on a terminal: BPR's bar redraws every iteration, a record each in a log file.
@@ -452,7 +461,7 @@ def test_cf_fits_show_a_progress_bar_unless_told_not_to(make, block_world, capfd
     assert capfd.readouterr().err == ""  # captured: not a terminal
     monkeypatch.setattr("sys.stderr.isatty", lambda: True)
     make(None).fit(block_world.history)
-    assert "3/3" in capfd.readouterr().err
+    assert bar in capfd.readouterr().err
 
 
 @pytest.mark.parametrize("cls", [ALS, BPR])
@@ -640,3 +649,105 @@ def test_score_blocks_follow_the_catalogue_not_a_fixed_user_count(n_items, block
     np.testing.assert_array_equal(
         model.score_pairs(pairs_users, pairs_items), model.score_users(pairs_users)[np.arange(4), pairs_items]
     )
+
+
+def cycle_history(n_users: int, n_items: int, length: int, seed: int) -> History:
+    """Each user walks the item cycle 0 -> 1 -> ... -> n_items - 1 -> 0 from a random start:
+    the next item follows from the last one alone, and only in one direction."""
+    rng = np.random.default_rng(seed)
+    users, items = [], []
+    for u in range(n_users):
+        start = int(rng.integers(n_items))
+        users += [u] * length
+        items += [(start + k) % n_items for k in range(length)]
+    return History(events(users, items, list(range(len(users)))), n_users, n_items)
+
+
+@pytest.mark.parametrize("negatives", [None, 12])
+def test_sasrec_learns_which_item_comes_next_where_an_order_free_model_cannot(negatives):
+    # Held-out users (served through for_users, as the export serves them): SASRec names the
+    # item after their last one; the cosine item-kNN sees the item before and the item after
+    # the last one as equally near, so it cannot tell which comes next.
+    n_items = 30
+    train = cycle_history(200, n_items, 6, seed=0)
+    new = cycle_history(50, n_items, 4, seed=1)
+    last = np.array([s[-1] for s in new.sequences])
+    model = SASRec(dim=16, layers=1, max_history=5, dropout=0.1, epochs=60, learning_rate=1e-2, negatives=negatives)
+    served = model.fit(train).for_users(new, np.full(50, -1))
+    hit = served.recommend(np.arange(50), 1, exclude=new.matrix)[0][:, 0] == (last + 1) % n_items
+    knn = ItemKNN(neighbours=10).fit(train).for_users(new, np.full(50, -1))
+    knn_hit = knn.recommend(np.arange(50), 1, exclude=new.matrix)[0][:, 0] == (last + 1) % n_items
+    assert hit.mean() >= 0.9 and knn_hit.mean() <= 0.7, (hit.mean(), knn_hit.mean())
+
+
+def test_sasrec_same_seed_same_scores_and_the_fit_does_not_move_the_global_random_state(block_world):
+    import torch
+
+    h = block_world.history
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    a = SASRec(dim=8, layers=1, epochs=5, seed=3).fit(h)
+    after = torch.rand(3)
+    b = SASRec(dim=8, layers=1, epochs=5, seed=3).fit(h)
+    c = SASRec(dim=8, layers=1, epochs=5, seed=4).fit(h)
+    users = np.arange(h.n_users)
+    np.testing.assert_array_equal(a.score_users(users), b.score_users(users))
+    assert not np.array_equal(a.score_users(users), c.score_users(users))
+    np.testing.assert_array_equal(before, after)
+
+
+def test_sasrec_scores_a_user_from_its_history_whatever_else_is_served(block_world, tmp_path):
+    # The fit's user vectors, a served history holding a few of the same users (other rows
+    # around them), and a saved and loaded copy all score a user alike: no per-user weights,
+    # and a user's vector does not depend on its block.
+    h = block_world.history
+    model = SASRec(dim=16, layers=1, max_history=8, epochs=5, seed=0).fit(h)
+    some = np.array([7, 3, 70, 300 % h.n_users])
+    rows = [
+        h.interactions.filter(pl.col(Columns.UserIdx) == u).with_columns(pl.lit(i).alias(Columns.UserIdx))
+        for i, u in enumerate(some)
+    ]
+    served_history = History(pl.concat(rows), len(some), h.n_items)
+    served = model.for_users(served_history, np.full(len(some), -1))
+    np.testing.assert_array_equal(served.score_users(np.arange(len(some))), model.score_users(some))
+    info = model.save(tmp_path / "sasrec")
+    assert info["kind"] == "SASRec" and info["epochs"] == 5 and info["negatives"] is None
+    loaded = SASRec.load(tmp_path / "sasrec", info).for_users(served_history, np.full(len(some), -1))
+    np.testing.assert_array_equal(loaded.score_users(np.arange(len(some))), model.score_users(some))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"dim": 10, "heads": 4}, r"SASRec dim \(10\) must be a multiple of heads \(4\)"),
+        ({"dropout": 1.0}, "SASRec dropout"),
+        ({"epochs": 0}, "SASRec epochs must be a whole number >= 1"),
+        ({"negatives": 0}, "SASRec negatives must be a whole number >= 1 or null"),
+        ({"learning_rate": 0}, "SASRec learning_rate"),
+        ({"max_history": 2.5}, "SASRec max_history must be a whole number"),
+    ],
+)
+def test_sasrec_bad_settings_are_refused(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        SASRec(**kwargs)
+
+
+def test_sasrec_full_softmax_past_its_limit_asks_for_sampled_negatives(block_world, monkeypatch):
+    monkeypatch.setattr("recsys.cf.sasrec.FULL_SOFTMAX_ITEMS", block_world.n_items - 1)
+    with pytest.raises(ConfigError, match=r"full softmax over 100 items is past 99: set its negatives"):
+        SASRec(epochs=1).fit(block_world.history)
+    SASRec(dim=8, layers=1, epochs=1, negatives=10).fit(block_world.history)  # sampling fits
+
+
+def test_sasrec_grown_catalogue_keeps_old_scores_and_scores_new_items_as_an_average_item(block_world):
+    h = block_world.history
+    model = SASRec(dim=8, layers=1, epochs=3, seed=0).fit(h)
+    grown = model.with_items(h.n_items + 2)
+    same = History(h.interactions, h.n_users, h.n_items + 2)
+    scores = grown.for_users(same, np.arange(h.n_users)).score_users(np.arange(h.n_users))
+    np.testing.assert_allclose(scores[:, : h.n_items], model.score_users(np.arange(h.n_users)), rtol=1e-5, atol=1e-6)
+    mean = model.item_vectors.mean(0)
+    np.testing.assert_allclose(scores[:, h.n_items :], (model.user_vectors @ mean)[:, None].repeat(2, 1), rtol=1e-4)
+    with pytest.raises(ValueError, match="cannot shrink"):
+        model.with_items(h.n_items - 1)

@@ -145,6 +145,7 @@ def test_saved_pipeline_scores_as_the_trained_models(pipeline):
     # the order-aware item-kNN models keep their recency decay (scores below would differ without it)
     assert p.models["itemknn_recent"].recency_decay == p.models["itemknn_next"].recency_decay == 0.5
     assert p.models["ease"].recency_decay == 0.5 and (p.models["ease"].similarity.data < 0).any()  # EASE weights
+    assert p.models["sasrec"].epochs == 3 and "score_sasrec" in p.ranker.features  # a network's weights
     scorers = p.scorers(p.histories(list(p.users.ids)))
     users = np.arange(len(p.users))
     with np.load(trained_run().train_scores) as trained:
