@@ -385,8 +385,8 @@ def updated_pipeline(
     """``pipeline`` with ``new`` folded in (see the module docstring). ``cf``: the unfitted CF
     models by name, as training instantiated them. ``catalogue`` / ``text_parts``: the merged
     items and their vectors (``TextRefresher.refresh``); None: made here. ``warm_iterations``
-    (refit): factor models continue from ``pipeline``'s factors for this many iterations
-    instead of a cold fit with the configured ones."""
+    (refit): factor models continue from ``pipeline``'s factors, SASRec from its network, for
+    this many iterations (epochs) instead of a cold fit with the configured ones."""
     import scipy.sparse as sp
 
     from recsys.cf.models import ALS, BPR, ItemKNN, Popularity, fold_in
@@ -448,7 +448,11 @@ def updated_pipeline(
         elif isinstance(m, SASRec) and mode == "refit":
             if not isinstance(model, SASRec):
                 raise ConfigError(f"the model's config has no SASRec model '{name}' to refit")
-            models[name] = copy.deepcopy(model).fit(hist)
+            models[name] = copy.deepcopy(model)
+            start = None
+            if warm_iterations is not None:
+                models[name].epochs, start = warm_iterations, m
+            models[name].fit(hist, start=start)
         elif isinstance(m, SASRec):  # the network kept; users are read from their histories when served
             models[name] = m.with_items(items.height)
         elif isinstance(m, Popularity):

@@ -751,3 +751,23 @@ def test_sasrec_grown_catalogue_keeps_old_scores_and_scores_new_items_as_an_aver
     np.testing.assert_allclose(scores[:, h.n_items :], (model.user_vectors @ mean)[:, None].repeat(2, 1), rtol=1e-4)
     with pytest.raises(ValueError, match="cannot shrink"):
         model.with_items(h.n_items - 1)
+
+
+def test_sasrec_warm_refit_continues_from_the_given_network_over_a_grown_catalogue(block_world):
+    h = block_world.history
+    last_item = int(np.flatnonzero(h.item_counts)[-1])
+    old = h.interactions.filter(pl.col(Columns.ItemIdx) < last_item)
+    earlier = SASRec(dim=16, layers=1, max_history=8, dropout=0.1, epochs=100, seed=0).fit(
+        History(old, h.n_users, last_item)
+    )
+    warm = SASRec(dim=16, layers=1, max_history=8, dropout=0.1, epochs=1, seed=1).fit(h, start=earlier)
+    cold = SASRec(dim=16, layers=1, max_history=8, dropout=0.1, epochs=1, seed=1).fit(h)
+    users = np.arange(h.n_users)
+    before = earlier.score_users(users).ravel()
+
+    def agreement(m) -> float:
+        return float(np.corrcoef(before, m.score_users(users)[:, :last_item].ravel())[0, 1])
+
+    assert agreement(warm) > 0.9 and agreement(warm) > agreement(cold) + 0.2, (agreement(warm), agreement(cold))
+    assert warm.item_vectors.shape == (h.n_items, 16)
+    assert earlier.network.items.weight.shape[0] == last_item + 1  # the start is left as it was

@@ -147,7 +147,9 @@ class SASRec(_Saved):
         self.dropout, self.epochs, self.learning_rate = float(dropout), epochs, float(learning_rate)
         self.batch_size, self.negatives, self.seed, self.progress = batch_size, negatives, seed, progress
 
-    def fit(self, history: History) -> SASRec:
+    def fit(self, history: History, start: SASRec | None = None) -> SASRec:
+        """``start``: continue from that model's network (its catalogue the first items of
+        ``history``'s; ``with_items`` grows it) for ``epochs`` instead of fresh weights."""
         import torch
         import torch.nn.functional as F
         from tqdm.auto import tqdm
@@ -165,7 +167,10 @@ class SASRec(_Saved):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             rng = np.random.default_rng(self.seed)
-            self.network = net = self._build(n_items)
+            if start is None:
+                self.network = net = self._build(n_items)
+            else:
+                self.network = net = start.with_items(n_items).network  # a copy
             opt = torch.optim.Adam(net.parameters(), lr=self.learning_rate)
             net.train()
             bar = tqdm(

@@ -33,8 +33,6 @@ from recsys.evaluation.segments import build_segments
 log = logging.getLogger(__name__)
 
 FUSED = "fused"
-# Models whose scores the fused ranker reads: the candidates for "best single component".
-COMPONENTS = ("als", "bpr", "itemknn", "itemknn_recent", "itemknn_next", "text", "popularity", "recent_popularity")
 ORDER = (
     "popularity",
     "recent_popularity",
@@ -43,12 +41,17 @@ ORDER = (
     "itemknn",
     "itemknn_recent",
     "itemknn_next",
+    "ease",
+    "sasrec",
     "text_zeroshot",
     "text",
     "text_zeroshot_nearest",
     "text_nearest",
     FUSED,
 )
+# The candidates for "best single component": every model but fused and the text features that
+# only rework a tower's scores (the zero-shot tower is the fine-tuning's baseline).
+COMPONENTS = tuple(m for m in ORDER if m not in {"text_zeroshot", "text_zeroshot_nearest", "text_nearest", FUSED})
 DISPLAY = {
     "popularity": "popularity",
     "recent_popularity": "recent popularity",
@@ -57,6 +60,8 @@ DISPLAY = {
     "itemknn": "item-kNN",
     "itemknn_recent": "item-kNN (recent)",
     "itemknn_next": "item-kNN (next)",
+    "ease": "EASE",
+    "sasrec": "SASRec",
     "text_zeroshot": "text (zero-shot)",
     "text": "text",
     "text_zeroshot_nearest": "text (zero-shot, nearest item)",
