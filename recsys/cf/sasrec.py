@@ -2,9 +2,10 @@
 
 Kang & McAuley, "Self-Attentive Sequential Recommendation" (ICDM 2018), trained with the full
 softmax over the catalogue (cross-entropy at every position of every history) rather than the
-paper's one sampled negative: on Amazon-Scientific's validation that is what makes it as strong
-as ALS. Unlike the item-kNN models it learns which *order* of items leads where, from every
-user's sequence at once; unlike the text tower it knows only ids.
+paper's binary loss with one sampled negative per position (not measured here: a catalogue of a
+few thousand items affords the full softmax). So trained it is as strong a single model as ALS on
+Amazon-Scientific's validation. Unlike the item-kNN models it learns which *order* of items leads
+where, from every user's sequence at once; unlike the text tower it knows only ids.
 
 The user's vector is the last position's output over their ``max_history`` most recent items,
 computed from the history alone (no per-user parameters), so a served user is scored exactly as
