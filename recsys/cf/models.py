@@ -102,8 +102,7 @@ class _FactorModel(_Saved):
         return out
 
     def item_space(self) -> np.ndarray:
-        v = self.item_factors
-        return np.ascontiguousarray(v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12), dtype=np.float32)
+        return unit_rows(self.item_factors)
 
     def score_users(self, users: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return fixed_block_matmul(self.user_factors[users], self.item_factors.T, out)
@@ -374,6 +373,12 @@ class EASE(ItemKNN):
         self.user_items = user_rows(history, self.recency_decay)
         self.note_history(history)
         return self
+
+
+def unit_rows(v: np.ndarray) -> np.ndarray:
+    """``v``'s rows scaled to unit length (all-zero rows stay zero), float32 C-ordered: the item
+    space of a model that scores by dot products with item vectors."""
+    return np.ascontiguousarray(v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12), dtype=np.float32)
 
 
 def top_per_dense_row(m: np.ndarray, k: int, chunk: int = 1024) -> sp.csr_matrix:

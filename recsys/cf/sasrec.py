@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from recsys.cf.models import _Saved, show_progress
+from recsys.cf.models import _Saved, show_progress, unit_rows
 from recsys.errors import ConfigError, require_number, require_whole
 from recsys.kernels import pair_scores
 from recsys.recommender import ROW_BLOCK, History, fixed_block_matmul
@@ -72,6 +72,12 @@ def _network(n_items: int, dim: int, layers: int, heads: int, max_history: int, 
             return self.norm(self.transformer(x, mask=mask))
 
     return Network()
+
+
+def _item_table(network: nn.Module) -> np.ndarray:
+    """The items' vectors (the embedding table without its padding row), float32, a copy: what
+    every user vector is scored against. Taken once per network, not per served block."""
+    return network.items.weight[1:].detach().numpy().astype(np.float32, copy=True)
 
 
 def right_aligned(histories: Sequence[np.ndarray], length: int) -> np.ndarray:
@@ -204,6 +210,7 @@ class SASRec(_Saved):
                     opt.step()
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         net.eval()
+        self.item_vectors = _item_table(net)
         self._embed(history)
         return self
 
@@ -225,7 +232,6 @@ class SASRec(_Saved):
                 block[:] = 0
                 block[: len(part)] = part
                 users[start : start + len(part)] = self.network(torch.from_numpy(block))[: len(part), -1].numpy()
-            self.item_vectors = self.network.items.weight[1:].detach().numpy().astype(np.float32, copy=True)
         self.user_vectors = users
         self.note_history(history)
 
@@ -248,7 +254,7 @@ class SASRec(_Saved):
         out.network = copy.deepcopy(self.network)
         table = torch.cat([old, old[1:].mean(0, keepdim=True).expand(n_items + 1 - len(old), -1)])
         out.network.items = torch.nn.Embedding.from_pretrained(table.clone(), freeze=False, padding_idx=0)
-        out.item_vectors = table[1:].numpy().astype(np.float32, copy=True)
+        out.item_vectors = _item_table(out.network)
         return out
 
     def score_users(self, users: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -258,8 +264,7 @@ class SASRec(_Saved):
         return pair_scores(self.user_vectors, self.item_vectors, users, items)
 
     def item_space(self) -> np.ndarray:
-        v = self.item_vectors
-        return np.ascontiguousarray(v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12), dtype=np.float32)
+        return unit_rows(self.item_vectors)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {k: v.detach().numpy() for k, v in self.network.state_dict().items()}
@@ -271,4 +276,4 @@ class SASRec(_Saved):
         self.network = self._build(n_items)
         self.network.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()})
         self.network.eval()
-        self.item_vectors = np.asarray(arrays["items.weight"][1:], dtype=np.float32)
+        self.item_vectors = _item_table(self.network)
