@@ -122,6 +122,10 @@ VARIANTS: dict[str, tuple[dict, dict, tuple[str, ...]]] = {
     "finetuned_no_ease": ({}, {}, ZS + NO_EASE),
     "both_ease_source30": ({}, {"ease": 30}, ()),
     "both_ease_source50": ({}, {"ease": 50}, ()),
+    # A second SASRec added by --overrides as ``textsasrec`` (its own settings, text_init_std say)
+    # against the config's ``sasrec``: each variant the one model's feature and 30-item source.
+    "sasrec_config": ({}, {}, ("score_textsasrec", "rank_textsasrec")),
+    "sasrec_override": ({}, {"sasrec": 0, "textsasrec": 30}, ("score_sasrec", "rank_sasrec")),
 }
 # Variants whose rankers learn from the validation stage alone, beside others that also learn from
 # the earlier stages of ``--label-stages N``: one run compares the two on the same users.
@@ -144,7 +148,8 @@ def text_models(pipeline: TrainedPipeline, history: History) -> dict[str, Recomm
 def stage_models(cfg, pipeline: TrainedPipeline, history: History) -> dict[str, Recommender]:
     """The models of a labelled stage, as the job's validation stage has them: CF fitted on
     ``history``, the run's text towers reading it."""
-    cf = HybridPipeline({n: instantiate(node) for n, node in cfg.cf.items()}, None).fit_cf(history)
+    item_text = pipeline.models[pipeline.text_name].item_space()  # SASRec's text_init_std
+    cf = HybridPipeline({n: instantiate(node) for n, node in cfg.cf.items()}, None).fit_cf(history, item_text)
     texts = text_models(pipeline, history)
     temperature = pipeline.models[pipeline.text_name].bert.temperature
     models = {**cf, **texts, **derived_models(texts[pipeline.text_name], temperature, history)}
@@ -278,7 +283,7 @@ def main() -> None:
     boot = PairedBootstrap(len(users), seed=0)
     for name in names:
         ranker_over, extra_sources, dropped = VARIANTS[name]
-        n_cand = {**cfg.rank.n_candidates, **extra_sources}
+        n_cand = {k: n for k, n in {**cfg.rank.n_candidates, **extra_sources}.items() if n}  # 0: not a source
         key = tuple(sorted(n_cand.items()))
         if key not in frames:
             fusion = FusionStage(n_cand, None, seed=cfg.seed)

@@ -69,7 +69,9 @@ def main() -> None:
         print(f"| {decay} | {ndcg[decay]:.4f} | {m['recall_at_10'].mean():.4f} |")
     best = max(ndcg, key=ndcg.get)
 
-    cf = HybridPipeline({name: instantiate(node) for name, node in cfg.cf.items()}, None).fit_cf(history)
+    cf = HybridPipeline({name: instantiate(node) for name, node in cfg.cf.items()}, None).fit_cf(
+        history, item_text=texts[best].item_space()
+    )
     models = {**cf, "text": texts[best], "text_new": NewItemText(texts[best]).fit(history)}
     # One candidate frame for every tree setting: only the ranker changes.
     frame = FusionStage(dict(cfg.rank.n_candidates), None).labelled_frame(users, models, history, split.val, exclude)

@@ -539,11 +539,16 @@ class HybridPipeline:
         self.ks = list(ks)
         self.max_k = max_k
 
-    def fit_cf(self, history: History) -> dict[str, Recommender]:
+    def fit_cf(self, history: History, item_text: np.ndarray | None = None) -> dict[str, Recommender]:
+        """Copies of the CF models fitted on ``history``; ``item_text``: the text tower's item
+        vectors, for the models that start from them (``Recommender.reads_item_text``)."""
         fitted = {}
         for name, model in self.cf.items():
             t0 = time.perf_counter()
-            fitted[name] = copy.deepcopy(model).fit(history)
+            if model.reads_item_text:
+                fitted[name] = copy.deepcopy(model).fit(history, item_text=item_text)
+            else:
+                fitted[name] = copy.deepcopy(model).fit(history)
             log.info("fitted %s in %.1fs", name, time.perf_counter() - t0)
         return fitted
 

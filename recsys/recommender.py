@@ -237,6 +237,9 @@ class Recommender(ABC):
     #: whether ``score_users`` takes ``out=``: a float32 ``[len(users), n_items]`` array to fill
     #: (without ``out``, such a model returns a fresh array, never memory it keeps)
     writes_into: bool = False
+    #: whether ``fit`` takes ``item_text=``: the text tower's ``[n_items, d]`` item vectors
+    #: (SASRec's ``text_init_std``); ``HybridPipeline.fit_cf`` passes them
+    reads_item_text: bool = False
 
     @property
     def derived_from(self) -> Recommender | None:

@@ -241,8 +241,9 @@ def log_inputs(job: Job) -> None:
 
 
 def fit_validation(job: Job, run_id: str, timings: StageTimings) -> Fitted:
-    """Fit on train: CF (``cf_fit_val``), the text tower's fine-tuning (``text_finetune``), its
-    item embeddings (``text_encode``), and the fusion ranker on the validation events (``ranker_fit``)."""
+    """Fit on train: the text tower's fine-tuning (``text_finetune``), its item embeddings
+    (``text_encode``), CF (``cf_fit_val``: after the tower, whose item vectors a CF model may
+    start from) and the fusion ranker on the validation events (``ranker_fit``)."""
     from hydra.utils import instantiate
 
     from recsys.pipeline import stage_exclusion, stage_history
@@ -254,9 +255,6 @@ def fit_validation(job: Job, run_id: str, timings: StageTimings) -> Fitted:
     cfg, data, split = job.cfg, job.data, job.split
     history = History(split.train, data.n_users, data.n_items)
     history = stage_history(history, split.val) if job.as_of else history
-    with timings.stage("cf_fit_val"):
-        cf = job.pipeline.fit_cf(history)
-
     with timings.stage("text_finetune"):
         item_ids, item_lengths = job.encoder.tokenize(data.texts)
         net = instantiate(cfg.text.net)(job.encoder)
@@ -291,11 +289,14 @@ def fit_validation(job: Job, run_id: str, timings: StageTimings) -> Fitted:
 
     with timings.stage("text_encode"):
         text = TextRecommender.from_tokens(net, item_ids, item_lengths)
-        models = {**cf, "text": text.fit(history), **derived_models(text, text.net.temperature, history)}
+        texts = {"text": text.fit(history), **derived_models(text, text.net.temperature, history)}
         zero_text = TextRecommender.from_tokens(zero_net, item_ids, item_lengths) if zero_net is not None else None
         if zs_feature:
-            models["text_zeroshot"] = zero_text.fit(history)
-        models |= nearest_features(cfg, models, history)
+            texts["text_zeroshot"] = zero_text.fit(history)
+        texts |= nearest_features(cfg, texts, history)
+    with timings.stage("cf_fit_val"):
+        cf = job.pipeline.fit_cf(history, item_text=text.item_space())
+    models = {**cf, **texts}
     with timings.stage("ranker_fit"):
         exclude = stage_exclusion(history, data.items, split.val)
         validation = LabelledStage(job.val_users, models, history, split.val, exclude)
@@ -311,7 +312,7 @@ def _earlier_stages(job: Job, text: TextRecommender, zero_text: TextRecommender 
     from recsys.recommender import derived_models
 
     def models(history: History) -> dict[str, Recommender]:
-        fitted = job.pipeline.fit_cf(history)
+        fitted = job.pipeline.fit_cf(history, item_text=text.item_space())
         tuned = TextRecommender(text.net, text.item_embeddings).fit(history)
         fitted.update(text=tuned, **derived_models(tuned, tuned.net.temperature, history))
         if zero_text is not None:
@@ -344,7 +345,7 @@ def evaluate_test(job: Job, val: Fitted, timings: StageTimings) -> Evaluated:
     with timings.stage("cf_fit_test"):
         history = val.history.extend(split.val)
         history = stage_history(history, split.test) if job.as_of else history
-        cf = job.pipeline.fit_cf(history)
+        cf = job.pipeline.fit_cf(history, item_text=val.text.item_space())
     with timings.stage("test_rank"):
         val.text.fit(history)
         models = {**cf, "text": val.text, **derived_models(val.text, val.text.net.temperature, history)}
@@ -508,7 +509,7 @@ def refit_models(pipeline, history, models: dict) -> dict:
     same order (the ranker's features follow it)."""
     from recsys.recommender import derived_bases
 
-    cf = pipeline.fit_cf(history)
+    cf = pipeline.fit_cf(history, item_text=models["text"].item_space())
     out = {}
     for name, m in models.items():
         if name in cf:

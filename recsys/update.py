@@ -449,10 +449,12 @@ def updated_pipeline(
             if not isinstance(model, SASRec):
                 raise ConfigError(f"the model's config has no SASRec model '{name}' to refit")
             models[name] = copy.deepcopy(model)
-            start = None
+            start, item_text = None, None
             if warm_iterations is not None:
                 models[name].epochs, start = warm_iterations, m
-            models[name].fit(hist, start=start)
+            elif model.reads_item_text:  # a cold fit starts from the refreshed text tower's items
+                item_text = text_parts[p.text_name].item_space()
+            models[name].fit(hist, start=start, item_text=item_text)
         elif isinstance(m, SASRec):  # the network kept; users are read from their histories when served
             models[name] = m.with_items(items.height)
         elif isinstance(m, Popularity):

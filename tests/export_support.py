@@ -68,8 +68,9 @@ def trained_run() -> TrainedRun:
         "+cf.itemknn_recent={_target_:recsys.cf.ItemKNN,neighbours:50,recency_decay:0.5}",
         "+cf.itemknn_next={_target_:recsys.cf.SequentialKNN,neighbours:50}",
         "+cf.ease={_target_:recsys.cf.EASE,regularization:10,neighbours:50,recency_decay:0.5}",
-        # a torch network served from its saved weights, and a candidate source of its own
-        "+cf.sasrec={_target_:recsys.cf.SASRec,dim:16,layers:1,epochs:3}",
+        # a torch network served from its saved weights, and a candidate source of its own; its
+        # items start from the text tower's vectors (the job fits CF after the tower)
+        "+cf.sasrec={_target_:recsys.cf.SASRec,dim:16,layers:1,epochs:3,text_init_std:0.2}",
         "+rank.n_candidates.sasrec=10",
         f"model.register_name={MODEL_NAME}",
         "model.alias=champion",

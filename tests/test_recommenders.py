@@ -15,8 +15,10 @@ import scipy.sparse as sp
 
 from recsys.cf import ALS, BPR, EASE, ItemKNN, Popularity, SASRec, SequentialKNN
 from recsys.cf.models import top_per_dense_row, top_per_row
+from recsys.cf.sasrec import text_start
 from recsys.columns import Columns
 from recsys.errors import ConfigError
+from recsys.pipeline import HybridPipeline
 from recsys.recommender import (
     BLOCK_CELLS,
     DERIVED_SOURCES,
@@ -726,6 +728,7 @@ def test_sasrec_scores_a_user_from_its_history_whatever_else_is_served(block_wor
         ({"negatives": 0}, "SASRec negatives must be a whole number >= 1 or null"),
         ({"learning_rate": 0}, "SASRec learning_rate"),
         ({"max_history": 2.5}, "SASRec max_history must be a whole number"),
+        ({"text_init_std": 0}, "SASRec text_init_std"),
     ],
 )
 def test_sasrec_bad_settings_are_refused(kwargs, match):
@@ -771,3 +774,64 @@ def test_sasrec_warm_refit_continues_from_the_given_network_over_a_grown_catalog
     assert agreement(warm) > 0.9 and agreement(warm) > agreement(cold) + 0.2, (agreement(warm), agreement(cold))
     assert warm.item_vectors.shape == (h.n_items, 16)
     assert earlier.network.items.weight.shape[0] == last_item + 1  # the start is left as it was
+
+
+def grouped_cold_history(seed: int) -> tuple[History, np.ndarray, np.ndarray]:
+    """Two item groups (0-19, 20-39) whose text says which group an item is in; each user's
+    events stay in one group, and items 15-19 and 35-39 have no events at all."""
+    rng = np.random.default_rng(seed)
+    n_items, per = 40, 20
+    cold = np.r_[15:20, 35:40]
+    group = np.arange(n_items) // per
+    users, items = [], []
+    for u in range(200):
+        pool = np.setdiff1d(np.arange(u % 2 * per, (u % 2 + 1) * per), cold)
+        users += [u] * 6
+        items += rng.choice(pool, 6, replace=False).tolist()
+    text = np.c_[3 * np.eye(2)[group], rng.normal(size=(n_items, 6))].astype(np.float32)
+    return History(events(users, items, list(range(len(users)))), 200, n_items), text, cold
+
+
+def test_sasrec_started_from_text_scores_never_seen_items_by_their_text():
+    # Items without events get no gradient but as negatives: from random embeddings a user's
+    # group tells nothing about them; started from the text, the user's own group's come first.
+    h, text, cold = grouped_cold_history(seed=0)
+
+    def own_group_first(model: SASRec) -> float:
+        s = model.score_users(np.arange(h.n_users))
+        a, b = s[:, cold[:5]].mean(1), s[:, cold[5:]].mean(1)
+        first_group = np.arange(h.n_users) % 2 == 0
+        return float((np.where(first_group, a, b) > np.where(first_group, b, a)).mean())
+
+    settings = {"dim": 16, "layers": 1, "max_history": 5, "dropout": 0.1, "epochs": 30, "seed": 0}
+    texted = SASRec(**settings, text_init_std=0.2).fit(h, item_text=text)
+    plain = SASRec(**settings).fit(h, item_text=text)  # ignored without text_init_std
+    got = own_group_first(texted), own_group_first(plain)
+    assert got[0] >= 0.95 and got[1] <= 0.7, got
+
+
+def test_sasrec_text_start_is_the_texts_top_principal_components_at_the_asked_scale():
+    rng = np.random.default_rng(0)
+    text = rng.normal(size=(300, 12)) * np.linspace(3, 0.5, 12) + 5.0
+    z = text_start(text, 4, 0.2)
+    assert z.shape == (300, 4) and z.dtype == np.float32
+    assert np.isclose(z.std(), 0.2, rtol=1e-4)
+    u = np.linalg.svd(text - text.mean(0), full_matrices=False)[0]
+    for j in range(4):  # each column is one principal component (up to sign), largest first
+        assert abs(np.corrcoef(z[:, j], u[:, j])[0, 1]) > 0.999
+    np.testing.assert_allclose(z, text_start(text[:, ::-1], 4, 0.2), atol=1e-5)  # the same items, the same start
+    wide = text_start(text[:, :3], 8, 0.2)  # narrower text: its 3 components, then random columns
+    assert np.allclose(wide[:, :3].std(), 0.2, rtol=1e-4) and wide[:, 3:].std() < 0.05
+
+
+def test_sasrec_started_from_text_needs_the_catalogues_text(block_world):
+    h = block_world.history
+    model = SASRec(dim=8, layers=1, epochs=1, text_init_std=0.2)
+    with pytest.raises(ValueError, match="needs the catalogue's item_text"):
+        model.fit(h)
+    with pytest.raises(ValueError, match=f"item_text has 3 rows for {h.n_items} items"):
+        model.fit(h, item_text=np.ones((3, 4), dtype=np.float32))
+    # The pipeline hands the text tower's item vectors to the models that read them, and only those.
+    text = np.random.default_rng(0).normal(size=(h.n_items, 4)).astype(np.float32)
+    fitted = HybridPipeline({"sasrec": model, "popularity": Popularity()}, None).fit_cf(h, item_text=text)
+    assert fitted["sasrec"].reads_item_text and not fitted["popularity"].reads_item_text

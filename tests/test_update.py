@@ -349,6 +349,30 @@ def test_fold_in_keeps_the_item_side_and_folds_the_users_in(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_cold_refit_starts_sasrec_from_the_refreshed_text_towers_item_vectors(tmp_path, monkeypatch):
+    # The champion's SASRec starts from text (text_init_std): refitted cold (no warm_iterations)
+    # over the grown catalogue, it starts from the text tower's vectors of every item, the new one's too.
+    from recsys.cf.sasrec import SASRec
+    from recsys.update import run
+
+    p = champion()
+    given = []
+    fit = SASRec.fit
+
+    def spy(self, history, start=None, item_text=None):
+        given.append((start, item_text))
+        return fit(self, history, start=start, item_text=item_text)
+
+    monkeypatch.setattr(SASRec, "fit", spy)
+    e, i = write(tmp_path, events_frame(hit_events(p, "NEW-HIT", 20, p.now + 60)), new_item("NEW-HIT"))
+    run(config(tmp_path, e, i, "warm_iterations=null"))
+    q = TrainedPipeline.load(tmp_path / "out" / "pipeline")
+    assert q.n_items == p.n_items + 1 and given and all(start is None for start, _ in given)
+    served = q.models["text"].item_space()
+    assert any(np.array_equal(text, served) for _, text in given)  # the challenger's fit (the gate's too)
+
+
+@pytest.mark.slow
 def test_texts_encoded_in_a_worker_process_are_those_encoded_in_process():
     """``python -m recsys.update`` encodes in a worker process (it has not imported transformers);
     the vectors are the in-process ones, and only the new and changed rows differ from the model's."""

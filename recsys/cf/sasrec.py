@@ -5,7 +5,10 @@ softmax over the catalogue (cross-entropy at every position of every history) ra
 paper's binary loss with one sampled negative per position (not measured here: a catalogue of a
 few thousand items affords the full softmax). So trained it is as strong a single model as ALS on
 Amazon-Scientific's validation. Unlike the item-kNN models it learns which *order* of items leads
-where, from every user's sequence at once; unlike the text tower it knows only ids.
+where, from every user's sequence at once; unlike the text tower it knows only ids, except where
+it starts: with ``text_init_std``, the item embeddings start from the text tower's item vectors
+(their top principal components), so that items with few events begin near the items their text
+resembles rather than at random, as UniSRec and Recformer start sequential models from text.
 
 The user's vector is the last position's output over their ``max_history`` most recent items,
 computed from the history alone (no per-user parameters), so a served user is scored exactly as
@@ -80,6 +83,27 @@ def _item_table(network: nn.Module) -> np.ndarray:
     return network.items.weight[1:].detach().numpy().astype(np.float32, copy=True)
 
 
+def text_start(item_text: np.ndarray, dim: int, std: float) -> np.ndarray:
+    """``[n_items, dim]`` float32: the centred text vectors on their top ``dim`` principal
+    components, scaled to standard deviation ``std`` over all entries. From the ``d x d``
+    covariance (not an SVD of the catalogue), each component's sign fixed by its largest
+    entry. Text narrower than ``dim`` fills its first ``d`` columns; the rest start as the
+    random embeddings do (normal, std 0.02, torch's stream)."""
+    import torch
+
+    x = np.asarray(item_text, dtype=np.float64)
+    x = x - x.mean(0)
+    k = min(dim, x.shape[1])
+    _, vectors = np.linalg.eigh(x.T @ x)
+    top = vectors[:, ::-1][:, :k]  # eigh sorts ascending
+    top *= np.sign(top[np.abs(top).argmax(0), np.arange(k)])
+    z = x @ top
+    z *= std / max(float(z.std()), 1e-12)
+    out = torch.empty(len(x), dim).normal_(std=0.02).numpy()
+    out[:, :k] = z
+    return out.astype(np.float32)
+
+
 def right_aligned(histories: Sequence[np.ndarray], length: int) -> np.ndarray:
     """[len(histories), length] int64: each history's last ``length`` items + 1, at the right end."""
     out = np.zeros((len(histories), length), dtype=np.int64)
@@ -105,6 +129,9 @@ class SASRec(_Saved):
         negatives: None: the full softmax over the catalogue; N: N uniformly drawn items shared
             by a batch (uniform draws need no logQ correction), for catalogues past
             ``FULL_SOFTMAX_ITEMS``.
+        text_init_std: None: item embeddings start random (normal, std 0.02); a value: they
+            start from the item text vectors ``fit`` is given (``item_text``), projected on
+            their top ``dim`` principal components and scaled to this standard deviation.
         seed: weights, batch order, dropout and negatives (same seed, same scores).
         progress: a bar over the epochs; None: when stderr is a terminal.
     """
@@ -123,7 +150,8 @@ class SASRec(_Saved):
         "batch_size",
         "negatives",
         "seed",
-    )
+    )  # not text_init_std: where a fit starts, which the saved network no longer needs (and
+    # pipelines saved before it existed still load); the run's config.yaml records it
 
     def __init__(
         self,
@@ -136,6 +164,7 @@ class SASRec(_Saved):
         learning_rate: float = 1e-3,
         batch_size: int = 128,
         negatives: int | None = None,
+        text_init_std: float | None = None,
         seed: int = 0,
         progress: bool | None = None,
     ) -> None:
@@ -148,15 +177,23 @@ class SASRec(_Saved):
         require_whole("SASRec seed", seed, low=0)
         require_number("SASRec dropout", dropout, 0, 1, high_open=True)
         require_number("SASRec learning_rate", learning_rate, 0, low_open=True)
+        require_number("SASRec text_init_std", text_init_std, 0, low_open=True, optional=True)
         if dim % heads:
             raise ConfigError(f"SASRec dim ({dim}) must be a multiple of heads ({heads})")
         self.dim, self.layers, self.heads, self.max_history = dim, layers, heads, max_history
         self.dropout, self.epochs, self.learning_rate = float(dropout), epochs, float(learning_rate)
         self.batch_size, self.negatives, self.seed, self.progress = batch_size, negatives, seed, progress
+        self.text_init_std = None if text_init_std is None else float(text_init_std)
 
-    def fit(self, history: History, start: SASRec | None = None) -> SASRec:
+    @property
+    def reads_item_text(self) -> bool:
+        return self.text_init_std is not None
+
+    def fit(self, history: History, start: SASRec | None = None, item_text: np.ndarray | None = None) -> SASRec:
         """``start``: continue from that model's network (its catalogue the first items of
-        ``history``'s; ``with_items`` grows it) for ``epochs`` instead of fresh weights."""
+        ``history``'s; ``with_items`` grows it) for ``epochs`` instead of fresh weights.
+        ``item_text``: ``[n_items, d]`` text vectors of the catalogue, where the embeddings start
+        (``text_init_std``; ignored with ``start``)."""
         import torch
         import torch.nn.functional as F
         from tqdm.auto import tqdm
@@ -167,6 +204,11 @@ class SASRec(_Saved):
                 f"SASRec's full softmax over {n_items:,} items is past {FULL_SOFTMAX_ITEMS:,}: set its "
                 "negatives (e.g. negatives=2048) to sample the catalogue instead"
             )
+        if self.reads_item_text and start is None:
+            if item_text is None:
+                raise ValueError("SASRec with text_init_std needs the catalogue's item_text vectors to fit")
+            if len(item_text) != n_items:
+                raise ValueError(f"SASRec item_text has {len(item_text)} rows for {n_items} items")
         sequences = [s for s in history.sequences if len(s) >= 2]
         data = torch.from_numpy(right_aligned(sequences, self.max_history + 1))
         inputs, targets = data[:, :-1], data[:, 1:]
@@ -176,6 +218,9 @@ class SASRec(_Saved):
             rng = np.random.default_rng(self.seed)
             if start is None:
                 self.network = net = self._build(n_items)
+                if self.reads_item_text:
+                    with torch.no_grad():
+                        net.items.weight[1:] = torch.from_numpy(text_start(item_text, self.dim, self.text_init_std))
             else:
                 self.network = net = start.with_items(n_items).network  # a copy
             opt = torch.optim.Adam(net.parameters(), lr=self.learning_rate)
