@@ -315,7 +315,10 @@ class TextRefresher:
             self.worker.submit(str(self.text_folder), self.max_length, texts)
 
     def _result(self) -> tuple[np.ndarray, np.ndarray]:
-        return self._job if self.worker is None else self.worker.result()
+        # Kept: a cold SASRec refit asks for the vectors before the job's own refresh does.
+        if self._job is None and self.worker is not None:
+            self._job = self.worker.result()
+        return self._job
 
     def base_from_config(self, pipeline, texts: list[str]) -> np.ndarray:
         """``texts`` (then the check rows') by the encoder in the model's config, checked."""
@@ -453,6 +456,8 @@ def updated_pipeline(
             if warm_iterations is not None:
                 models[name].epochs, start = warm_iterations, m
             elif model.reads_item_text:  # a cold fit starts from the refreshed text tower's items
+                if p.text_name not in text_parts:  # refitted while the texts are encoded: wait for them
+                    text_parts = {**text_parts, **texts.refresh(p, catalogue)}
                 item_text = text_parts[p.text_name].item_space()
             models[name].fit(hist, start=start, item_text=item_text)
         elif isinstance(m, SASRec):  # the network kept; users are read from their histories when served
