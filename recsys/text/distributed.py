@@ -2,7 +2,7 @@
 
 ``trainer=ddp trainer.devices=N`` trains on N processes: gloo on CPUs, NCCL (beside gloo) on GPUs.
 Only ``fine_tune`` is distributed. Rank 0 is always the process that runs the job: it loads the
-data, fits CF, holds the MLflow run, and when it reaches fine-tuning it sends the other ranks
+data, holds the MLflow run, fits CF (after fine-tuning), and when it reaches fine-tuning it sends the other ranks
 what ``fine_tune`` needs (the network, the data module, the module's and the trainer's settings)
 over the process group, then trains with them; after ``fit`` the other ranks exit and rank 0
 carries on alone. Lightning's own DDP launcher re-executes the whole command on every rank, which
