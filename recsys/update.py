@@ -315,10 +315,7 @@ class TextRefresher:
             self.worker.submit(str(self.text_folder), self.max_length, texts)
 
     def _result(self) -> tuple[np.ndarray, np.ndarray]:
-        # Kept: a cold SASRec refit asks for the vectors before the job's own refresh does.
-        if self._job is None and self.worker is not None:
-            self._job = self.worker.result()
-        return self._job
+        return self._job if self.worker is None else self.worker.result()
 
     def base_from_config(self, pipeline, texts: list[str]) -> np.ndarray:
         """``texts`` (then the check rows') by the encoder in the model's config, checked."""
@@ -456,8 +453,8 @@ def updated_pipeline(
             if warm_iterations is not None:
                 models[name].epochs, start = warm_iterations, m
             elif model.reads_item_text:  # a cold fit starts from the refreshed text tower's items
-                if p.text_name not in text_parts:  # refitted while the texts are encoded: wait for them
-                    text_parts = {**text_parts, **texts.refresh(p, catalogue)}
+                if p.text_name not in text_parts:
+                    raise ValueError(f"a cold refit of '{name}' starts from the text tower: pass its text_parts")
                 item_text = text_parts[p.text_name].item_space()
             models[name].fit(hist, start=start, item_text=item_text)
         elif isinstance(m, SASRec):  # the network kept; users are read from their histories when served
@@ -747,15 +744,21 @@ def _run(cfg: DictConfig, t_start: float, mode: str, tolerance: float, warm: int
     champion = TrainedPipeline.load(folder)
     cf = {n: instantiate(node) for n, node in config.cf.items()} if config is not None and "cf" in config else {}
     timings: dict[str, float] = {"load": time.perf_counter() - t_start}
+    # A cold refit of a model that starts from the text tower's item vectors (SASRec's
+    # text_init_std) waits for them first; otherwise CF is refitted while they are encoded.
     t0 = time.perf_counter()
-    challenger = updated_pipeline(champion, new, texts, cf, mode, catalogue, {}, warm)
-    before = updated_pipeline(champion, new_before, texts, cf, mode, catalogue, {}, warm)
+    cold_text = mode == "refit" and warm is None and any(m.reads_item_text for m in cf.values())
+    parts = texts.refresh(champion, catalogue) if texts is not None and cold_text else {}
+    waited = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    challenger = updated_pipeline(champion, new, texts, cf, mode, catalogue, parts, warm)
+    before = updated_pipeline(champion, new_before, texts, cf, mode, catalogue, parts, warm)
     timings["update"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if texts is not None:
-        parts = texts.refresh(champion, catalogue)
+        parts = parts or texts.refresh(champion, catalogue)
         challenger, before = challenger.replace(parts), before.replace(parts)
-    timings["text_wait"] = time.perf_counter() - t0
+    timings["text_wait"] = waited + time.perf_counter() - t0
     t0 = time.perf_counter()
     gate = run_gate(champion, before, new_before, holdout, int(cfg.gate.k), tolerance)
     timings["gate"] = time.perf_counter() - t0
