@@ -126,6 +126,14 @@ VARIANTS: dict[str, tuple[dict, dict, tuple[str, ...]]] = {
     # against the config's ``sasrec``: each variant the one model's feature and 30-item source.
     "sasrec_config": ({}, {}, ("score_textsasrec", "rank_textsasrec")),
     "sasrec_override": ({}, {"sasrec": 0, "textsasrec": 30}, ("score_sasrec", "rank_sasrec")),
+    "both_ff05": ({"feature_fraction": 0.5}, {}, ()),
+    "both_ff07": ({"feature_fraction": 0.7}, {}, ()),
+    "both_mcs20": ({"min_child_samples": 20}, {}, ()),
+    "both_mcs100": ({"min_child_samples": 100}, {}, ()),
+    "both_lr03": ({"learning_rate": 0.03, "n_estimators": 800, "early_stopping_rounds": 60}, {}, ()),
+    # The preset's ranker with another seed (its bags' folds and trees): the spread the ranker's
+    # own randomness leaves on one fold split.
+    **{f"both_seed{i}": ({"seed": i}, {}, ()) for i in range(1, 6)},
 }
 # Variants whose rankers learn from the validation stage alone, beside others that also learn from
 # the earlier stages of ``--label-stages N``: one run compares the two on the same users.

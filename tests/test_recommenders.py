@@ -15,7 +15,7 @@ import scipy.sparse as sp
 
 from recsys.cf import ALS, BPR, EASE, ItemKNN, Popularity, SASRec, SequentialKNN
 from recsys.cf.models import top_per_dense_row, top_per_row
-from recsys.cf.sasrec import text_start
+from recsys.cf.sasrec import right_aligned, text_start
 from recsys.columns import Columns
 from recsys.errors import ConfigError
 from recsys.pipeline import HybridPipeline
@@ -719,6 +719,39 @@ def test_sasrec_scores_a_user_from_its_history_whatever_else_is_served(block_wor
     np.testing.assert_array_equal(loaded.score_users(np.arange(len(some))), model.score_users(some))
 
 
+def test_sasrec_reads_a_batch_trimmed_of_its_left_padding_as_the_full_width_batch(block_world):
+    # Length-bucketed training trims each batch to its longest history: positions count from the
+    # right, so the newest item reads the same position embedding whatever the width.
+    import torch
+
+    model = SASRec(dim=8, layers=2, max_history=6, epochs=1, seed=0).fit(block_world.history)
+    seqs = torch.from_numpy(right_aligned([np.array([1, 2]), np.array([3, 4, 5]), np.array([6])], 6))
+    with torch.inference_mode():
+        full = model.network(seqs)[:, -3:]
+        trimmed = model.network(seqs[:, -3:])
+    real = (seqs[:, -3:] > 0).unsqueeze(-1).expand_as(full)
+    torch.testing.assert_close(trimmed[real], full[real])
+
+
+def test_sasrec_length_buckets_cover_every_sequence_once_in_batches_of_like_length():
+    lengths = np.random.default_rng(0).integers(1, 21, 203)
+    batches = SASRec(batch_size=16)._batches(lengths, np.random.default_rng(1))
+    np.testing.assert_array_equal(np.sort(np.concatenate(batches)), np.arange(203))
+    assert [len(b) for b in batches].count(16) == 12
+    # Cut from the length-sorted order: two batches share at most a boundary length.
+    spans = sorted((int(lengths[b].min()), int(lengths[b].max())) for b in batches)
+    assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:])), spans
+    # ... and served in a shuffled order, another one each epoch.
+    firsts = [int(lengths[b].min()) for b in batches]
+    assert firsts != sorted(firsts)
+    rng = np.random.default_rng(1)
+    one, two = SASRec(batch_size=16)._batches(lengths, rng), SASRec(batch_size=16)._batches(lengths, rng)
+    assert [b.tolist() for b in one] != [b.tolist() for b in two]
+    # Without buckets: random batches of every length.
+    plain = SASRec(batch_size=16, length_buckets=False)._batches(lengths, np.random.default_rng(1))
+    assert max(int(lengths[b].max()) - int(lengths[b].min()) for b in plain) > 10
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -729,6 +762,7 @@ def test_sasrec_scores_a_user_from_its_history_whatever_else_is_served(block_wor
         ({"learning_rate": 0}, "SASRec learning_rate"),
         ({"max_history": 2.5}, "SASRec max_history must be a whole number"),
         ({"text_init_std": 0}, "SASRec text_init_std"),
+        ({"length_buckets": "yes"}, "SASRec length_buckets must be true or false"),
     ],
 )
 def test_sasrec_bad_settings_are_refused(kwargs, match):
@@ -793,8 +827,9 @@ def grouped_cold_history(seed: int) -> tuple[History, np.ndarray, np.ndarray]:
 
 
 def test_sasrec_started_from_text_scores_never_seen_items_by_their_text():
-    # Items without events get no gradient but as negatives: from random embeddings a user's
-    # group tells nothing about them; started from the text, the user's own group's come first.
+    # Items without events get no gradient but as negatives: from random embeddings where they
+    # end up is chance (on some seeds a user's own group's come first, on others not); started
+    # from the text, the user's own group's come first on every seed.
     h, text, cold = grouped_cold_history(seed=0)
 
     def own_group_first(model: SASRec) -> float:
@@ -803,11 +838,13 @@ def test_sasrec_started_from_text_scores_never_seen_items_by_their_text():
         first_group = np.arange(h.n_users) % 2 == 0
         return float((np.where(first_group, a, b) > np.where(first_group, b, a)).mean())
 
-    settings = {"dim": 16, "layers": 1, "max_history": 5, "dropout": 0.1, "epochs": 30, "seed": 0}
-    texted = SASRec(**settings, text_init_std=0.2).fit(h, item_text=text)
-    plain = SASRec(**settings).fit(h, item_text=text)  # ignored without text_init_std
-    got = own_group_first(texted), own_group_first(plain)
-    assert got[0] >= 0.95 and got[1] <= 0.7, got
+    got = []
+    for seed in (0, 1, 2):
+        settings = {"dim": 16, "layers": 1, "max_history": 5, "dropout": 0.1, "epochs": 30, "seed": seed}
+        texted = SASRec(**settings, text_init_std=0.2).fit(h, item_text=text)
+        plain = SASRec(**settings).fit(h, item_text=text)  # ignored without text_init_std
+        got.append((own_group_first(texted), own_group_first(plain)))
+    assert min(t for t, _ in got) >= 0.95 and min(p for _, p in got) <= 0.7, got
 
 
 def test_sasrec_text_start_is_the_texts_top_principal_components_at_the_asked_scale():

@@ -64,7 +64,9 @@ def _network(n_items: int, dim: int, layers: int, heads: int, max_history: int, 
             """``seq``: [B, L] item index + 1, right-aligned (0 pads the left); [B, L, dim] out."""
             length = seq.shape[1]
             real = seq > 0
-            x = self.items(seq) * math.sqrt(dim) + self.positions.weight[:length]
+            # Positions count from the right (the newest item is always the last one), so a batch
+            # trimmed of its left padding reads the same embeddings as a full-width one.
+            x = self.items(seq) * math.sqrt(dim) + self.positions.weight[max_history - length :]
             x = self.dropout(x) * real.unsqueeze(-1)
             # Causal, padding hidden, and every position always sees itself: a row that could
             # attend to nothing is NaN in torch's inference path (and NaN times a zero
@@ -132,6 +134,10 @@ class SASRec(_Saved):
         text_init_std: None: item embeddings start random (normal, std 0.02); a value: they
             start from the item text vectors ``fit`` is given (``item_text``), projected on
             their top ``dim`` principal components and scaled to this standard deviation.
+        length_buckets: each epoch's batches hold sequences of like length, trimmed of their
+            common left padding (most histories are far shorter than ``max_history``), the
+            loss weighted per position as in a random batch; false: random batches at full
+            width. Amazon-Scientific: 1.9x faster, validation within noise (``bench/sasrec.py``).
         seed: weights, batch order, dropout and negatives (same seed, same scores).
         progress: a bar over the epochs; None: when stderr is a terminal.
     """
@@ -150,8 +156,9 @@ class SASRec(_Saved):
         "batch_size",
         "negatives",
         "seed",
-    )  # not text_init_std: where a fit starts, which the saved network no longer needs (and
-    # pipelines saved before it existed still load); the run's config.yaml records it
+    )  # not text_init_std or length_buckets: how a fit starts and proceeds, which the saved
+    # network no longer needs (and pipelines saved before they existed still load); the run's
+    # config.yaml records them
 
     def __init__(
         self,
@@ -165,6 +172,7 @@ class SASRec(_Saved):
         batch_size: int = 128,
         negatives: int | None = None,
         text_init_std: float | None = None,
+        length_buckets: bool = True,
         seed: int = 0,
         progress: bool | None = None,
     ) -> None:
@@ -184,6 +192,9 @@ class SASRec(_Saved):
         self.dropout, self.epochs, self.learning_rate = float(dropout), epochs, float(learning_rate)
         self.batch_size, self.negatives, self.seed, self.progress = batch_size, negatives, seed, progress
         self.text_init_std = None if text_init_std is None else float(text_init_std)
+        if not isinstance(length_buckets, bool):
+            raise ConfigError(f"SASRec length_buckets must be true or false, got {length_buckets!r}")
+        self.length_buckets = length_buckets
 
     @property
     def reads_item_text(self) -> bool:
@@ -233,23 +244,32 @@ class SASRec(_Saved):
                 disable=not show_progress(self.progress),
                 file=sys.stderr,
             )
+            lengths = (inputs > 0).sum(1).numpy()
+            # Bucketed batches hold few or many positions; the loss is summed over a batch's
+            # positions and divided by what a random batch of its rows holds on average, so every
+            # position weighs what it does in a random batch (a mean would weigh a batch of short
+            # histories' positions up to max_history times as much).
+            per_row = float(((inputs > 0) & (targets > 0)).sum()) / max(len(inputs), 1)
+            reduction = "sum" if self.length_buckets else "mean"
             for _ in bar:
-                order = rng.permutation(len(inputs))
-                for start in range(0, len(inputs), self.batch_size):
-                    rows = torch.from_numpy(order[start : start + self.batch_size])
-                    x, y = inputs[rows], targets[rows]
+                for batch in self._batches(lengths, rng):
+                    rows = torch.from_numpy(batch)
+                    width = int(lengths[batch].max()) if self.length_buckets else inputs.shape[1]
+                    x, y = inputs[rows, -width:], targets[rows, -width:]
                     predicts = (x > 0) & (y > 0)
                     h = net(x)[predicts]
                     y = y[predicts] - 1
                     table = net.items.weight[1:]
                     if self.negatives is None:
-                        loss = F.cross_entropy(h @ table.T, y)
+                        loss = F.cross_entropy(h @ table.T, y, reduction=reduction)
                     else:
                         drawn = torch.from_numpy(rng.integers(0, n_items, self.negatives))
                         logits = h @ table[drawn].T
                         logits = logits.masked_fill(drawn[None, :] == y[:, None], float("-inf"))  # hits
                         own = (h * table[y]).sum(-1, keepdim=True)
-                        loss = F.cross_entropy(torch.cat([own, logits], 1), torch.zeros_like(y))
+                        loss = F.cross_entropy(torch.cat([own, logits], 1), torch.zeros_like(y), reduction=reduction)
+                    if self.length_buckets:
+                        loss = loss / (len(batch) * per_row)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
@@ -258,6 +278,16 @@ class SASRec(_Saved):
         self.item_vectors = _item_table(net)
         self._embed(history)
         return self
+
+    def _batches(self, lengths: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+        """One epoch's batches of sequence rows. ``length_buckets``: rows of like length together
+        (a random order, stably sorted by length, cut into batches, the batches shuffled), so a
+        batch trimmed of its left padding is narrow; else random batches."""
+        order = rng.permutation(len(lengths))
+        if self.length_buckets:
+            order = order[np.argsort(lengths[order], kind="stable")]
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        return [batches[i] for i in rng.permutation(len(batches))] if self.length_buckets else batches
 
     def _build(self, n_items: int) -> nn.Module:
         return _network(n_items, self.dim, self.layers, self.heads, self.max_history, self.dropout)
