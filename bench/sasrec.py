@@ -1,6 +1,6 @@
 """SASRec's fit: length-bucketed batches against random ones, time and validation NDCG@10.
 
-    python bench/sasrec.py                                    # Amazon-Scientific, ~4 min on 2 cores
+    python bench/sasrec.py                                    # Amazon-Scientific, ~3 min on 2 cores
     python bench/sasrec.py --run outputs/<date>/ --seeds 0 1 2   # started from that run's text tower
 
 Fits ``recsys.cf.SASRec`` (the ``+experiment=scientific`` settings) on the validation stage's

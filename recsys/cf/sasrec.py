@@ -137,7 +137,7 @@ class SASRec(_Saved):
         length_buckets: each epoch's batches hold sequences of like length, trimmed of their
             common left padding (most histories are far shorter than ``max_history``), the
             loss weighted per position as in a random batch; false: random batches at full
-            width. Amazon-Scientific: 1.9x faster, validation within noise (``bench/sasrec.py``).
+            width. Amazon-Scientific: 2x faster, validation within noise (``bench/sasrec.py``).
         seed: weights, batch order, dropout and negatives (same seed, same scores).
         progress: a bar over the epochs; None: when stderr is a terminal.
     """
