@@ -273,6 +273,12 @@ class Recommender(ABC):
     @abstractmethod
     def fit(self, history: History) -> Recommender: ...
 
+    def check_catalogue(self, n_items: int) -> None:
+        """Raise a ``ConfigError`` when this model cannot be fitted on ``n_items`` items. ``fit``
+        asks it, and so do the training job and ``recsys.update`` before any long work (the text
+        tower's fine-tuning, the new items' encoding). Default: any catalogue."""
+        return None
+
     def save(self, folder: Path) -> dict[str, Any]:
         """Write this model's files into ``folder`` (which it creates) and return its entry for
         the pipeline's meta.json: ``kind`` and what ``load`` needs besides the files."""

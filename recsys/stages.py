@@ -171,6 +171,8 @@ def prepare(cfg: DictConfig, timings: StageTimings) -> Job:
         if freeze := cfg.text.module.get("freeze_layers"):  # the layer count, known now (encoder.num_layers)
             check_freeze_layers(freeze, len(encoder.bert.encoder.layer))
         cf = {name: instantiate(node) for name, node in cfg.cf.items()}
+        for model in cf.values():  # a catalogue a model cannot fit is refused before the tower trains
+            model.check_catalogue(data.n_items)
         ranker = instantiate(cfg.ranker)
         fusion = FusionStage(
             dict(cfg.rank.n_candidates),

@@ -731,18 +731,21 @@ def _run(cfg: DictConfig, t_start: float, mode: str, tolerance: float, warm: int
         why = f": all {held} event(s) are already in the model (was this update applied before?)" if held else ""
         raise InputError(f"no new events{why}: nothing to update", file=files.interactions_path)
     new_before, holdout = holdout_split(new, float(cfg.gate.holdout))
+    catalogue = merge_items(tables.items, new.items)
+    saved = read_json_object(folder / "meta.json")["models"]
+    cf = {n: instantiate(node) for n, node in config.cf.items()} if config is not None and "cf" in config else {}
+    if mode == "refit":  # a grown catalogue a refitted model cannot fit is refused before any encoding
+        for refitted in sorted(saved.keys() & cf.keys()):
+            cf[refitted].check_catalogue(catalogue.items.height)
     # The new and changed texts are encoded (in a worker) while the model is loaded and CF is
     # refitted, for the challenger and for the gate's challenger without the holdout.
-    catalogue = merge_items(tables.items, new.items)
     texts = None
-    saved = read_json_object(folder / "meta.json")["models"]
     if text := next((n for n, m in saved.items() if m.get("bert")), None):
         texts = TextRefresher(folder, text, int(saved[text]["bert"]["max_length"]), config, worker)
         texts.start(catalogue, tables.n_items)
     elif worker is not None:
         worker.close()
     champion = TrainedPipeline.load(folder)
-    cf = {n: instantiate(node) for n, node in config.cf.items()} if config is not None and "cf" in config else {}
     timings: dict[str, float] = {"load": time.perf_counter() - t_start}
     # A cold refit of a model that starts from the text tower's item vectors (SASRec's
     # text_init_std) waits for them first; otherwise CF is refitted while they are encoded.

@@ -358,6 +358,18 @@ def test_cli_refuses_a_job_that_will_not_fit_before_training(tmp_path):
 
 
 @pytest.mark.slow
+def test_cli_refuses_a_catalogue_a_cf_model_cannot_fit_before_training(tmp_path):
+    """EASE past its max_items is named as the job starts, not after the text tower's fine-tuning."""
+    from reliability_support import run_cli
+
+    proc = run_cli(tmp_path, "out", "+experiment=smoke", "+cf.ease={_target_:recsys.cf.EASE,max_items:10}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert re.search(r"error: EASE inverts a dense items x items matrix: [\d,]+ items .* max_items \(10\)", proc.stderr)
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("command", "min_events"), [(TRAIN_10X, 300_000), (TRAIN_100X, 3_000_000)], ids=["10x", "100x"]
 )

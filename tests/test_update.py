@@ -373,6 +373,20 @@ def test_a_cold_refit_starts_sasrec_from_the_refreshed_text_towers_item_vectors(
 
 
 @pytest.mark.slow
+def test_a_grown_catalogue_a_refitted_model_cannot_fit_is_refused_before_any_encoding(tmp_path, monkeypatch):
+    from recsys.errors import ConfigError
+    from recsys.update import TextRefresher, run
+
+    p = champion()
+    monkeypatch.setattr("recsys.cf.sasrec.FULL_SOFTMAX_ITEMS", p.n_items)  # the one new item is too many
+    monkeypatch.setattr(TextRefresher, "start", lambda *a: pytest.fail("new texts encoded before the check"))
+    e, i = write(tmp_path, events_frame(hit_events(p, "NEW-HIT", 20, p.now + 60)), new_item("NEW-HIT"))
+    with pytest.raises(ConfigError, match=rf"full softmax over {p.n_items + 1:,} items is past {p.n_items:,}"):
+        run(config(tmp_path, e, i))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.slow
 def test_texts_encoded_in_a_worker_process_are_those_encoded_in_process():
     """``python -m recsys.update`` encodes in a worker process (it has not imported transformers);
     the vectors are the in-process ones, and only the new and changed rows differ from the model's."""

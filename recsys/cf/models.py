@@ -352,16 +352,19 @@ class EASE(ItemKNN):
         super().__init__(neighbours=neighbours, binary=True, recency_decay=recency_decay)
         self.regularization, self.max_items = float(regularization), max_items
 
-    def fit(self, history: History) -> EASE:
-        import scipy.linalg
-
-        n = history.n_items
+    def check_catalogue(self, n_items: int) -> None:
+        n = n_items
         if n > self.max_items:  # a ConfigError: one line and exit 2, before the inversion
             raise ConfigError(
                 f"EASE inverts a dense items x items matrix: {n:,} items need about {8 * n * n / 1e9:.1f} GB "
                 f"and {2 * n**3:.1e} flops, past its max_items ({self.max_items:,}); drop it from cf for this "
                 "catalogue (item-kNN scales) or raise max_items if the machine holds it"
             )
+
+    def fit(self, history: History) -> EASE:
+        import scipy.linalg
+
+        self.check_catalogue(history.n_items)
         x = history.matrix.copy()
         x.data[:] = 1.0
         gram = (x.T @ x).toarray().astype(np.float64)

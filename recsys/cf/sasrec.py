@@ -200,6 +200,13 @@ class SASRec(_Saved):
     def reads_item_text(self) -> bool:
         return self.text_init_std is not None
 
+    def check_catalogue(self, n_items: int) -> None:
+        if self.negatives is None and n_items > FULL_SOFTMAX_ITEMS:
+            raise ConfigError(
+                f"SASRec's full softmax over {n_items:,} items is past {FULL_SOFTMAX_ITEMS:,}: set its "
+                "negatives (e.g. negatives=2048) to sample the catalogue instead"
+            )
+
     def fit(self, history: History, start: SASRec | None = None, item_text: np.ndarray | None = None) -> SASRec:
         """``start``: continue from that model's network (its catalogue the first items of
         ``history``'s; ``with_items`` grows it) for ``epochs`` instead of fresh weights.
@@ -210,11 +217,7 @@ class SASRec(_Saved):
         from tqdm.auto import tqdm
 
         n_items = history.n_items
-        if self.negatives is None and n_items > FULL_SOFTMAX_ITEMS:
-            raise ConfigError(
-                f"SASRec's full softmax over {n_items:,} items is past {FULL_SOFTMAX_ITEMS:,}: set its "
-                "negatives (e.g. negatives=2048) to sample the catalogue instead"
-            )
+        self.check_catalogue(n_items)
         if self.reads_item_text and start is None:
             if item_text is None:
                 raise ValueError("SASRec with text_init_std needs the catalogue's item_text vectors to fit")
