@@ -30,6 +30,17 @@ from recsys.recommender import History
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
+def load_stage(experiment: str, model: str, overrides: list[str]):
+    """The experiment's config (which must hold ``cf.<model>``), data and split, as the job reads
+    them; ``bench/sasrec_new_items.py`` starts here too."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"+experiment={experiment}", *overrides])
+    if model not in cfg.cf:
+        raise SystemExit(f"--model: the experiment has no cf.{model}; it has {', '.join(cfg.cf)}")
+    data = instantiate(cfg.data).load()
+    return cfg, data, instantiate(cfg.split).split(data.interactions)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--experiment", default="scientific")
@@ -38,12 +49,7 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--overrides", nargs="*", default=[])
     args = ap.parse_args()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[f"+experiment={args.experiment}", *args.overrides])
-    if args.model not in cfg.cf:
-        raise SystemExit(f"--model: the experiment has no cf.{args.model}; it has {', '.join(cfg.cf)}")
-    data = instantiate(cfg.data).load()
-    split = instantiate(cfg.split).split(data.interactions)
+    cfg, data, split = load_stage(args.experiment, args.model, args.overrides)
     history = History(split.train, data.n_users, data.n_items)
     users = split.val[Columns.UserIdx].unique().sort().to_numpy()
     exclude = stage_exclusion(history, data.items, split.val)

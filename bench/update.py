@@ -174,7 +174,9 @@ def main() -> None:
         (work / "train.json").write_text(json.dumps(result["train"]))
     else:
         result["train"] = json.loads((work / "train.json").read_text())
-    champion = client.get_model_version_by_alias("recsys", "champion")
+    # The training's version: the first registered in this fresh store (an update the gate promoted
+    # holds the @champion alias since, and holds the new events already).
+    champion = min(client.search_model_versions("name='recsys'"), key=lambda v: int(v.version))
     run = client.get_run(champion.run_id)
     for key in ("ndcg_at_10", "recall_at_10"):
         result["train"][f"test_fused_{key}"] = run.data.metrics.get(f"test/fused/{key}")

@@ -418,6 +418,10 @@ def updated_pipeline(
     )
     hist = History(history, len(users), items.height)
     models = dict(text_parts)
+    # The refreshed tower's item vectors: where SASRec places the items its network never saw
+    # (with_items), and where a cold refit of one that starts from text starts.
+    tower = text_parts.get(p.text_name) if p.text_name is not None else None
+    text_vectors = tower.item_space() if tower is not None else None
     for name, m in p.models.items():
         model = cf.get(name)
         if isinstance(m, ALS | BPR) and mode == "refit":
@@ -449,16 +453,14 @@ def updated_pipeline(
             if not isinstance(model, SASRec):
                 raise ConfigError(f"the model's config has no SASRec model '{name}' to refit")
             models[name] = copy.deepcopy(model)
-            start, item_text = None, None
+            start = None
             if warm_iterations is not None:
                 models[name].epochs, start = warm_iterations, m
-            elif model.reads_item_text:  # a cold fit starts from the refreshed text tower's items
-                if p.text_name not in text_parts:
-                    raise ValueError(f"a cold refit of '{name}' starts from the text tower: pass its text_parts")
-                item_text = text_parts[p.text_name].item_space()
-            models[name].fit(hist, start=start, item_text=item_text)
+            elif model.reads_item_text and text_vectors is None:  # a cold fit starts from the tower's items
+                raise ValueError(f"a cold refit of '{name}' starts from the text tower: pass its text_parts")
+            models[name].fit(hist, start=start, item_text=text_vectors)
         elif isinstance(m, SASRec):  # the network kept; users are read from their histories when served
-            models[name] = m.with_items(items.height)
+            models[name] = m.with_items(items.height, text_vectors)
         elif isinstance(m, Popularity):
             models[name] = copy.deepcopy(model if isinstance(model, Popularity) else Popularity()).fit(hist)
     return p.replace(models, items=items, users=users, history=history, now=int(history[Columns.Timestamp].max()))
@@ -748,10 +750,12 @@ def _run(cfg: DictConfig, t_start: float, mode: str, tolerance: float, warm: int
     champion = TrainedPipeline.load(folder)
     timings: dict[str, float] = {"load": time.perf_counter() - t_start}
     # A cold refit of a model that starts from the text tower's item vectors (SASRec's
-    # text_init_std) waits for them first; otherwise CF is refitted while they are encoded.
+    # text_init_std) waits for them first, and so does a SASRec that new items join (it places
+    # them by their text); otherwise CF is refitted while they are encoded.
     t0 = time.perf_counter()
     cold_text = mode == "refit" and warm is None and any(m.reads_item_text for m in cf.values())
-    parts = texts.refresh(champion, catalogue) if texts is not None and cold_text else {}
+    grown_sasrec = catalogue.items.height > tables.n_items and any(m.get("kind") == "SASRec" for m in saved.values())
+    parts = texts.refresh(champion, catalogue) if texts is not None and (cold_text or grown_sasrec) else {}
     waited = time.perf_counter() - t0
     t0 = time.perf_counter()
     challenger = updated_pipeline(champion, new, texts, cf, mode, catalogue, parts, warm)

@@ -847,6 +847,32 @@ def test_sasrec_started_from_text_scores_never_seen_items_by_their_text():
     assert min(t for t, _ in got) >= 0.95 and min(p for _, p in got) <= 0.7, got
 
 
+def test_sasrec_places_items_its_network_never_saw_by_their_text():
+    # Items 15-19 and 35-39 join after the fit (renumbered last, as an update appends them): by
+    # their text, each user ranks their own group's new items first; at the mean vector all tie.
+    h, text, cold = grouped_cold_history(seed=0)
+    order = np.r_[np.setdiff1d(np.arange(h.n_items), cold), cold]  # new index -> old index
+    index = np.argsort(order)
+    df = h.interactions.with_columns(pl.Series(Columns.ItemIdx, index[h.interactions[Columns.ItemIdx].to_numpy()]))
+    known = h.n_items - len(cold)
+    before, after = History(df, h.n_users, known), History(df, h.n_users, h.n_items)
+    model = SASRec(dim=16, layers=1, max_history=5, dropout=0.1, epochs=30, seed=0).fit(before)
+    users = np.arange(h.n_users)
+
+    def own_group_first(grown: SASRec) -> float:
+        s = grown.for_users(after, users).score_users(users)
+        a, b = s[:, known : known + 5].mean(1), s[:, known + 5 :].mean(1)  # the new items of group 0, of 1
+        first_group = users % 2 == 0
+        return float((np.where(first_group, a, b) > np.where(first_group, b, a)).mean())
+
+    by_text = model.with_items(h.n_items, text[order])
+    assert own_group_first(by_text) >= 0.95
+    assert own_group_first(model.with_items(h.n_items)) == 0.0  # tied: no group first
+    np.testing.assert_array_equal(by_text.item_vectors[:known], model.item_vectors)  # known items kept
+    with pytest.raises(ValueError, match="item_text has 39 rows for 40 items"):
+        model.with_items(h.n_items, text[:39])
+
+
 def test_sasrec_text_start_is_the_texts_top_principal_components_at_the_asked_scale():
     rng = np.random.default_rng(0)
     text = rng.normal(size=(300, 12)) * np.linspace(3, 0.5, 12) + 5.0

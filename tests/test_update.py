@@ -387,6 +387,28 @@ def test_a_grown_catalogue_a_refitted_model_cannot_fit_is_refused_before_any_enc
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["cf_mode=fold_in", "warm_iterations=1"])
+def test_sasrec_places_a_new_item_by_its_refreshed_text(tmp_path, mode):
+    # Kept (fold_in) or continued from (a warm refit), the network gets the new item from the
+    # text projection of the refreshed tower's vectors, not the mean item vector.
+    from recsys.cf.sasrec import SASRec
+    from recsys.update import run
+
+    p = champion()
+    e, i = write(tmp_path, events_frame(hit_events(p, "NEW-HIT", 20, p.now + 60)), new_item("NEW-HIT"))
+    run(config(tmp_path, e, i, mode))
+    q = TrainedPipeline.load(tmp_path / "out" / "pipeline")
+    name = next(n for n, m in p.models.items() if isinstance(m, SASRec))
+    placed = p.models[name].with_items(q.n_items, q.models["text"].item_space())
+    mean = p.models[name].with_items(q.n_items)
+    if mode == "cf_mode=fold_in":  # the network kept as placed
+        np.testing.assert_allclose(q.models[name].item_vectors, placed.item_vectors, rtol=1e-6)
+    else:  # one epoch on from there: nearer the placed start than the mean one
+        got = q.models[name].item_vectors[-1]
+        assert np.linalg.norm(got - placed.item_vectors[-1]) < np.linalg.norm(got - mean.item_vectors[-1])
+
+
+@pytest.mark.slow
 def test_texts_encoded_in_a_worker_process_are_those_encoded_in_process():
     """``python -m recsys.update`` encodes in a worker process (it has not imported transformers);
     the vectors are the in-process ones, and only the new and changed rows differ from the model's."""

@@ -40,6 +40,12 @@ if TYPE_CHECKING:
 #: of their gradients. Larger catalogues must sample (``negatives``).
 FULL_SOFTMAX_ITEMS = 50_000
 
+#: the ridge penalty of the map from text vectors to trained item vectors that places items a
+#: network never saw (``with_items``). Chosen on Amazon-Scientific's validation with 5 % of the
+#: items held out as new (``bench/sasrec_new_items.py``): ridge 0.1 / 1 / 10 / 100 gave NDCG@10 0.0916 /
+#: 0.0914 / 0.0902 / 0.0897 against 0.0895 for the mean item vector.
+TEXT_RIDGE = 0.1
+
 
 def _network(n_items: int, dim: int, layers: int, heads: int, max_history: int, dropout: float) -> nn.Module:
     """The transformer, built here so that torch is imported only by a pipeline that has one."""
@@ -104,6 +110,20 @@ def text_start(item_text: np.ndarray, dim: int, std: float) -> np.ndarray:
     out = torch.empty(len(x), dim).normal_(std=0.02).numpy()
     out[:, :k] = z
     return out.astype(np.float32)
+
+
+def text_projection(
+    known_text: np.ndarray, vectors: np.ndarray, new_text: np.ndarray, ridge: float = TEXT_RIDGE
+) -> np.ndarray:
+    """``[len(new_text), dim]`` float32: the ridge regression of ``vectors`` (the trained items')
+    on their text vectors ``known_text``, with intercept, applied to ``new_text``: where an item
+    the network never saw would sit, judged by its text."""
+    x = np.asarray(known_text, dtype=np.float64)
+    y = np.asarray(vectors, dtype=np.float64)
+    mx, my = x.mean(0), y.mean(0)
+    xc = x - mx
+    weights = np.linalg.solve(xc.T @ xc + ridge * np.eye(x.shape[1]), xc.T @ (y - my))
+    return ((np.asarray(new_text, dtype=np.float64) - mx) @ weights + my).astype(np.float32)
 
 
 def right_aligned(histories: Sequence[np.ndarray], length: int) -> np.ndarray:
@@ -211,7 +231,8 @@ class SASRec(_Saved):
         """``start``: continue from that model's network (its catalogue the first items of
         ``history``'s; ``with_items`` grows it) for ``epochs`` instead of fresh weights.
         ``item_text``: ``[n_items, d]`` text vectors of the catalogue, where the embeddings start
-        (``text_init_std``; ignored with ``start``)."""
+        (``text_init_std``); with ``start``, where the items its network never saw start
+        (``with_items``)."""
         import torch
         import torch.nn.functional as F
         from tqdm.auto import tqdm
@@ -236,7 +257,7 @@ class SASRec(_Saved):
                     with torch.no_grad():
                         net.items.weight[1:] = torch.from_numpy(text_start(item_text, self.dim, self.text_init_std))
             else:
-                self.network = net = start.with_items(n_items).network  # a copy
+                self.network = net = start.with_items(n_items, item_text).network  # a copy
             opt = torch.optim.Adam(net.parameters(), lr=self.learning_rate)
             net.train()
             bar = tqdm(
@@ -319,18 +340,29 @@ class SASRec(_Saved):
         out._embed(history)
         return out
 
-    def with_items(self, n_items: int) -> SASRec:
-        """This network over a catalogue grown to ``n_items`` (an update that keeps the model,
-        ``cf_mode=fold_in``): an item it never saw gets the mean of the trained item vectors,
-        as input and as output, so it scores as an average item rather than as a random one."""
+    def with_items(self, n_items: int, item_text: np.ndarray | None = None, ridge: float = TEXT_RIDGE) -> SASRec:
+        """This network over a catalogue grown to ``n_items`` (an update: ``cf_mode=fold_in``
+        keeps it, a warm refit continues from it). An item it never saw gets, as input and as
+        output, the projection of its text onto the trained item vectors (``text_projection``)
+        when ``item_text`` (``[n_items, d]``, the grown catalogue's text vectors) is given, so that
+        it scores as the items its text resembles; else the mean trained item vector, so that it
+        scores as an average item rather than as a random one. ``ridge``: the projection's
+        penalty."""
         import torch
 
         old = self.network.items.weight.detach()
-        if n_items < len(old) - 1:
-            raise ValueError(f"SASRec cannot shrink its catalogue from {len(old) - 1} to {n_items} items")
+        known = len(old) - 1
+        if n_items < known:
+            raise ValueError(f"SASRec cannot shrink its catalogue from {known} to {n_items} items")
+        if item_text is not None and len(item_text) != n_items:
+            raise ValueError(f"SASRec item_text has {len(item_text)} rows for {n_items} items")
         out = copy.copy(self)
         out.network = copy.deepcopy(self.network)
-        table = torch.cat([old, old[1:].mean(0, keepdim=True).expand(n_items + 1 - len(old), -1)])
+        if item_text is not None and n_items > known:
+            fresh = torch.from_numpy(text_projection(item_text[:known], old[1:].numpy(), item_text[known:], ridge))
+        else:
+            fresh = old[1:].mean(0, keepdim=True).expand(n_items - known, -1)
+        table = torch.cat([old, fresh])
         out.network.items = torch.nn.Embedding.from_pretrained(table.clone(), freeze=False, padding_idx=0)
         out.item_vectors = _item_table(out.network)
         return out
