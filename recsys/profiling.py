@@ -133,6 +133,8 @@ class StageTimings(dict):
 # Amazon-Scientific's job (1.86 GB), and rounded up: they say 1.78, 3.63, 11.93, 8.68 and 2.16 GB
 # there, 6-16 % high. The peak is ranker training at 1x and 10x, the evaluation at 100x with every
 # user, the model save (CF refit on every event, each saved pipeline loaded back once) on the sample.
+# A CF fit that holds much beyond the data (``Recommender.fit_memory_gb``: SASRec's full softmax,
+# EASE's dense matrix) peaks before any candidate row exists: the estimate is the larger moment.
 BASE_GB = 1.0
 BYTES_PER_CANDIDATE_ROW = 600
 BYTES_PER_EVALUATED_USER = 13_000
@@ -141,23 +143,29 @@ BYTES_PER_ITEM = 7000
 
 
 def estimate_peak_gb(
-    n_events: int, n_items: int, ranker_users: int, eval_users: int, candidates_per_user: int
+    n_events: int,
+    n_items: int,
+    ranker_users: int,
+    eval_users: int,
+    candidates_per_user: int,
+    cf_fit_gb: float = 0.0,
 ) -> float:
     """Estimated peak resident memory (GB) of ``recsys.train`` from its row counts.
 
     The ranker holds the candidate rows of its ``ranker_users`` while it trains; the test stage
-    builds the ``eval_users``' candidates a block at a time and keeps their lists.
+    builds the ``eval_users``' candidates a block at a time and keeps their lists. ``cf_fit_gb``:
+    what the hungriest CF fit holds beyond the data (``Recommender.fit_memory_gb``: SASRec's
+    logits, EASE's dense matrix), on top of what the job holds while CF is fitted (the data,
+    before any candidate row): the peak is the larger of the two moments.
 
     >>> round(estimate_peak_gb(42_000, 1_500, 6_000, 3_000, 190), 2)
     1.78
+    >>> round(estimate_peak_gb(42_000, 1_500, 6_000, 3_000, 190, cf_fit_gb=2.0), 2)
+    3.05
     """
-    extra = (
-        ranker_users * candidates_per_user * BYTES_PER_CANDIDATE_ROW
-        + eval_users * BYTES_PER_EVALUATED_USER
-        + n_events * BYTES_PER_EVENT
-        + n_items * BYTES_PER_ITEM
-    )
-    return BASE_GB + extra / 1e9
+    data = n_events * BYTES_PER_EVENT + n_items * BYTES_PER_ITEM
+    rows = ranker_users * candidates_per_user * BYTES_PER_CANDIDATE_ROW + eval_users * BYTES_PER_EVALUATED_USER
+    return BASE_GB + max(data + rows, data + cf_fit_gb * 1e9) / 1e9
 
 
 def memory_limit_gb() -> float | None:
@@ -184,18 +192,25 @@ def check_memory(
     eval_users: int,
     candidates_per_user: int,
     limit_gb: float | None = None,
+    cf_fit: tuple[str, float] | None = None,
 ) -> float:
     """The estimated peak (GB); an ``InputError`` before any training when it exceeds ``limit_gb``
-    (default: ``memory_limit_gb()``), naming the counts and the settings that lower it."""
+    (default: ``memory_limit_gb()``), naming the counts and the settings that lower it.
+    ``cf_fit``: the CF model whose fit holds the most beyond the data, and how much (GB)."""
     require_number("memory_limit_gb", limit_gb, 0, low_open=True, optional=True)
-    need = estimate_peak_gb(n_events, n_items, ranker_users, eval_users, candidates_per_user)
+    fit_name, fit_gb = cf_fit or ("", 0.0)
+    need = estimate_peak_gb(n_events, n_items, ranker_users, eval_users, candidates_per_user, fit_gb)
     limit = memory_limit_gb() if limit_gb is None else limit_gb
     if limit is not None and need > limit:
+        rows = estimate_peak_gb(n_events, n_items, ranker_users, eval_users, candidates_per_user)
+        if rows >= need:
+            lower = "Lower rank.max_train_users, eval.max_users or rank.n_candidates"
+        else:  # the CF fit is the peak
+            lower = f"Fitting cf.{fit_name} alone holds about {fit_gb:.1f} GB: drop it or make it smaller"
         raise InputError(
             f"the job needs about {need:.1f} GB of memory and the limit is {limit:.1f} GB "
             f"({n_events:,} events, {n_items:,} items, ranker trained on {ranker_users:,} users and "
             f"{eval_users:,} users evaluated, {candidates_per_user} candidates each; estimate: "
-            "recsys/profiling.py). Lower rank.max_train_users, eval.max_users or rank.n_candidates, "
-            "or raise memory_limit_gb on a larger machine"
+            f"recsys/profiling.py). {lower}, or raise memory_limit_gb on a larger machine"
         )
     return need

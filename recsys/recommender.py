@@ -279,6 +279,13 @@ class Recommender(ABC):
         tower's fine-tuning, the new items' encoding). Default: any catalogue."""
         return None
 
+    def fit_memory_gb(self, n_items: int) -> float:
+        """The memory (GB) this model's fit holds, beyond the data, while it runs on ``n_items``
+        items: the job's estimate (``recsys.profiling.estimate_peak_gb``) adds the largest to what
+        it holds while CF is fitted. Default: none worth counting (the per-event and per-item
+        costs of the estimate cover ALS, BPR and the item-kNNs)."""
+        return 0.0
+
     def save(self, folder: Path) -> dict[str, Any]:
         """Write this model's files into ``folder`` (which it creates) and return its entry for
         the pipeline's meta.json: ``kind`` and what ``load`` needs besides the files."""

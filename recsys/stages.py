@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -91,10 +91,17 @@ class Evaluated:
     impression_scores: pl.DataFrame | None
 
 
-def job_memory(cfg: DictConfig, n_events: int, n_items: int, val_users: int, test_users: int) -> float:
+def job_memory(
+    cfg: DictConfig,
+    n_events: int,
+    n_items: int,
+    val_users: int,
+    test_users: int,
+    cf: Mapping[str, Recommender] | None = None,
+) -> float:
     """The job's estimated peak memory (GB, ``recsys.profiling.check_memory``), which refuses a
     job that will not fit; the ranker learns from each labelled stage's users (about as many as
-    validation has), up to its cap."""
+    validation has), up to its cap; of the ``cf`` models, the one whose fit holds the most."""
     from recsys.profiling import check_memory
 
     rank = cfg.rank
@@ -102,7 +109,9 @@ def job_memory(cfg: DictConfig, n_events: int, n_items: int, val_users: int, tes
     ranker_users = min(val_users, rank.get("max_train_users") or val_users)
     ranker_users += (stages - 1) * min(val_users, rank.get("max_earlier_users") or val_users)
     cands = sum(rank.n_candidates.values())
-    return check_memory(n_events, n_items, ranker_users, test_users, cands, cfg.get("memory_limit_gb"))
+    fits = [(name, model.fit_memory_gb(n_items)) for name, model in (cf or {}).items()]
+    cf_fit = max(fits, key=lambda f: f[1], default=None)
+    return check_memory(n_events, n_items, ranker_users, test_users, cands, cfg.get("memory_limit_gb"), cf_fit)
 
 
 # The run folder's subfolders ``deploy`` saves pipelines to: the served one, and with
@@ -191,7 +200,7 @@ def prepare(cfg: DictConfig, timings: StageTimings) -> Job:
         # eval.max_users: past that many test users, every model is evaluated on a seeded sample.
         eval_split, eval_users, all_test_users = sample_test_users(split, cfg.eval.get("max_users"), cfg.seed)
         test_users = stage_users(eval_split.test, "test")
-        need_gb = job_memory(cfg, data.interactions.height, data.n_items, len(val_users), len(test_users))
+        need_gb = job_memory(cfg, data.interactions.height, data.n_items, len(val_users), len(test_users), cf)
         pipeline = HybridPipeline(cf, fusion, ks=list(cfg.eval.ks), max_k=cfg.eval.max_k)
         tracker = instantiate(cfg.logger)
     for name, k in (("export.k", cfg.export.k), ("eval.max_k", cfg.eval.max_k)):

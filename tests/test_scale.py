@@ -347,6 +347,32 @@ def test_memory_estimate_grows_with_the_rows_and_refuses_what_does_not_fit():
         check_memory(1, 1, 1, 1, 1, limit_gb=0)
 
 
+def test_memory_estimate_counts_the_hungriest_cf_fit_where_it_outgrows_the_ranker():
+    from omegaconf import OmegaConf
+
+    from recsys.cf import ALS, EASE, SASRec
+    from recsys.errors import InputError
+    from recsys.profiling import estimate_peak_gb
+    from recsys.stages import job_memory
+
+    # SASRec's full softmax grows with the catalogue, its sampled one does not; EASE squares it.
+    assert SASRec().fit_memory_gb(50_000) > 5 * SASRec().fit_memory_gb(1_000) > 0
+    assert SASRec(negatives=2048).fit_memory_gb(500_000) == SASRec(negatives=2048).fit_memory_gb(5_000)
+    assert EASE().fit_memory_gb(20_000) == pytest.approx(4 * EASE().fit_memory_gb(10_000))
+    assert ALS().fit_memory_gb(10**6) == 0.0  # the per-event and per-item costs hold it
+    # The fit comes before any candidate row: the peak is the larger moment, not their sum.
+    rows = estimate_peak_gb(42_000, 1_500, 3_000, 3_000, 170)
+    assert estimate_peak_gb(42_000, 1_500, 3_000, 3_000, 170, cf_fit_gb=0.1) == rows
+    assert estimate_peak_gb(42_000, 1_500, 3_000, 3_000, 170, cf_fit_gb=5.0) > rows + 4
+    cfg = OmegaConf.create({"rank": {"label_stages": 1, "n_candidates": {"als": 100}}, "memory_limit_gb": 3})
+    cf = {"als": ALS(), "sasrec": SASRec(), "ease": EASE(max_items=10**6)}
+    assert job_memory(cfg, 42_000, 1_500, 3_000, 3_000, {"als": ALS(), "sasrec": SASRec()}) < 3
+    with pytest.raises(InputError, match=r"limit is 3\.0 GB .* Fitting cf\.sasrec alone holds about 2\.\d GB"):
+        job_memory(cfg, 42_000, 60_000, 3_000, 3_000, {"als": ALS(), "sasrec": SASRec()})
+    with pytest.raises(InputError, match=r"Fitting cf\.ease alone holds about 43\.\d GB"):
+        job_memory(cfg, 42_000, 60_000, 3_000, 3_000, cf)
+
+
 @pytest.mark.slow
 def test_cli_refuses_a_job_that_will_not_fit_before_training(tmp_path):
     from reliability_support import run_cli

@@ -361,6 +361,11 @@ class EASE(ItemKNN):
                 "catalogue (item-kNN scales) or raise max_items if the machine holds it"
             )
 
+    def fit_memory_gb(self, n_items: int) -> float:
+        # The dense Gram matrix in float64, inverted in place, and its float32 source: 12 bytes an
+        # entry (measured: 0.25 / 0.76 GB at 4,000 / 8,000 items, 20,000 users).
+        return 12 * n_items**2 / 1e9
+
     def fit(self, history: History) -> EASE:
         import scipy.linalg
 
