@@ -258,7 +258,7 @@ def main() -> None:
     validation = LabelledStage(users, stage_models(cfg, pipeline, history), history, split.val, val_exclude)
     earlier = list(
         earlier_labelled_stages(
-            split.train, n_stages - 1, data, cfg.eval.as_of_cut, lambda h: stage_models(cfg, pipeline, h)
+            split.train, n_stages - 1, data, cfg.eval.as_of_cut, lambda h, _: stage_models(cfg, pipeline, h)
         )
     )
     print(f"setup {time.perf_counter() - t0:.0f} s; {len(users)} validation users in two halves\n")

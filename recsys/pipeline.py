@@ -178,16 +178,16 @@ def earlier_labelled_stages(
     n: int,
     data: Dataset,
     as_of: bool,
-    models: Callable[[History], Mapping[str, Recommender]],
+    models: Callable[[History, pl.DataFrame], Mapping[str, Recommender]],
 ) -> Iterator[LabelledStage]:
     """The ``n`` stages of ``earlier_stages`` as the ranker learns from them, built one at a time
     (a stage's models are fitted only when it is reached): each stage's history (with every
-    user's cut when ``as_of``, as ``stage_history``), ``models(history)`` and its exclusions. The
+    user's cut when ``as_of``, as ``stage_history``), ``models(history, targets)`` and its exclusions. The
     training job and ``bench/fusion_sweep.py`` both build them here."""
     for events, targets in earlier_stages(train, n):
         history = History(events, data.n_users, data.n_items)
         history = stage_history(history, targets) if as_of else history
-        fitted = models(history)
+        fitted = models(history, targets)
         users = targets[Columns.UserIdx].unique().sort().to_numpy()
         yield LabelledStage(users, fitted, history, targets, stage_exclusion(history, data.items, targets))
 

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from recsys.columns import Columns
 from recsys.data.dataset import Dataset, listing_times
 from recsys.data.split import Split
+from recsys.errors import ConfigError
 from recsys.pipeline import FusionStage, HybridPipeline, LabelledStage, StageResult
 from recsys.profiling import StageTimings
 from recsys.recommender import History, Recommender
@@ -272,6 +273,8 @@ def fit_validation(job: Job, run_id: str, timings: StageTimings) -> Fitted:
         # rank.text_zeroshot_feature: the untouched tower is a ranker feature too, beside the tuned one.
         zs_feature = bool(cfg.rank.get("text_zeroshot_feature", False))
         zero_net = zero_shot_copy(net) if cfg.eval.zeroshot or zs_feature else None
+        # rank.earlier_towers: each earlier labelled stage fine-tunes its own tower from this start.
+        earlier_start = zero_shot_copy(net) if job.fusion.label_stages > 1 and earlier_towers(cfg) else None
         listed = listing_times(data.items)
         datamodule = instantiate(cfg.text.data)(
             item_ids=item_ids,
@@ -311,20 +314,74 @@ def fit_validation(job: Job, run_id: str, timings: StageTimings) -> Fitted:
     with timings.stage("ranker_fit"):
         exclude = stage_exclusion(history, data.items, split.val)
         validation = LabelledStage(job.val_users, models, history, split.val, exclude)
-        job.fusion.fit(validation, _earlier_stages(job, text, zero_text if zs_feature else None))
+        own = StageTower(job, earlier_start, item_ids, item_lengths, listed) if earlier_start is not None else None
+        job.fusion.fit(validation, _earlier_stages(job, text, zero_text if zs_feature else None, own))
     return Fitted(history, models, text, zero_text, text_metrics, text_curve, resume)
 
 
-def _earlier_stages(job: Job, text: TextRecommender, zero_text: TextRecommender | None) -> Iterator[LabelledStage]:
+def earlier_towers(cfg: DictConfig) -> bool:
+    """``rank.earlier_towers``, checked: true or false."""
+    flag = cfg.rank.get("earlier_towers", False)
+    if not isinstance(flag, bool):
+        raise ConfigError(f"rank.earlier_towers must be true or false, got {flag!r}")
+    return flag
+
+
+class StageTower:
+    """``rank.earlier_towers``: the text tower of an earlier labelled stage, fine-tuned from the
+    zero-shot ``start`` on that stage's history and chosen on its targets, as the job's tower is
+    on train and the validation events. The job's own tower trained on those targets: a ranker
+    that learns from its scores of them learns to trust it more than it earns on events it never
+    saw (docs/design.md, "Labels from two stages"). No resume folder: a killed job fine-tunes it
+    again."""
+
+    def __init__(self, job: Job, start: Any, item_ids: Any, item_lengths: Any, listed: np.ndarray) -> None:
+        self.job, self.start, self.item_ids, self.item_lengths, self.listed = job, start, item_ids, item_lengths, listed
+        self.stage = 0
+
+    def __call__(self, history: History, targets: pl.DataFrame) -> TextRecommender:
+        import copy
+        import tempfile
+
+        from hydra.utils import instantiate
+
+        from recsys.text.distributed import FineTuneJob, TrainerSpec, fine_tune_ranks
+        from recsys.text.options import budget
+
+        cfg, self.stage = self.job.cfg, self.stage + 1
+        datamodule = instantiate(cfg.text.data)(
+            item_ids=self.item_ids,
+            item_lengths=self.item_lengths,
+            train=history,
+            val=targets,
+            available_from=self.listed,
+        )
+        with tempfile.TemporaryDirectory(dir=self.job.out_dir, prefix="earlier_tower_") as ckpt_dir:
+            callbacks = [
+                instantiate(c, **({"dirpath": ckpt_dir} if "dirpath" in c else {})) for c in cfg.text.callbacks.values()
+            ]
+            max_time = budget(cfg.text.get("budget_minutes"))
+            trainer = TrainerSpec(OmegaConf.to_container(cfg.trainer, resolve=True), callbacks, max_time)
+            net = copy.deepcopy(self.start)
+            ft_job = FineTuneJob(net, datamodule, instantiate(cfg.text.module), trainer, None)
+            net, metrics, _ = fine_tune_ranks(ft_job, False)
+        self.job.tracker.log_metrics({f"text_stage{self.stage}/{k.split('/', 1)[1]}": v for k, v in metrics.items()})
+        return TextRecommender.from_tokens(net, self.item_ids, self.item_lengths)
+
+
+def _earlier_stages(
+    job: Job, text: TextRecommender, zero_text: TextRecommender | None, own: StageTower | None = None
+) -> Iterator[LabelledStage]:
     """The ranker's labelled stages inside train (``rank.label_stages`` - 1), each with CF fitted
-    on its own history and the text towers reading it; built one at a time, when the ranker
-    reaches it."""
+    on its own history and the text towers reading it (with ``own``, a tuned tower of its own);
+    built one at a time, when the ranker reaches it."""
     from recsys.pipeline import earlier_labelled_stages
     from recsys.recommender import derived_models
 
-    def models(history: History) -> dict[str, Recommender]:
-        fitted = job.pipeline.fit_cf(history, item_text=text.item_space())
-        tuned = TextRecommender(text.net, text.item_embeddings).fit(history)
+    def models(history: History, targets: pl.DataFrame) -> dict[str, Recommender]:
+        tower = text if own is None else own(history, targets)
+        tuned = TextRecommender(tower.net, tower.item_embeddings).fit(history)
+        fitted = job.pipeline.fit_cf(history, item_text=tuned.item_space())
         fitted.update(text=tuned, **derived_models(tuned, tuned.net.temperature, history))
         if zero_text is not None:
             fitted["text_zeroshot"] = TextRecommender(zero_text.net, zero_text.item_embeddings).fit(history)
