@@ -183,6 +183,7 @@ def prepare(cfg: DictConfig, timings: StageTimings) -> Job:
         cf = {name: instantiate(node) for name, node in cfg.cf.items()}
         for model in cf.values():  # a catalogue a model cannot fit is refused before the tower trains
             model.check_catalogue(data.n_items)
+        earlier_towers(cfg)  # checked before any training
         ranker = instantiate(cfg.ranker)
         fusion = FusionStage(
             dict(cfg.rank.n_candidates),

@@ -134,3 +134,44 @@ def test_validation_stage_alone_fits_the_ranker_without_seeing_validation_events
     cand1 = frame.filter(pl.col(Columns.Stage) == 1).select(pair)
     before = train.join(last, on=pair, how="anti").select(pair)
     assert not cand1.join(before, on=pair).height
+
+
+def test_earlier_towers_fine_tune_the_earlier_stage_on_its_history_and_choose_on_its_targets(tmp_path, monkeypatch):
+    import recsys.text.fit as text_fit
+    from recsys.profiling import StageTimings
+    from recsys.stages import fit_validation, prepare
+
+    calls = []
+    fine_tune = text_fit.fine_tune
+
+    def spy(net, datamodule, *args, **kwargs):
+        calls.append((datamodule.train.interactions, datamodule.val, net))
+        return fine_tune(net, datamodule, *args, **kwargs)
+
+    monkeypatch.setattr(text_fit, "fine_tune", spy)
+    timings = StageTimings()
+    job = prepare(smoke_cfg(tmp_path, "rank.label_stages=2", "rank.earlier_towers=true"), timings)
+    with job.tracker.start() as run_id:
+        fitted = fit_validation(job, run_id, timings)
+    fitted.resume.finish()
+
+    # The job's tower on train, chosen on validation; then the earlier stage's own, on the training
+    # events before each user's last moment, chosen on those last moments, from the zero-shot start.
+    assert len(calls) == 2
+    (train0, val0, net0), (train1, val1, net1) = calls
+    key = [Columns.UserIdx, Columns.ItemIdx, Columns.Timestamp]
+    assert train0.height == job.split.train.height and val0.height == job.split.val.height
+    assert val1.height and train1.height + val1.height <= job.split.train.height  # both inside train
+    assert not train1.select(key).join(val1.select(key), on=key).height  # never trained on its targets
+    assert net1 is not net0 and net1.item_encoder is not net0.item_encoder  # not the job's tower
+    assert job.fusion.stages_used == 2
+    assert not list((tmp_path / "out").glob("earlier_tower_*"))  # its checkpoints are gone
+
+
+def test_earlier_towers_must_be_true_or_false(tmp_path):
+    from recsys.errors import ConfigError
+    from recsys.profiling import StageTimings
+    from recsys.stages import prepare
+
+    with pytest.raises(ConfigError, match="rank.earlier_towers must be true or false, got 'yes'"):
+        prepare(smoke_cfg(tmp_path, "rank.earlier_towers=yes"), StageTimings())
