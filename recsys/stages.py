@@ -261,9 +261,8 @@ def fit_validation(job: Job, run_id: str, timings: StageTimings) -> Fitted:
 
     from recsys.pipeline import stage_exclusion, stage_history
     from recsys.recommender import derived_models
-    from recsys.text.distributed import FineTuneJob, TrainerSpec, fine_tune_ranks
+    from recsys.text.distributed import fine_tune_ranks
     from recsys.text.fit import RunLogger, open_resume_dir, zero_shot_copy
-    from recsys.text.options import budget
 
     cfg, data, split = job.cfg, job.data, job.split
     history = History(split.train, data.n_users, data.n_items)
@@ -277,13 +276,6 @@ def fit_validation(job: Job, run_id: str, timings: StageTimings) -> Fitted:
         # rank.earlier_towers: each earlier labelled stage fine-tunes its own tower from this start.
         earlier_start = zero_shot_copy(net) if job.fusion.label_stages > 1 and earlier_towers(cfg) else None
         listed = listing_times(data.items)
-        datamodule = instantiate(cfg.text.data)(
-            item_ids=item_ids,
-            item_lengths=item_lengths,
-            train=history,
-            val=split.val,
-            available_from=listed,
-        )
         # Checkpoints live in a folder named by the config and data, so the same command resumes.
         resume = open_resume_dir(
             cfg.text.resume_root if cfg.text.get("resume", False) else None,
@@ -292,13 +284,8 @@ def fit_validation(job: Job, run_id: str, timings: StageTimings) -> Fitted:
             data.fingerprint(),
         )
         ckpt_dir = str(resume.path or job.out_dir / "checkpoints")
-        callbacks = [
-            instantiate(c, **({"dirpath": ckpt_dir} if "dirpath" in c else {})) for c in cfg.text.callbacks.values()
-        ]
         logger = RunLogger(experiment_name=job.tracker.experiment, tracking_uri=job.tracker.uri, run_id=run_id)
-        max_time = budget(cfg.text.get("budget_minutes"))
-        trainer = TrainerSpec(OmegaConf.to_container(cfg.trainer, resolve=True), callbacks, max_time)
-        ft_job = FineTuneJob(net, datamodule, instantiate(cfg.text.module), trainer, resume.path)
+        ft_job = tower_job(cfg, net, item_ids, item_lengths, listed, history, split.val, ckpt_dir, resume.path)
         net, text_metrics, text_curve = fine_tune_ranks(ft_job, logger)  # trainer=ddp: on several processes
         job.tracker.log_metrics(text_metrics)
 
@@ -318,6 +305,37 @@ def fit_validation(job: Job, run_id: str, timings: StageTimings) -> Fitted:
         own = StageTower(job, earlier_start, item_ids, item_lengths, listed) if earlier_start is not None else None
         job.fusion.fit(validation, _earlier_stages(job, text, zero_text if zs_feature else None, own))
     return Fitted(history, models, text, zero_text, text_metrics, text_curve, resume)
+
+
+def tower_job(
+    cfg: DictConfig,
+    net: Any,
+    item_ids: Any,
+    item_lengths: Any,
+    listed: np.ndarray,
+    history: History,
+    targets: pl.DataFrame,
+    ckpt_dir: str,
+    resume_path: Path | None,
+) -> Any:
+    """The text tower's fine-tuning (``FineTuneJob``): ``net`` trained on ``history``, chosen on
+    ``targets``, its checkpoints in ``ckpt_dir``, as configured (data, module, callbacks, trainer,
+    ``text.budget_minutes``). The job's tower and each earlier stage's (``StageTower``) use it."""
+    from hydra.utils import instantiate
+
+    from recsys.text.distributed import FineTuneJob, TrainerSpec
+    from recsys.text.options import budget
+
+    datamodule = instantiate(cfg.text.data)(
+        item_ids=item_ids, item_lengths=item_lengths, train=history, val=targets, available_from=listed
+    )
+    callbacks = [
+        instantiate(c, **({"dirpath": ckpt_dir} if "dirpath" in c else {})) for c in cfg.text.callbacks.values()
+    ]
+    trainer = TrainerSpec(
+        OmegaConf.to_container(cfg.trainer, resolve=True), callbacks, budget(cfg.text.get("budget_minutes"))
+    )
+    return FineTuneJob(net, datamodule, instantiate(cfg.text.module), trainer, resume_path)
 
 
 def earlier_towers(cfg: DictConfig) -> bool:
@@ -344,27 +362,14 @@ class StageTower:
         import copy
         import tempfile
 
-        from hydra.utils import instantiate
+        from recsys.text.distributed import fine_tune_ranks
 
-        from recsys.text.distributed import FineTuneJob, TrainerSpec, fine_tune_ranks
-        from recsys.text.options import budget
-
-        cfg, self.stage = self.job.cfg, self.stage + 1
-        datamodule = instantiate(cfg.text.data)(
-            item_ids=self.item_ids,
-            item_lengths=self.item_lengths,
-            train=history,
-            val=targets,
-            available_from=self.listed,
-        )
+        self.stage += 1
         with tempfile.TemporaryDirectory(dir=self.job.out_dir, prefix="earlier_tower_") as ckpt_dir:
-            callbacks = [
-                instantiate(c, **({"dirpath": ckpt_dir} if "dirpath" in c else {})) for c in cfg.text.callbacks.values()
-            ]
-            max_time = budget(cfg.text.get("budget_minutes"))
-            trainer = TrainerSpec(OmegaConf.to_container(cfg.trainer, resolve=True), callbacks, max_time)
             net = copy.deepcopy(self.start)
-            ft_job = FineTuneJob(net, datamodule, instantiate(cfg.text.module), trainer, None)
+            ft_job = tower_job(
+                self.job.cfg, net, self.item_ids, self.item_lengths, self.listed, history, targets, ckpt_dir, None
+            )
             net, metrics, _ = fine_tune_ranks(ft_job, False)
         self.job.tracker.log_metrics({f"text_stage{self.stage}/{k.split('/', 1)[1]}": v for k, v in metrics.items()})
         return TextRecommender.from_tokens(net, self.item_ids, self.item_lengths)
