@@ -14,8 +14,10 @@ A variant's ranker settings override the experiment's ``ranker`` config (``bags:
 ``--label-stages N`` adds the job's earlier labelled stages (``rank.label_stages``) to every
 ranker's training but the ``*_one_stage`` variants' (the validation stage alone, so that one run
 compares the two on the same users): each user's last N - 1 training events, CF refitted on the
-events before them, the run's towers reading those histories (the towers learn from every
-training event, whatever the number of stages).
+events before them. The run's towers read those histories; with ``rank.earlier_towers`` (the
+Scientific preset) each earlier stage's fine-tuned tower is its own instead, fine-tuned here from
+the zero-shot start on the stage's history and chosen on its targets, as the job does
+(``recsys.stages.StageTower``: one more fine-tuning, within ``text.budget_minutes``, per stage).
 
 ``--oracle`` (generated data only) adds the ceiling: the generator's own next-event probabilities
 (``bench/generator_oracle.py``) ranking the whole catalogue, and ranking each variant's candidates
@@ -44,9 +46,11 @@ import numpy as np
 import polars as pl
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 import recsys.config  # noqa: F401  (resolvers)
 from recsys.columns import Columns
+from recsys.data import listing_times
 from recsys.evaluation.bootstrap import PairedBootstrap
 from recsys.evaluation.metrics import ranking_metrics
 from recsys.evaluation.sampling import sample_users
@@ -64,8 +68,9 @@ from recsys.pipeline_model import PipelineHistories, TrainedPipeline
 from recsys.rank.features import feature_columns
 from recsys.rank.fused import ranked_arrays, ranked_candidates
 from recsys.recommender import DERIVED_SOURCES, History, Recommender, derived_models, nearest_name
-from recsys.stages import nearest_features
+from recsys.stages import StageTower, earlier_towers, nearest_features
 from recsys.text.history_tower import HistoryTower
+from recsys.text.recommender import TextRecommender
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -153,17 +158,45 @@ def text_models(pipeline: TrainedPipeline, history: History) -> dict[str, Recomm
     return pipeline.scorers(everyone, only=towers)
 
 
-def stage_models(cfg, pipeline: TrainedPipeline, history: History) -> dict[str, Recommender]:
-    """The models of a labelled stage, as the job's validation stage has them: CF fitted on
-    ``history``, the run's text towers reading it."""
-    item_text = pipeline.models[pipeline.text_name].item_space()  # SASRec's text_init_std
-    cf = HybridPipeline({n: instantiate(node) for n, node in cfg.cf.items()}, None).fit_cf(history, item_text)
+def stage_models(
+    cfg, pipeline: TrainedPipeline, history: History, tuned: TextRecommender | None = None
+) -> dict[str, Recommender]:
+    """The models of a labelled stage, as the job has them: CF fitted on ``history``, the run's
+    text towers reading it; ``tuned`` (an earlier stage's own tower, ``rank.earlier_towers``)
+    replaces the run's fine-tuned one."""
     texts = text_models(pipeline, history)
-    temperature = pipeline.models[pipeline.text_name].bert.temperature
+    if tuned is None:
+        temperature = pipeline.models[pipeline.text_name].bert.temperature
+    else:
+        texts[pipeline.text_name] = TextRecommender(tuned.net, tuned.item_embeddings).fit(history)
+        temperature = tuned.net.temperature
+    item_text = texts[pipeline.text_name].item_space()  # SASRec's text_init_std
+    cf = HybridPipeline({n: instantiate(node) for n, node in cfg.cf.items()}, None).fit_cf(history, item_text)
     models = {**cf, **texts, **derived_models(texts[pipeline.text_name], temperature, history)}
     # The towers' nearest-history-item cosines (rank.text_nearest_feature), as the job adds them;
     # from the towers, so a run trained without them is swept with them too.
     return models | nearest_features(cfg, models, history)
+
+
+def stage_tower(cfg, data, run: str) -> StageTower:
+    """The earlier stages' own towers (``rank.earlier_towers``), from the zero-shot start of the
+    config's encoder, as the job fine-tunes them; their checkpoints in a temporary folder of ``run``."""
+    import lightning as L
+
+    from recsys.text.fit import zero_shot_copy
+
+    L.seed_everything(cfg.seed, verbose=False)
+    # Lightning's folder: the job's is the Hydra run's output folder, which a composed config lacks.
+    cfg = OmegaConf.merge(cfg, {"trainer": {"default_root_dir": str(run)}})
+    encoder = instantiate(cfg.encoder)
+    item_ids, item_lengths = encoder.tokenize(data.texts)
+    start = zero_shot_copy(instantiate(cfg.text.net)(encoder))
+
+    def log(metrics: dict[str, float]) -> None:
+        shown = {k: round(v, 4) for k, v in metrics.items() if k.endswith(("finetuned", "zeroshot", "steps"))}
+        print(f"earlier stage's own tower: {shown}", flush=True)
+
+    return StageTower(cfg, start, item_ids, item_lengths, listing_times(data.items), Path(run), log)
 
 
 def paired(boot: PairedBootstrap, x: np.ndarray, reference: np.ndarray) -> str:
@@ -256,9 +289,14 @@ def main() -> None:
     # The validation stage (CF on train, as the job's), then the job's earlier stages.
     val_exclude = stage_exclusion(history, data.items, split.val)
     validation = LabelledStage(users, stage_models(cfg, pipeline, history), history, split.val, val_exclude)
+    own = stage_tower(cfg, data, args.run) if n_stages > 1 and earlier_towers(cfg) else None
     earlier = list(
         earlier_labelled_stages(
-            split.train, n_stages - 1, data, cfg.eval.as_of_cut, lambda h, _: stage_models(cfg, pipeline, h)
+            split.train,
+            n_stages - 1,
+            data,
+            cfg.eval.as_of_cut,
+            lambda h, t: stage_models(cfg, pipeline, h, None if own is None else own(h, t)),
         )
     )
     print(f"setup {time.perf_counter() - t0:.0f} s; {len(users)} validation users in two halves\n")

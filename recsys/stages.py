@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -302,7 +302,9 @@ def fit_validation(job: Job, run_id: str, timings: StageTimings) -> Fitted:
     with timings.stage("ranker_fit"):
         exclude = stage_exclusion(history, data.items, split.val)
         validation = LabelledStage(job.val_users, models, history, split.val, exclude)
-        own = StageTower(job, earlier_start, item_ids, item_lengths, listed) if earlier_start is not None else None
+        own = None
+        if earlier_start is not None:
+            own = StageTower(cfg, earlier_start, item_ids, item_lengths, listed, job.out_dir, job.tracker.log_metrics)
         job.fusion.fit(validation, _earlier_stages(job, text, zero_text if zs_feature else None, own))
     return Fitted(history, models, text, zero_text, text_metrics, text_curve, resume)
 
@@ -351,11 +353,22 @@ class StageTower:
     zero-shot ``start`` on that stage's history and chosen on its targets, as the job's tower is
     on train and the validation events. The job's own tower trained on those targets: a ranker
     that learns from its scores of them learns to trust it more than it earns on events it never
-    saw (docs/design.md, "Labels from two stages"). No resume folder: a killed job fine-tunes it
-    again."""
+    saw (docs/design.md, "Labels from two stages"). Its checkpoints live in a temporary folder
+    under ``work_dir``; no resume folder: a killed job fine-tunes it again. ``log_metrics``
+    receives its ``text_stage<k>/*`` metrics. ``bench/fusion_sweep.py`` builds the same towers."""
 
-    def __init__(self, job: Job, start: Any, item_ids: Any, item_lengths: Any, listed: np.ndarray) -> None:
-        self.job, self.start, self.item_ids, self.item_lengths, self.listed = job, start, item_ids, item_lengths, listed
+    def __init__(
+        self,
+        cfg: DictConfig,
+        start: Any,
+        item_ids: Any,
+        item_lengths: Any,
+        listed: np.ndarray,
+        work_dir: Path,
+        log_metrics: Callable[[dict[str, float]], None],
+    ) -> None:
+        self.cfg, self.start, self.item_ids, self.item_lengths, self.listed = cfg, start, item_ids, item_lengths, listed
+        self.work_dir, self.log_metrics = work_dir, log_metrics
         self.stage = 0
 
     def __call__(self, history: History, targets: pl.DataFrame) -> TextRecommender:
@@ -365,13 +378,13 @@ class StageTower:
         from recsys.text.distributed import fine_tune_ranks
 
         self.stage += 1
-        with tempfile.TemporaryDirectory(dir=self.job.out_dir, prefix="earlier_tower_") as ckpt_dir:
+        with tempfile.TemporaryDirectory(dir=self.work_dir, prefix="earlier_tower_") as ckpt_dir:
             net = copy.deepcopy(self.start)
             ft_job = tower_job(
-                self.job.cfg, net, self.item_ids, self.item_lengths, self.listed, history, targets, ckpt_dir, None
+                self.cfg, net, self.item_ids, self.item_lengths, self.listed, history, targets, ckpt_dir, None
             )
             net, metrics, _ = fine_tune_ranks(ft_job, False)
-        self.job.tracker.log_metrics({f"text_stage{self.stage}/{k.split('/', 1)[1]}": v for k, v in metrics.items()})
+        self.log_metrics({f"text_stage{self.stage}/{k.split('/', 1)[1]}": v for k, v in metrics.items()})
         return TextRecommender.from_tokens(net, self.item_ids, self.item_lengths)
 
 
