@@ -13,7 +13,7 @@ A variant's ranker settings override the experiment's ``ranker`` config (``bags:
 
 ``--label-stages N`` adds the job's earlier labelled stages (``rank.label_stages``) to every
 ranker's training but the ``*_one_stage`` variants' (the validation stage alone, so that one run
-compares the two on the same users): each user's last N - 1 training events, CF refitted on the
+compares the two on the same users; ``both_two_stages`` learns from the first earlier stage only): each user's last N - 1 training events, CF refitted on the
 events before them. The run's towers read those histories; with ``rank.earlier_towers`` (the
 Scientific preset) each earlier stage's fine-tuned tower is its own instead, fine-tuned here from
 the zero-shot start on the stage's history and chosen on its targets, as the job does
@@ -24,6 +24,8 @@ the zero-shot start on the stage's history and chosen on its targets, as the job
 (what a perfect ranker would make of them); and the same with the user's hidden state inferred
 from the history (``posterior``: what a ranker that knew every item perfectly could reach), and
 with each item's popularity counted from its training events too (``posterior_counts``).
+
+``--fold-seed A B C`` repeats every comparison on other halves, the stages and frames built once.
 
 ``--max-users N`` scores a seeded sample of N validation users (the job's sampling of test users):
 at 100x the generated data has 300,000.
@@ -114,6 +116,7 @@ VARIANTS: dict[str, tuple[dict, dict, tuple[str, ...]]] = {
     "finetuned_textpop50_text20": ({}, {"text_popular": 50, "text": 20}, ZS),
     "finetuned_item_rate": ({}, {}, ZS),
     "both_one_stage": ({}, {}, ()),
+    "both_two_stages": ({}, {}, ()),
     "both_textpop30": ({}, {"text_popular": 30}, ()),
     "both_textpop50": ({}, {"text_popular": 50}, ()),
     "finetuned_one_stage": ({}, {}, ZS),
@@ -143,6 +146,9 @@ VARIANTS: dict[str, tuple[dict, dict, tuple[str, ...]]] = {
 # Variants whose rankers learn from the validation stage alone, beside others that also learn from
 # the earlier stages of ``--label-stages N``: one run compares the two on the same users.
 VALIDATION_STAGE_ONLY = {"both_one_stage", "finetuned_one_stage"}
+# Variants that learn from fewer of the earlier stages than ``--label-stages N`` builds: beside the
+# others, one run compares two stages with three.
+EARLIER_STAGES_USED = {"both_two_stages": 1}
 # Features a variant adds to the frames (derived from their columns), by variant name.
 EXTRA_FEATURES: dict[str, dict[str, pl.Expr]] = {
     # Events per day since the item's first event: popularity per unit of exposure.
@@ -211,7 +217,12 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--overrides", nargs="*", default=[])
     ap.add_argument(
-        "--fold-seed", type=int, default=None, help="seed of the two validation halves (default: the config's)"
+        "--fold-seed",
+        type=int,
+        nargs="+",
+        default=None,
+        help="seeds of the two validation halves (default: the config's); several: one table each, the "
+        "stages and frames built once",
     )
     ap.add_argument(
         "--label-stages",
@@ -283,9 +294,6 @@ def main() -> None:
     if needs_zs and sum(isinstance(m, HistoryTower) for m in pipeline.models.values()) < 2:
         raise SystemExit("the run has no zero-shot tower: train it with rank.text_zeroshot_feature=true")
     users = split.val[Columns.UserIdx].unique().sort().to_numpy()
-    rng = np.random.default_rng(cfg.seed if args.fold_seed is None else args.fold_seed)
-    fold = rng.permutation(len(users)) % 2
-    halves = [users[fold == 0], users[fold == 1]]
     # The validation stage (CF on train, as the job's), then the job's earlier stages.
     val_exclude = stage_exclusion(history, data.items, split.val)
     validation = LabelledStage(users, stage_models(cfg, pipeline, history), history, split.val, val_exclude)
@@ -300,16 +308,13 @@ def main() -> None:
         )
     )
     print(f"setup {time.perf_counter() - t0:.0f} s; {len(users)} validation users in two halves\n")
-    first = names[0]
-    print(
-        f"| variant | val NDCG@10 | val Recall@10 | candidate recall | ranker fit s | minus {first} (paired 95 % CI) |"
-    )
-    print("|---|---|---|---|---|---|")
     # The single models on the same users (full ranking, the job's exclusions): what fused must beat.
     relevant = relevance_matrix(split.val, users, data.n_items)
+    if singles or args.oracle:
+        print("| single model | val NDCG@10 | val Recall@10 |\n|---|---|---|")
     for name in singles:
         m = ranking_metrics(validation.models[name].recommend(users, 10, exclude=val_exclude)[0], relevant, (10,))
-        print(f"| single: {name} | {m['ndcg_at_10'].mean():.4f} | {m['recall_at_10'].mean():.4f} | | | |", flush=True)
+        print(f"| {name} | {m['ndcg_at_10'].mean():.4f} | {m['recall_at_10'].mean():.4f} |", flush=True)
     oracles = {}
     if args.oracle:
         from generator_oracle import GeneratorOracle, PosteriorOracle
@@ -322,12 +327,13 @@ def main() -> None:
         }
         for o_name, oracle in oracles.items():
             m = ranking_metrics(oracle.fit(history).recommend(users, 10, exclude=val_exclude)[0], relevant, (10,))
-            print(f"| {o_name} (every item) | {m['ndcg_at_10'].mean():.4f} | {m['recall_at_10'].mean():.4f} | | | |")
+            print(f"| {o_name} (every item) | {m['ndcg_at_10'].mean():.4f} | {m['recall_at_10'].mean():.4f} |")
     frames: dict[tuple, pl.DataFrame] = {}
     extra: dict[tuple, pl.DataFrame] = {}
-    reference = None  # the first variant's per-user NDCG@10, in the same user order as every other's
     boot = PairedBootstrap(len(users), seed=0)
-    for name in names:
+
+    def sweep_variant(name: str, reference: np.ndarray | None, halves: list[np.ndarray]) -> np.ndarray:
+        """One variant's row (and its blends) on one fold split; returns the reference per-user NDCG@10."""
         ranker_over, extra_sources, dropped = VARIANTS[name]
         n_cand = {k: n for k, n in {**cfg.rank.n_candidates, **extra_sources}.items() if n}  # 0: not a source
         key = tuple(sorted(n_cand.items()))
@@ -364,7 +370,8 @@ def main() -> None:
             part = df.filter(pl.col(Columns.UserIdx).is_in(halves[a].tolist()))
             if extra[key] is not None and name not in VALIDATION_STAGE_ONLY:
                 part = part.with_columns(pl.lit(0, dtype=pl.Int8).alias(Columns.Stage))
-                part = pl.concat([part, extra[key].with_columns(**extra_cols).select(part.columns)])
+                rows = extra[key].filter(pl.col(Columns.Stage) <= EARLIER_STAGES_USED.get(name, n_stages))
+                part = pl.concat([part, rows.with_columns(**extra_cols).select(part.columns)])
             t1 = time.perf_counter()
             ranker.fit(part, feats)
             fit_s += time.perf_counter() - t1
@@ -397,6 +404,21 @@ def main() -> None:
                 f"| {name} + {w:g} x {args.blend_model} | {x.mean():.4f} | | | | {paired(boot, x, reference)} |",
                 flush=True,
             )
+        return reference
+
+    for fold_seed in args.fold_seed or [cfg.seed]:
+        fold = np.random.default_rng(fold_seed).permutation(len(users)) % 2
+        halves = [users[fold == 0], users[fold == 1]]
+        print(f"\nfold seed {fold_seed}\n")
+        print(
+            f"| variant | val NDCG@10 | val Recall@10 | candidate recall | ranker fit s "
+            f"| minus {names[0]} (paired 95 % CI) |"
+        )
+        print("|---|---|---|---|---|---|")
+        # The first variant's per-user NDCG@10, in the same user order as every other's.
+        reference = None
+        for name in names:
+            reference = sweep_variant(name, reference, halves)
 
 
 if __name__ == "__main__":
