@@ -13,8 +13,9 @@ A variant's ranker settings override the experiment's ``ranker`` config (``bags:
 
 ``--label-stages N`` adds the job's earlier labelled stages (``rank.label_stages``) to every
 ranker's training but the ``*_one_stage`` variants' (the validation stage alone, so that one run
-compares the two on the same users; ``both_two_stages`` learns from the first earlier stage only): each user's last N - 1 training events, CF refitted on the
-events before them. The run's towers read those histories; with ``rank.earlier_towers`` (the
+compares the two on the same users; ``both_two_stages`` learns from the first earlier stage
+only): each user's last N - 1 training events, CF refitted on the events before them. The run's
+towers read those histories; with ``rank.earlier_towers`` (the
 Scientific preset) each earlier stage's fine-tuned tower is its own instead, fine-tuned here from
 the zero-shot start on the stage's history and chosen on its targets, as the job does
 (``recsys.stages.StageTower``: one more fine-tuning, within ``text.budget_minutes``, per stage).
