@@ -131,7 +131,9 @@ class MindDataSource:
     behaviors_file, news_file:
         File names inside ``root``.
     name:
-        Shown in logs, reports and MLflow tags.
+        Shown in logs, reports and MLflow tags; default: the name of the ``root`` folder (MIND's
+        releases come as ``MINDsmall_train``, ``MINDlarge_dev``...), so that two releases read with
+        the same config are told apart.
     """
 
     def __init__(
@@ -143,7 +145,7 @@ class MindDataSource:
         duplicates: str = "drop",
         behaviors_file: str = "behaviors.tsv",
         news_file: str = "news.tsv",
-        name: str = "mind",
+        name: str | None = None,
     ) -> None:
         self.root = Path(root)
         self.missing_text = check_policy("missing_text", missing_text, MISSING_TEXT_POLICIES)
@@ -158,7 +160,7 @@ class MindDataSource:
         self.duplicates = check_policy("duplicates", duplicates, DUPLICATE_POLICIES)
         self.behaviors_path = self.root / behaviors_file
         self.news_path = self.root / news_file
-        self.name = name
+        self.name = name or self.root.resolve().name or "mind"
         self.report: dict[str, int] = {}
 
     def load_news(self) -> pl.DataFrame:

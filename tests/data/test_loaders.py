@@ -298,6 +298,14 @@ def write_mind(root: Path, news=NEWS, behaviors=BEHAVIORS) -> Path:
     return root
 
 
+def test_mind_is_named_after_its_folder_unless_named(tmp_path):
+    # Two MIND releases read with one config must not share a name in the reports and MLflow.
+    root = write_mind(tmp_path / "MINDlarge_dev")
+    assert MindDataSource(root).load().name == "MINDlarge_dev"
+    assert MindDataSource(tmp_path / "MINDlarge_dev" / ".").name == "MINDlarge_dev"
+    assert MindDataSource(root, name="mind-dev").load().name == "mind-dev"
+
+
 def test_mind_drop_policy(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         src = MindDataSource(write_mind(tmp_path))
