@@ -304,7 +304,9 @@ def fit_validation(job: Job, run_id: str, timings: StageTimings) -> Fitted:
         validation = LabelledStage(job.val_users, models, history, split.val, exclude)
         own = None
         if earlier_start is not None:
-            own = StageTower(cfg, earlier_start, item_ids, item_lengths, listed, job.out_dir, job.tracker.log_metrics)
+            own = StageTower(
+                cfg, earlier_start, item_ids, item_lengths, listed, job.out_dir, job.tracker.log_metrics, resume.path
+            )
         job.fusion.fit(validation, _earlier_stages(job, text, zero_text if zs_feature else None, own))
     return Fitted(history, models, text, zero_text, text_metrics, text_curve, resume)
 
@@ -353,9 +355,12 @@ class StageTower:
     zero-shot ``start`` on that stage's history and chosen on its targets, as the job's tower is
     on train and the validation events. The job's own tower trained on those targets: a ranker
     that learns from its scores of them learns to trust it more than it earns on events it never
-    saw (docs/design.md, "Labels from two stages"). Its checkpoints live in a temporary folder
-    under ``work_dir``; no resume folder: a killed job fine-tunes it again. ``log_metrics``
-    receives its ``text_stage<k>/*`` metrics. ``bench/fusion_sweep.py`` builds the same towers."""
+    saw (docs/design.md, "Labels from two stages"). Its checkpoints live in ``earlier_stage<k>/``
+    of the job's resume folder (``resume_dir``, removed with it when the run succeeds), so a killed
+    job resumes this fine-tuning, or reuses it when it had finished, as it does the job's tower;
+    without one (``text.resume=false``, or another run holding the folder), in a temporary folder
+    under ``work_dir``. ``log_metrics`` receives its ``text_stage<k>/*`` metrics.
+    ``bench/fusion_sweep.py`` builds the same towers."""
 
     def __init__(
         self,
@@ -366,9 +371,10 @@ class StageTower:
         listed: np.ndarray,
         work_dir: Path,
         log_metrics: Callable[[dict[str, float]], None],
+        resume_dir: Path | None = None,
     ) -> None:
         self.cfg, self.start, self.item_ids, self.item_lengths, self.listed = cfg, start, item_ids, item_lengths, listed
-        self.work_dir, self.log_metrics = work_dir, log_metrics
+        self.work_dir, self.log_metrics, self.resume_dir = work_dir, log_metrics, resume_dir
         self.stage = 0
 
     def __call__(self, history: History, targets: pl.DataFrame) -> TextRecommender:
@@ -378,12 +384,22 @@ class StageTower:
         from recsys.text.distributed import fine_tune_ranks
 
         self.stage += 1
-        with tempfile.TemporaryDirectory(dir=self.work_dir, prefix="earlier_tower_") as ckpt_dir:
+
+        def fine_tune(ckpt_dir: Path, resume: Path | None) -> tuple[Any, dict[str, float]]:
             net = copy.deepcopy(self.start)
             ft_job = tower_job(
-                self.cfg, net, self.item_ids, self.item_lengths, self.listed, history, targets, ckpt_dir, None
+                self.cfg, net, self.item_ids, self.item_lengths, self.listed, history, targets, str(ckpt_dir), resume
             )
             net, metrics, _ = fine_tune_ranks(ft_job, False)
+            return net, metrics
+
+        if self.resume_dir is not None:
+            folder = self.resume_dir / f"earlier_stage{self.stage}"
+            folder.mkdir(parents=True, exist_ok=True)
+            net, metrics = fine_tune(folder, folder)
+        else:
+            with tempfile.TemporaryDirectory(dir=self.work_dir, prefix="earlier_tower_") as tmp:
+                net, metrics = fine_tune(Path(tmp), None)
         self.log_metrics({f"text_stage{self.stage}/{k.split('/', 1)[1]}": v for k, v in metrics.items()})
         return TextRecommender.from_tokens(net, self.item_ids, self.item_lengths)
 

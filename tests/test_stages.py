@@ -165,7 +165,41 @@ def test_earlier_towers_fine_tune_the_earlier_stage_on_its_history_and_choose_on
     assert not train1.select(key).join(val1.select(key), on=key).height  # never trained on its targets
     assert net1 is not net0 and net1.item_encoder is not net0.item_encoder  # not the job's tower
     assert job.fusion.stages_used == 2
-    assert not list((tmp_path / "out").glob("earlier_tower_*"))  # its checkpoints are gone
+    # Its checkpoints went to the job's resume folder, which a finished run removes.
+    assert not fitted.resume.path.exists() and not list((tmp_path / "out").glob("earlier_tower_*"))
+
+
+def test_a_killed_job_reuses_the_earlier_stage_tower_it_had_fine_tuned(tmp_path, caplog, monkeypatch):
+    import logging
+
+    import numpy as np
+
+    from recsys.profiling import StageTimings
+    from recsys.stages import StageTower, fit_validation, prepare
+
+    towers = []
+    call = StageTower.__call__
+
+    def spy(self, history, targets):
+        tower = call(self, history, targets)
+        towers.append(np.asarray(tower.item_embeddings).copy())
+        return tower
+
+    monkeypatch.setattr(StageTower, "__call__", spy)
+    cfg = smoke_cfg(tmp_path, "rank.label_stages=2", "rank.earlier_towers=true")
+    runs = []
+    for _ in range(2):  # the second run is the rerun of a job killed after its ranker's fit
+        job = prepare(cfg, StageTimings())
+        with job.tracker.start() as run_id, caplog.at_level(logging.INFO, logger="recsys.text.fit"):
+            caplog.clear()
+            fitted = fit_validation(job, run_id, StageTimings())
+        folder = fitted.resume.path / "earlier_stage1"
+        runs.append((caplog.text, (folder / "done.json").is_file()))
+        fitted.resume._lock.close()  # the process died: the kernel drops its lock, the folder stays
+    (first_log, first_done), (second_log, _) = runs
+    assert first_done and "reusing" not in first_log
+    assert f"already finished in an earlier run; reusing {folder}" in second_log
+    assert len(towers) == 2 and np.array_equal(towers[0], towers[1])
 
 
 def test_earlier_towers_must_be_true_or_false(tmp_path):
