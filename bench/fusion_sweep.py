@@ -70,8 +70,8 @@ from recsys.pipeline import (
 from recsys.pipeline_model import PipelineHistories, TrainedPipeline
 from recsys.rank.features import feature_columns
 from recsys.rank.fused import ranked_arrays, ranked_candidates
-from recsys.recommender import DERIVED_SOURCES, History, Recommender, derived_models, nearest_name
-from recsys.stages import StageTower, earlier_towers, nearest_features
+from recsys.recommender import DERIVED_SOURCES, History, Recommender, nearest_name
+from recsys.stages import StageTower, earlier_towers, text_features
 from recsys.text.history_tower import HistoryTower
 from recsys.text.recommender import TextRecommender
 
@@ -168,21 +168,17 @@ def text_models(pipeline: TrainedPipeline, history: History) -> dict[str, Recomm
 def stage_models(
     cfg, pipeline: TrainedPipeline, history: History, tuned: TextRecommender | None = None
 ) -> dict[str, Recommender]:
-    """The models of a labelled stage, as the job has them: CF fitted on ``history``, the run's
-    text towers reading it; ``tuned`` (an earlier stage's own tower, ``rank.earlier_towers``)
-    replaces the run's fine-tuned one."""
+    """The models of a labelled stage, as the job has them (``recsys.stages.text_features``): CF
+    fitted on ``history``, the run's text towers reading it; ``tuned`` (an earlier stage's own
+    tower, ``rank.earlier_towers``) replaces the run's fine-tuned one. The towers' nearest-item
+    cosines come from the towers, so a run trained without them is swept with them too."""
     texts = text_models(pipeline, history)
     if tuned is None:
-        temperature = pipeline.models[pipeline.text_name].bert.temperature
+        text, temperature = texts[pipeline.text_name], pipeline.models[pipeline.text_name].bert.temperature
     else:
-        texts[pipeline.text_name] = TextRecommender(tuned.net, tuned.item_embeddings).fit(history)
-        temperature = tuned.net.temperature
-    item_text = texts[pipeline.text_name].item_space()  # SASRec's text_init_std
-    cf = HybridPipeline({n: instantiate(node) for n, node in cfg.cf.items()}, None).fit_cf(history, item_text)
-    models = {**cf, **texts, **derived_models(texts[pipeline.text_name], temperature, history)}
-    # The towers' nearest-history-item cosines (rank.text_nearest_feature), as the job adds them;
-    # from the towers, so a run trained without them is swept with them too.
-    return models | nearest_features(cfg, models, history)
+        text, temperature = TextRecommender(tuned.net, tuned.item_embeddings).fit(history), tuned.net.temperature
+    cf = HybridPipeline({n: instantiate(node) for n, node in cfg.cf.items()}, None).fit_cf(history, text.item_space())
+    return {**cf, **text_features(cfg, history, text, temperature, texts.get("text_zeroshot"))}
 
 
 def stage_tower(cfg, data, run: str) -> StageTower:

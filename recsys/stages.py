@@ -260,7 +260,6 @@ def fit_validation(job: Job, run_id: str, timings: StageTimings) -> Fitted:
     from hydra.utils import instantiate
 
     from recsys.pipeline import stage_exclusion, stage_history
-    from recsys.recommender import derived_models
     from recsys.text.distributed import fine_tune_ranks
     from recsys.text.fit import RunLogger, open_resume_dir, zero_shot_copy
 
@@ -290,12 +289,9 @@ def fit_validation(job: Job, run_id: str, timings: StageTimings) -> Fitted:
         job.tracker.log_metrics(text_metrics)
 
     with timings.stage("text_encode"):
-        text = TextRecommender.from_tokens(net, item_ids, item_lengths)
-        texts = {"text": text.fit(history), **derived_models(text, text.net.temperature, history)}
+        text = TextRecommender.from_tokens(net, item_ids, item_lengths).fit(history)
         zero_text = TextRecommender.from_tokens(zero_net, item_ids, item_lengths) if zero_net is not None else None
-        if zs_feature:
-            texts["text_zeroshot"] = zero_text.fit(history)
-        texts |= nearest_features(cfg, texts, history)
+        texts = text_features(cfg, history, text, text.net.temperature, zero_text.fit(history) if zs_feature else None)
     with timings.stage("cf_fit_val"):
         cf = job.pipeline.fit_cf(history, item_text=text.item_space())
     models = {**cf, **texts}
@@ -411,25 +407,42 @@ def _earlier_stages(
     on its own history and the text towers reading it (with ``own``, a tuned tower of its own);
     built one at a time, when the ranker reaches it."""
     from recsys.pipeline import earlier_labelled_stages
-    from recsys.recommender import derived_models
 
     def models(history: History, targets: pl.DataFrame) -> dict[str, Recommender]:
         tower = text if own is None else own(history, targets)
         tuned = TextRecommender(tower.net, tower.item_embeddings).fit(history)
-        fitted = job.pipeline.fit_cf(history, item_text=tuned.item_space())
-        fitted.update(text=tuned, **derived_models(tuned, tuned.net.temperature, history))
-        if zero_text is not None:
-            fitted["text_zeroshot"] = TextRecommender(zero_text.net, zero_text.item_embeddings).fit(history)
-        return fitted | nearest_features(job.cfg, fitted, history)
+        zero = None if zero_text is None else TextRecommender(zero_text.net, zero_text.item_embeddings).fit(history)
+        cf = job.pipeline.fit_cf(history, item_text=tuned.item_space())
+        return {**cf, **text_features(job.cfg, history, tuned, tuned.net.temperature, zero)}
 
     n = job.fusion.label_stages - 1
     return earlier_labelled_stages(job.split.train, n, job.data, job.as_of, models)
 
 
+def text_features(
+    cfg: DictConfig,
+    history: History,
+    text: Recommender,
+    temperature: float,
+    zero_text: Recommender | None = None,
+) -> dict[str, Recommender]:
+    """The text models a labelled stage's ranker reads, from towers fitted on ``history``, in the
+    order of every stage's columns (after CF's): the fine-tuned tower (``temperature``: its
+    softmax's), the candidate sources derived from it, the zero-shot tower where given
+    (``rank.text_zeroshot_feature``) and the towers' nearest-history-item cosines. The job's
+    validation, earlier and test stages and ``bench/fusion_sweep.py`` all build them here."""
+    from recsys.recommender import derived_models
+
+    models = {"text": text, **derived_models(text, temperature, history)}
+    if zero_text is not None:
+        models["text_zeroshot"] = zero_text
+    return models | nearest_features(cfg, models, history)
+
+
 def nearest_features(cfg: DictConfig, models: dict[str, Recommender], history: History) -> dict[str, Recommender]:
     """With ``rank.text_nearest_feature``: each text tower's closest-history-item cosine
-    (``NearestText``) as a ranker feature, fitted on ``history``; else nothing. Every labelled
-    stage, the test stage and ``bench/fusion_sweep.py`` add them here."""
+    (``NearestText``) as a ranker feature, fitted on ``history``; else nothing (``text_features``
+    adds them to every stage)."""
     from recsys.recommender import nearest_models
 
     if not cfg.rank.get("text_nearest_feature", False):
@@ -442,7 +455,6 @@ def evaluate_test(job: Job, val: Fitted, timings: StageTimings) -> Evaluated:
     """Refit CF on train + validation (``cf_fit_test``), rank the test users (``test_rank``) and
     score every model on the untouched test events (``evaluate``)."""
     from recsys.pipeline import BlockLists, stage_exclusion, stage_history
-    from recsys.recommender import derived_models
 
     cfg, data, split, targets = job.cfg, job.data, job.split, job.eval_split.test
     with timings.stage("cf_fit_test"):
@@ -451,12 +463,10 @@ def evaluate_test(job: Job, val: Fitted, timings: StageTimings) -> Evaluated:
         cf = job.pipeline.fit_cf(history, item_text=val.text.item_space())
     with timings.stage("test_rank"):
         val.text.fit(history)
-        models = {**cf, "text": val.text, **derived_models(val.text, val.text.net.temperature, history)}
         if val.zero_text is not None:
-            val.zero_text.fit(history)
-            if "text_zeroshot" in val.models:
-                models["text_zeroshot"] = val.zero_text
-        models |= nearest_features(cfg, models, history)
+            val.zero_text.fit(history)  # a feature, or a single model the report compares
+        zero_feature = val.zero_text if "text_zeroshot" in val.models else None
+        models = {**cf, **text_features(cfg, history, val.text, val.text.net.temperature, zero_feature)}
         exclude = stage_exclusion(history, data.items, targets)
         singles = {name: m for name, m in models.items() if m.is_feature}
         if val.zero_text is not None:
