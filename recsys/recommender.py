@@ -401,6 +401,49 @@ class Recommender(ABC):
         return np.concatenate(all_items), np.concatenate(all_scores)
 
 
+@dataclass(frozen=True)
+class ModelUpdate:
+    """What ``recsys.update`` brings each ``Updatable`` model of a saved pipeline: the same for
+    every model, so that each takes from it what its own update needs."""
+
+    #: every event, the pipeline's then the new ones, over the grown users and items (those the
+    #: pipeline knew keep their indices, the new ones follow)
+    history: History
+    #: the users (indices of ``history``) with new events: those a fold-in solves again
+    touched: np.ndarray
+    #: a refit continues from the pipeline's model for this many iterations (epochs) instead of a
+    #: cold fit with the configured ones; None: a cold fit
+    warm_iterations: int | None = None
+    #: the refreshed text tower's ``[n_items, d]`` item vectors (None: the pipeline has none):
+    #: where SASRec places the items its network never saw, and where a cold refit that starts
+    #: from text starts
+    item_text: np.ndarray | None = None
+
+
+class Updatable(Recommender):
+    """A model that ``recsys.update`` brings up to date with new events and items: the CF models
+    and popularity (the text towers take the refreshed texts instead, and the derived models are
+    rebuilt over their bases). What a model keeps and what it learns again is its own business,
+    so each answers the update's two modes (``cf_mode``) itself and the update asks every one
+    alike, whatever its class; ``tests/test_recommenders.py`` checks every implementation by the
+    same test."""
+
+    @abstractmethod
+    def refitted(self, name: str, configured: Recommender | None, update: ModelUpdate) -> Recommender:
+        """``cf_mode=refit``: a copy of ``configured`` (the unfitted model the pipeline's config
+        names ``name``, as training made it; left as it is) fitted on every event of ``update``,
+        continued from this model for ``update.warm_iterations`` where it can be: a refit fits
+        what the config says, so a ``ConfigError`` when ``configured`` cannot stand in for this
+        model."""
+
+    @abstractmethod
+    def folded_in(self, name: str, configured: Recommender | None, update: ModelUpdate) -> Recommender:
+        """``cf_mode=fold_in``: this model grown to ``update``'s users and items, what it learned
+        kept (no new fit of it: cheaper than ``refitted``), scoring the new items as best it can
+        without learning them. ``name`` and ``configured`` as for ``refitted``, for the models
+        that read them."""
+
+
 class DerivedScores(Recommender):
     """A model whose scores are another model's (``base``, the text tower) rewritten: ``derive``
     turns ``base``'s score block into this model's in place, so a block of users is scored once

@@ -25,7 +25,6 @@ full retrain, and lets a gate decide whether it replaces the served model:
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import logging
 import os
@@ -387,12 +386,8 @@ def updated_pipeline(
     items and their vectors (``TextRefresher.refresh``); None: made here. ``warm_iterations``
     (refit): factor models continue from ``pipeline``'s factors, SASRec from its network, for
     this many iterations (epochs) instead of a cold fit with the configured ones."""
-    import scipy.sparse as sp
-
-    from recsys.cf.models import ALS, BPR, ItemKNN, Popularity, fold_in
-    from recsys.cf.sasrec import SASRec
     from recsys.data.dataset import IdMap
-    from recsys.recommender import History
+    from recsys.recommender import History, ModelUpdate, Updatable
 
     p = pipeline
     catalogue = catalogue or merge_items(p.items, new.items)
@@ -422,47 +417,12 @@ def updated_pipeline(
     # (with_items), and where a cold refit of one that starts from text starts.
     tower = text_parts.get(p.text_name) if p.text_name is not None else None
     text_vectors = tower.item_space() if tower is not None else None
+    touched = np.unique(events[Columns.UserIdx].to_numpy())
+    update = ModelUpdate(hist, touched, warm_iterations, text_vectors)
     for name, m in p.models.items():
-        model = cf.get(name)
-        if isinstance(m, ALS | BPR) and mode == "refit":
-            if not isinstance(model, ALS | BPR):
-                raise ConfigError(f"the model's config has no factor model '{name}' to refit")
-            models[name] = copy.deepcopy(model)
-            start = None
-            if warm_iterations is not None:
-                models[name].iterations, start = warm_iterations, (m.user_factors, m.item_factors)
-            models[name].fit(hist, start=start)
-        elif isinstance(m, ALS | BPR):
-            item_f = np.zeros((items.height, m.item_factors.shape[1]), dtype=np.float32)
-            item_f[: p.n_items] = m.item_factors
-            touched = np.unique(events[Columns.UserIdx].to_numpy())
-            user_f = np.zeros((len(users), item_f.shape[1]), dtype=np.float32)
-            user_f[: len(old_users)] = m.user_factors
-            user_f[touched] = fold_in(item_f, hist.matrix[touched], m.regularization, m.alpha)
-            models[name] = copy.copy(m)
-            models[name].user_factors, models[name].item_factors = user_f, item_f
-        elif isinstance(m, ItemKNN) and mode == "refit":
-            if not isinstance(model, ItemKNN):
-                raise ConfigError(f"the model's config has no item-kNN model '{name}' to refit")
-            models[name] = copy.deepcopy(model).fit(hist)
-        elif isinstance(m, ItemKNN):
-            s = m.similarity.tocoo()
-            models[name] = copy.copy(m)
-            models[name].similarity = sp.csr_matrix((s.data, (s.row, s.col)), shape=(items.height, items.height))
-        elif isinstance(m, SASRec) and mode == "refit":
-            if not isinstance(model, SASRec):
-                raise ConfigError(f"the model's config has no SASRec model '{name}' to refit")
-            models[name] = copy.deepcopy(model)
-            start = None
-            if warm_iterations is not None:
-                models[name].epochs, start = warm_iterations, m
-            elif model.reads_item_text and text_vectors is None:  # a cold fit starts from the tower's items
-                raise ValueError(f"a cold refit of '{name}' starts from the text tower: pass its text_parts")
-            models[name].fit(hist, start=start, item_text=text_vectors)
-        elif isinstance(m, SASRec):  # the network kept; users are read from their histories when served
-            models[name] = m.with_items(items.height, text_vectors)
-        elif isinstance(m, Popularity):
-            models[name] = copy.deepcopy(model if isinstance(model, Popularity) else Popularity()).fit(hist)
+        if isinstance(m, Updatable):  # CF and popularity: the text towers are text_parts' already
+            way = m.refitted if mode == "refit" else m.folded_in
+            models[name] = way(name, cf.get(name), update)
     return p.replace(models, items=items, users=users, history=history, now=int(history[Columns.Timestamp].max()))
 
 

@@ -8,13 +8,15 @@ user's own block first.
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import polars as pl
 import pytest
 import scipy.sparse as sp
 
 from recsys.cf import ALS, BPR, EASE, ItemKNN, Popularity, SASRec, SequentialKNN
-from recsys.cf.models import top_per_dense_row, top_per_row
+from recsys.cf.models import fold_in, top_per_dense_row, top_per_row
 from recsys.cf.sasrec import right_aligned, text_start
 from recsys.columns import Columns
 from recsys.errors import ConfigError
@@ -23,10 +25,12 @@ from recsys.recommender import (
     BLOCK_CELLS,
     DERIVED_SOURCES,
     History,
+    ModelUpdate,
     NearestText,
     NewItemText,
     PopularText,
     Recommender,
+    Updatable,
     derived_models,
 )
 from recsys.text.recommender import TextRecommender
@@ -898,3 +902,172 @@ def test_sasrec_started_from_text_needs_the_catalogues_text(block_world):
     text = np.random.default_rng(0).normal(size=(h.n_items, 4)).astype(np.float32)
     fitted = HybridPipeline({"sasrec": model, "popularity": Popularity()}, None).fit_cf(h, item_text=text)
     assert fitted["sasrec"].reads_item_text and not fitted["popularity"].reads_item_text
+
+
+# --- an update's two modes (``Updatable``: ``recsys.update``'s cf_mode), every model alike -------
+
+UPDATABLE = {
+    "als": lambda: ALS(factors=4, iterations=15, seed=0),
+    "bpr": lambda: BPR(factors=8, iterations=100, seed=0),
+    "itemknn": lambda: ItemKNN(neighbours=50, recency_decay=0.5),
+    "itemknn_next": lambda: SequentialKNN(neighbours=50),
+    "ease": lambda: EASE(regularization=10.0, neighbours=50),
+    "sasrec": lambda: SASRec(dim=8, layers=1, max_history=8, dropout=0.1, epochs=20, seed=0),
+    "popularity": lambda: Popularity(),
+}
+#: the models a warm refit continues (``warm_iterations``); the others fit anew whatever it says
+CONTINUES = {"als", "bpr", "sasrec"}
+#: the refit's ConfigError names the kind of model the config lacks
+KIND = {
+    "als": "factor model",
+    "bpr": "factor model",
+    "itemknn": "item-kNN model",
+    "itemknn_next": "item-kNN model",
+    "ease": "item-kNN model",
+    "sasrec": "SASRec model",
+}
+
+
+def concrete_subclasses(cls: type) -> set[type]:
+    out = set()
+    for sub in cls.__subclasses__():
+        out |= concrete_subclasses(sub) | ({sub} if not inspect.isabstract(sub) else set())
+    return out
+
+
+@pytest.fixture(scope="module")
+def update_world(block_world) -> tuple[dict[str, Recommender], ModelUpdate]:
+    """Every updatable model fitted on the block world, and an update that grows it by one user
+    and one item: the new item consumed by the first 10 users of block 0 and by the new user, who
+    also consumed three items of block 0."""
+    h = block_world.history
+    new_user, new_item = h.n_users, h.n_items
+    block0 = np.flatnonzero(block_world.block_of_user == 0)[:10].tolist()
+    own = h.interactions.filter(pl.col(Columns.UserIdx) == block0[0])[Columns.ItemIdx].to_list()[:3]
+    more = events(
+        [*block0, new_user, new_user, new_user, new_user],
+        [new_item] * len(block0) + [*own, new_item],
+        [2_000] * len(block0) + [1_990, 1_991, 1_992, 2_000],
+    ).cast({Columns.Weight: pl.Float32})
+    grown = History(
+        pl.concat([h.interactions, more.select(h.interactions.columns)], how="vertical_relaxed").sort(
+            Columns.UserIdx, Columns.Timestamp, maintain_order=True
+        ),
+        h.n_users + 1,
+        h.n_items + 1,
+    )
+    touched = np.unique(more[Columns.UserIdx].to_numpy())
+    return {name: make().fit(h) for name, make in UPDATABLE.items()}, ModelUpdate(grown, touched)
+
+
+def served(model: Recommender, history: History) -> np.ndarray:
+    """Every user of ``history`` scored as a served pipeline scores them (all of them known)."""
+    users = np.arange(history.n_users)
+    return np.asarray(model.for_users(history, users).score_users(users))
+
+
+def test_every_updatable_model_is_in_the_shared_update_test():
+    assert concrete_subclasses(Updatable) == {type(make()) for make in UPDATABLE.values()}
+
+
+@pytest.mark.parametrize("mode", ["refit", "warm", "fold_in"])
+@pytest.mark.parametrize("name", list(UPDATABLE))
+def test_an_update_scores_the_grown_users_and_items(update_world, block_world, name, mode):
+    """Either mode serves every user, old and new, over every item, old and new. A cold refit is
+    the configured model fitted on every event (the configured one left unfitted); a warm one
+    continues from the model (next to it after one iteration) where the model can, else is the
+    cold refit; a fold-in keeps what the model learned: the users without new events score the
+    old items as before (popularity, which only counts, counts again)."""
+    fitted, cold = update_world
+    old, h = fitted[name], block_world.history
+    update = ModelUpdate(cold.history, cold.touched, warm_iterations=1 if mode == "warm" else None)
+    configured = UPDATABLE[name]()
+    updated = (old.folded_in if mode == "fold_in" else old.refitted)(name, configured, update)
+    assert updated is not old and updated is not configured
+    assert vars(configured) == vars(UPDATABLE[name]()), "the configured model was changed"
+    scores = served(updated, update.history)
+    assert scores.shape == (h.n_users + 1, h.n_items + 1)
+    assert np.isfinite(scores).all()
+    refit = served(UPDATABLE[name]().fit(update.history), update.history)
+    before = served(old, h)
+    untouched = np.setdiff1d(np.arange(h.n_users), update.touched)
+    if mode == "refit" or (mode == "warm" and name not in CONTINUES) or (mode == "fold_in" and name == "popularity"):
+        np.testing.assert_allclose(scores, refit, rtol=1e-5, atol=1e-6)
+    elif mode == "warm":
+        assert not np.allclose(scores, refit, rtol=1e-3, atol=1e-4), "the warm refit did not continue"
+        agreement = np.corrcoef(before[untouched].ravel(), scores[untouched, : h.n_items].ravel())[0, 1]
+        assert agreement > 0.9, agreement
+    else:
+        np.testing.assert_allclose(scores[untouched, : h.n_items], before[untouched], rtol=1e-5, atol=1e-6)
+    assert type(updated) is type(old)
+
+
+@pytest.mark.parametrize("name", ["als", "bpr"])
+def test_a_factor_fold_in_gives_new_items_zero_factors_and_solves_only_the_touched_users(update_world, name):
+    fitted, update = update_world
+    old = fitted[name]
+    out = old.folded_in(name, None, update)
+    n_users, n_items = old.user_factors.shape[0], old.item_factors.shape[0]
+    np.testing.assert_array_equal(out.item_factors[:n_items], old.item_factors)
+    assert not out.item_factors[n_items:].any()
+    untouched = np.setdiff1d(np.arange(n_users), update.touched)
+    np.testing.assert_array_equal(out.user_factors[untouched], old.user_factors[untouched])
+    solved = fold_in(out.item_factors, update.history.matrix[update.touched], old.regularization, old.alpha)
+    np.testing.assert_array_equal(out.user_factors[update.touched], solved)
+    assert update.touched.max() == n_users  # the new user is among them
+    assert old.user_factors.shape[0] == n_users and old.item_factors.shape[0] == n_items  # left as it was
+
+
+@pytest.mark.parametrize("name", ["itemknn", "itemknn_next", "ease"])
+def test_an_item_knn_fold_in_keeps_its_similarities_and_gives_new_items_none(update_world, name):
+    fitted, update = update_world
+    old = fitted[name]
+    out = old.folded_in(name, None, update)
+    n = old.similarity.shape[0]
+    assert out.similarity.shape == (n + 1, n + 1)
+    assert (out.similarity[:n, :n] != old.similarity).nnz == 0
+    assert out.similarity[n:].nnz == 0 and out.similarity[:, n:].nnz == 0
+
+
+@pytest.mark.parametrize("configured", [None, Popularity(window_days=1.0)])
+@pytest.mark.parametrize("name", sorted(KIND))
+def test_a_refit_without_the_configured_model_says_which_kind_is_missing(update_world, name, configured):
+    fitted, update = update_world
+    with pytest.raises(ConfigError, match=rf"^the model's config has no {KIND[name]} '{name}' to refit$"):
+        fitted[name].refitted(name, configured, update)
+    fitted[name].folded_in(name, configured, update)  # a fold-in fits nothing the config names
+
+
+@pytest.mark.parametrize(
+    ("name", "configured"),
+    [("als", lambda: BPR(factors=4, iterations=5, seed=0)), ("itemknn", lambda: EASE(regularization=10.0))],
+)
+def test_a_refit_follows_the_configured_model_of_the_same_kind(update_world, name, configured):
+    fitted, update = update_world
+    out = fitted[name].refitted(name, configured(), update)
+    assert type(out) is type(configured())
+    np.testing.assert_allclose(
+        served(out, update.history), served(configured().fit(update.history), update.history), rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("mode", ["refitted", "folded_in"])
+def test_popularity_counts_again_by_the_configured_settings_or_the_defaults(update_world, mode):
+    fitted, update = update_world
+    old = fitted["popularity"]
+    windowed = Popularity(window_days=0.005)  # 432 s: only the new events (at 1,990-2,000)
+    assert getattr(old, mode)("popularity", windowed, update).counts.sum() == 14
+    assert getattr(old, mode)("popularity", None, update).counts.sum() == update.history.interactions.height
+    assert getattr(old, mode)("popularity", ALS(), update).counts.sum() == update.history.interactions.height
+
+
+def test_a_cold_sasrec_refit_that_starts_from_text_needs_the_towers_item_vectors(update_world):
+    fitted, update = update_world
+    configured = SASRec(dim=8, layers=1, max_history=8, epochs=1, text_init_std=0.1)
+    with pytest.raises(ValueError, match=r"^a cold refit of 'sasrec' starts from the text tower: pass its text_parts$"):
+        fitted["sasrec"].refitted("sasrec", configured, update)
+    warm = ModelUpdate(update.history, update.touched, warm_iterations=1)  # continues: nothing to start from text
+    assert fitted["sasrec"].refitted("sasrec", configured, warm).item_vectors.shape == (update.history.n_items, 8)
+    text = np.random.default_rng(0).normal(size=(update.history.n_items, 12)).astype(np.float32)
+    with_text = ModelUpdate(update.history, update.touched, item_text=text)
+    assert fitted["sasrec"].refitted("sasrec", configured, with_text).item_vectors.shape == (update.history.n_items, 8)

@@ -13,7 +13,7 @@ import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, get_type_hints
+from typing import Any, ClassVar, TypeVar, get_type_hints
 
 import numpy as np
 import polars as pl
@@ -23,9 +23,11 @@ from threadpoolctl import threadpool_limits
 from recsys.columns import Columns
 from recsys.errors import ConfigError, reading, require_whole
 from recsys.kernels import pair_scores
-from recsys.recommender import History, Recommender, fixed_block_matmul
+from recsys.recommender import History, ModelUpdate, Recommender, Updatable, fixed_block_matmul
 
 MODEL_FILE = "model.npz"
+
+_Family = TypeVar("_Family", bound=Recommender)
 
 
 def show_progress(progress: bool | None) -> bool:
@@ -77,7 +79,16 @@ class _Saved(Recommender):
         return model
 
 
-class _FactorModel(_Saved):
+def configured_copy(name: str, configured: Recommender | None, family: type[_Family], label: str) -> _Family:
+    """A copy of ``configured``, to refit in place of the pipeline's model ``name``
+    (``Updatable.refitted``): a ``ConfigError`` naming ``label`` unless it is of ``family``, since a
+    refit fits what the config says and this config has no such model to say it."""
+    if not isinstance(configured, family):
+        raise ConfigError(f"the model's config has no {label} '{name}' to refit")
+    return copy.deepcopy(configured)
+
+
+class _FactorModel(_Saved, Updatable):
     user_factors: np.ndarray
     item_factors: np.ndarray
     writes_into = True
@@ -103,6 +114,30 @@ class _FactorModel(_Saved):
 
     def item_space(self) -> np.ndarray:
         return unit_rows(self.item_factors)
+
+    def refitted(self, name: str, configured: Recommender | None, update: ModelUpdate) -> _FactorModel:
+        """The configured ALS or BPR (either may follow the other: both are user and item
+        factors), continued from these factors for ``warm_iterations`` (``_warm``), which is
+        cheaper than a cold fit and lands next to this model."""
+        model = configured_copy(name, configured, _FactorModel, "factor model")
+        start = None
+        if update.warm_iterations is not None:
+            model.iterations, start = update.warm_iterations, (self.user_factors, self.item_factors)
+        return model.fit(update.history, start=start)
+
+    def folded_in(self, name: str, configured: Recommender | None, update: ModelUpdate) -> _FactorModel:
+        """The item factors kept, zero for the new items (nothing has learned them: they score 0,
+        as items without events do); the users with new events solved again against them
+        (``fold_in``), the others' factors kept."""
+        h, touched = update.history, update.touched
+        item_f = np.zeros((h.n_items, self.item_factors.shape[1]), dtype=np.float32)
+        item_f[: len(self.item_factors)] = self.item_factors
+        user_f = np.zeros((h.n_users, item_f.shape[1]), dtype=np.float32)
+        user_f[: len(self.user_factors)] = self.user_factors
+        user_f[touched] = fold_in(item_f, h.matrix[touched], self.regularization, self.alpha)
+        out = copy.copy(self)
+        out.user_factors, out.item_factors = user_f, item_f
+        return out
 
     def score_users(self, users: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return fixed_block_matmul(self.user_factors[users], self.item_factors.T, out)
@@ -211,7 +246,7 @@ class BPR(_FactorModel):
         return self
 
 
-class ItemKNN(_Saved):
+class ItemKNN(_Saved, Updatable):
     """Item-item cosine neighbours (implicit's CosineRecommender); user score = sum of similarities.
 
     ``recency_decay`` (0 < d <= 1) weights the user's history items by ``d ** k``, k = how many
@@ -279,6 +314,20 @@ class ItemKNN(_Saved):
         s = self.similarity.astype(np.float32)  # a copy: sorted for the explanations' binary search
         s.sort_indices()
         return s
+
+    def refitted(self, name: str, configured: Recommender | None, update: ModelUpdate) -> ItemKNN:
+        """The configured item-kNN (cosine, sequential or EASE: each an item x item similarity, so
+        any may follow any) fitted anew: a similarity has nothing to continue from."""
+        return configured_copy(name, configured, ItemKNN, "item-kNN model").fit(update.history)
+
+    def folded_in(self, name: str, configured: Recommender | None, update: ModelUpdate) -> ItemKNN:
+        """The similarities kept, padded with empty rows and columns for the new items (they score
+        0 until a refit); the users' rows are read from their histories when served
+        (``for_users``)."""
+        s, n = self.similarity.tocoo(), update.history.n_items
+        out = copy.copy(self)
+        out.similarity = sp.csr_matrix((s.data, (s.row, s.col)), shape=(n, n))
+        return out
 
 
 class SequentialKNN(ItemKNN):
@@ -451,7 +500,7 @@ def recency_rows(history: History, decay: float) -> sp.csr_matrix:
     return m
 
 
-class Popularity(_Saved):
+class Popularity(_Saved, Updatable):
     """Event-weighted item counts: all of them, or only the last ``window_days`` of the history,
     each event weighted ``0.5 ** (age_days / half_life_days)`` if a half-life is set.
 
@@ -537,6 +586,16 @@ class Popularity(_Saved):
 
     def constant_scores(self) -> np.ndarray | None:
         return self.counts if self.user_now is None else None
+
+    def refitted(self, name: str, configured: Recommender | None, update: ModelUpdate) -> Popularity:
+        """Counted again on every event, by the configured Popularity's window and half-life (or
+        the defaults, when the config has none): counting is cheap and the new events are what
+        it counts."""
+        return copy.deepcopy(configured if isinstance(configured, Popularity) else Popularity()).fit(update.history)
+
+    def folded_in(self, name: str, configured: Recommender | None, update: ModelUpdate) -> Popularity:
+        """As ``refitted``: counts kept would leave the new items and events out."""
+        return self.refitted(name, configured, update)
 
     def score_pairs(self, users: np.ndarray, items: np.ndarray, chunk: int | None = None) -> np.ndarray:
         if self.user_now is None:

@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from recsys.cf.models import _Saved, show_progress, unit_rows
+from recsys.cf.models import _Saved, configured_copy, show_progress, unit_rows
 from recsys.errors import ConfigError, require_number, require_whole
 from recsys.kernels import pair_scores
-from recsys.recommender import ROW_BLOCK, History, fixed_block_matmul
+from recsys.recommender import ROW_BLOCK, History, ModelUpdate, Recommender, Updatable, fixed_block_matmul
 
 if TYPE_CHECKING:
     import torch
@@ -143,7 +143,7 @@ def right_aligned(histories: Sequence[np.ndarray], length: int) -> np.ndarray:
     return out
 
 
-class SASRec(_Saved):
+class SASRec(_Saved, Updatable):
     """Self-attentive sequential recommendation over item ids (module docstring).
 
     Args:
@@ -377,6 +377,23 @@ class SASRec(_Saved):
         out.network.items = torch.nn.Embedding.from_pretrained(table.clone(), freeze=False, padding_idx=0)
         out.item_vectors = _item_table(out.network)
         return out
+
+    def refitted(self, name: str, configured: Recommender | None, update: ModelUpdate) -> SASRec:
+        """The configured SASRec, continued from this network for ``warm_iterations`` epochs (the
+        new items placed by their text first, ``with_items``); a cold refit that starts from text
+        (``text_init_std``) needs the refreshed tower's item vectors, a ``ValueError`` without."""
+        model = configured_copy(name, configured, SASRec, "SASRec model")
+        start = None
+        if update.warm_iterations is not None:
+            model.epochs, start = update.warm_iterations, self
+        elif model.reads_item_text and update.item_text is None:  # a cold fit starts from the tower's items
+            raise ValueError(f"a cold refit of '{name}' starts from the text tower: pass its text_parts")
+        return model.fit(update.history, start=start, item_text=update.item_text)
+
+    def folded_in(self, name: str, configured: Recommender | None, update: ModelUpdate) -> SASRec:
+        """The network kept, grown by the new items where their text puts them (``with_items``):
+        it has no per-user weights, so users are read from their histories when served."""
+        return self.with_items(update.history.n_items, update.item_text)
 
     def score_users(self, users: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return fixed_block_matmul(self.user_vectors[users], self.item_vectors.T, out)
