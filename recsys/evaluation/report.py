@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -506,7 +506,9 @@ class Reporter:
                         if "text/train_minutes" in ft and "text/zeroshot_minutes" in ft
                         else ""
                     )
-                    + "). Validation "
+                    + ")"
+                    + _budget_note(ft)
+                    + ". Validation "
                     f"NDCG@10: zero-shot {ft.get('text/val_ndcg_at_10_zeroshot', float('nan')):.4f}, fine-tuned "
                     f"{ft.get('text/val_ndcg_at_10_finetuned', float('nan')):.4f}"
                     + (
@@ -647,6 +649,19 @@ def write_document(doc: Document, numbers: dict[str, Any], folder: str | Path) -
     out.append(write_text_atomic(json.dumps(_json_safe(numbers), indent=2, sort_keys=True), folder / "metrics.json"))
     out.append(write_text_atomic(to_html(doc), folder / "report.html"))
     return out
+
+
+def _budget_note(ft: Mapping[str, Any]) -> str:
+    """What ended a fine-tuning that its time budget cut short of its planned steps: the steps
+    then follow the machine's speed and load, which the reader of a figure should know."""
+    if not ft.get("text/budget_ended"):
+        return ""
+    planned = ft.get("text/planned_steps")
+    of = f" at step {int(ft.get('text/steps', 0)):,} of the {int(planned):,} planned" if planned is not None else ""
+    return (
+        f"; the time budget ended it{of}, so the steps follow the machine's speed and load "
+        "(text.budget_minutes=null repeats on any machine)"
+    )
 
 
 def _interpolation_note(alpha: float | None) -> str:

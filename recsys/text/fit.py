@@ -179,6 +179,7 @@ def fine_tune(
         info = json.loads(done.read_text())
         best_path, best_score = info["best_path"], info["best_score"]
         steps, curve = int(info.get("steps", 0)), [tuple(x) for x in info.get("curve", [])]
+        planned, budget_ended = info.get("planned_steps"), bool(info.get("budget_ended", False))
         log.info("training of this configuration already finished in an earlier run; reusing %s", resume_dir)
         if not best_path:
             best_path = str(resume_dir / LAST)
@@ -206,9 +207,12 @@ def fine_tune(
         else:  # no validation ran during fit (a time budget spent before the first epoch ended)
             best_score = float(trainer.callback_metrics.get("val/ndcg_at_10", float("-inf")))
         steps, curve = int(trainer.global_step), list(module.val_curve)
+        planned = _planned_steps(trainer)
+        budget_ended = _budget_spent(trainer) and (planned is None or steps < planned)
         if done is not None:
             tmp = done.with_suffix(".tmp")
             info = {"best_path": best_path, "best_score": best_score, "steps": steps, "curve": curve}
+            info |= {"planned_steps": planned, "budget_ended": budget_ended}
             tmp.write_text(json.dumps(info))
             os.replace(tmp, done)
     if best_path:
@@ -226,6 +230,15 @@ def fine_tune(
         )
     else:  # the last weights stay: their score is that of the last validation's point
         module.apply_interpolation(module.alpha)
+    if budget_ended:
+        log.warning(
+            "text.budget_minutes ended fine-tuning at step %d of the %s planned (trainer.max_epochs validations "
+            "of text.data.steps_per_epoch steps): the steps trained follow this machine's speed and load, so a "
+            "rerun of the same seed can keep another checkpoint; raise text.budget_minutes, or set it to null, "
+            "for a run that repeats",
+            steps,
+            "?" if planned is None else f"{planned:,}",
+        )
     zero_score = float(zero["val/ndcg_at_10"])
     kept_zero_shot = best_score <= zero_score
     if kept_zero_shot:
@@ -248,10 +261,15 @@ def fine_tune(
         # How far from the zero-shot start the kept weights lie (1: the trained ones; 0: the start).
         "text/interpolation": float(module.alpha),
         "text/steps": float(steps),
+        # Whether the time budget ended training before its planned length (the steps then
+        # follow the machine's speed), and that length (absent: only early stopping bounded it).
+        "text/budget_ended": float(budget_ended),
         "text/minutes": (t_end - t0) / 60.0,
         "text/zeroshot_minutes": (t_train - t0) / 60.0,
         "text/train_minutes": (t_end - t_train) / 60.0,
     }
+    if planned is not None:
+        metrics["text/planned_steps"] = float(planned)
     return net, metrics, [(0, zero_score, float(zero.get("val/ndcg_at_10_tail", float("nan")))), *curve]
 
 
@@ -265,6 +283,23 @@ def _own_folder(resume_dir: Path | None):
             name = re.escape(str(resume_dir.name))
             warnings.filterwarnings("ignore", message=f"Checkpoint directory .*{name} exists and is not empty")
         yield
+
+
+def _planned_steps(trainer: L.Trainer) -> int | None:
+    """The steps the trainer was set to run (``max_steps``, or ``max_epochs`` x steps per
+    epoch), or None when nothing bounds them but early stopping and the time budget."""
+    total = trainer.estimated_stepping_batches
+    return None if total == float("inf") else int(total)
+
+
+def _budget_spent(trainer: L.Trainer) -> bool:
+    """Whether training used up the time budget (the Trainer's ``max_time``: its ``Timer``
+    callback), which then ended it unless the planned length was reached too."""
+    from lightning.pytorch.callbacks import Timer
+
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    remaining = timer.time_remaining("train") if timer is not None else None
+    return remaining is not None and remaining <= 0
 
 
 def _monitor_checkpoint(trainer: L.Trainer):

@@ -304,6 +304,25 @@ def test_finetuning_text_of_a_run_without_time_budget(tmp_path):
     assert "budget: 1.5 min for training, which took 0.4" in texts[1.5]
 
 
+def test_finetuning_text_says_when_the_time_budget_ended_training(tmp_path):
+    """A tower the time budget cut short of its planned steps trained as many as the machine
+    allowed: the section says so, and says nothing where the planned length ended it."""
+    from recsys.evaluation.report import Reporter
+
+    lists = {m: np.tile(np.arange(10), (2, 1)) for m in ("fused", "als", "text", "text_zeroshot")}
+    ft = {"text/minutes": 0.5, "text/steps": 1764.0, "text/val_ndcg_at_10_zeroshot": 0.1,
+          "text/val_ndcg_at_10_finetuned": 0.2, "text/kept_zeroshot": 0.0, "budget_minutes": 1.5,
+          "text/planned_steps": 3000.0}  # fmt: skip
+    texts = {}
+    for ended in (0.0, 1.0):
+        bundle = small_bundle(tmp_path / str(ended), ([0, 1], [3, 4]), ([0, 1], [7, 5]), lists,
+                              finetuning={**ft, "text/budget_ended": ended})  # fmt: skip
+        doc, _ = Reporter(ks=(5, 10), n_bootstrap=20).document(bundle)
+        texts[ended] = {s.key: s for s in doc.sections}["finetuning"].blocks[0].text
+    assert "the time budget ended it at step 1,764 of the 3,000 planned" in texts[1.0]
+    assert "time budget ended" not in texts[0.0]
+
+
 def test_finetuning_text_names_the_point_between_start_and_trained_weights(tmp_path):
     """text.module.interpolation: the section says where the kept weights lie when they are not
     the trained ones, and says nothing of it when they are."""

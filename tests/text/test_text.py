@@ -284,7 +284,8 @@ def test_fine_tune_restores_the_best_checkpoint(block_world, tiny_encoder, tmp_p
     assert out is net and not net.training
     ndcgs = {"text/val_ndcg_at_10_zeroshot", "text/val_ndcg_at_10_finetuned", "text/kept_zeroshot"}
     extra = {"text/steps", "text/minutes", "text/zeroshot_minutes", "text/train_minutes", "text/interpolation"}
-    assert set(metrics) == ndcgs | extra
+    assert set(metrics) == ndcgs | extra | {"text/planned_steps", "text/budget_ended"}
+    assert metrics["text/planned_steps"] == 9 and metrics["text/budget_ended"] == 0.0  # no budget here
     assert metrics["text/interpolation"] == 1.0  # this module validates the trained weights only
     parts = metrics["text/zeroshot_minutes"] + metrics["text/train_minutes"]
     assert metrics["text/train_minutes"] > 0 and parts == pytest.approx(metrics["text/minutes"], rel=0.05, abs=1e-3)
@@ -294,6 +295,21 @@ def test_fine_tune_restores_the_best_checkpoint(block_world, tiny_encoder, tmp_p
     # This tiny world is learnable: fine-tuning beats the random start, so the best checkpoint wins.
     assert metrics["text/kept_zeroshot"] == 0.0
     assert_holds_the_best_checkpoint(net, ckpt)
+
+
+def test_a_time_budget_that_ends_training_early_is_logged_and_said(block_world, tiny_encoder, tmp_path, caplog):
+    """When ``text.budget_minutes`` (the Trainer's max_time), not the planned length or early
+    stopping, ends fine-tuning, the steps follow the machine's speed: the run says so (a metric
+    the report reads, and a warning naming the setting), where it passed silently before."""
+    from datetime import timedelta
+
+    with caplog.at_level(logging.WARNING, logger="recsys.text.fit"):
+        _, _, metrics, _ = fine_tune_with_best_checkpoint(
+            block_world, tiny_encoder, tmp_path, max_time=timedelta(microseconds=1)
+        )
+    assert metrics["text/budget_ended"] == 1.0
+    assert metrics["text/steps"] < metrics["text/planned_steps"] == 9
+    assert "text.budget_minutes ended fine-tuning at step" in caplog.text and "of the 9 planned" in caplog.text
 
 
 def test_fine_tune_keeps_the_zero_shot_weights_when_no_epoch_beats_them(block_world, tiny_encoder, tmp_path, caplog):
