@@ -232,12 +232,13 @@ def fine_tune(
         module.apply_interpolation(module.alpha)
     if budget_ended:
         log.warning(
-            "text.budget_minutes ended fine-tuning at step %d of the %s planned (trainer.max_epochs validations "
-            "of text.data.steps_per_epoch steps): the steps trained follow this machine's speed and load, so a "
-            "rerun of the same seed can keep another checkpoint; raise text.budget_minutes, or set it to null, "
-            "for a run that repeats",
+            "text.budget_minutes ended fine-tuning at step %d%s: the steps trained follow this machine's speed "
+            "and load, so a rerun of the same seed can keep another checkpoint; raise text.budget_minutes, or set "
+            "it to null, for a run that repeats",
             steps,
-            "?" if planned is None else f"{planned:,}",
+            ""
+            if planned is None
+            else f" of the {planned:,} planned (trainer.max_epochs validations of text.data.steps_per_epoch steps)",
         )
     zero_score = float(zero["val/ndcg_at_10"])
     kept_zero_shot = best_score <= zero_score
