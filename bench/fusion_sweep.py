@@ -140,6 +140,7 @@ VARIANTS: dict[str, tuple[dict, dict, tuple[str, ...]]] = {
     "both_mcs20": ({"min_child_samples": 20}, {}, ()),
     "both_mcs100": ({"min_child_samples": 100}, {}, ()),
     "both_lr03": ({"learning_rate": 0.03, "n_estimators": 800, "early_stopping_rounds": 60}, {}, ()),
+    "both_mix_binary": ({}, {}, ()),
     # The preset's ranker with another seed (its bags' folds and trees): the spread the ranker's
     # own randomness leaves on one fold split.
     **{f"both_seed{i}": ({"seed": i}, {}, ()) for i in range(1, 6)},
@@ -150,6 +151,9 @@ VALIDATION_STAGE_ONLY = {"both_one_stage", "finetuned_one_stage"}
 # Variants that learn from fewer of the earlier stages than ``--label-stages N`` builds: beside the
 # others, one run compares two stages with three.
 EARLIER_STAGES_USED = {"both_two_stages": 1}
+# Variants whose score is the mean of several rankers' (each with these overrides of the variant's
+# own), each standardised over the users it ranks: rankers of other losses err apart.
+ENSEMBLES: dict[str, list[dict]] = {"both_mix_binary": [{}, {"objective": "binary"}]}
 # Features a variant adds to the frames (derived from their columns), by variant name.
 EXTRA_FEATURES: dict[str, dict[str, pl.Expr]] = {
     # Events per day since the item's first event: popularity per unit of exposure.
@@ -363,18 +367,23 @@ def main() -> None:
         blended: dict[float, list] = {w: [] for w in weights[1:]}
         col = f"score_{args.blend_model}"
         for a, b in ((0, 1), (1, 0)):
-            ranker = instantiate(cfg.ranker, **ranker_over)
             part = df.filter(pl.col(Columns.UserIdx).is_in(halves[a].tolist()))
             if extra[key] is not None and name not in VALIDATION_STAGE_ONLY:
                 part = part.with_columns(pl.lit(0, dtype=pl.Int8).alias(Columns.Stage))
                 rows = extra[key].filter(pl.col(Columns.Stage) <= EARLIER_STAGES_USED.get(name, n_stages))
                 part = pl.concat([part, rows.with_columns(**extra_cols).select(part.columns)])
-            t1 = time.perf_counter()
-            ranker.fit(part, feats)
-            fit_s += time.perf_counter() - t1
             held = df.filter(pl.col(Columns.UserIdx).is_in(halves[b].tolist())).sort(Columns.UserIdx, Columns.ItemIdx)
             held_users = np.sort(halves[b])
-            pred = ranker.predict(held)
+            members = ENSEMBLES.get(name, [{}])
+            preds = []
+            for member in members:
+                ranker = instantiate(cfg.ranker, **{**ranker_over, **member})
+                t1 = time.perf_counter()
+                ranker.fit(part, feats)
+                fit_s += time.perf_counter() - t1
+                p = ranker.predict(held)
+                preds.append((p - p.mean()) / max(float(p.std()), 1e-12) if len(members) > 1 else p)
+            pred = np.mean(preds, axis=0)
             targets = split.val.filter(pl.col(Columns.UserIdx).is_in(halves[b].tolist()))
             rel = relevance_matrix(targets, held_users, data.n_items)
             scale = np.std(ranker.predict(part)) / max(float(part[col].std()), 1e-12) if weights[1:] else 0.0
