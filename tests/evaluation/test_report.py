@@ -283,21 +283,33 @@ def test_comparison_of_sampled_runs_says_the_users_are_a_sample(tmp_path):
     assert "random sample" not in doc.subtitle + doc.sections[0].blocks[0].text
 
 
-def test_finetuning_text_of_a_run_without_time_budget(tmp_path):
-    """text.budget_minutes=null: the fine-tuning section says there was no time budget (it printed
-    "budget: None min"); the segments define cold by the test stage's history, train + validation."""
+def finetuning_report(folder, finetuning: dict) -> dict:
+    """The report's sections, by key, of a small bundle with these fine-tuning figures."""
     from recsys.evaluation.report import Reporter
 
     lists = {m: np.tile(np.arange(10), (2, 1)) for m in ("fused", "als", "text", "text_zeroshot")}
-    ft = {"text/minutes": 0.5, "text/steps": 10.0, "text/train_minutes": 0.4, "text/zeroshot_minutes": 0.1,
-          "text/val_ndcg_at_10_zeroshot": 0.1, "text/val_ndcg_at_10_finetuned": 0.2, "text/kept_zeroshot": 0.0,
-          "curve": [[0, 0.1, 0.1], [10, 0.2, 0.2]]}  # fmt: skip
+    bundle = small_bundle(folder, ([0, 1], [3, 4]), ([0, 1], [7, 5]), lists, finetuning=finetuning)
+    doc, _ = Reporter(ks=(5, 10), n_bootstrap=20).document(bundle)
+    return {s.key: s for s in doc.sections}
+
+
+# What every run's fine-tuning figures hold (the tests below change one thing each).
+FINETUNING = {"text/minutes": 0.5, "text/steps": 10.0, "text/val_ndcg_at_10_zeroshot": 0.1,
+              "text/val_ndcg_at_10_finetuned": 0.2, "text/kept_zeroshot": 0.0}  # fmt: skip
+
+
+def test_finetuning_text_of_a_run_without_time_budget(tmp_path):
+    """text.budget_minutes=null: the fine-tuning section says there was no time budget (it printed
+    "budget: None min"); the segments define cold by the test stage's history, train + validation."""
+    ft = {
+        **FINETUNING,
+        "text/train_minutes": 0.4,
+        "text/zeroshot_minutes": 0.1,
+        "curve": [[0, 0.1, 0.1], [10, 0.2, 0.2]],
+    }
     texts = {}
     for budget in (None, 1.5):
-        bundle = small_bundle(tmp_path / str(budget), ([0, 1], [3, 4]), ([0, 1], [7, 5]), lists,
-                              finetuning={**ft, "budget_minutes": budget})  # fmt: skip
-        doc, _ = Reporter(ks=(5, 10), n_bootstrap=20).document(bundle)
-        sections = {s.key: s for s in doc.sections}
+        sections = finetuning_report(tmp_path / str(budget), {**ft, "budget_minutes": budget})
         texts[budget] = sections["finetuning"].blocks[0].text
         assert "train + validation" in sections["segments"].blocks[0].text
     assert "None" not in texts[None] and "no time budget for training, which took 0.4" in texts[None]
@@ -307,18 +319,11 @@ def test_finetuning_text_of_a_run_without_time_budget(tmp_path):
 def test_finetuning_text_says_when_the_time_budget_ended_training(tmp_path):
     """A tower the time budget cut short of its planned steps trained as many as the machine
     allowed: the section says so, and says nothing where the planned length ended it."""
-    from recsys.evaluation.report import Reporter
-
-    lists = {m: np.tile(np.arange(10), (2, 1)) for m in ("fused", "als", "text", "text_zeroshot")}
-    ft = {"text/minutes": 0.5, "text/steps": 1764.0, "text/val_ndcg_at_10_zeroshot": 0.1,
-          "text/val_ndcg_at_10_finetuned": 0.2, "text/kept_zeroshot": 0.0, "budget_minutes": 1.5,
-          "text/planned_steps": 3000.0}  # fmt: skip
-    texts = {}
-    for ended in (0.0, 1.0):
-        bundle = small_bundle(tmp_path / str(ended), ([0, 1], [3, 4]), ([0, 1], [7, 5]), lists,
-                              finetuning={**ft, "text/budget_ended": ended})  # fmt: skip
-        doc, _ = Reporter(ks=(5, 10), n_bootstrap=20).document(bundle)
-        texts[ended] = {s.key: s for s in doc.sections}["finetuning"].blocks[0].text
+    ft = {**FINETUNING, "text/steps": 1764.0, "budget_minutes": 1.5, "text/planned_steps": 3000.0}
+    texts = {
+        ended: finetuning_report(tmp_path / str(ended), {**ft, "text/budget_ended": ended})["finetuning"].blocks[0].text
+        for ended in (0.0, 1.0)
+    }
     assert "the time budget ended it at step 1,764 of the 3,000 planned" in texts[1.0]
     assert "time budget ended" not in texts[0.0]
 
@@ -326,16 +331,12 @@ def test_finetuning_text_says_when_the_time_budget_ended_training(tmp_path):
 def test_finetuning_text_names_the_point_between_start_and_trained_weights(tmp_path):
     """text.module.interpolation: the section says where the kept weights lie when they are not
     the trained ones, and says nothing of it when they are."""
-    from recsys.evaluation.report import Reporter
-
-    lists = {m: np.tile(np.arange(10), (2, 1)) for m in ("fused", "als", "text", "text_zeroshot")}
-    ft = {"text/minutes": 0.5, "text/steps": 10.0, "text/val_ndcg_at_10_zeroshot": 0.1,
-          "text/val_ndcg_at_10_finetuned": 0.2, "text/kept_zeroshot": 0.0, "budget_minutes": 1.5}  # fmt: skip
-    texts = {}
-    for alpha in (0.5, 1.0):
-        bundle = small_bundle(tmp_path / str(alpha), ([0, 1], [3, 4]), ([0, 1], [7, 5]), lists,
-                              finetuning={**ft, "text/interpolation": alpha})  # fmt: skip
-        doc, _ = Reporter(ks=(5, 10), n_bootstrap=20).document(bundle)
-        texts[alpha] = {s.key: s for s in doc.sections}["finetuning"].blocks[0].text
+    ft = {**FINETUNING, "budget_minutes": 1.5}
+    texts = {
+        alpha: finetuning_report(tmp_path / str(alpha), {**ft, "text/interpolation": alpha})["finetuning"]
+        .blocks[0]
+        .text
+        for alpha in (0.5, 1.0)
+    }
     assert "weights 0.5 of the way from the zero-shot start to the trained ones" in texts[0.5]
     assert "of the way" not in texts[1.0] and texts[1.0].endswith("fine-tuned 0.2000.")
