@@ -211,8 +211,14 @@ def fine_tune(
         budget_ended = _budget_spent(trainer) and (planned is None or steps < planned)
         if done is not None:
             tmp = done.with_suffix(".tmp")
-            info = {"best_path": best_path, "best_score": best_score, "steps": steps, "curve": curve}
-            info |= {"planned_steps": planned, "budget_ended": budget_ended}
+            info = {
+                "best_path": best_path,
+                "best_score": best_score,
+                "steps": steps,
+                "curve": curve,
+                "planned_steps": planned,
+                "budget_ended": budget_ended,
+            }
             tmp.write_text(json.dumps(info))
             os.replace(tmp, done)
     if best_path:
