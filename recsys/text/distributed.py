@@ -82,6 +82,16 @@ def check_trainer(trainer: Mapping[str, Any], env: Mapping[str, str] | None = No
     devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
     for name, v in (("devices", devices), ("num_nodes", nodes)):
         require_whole(f"trainer.{name}", v)
+    # The text tower's length in validations (the presets fix it): Lightning asserts on anything
+    # else only once training starts, after the data and CF.
+    epochs = trainer.get("max_epochs")
+    if epochs is not None and epochs != -1:
+        try:
+            require_whole("trainer.max_epochs", epochs)
+        except ConfigError:
+            raise ConfigError(
+                f"trainer.max_epochs must be a whole number >= 1, -1 (unbounded) or null, got {epochs!r}"
+            ) from None
     accelerator = trainer.get("accelerator", "auto")
     gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     if accelerator not in ("cpu", "gpu", "cuda", "auto"):

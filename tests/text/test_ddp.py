@@ -37,6 +37,9 @@ REPO = Path(__file__).resolve().parents[2]
         ({"strategy": "ddp", "devices": 0, "accelerator": "cpu"}, {}, "trainer.devices must be"),
         ({"strategy": "ddp", "devices": 1, "num_nodes": 2, "accelerator": "cpu"}, {}, "needs a launcher"),
         ({"strategy": "ddp", "devices": 1, "accelerator": "cpu"}, {"WORLD_SIZE": "4", "RANK": "1"}, "WORLD_SIZE"),
+        ({"devices": 1, "accelerator": "cpu", "max_epochs": "abc"}, {}, r"trainer\.max_epochs must be .*'abc'"),
+        ({"devices": 1, "accelerator": "cpu", "max_epochs": 0}, {}, r"trainer\.max_epochs must be"),
+        ({"devices": 1, "accelerator": "cpu", "max_epochs": 2.5}, {}, r"trainer\.max_epochs must be"),
     ],
 )
 def test_settings_that_cannot_work_are_a_config_error(trainer, env, message):
@@ -60,6 +63,8 @@ def test_cpu_processes_are_counted_against_the_cores_this_process_may_use(monkey
 
 def test_layouts():
     assert check_trainer({"devices": 1, "accelerator": "cpu"}, {}).world_size == 1
+    for epochs in (16, -1, None):  # a length, unbounded, Lightning's default
+        check_trainer({"devices": 1, "accelerator": "cpu", "max_epochs": epochs}, {})
     one_node = check_trainer({"strategy": "ddp", "devices": 2, "accelerator": "cpu"}, {})
     assert (one_node.world_size, one_node.rank, one_node.launched, one_node.is_worker) == (2, 0, False, False)
     env = {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}
