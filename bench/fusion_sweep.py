@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -141,6 +142,11 @@ VARIANTS: dict[str, tuple[dict, dict, tuple[str, ...]]] = {
     "both_mcs100": ({"min_child_samples": 100}, {}, ()),
     "both_lr03": ({"learning_rate": 0.03, "n_estimators": 800, "early_stopping_rounds": 60}, {}, ()),
     "both_mix_binary": ({}, {}, ()),
+    "both_gap": ({}, {}, ()),
+    "both_rrf": ({}, {}, ()),
+    "both_gap_rrf": ({}, {}, ()),
+    "both_gap_all": ({}, {}, ()),
+    "finetuned_gap_all": ({}, {}, ZS),
     # The preset's ranker with another seed (its bags' folds and trees): the spread the ranker's
     # own randomness leaves on one fold split.
     **{f"both_seed{i}": ({"seed": i}, {}, ()) for i in range(1, 6)},
@@ -154,8 +160,38 @@ EARLIER_STAGES_USED = {"both_two_stages": 1}
 # Variants whose score is the mean of several rankers' (each with these overrides of the variant's
 # own), each standardised over the users it ranks: rankers of other losses err apart.
 ENSEMBLES: dict[str, list[dict]] = {"both_mix_binary": [{}, {"objective": "binary"}]}
+# Each strong model's score minus the best of the user's candidates: how far a candidate lies behind
+# the user's top pick, which per-user z-scores do not say for a peaked score list.
+GAP = {
+    f"gap_{m}": pl.col(f"score_{m}") - pl.col(f"score_{m}").max().over(Columns.UserIdx)
+    for m in ("sasrec", "text", "text_zeroshot", "als", "itemknn", "itemknn_recent", "itemknn_next")
+}
+
+
+def gap_all(columns: list[str]) -> dict[str, pl.Expr]:
+    """Every model's score gap to the user's best candidate (what ``rank.score_gap_feature`` adds)."""
+    return {
+        f"gap_{c[6:]}": pl.col(c) - pl.col(c).max().over(Columns.UserIdx)
+        for c in columns
+        if c.startswith("score_") and not c.endswith("_z")
+    }
+
+
+# Reciprocal-rank fusion over the candidate sources (60 as in Cormack et al.): agreement between
+# sources, which a tree reads only through many splits.
+RRF = {
+    "rrf": pl.sum_horizontal(
+        [1.0 / (60.0 + pl.col(f"rank_{s}").cast(pl.Float64)) for s in ("als", "text", "itemknn", "sasrec", "text_new")]
+    ).fill_null(0.0)
+}
 # Features a variant adds to the frames (derived from their columns), by variant name.
-EXTRA_FEATURES: dict[str, dict[str, pl.Expr]] = {
+# A callable builds them from the frame's columns.
+EXTRA_FEATURES: dict[str, dict[str, pl.Expr] | Callable[[list[str]], dict[str, pl.Expr]]] = {
+    "both_gap": GAP,
+    "both_rrf": RRF,
+    "both_gap_rrf": {**GAP, **RRF},
+    "both_gap_all": gap_all,
+    "finetuned_gap_all": gap_all,
     # Events per day since the item's first event: popularity per unit of exposure.
     "finetuned_item_rate": {"item_rate": pl.col("item_events") / (pl.col("item_age_days").fill_null(0.0) + 1.0)},
 }
@@ -204,6 +240,15 @@ def stage_tower(cfg, data, run: str) -> StageTower:
         print(f"earlier stage's own tower: {shown}", flush=True)
 
     return StageTower(cfg, start, item_ids, item_lengths, listing_times(data.items), Path(run), log)
+
+
+def ensemble_predict(rankers: list, frame: pl.DataFrame) -> np.ndarray:
+    """A variant's score: its one ranker's, or the mean of its members' scores, each standardised
+    over the frame (``ENSEMBLES``)."""
+    if len(rankers) == 1:
+        return rankers[0].predict(frame)
+    preds = [r.predict(frame) for r in rankers]
+    return np.mean([(p - p.mean()) / max(float(p.std()), 1e-12) for p in preds], axis=0)
 
 
 def paired(boot: PairedBootstrap, x: np.ndarray, reference: np.ndarray) -> str:
@@ -339,7 +384,7 @@ def main() -> None:
         n_cand = {k: n for k, n in {**cfg.rank.n_candidates, **extra_sources}.items() if n}  # 0: not a source
         key = tuple(sorted(n_cand.items()))
         if key not in frames:
-            fusion = FusionStage(n_cand, None, seed=cfg.seed)
+            fusion = FusionStage(n_cand, None, seed=cfg.seed, score_gaps=cfg.rank.get("score_gap_feature", False))
             v = validation
             frames[key] = fusion.labelled_frame(v.users, v.models, v.history, v.targets, v.exclude)
             # The earlier stages as the job builds them: the first taught users in a seeded order.
@@ -359,6 +404,8 @@ def main() -> None:
                 print(f"| {o_name} over {name}'s candidates | {ndcg_o:.4f} | {recall_o:.4f} | | | |", flush=True)
         df = frames[key]
         extra_cols = EXTRA_FEATURES.get(name, {})
+        if callable(extra_cols):
+            extra_cols = extra_cols(df.columns)
         if extra_cols:
             df = df.with_columns(**extra_cols)
         feats = [c for c in feature_columns(df) if not c.startswith(dropped)]
@@ -375,18 +422,18 @@ def main() -> None:
             held = df.filter(pl.col(Columns.UserIdx).is_in(halves[b].tolist())).sort(Columns.UserIdx, Columns.ItemIdx)
             held_users = np.sort(halves[b])
             members = ENSEMBLES.get(name, [{}])
-            preds = []
+            rankers = []
             for member in members:
                 ranker = instantiate(cfg.ranker, **{**ranker_over, **member})
                 t1 = time.perf_counter()
                 ranker.fit(part, feats)
                 fit_s += time.perf_counter() - t1
-                p = ranker.predict(held)
-                preds.append((p - p.mean()) / max(float(p.std()), 1e-12) if len(members) > 1 else p)
-            pred = np.mean(preds, axis=0)
+                rankers.append(ranker)
+            pred = ensemble_predict(rankers, held)
             targets = split.val.filter(pl.col(Columns.UserIdx).is_in(halves[b].tolist()))
             rel = relevance_matrix(targets, held_users, data.n_items)
-            scale = np.std(ranker.predict(part)) / max(float(part[col].std()), 1e-12) if weights[1:] else 0.0
+            # The blend's weight is in units of the variant's own score spread on its training rows.
+            scale = np.std(ensemble_predict(rankers, part)) / max(float(part[col].std()), 1e-12) if weights[1:] else 0.0
             for w in weights:
                 score = pred + w * scale * held[col].to_numpy() if w else pred
                 items = ranked_arrays(ranked_candidates(held, score, held_users, 10)[0], held_users, 10)[0]

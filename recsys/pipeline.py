@@ -29,7 +29,7 @@ import scipy.sparse as sp
 from recsys.columns import Columns
 from recsys.data.dataset import Dataset, listing_times
 from recsys.data.split import Split, moments_from_end
-from recsys.errors import InputError, require_whole
+from recsys.errors import ConfigError, InputError, require_whole
 from recsys.evaluation.metrics import metric_table, ranking_metrics, relevance_matrix
 from recsys.progress import user_bar
 from recsys.rank.candidates import ScoreBlock, masked_top_k
@@ -225,6 +225,7 @@ class FusionStage:
         label_stages: int = 1,
         max_earlier_users: int | None = None,
         max_earlier_examined: int | None = None,
+        score_gaps: bool = False,
     ) -> None:
         caps = {
             "max_train_users": max_train_users,
@@ -234,7 +235,9 @@ class FusionStage:
         for name, cap in caps.items():
             require_whole(f"rank.{name}", cap, optional=True)
         require_whole("rank.label_stages", label_stages)
-        self.fused = FusedRecommender(n_candidates, ranker)
+        if not isinstance(score_gaps, bool):
+            raise ConfigError(f"rank.score_gap_feature must be true or false, got {score_gaps!r}")
+        self.fused = FusedRecommender(n_candidates, ranker, score_gaps)
         self.max_train_users = max_train_users
         self.seed = seed
         self.label_stages = label_stages

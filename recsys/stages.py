@@ -193,6 +193,7 @@ def prepare(cfg: DictConfig, timings: StageTimings) -> Job:
             label_stages=cfg.rank.get("label_stages", 1),
             max_earlier_users=cfg.rank.get("max_earlier_users"),
             max_earlier_examined=cfg.rank.get("max_earlier_examined"),
+            score_gaps=cfg.rank.get("score_gap_feature", False),
         )
         # Every candidate source by name, before any training: CF, the text towers, what derives from them.
         towers = ["text"] + (["text_zeroshot"] if cfg.rank.get("text_zeroshot_feature") else [])

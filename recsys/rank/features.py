@@ -17,6 +17,8 @@ from recsys.rank.candidates import rank_column
 from recsys.recommender import History, Recommender
 
 DAY = 86400.0
+#: The suffix of a score's gap to the user's best candidate (``build_features(score_gaps=True)``).
+GAP = "_gap"
 
 
 def item_statistics(history: History) -> pl.DataFrame:
@@ -97,8 +99,11 @@ def build_features(
     sources: Sequence[str],
     item_stats: pl.DataFrame | None = None,
     user_stats: pl.DataFrame | None = None,
+    score_gaps: bool = False,
 ) -> pl.DataFrame:
-    """Candidates + model scores, per-user standardised scores, ranks, item and user statistics.
+    """Candidates + model scores, per-user standardised scores, ranks, item and user statistics,
+    and with ``score_gaps`` each score's gap to the user's best candidate (``score_<model>_gap``,
+    the last columns: ``rank.score_gap_feature``).
 
     ``scorers`` score the candidate pairs (``score_pairs``; a ``ScoreBlock`` reads the block the
     candidates came from). Item statistics: as of each user's cut where ``history`` has per-user
@@ -146,6 +151,9 @@ def build_features(
     for c in user_stats.columns:
         if c != Columns.UserIdx:
             cols[c] = user_stats[c].gather(rows)
+    if score_gaps:
+        for name, v in scores.items():
+            cols[f"{name}{GAP}"] = pl.Series(f"{name}{GAP}", _user_gap(v, starts, counts), dtype=pl.Float32)
     return pl.DataFrame(list(cols.values()))
 
 
@@ -168,6 +176,15 @@ def _user_z(x: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray
     with np.errstate(invalid="ignore", divide="ignore"):
         std = np.sqrt(np.add.reduceat(dev * dev, starts) / (counts - 1))
         return (dev / (np.repeat(std, counts) + 1e-6)).astype(np.float32)
+
+
+def _user_gap(x: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``x - max`` within each user's run of rows: how far a candidate lies behind the user's best.
+    A per-user z-score says how a score stands among the user's candidates on average; a peaked
+    list (one clear favourite) and a flat one with the same spread are told apart only by this."""
+    if len(x) == 0:
+        return x.astype(np.float32)
+    return (x - np.repeat(np.maximum.reduceat(x, starts), counts)).astype(np.float32)
 
 
 def feature_columns(df: pl.DataFrame) -> list[str]:

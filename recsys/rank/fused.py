@@ -20,7 +20,7 @@ from recsys.errors import ConfigError
 from recsys.kernels import kept_cells
 from recsys.progress import user_bar
 from recsys.rank.candidates import ScoreBlock, generate_candidates, score_blocks
-from recsys.rank.features import build_features, item_statistics, user_statistics
+from recsys.rank.features import GAP, build_features, item_statistics, user_statistics
 from recsys.rank.ranker import LambdaMARTRanker
 from recsys.rank.rules import CompiledRules, apply_rules_dense, ranked_rows
 from recsys.recommender import BlockBuffers, History, Recommender, block_rows
@@ -41,11 +41,24 @@ class FusedRecommender:
     Args:
         n_candidates: per source, how many of its top items enter the candidate set.
         ranker: the LambdaMART ranker (trained by ``recsys.pipeline.FusionStage``).
+        score_gaps: build each score's gap to the user's best candidate as a feature
+            (``rank.score_gap_feature``); None: whatever the fitted ranker reads, so that a saved
+            pipeline serves with the features it learned from.
     """
 
-    def __init__(self, n_candidates: Mapping[str, int], ranker: LambdaMARTRanker) -> None:
+    def __init__(
+        self, n_candidates: Mapping[str, int], ranker: LambdaMARTRanker, score_gaps: bool | None = None
+    ) -> None:
         self.n_candidates = dict(n_candidates)
         self.ranker = ranker
+        self._score_gaps = score_gaps
+
+    @property
+    def score_gaps(self) -> bool:
+        if self._score_gaps is not None:
+            return self._score_gaps
+        features = getattr(self.ranker, "features", None) or []
+        return any(f.endswith(GAP) for f in features)
 
     def check_sources(self, models: Mapping[str, Recommender]) -> None:
         if unknown := set(self.n_candidates) - set(models):
@@ -107,7 +120,9 @@ class FusedRecommender:
             # A source's block answers for its candidates; every other model scores the pairs.
             by_row = {n: _GlobalRows(b, users) for n, b in blocks.items()}
             scorers = {n: by_row.get(n, m) for n, m in models.items() if m.is_feature}
-            feats = build_features(cands, history, scorers, list(self.n_candidates), item_stats, user_stats)
+            feats = build_features(
+                cands, history, scorers, list(self.n_candidates), item_stats, user_stats, self.score_gaps
+            )
         if on_blocks is not None:
             on_blocks(users, blocks)
         return feats

@@ -104,15 +104,16 @@ def test_build_features_one_row_per_candidate(stage):
     assert {"score_itemknn", "score_popularity", "rank_itemknn", "item_events"} <= set(feats)
 
 
-def test_build_features_equal_a_plain_polars_reference(stage):
-    """The block-wise numpy features against the plain definitions: per-user z-scores by polars
-    windows, item and user statistics by joins."""
+@pytest.mark.parametrize("score_gaps", [False, True])
+def test_build_features_equal_a_plain_polars_reference(stage, score_gaps):
+    """The block-wise numpy features against the plain definitions: per-user z-scores and score
+    gaps by polars windows, item and user statistics by joins."""
     from recsys.rank.features import user_statistics
 
     users, hist, models = stage
     n_cands = {"itemknn": 10, "popularity": 5}
     cands = generate_candidates(users, models, n_cands, exclude=hist.matrix)
-    got = build_features(cands, hist, models, list(n_cands))
+    got = build_features(cands, hist, models, list(n_cands), score_gaps=score_gaps)
     ref = cands
     for name, model in models.items():
         col = f"score_{name}"
@@ -124,7 +125,16 @@ def test_build_features_equal_a_plain_polars_reference(stage):
     ref = ref.with_columns(n_sources.alias("n_sources"))
     ref = ref.join(item_statistics(hist), on=Columns.ItemIdx, how="left")
     ref = ref.join(user_statistics(hist), on=Columns.UserIdx, how="left")
+    gaps = [f"score_{name}_gap" for name in models] if score_gaps else []
+    for col in gaps:  # the last columns, after everything a ranker without them reads
+        score = pl.col(col.removesuffix("_gap"))
+        ref = ref.with_columns((score - score.max().over(Columns.UserIdx)).alias(col))
     assert set(got.columns) == set(ref.columns)
+    assert got.columns[len(got.columns) - len(gaps) :] == gaps
+    if score_gaps:  # each user's best candidate of each model is 0 behind it, the others behind
+        best = got.group_by(Columns.UserIdx).agg(pl.col(gaps).max())
+        assert (best.select(gaps).to_numpy() == 0).all()
+        assert (got.select(gaps).to_numpy() < 0).any()
     for c in ref.columns:
         if ref[c].dtype.is_float():
             a, b = got[c].cast(pl.Float64).to_numpy(), ref[c].cast(pl.Float64).to_numpy()
@@ -292,6 +302,31 @@ def test_fused_pair_scores_equal_the_ranked_lists_and_cover_pairs_outside_the_ca
     )
     got = fusion.score_pairs(outside, models, hist, exclude=None)
     assert got.shape == (tiny_dataset.n_items,) and np.isfinite(got).all()
+
+
+def test_a_ranker_that_learned_score_gaps_serves_with_them(stage, tiny_dataset):
+    """``rank.score_gap_feature``: the ranker learns from each score's gap to the user's best
+    candidate, and a fused recommender rebuilt from the saved ranker alone (as the export and the
+    served model build it) computes the gaps again and ranks exactly as the trained stage did."""
+    from recsys.pipeline import FusionStage, LabelledStage
+    from recsys.rank.fused import FusedRecommender
+
+    users, hist, models = stage
+    split = LeaveLastOutSplit().split(tiny_dataset.interactions)
+    n_cands = {"itemknn": 8, "popularity": 4}
+    lists = {}
+    for gaps in (False, True):
+        ranker = LambdaMARTRanker(n_estimators=20, min_child_samples=5, seed=0)
+        fusion = FusionStage(n_cands, ranker, score_gaps=gaps).fit(LabelledStage(users, models, hist, split.val))
+        assert ("score_itemknn_gap" in ranker.features) is gaps
+        served = FusedRecommender(n_cands, ranker)
+        assert served.score_gaps is gaps
+        want = fusion.fused.recommend(users, models, hist, 5, hist.matrix)
+        assert served.recommend(users, models, hist, 5, hist.matrix).equals(want)
+        lists[gaps] = want
+    assert not lists[True].equals(lists[False])  # the gaps are read: they change the ranking
+    with pytest.raises(ConfigError, match="rank.score_gap_feature must be true or false, got 'yes'"):
+        FusionStage(n_cands, None, score_gaps="yes")
 
 
 def test_the_sources_lists_read_off_the_fused_rankings_blocks_equal_their_own(stage, tiny_dataset):
