@@ -147,6 +147,10 @@ VARIANTS: dict[str, tuple[dict, dict, tuple[str, ...]]] = {
     "both_gap_rrf": ({}, {}, ()),
     "both_gap_all": ({}, {}, ()),
     "finetuned_gap_all": ({}, {}, ZS),
+    "both_crank": ({}, {}, ()),
+    "both_crank_share": ({}, {}, ()),
+    "both_umax": ({}, {}, ()),
+    "both_margin": ({}, {}, ()),
     # The preset's ranker with another seed (its bags' folds and trees): the spread the ranker's
     # own randomness leaves on one fold split.
     **{f"both_seed{i}": ({"seed": i}, {}, ()) for i in range(1, 6)},
@@ -177,6 +181,30 @@ def gap_all(columns: list[str]) -> dict[str, pl.Expr]:
     }
 
 
+def candidate_ranks(columns: list[str], share: bool) -> dict[str, pl.Expr]:
+    """Every model's rank of the candidate among the user's candidates (1 = its best), or that rank
+    over the user's number of candidates (``share``): the sources' own ranks cover the catalogue
+    and only the sources."""
+    out = {}
+    for c in columns:
+        if c.startswith("score_") and not c.endswith(("_z", "_gap")):
+            rank = pl.col(c).rank("min", descending=True).over(Columns.UserIdx).cast(pl.Float32)
+            out[f"crank_{c[6:]}"] = rank / pl.len().over(Columns.UserIdx) if share else rank
+    return out
+
+
+def user_shape(columns: list[str], margin: bool) -> dict[str, pl.Expr]:
+    """Per user, each model's best candidate score (how sure the model is of this user), or the
+    margin between its best and second-best candidates (``margin``)."""
+    out = {}
+    for c in columns:
+        if c.startswith("score_") and not c.endswith(("_z", "_gap")):
+            best = pl.col(c).max().over(Columns.UserIdx)
+            second = pl.col(c).top_k(2).min().over(Columns.UserIdx)
+            out[f"{'margin' if margin else 'umax'}_{c[6:]}"] = best - second if margin else best
+    return out
+
+
 # Reciprocal-rank fusion over the candidate sources (60 as in Cormack et al.): agreement between
 # sources, which a tree reads only through many splits.
 RRF = {
@@ -192,6 +220,10 @@ EXTRA_FEATURES: dict[str, dict[str, pl.Expr] | Callable[[list[str]], dict[str, p
     "both_gap_rrf": {**GAP, **RRF},
     "both_gap_all": gap_all,
     "finetuned_gap_all": gap_all,
+    "both_crank": lambda columns: candidate_ranks(columns, share=False),
+    "both_crank_share": lambda columns: candidate_ranks(columns, share=True),
+    "both_umax": lambda columns: user_shape(columns, margin=False),
+    "both_margin": lambda columns: user_shape(columns, margin=True),
     # Events per day since the item's first event: popularity per unit of exposure.
     "finetuned_item_rate": {"item_rate": pl.col("item_events") / (pl.col("item_age_days").fill_null(0.0) + 1.0)},
 }
