@@ -69,6 +69,7 @@ from recsys.pipeline import (
     stage_history,
 )
 from recsys.pipeline_model import PipelineHistories, TrainedPipeline
+from recsys.rank.features import GAP as GAP_SUFFIX
 from recsys.rank.features import feature_columns
 from recsys.rank.fused import ranked_arrays, ranked_candidates
 from recsys.recommender import DERIVED_SOURCES, History, Recommender, nearest_name
@@ -172,13 +173,15 @@ GAP = {
 }
 
 
+def model_scores(columns: list[str]) -> list[str]:
+    """The frame's raw model-score columns (``score_<model>``), not those derived from them
+    (per-user z-scores, and the gaps of ``rank.score_gap_feature``)."""
+    return [c for c in columns if c.startswith("score_") and not c.endswith(("_z", GAP_SUFFIX))]
+
+
 def gap_all(columns: list[str]) -> dict[str, pl.Expr]:
     """Every model's score gap to the user's best candidate (what ``rank.score_gap_feature`` adds)."""
-    return {
-        f"gap_{c[6:]}": pl.col(c) - pl.col(c).max().over(Columns.UserIdx)
-        for c in columns
-        if c.startswith("score_") and not c.endswith("_z")
-    }
+    return {f"gap_{c[6:]}": pl.col(c) - pl.col(c).max().over(Columns.UserIdx) for c in model_scores(columns)}
 
 
 def candidate_ranks(columns: list[str], share: bool) -> dict[str, pl.Expr]:
@@ -186,10 +189,9 @@ def candidate_ranks(columns: list[str], share: bool) -> dict[str, pl.Expr]:
     over the user's number of candidates (``share``): the sources' own ranks cover the catalogue
     and only the sources."""
     out = {}
-    for c in columns:
-        if c.startswith("score_") and not c.endswith(("_z", "_gap")):
-            rank = pl.col(c).rank("min", descending=True).over(Columns.UserIdx).cast(pl.Float32)
-            out[f"crank_{c[6:]}"] = rank / pl.len().over(Columns.UserIdx) if share else rank
+    for c in model_scores(columns):
+        rank = pl.col(c).rank("min", descending=True).over(Columns.UserIdx).cast(pl.Float32)
+        out[f"crank_{c[6:]}"] = rank / pl.len().over(Columns.UserIdx) if share else rank
     return out
 
 
@@ -197,11 +199,10 @@ def user_shape(columns: list[str], margin: bool) -> dict[str, pl.Expr]:
     """Per user, each model's best candidate score (how sure the model is of this user), or the
     margin between its best and second-best candidates (``margin``)."""
     out = {}
-    for c in columns:
-        if c.startswith("score_") and not c.endswith(("_z", "_gap")):
-            best = pl.col(c).max().over(Columns.UserIdx)
-            second = pl.col(c).top_k(2).min().over(Columns.UserIdx)
-            out[f"{'margin' if margin else 'umax'}_{c[6:]}"] = best - second if margin else best
+    for c in model_scores(columns):
+        best = pl.col(c).max().over(Columns.UserIdx)
+        second = pl.col(c).top_k(2).min().over(Columns.UserIdx)
+        out[f"{'margin' if margin else 'umax'}_{c[6:]}"] = best - second if margin else best
     return out
 
 
