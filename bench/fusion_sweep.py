@@ -80,6 +80,7 @@ from recsys.text.recommender import TextRecommender
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 LR02 = {"learning_rate": 0.02, "n_estimators": 1000, "early_stopping_rounds": 80}
+LR03 = {"learning_rate": 0.03, "n_estimators": 800, "early_stopping_rounds": 60}
 # name -> (ranker overrides, candidate sources (added, or their counts changed), feature-name prefixes
 # left out of the ranker's features)
 ZS = ("score_text_zeroshot",)  # the zero-shot tower's features: the *finetuned* variants go without
@@ -139,9 +140,12 @@ VARIANTS: dict[str, tuple[dict, dict, tuple[str, ...]]] = {
     "sasrec_override": ({}, {"sasrec": 0, "textsasrec": 30}, ("score_sasrec", "rank_sasrec")),
     "both_ff05": ({"feature_fraction": 0.5}, {}, ()),
     "both_ff07": ({"feature_fraction": 0.7}, {}, ()),
+    "both_ff06": ({"feature_fraction": 0.6}, {}, ()),
+    "both_ff08": ({"feature_fraction": 0.8}, {}, ()),
+    "both_ff07_lr03": ({"feature_fraction": 0.7, **LR03}, {}, ()),
     "both_mcs20": ({"min_child_samples": 20}, {}, ()),
     "both_mcs100": ({"min_child_samples": 100}, {}, ()),
-    "both_lr03": ({"learning_rate": 0.03, "n_estimators": 800, "early_stopping_rounds": 60}, {}, ()),
+    "both_lr03": (LR03, {}, ()),
     "both_mix_binary": ({}, {}, ()),
     "both_gap": ({}, {}, ()),
     "both_rrf": ({}, {}, ()),
