@@ -871,7 +871,12 @@ def test_sasrec_places_items_its_network_never_saw_by_their_text():
 
     by_text = model.with_items(h.n_items, text[order])
     assert own_group_first(by_text) >= 0.95
-    assert own_group_first(model.with_items(h.n_items)) == 0.0  # tied: no group first
+    # Without text every new item sits at one vector, so each user's scores of them tie, up to the
+    # float rounding of the BLAS kernel's column blocks (bit-equal on some CPUs, not on others).
+    plain = model.with_items(h.n_items)
+    np.testing.assert_array_equal(plain.item_vectors[known:], np.repeat(plain.item_vectors[known:][:1], len(cold), 0))
+    new_scores = plain.for_users(after, users).score_users(users)[:, known:]
+    np.testing.assert_allclose(new_scores, np.repeat(new_scores[:, :1], len(cold), 1), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(by_text.item_vectors[:known], model.item_vectors)  # known items kept
     with pytest.raises(ValueError, match="item_text has 39 rows for 40 items"):
         model.with_items(h.n_items, text[:39])
