@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -140,12 +141,20 @@ class LambdaMARTRanker:
         fold_of = dict(zip(rng.permutation(users).tolist(), np.arange(len(users)) % self.bags, strict=True))
         fold = frame[Columns.UserIdx].replace_strict(fold_of, return_dtype=pl.Int64).to_numpy()
 
+        # LightGBM's native code is not safe for two threads reading one Dataset while each
+        # builds a subset of it (a fit crashed once in lib_lightgbm.so; its tracker reports such
+        # races): the subsets are built one at a time, with the bag's own parameters so that
+        # training changes none of them, and each bag then trains on its own data only.
+        building = threading.Lock()
+
         def fit_bag(k: int) -> tuple[str, float]:
             part = fold == k
-            train = everything.subset(np.flatnonzero(~part).astype(np.int32))
-            stop = everything.subset(np.flatnonzero(part).astype(np.int32))
+            params = {**self.params, "seed": self.seed + k}
+            with building:
+                train = everything.subset(np.flatnonzero(~part).astype(np.int32), params=params).construct()
+                stop = everything.subset(np.flatnonzero(part).astype(np.int32), params=params).construct()
             booster = lgb.train(
-                {**self.params, "seed": self.seed + k},
+                params,
                 train,
                 num_boost_round=self.n_estimators,
                 valid_sets=[stop],

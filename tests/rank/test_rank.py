@@ -463,6 +463,38 @@ def test_bagged_ranker_averages_one_model_per_fold_and_is_deterministic():
         LambdaMARTRanker(bags=3, **kw).fit(planted(2, seed=0), features)
 
 
+def test_bags_on_threads_build_their_subsets_of_the_shared_data_one_at_a_time(monkeypatch):
+    """LightGBM's native code is not safe for two threads building subsets of one Dataset at
+    once: the bags' subsets are built one at a time (and training builds none)."""
+    import threading
+    import time
+
+    import lightgbm as lgb
+
+    real = lgb.Dataset.construct
+    state = {"now": 0, "most": 0, "subsets": 0}
+    lock = threading.Lock()
+
+    def construct(self):
+        if self.used_indices is None or self._handle is not None:  # not a subset, or built already
+            return real(self)
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+            state["subsets"] += 1
+        time.sleep(0.05)  # long enough for a second thread to arrive
+        try:
+            return real(self)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    monkeypatch.setattr(lgb.Dataset, "construct", construct)
+    kw = dict(n_estimators=5, min_child_samples=5, early_stopping_rounds=5, seed=0)
+    LambdaMARTRanker(bags=3, n_jobs=3, **kw).fit(planted(60, seed=0), ["noise_a", "signal", "noise_b"])
+    assert state["subsets"] == 2 * 3 and state["most"] == 1, state
+
+
 @pytest.mark.parametrize("bags", [1, 3])
 def test_stop_score_is_lightgbms_ndcg_of_the_validation_stage_only(bags):
     """One stage: ``stop_score`` is LightGBM's own NDCG@10 of the held-back users. Two stages:
