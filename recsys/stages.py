@@ -169,17 +169,6 @@ def prepare(cfg: DictConfig, timings: StageTimings) -> Job:
         split = instantiate(cfg.split).split(data.interactions)
         val_users, _ = check_split(data, split)
 
-        import lightning as L
-        import torch
-
-        from recsys.quiet import quiet_lightning
-
-        quiet_lightning()
-        L.seed_everything(cfg.seed, workers=True)
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        encoder = instantiate(cfg.encoder)
-        if freeze := cfg.text.module.get("freeze_layers"):  # the layer count, known now (encoder.num_layers)
-            check_freeze_layers(freeze, len(encoder.bert.encoder.layer))
         cf = {name: instantiate(node) for name, node in cfg.cf.items()}
         for model in cf.values():  # a catalogue a model cannot fit is refused before the tower trains
             model.check_catalogue(data.n_items)
@@ -206,6 +195,19 @@ def prepare(cfg: DictConfig, timings: StageTimings) -> Job:
         need_gb = job_memory(cfg, data.interactions.height, data.n_items, len(val_users), len(test_users), cf)
         pipeline = HybridPipeline(cf, fusion, ks=list(cfg.eval.ks), max_k=cfg.eval.max_k)
         tracker = instantiate(cfg.logger)
+
+        # Lightning last: its import alone takes 5-10 s, and every setting above fails before it.
+        import lightning as L
+        import torch
+
+        from recsys.quiet import quiet_lightning
+
+        quiet_lightning()
+        L.seed_everything(cfg.seed, workers=True)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        encoder = instantiate(cfg.encoder)
+        if freeze := cfg.text.module.get("freeze_layers"):  # the layer count, known now (encoder.num_layers)
+            check_freeze_layers(freeze, len(encoder.bert.encoder.layer))
     for name, k in (("export.k", cfg.export.k), ("eval.max_k", cfg.eval.max_k)):
         if k > data.n_items:
             log.warning("%s=%d is larger than the catalogue (%d items): lists will be shorter", name, k, data.n_items)

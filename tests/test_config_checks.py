@@ -321,3 +321,44 @@ def test_a_search_space_naming_no_setting_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "error: hydra.sweeper.params: no setting 'ranker.num_leafs' in the config" in err
     assert "did you mean 'ranker.num_leaves'?" in err
+
+
+BAD_BEFORE_LIGHTNING = {  # an override and its error, each from another constructor or check
+    "ranker.bags=0": "ranker.bags must be a whole number >= 1, got 0",
+    "+cf.ease={_target_:recsys.cf.EASE,max_items:10}": "EASE inverts a dense items x items matrix",
+    "rank.earlier_towers=maybe": "rank.earlier_towers must be true or false, got 'maybe'",
+}
+
+
+def test_the_job_refuses_a_bad_cf_or_ranker_setting_before_importing_lightning(tmp_path):
+    """Lightning's import alone takes 5-10 s on 2 cores: a bad CF, ranker or fusion setting is
+    refused before it (``stages.prepare``), so that a typo fails in seconds. One fresh
+    interpreter tries each override in turn."""
+    import subprocess
+    import sys
+
+    paths = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / 'out'}"]
+    code = (
+        "import sys\n"
+        "from hydra import compose, initialize_config_dir\n"
+        "import recsys.config\n"
+        "from recsys import stages\n"
+        "from recsys.errors import ConfigError, InputError\n"
+        "from recsys.profiling import StageTimings\n"
+        f"for override in {list(BAD_BEFORE_LIGHTNING)!r}:\n"
+        "    with initialize_config_dir(config_dir=recsys.config.CONFIG_DIR, version_base='1.3'):\n"
+        f"        cfg = compose('config', overrides=['+experiment=smoke', override, *{paths!r}])\n"
+        "    try:\n"
+        "        stages.prepare(cfg, StageTimings())\n"
+        "    except Exception as e:  # Hydra wraps a constructor's error\n"
+        "        user_error = e if isinstance(e, (ConfigError, InputError)) else e.__cause__\n"
+        "        if not isinstance(user_error, (ConfigError, InputError)):\n"
+        "            raise\n"
+        "        print(override, 'refused:', user_error)\n"
+        "    print(override, 'lightning imported:', 'lightning' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for override, message in BAD_BEFORE_LIGHTNING.items():
+        assert f"{override} refused: {message}" in proc.stdout, proc.stdout[-2000:]
+        assert f"{override} lightning imported: False" in proc.stdout, proc.stdout[-2000:]
