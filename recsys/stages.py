@@ -160,19 +160,9 @@ def prepare(cfg: DictConfig, timings: StageTimings) -> Job:
         budget(cfg.text.get("budget_minutes"))
         check_options(cfg.text.get("budget_minutes"), cfg.text.data, cfg.text.module, cfg.text.net)
         check_trainer(cfg.trainer)  # devices, strategy, launcher: before any data is loaded
-        source = instantiate(cfg.data)
-        planned = getattr(source, "planned_counts", None)
-        if planned is not None:  # generated data: its size is known before a row is drawn
-            n_users, n_items, n_events = planned()
-            job_memory(cfg, n_events, n_items, n_users, min(n_users, cfg.eval.get("max_users") or n_users))
-        data = source.load()
-        split = instantiate(cfg.split).split(data.interactions)
-        val_users, _ = check_split(data, split)
-
+        # The models' and the ranker's settings (their constructors check them), before the data.
         cf = {name: instantiate(node) for name, node in cfg.cf.items()}
-        for model in cf.values():  # a catalogue a model cannot fit is refused before the tower trains
-            model.check_catalogue(data.n_items)
-        earlier_towers(cfg)  # checked before any training
+        earlier_towers(cfg)
         ranker = instantiate(cfg.ranker)
         fusion = FusionStage(
             dict(cfg.rank.n_candidates),
@@ -189,6 +179,17 @@ def prepare(cfg: DictConfig, timings: StageTimings) -> Job:
         nearest = [nearest_name(t) for t in towers] if cfg.rank.get("text_nearest_feature") else []
         text_models = [*towers, *DERIVED_SOURCES, *nearest]
         fusion.fused.check_sources(dict.fromkeys([*cf, *text_models]))
+        source = instantiate(cfg.data)
+        planned = getattr(source, "planned_counts", None)
+        if planned is not None:  # generated data: its size is known before a row is drawn
+            n_users, n_items, n_events = planned()
+            job_memory(cfg, n_events, n_items, n_users, min(n_users, cfg.eval.get("max_users") or n_users))
+        data = source.load()
+        split = instantiate(cfg.split).split(data.interactions)
+        val_users, _ = check_split(data, split)
+
+        for model in cf.values():  # a catalogue a model cannot fit is refused before the tower trains
+            model.check_catalogue(data.n_items)
         # eval.max_users: past that many test users, every model is evaluated on a seeded sample.
         eval_split, eval_users, all_test_users = sample_test_users(split, cfg.eval.get("max_users"), cfg.seed)
         test_users = stage_users(eval_split.test, "test")

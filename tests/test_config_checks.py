@@ -323,21 +323,24 @@ def test_a_search_space_naming_no_setting_is_refused(tmp_path, capsys):
     assert "did you mean 'ranker.num_leaves'?" in err
 
 
-BAD_BEFORE_LIGHTNING = {  # an override and its error, each from another constructor or check
-    "ranker.bags=0": "ranker.bags must be a whole number >= 1, got 0",
-    "+cf.ease={_target_:recsys.cf.EASE,max_items:10}": "EASE inverts a dense items x items matrix",
-    "rank.earlier_towers=maybe": "rank.earlier_towers must be true or false, got 'maybe'",
+# An override, its error, and whether the data must be read to find it (the catalogue's size);
+# in this order, since the last one generates the data.
+BAD_BEFORE_LIGHTNING = {
+    "ranker.bags=0": ("ranker.bags must be a whole number >= 1, got 0", False),
+    "rank.earlier_towers=maybe": ("rank.earlier_towers must be true or false, got 'maybe'", False),
+    "+cf.ease={_target_:recsys.cf.EASE,max_items:10}": ("EASE inverts a dense items x items matrix", True),
 }
 
 
 def test_the_job_refuses_a_bad_cf_or_ranker_setting_before_importing_lightning(tmp_path):
     """Lightning's import alone takes 5-10 s on 2 cores: a bad CF, ranker or fusion setting is
-    refused before it (``stages.prepare``), so that a typo fails in seconds. One fresh
-    interpreter tries each override in turn."""
+    refused before it (``stages.prepare``), and before the data is read unless the check needs
+    the catalogue, so that a typo fails in seconds. One fresh interpreter tries each in turn."""
     import subprocess
     import sys
 
-    paths = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / 'out'}"]
+    data = tmp_path / "data"
+    paths = [f"paths.root_dir={tmp_path}", f"paths.output_dir={tmp_path / 'out'}", f"paths.data_dir={data}"]
     code = (
         "import sys\n"
         "from hydra import compose, initialize_config_dir\n"
@@ -356,9 +359,11 @@ def test_the_job_refuses_a_bad_cf_or_ranker_setting_before_importing_lightning(t
         "            raise\n"
         "        print(override, 'refused:', user_error)\n"
         "    print(override, 'lightning imported:', 'lightning' in sys.modules)\n"
+        f"    print(override, 'data read:', __import__('os').path.exists({str(data)!r}))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for override, message in BAD_BEFORE_LIGHTNING.items():
+    for override, (message, reads_data) in BAD_BEFORE_LIGHTNING.items():
         assert f"{override} refused: {message}" in proc.stdout, proc.stdout[-2000:]
         assert f"{override} lightning imported: False" in proc.stdout, proc.stdout[-2000:]
+        assert f"{override} data read: {reads_data}" in proc.stdout, proc.stdout[-2000:]
