@@ -138,8 +138,8 @@ def check_run_folder(cfg: DictConfig, out_dir: Path) -> None:
 def prepare(cfg: DictConfig, timings: StageTimings) -> Job:
     """Everything that can fail on bad input, then seed, before any training (stage ``load``).
 
-    Lightning is imported only after the settings and the data have been checked: its import
-    alone takes ~10 s on 2 cores, and a typo should fail in seconds.
+    The settings are checked before the data is read, and Lightning is imported only after both:
+    its import alone takes 5-10 s on 2 cores, and a typo should fail in seconds.
     """
     from hydra.utils import instantiate
 
@@ -197,7 +197,7 @@ def prepare(cfg: DictConfig, timings: StageTimings) -> Job:
         pipeline = HybridPipeline(cf, fusion, ks=list(cfg.eval.ks), max_k=cfg.eval.max_k)
         tracker = instantiate(cfg.logger)
 
-        # Lightning last: its import alone takes 5-10 s, and every setting above fails before it.
+        # Lightning last (the docstring says why).
         import lightning as L
         import torch
 
