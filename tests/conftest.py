@@ -76,6 +76,59 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: -slow[item.path])  # stable: each file keeps its own order
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _migrated_mlflow_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Jobs run in this process create their fresh MLflow stores from one migrated copy (below),
+    when the session runs any test that trains (importing MLflow costs ~2 s)."""
+    if any(item.get_closest_marker("slow") for item in request.session.items):
+        _copy_migrated_mlflow_stores(tmp_path_factory.mktemp("mlflow-template"))
+
+
+def _copy_migrated_mlflow_stores(folder: Path) -> None:
+    """MLflow builds a new sqlite store by running its ~60 schema migrations (alembic), about 1.5 s
+    on 2 cores, and the suite's jobs make some 30 fresh stores. Here the first store of this
+    process is migrated as MLflow does it, into ``folder``, and each later one is a copy of it
+    (sqlite's backup API): the same schema, stamped at the same revision; MLflow then adds the
+    Default experiment as it does for any new store. Jobs in subprocesses migrate for real, and so
+    does a test marked ``real_mlflow_migrations``."""
+    import sqlite3
+    import threading
+
+    import mlflow.store.db.utils as db_utils
+    import sqlalchemy
+
+    migrate = db_utils._initialize_tables
+    template, lock = folder / "mlflow.db", threading.Lock()
+
+    def initialize(engine: sqlalchemy.engine.Engine) -> None:
+        if engine.dialect.name != "sqlite":
+            return migrate(engine)
+        with lock:
+            if not template.exists():
+                fresh = sqlalchemy.create_engine(f"sqlite:///{template}")
+                migrate(fresh)
+                fresh.dispose()
+        raw, source = engine.raw_connection(), sqlite3.connect(template)
+        try:
+            source.backup(raw.driver_connection)
+        finally:
+            source.close()
+            raw.close()
+
+    initialize.real = migrate  # type: ignore[attr-defined]
+    db_utils._initialize_tables = initialize
+
+
+@pytest.fixture(autouse=True)
+def _real_mlflow_migrations(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if request.node.get_closest_marker("real_mlflow_migrations"):
+        import mlflow.store.db.utils as db_utils
+
+        real = getattr(db_utils._initialize_tables, "real", None)
+        if real is not None:
+            monkeypatch.setattr(db_utils, "_initialize_tables", real)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     """The repository root (the folder holding ``conf/`` and ``recsys/``)."""

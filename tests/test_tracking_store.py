@@ -57,6 +57,7 @@ def _open(mlruns: str, barrier, out) -> None:
         out.put(f"{type(e).__name__}: {e}")
 
 
+@pytest.mark.real_mlflow_migrations
 def test_jobs_creating_a_fresh_store_at_once_all_get_the_experiment(tmp_path):
     """Two jobs started together on a fresh mlruns/: one failed in MLflow's schema migration."""
     ctx = mp.get_context("fork")
