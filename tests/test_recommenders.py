@@ -636,21 +636,24 @@ def test_long_loops_report_each_scored_block_to_a_progress_bar(capsys):
     assert len(blocks) > 1 and "loud blocks" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("n_items", "blocks"), [(1_000, [256, 4096, 648]), (150_000, [256] * 19 + [136])])
-def test_score_blocks_follow_the_catalogue_not_a_fixed_user_count(n_items, blocks):
+@pytest.mark.parametrize(
+    ("n_items", "n_users", "blocks", "chunk", "fixed"),
+    [(1_000, 5_000, [256, 4096, 648], 2048, [2048, 2048, 904]), (150_000, 700, [256, 256, 188], 300, [300, 300, 100])],
+)
+def test_score_blocks_follow_the_catalogue_not_a_fixed_user_count(n_items, n_users, blocks, chunk, fixed):
     """A block of 2,048 users was 1.2 GB of float32 at 150,000 items; now a block holds about
     BLOCK_CELLS cells (at least 256 users, at most 4,096) whatever the catalogue."""
     model = _RecordingScores(n_items)
-    users = np.arange(5_000)
+    users = np.arange(n_users)
     items, scores = model.recommend(users, 5)
     assert model.calls == blocks
     assert max(c * n_items for c in model.calls[1:]) <= max(BLOCK_CELLS, 256 * n_items)
     model.calls = []
-    items_fixed, scores_fixed = model.recommend(users, 5, chunk=2048)
-    assert model.calls == [2048, 2048, 904]
+    items_fixed, scores_fixed = model.recommend(users, 5, chunk=chunk)
+    assert model.calls == fixed
     np.testing.assert_array_equal(items, items_fixed)
     np.testing.assert_array_equal(scores, scores_fixed)
-    pairs_users = np.array([4_999, 0, 300, 300])
+    pairs_users = np.array([n_users - 1, 0, 300, 300])
     pairs_items = np.array([3, 1, 2, n_items - 1])
     np.testing.assert_array_equal(
         model.score_pairs(pairs_users, pairs_items), model.score_users(pairs_users)[np.arange(4), pairs_items]
