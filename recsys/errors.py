@@ -71,6 +71,12 @@ def user_message(error: BaseException) -> str | None:
     return None if cause is None else str(cause)
 
 
+class TrialFailed(Exception):
+    """A sweep's trial stopped on a data or config problem (the message is the one-line error).
+    Here, not in ``recsys.train``: ``python -m recsys.train`` runs that module as ``__main__``,
+    and the sweep's callback must catch the class the trial raised."""
+
+
 def exit_on_user_error(run: Callable[[], T], raise_as: Callable[[str], Exception] | None = None) -> T:
     """Run an entry point's job and return what it returns; a data or config problem becomes one
     line on stderr and exit 2, or, with ``raise_as``, that exception of the message (no traceback

@@ -12,6 +12,8 @@ fails is a failed Optuna trial (``recsys.train`` raises rather than exits inside
 sweeper stops the sweep when more than ``hydra.sweeper.max_failure_rate`` of a batch of trials
 failed (Hydra's default, 0: at the first; the presets run batches of one, so 1.0 goes on); the
 parent run then ends FAILED, with the best trial so far recorded, rather than staying RUNNING.
+A sweep its failures stop, or whose trials all failed, ends with one line saying so (exit 1), not
+with the sweeper's traceback.
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ class MLflowSweep(Callback):
             return
         if job_return.status.name != "COMPLETED" or job_return.return_value is None:
             self.failed += 1
+            self._stop_without_traceback(config, job_return)
             return
         value = float(job_return.return_value)
         trial = int(config.hydra.job.num)
@@ -112,6 +115,39 @@ class MLflowSweep(Callback):
             self.best = (value, trial, list(job_return.overrides), run_id)
             self.client.log_metric(self.parent, f"best/{self.metric}", value, step=trial)
         self.trials += 1
+
+    def _stop_without_traceback(self, config: DictConfig, job_return: Any) -> None:
+        """Where the sweeper is about to end the sweep with a traceback, say why in one line and
+        exit 1: a trial that failed on a data or config problem when ``max_failure_rate`` stops at
+        the first failure (the sweeper raises the trial's exception again), and a last trial with
+        none completed (Optuna: "No trials are completed yet"). The trials' errors are printed
+        above; the parent run ends FAILED at exit (``_abandoned``). A trial that failed on anything
+        else keeps the sweeper's traceback, which is where its cause is."""
+        from recsys.errors import TrialFailed
+
+        sweeper, num = config.hydra.sweeper, int(config.hydra.job.num)
+        try:
+            _ = job_return.return_value  # raises the trial's exception when it failed
+            user_error = False  # completed, but without the objective
+        except TrialFailed:
+            user_error = True
+        except Exception:
+            user_error = False
+        rate = float(sweeper.get("max_failure_rate", 0.0))
+        # One trial a batch (the presets' n_jobs: 1): a failure is a failure rate of 1.
+        if int(sweeper.get("n_jobs", 1)) == 1 and rate < 1.0:
+            if not user_error:
+                return  # the sweeper raises the trial's exception: its traceback shows the cause
+            print(
+                f"error: the sweep stopped at trial {num}, which failed (error above); "
+                f"hydra.sweeper.max_failure_rate={rate:g} stops at the first failure, 1.0 runs every trial",
+                file=sys.stderr,
+            )
+            raise SystemExit(1)
+        n_trials = sweeper.get("n_trials")
+        if self.trials == 0 and n_trials is not None and num == int(n_trials) - 1:
+            print(f"error: none of the sweep's {n_trials} trials completed (errors above)", file=sys.stderr)
+            raise SystemExit(1)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.parent is None:

@@ -19,7 +19,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from omegaconf import DictConfig  # noqa: E402
 
 import recsys.config  # noqa: E402  (registers resolvers; CONFIG_DIR)
-from recsys.errors import ConfigError, exit_on_user_error  # noqa: E402
+from recsys.errors import ConfigError, TrialFailed, exit_on_user_error  # noqa: E402
 
 T = TypeVar("T")
 
@@ -85,10 +85,6 @@ def in_sweep() -> bool:
     from hydra.types import RunMode
 
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-class TrialFailed(Exception):
-    """A sweep's trial stopped on a data or config problem (the message is the one-line error)."""
 
 
 def fail_trial_on_user_error(job: Callable[[], T]) -> T:

@@ -96,7 +96,8 @@ def test_a_failing_trial_is_a_failed_trial_and_the_parent_run_ends(tmp_path):
     """Regression: a trial's config error exited the whole process (exit 2) whatever
     ``hydra.sweeper.max_failure_rate`` said, and no sweep that stopped early ended its MLflow
     parent run, which stayed RUNNING. Now each trial fails on its own (the one-line error), the
-    sweeper goes on within its failure rate, and the parent ends FAILED, counting the failures."""
+    sweeper goes on within its failure rate, and the parent ends FAILED, counting the failures.
+    A sweep stopped by its failures says so in one line, not with the sweeper's traceback."""
     import mlflow
 
     from recsys.tracking import tracking_uri
@@ -104,8 +105,13 @@ def test_a_failing_trial_is_a_failed_trial_and_the_parent_run_ends(tmp_path):
     common = ["-m", "+experiment=smoke", "hparams_search=ranker", "hydra.sweeper.n_trials=2", "ranker.bags=0", *SMALL]
     proc = train(tmp_path / "tolerant", [*common, "hydra.sweeper.max_failure_rate=1.0"])
     assert proc.stderr.count("error: ranker.bags must be a whole number >= 1, got 0") == 2, proc.stderr[-3000:]
+    # Optuna's "No trials are completed yet" traceback, said in one line.
+    assert proc.returncode == 1 and "error: none of the sweep's 2 trials completed" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     proc = train(tmp_path / "strict", common)  # Hydra's default rate, 0: the first failure stops it
-    assert proc.returncode != 0 and proc.stderr.count("error: ranker.bags must be") == 1, proc.stderr[-3000:]
+    assert proc.returncode == 1 and proc.stderr.count("error: ranker.bags must be") == 1, proc.stderr[-3000:]
+    # The sweeper raised the trial's error again, with its traceback; now one line says why it stopped.
+    assert "error: the sweep stopped at trial 0, which failed" in proc.stderr and "Traceback" not in proc.stderr
     for root, failed in (("tolerant", "2"), ("strict", "1")):
         client = mlflow.MlflowClient(tracking_uri=tracking_uri(tmp_path / root / "mlruns"))
         runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
