@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 # (row label, the job's stage windows it sums). Time is summed, memory is the largest window's.
 STAGES: list[tuple[str, list[str]]] = [
     ("data (generate, load, split)", ["load"]),
+    ("text (import Lightning, load the encoder)", ["text_setup"]),
     ("CF (fit on train, refit on train+val)", ["cf_fit_val", "cf_fit_test"]),
     ("text (fine-tune)", ["text_finetune"]),
     ("text (catalogue passes)", ["text_encode"]),

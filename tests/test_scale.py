@@ -287,7 +287,8 @@ def test_job_logs_stage_profiles_and_samples_as_configured(tmp_path, caplog, cap
     protocol = read_bundle(tmp_path / "out" / "evaluation").protocol
     assert protocol.n_test_users == 80 and protocol.test_users_sampled_from == 300
     assert "a seeded random sample of the 300" in sampled(protocol)
-    stages = ["load", "cf_fit_val", "text_finetune", "text_encode", "ranker_fit", "cf_fit_test", "test_rank"]
+    stages = ["load", "text_setup", "cf_fit_val", "text_finetune", "text_encode", "ranker_fit", "cf_fit_test"]
+    stages += ["test_rank"]
     stages += ["evaluate", "evaluation_report", "export", "model_save"]
     for stage in stages:
         assert m[f"time/{stage}_s"] >= 0 and m[f"mem/{stage}_peak_mb"] > 50, stage
@@ -439,7 +440,8 @@ def test_readme_bench_command_prints_the_stage_table(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = proc.stdout
     assert "| stage | 1x s | 1x peak MB |" in table
-    for label in ("data (generate, load, split)", "text (fine-tune)", "evaluation (all models", "total"):
+    labels = ("data (generate, load, split)", "text (import Lightning, load the encoder)", "text (fine-tune)")
+    for label in (*labels, "evaluation (all models", "total"):
         row = next(line for line in table.splitlines() if line.startswith(f"| {label}"))
         seconds = float(row.split("|")[2].replace(",", ""))
         assert seconds >= 0, row

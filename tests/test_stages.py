@@ -102,7 +102,7 @@ def test_validation_stage_alone_fits_the_ranker_without_seeing_validation_events
         fitted = fit_validation(job, run_id, timings)
     fitted.resume.finish()
 
-    assert list(timings) == ["load", "text_finetune", "text_encode", "cf_fit_val", "ranker_fit"]
+    assert list(timings) == ["load", "text_setup", "text_finetune", "text_encode", "cf_fit_val", "ranker_fit"]
     # Every CF model, both text towers and the untouched one (a ranker feature here), in that order.
     assert list(fitted.models) == [*job.cfg.cf, "text", "text_new", "text_popular", "text_zeroshot"]
     assert fitted.zero_text is fitted.models["text_zeroshot"]
