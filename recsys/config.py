@@ -46,9 +46,11 @@ for name, fn in (("project_root", project_root), ("minilm_path", minilm_path)):
         OmegaConf.register_new_resolver(name, fn)
 
 
-def entry_point(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
+def entry_point(config_name: str, interrupted: str = "") -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
     """An entry point's ``main``: Hydra's ``main`` on ``config_name`` of the shipped configs, after
-    ``check_cli_overrides`` has refused an override naming no setting."""
+    ``check_cli_overrides`` has refused an override naming no setting. Ctrl-C ends it with one line
+    on stderr, ``interrupted`` added (what a rerun does with what was saved), and exit 130 (the
+    shell's code for SIGINT), not a traceback."""
 
     def wrap(task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
         import hydra
@@ -58,7 +60,11 @@ def entry_point(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Cal
         def main() -> Any:
             check_cli_overrides(config_name)
             quiet_progress_off_terminal()
-            return run()
+            try:
+                return run()
+            except KeyboardInterrupt:
+                print(f"interrupted (Ctrl-C){'; ' + interrupted if interrupted else ''}", file=sys.stderr)
+                sys.exit(130)
 
         main.__doc__ = task.__doc__
         return main

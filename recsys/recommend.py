@@ -164,7 +164,7 @@ def run(cfg: DictConfig):
     return result
 
 
-@recsys.config.entry_point("recommend")
+@recsys.config.entry_point("recommend", interrupted="the same command again resumes the export from its finished parts")
 def main(cfg: DictConfig) -> None:
     exit_on_user_error(lambda: run(cfg))
 

@@ -90,7 +90,8 @@ def tracked_run(mlruns_dir: str | Path, experiment_id: str, **start: Any) -> Ite
     (``end_abandoned_runs``). The lock is taken under a temporary name and renamed to the run's:
     the run's file only ever appears locked, so a job starting beside it cannot take a live run
     for a dead one. The run is ended (FINISHED, or FAILED on an exception) before its lock is
-    let go, so a lock found free with its run still ``RUNNING`` means the process died."""
+    let go, so a lock found free with its run still ``RUNNING`` means the process died. A run
+    stopped by Ctrl-C ends ``KILLED``, as one its process left behind is marked."""
     import mlflow
 
     end_abandoned_runs(mlruns_dir, experiment_id)
@@ -103,7 +104,11 @@ def tracked_run(mlruns_dir: str | Path, experiment_id: str, **start: Any) -> Ite
         with mlflow.start_run(experiment_id=experiment_id, **start) as run:
             lock = _run_lock(mlruns_dir, run.info.run_id)
             os.rename(pending, lock)
-            yield run
+            try:
+                yield run
+            except KeyboardInterrupt:  # Ctrl-C: stopped on purpose, not FAILED
+                mlflow.end_run("KILLED")
+                raise
     finally:
         lock.unlink(missing_ok=True)  # after the run ended: its status is written before the lock is free
         os.close(fd)

@@ -94,7 +94,11 @@ def fail_trial_on_user_error(job: Callable[[], T]) -> T:
     return exit_on_user_error(job, raise_as=TrialFailed)
 
 
-@recsys.config.entry_point("config")
+@recsys.config.entry_point(
+    "config",
+    interrupted="its MLflow run is marked KILLED; the same command again resumes from the text "
+    "tower's last checkpoint, if it saved one",
+)
 def main(cfg: DictConfig) -> float | None:
     """Train; returns the validation metric named by ``optimized_metric`` (what a sweeper maximises)."""
     from recsys.text.distributed import check_trainer, serve_worker

@@ -366,3 +366,31 @@ def test_the_job_refuses_a_bad_cf_or_ranker_setting_before_importing_lightning(t
         assert f"{override} refused: {message}" in proc.stdout, proc.stdout[-2000:]
         assert f"{override} lightning imported: False" in proc.stdout, proc.stdout[-2000:]
         assert f"{override} data read: {reads_data}" in proc.stdout, proc.stdout[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("module", "said"),
+    [
+        ("train", "interrupted (Ctrl-C); its MLflow run is marked KILLED; the same command again resumes"),
+        ("recommend", "interrupted (Ctrl-C); the same command again resumes the export from its finished parts"),
+    ],
+)
+def test_ctrl_c_ends_an_entry_point_with_one_line_and_exit_130(module, said, tmp_path, monkeypatch, capsys):
+    """Not a KeyboardInterrupt traceback: one line saying what a rerun does, and the shell's code."""
+    import importlib
+    import sys
+
+    entry = importlib.import_module(f"recsys.{module}")
+
+    def ctrl_c(cfg):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(entry, "run", ctrl_c)
+    monkeypatch.chdir(tmp_path)
+    argv = {"train": ["+experiment=smoke", f"hydra.run.dir={tmp_path / 'out'}"], "recommend": []}[module]
+    monkeypatch.setattr(sys, "argv", [f"recsys-{module}", *argv, f"paths.root_dir={tmp_path}"])
+    with pytest.raises(SystemExit) as exited:
+        entry.main()
+    assert exited.value.code == 130
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err

@@ -164,3 +164,13 @@ def test_a_run_that_failed_ends_failed_and_lets_its_lock_go(tmp_path):
         raise RuntimeError("the job failed")
     assert mlflow.MlflowClient(tracker.uri).get_run(run_id).info.status == "FAILED"
     assert list((tmp_path / "mlruns" / ".running").iterdir()) == []
+
+
+def test_a_run_stopped_by_ctrl_c_ends_killed_and_lets_its_lock_go(tmp_path):
+    """MLflow ends a run that an exception leaves FAILED; Ctrl-C is no failure of the job."""
+    tracker = Tracker(str(tmp_path / "mlruns"), "smoke")
+    with pytest.raises(KeyboardInterrupt), tracker.start() as run_id:
+        raise KeyboardInterrupt
+    assert mlflow.MlflowClient(tracker.uri).get_run(run_id).info.status == "KILLED"
+    assert mlflow.active_run() is None
+    assert list((tmp_path / "mlruns" / ".running").iterdir()) == []

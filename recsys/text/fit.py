@@ -20,9 +20,10 @@ import logging
 import os
 import re
 import shutil
+import signal
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -197,7 +198,7 @@ def fine_tune(
                     trainer.max_epochs,
                     state["global_step"],
                 )
-        with _own_folder(resume_dir):
+        with _own_folder(resume_dir), _ctrl_c_stays_an_interrupt(trainer):
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         if not trainer.is_global_zero:  # another rank of a distributed fit: rank 0 keeps the result
             return net, {}, []
@@ -278,6 +279,21 @@ def fine_tune(
     if planned is not None:
         metrics["text/planned_steps"] = float(planned)
     return net, metrics, [(0, zero_score, float(zero.get("val/ndcg_at_10_tail", float("nan")))), *curve]
+
+
+@contextlib.contextmanager
+def _ctrl_c_stays_an_interrupt(trainer: Any) -> Iterator[None]:
+    """Lightning answers Ctrl-C in ``fit`` with its own shutdown, then ``sys.exit(1)`` with SIGINT
+    ignored from then on. Raised again as the ``KeyboardInterrupt`` it was, with Python's handler
+    back, so the job ends its MLflow run KILLED and its entry point says it was interrupted,
+    as for a Ctrl-C anywhere else in the job."""
+    try:
+        yield
+    except SystemExit:
+        if not trainer.interrupted:
+            raise
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        raise KeyboardInterrupt from None
 
 
 @contextlib.contextmanager

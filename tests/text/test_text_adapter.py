@@ -503,3 +503,43 @@ def test_frozen_history_needs_a_trained_bert(tokenizer_path):
     net = TwoTower(ItemEncoder.random(tokenizer=tokenizer_path, adapter_hidden=8), frozen_history=True)
     with pytest.raises(ConfigError, match=r"text\.frozen_history"):
         TextTowerModule(net=net, train_bert=False)
+
+
+def test_ctrl_c_in_fine_tuning_is_a_keyboard_interrupt_not_lightnings_exit(tokenizer_path):
+    """Lightning answers Ctrl-C in ``fit`` with ``sys.exit(1)`` and SIGINT ignored from then on:
+    the job then ended its MLflow run FAILED and printed no word of the interrupt. ``fine_tune``
+    raises it again as the ``KeyboardInterrupt`` it was, with Python's SIGINT handler back."""
+    import signal
+
+    from lightning.pytorch.callbacks import Callback
+
+    class CtrlC(Callback):
+        def on_train_batch_end(self, trainer, *args, **kwargs):
+            if trainer.global_step == 2:
+                raise KeyboardInterrupt
+
+    texts, h = key_world()
+    split = LeaveLastOutSplit(n_val=1, n_test=1).split(h.interactions)
+    encoder = ItemEncoder.random(tokenizer=tokenizer_path, seed=0, adapter_hidden=8)
+    ids, lengths = encoder.tokenize(texts)
+    dm = TextDataModule(
+        item_ids=ids,
+        item_lengths=lengths,
+        train=History(split.train, h.n_users, h.n_items),
+        val=split.val,
+        batch_size=16,
+        steps_per_epoch=5,
+        max_history=10,
+    )
+    trainer = L.Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        callbacks=[CtrlC()],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        max_epochs=2,
+    )
+    with pytest.raises(KeyboardInterrupt):
+        fine_tune(TwoTower(encoder, max_history=10), dm, lambda net: TextTowerModule(net=net), trainer)
+    assert trainer.interrupted and signal.getsignal(signal.SIGINT) is signal.default_int_handler
