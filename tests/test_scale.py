@@ -288,8 +288,7 @@ def test_job_logs_stage_profiles_and_samples_as_configured(tmp_path, caplog, cap
     assert protocol.n_test_users == 80 and protocol.test_users_sampled_from == 300
     assert "a seeded random sample of the 300" in sampled(protocol)
     stages = ["load", "text_setup", "cf_fit_val", "text_finetune", "text_encode", "ranker_fit", "cf_fit_test"]
-    stages += ["test_rank"]
-    stages += ["evaluate", "evaluation_report", "export", "model_save"]
+    stages += ["test_rank", "evaluate", "evaluation_report", "export", "model_save"]
     for stage in stages:
         assert m[f"time/{stage}_s"] >= 0 and m[f"mem/{stage}_peak_mb"] > 50, stage
     # The total is the largest window, or the short tail after the last stage if that grew a page.

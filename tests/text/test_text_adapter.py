@@ -74,6 +74,7 @@ def train_on_key_world(
     checkpoint_dir=None,
     min_z=0.0,
     decile_min_z=None,
+    callbacks=(),
 ):
     L.seed_everything(0, verbose=False)
     texts, h = key_world()
@@ -97,7 +98,7 @@ def train_on_key_world(
     trainer = L.Trainer(
         logger=False,
         enable_checkpointing=checkpoint_dir is not None,
-        callbacks=[] if checkpoint_dir is None else [best_checkpoint(checkpoint_dir)],
+        callbacks=[*callbacks, *([] if checkpoint_dir is None else [best_checkpoint(checkpoint_dir)])],
         enable_progress_bar=False,
         enable_model_summary=False,
         accelerator="cpu",
@@ -515,31 +516,11 @@ def test_ctrl_c_in_fine_tuning_is_a_keyboard_interrupt_not_lightnings_exit(token
 
     class CtrlC(Callback):
         def on_train_batch_end(self, trainer, *args, **kwargs):
+            self.trainer = trainer
             if trainer.global_step == 2:
                 raise KeyboardInterrupt
 
-    texts, h = key_world()
-    split = LeaveLastOutSplit(n_val=1, n_test=1).split(h.interactions)
-    encoder = ItemEncoder.random(tokenizer=tokenizer_path, seed=0, adapter_hidden=8)
-    ids, lengths = encoder.tokenize(texts)
-    dm = TextDataModule(
-        item_ids=ids,
-        item_lengths=lengths,
-        train=History(split.train, h.n_users, h.n_items),
-        val=split.val,
-        batch_size=16,
-        steps_per_epoch=5,
-        max_history=10,
-    )
-    trainer = L.Trainer(
-        logger=False,
-        enable_checkpointing=False,
-        callbacks=[CtrlC()],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        max_epochs=2,
-    )
+    ctrl_c = CtrlC()
     with pytest.raises(KeyboardInterrupt):
-        fine_tune(TwoTower(encoder, max_history=10), dm, lambda net: TextTowerModule(net=net), trainer)
-    assert trainer.interrupted and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        train_on_key_world(tokenizer_path, epochs=2, callbacks=[ctrl_c])
+    assert ctrl_c.trainer.interrupted and signal.getsignal(signal.SIGINT) is signal.default_int_handler
