@@ -49,22 +49,19 @@ for name, fn in (("project_root", project_root), ("minilm_path", minilm_path)):
 def entry_point(config_name: str, interrupted: str = "") -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
     """An entry point's ``main``: Hydra's ``main`` on ``config_name`` of the shipped configs, after
     ``check_cli_overrides`` has refused an override naming no setting. Ctrl-C ends it with one line
-    on stderr, ``interrupted`` added (what a rerun does with what was saved), and exit 130 (the
-    shell's code for SIGINT), not a traceback."""
+    and exit 130 (``recsys.errors.exit_on_ctrl_c``, ``interrupted`` added to the line)."""
 
     def wrap(task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
         import hydra
+
+        from recsys.errors import exit_on_ctrl_c
 
         run = hydra.main(config_path=CONFIG_DIR, config_name=config_name, version_base="1.3")(task)
 
         def main() -> Any:
             check_cli_overrides(config_name)
             quiet_progress_off_terminal()
-            try:
-                return run()
-            except KeyboardInterrupt:
-                print(f"interrupted (Ctrl-C){'; ' + interrupted if interrupted else ''}", file=sys.stderr)
-                sys.exit(130)
+            return exit_on_ctrl_c(run, interrupted)
 
         main.__doc__ = task.__doc__
         return main

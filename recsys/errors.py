@@ -93,6 +93,17 @@ def exit_on_user_error(run: Callable[[], T], raise_as: Callable[[str], Exception
         sys.exit(2)
 
 
+def exit_on_ctrl_c(run: Callable[[], T], interrupted: str = "") -> T:
+    """Run an entry point and return what it returns; Ctrl-C ends it with one line on stderr,
+    ``interrupted`` added (what a rerun does with what was saved), and exit 130 (the shell's code
+    for SIGINT), not a ``KeyboardInterrupt`` traceback."""
+    try:
+        return run()
+    except KeyboardInterrupt:
+        print(f"interrupted (Ctrl-C){'; ' + interrupted if interrupted else ''}", file=sys.stderr)
+        sys.exit(130)
+
+
 # --- config values checked by name (one wording everywhere) -----------------------------------
 
 

@@ -194,7 +194,7 @@ def session(master: str | None = None, app_name: str = "recsys-export", conf: di
 
 def main(argv: list[str] | None = None) -> None:
     """``spark-submit .../recsys/export/spark.py --model-uri URI --output PATH [...]``."""
-    from recsys.errors import exit_on_user_error
+    from recsys.errors import exit_on_ctrl_c, exit_on_user_error
 
     parser = argparse.ArgumentParser(description="Score users with the recsys pyfunc model on Spark.")
     parser.add_argument("--model-uri", required=True, help="models:/NAME@ALIAS, runs:/ID/model, or a pipeline folder")
@@ -222,7 +222,11 @@ def main(argv: list[str] | None = None) -> None:
             spark.stop()
         print(f"{info['users']} users scored -> {info['output']} ({info['partitions']} parquet parts)")
 
-    exit_on_user_error(job)
+    # pyspark's SIGINT handler cancels the running Spark jobs and raises KeyboardInterrupt.
+    exit_on_ctrl_c(
+        lambda: exit_on_user_error(job),
+        f"{args.output} was not written (an earlier one stays as it was); the same command again writes it",
+    )
 
 
 def run_from_config(cfg) -> dict[str, Any]:

@@ -67,6 +67,24 @@ def test_no_java_is_a_clear_error_before_the_model_is_loaded(tmp_path):
     assert "no-such-model" not in proc.stderr  # the runtime is checked first
 
 
+def test_ctrl_c_ends_the_spark_submit_script_with_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    """pyspark's SIGINT handler cancels the jobs and raises KeyboardInterrupt: one line saying
+    that the output was not written, the shell's code, no traceback."""
+    from recsys.export import spark
+
+    def ctrl_c() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(spark, "check_spark", ctrl_c)
+    out = tmp_path / "recs"
+    with pytest.raises(SystemExit) as exited:
+        spark.main(["--model-uri", str(tmp_path / "model"), "--output", str(out)])
+    assert exited.value.code == 130
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted (Ctrl-C); ") and f"{out} was not written" in err
+    assert "Traceback" not in err and not out.exists()
+
+
 def compose(*overrides: str):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
