@@ -164,7 +164,10 @@ def run(cfg: DictConfig):
     return result
 
 
-@recsys.config.entry_point("recommend", interrupted="the same command again resumes the export from its finished parts")
+@recsys.config.entry_point(
+    "recommend",
+    interrupted="the same command again resumes the export from its finished parts (engine=spark: writes it anew)",
+)
 def main(cfg: DictConfig) -> None:
     exit_on_user_error(lambda: run(cfg))
 

@@ -372,7 +372,11 @@ def test_the_job_refuses_a_bad_cf_or_ranker_setting_before_importing_lightning(t
     ("module", "said"),
     [
         ("train", "interrupted (Ctrl-C); its MLflow run is marked KILLED; the same command again resumes"),
-        ("recommend", "interrupted (Ctrl-C); the same command again resumes the export from its finished parts"),
+        (
+            "recommend",
+            "interrupted (Ctrl-C); the same command again resumes the export from its finished parts "
+            "(engine=spark: writes it anew)",
+        ),
     ],
 )
 def test_ctrl_c_ends_an_entry_point_with_one_line_and_exit_130(module, said, tmp_path, monkeypatch, capsys):
