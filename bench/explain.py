@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from recsys.errors import run_script
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from export import build, make_engine  # noqa: E402
@@ -83,4 +85,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
 from recsys.columns import Columns  # noqa: E402
+from recsys.errors import run_script
 
 
 def generate(n_users: int, n_items: int, events: int, seed: int = 0):
@@ -399,4 +400,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

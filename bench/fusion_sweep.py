@@ -55,6 +55,7 @@ from omegaconf import OmegaConf
 import recsys.config  # noqa: F401  (resolvers)
 from recsys.columns import Columns
 from recsys.data import listing_times
+from recsys.errors import run_script
 from recsys.evaluation.bootstrap import PairedBootstrap
 from recsys.evaluation.metrics import ranking_metrics
 from recsys.evaluation.sampling import sample_users
@@ -512,4 +513,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

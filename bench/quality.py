@@ -16,6 +16,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 import recsys.config  # noqa: F401  (resolvers)
+from recsys.errors import run_script
 from recsys.train import run
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -64,4 +65,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

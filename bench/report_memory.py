@@ -24,6 +24,7 @@ import numpy as np
 import polars as pl
 
 from recsys.columns import Columns
+from recsys.errors import run_script
 from recsys.evaluation.bundle import make_protocol, read_bundle, write_bundle
 from recsys.evaluation.report import Reporter
 from recsys.profiling import peak_rss_mb, reset_peak_rss
@@ -101,4 +102,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

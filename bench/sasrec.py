@@ -23,6 +23,7 @@ from hydra.utils import instantiate
 
 import recsys.config  # noqa: F401  (resolvers)
 from recsys.columns import Columns
+from recsys.errors import run_script
 from recsys.evaluation.metrics import ranking_metrics
 from recsys.pipeline import relevance_matrix, stage_exclusion
 from recsys.recommender import History
@@ -84,4 +85,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -25,6 +25,7 @@ from hydra.utils import instantiate
 from sasrec import load_stage  # bench/sasrec.py: this script runs from bench/
 
 from recsys.columns import Columns
+from recsys.errors import run_script
 from recsys.evaluation.bootstrap import PairedBootstrap
 from recsys.evaluation.metrics import ranking_metrics
 from recsys.pipeline import relevance_matrix, stage_exclusion
@@ -111,4 +112,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

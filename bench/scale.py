@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from recsys.errors import run_script
+
 REPO = Path(__file__).resolve().parents[1]
 
 # (row label, the job's stage windows it sums). Time is summed, memory is the largest window's.
@@ -206,4 +208,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

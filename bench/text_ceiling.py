@@ -60,6 +60,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from recsys.errors import run_script
+
 ROOT = Path(__file__).resolve().parents[1]
 K = 10
 SCORERS = [
@@ -204,4 +206,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -42,6 +42,7 @@ import torch
 
 import recsys.config  # noqa: F401
 from recsys.config import minilm_path
+from recsys.errors import run_script
 from recsys.text.encoder import ENCODE_BATCH
 
 
@@ -588,4 +589,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

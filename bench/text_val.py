@@ -29,6 +29,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
+from recsys.errors import run_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -102,4 +104,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_script(main))

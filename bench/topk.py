@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 
+from recsys.errors import run_script
 from recsys.topk import top_k
 
 
@@ -70,4 +71,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -25,6 +25,7 @@ from hydra.utils import instantiate
 
 import recsys.config  # noqa: F401  (resolvers)
 from recsys.columns import Columns
+from recsys.errors import run_script
 from recsys.evaluation.metrics import ranking_metrics
 from recsys.pipeline import FusionStage, HybridPipeline, relevance_matrix, stage_exclusion
 from recsys.rank.features import feature_columns
@@ -89,4 +90,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

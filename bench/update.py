@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from recsys.errors import run_script
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "amazon-scientific"
 MAX_HISTORY = 50  # the RecBole files' history length
@@ -234,4 +236,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     np.seterr(all="ignore")
-    main()
+    run_script(main)

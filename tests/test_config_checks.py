@@ -398,3 +398,47 @@ def test_ctrl_c_ends_an_entry_point_with_one_line_and_exit_130(module, said, tmp
     assert exited.value.code == 130
     err = capsys.readouterr().err
     assert said in err and "Traceback" not in err
+
+
+def test_a_script_main_says_a_user_error_or_ctrl_c_in_one_line(capsys):
+    """``run_script``, the ``__main__`` of every bench script: what the CLIs do, for argparse."""
+    from recsys.errors import run_script
+
+    def bad_setting() -> None:
+        require_whole("ranker.bags", 0)
+
+    def ctrl_c() -> None:
+        raise KeyboardInterrupt
+
+    def bug() -> None:
+        raise ZeroDivisionError("a bug keeps its traceback")
+
+    assert run_script(lambda: 7) == 7
+    for main, code, said in (
+        (bad_setting, 2, "error: ranker.bags must be a whole number >= 1, got 0"),
+        (ctrl_c, 130, "interrupted (Ctrl-C); nothing was written"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            run_script(main, "nothing was written")
+        assert exited.value.code == code
+        assert capsys.readouterr().err == said + "\n"
+    with pytest.raises(ZeroDivisionError):
+        run_script(bug)
+
+
+def test_every_bench_script_runs_its_main_through_run_script():
+    """A bench script stopped with Ctrl-C or given a bad setting says so in one line, as the CLIs
+    do; the check reads each script's ``if __name__ == "__main__":`` block."""
+    import ast
+
+    scripts = sorted((Path(__file__).resolve().parents[1] / "bench").glob("*.py"))
+    checked = []
+    for script in scripts:
+        tree = ast.parse(script.read_text())
+        if not any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body):
+            continue  # a helper module (bench/generator_oracle.py)
+        (block,) = [n for n in tree.body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)]
+        calls = [ast.unparse(n) for n in ast.walk(block) if isinstance(n, ast.Call)]
+        assert "run_script(main)" in calls, f"{script.name}: its __main__ block calls {calls}"
+        checked.append(script.name)
+    assert len(checked) >= 10 and "scale.py" in checked
