@@ -141,6 +141,7 @@ VARIANTS: dict[str, tuple[dict, dict, tuple[str, ...]]] = {
     "sasrec_override": ({}, {"sasrec": 0, "textsasrec": 30}, ("score_sasrec", "rank_sasrec")),
     "both_ff05": ({"feature_fraction": 0.5}, {}, ()),
     "both_ff07": ({"feature_fraction": 0.7}, {}, ()),
+    "finetuned_ff07": ({"feature_fraction": 0.7}, {}, ZS),
     "both_ff06": ({"feature_fraction": 0.6}, {}, ()),
     "both_ff08": ({"feature_fraction": 0.8}, {}, ()),
     "both_ff07_lr03": ({"feature_fraction": 0.7, **LR03}, {}, ()),
