@@ -105,8 +105,9 @@ def exit_on_ctrl_c(run: Callable[[], T], interrupted: str = "") -> T:
 
 
 def run_script(main: Callable[[], T], interrupted: str = "") -> T:
-    """The ``__main__`` of a script that is no Hydra entry point (the ``bench/`` scripts): a data
-    or config problem is one line and exit 2, Ctrl-C one line and exit 130, as for the CLIs."""
+    """The ``__main__`` of a script that is no Hydra entry point (the ``spark-submit`` script, the
+    ablation table, the ``bench/`` scripts): a data or config problem is one line and exit 2,
+    Ctrl-C one line and exit 130, as for the CLIs."""
     return exit_on_ctrl_c(lambda: exit_on_user_error(main), interrupted)
 
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from recsys.errors import InputError, exit_on_ctrl_c, exit_on_user_error
+from recsys.errors import InputError, run_script
 from recsys.evaluation.render import Document, Section, Table, Text, to_markdown
 from recsys.evaluation.report import METRIC_LABEL, METRICS, display, label, ordered
 
@@ -57,7 +57,7 @@ def ablation_document(paths: Sequence[str | Path]) -> Document:
 
 
 def main(argv: Sequence[str]) -> None:
-    exit_on_ctrl_c(lambda: exit_on_user_error(lambda: print(to_markdown(ablation_document(argv)))))
+    run_script(lambda: print(to_markdown(ablation_document(argv))))
 
 
 if __name__ == "__main__":

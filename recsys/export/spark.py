@@ -194,7 +194,7 @@ def session(master: str | None = None, app_name: str = "recsys-export", conf: di
 
 def main(argv: list[str] | None = None) -> None:
     """``spark-submit .../recsys/export/spark.py --model-uri URI --output PATH [...]``."""
-    from recsys.errors import exit_on_ctrl_c, exit_on_user_error
+    from recsys.errors import run_script
 
     parser = argparse.ArgumentParser(description="Score users with the recsys pyfunc model on Spark.")
     parser.add_argument("--model-uri", required=True, help="models:/NAME@ALIAS, runs:/ID/model, or a pipeline folder")
@@ -223,8 +223,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{info['users']} users scored -> {info['output']} ({info['partitions']} parquet parts)")
 
     # pyspark's SIGINT handler cancels the running Spark jobs and raises KeyboardInterrupt.
-    exit_on_ctrl_c(
-        lambda: exit_on_user_error(job),
+    run_script(
+        job,
         f"{args.output} was not written (an earlier one stays as it was); the same command again writes it",
     )
 
