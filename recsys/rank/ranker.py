@@ -141,10 +141,13 @@ class LambdaMARTRanker:
         fold_of = dict(zip(rng.permutation(users).tolist(), np.arange(len(users)) % self.bags, strict=True))
         fold = frame[Columns.UserIdx].replace_strict(fold_of, return_dtype=pl.Int64).to_numpy()
 
-        # LightGBM's native code is not safe for two threads reading one Dataset while each
-        # builds a subset of it (a fit crashed once in lib_lightgbm.so; its tracker reports such
-        # races): the subsets are built one at a time, with the bag's own parameters so that
-        # training changes none of them, and each bag then trains on its own data only.
+        # Every LightGBM call on these threads names the same thread count (``num_threads`` 1,
+        # early-stopping scores included, ``_stop_score``): LightGBM keeps one process-wide count
+        # that each call sets, and a prediction that sized its per-thread buffers for one count
+        # while another thread's booster set a different one read past them (a segfault in
+        # lib_lightgbm.so, once in some hundreds of five-bag fits). The subsets of the one shared
+        # Dataset are built one at a time, with the bag's own parameters so that training changes
+        # none of them, and each bag then trains on its own data only.
         building = threading.Lock()
 
         def fit_bag(k: int) -> tuple[str, float]:
@@ -185,7 +188,12 @@ class LambdaMARTRanker:
             held = held.filter(pl.col(Columns.Stage) == 0)
         if held.height == 0:  # every held-back user has its target in an earlier stage only
             return float("nan")
-        scores = booster.predict(self.matrix(held), num_iteration=booster.best_iteration or None, raw_score=True)
+        scores = booster.predict(
+            self.matrix(held),
+            num_iteration=booster.best_iteration or None,
+            raw_score=True,
+            num_threads=self.params["num_threads"],  # the bags' threads must agree (_fit_bags)
+        )
         return ndcg_at(held, scores, label, self.params["eval_at"][0])
 
     def _dataset(self, df: pl.DataFrame, label: str, reference=None, keep_raw: bool = True):

@@ -495,6 +495,33 @@ def test_bags_on_threads_build_their_subsets_of_the_shared_data_one_at_a_time(mo
     assert state["subsets"] == 2 * 3 and state["most"] == 1, state
 
 
+def test_bags_on_threads_give_lightgbm_one_thread_count_in_every_call(monkeypatch):
+    """LightGBM keeps one process-wide thread count that each booster and prediction sets from
+    its own ``num_threads``: a prediction that sized its buffers for LightGBM's default while
+    another bag's booster set 1 read past them and crashed the process. Every call the bags make
+    on their threads names the same count."""
+    import lightgbm as lgb
+
+    counts: list = []
+    booster_init, predict = lgb.Booster.__init__, lgb.Booster.predict
+
+    def init(self, params=None, *a, **k):
+        counts.append(("booster", (params or {}).get("num_threads")))
+        booster_init(self, params, *a, **k)
+
+    def predicting(self, *a, **k):
+        counts.append(("predict", k.get("num_threads")))
+        return predict(self, *a, **k)
+
+    monkeypatch.setattr(lgb.Booster, "__init__", init)
+    monkeypatch.setattr(lgb.Booster, "predict", predicting)
+    kw = dict(n_estimators=5, min_child_samples=5, early_stopping_rounds=5, seed=0)
+    LambdaMARTRanker(bags=3, n_jobs=3, **kw).fit(planted(60, seed=0), ["noise_a", "signal", "noise_b"])
+    on_threads = counts[:-1]  # the last booster is the merged model, built after the threads end
+    assert {kind for kind, _ in on_threads} == {"booster", "predict"}, counts
+    assert all(n == 1 for _, n in on_threads), counts
+
+
 @pytest.mark.parametrize("bags", [1, 3])
 def test_stop_score_is_lightgbms_ndcg_of_the_validation_stage_only(bags):
     """One stage: ``stop_score`` is LightGBM's own NDCG@10 of the held-back users. Two stages:
