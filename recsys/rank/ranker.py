@@ -146,8 +146,9 @@ class LambdaMARTRanker:
         # that each call sets, and a prediction that sized its per-thread buffers for one count
         # while another thread's booster set a different one read past them (a segfault in
         # lib_lightgbm.so, once in some hundreds of five-bag fits). The subsets of the one shared
-        # Dataset are built one at a time, with the bag's own parameters so that training changes
-        # none of them, and each bag then trains on its own data only.
+        # Dataset are built one at a time (LightGBM does not document that as thread-safe, and it
+        # costs little), with the bag's own parameters so that training changes none of them, and
+        # each bag then trains on its own data only.
         building = threading.Lock()
 
         def fit_bag(k: int) -> tuple[str, float]:

@@ -464,8 +464,8 @@ def test_bagged_ranker_averages_one_model_per_fold_and_is_deterministic():
 
 
 def test_bags_on_threads_build_their_subsets_of_the_shared_data_one_at_a_time(monkeypatch):
-    """LightGBM's native code is not safe for two threads building subsets of one Dataset at
-    once: the bags' subsets are built one at a time (and training builds none)."""
+    """LightGBM does not document building subsets of one Dataset from two threads as safe: the
+    bags' subsets are built one at a time (and training builds none)."""
     import threading
     import time
 
