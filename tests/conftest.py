@@ -55,18 +55,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     a fixture it uses) trains it when it is the first, so ``pytest -m "not slow"`` never does."""
     import inspect
 
+    trains: dict[object, bool] = {}  # per function: the autouse fixtures stand behind every test
+
+    def reads_the_run(f) -> bool:
+        if f not in trains:
+            try:
+                src = inspect.getsource(f) if f is not None else ""
+            except (OSError, TypeError):
+                src = ""
+            trains[f] = any(needle in src for needle in TRAINS)
+        return trains[f]
+
     for item in items:
         funcs = [getattr(item, "function", None)]
         info = getattr(item, "_fixtureinfo", None)
         for defs in info.name2fixturedefs.values() if info else ():
             funcs += [d.func for d in defs]
-        sources = []
-        for f in funcs:
-            try:
-                sources.append(inspect.getsource(f) if f is not None else "")
-            except (OSError, TypeError):
-                continue
-        if any(needle in src for src in sources for needle in TRAINS):
+        if any(reads_the_run(f) for f in funcs):
             item.add_marker(pytest.mark.slow)
     # Files with the most slow tests first: the xdist workers take whole files in this order
     # (--dist loadfile), and a long file handed out last would leave the other worker idle.

@@ -24,9 +24,9 @@ README = REPO / "README.md"
 CI = REPO / ".ci" / "run"
 
 MAIN = "python -m recsys.train +experiment=bert_ranker"
-SETUP = 'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[dev]"'
+SETUP = 'python3 -m venv --upgrade-deps .venv && . .venv/bin/activate && pip install -e ".[dev]"'
 TESTS = (
-    'python3 -m venv .venv && . .venv/bin/activate && pip install -q --no-compile -e ".[dev,spark]" '
+    'python3 -m venv --upgrade-deps .venv && . .venv/bin/activate && pip install -q --no-compile -e ".[dev,spark]" '
     "&& ruff check . && ruff format --check . && pytest -q"
 )
 
